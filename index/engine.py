@@ -1,0 +1,304 @@
+"""The engine: a store, its published snapshot, and the operations on them.
+
+Readers take the current snapshot (one reference) and never wait; writers run one at a
+time, build the next snapshot inside an LMDB transaction and publish it only after the
+commit, so a reader sees a batch entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import BitsegError, DataError, NotFound
+from bitseg.index.evaluate import Evaluator
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
+from bitseg.index.ids import IdMap
+from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
+from bitseg.index.rules import Rule, parse_rule
+from bitseg.index.schema import Schema
+from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
+from bitseg.index.store import Store, Txn, chunks_of, u32
+
+LIVE = b"live"
+SEP = b"\x1f"
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    created: int
+    updated: int
+    version: int
+
+
+def as_of_micros(as_of: datetime | str | int | None) -> int:
+    """Evaluation time as µs since the epoch: None is now; naive datetimes are UTC."""
+    if as_of is None:
+        as_of = datetime.now(timezone.utc)
+    if isinstance(as_of, int) and not isinstance(as_of, bool):
+        return as_of
+    if isinstance(as_of, str):
+        try:
+            return T.parse_timestamp(as_of)
+        except ValueError as exc:
+            raise BitsegError(f"as_of: {exc}") from None
+    if isinstance(as_of, datetime):
+        if as_of.tzinfo is None:
+            as_of = as_of.replace(tzinfo=timezone.utc)
+        return (as_of - T.EPOCH) // T.ONE_US
+    raise BitsegError(f"as_of: expected a timestamp, got {as_of!r}")
+
+
+# ---------------------------------------------------------------------- bitmap names
+def _field_prefix(name: str) -> bytes:
+    return b"p" + SEP + name.encode() + SEP
+
+
+def _value_name(field: str, value: Any) -> bytes:
+    return _field_prefix(field) + b"v" + SEP + orjson.dumps(value)
+
+
+def _exists_name(field: str) -> bytes:
+    return _field_prefix(field) + b"x"
+
+
+def _slice_name(field: str, bit: int) -> bytes:
+    return _field_prefix(field) + b"s" + SEP + str(bit).encode()
+
+
+def _monthday_name(field: str, md: int) -> bytes:
+    return _field_prefix(field) + b"m" + SEP + str(md).encode()
+
+
+def _range_meta_key(field: str) -> str:
+    return f"range:{field}"
+
+
+def persist_fields(store: Store, txn: Txn, writers: FieldWriters,
+                   fields: Mapping[str, FieldIndex], chunks: set[int]) -> None:
+    """Write the bitmaps the writers changed, for the touched chunks (or wholly if rebuilt)."""
+    for name, writer in writers.writers.items():
+        index = fields[name]
+        if isinstance(index, ValueIndex):
+            for value in writer.dirty:
+                store.put_bitmap(txn, _value_name(name, value), index.eq(value), chunks)
+            store.put_bitmap(txn, _exists_name(name), index.exists, chunks)
+            continue
+        assert isinstance(writer, RangeWriter) and isinstance(index, RangeIndex)
+        scope: set[int] | None = chunks
+        if writer.rebuilt:
+            store.delete_bitmaps(txn, _field_prefix(name))
+            scope = None
+        for bit, bitmap in enumerate(index.slices):
+            store.put_bitmap(txn, _slice_name(name, bit), bitmap, scope)
+        store.put_bitmap(txn, _exists_name(name), index.exists, scope)
+        mds = index.monthdays.keys() if writer.rebuilt else writer.dirty_monthdays
+        for md in mds:
+            store.put_bitmap(txn, _monthday_name(name, md), index.monthdays.get(md, BitMap()),
+                             scope)
+        store.put_json(txn, _range_meta_key(name),
+                       {"base": index.base, "unit": index.unit, "depth": len(index.slices)})
+
+
+def load_fields(store: Store, txn: Txn, schema: Schema,
+                bitmaps: dict[bytes, BitMap]) -> dict[str, FieldIndex]:
+    """Rebuild every profile field index from the stored bitmaps."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, bitmap in bitmaps.items():
+        if not key.startswith(b"p" + SEP):
+            continue
+        _, field, kind, *rest = key.split(SEP, 3)
+        entry = parts.setdefault(field.decode(), {"values": {}, "slices": {}, "md": {}})
+        if kind == b"x":
+            entry["exists"] = bitmap
+        elif kind == b"v":
+            entry["values"][orjson.loads(rest[0])] = bitmap
+        elif kind == b"s":
+            entry["slices"][int(rest[0])] = bitmap
+        elif kind == b"m":
+            entry["md"][int(rest[0])] = bitmap
+    fields: dict[str, FieldIndex] = {}
+    for name, entry in parts.items():
+        type_ = schema.profiles.get(name)
+        exists = entry.get("exists", BitMap())
+        if type_ in T.RANGE_TYPES:
+            meta = store.get_json(txn, _range_meta_key(name)) or {"base": 0, "unit": 1, "depth": 0}
+            slices = tuple(entry["slices"].get(i, BitMap()) for i in range(meta["depth"]))
+            fields[name] = RangeIndex(meta["base"], meta["unit"], slices, exists, entry["md"])
+        elif type_ is not None:
+            values = {tuple(v) if isinstance(v, list) else v: b
+                      for v, b in entry["values"].items()}
+            fields[name] = ValueIndex(values, exists)
+    return fields
+
+
+class Engine:
+    """One open store. Thread-safe: any number of readers, one writer at a time."""
+
+    def __init__(self, store: Store, ids: IdMap, snapshot: Snapshot) -> None:
+        self.store = store
+        self._ids = ids
+        self._snapshot = snapshot
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, *, segments: SegmentLookup | None = None) -> Engine:
+        store = Store(path)
+        try:
+            with store.read() as txn:
+                schema = Schema.from_json(store.get_json(txn, "schema") or {})
+                version = store.get_json(txn, "version") or 0
+                bitmaps = store.load_bitmaps(txn)
+                ids = IdMap.load(store, txn)
+                fields = load_fields(store, txn, schema, bitmaps)
+        except BaseException:
+            store.close()
+            raise
+        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields)
+        if segments is not None:
+            snapshot = replace(snapshot, segments=segments)
+        return cls(store, ids, snapshot)
+
+    def close(self) -> None:
+        with self._write_lock:
+            self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def schema(self) -> Schema:
+        return self._snapshot.schema
+
+    @property
+    def ids(self) -> IdMap:
+        return self._ids
+
+    def total(self) -> int:
+        return len(self._snapshot.live)
+
+    def parse(self, rule: Any, snapshot: Snapshot | None = None) -> Rule:
+        """A rule in JSON form (dict or text) -> the typed tree; typed rules pass through."""
+        if isinstance(rule, (dict, str, bytes, list)) or rule is None:
+            return parse_rule(rule, (snapshot or self._snapshot).schema)
+        return rule
+
+    def evaluate(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
+        snap = self._snapshot
+        return BitMap(Evaluator(snap, as_of_micros(as_of)).bitmap(self.parse(rule, snap)))
+
+    def count(self, rule: Any, *, as_of: datetime | str | None = None) -> int:
+        snap = self._snapshot
+        return Evaluator(snap, as_of_micros(as_of)).count(self.parse(rule, snap))
+
+    def members(self, rule: Any, *, as_of: datetime | str | None = None,
+                limit: int | None = None) -> list[str]:
+        snap = self._snapshot
+        found = Evaluator(snap, as_of_micros(as_of)).bitmap(self.parse(rule, snap))
+        dense = ids_of(found)
+        return self._ids.externals(dense if limit is None else dense[:limit])
+
+    def dense_id(self, profile_id: str) -> int:
+        """The dense id of a live profile; NotFound otherwise."""
+        dense = self._ids.lookup(profile_id)
+        if dense is None or dense not in self._snapshot.live:
+            raise NotFound("profile", profile_id)
+        return dense
+
+    def is_member(self, profile_id: str, rule: Any, *,
+                  as_of: datetime | str | None = None) -> bool:
+        snap = self._snapshot
+        parsed = self.parse(rule, snap)
+        dense = self.dense_id(profile_id)
+        return Evaluator(snap, as_of_micros(as_of)).contains(parsed, dense)
+
+    def profile(self, profile_id: str) -> dict[str, Any]:
+        """A profile's current values as a user sees them."""
+        dense = self.dense_id(profile_id)
+        types = self._snapshot.schema.profiles
+        with self.store.read() as txn:
+            raw = self.store.get(txn, "rows", u32(dense))
+        row = decode_row(raw, types) if raw is not None else {}
+        return {"id": profile_id, **{k: T.display(types[k], v) for k, v in row.items()}}
+
+    # ------------------------------------------------------------------ writing
+    def set_segments(self, segments: SegmentLookup) -> None:
+        """Plug in the segment lookup that {"segment": name} resolves through."""
+        with self._write_lock:
+            self._snapshot = replace(self._snapshot, segments=segments)
+
+    def declare_schema(self, declared: Any, *, source: str = "schema") -> Schema:
+        with self._write_lock:
+            snap = self._snapshot
+            schema = snap.schema.declare(declared, source=source)
+            if schema != snap.schema:
+                with self.store.write() as txn:
+                    self.store.put_json(txn, "schema", schema.to_json())
+                self._snapshot = replace(snap, schema=schema)
+            return schema
+
+    def upsert_profiles(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
+        """Apply a batch of profile records atomically (see docs/ENGINE_API.md)."""
+        with self._write_lock:
+            snap = self._snapshot
+            with self.store.write() as txn:
+                ids = self._ids.writer(txn)
+                batch = ProfileBatch(self.store, txn, snap, ids)
+                for position, item in enumerate(records, 1):
+                    line, record = item if isinstance(item, tuple) else (position, item)
+                    try:
+                        batch.add(record)
+                    except DataError as exc:
+                        raise exc.located(file, line) from None
+                fields, live, schema = batch.finish()
+                chunks = chunks_of(batch.touched)
+                persist_fields(self.store, txn, batch.writers, fields, chunks)
+                self.store.put_bitmap(txn, LIVE, live, chunks)
+                if schema != snap.schema:
+                    self.store.put_json(txn, "schema", schema.to_json())
+                version = snap.version + 1
+                self.store.put_json(txn, "version", version)
+                new_ids = ids.finish()
+            self._ids = new_ids
+            self._snapshot = replace(snap, version=version, live=live, schema=schema,
+                                     fields=fields)
+            return BatchReport(batch.created, batch.updated, version)
+
+    def delete_profiles(self, profile_ids: Iterable[str]) -> int:
+        """Delete profiles by id, all or none: NotFound names the first unknown id."""
+        with self._write_lock:
+            snap = self._snapshot
+            gone = BitMap()
+            for external in profile_ids:
+                dense = self._ids.lookup(external)
+                if dense is None or dense not in snap.live:
+                    raise NotFound("profile", external)
+                gone.add(dense)
+            if not gone:
+                return 0
+            with self.store.write() as txn:
+                writers, fields = delete_profiles(self.store, txn, snap, gone)
+                chunks = chunks_of(gone)
+                persist_fields(self.store, txn, writers, fields, chunks)
+                live = snap.live - gone
+                self.store.put_bitmap(txn, LIVE, live, chunks)
+                version = snap.version + 1
+                self.store.put_json(txn, "version", version)
+            self._snapshot = replace(snap, version=version, live=live, fields=fields)
+            return len(gone)

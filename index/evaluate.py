@@ -1,0 +1,243 @@
+"""Rule evaluation: a pure function of (rule, snapshot, as_of).
+
+Every result is a subset of the live profiles, and may be a bitmap owned by the index:
+callers must not mutate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, timedelta
+from fractions import Fraction
+from typing import Any
+
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import RuleError
+from bitseg.index.fields import EMPTY, RangeIndex
+from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, Rule, SegmentRef
+from bitseg.index.snapshot import Snapshot
+
+
+def anniversary_month_days(as_of_us: int, days: int) -> set[int]:
+    """month*100+day of the UTC days as_of … as_of + days - 1; Feb 29 counts as Feb 28
+    in non-leap years."""
+    start = date.fromordinal(as_of_us // T.US_PER_DAY + T.EPOCH_ORDINAL)
+    found = set()
+    for k in range(min(days, 366)):
+        day = start + timedelta(days=k)
+        found.add(day.month * 100 + day.day)
+        if day.month == 2 and day.day == 28 and not _leap(day.year):
+            found.add(229)
+    return found
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _month_day(type_: str, key: int) -> int:
+    days = key if type_ == T.DATE else key // T.US_PER_DAY
+    day = date.fromordinal(days + T.EPOCH_ORDINAL)
+    return day.month * 100 + day.day
+
+
+class Evaluator:
+    """Evaluates rules against one snapshot at one as_of (microseconds since the epoch)."""
+
+    def __init__(self, snapshot: Snapshot, as_of_us: int) -> None:
+        self.snap = snapshot
+        self.as_of = as_of_us
+        self._memo: dict[Rule, BitMap] = {}
+        self._resolving: list[str] = []
+
+    # ------------------------------------------------------------------ bitmaps
+    def bitmap(self, rule: Rule) -> BitMap:
+        found = self._memo.get(rule)
+        if found is None:
+            found = self._memo[rule] = self._bitmap(rule)
+        return found
+
+    def _bitmap(self, rule: Rule) -> BitMap:
+        if isinstance(rule, Cond):
+            return self._condition(rule)
+        if isinstance(rule, And):
+            return self._and(rule.children)
+        if isinstance(rule, Or):
+            return BitMap.union(*(self.bitmap(c) for c in rule.children))
+        if isinstance(rule, Not):
+            return self.snap.live - self.bitmap(rule.child)
+        if isinstance(rule, All):
+            return self.snap.live
+        if isinstance(rule, SegmentRef):
+            return self._segment(rule)
+        raise TypeError(f"not a rule: {rule!r}")
+
+    def _and(self, children: tuple[Rule, ...]) -> BitMap:
+        positives, negatives = self._split(children)
+        if not positives:
+            return self.snap.live - BitMap.union(*negatives)
+        result = positives[0]
+        for other in positives[1:]:
+            result = result & other
+            if not result:
+                return EMPTY
+        for other in negatives:
+            result = result - other
+        return result
+
+    def _split(self, children: tuple[Rule, ...]) -> tuple[list[BitMap], list[BitMap]]:
+        """AND children as bitmaps: the positive ones smallest first, and the negated ones."""
+        positives = [self.bitmap(c) for c in children if not isinstance(c, Not)]
+        negatives = [self.bitmap(c.child) for c in children if isinstance(c, Not)]
+        positives.sort(key=len)
+        return positives, negatives
+
+    def _segment(self, ref: SegmentRef) -> BitMap:
+        found = self.snap.segments.resolve(ref.name)
+        if isinstance(found, BitMap):
+            return found & self.snap.live
+        with self._inside(ref):
+            return self.bitmap(found)
+
+    @contextmanager
+    def _inside(self, ref: SegmentRef) -> Iterator[None]:
+        """Evaluate a dynamic segment's rule, refusing a segment that reaches itself."""
+        if ref.name in self._resolving:
+            cycle = " -> ".join([*self._resolving, ref.name])
+            raise RuleError(ref.path, f"segments refer to each other in a cycle: {cycle}")
+        self._resolving.append(ref.name)
+        try:
+            yield
+        finally:
+            self._resolving.pop()
+
+    # ------------------------------------------------------------------ count
+    def count(self, rule: Rule) -> int:
+        """len(bitmap(rule)), without building the last (often largest) bitmap."""
+        live = self.snap.live
+        if isinstance(rule, All):
+            return len(live)
+        if isinstance(rule, Not):
+            return len(live) - self.count(rule.child)
+        if isinstance(rule, And) and rule not in self._memo:
+            positives, negatives = self._split(rule.children)
+            if not positives:
+                return len(live) - len(BitMap.union(*negatives))
+            last = None if negatives else positives.pop()
+            result = positives[0] if positives else last
+            for other in positives[1:]:
+                result = result & other
+                if not result:
+                    return 0
+            if last is not None:
+                return len(last) if result is last else result.intersection_cardinality(last)
+            minus = negatives[0] if len(negatives) == 1 else BitMap.union(*negatives)
+            return result.difference_cardinality(minus)
+        if isinstance(rule, Or) and len(rule.children) == 2:
+            a, b = (self.bitmap(c) for c in rule.children)
+            return a.union_cardinality(b)
+        if isinstance(rule, Cond) and rule.op == "not_exists":
+            return len(live) - len(self.snap.field(rule.field).exists)
+        return len(self.bitmap(rule))
+
+    # ------------------------------------------------------------------ one profile
+    def contains(self, rule: Rule, pid: int) -> bool:
+        """Whether one live profile satisfies the rule: `in` checks, no bitmap algebra."""
+        if isinstance(rule, Cond):
+            return self._holds(rule, pid)
+        if isinstance(rule, And):
+            return all(self.contains(c, pid) for c in rule.children)
+        if isinstance(rule, Or):
+            return any(self.contains(c, pid) for c in rule.children)
+        if isinstance(rule, Not):
+            return not self.contains(rule.child, pid)
+        if isinstance(rule, All):
+            return pid in self.snap.live
+        if isinstance(rule, SegmentRef):
+            found = self.snap.segments.resolve(rule.name)
+            if isinstance(found, BitMap):
+                return pid in found
+            with self._inside(rule):
+                return self.contains(found, pid)
+        raise TypeError(f"not a rule: {rule!r}")
+
+    def _holds(self, cond: Cond, pid: int) -> bool:
+        index = self.snap.field(cond.field)
+        op, value = cond.op, cond.value
+        if op == "exists":
+            return pid in index.exists
+        if op == "not_exists":
+            return pid not in index.exists
+        if not isinstance(index, RangeIndex):
+            if op == "eq":
+                return pid in index.eq(value)
+            if op == "ne":
+                return pid in index.exists and pid not in index.eq(value)
+            if op == "in":
+                return any(pid in index.eq(v) for v in value)
+            if op == "not_in":
+                return pid in index.exists and not any(pid in index.eq(v) for v in value)
+            if op == "has_all":
+                return all(pid in index.eq(v) for v in value)
+            raise TypeError(op)
+        key = index.key_of(pid)
+        if key is None:
+            return False
+        if op == "anniversary_in":
+            return _month_day(cond.type, key) in anniversary_month_days(self.as_of, value)
+        if op == "between":
+            return self._key(cond, value[0]) <= key <= self._key(cond, value[1])
+        if op in ("in", "not_in"):
+            hit = any(key == self._key(cond, v) for v in value)
+            return hit if op == "in" else not hit
+        c = self._key(cond, value)
+        return {"eq": key == c, "ne": key != c, "gt": key > c, "gte": key >= c,
+                "lt": key < c, "lte": key <= c}[op]
+
+    # ------------------------------------------------------------------ leaves
+    def _key(self, cond: Cond, value: Any) -> Fraction | int:
+        """A condition's constant in the field's key units, fixing relative dates."""
+        if not isinstance(value, DaysAgo):
+            return value
+        moment = self.as_of - value.days * T.US_PER_DAY
+        return moment // T.US_PER_DAY if cond.type == T.DATE else moment
+
+    def _condition(self, cond: Cond) -> BitMap:
+        index = self.snap.field(cond.field)
+        op, value = cond.op, cond.value
+        if op == "exists":
+            return index.exists
+        if op == "not_exists":
+            return self.snap.live - index.exists
+        if isinstance(index, RangeIndex):
+            return self._range(cond, index)
+        if op == "eq":
+            return index.eq(value)
+        if op == "ne":
+            return index.exists - index.eq(value)
+        if op == "in":
+            return index.any_of(value)
+        if op == "not_in":
+            return index.exists - index.any_of(value)
+        if op == "has_all":
+            result = index.eq(value[0])
+            for v in value[1:]:
+                result = result & index.eq(v)
+            return result
+        raise TypeError(op)
+
+    def _range(self, cond: Cond, index: RangeIndex) -> BitMap:
+        op, value = cond.op, cond.value
+        if op == "anniversary_in":
+            return index.on_month_days(anniversary_month_days(self.as_of, value))
+        if op == "between":
+            return index.between(self._key(cond, value[0]), self._key(cond, value[1]))
+        if op in ("in", "not_in"):
+            hits = BitMap.union(*(index.compare("eq", self._key(cond, v)) for v in value))
+            return hits if op == "in" else index.exists - hits
+        if op == "ne":
+            return index.exists - index.compare("eq", self._key(cond, value))
+        return index.compare(op, self._key(cond, value))

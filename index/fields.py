@@ -1,0 +1,310 @@
+"""Bitmap indexes of one field: a bitmap per value, or a bit-sliced range index.
+
+Published indexes are never mutated: a writer copies each bitmap before its first
+change, so a reader holding the old index keeps a consistent view without locks.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+
+EMPTY = BitMap()  # shared; never mutated
+
+
+def bitmap_of(ids: np.ndarray | array) -> BitMap:
+    """A bitmap from an array of ids (any order), without a Python loop."""
+    if isinstance(ids, np.ndarray):
+        ids = array("I", ids.astype(np.uint32, copy=False).tobytes())
+    return BitMap(ids)
+
+
+def ids_of(bitmap: BitMap) -> np.ndarray:
+    """The sorted ids of a bitmap as a uint32 array."""
+    return np.frombuffer(bitmap.to_array(), dtype=np.uint32)
+
+
+def group_ids(ids: np.ndarray, codes: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(code, ids having it) for every distinct code, via one stable sort."""
+    if len(ids) == 0:
+        return
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.diff(sorted_codes)) + 1
+    bounds = np.concatenate(([0], starts, [len(order)]))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield int(sorted_codes[a]), ids[order[a:b]]
+
+
+def month_days(type_: str, keys: np.ndarray) -> np.ndarray:
+    """month * 100 + day (UTC) of each date (days) or timestamp (µs) key."""
+    days = keys if type_ == T.DATE else np.floor_divide(keys, T.US_PER_DAY)
+    dates = days.astype("datetime64[D]")
+    months = dates.astype("datetime64[M]")
+    month = months.astype(np.int64) % 12 + 1
+    day = (dates - months.astype("datetime64[D]")).astype(np.int64) + 1
+    return month * 100 + day
+
+
+# --------------------------------------------------------------------------- value index
+
+
+@dataclass(frozen=True, slots=True)
+class ValueIndex:
+    """keyword, keywords and bool fields: the profiles having each value."""
+
+    values: Mapping[Any, BitMap] = field(default_factory=dict)
+    exists: BitMap = EMPTY
+
+    def eq(self, value: Any) -> BitMap:
+        return self.values.get(value, EMPTY)
+
+    def any_of(self, values: tuple) -> BitMap:
+        found = [self.values[v] for v in values if v in self.values]
+        return BitMap.union(*found) if found else EMPTY
+
+
+class ValueWriter:
+    """Builds the next ValueIndex from batched removals and additions."""
+
+    def __init__(self, index: ValueIndex) -> None:
+        self.values = dict(index.values)
+        self.exists = index.exists
+        self.owned: set[Any] = set()
+        self.dirty: set[Any] = set()  # changed values; "exists" is always dirty
+
+    def _own(self, value: Any) -> BitMap:
+        if value not in self.owned:
+            self.values[value] = BitMap(self.values[value]) if value in self.values else BitMap()
+            self.owned.add(value)
+        self.dirty.add(value)
+        return self.values[value]
+
+    def remove(self, ids: np.ndarray, codes: np.ndarray, values: list) -> None:
+        """Take each id off the value its code names."""
+        for code, members in group_ids(ids, codes):
+            self._own(values[code]).difference_update(bitmap_of(members))
+        self.exists = self.exists - bitmap_of(ids)
+
+    def add(self, ids: np.ndarray, codes: np.ndarray, values: list) -> None:
+        for code, members in group_ids(ids, codes):
+            self._own(values[code]).update(bitmap_of(members))
+        self.exists = self.exists | bitmap_of(ids)
+
+    def drop(self, ids: BitMap) -> None:
+        """Remove these ids from every value (profile deletion)."""
+        for value, bitmap in list(self.values.items()):
+            if bitmap.intersect(ids):
+                self._own(value).difference_update(ids)
+        self.exists = self.exists - ids
+
+    def finish(self) -> ValueIndex:
+        values = {v: b for v, b in self.values.items() if b}
+        return ValueIndex(values, self.exists)
+
+
+# --------------------------------------------------------------------------- range index
+
+
+@dataclass(frozen=True, slots=True)
+class RangeIndex:
+    """Numbers, dates and timestamps as a bit-sliced index (O'Neil & Quass).
+
+    A key k is kept as stored = (k - base) // unit, bit i of it in slices[i]; every key
+    is base + a multiple of unit, so comparisons against any constant are exact.
+    monthdays (dates and timestamps only) maps month*100+day to its profiles.
+    """
+
+    base: int = 0
+    unit: int = 1
+    slices: tuple[BitMap, ...] = ()
+    exists: BitMap = EMPTY
+    monthdays: Mapping[int, BitMap] = field(default_factory=dict)
+
+    # -- comparisons against an exact constant in key units
+    def compare(self, op: str, constant: Fraction | int) -> BitMap:
+        t = Fraction(constant - self.base, self.unit)
+        if op == "gt":
+            return self._gt(math.floor(t))
+        if op == "gte":
+            return self._gt(math.ceil(t) - 1)
+        if op == "lt":
+            return self._lt(math.ceil(t))
+        if op == "lte":
+            return self._lt(math.floor(t) + 1)
+        if op == "eq":
+            return self._eq(int(t)) if t.denominator == 1 else EMPTY
+        raise ValueError(op)
+
+    def between(self, lo: Fraction | int, hi: Fraction | int) -> BitMap:
+        return self.compare("gte", lo) & self.compare("lte", hi)
+
+    @property
+    def top(self) -> int:
+        """The largest storable value at the current depth."""
+        return (1 << len(self.slices)) - 1
+
+    def _gt(self, k: int) -> BitMap:
+        if k < 0:
+            return self.exists
+        if k >= self.top:
+            return EMPTY
+        gt, eq = BitMap(), self.exists
+        for i in range(len(self.slices) - 1, -1, -1):
+            s = self.slices[i]
+            if (k >> i) & 1:
+                eq = eq & s
+            else:
+                gt |= eq & s
+                eq = eq - s
+            if not eq:
+                break
+        return gt
+
+    def _lt(self, k: int) -> BitMap:
+        if k <= 0:
+            return EMPTY
+        if k > self.top:
+            return self.exists
+        lt, eq = BitMap(), self.exists
+        for i in range(len(self.slices) - 1, -1, -1):
+            s = self.slices[i]
+            if (k >> i) & 1:
+                lt |= eq - s
+                eq = eq & s
+            else:
+                eq = eq - s
+            if not eq:
+                break
+        return lt
+
+    def _eq(self, k: int) -> BitMap:
+        if k < 0 or k > self.top:
+            return EMPTY
+        eq = self.exists
+        for i in range(len(self.slices) - 1, -1, -1):
+            eq = eq & self.slices[i] if (k >> i) & 1 else eq - self.slices[i]
+            if not eq:
+                break
+        return eq
+
+    def on_month_days(self, mds: set[int]) -> BitMap:
+        found = [self.monthdays[md] for md in mds if md in self.monthdays]
+        return BitMap.union(*found) if found else EMPTY
+
+    # -- one profile, without building bitmaps
+    def key_of(self, pid: int) -> int | None:
+        if pid not in self.exists:
+            return None
+        stored = 0
+        for i, s in enumerate(self.slices):
+            if pid in s:
+                stored |= 1 << i
+        return self.base + stored * self.unit
+
+    def decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, keys) of every profile that has a value."""
+        ids = ids_of(self.exists)
+        stored = np.zeros(len(ids), dtype=np.int64)
+        for i, s in enumerate(self.slices):
+            if s:
+                stored[np.searchsorted(ids, ids_of(s))] += np.int64(1) << i
+        return ids, stored * self.unit + self.base
+
+
+class RangeWriter:
+    """Builds the next RangeIndex; rebuilds when a key falls outside base/unit.
+
+    Changes apply in order: a removal first materialises the additions queued before it.
+    """
+
+    def __init__(self, index: RangeIndex, type_: str) -> None:
+        self.index = index
+        self.type = type_
+        self.add_ids: list[np.ndarray] = []
+        self.add_keys: list[np.ndarray] = []
+        self.rebuilt = False
+        self.dirty_monthdays: set[int] = set()
+
+    def remove(self, ids: np.ndarray) -> None:
+        self.drop(bitmap_of(ids))
+
+    def drop(self, ids: BitMap) -> None:
+        self._materialise()
+        if self.index.exists.intersect(ids):
+            self.index = self._without(self.index, ids)
+
+    def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        self.add_ids.append(ids)
+        self.add_keys.append(keys)
+
+    def finish(self) -> RangeIndex:
+        self._materialise()
+        return self.index
+
+    def _materialise(self) -> None:
+        if not self.add_ids:
+            return
+        ids = np.concatenate(self.add_ids)
+        keys = np.concatenate(self.add_keys)
+        self.add_ids, self.add_keys = [], []
+        old = self.index
+        if not old.exists:
+            self.rebuilt = True
+            self.index = self._build(ids, keys)
+            return
+        low = int(keys.min())
+        unit = math.gcd(old.unit, int(np.gcd.reduce(keys - old.base)))
+        if low < old.base or unit != old.unit:
+            self.rebuilt = True
+            old_ids, old_keys = old.decode()
+            self.index = self._build(np.concatenate([old_ids, ids]),
+                                     np.concatenate([old_keys, keys]))
+        else:
+            self.index = self._extend(old, ids, keys)
+
+    def _without(self, index: RangeIndex, ids: BitMap) -> RangeIndex:
+        monthdays = dict(index.monthdays)
+        for md, b in index.monthdays.items():
+            if b.intersect(ids):
+                monthdays[md] = b - ids
+                self.dirty_monthdays.add(md)
+        return RangeIndex(index.base, index.unit,
+                          tuple(s - ids for s in index.slices), index.exists - ids, monthdays)
+
+    def _build(self, ids: np.ndarray, keys: np.ndarray) -> RangeIndex:
+        base = int(keys.min())
+        unit = int(np.gcd.reduce(keys - base)) or 1
+        stored = (keys - base) // unit
+        depth = int(stored.max()).bit_length()
+        slices = tuple(bitmap_of(ids[(stored >> i) & 1 == 1]) for i in range(depth))
+        return RangeIndex(base, unit, slices, bitmap_of(ids), self._monthdays({}, ids, keys))
+
+    def _extend(self, old: RangeIndex, ids: np.ndarray, keys: np.ndarray) -> RangeIndex:
+        stored = (keys - old.base) // old.unit
+        depth = max(len(old.slices), int(stored.max()).bit_length())
+        slices = []
+        for i in range(depth):
+            s = old.slices[i] if i < len(old.slices) else EMPTY
+            fresh = ids[(stored >> i) & 1 == 1]
+            slices.append(s | bitmap_of(fresh) if len(fresh) else s)
+        monthdays = self._monthdays(dict(old.monthdays), ids, keys)
+        return RangeIndex(old.base, old.unit, tuple(slices), old.exists | bitmap_of(ids),
+                          monthdays)
+
+    def _monthdays(self, into: dict[int, BitMap], ids: np.ndarray, keys: np.ndarray) -> dict:
+        if self.type not in T.TIME_TYPES:
+            return into
+        for md, members in group_ids(ids, month_days(self.type, keys)):
+            into[md] = into.get(md, EMPTY) | bitmap_of(members)
+            self.dirty_monthdays.add(md)
+        return into

@@ -1,0 +1,138 @@
+"""The id dictionary: external string ids <-> dense uint32 ids.
+
+external -> dense is an LMDB lookup (the ids database), so 10M profiles cost no Python
+objects.  dense -> external, which Members needs by the million, is in memory as
+chunks of 2**16 ids, each one blob of utf-8 plus a numpy offsets array (Arrow-like),
+persisted one LMDB value per chunk.  Dense ids are assigned in order and never reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitseg.index.store import Store, Txn, from_u32, u32
+
+ID_CHUNK_BITS = 16
+ID_CHUNK = 1 << ID_CHUNK_BITS
+MAX_IDS = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class IdChunk:
+    offsets: np.ndarray  # uint64, len n + 1
+    blob: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.offsets) - 1
+
+    def name(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].decode()
+
+    def names(self) -> list[bytes]:
+        bounds = self.offsets.tolist()
+        return [self.blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @classmethod
+    def of(cls, names: Sequence[bytes]) -> IdChunk:
+        lengths = np.fromiter((len(n) for n in names), dtype=np.uint64, count=len(names))
+        offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.uint64)
+        return cls(offsets, b"".join(names))
+
+    def encode(self) -> bytes:
+        return u32(self.size) + self.offsets.astype("<u8").tobytes() + self.blob
+
+    @classmethod
+    def decode(cls, raw: bytes) -> IdChunk:
+        n = from_u32(raw[:4])
+        end = 4 + 8 * (n + 1)
+        return cls(np.frombuffer(raw[4:end], dtype="<u8").astype(np.uint64), bytes(raw[end:]))
+
+
+class IdMap:
+    """Immutable once published; a batch's IdWriter makes the next one."""
+
+    def __init__(self, store: Store, chunks: tuple[IdChunk, ...] = ()) -> None:
+        self.store = store
+        self.chunks = chunks
+        self.count = sum(c.size for c in chunks)
+
+    @classmethod
+    def load(cls, store: Store, txn: Txn) -> IdMap:
+        chunks = [IdChunk.decode(raw) for _, raw in store.items(txn, "rids")]
+        return cls(store, tuple(chunks))
+
+    def lookup(self, external: str, txn: Txn | None = None) -> int | None:
+        """The dense id of an external id, or None if it was never seen."""
+        if txn is None:
+            with self.store.read() as txn:
+                raw = self.store.get(txn, "ids", external.encode())
+        else:
+            raw = self.store.get(txn, "ids", external.encode())
+        return None if raw is None else from_u32(raw)
+
+    def external(self, dense: int) -> str:
+        return self.chunks[dense >> ID_CHUNK_BITS].name(dense & (ID_CHUNK - 1))
+
+    def externals(self, dense: np.ndarray) -> list[str]:
+        """External ids of many dense ids (sorted ascending), chunk by chunk."""
+        out: list[str] = []
+        if len(dense) == 0:
+            return out
+        dense = dense.astype(np.int64, copy=False)
+        which = dense >> ID_CHUNK_BITS
+        cuts = np.flatnonzero(np.diff(which)) + 1
+        for part in np.split(dense, cuts):
+            chunk = self.chunks[int(part[0]) >> ID_CHUNK_BITS]
+            local = part & (ID_CHUNK - 1)
+            starts = chunk.offsets[local].tolist()
+            ends = chunk.offsets[local + 1].tolist()
+            blob = chunk.blob
+            out.extend(blob[a:b].decode() for a, b in zip(starts, ends))
+        return out
+
+    def writer(self, txn: Txn) -> IdWriter:
+        return IdWriter(self, txn)
+
+
+class IdWriter:
+    """Resolves and assigns ids inside one write transaction."""
+
+    def __init__(self, ids: IdMap, txn: Txn) -> None:
+        self.ids = ids
+        self.txn = txn
+        self.first_new = ids.count
+        self.next = ids.count
+        self.new_names: list[bytes] = []
+
+    def resolve(self, external: str) -> int:
+        """The dense id of an external id, assigning the next one if it is new."""
+        raw = external.encode()
+        got = self.ids.store.get(self.txn, "ids", raw)
+        if got is not None:
+            return from_u32(got)
+        if self.next >= MAX_IDS:
+            raise OverflowError("the store holds 2**32 - 1 profiles, its limit")
+        dense = self.next
+        self.next += 1
+        self.ids.store.put(self.txn, "ids", raw, u32(dense))
+        self.new_names.append(raw)
+        return dense
+
+    def finish(self) -> IdMap:
+        """Persist the new names' chunks; the IdMap to publish after commit."""
+        if not self.new_names:
+            return self.ids
+        chunks = list(self.ids.chunks)
+        pending = self.new_names
+        if chunks and chunks[-1].size < ID_CHUNK:
+            pending = chunks.pop().names() + pending
+        first_chunk = len(chunks)
+        for start in range(0, len(pending), ID_CHUNK):
+            chunks.append(IdChunk.of(pending[start:start + ID_CHUNK]))
+        for number in range(first_chunk, len(chunks)):
+            self.ids.store.put(self.txn, "rids", u32(number), chunks[number].encode())
+        return IdMap(self.ids.store, tuple(chunks))

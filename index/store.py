@@ -1,0 +1,167 @@
+"""LMDB persistence: the only module that imports lmdb.
+
+Named databases:
+  meta     str key -> JSON (format, schema, counters, per-field index parameters)
+  ids      external id (utf-8) -> dense id (uint32 big-endian)
+  rids     chunk number -> the external ids of that chunk of dense ids (see ids.py)
+  rows     dense id -> the profile's current values (JSON, canonical form)
+  bitmaps  name \\x00 chunk -> portable roaring bitmap of the ids of that chunk
+
+A bitmap is split into chunks of 2**CHUNK_BITS ids, so a batch that touches a few
+profiles rewrites a few small values, not whole bitmaps. Every write is one LMDB
+transaction: it commits whole or not at all, and is durable when write() returns.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import orjson
+from pyroaring import BitMap
+
+from bitseg.index.errors import StoreError
+
+FORMAT = 1
+CHUNK_BITS = 18
+DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "orders")
+MAP_SIZE = 1 << 40  # address space only; the file grows as data does
+_U32 = struct.Struct(">I")
+
+Txn = Any  # an lmdb.Transaction; callers never import lmdb
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def from_u32(b: bytes) -> int:
+    return _U32.unpack(b)[0]
+
+
+def chunk_mask(chunk: int) -> BitMap:
+    mask = BitMap()
+    mask.add_range(chunk << CHUNK_BITS, (chunk + 1) << CHUNK_BITS)
+    return mask
+
+
+def chunks_of(ids: BitMap) -> set[int]:
+    """The chunk numbers that these ids fall in."""
+    if not ids:
+        return set()
+    return {chunk for chunk in range(ids.min() >> CHUNK_BITS, (ids.max() >> CHUNK_BITS) + 1)
+            if ids.range_cardinality(chunk << CHUNK_BITS, (chunk + 1) << CHUNK_BITS)}
+
+
+class Store:
+    """An LMDB environment holding one bitseg store."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not a store directory")
+        if self.path.is_dir() and any(self.path.iterdir()) \
+                and not (self.path / "data.mdb").exists():
+            raise StoreError(f"{self.path} is not empty and holds no bitseg store")
+        if readonly and not (self.path / "data.mdb").exists():
+            raise StoreError(f"no bitseg store at {self.path}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=len(DATABASES),
+                                 readonly=readonly, readahead=False, max_readers=1024)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from None
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly)
+                   for name in DATABASES}
+        self._check_format()
+
+    def _check_format(self) -> None:
+        with self.read() as txn:
+            fmt = self.get_json(txn, "format")
+        if fmt is None:
+            with self.write() as txn:
+                self.put_json(txn, "format", FORMAT)
+        elif fmt != FORMAT:
+            raise StoreError(f"{self.path}: store format {fmt}, this bitseg reads {FORMAT}")
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        """One atomic, durable transaction: commits on success, aborts on any exception."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        with self.env.begin() as txn:
+            yield txn
+
+    # ---------------------------------------------------------------- key/value helpers
+    def get(self, txn: Txn, db: str, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.db[db])
+
+    def put(self, txn: Txn, db: str, key: bytes, value: bytes) -> None:
+        txn.put(key, value, db=self.db[db])
+
+    def delete(self, txn: Txn, db: str, key: bytes) -> None:
+        txn.delete(key, db=self.db[db])
+
+    def items(self, txn: Txn, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        cursor = txn.cursor(db=self.db[db])
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def get_json(self, txn: Txn, key: str) -> Any:
+        raw = txn.get(key.encode(), db=self.db["meta"])
+        return None if raw is None else orjson.loads(raw)
+
+    def put_json(self, txn: Txn, key: str, value: Any) -> None:
+        txn.put(key.encode(), orjson.dumps(value), db=self.db["meta"])
+
+    # ---------------------------------------------------------------- bitmaps
+    def put_bitmap(self, txn: Txn, name: bytes, bitmap: BitMap,
+                   chunks: Iterable[int] | None) -> None:
+        """Persist the given chunks of a bitmap (None: all of it, replacing what was)."""
+        db = self.db["bitmaps"]
+        if chunks is None:
+            self.delete_bitmaps(txn, name + b"\x00")
+            chunks = chunks_of(bitmap)
+        for chunk in chunks:
+            part = bitmap & chunk_mask(chunk)
+            key = name + b"\x00" + u32(chunk)
+            if part:
+                part.run_optimize()
+                txn.put(key, part.serialize(), db=db)
+            else:
+                txn.delete(key, db=db)
+
+    def delete_bitmaps(self, txn: Txn, prefix: bytes) -> None:
+        """Delete every stored chunk whose key starts with prefix."""
+        cursor = txn.cursor(db=self.db["bitmaps"])
+        if not cursor.set_range(prefix):
+            return
+        while cursor.key().startswith(prefix):
+            if not cursor.delete():
+                return
+
+    def load_bitmaps(self, txn: Txn) -> dict[bytes, BitMap]:
+        """Every stored bitmap by name, its chunks joined."""
+        parts: dict[bytes, list[BitMap]] = {}
+        for key, value in txn.cursor(db=self.db["bitmaps"]):
+            parts.setdefault(bytes(key[:-5]), []).append(BitMap.deserialize(value))
+        return {name: BitMap.union(*chunks) for name, chunks in parts.items()}
+
+
+def store_exists(path: str | Path) -> bool:
+    return os.path.exists(os.path.join(path, "data.mdb"))

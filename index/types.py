@@ -1,0 +1,174 @@
+"""Field types: checking input values, their canonical form, inference and display.
+
+Canonical forms (what rows store and indexes see):
+keyword -> str, keywords -> sorted tuple of distinct str, bool -> bool, int -> int,
+float -> float, date -> days since 1970-01-01 (int), timestamp -> microseconds since
+1970-01-01T00:00:00Z (int).  Numbers, dates and timestamps also have an exact integer
+"key" for the range index: floats become integer millionths (see float_key).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+from bitseg.index.errors import DataError
+
+KEYWORD, KEYWORDS, BOOL, INT, FLOAT, DATE, TIMESTAMP = (
+    "keyword", "keywords", "bool", "int", "float", "date", "timestamp",
+)
+TYPES = (KEYWORD, KEYWORDS, BOOL, INT, FLOAT, DATE, TIMESTAMP)
+VALUE_TYPES = frozenset({KEYWORD, KEYWORDS, BOOL})  # one bitmap per value
+RANGE_TYPES = frozenset({INT, FLOAT, DATE, TIMESTAMP})  # bit-sliced range index
+TIME_TYPES = frozenset({DATE, TIMESTAMP})
+
+FLOAT_DIGITS = 6  # floats keep this many decimal places, exactly
+FLOAT_SCALE = 10**FLOAT_DIGITS
+MAX_KEY = 2**62  # |key| bound, so key differences fit a signed 64-bit slice index
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+ONE_US = timedelta(microseconds=1)
+US_PER_DAY = 86_400 * 10**6
+
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
+def parse_date(text: str) -> int:
+    """'1991-05-02' -> days since the epoch."""
+    if not isinstance(text, str) or not _DATE_RE.match(text):
+        raise ValueError(f"expected a date YYYY-MM-DD, got {text!r}")
+    return date.fromisoformat(text).toordinal() - EPOCH_ORDINAL
+
+
+def parse_timestamp(text: str) -> int:
+    """An ISO 8601 timestamp (UTC when it has no zone; a bare date is midnight) -> µs."""
+    if not isinstance(text, str) or not (_TIMESTAMP_RE.match(text) or _DATE_RE.match(text)):
+        raise ValueError(f"expected an ISO 8601 timestamp, got {text!r}")
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - EPOCH) // ONE_US
+
+
+def format_date(days: int) -> str:
+    return date.fromordinal(days + EPOCH_ORDINAL).isoformat()
+
+
+def format_timestamp(micros: int) -> str:
+    moment = EPOCH + timedelta(microseconds=micros)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def datetime_of(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def float_key(value: float | int) -> int:
+    """A float as exact integer millionths of its shortest decimal text (rounded half-even)."""
+    scaled = Decimal(repr(value)) * FLOAT_SCALE if isinstance(value, float) else value * FLOAT_SCALE
+    return int(scaled.to_integral_value()) if isinstance(scaled, Decimal) else scaled
+
+
+def exact(value: float | int) -> Fraction:
+    """The exact rational a JSON number stands for (0.1 -> 1/10, not the binary double)."""
+    return Fraction(Decimal(repr(value))) if isinstance(value, float) else Fraction(value)
+
+
+def coerce(type_: str, value: Any) -> Any:
+    """Check one non-null input value against a type; return its canonical form.
+
+    Raises ValueError with a message saying what was expected.
+    """
+    if type_ == KEYWORD:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {_show(value)}")
+    if type_ == KEYWORDS:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(sorted(set(value)))
+        raise ValueError(f"expected a list of strings, got {_show(value)}")
+    if type_ == BOOL:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    if type_ == INT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected an integer, got {_show(value)}")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            value = int(value)
+        if abs(value) >= MAX_KEY:
+            raise ValueError(f"integer {value} is out of range (|x| < 2**62)")
+        return value
+    if type_ == FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {_show(value)}")
+        if not math.isfinite(value) or abs(value) * FLOAT_SCALE >= MAX_KEY:
+            raise ValueError(f"number {value!r} is out of range")
+        return value
+    if type_ == DATE:
+        return parse_date(value)
+    if type_ == TIMESTAMP:
+        return parse_timestamp(value)
+    raise ValueError(f"unknown type {type_!r}")
+
+
+def range_key(type_: str, canonical: Any) -> int:
+    """The integer the range index keeps for a canonical number, date or timestamp."""
+    return float_key(canonical) if type_ == FLOAT else canonical
+
+
+def infer(value: Any) -> str:
+    """The type of a field first seen with this (non-null) value."""
+    if isinstance(value, bool):
+        return BOOL
+    if isinstance(value, int):
+        return INT
+    if isinstance(value, float):
+        return FLOAT
+    if isinstance(value, str):
+        if _DATE_RE.match(value):
+            return DATE
+        if _TIMESTAMP_RE.match(value):
+            return TIMESTAMP
+        return KEYWORD
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return KEYWORDS
+    raise ValueError(f"cannot store {_show(value)}: expected a string, list of strings, "
+                     "number, bool, date or timestamp")
+
+
+def display(type_: str, canonical: Any) -> Any:
+    """A canonical value as a user sees it in JSON output."""
+    if type_ == DATE:
+        return format_date(canonical)
+    if type_ == TIMESTAMP:
+        return format_timestamp(canonical)
+    if type_ == KEYWORDS:
+        return list(canonical)
+    return canonical
+
+
+def check_value(type_: str, value: Any, *, field: str) -> Any:
+    """coerce(), raising DataError naming the field."""
+    try:
+        return coerce(type_, value)
+    except ValueError as exc:
+        raise DataError(str(exc), field=field) from None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
