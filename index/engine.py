@@ -23,7 +23,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
-from bitseg.index.rules import Rule, parse_rule
+from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
 from bitseg.index.store import Store, Txn, chunks_of, u32
@@ -195,9 +195,9 @@ class Engine:
 
     def parse(self, rule: Any, snapshot: Snapshot | None = None) -> Rule:
         """A rule in JSON form (dict or text) -> the typed tree; typed rules pass through."""
-        if isinstance(rule, (dict, str, bytes, list)) or rule is None:
-            return parse_rule(rule, (snapshot or self._snapshot).schema)
-        return rule
+        if isinstance(rule, RULE_TYPES):
+            return rule
+        return parse_rule(rule, (snapshot or self._snapshot).schema)
 
     def evaluate(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
         snap = self._snapshot

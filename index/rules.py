@@ -67,6 +67,7 @@ class Cond:
 
 
 Rule = Union[All, And, Or, Not, SegmentRef, Cond]
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond)
 
 SCALAR_OPS = {"eq", "ne"}
 LIST_OPS = {"in", "not_in"}

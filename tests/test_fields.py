@@ -1,0 +1,86 @@
+"""The bit-sliced range index against a brute-force comparison of plain integers."""
+
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitseg.index import types as T
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, group_ids
+
+OPS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le,
+       "eq": operator.eq}
+
+keys = st.one_of(st.integers(-50, 50), st.integers(-50, 50).map(lambda k: k * 1000),
+                 st.integers(-(2**40), 2**40))
+batches = st.lists(
+    st.lists(st.tuples(st.integers(0, 40), st.one_of(st.none(), keys)), max_size=15),
+    min_size=1, max_size=5)
+
+
+def apply(index: RangeIndex, batch: list, truth: dict[int, int]) -> RangeIndex:
+    """One batch: each id in it is set (or cleared, for None) to its last value."""
+    last = dict(batch)
+    writer = RangeWriter(index, T.INT)
+    gone = np.array([i for i in last if i in truth], dtype=np.uint32)
+    if len(gone):
+        writer.remove(gone)
+    for i in gone.tolist():
+        del truth[i]
+    fresh = {i: k for i, k in last.items() if k is not None}
+    if fresh:
+        writer.add(np.array(list(fresh), dtype=np.uint32),
+                   np.array(list(fresh.values()), dtype=np.int64))
+    truth.update(fresh)
+    return writer.finish()
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=batches, constants=st.lists(st.one_of(keys, st.fractions()), min_size=1,
+                                           max_size=4))
+def test_range_index_matches_brute_force(batches, constants):
+    index, truth = RangeIndex(), {}
+    for batch in batches:
+        index = apply(index, batch, truth)
+    assert set(index.exists) == set(truth)
+    for pid, key in truth.items():
+        assert index.key_of(pid) == key
+    ids, decoded = index.decode()
+    assert dict(zip(ids.tolist(), decoded.tolist())) == truth
+    for c in constants:
+        c = Fraction(c)
+        for name, op in OPS.items():
+            expected = {pid for pid, key in truth.items() if op(key, c)}
+            assert set(index.compare(name, c)) == expected, (name, c)
+        lo, hi = c - 10, c + 10
+        assert set(index.between(lo, hi)) == {p for p, k in truth.items() if lo <= k <= hi}
+
+
+def test_month_days_of_dates_and_timestamps():
+    days = np.array([T.parse_date("2024-02-29"), T.parse_date("1969-12-31")], dtype=np.int64)
+    from bitseg.index.fields import month_days
+
+    assert month_days(T.DATE, days).tolist() == [229, 1231]
+    stamps = np.array([T.parse_timestamp("1960-03-01T23:59:59Z")], dtype=np.int64)
+    assert month_days(T.TIMESTAMP, stamps).tolist() == [301]
+
+
+def test_value_writer_never_mutates_the_published_index():
+    writer = ValueWriter(ValueIndex())
+    writer.add(np.array([1, 2, 3], dtype=np.uint32), np.array([0, 0, 1], dtype=np.uint32),
+               ["a", "b"])
+    first = writer.finish()
+    second_writer = ValueWriter(first)
+    second_writer.remove(np.array([1], dtype=np.uint32), np.array([0], dtype=np.uint32), ["a"])
+    second = second_writer.finish()
+    assert set(first.eq("a")) == {1, 2} and set(second.eq("a")) == {2}
+    assert set(first.exists) == {1, 2, 3} and set(second.exists) == {2, 3}
+
+
+def test_group_ids_groups_by_code():
+    groups = dict(group_ids(np.array([5, 6, 7, 8]), np.array([2, 1, 2, 0])))
+    assert {k: v.tolist() for k, v in groups.items()} == {0: [8], 1: [6], 2: [5, 7]}
