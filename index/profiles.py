@@ -42,15 +42,41 @@ def check_field_name(name: str) -> None:
                         field=name)
 
 
-class _Queue:
-    """The value changes of one field waiting for the next flush."""
+class _Field:
+    """One field's checker and the value changes waiting for the next flush."""
 
-    __slots__ = ("add_ids", "add_vals", "rm_ids", "rm_vals")
+    __slots__ = ("type", "check", "is_range", "to_key", "multi", "codes", "values",
+                 "add_ids", "add_vals", "rm_ids", "rm_vals")
 
-    def __init__(self, range_field: bool) -> None:
-        code = "q" if range_field else "I"
+    def __init__(self, type_: str) -> None:
+        self.type = type_
+        self.check = T.CHECKERS[type_]
+        self.is_range = type_ in T.RANGE_TYPES
+        self.to_key = T.float_key if type_ == T.FLOAT else None
+        self.multi = type_ == T.KEYWORDS
+        self.codes: dict[Any, int] = {}
+        self.values: list = []
+        self.clear()
+
+    def clear(self) -> None:
+        code = "q" if self.is_range else "I"
         self.add_ids, self.add_vals = array("I"), array(code)
         self.rm_ids, self.rm_vals = array("I"), array(code)
+
+    def push(self, dense: int, value: Any, removing: bool) -> None:
+        ids, vals = (self.rm_ids, self.rm_vals) if removing else (self.add_ids, self.add_vals)
+        if self.is_range:
+            ids.append(dense)
+            vals.append(self.to_key(value) if self.to_key else value)
+            return
+        codes = self.codes
+        for item in (value if self.multi else (value,)):
+            code = codes.get(item)
+            if code is None:
+                code = codes[item] = len(codes)
+                self.values.append(item)
+            ids.append(dense)
+            vals.append(code)
 
 
 class FieldWriters:
@@ -92,9 +118,7 @@ class ProfileBatch:
         self.types = dict(self.schema.profiles)
         self.new_types: dict[str, str] = {}
         self.writers = FieldWriters(snapshot, self.schema)
-        self.queues: dict[str, _Queue] = {}
-        self.codes: dict[str, dict[Any, int]] = {}
-        self.values: dict[str, list] = {}
+        self.info = {name: _Field(type_) for name, type_ in self.types.items()}
         self.segment_start = ids.next  # ids created at or after this are in the open segment
         self.touched_old: set[int] = set()  # pre-existing ids touched in the open segment
         self.touched = BitMap()
@@ -134,54 +158,42 @@ class ProfileBatch:
 
     def _merge(self, old: dict[str, Any] | None, record: dict) -> dict[str, Any]:
         new = dict(old) if old else {}
+        info = self.info
         for name, value in record.items():
             if name == "id":
                 continue
             if value is None:
                 new.pop(name, None)
                 continue
-            type_ = self.types.get(name) or self._infer(name, value)
-            new[name] = T.check_value(type_, value, field=name)
+            field = info.get(name) or self._infer(name, value)
+            try:
+                new[name] = field.check(value)
+            except ValueError as exc:
+                raise DataError(str(exc), field=name) from None
         return new
 
-    def _infer(self, name: str, value: Any) -> str:
+    def _infer(self, name: str, value: Any) -> _Field:
         check_field_name(name)
         try:
             type_ = T.infer(value)
         except ValueError as exc:
             raise DataError(str(exc), field=name) from None
         self.types[name] = self.new_types[name] = type_
-        return type_
+        field = self.info[name] = _Field(type_)
+        return field
 
     def _queue_changes(self, dense: int, old: dict, new: dict) -> None:
+        info = self.info
+        if not old:
+            for name, value in new.items():
+                info[name].push(dense, value, False)
+            return
         for name, value in old.items():
             if new.get(name) != value:
-                self._queue(name, dense, value, removing=True)
+                info[name].push(dense, value, True)
         for name, value in new.items():
             if old.get(name) != value:
-                self._queue(name, dense, value, removing=False)
-
-    def _queue(self, name: str, dense: int, value: Any, *, removing: bool) -> None:
-        queue = self.queues.get(name)
-        type_ = self.types[name]
-        if queue is None:
-            queue = self.queues[name] = _Queue(type_ in T.RANGE_TYPES)
-        ids, vals = (queue.rm_ids, queue.rm_vals) if removing else (queue.add_ids, queue.add_vals)
-        if type_ in T.RANGE_TYPES:
-            ids.append(dense)
-            vals.append(T.range_key(type_, value))
-            return
-        codes = self.codes.get(name)
-        if codes is None:
-            codes = self.codes[name] = {}
-            self.values[name] = []
-        for item in (value if type_ == T.KEYWORDS else (value,)):
-            code = codes.get(item)
-            if code is None:
-                code = codes[item] = len(codes)
-                self.values[name].append(item)
-            ids.append(dense)
-            vals.append(code)
+                info[name].push(dense, value, False)
 
     # ------------------------------------------------------------------ flushing
     def flush(self) -> None:
@@ -190,23 +202,26 @@ class ProfileBatch:
             self.schema = self.schema.with_fields("profiles", self.new_types)
             self.writers.schema = self.schema
             self.new_types = {}
-        for name, queue in self.queues.items():
+        for name, field in self.info.items():
+            if not field.add_ids and not field.rm_ids:
+                continue
             writer = self.writers.get(name)
-            rm_ids = np.frombuffer(queue.rm_ids, dtype=np.uint32)
-            add_ids = np.frombuffer(queue.add_ids, dtype=np.uint32)
+            rm_ids = np.frombuffer(field.rm_ids, dtype=np.uint32)
+            add_ids = np.frombuffer(field.add_ids, dtype=np.uint32)
             self.touched |= bitmap_of(rm_ids) | bitmap_of(add_ids)
             if isinstance(writer, RangeWriter):
                 if len(rm_ids):
                     writer.remove(rm_ids)
                 if len(add_ids):
-                    writer.add(add_ids, np.frombuffer(queue.add_vals, dtype=np.int64))
+                    writer.add(add_ids, np.frombuffer(field.add_vals, dtype=np.int64))
             else:
-                values = self.values[name]
                 if len(rm_ids):
-                    writer.remove(rm_ids, np.frombuffer(queue.rm_vals, dtype=np.uint32), values)
+                    writer.remove(rm_ids, np.frombuffer(field.rm_vals, dtype=np.uint32),
+                                  field.values)
                 if len(add_ids):
-                    writer.add(add_ids, np.frombuffer(queue.add_vals, dtype=np.uint32), values)
-        self.queues = {}
+                    writer.add(add_ids, np.frombuffer(field.add_vals, dtype=np.uint32),
+                               field.values)
+            field.clear()
         self.segment_start = self.ids.next
         self.touched_old = set()
 

@@ -83,46 +83,59 @@ def exact(value: float | int) -> Fraction:
     return Fraction(Decimal(repr(value))) if isinstance(value, float) else Fraction(value)
 
 
+def _keyword(value: Any) -> str:
+    if type(value) is str:
+        return value
+    raise ValueError(f"expected a string, got {_show(value)}")
+
+
+def _keywords(value: Any) -> tuple[str, ...]:
+    if type(value) is str:
+        return (value,)
+    if isinstance(value, list) and all(type(v) is str for v in value):
+        return tuple(sorted(set(value)))
+    raise ValueError(f"expected a list of strings, got {_show(value)}")
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    raise ValueError(f"expected true or false, got {_show(value)}")
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        if type(value) is not float:
+            raise ValueError(f"expected an integer, got {_show(value)}")
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        value = int(value)
+    if not -MAX_KEY < value < MAX_KEY:
+        raise ValueError(f"integer {value} is out of range (|x| < 2**62)")
+    return value
+
+
+def _float(value: Any) -> float | int:
+    if type(value) is not float and type(value) is not int:
+        raise ValueError(f"expected a number, got {_show(value)}")
+    if not math.isfinite(value) or abs(value) * FLOAT_SCALE >= MAX_KEY:
+        raise ValueError(f"number {value!r} is out of range")
+    return value
+
+
+CHECKERS = {KEYWORD: _keyword, KEYWORDS: _keywords, BOOL: _bool, INT: _int, FLOAT: _float,
+            DATE: parse_date, TIMESTAMP: parse_timestamp}
+
+
 def coerce(type_: str, value: Any) -> Any:
     """Check one non-null input value against a type; return its canonical form.
 
     Raises ValueError with a message saying what was expected.
     """
-    if type_ == KEYWORD:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"expected a string, got {_show(value)}")
-    if type_ == KEYWORDS:
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(sorted(set(value)))
-        raise ValueError(f"expected a list of strings, got {_show(value)}")
-    if type_ == BOOL:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"expected true or false, got {_show(value)}")
-    if type_ == INT:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected an integer, got {_show(value)}")
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
-            value = int(value)
-        if abs(value) >= MAX_KEY:
-            raise ValueError(f"integer {value} is out of range (|x| < 2**62)")
-        return value
-    if type_ == FLOAT:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {_show(value)}")
-        if not math.isfinite(value) or abs(value) * FLOAT_SCALE >= MAX_KEY:
-            raise ValueError(f"number {value!r} is out of range")
-        return value
-    if type_ == DATE:
-        return parse_date(value)
-    if type_ == TIMESTAMP:
-        return parse_timestamp(value)
-    raise ValueError(f"unknown type {type_!r}")
+    checker = CHECKERS.get(type_)
+    if checker is None:
+        raise ValueError(f"unknown type {type_!r}")
+    return checker(value)
 
 
 def range_key(type_: str, canonical: Any) -> int:

@@ -74,14 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_gen)
 
-    try:
-        from bitseg.server import commands
-    except ModuleNotFoundError as exc:  # only when the gRPC stubs were never generated
-        if not (exc.name or "").startswith("bitseg.v1"):
-            raise
-        commands = None
-    if commands is not None:
-        commands.register(sub)
+    from bitseg.server import commands
+
+    commands.register(sub)
     return parser
 
 
