@@ -20,6 +20,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
+from bitseg.index.events import EventBatch, load_events
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
@@ -34,9 +35,10 @@ SEP = b"\x1f"
 
 @dataclass(frozen=True)
 class BatchReport:
-    created: int
+    created: int  # profiles created (for events and orders: profiles seen for the first time)
     updated: int
     version: int
+    rows: int = 0  # events or orders added
 
 
 def as_of_micros(as_of: datetime | str | int | None) -> int:
@@ -159,10 +161,11 @@ class Engine:
                 bitmaps = store.load_bitmaps(txn)
                 ids = IdMap.load(store, txn)
                 fields = load_fields(store, txn, schema, bitmaps)
+                events = load_events(store, txn, version)
         except BaseException:
             store.close()
             raise
-        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields)
+        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields, events=events)
         if segments is not None:
             snapshot = replace(snapshot, segments=segments)
         return cls(store, ids, snapshot)
@@ -255,44 +258,64 @@ class Engine:
 
     def upsert_profiles(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
         """Apply a batch of profile records atomically (see docs/ENGINE_API.md)."""
+        return self._batch(records, file, None)
+
+    def track_events(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
+        """Append a batch of events atomically; unknown profiles are created empty."""
+        return self._batch(records, file, "events")
+
+    def _batch(self, records: Iterable[Any], file: str | None, child: str | None) -> BatchReport:
+        """One write transaction: profile changes, plus events or orders when `child` says."""
         with self._write_lock:
             snap = self._snapshot
+            version = snap.version + 1
             with self.store.write() as txn:
                 ids = self._ids.writer(txn)
-                batch = ProfileBatch(self.store, txn, snap, ids)
+                profiles = ProfileBatch(self.store, txn, snap, ids)
+                batch: Any = profiles
+                if child == "events":
+                    batch = EventBatch(self.store, txn, snap.events, snap.schema,
+                                       profiles.ensure_profile, version)
                 for position, item in enumerate(records, 1):
                     line, record = item if isinstance(item, tuple) else (position, item)
                     try:
                         batch.add(record)
                     except DataError as exc:
                         raise exc.located(file, line) from None
-                fields, live, schema = batch.finish()
-                chunks = chunks_of(batch.touched)
-                persist_fields(self.store, txn, batch.writers, fields, chunks)
+                fields, live, schema = profiles.finish()
+                changes: dict[str, Any] = {}
+                if child is not None:
+                    changes[child], child_schema = batch.finish()
+                    schema = replace(schema, **{child: child_schema.section(child)})
+                chunks = chunks_of(profiles.touched)
+                persist_fields(self.store, txn, profiles.writers, fields, chunks)
                 self.store.put_bitmap(txn, LIVE, live, chunks)
                 if schema != snap.schema:
                     self.store.put_json(txn, "schema", schema.to_json())
-                version = snap.version + 1
                 self.store.put_json(txn, "version", version)
                 new_ids = ids.finish()
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
-                                     fields=fields)
-            return BatchReport(batch.created, batch.updated, version)
+                                     fields=fields, **changes)
+            rows = batch.count if child is not None else 0
+            return BatchReport(profiles.created, profiles.updated, version, rows)
 
     def delete_profiles(self, profile_ids: Iterable[str]) -> int:
         """Delete profiles by id, all or none: NotFound names the first unknown id."""
         with self._write_lock:
             snap = self._snapshot
-            gone = BitMap()
+            gone, names = BitMap(), []
             for external in profile_ids:
                 dense = self._ids.lookup(external)
                 if dense is None or dense not in snap.live:
                     raise NotFound("profile", external)
                 gone.add(dense)
+                names.append(external)
             if not gone:
                 return 0
             with self.store.write() as txn:
+                for external in names:  # a re-created profile gets a new dense id, so its
+                    self.store.delete(txn, "ids", external.encode())  # old events stay apart
                 writers, fields = delete_profiles(self.store, txn, snap, gone)
                 chunks = chunks_of(gone)
                 persist_fields(self.store, txn, writers, fields, chunks)

@@ -17,7 +17,19 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, RangeIndex
-from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, Rule, SegmentRef
+from bitseg.index.events import evaluate_event
+from bitseg.index.rules import (
+    All,
+    And,
+    Cond,
+    DaysAgo,
+    EventCond,
+    Not,
+    Or,
+    OrdersCond,
+    Rule,
+    SegmentRef,
+)
 from bitseg.index.snapshot import Snapshot
 
 
@@ -73,7 +85,19 @@ class Evaluator:
             return self.snap.live
         if isinstance(rule, SegmentRef):
             return self._segment(rule)
+        if isinstance(rule, EventCond):
+            snap = self.snap
+            return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
+        if isinstance(rule, OrdersCond):
+            return self._orders(rule)
         raise TypeError(f"not a rule: {rule!r}")
+
+    def _orders(self, rule: OrdersCond) -> BitMap:
+        if self.snap.orders is None:  # no order was ever loaded
+            return self.snap.live if rule.having.holds_for_no_rows() else EMPTY
+        from bitseg.index.orders import evaluate_orders
+
+        return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
         positives, negatives = self._split(children)
@@ -162,6 +186,8 @@ class Evaluator:
                 return pid in found
             with self._inside(rule):
                 return self.contains(found, pid)
+        if isinstance(rule, (EventCond, OrdersCond)):
+            return pid in self.bitmap(rule)
         raise TypeError(f"not a rule: {rule!r}")
 
     def _holds(self, cond: Cond, pid: int) -> bool:

@@ -152,6 +152,21 @@ class ProfileBatch:
             self.touched_old.add(dense)
         self._queue_changes(dense, old or {}, new)
 
+    def ensure_profile(self, external: Any) -> int:
+        """The dense id of a profile, creating it with no fields if it was never seen
+        (an event or order for an unknown profile creates that profile)."""
+        if isinstance(external, int) and not isinstance(external, bool):
+            external = str(external)
+        if not isinstance(external, str) or not external:
+            raise DataError("expected a non-empty string or integer profile id", field="profile")
+        before = self.ids.next
+        dense = self.ids.resolve(external)
+        if dense >= before:
+            self.store.put(self.txn, "rows", u32(dense), b"{}")
+            self.created += 1
+            self.live_added.append(dense)
+        return dense
+
     def _row(self, dense: int) -> dict[str, Any] | None:
         raw = self.store.get(self.txn, "rows", u32(dense))
         return None if raw is None else decode_row(raw, self.types)

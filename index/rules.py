@@ -2,7 +2,7 @@
 
 Parsing validates against the schema and raises RuleError naming the JSON path of the
 offending node.  Values are normalised for the index: numbers become exact Fractions in
-the field's key units (floats in millionths), dates days, timestamps microseconds; a
+the field's key units (floats in hundred-millionths), dates days, timestamps microseconds; a
 relative date ({"days_ago": n}) stays a DaysAgo until evaluation fixes as_of.
 """
 
@@ -66,8 +66,73 @@ class Cond:
     value: Any
 
 
-Rule = Union[All, And, Or, Not, SegmentRef, Cond]
-RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond)
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which rows by time. kind: "last_days" (as_of - days, as_of], "next_days"
+    (as_of, as_of + days], "range" [start, end), "all" (everything up to as_of)."""
+
+    kind: str
+    days: int = 0
+    start: int = 0
+    end: int = 0
+
+    def bounds(self, as_of_us: int) -> tuple[int | None, int]:
+        """[lo, hi) in µs; lo None means from the beginning."""
+        span = self.days * T.US_PER_DAY
+        if self.kind == "last_days":
+            return as_of_us - span + 1, as_of_us + 1
+        if self.kind == "next_days":
+            return as_of_us + 1, as_of_us + span + 1
+        if self.kind == "range":
+            return self.start, self.end
+        return None, as_of_us + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Having:
+    """An aggregate condition over the selected rows; value(s) in the key units of `of`
+    (count: plain numbers). value is a Fraction, or (lo, hi) for between."""
+
+    agg: str
+    of: str | None
+    of_type: str | None
+    op: str
+    value: Any
+
+    def holds_for_no_rows(self) -> bool:
+        """Profiles with no selected rows have count 0 and sum 0; avg/min/max are false."""
+        if self.agg not in ("count", "sum"):
+            return False
+        return _compare(self.op, 0, self.value)
+
+
+def _compare(op: str, x: Any, value: Any) -> bool:
+    if op == "between":
+        return value[0] <= x <= value[1]
+    return {"eq": x == value, "ne": x != value, "gt": x > value, "gte": x >= value,
+            "lt": x < value, "lte": x <= value}[op]
+
+
+@dataclass(frozen=True, slots=True)
+class EventCond:
+    event: str  # a type name, or "*" for any
+    where: Rule | None  # over the event's properties
+    window: Window
+    having: Having
+
+
+@dataclass(frozen=True, slots=True)
+class OrdersCond:
+    orders: Rule  # over the order's fields and items.*
+    window: Window
+    having: Having
+
+
+Rule = Union[All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond]
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond)
+ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
+HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between"}
+AGGS = ("count", "sum", "avg", "min", "max")
 
 SCALAR_OPS = {"eq", "ne"}
 LIST_OPS = {"in", "not_in"}
@@ -85,6 +150,7 @@ OPS_BY_TYPE = {
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
 NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders")
+WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
 def parse_rule(rule: Any, schema: Schema) -> Rule:
@@ -98,18 +164,27 @@ def parse_rule(rule: Any, schema: Schema) -> Rule:
 
 
 class _Parser:
-    def __init__(self, schema: Schema) -> None:
+    """Parses the profile-level rule language; sub-parsers restrict it for `where`/`orders`."""
+
+    def __init__(self, schema: Schema, fields: Any = None, allowed: tuple = NODE_KEYS,
+                 what: str = "rule") -> None:
         self.schema = schema
+        self.fields = schema.profiles if fields is None else fields
+        self.allowed = allowed
+        self.what = what
 
     def node(self, obj: Any, path: str) -> Rule:
         if not isinstance(obj, dict):
             raise RuleError(path, f"expected a rule object, got {_kind(obj)}")
         keys = [k for k in NODE_KEYS if k in obj]
         if not keys:
-            raise RuleError(path, "expected one of the keys " + ", ".join(NODE_KEYS))
+            raise RuleError(path, "expected one of the keys " + ", ".join(self.allowed))
         if len(keys) > 1:
-            raise RuleError(path, f"expected exactly one of {', '.join(NODE_KEYS)}, "
+            raise RuleError(path, f"expected exactly one of {', '.join(self.allowed)}, "
                             f"got {' and '.join(keys)}")
+        if keys[0] not in self.allowed:
+            raise RuleError(f"{path}.{keys[0]}", f"{keys[0]!r} is not allowed in {self.what} "
+                            f"(expected one of {', '.join(self.allowed)})")
         return getattr(self, "_" + keys[0])(obj, path)
 
     def _and(self, obj: dict, path: str) -> Rule:
@@ -146,14 +221,93 @@ class _Parser:
         return SegmentRef(name, f"{path}.segment")
 
     def _event(self, obj: dict, path: str) -> Rule:
-        raise RuleError(f"{path}.event", "event rules are not supported by this version yet")
+        _only(obj, {"event", "where", "window", "having"}, path)
+        name = obj["event"]
+        if not isinstance(name, str) or not name:
+            raise RuleError(f"{path}.event", 'expected an event type name, or "*" for any')
+        where = None
+        if "where" in obj:
+            sub = _Parser(self.schema, self.schema.events, WHERE_KEYS, "an event's where")
+            where = sub.node(obj["where"], f"{path}.where")
+        return EventCond(name, where, self._window(obj, path),
+                         self._having(obj, path, self.schema.events))
 
     def _orders(self, obj: dict, path: str) -> Rule:
-        raise RuleError(f"{path}.orders", "order rules are not supported by this version yet")
+        _only(obj, {"orders", "window", "having"}, path)
+        fields = {**self.schema.orders, "ts": T.TIMESTAMP}
+        for name, type_ in ITEM_READINGS.items():
+            fields[name] = type_
+        if "items.qty" in fields:
+            fields["items.qty_each"] = fields["items.qty"]
+        sub = _Parser(self.schema, fields, WHERE_KEYS, "an orders rule")
+        selected = sub.node(obj["orders"], f"{path}.orders")
+        aggregable = {k: v for k, v in self.schema.orders.items() if not k.startswith("items.")}
+        return OrdersCond(selected, self._window(obj, path),
+                          self._having(obj, path, {**aggregable, **ITEM_READINGS}))
+
+    def _window(self, obj: dict, path: str) -> Window:
+        if "window" not in obj:
+            return Window("all")
+        value, here = obj["window"], f"{path}.window"
+        if not isinstance(value, dict):
+            raise RuleError(here, 'expected {"last_days": n}, {"next_days": n} or '
+                            '{"from": T1, "to": T2}')
+        if set(value) in ({"last_days"}, {"next_days"}):
+            kind = next(iter(value))
+            days = value[kind]
+            if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+                raise RuleError(f"{here}.{kind}", "expected a whole number of days >= 1")
+            return Window(kind, days=days)
+        if set(value) == {"from", "to"}:
+            bounds = []
+            for key in ("from", "to"):
+                try:
+                    bounds.append(T.parse_timestamp(value[key]))
+                except ValueError:
+                    raise RuleError(f"{here}.{key}", f"expected an ISO 8601 timestamp, got "
+                                    f"{value[key]!r}") from None
+            if bounds[0] > bounds[1]:
+                raise RuleError(here, "expected from <= to")
+            return Window("range", start=bounds[0], end=bounds[1])
+        raise RuleError(here, 'expected exactly one of {"last_days": n}, {"next_days": n}, '
+                        '{"from": T1, "to": T2}')
+
+    def _having(self, obj: dict, path: str, numeric: Any) -> Having:
+        if "having" not in obj:
+            return Having("count", None, None, "gte", 1)
+        value, here = obj["having"], f"{path}.having"
+        if not isinstance(value, dict):
+            raise RuleError(here, 'expected {"agg": A, "op": OP, "value": V}')
+        _only(value, {"agg", "of", "op", "value"}, here)
+        agg = value.get("agg")
+        if agg not in AGGS:
+            raise RuleError(f"{here}.agg", f"expected one of {', '.join(AGGS)}, got {agg!r}")
+        of, of_type = value.get("of"), None
+        if agg == "count":
+            if "of" in value:
+                raise RuleError(f"{here}.of", "count takes no 'of'")
+        else:
+            of_type = numeric.get(of) if isinstance(of, str) else None
+            if of_type not in (T.INT, T.FLOAT):
+                known = ", ".join(sorted(k for k, t in numeric.items() if t in (T.INT, T.FLOAT)))
+                raise RuleError(f"{here}.of", f"expected a numeric field to {agg}, got {of!r} "
+                                f"(numeric fields: {known or 'none'})")
+        op = value.get("op")
+        if op not in HAVING_OPS:
+            raise RuleError(f"{here}.op", f"expected one of {', '.join(sorted(HAVING_OPS))}, "
+                            f"got {op!r}")
+        checker = _Values(of_type or T.INT, f"{here}.value")
+        if "value" not in value:
+            raise RuleError(f"{here}.value", f"op {op!r} needs a value")
+        if op == "between":
+            number = checker.between(value["value"])
+        else:
+            number = checker.scalar(value["value"], f"{here}.value")
+        return Having(agg, of, of_type, op, number)
 
     def _field(self, obj: dict, path: str) -> Rule:
         _only(obj, {"field", "op", "value"}, path)
-        return parse_condition(obj, self.schema.profiles, path)
+        return parse_condition(obj, self.fields, path)
 
 
 def parse_condition(obj: dict, fields: Any, path: str) -> Cond:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import NotFound
+from bitseg.index.events import EventIndex
 from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
 from bitseg.index.rules import Rule
 from bitseg.index.schema import Schema
@@ -39,6 +40,8 @@ class Snapshot:
     schema: Schema = field(default_factory=Schema)
     fields: Mapping[str, FieldIndex] = field(default_factory=dict)
     segments: SegmentLookup = field(default_factory=NoSegments)
+    events: EventIndex = field(default_factory=EventIndex)
+    orders: Any = None  # an OrderIndex (index/orders.py) once orders are loaded
 
     def field(self, name: str) -> FieldIndex:
         """The index of a profile field (an empty one if it has no values yet)."""

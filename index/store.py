@@ -122,6 +122,15 @@ class Store:
                 return
             yield key, value
 
+    def keys(self, txn: Txn, db: str, prefix: bytes = b"") -> Iterator[bytes]:
+        cursor = txn.cursor(db=self.db[db])
+        if not cursor.set_range(prefix):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                return
+            yield key
+
     def get_json(self, txn: Txn, key: str) -> Any:
         raw = txn.get(key.encode(), db=self.db["meta"])
         return None if raw is None else orjson.loads(raw)

@@ -4,7 +4,7 @@ Canonical forms (what rows store and indexes see):
 keyword -> str, keywords -> sorted tuple of distinct str, bool -> bool, int -> int,
 float -> float, date -> days since 1970-01-01 (int), timestamp -> microseconds since
 1970-01-01T00:00:00Z (int).  Numbers, dates and timestamps also have an exact integer
-"key" for the range index: floats become integer millionths (see float_key).
+"key" for the range index: floats become integer hundred-millionths (see float_key).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ VALUE_TYPES = frozenset({KEYWORD, KEYWORDS, BOOL})  # one bitmap per value
 RANGE_TYPES = frozenset({INT, FLOAT, DATE, TIMESTAMP})  # bit-sliced range index
 TIME_TYPES = frozenset({DATE, TIMESTAMP})
 
-FLOAT_DIGITS = 6  # floats keep this many decimal places, exactly
+FLOAT_DIGITS = 8  # floats keep this many decimal places, exactly (gcd units keep depth low)
 FLOAT_SCALE = 10**FLOAT_DIGITS
 MAX_KEY = 2**62  # |key| bound, so key differences fit a signed 64-bit slice index
 
@@ -73,7 +73,7 @@ def datetime_of(micros: int) -> datetime:
 
 
 def float_key(value: float | int) -> int:
-    """A float as exact integer millionths of its shortest decimal text (rounded half-even)."""
+    """A float as exact integer hundred-millionths of its shortest decimal text (rounded half-even)."""
     scaled = Decimal(repr(value)) * FLOAT_SCALE if isinstance(value, float) else value * FLOAT_SCALE
     return int(scaled.to_integral_value()) if isinstance(scaled, Decimal) else scaled
 

@@ -1,0 +1,592 @@
+"""Events: time-bucketed count bitmaps, and the raw rows behind them.
+
+A *stream* is what a count is kept for: an event type ("popup_opened"), or an event type
+with one keyword/bool property value ("popup_opened\\x1fpopup\\x1f\\"spring\\""). For each
+stream and each UTC day and calendar month that has events, a bit-sliced count index
+(RangeIndex with base 0, unit 1) holds how many events every profile had in it.
+
+`count >= n` over a window is answered in the bitmap domain: the window is split into
+whole months, whole days and at most two partial days (timeline.plan); the bucket
+indexes are summed with a bitmap ripple-carry adder, the partial days are counted from
+their raw rows, and the total is compared like any range index.
+
+Raw rows are kept per (type, day) as a columnar block (numpy arrays: profile, ts, the
+version of the batch that wrote the row, one column per property). They answer the
+window edges, `where` clauses that no stream covers, and sum/avg/min/max. Blocks are
+append-only; a reader ignores rows newer than its snapshot, so reads stay consistent.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import orjson
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import DataError
+from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
+from bitseg.index.schema import Schema
+from bitseg.index.store import Store, Txn, from_u32, u32
+from bitseg.index.timeline import day_of, first_day, month_of, plan
+
+SEP = "\x1f"
+ANY = "*"
+PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
+STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
+
+
+def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
+    if prop is None:
+        return event
+    return f"{event}{SEP}{prop}{SEP}{orjson.dumps(value).decode()}"
+
+
+# ------------------------------------------------------------------------ count indexes
+def count_index(ids: np.ndarray, counts: np.ndarray) -> RangeIndex:
+    """A bit-sliced index of per-profile counts (ids distinct, counts >= 1)."""
+    if len(ids) == 0:
+        return RangeIndex()
+    depth = int(counts.max()).bit_length()
+    slices = tuple(bitmap_of(ids[(counts >> i) & 1 == 1]) for i in range(depth))
+    return RangeIndex(0, 1, slices, bitmap_of(ids))
+
+
+def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
+    """The per-profile sum of two count indexes: a ripple-carry adder over bitmaps."""
+    if not a.exists:
+        return b
+    if not b.exists:
+        return a
+    out, carry = [], BitMap()
+    for i in range(max(len(a.slices), len(b.slices))):
+        x = a.slices[i] if i < len(a.slices) else EMPTY
+        y = b.slices[i] if i < len(b.slices) else EMPTY
+        xy = x ^ y
+        out.append(xy ^ carry if carry else xy)
+        carry = (x & y) | (carry & xy) if carry else x & y
+    if carry:
+        out.append(carry)
+    return RangeIndex(0, 1, tuple(out), a.exists | b.exists)
+
+
+def sum_counts(parts: list[RangeIndex]) -> RangeIndex:
+    """Sum many count indexes pairwise, so carries stay short."""
+    parts = [p for p in parts if p.exists]
+    if not parts:
+        return RangeIndex()
+    while len(parts) > 1:
+        paired = [add_counts(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            paired.append(parts[-1])
+        parts = paired
+    return parts[0]
+
+
+def counts_of(profiles: np.ndarray) -> RangeIndex:
+    """How many rows each profile has, as a count index."""
+    ids, counts = np.unique(profiles, return_counts=True)
+    return count_index(ids, counts.astype(np.int64))
+
+
+def encode_counts(index: RangeIndex) -> bytes:
+    parts = [index.exists.serialize(), *(s.serialize() for s in index.slices)]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def decode_counts(raw: bytes) -> RangeIndex:
+    parts, pos = [], 0
+    while pos < len(raw):
+        (n,) = struct.unpack_from(">I", raw, pos)
+        parts.append(BitMap.deserialize(raw[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return RangeIndex(0, 1, tuple(parts[1:]), parts[0])
+
+
+# ------------------------------------------------------------------------ raw blocks
+@dataclass(frozen=True)
+class Block:
+    """The raw rows of one event type on one day, as columns."""
+
+    profile: np.ndarray  # uint32
+    ts: np.ndarray  # int64 µs
+    version: np.ndarray  # uint32: the batch that wrote the row
+    props: Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (int64 keys or codes, valid)
+    words: Mapping[str, list[str]]  # keyword property -> its code table
+
+    def __len__(self) -> int:
+        return len(self.profile)
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.props.get(name)
+
+    def encode(self) -> bytes:
+        names = sorted(self.props)
+        header = orjson.dumps({"n": len(self), "props": names,
+                               "words": {k: self.words[k] for k in names if k in self.words}})
+        arrays = [self.profile.astype("<u4"), self.ts.astype("<i8"), self.version.astype("<u4")]
+        for name in names:
+            values, valid = self.props[name]
+            arrays += [values.astype("<i8"), valid.astype(np.uint8)]
+        return struct.pack(">I", len(header)) + header + b"".join(a.tobytes() for a in arrays)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Block:
+        (size,) = struct.unpack_from(">I", raw, 0)
+        header = orjson.loads(raw[4:4 + size])
+        n, pos, buf = header["n"], 4 + size, memoryview(raw)
+
+        def take(dtype: str, width: int) -> np.ndarray:
+            nonlocal pos
+            arr = np.frombuffer(buf[pos:pos + n * width], dtype=dtype)
+            pos += n * width
+            return arr
+
+        profile, ts, version = take("<u4", 4), take("<i8", 8), take("<u4", 4)
+        props = {}
+        for name in header["props"]:
+            values = take("<i8", 8)
+            props[name] = (values, take("u1", 1).astype(bool))
+        return cls(profile, ts, version, props, header["words"])
+
+    def concat(self, other: Block) -> Block:
+        words = {k: list(v) for k, v in self.words.items()}
+        props = {}
+        for name in set(self.props) | set(other.props):
+            mine = self._column_or_empty(name)
+            theirs = other._column_or_empty(name)
+            values = theirs[0]
+            if name in other.words:  # re-code the other block's keywords into ours
+                table = words.setdefault(name, [])
+                index = {w: i for i, w in enumerate(table)}
+                remap = np.array([index.setdefault(w, len(index)) for w in other.words[name]]
+                                 or [0], dtype=np.int64)
+                table[:] = list(index)
+                values = np.where(theirs[1], remap[np.clip(values, 0, len(remap) - 1)], 0)
+            props[name] = (np.concatenate([mine[0], values]),
+                           np.concatenate([mine[1], theirs[1]]))
+        return Block(np.concatenate([self.profile, other.profile]),
+                     np.concatenate([self.ts, other.ts]),
+                     np.concatenate([self.version, other.version]), props, words)
+
+    def _column_or_empty(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        col = self.props.get(name)
+        if col is not None:
+            return col
+        return np.zeros(len(self), dtype=np.int64), np.zeros(len(self), dtype=bool)
+
+
+def _block_key(event: str, day: int) -> bytes:
+    return b"b" + event.encode() + SEP.encode() + u32(day + 2**31)
+
+
+def _count_key(kind: bytes, bucket: int, stream: str) -> bytes:
+    return b"c" + kind + u32(bucket + 2**31) + stream.encode()
+
+
+# ------------------------------------------------------------------------ the index
+@dataclass(frozen=True)
+class EventIndex:
+    """Immutable: every batch makes a new one (sharing what it did not change)."""
+
+    store: Store | None = None
+    version: int = 0
+    days: Mapping[tuple[str, int], RangeIndex] = field(default_factory=dict)
+    months: Mapping[tuple[str, int], RangeIndex] = field(default_factory=dict)
+    stream_days: Mapping[str, list[int]] = field(default_factory=dict)  # sorted
+    stream_months: Mapping[str, list[int]] = field(default_factory=dict)
+    type_days: Mapping[str, list[int]] = field(default_factory=dict)  # days with raw rows
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self.type_days)
+
+    def block(self, event: str, day: int) -> Block | None:
+        """The raw rows of a type and day as of this index's version."""
+        if self.store is None:
+            return None
+        with self.store.read() as txn:
+            raw = self.store.get(txn, "events", _block_key(event, day))
+            block = None if raw is None else Block.decode(bytes(raw))
+        if block is None or int(block.version.max(initial=0)) <= self.version:
+            return block
+        keep = block.version <= self.version
+        return Block(block.profile[keep], block.ts[keep], block.version[keep],
+                     {k: (v[keep], ok[keep]) for k, (v, ok) in block.props.items()}, block.words)
+
+
+def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
+    days: dict = {}
+    months: dict = {}
+    stream_days: dict[str, list[int]] = {}
+    stream_months: dict[str, list[int]] = {}
+    type_days: dict[str, list[int]] = {}
+    for key, value in store.items(txn, "events", b"c"):
+        kind, bucket, stream = key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
+        target, listing = (days, stream_days) if kind == b"d" else (months, stream_months)
+        target[(stream, bucket)] = decode_counts(bytes(value))
+        listing.setdefault(stream, []).append(bucket)
+    for key in store.keys(txn, "events", b"b"):
+        event, day = key[1:-5].decode(), from_u32(key[-4:]) - 2**31
+        type_days.setdefault(event, []).append(day)
+    for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
+        listing.sort()
+    return EventIndex(store, version, days, months, stream_days, stream_months, type_days)
+
+
+# ------------------------------------------------------------------------ writing
+class EventBatch:
+    """Collects event records of one batch; finish() writes blocks and count buckets."""
+
+    def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
+                 ensure_profile: Callable[[Any], int], version: int) -> None:
+        self.store = store
+        self.txn = txn
+        self.index = index
+        self.schema = schema
+        self.types = dict(schema.events)
+        self.ensure_profile = ensure_profile
+        self.version = version
+        self.rows: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
+        self.count = 0
+
+    def add(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object")
+        for key in ("profile", "event", "ts"):
+            if record.get(key) is None:
+                raise DataError(f"{key!r} is required", field=key)
+        event = record["event"]
+        if not isinstance(event, str) or not event or event == ANY or SEP in event:
+            raise DataError('expected an event type name (a non-empty string, not "*")',
+                            field="event")
+        try:
+            ts = T.parse_timestamp(record["ts"])
+        except ValueError as exc:
+            raise DataError(str(exc), field="ts") from None
+        props = {}
+        for name, value in record.items():
+            if name in ("profile", "event", "ts") or value is None:
+                continue
+            type_ = self.types.get(name) or self._infer(name, value)
+            try:
+                props[name] = T.range_key(type_, T.coerce(type_, value)) \
+                    if type_ in T.RANGE_TYPES else T.coerce(type_, value)
+            except ValueError as exc:
+                raise DataError(str(exc), field=name) from None
+        dense = self.ensure_profile(record["profile"])
+        self.rows.setdefault((event, day_of(ts)), []).append((dense, ts, props))
+        self.count += 1
+
+    def _infer(self, name: str, value: Any) -> str:
+        if not name or any(ord(ch) < 32 for ch in name):
+            raise DataError("property names must be non-empty and free of control characters",
+                            field=name)
+        if isinstance(value, bool):
+            type_ = T.BOOL
+        elif isinstance(value, int):
+            type_ = T.INT
+        elif isinstance(value, float):
+            type_ = T.FLOAT
+        elif isinstance(value, str):
+            type_ = T.KEYWORD
+        else:
+            raise DataError("event properties are keywords, numbers or bools", field=name)
+        self.types[name] = type_
+        return type_
+
+    def finish(self) -> tuple[EventIndex, Schema]:
+        """Write the new rows and counts into the transaction; the next index and schema."""
+        old = self.index
+        days, months = dict(old.days), dict(old.months)
+        stream_days = {k: list(v) for k, v in old.stream_days.items()}
+        stream_months = {k: list(v) for k, v in old.stream_months.items()}
+        type_days = {k: list(v) for k, v in old.type_days.items()}
+        for (event, day), rows in sorted(self.rows.items()):
+            block = self._block(rows)
+            key = _block_key(event, day)
+            stored = self.store.get(self.txn, "events", key)
+            merged = Block.decode(bytes(stored)).concat(block) if stored is not None else block
+            self.store.put(self.txn, "events", key, merged.encode())
+            if stored is None:
+                insort(type_days.setdefault(event, []), day)
+            for stream, profiles in self._streams(event, block):
+                fresh = counts_of(profiles)
+                for kind, bucket, target, listing in (
+                        (b"d", day, days, stream_days), (b"m", month_of(day), months,
+                                                           stream_months)):
+                    current = target.get((stream, bucket))
+                    total = add_counts(current, fresh) if current is not None else fresh
+                    target[(stream, bucket)] = total
+                    if current is None:
+                        insort(listing.setdefault(stream, []), bucket)
+                    self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
+                                   encode_counts(total))
+        schema = self.schema
+        added = {k: v for k, v in self.types.items() if k not in schema.events}
+        if added:
+            schema = schema.with_fields("events", added)
+        index = EventIndex(self.store, self.version, days, months, stream_days, stream_months,
+                           type_days)
+        return index, schema
+
+    def _block(self, rows: list[tuple[int, int, dict]]) -> Block:
+        n = len(rows)
+        profile = np.fromiter((r[0] for r in rows), dtype=np.uint32, count=n)
+        ts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        names = {name for r in rows for name in r[2]}
+        props, words = {}, {}
+        for name in names:
+            raw = [r[2].get(name) for r in rows]
+            valid = np.fromiter((v is not None for v in raw), dtype=bool, count=n)
+            if self.types[name] == T.KEYWORD:
+                table: dict[str, int] = {}
+                codes = [table.setdefault(v, len(table)) if v is not None else 0 for v in raw]
+                values = np.array(codes, dtype=np.int64)
+                words[name] = list(table)
+            else:
+                values = np.array([0 if v is None else int(v) for v in raw], dtype=np.int64)
+            props[name] = (values, valid)
+        version = np.full(n, self.version, dtype=np.uint32)
+        return Block(profile, ts, version, props, words)
+
+    def _streams(self, event: str, block: Block):
+        """(stream, profiles of its rows) for the type and each keyword/bool value."""
+        yield stream_key(event), block.profile
+        for name, (values, valid) in block.props.items():
+            type_ = self.types[name]
+            if type_ not in STREAM_TYPES:
+                continue
+            table = block.words.get(name)
+            for code in np.unique(values[valid]).tolist():
+                value = table[code] if table is not None else bool(code)
+                yield stream_key(event, name, value), block.profile[valid & (values == code)]
+
+
+# ------------------------------------------------------------------------ evaluation
+def evaluate_event(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap,
+                   as_of: int) -> BitMap:
+    """The live profiles whose selected events satisfy `having`."""
+    having = cond.having
+    events = index.types if cond.event == ANY else [cond.event]
+    events = [e for e in events if e in index.type_days]
+    lo, hi = cond.window.bounds(as_of)
+    streams = _streams_for(cond, events) if having.agg == "count" else None
+    if streams is not None:
+        per_profile = _count_by_bitmaps(cond, index, schema, events, streams, lo, hi, as_of)
+        result = _compare_index(per_profile, having)
+        seen = per_profile.exists
+    else:
+        result, seen = _aggregate_rows(cond, index, schema, events, lo, hi, as_of)
+    if having.holds_for_no_rows():
+        result = result | (live - seen)
+    return result & live
+
+
+def _streams_for(cond: EventCond, events: list[str]) -> list[str] | None:
+    """The streams whose counts add up to the rows `where` selects, or None."""
+    where = cond.where
+    if where is None or isinstance(where, All):
+        return [stream_key(e) for e in events]
+    if isinstance(where, Cond) and where.type in STREAM_TYPES and where.op in ("eq", "in"):
+        values = (where.value,) if where.op == "eq" else tuple(dict.fromkeys(where.value))
+        return [stream_key(e, where.field, v) for e in events for v in values]
+    return None
+
+
+def _count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+                      streams: list[str], lo: int | None, hi: int, as_of: int) -> RangeIndex:
+    earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
+    window = plan(lo, hi, earliest)
+    parts = []
+    for stream in streams:
+        for month in _in_range(index.stream_months.get(stream, []), window.months):
+            parts.append(index.months[(stream, month)])
+        for day in window.whole_days(index.stream_days.get(stream, [])):
+            parts.append(index.days[(stream, day)])
+    for edge_lo, edge_hi in window.edges:
+        rows = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)
+        if len(rows[0]):
+            parts.append(counts_of(rows[0]))
+    return sum_counts(parts)
+
+
+def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:
+    if not buckets:
+        return []
+    return sorted_buckets[bisect_left(sorted_buckets, buckets.start):
+                          bisect_left(sorted_buckets, buckets.stop)]
+
+
+def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+          lo: int | None, hi: int, as_of: int, of: str | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles, values of `of`) of the raw rows in [lo, hi) that `where` selects."""
+    profiles, values = [], []
+    for event in events:
+        days = index.type_days[event]
+        start = 0 if lo is None else bisect_left(days, day_of(lo))
+        for day in days[start:bisect_right(days, day_of(hi - 1))]:
+            block = index.block(event, day)
+            if block is None:
+                continue
+            keep = block.ts < hi
+            if lo is not None:
+                keep &= block.ts >= lo
+            if cond.where is not None:
+                keep &= row_mask(cond.where, block, schema.events, as_of)
+            if of is not None:
+                column = block.column(of)
+                if column is None:
+                    continue
+                keep &= column[1]
+                values.append(column[0][keep])
+            profiles.append(block.profile[keep])
+    if not profiles:
+        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(profiles), (np.concatenate(values) if of is not None else
+                                      np.zeros(0, dtype=np.int64))
+
+
+def _aggregate_rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+                    lo: int | None, hi: int, as_of: int) -> tuple[BitMap, BitMap]:
+    """(profiles satisfying `having`, profiles with any selected row) from raw rows."""
+    having = cond.having
+    profiles, values = _rows(cond, index, schema, events, lo, hi, as_of, having.of)
+    if len(profiles) == 0:
+        return BitMap(), BitMap()
+    ids, verdict = aggregate(profiles, values, having)
+    return bitmap_of(ids[verdict]), bitmap_of(ids)
+
+
+def aggregate(profiles: np.ndarray, values: np.ndarray, having: Having
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct profile: (ids, whether its rows satisfy `having`), exactly."""
+    order = np.argsort(profiles, kind="stable")
+    sorted_ids = profiles[order]
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_ids)) + 1))
+    ids = sorted_ids[starts]
+    counts = np.diff(np.concatenate((starts, [len(sorted_ids)])))
+    if having.agg == "count":
+        return ids, compare_array(counts, having.op, having.value)
+    vals = values[order]
+    if having.agg == "sum":
+        return ids, compare_array(np.add.reduceat(vals, starts), having.op, having.value)
+    if having.agg == "min":
+        return ids, compare_array(np.minimum.reduceat(vals, starts), having.op, having.value)
+    if having.agg == "max":
+        return ids, compare_array(np.maximum.reduceat(vals, starts), having.op, having.value)
+    sums = np.add.reduceat(vals, starts)  # avg op v  <=>  sum op v * count (count > 0)
+    return ids, _compare_avg(sums, counts, having.op, having.value)
+
+
+def _compare_avg(sums: np.ndarray, counts: np.ndarray, op: str, value: Any) -> np.ndarray:
+    if op == "between":
+        return _compare_avg(sums, counts, "gte", value[0]) & \
+            _compare_avg(sums, counts, "lte", value[1])
+    v = Fraction(value)
+    left = sums.astype(object) * v.denominator
+    right = counts.astype(object) * v.numerator
+    return np.array(_OPS[op](left, right), dtype=bool)
+
+
+_OPS = {"eq": np.equal, "ne": np.not_equal, "gt": np.greater, "gte": np.greater_equal,
+        "lt": np.less, "lte": np.less_equal}
+
+
+def compare_array(keys: np.ndarray, op: str, value: Any) -> np.ndarray:
+    """keys (int64) op an exact constant (Fraction), without rounding errors."""
+    if op == "between":
+        return compare_array(keys, "gte", value[0]) & compare_array(keys, "lte", value[1])
+    c = Fraction(value)
+    if op == "eq":
+        return keys == int(c) if c.denominator == 1 else np.zeros(len(keys), dtype=bool)
+    if op == "ne":
+        return keys != int(c) if c.denominator == 1 else np.ones(len(keys), dtype=bool)
+    if op == "gt":
+        return keys > math.floor(c)
+    if op == "gte":
+        return keys >= math.ceil(c)
+    if op == "lt":
+        return keys < math.ceil(c)
+    return keys <= math.floor(c)
+
+
+def _compare_index(index: RangeIndex, having: Having) -> BitMap:
+    if having.op == "between":
+        return index.between(*having.value)
+    if having.op == "ne":
+        return index.exists - index.compare("eq", having.value)
+    return index.compare(having.op, having.value)
+
+
+# ------------------------------------------------------------------------ where on rows
+def row_mask(rule: Rule, block: Block, types: Mapping[str, str], as_of: int) -> np.ndarray:
+    """Which rows of a block satisfy a `where` rule over event properties."""
+    n = len(block)
+    if isinstance(rule, All):
+        return np.ones(n, dtype=bool)
+    if isinstance(rule, And):
+        mask = np.ones(n, dtype=bool)
+        for child in rule.children:
+            mask &= row_mask(child, block, types, as_of)
+        return mask
+    if isinstance(rule, Or):
+        mask = np.zeros(n, dtype=bool)
+        for child in rule.children:
+            mask |= row_mask(child, block, types, as_of)
+        return mask
+    if isinstance(rule, Not):
+        return ~row_mask(rule.child, block, types, as_of)
+    if isinstance(rule, Cond):
+        return _cond_mask(rule, block, as_of)
+    raise TypeError(f"not allowed in where: {rule!r}")
+
+
+def _cond_mask(cond: Cond, block: Block, as_of: int) -> np.ndarray:
+    column = block.column(cond.field)
+    n = len(block)
+    if column is None:
+        return np.full(n, cond.op == "not_exists")
+    values, valid = column
+    op = cond.op
+    if op == "exists":
+        return valid.copy()
+    if op == "not_exists":
+        return ~valid
+    if cond.type == T.KEYWORD:
+        table = {w: i for i, w in enumerate(block.words.get(cond.field, []))}
+        wanted = (cond.value,) if op in ("eq", "ne") else cond.value
+        codes = [table[w] for w in wanted if w in table]
+        hit = valid & np.isin(values, codes)
+        return hit if op in ("eq", "in") else valid & ~hit
+    if cond.type == T.BOOL:
+        hit = valid & (values == int(cond.value))
+        return hit if op == "eq" else valid & ~hit
+
+    def key(v: Any) -> Any:
+        if isinstance(v, DaysAgo):
+            moment = as_of - v.days * T.US_PER_DAY
+            return moment // T.US_PER_DAY if cond.type == T.DATE else moment
+        return v
+
+    if op in ("in", "not_in"):
+        hit = np.zeros(n, dtype=bool)
+        for v in cond.value:
+            hit |= compare_array(values, "eq", key(v))
+        return valid & (hit if op == "in" else ~hit)
+    if op == "between":
+        return valid & compare_array(values, "between", (key(cond.value[0]), key(cond.value[1])))
+    return valid & compare_array(values, op, key(cond.value))
+
+
+def month_span(month: int) -> tuple[int, int]:
+    return first_day(month), first_day(month + 1)
