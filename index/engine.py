@@ -107,7 +107,8 @@ def persist_fields(store: Store, txn: Txn, writers: FieldWriters,
             store.put_bitmap(txn, _monthday_name(name, md), index.monthdays.get(md, BitMap()),
                              scope)
         store.put_json(txn, _range_meta_key(name),
-                       {"base": index.base, "unit": index.unit, "depth": len(index.slices)})
+                       {"base": index.base, "unit": index.unit, "depth": len(index.slices),
+                        "digits": index.digits, "rounded": index.rounded})
 
 
 def load_fields(store: Store, txn: Txn, schema: Schema,
@@ -134,7 +135,8 @@ def load_fields(store: Store, txn: Txn, schema: Schema,
         if type_ in T.RANGE_TYPES:
             meta = store.get_json(txn, _range_meta_key(name)) or {"base": 0, "unit": 1, "depth": 0}
             slices = tuple(entry["slices"].get(i, BitMap()) for i in range(meta["depth"]))
-            fields[name] = RangeIndex(meta["base"], meta["unit"], slices, exists, entry["md"])
+            fields[name] = RangeIndex(meta["base"], meta["unit"], slices, exists, entry["md"],
+                                      meta.get("digits"), meta.get("rounded", False))
         elif type_ is not None:
             values = {tuple(v) if isinstance(v, list) else v: b
                       for v, b in entry["values"].items()}

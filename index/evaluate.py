@@ -214,12 +214,15 @@ class Evaluator:
             return False
         if op == "anniversary_in":
             return _month_day(cond.type, key) in anniversary_month_days(self.as_of, value)
+        def constant(v: Any) -> Fraction | int:
+            return index.to_key(self._key(cond, v))
+
         if op == "between":
-            return self._key(cond, value[0]) <= key <= self._key(cond, value[1])
+            return constant(value[0]) <= key <= constant(value[1])
         if op in ("in", "not_in"):
-            hit = any(key == self._key(cond, v) for v in value)
+            hit = any(key == constant(v) for v in value)
             return hit if op == "in" else not hit
-        c = self._key(cond, value)
+        c = constant(value)
         return {"eq": key == c, "ne": key != c, "gt": key > c, "gte": key >= c,
                 "lt": key < c, "lte": key <= c}[op]
 

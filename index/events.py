@@ -576,6 +576,8 @@ def _cond_mask(cond: Cond, block: Block, as_of: int) -> np.ndarray:
         if isinstance(v, DaysAgo):
             moment = as_of - v.days * T.US_PER_DAY
             return moment // T.US_PER_DAY if cond.type == T.DATE else moment
+        if cond.type == T.FLOAT:  # stored keys were rounded half-even: so is the constant
+            return round(Fraction(v))
         return v
 
     if op in ("in", "not_in"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -122,6 +122,12 @@ class RangeIndex:
     A key k is kept as stored = (k - base) // unit, bit i of it in slices[i]; every key
     is base + a multiple of unit, so comparisons against any constant are exact.
     monthdays (dates and timestamps only) maps month*100+day to its profiles.
+
+    Float fields keep value * 10**digits as keys, with digits the fewest decimal places
+    their values need (so they compare with the precision they were loaded with);
+    `rounded` says some value had more digits than 62 bits hold and was rounded, and
+    then rule constants are rounded the same way.  Rule constants for floats arrive in
+    types.FLOAT_SCALE units; to_key converts them.
     """
 
     base: int = 0
@@ -129,10 +135,19 @@ class RangeIndex:
     slices: tuple[BitMap, ...] = ()
     exists: BitMap = EMPTY
     monthdays: Mapping[int, BitMap] = field(default_factory=dict)
+    digits: int | None = None  # floats only
+    rounded: bool = False
 
-    # -- comparisons against an exact constant in key units
+    def to_key(self, constant: Fraction | int) -> Fraction | int:
+        """A rule constant in this index's key units."""
+        if self.digits is None:
+            return constant
+        key = Fraction(constant) * Fraction(10) ** (self.digits - T.FLOAT_DIGITS)
+        return round(key) if self.rounded else key
+
+    # -- comparisons against an exact constant (in rule units, see to_key)
     def compare(self, op: str, constant: Fraction | int) -> BitMap:
-        t = Fraction(constant - self.base, self.unit)
+        t = Fraction(self.to_key(constant) - self.base, self.unit)
         if op == "gt":
             return self._gt(math.floor(t))
         if op == "gte":
@@ -221,6 +236,13 @@ class RangeIndex:
         return ids, stored * self.unit + self.base
 
 
+def round_half_even(keys: np.ndarray, divisor: int) -> np.ndarray:
+    """keys / divisor rounded to the nearest integer, ties to even."""
+    q, r = np.divmod(keys, divisor)
+    up = (2 * r > divisor) | ((2 * r == divisor) & (q % 2 == 1))
+    return q + up
+
+
 class RangeWriter:
     """Builds the next RangeIndex; rebuilds when a key falls outside base/unit.
 
@@ -228,6 +250,8 @@ class RangeWriter:
     """
 
     def __init__(self, index: RangeIndex, type_: str) -> None:
+        if type_ == T.FLOAT and index.digits is None:  # keys from types.float_key
+            index = replace(index, digits=T.FLOAT_DIGITS, rounded=True)
         self.index = index
         self.type = type_
         self.add_ids: list[np.ndarray] = []
@@ -246,6 +270,41 @@ class RangeWriter:
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
         self.add_ids.append(ids)
         self.add_keys.append(keys)
+
+    def add_floats(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Add float values at the precision they need, refining the scale if it must."""
+        self._materialise()
+        index = self.index
+        known = index.digits if index.exists else None
+        digits = T.float_digits(values)
+        if known is not None:
+            digits = max(digits, known)
+        peak = float(np.abs(values).max(initial=0.0))
+        if index.exists:
+            peak = max(peak, abs(index.base) / 10.0**known,
+                       abs(index.base + index.top * index.unit) / 10.0**known)
+        fits = 17 if peak == 0 else int(math.floor(math.log10((T.MAX_KEY - 1) / peak)))
+        rounded = index.rounded if known is not None else False
+        if digits > fits:
+            digits, rounded = fits, True
+        if known is not None and digits < known:  # a larger value: coarsen what is stored
+            self.rebuilt = True
+            old_ids, old_keys = index.decode()
+            self.index = RangeIndex(digits=digits, rounded=True)
+            self.add(old_ids, round_half_even(old_keys, 10 ** (known - digits)))
+            self.add(ids, T.float_keys(values, digits))
+            return
+        if known is None:
+            index = replace(index, digits=digits, rounded=rounded)
+        elif digits > known:  # finer keys: the stored offsets are unchanged
+            self.rebuilt = True  # the range metadata changes; persist it whole
+            factor = 10 ** (digits - known)
+            index = replace(index, base=index.base * factor, unit=index.unit * factor,
+                            digits=digits, rounded=rounded)
+        elif rounded != index.rounded:
+            index = replace(index, rounded=rounded)
+        self.index = index
+        self.add(ids, T.float_keys(values, digits))
 
     def finish(self) -> RangeIndex:
         self._materialise()
@@ -278,8 +337,8 @@ class RangeWriter:
             if b.intersect(ids):
                 monthdays[md] = b - ids
                 self.dirty_monthdays.add(md)
-        return RangeIndex(index.base, index.unit,
-                          tuple(s - ids for s in index.slices), index.exists - ids, monthdays)
+        return replace(index, slices=tuple(s - ids for s in index.slices),
+                       exists=index.exists - ids, monthdays=monthdays)
 
     def _build(self, ids: np.ndarray, keys: np.ndarray) -> RangeIndex:
         base = int(keys.min())
@@ -287,7 +346,8 @@ class RangeWriter:
         stored = (keys - base) // unit
         depth = int(stored.max()).bit_length()
         slices = tuple(bitmap_of(ids[(stored >> i) & 1 == 1]) for i in range(depth))
-        return RangeIndex(base, unit, slices, bitmap_of(ids), self._monthdays({}, ids, keys))
+        return replace(self.index, base=base, unit=unit, slices=slices, exists=bitmap_of(ids),
+                       monthdays=self._monthdays({}, ids, keys))
 
     def _extend(self, old: RangeIndex, ids: np.ndarray, keys: np.ndarray) -> RangeIndex:
         stored = (keys - old.base) // old.unit
@@ -298,8 +358,8 @@ class RangeWriter:
             fresh = ids[(stored >> i) & 1 == 1]
             slices.append(s | bitmap_of(fresh) if len(fresh) else s)
         monthdays = self._monthdays(dict(old.monthdays), ids, keys)
-        return RangeIndex(old.base, old.unit, tuple(slices), old.exists | bitmap_of(ids),
-                          monthdays)
+        return replace(old, slices=tuple(slices), exists=old.exists | bitmap_of(ids),
+                       monthdays=monthdays)
 
     def _monthdays(self, into: dict[int, BitMap], ids: np.ndarray, keys: np.ndarray) -> dict:
         if self.type not in T.TIME_TYPES:

@@ -45,21 +45,21 @@ def check_field_name(name: str) -> None:
 class _Field:
     """One field's checker and the value changes waiting for the next flush."""
 
-    __slots__ = ("type", "check", "is_range", "to_key", "multi", "codes", "values",
+    __slots__ = ("type", "check", "is_range", "is_float", "multi", "codes", "values",
                  "add_ids", "add_vals", "rm_ids", "rm_vals")
 
     def __init__(self, type_: str) -> None:
         self.type = type_
         self.check = T.CHECKERS[type_]
         self.is_range = type_ in T.RANGE_TYPES
-        self.to_key = T.float_key if type_ == T.FLOAT else None
+        self.is_float = type_ == T.FLOAT  # queued as floats: the index picks their scale
         self.multi = type_ == T.KEYWORDS
         self.codes: dict[Any, int] = {}
         self.values: list = []
         self.clear()
 
     def clear(self) -> None:
-        code = "q" if self.is_range else "I"
+        code = "d" if self.is_float else "q" if self.is_range else "I"
         self.add_ids, self.add_vals = array("I"), array(code)
         self.rm_ids, self.rm_vals = array("I"), array(code)
 
@@ -67,7 +67,7 @@ class _Field:
         ids, vals = (self.rm_ids, self.rm_vals) if removing else (self.add_ids, self.add_vals)
         if self.is_range:
             ids.append(dense)
-            vals.append(self.to_key(value) if self.to_key else value)
+            vals.append(value)
             return
         codes = self.codes
         for item in (value if self.multi else (value,)):
@@ -227,7 +227,9 @@ class ProfileBatch:
             if isinstance(writer, RangeWriter):
                 if len(rm_ids):
                     writer.remove(rm_ids)
-                if len(add_ids):
+                if len(add_ids) and field.is_float:
+                    writer.add_floats(add_ids, np.frombuffer(field.add_vals, dtype=np.float64))
+                elif len(add_ids):
                     writer.add(add_ids, np.frombuffer(field.add_vals, dtype=np.int64))
             else:
                 if len(rm_ids):

@@ -367,7 +367,7 @@ class _Values:
         if t in (T.INT, T.FLOAT):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise RuleError(path, f"expected a number, got {_kind(value)}")
-            exact = T.exact(value)
+            exact = T.exact(value)  # float ranges convert it to their own scale
             return exact * T.FLOAT_SCALE if t == T.FLOAT else exact
         return self.moment(value, path)
 

@@ -16,6 +16,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
+
 from bitseg.index.errors import DataError
 
 KEYWORD, KEYWORDS, BOOL, INT, FLOAT, DATE, TIMESTAMP = (
@@ -75,7 +77,28 @@ def datetime_of(micros: int) -> datetime:
 def float_key(value: float | int) -> int:
     """A float as exact integer hundred-millionths of its shortest decimal text (rounded half-even)."""
     scaled = Decimal(repr(value)) * FLOAT_SCALE if isinstance(value, float) else value * FLOAT_SCALE
-    return int(scaled.to_integral_value()) if isinstance(scaled, Decimal) else scaled
+    key = int(scaled.to_integral_value()) if isinstance(scaled, Decimal) else scaled
+    if abs(key) >= MAX_KEY:  # event and order values are summed at this fixed scale
+        raise ValueError(f"number {value!r} is out of range (|x| < 4.6e10)")
+    return key
+
+
+def float_digits(values: np.ndarray) -> int:
+    """The fewest decimal places that represent every float exactly (at most 17)."""
+    for digits in range(18):
+        if np.array_equal(np.round(values, digits), values):
+            return digits
+    return 17
+
+
+def float_keys(values: np.ndarray, digits: int) -> np.ndarray:
+    """Floats as integers of 10**-digits, rounded half-even from their shortest decimals."""
+    scaled = values * 10.0**digits
+    keys = np.rint(scaled).astype(np.int64)
+    slow = np.flatnonzero(np.abs(scaled) >= 2.0**52)  # beyond exact double arithmetic
+    for i in slow.tolist():
+        keys[i] = int(Decimal(repr(float(values[i]))).scaleb(digits).to_integral_value())
+    return keys
 
 
 def exact(value: float | int) -> Fraction:
@@ -118,7 +141,7 @@ def _int(value: Any) -> int:
 def _float(value: Any) -> float | int:
     if type(value) is not float and type(value) is not int:
         raise ValueError(f"expected a number, got {_show(value)}")
-    if not math.isfinite(value) or abs(value) * FLOAT_SCALE >= MAX_KEY:
+    if not math.isfinite(value) or abs(value) >= MAX_KEY:
         raise ValueError(f"number {value!r} is out of range")
     return value
 

@@ -338,6 +338,8 @@ class Reference:
         elif op in LIST_OPS:
             if not isinstance(value, list):
                 raise RuleError(vpath, f"expected a list of values for {op!r}, got {_kind(value)}")
+            if not value:  # CHOICE (README): an empty list is an error, like an empty and/or
+                raise RuleError(vpath, f"expected a non-empty list of values for {op!r}")
             for i, item in enumerate(value):
                 self._resolve(type_, item, as_of, f"{vpath}[{i}]")
         elif op == "between":

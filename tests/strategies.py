@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from hypothesis import strategies as st
-
-from reference import TYPES, OPS_BY_TYPE, exact_number, parse_date, parse_timestamp
+from reference import OPS_BY_TYPE, TYPES, exact_number, parse_date, parse_timestamp
 
 UTC = timezone.utc
 
@@ -43,7 +43,7 @@ AS_OF_FIRST, AS_OF_LAST = date(2023, 1, 1), date(2025, 3, 31)
 AS_OF_EDGE_DATES = EDGE_DATES[:-1] + [date(2025, 2, 28), date(2025, 3, 1), date(2025, 1, 1)]
 
 DAYS_AGO = [0, 1, 2, 7, 30, 59, 365, 366, 730]
-NEXT_DAYS = [1, 2, 3, 7, 30, 31, 365, 366, 400]
+NEXT_DAYS = [1, 2, 3, 7, 30, 31, 365, 366, 400, 1000, 5000]
 
 SHORT = {"keyword": "kw", "keywords": "tags", "bool": "flag", "int": "n", "float": "x",
          "date": "d", "timestamp": "ts"}
@@ -126,7 +126,8 @@ def data_value(type_: str) -> st.SearchStrategy[Any]:
 @dataclass
 class Scenario:
     schema: dict[str, str]
-    steps: list[tuple[str, list[Any]]] = field(default_factory=list)  # ("upsert", records) | ("delete", ids)
+    # ("upsert", records) | ("delete", ids), in order
+    steps: list[tuple[str, list[Any]]] = field(default_factory=list)
 
     def live_after(self) -> list[str]:
         live: dict[str, None] = {}
@@ -174,21 +175,23 @@ def records_for(draw, schema: dict[str, str], pid: str, first: bool) -> dict[str
 
 @st.composite
 def scenarios(draw, schema: dict[str, str] | None = None, *, max_batches: int = 4,
-              max_batch: int = 8, resurrect: bool = False) -> Scenario:
+              max_batch: int = 8, resurrect: bool = False, pool_size: int = 0) -> Scenario:
     """Several upsert batches (repeated ids, nulls) with occasional deletes in between.
 
     With resurrect=False a deleted id is never upserted again (that case is its own test).
+    pool_size adds that many more ids to choose from (for bigger stores).
     """
     if schema is None:
         schema = draw(schemas())
     scenario = Scenario(schema=schema)
+    id_pool = ID_POOL + [f"p{i}" for i in range(pool_size)]
     live: set[str] = set()
     deleted: set[str] = set()
     fresh = 0
     for _ in range(draw(st.integers(1, max_batches))):
         batch = []
         for _ in range(draw(st.integers(1, max_batch))):
-            choices = [p for p in ID_POOL if resurrect or p not in deleted]
+            choices = [p for p in id_pool if resurrect or p not in deleted]
             if choices and draw(st.integers(0, 9)) > 0:
                 pid = draw(st.sampled_from(choices))
             else:
@@ -209,11 +212,30 @@ def scenarios(draw, schema: dict[str, str] | None = None, *, max_batches: int = 
 
 # ----------------------------------------------------------------------------- as_of
 
-def as_ofs() -> st.SearchStrategy[datetime]:
+def as_ofs(seen: dict[str, list[Any]] | None = None,
+           schema: dict[str, str] | None = None) -> st.SearchStrategy[datetime]:
+    """Instants in (and a little after) the data window, in UTC or another zone.
+
+    Given the values seen in the data, also instants exactly some days after one of them,
+    so that {"days_ago": n} and anniversary windows land on boundaries.
+    """
     days = st.one_of(st.sampled_from(AS_OF_EDGE_DATES),
                      st.dates(min_value=AS_OF_FIRST, max_value=AS_OF_LAST))
+    moments = [_datetimes(days)]
+    anchors: list[datetime] = []
+    for name, values in sorted((seen or {}).items()):
+        type_ = (schema or {}).get(name)
+        if type_ in ("date", "timestamp"):
+            anchors.extend(parse_timestamp(v) for v in values)
+    if anchors:
+        shift = st.one_of(st.sampled_from(DAYS_AGO), st.integers(-3, 3)).map(
+            lambda n: timedelta(days=n))
+        nudge = st.sampled_from([timedelta(0), timedelta(0), timedelta(seconds=1),
+                                 timedelta(seconds=-1), timedelta(hours=12)])
+        moments.append(st.builds(lambda a, s, n: a + s + n, st.sampled_from(sorted(anchors)),
+                                 shift, nudge))
     # mostly UTC, sometimes the same instant expressed in another zone
-    return st.builds(lambda m, tz: m.astimezone(tz), _datetimes(days),
+    return st.builds(lambda m, tz: m.astimezone(tz), st.one_of(*moments),
                      st.sampled_from([UTC, UTC, UTC] + OFFSETS[1:]))
 
 
@@ -311,3 +333,80 @@ def rules(schema: dict[str, str], seen: dict[str, list[Any]] | None = None, *,
         return {kind: children}
 
     return node(1)
+
+
+# ----------------------------------------------------------------------------- wide numbers
+
+WIDE_SCHEMA = {"n": "int", "x": "float", "t": "timestamp"}
+
+
+# README: an int field holds |x| < 2**62, a float field magnitudes below 4.6e10, exact to
+# 8 decimal places.  Data stays inside those bounds; rule values may go beyond them.
+INT_LIMIT = 2**62 - 1
+FLOAT_LIMIT_CENTS = 45 * 10**11  # 4.5e10 in cents
+
+
+def _wide_int() -> st.SearchStrategy[int]:
+    return st.one_of(
+        st.integers(-(2**50), 2**50),
+        st.integers(-INT_LIMIT, INT_LIMIT),
+        st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31), 2**32, -(2**32) - 1, 2**40, -(2**40),
+                         10**15, INT_LIMIT, -INT_LIMIT]))
+
+
+def _wide_float() -> st.SearchStrategy[float]:
+    cents = st.integers(-FLOAT_LIMIT_CENTS, FLOAT_LIMIT_CENTS).map(lambda k: round(k / 100, 2))
+    eighths = st.integers(-(10**9), 10**9).map(lambda k: k / 10**8)  # up to 8 decimals
+    return st.one_of(cents, eighths, st.sampled_from(
+        [0.01, -0.01, 0.1, 0.00000001, -0.00000001, 99999999.99, -1234567.89, 44999999999.99]))
+
+
+def _wide_timestamp() -> st.SearchStrategy[str]:
+    moment = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 12, 31))
+    return moment.map(lambda m: m.replace(microsecond=m.microsecond // 1000 * 1000)
+                      .strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+WIDE_VALUES = {"n": _wide_int, "x": _wide_float, "t": _wide_timestamp}
+
+
+@st.composite
+def wide_scenarios(draw) -> Scenario:
+    """Numbers and instants spread far apart (stress for range indexes); same semantics."""
+    scenario = Scenario(schema=dict(WIDE_SCHEMA))
+    batch = []
+    for i in range(draw(st.integers(1, 12))):
+        record: dict[str, Any] = {"id": f"w{i}"}
+        for name, make in WIDE_VALUES.items():
+            if draw(st.integers(0, 4)) > 0:
+                record[name] = draw(make())
+        batch.append(record)
+    scenario.steps.append(("upsert", batch))
+    return scenario
+
+
+@st.composite
+def wide_conditions(draw, seen: dict[str, list[Any]]) -> dict:
+    name = draw(st.sampled_from(sorted(WIDE_SCHEMA)))
+    op = draw(st.sampled_from(["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte",
+                               "between"]))
+    pool = seen.get(name) or []
+    one = st.one_of(WIDE_VALUES[name](), st.sampled_from(pool)) if pool else WIDE_VALUES[name]()
+    if name == "n":  # neighbours of loaded values (off-by-one at slice boundaries), huge ones
+        if pool:
+            one = st.one_of(one, st.builds(lambda v, d: v + d, st.sampled_from(pool),
+                                           st.sampled_from([-1, 1])))
+        one = st.one_of(one, st.sampled_from([10**30, -(10**30), 2**62, -(2**62)]))
+    if name == "x":
+        if pool:
+            one = st.one_of(one, st.builds(
+                lambda v, d: float(Decimal(repr(v)) + Decimal(d)), st.sampled_from(pool),
+                st.sampled_from(["-0.01", "0.01", "-0.00000001", "0.00000001"])))
+        one = st.one_of(one, st.sampled_from([1e15, -1e15, 0.000000005]))
+    if op in ("in", "not_in"):
+        value: Any = draw(st.lists(one, min_size=1, max_size=3))
+    elif op == "between":
+        value = sorted([draw(one), draw(one)], key=lambda v: _absolute_key(WIDE_SCHEMA[name], v))
+    else:
+        value = draw(one)
+    return {"field": name, "op": op, "value": value}

@@ -84,3 +84,35 @@ def test_value_writer_never_mutates_the_published_index():
 def test_group_ids_groups_by_code():
     groups = dict(group_ids(np.array([5, 6, 7, 8]), np.array([2, 1, 2, 0])))
     assert {k: v.tolist() for k, v in groups.items()} == {0: [8], 1: [6], 2: [5, 7]}
+
+
+def test_float_precision_refines_across_batches_without_touching_slices():
+    scale = Fraction(T.FLOAT_SCALE)
+    writer = RangeWriter(RangeIndex(), T.FLOAT)
+    writer.add_floats(np.array([1, 2], dtype=np.uint32), np.array([0.25, 1520.5]))
+    coarse = writer.finish()
+    assert coarse.digits == 2 and not coarse.rounded
+    writer = RangeWriter(coarse, T.FLOAT)
+    writer.add_floats(np.array([3], dtype=np.uint32), np.array([0.123456781]))
+    fine = writer.finish()
+    assert fine.digits == 9 and not fine.rounded
+    assert set(fine.compare("eq", Fraction("0.123456781") * scale)) == {3}
+    assert set(fine.compare("gt", Fraction("0.12345678") * scale)) == {1, 2, 3}
+    assert set(fine.compare("lt", Fraction("0.25") * scale)) == {3}
+    writer = RangeWriter(fine, T.FLOAT)  # 1.2e10 with 9 decimals exceeds 62 bits
+    writer.add_floats(np.array([4], dtype=np.uint32), np.array([12345678901.123455]))
+    huge = writer.finish()
+    assert huge.rounded and huge.digits == 8
+    assert set(huge.compare("eq", T.exact(12345678901.123455) * scale)) == {4}  # x eq x
+    assert set(huge.compare("eq", Fraction("0.123456781") * scale)) == {3}  # rounded alike
+    assert set(huge.compare("lt", Fraction("0.25") * scale)) == {3}
+    ids, keys = huge.decode()
+    assert dict(zip(ids.tolist(), keys.tolist())) == {
+        1: 25_000_000, 2: 152_050_000_000, 3: 12_345_678, 4: 1_234_567_890_112_345_500}
+
+
+def test_round_half_even():
+    from bitseg.index.fields import round_half_even
+
+    assert round_half_even(np.array([15, 25, -15, -25, 14, 16, -16]), 10).tolist() == [
+        2, 2, -2, -2, 1, 2, -2]

@@ -8,13 +8,13 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
+import strategies as S
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import strategies as S
-from bitseg.index.errors import NotFound, RuleError
 from reference import Reference, anniversary_matches
 from test_rule_errors import AS_OF, CASES, PROFILES, SCHEMA, check_rule_error
+
+from bitseg.index.errors import NotFound, RuleError
 
 UTC = timezone.utc
 

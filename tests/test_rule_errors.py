@@ -159,6 +159,10 @@ CASES: list[tuple[str, Any, str, list[str], list[str]]] = [
      "$.value", [], ["list", "array"]),
     ("not_in-non-list", {"field": "age", "op": "not_in", "value": 3},
      "$.value", [], ["list", "array"]),
+    ("in-empty-list", {"field": "country", "op": "in", "value": []},  # README's choice
+     "$.value", [], ["empty", "non-empty", "at least one", "nonempty"]),
+    ("has_all-empty-list", {"not": {"field": "tags", "op": "has_all", "value": []}},
+     "$.not.value", [], ["empty", "non-empty", "at least one", "nonempty"]),
     ("has_all-non-list", {"or": [OK, {"and": [OK, {"not": {"field": "tags", "op": "has_all",
                                                            "value": "vip"}}]}]},
      "$.or[1].and[1].not.value", [], ["list", "array"]),
