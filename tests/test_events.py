@@ -1,0 +1,283 @@
+"""Event rules: seed use cases by hand, and random rules against brute force."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from fractions import Fraction
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bitseg.index.engine import Engine
+from bitseg.index.errors import DataError, RuleError
+
+AS_OF = datetime(2026, 11, 20, 15, 30, tzinfo=timezone.utc)
+
+
+def ts(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ago(days: float = 0, **kw: float) -> str:
+    return ts(AS_OF - timedelta(days=days, **kw))
+
+
+@pytest.fixture
+def engine(tmp_path):
+    with Engine.open(tmp_path / "store") as engine:
+        yield engine
+
+
+# ------------------------------------------------------------------ seed use cases
+def test_popup_opened_three_times_in_30_days_but_never_filled(engine):
+    opened = {"anna": [1, 2, 3], "ben": [1, 2, 3, 4], "cleo": [1, 2, 40],  # 40 is too old
+              "dan": [5, 6, 7], "eve": [29.9, 29.95, 29.99]}
+    filled = {"ben": [10], "dan": [100]}  # dan filled long ago: "never" means never
+    events = [{"profile": p, "event": "popup_opened", "ts": ago(d), "popup": "spring"}
+              for p, days in opened.items() for d in days]
+    events += [{"profile": p, "event": "popup_filled", "ts": ago(d), "popup": "spring"}
+               for p, days in filled.items() for d in days]
+    engine.track_events(events)
+    rule = {"and": [
+        {"event": "popup_opened", "where": {"field": "popup", "op": "eq", "value": "spring"},
+         "window": {"last_days": 30}, "having": {"agg": "count", "op": "gte", "value": 3}},
+        {"not": {"event": "popup_filled"}},
+    ]}
+    assert sorted(engine.members(rule, as_of=AS_OF)) == ["anna", "eve"]
+    assert engine.count(rule, as_of=AS_OF) == 2
+
+
+def test_points_accrued_100_to_500_in_the_next_7_days(engine):
+    engine.track_events([
+        {"profile": "a", "event": "points_accrued", "ts": ago(-1), "points": 50},
+        {"profile": "a", "event": "points_accrued", "ts": ago(-6.9), "points": 60},   # 110
+        {"profile": "b", "event": "points_accrued", "ts": ago(-2), "points": 600},    # 600
+        {"profile": "c", "event": "points_accrued", "ts": ago(-8), "points": 200},    # too late
+        {"profile": "c", "event": "points_accrued", "ts": ago(1), "points": 200},     # past
+        {"profile": "d", "event": "points_accrued", "ts": ago(-7), "points": 500},    # edge: in
+        {"profile": "e", "event": "points_accrued", "ts": ago(0), "points": 300},     # as_of: out
+    ])
+    rule = {"event": "points_accrued", "window": {"next_days": 7},
+            "having": {"agg": "sum", "of": "points", "op": "between", "value": [100, 500]}}
+    assert sorted(engine.members(rule, as_of=AS_OF)) == ["a", "d"]
+
+
+def test_windows_are_exact_to_the_microsecond(engine):
+    edge = AS_OF - timedelta(days=30)
+    engine.track_events([
+        {"profile": "at_edge", "event": "e", "ts": ts(edge)},                      # excluded
+        {"profile": "inside", "event": "e", "ts": ts(edge + timedelta(microseconds=1))},
+        {"profile": "at_as_of", "event": "e", "ts": ts(AS_OF)},                     # included
+        {"profile": "after", "event": "e", "ts": ts(AS_OF + timedelta(microseconds=1))},
+    ])
+    last30 = {"event": "e", "window": {"last_days": 30}}
+    assert sorted(engine.members(last30, as_of=AS_OF)) == ["at_as_of", "inside"]
+    everything = {"event": "e"}  # no window: whatever happened by as_of
+    assert sorted(engine.members(everything, as_of=AS_OF)) == ["at_as_of", "at_edge", "inside"]
+    span = {"event": "e", "window": {"from": ts(edge), "to": ts(AS_OF)}}  # [from, to)
+    assert sorted(engine.members(span, as_of=AS_OF)) == ["at_edge", "inside"]
+
+
+def test_zero_rows_count_zero_and_sum_zero_but_not_avg(engine):
+    engine.upsert_profiles([{"id": "quiet"}])
+    engine.track_events([{"profile": "busy", "event": "buy", "ts": ago(1), "n": 5}])
+    def members(having):
+        return sorted(engine.members({"event": "buy", "having": having}, as_of=AS_OF))
+    assert members({"agg": "count", "op": "eq", "value": 0}) == ["quiet"]
+    assert members({"agg": "count", "op": "lt", "value": 3}) == ["busy", "quiet"]
+    assert members({"agg": "sum", "of": "n", "op": "lte", "value": 10}) == ["busy", "quiet"]
+    assert members({"agg": "avg", "of": "n", "op": "lte", "value": 10}) == ["busy"]
+    assert members({"agg": "min", "of": "n", "op": "gte", "value": 0}) == ["busy"]
+    assert members({"agg": "max", "of": "n", "op": "ne", "value": 4}) == ["busy"]
+
+
+def test_counts_add_across_batches_months_and_reopen(tmp_path):
+    path = tmp_path / "store"
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with Engine.open(path) as engine:
+        for batch in range(3):  # the same profiles in every batch: buckets must add up
+            engine.track_events([{"profile": f"p{i}", "event": "visit",
+                                  "ts": ts(start + timedelta(days=d, hours=batch))}
+                                 for i in range(6) for d in range(0, 300, 7 + i)])
+        rule = {"event": "visit", "window": {"last_days": 200},
+                "having": {"agg": "count", "op": "gte", "value": 70}}
+        before = sorted(engine.members(rule, as_of=AS_OF))
+    expected = sorted(f"p{i}" for i in range(6)
+                      if 3 * sum(1 for d in range(0, 300, 7 + i)
+                                 if start + timedelta(days=d) > AS_OF - timedelta(days=200)) >= 70)
+    assert before == expected and before
+    with Engine.open(path) as engine:
+        assert sorted(engine.members(rule, as_of=AS_OF)) == before
+
+
+def test_an_event_for_an_unknown_profile_creates_it(engine):
+    report = engine.track_events([{"profile": 7, "event": "signup", "ts": ago(1)}])
+    assert report.created == 1 and report.rows == 1
+    assert engine.profile("7") == {"id": "7"}
+    assert engine.members({"event": "signup"}, as_of=AS_OF) == ["7"]
+
+
+@pytest.mark.parametrize("line, field", [
+    ({"event": "x", "ts": "2026-01-01T00:00:00Z"}, "profile"),
+    ({"profile": "a", "ts": "2026-01-01T00:00:00Z"}, "event"),
+    ({"profile": "a", "event": "x"}, "ts"),
+    ({"profile": "a", "event": "x", "ts": "yesterday"}, "ts"),
+    ({"profile": "a", "event": "x", "ts": "2026-01-01T00:00:00Z", "tags": ["a"]}, "tags"),
+    ({"profile": "a", "event": "x", "ts": "2026-01-01T00:00:00Z", "n": "five"}, "n"),
+])
+def test_a_bad_event_line_names_its_field_and_changes_nothing(engine, line, field):
+    engine.track_events([{"profile": "a", "event": "x", "ts": ago(1), "n": 1}])
+    before = (engine.total(), engine.snapshot.version)
+    with pytest.raises(DataError) as info:
+        engine.track_events([{"profile": "new", "event": "x", "ts": ago(2)}, line],
+                            file="events.jsonl")
+    assert (info.value.file, info.value.line, info.value.field) == ("events.jsonl", 2, field)
+    assert (engine.total(), engine.snapshot.version) == before
+    assert engine.count({"event": "x"}, as_of=AS_OF) == 1
+
+
+def test_event_rule_errors_name_their_path(engine):
+    engine.track_events([{"profile": "a", "event": "x", "ts": ago(1), "n": 1, "k": "v"}])
+    cases = [
+        ({"event": "x", "having": {"agg": "sum", "of": "k", "op": "gt", "value": 1}},
+         "$.having.of"),
+        ({"event": "x", "having": {"agg": "median", "op": "gt", "value": 1}}, "$.having.agg"),
+        ({"event": "x", "window": {"last_days": -1}}, "$.window.last_days"),
+        ({"event": "x", "window": {"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}},
+         "$.window"),
+        ({"not": {"event": "x", "where": {"field": "nope", "op": "eq", "value": 1}}},
+         "$.not.where.field"),
+        ({"event": "x", "where": {"event": "y"}}, "$.where.event"),
+    ]
+    for rule, path in cases:
+        with pytest.raises(RuleError) as info:
+            engine.count(rule, as_of=AS_OF)
+        assert info.value.path == path, (rule, str(info.value))
+
+
+# ------------------------------------------------------------------ against brute force
+TYPES = ["open", "click", "buy"]
+CHANNELS = ["web", "app"]
+PROFILES = [f"p{i}" for i in range(5)]
+
+events_strategy = st.lists(st.fixed_dictionaries({
+    "profile": st.sampled_from(PROFILES), "event": st.sampled_from(TYPES),
+    # around AS_OF: exactly on window edges (as_of ± n days), on day boundaries, at as_of
+    # itself, and densely in the last days so that bucket counts need carries
+    "ts": st.one_of(st.integers(-70 * 24, 10 * 24).map(lambda h: AS_OF + timedelta(hours=h)),
+                    st.integers(-6, 6).map(lambda d: AS_OF + timedelta(days=d)),
+                    st.integers(-70, 10).map(lambda d: AS_OF.replace(hour=0, minute=0)
+                                             + timedelta(days=d)),
+                    st.integers(-4 * 24, 0).map(lambda h: AS_OF + timedelta(hours=h)),
+                    st.just(AS_OF)),
+    "channel": st.sampled_from(CHANNELS + [None]), "n": st.integers(-3, 9)}),
+    max_size=150)
+
+rules_strategy = st.fixed_dictionaries({
+    "event": st.sampled_from(TYPES + ["*"]),
+    "where": st.sampled_from([None, {"field": "channel", "op": "eq", "value": "web"},
+                              {"field": "channel", "op": "in", "value": ["web", "app", "web"]},
+                              {"field": "n", "op": "gt", "value": 2},
+                              {"not": {"field": "channel", "op": "eq", "value": "app"}}]),
+    "window": st.one_of(st.none(), st.integers(1, 75).map(lambda n: {"last_days": n}),
+                        st.integers(1, 6).map(lambda n: {"last_days": n}),
+                        st.integers(1, 6).map(lambda n: {"next_days": n}),
+                        st.integers(1, 12).map(lambda n: {"next_days": n}),
+                        st.tuples(st.integers(-80 * 24, 12 * 24), st.integers(0, 60 * 24)).map(
+                            lambda t: {"from": ts(AS_OF + timedelta(hours=t[0])),
+                                       "to": ts(AS_OF + timedelta(hours=t[0] + t[1]))})),
+    "having": st.one_of(st.none(), st.tuples(
+        st.sampled_from(["count", "sum", "avg", "min", "max"]),
+        st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte"]), st.integers(-2, 12))),
+})
+
+
+def _in_window(moment: datetime, window: dict | None) -> bool:
+    if window is None:
+        return moment <= AS_OF
+    if "last_days" in window:
+        return AS_OF - timedelta(days=window["last_days"]) < moment <= AS_OF
+    if "next_days" in window:
+        return AS_OF < moment <= AS_OF + timedelta(days=window["next_days"])
+    lo = datetime.fromisoformat(window["from"])
+    hi = datetime.fromisoformat(window["to"])
+    return lo <= moment < hi
+
+
+def _where(event: dict, where: dict | None) -> bool:
+    if where is None:
+        return True
+    if "not" in where:
+        return not _where(event, where["not"])
+    value = event.get(where["field"])
+    if value is None:
+        return False
+    if where["op"] == "eq":
+        return value == where["value"]
+    if where["op"] == "in":
+        return value in where["value"]
+    return value > where["value"]
+
+
+def brute_force(events: list[dict], rule: dict) -> set[str]:
+    """Loop over every profile and every event; the contract's §2.4, literally."""
+    having = rule.get("having") or {"agg": "count", "op": "gte", "value": 1}
+    found = set()
+    for profile in {e["profile"] for e in events}:
+        rows = [e for e in events if e["profile"] == profile
+                and rule["event"] in ("*", e["event"]) and _where(e, rule.get("where"))
+                and _in_window(e["ts"], rule.get("window"))]
+        values = [Fraction(e["n"]) for e in rows]
+        agg = having["agg"]
+        if agg == "count":
+            x = len(rows)
+        elif agg == "sum":
+            x = sum(values)
+        elif not values:
+            continue  # avg / min / max have no value without rows
+        else:
+            x = {"avg": sum(values) / len(values), "min": min(values), "max": max(values)}[agg]
+        v = having["value"]
+        ok = {"eq": x == v, "ne": x != v, "gt": x > v, "gte": x >= v, "lt": x < v,
+              "lte": x <= v}[having["op"]]
+        if ok:
+            found.add(profile)
+    return found
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(events_strategy, min_size=1, max_size=3),
+       rules=st.lists(rules_strategy, min_size=1, max_size=6))
+def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
+    with Engine.open(tmp_path_factory.mktemp("ev") / "store") as engine:
+        engine.declare_schema({"events": {"channel": "keyword", "n": "int"}})
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        everything = []
+        for batch in batches:
+            lines = [{k: (ts(v) if k == "ts" else v) for k, v in e.items() if v is not None}
+                     for e in batch]
+            if lines:
+                engine.track_events(lines)
+            everything += batch
+        everything = [{k: v for k, v in e.items() if v is not None} for e in everything]
+        for draft in rules:
+            rule = {k: v for k, v in draft.items() if v is not None}
+            if "having" in rule:
+                agg, op, value = rule["having"]
+                rule["having"] = {"agg": agg, "op": op, "value": value}
+                if agg != "count":
+                    rule["having"]["of"] = "n"
+            expected = brute_force(everything, rule)
+            if "having" in rule and rule["having"]["agg"] in ("count", "sum"):
+                v, op = rule["having"]["value"], rule["having"]["op"]
+                zero = {"eq": 0 == v, "ne": 0 != v, "gt": 0 > v, "gte": 0 >= v, "lt": 0 < v,
+                        "lte": 0 <= v}[op]
+                if zero:  # profiles with no selected rows: count 0, sum 0
+                    with_rows = brute_force(everything, {**rule, "having": {
+                        "agg": "count", "op": "gte", "value": 1}})
+                    expected |= set(PROFILES) - with_rows
+            got = set(engine.members(rule, as_of=AS_OF))
+            assert got == expected, rule
+            assert engine.count(rule, as_of=AS_OF) == len(expected)
