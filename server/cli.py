@@ -53,7 +53,8 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitseg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bitseg", description="bitseg: a bitmap-index segment server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     load = sub.add_parser("load", help="bulk-load a dataset folder into a store")

@@ -1,0 +1,336 @@
+"""Every conversion between protobuf messages and the engine's Python values.
+
+The protobuf rule tree converts to the canonical JSON form (CONTRACT §2) and the engine
+parses and validates that, so a bad rule is reported with the same JSON path whichever
+way it was sent.  The only checks made here are for what JSON cannot express (a
+non-finite number); they raise RuleError with the node's path too.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bitseg.index.errors import BitsegError, DataError, RuleError
+from bitseg.index.types import parse_timestamp
+from bitseg.v1 import bitseg_pb2 as pb
+
+DEFAULT_PAGE_SIZE = 10_000
+MAX_PAGE_SIZE = 100_000
+EXACT_DOUBLE = 2**53  # doubles hold every integer up to this exactly
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+# ====================================================================== rules: proto -> JSON
+def rule_to_json(rule: pb.Rule, path: str = "$") -> dict[str, Any]:
+    """A protobuf rule tree -> the CONTRACT JSON form (an unset node becomes {})."""
+    kind = rule.WhichOneof("node")
+    if kind is None:
+        return {}
+    if kind in ("and", "or"):
+        children = getattr(rule, kind).rules
+        return {kind: [rule_to_json(c, f"{path}.{kind}[{i}]") for i, c in enumerate(children)]}
+    if kind == "not":
+        return {"not": rule_to_json(getattr(rule, "not"), f"{path}.not")}
+    if kind == "all":
+        return {"all": rule.all}
+    if kind == "segment":
+        return {"segment": rule.segment}
+    if kind == "field":
+        return _condition_to_json(rule.field, path)
+    if kind == "event":
+        return _event_to_json(rule.event, path)
+    return _orders_to_json(rule.orders, path)
+
+
+def _condition_to_json(cond: pb.Condition, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"field": cond.field, "op": cond.op}
+    if cond.HasField("value"):
+        out["value"] = value_to_json(cond.value, f"{path}.value")
+    return out
+
+
+def _event_to_json(node: pb.EventRule, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": node.event}
+    if node.HasField("where"):
+        out["where"] = rule_to_json(node.where, f"{path}.where")
+    return _timed(node, out, path)
+
+
+def _orders_to_json(node: pb.OrdersRule, path: str) -> dict[str, Any]:
+    orders = rule_to_json(node.orders, f"{path}.orders") if node.HasField("orders") else None
+    return _timed(node, {"orders": orders}, path)
+
+
+def _timed(node: pb.EventRule | pb.OrdersRule, out: dict[str, Any],
+           path: str) -> dict[str, Any]:
+    """Add the window and having of an event or orders node."""
+    if node.HasField("window"):
+        out["window"] = _window_to_json(node.window)
+    if node.HasField("having"):
+        having = node.having
+        agg: dict[str, Any] = {"agg": having.agg}
+        if having.of:
+            agg["of"] = having.of
+        agg["op"] = having.op
+        if having.HasField("value"):
+            agg["value"] = value_to_json(having.value, f"{path}.having.value")
+        out["having"] = agg
+    return out
+
+
+def _window_to_json(window: pb.Window) -> dict[str, Any]:
+    kind = window.WhichOneof("kind")
+    if kind == "range":
+        return {"from": getattr(window.range, "from"), "to": window.range.to}
+    return {} if kind is None else {kind: getattr(window, kind)}
+
+
+def value_to_json(value: pb.Value, path: str) -> Any:
+    """A protobuf Value -> its JSON form (an unset Value is null)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise RuleError(path, f"expected a finite number, got {number}")
+        return int(number) if number.is_integer() and abs(number) <= EXACT_DOUBLE else number
+    if kind == "list_value":
+        return [value_to_json(v, f"{path}[{i}]") for i, v in enumerate(value.list_value.values)]
+    if kind in ("days_ago", "next_days"):
+        return {kind: getattr(value, kind)}
+    return getattr(value, kind)
+
+
+# ====================================================================== rules: JSON -> proto
+def rule_from_json(obj: Any) -> pb.Rule:
+    """The CONTRACT JSON form (dict or text) -> a protobuf rule tree, for clients.
+
+    Raises ValueError for what the tree cannot hold; the server does the validating.
+    """
+    if isinstance(obj, (str, bytes)):
+        obj = orjson.loads(obj)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a rule object, got {type(obj).__name__}")
+    if "and" in obj or "or" in obj:
+        key = "and" if "and" in obj else "or"
+        return pb.Rule(**{key: pb.Rules(rules=[rule_from_json(c) for c in obj[key]])})
+    if "not" in obj:
+        return pb.Rule(**{"not": rule_from_json(obj["not"])})
+    if "all" in obj:
+        return pb.Rule(all=obj["all"])
+    if "segment" in obj:
+        return pb.Rule(segment=obj["segment"])
+    if "field" in obj:
+        cond = pb.Condition(field=obj["field"], op=obj.get("op", ""))
+        if "value" in obj:
+            cond.value.CopyFrom(value_from_json(obj["value"]))
+        return pb.Rule(field=cond)
+    if "event" in obj:
+        event = pb.EventRule(event=obj["event"])
+        if "where" in obj:
+            event.where.CopyFrom(rule_from_json(obj["where"]))
+        _timed_from_json(event, obj)
+        return pb.Rule(event=event)
+    if "orders" in obj:
+        orders = pb.OrdersRule(orders=rule_from_json(obj["orders"]))
+        _timed_from_json(orders, obj)
+        return pb.Rule(orders=orders)
+    raise ValueError(f"not a rule node: {sorted(obj)}")
+
+
+def _timed_from_json(node: pb.EventRule | pb.OrdersRule, obj: dict[str, Any]) -> None:
+    window = obj.get("window")
+    if window is not None:
+        if "from" in window or "to" in window:
+            node.window.range.CopyFrom(pb.TimeRange(**{"from": window.get("from", ""),
+                                                       "to": window.get("to", "")}))
+        elif "last_days" in window:
+            node.window.last_days = window["last_days"]
+        elif "next_days" in window:
+            node.window.next_days = window["next_days"]
+    having = obj.get("having")
+    if having is not None:
+        node.having.agg = having.get("agg", "")
+        node.having.of = having.get("of", "")
+        node.having.op = having.get("op", "")
+        if "value" in having:
+            node.having.value.CopyFrom(value_from_json(having["value"]))
+
+
+def value_from_json(value: Any) -> pb.Value:
+    if isinstance(value, bool):
+        return pb.Value(bool_value=value)
+    if isinstance(value, int):
+        return pb.Value(int_value=value)
+    if isinstance(value, float):
+        return pb.Value(number_value=value)
+    if isinstance(value, str):
+        return pb.Value(string_value=value)
+    if isinstance(value, list):
+        return pb.Value(list_value=pb.ValueList(values=[value_from_json(v) for v in value]))
+    if isinstance(value, dict) and len(value) == 1 and ("days_ago" in value
+                                                       or "next_days" in value):
+        return pb.Value(**value)
+    raise ValueError(f"cannot send {value!r} as a rule value")
+
+
+# ====================================================================== requests
+def target_of(request: Any) -> Any:
+    """What a request asks to evaluate: a JSON rule (dict or text) or a segment reference."""
+    kind = request.WhichOneof("target")
+    if kind == "rule":
+        return rule_to_json(request.rule)
+    if kind == "rule_json":
+        return request.rule_json
+    if kind == "segment":
+        return {"segment": request.segment}
+    raise RuleError("$", "expected a rule: set one of rule, rule_json or segment")
+
+
+def rule_target(rule: Any = None, segment: str | None = None) -> dict[str, Any]:
+    """Client side: the `target` fields of a request for a rule (dict, JSON text or
+    protobuf) or a segment name."""
+    if (rule is None) == (segment is None):
+        raise ValueError("give exactly one of rule or segment")
+    if segment is not None:
+        return {"segment": segment}
+    if isinstance(rule, pb.Rule):
+        return {"rule": rule}
+    if isinstance(rule, bytes):
+        rule = rule.decode()
+    return {"rule_json": rule if isinstance(rule, str) else orjson.dumps(rule).decode()}
+
+
+def as_of_of(request: Any) -> datetime | None:
+    """A request's as_of, or None when it has none."""
+    if not request.HasField("as_of"):
+        return None
+    try:
+        return to_datetime(request.as_of)
+    except (ValueError, OverflowError) as exc:
+        raise BitsegError(f"as_of: not a valid timestamp: {exc}") from None
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_datetime(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=timezone.utc)
+
+
+def to_timestamp(moment: datetime | str | None) -> Timestamp | None:
+    """A datetime (naive is UTC) or ISO 8601 text -> Timestamp; None stays None."""
+    if moment is None:
+        return None
+    ts = Timestamp()
+    if isinstance(moment, str):
+        try:
+            ts.FromMicroseconds(parse_timestamp(moment.strip()))  # the engine's own reading
+        except ValueError:
+            raise BitsegError(f"as_of: expected an ISO 8601 timestamp, got {moment!r}") from None
+        return ts
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    ts.FromDatetime(moment)
+    return ts
+
+
+def page_size_of(request: pb.MembersRequest) -> int:
+    """0 means the default; more than the maximum is taken as the maximum (AIP-158)."""
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def records_of(texts: Iterable[str]) -> list[tuple[int, Any]]:
+    """A batch's records (JSON texts), parsed and numbered; bad JSON is a DataError
+    naming the record."""
+    records = []
+    for line, text in enumerate(texts, 1):
+        try:
+            records.append((line, orjson.loads(text)))
+        except orjson.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc}", line=line) from None
+    return records
+
+
+def profile_reply(profile: dict[str, Any]) -> pb.Profile:
+    return pb.Profile(id=profile["id"], profile_json=orjson.dumps(profile).decode())
+
+
+_KIND_NAMES = {pb.SEGMENT_KIND_STATIC: "static", pb.SEGMENT_KIND_DYNAMIC: "dynamic",
+               pb.SEGMENT_KIND_MATERIALIZED: "materialized"}
+
+
+def segment_dict(segment: pb.Segment) -> dict[str, Any]:
+    """Client side: a Segment -> a plain dict."""
+    return {
+        "name": segment.name,
+        "kind": _KIND_NAMES.get(segment.kind, "unspecified"),
+        "rule": orjson.loads(segment.rule_json) if segment.rule_json else None,
+        "size": segment.size,
+        "created_at": (to_datetime(segment.created_at)
+                       if segment.HasField("created_at") else None),
+        "refreshed_at": (to_datetime(segment.refreshed_at)
+                         if segment.HasField("refreshed_at") else None),
+    }
+
+
+# ====================================================================== cursors
+CURSOR_FORMAT = 1
+_CURSOR = struct.Struct(">BQIq")  # format, store version, last dense id, as_of µs
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a Members stream stopped: after dense id `last`, evaluated at `as_of_us`."""
+
+    version: int
+    last: int
+    as_of_us: int
+
+    def encode(self) -> str:
+        raw = _CURSOR.pack(CURSOR_FORMAT, self.version, self.last, self.as_of_us)
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            fmt, version, last, as_of_us = _CURSOR.unpack(raw)
+        except (ValueError, struct.error):
+            raise BitsegError(f"cursor: not a Members cursor: {text!r}") from None
+        if fmt != CURSOR_FORMAT:
+            raise BitsegError(f"cursor: unknown cursor format {fmt}")
+        return cls(version, last, as_of_us)
+
+    @property
+    def as_of(self) -> datetime:
+        return EPOCH + timedelta(microseconds=self.as_of_us)
+
+
+def micros_of(moment: datetime) -> int:
+    """µs since the epoch of an aware datetime, exactly."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+# ====================================================================== explain
+def explain_node(node: dict[str, Any]) -> pb.ExplainNode:
+    """An explain tree ({path, text, count, children}) -> protobuf."""
+    return pb.ExplainNode(path=node["path"], text=node["text"], count=node["count"],
+                          children=[explain_node(c) for c in node["children"]])
+
+
+def explain_dict(node: pb.ExplainNode) -> dict[str, Any]:
+    """Client side: an ExplainNode -> a plain dict."""
+    return {"path": node.path, "text": node.text, "count": node.count,
+            "children": [explain_dict(c) for c in node.children]}
