@@ -8,7 +8,7 @@ commit, so a reader sees a batch entirely or not at all.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +30,7 @@ from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
 from bitseg.index.store import Store, Txn, chunks_of, u32
 
 LIVE = b"live"
+Also = Callable[[Txn, Snapshot], dict[str, Any]]
 SEP = b"\x1f"
 
 
@@ -262,11 +263,18 @@ class Engine:
         """Apply a batch of profile records atomically (see docs/ENGINE_API.md)."""
         return self._batch(records, file, None)
 
-    def track_events(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
-        """Append a batch of events atomically; unknown profiles are created empty."""
-        return self._batch(records, file, "events")
+    def track_events(self, records: Iterable[Any], *, file: str | None = None,
+                     also: Also | None = None) -> BatchReport:
+        """Append a batch of events atomically; unknown profiles are created empty.
 
-    def _batch(self, records: Iterable[Any], file: str | None, child: str | None) -> BatchReport:
+        `also(txn, snapshot)`, if given, runs inside the same transaction after the events
+        are written (so a segment refresh and its entered/exited events commit together)
+        and returns attributes of the Snapshot to publish with the batch (e.g. segments).
+        """
+        return self._batch(records, file, "events", also)
+
+    def _batch(self, records: Iterable[Any], file: str | None, child: str | None,
+               also: Also | None = None) -> BatchReport:
         """One write transaction: profile changes, plus events or orders when `child` says."""
         with self._write_lock:
             snap = self._snapshot
@@ -296,6 +304,9 @@ class Engine:
                     self.store.put_json(txn, "schema", schema.to_json())
                 self.store.put_json(txn, "version", version)
                 new_ids = ids.finish()
+                if also is not None:
+                    changes.update(also(txn, replace(snap, version=version, live=live,
+                                                     schema=schema, fields=fields, **changes)))
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
                                      fields=fields, **changes)
