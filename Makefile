@@ -35,7 +35,11 @@ test: install $(STUBS)
 	$(BIN)/python -m pytest -q
 
 bench: install $(STUBS)
-	$(BIN)/python -m pytest benchmarks -q --benchmark-enable -p no:cacheprovider
+	$(BIN)/python -m pytest benchmarks -q --benchmark-enable --benchmark-columns=min,median,mean,max,rounds -s
+
+bench-10m: install $(STUBS)
+	BITSEG_BENCH_PROFILES=10000000 $(BIN)/python -m pytest benchmarks -q --benchmark-enable \
+		--benchmark-columns=min,median,mean,max,rounds -s
 
 lint: install
 	$(BIN)/ruff check .

@@ -42,6 +42,7 @@ SEP = "\x1f"
 ANY = "*"
 PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
 STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
+DENSE_CACHE = 1 << 21
 
 
 def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
@@ -256,6 +257,7 @@ class EventBatch:
         self.ensure_profile = ensure_profile
         self.version = version
         self.rows: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
+        self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
 
     def add(self, record: Any) -> None:
@@ -282,7 +284,14 @@ class EventBatch:
                     if type_ in T.RANGE_TYPES else T.coerce(type_, value)
             except ValueError as exc:
                 raise DataError(str(exc), field=name) from None
-        dense = self.ensure_profile(record["profile"])
+        profile = record["profile"]
+        dense = self.dense.get(profile) if isinstance(profile, str) else None
+        if dense is None:
+            dense = self.ensure_profile(profile)
+            if isinstance(profile, str):
+                if len(self.dense) >= DENSE_CACHE:
+                    self.dense.clear()
+                self.dense[profile] = dense
         self.rows.setdefault((event, day_of(ts)), []).append((dense, ts, props))
         self.count += 1
 
@@ -310,6 +319,7 @@ class EventBatch:
         stream_days = {k: list(v) for k, v in old.stream_days.items()}
         stream_months = {k: list(v) for k, v in old.stream_months.items()}
         type_days = {k: list(v) for k, v in old.type_days.items()}
+        by_month: dict[tuple[str, int], list[np.ndarray]] = {}
         for (event, day), rows in sorted(self.rows.items()):
             block = self._block(rows)
             key = _block_key(event, day)
@@ -319,17 +329,11 @@ class EventBatch:
             if stored is None:
                 insort(type_days.setdefault(event, []), day)
             for stream, profiles in self._streams(event, block):
-                fresh = counts_of(profiles)
-                for kind, bucket, target, listing in (
-                        (b"d", day, days, stream_days), (b"m", month_of(day), months,
-                                                           stream_months)):
-                    current = target.get((stream, bucket))
-                    total = add_counts(current, fresh) if current is not None else fresh
-                    target[(stream, bucket)] = total
-                    if current is None:
-                        insort(listing.setdefault(stream, []), bucket)
-                    self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
-                                   encode_counts(total))
+                self._add(b"d", day, stream, counts_of(profiles), days, stream_days)
+                by_month.setdefault((stream, month_of(day)), []).append(profiles)
+        for (stream, month), parts in by_month.items():  # each month once per batch
+            fresh = counts_of(np.concatenate(parts))
+            self._add(b"m", month, stream, fresh, months, stream_months)
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}
         if added:
@@ -337,6 +341,16 @@ class EventBatch:
         index = EventIndex(self.store, self.version, days, months, stream_days, stream_months,
                            type_days)
         return index, schema
+
+    def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex,
+             target: dict, listing: dict) -> None:
+        """Add a batch's counts to one bucket, and write the bucket."""
+        current = target.get((stream, bucket))
+        total = add_counts(current, fresh) if current is not None else fresh
+        target[(stream, bucket)] = total
+        if current is None:
+            insort(listing.setdefault(stream, []), bucket)
+        self.store.put(self.txn, "events", _count_key(kind, bucket, stream), encode_counts(total))
 
     def _block(self, rows: list[tuple[int, int, dict]]) -> Block:
         n = len(rows)
