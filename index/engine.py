@@ -23,6 +23,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
+from bitseg.index.orders import OrderBatch, OrderIndex, load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.schema import Schema
@@ -165,10 +166,12 @@ class Engine:
                 ids = IdMap.load(store, txn)
                 fields = load_fields(store, txn, schema, bitmaps)
                 events = load_events(store, txn, version)
+                orders = load_orders(store, txn, schema)
         except BaseException:
             store.close()
             raise
-        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields, events=events)
+        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields,
+                            events=events, orders=orders)
         if segments is not None:
             snapshot = replace(snapshot, segments=segments)
         return cls(store, ids, snapshot)
@@ -273,6 +276,11 @@ class Engine:
         """
         return self._batch(records, file, "events", also)
 
+    def add_orders(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
+        """Apply a batch of order lines atomically; unknown profiles are created empty, and
+        a later line with the same order id updates that order."""
+        return self._batch(records, file, "orders")
+
     def _batch(self, records: Iterable[Any], file: str | None, child: str | None,
                also: Also | None = None) -> BatchReport:
         """One write transaction: profile changes, plus events or orders when `child` says."""
@@ -286,6 +294,9 @@ class Engine:
                 if child == "events":
                     batch = EventBatch(self.store, txn, snap.events, snap.schema,
                                        profiles.ensure_profile, version)
+                elif child == "orders":
+                    batch = OrderBatch(self.store, txn, snap.orders or OrderIndex(),
+                                       snap.schema, profiles.ensure_profile)
                 for position, item in enumerate(records, 1):
                     line, record = item if isinstance(item, tuple) else (position, item)
                     try:

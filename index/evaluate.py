@@ -18,6 +18,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, RangeIndex
 from bitseg.index.events import evaluate_event
+from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
     All,
     And,
@@ -93,10 +94,8 @@ class Evaluator:
         raise TypeError(f"not a rule: {rule!r}")
 
     def _orders(self, rule: OrdersCond) -> BitMap:
-        if self.snap.orders is None:  # no order was ever loaded
+        if self.snap.orders is None:  # a snapshot made by hand, without orders
             return self.snap.live if rule.having.holds_for_no_rows() else EMPTY
-        from bitseg.index.orders import evaluate_orders
-
         return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:

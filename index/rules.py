@@ -237,7 +237,7 @@ class _Parser:
         fields = {**self.schema.orders, "ts": T.TIMESTAMP}
         for name, type_ in ITEM_READINGS.items():
             fields[name] = type_
-        if "items.qty" in fields:
+        if fields.get("items.qty") in (T.INT, T.FLOAT):
             fields["items.qty_each"] = fields["items.qty"]
         sub = _Parser(self.schema, fields, WHERE_KEYS, "an orders rule")
         selected = sub.node(obj["orders"], f"{path}.orders")
