@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -64,6 +64,7 @@ class Page:
     total: int
     eval_micros: int
     as_of: datetime
+    rows: list[dict[str, Any]] = field(default_factory=list)  # when fields were asked
 
 
 @dataclass(frozen=True)
@@ -139,18 +140,58 @@ class Client:
     def pages(self, rule: Any = None, segment: str | None = None,
               as_of: datetime | str | None = None, limit: int | None = None,
               page_size: int | None = None, cursor: str | None = None,
-              timeout: float | None = None) -> Iterator[Page]:
-        """members() page by page, each with the cursor that resumes after it."""
+              timeout: float | None = None, fields: Iterable[str] = ()) -> Iterator[Page]:
+        """members() page by page, each with the cursor that resumes after it (and, when
+        `fields` are named, each member's values of them in `rows`)."""
         with _errors():
             request = pb.MembersRequest(**_query(rule, segment, as_of), cursor=cursor or "",
-                                        page_size=page_size or 0, limit=limit or 0)
+                                        page_size=page_size or 0, limit=limit or 0,
+                                        fields=list(fields))
             stream = self._stub.Members(request, timeout=timeout)
             try:
                 for reply in stream:
                     yield Page(list(reply.ids), reply.cursor, reply.done, reply.total,
-                               reply.eval_micros, convert.to_datetime(reply.as_of))
+                               reply.eval_micros, convert.to_datetime(reply.as_of),
+                               [orjson.loads(r) for r in reply.rows_json])
             finally:
                 stream.cancel()  # a consumer that stops early frees the server's worker
+
+    def rows(self, fields: Iterable[str], rule: Any = None, segment: str | None = None,
+             as_of: datetime | str | None = None, limit: int | None = None,
+             page_size: int | None = None, timeout: float | None = None
+             ) -> Iterator[dict[str, Any]]:
+        """The members with the named profile fields: {"id": ..., field: value or None}."""
+        for page in self.pages(rule, segment, as_of, limit, page_size, None, timeout,
+                               fields=list(fields)):
+            yield from page.rows
+
+    def preview(self, rule: Any = None, segment: str | None = None,
+                as_of: datetime | str | None = None, limit: int = 10) -> dict[str, Any]:
+        """{"total": N, "profiles": [the first `limit` profiles with all their fields]}."""
+        with _errors():
+            request = pb.PreviewRequest(**_query(rule, segment, as_of), limit=limit)
+            reply = self._stub.Preview(request, timeout=self.timeout)
+        return {"total": reply.total,
+                "profiles": [orjson.loads(p.profile_json) for p in reply.profiles],
+                "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
+
+    def metrics(self, rule: Any = None, segment: str | None = None,
+                as_of: datetime | str | None = None, amount_field: str = "amount"
+                ) -> dict[str, Any]:
+        """Profiles, share of profiles, orders, customers, revenue, share of revenue and
+        average order value of a rule's or segment's profiles; decimals as Decimal."""
+        with _errors():
+            request = pb.MetricsRequest(**_query(rule, segment, as_of),
+                                        amount_field=amount_field)
+            return convert.metrics_dict(self._stub.Metrics(request, timeout=self.timeout))
+
+    def overlap(self, segments: Iterable[str],
+                as_of: datetime | str | None = None) -> dict[str, Any]:
+        """{"segments", "sizes", "matrix": [[|a ∩ b|, ...], ...]} for the named segments."""
+        with _errors():
+            request = pb.OverlapRequest(segments=list(segments),
+                                        as_of=convert.to_timestamp(as_of))
+            return convert.overlap_dict(self._stub.Overlap(request, timeout=self.timeout))
 
     def is_member(self, profile_id: str, rule: Any = None, segment: str | None = None,
                   as_of: datetime | str | None = None) -> bool:
@@ -167,11 +208,13 @@ class Client:
 
     def explain(self, rule: Any = None, segment: str | None = None,
                 as_of: datetime | str | None = None) -> dict[str, Any]:
-        """{"text", "root": {path, text, count, children}, "eval_micros", "as_of"}."""
+        """{"sentence", "text", "root": {path, text, count, children}, "eval_micros",
+        "as_of"}: the rule in plain words, and its tree with the count at every node."""
         with _errors():
             reply = self._stub.Explain(pb.ExplainRequest(**_query(rule, segment, as_of)),
                                        timeout=self.timeout)
-        return {"text": reply.text, "root": convert.explain_dict(reply.root),
+        return {"sentence": reply.sentence, "text": reply.text,
+                "root": convert.explain_dict(reply.root),
                 "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
 
     def profile(self, profile_id: str) -> dict[str, Any]:
@@ -234,16 +277,31 @@ class Client:
     # ------------------------------------------------------------------ segments
     def create_segment(self, name: str, kind: str, rule: Any = None,
                        profile_ids: Iterable[str] = (),
-                       as_of: datetime | str | None = None) -> dict[str, Any]:
-        """kind: "static", "dynamic" or "materialized"."""
+                       as_of: datetime | str | None = None,
+                       refresh_every: int | None = None) -> dict[str, Any]:
+        """kind: "static", "dynamic" or "materialized". A static segment takes profile_ids
+        and/or a rule (its members at as_of); `refresh_every` (seconds) schedules a
+        materialized one. The reply has "entered" and the "unknown_ids" ignored."""
         with _errors():
             if kind not in SEGMENT_KINDS:
                 raise ValueError(f"kind: expected one of {', '.join(SEGMENT_KINDS)}, got {kind!r}")
             source = {} if rule is None else convert.rule_target(rule)
             request = pb.CreateSegmentRequest(name=name, kind=SEGMENT_KINDS[kind], **source,
                                               profile_ids=list(profile_ids),
-                                              as_of=convert.to_timestamp(as_of))
+                                              as_of=convert.to_timestamp(as_of),
+                                              refresh_every_seconds=refresh_every or 0)
             return convert.segment_dict(self._stub.CreateSegment(request, timeout=self.timeout))
+
+    def update_segment(self, name: str, rule: Any = None, refresh_every: int | None = None,
+                       as_of: datetime | str | None = None) -> dict[str, Any]:
+        """Change a segment's rule and/or refresh interval (0 removes the schedule)."""
+        with _errors():
+            source = {} if rule is None else convert.rule_target(rule)
+            request = pb.UpdateSegmentRequest(name=name, **source,
+                                              as_of=convert.to_timestamp(as_of))
+            if refresh_every is not None:
+                request.refresh_every_seconds = refresh_every
+            return convert.segment_dict(self._stub.UpdateSegment(request, timeout=self.timeout))
 
     def get_segment(self, name: str) -> dict[str, Any]:
         with _errors():
@@ -259,17 +317,21 @@ class Client:
         with _errors():
             self._stub.DeleteSegment(pb.DeleteSegmentRequest(name=name), timeout=self.timeout)
 
-    def add_to_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, int]:
+    def add_to_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, Any]:
+        """{"changed": profiles that entered, "size", "unknown_ids": ignored ids}."""
         with _errors():
             request = pb.AddToSegmentRequest(name=name, profile_ids=list(profile_ids))
             reply = self._stub.AddToSegment(request, timeout=self.timeout)
-        return {"changed": reply.changed, "size": reply.size}
+        return {"changed": reply.changed, "size": reply.size,
+                "unknown_ids": list(reply.unknown_ids)}
 
-    def remove_from_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, int]:
+    def remove_from_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, Any]:
+        """{"changed": profiles that left, "size", "unknown_ids": ignored ids}."""
         with _errors():
             request = pb.RemoveFromSegmentRequest(name=name, profile_ids=list(profile_ids))
             reply = self._stub.RemoveFromSegment(request, timeout=self.timeout)
-        return {"changed": reply.changed, "size": reply.size}
+        return {"changed": reply.changed, "size": reply.size,
+                "unknown_ids": list(reply.unknown_ids)}
 
     def refresh_segment(self, name: str,
                         as_of: datetime | str | None = None) -> dict[str, Any]:
@@ -278,6 +340,21 @@ class Client:
             reply = self._stub.RefreshSegment(request, timeout=self.timeout)
         return {"size": reply.size, "entered": reply.entered, "exited": reply.exited,
                 "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
+
+    def segment_history(self, name: str) -> list[dict[str, Any]]:
+        """[{"time", "size", "cause"}, ...], oldest first."""
+        with _errors():
+            reply = self._stub.SegmentHistory(pb.SegmentHistoryRequest(name=name),
+                                              timeout=self.timeout)
+        return [convert.point_dict(p) for p in reply.points]
+
+    def record_segment_size(self, name: str,
+                            as_of: datetime | str | None = None) -> dict[str, Any]:
+        """Record a history point of the segment's size (at as_of) now; the point."""
+        with _errors():
+            request = pb.RecordSegmentSizeRequest(name=name, as_of=convert.to_timestamp(as_of))
+            return convert.point_dict(self._stub.RecordSegmentSize(request,
+                                                                   timeout=self.timeout))
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> str:

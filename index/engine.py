@@ -266,10 +266,13 @@ class Engine:
         """Apply a batch of profile records atomically (see docs/ENGINE_API.md)."""
         return self._batch(records, file, None)
 
-    def track_events(self, records: Iterable[Any], *, file: str | None = None,
+    def track_events(self, records: Iterable[Any] | Callable[[Snapshot], Iterable[Any]], *,
+                     file: str | None = None,
                      also: Also | None = None) -> BatchReport:
         """Append a batch of events atomically; unknown profiles are created empty.
 
+        `records` may also be a function of the snapshot the batch builds on (called
+        under the write lock), for changes computed from the data they change.
         `also(txn, snapshot)`, if given, runs inside the same transaction after the events
         are written (so a segment refresh and its entered/exited events commit together)
         and returns attributes of the Snapshot to publish with the batch (e.g. segments).
@@ -297,6 +300,8 @@ class Engine:
                 elif child == "orders":
                     batch = OrderBatch(self.store, txn, snap.orders or OrderIndex(),
                                        snap.schema, profiles.ensure_profile)
+                if callable(records):
+                    records = records(snap)
                 for position, item in enumerate(records, 1):
                     line, record = item if isinstance(item, tuple) else (position, item)
                     try:

@@ -1,4 +1,5 @@
-"""The gRPC server: `create_server` builds one around an open Engine; `serve` runs it.
+"""The gRPC server: `create_server` builds one around an open Engine; `serve` runs it,
+with the segments loaded and materialized ones refreshed on their schedule.
 
     python -m bitseg.server.app --db DB [--host H] [--port P]   (port 0: any free port)
 """
@@ -18,33 +19,40 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bitseg.index.engine import Engine
+from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.server.service import SegmentsServicer
 from bitseg.v1 import bitseg_pb2, bitseg_pb2_grpc
 
 SERVICE_NAME = bitseg_pb2.DESCRIPTOR.services_by_name["Segments"].full_name
 WORKERS = 16
 GRACE_SECONDS = 10.0
+REFRESH_TICK = 1.0  # seconds between looks for materialized segments due a refresh
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a Members page of 100000 long ids, a big batch
 
 log = logging.getLogger("bitseg.server")
 
 
-def create_server(engine: Engine, address: str,
-                  workers: int = WORKERS) -> tuple[grpc.Server, int]:
-    """A server (not started) for the engine on `address` ("host:0" picks a free port)."""
-    server, port, _ = _build(engine, address, workers)
+def create_server(engine: Engine, address: str, workers: int = WORKERS,
+                  segments: Segments | None = None) -> tuple[grpc.Server, int]:
+    """A server (not started) for the engine on `address` ("host:0" picks a free port).
+
+    Its segments are `segments`, or the engine's stored ones, loaded here.
+    """
+    server, port, _ = _build(engine, address, workers, segments)
     return server, port
 
 
-def _build(engine: Engine, address: str,
-           workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+def _build(engine: Engine, address: str, workers: int, segments: Segments | None = None
+           ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    if segments is None and isinstance(engine, Engine):
+        segments = open_segments(engine)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bitseg-rpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],  # a second server on a taken port must fail
     )
-    bitseg_pb2_grpc.add_SegmentsServicer_to_server(SegmentsServicer(engine), server)
+    bitseg_pb2_grpc.add_SegmentsServicer_to_server(SegmentsServicer(engine, segments), server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -61,19 +69,27 @@ def _build(engine: Engine, address: str,
 
 
 def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
-          grace: float = GRACE_SECONDS) -> int:
-    """Serve the store at db_path until SIGINT or SIGTERM, then stop cleanly; 0 when done."""
+          grace: float = GRACE_SECONDS, tick: float = REFRESH_TICK) -> int:
+    """Serve the store at db_path until SIGINT or SIGTERM, then stop cleanly; 0 when done.
+
+    Every `tick` seconds, materialized segments whose refresh interval has passed are
+    refreshed; the scheduler stops (after a refresh in progress) before the store closes.
+    """
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Engine.open(db_path) as engine:
-            server, bound, health_servicer = _build(engine, _address(host, port), WORKERS)
+            segments = open_segments(engine)
+            server, bound, health_servicer = _build(engine, _address(host, port), WORKERS,
+                                                    segments)
+            scheduler = RefreshScheduler(segments, tick).start()
             server.start()
             print(f"bitseg serving {db_path} on {host}:{bound}", file=sys.stderr, flush=True)
             stop.wait()
             log.info("stopping: letting calls in flight finish (up to %.0f s)", grace)
             health_servicer.enter_graceful_shutdown()
+            scheduler.stop()
             server.stop(grace).wait()
         log.info("stopped; store closed")
         return 0

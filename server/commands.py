@@ -1,8 +1,9 @@
-"""The remote commands of `bitseg` (CONTRACT §4): count, members, check, segments,
-explain, segment ..., and serve.
+"""The remote commands of `bitseg` (CONTRACT §4): count, members, preview, check,
+segments, explain, segment ..., and serve.
 
 Each command returns its exit status and, on failure, prints one line on stderr:
-  0 success, 1 server-side failure, 2 bad input (rule, as_of, arguments),
+  0 success, 1 server-side failure, 2 bad input (rule, as_of, arguments, or a
+  segment still used by others),
   3 unknown profile or segment, 4 server unreachable or too slow,
   5 name already taken, 6 not supported by this server version.
 
@@ -14,7 +15,9 @@ does not pay for it.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -36,6 +39,7 @@ _EXIT_OF_CODE = {
     "UNAVAILABLE": EXIT_UNREACHABLE,
     "DEADLINE_EXCEEDED": EXIT_UNREACHABLE,
     "ALREADY_EXISTS": EXIT_EXISTS,
+    "FAILED_PRECONDITION": EXIT_BAD_INPUT,
     "UNIMPLEMENTED": EXIT_UNIMPLEMENTED,
 }
 
@@ -70,7 +74,7 @@ def remote(command: Callable[[argparse.Namespace, Client], int]) -> Command:
                 return _fail(f"the server at {args.addr} did not answer within "
                              f"{args.timeout} s", status)
             if exc.code in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS",
-                            "UNIMPLEMENTED"):
+                            "UNIMPLEMENTED", "FAILED_PRECONDITION"):
                 return _fail(exc.message, status)
             return _fail(f"{exc.code.lower().replace('_', ' ')}: {exc.message}", status)
         except BrokenPipeError:  # `bitseg members ... | head`: the reader has had enough
@@ -101,6 +105,40 @@ def read_rule(spec: str) -> str:
         raise InputError(f"--rule: cannot read {spec!r}: {exc}") from None
 
 
+def read_ids(specs: list[str]) -> list[str]:
+    """--ids: each spec is a file (one id a line; CSV with an `id` column; JSON Lines with
+    an "id" key, as `bitseg members` writes them), - for stdin, or comma-separated ids."""
+    ids: list[str] = []
+    for spec in specs:
+        if spec == "-":
+            ids += _ids_in(sys.stdin.read(), "")
+        elif Path(spec).is_file():
+            try:
+                text = Path(spec).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"--ids: cannot read {spec!r}: {exc}") from None
+            ids += _ids_in(text, Path(spec).suffix)
+        else:
+            ids += [part.strip() for part in spec.split(",") if part.strip()]
+    return ids
+
+
+def _ids_in(text: str, suffix: str) -> list[str]:
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else ""
+    if suffix == ".jsonl" or first.startswith("{"):
+        try:
+            return [str(orjson.loads(line)["id"]) for line in lines if line.strip()]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"--ids: expected JSON Lines with an \"id\" key: {exc}") from None
+    if suffix == ".csv" or first == "id" or first.startswith("id,"):
+        rows = csv.DictReader(io.StringIO(text))
+        if "id" not in (rows.fieldnames or []):
+            raise InputError("--ids: a CSV file needs an 'id' column")
+        return [row["id"] for row in rows if row["id"]]
+    return [line.strip() for line in lines if line.strip()]
+
+
 def _target(args: argparse.Namespace) -> dict[str, Any]:
     """rule= or segment= for the client, from --rule / --segment."""
     if getattr(args, "segment", None) is not None:
@@ -109,7 +147,7 @@ def _target(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, default=str).decode() + "\n")
+    sys.stdout.write(orjson.dumps(value, default=str, option=orjson.OPT_UTC_Z).decode() + "\n")
 
 
 def _iso(moment: Any) -> str:
@@ -131,14 +169,63 @@ def cmd_count(args: argparse.Namespace, client: Client) -> int:
 @remote
 def cmd_members(args: argparse.Namespace, client: Client) -> int:
     fmt = "jsonl" if args.json else args.format
+    fields = _fields(args.fields)
+    if args.preview is not None:
+        return _preview(args, client, args.preview)
     pages = client.pages(**_target(args), as_of=args.as_of, limit=args.limit,
-                         page_size=args.page_size, cursor=args.cursor)
+                         page_size=args.page_size, cursor=args.cursor, fields=fields)
     out = sys.stdout
     if fmt == "csv":
-        out.write("id\n")
+        out.write(",".join(_csv_cell(c) for c in ["id", *fields]) + "\n")
     for page in pages:
-        out.write(_render_ids(page.ids, fmt))
+        if fields:
+            out.write(_render_rows(page.rows, fields, fmt))
+        else:
+            out.write(_render_ids(page.ids, fmt))
     out.flush()
+    return EXIT_OK
+
+
+def _fields(spec: str | None) -> list[str]:
+    names = [f.strip() for f in (spec or "").split(",") if f.strip()]
+    return [n for n in dict.fromkeys(names) if n != "id"]
+
+
+def _render_rows(rows: list[dict[str, Any]], fields: list[str], fmt: str | None) -> str:
+    """Members with fields: JSON Lines, or CSV (multi-valued fields |-separated, as in
+    profiles.csv; an absent value is an empty cell); plain text is tab-separated."""
+    if fmt == "jsonl":
+        return "".join(orjson.dumps(row).decode() + "\n" for row in rows)
+    sep = "," if fmt == "csv" else "\t"
+    cell = _csv_cell if fmt == "csv" else str
+    return "".join(sep.join(cell(_cell_text(row.get(k))) for k in ["id", *fields]) + "\n"
+                   for row in rows)
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "|".join(str(v) for v in value)
+    return str(value)
+
+
+@remote
+def cmd_preview(args: argparse.Namespace, client: Client) -> int:
+    return _preview(args, client, args.limit)
+
+
+def _preview(args: argparse.Namespace, client: Client, limit: int) -> int:
+    result = client.preview(**_target(args), as_of=args.as_of, limit=limit)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    shown = len(result["profiles"])
+    print(f"{result['total']:,} profiles; the first {shown}:")
+    for profile in result["profiles"]:
+        print(orjson.dumps(profile).decode())
     return EXIT_OK
 
 
@@ -183,9 +270,11 @@ def cmd_segments(args: argparse.Namespace, client: Client) -> int:
 def cmd_explain(args: argparse.Namespace, client: Client) -> int:
     result = client.explain(**_target(args), as_of=args.as_of)
     if args.json:
-        _print_json({"root": result["root"], "eval_micros": result["eval_micros"],
-                     "as_of": _iso(result["as_of"])})
+        _print_json({"sentence": result["sentence"], "root": result["root"],
+                     "eval_micros": result["eval_micros"], "as_of": _iso(result["as_of"])})
     else:
+        print(result["sentence"])
+        print()
         print(result["text"])
     return EXIT_OK
 
@@ -196,9 +285,25 @@ def cmd_segment_create(args: argparse.Namespace, client: Client) -> int:
     rule = read_rule(args.rule) if args.rule is not None else None
     if args.kind != "static" and rule is None:
         raise InputError(f"segment create: a {args.kind} segment needs --rule")
-    created = client.create_segment(args.name, args.kind, rule=rule, profile_ids=args.ids,
-                                    as_of=args.as_of)
+    if args.kind != "static" and args.ids:
+        raise InputError(f"segment create: --ids is for static segments, not {args.kind}")
+    if args.refresh_every is not None and args.kind != "materialized":
+        raise InputError("segment create: --refresh-every is for materialized segments")
+    created = client.create_segment(args.name, args.kind, rule=rule,
+                                    profile_ids=read_ids(args.ids), as_of=args.as_of,
+                                    refresh_every=args.refresh_every)
     _print_segment(created, args.json)
+    return EXIT_OK
+
+
+@remote
+def cmd_segment_update(args: argparse.Namespace, client: Client) -> int:
+    rule = read_rule(args.rule) if args.rule is not None else None
+    every = 0 if args.no_schedule else args.refresh_every
+    if rule is None and every is None:
+        raise InputError("segment update: give --rule, --refresh-every or --no-schedule")
+    _print_segment(client.update_segment(args.name, rule=rule, refresh_every=every,
+                                         as_of=args.as_of), args.json)
     return EXIT_OK
 
 
@@ -212,7 +317,7 @@ def cmd_segment_get(args: argparse.Namespace, client: Client) -> int:
 def cmd_segment_list(args: argparse.Namespace, client: Client) -> int:
     found = client.list_segments()
     if args.json:
-        _print_json(found)
+        _print_json([_segment_json(s) for s in found])
     else:
         for segment in found:
             print(f"{segment['name']}\t{segment['kind']}\t{segment['size']}")
@@ -224,20 +329,30 @@ def cmd_segment_delete(args: argparse.Namespace, client: Client) -> int:
     client.delete_segment(args.name)
     if args.json:
         _print_json({"deleted": args.name})
+    else:
+        print(f"deleted {args.name}")
     return EXIT_OK
 
 
 @remote
 def cmd_segment_add(args: argparse.Namespace, client: Client) -> int:
-    _print_change(client.add_to_segment(args.name, args.profile_ids), "added", args.json)
+    ids = _edit_ids(args)
+    _print_change(client.add_to_segment(args.name, ids), "added", args.json)
     return EXIT_OK
 
 
 @remote
 def cmd_segment_remove(args: argparse.Namespace, client: Client) -> int:
-    _print_change(client.remove_from_segment(args.name, args.profile_ids), "removed",
-                  args.json)
+    ids = _edit_ids(args)
+    _print_change(client.remove_from_segment(args.name, ids), "removed", args.json)
     return EXIT_OK
+
+
+def _edit_ids(args: argparse.Namespace) -> list[str]:
+    ids = list(args.profile_ids) + read_ids(args.ids)
+    if not ids:
+        raise InputError(f"segment {args.action}: give profile ids (or --ids FILE)")
+    return ids
 
 
 @remote
@@ -251,20 +366,99 @@ def cmd_segment_refresh(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+@remote
+def cmd_segment_history(args: argparse.Namespace, client: Client) -> int:
+    if args.record:
+        client.record_segment_size(args.name, as_of=args.as_of)
+    points = client.segment_history(args.name)
+    if args.json:
+        _print_json({"name": args.name, "points": points})
+    else:
+        for point in points:
+            print(f"{_iso(point['time'])}\t{point['size']}\t{point['cause']}")
+    return EXIT_OK
+
+
+@remote
+def cmd_segment_overlap(args: argparse.Namespace, client: Client) -> int:
+    result = client.overlap(args.names, as_of=args.as_of)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    names = result["segments"]
+    width = max([len("size"), *(len(n) for n in names)])
+    cells = [[f"{n:,}" for n in row] for row in result["matrix"]]
+    col = max([width, *(len(c) for row in cells for c in row), 4])
+    print(" " * width + "".join(f"  {n:>{col}}" for n in names))
+    for name, row in zip(names, cells, strict=True):
+        print(f"{name:<{width}}" + "".join(f"  {c:>{col}}" for c in row))
+    return EXIT_OK
+
+
+@remote
+def cmd_segment_metrics(args: argparse.Namespace, client: Client) -> int:
+    if (args.name is None) == (args.rule is None):
+        raise InputError("segment metrics: give a segment NAME or --rule R")
+    target = {"segment": args.name} if args.name is not None else {"rule": read_rule(args.rule)}
+    m = client.metrics(**target, as_of=args.as_of, amount_field=args.amount_field)
+    if args.json:
+        _print_json({k: (str(v) if v is not None and k not in ("eval_micros", "as_of")
+                         and not isinstance(v, int) else v) for k, v in m.items()})
+        return EXIT_OK
+    print(f"profiles             {m['profiles']:,} ({_pct(m['share_of_profiles_pct'])} of "
+          f"{m['total_profiles']:,})")
+    print(f"customers            {m['customers']:,} (profiles with orders)")
+    print(f"orders               {m['orders']:,}")
+    print(f"revenue              {_money(m['revenue'])} ({_pct(m['share_of_revenue_pct'])} "
+          f"of {_money(m['total_revenue'])})")
+    print(f"average order value  {_money(m['average_order_value'])}")
+    return EXIT_OK
+
+
+def _money(value: Any) -> str:
+    """Two decimal places (rounded half-even) for people; JSON keeps every digit."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    if value is None:
+        return "-"
+    return f"{Decimal(value).quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else _money(value) + "%"
+
+
+def _segment_json(segment: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in segment.items() if k not in ("entered", "exited", "unknown_ids")}
+
+
 def _print_segment(segment: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(segment)
         return
-    print(f"{segment['name']}: {segment['kind']}, {segment['size']} members")
+    line = f"{segment['name']}: {segment['kind']}, {segment['size']} members"
+    if segment.get("refresh_every"):
+        line += f", refreshed every {segment['refresh_every']} s"
+    print(line)
     if segment["rule"] is not None:
         print(f"rule: {orjson.dumps(segment['rule']).decode()}")
+    if segment.get("entered") or segment.get("exited"):
+        print(f"{segment['entered']} entered, {segment['exited']} exited")
+    _print_unknown(segment.get("unknown_ids") or [])
 
 
-def _print_change(result: dict[str, int], verb: str, as_json: bool) -> None:
+def _print_change(result: dict[str, Any], verb: str, as_json: bool) -> None:
     if as_json:
         _print_json(result)
     else:
         print(f"{verb} {result['changed']}; {result['size']} members now")
+        _print_unknown(result.get("unknown_ids") or [])
+
+
+def _print_unknown(ids: list[str]) -> None:
+    if ids:
+        shown = ", ".join(ids[:20]) + (", ..." if len(ids) > 20 else "")
+        print(f"unknown ids, ignored ({len(ids)}): {shown}")
 
 
 # ------------------------------------------------------------------ serve
@@ -305,7 +499,17 @@ def register(subparsers: Any) -> None:
                          help="csv (with an 'id' header) or jsonl; default: one id a line")
     members.add_argument("--page-size", type=int, help="ids per streamed page")
     members.add_argument("--cursor", help="resume after the page that carried this cursor")
+    members.add_argument("--fields", metavar="F,G",
+                         help="profile fields to write with each id (comma-separated)")
+    members.add_argument("--preview", type=int, metavar="N",
+                         help="instead: the first N profiles with all their fields")
     members.set_defaults(func=cmd_members)
+
+    preview = subparsers.add_parser("preview", parents=evaluating,
+                                    help="the first profiles of a rule or segment, all fields")
+    _add_target(preview)
+    preview.add_argument("--limit", type=int, default=10, help="how many (default 10)")
+    preview.set_defaults(func=cmd_preview)
 
     check = subparsers.add_parser("check", parents=evaluating,
                                   help="is a profile in a segment / does it match a rule")
@@ -351,10 +555,25 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
     kind = create.add_mutually_exclusive_group(required=True)
     for name in ("static", "dynamic", "materialized"):
         kind.add_argument(f"--{name}", dest="kind", action="store_const", const=name)
-    create.add_argument("--rule", metavar="R", help="the rule (a static segment: its source)")
-    create.add_argument("--ids", nargs="*", default=[], metavar="ID",
-                        help="a static segment's initial members")
+    create.add_argument("--rule", metavar="R", help="the rule (a static segment: its source, "
+                        "evaluated once at --as-of)")
+    create.add_argument("--ids", nargs="+", default=[], metavar="FILE_OR_CSV",
+                        help="a static segment's initial members: a file of ids (lines, CSV "
+                        "with an id column, or JSON Lines), - for stdin, or id1,id2,...")
+    create.add_argument("--refresh-every", type=int, metavar="S",
+                        help="a materialized segment: refresh every S seconds")
     create.set_defaults(func=cmd_segment_create)
+
+    update = actions.add_parser("update", parents=[remote_opts, as_of],
+                                help="change a segment's rule or refresh schedule")
+    update.add_argument("name")
+    update.add_argument("--rule", metavar="R", help="the new rule (a materialized segment is "
+                        "recounted at once)")
+    every = update.add_mutually_exclusive_group()
+    every.add_argument("--refresh-every", type=int, metavar="S")
+    every.add_argument("--no-schedule", action="store_true",
+                       help="refresh only on request from now on")
+    update.set_defaults(func=cmd_segment_update)
 
     for action, func, text in (("get", cmd_segment_get, "show a segment"),
                                ("delete", cmd_segment_delete, "delete a segment")):
@@ -370,7 +589,9 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
                                 "remove profiles from a static segment")):
         sub = actions.add_parser(action, parents=[remote_opts], help=text)
         sub.add_argument("name")
-        sub.add_argument("profile_ids", nargs="+", metavar="PROFILE_ID")
+        sub.add_argument("profile_ids", nargs="*", metavar="PROFILE_ID")
+        sub.add_argument("--ids", nargs="+", default=[], metavar="FILE_OR_CSV",
+                         help="more ids: a file, - for stdin, or id1,id2,...")
         sub.set_defaults(func=func)
 
     refresh = actions.add_parser("refresh", parents=[remote_opts, as_of],
@@ -378,3 +599,22 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
     refresh.add_argument("name")
     refresh.set_defaults(func=cmd_segment_refresh)
 
+    history = actions.add_parser("history", parents=[remote_opts, as_of],
+                                 help="a segment's size history")
+    history.add_argument("name")
+    history.add_argument("--record", action="store_true",
+                         help="first record a point: the size now (or at --as-of)")
+    history.set_defaults(func=cmd_segment_history)
+
+    overlap = actions.add_parser("overlap", parents=[remote_opts, as_of],
+                                 help="pairwise intersection sizes of segments")
+    overlap.add_argument("names", nargs="+", metavar="NAME")
+    overlap.set_defaults(func=cmd_segment_overlap)
+
+    metrics = actions.add_parser("metrics", parents=[remote_opts, as_of],
+                                 help="profiles, orders and revenue of a segment or rule")
+    metrics.add_argument("name", nargs="?")
+    metrics.add_argument("--rule", metavar="R", help="a rule instead of a segment")
+    metrics.add_argument("--amount-field", default="amount",
+                         help="the order field that is revenue (default amount)")
+    metrics.set_defaults(func=cmd_segment_metrics)

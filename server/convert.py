@@ -14,7 +14,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from decimal import Decimal
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,6 +24,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bitseg.index.errors import BitsegError, DataError, RuleError
 from bitseg.index.types import parse_timestamp
 from bitseg.v1 import bitseg_pb2 as pb
+
+if TYPE_CHECKING:
+    from bitseg.index.explain import Node
+    from bitseg.index.segments import Change, Metrics, Overlap, Point, SegmentInfo
 
 DEFAULT_PAGE_SIZE = 10_000
 MAX_PAGE_SIZE = 100_000
@@ -269,6 +275,46 @@ def profile_reply(profile: dict[str, Any]) -> pb.Profile:
 
 _KIND_NAMES = {pb.SEGMENT_KIND_STATIC: "static", pb.SEGMENT_KIND_DYNAMIC: "dynamic",
                pb.SEGMENT_KIND_MATERIALIZED: "materialized"}
+KIND_OF_NAME = {name: kind for kind, name in _KIND_NAMES.items()}
+
+
+def kind_of(kind: int) -> str:
+    """A request's SegmentKind -> the engine's kind name."""
+    name = _KIND_NAMES.get(kind)
+    if name is None:
+        raise BitsegError("kind: expected static, dynamic or materialized")
+    return name
+
+
+def source_of(request: Any) -> Any:
+    """The rule of a segment request's `source`, or None when unset."""
+    kind = request.WhichOneof("source")
+    if kind == "rule":
+        return rule_to_json(request.rule)
+    if kind == "rule_json":
+        return request.rule_json
+    return None
+
+
+def from_micros(micros: int | None) -> Timestamp | None:
+    if micros is None:
+        return None
+    ts = Timestamp()
+    ts.FromMicroseconds(micros)
+    return ts
+
+
+def segment_reply(info: SegmentInfo, change: Change | None = None) -> pb.Segment:
+    reply = pb.Segment(
+        name=info.name, kind=KIND_OF_NAME[info.kind],
+        rule_json="" if info.rule is None else orjson.dumps(info.rule).decode(),
+        size=info.size, created_at=from_micros(info.created_at),
+        refreshed_at=from_micros(info.refreshed_at),
+        refresh_every_seconds=info.refresh_every or 0)
+    if change is not None:
+        reply.entered, reply.exited = change.entered, change.exited
+        reply.unknown_ids.extend(change.unknown)
+    return reply
 
 
 def segment_dict(segment: pb.Segment) -> dict[str, Any]:
@@ -282,7 +328,88 @@ def segment_dict(segment: pb.Segment) -> dict[str, Any]:
                        if segment.HasField("created_at") else None),
         "refreshed_at": (to_datetime(segment.refreshed_at)
                          if segment.HasField("refreshed_at") else None),
+        "refresh_every": segment.refresh_every_seconds or None,
+        "entered": segment.entered,
+        "exited": segment.exited,
+        "unknown_ids": list(segment.unknown_ids),
     }
+
+
+def point_reply(point: Point) -> pb.SizePoint:
+    return pb.SizePoint(time=from_micros(point.at), size=point.size, cause=point.cause)
+
+
+def point_dict(point: pb.SizePoint) -> dict[str, Any]:
+    return {"time": to_datetime(point.time), "size": point.size, "cause": point.cause}
+
+
+def overlap_reply(overlap: Overlap) -> pb.OverlapReply:
+    return pb.OverlapReply(segments=list(overlap.names), sizes=list(overlap.sizes),
+                           matrix=[x for row in overlap.matrix for x in row])
+
+
+def overlap_dict(reply: pb.OverlapReply) -> dict[str, Any]:
+    n = len(reply.segments)
+    flat = list(reply.matrix)
+    return {"segments": list(reply.segments), "sizes": list(reply.sizes),
+            "matrix": [flat[i * n:(i + 1) * n] for i in range(n)],
+            "eval_micros": reply.eval_micros, "as_of": to_datetime(reply.as_of)}
+
+
+# ====================================================================== decimals
+RATIO_PLACES = 6
+
+
+def decimal_text(value: Fraction | None, places: int | None = None) -> str:
+    """A rational as decimal text: exact when `places` is None (the value must then be a
+    terminating decimal, as sums of decimal amounts are), otherwise rounded half-even
+    to `places`; None (undefined) is ""."""
+    if value is None:
+        return ""
+    if places is None:
+        places = _decimal_places(value)
+        if places is None:
+            places = RATIO_PLACES
+    units = round(value * 10**places)  # Fraction rounds half to even
+    return format(Decimal(units).scaleb(-places), "f")
+
+
+def _decimal_places(value: Fraction) -> int | None:
+    """How many decimal places represent the value exactly (None: none do)."""
+    d, twos, fives = value.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    return max(twos, fives) if d == 1 else None
+
+
+def metrics_reply(metrics: Metrics) -> pb.MetricsReply:
+    percent = Fraction(100)
+    share_p, share_r = metrics.share_of_profiles, metrics.share_of_revenue
+    return pb.MetricsReply(
+        profiles=metrics.profiles, total_profiles=metrics.total_profiles,
+        share_of_profiles_pct=decimal_text(None if share_p is None else share_p * percent,
+                                           RATIO_PLACES),
+        orders=metrics.orders, customers=metrics.customers,
+        revenue=decimal_text(metrics.revenue), total_revenue=decimal_text(metrics.total_revenue),
+        share_of_revenue_pct=decimal_text(None if share_r is None else share_r * percent,
+                                          RATIO_PLACES),
+        average_order_value=decimal_text(metrics.average_order_value, RATIO_PLACES))
+
+
+def metrics_dict(reply: pb.MetricsReply) -> dict[str, Any]:
+    """Client side: decimals as decimal.Decimal (None where undefined)."""
+    def dec(text: str) -> Decimal | None:
+        return Decimal(text) if text else None
+
+    return {"profiles": reply.profiles, "total_profiles": reply.total_profiles,
+            "share_of_profiles_pct": dec(reply.share_of_profiles_pct),
+            "orders": reply.orders, "customers": reply.customers,
+            "revenue": dec(reply.revenue), "total_revenue": dec(reply.total_revenue),
+            "share_of_revenue_pct": dec(reply.share_of_revenue_pct),
+            "average_order_value": dec(reply.average_order_value),
+            "eval_micros": reply.eval_micros, "as_of": to_datetime(reply.as_of)}
 
 
 # ====================================================================== cursors
@@ -324,10 +451,10 @@ def micros_of(moment: datetime) -> int:
 
 
 # ====================================================================== explain
-def explain_node(node: dict[str, Any]) -> pb.ExplainNode:
-    """An explain tree ({path, text, count, children}) -> protobuf."""
-    return pb.ExplainNode(path=node["path"], text=node["text"], count=node["count"],
-                          children=[explain_node(c) for c in node["children"]])
+def explain_node(node: Node) -> pb.ExplainNode:
+    """An explain tree (index.explain.Node) -> protobuf."""
+    return pb.ExplainNode(path=node.path, text=node.text, count=node.count,
+                          children=[explain_node(c) for c in node.children])
 
 
 def explain_dict(node: pb.ExplainNode) -> dict[str, Any]:

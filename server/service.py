@@ -27,16 +27,18 @@ from bitseg.index.errors import (
     SchemaError,
     StoreError,
 )
-from bitseg.index.evaluate import Evaluator
+from bitseg.index.explain import explain
+from bitseg.index.export import check_fields, profile_rows
 from bitseg.index.fields import ids_of
-from bitseg.index.rules import And, Not, Or, Rule
+from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bitseg.server")
 
-SEGMENTS_LATER = "segments arrive with issue 5"
+NO_SEGMENTS = "this server runs without segments"
+PREVIEW_DEFAULT, PREVIEW_MAX = 10, 1000
 EVENTS_LATER = "events are not supported by this server version yet"
 ORDERS_LATER = "orders are not supported by this server version yet"
 COMMITTED_KEY = "bitseg-committed-batches"
@@ -54,6 +56,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (SchemaError, grpc.StatusCode.INVALID_ARGUMENT, "invalid schema: "),
     (NotFound, grpc.StatusCode.NOT_FOUND, ""),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, ""),
+    (SegmentInUse, grpc.StatusCode.FAILED_PRECONDITION, ""),
     (StoreError, grpc.StatusCode.INTERNAL, "store error: "),  # not the caller's fault
     (BitsegError, grpc.StatusCode.INVALID_ARGUMENT, ""),
 )
@@ -105,8 +108,15 @@ def _micros_since(start_ns: int) -> int:
 class SegmentsServicer(pb_grpc.SegmentsServicer):
     """bitseg.v1.Segments over one open Engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, segments: Segments | None = None) -> None:
         self.engine = engine
+        self._segments = segments
+
+    @property
+    def segments(self) -> Segments:
+        if self._segments is None:
+            raise Unimplemented(NO_SEGMENTS)
+        return self._segments
 
     # ---------------------------------------------------------------- evaluation
     @rpc
@@ -125,6 +135,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         cursor = convert.Cursor.decode(request.cursor) if request.cursor else None
         as_of = convert.as_of_of(request) or (cursor.as_of if cursor else convert.now())
         page_size = convert.page_size_of(request)
+        fields = check_fields(self.engine, request.fields) if request.fields else None
         version = self.engine.snapshot.version
         start = time.perf_counter_ns()
         found = self.engine.evaluate(rule, as_of=as_of)
@@ -139,8 +150,11 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
             page = found[position:stop]  # one page of dense ids; strings only for it
             if page:
                 last = page.max()
+            dense = ids_of(page)
+            rows = [] if fields is None else profile_rows(self.engine, dense, fields)
             yield pb.MembersPage(
-                ids=self.engine.ids.externals(ids_of(page)),
+                ids=[row["id"] for row in rows] if rows else self.engine.ids.externals(dense),
+                rows_json=[orjson.dumps(row).decode() for row in rows],
                 cursor="" if last is None else convert.Cursor(version, last, as_of_us).encode(),
                 done=stop >= total, total=total, eval_micros=eval_micros, as_of=as_of_ts)
             position = stop
@@ -161,7 +175,9 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def SegmentsOf(self, request: pb.SegmentsOfRequest,
                    context: grpc.ServicerContext) -> pb.SegmentsOfReply:
-        raise Unimplemented(SEGMENTS_LATER)
+        as_of = convert.as_of_of(request) or convert.now()
+        names = self.segments.segments_of(_profile_id(request.profile_id), as_of=as_of)
+        return pb.SegmentsOfReply(segments=names)
 
     @rpc
     def Explain(self, request: pb.ExplainRequest,
@@ -169,10 +185,47 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         rule = convert.target_of(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        tree = explain(self.engine, rule, as_of)
-        return pb.ExplainReply(root=convert.explain_node(tree), text=explain_text(tree),
+        snap = self.engine.snapshot
+        found = explain(snap, rule, self.engine.parse(rule, snap), as_of_micros(as_of))
+        return pb.ExplainReply(root=convert.explain_node(found.root), text=found.text,
+                               sentence=found.sentence, eval_micros=_micros_since(start),
+                               as_of=convert.to_timestamp(as_of))
+
+    @rpc
+    def Preview(self, request: pb.PreviewRequest,
+                context: grpc.ServicerContext) -> pb.PreviewReply:
+        rule = convert.target_of(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        limit = min(request.limit or PREVIEW_DEFAULT, PREVIEW_MAX)
+        start = time.perf_counter_ns()
+        found = self.engine.evaluate(rule, as_of=as_of)
+        rows = profile_rows(self.engine, ids_of(found)[:limit])
+        return pb.PreviewReply(total=len(found), profiles=[convert.profile_reply(r) for r in rows],
                                eval_micros=_micros_since(start),
                                as_of=convert.to_timestamp(as_of))
+
+    @rpc
+    def Metrics(self, request: pb.MetricsRequest,
+                context: grpc.ServicerContext) -> pb.MetricsReply:
+        rule = convert.target_of(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        metrics = self.segments.metrics(rule, as_of=as_of,
+                                        amount_field=request.amount_field or "amount")
+        reply = convert.metrics_reply(metrics)
+        reply.eval_micros = _micros_since(start)
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
+
+    @rpc
+    def Overlap(self, request: pb.OverlapRequest,
+                context: grpc.ServicerContext) -> pb.OverlapReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        reply = convert.overlap_reply(self.segments.overlap(list(request.segments), as_of=as_of))
+        reply.eval_micros = _micros_since(start)
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
 
     @rpc
     def GetProfile(self, request: pb.GetProfileRequest,
@@ -181,32 +234,78 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
 
     # ---------------------------------------------------------------- segments
     @rpc
-    def CreateSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def CreateSegment(self, request: pb.CreateSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.Segment:
+        as_of = convert.as_of_of(request) or convert.now()
+        info, change = self.segments.create(
+            request.name, convert.kind_of(request.kind), rule=convert.source_of(request),
+            ids=list(request.profile_ids), as_of=as_of,
+            refresh_every=request.refresh_every_seconds or None)
+        return convert.segment_reply(info, change)
 
     @rpc
-    def GetSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def UpdateSegment(self, request: pb.UpdateSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.Segment:
+        as_of = convert.as_of_of(request) or convert.now()
+        every = request.refresh_every_seconds if request.HasField("refresh_every_seconds") \
+            else None
+        info, change = self.segments.update(
+            request.name, rule=convert.source_of(request), refresh_every=every or None,
+            clear_refresh_every=every == 0, as_of=as_of)
+        return convert.segment_reply(info, change)
 
     @rpc
-    def ListSegments(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def GetSegment(self, request: pb.GetSegmentRequest,
+                   context: grpc.ServicerContext) -> pb.Segment:
+        return convert.segment_reply(self.segments.get(request.name))
 
     @rpc
-    def DeleteSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def ListSegments(self, request: pb.ListSegmentsRequest,
+                     context: grpc.ServicerContext) -> pb.ListSegmentsReply:
+        return pb.ListSegmentsReply(
+            segments=[convert.segment_reply(info) for info in self.segments.list()])
 
     @rpc
-    def AddToSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def DeleteSegment(self, request: pb.DeleteSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.DeleteSegmentReply:
+        self.segments.delete(request.name)
+        return pb.DeleteSegmentReply()
 
     @rpc
-    def RemoveFromSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def AddToSegment(self, request: pb.AddToSegmentRequest,
+                     context: grpc.ServicerContext) -> pb.SegmentMembershipReply:
+        change = self.segments.add(request.name, list(request.profile_ids))
+        return pb.SegmentMembershipReply(changed=change.entered, size=change.size,
+                                         unknown_ids=change.unknown)
 
     @rpc
-    def RefreshSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(SEGMENTS_LATER)
+    def RemoveFromSegment(self, request: pb.RemoveFromSegmentRequest,
+                          context: grpc.ServicerContext) -> pb.SegmentMembershipReply:
+        change = self.segments.remove(request.name, list(request.profile_ids))
+        return pb.SegmentMembershipReply(changed=change.exited, size=change.size,
+                                         unknown_ids=change.unknown)
+
+    @rpc
+    def RefreshSegment(self, request: pb.RefreshSegmentRequest,
+                       context: grpc.ServicerContext) -> pb.RefreshSegmentReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        change = self.segments.refresh(request.name, as_of=as_of)
+        return pb.RefreshSegmentReply(size=change.size, entered=change.entered,
+                                      exited=change.exited, eval_micros=_micros_since(start),
+                                      as_of=convert.to_timestamp(as_of))
+
+    @rpc
+    def SegmentHistory(self, request: pb.SegmentHistoryRequest,
+                       context: grpc.ServicerContext) -> pb.SegmentHistoryReply:
+        return pb.SegmentHistoryReply(
+            points=[convert.point_reply(p) for p in self.segments.history(request.name)])
+
+    @rpc
+    def RecordSegmentSize(self, request: pb.RecordSegmentSizeRequest,
+                          context: grpc.ServicerContext) -> pb.SizePoint:
+        as_of = convert.as_of_of(request) or convert.now()
+        return convert.point_reply(self.segments.record_size(request.name, as_of=as_of))
 
     # ---------------------------------------------------------------- ingestion
     @rpc
@@ -275,101 +374,3 @@ def _profile_id(profile_id: str) -> str:
     if not profile_id:
         raise BitsegError("profile_id: expected a non-empty profile id")
     return profile_id
-
-
-# ------------------------------------------------------------------ explain
-# (Domain logic, kept here until the engine offers it: index/ owns the rule language.)
-def explain(engine: Engine, rule: Any, as_of: Any) -> dict[str, Any]:
-    """The rule as a tree of {path, text, count, children}, every count from one snapshot."""
-    snap = engine.snapshot
-    typed = engine.parse(rule, snap)  # validates all of it first: errors carry paths
-    as_json = orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule
-    return _explain(as_json, typed, "$", Evaluator(snap, as_of_micros(as_of)))
-
-
-def _explain(obj: dict[str, Any], node: Rule, path: str, ev: Evaluator) -> dict[str, Any]:
-    children = []
-    if isinstance(node, (And, Or)):
-        key = "and" if isinstance(node, And) else "or"
-        children = [_explain(o, n, f"{path}.{key}[{i}]", ev)
-                    for i, (o, n) in enumerate(zip(obj[key], node.children, strict=True))]
-    elif isinstance(node, Not):
-        children = [_explain(obj["not"], node.child, f"{path}.not", ev)]
-    return {"path": path, "text": words(obj), "count": ev.count(node), "children": children}
-
-
-def explain_text(tree: dict[str, Any], depth: int = 0) -> str:
-    """One node per line, children indented: `text: count`."""
-    lines = [f"{'  ' * depth}{tree['text']}: {tree['count']}"]
-    lines.extend(explain_text(child, depth + 1) for child in tree["children"])
-    return "\n".join(lines)
-
-
-_OP_WORDS = {"eq": "is", "ne": "is not", "in": "is one of", "not_in": "is none of",
-             "has_all": "has all of", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-
-
-def words(obj: dict[str, Any]) -> str:
-    """One rule node (not its children) in plain words."""
-    if "and" in obj:
-        return "all of"
-    if "or" in obj:
-        return "any of"
-    if "not" in obj:
-        return "not"
-    if "all" in obj:
-        return "every live profile"
-    if "segment" in obj:
-        return f"in segment {_show(obj['segment'])}"
-    if "event" in obj or "orders" in obj:
-        return _timed_words(obj)
-    if "field" not in obj:
-        return orjson.dumps(obj).decode()
-    field, op, value = obj["field"], obj["op"], obj.get("value")
-    if op == "exists":
-        return f"{field} has a value"
-    if op == "not_exists":
-        return f"{field} has no value"
-    if op == "between":
-        return f"{field} is between {_show(value[0])} and {_show(value[1])}"
-    if op == "anniversary_in":
-        return f"the anniversary of {field} is in the next {value['next_days']} days"
-    if isinstance(value, list):
-        return f"{field} {_OP_WORDS[op]} {', '.join(_show(v) for v in value)}"
-    return f"{field} {_OP_WORDS[op]} {_show(value)}"
-
-
-def _timed_words(obj: dict[str, Any]) -> str:
-    """An event or orders node: what rows, when, and how many (or how much)."""
-    if "event" in obj:
-        rows = "any events" if obj["event"] == "*" else f"{_show(obj['event'])} events"
-        if "where" in obj:
-            rows += f" where {orjson.dumps(obj['where']).decode()}"
-    else:
-        rows = f"orders matching {orjson.dumps(obj['orders']).decode()}"
-    window = obj.get("window") or {}
-    if "last_days" in window:
-        when = f"in the last {window['last_days']} days"
-    elif "next_days" in window:
-        when = f"in the next {window['next_days']} days"
-    elif "from" in window or "to" in window:
-        when = f"from {window.get('from')} to {window.get('to')}"
-    else:
-        when = "up to as_of"
-    having = obj.get("having")
-    if having is None:
-        return f"has {rows} {when}"
-    agg = having.get("agg")
-    what = f"{agg} of {having['of']}" if having.get("of") else str(agg)
-    op = having.get("op")
-    value = having.get("value")
-    amount = (f"between {_show(value[0])} and {_show(value[1])}"
-              if op == "between" and isinstance(value, list) and len(value) == 2
-              else f"{_OP_WORDS.get(op, op)} {_show(value)}")
-    return f"{what} of {rows} {when} {amount}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict) and "days_ago" in value:
-        return f"{value['days_ago']} days before as_of"
-    return orjson.dumps(value).decode()

@@ -248,12 +248,11 @@ def test_unknown_profile_and_segment_are_not_found(client: Client) -> None:
     assert client.is_member("u1", {"all": True})  # u1 was not deleted: all or none
 
 
-def test_segment_management_is_unimplemented_for_now(client: Client) -> None:
-    for call in (lambda: client.list_segments(),
-                 lambda: client.create_segment("vip", "dynamic", rule={"all": True}),
-                 lambda: client.segments_of("u1")):
-        error = _code_of(call)
-        assert error.code == "UNIMPLEMENTED" and "issue 5" in error.message
+def test_a_store_without_segments(client: Client) -> None:
+    # segments themselves are tested in test_segments_e2e.py (this server only reads)
+    assert client.list_segments() == []
+    assert client.segments_of("u1") == []
+    assert _code_of(lambda: client.get_segment("vip")).code == "NOT_FOUND"
 
 
 def test_explain_counts_every_node(client: Client, profiles: list[Profile]) -> None:
@@ -311,8 +310,8 @@ def test_cli_members_csv_quotes_ids(server: ServerProcess, profiles: list[Profil
     (["count", "--rule", json.dumps(BAD_RULE)], 2, ["invalid rule", BAD_PATH]),
     (["check", "nobody", "--rule", '{"all": true}'], 3, ["nobody", "not found"]),
     (["count", "--rule", "no/such/rule.json"], 2, ["no such file"]),
-    (["segment", "list"], 6, ["issue 5"]),
-], ids=["bad-rule", "unknown-profile", "no-rule-file", "unimplemented"])
+    (["segment", "get", "nope"], 3, ["segment 'nope' not found"]),
+], ids=["bad-rule", "unknown-profile", "no-rule-file", "unknown-segment"])
 def test_cli_errors_are_one_line(server: ServerProcess, args: list[str], status: int,
                                  words: list[str]) -> None:
     done = run_cli(*args, "--addr", server.addr)

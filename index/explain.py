@@ -1,0 +1,302 @@
+"""Explain a rule: the whole rule as one sentence in plain words, and the count at every
+node of its tree, all from one snapshot and one as_of (so each count equals a separate
+Count of that sub-rule).
+
+    Profiles whose country is 'DE', who had 'popup_opened' events where popup is
+    'spring' at least 3 times in the last 30 days and who are not in segment 'churned'
+
+Words are exact rather than pretty: a negated condition says "or is unset" where the
+profiles lacking the field are included (CONTRACT §2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bitseg.index import types as T
+from bitseg.index.evaluate import Evaluator
+from bitseg.index.rules import And, Cond, Not, Or, Rule
+from bitseg.index.snapshot import Snapshot
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the rule tree: its JSON path, itself in words, and its count."""
+
+    path: str
+    text: str
+    count: int
+    children: tuple[Node, ...] = ()
+
+    def lines(self, depth: int = 0) -> str:
+        """One node per line, children indented: `text: count`."""
+        out = [f"{'  ' * depth}{self.text}: {self.count}"]
+        out.extend(child.lines(depth + 1) for child in self.children)
+        return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    sentence: str
+    root: Node
+
+    @property
+    def text(self) -> str:
+        return self.root.lines()
+
+
+def explain(snapshot: Snapshot, rule: Any, typed: Rule, as_of_us: int) -> Explanation:
+    """The explanation of a rule given in JSON form (dict or text) and parsed (`typed`)."""
+    obj = orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule
+    root = _tree(obj, typed, "$", Evaluator(snapshot, as_of_us))
+    return Explanation(_sentence(obj, typed, snapshot), root)
+
+
+def _tree(obj: dict[str, Any], node: Rule, path: str, ev: Evaluator) -> Node:
+    children: list[Node] = []
+    if isinstance(node, (And, Or)):
+        key = "and" if isinstance(node, And) else "or"
+        children = [_tree(o, n, f"{path}.{key}[{i}]", ev)
+                    for i, (o, n) in enumerate(zip(obj[key], node.children, strict=True))]
+    elif isinstance(node, Not):
+        children = [_tree(obj["not"], node.child, f"{path}.not", ev)]
+    return Node(path, node_words(obj, node), ev.count(node), tuple(children))
+
+
+def _sentence(obj: dict[str, Any], typed: Rule, snapshot: Snapshot) -> str:
+    if "all" in obj:
+        return "All live profiles"
+    sentence = "Profiles " + positive(obj, typed)
+    if "segment" in obj:  # say what the segment is
+        from bitseg.index.segments import SegmentSet
+
+        segments = snapshot.segments
+        segment = segments.segments.get(obj["segment"]) \
+            if isinstance(segments, SegmentSet) else None
+        if segment is not None and segment.typed is not None:
+            sentence += (f"; {segment.kind} segment {_show(segment.name)} is: Profiles "
+                         + positive(segment.rule, segment.typed))
+        elif segment is not None:
+            sentence += f"; segment {_show(segment.name)} is a static list of profiles"
+    return sentence
+
+
+# ---------------------------------------------------------------------- tree nodes
+def node_words(obj: dict[str, Any], node: Rule) -> str:
+    """One node (not its children) in plain words."""
+    if "and" in obj:
+        return "all of"
+    if "or" in obj:
+        return "any of"
+    if "not" in obj:
+        return "not"
+    if "all" in obj:
+        return "every live profile"
+    if "segment" in obj:
+        return f"in segment {_show(obj['segment'])}"
+    if "event" in obj or "orders" in obj:
+        return _timed(obj, negated=False)
+    return condition_words(obj, _type_of(node))
+
+
+# ---------------------------------------------------------------------- clauses
+def positive(obj: dict[str, Any], node: Rule | None) -> str:
+    """A clause true for the rule's profiles: "whose …" / "who …"."""
+    if "and" in obj:
+        return _join([_part(o, n, positive) for o, n in _kids(obj, "and", node)], "and")
+    if "or" in obj:
+        return "either " + _join([_part(o, n, positive) for o, n in _kids(obj, "or", node)],
+                                 "or")
+    if "not" in obj:
+        return negative(obj["not"], node.child if isinstance(node, Not) else None)
+    if "all" in obj:
+        return "who exist"
+    if "segment" in obj:
+        return f"who are in segment {_show(obj['segment'])}"
+    if "event" in obj or "orders" in obj:
+        return "who " + _timed(obj, negated=False)
+    return "whose " + condition_words(obj, _type_of(node))
+
+
+def negative(obj: dict[str, Any], node: Rule | None) -> str:
+    """A clause true for the live profiles the rule leaves out (De Morgan for and/or)."""
+    if "and" in obj:
+        return "either " + _join([_part(o, n, negative) for o, n in _kids(obj, "and", node)],
+                                 "or")
+    if "or" in obj:
+        return _join([_part(o, n, negative) for o, n in _kids(obj, "or", node)], "and")
+    if "not" in obj:
+        return positive(obj["not"], node.child if isinstance(node, Not) else None)
+    if "all" in obj:
+        return "who do not exist"
+    if "segment" in obj:
+        return f"who are not in segment {_show(obj['segment'])}"
+    if "event" in obj or "orders" in obj:
+        return "who " + _timed(obj, negated=True)
+    return "whose " + condition_words(obj, _type_of(node), negated=True)
+
+
+def _kids(obj: dict[str, Any], key: str, node: Rule | None) -> list[tuple[Any, Rule | None]]:
+    typed = node.children if isinstance(node, (And, Or)) else [None] * len(obj[key])
+    return list(zip(obj[key], typed, strict=True))
+
+
+def _part(obj: dict[str, Any], node: Rule | None, clause: Any) -> str:
+    """A child clause, in parentheses when it is itself a list joined by and/or."""
+    text = clause(obj, node)
+    compound = ("and" in obj or "or" in obj) and len(next(iter(obj.values()))) > 1
+    return f"({text})" if compound else text
+
+
+def _join(parts: list[str], word: str) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + f" {word} " + parts[-1]
+
+
+def _type_of(node: Rule | None) -> str | None:
+    return node.type if isinstance(node, Cond) else None
+
+
+# ---------------------------------------------------------------------- conditions
+_COMPARE = {"gt": "greater than", "gte": "at least", "lt": "less than", "lte": "at most"}
+_COMPARE_TIME = {"gt": "after", "gte": "on or after", "lt": "before", "lte": "on or before"}
+_OPPOSITE = {"gt": "lte", "gte": "lt", "lt": "gte", "lte": "gt"}
+
+
+def condition_words(obj: dict[str, Any], type_: str | None, negated: bool = False) -> str:
+    """A field condition without its subject: "country is 'DE'", "age is at least 18"."""
+    field, op, value = obj["field"], obj["op"], obj.get("value")
+    many = type_ == T.KEYWORDS
+    unset = " or is unset"
+    if op in ("exists", "not_exists"):
+        return f"{field} is {'set' if (op == 'exists') != negated else 'unset'}"
+    if op in _COMPARE:
+        words = _COMPARE_TIME if type_ in T.TIME_TYPES else _COMPARE
+        shown = f"{field} is {words[_OPPOSITE[op] if negated else op]} {_show(value)}"
+        return shown + unset if negated else shown
+    if op == "between":
+        lo, hi = (_show(v) for v in value)
+        return f"{field} is not between {lo} and {hi}{unset}" if negated \
+            else f"{field} is between {lo} and {hi}"
+    if op == "anniversary_in":
+        days = value["next_days"]
+        when = "today" if days == 1 else f"in the next {days} days"
+        return (f"the anniversary of {field} is not {when}{unset}" if negated
+                else f"the anniversary of {field} is {when}")
+    if op == "has_all":
+        listed = _list(value, "and")
+        return f"{field} {'do not ' if negated else ''}include all of {listed}"
+    if op in ("eq", "ne"):
+        has = (op == "eq") != negated
+        if many:
+            return f"{field} include {_show(value)}" if has else (
+                f"{field} do not include {_show(value)}" if op == "eq"
+                else f"{field} include {_show(value)} or are unset")
+        if op == "eq":
+            return f"{field} is {_show(value)}" if has else f"{field} is not {_show(value)}{unset}"
+        return f"{field} is not {_show(value)}" if not negated \
+            else f"{field} is {_show(value)}{unset}"
+    listed = _list(value, "or")  # in, not_in
+    has = (op == "in") != negated
+    if many:
+        return f"{field} include any of {listed}" if has else (
+            f"{field} include none of {listed}" if op == "in"
+            else f"{field} include any of {listed} or are unset")
+    if op == "in":
+        return f"{field} is one of {listed}" if has else f"{field} is none of {listed}{unset}"
+    return f"{field} is none of {listed}" if not negated \
+        else f"{field} is one of {listed}{unset}"
+
+
+def _where_words(obj: dict[str, Any]) -> str:
+    """A `where` (event properties) or `orders` (order fields) rule in words."""
+    if "and" in obj or "or" in obj:
+        key = "and" if "and" in obj else "or"
+        parts = [f"({_where_words(o)})" if ("and" in o or "or" in o) else _where_words(o)
+                 for o in obj[key]]
+        return _join(parts, key)
+    if "not" in obj:
+        return f"not ({_where_words(obj['not'])})"
+    if "all" in obj:
+        return "any"
+    if "field" in obj:
+        return condition_words(obj, None)
+    return orjson.dumps(obj).decode()
+
+
+# ---------------------------------------------------------------------- events, orders
+_TIMES = {"gte": "at least", "gt": "more than", "lte": "at most", "lt": "fewer than",
+          "eq": "exactly", "ne": "other than"}
+_AGG = {"sum": "a total", "avg": "an average", "min": "a smallest", "max": "a largest"}
+
+
+def _timed(obj: dict[str, Any], negated: bool) -> str:
+    """An event or orders node as a verb phrase: "had 'x' events … at least 3 times …"."""
+    if "event" in obj:
+        verb, rows = ("did not have", "had")[not negated], _event_rows(obj)
+    else:
+        verb = ("did not place", "placed")[not negated]
+        selected = obj.get("orders") or {"all": True}
+        rows = "orders" if "all" in selected else f"orders where {_where_words(selected)}"
+    when = _window(obj.get("window"))
+    having = obj.get("having") or {"agg": "count", "op": "gte", "value": 1}
+    agg, op, value = having.get("agg"), having.get("op"), having.get("value")
+    if agg == "count":
+        if not negated and op == "eq" and value == 0:
+            return f"had no {rows}{when}"
+        return f"{verb} {rows} {_times(op, value)}{when}"
+    amount = (f"between {_show(value[0])} and {_show(value[1])}" if op == "between"
+              and isinstance(value, list) and len(value) == 2
+              else f"{_COMPARE.get(op, _TIMES.get(op, op))} {_show(value)}")
+    return f"{verb} {rows}{when} with {_AGG.get(agg, agg)} {having.get('of')} {amount}"
+
+
+def _event_rows(obj: dict[str, Any]) -> str:
+    rows = "events of any type" if obj["event"] == "*" else f"{_show(obj['event'])} events"
+    if "where" in obj:
+        rows += f" where {_where_words(obj['where'])}"
+    return rows
+
+
+def _times(op: str, value: Any) -> str:
+    if op == "between" and isinstance(value, list) and len(value) == 2:
+        return f"between {_show(value[0])} and {_show(value[1])} times"
+    if op == "gte" and value == 1:
+        return "at least once"
+    return f"{_TIMES.get(op, op)} {_show(value)} {'time' if value == 1 else 'times'}"
+
+
+def _window(window: Any) -> str:
+    if not window:
+        return ""
+    if "last_days" in window:
+        n = window["last_days"]
+        return " in the last day" if n == 1 else f" in the last {n} days"
+    if "next_days" in window:
+        n = window["next_days"]
+        return " in the next day" if n == 1 else f" in the next {n} days"
+    return f" from {window.get('from')} until {window.get('to')}"
+
+
+# ---------------------------------------------------------------------- values
+def _show(value: Any) -> str:
+    if isinstance(value, dict) and "days_ago" in value:
+        n = value["days_ago"]
+        return "as_of" if n == 0 else ("1 day ago" if n == 1 else f"{n} days ago")
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return orjson.dumps(value).decode()
+
+
+def _list(values: Any, word: str) -> str:
+    if not isinstance(values, list):
+        return _show(values)
+    return _join([_show(v) for v in values], word)

@@ -1,0 +1,735 @@
+"""Segments (CONTRACT §3): named, stored audiences, bound to one Engine.
+
+- static: a stored set of profiles, filled from ids and/or a one-time snapshot of a
+  rule, changed only by adding and removing ids; never recounted.
+- dynamic: a stored rule, evaluated on the data as it is at call time.
+- materialized: a stored rule plus its stored membership, refreshed on request or every
+  `refresh_every` seconds.
+
+Every change of a static or materialized membership records `segment_entered` /
+`segment_exited` events (property `segment` = the name, CONTRACT §2.5) and a point of
+the segment's size history, in the same LMDB transaction as the membership itself:
+the change is computed inside Engine.track_events (its records are a function of the
+snapshot the batch is built on, called under the engine's write lock) and written by
+its `also` callback, which returns the new SegmentSet for the engine to publish with
+the batch.  Segment writes are serialised by the manager's own lock.
+
+Persistence, the LMDB db "segments":
+  b"d\\0" name                       the definition (JSON)
+  b"m\\0" name \\0 u32(chunk)          a chunk (2**18 ids) of the stored membership
+  b"h\\0" name \\0 u64(t) u32(seq)     a history point {"size": n, "cause": ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
+from bitseg.index.evaluate import Evaluator
+from bitseg.index.fields import ids_of
+from bitseg.index.rules import And, Not, Or, Rule, SegmentRef, parse_rule
+from bitseg.index.snapshot import Snapshot
+from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
+
+if TYPE_CHECKING:
+    from bitseg.index.engine import Engine
+
+log = logging.getLogger("bitseg.segments")
+
+STATIC, DYNAMIC, MATERIALIZED = "static", "dynamic", "materialized"
+KINDS = (STATIC, DYNAMIC, MATERIALIZED)
+ENTERED, EXITED = "segment_entered", "segment_exited"
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+DB = "segments"
+FORMAT = 1
+US = 1_000_000
+_POINT = struct.Struct(">QI")
+
+
+class SegmentInUse(BitsegError):
+    """A segment that other segments' rules refer to cannot be deleted."""
+
+    def __init__(self, name: str, users: Sequence[str]) -> None:
+        super().__init__(f"segment {name!r} is used by the rules of {', '.join(map(repr, users))};"
+                         f" delete or change those first")
+        self.name = name
+        self.users = tuple(users)
+
+
+# ---------------------------------------------------------------------- the values
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment's definition, and its stored membership (static, materialized)."""
+
+    name: str
+    kind: str
+    rule: Any = None  # JSON form: dynamic and materialized rule, or a static's source rule
+    typed: Rule | None = None  # the parsed rule of a dynamic or materialized segment
+    members: BitMap | None = None  # static, materialized; may hold since-deleted ids
+    created_at: int = 0  # µs
+    refreshed_at: int | None = None  # µs: the as_of of the last membership change
+    refresh_every: int | None = None  # seconds (materialized only)
+    points: int = 0  # history points recorded so far (the next point's sequence number)
+
+    def definition(self) -> dict[str, Any]:
+        return {"format": FORMAT, "kind": self.kind, "rule": self.rule,
+                "created_at": self.created_at, "refreshed_at": self.refreshed_at,
+                "refresh_every": self.refresh_every, "points": self.points}
+
+    def uses(self) -> set[str]:
+        """The segments this one's rule refers to directly."""
+        return {ref.name for ref in segment_refs(self.typed)} if self.typed is not None else set()
+
+
+@dataclass(frozen=True)
+class SegmentSet:
+    """Immutable: every segment by name. The SegmentLookup the engine evaluates with."""
+
+    segments: Mapping[str, Segment] = field(default_factory=lambda: MappingProxyType({}))
+
+    def resolve(self, name: str) -> BitMap | Rule:
+        segment = self.get(name)
+        if segment.members is not None:
+            return segment.members
+        assert segment.typed is not None  # a dynamic segment always has its rule
+        return segment.typed
+
+    def get(self, name: str) -> Segment:
+        segment = self.segments.get(name)
+        if segment is None:
+            raise NotFound("segment", name)
+        return segment
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.segments
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self.segments[name] for name in sorted(self.segments))
+
+    def with_segment(self, segment: Segment) -> SegmentSet:
+        return SegmentSet(MappingProxyType({**self.segments, segment.name: segment}))
+
+    def without(self, name: str) -> SegmentSet:
+        return SegmentSet(MappingProxyType({k: v for k, v in self.segments.items()
+                                            if k != name}))
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """A segment as callers see it: its definition and current size."""
+
+    name: str
+    kind: str
+    rule: Any
+    size: int
+    created_at: int
+    refreshed_at: int | None
+    refresh_every: int | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one membership change did."""
+
+    size: int
+    entered: int
+    exited: int
+    as_of: int  # µs
+    unknown: tuple[str, ...] = ()  # ids given that are not live profiles (nothing done)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a segment's size history."""
+
+    at: int  # µs
+    size: int
+    cause: str  # create, refresh, add, remove, update, record
+
+
+@dataclass(frozen=True)
+class Overlap:
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    matrix: tuple[tuple[int, ...], ...]  # matrix[i][j] = |segment i ∩ segment j|
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What loyalty platforms show per segment; money is exact (Fractions of decimals)."""
+
+    profiles: int
+    total_profiles: int
+    orders: int
+    customers: int  # profiles of the segment with at least one order
+    revenue: Fraction  # total order amount of the segment's profiles
+    total_revenue: Fraction  # the same over every live profile
+
+    @property
+    def share_of_profiles(self) -> Fraction | None:
+        return Fraction(self.profiles, self.total_profiles) if self.total_profiles else None
+
+    @property
+    def share_of_revenue(self) -> Fraction | None:
+        return self.revenue / self.total_revenue if self.total_revenue else None
+
+    @property
+    def average_order_value(self) -> Fraction | None:
+        return self.revenue / self.orders if self.orders else None
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BitsegError(f"segment name: expected 1-128 characters of letters, digits, "
+                          f"_ - . : ; got {name!r}")
+    return name
+
+
+def segment_refs(rule: Rule) -> Iterator[SegmentRef]:
+    """Every {"segment": ...} node of a rule tree (event and order sub-rules have none)."""
+    if isinstance(rule, SegmentRef):
+        yield rule
+    elif isinstance(rule, (And, Or)):
+        for child in rule.children:
+            yield from segment_refs(child)
+    elif isinstance(rule, Not):
+        yield from segment_refs(rule.child)
+
+
+def check_references(name: str, rule: Rule, segments: SegmentSet) -> None:
+    """Every segment the rule refers to exists, and none leads back to `name` through
+    the rules of dynamic and materialized segments (RuleError naming the path)."""
+    def walk(node: Rule, trail: list[str], path_of: SegmentRef | None) -> None:
+        for ref in segment_refs(node):
+            where = path_of or ref
+            if ref.name == name or ref.name in trail:
+                cycle = " -> ".join([name, *trail, ref.name])
+                raise RuleError(where.path, f"segments refer to each other in a cycle: {cycle}")
+            used = segments.get(ref.name)
+            if used.typed is not None:
+                walk(used.typed, [*trail, ref.name], where)
+
+    walk(rule, [], None)
+
+
+# ---------------------------------------------------------------------- persistence
+def _definition_key(name: str) -> bytes:
+    return b"d\0" + name.encode()
+
+
+def _members_prefix(name: str) -> bytes:
+    return b"m\0" + name.encode() + b"\0"
+
+
+def _history_prefix(name: str) -> bytes:
+    return b"h\0" + name.encode() + b"\0"
+
+
+def _delete_prefix(store: Store, txn: Txn, prefix: bytes) -> None:
+    for key in list(store.keys(txn, DB, prefix)):
+        store.delete(txn, DB, key)
+
+
+def _put_members(store: Store, txn: Txn, name: str, members: BitMap,
+                 chunks: Iterable[int] | None) -> None:
+    """Write the given chunks of a membership (None: all of it, replacing what was)."""
+    prefix = _members_prefix(name)
+    if chunks is None:
+        _delete_prefix(store, txn, prefix)
+        chunks = chunks_of(members)
+    for chunk in chunks:
+        part = members & chunk_mask(chunk)
+        if part:
+            part.run_optimize()
+            store.put(txn, DB, prefix + u32(chunk), part.serialize())
+        else:
+            store.delete(txn, DB, prefix + u32(chunk))
+
+
+def _put_point(store: Store, txn: Txn, segment: Segment, at: int, size: int,
+               cause: str) -> Segment:
+    """Record a history point; the segment with its point counter advanced."""
+    key = _history_prefix(segment.name) + _POINT.pack(at + 2**63, segment.points)
+    store.put(txn, DB, key, orjson.dumps({"size": size, "cause": cause}))
+    return replace(segment, points=segment.points + 1)
+
+
+def _delete_segment(store: Store, txn: Txn, name: str) -> None:
+    store.delete(txn, DB, _definition_key(name))
+    _delete_prefix(store, txn, _members_prefix(name))
+    _delete_prefix(store, txn, _history_prefix(name))
+
+
+def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
+    """Every stored segment; rules are parsed against the snapshot's schema."""
+    found: dict[str, Segment] = {}
+    for key, raw in store.items(txn, DB, b"d\0"):
+        name = bytes(key[2:]).decode()
+        data = orjson.loads(raw)
+        members = None
+        if data["kind"] != DYNAMIC:
+            parts = [BitMap.deserialize(bytes(v))
+                     for _, v in store.items(txn, DB, _members_prefix(name))]
+            members = BitMap.union(*parts) if parts else BitMap()
+        typed = None
+        if data["kind"] != STATIC:
+            try:
+                typed = parse_rule(data["rule"], snapshot.schema)
+            except RuleError as exc:
+                raise StoreError(f"segment {name!r}: its stored rule is no longer valid: "
+                                 f"{exc}") from None
+        found[name] = Segment(name, data["kind"], data["rule"], typed, members,
+                              data["created_at"], data.get("refreshed_at"),
+                              data.get("refresh_every"), data.get("points", 0))
+    return SegmentSet(MappingProxyType(found))
+
+
+def open_segments(engine: Engine) -> Segments:
+    """Load the engine's stored segments, publish them on it, and manage them."""
+    if "segment" not in engine.schema.events:  # so entered/exited rules parse from the start
+        engine.declare_schema({"events": {"segment": T.KEYWORD}}, source="segments")
+    with engine.store.read() as txn:
+        segments = load_segments(engine.store, txn, engine.snapshot)
+    engine.set_segments(segments)
+    return Segments(engine)
+
+
+# ---------------------------------------------------------------------- a change
+@dataclass
+class _Plan:
+    """A membership change, computed on the snapshot the write batch is built on."""
+
+    old: Segment | None
+    new: Segment | None  # None: the segment is deleted
+    entered: BitMap = field(default_factory=BitMap)  # live profiles that enter
+    exited: BitMap = field(default_factory=BitMap)  # profiles that leave (events: live ones)
+    at: int = 0  # µs: the events' time and the history point's
+    cause: str | None = None  # a history point to record, if any
+    size: int = 0
+    unknown: tuple[str, ...] = ()
+    lookup: SegmentSet = field(default_factory=SegmentSet)
+
+    def records(self, engine: Engine, live: BitMap) -> Iterator[dict[str, Any]]:
+        name = (self.new or self.old).name  # type: ignore[union-attr]
+        ts = T.format_timestamp(self.at)
+        for event, ids in ((ENTERED, self.entered), (EXITED, self.exited & live)):
+            for external in engine.ids.externals(ids_of(ids)):
+                yield {"profile": external, "event": event, "ts": ts, "segment": name}
+
+    def write(self, store: Store, txn: Txn) -> None:
+        if self.new is None:
+            assert self.old is not None
+            _delete_segment(store, txn, self.old.name)
+            return
+        new = self.new
+        if new.members is not None:
+            whole = self.old is None or self.old.members is None
+            chunks = None if whole else chunks_of(self.entered | self.exited)
+            _put_members(store, txn, new.name, new.members, chunks)
+        store.put(txn, DB, _definition_key(new.name), orjson.dumps(new.definition()))
+
+
+# ---------------------------------------------------------------------- the manager
+class Segments:
+    """Creates, changes and answers questions about the segments of one Engine.
+
+    The published SegmentSet lives in the engine's snapshot; writes go one at a time.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.RLock()
+
+    @property
+    def current(self) -> SegmentSet:
+        found = self.engine.snapshot.segments
+        return found if isinstance(found, SegmentSet) else SegmentSet()
+
+    # ------------------------------------------------------------------ reading
+    def get(self, name: str, as_of: Any = None) -> SegmentInfo:
+        snap = self.engine.snapshot
+        return self._info(snap, _segments_of(snap).get(name), as_of)
+
+    def list(self, as_of: Any = None) -> list[SegmentInfo]:
+        snap = self.engine.snapshot
+        return [self._info(snap, s, as_of) for s in _segments_of(snap)]
+
+    def _info(self, snap: Snapshot, segment: Segment, as_of: Any) -> SegmentInfo:
+        return SegmentInfo(segment.name, segment.kind, segment.rule,
+                           _size(snap, segment, _micros(as_of)), segment.created_at,
+                           segment.refreshed_at, segment.refresh_every)
+
+    def segments_of(self, profile_id: str, as_of: Any = None) -> list[str]:
+        """The names of the segments a live profile is in (NotFound for an unknown one)."""
+        snap = self.engine.snapshot
+        dense = self.engine.dense_id(profile_id)
+        evaluator = Evaluator(snap, _micros(as_of))
+        return [s.name for s in _segments_of(snap)
+                if evaluator.contains(SegmentRef(s.name, "$"), dense)]
+
+    def history(self, name: str) -> list[Point]:
+        """The segment's size history, oldest first."""
+        self.current.get(name)
+        prefix = _history_prefix(name)
+        store = self.engine.store
+        points = []
+        with store.read() as txn:
+            for key, raw in store.items(txn, DB, prefix):
+                at, _ = _POINT.unpack(bytes(key[len(prefix):]))
+                data = orjson.loads(raw)
+                points.append(Point(at - 2**63, data["size"], data["cause"]))
+        return points
+
+    def overlap(self, names: Sequence[str], as_of: Any = None) -> Overlap:
+        """Each segment's size, and the size of every pairwise intersection."""
+        snap = self.engine.snapshot
+        evaluator = Evaluator(snap, _micros(as_of))
+        segments = _segments_of(snap)
+        for name in names:
+            segments.get(name)
+        bitmaps = [evaluator.bitmap(SegmentRef(n, "$")) for n in names]
+        n = len(bitmaps)
+        matrix = [[0] * n for _ in range(n)]
+        for i in range(n):
+            matrix[i][i] = len(bitmaps[i])
+            for j in range(i + 1, n):
+                matrix[i][j] = matrix[j][i] = bitmaps[i].intersection_cardinality(bitmaps[j])
+        return Overlap(tuple(names), tuple(len(b) for b in bitmaps),
+                       tuple(tuple(row) for row in matrix))
+
+    def metrics(self, rule: Any, as_of: Any = None, amount_field: str = "amount") -> Metrics:
+        """Profiles, orders and revenue of a rule's (or {"segment": S}'s) profiles."""
+        from bitseg.index.orders import order_totals
+
+        snap = self.engine.snapshot
+        as_of_us = _micros(as_of)
+        found = Evaluator(snap, as_of_us).bitmap(self.engine.parse(rule, snap))
+        amount_type = snap.schema.orders.get(amount_field)
+        if amount_type is None and amount_field != "amount":  # no orders have it (yet)
+            raise BitsegError(f"amount_field: unknown order field {amount_field!r}")
+        if amount_type not in (None, T.INT, T.FLOAT):
+            raise BitsegError(f"amount_field: {amount_field!r} is a {amount_type} field, "
+                              f"not a number")
+        kind = amount_type or T.FLOAT
+        orders, customers, revenue = order_totals(snap.orders, found, as_of_us, amount_field,
+                                                  kind)
+        _, _, total = order_totals(snap.orders, snap.live, as_of_us, amount_field, kind)
+        return Metrics(len(found), len(snap.live), orders, customers, Fraction(revenue),
+                       Fraction(total))
+
+    # ------------------------------------------------------------------ writing
+    def create(self, name: str, kind: str, *, rule: Any = None, ids: Iterable[str] = (),
+               as_of: Any = None, refresh_every: int | None = None) -> tuple[SegmentInfo, Change]:
+        """A new segment; static from ids and/or a rule's members at as_of, materialized
+        counted at as_of. The Change says who entered and which ids were unknown."""
+        check_name(name)
+        if kind not in KINDS:
+            raise BitsegError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        ids = list(ids)
+        if kind != STATIC and rule is None:
+            raise BitsegError(f"a {kind} segment needs a rule")
+        if kind != STATIC and ids:
+            raise BitsegError(f"profile ids are for static segments; a {kind} segment's "
+                              f"members come from its rule")
+        _check_every(kind, refresh_every)
+        as_of_us = _micros(as_of)
+        with self._lock:
+            if name in self.current:
+                raise AlreadyExists("segment", name)
+            snap = self.engine.snapshot
+            typed = self.engine.parse(rule, snap) if rule is not None else None
+            rule_json = _json(rule)
+            if typed is not None:
+                if kind == STATIC:
+                    for ref in segment_refs(typed):
+                        _segments_of(snap).get(ref.name)
+                else:
+                    check_references(name, typed, _segments_of(snap))
+            segment = Segment(name, kind, rule_json, None if kind == STATIC else typed,
+                              None, _wall(), None, refresh_every)
+            if kind == DYNAMIC:
+                self._write_definition(segment)
+                return self.get(name, as_of_us), Change(0, 0, 0, as_of_us)
+
+            def plan(snap: Snapshot) -> _Plan:
+                members, unknown = BitMap(), []
+                if typed is not None:
+                    members = BitMap(Evaluator(snap, as_of_us).bitmap(typed))
+                if ids:
+                    found, unknown = self._resolve(ids, snap)
+                    members |= found
+                new = replace(segment, members=members, refreshed_at=as_of_us)
+                return _Plan(None, new, members, BitMap(), as_of_us, "create", len(members),
+                             tuple(unknown))
+
+            done = self._commit(plan)
+        return self.get(name, as_of_us), _change(done)
+
+    def update(self, name: str, *, rule: Any = None, refresh_every: int | None = None,
+               clear_refresh_every: bool = False, as_of: Any = None) -> tuple[SegmentInfo, Change]:
+        """Change a dynamic or materialized segment's rule (a materialized one is recounted
+        at as_of at once) and/or a materialized segment's refresh interval."""
+        as_of_us = _micros(as_of)
+        with self._lock:
+            snap = self.engine.snapshot
+            segment = _segments_of(snap).get(name)
+            if segment.kind == STATIC:
+                raise BitsegError(f"segment {name!r} is static: its members change only by "
+                                  f"adding and removing ids")
+            if refresh_every is not None or clear_refresh_every:
+                _check_every(segment.kind, refresh_every)
+                segment = replace(segment, refresh_every=refresh_every)
+            if rule is None:
+                self._write_definition(segment)
+                return self.get(name, as_of_us), Change(_size(snap, segment, as_of_us), 0, 0,
+                                                        as_of_us)
+            typed = self.engine.parse(rule, snap)
+            check_references(name, typed, _segments_of(snap))
+            segment = replace(segment, rule=_json(rule), typed=typed)
+            if segment.kind == DYNAMIC:
+                self._write_definition(segment)
+                return self.get(name, as_of_us), Change(0, 0, 0, as_of_us)
+            done = self._commit(lambda snap: _recount(snap, segment, as_of_us, "update"))
+        return self.get(name, as_of_us), _change(done)
+
+    def refresh(self, name: str, as_of: Any = None) -> Change:
+        """Recount a materialized segment at as_of, recording entries, exits and a point."""
+        as_of_us = _micros(as_of)
+        with self._lock:
+            segment = self.current.get(name)
+            if segment.kind != MATERIALIZED:
+                raise BitsegError(f"segment {name!r} is {segment.kind}: only materialized "
+                                  f"segments are refreshed")
+            done = self._commit(lambda snap: _recount(snap, _segments_of(snap).get(name),
+                                                      as_of_us, "refresh"))
+        return _change(done)
+
+    def add(self, name: str, ids: Iterable[str]) -> Change:
+        """Add live profiles by id to a static segment; unknown ids are reported back."""
+        return self._edit(name, list(ids), adding=True)
+
+    def remove(self, name: str, ids: Iterable[str]) -> Change:
+        """Remove profiles by id from a static segment; unknown ids are reported back."""
+        return self._edit(name, list(ids), adding=False)
+
+    def _edit(self, name: str, ids: list[str], adding: bool) -> Change:
+        with self._lock:
+            kind = self.current.get(name).kind
+            if kind != STATIC:
+                raise BitsegError(f"segment {name!r} is {kind}: only static segments take "
+                                  f"profiles by id")
+
+            def plan(snap: Snapshot) -> _Plan:
+                at = _wall()  # taken under the write lock, so points come in time order
+                old = _segments_of(snap).get(name)
+                assert old.members is not None
+                given, unknown = self._resolve(ids, snap)
+                if adding:
+                    entered, exited = given - old.members, BitMap()
+                    members = old.members | entered
+                else:
+                    entered, exited = BitMap(), given & old.members
+                    members = old.members - exited
+                new = replace(old, members=members, refreshed_at=at)
+                changed = bool(entered or exited)
+                return _Plan(old, new if changed else old, entered, exited, at,
+                             ("add" if adding else "remove") if changed else None,
+                             members.intersection_cardinality(snap.live), tuple(unknown))
+
+            done = self._commit(plan)
+        return _change(done)
+
+    def delete(self, name: str) -> None:
+        """Delete a segment, its members (who exit, recorded as events) and its history."""
+        with self._lock:
+            segments = self.current
+            segment = segments.get(name)
+            users = [s.name for s in segments if s.name != name and name in s.uses()]
+            if users:
+                raise SegmentInUse(name, users)
+            if segment.kind == DYNAMIC:
+                with self.engine.store.write() as txn:
+                    _delete_segment(self.engine.store, txn, name)
+                self.engine.set_segments(segments.without(name))
+                return
+
+            def plan(snap: Snapshot) -> _Plan:
+                old = _segments_of(snap).get(name)
+                return _Plan(old, None, BitMap(), BitMap(old.members), _wall())
+
+            self._commit(plan)
+
+    def record_size(self, name: str, as_of: Any = None) -> Point:
+        """Record a point of any segment's size history now (its size at as_of)."""
+        as_of_us = _micros(as_of)
+        with self._lock:
+            snap = self.engine.snapshot
+            segment = _segments_of(snap).get(name)
+            size = _size(snap, segment, as_of_us)
+            store = self.engine.store
+            with store.write() as txn:
+                segment = _put_point(store, txn, segment, as_of_us, size, "record")
+                store.put(txn, DB, _definition_key(name), orjson.dumps(segment.definition()))
+            self.engine.set_segments(self.current.with_segment(segment))
+        return Point(as_of_us, size, "record")
+
+    def due(self, now_us: int) -> list[str]:
+        """The materialized segments whose refresh interval has passed."""
+        return [s.name for s in self.current
+                if s.kind == MATERIALIZED and s.refresh_every
+                and (s.refreshed_at is None or now_us - s.refreshed_at >= s.refresh_every * US)]
+
+    def refresh_due(self, now_us: int | None = None) -> list[str]:
+        """Refresh every due segment at now; the names refreshed. A failure is logged and
+        the others still run."""
+        now_us = _wall() if now_us is None else now_us
+        done = []
+        for name in self.due(now_us):
+            try:
+                self.refresh(name, as_of=now_us)
+                done.append(name)
+            except NotFound:
+                continue  # deleted meanwhile
+            except Exception:
+                log.exception("scheduled refresh of segment %r failed", name)
+        return done
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve(self, ids: list[str], snap: Snapshot) -> tuple[BitMap, list[str]]:
+        """(dense ids of the live profiles among ids, the others in the order given)."""
+        found, unknown = BitMap(), []
+        lookup = self.engine.ids.lookup
+        with self.engine.store.read() as txn:
+            for external in ids:
+                dense = lookup(external, txn) if isinstance(external, str) else None
+                if dense is None or dense not in snap.live:
+                    unknown.append(external)
+                else:
+                    found.add(dense)
+        return found, unknown
+
+    def _write_definition(self, segment: Segment) -> None:
+        """Store and publish a definition change that moves no profile."""
+        with self.engine.store.write() as txn:
+            self.engine.store.put(txn, DB, _definition_key(segment.name),
+                                  orjson.dumps(segment.definition()))
+        self.engine.set_segments(self.current.with_segment(segment))
+
+    def _commit(self, plan: Callable[[Snapshot], _Plan]) -> _Plan:
+        """Compute a change on the snapshot the write batch builds on, and commit it with
+        its events and history point in that batch's transaction."""
+        engine = self.engine
+        made: list[_Plan] = []
+
+        def records(snap: Snapshot) -> Iterator[dict[str, Any]]:
+            made.append(plan(snap))  # snap: the snapshot the batch builds on, under its lock
+            return made[0].records(engine, snap.live)
+
+        def also(txn: Txn, snap: Snapshot) -> dict[str, Any]:
+            done = made[0]
+            segments = _segments_of(snap)
+            if done.new is None:
+                done.lookup = segments.without(done.old.name)  # type: ignore[union-attr]
+            else:
+                if done.cause is not None:
+                    done.new = _put_point(engine.store, txn, done.new, done.at, done.size,
+                                          done.cause)
+                done.lookup = segments.with_segment(done.new)
+            done.write(engine.store, txn)
+            return {"segments": done.lookup}
+
+        engine.track_events(records, also=also)
+        return made[0]
+
+
+def _recount(snap: Snapshot, segment: Segment, as_of_us: int, cause: str) -> _Plan:
+    """A materialized segment counted afresh: who entered and who exited."""
+    assert segment.typed is not None and segment.members is not None
+    old = _segments_of(snap).get(segment.name)
+    members = BitMap(Evaluator(snap, as_of_us).bitmap(segment.typed))
+    entered = members - old.members
+    exited = old.members - members
+    new = replace(segment, members=members, refreshed_at=as_of_us)
+    return _Plan(old, new, entered, exited, as_of_us, cause, len(members))
+
+
+def _segments_of(snap: Snapshot) -> SegmentSet:
+    found = snap.segments
+    return found if isinstance(found, SegmentSet) else SegmentSet()
+
+
+def _size(snap: Snapshot, segment: Segment, as_of_us: int) -> int:
+    if segment.members is not None:
+        return segment.members.intersection_cardinality(snap.live) if segment.members else 0
+    return Evaluator(snap, as_of_us).count(SegmentRef(segment.name, "$"))
+
+
+def _change(plan: _Plan) -> Change:
+    return Change(plan.size, len(plan.entered), len(plan.exited), plan.at, plan.unknown)
+
+
+def _check_every(kind: str, every: int | None) -> None:
+    if every is None:
+        return
+    if kind != MATERIALIZED:
+        raise BitsegError(f"refresh_every: only materialized segments are refreshed, "
+                          f"not {kind} ones")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise BitsegError(f"refresh_every: expected a whole number of seconds >= 1, "
+                          f"got {every!r}")
+
+
+def _json(rule: Any) -> Any:
+    """A rule's JSON form as stored (text is parsed; the engine has validated it)."""
+    if rule is None or isinstance(rule, dict):
+        return rule
+    return orjson.loads(rule)
+
+
+def _micros(as_of: Any) -> int:
+    from bitseg.index.engine import as_of_micros
+
+    return as_of_micros(as_of)
+
+
+def _wall() -> int:
+    return time.time_ns() // 1000
+
+
+# ---------------------------------------------------------------------- the schedule
+class RefreshScheduler:
+    """A daemon thread that refreshes due materialized segments every `tick` seconds."""
+
+    def __init__(self, segments: Segments, tick: float = 1.0) -> None:
+        self.segments = segments
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bitseg-refresh", daemon=True)
+
+    def start(self) -> RefreshScheduler:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the refresh in progress, if any."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick):
+            self.segments.refresh_due()
+
