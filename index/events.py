@@ -43,6 +43,7 @@ ANY = "*"
 PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
 STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
 DENSE_CACHE = 1 << 21
+FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 
 
 def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
@@ -185,8 +186,12 @@ class Block:
         return np.zeros(len(self), dtype=np.int64), np.zeros(len(self), dtype=bool)
 
 
-def _block_key(event: str, day: int) -> bytes:
+def _block_prefix(event: str, day: int) -> bytes:
     return b"b" + event.encode() + SEP.encode() + u32(day + 2**31)
+
+
+def _block_key(event: str, day: int, seq: int) -> bytes:
+    return _block_prefix(event, day) + u32(seq)
 
 
 def _count_key(kind: bytes, bucket: int, stream: str) -> bytes:
@@ -205,19 +210,30 @@ class EventIndex:
     stream_days: Mapping[str, list[int]] = field(default_factory=dict)  # sorted
     stream_months: Mapping[str, list[int]] = field(default_factory=dict)
     type_days: Mapping[str, list[int]] = field(default_factory=dict)  # days with raw rows
+    parts: Mapping[tuple[str, int], int] = field(default_factory=dict)  # blocks per type, day
 
     @property
     def types(self) -> list[str]:
         return sorted(self.type_days)
 
     def block(self, event: str, day: int) -> Block | None:
-        """The raw rows of a type and day as of this index's version."""
-        if self.store is None:
+        """The raw rows of a type and day as of this index's version.
+
+        A day's rows are append-only parts; this index knows how many it may read, and
+        the row versions guard against a part written after it."""
+        parts = self.parts.get((event, day), 0)
+        if self.store is None or not parts:
             return None
         with self.store.read() as txn:
-            raw = self.store.get(txn, "events", _block_key(event, day))
-            block = None if raw is None else Block.decode(bytes(raw))
-        if block is None or int(block.version.max(initial=0)) <= self.version:
+            raws = [self.store.get(txn, "events", _block_key(event, day, seq))
+                    for seq in range(parts)]
+            blocks = [Block.decode(bytes(raw)) for raw in raws if raw is not None]
+        if not blocks:
+            return None
+        block = blocks[0]
+        for more in blocks[1:]:
+            block = block.concat(more)
+        if int(block.version.max(initial=0)) <= self.version:
             return block
         keep = block.version <= self.version
         return Block(block.profile[keep], block.ts[keep], block.version[keep],
@@ -235,12 +251,16 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
         target, listing = (days, stream_days) if kind == b"d" else (months, stream_months)
         target[(stream, bucket)] = decode_counts(bytes(value))
         listing.setdefault(stream, []).append(bucket)
+    parts: dict[tuple[str, int], int] = {}
     for key in store.keys(txn, "events", b"b"):
-        event, day = key[1:-5].decode(), from_u32(key[-4:]) - 2**31
+        event, day = key[1:-9].decode(), from_u32(key[-8:-4]) - 2**31
+        parts[(event, day)] = max(parts.get((event, day), 0), from_u32(key[-4:]) + 1)
+    for event, day in parts:
         type_days.setdefault(event, []).append(day)
     for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
         listing.sort()
-    return EventIndex(store, version, days, months, stream_days, stream_months, type_days)
+    return EventIndex(store, version, days, months, stream_days, stream_months, type_days,
+                      parts)
 
 
 # ------------------------------------------------------------------------ writing
@@ -257,8 +277,15 @@ class EventBatch:
         self.ensure_profile = ensure_profile
         self.version = version
         self.rows: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
+        self.pending = 0
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
+        self.days, self.months = dict(index.days), dict(index.months)
+        self.stream_days = {k: list(v) for k, v in index.stream_days.items()}
+        self.stream_months = {k: list(v) for k, v in index.stream_months.items()}
+        self.type_days = {k: list(v) for k, v in index.type_days.items()}
+        self.parts = dict(index.parts)
+        self.dirty: set[tuple[bytes, int, str]] = set()
 
     def add(self, record: Any) -> None:
         if not isinstance(record, dict):
@@ -294,6 +321,9 @@ class EventBatch:
                 self.dense[profile] = dense
         self.rows.setdefault((event, day_of(ts)), []).append((dense, ts, props))
         self.count += 1
+        self.pending += 1
+        if self.pending >= FLUSH_ROWS:
+            self._flush()
 
     def _infer(self, name: str, value: Any) -> str:
         if not name or any(ord(ch) < 32 for ch in name):
@@ -312,45 +342,48 @@ class EventBatch:
         self.types[name] = type_
         return type_
 
-    def finish(self) -> tuple[EventIndex, Schema]:
-        """Write the new rows and counts into the transaction; the next index and schema."""
-        old = self.index
-        days, months = dict(old.days), dict(old.months)
-        stream_days = {k: list(v) for k, v in old.stream_days.items()}
-        stream_months = {k: list(v) for k, v in old.stream_months.items()}
-        type_days = {k: list(v) for k, v in old.type_days.items()}
+    def _flush(self) -> None:
+        """Write the queued rows as new block parts and add their counts (in memory)."""
         by_month: dict[tuple[str, int], list[np.ndarray]] = {}
         for (event, day), rows in sorted(self.rows.items()):
             block = self._block(rows)
-            key = _block_key(event, day)
-            stored = self.store.get(self.txn, "events", key)
-            merged = Block.decode(bytes(stored)).concat(block) if stored is not None else block
-            self.store.put(self.txn, "events", key, merged.encode())
-            if stored is None:
-                insort(type_days.setdefault(event, []), day)
+            seq = self.parts.get((event, day), 0)
+            self.store.put(self.txn, "events", _block_key(event, day, seq), block.encode())
+            self.parts[(event, day)] = seq + 1
+            if seq == 0:
+                insort(self.type_days.setdefault(event, []), day)
             for stream, profiles in self._streams(event, block):
-                self._add(b"d", day, stream, counts_of(profiles), days, stream_days)
+                self._add(b"d", day, stream, counts_of(profiles))
                 by_month.setdefault((stream, month_of(day)), []).append(profiles)
-        for (stream, month), parts in by_month.items():  # each month once per batch
-            fresh = counts_of(np.concatenate(parts))
-            self._add(b"m", month, stream, fresh, months, stream_months)
+        for (stream, month), parts in by_month.items():  # each month once per flush
+            self._add(b"m", month, stream, counts_of(np.concatenate(parts)))
+        self.rows, self.pending = {}, 0
+
+    def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex) -> None:
+        """Add counts to one bucket; it is written when the batch finishes."""
+        target, listing = (self.days, self.stream_days) if kind == b"d" else \
+            (self.months, self.stream_months)
+        current = target.get((stream, bucket))
+        target[(stream, bucket)] = add_counts(current, fresh) if current is not None else fresh
+        if current is None:
+            insort(listing.setdefault(stream, []), bucket)
+        self.dirty.add((kind, bucket, stream))
+
+    def finish(self) -> tuple[EventIndex, Schema]:
+        """Write the rest of the rows and every changed count bucket into the transaction;
+        the next index and schema."""
+        self._flush()
+        for kind, bucket, stream in sorted(self.dirty):
+            target = self.days if kind == b"d" else self.months
+            self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
+                           encode_counts(target[(stream, bucket)]))
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}
         if added:
             schema = schema.with_fields("events", added)
-        index = EventIndex(self.store, self.version, days, months, stream_days, stream_months,
-                           type_days)
+        index = EventIndex(self.store, self.version, self.days, self.months, self.stream_days,
+                           self.stream_months, self.type_days, self.parts)
         return index, schema
-
-    def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex,
-             target: dict, listing: dict) -> None:
-        """Add a batch's counts to one bucket, and write the bucket."""
-        current = target.get((stream, bucket))
-        total = add_counts(current, fresh) if current is not None else fresh
-        target[(stream, bucket)] = total
-        if current is None:
-            insort(listing.setdefault(stream, []), bucket)
-        self.store.put(self.txn, "events", _count_key(kind, bucket, stream), encode_counts(total))
 
     def _block(self, rows: list[tuple[int, int, dict]]) -> Block:
         n = len(rows)

@@ -281,3 +281,30 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
             got = set(engine.members(rule, as_of=AS_OF))
             assert got == expected, rule
             assert engine.count(rule, as_of=AS_OF) == len(expected)
+
+
+def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
+    """A batch larger than FLUSH_ROWS writes several parts per day; they read as one."""
+    from bitseg.index import events as events_module
+
+    lines = [{"profile": f"p{i % 9}", "event": ["open", "buy"][i % 2],
+              "ts": ago(i % 40, hours=i % 24), "channel": ["web", "app"][i % 3 == 0],
+              "n": i % 5} for i in range(400)]
+    rules = [{"event": "open", "window": {"last_days": 30},
+              "having": {"agg": "count", "op": "gte", "value": 5}},
+             {"event": "*", "where": {"field": "channel", "op": "eq", "value": "app"},
+              "window": {"last_days": 7}, "having": {"agg": "count", "op": "gte", "value": 2}},
+             {"event": "buy", "window": {"last_days": 20},
+              "having": {"agg": "sum", "of": "n", "op": "gt", "value": 8}}]
+    answers = []
+    for flush_rows in (1 << 20, 7):
+        monkeypatch.setattr(events_module, "FLUSH_ROWS", flush_rows)
+        path = tmp_path / f"store-{flush_rows}"
+        with Engine.open(path) as engine:
+            engine.track_events(lines[:150])
+            engine.track_events(lines[150:])
+            answers.append([sorted(engine.members(r, as_of=AS_OF)) for r in rules])
+        with Engine.open(path) as engine:
+            assert [sorted(engine.members(r, as_of=AS_OF)) for r in rules] == answers[-1]
+    assert answers[0] == answers[1]
+    assert all(answers[0])
