@@ -16,8 +16,8 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
-from bitseg.index.fields import EMPTY, RangeIndex
 from bitseg.index.events import evaluate_event
+from bitseg.index.fields import EMPTY, RangeIndex
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
     All,

@@ -41,7 +41,7 @@ def group_ids(ids: np.ndarray, codes: np.ndarray) -> Iterator[tuple[int, np.ndar
     sorted_codes = codes[order]
     starts = np.flatnonzero(np.diff(sorted_codes)) + 1
     bounds = np.concatenate(([0], starts, [len(order)]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         yield int(sorted_codes[a]), ids[order[a:b]]
 
 

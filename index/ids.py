@@ -34,7 +34,7 @@ class IdChunk:
 
     def names(self) -> list[bytes]:
         bounds = self.offsets.tolist()
-        return [self.blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.blob[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     @classmethod
     def of(cls, names: Sequence[bytes]) -> IdChunk:
@@ -91,7 +91,7 @@ class IdMap:
             starts = chunk.offsets[local].tolist()
             ends = chunk.offsets[local + 1].tolist()
             blob = chunk.blob
-            out.extend(blob[a:b].decode() for a, b in zip(starts, ends))
+            out.extend(blob[a:b].decode() for a, b in zip(starts, ends, strict=True))
         return out
 
     def writer(self, txn: Txn) -> IdWriter:

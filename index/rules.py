@@ -9,7 +9,7 @@ relative date ({"days_ago": n}) stays a DaysAgo until evaluation fixes as_of.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import orjson
 
@@ -128,7 +128,7 @@ class OrdersCond:
     having: Having
 
 
-Rule = Union[All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond]
+Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond
 RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between"}

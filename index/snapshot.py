@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from pyroaring import BitMap
 
@@ -15,7 +15,7 @@ from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
 from bitseg.index.rules import Rule
 from bitseg.index.schema import Schema
 
-FieldIndex = Union[ValueIndex, RangeIndex]
+FieldIndex = ValueIndex | RangeIndex
 
 
 class SegmentLookup(Protocol):

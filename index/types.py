@@ -38,7 +38,8 @@ ONE_US = timedelta(microseconds=1)
 US_PER_DAY = 86_400 * 10**6
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
+_TIMESTAMP_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$")
 
 
 def parse_date(text: str) -> int:
@@ -75,7 +76,8 @@ def datetime_of(micros: int) -> datetime:
 
 
 def float_key(value: float | int) -> int:
-    """A float as exact integer hundred-millionths of its shortest decimal text (rounded half-even)."""
+    """A float as exact integer hundred-millionths of its shortest decimal text
+    (rounded half-even): the fixed scale of event and order values."""
     scaled = Decimal(repr(value)) * FLOAT_SCALE if isinstance(value, float) else value * FLOAT_SCALE
     key = int(scaled.to_integral_value()) if isinstance(scaled, Decimal) else scaled
     if abs(key) >= MAX_KEY:  # event and order values are summed at this fixed scale

@@ -50,7 +50,7 @@ def test_range_index_matches_brute_force(batches, constants):
     for pid, key in truth.items():
         assert index.key_of(pid) == key
     ids, decoded = index.decode()
-    assert dict(zip(ids.tolist(), decoded.tolist())) == truth
+    assert dict(zip(ids.tolist(), decoded.tolist(), strict=True)) == truth
     for c in constants:
         c = Fraction(c)
         for name, op in OPS.items():
@@ -107,7 +107,7 @@ def test_float_precision_refines_across_batches_without_touching_slices():
     assert set(huge.compare("eq", Fraction("0.123456781") * scale)) == {3}  # rounded alike
     assert set(huge.compare("lt", Fraction("0.25") * scale)) == {3}
     ids, keys = huge.decode()
-    assert dict(zip(ids.tolist(), keys.tolist())) == {
+    assert dict(zip(ids.tolist(), keys.tolist(), strict=True)) == {
         1: 25_000_000, 2: 152_050_000_000, 3: 12_345_678, 4: 1_234_567_890_112_345_500}
 
 
