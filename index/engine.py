@@ -305,13 +305,18 @@ class Engine:
                 for position, item in enumerate(records, 1):
                     line, record = item if isinstance(item, tuple) else (position, item)
                     try:
-                        batch.add(record)
-                    except DataError as exc:
-                        raise exc.located(file, line) from None
-                fields, live, schema = profiles.finish()
+                        batch.add(record, line)
+                    except DataError as exc:  # a columnar batch may name an earlier line
+                        raise exc.located(file, line if exc.line is None else exc.line) \
+                            from None
                 changes: dict[str, Any] = {}
+                if child is not None:  # first: its last rows may still create profiles
+                    try:
+                        changes[child], child_schema = batch.finish()
+                    except DataError as exc:
+                        raise exc.located(file, exc.line) from None
+                fields, live, schema = profiles.finish()
                 if child is not None:
-                    changes[child], child_schema = batch.finish()
                     schema = replace(schema, **{child: child_schema.section(child)})
                 chunks = chunks_of(profiles.touched)
                 persist_fields(self.store, txn, profiles.writers, fields, chunks)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import orjson
@@ -43,6 +44,7 @@ ANY = "*"
 PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
 STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
 DENSE_CACHE = 1 << 21
+EVENT_KEYS = ("profile", "event", "ts")
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 
 
@@ -190,6 +192,24 @@ def _block_prefix(event: str, day: int) -> bytes:
     return b"b" + event.encode() + SEP.encode() + u32(day + 2**31)
 
 
+def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
+                 rows: np.ndarray) -> tuple[dict, dict]:
+    """The property columns of some rows, keyword codes renumbered to their own table."""
+    columns, words = {}, {}
+    for name, (keys, valid, table) in props.items():
+        ok = valid[rows]
+        if not ok.any():
+            continue
+        values = keys[rows]
+        if table is not None:
+            used, local = np.unique(values[ok], return_inverse=True)
+            values = np.zeros(len(rows), dtype=np.int64)
+            values[ok] = local
+            words[name] = [table[i] for i in used.tolist()]
+        columns[name] = (values, ok)
+    return columns, words
+
+
 def _block_key(event: str, day: int, seq: int) -> bytes:
     return _block_prefix(event, day) + u32(seq)
 
@@ -265,7 +285,13 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
 
 # ------------------------------------------------------------------------ writing
 class EventBatch:
-    """Collects event records of one batch; finish() writes blocks and count buckets."""
+    """Collects the event records of one batch as columns, and writes them in parts.
+
+    add() only appends raw values (about a microsecond a row); every FLUSH_ROWS rows,
+    and at finish, the columns are checked and converted with numpy — timestamps,
+    profile ids, property types — and a bad value is found again row by row so that
+    its error names the line and the field.
+    """
 
     def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
                  ensure_profile: Callable[[Any], int], version: int) -> None:
@@ -276,8 +302,6 @@ class EventBatch:
         self.types = dict(schema.events)
         self.ensure_profile = ensure_profile
         self.version = version
-        self.rows: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
-        self.pending = 0
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
         self.days, self.months = dict(index.days), dict(index.months)
@@ -286,67 +310,185 @@ class EventBatch:
         self.type_days = {k: list(v) for k, v in index.type_days.items()}
         self.parts = dict(index.parts)
         self.dirty: set[tuple[bytes, int, str]] = set()
+        self._clear()
 
-    def add(self, record: Any) -> None:
-        if not isinstance(record, dict):
+    def _clear(self) -> None:
+        self.c_profile: list[Any] = []
+        self.c_event: list[Any] = []
+        self.c_ts: list[Any] = []
+        self.c_line: list[int | None] = []
+        self.c_props: dict[str, tuple[list[int], list[Any]]] = {}
+
+    def add(self, record: Any, line: int | None = None) -> None:
+        if type(record) is not dict:
             raise DataError("expected a JSON object")
-        for key in ("profile", "event", "ts"):
-            if record.get(key) is None:
-                raise DataError(f"{key!r} is required", field=key)
-        event = record["event"]
-        if not isinstance(event, str) or not event or event == ANY or SEP in event:
-            raise DataError('expected an event type name (a non-empty string, not "*")',
-                            field="event")
-        try:
-            ts = T.parse_timestamp(record["ts"])
-        except ValueError as exc:
-            raise DataError(str(exc), field="ts") from None
-        props = {}
-        for name, value in record.items():
-            if name in ("profile", "event", "ts") or value is None:
-                continue
-            type_ = self.types.get(name) or self._infer(name, value)
-            try:
-                props[name] = T.range_key(type_, T.coerce(type_, value)) \
-                    if type_ in T.RANGE_TYPES else T.coerce(type_, value)
-            except ValueError as exc:
-                raise DataError(str(exc), field=name) from None
-        profile = record["profile"]
-        dense = self.dense.get(profile) if isinstance(profile, str) else None
-        if dense is None:
-            dense = self.ensure_profile(profile)
-            if isinstance(profile, str):
-                if len(self.dense) >= DENSE_CACHE:
-                    self.dense.clear()
-                self.dense[profile] = dense
-        self.rows.setdefault((event, day_of(ts)), []).append((dense, ts, props))
+        get = record.get
+        profile, event, ts = get("profile"), get("event"), get("ts")
+        if profile is None or event is None or ts is None:
+            missing = next(k for k in EVENT_KEYS if get(k) is None)
+            raise DataError(f"{missing!r} is required", field=missing)
+        row = len(self.c_ts)
+        self.c_profile.append(profile)
+        self.c_event.append(event)
+        self.c_ts.append(ts)
+        self.c_line.append(line)
+        if len(record) > 3:
+            columns = self.c_props
+            for name, value in record.items():
+                if value is None or name in EVENT_KEYS:
+                    continue
+                column = columns.get(name)
+                if column is None:
+                    column = columns[name] = ([], [])
+                column[0].append(row)
+                column[1].append(value)
         self.count += 1
-        self.pending += 1
-        if self.pending >= FLUSH_ROWS:
+        if row + 1 >= FLUSH_ROWS:
             self._flush()
 
-    def _infer(self, name: str, value: Any) -> str:
-        if not name or any(ord(ch) < 32 for ch in name):
-            raise DataError("property names must be non-empty and free of control characters",
-                            field=name)
-        if isinstance(value, bool):
-            type_ = T.BOOL
-        elif isinstance(value, int):
-            type_ = T.INT
-        elif isinstance(value, float):
-            type_ = T.FLOAT
-        elif isinstance(value, str):
-            type_ = T.KEYWORD
-        else:
-            raise DataError("event properties are keywords, numbers or bools", field=name)
-        self.types[name] = type_
-        return type_
+    def _fail(self, row: int, message: str, field: str) -> NoReturn:
+        raise DataError(message, field=field, line=self.c_line[row])
 
+    # ------------------------------------------------------------------ columns
+    def _timestamps(self) -> np.ndarray:
+        raw = self.c_ts
+        if all(type(s) is str and len(s) >= 10 and s[4] == "-" and s[7] == "-" for s in raw):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # e.g. zone offsets: the careful path
+                    parsed = np.array([s[:-1] if s[-1] == "Z" else s for s in raw],
+                                      dtype="datetime64[us]")
+                if not np.isnat(parsed).any():
+                    return parsed.astype(np.int64)
+            except (ValueError, Warning):
+                pass
+        out = np.empty(len(raw), dtype=np.int64)
+        for row, text in enumerate(raw):
+            try:
+                out[row] = T.parse_timestamp(text)
+            except ValueError as exc:
+                self._fail(row, str(exc), "ts")
+        return out
+
+    def _event_types(self) -> tuple[list[str], np.ndarray]:
+        names = set(self.c_event) if all(type(e) is str for e in self.c_event) else None
+        if names is None or not all(e and e != ANY and SEP not in e for e in names):
+            for row, e in enumerate(self.c_event):
+                if type(e) is not str or not e or e == ANY or SEP in e:
+                    self._fail(row, 'expected an event type name (a non-empty string, '
+                               'not "*")', "event")
+        ordered = sorted(names)
+        code = {name: i for i, name in enumerate(ordered)}
+        codes = np.fromiter((code[e] for e in self.c_event), dtype=np.int64,
+                            count=len(self.c_event))
+        return ordered, codes
+
+    def _profiles(self) -> np.ndarray:
+        raw = self.c_profile
+        if not all(type(p) is str for p in raw):  # ints are fine; find anything else
+            for row, p in enumerate(raw):
+                if type(p) is not str and type(p) is not int:
+                    self._fail(row, "expected a non-empty string or integer profile id",
+                               "profile")
+        for p in set(raw):
+            if p not in self.dense:
+                try:
+                    self._dense_of(p)
+                except DataError as exc:
+                    self._fail(raw.index(p), exc.reason, "profile")
+        dense = self.dense
+        return np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw))
+
+    def _dense_of(self, profile: Any) -> int:
+        found = self.dense.get(profile)
+        if found is None:
+            found = self.ensure_profile(profile)
+            self.dense[profile] = found
+        return found
+
+    def _properties(self, n: int) -> dict[str, tuple[np.ndarray, np.ndarray, list | None]]:
+        """name -> (int64 keys or keyword codes, valid, keyword table) over the chunk."""
+        out = {}
+        for name, (rows, values) in self.c_props.items():
+            type_ = self.types.get(name)
+            if type_ is None:
+                try:
+                    type_ = self._infer(name, values[0])
+                except DataError as exc:
+                    self._fail(rows[0], exc.reason, name)
+            at = np.array(rows, dtype=np.int64)
+            keys = np.zeros(n, dtype=np.int64)
+            valid = np.zeros(n, dtype=bool)
+            valid[at] = True
+            words = None
+            converted = self._fast(type_, values)
+            if converted is None:
+                converted = self._careful(type_, name, rows, values)
+            if type_ == T.KEYWORD:
+                table: dict[str, int] = {}
+                converted = np.fromiter((table.setdefault(v, len(table)) for v in converted),
+                                        dtype=np.int64, count=len(values))
+                words = list(table)
+            keys[at] = converted
+            out[name] = (keys, valid, words)
+        return out
+
+    @staticmethod
+    def _fast(type_: str, values: list) -> Any:
+        """The values converted with numpy when they plainly fit the type, else None."""
+        if type_ == T.KEYWORD:
+            return values if all(type(v) is str for v in values) else None
+        if type_ == T.BOOL:
+            return np.array(values, dtype=np.int64) if all(
+                type(v) is bool for v in values) else None
+        if type_ == T.INT and all(type(v) is int for v in values):
+            if all(-T.MAX_KEY < v < T.MAX_KEY for v in values):
+                return np.array(values, dtype=np.int64)
+            return None
+        if type_ == T.FLOAT and all(type(v) is float or type(v) is int for v in values):
+            floats = np.array(values, dtype=np.float64)
+            if not np.isfinite(floats).all():
+                return None
+            keys = T.float_keys(floats, T.FLOAT_DIGITS)
+            return keys if (np.abs(floats) < T.MAX_KEY / T.FLOAT_SCALE).all() else None
+        return None
+
+    def _careful(self, type_: str, name: str, rows: list[int], values: list) -> Any:
+        """Value by value, so the first bad one is reported with its line."""
+        out = []
+        for row, value in zip(rows, values, strict=True):
+            try:
+                canonical = T.coerce(type_, value)
+                out.append(T.range_key(type_, canonical) if type_ in T.RANGE_TYPES
+                           else canonical)
+            except ValueError as exc:
+                self._fail(row, str(exc), name)
+        if type_ == T.KEYWORD:
+            return out
+        return np.array([int(v) for v in out], dtype=np.int64)
+
+    # ------------------------------------------------------------------ writing
     def _flush(self) -> None:
-        """Write the queued rows as new block parts and add their counts (in memory)."""
+        """Check and convert the queued columns; write them as new block parts and add
+        their counts to the buckets (in memory)."""
+        n = len(self.c_ts)
+        if not n:
+            return
+        ts = self._timestamps()
+        names, codes = self._event_types()
+        props = self._properties(n)
+        dense = self._profiles()
+        days = np.floor_divide(ts, T.US_PER_DAY)
+        order = np.lexsort((days, codes))
+        key = codes[order] * (1 << 32) + (days[order] + 2**31)
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [n]))
+        version = np.full(n, self.version, dtype=np.uint32)
         by_month: dict[tuple[str, int], list[np.ndarray]] = {}
-        for (event, day), rows in sorted(self.rows.items()):
-            block = self._block(rows)
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            rows = order[a:b]
+            event, day = names[int(codes[rows[0]])], int(days[rows[0]])
+            block = Block(dense[rows], ts[rows], version[:b - a],
+                          *_block_props(props, rows))
             seq = self.parts.get((event, day), 0)
             self.store.put(self.txn, "events", _block_key(event, day, seq), block.encode())
             self.parts[(event, day)] = seq + 1
@@ -357,7 +499,7 @@ class EventBatch:
                 by_month.setdefault((stream, month_of(day)), []).append(profiles)
         for (stream, month), parts in by_month.items():  # each month once per flush
             self._add(b"m", month, stream, counts_of(np.concatenate(parts)))
-        self.rows, self.pending = {}, 0
+        self._clear()
 
     def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex) -> None:
         """Add counts to one bucket; it is written when the batch finishes."""
@@ -385,25 +527,22 @@ class EventBatch:
                            self.stream_months, self.type_days, self.parts)
         return index, schema
 
-    def _block(self, rows: list[tuple[int, int, dict]]) -> Block:
-        n = len(rows)
-        profile = np.fromiter((r[0] for r in rows), dtype=np.uint32, count=n)
-        ts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
-        names = {name for r in rows for name in r[2]}
-        props, words = {}, {}
-        for name in names:
-            raw = [r[2].get(name) for r in rows]
-            valid = np.fromiter((v is not None for v in raw), dtype=bool, count=n)
-            if self.types[name] == T.KEYWORD:
-                table: dict[str, int] = {}
-                codes = [table.setdefault(v, len(table)) if v is not None else 0 for v in raw]
-                values = np.array(codes, dtype=np.int64)
-                words[name] = list(table)
-            else:
-                values = np.array([0 if v is None else int(v) for v in raw], dtype=np.int64)
-            props[name] = (values, valid)
-        version = np.full(n, self.version, dtype=np.uint32)
-        return Block(profile, ts, version, props, words)
+    def _infer(self, name: str, value: Any) -> str:
+        if not name or any(ord(ch) < 32 for ch in name):
+            raise DataError("property names must be non-empty and free of control characters",
+                            field=name)
+        if isinstance(value, bool):
+            type_ = T.BOOL
+        elif isinstance(value, int):
+            type_ = T.INT
+        elif isinstance(value, float):
+            type_ = T.FLOAT
+        elif isinstance(value, str):
+            type_ = T.KEYWORD
+        else:
+            raise DataError("event properties are keywords, numbers or bools", field=name)
+        self.types[name] = type_
+        return type_
 
     def _streams(self, event: str, block: Block):
         """(stream, profiles of its rows) for the type and each keyword/bool value."""

@@ -403,7 +403,7 @@ class OrderBatch:
         return self.created + self.updated
 
     # ------------------------------------------------------------------ records
-    def add(self, record: Any) -> None:
+    def add(self, record: Any, line: int | None = None) -> None:
         """One order line; DataError(reason, field=…) if it does not fit."""
         if not isinstance(record, dict):
             raise DataError("expected a JSON object")

@@ -127,7 +127,8 @@ class ProfileBatch:
         self.updated = 0
 
     # ------------------------------------------------------------------ records
-    def add(self, record: Any) -> None:
+    def add(self, record: Any, line: int | None = None) -> None:
+        """One profile record (line: where it came from; errors get it from the caller)."""
         if not isinstance(record, dict):
             raise DataError("expected a JSON object")
         external = record.get("id")

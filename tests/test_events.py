@@ -308,3 +308,35 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
             assert [sorted(engine.members(r, as_of=AS_OF)) for r in rules] == answers[-1]
     assert answers[0] == answers[1]
     assert all(answers[0])
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"ts": "now"}, "ts"), ({"ts": "2026"}, "ts"), ({"ts": "NaT"}, "ts"), ({"ts": 5}, "ts"),
+    ({"ts": "2026-13-01T00:00:00Z"}, "ts"), ({"profile": ["u1"]}, "profile"),
+    ({"profile": True}, "profile"), ({"event": "*"}, "event"), ({"event": 3}, "event"),
+    ({"n": "seven"}, "n"), ({"n": 2**70}, "n"), ({"n": 1.5}, "n"), ({"k": 4}, "k"),
+    ({"f": float("inf")}, "f"),
+])
+def test_the_columnar_checks_name_the_bad_line_among_good_ones(engine, bad, field):
+    engine.declare_schema({"events": {"n": "int", "k": "keyword", "f": "float"}})
+    good = {"profile": "a", "event": "x", "ts": "2026-11-01T10:00:00+02:00", "n": 1, "k": "v",
+            "f": 2}
+    lines = [dict(good, profile=f"p{i}") for i in range(6)]
+    lines[3] = {**good, **bad}
+    with pytest.raises(DataError) as info:
+        engine.track_events(lines, file="events.jsonl")
+    assert (info.value.line, info.value.field) == (4, field), str(info.value)
+    assert engine.total() == 0 and engine.snapshot.version == 0  # nothing was applied
+
+
+def test_offsets_and_plain_dates_parse_like_the_contract_says(engine):
+    engine.track_events([
+        {"profile": "a", "event": "x", "ts": "2026-11-01T10:00:00+02:00"},   # 08:00Z
+        {"profile": "b", "event": "x", "ts": "2026-11-01"},                  # midnight UTC
+        {"profile": "c", "event": "x", "ts": "2026-11-01T08:00:00.000001"},  # no zone: UTC
+    ])
+    at = {"event": "x", "window": {"from": "2026-11-01T08:00:00Z", "to": "2026-11-01T08:00:01Z"}}
+    assert sorted(engine.members(at, as_of=AS_OF)) == ["a", "c"]
+    midnight = {"event": "x", "window": {"from": "2026-11-01T00:00:00Z",
+                                         "to": "2026-11-01T00:00:00.000001Z"}}
+    assert engine.members(midnight, as_of=AS_OF) == ["b"]
