@@ -59,3 +59,78 @@ def store(dataset: Path) -> Path:
 def engine(store: Path):
     with Engine.open(store) as engine:
         yield engine
+
+
+# ------------------------------------------------------------------ the end-of-session report
+class BenchReport:
+    """Numbers the suites print together at the end of the session, table by table."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[dict[str, str]]] = {}
+        self.notes: list[str] = []
+
+    def add(self, table: str, **columns: object) -> None:
+        self.tables.setdefault(table, []).append({k: str(v) for k, v in columns.items()})
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        for title, rows in self.tables.items():
+            headers = list(dict.fromkeys(k for row in rows for k in row))
+            widths = [max(len(h), *(len(row.get(h, "")) for row in rows)) for h in headers]
+            grid = [headers, ["-" * w for w in widths],
+                    *([row.get(h, "") for h in headers] for row in rows)]
+            out += ["", title]
+            out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+                    for cells in grid]
+        return out + ([""] + self.notes if self.notes else [])
+
+
+REPORT = pytest.StashKey[BenchReport]()
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A duration in the unit that suits it: 12.3 µs, 4.56 ms, 7.89 s."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def median_of(benchmark, fn) -> float:
+    """The median seconds per call the benchmark just measured (timed here when
+    benchmarks are disabled, so the report still has a number)."""
+    if benchmark.stats is not None:
+        return benchmark.stats.stats.median
+    from peers import median_seconds
+
+    return median_seconds(fn)[0]
+
+
+@pytest.fixture(scope="session")
+def bench_report(pytestconfig: pytest.Config) -> BenchReport:
+    """The session's report, printed by pytest_terminal_summary."""
+    return pytestconfig.stash.setdefault(REPORT, BenchReport())
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table: the last word
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    import resource
+
+    report = config.stash.get(REPORT, None)
+    if report is None:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("bitseg bench report")
+    write(f"{PROFILES:,} profiles, seed {SEED}, as_of {AS_OF}; {platform.machine()} "
+          f"{os.cpu_count()} cpus, Python {platform.python_version()}, {platform.system()}")
+    for line in report.lines():
+        write(line)
+    unit = 1024 * 1024 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes / KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+    write("")
+    write(f"peak RSS of this session: {peak:,.0f} MiB (generation, load, DuckDB and every "
+          f"suite in one process; bitseg alone: see reopen)")

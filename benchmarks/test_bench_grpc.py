@@ -1,0 +1,112 @@
+"""The gRPC server end to end: a load test of Count and the Members stream's throughput.
+
+The server runs in this process (create_server on port 0, over the session's Engine) and
+the clients are threads of it too, so clients and server share one interpreter (and its
+GIL): the numbers are a lower bound for a server with its clients elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import AS_OF, fmt_seconds
+from peers import ATTR_NOT
+
+from bitseg import Client
+from bitseg.server.app import create_server
+
+TABLE = "gRPC, server and clients in this process"
+CLIENTS = 8
+REQUESTS_PER_CLIENT = 250
+MEMBERS_RULE = {"not": {"field": "country", "op": "eq", "value": "DE"}}  # ~70% of profiles
+MEMBERS_ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def address(engine):
+    server, port = create_server(engine, "127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()
+
+
+def _client(address: str, expected: int, start: threading.Barrier) -> list[float]:
+    """One client: a warm-up call, then REQUESTS_PER_CLIENT timed Counts."""
+    latencies = []
+    with Client(address) as client:
+        assert client.count(ATTR_NOT, as_of=AS_OF) == expected
+        start.wait()
+        for _ in range(REQUESTS_PER_CLIENT):
+            began = time.perf_counter()
+            got = client.count(ATTR_NOT, as_of=AS_OF)
+            latencies.append(time.perf_counter() - began)
+            if got != expected:
+                raise AssertionError(f"Count over gRPC gave {got}, the engine {expected}")
+    return latencies
+
+
+def test_count_load(benchmark, engine, address, bench_report):
+    """CLIENTS threads, each with its own channel, REQUESTS_PER_CLIENT Counts of ATTR_NOT."""
+    expected = engine.count(ATTR_NOT, as_of=AS_OF)
+    runs: list[tuple[float, list[float]]] = []
+
+    def load() -> None:
+        start = threading.Barrier(CLIENTS + 1)
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            futures = [pool.submit(_client, address, expected, start) for _ in range(CLIENTS)]
+            start.wait(timeout=60)
+            began = time.perf_counter()
+            latencies = [x for f in futures for x in f.result()]
+            runs.append((time.perf_counter() - began, latencies))
+
+    benchmark.pedantic(load, rounds=1, iterations=1)
+    wall, latencies = runs[-1]
+    total = len(latencies)
+    assert total == CLIENTS * REQUESTS_PER_CLIENT
+    p50, p99 = np.percentile(latencies, [50, 99])
+    rate = total / wall
+    benchmark.extra_info.update(clients=CLIENTS, requests=total, seconds=wall,
+                                req_per_s=rate, p50_s=p50, p99_s=p99)
+    print(f"\ngRPC Count: {CLIENTS} clients x {REQUESTS_PER_CLIENT} requests in {wall:.2f} s: "
+          f"{rate:,.0f} req/s, p50 {fmt_seconds(p50)}, p99 {fmt_seconds(p99)}")
+    bench_report.add(TABLE, what=f"Count 5_leaves_not, {CLIENTS} clients x "
+                                 f"{REQUESTS_PER_CLIENT}",
+                     result=f"{rate:,.0f} req/s, p50 {fmt_seconds(p50)}, "
+                            f"p99 {fmt_seconds(p99)}",
+                     **{"target (10M)": ">= 2,000 req/s, p99 <= 10 ms"})
+
+
+def test_members_stream(benchmark, engine, address, bench_report):
+    """Every member of a rule matching ~70% of the profiles, streamed page by page."""
+    expected = engine.count(MEMBERS_RULE, as_of=AS_OF)
+    first = engine.members(MEMBERS_RULE, as_of=AS_OF, limit=1)
+    times: list[float] = []
+
+    with Client(address) as client:
+        client.health()  # connect before timing
+
+        def stream() -> None:
+            began = time.perf_counter()
+            n, head = 0, None
+            for profile_id in client.members(MEMBERS_RULE, as_of=AS_OF):
+                if head is None:
+                    head = profile_id
+                n += 1
+            times.append(time.perf_counter() - began)
+            assert (n, [head]) == (expected, first), f"streamed {n} ids, expected {expected}"
+
+        benchmark.pedantic(stream, rounds=MEMBERS_ROUNDS, iterations=1)
+    median = float(np.median(times))
+    rate = expected / median
+    benchmark.extra_info.update(ids=expected, ids_per_s=rate)
+    print(f"\ngRPC Members: {expected:,} ids in {fmt_seconds(median)} (median of "
+          f"{len(times)}): {rate:,.0f} ids/s")
+    bench_report.add(TABLE, what=f"Members not_de, streamed ({expected:,} ids)",
+                     result=f"{rate:,.0f} ids/s (median {fmt_seconds(median)})",
+                     **{"target (10M)": ">= 2M ids/s"})
