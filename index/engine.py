@@ -18,6 +18,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.cache import LRU, ResultCache, canonical
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events
@@ -31,6 +32,7 @@ from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
 from bitseg.index.store import Store, Txn, chunks_of, u32
 
 LIVE = b"live"
+PARSED_RULES = 4096
 Also = Callable[[Txn, Snapshot], dict[str, Any]]
 SEP = b"\x1f"
 
@@ -154,6 +156,9 @@ class Engine:
         self._ids = ids
         self._snapshot = snapshot
         self._write_lock = threading.Lock()
+        self._parsed = LRU(PARSED_RULES)
+        self._results = ResultCache()
+        self.cache_results = True  # benchmarks turn it off to measure evaluation itself
 
     @classmethod
     def open(cls, path: str | Path, *, segments: SegmentLookup | None = None) -> Engine:
@@ -203,24 +208,53 @@ class Engine:
         return len(self._snapshot.live)
 
     def parse(self, rule: Any, snapshot: Snapshot | None = None) -> Rule:
-        """A rule in JSON form (dict or text) -> the typed tree; typed rules pass through."""
+        """A rule in JSON form (dict or text) -> the typed tree; typed rules pass through.
+        Parsed rules are cached by their canonical JSON and the schema."""
         if isinstance(rule, RULE_TYPES):
             return rule
-        return parse_rule(rule, (snapshot or self._snapshot).schema)
+        schema = (snapshot or self._snapshot).schema
+        text = canonical(rule)
+        found = self._parsed.get(text) if text is not None else None
+        if found is not None and found[0] is schema:
+            return found[1]
+        typed = parse_rule(rule, schema)
+        if text is not None:
+            self._parsed.put(text, (schema, typed))
+        return typed
+
+    def _bitmap(self, rule: Any, as_of: Any) -> BitMap:
+        """The rule's members on the current snapshot (cached; never mutate it)."""
+        snap = self._snapshot
+        typed, as_of_us = self.parse(rule, snap), as_of_micros(as_of)
+        if not self.cache_results:
+            return Evaluator(snap, as_of_us).bitmap(typed)
+        key = self._results.key(typed, snap, as_of_us)
+        found = self._results.get("bitmap", snap, key)
+        if found is None:
+            found = Evaluator(snap, as_of_us).bitmap(typed)
+            if snap is self._snapshot:
+                self._results.put("bitmap", snap, key, found)
+        return found
 
     def evaluate(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
-        snap = self._snapshot
-        return BitMap(Evaluator(snap, as_of_micros(as_of)).bitmap(self.parse(rule, snap)))
+        return BitMap(self._bitmap(rule, as_of))
 
     def count(self, rule: Any, *, as_of: datetime | str | None = None) -> int:
         snap = self._snapshot
-        return Evaluator(snap, as_of_micros(as_of)).count(self.parse(rule, snap))
+        typed, as_of_us = self.parse(rule, snap), as_of_micros(as_of)
+        if not self.cache_results:
+            return Evaluator(snap, as_of_us).count(typed)
+        key = self._results.key(typed, snap, as_of_us)
+        found = self._results.get("count", snap, key)
+        if found is None:
+            found = Evaluator(snap, as_of_us).count(typed)
+            if snap is self._snapshot:
+                self._results.put("count", snap, key, found)
+        return found
 
     def members(self, rule: Any, *, as_of: datetime | str | None = None,
                 limit: int | None = None) -> list[str]:
-        snap = self._snapshot
-        found = Evaluator(snap, as_of_micros(as_of)).bitmap(self.parse(rule, snap))
-        dense = ids_of(found)
+        dense = ids_of(self._bitmap(rule, as_of))
         return self._ids.externals(dense if limit is None else dense[:limit])
 
     def dense_id(self, profile_id: str) -> int:
