@@ -222,35 +222,31 @@ class Engine:
             self._parsed.put(text, (schema, typed))
         return typed
 
-    def _bitmap(self, rule: Any, as_of: Any) -> BitMap:
-        """The rule's members on the current snapshot (cached; never mutate it)."""
+    def _answer(self, kind: str, rule: Any, as_of: Any) -> Any:
+        """The rule's count or member bitmap on the current snapshot, from the result
+        cache when the same question was asked since the last write (never mutate it)."""
         snap = self._snapshot
         typed, as_of_us = self.parse(rule, snap), as_of_micros(as_of)
+        evaluator = Evaluator(snap, as_of_us)
+        compute = evaluator.count if kind == "count" else evaluator.bitmap
         if not self.cache_results:
-            return Evaluator(snap, as_of_us).bitmap(typed)
+            return compute(typed)
         key = self._results.key(typed, snap, as_of_us)
-        found = self._results.get("bitmap", snap, key)
+        found = self._results.get(kind, snap, key)
         if found is None:
-            found = Evaluator(snap, as_of_us).bitmap(typed)
+            found = compute(typed)
             if snap is self._snapshot:
-                self._results.put("bitmap", snap, key, found)
+                self._results.put(kind, snap, key, found)
         return found
+
+    def _bitmap(self, rule: Any, as_of: Any) -> BitMap:
+        return self._answer("bitmap", rule, as_of)
 
     def evaluate(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
         return BitMap(self._bitmap(rule, as_of))
 
     def count(self, rule: Any, *, as_of: datetime | str | None = None) -> int:
-        snap = self._snapshot
-        typed, as_of_us = self.parse(rule, snap), as_of_micros(as_of)
-        if not self.cache_results:
-            return Evaluator(snap, as_of_us).count(typed)
-        key = self._results.key(typed, snap, as_of_us)
-        found = self._results.get("count", snap, key)
-        if found is None:
-            found = Evaluator(snap, as_of_us).count(typed)
-            if snap is self._snapshot:
-                self._results.put("count", snap, key, found)
-        return found
+        return self._answer("count", rule, as_of)
 
     def members(self, rule: Any, *, as_of: datetime | str | None = None,
                 limit: int | None = None) -> list[str]:

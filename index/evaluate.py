@@ -242,20 +242,7 @@ class Evaluator:
             return self.snap.live - index.exists
         if isinstance(index, RangeIndex):
             return self._range(cond, index)
-        if op == "eq":
-            return index.eq(value)
-        if op == "ne":
-            return index.exists - index.eq(value)
-        if op == "in":
-            return index.any_of(value)
-        if op == "not_in":
-            return index.exists - index.any_of(value)
-        if op == "has_all":
-            result = index.eq(value[0])
-            for v in value[1:]:
-                result = result & index.eq(v)
-            return result
-        raise TypeError(op)
+        return index.select(op, value, self.snap.live)
 
     def _range(self, cond: Cond, index: RangeIndex) -> BitMap:
         op, value = cond.op, cond.value

@@ -72,6 +72,27 @@ class ValueIndex:
         found = [self.values[v] for v in values if v in self.values]
         return BitMap.union(*found) if found else EMPTY
 
+    def select(self, op: str, value: Any, universe: BitMap) -> BitMap:
+        """The ids a condition holds for (universe: every id, for not_exists)."""
+        if op == "exists":
+            return self.exists
+        if op == "not_exists":
+            return universe - self.exists
+        if op == "eq":
+            return self.eq(value)
+        if op == "ne":
+            return self.exists - self.eq(value)
+        if op == "in":
+            return self.any_of(value)
+        if op == "not_in":
+            return self.exists - self.any_of(value)
+        if op == "has_all":
+            result = self.eq(value[0])
+            for v in value[1:]:
+                result = result & self.eq(v)
+            return result
+        raise ValueError(f"op {op!r} does not apply to a value index")
+
 
 class ValueWriter:
     """Builds the next ValueIndex from batched removals and additions."""

@@ -886,25 +886,7 @@ class _Selector:
         return _bits(valid & self._holds(cond, keys, factor))
 
     def _value(self, cond: Cond, index: ValueIndex) -> BitMap:
-        op, value = cond.op, cond.value
-        if op == "exists":
-            return index.exists
-        if op == "not_exists":
-            return self.live - index.exists
-        if op == "eq":
-            return index.eq(value)
-        if op == "ne":
-            return index.exists - index.eq(value)
-        if op == "in":
-            return index.any_of(value)
-        if op == "not_in":
-            return index.exists - index.any_of(value)
-        if op == "has_all":
-            result = index.eq(value[0])
-            for v in value[1:]:
-                result = result & index.eq(v)
-            return result
-        raise TypeError(op)
+        return index.select(cond.op, cond.value, self.live)
 
     def _resolve(self, cond: Cond, value: Any) -> Any:
         if isinstance(value, tuple):
