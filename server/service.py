@@ -39,8 +39,6 @@ log = logging.getLogger("bitseg.server")
 
 NO_SEGMENTS = "this server runs without segments"
 PREVIEW_DEFAULT, PREVIEW_MAX = 10, 1000
-EVENTS_LATER = "events are not supported by this server version yet"
-ORDERS_LATER = "orders are not supported by this server version yet"
 COMMITTED_KEY = "bitseg-committed-batches"
 
 
@@ -329,11 +327,9 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def TrackEvents(self, request_iterator: Iterator[pb.EventBatch],
                     context: grpc.ServicerContext) -> pb.TrackEventsReply:
-        track = getattr(self.engine, "track_events", None)  # until the engine has events
-        if track is None:
-            raise Unimplemented(EVENTS_LATER)
         reply = pb.TrackEventsReply()
-        for report in _batches(request_iterator, "events_json", track, context):
+        for report in _batches(request_iterator, "events_json", self.engine.track_events,
+                               context):
             reply.batches += 1
             reply.events += report.rows
         return reply
@@ -341,11 +337,9 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def AddOrders(self, request_iterator: Iterator[pb.OrderBatch],
                   context: grpc.ServicerContext) -> pb.AddOrdersReply:
-        add = getattr(self.engine, "add_orders", None)  # until the engine has orders
-        if add is None:
-            raise Unimplemented(ORDERS_LATER)
         reply = pb.AddOrdersReply()
-        for report in _batches(request_iterator, "orders_json", add, context):
+        for report in _batches(request_iterator, "orders_json", self.engine.add_orders,
+                               context):
             reply.batches += 1
             reply.orders += report.rows
         return reply
