@@ -99,17 +99,43 @@ class Evaluator:
         return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
-        positives, negatives = self._split(children)
-        if not positives:
-            return self.snap.live - BitMap.union(*negatives)
-        result = positives[0]
-        for other in positives[1:]:
-            result = result & other
+        """Cheap children intersected smallest first; range leaves (tens of slice
+        operations each) then evaluated only within that result; negations subtracted."""
+        ranged = [c for c in children if self._is_range(c)]
+        if not ranged:
+            positives, negatives = self._split(children)
+            if not positives:
+                return self.snap.live - BitMap.union(*negatives)
+            result = positives[0]
+            for other in positives[1:]:
+                result = result & other
+                if not result:
+                    return EMPTY
+            for other in negatives:
+                result = result - other
+            return result
+        cheap = [c for c in children if not isinstance(c, Not) and not self._is_range(c)]
+        if cheap:
+            result = self._and(tuple(cheap))
+        else:
+            result = self._range(ranged[0], self.snap.field(ranged[0].field))
+            ranged = ranged[1:]
+        for cond in ranged:
             if not result:
                 return EMPTY
-        for other in negatives:
-            result = result - other
+            result = self._range(cond, self.snap.field(cond.field), result)
+        for neg in (c.child for c in children if isinstance(c, Not)):
+            if not result:
+                return EMPTY
+            inside = (self._range(neg, self.snap.field(neg.field), result)
+                      if self._is_range(neg) else self.bitmap(neg))
+            result = result - inside
         return result
+
+    def _is_range(self, rule: Rule) -> bool:
+        """A condition on a range index that costs slice operations (worth filtering)."""
+        return (isinstance(rule, Cond) and rule.type in T.RANGE_TYPES
+                and rule.op not in ("exists", "not_exists", "anniversary_in"))
 
     def _split(self, children: tuple[Rule, ...]) -> tuple[list[BitMap], list[BitMap]]:
         """AND children as bitmaps: the positive ones smallest first, and the negated ones."""
@@ -145,7 +171,8 @@ class Evaluator:
             return len(live)
         if isinstance(rule, Not):
             return len(live) - self.count(rule.child)
-        if isinstance(rule, And) and rule not in self._memo:
+        if isinstance(rule, And) and rule not in self._memo \
+                and not any(self._is_range(c) for c in rule.children):
             positives, negatives = self._split(rule.children)
             if not positives:
                 return len(live) - len(BitMap.union(*negatives))
@@ -244,15 +271,18 @@ class Evaluator:
             return self._range(cond, index)
         return index.select(op, value, self.snap.live)
 
-    def _range(self, cond: Cond, index: RangeIndex) -> BitMap:
+    def _range(self, cond: Cond, index: RangeIndex, within: BitMap | None = None) -> BitMap:
+        """A range condition; only among `within` when given (then a subset of it)."""
         op, value = cond.op, cond.value
         if op == "anniversary_in":
-            return index.on_month_days(anniversary_month_days(self.as_of, value))
+            found = index.on_month_days(anniversary_month_days(self.as_of, value))
+            return found if within is None else found & within
         if op == "between":
-            return index.between(self._key(cond, value[0]), self._key(cond, value[1]))
+            return index.between(self._key(cond, value[0]), self._key(cond, value[1]), within)
+        has = index.exists if within is None else index.exists & within
         if op in ("in", "not_in"):
-            hits = BitMap.union(*(index.compare("eq", self._key(cond, v)) for v in value))
-            return hits if op == "in" else index.exists - hits
+            hits = BitMap.union(*(index.compare("eq", self._key(cond, v), has) for v in value))
+            return hits if op == "in" else has - hits
         if op == "ne":
-            return index.exists - index.compare("eq", self._key(cond, value))
-        return index.compare(op, self._key(cond, value))
+            return has - index.compare("eq", self._key(cond, value), has)
+        return index.compare(op, self._key(cond, value), within)

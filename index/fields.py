@@ -167,34 +167,40 @@ class RangeIndex:
         return round(key) if self.rounded else key
 
     # -- comparisons against an exact constant (in rule units, see to_key)
-    def compare(self, op: str, constant: Fraction | int) -> BitMap:
+    def compare(self, op: str, constant: Fraction | int, within: BitMap | None = None
+                ) -> BitMap:
+        """The ids whose value satisfies op constant; only among `within` if given, which
+        keeps every slice operation on the smaller bitmap."""
+        base = self.exists if within is None else self.exists & within
         t = Fraction(self.to_key(constant) - self.base, self.unit)
         if op == "gt":
-            return self._gt(math.floor(t))
+            return self._gt(math.floor(t), base)
         if op == "gte":
-            return self._gt(math.ceil(t) - 1)
+            return self._gt(math.ceil(t) - 1, base)
         if op == "lt":
-            return self._lt(math.ceil(t))
+            return self._lt(math.ceil(t), base)
         if op == "lte":
-            return self._lt(math.floor(t) + 1)
+            return self._lt(math.floor(t) + 1, base)
         if op == "eq":
-            return self._eq(int(t)) if t.denominator == 1 else EMPTY
+            return self._eq(int(t), base) if t.denominator == 1 else EMPTY
         raise ValueError(op)
 
-    def between(self, lo: Fraction | int, hi: Fraction | int) -> BitMap:
-        return self.compare("gte", lo) & self.compare("lte", hi)
+    def between(self, lo: Fraction | int, hi: Fraction | int,
+                within: BitMap | None = None) -> BitMap:
+        low = self.compare("gte", lo, within)
+        return self.compare("lte", hi, low) if low else EMPTY
 
     @property
     def top(self) -> int:
         """The largest storable value at the current depth."""
         return (1 << len(self.slices)) - 1
 
-    def _gt(self, k: int) -> BitMap:
+    def _gt(self, k: int, base: BitMap) -> BitMap:
         if k < 0:
-            return self.exists
+            return base
         if k >= self.top:
             return EMPTY
-        gt, eq = BitMap(), self.exists
+        gt, eq = BitMap(), base
         for i in range(len(self.slices) - 1, -1, -1):
             s = self.slices[i]
             if (k >> i) & 1:
@@ -206,12 +212,12 @@ class RangeIndex:
                 break
         return gt
 
-    def _lt(self, k: int) -> BitMap:
+    def _lt(self, k: int, base: BitMap) -> BitMap:
         if k <= 0:
             return EMPTY
         if k > self.top:
-            return self.exists
-        lt, eq = BitMap(), self.exists
+            return base
+        lt, eq = BitMap(), base
         for i in range(len(self.slices) - 1, -1, -1):
             s = self.slices[i]
             if (k >> i) & 1:
@@ -223,10 +229,10 @@ class RangeIndex:
                 break
         return lt
 
-    def _eq(self, k: int) -> BitMap:
+    def _eq(self, k: int, base: BitMap) -> BitMap:
         if k < 0 or k > self.top:
             return EMPTY
-        eq = self.exists
+        eq = base
         for i in range(len(self.slices) - 1, -1, -1):
             eq = eq & self.slices[i] if (k >> i) & 1 else eq - self.slices[i]
             if not eq:
