@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -434,3 +435,18 @@ def test_unexpected_errors_are_internal_and_the_server_goes_on(
     finally:
         server.stop(None).wait()
     assert "ZeroDivisionError: a bug" in caplog.text  # the traceback is in the log
+
+
+def test_a_deadline_ends_a_stream_and_the_server_goes_on(client: Client,
+                                                          profiles: list[Profile]) -> None:
+    """Deadlines are honoured: a reader that stalls past its deadline gets
+    DEADLINE_EXCEEDED, and the server keeps answering."""
+    stream = client.pages({"all": True}, page_size=1, timeout=0.3)
+    first = next(stream)
+    assert len(first.ids) == 1
+    time.sleep(0.5)  # past the deadline, with pages still to come
+    with pytest.raises(ClientError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert client.count({"all": True}) == len(profiles)
