@@ -37,7 +37,7 @@ from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, from_u32, u32
-from bitseg.index.timeline import day_of, first_day, month_of, plan
+from bitseg.index.timeline import day_of, month_of, plan
 
 SEP = "\x1f"
 ANY = "*"
@@ -775,6 +775,3 @@ def _cond_mask(cond: Cond, block: Block, as_of: int) -> np.ndarray:
         return valid & compare_array(values, "between", (key(cond.value[0]), key(cond.value[1])))
     return valid & compare_array(values, op, key(cond.value))
 
-
-def month_span(month: int) -> tuple[int, int]:
-    return first_day(month), first_day(month + 1)

@@ -19,7 +19,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
-from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of
 from bitseg.index.ids import IdWriter
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, Snapshot, empty_index
@@ -263,6 +263,3 @@ def delete_profiles(store: Store, txn: Txn, snapshot: Snapshot,
         store.delete(txn, "rows", u32(dense))
     return writers, writers.finish()
 
-
-def is_value_index(index: FieldIndex) -> bool:
-    return isinstance(index, ValueIndex)

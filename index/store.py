@@ -14,7 +14,6 @@ transaction: it commits whole or not at all, and is durable when write() returns
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -171,6 +170,3 @@ class Store:
             parts.setdefault(bytes(key[:-5]), []).append(BitMap.deserialize(value))
         return {name: BitMap.union(*chunks) for name, chunks in parts.items()}
 
-
-def store_exists(path: str | Path) -> bool:
-    return os.path.exists(os.path.join(path, "data.mdb"))

@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from bitseg.index.errors import DataError
-
 KEYWORD, KEYWORDS, BOOL, INT, FLOAT, DATE, TIMESTAMP = (
     "keyword", "keywords", "bool", "int", "float", "date", "timestamp",
 )
@@ -69,10 +67,6 @@ def format_timestamp(micros: int) -> str:
     if moment.microsecond:
         text += f".{moment.microsecond:06d}".rstrip("0")
     return text + "Z"
-
-
-def datetime_of(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
 
 
 def float_key(value: float | int) -> int:
@@ -197,14 +191,6 @@ def display(type_: str, canonical: Any) -> Any:
     if type_ == KEYWORDS:
         return list(canonical)
     return canonical
-
-
-def check_value(type_: str, value: Any, *, field: str) -> Any:
-    """coerce(), raising DataError naming the field."""
-    try:
-        return coerce(type_, value)
-    except ValueError as exc:
-        raise DataError(str(exc), field=field) from None
 
 
 def _show(value: Any) -> str:
