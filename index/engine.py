@@ -24,7 +24,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
-from bitseg.index.orders import OrderBatch, OrderIndex, load_orders
+from bitseg.index.orders import OrderBatch, load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.schema import Schema
@@ -328,7 +328,7 @@ class Engine:
                     batch = EventBatch(self.store, txn, snap.events, snap.schema,
                                        profiles.ensure_profile, version)
                 elif child == "orders":
-                    batch = OrderBatch(self.store, txn, snap.orders or OrderIndex(),
+                    batch = OrderBatch(self.store, txn, snap.orders,
                                        snap.schema, profiles.ensure_profile)
                 if callable(records):
                     records = records(snap)

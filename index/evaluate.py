@@ -90,13 +90,8 @@ class Evaluator:
             snap = self.snap
             return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
         if isinstance(rule, OrdersCond):
-            return self._orders(rule)
+            return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
         raise TypeError(f"not a rule: {rule!r}")
-
-    def _orders(self, rule: OrdersCond) -> BitMap:
-        if self.snap.orders is None:  # a snapshot made by hand, without orders
-            return self.snap.live if rule.having.holds_for_no_rows() else EMPTY
-        return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
         """Cheap children intersected smallest first; range leaves (tens of slice

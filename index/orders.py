@@ -1112,12 +1112,12 @@ def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray
     return np.asarray(result, dtype=bool)
 
 
-def order_totals(index: OrderIndex | None, profiles: BitMap, as_of_us: int | None = None,
+def order_totals(index: OrderIndex, profiles: BitMap, as_of_us: int | None = None,
                  amount_field: str = "amount", amount_type: str = T.FLOAT
                  ) -> tuple[int, int, Fraction]:
     """(orders, profiles with orders, exact total of amount_field) of these profiles'
     live orders placed by as_of (None: all); orders lacking the amount count, add 0."""
-    if index is None or not index.count or not profiles:
+    if not index.count or not profiles:
         return 0, 0, Fraction(0)
     owner = index.owner
     member = np.zeros(max(int(owner.max()), profiles.max()) + 1, dtype=bool)

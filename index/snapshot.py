@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from pyroaring import BitMap
 
@@ -12,6 +12,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import NotFound
 from bitseg.index.events import EventIndex
 from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
+from bitseg.index.orders import OrderIndex
 from bitseg.index.rules import Rule
 from bitseg.index.schema import Schema
 
@@ -41,7 +42,7 @@ class Snapshot:
     fields: Mapping[str, FieldIndex] = field(default_factory=dict)
     segments: SegmentLookup = field(default_factory=NoSegments)
     events: EventIndex = field(default_factory=EventIndex)
-    orders: Any = None  # an OrderIndex (index/orders.py) once orders are loaded
+    orders: OrderIndex = field(default_factory=OrderIndex)
 
     def field(self, name: str) -> FieldIndex:
         """The index of a profile field (an empty one if it has no values yet)."""

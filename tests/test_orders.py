@@ -804,3 +804,15 @@ def test_order_totals_equal_a_direct_sum(tmp_path):
         expected_total = sum(Fraction(str(o.get("amount", 0))) for o in picked)
         assert got == (len(picked), len({o["profile"] for o in picked}), expected_total)
         assert order_totals(engine.snapshot.orders, BitMap(), as_of) == (0, 0, 0)
+
+
+def test_an_orders_rule_on_a_store_without_orders(tmp_path):
+    from bitseg.index.engine import Engine
+
+    with Engine.open(tmp_path / "s") as engine:
+        engine.upsert_profiles([{"id": "a"}, {"id": "b"}])
+        none = {"orders": {"all": True}, "having": {"agg": "count", "op": "eq", "value": 0}}
+        some = {"orders": {"all": True}}
+        assert sorted(engine.members(none)) == ["a", "b"]
+        assert engine.members(some) == []
+        assert engine.is_member("a", none) and not engine.is_member("a", some)
