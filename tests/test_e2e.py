@@ -367,7 +367,6 @@ def test_upsert_and_delete_through_the_server(writable: Client) -> None:
     assert c.profile("w1") == {"id": "w1", "n": 1, "kind": "b"}
 
 
-@pytest.mark.skipif(not hasattr(Engine, "track_events"), reason="the engine has no events yet")
 def test_track_events_then_count_them(writable: Client) -> None:
     c = writable
     c.upsert_profiles([{"id": "p1", "n": 1}, {"id": "p2", "n": 2}])

@@ -20,10 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import Reference
 
+from bitseg.index.engine import Engine
 from bitseg.index.errors import DataError, NotFound
-
-engine_mod = pytest.importorskip("bitseg.index.engine")
-Engine = engine_mod.Engine
 
 PROPERTY = settings(
     max_examples=100,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bitseg.index.engine import Engine
 from bitseg.index.errors import NotFound, RuleError
 
 SCHEMA = {"country": "keyword", "tags": "keywords", "age": "int", "ltv": "float",
@@ -217,8 +218,7 @@ def check_rule_error(exc: RuleError, path: str, must: list[str], any_of: list[st
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    engine_mod = pytest.importorskip("bitseg.index.engine")
-    eng = engine_mod.Engine.open(tmp_path_factory.mktemp("rule_errors") / "store")
+    eng = Engine.open(tmp_path_factory.mktemp("rule_errors") / "store")
     eng.declare_schema({"profiles": SCHEMA})
     eng.upsert_profiles(PROFILES)
     yield eng

@@ -554,13 +554,6 @@ def test_profile_rows_with_fields(engine: Engine) -> None:
 
 
 # ---------------------------------------------------------------------- metrics
-def _has_orders() -> bool:
-    from bitseg.index import orders
-
-    return hasattr(Engine, "add_orders") and hasattr(orders, "order_totals")
-
-
-@pytest.mark.skipif(not _has_orders(), reason="the engine has no orders yet")
 def test_metrics_equal_a_direct_computation(engine: Engine, segs: Segments) -> None:
     rng = random.Random(4)
     orders = []
@@ -600,8 +593,6 @@ def test_metrics_equal_a_direct_computation(engine: Engine, segs: Segments) -> N
 
 
 def test_metrics_without_orders_have_no_averages(engine: Engine, segs: Segments) -> None:
-    if not hasattr(__import__("bitseg.index.orders", fromlist=["x"]), "order_totals"):
-        pytest.skip("order_totals is not there yet")
     m = segs.metrics({"field": "c", "op": "eq", "value": "A"})
     assert m.orders == 0 and m.revenue == 0 and m.share_of_revenue is None
     assert m.average_order_value is None

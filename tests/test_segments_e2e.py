@@ -245,12 +245,7 @@ def test_segment_errors(server: Running) -> None:
     assert c.health() == "SERVING"
 
 
-@pytest.mark.skipif(not hasattr(Engine, "add_orders"), reason="the engine has no orders yet")
 def test_metrics_through_the_server(server: Running) -> None:
-    from bitseg.index import orders
-
-    if not hasattr(orders, "order_totals"):
-        pytest.skip("order_totals is not there yet")
     c = server.client
     rng = random.Random(2)
     lines = [{"id": f"o{k}", "profile": f"p{rng.randrange(N)}",
