@@ -141,10 +141,8 @@ def load_fields(store: Store, txn: Txn, schema: Schema,
             slices = tuple(entry["slices"].get(i, BitMap()) for i in range(meta["depth"]))
             fields[name] = RangeIndex(meta["base"], meta["unit"], slices, exists, entry["md"],
                                       meta.get("digits"), meta.get("rounded", False))
-        elif type_ is not None:
-            values = {tuple(v) if isinstance(v, list) else v: b
-                      for v, b in entry["values"].items()}
-            fields[name] = ValueIndex(values, exists)
+        elif type_ is not None:  # values are single keywords or bools, never lists
+            fields[name] = ValueIndex(entry["values"], exists)
     return fields
 
 
