@@ -356,6 +356,8 @@ class Engine:
                 if also is not None:
                     changes.update(also(txn, replace(snap, version=version, live=live,
                                                      schema=schema, fields=fields, **changes)))
+            if "events" in changes:  # committed: read its buckets as of this version
+                changes["events"] = changes["events"].pinned(self.store.reader())
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
                                      fields=fields, **changes)

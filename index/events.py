@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import warnings
 from bisect import bisect_left, bisect_right, insort
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, NoReturn
 
@@ -32,11 +34,11 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.errors import DataError
+from bitseg.index.errors import DataError, StoreError
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
-from bitseg.index.store import Store, Txn, from_u32, u32
+from bitseg.index.store import Store, Txn, TxnReader, from_u32, u32
 from bitseg.index.timeline import day_of, month_of, plan
 
 SEP = "\x1f"
@@ -219,22 +221,92 @@ def _count_key(kind: bytes, bucket: int, stream: str) -> bytes:
 
 
 # ------------------------------------------------------------------------ the index
+BucketKey = tuple[bytes, str, int]  # (b"d" or b"m", stream, day or month)
+CACHE_BYTES = 1 << 30  # decoded count buckets kept in memory, by their stored size
+
+
+class BucketCache:
+    """Decoded count buckets, least recently used first out, bounded by stored bytes.
+
+    Shared by every EventIndex of one open engine. An entry is keyed by the bucket and the
+    version that wrote it, so an index never sees a value its snapshot does not hold; only
+    committed values are put in (a batch that aborts may reuse its version number)."""
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self._entries: OrderedDict[tuple[BucketKey, int], tuple[RangeIndex, int]] = \
+            OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[BucketKey, int]) -> RangeIndex | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            self._entries.move_to_end(key)
+            return found[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.size = 0
+
+    def put(self, key: tuple[BucketKey, int], value: RangeIndex, size: int) -> None:
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = (value, size)
+            self.size += size
+            while self.size > self.limit and len(self._entries) > 1:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.size -= dropped
+
+
 @dataclass(frozen=True)
 class EventIndex:
-    """Immutable: every batch makes a new one (sharing what it did not change)."""
+    """Immutable: every batch makes a new one (sharing what it did not change).
 
-    store: Store | None = None
+    It holds only the catalog of what exists: which buckets each stream has (and the
+    version that last wrote each), which days each type has raw rows on. The buckets and
+    blocks themselves are read from LMDB when a rule needs them, through `reader`, which
+    is pinned to this index's version, and decoded buckets are kept in `cache`."""
+
+    reader: Any = None  # store.SnapshotReader once committed; a TxnReader inside a batch
     version: int = 0
-    days: Mapping[tuple[str, int], RangeIndex] = field(default_factory=dict)
-    months: Mapping[tuple[str, int], RangeIndex] = field(default_factory=dict)
+    written: Mapping[BucketKey, int] = field(default_factory=dict)
     stream_days: Mapping[str, list[int]] = field(default_factory=dict)  # sorted
     stream_months: Mapping[str, list[int]] = field(default_factory=dict)
     type_days: Mapping[str, list[int]] = field(default_factory=dict)  # days with raw rows
     parts: Mapping[tuple[str, int], int] = field(default_factory=dict)  # blocks per type, day
+    cache: BucketCache = field(default_factory=BucketCache)
 
     @property
     def types(self) -> list[str]:
         return sorted(self.type_days)
+
+    def pinned(self, reader: Any) -> EventIndex:
+        """This index reading through another reader (the committed snapshot's)."""
+        return replace(self, reader=reader)
+
+    def bucket(self, kind: bytes, stream: str, bucket: int) -> RangeIndex:
+        """The count index of one stream in one day (kind b"d") or month (b"m")."""
+        key = (kind, stream, bucket)
+        written = self.written.get(key)
+        if written is None or self.reader is None:
+            return RangeIndex()
+        committed = self.reader.committed
+        if committed:
+            found = self.cache.get((key, written))
+            if found is not None:
+                return found
+        raw = self.reader.get("events", _count_key(kind, bucket, stream))
+        if raw is None:
+            raise StoreError(f"event count bucket {key!r} is missing from the store")
+        index = decode_counts(raw)
+        if committed:
+            self.cache.put((key, written), index, len(raw))
+        return index
 
     def block(self, event: str, day: int) -> Block | None:
         """The raw rows of a type and day as of this index's version.
@@ -242,12 +314,10 @@ class EventIndex:
         A day's rows are append-only parts; this index knows how many it may read, and
         the row versions guard against a part written after it."""
         parts = self.parts.get((event, day), 0)
-        if self.store is None or not parts:
+        if self.reader is None or not parts:
             return None
-        with self.store.read() as txn:
-            raws = [self.store.get(txn, "events", _block_key(event, day, seq))
-                    for seq in range(parts)]
-            blocks = [Block.decode(bytes(raw)) for raw in raws if raw is not None]
+        raws = [self.reader.get("events", _block_key(event, day, seq)) for seq in range(parts)]
+        blocks = [Block.decode(raw) for raw in raws if raw is not None]
         if not blocks:
             return None
         block = blocks[0]
@@ -261,15 +331,15 @@ class EventIndex:
 
 
 def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
-    days: dict = {}
-    months: dict = {}
+    """The catalog of the stored events (keys only: buckets and blocks stay in LMDB)."""
+    written: dict[BucketKey, int] = {}
     stream_days: dict[str, list[int]] = {}
     stream_months: dict[str, list[int]] = {}
     type_days: dict[str, list[int]] = {}
-    for key, value in store.items(txn, "events", b"c"):
+    for key in store.keys(txn, "events", b"c"):
         kind, bucket, stream = key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
-        target, listing = (days, stream_days) if kind == b"d" else (months, stream_months)
-        target[(stream, bucket)] = decode_counts(bytes(value))
+        written[(kind, stream, bucket)] = 0
+        listing = stream_days if kind == b"d" else stream_months
         listing.setdefault(stream, []).append(bucket)
     parts: dict[tuple[str, int], int] = {}
     for key in store.keys(txn, "events", b"b"):
@@ -279,7 +349,7 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
         type_days.setdefault(event, []).append(day)
     for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
         listing.sort()
-    return EventIndex(store, version, days, months, stream_days, stream_months, type_days,
+    return EventIndex(store.reader(), version, written, stream_days, stream_months, type_days,
                       parts)
 
 
@@ -304,12 +374,14 @@ class EventBatch:
         self.version = version
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
-        self.days, self.months = dict(index.days), dict(index.months)
+        self.reader = TxnReader(store, txn)
+        self.pending: dict[BucketKey, RangeIndex] = {}  # changed buckets not yet written
+        self.touched: set[BucketKey] = set()  # by the rows being flushed now
+        self.written = dict(index.written)
         self.stream_days = {k: list(v) for k, v in index.stream_days.items()}
         self.stream_months = {k: list(v) for k, v in index.stream_months.items()}
         self.type_days = {k: list(v) for k, v in index.type_days.items()}
         self.parts = dict(index.parts)
-        self.dirty: set[tuple[bytes, int, str]] = set()
         self._clear()
 
     def _clear(self) -> None:
@@ -500,31 +572,52 @@ class EventBatch:
         for (stream, month), parts in by_month.items():  # each month once per flush
             self._add(b"m", month, stream, counts_of(np.concatenate(parts)))
         self._clear()
+        self._write_pending(keep=self.touched)
+        self.touched = set()
 
     def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex) -> None:
-        """Add counts to one bucket; it is written when the batch finishes."""
-        target, listing = (self.days, self.stream_days) if kind == b"d" else \
-            (self.months, self.stream_months)
-        current = target.get((stream, bucket))
-        target[(stream, bucket)] = add_counts(current, fresh) if current is not None else fresh
+        """Add counts to one bucket, held in memory while flushes keep touching it."""
+        key = (kind, stream, bucket)
+        current = self._current(key)
+        self.pending[key] = add_counts(current, fresh) if current is not None else fresh
         if current is None:
+            listing = self.stream_days if kind == b"d" else self.stream_months
             insort(listing.setdefault(stream, []), bucket)
-        self.dirty.add((kind, bucket, stream))
+        self.written[key] = self.version
+        self.touched.add(key)
+
+    def _current(self, key: BucketKey) -> RangeIndex | None:
+        found = self.pending.get(key)
+        if found is not None:
+            return found
+        written = self.written.get(key)
+        if written is None:
+            return None
+        if written != self.version:  # unchanged by this batch: the committed value
+            return self.index.bucket(*key)
+        kind, stream, bucket = key  # written by an earlier flush of this batch
+        return decode_counts(self.reader.get("events", _count_key(kind, bucket, stream)))
+
+    def _write_pending(self, keep: set[BucketKey]) -> None:
+        """Write the changed buckets the last flush did not touch into the transaction
+        and let them go: input in time order holds only its recent days in memory."""
+        for key in sorted(self.pending.keys() - keep):
+            kind, stream, bucket = key
+            self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
+                           encode_counts(self.pending.pop(key)))
 
     def finish(self) -> tuple[EventIndex, Schema]:
         """Write the rest of the rows and every changed count bucket into the transaction;
-        the next index and schema."""
+        the next index (reading through the transaction until the engine pins it to the
+        committed snapshot) and schema."""
         self._flush()
-        for kind, bucket, stream in sorted(self.dirty):
-            target = self.days if kind == b"d" else self.months
-            self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
-                           encode_counts(target[(stream, bucket)]))
+        self._write_pending(keep=set())
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}
         if added:
             schema = schema.with_fields("events", added)
-        index = EventIndex(self.store, self.version, self.days, self.months, self.stream_days,
-                           self.stream_months, self.type_days, self.parts)
+        index = EventIndex(self.reader, self.version, self.written, self.stream_days,
+                           self.stream_months, self.type_days, self.parts, self.index.cache)
         return index, schema
 
     def _infer(self, name: str, value: Any) -> str:
@@ -595,9 +688,9 @@ def _count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events
     parts = []
     for stream in streams:
         for month in _in_range(index.stream_months.get(stream, []), window.months):
-            parts.append(index.months[(stream, month)])
+            parts.append(index.bucket(b"m", stream, month))
         for day in window.whole_days(index.stream_days.get(stream, [])):
-            parts.append(index.days[(stream, day)])
+            parts.append(index.bucket(b"d", stream, day))
     for edge_lo, edge_hi in window.edges:
         rows = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)
         if len(rows[0]):

@@ -15,6 +15,8 @@ transaction: it commits whole or not at all, and is durable when write() returns
 from __future__ import annotations
 
 import struct
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +92,10 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+    def reader(self) -> SnapshotReader:
+        """A reader pinned to what is committed now: later commits do not show through it."""
+        return SnapshotReader(self)
 
     @contextmanager
     def write(self) -> Iterator[Txn]:
@@ -170,3 +176,49 @@ class Store:
             parts.setdefault(bytes(key[:-5]), []).append(BitMap.deserialize(value))
         return {name: BitMap.union(*chunks) for name, chunks in parts.items()}
 
+
+
+class TxnReader:
+    """Reads through a transaction in progress (it sees that transaction's own writes)."""
+
+    committed = False
+
+    def __init__(self, store: Store, txn: Txn) -> None:
+        self._store, self._txn = store, txn
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        raw = self._txn.get(key, db=self._store.db[db])
+        return None if raw is None else bytes(raw)
+
+
+class SnapshotReader:
+    """A read transaction held open for one published version, so that data read lazily
+    (event buckets and blocks) is exactly that version's even after later commits.
+
+    LMDB keeps the pages of that version while the transaction lives; it ends when the
+    reader is garbage-collected (the next version's snapshot replaces it) or the store
+    closes. A lock makes one transaction safe to share between reading threads.
+    """
+
+    committed = True
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._txn = store.env.begin()
+        self._lock = threading.Lock()
+        weakref.finalize(self, _abort, self._txn)
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        with self._lock:
+            try:
+                raw = self._txn.get(key, db=self._store.db[db])
+            except lmdb.Error as exc:
+                raise StoreError(f"{self._store.path}: {exc}") from None
+        return None if raw is None else bytes(raw)
+
+
+def _abort(txn: Txn) -> None:
+    try:
+        txn.abort()
+    except lmdb.Error:  # the environment closed first, taking the transaction with it
+        pass
