@@ -356,8 +356,9 @@ class Engine:
                 if also is not None:
                     changes.update(also(txn, replace(snap, version=version, live=live,
                                                      schema=schema, fields=fields, **changes)))
-            if "events" in changes:  # committed: read its buckets as of this version
-                changes["events"] = changes["events"].pinned(self.store.reader())
+            for child_name in ("events", "orders"):  # committed: read lazily as of it
+                if child_name in changes:
+                    changes[child_name] = changes[child_name].pinned(self.store.reader())
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
                                      fields=fields, **changes)

@@ -32,6 +32,9 @@ transaction (a failed batch leaves nothing):
   b"b\\x1f" + bitmap + 0 + u32(k)   chunk k (2**18 ids) of a bitmap, portable roaring
   b"n\\x1f" + digest               the value of a bitmap whose name would be too long
 so a batch rewrites only the chunks it touched, and load_orders rebuilds from LMDB alone.
+Field columns (`Columns`) are read from LMDB the first time a rule uses them, through a
+reader pinned to the index's version: a store opens without reading what no rule asks
+for, and an older snapshot still reads its own version.
 
 A query {"orders": R, "window": W, "having": H} runs as: R becomes a bitmap of order ids
 (bitmap algebra over the order field indexes; numeric conditions are numpy scans; item
@@ -78,9 +81,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -93,7 +97,7 @@ from bitseg.index.errors import DataError
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
 from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, OrdersCond, Rule
 from bitseg.index.schema import Schema
-from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, from_u32, u32
+from bitseg.index.store import Store, Txn, TxnReader, chunk_mask, chunks_of, from_u32, u32
 
 SEP = b"\x1f"
 COL_BITS = 16
@@ -131,6 +135,53 @@ def _empty(dtype: Any) -> np.ndarray:
 NO_IDS, NO_KEYS, NO_VALID = _empty(np.uint32), _empty(np.int64), _empty(bool)
 
 
+class Columns(Mapping[str, Column]):
+    """Key columns by field name (order or item fields), each read from LMDB the first
+    time it is asked for, through `reader`, and then kept."""
+
+    def __init__(self, kind: bytes = b"o", rows: int = 0,
+                 entries: dict[str, Column | None] | None = None, reader: Any = None) -> None:
+        self.kind, self.rows, self.reader = kind, rows, reader
+        self._entries: dict[str, Column | None] = entries if entries is not None else {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> Column:
+        col = self._entries[name]
+        if col is None:
+            with self._lock:
+                col = self._entries[name]
+                if col is None:
+                    col = self._entries[name] = _read_column(
+                        self.reader, self.kind + SEP + name.encode(), self.rows)
+        return col
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def loaded(self, name: str) -> bool:
+        return self._entries.get(name) is not None
+
+    def pinned(self, reader: Any) -> Columns:
+        """The same columns (sharing those already read) reading through another reader."""
+        return Columns(self.kind, self.rows, dict(self._entries), reader)
+
+
+def _read_column(reader: Any, name: bytes, rows: int) -> Column:
+    """One key column of `rows` ids from its stored chunks (ids past them: no value)."""
+    keys, valid = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=bool)
+    for chunk in range((rows + COL_CHUNK - 1) >> COL_BITS):
+        raw = reader.get("orders", _column_key(name, chunk))
+        if raw is None:
+            continue
+        size, a = len(raw) // 9, chunk << COL_BITS
+        keys[a:a + size] = np.frombuffer(raw, dtype=np.int64, count=size)
+        valid[a:a + size] = np.frombuffer(raw, dtype=np.uint8, offset=size * 8, count=size)
+    return _column_of(keys, valid)
+
+
 @dataclass(frozen=True, eq=False)
 class OrderIndex:
     """An immutable snapshot of every order; OrderIndex() is empty."""
@@ -142,9 +193,14 @@ class OrderIndex:
     ts_buf: np.ndarray = field(default_factory=lambda: _empty(np.int64))
     runs: np.ndarray | None = field(default_factory=lambda: _empty(np.int64))
     values: Mapping[str, ValueIndex] = field(default_factory=dict)
-    columns: Mapping[str, Column] = field(default_factory=dict)  # over order ids
+    columns: Columns = field(default_factory=Columns)  # over order ids
     item_owner_buf: np.ndarray = field(default_factory=lambda: _empty(np.uint32))
-    item_columns: Mapping[str, Column] = field(default_factory=dict)  # over item ids
+    item_columns: Columns = field(default_factory=lambda: Columns(b"i"))  # over item ids
+
+    def pinned(self, reader: Any) -> OrderIndex:
+        """This index reading its columns through another reader (the committed one's)."""
+        return replace(self, columns=self.columns.pinned(reader),
+                       item_columns=self.item_columns.pinned(reader))
 
     @property
     def owner(self) -> np.ndarray:
@@ -236,42 +292,36 @@ def _dirty_chunks(ids: np.ndarray) -> list[int]:
 
 
 def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
-    """Rebuild the OrderIndex from the "orders" db alone."""
+    """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now,
+    field columns when first used."""
     meta_raw = store.get(txn, "orders", b"meta")
     if meta_raw is None:
         return OrderIndex()
     meta = orjson.loads(meta_raw)
     count, item_count = meta["count"], meta["items"]
-    # columns
-    raw_cols: dict[bytes, list[tuple[int, bytes]]] = {}
-    for key, value in store.items(txn, "orders", b"c" + SEP):
-        name, chunk = bytes(key[2:-5]), from_u32(key[-4:])
-        raw_cols.setdefault(name, []).append((chunk, bytes(value)))
+    names: set[bytes] = {bytes(key[2:-5]) for key in store.keys(txn, "orders", b"c" + SEP)}
 
-    def assemble(name: bytes, n: int, dtype: Any, with_valid: bool) -> tuple:
+    def plain(name: bytes, n: int, dtype: Any) -> np.ndarray:
         data = np.zeros(n, dtype=dtype)
-        valid = np.zeros(n, dtype=bool) if with_valid else None
-        width = np.dtype(dtype).itemsize + (1 if with_valid else 0)
-        for chunk, raw in raw_cols.get(name, ()):
-            size = len(raw) // width
-            a = chunk << COL_BITS
-            data[a:a + size] = np.frombuffer(raw, dtype=dtype, count=size)
-            if with_valid:
-                valid[a:a + size] = np.frombuffer(raw, dtype=np.uint8, offset=size * (width - 1),
-                                                  count=size).astype(bool)
-        return data, valid
+        for chunk in range((n + COL_CHUNK - 1) >> COL_BITS):
+            raw = store.get(txn, "orders", _column_key(name, chunk))
+            if raw is not None:
+                size = len(raw) // data.itemsize
+                data[chunk << COL_BITS:(chunk << COL_BITS) + size] = \
+                    np.frombuffer(raw, dtype=dtype, count=size)
+        return data
 
-    owner, _ = assemble(b"owner", count, np.uint32, False)
-    ts, _ = assemble(b"ts", count, np.int64, False)
-    item_owner, _ = assemble(b"item_owner", item_count, np.uint32, False)
-    columns, item_columns = {}, {}
-    for name in raw_cols:
+    owner = plain(b"owner", count, np.uint32)
+    ts = plain(b"ts", count, np.int64)
+    item_owner = plain(b"item_owner", item_count, np.uint32)
+    reader = store.reader()
+    fields = {b"o": {}, b"i": {}}
+    for name in names:
         kind, _, fname = name.partition(SEP)
-        if kind == b"o":
-            columns[fname.decode()] = _column_of(*assemble(name, count, np.int64, True))
-        elif kind == b"i":
-            item_columns[fname.decode()] = _column_of(*assemble(name, item_count, np.int64,
-                                                                True))
+        if kind in fields:
+            fields[kind][fname.decode()] = None
+    columns = Columns(b"o", count, fields[b"o"], reader)
+    item_columns = Columns(b"i", item_count, fields[b"i"], reader)
     # bitmaps
     parts: dict[bytes, list[BitMap]] = {}
     for key, value in store.items(txn, "orders", b"b" + SEP):
@@ -697,27 +747,33 @@ class OrderBatch:
         owner_buf = self._plain(b"owner", old.owner_buf, old.count, count,
                                 self.sets.get("owner"), 0)
         ts_buf = self._plain(b"ts", old.ts_buf, old.count, count, self.sets.get("ts"), 0)
-        columns = dict(old.columns)
-        names = {n[2:] for n in self.sets if n.startswith("f:")}
-        for name in names | set(columns):
-            columns[name] = self._column(b"o" + SEP + name.encode(), columns.get(name),
-                                         old.count, count, self.sets.get("f:" + name), NO_IDS)
+        columns = self._columns(b"o", old.columns, "f:", self.sets, old.count, count, NO_IDS)
         # item columns
         killed = np.frombuffer(self.killed_items, dtype=np.uint32)
         item_owner_buf = self._plain(b"item_owner", old.item_owner_buf, old.item_count,
                                      item_count, self.item_sets.get("item_owner"), NONE, killed)
-        item_columns = dict(old.item_columns)
-        names = {n[2:] for n in self.item_sets if n.startswith("g:")}
-        for name in names | set(item_columns):
-            item_columns[name] = self._column(b"i" + SEP + name.encode(),
-                                              item_columns.get(name), old.item_count,
-                                              item_count, self.item_sets.get("g:" + name),
-                                              killed)
+        item_columns = self._columns(b"i", old.item_columns, "g:", self.item_sets,
+                                     old.item_count, item_count, killed)
         store.put(txn, "orders", b"meta", orjson.dumps({"count": count, "items": item_count}))
         runs = self._runs(ts_buf[:count])
         index = OrderIndex(count, item_count, live, owner_buf, ts_buf, runs, values, columns,
                            item_owner_buf, item_columns)
         return index, schema
+
+    def _columns(self, kind: bytes, old: Columns, prefix: str, sets: dict[str, _Sets],
+                 old_rows: int, rows: int, kills: np.ndarray) -> Columns:
+        """The next key columns of one kind: the changed ones rebuilt, those this batch
+        leaves alone and nobody has read yet still left in LMDB."""
+        names = {n[len(prefix):] for n in sets if n.startswith(prefix)}
+        kills_old = bool((kills < old_rows).any()) if len(kills) else False
+        entries: dict[str, Column | None] = {}
+        for name in names | set(old):
+            if name not in names and not kills_old and not old.loaded(name):
+                entries[name] = None
+                continue
+            entries[name] = self._column(kind + SEP + name.encode(), old.get(name),
+                                         old_rows, rows, sets.get(prefix + name), kills)
+        return Columns(kind, rows, entries, TxnReader(self.store, self.txn))
 
     def _runs(self, ts: np.ndarray) -> np.ndarray | None:
         """The runs of the new ts column; when only appended, from the old runs."""
