@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bitseg.index.engine import Engine
-from bitseg.loaders.dataset import load_dataset
+from bitseg.loaders.dataset import bulk_reserve, load_dataset
 from bitseg.loaders.gen import generate
 
 PROFILES = int(os.environ.get("BITSEG_BENCH_PROFILES", "1000000"))
@@ -48,7 +48,7 @@ def store(dataset: Path) -> Path:
     path = ROOT / f"store-{PROFILES}-{SEED}"
     if not (path / ".complete").exists():
         shutil.rmtree(path, ignore_errors=True)
-        with Engine.open(path) as engine:
+        with Engine.open(path, bulk=bulk_reserve(dataset)) as engine:
             report = load_dataset(dataset, engine, progress=True)
         print(f"\nloaded {report}")
         (path / ".complete").write_text(str(report))

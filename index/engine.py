@@ -7,6 +7,7 @@ commit, so a reader sees a batch entirely or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -68,8 +69,16 @@ def _field_prefix(name: str) -> bytes:
     return b"p" + SEP + name.encode() + SEP
 
 
-def _value_name(field: str, value: Any) -> bytes:
-    return _field_prefix(field) + b"v" + SEP + orjson.dumps(value)
+MAX_VALUE_NAME = 300  # a longer value names its bitmap by digest (LMDB keys: 511 bytes)
+
+
+def _value_name(store: Store, txn: Txn, field: str, value: Any) -> bytes:
+    text = orjson.dumps(value)
+    if len(text) <= MAX_VALUE_NAME:
+        return _field_prefix(field) + b"v" + SEP + text
+    digest = hashlib.blake2b(text, digest_size=20).hexdigest()
+    store.put(txn, "meta", b"value:" + digest.encode(), text)
+    return _field_prefix(field) + b"h" + SEP + digest.encode()
 
 
 def _exists_name(field: str) -> bytes:
@@ -95,7 +104,8 @@ def persist_fields(store: Store, txn: Txn, writers: FieldWriters,
         index = fields[name]
         if isinstance(index, ValueIndex):
             for value in writer.dirty:
-                store.put_bitmap(txn, _value_name(name, value), index.eq(value), chunks)
+                store.put_bitmap(txn, _value_name(store, txn, name, value), index.eq(value),
+                                 chunks)
             store.put_bitmap(txn, _exists_name(name), index.exists, chunks)
             continue
         assert isinstance(writer, RangeWriter) and isinstance(index, RangeIndex)
@@ -128,6 +138,8 @@ def load_fields(store: Store, txn: Txn, schema: Schema,
             entry["exists"] = bitmap
         elif kind == b"v":
             entry["values"][orjson.loads(rest[0])] = bitmap
+        elif kind == b"h":  # a long value, named by its digest
+            entry["values"][orjson.loads(store.get(txn, "meta", b"value:" + rest[0]))] = bitmap
         elif kind == b"s":
             entry["slices"][int(rest[0])] = bitmap
         elif kind == b"m":
@@ -159,8 +171,11 @@ class Engine:
         self.cache_results = True  # benchmarks turn it off to measure evaluation itself
 
     @classmethod
-    def open(cls, path: str | Path, *, segments: SegmentLookup | None = None) -> Engine:
-        store = Store(path)
+    def open(cls, path: str | Path, *, segments: SegmentLookup | None = None,
+             bulk: int | None = None) -> Engine:
+        """Open the store at path (created if missing). `bulk`: open for a bulk load that
+        may add about this many bytes (see Store; loaders.dataset.bulk_reserve)."""
+        store = Store(path, bulk=bulk)
         try:
             with store.read() as txn:
                 schema = Schema.from_json(store.get_json(txn, "schema") or {})

@@ -18,6 +18,7 @@ append-only; a reader ignores rows newer than its snapshot, so reads stay consis
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import threading
@@ -47,13 +48,18 @@ PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
 STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
 DENSE_CACHE = 1 << 21
 EVENT_KEYS = ("profile", "event", "ts")
+MAX_VALUE_TEXT = 64  # longer stream values are named by digest
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 
 
 def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
+    """The stream's name (part of LMDB keys: a long value is replaced by its digest)."""
     if prop is None:
         return event
-    return f"{event}{SEP}{prop}{SEP}{orjson.dumps(value).decode()}"
+    text = orjson.dumps(value).decode()
+    if len(text) > MAX_VALUE_TEXT:
+        text = "#" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+    return f"{event}{SEP}{prop}{SEP}{text}"
 
 
 # ------------------------------------------------------------------------ count indexes
@@ -444,11 +450,12 @@ class EventBatch:
 
     def _event_types(self) -> tuple[list[str], np.ndarray]:
         names = set(self.c_event) if all(type(e) is str for e in self.c_event) else None
-        if names is None or not all(e and e != ANY and SEP not in e for e in names):
+        if names is None or not all(e != ANY and SEP not in e and T.name_problem(e) is None
+                                    for e in names):
             for row, e in enumerate(self.c_event):
-                if type(e) is not str or not e or e == ANY or SEP in e:
-                    self._fail(row, 'expected an event type name (a non-empty string, '
-                               'not "*")', "event")
+                if type(e) is not str or e == ANY or SEP in e or T.name_problem(e):
+                    self._fail(row, 'expected an event type name (a non-empty string of at '
+                               f'most {T.MAX_NAME_BYTES} bytes, not "*")', "event")
         ordered = sorted(names)
         code = {name: i for i, name in enumerate(ordered)}
         codes = np.fromiter((code[e] for e in self.c_event), dtype=np.int64,
@@ -621,9 +628,9 @@ class EventBatch:
         return index, schema
 
     def _infer(self, name: str, value: Any) -> str:
-        if not name or any(ord(ch) < 32 for ch in name):
-            raise DataError("property names must be non-empty and free of control characters",
-                            field=name)
+        problem = T.name_problem(name)
+        if problem:
+            raise DataError(f"property names {problem}", field=str(name)[:100])
         if isinstance(value, bool):
             type_ = T.BOOL
         elif isinstance(value, int):

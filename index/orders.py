@@ -562,9 +562,9 @@ class OrderBatch:
     def _type(self, name: str, value: Any) -> str:
         type_ = self.types.get(name)
         if type_ is None:
-            if not name or any(ord(ch) < 32 for ch in name):
-                raise DataError("field names must be non-empty and free of control "
-                                "characters", field=name)
+            problem = T.name_problem(name)
+            if problem:
+                raise DataError(f"field names {problem}", field=str(name)[:100])
             try:
                 type_ = T.infer(value)
             except ValueError as exc:

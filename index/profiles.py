@@ -37,9 +37,9 @@ def decode_row(raw: bytes, types: Mapping[str, str]) -> dict[str, Any]:
 
 
 def check_field_name(name: str) -> None:
-    if not name or any(ord(ch) < 32 for ch in name):
-        raise DataError("field names must be non-empty and free of control characters",
-                        field=name)
+    problem = T.name_problem(name)
+    if problem:
+        raise DataError(f"field names {problem}", field=str(name)[:100])
 
 
 class _Field:
@@ -136,6 +136,8 @@ class ProfileBatch:
             external = str(external)
         if not isinstance(external, str) or not external:
             raise DataError("expected a non-empty string or integer id", field="id")
+        if T.id_problem(external):
+            raise DataError(T.id_problem(external), field="id")
         before = self.ids.next
         dense = self.ids.resolve(external)
         fresh = dense >= before
@@ -160,6 +162,8 @@ class ProfileBatch:
             external = str(external)
         if not isinstance(external, str) or not external:
             raise DataError("expected a non-empty string or integer profile id", field="profile")
+        if T.id_problem(external):
+            raise DataError(T.id_problem(external), field="profile")
         before = self.ids.next
         dense = self.ids.resolve(external)
         if dense >= before:

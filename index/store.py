@@ -32,6 +32,7 @@ FORMAT = 1
 CHUNK_BITS = 18
 DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "orders")
 MAP_SIZE = 1 << 40  # address space only; the file grows as data does
+GIB = 1 << 30
 _U32 = struct.Struct(">I")
 
 Txn = Any  # an lmdb.Transaction; callers never import lmdb
@@ -62,7 +63,15 @@ def chunks_of(ids: BitMap) -> set[int]:
 class Store:
     """An LMDB environment holding one bitseg store."""
 
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 bulk: int | None = None) -> None:
+        """Open (or create) the store at path.
+
+        bulk: open for a bulk load that may add about this many bytes. LMDB then writes
+        straight into its memory map (MDB_WRITEMAP): a transaction of many gigabytes is
+        held by the kernel's page cache, not in this process's memory. The map, and with
+        it the file's apparent (sparse) size, is what is there plus `bulk`; a load that
+        outgrows it fails whole with StoreError, changing nothing."""
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} is a file, not a store directory")
@@ -72,9 +81,16 @@ class Store:
         if readonly and not (self.path / "data.mdb").exists():
             raise StoreError(f"no bitseg store at {self.path}")
         self.path.mkdir(parents=True, exist_ok=True)
+        map_size, writemap = MAP_SIZE, False
+        if bulk is not None and not readonly:
+            data = self.path / "data.mdb"
+            used = data.stat().st_blocks * 512 if data.exists() else 0  # not the sparse size
+            map_size, writemap = -(-(used + bulk + GIB) // GIB) * GIB, True
+        self.bulk = writemap
         try:
-            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=len(DATABASES),
-                                 readonly=readonly, readahead=False, max_readers=1024)
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DATABASES),
+                                 readonly=readonly, readahead=False, max_readers=1024,
+                                 writemap=writemap)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from None
         self.db = {name: self.env.open_db(name.encode(), create=not readonly)
@@ -100,8 +116,13 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Txn]:
         """One atomic, durable transaction: commits on success, aborts on any exception."""
-        with self.env.begin(write=True) as txn:
-            yield txn
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.MapFullError:
+            raise StoreError(f"{self.path}: the batch outgrew the space this bulk load "
+                             "reserved, and was not applied; load it again (the reserve "
+                             "is computed from the input's size) or split the input") from None
 
     @contextmanager
     def read(self) -> Iterator[Txn]:

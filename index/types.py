@@ -28,6 +28,26 @@ TIME_TYPES = frozenset({DATE, TIMESTAMP})
 
 FLOAT_DIGITS = 8  # floats keep this many decimal places, exactly (gcd units keep depth low)
 FLOAT_SCALE = 10**FLOAT_DIGITS
+MAX_NAME_BYTES = 200  # field, property and event type names (they are parts of LMDB keys)
+MAX_ID_BYTES = 400  # profile and order ids (LMDB keys are at most 511 bytes)
+
+
+def name_problem(name: Any) -> str | None:
+    """Why a field, property or event type name is unusable, or None if it is fine."""
+    if not isinstance(name, str) or not name or any(ord(ch) < 32 for ch in name):
+        return "must be non-empty and free of control characters"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"must be at most {MAX_NAME_BYTES} bytes long"
+    return None
+
+
+def id_problem(external: str) -> str | None:
+    """Why a (non-empty string) profile or order id is unusable, or None."""
+    if len(external.encode()) > MAX_ID_BYTES:
+        return f"ids must be at most {MAX_ID_BYTES} bytes long"
+    return None
+
+
 MAX_KEY = 2**62  # |key| bound, so key differences fit a signed 64-bit slice index
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

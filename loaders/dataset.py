@@ -94,6 +94,19 @@ class LoadReport:
 # --- the folder ---------------------------------------------------------------------
 
 
+def bulk_reserve(path: str | Path) -> int:
+    """Bytes to reserve in the store for loading this dataset: a generous multiple of its
+    files' sizes (a stored event or order takes well under its JSON line's size)."""
+    folder = _dataset_folder(path)
+    total = 0
+    for file in folder.iterdir():
+        if file.suffix in (".jsonl", ".csv"):
+            total += 4 * file.stat().st_size
+        elif file.name.endswith(".gz"):
+            total += 40 * file.stat().st_size
+    return total
+
+
 def load_dataset(path: str | Path, engine: Any, *, progress: bool = False) -> LoadReport:
     """Load a dataset folder into the engine: schema, then profiles, events, orders."""
     started = time.perf_counter()

@@ -18,9 +18,9 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from bitseg.index.engine import Engine
-    from bitseg.loaders.dataset import load_dataset
+    from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
-    with Engine.open(args.db) as engine:
+    with Engine.open(args.db, bulk=bulk_reserve(args.dataset)) as engine:
         report = load_dataset(args.dataset, engine, progress=not args.quiet)
         total = engine.total()
     if args.json:

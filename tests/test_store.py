@@ -119,6 +119,46 @@ def test_kill_during_a_batch_leaves_the_store_as_before(tmp_path):
         assert engine.members({"field": "country", "op": "eq", "value": "ZZ"}) == ["after"]
 
 
+CHILD_BULK = CHILD.replace("Engine.open(sys.argv[1])", "Engine.open(sys.argv[1], bulk=1 << 26)")
+
+
+def test_kill_during_a_bulk_batch_leaves_the_store_as_before(tmp_path):
+    """A bulk load writes straight into the memory map; a kill must still lose the batch."""
+    path = tmp_path / "store"
+    with Engine.open(path, bulk=1 << 26) as engine:
+        engine.upsert_profiles(profiles(200))
+        before = answers(engine)
+    child = subprocess.Popen([sys.executable, "-c", CHILD_BULK, str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "mid-batch"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    with Engine.open(path) as engine:
+        assert answers(engine) == before
+        assert engine.count({"field": "country", "op": "eq", "value": "ZZ"}) == 0
+
+
+def test_a_bulk_load_reserves_what_it_needs_and_fails_whole_past_it(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    with Engine.open(path, bulk=1 << 20) as engine:
+        engine.upsert_profiles(profiles(300))
+        before = answers(engine)
+    size = (path / "data.mdb").stat().st_size
+    assert size <= 2 * store_module.GIB  # the reserve, not the 1 TiB address space
+    monkeypatch.setattr(store_module, "GIB", 1 << 20)  # a reserve far too small
+    with Engine.open(path, bulk=0) as engine:
+        big = [{"id": f"b{i}", "note": "x" * 2000} for i in range(2000)]  # ~4 MB of rows
+        with pytest.raises(StoreError, match="outgrew the space this bulk load reserved"):
+            engine.upsert_profiles(big)
+        assert answers(engine) == before
+    with Engine.open(path) as engine:  # an ordinary open reads what the bulk load wrote
+        assert answers(engine) == before
+        engine.upsert_profiles(big)  # and has the room
+        assert engine.total() == 2300
+
+
 def test_a_failed_batch_changes_nothing(tmp_path):
     with Engine.open(tmp_path / "store") as engine:
         engine.upsert_profiles(profiles(20))
