@@ -40,7 +40,7 @@ from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, from_u32, u32
-from bitseg.index.timeline import day_of, month_of, plan
+from bitseg.index.timeline import day_of, first_day, month_of, plan
 
 SEP = "\x1f"
 ANY = "*"
@@ -88,6 +88,23 @@ def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     if carry:
         out.append(carry)
     return RangeIndex(0, 1, tuple(out), a.exists | b.exists)
+
+
+def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
+    """The per-profile difference a - b of two count indexes, where every count of b is
+    at most a's (b counts a subset of a's rows): a ripple-borrow subtractor."""
+    if not b.exists:
+        return a
+    out, borrow = [], BitMap()
+    for i in range(max(len(a.slices), len(b.slices))):
+        x = a.slices[i] if i < len(a.slices) else EMPTY
+        y = b.slices[i] if i < len(b.slices) else EMPTY
+        xy = x ^ y
+        out.append(xy ^ borrow if borrow else xy)
+        borrow = (y - x) | (borrow - xy) if borrow else y - x
+    while out and not out[-1]:
+        out.pop()
+    return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
 
 
 def sum_counts(parts: list[RangeIndex]) -> RangeIndex:
@@ -692,17 +709,36 @@ def _count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events
                       streams: list[str], lo: int | None, hi: int, as_of: int) -> RangeIndex:
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
-    parts = []
+    parts, minus = [], []
     for stream in streams:
-        for month in _in_range(index.stream_months.get(stream, []), window.months):
+        months = index.stream_months.get(stream, [])
+        for month in _in_range(months, window.months):
             parts.append(index.bucket(b"m", stream, month))
-        for day in window.whole_days(index.stream_days.get(stream, [])):
-            parts.append(index.bucket(b"d", stream, day))
+        days = window.whole_days(index.stream_days.get(stream, []))
+        for month, inside in _by_month(days):
+            # most of a month inside the window: its bucket minus the days outside
+            first, end = first_day(month), first_day(month + 1)
+            present = index.stream_days.get(stream, [])
+            outside = [d for d in _in_range(present, range(first, end)) if d not in inside]
+            if len(outside) < len(inside) - 1 and month in _in_range(months,
+                                                                     range(month, month + 1)):
+                parts.append(index.bucket(b"m", stream, month))
+                minus += [index.bucket(b"d", stream, d) for d in outside]
+            else:
+                parts += [index.bucket(b"d", stream, d) for d in inside]
     for edge_lo, edge_hi in window.edges:
         rows = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)
         if len(rows[0]):
             parts.append(counts_of(rows[0]))
-    return sum_counts(parts)
+    return sub_counts(sum_counts(parts), sum_counts(minus))
+
+
+def _by_month(days: list[int]) -> list[tuple[int, set[int]]]:
+    """Sorted days grouped by calendar month: (month, its days)."""
+    groups: dict[int, set[int]] = {}
+    for day in days:
+        groups.setdefault(month_of(day), set()).add(day)
+    return sorted(groups.items())
 
 
 def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:

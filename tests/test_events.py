@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -308,6 +309,47 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
             assert [sorted(engine.members(r, as_of=AS_OF)) for r in rules] == answers[-1]
     assert answers[0] == answers[1]
     assert all(answers[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 40)),
+                max_size=60))
+def test_subtracting_count_indexes_is_integer_subtraction(rows):
+    from bitseg.index.events import count_index, sub_counts
+
+    a, b = {}, {}
+    for pid, x, y in rows:  # b counts a subset of a's rows: b <= a per profile
+        a[pid], b[pid] = max(x, y), min(x, y)
+
+    def index(counts):
+        ids = np.array([p for p, c in counts.items() if c], dtype=np.uint32)
+        return count_index(ids, np.array([counts[p] for p in ids.tolist()], dtype=np.int64))
+
+    got = sub_counts(index(a), index(b))
+    ids, keys = got.decode()
+    assert dict(zip(ids.tolist(), keys.tolist(), strict=True)) == \
+        {p: a[p] - b[p] for p in a if a[p] - b[p]}
+
+
+def test_a_window_over_most_of_a_month_counts_exactly(engine):
+    """30 days ending at midnight take October's bucket minus the days outside it (here
+    Oct 1, and events after the window); the counts must be those of the rows."""
+    start = datetime(2026, 10, 1, tzinfo=timezone.utc)
+    lines, expected = [], {}
+    for p in range(12):
+        for day in range(31):
+            for k in range((p * 7 + day * 3) % 5):
+                moment = start + timedelta(days=day, hours=k + 1)
+                lines.append({"profile": f"p{p}", "event": "open", "ts": ts(moment)})
+                if day >= 1:
+                    expected[f"p{p}"] = expected.get(f"p{p}", 0) + 1
+    lines.append({"profile": "p0", "event": "open", "ts": ts(start + timedelta(days=33))})
+    engine.track_events(lines)
+    for n in (1, 20, 33, 40, 45, 47, 60):
+        rule = {"event": "open", "window": {"last_days": 30},
+                "having": {"agg": "count", "op": "gte", "value": n}}
+        assert sorted(engine.members(rule, as_of="2026-11-01T00:00:00Z")) == \
+            sorted(p for p, c in expected.items() if c >= n), n
 
 
 def test_an_older_snapshot_keeps_reading_its_own_buckets(engine):
