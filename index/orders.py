@@ -1081,6 +1081,9 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
         ok = _aggregate(having, index, sel, everything, groups)
     if having.holds_for_no_rows():
         return live - groups.profiles(groups.has & ~ok)
+    if having.agg == "sum" and not groups.sparse:
+        # a profile without rows has sum 0 here, which fails the op: ok implies has
+        return groups.profiles(ok) & live
     return groups.profiles(groups.has & ok) & live
 
 
@@ -1104,13 +1107,22 @@ class _Groups:
             grouped = (packed >> np.uint64(32)).astype(np.uint32)
             self.starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
             self.ids = grouped[self.starts]
-            self.counts = np.diff(np.append(self.starts, rows))
-            self.has = np.ones(len(self.ids), dtype=bool)
+            self._counts: np.ndarray | None = np.diff(np.append(self.starts, rows))
+            self.size = len(self.ids)
         else:
             self.owners = owners
-            self.counts = np.bincount(owners, minlength=top)
-            self.has = self.counts > 0
-        self.size = len(self.counts)
+            self._counts = None  # a pass over every row: made when first asked for
+            self.size = top
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._counts = np.bincount(self.owners, minlength=self.size)
+        return self._counts
+
+    @property
+    def has(self) -> np.ndarray:
+        return self.counts > 0
 
     def profiles(self, mask: np.ndarray) -> BitMap:
         return bitmap_of(self.ids[mask] if self.sparse else np.flatnonzero(mask))
@@ -1136,13 +1148,17 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
     keys = col.keys[:index.count] if everything else col.keys[sel]
     valid = col.valid[:index.count] if everything else col.valid[sel]
     complete = bool(valid.all())
+    if agg == "sum":
+        if col.bound * len(keys) >= 2**63 and \
+                col.bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
+            keys = keys.astype(object)  # exact Python ints
+        return _compare(groups.reduce(np.add, keys if complete else np.where(valid, keys, 0),
+                                      0), op, value)
     n = groups.counts if complete else groups.reduce(np.add, valid.astype(np.int64), 0)
-    if agg in ("sum", "avg"):
+    if agg == "avg":
         if col.bound * int(n.max(initial=0)) >= 2**63:  # could overflow: exact Python ints
             keys = keys.astype(object)
         sums = groups.reduce(np.add, keys if complete else np.where(valid, keys, 0), 0)
-        if agg == "sum":
-            return _compare(sums, op, value)
         return (n > 0) & _avg_compare(sums, n, op, value)
     fill = I64_MAX if agg == "min" else I64_MIN
     ufunc = np.minimum if agg == "min" else np.maximum
