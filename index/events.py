@@ -297,12 +297,13 @@ class EventIndex:
 
     reader: Any = None  # store.SnapshotReader once committed; a TxnReader inside a batch
     version: int = 0
-    written: Mapping[BucketKey, int] = field(default_factory=dict)
+    written: Mapping[BucketKey, int] = field(default_factory=dict)  # since open; else 0
     stream_days: Mapping[str, list[int]] = field(default_factory=dict)  # sorted
     stream_months: Mapping[str, list[int]] = field(default_factory=dict)
     type_days: Mapping[str, list[int]] = field(default_factory=dict)  # days with raw rows
     parts: Mapping[tuple[str, int], int] = field(default_factory=dict)  # blocks per type, day
     cache: BucketCache = field(default_factory=BucketCache)
+    catalogued: bool = True  # the store holds the catalog (stores of older versions: not)
 
     @property
     def types(self) -> list[str]:
@@ -313,10 +314,11 @@ class EventIndex:
         return replace(self, reader=reader)
 
     def bucket(self, kind: bytes, stream: str, bucket: int) -> RangeIndex:
-        """The count index of one stream in one day (kind b"d") or month (b"m")."""
+        """The count index of one stream in one day (kind b"d") or month (b"m"); the
+        bucket must be listed in stream_days / stream_months."""
         key = (kind, stream, bucket)
-        written = self.written.get(key)
-        if written is None or self.reader is None:
+        written = self.written.get(key, 0)
+        if self.reader is None:
             return RangeIndex()
         committed = self.reader.committed
         if committed:
@@ -353,27 +355,54 @@ class EventIndex:
                      {k: (v[keep], ok[keep]) for k, (v, ok) in block.props.items()}, block.words)
 
 
+CATALOG_MARK = b"v-catalog"  # present once the catalog lists everything
+
+
+def _catalog_key(kind: bytes, name: str) -> bytes:
+    """b"k" + b"d"/b"m" + stream: the stream's sorted buckets; b"k" + b"t" + event type:
+    its (day, parts) pairs. Open reads these few values instead of every bucket's key."""
+    return b"k" + kind + name.encode()
+
+
+def _packed(values: list[int]) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def _unpacked(raw: bytes) -> list[int]:
+    return np.frombuffer(raw, dtype="<i4").tolist()
+
+
 def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
-    """The catalog of the stored events (keys only: buckets and blocks stay in LMDB)."""
-    written: dict[BucketKey, int] = {}
+    """The catalog of the stored events (buckets and blocks stay in LMDB)."""
     stream_days: dict[str, list[int]] = {}
     stream_months: dict[str, list[int]] = {}
     type_days: dict[str, list[int]] = {}
-    for key in store.keys(txn, "events", b"c"):
-        kind, bucket, stream = key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
-        written[(kind, stream, bucket)] = 0
-        listing = stream_days if kind == b"d" else stream_months
-        listing.setdefault(stream, []).append(bucket)
     parts: dict[tuple[str, int], int] = {}
-    for key in store.keys(txn, "events", b"b"):
-        event, day = key[1:-9].decode(), from_u32(key[-8:-4]) - 2**31
-        parts[(event, day)] = max(parts.get((event, day), 0), from_u32(key[-4:]) + 1)
-    for event, day in parts:
-        type_days.setdefault(event, []).append(day)
-    for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
-        listing.sort()
-    return EventIndex(store.reader(), version, written, stream_days, stream_months, type_days,
-                      parts)
+    catalogued = store.get(txn, "events", CATALOG_MARK) is not None
+    if catalogued:
+        for key, raw in store.items(txn, "events", b"k"):
+            kind, name = key[1:2], bytes(key[2:]).decode()
+            values = _unpacked(bytes(raw))
+            if kind == b"t":
+                type_days[name] = values[0::2]
+                parts.update(((name, day), n) for day, n in zip(values[0::2], values[1::2],
+                                                                 strict=True))
+            else:
+                (stream_days if kind == b"d" else stream_months)[name] = values
+    else:  # a store written before the catalog: list the keys themselves
+        for key in store.keys(txn, "events", b"c"):
+            kind, bucket, stream = key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
+            listing = stream_days if kind == b"d" else stream_months
+            listing.setdefault(stream, []).append(bucket)
+        for key in store.keys(txn, "events", b"b"):
+            event, day = key[1:-9].decode(), from_u32(key[-8:-4]) - 2**31
+            parts[(event, day)] = max(parts.get((event, day), 0), from_u32(key[-4:]) + 1)
+        for event, day in parts:
+            type_days.setdefault(event, []).append(day)
+        for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
+            listing.sort()
+    return EventIndex(store.reader(), version, {}, stream_days, stream_months, type_days,
+                      parts, catalogued=catalogued)
 
 
 # ------------------------------------------------------------------------ writing
@@ -405,6 +434,7 @@ class EventBatch:
         self.stream_months = {k: list(v) for k, v in index.stream_months.items()}
         self.type_days = {k: list(v) for k, v in index.type_days.items()}
         self.parts = dict(index.parts)
+        self.relisted: set[tuple[bytes, str]] = set()  # catalog entries to rewrite
         self._clear()
 
     def _clear(self) -> None:
@@ -588,6 +618,7 @@ class EventBatch:
             seq = self.parts.get((event, day), 0)
             self.store.put(self.txn, "events", _block_key(event, day, seq), block.encode())
             self.parts[(event, day)] = seq + 1
+            self.relisted.add((b"t", event))
             if seq == 0:
                 insort(self.type_days.setdefault(event, []), day)
             for stream, profiles in self._streams(event, block):
@@ -607,6 +638,7 @@ class EventBatch:
         if current is None:
             listing = self.stream_days if kind == b"d" else self.stream_months
             insort(listing.setdefault(stream, []), bucket)
+            self.relisted.add((kind, stream))
         self.written[key] = self.version
         self.touched.add(key)
 
@@ -615,8 +647,12 @@ class EventBatch:
         if found is not None:
             return found
         written = self.written.get(key)
-        if written is None:
-            return None
+        if written is None:  # not written since open: stored then, or never
+            kind, stream, bucket = key
+            listing = (self.stream_days if kind == b"d" else self.stream_months).get(stream, [])
+            i = bisect_left(listing, bucket)
+            return self.index.bucket(*key) if i < len(listing) and listing[i] == bucket \
+                else None
         if written != self.version:  # unchanged by this batch: the committed value
             return self.index.bucket(*key)
         kind, stream, bucket = key  # written by an earlier flush of this batch
@@ -636,6 +672,7 @@ class EventBatch:
         committed snapshot) and schema."""
         self._flush()
         self._write_pending(keep=set())
+        self._write_catalog()
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}
         if added:
@@ -643,6 +680,24 @@ class EventBatch:
         index = EventIndex(self.reader, self.version, self.written, self.stream_days,
                            self.stream_months, self.type_days, self.parts, self.index.cache)
         return index, schema
+
+    def _write_catalog(self) -> None:
+        """Rewrite the catalog entries of the streams and types this batch listed anew
+        (all of them the first time, in a store written before the catalog)."""
+        if not self.relisted:
+            return
+        relisted = self.relisted
+        if not self.index.catalogued:
+            relisted = {(b"d", s) for s in self.stream_days} | \
+                {(b"m", s) for s in self.stream_months} | {(b"t", e) for e in self.type_days}
+        self.store.put(self.txn, "events", CATALOG_MARK, b"1")
+        for kind, name in sorted(relisted):
+            if kind == b"t":
+                days = self.type_days[name]
+                values = [x for day in days for x in (day, self.parts[(name, day)])]
+            else:
+                values = (self.stream_days if kind == b"d" else self.stream_months)[name]
+            self.store.put(self.txn, "events", _catalog_key(kind, name), _packed(values))
 
     def _infer(self, name: str, value: Any) -> str:
         problem = T.name_problem(name)

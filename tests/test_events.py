@@ -352,6 +352,51 @@ def test_a_window_over_most_of_a_month_counts_exactly(engine):
             sorted(p for p, c in expected.items() if c >= n), n
 
 
+def test_the_catalog_lists_what_the_keys_hold_also_for_stores_without_one(tmp_path):
+    """Open reads the catalog; it must list exactly the buckets and block parts that a
+    scan of the keys finds, and a store written before the catalog gets one whole."""
+    from bitseg.index.events import CATALOG_MARK, load_events
+
+    def listings(engine):
+        store = engine.store
+        with store.read() as txn:
+            found = load_events(store, txn, engine.snapshot.version)
+        return (found.catalogued, found.stream_days, found.stream_months, found.type_days,
+                found.parts)
+
+    def scanned(engine):  # the same store as one written before the catalog
+        store = engine.store
+        with store.write() as txn:
+            store.delete(txn, "events", CATALOG_MARK)
+            for key in list(store.keys(txn, "events", b"k")):
+                store.delete(txn, "events", key)
+        return listings(engine)
+
+    lines = [{"profile": f"p{i % 7}", "event": ["open", "buy"][i % 2],
+              "ts": ago(i % 70, hours=i % 24), "channel": ["web", "app"][i % 3 == 0]}
+             for i in range(300)]
+    path = tmp_path / "store"
+    with Engine.open(path) as engine:
+        engine.track_events(lines[:100])
+        engine.track_events(lines[100:200])
+        catalogued = listings(engine)
+        assert catalogued[0]
+        assert scanned(engine)[1:] == catalogued[1:]
+    with Engine.open(path) as engine:  # opened without a catalog: scans, then writes it
+        assert not engine.snapshot.events.catalogued
+        engine.track_events([lines[0]])  # no new bucket: the catalog must come whole anyway
+        after = listings(engine)
+        assert after[0] and after[1:] == scanned(engine)[1:]
+    with Engine.open(path) as engine:  # scanned() took the catalog away again
+        engine.track_events(lines[200:])
+        after = listings(engine)
+        assert after[0] and after[1:] == scanned(engine)[1:]
+    with Engine.open(path) as engine:
+        rule = {"event": "*", "window": {"last_days": 60},
+                "having": {"agg": "count", "op": "gte", "value": 20}}
+        assert engine.members(rule, as_of=AS_OF)
+
+
 def test_an_older_snapshot_keeps_reading_its_own_buckets(engine):
     """Buckets are read from LMDB lazily; a snapshot taken before a batch must still see
     the counts of its version after that batch rewrote the same buckets."""
