@@ -22,7 +22,7 @@ from bitseg.index import types as T
 from bitseg.index.cache import LRU, ResultCache, canonical
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
-from bitseg.index.events import EventBatch, load_events
+from bitseg.index.events import EventBatch, load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
 from bitseg.index.orders import OrderBatch, load_orders
@@ -185,6 +185,10 @@ class Engine:
                 fields = load_fields(store, txn, schema, bitmaps)
                 events = load_events(store, txn, version)
                 orders = load_orders(store, txn, schema)
+            if not events.catalogued and events.type_days:  # once, for a store from before
+                with store.write() as txn:
+                    write_catalog(store, txn, events)
+                events = replace(events, catalogued=True)
         except BaseException:
             store.close()
             raise

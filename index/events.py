@@ -372,6 +372,21 @@ def _unpacked(raw: bytes) -> list[int]:
     return np.frombuffer(raw, dtype="<i4").tolist()
 
 
+def write_catalog(store: Store, txn: Txn, index: EventIndex,
+                  which: set[tuple[bytes, str]] | None = None) -> None:
+    """Write the catalog entries of these (kind, stream or type) pairs, or of all."""
+    if which is None:
+        which = {(b"d", s) for s in index.stream_days} | \
+            {(b"m", s) for s in index.stream_months} | {(b"t", e) for e in index.type_days}
+    store.put(txn, "events", CATALOG_MARK, b"1")
+    for kind, name in sorted(which):
+        if kind == b"t":
+            values = [x for day in index.type_days[name] for x in (day, index.parts[(name, day)])]
+        else:
+            values = (index.stream_days if kind == b"d" else index.stream_months)[name]
+        store.put(txn, "events", _catalog_key(kind, name), _packed(values))
+
+
 def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
     """The catalog of the stored events (buckets and blocks stay in LMDB)."""
     stream_days: dict[str, list[int]] = {}
@@ -683,21 +698,11 @@ class EventBatch:
 
     def _write_catalog(self) -> None:
         """Rewrite the catalog entries of the streams and types this batch listed anew
-        (all of them the first time, in a store written before the catalog)."""
-        if not self.relisted:
-            return
-        relisted = self.relisted
-        if not self.index.catalogued:
-            relisted = {(b"d", s) for s in self.stream_days} | \
-                {(b"m", s) for s in self.stream_months} | {(b"t", e) for e in self.type_days}
-        self.store.put(self.txn, "events", CATALOG_MARK, b"1")
-        for kind, name in sorted(relisted):
-            if kind == b"t":
-                days = self.type_days[name]
-                values = [x for day in days for x in (day, self.parts[(name, day)])]
-            else:
-                values = (self.stream_days if kind == b"d" else self.stream_months)[name]
-            self.store.put(self.txn, "events", _catalog_key(kind, name), _packed(values))
+        (Engine.open gives a store from before the catalog a whole one)."""
+        if self.relisted:
+            index = EventIndex(None, self.version, {}, self.stream_days, self.stream_months,
+                               self.type_days, self.parts)
+            write_catalog(self.store, self.txn, index, self.relisted)
 
     def _infer(self, name: str, value: Any) -> str:
         problem = T.name_problem(name)
