@@ -18,15 +18,25 @@ POINTS_NEXT_7 = {"event": "points_accrued", "window": {"next_days": 7},
                  "having": {"agg": "sum", "of": "points", "op": "between", "value": [100, 500]}}
 
 
-def _count(benchmark, engine, rule):
-    result = benchmark(engine.count, rule, as_of=AS_OF)
+MID_MONTH = "2026-10-17T13:45:00Z"  # a window that starts and ends inside months
+
+
+def _count(benchmark, engine, rule, as_of=AS_OF):
+    result = benchmark(engine.count, rule, as_of=as_of)
     benchmark.extra_info["count"] = result
-    assert result == len(engine.evaluate(rule, as_of=AS_OF))
+    assert result == len(engine.evaluate(rule, as_of=as_of))
     return result
 
 
 def test_event_count_gte3_last30(benchmark, engine):
     assert _count(benchmark, engine, POPUP_3_IN_30) > 0
+
+
+def test_event_count_gte3_last30_mid_month(benchmark, engine):
+    """The same rule with as_of mid-month and mid-day: two partial days read raw and no
+    month mostly inside the window (AS_OF, at midnight on the 1st, is the best case:
+    October's bucket minus one day)."""
+    assert _count(benchmark, engine, POPUP_3_IN_30, MID_MONTH) > 0
 
 
 def test_event_page_views_gte3_last30(benchmark, engine):
