@@ -343,7 +343,7 @@ class Engine:
                 batch: Any = profiles
                 if child == "events":
                     batch = EventBatch(self.store, txn, snap.events, snap.schema,
-                                       profiles.ensure_profile, version)
+                                       profiles.ensure_profile, version, ids.known)
                 elif child == "orders":
                     batch = OrderBatch(self.store, txn, snap.orders,
                                        snap.schema, profiles.ensure_profile)

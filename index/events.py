@@ -431,13 +431,16 @@ class EventBatch:
     """
 
     def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
-                 ensure_profile: Callable[[Any], int], version: int) -> None:
+                 ensure_profile: Callable[[Any], int], version: int,
+                 known_profiles: Callable[[list[str]], list[int | None]] | None = None
+                 ) -> None:
         self.store = store
         self.txn = txn
         self.index = index
         self.schema = schema
         self.types = dict(schema.events)
         self.ensure_profile = ensure_profile
+        self.known_profiles = known_profiles or (lambda ids: [None] * len(ids))
         self.version = version
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
@@ -531,12 +534,18 @@ class EventBatch:
                 if type(p) is not str and type(p) is not int:
                     self._fail(row, "expected a non-empty string or integer profile id",
                                "profile")
-        for p in set(raw):
-            if p not in self.dense:
-                try:
-                    self._dense_of(p)
-                except DataError as exc:
-                    self._fail(raw.index(p), exc.reason, "profile")
+        if len(self.dense) > DENSE_CACHE:  # keep the cache bounded
+            self.dense = {}
+        missing = [p for p in set(raw) if p not in self.dense]
+        known = self.known_profiles([p if type(p) is str else str(p) for p in missing])
+        for p, found in zip(missing, known, strict=True):
+            if found is not None:  # an existing profile: one lookup, no Python per-id work
+                self.dense[p] = found
+                continue
+            try:
+                self._dense_of(p)
+            except DataError as exc:
+                self._fail(raw.index(p), exc.reason, "profile")
         dense = self.dense
         return np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw))
 

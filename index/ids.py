@@ -18,6 +18,7 @@ from bitseg.index.store import Store, Txn, from_u32, u32
 ID_CHUNK_BITS = 16
 ID_CHUNK = 1 << ID_CHUNK_BITS
 MAX_IDS = 2**32 - 1
+MAX_KEY_BYTES = 511  # LMDB's key limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,17 @@ class IdWriter:
         self.ids.store.put(self.txn, "ids", raw, u32(dense))
         self.new_names.append(raw)
         return dense
+
+    def known(self, externals: list[str]) -> list[int | None]:
+        """The dense ids of external ids already in the map (None for the others, and for
+        ids no profile could have: empty or too long); nothing is assigned."""
+        get, db = self.txn.get, self.ids.store.db["ids"]
+        out: list[int | None] = []
+        for external in externals:
+            raw = external.encode()
+            found = get(raw, db=db) if 0 < len(raw) <= MAX_KEY_BYTES else None
+            out.append(None if found is None else from_u32(found))
+        return out
 
     def finish(self) -> IdMap:
         """Persist the new names' chunks; the IdMap to publish after commit."""

@@ -395,6 +395,18 @@ def test_the_catalog_lists_what_the_keys_hold_also_for_stores_without_one(tmp_pa
         assert engine.members(rule, as_of=AS_OF)
 
 
+def test_an_event_for_a_deleted_profile_creates_a_new_one(engine):
+    rule = {"event": "open", "window": {"last_days": 30},
+            "having": {"agg": "count", "op": "gte", "value": 2}}
+    engine.upsert_profiles([{"id": "a"}, {"id": "b"}])
+    engine.track_events([{"profile": p, "event": "open", "ts": ago(1)} for p in "aab"])
+    assert engine.members(rule, as_of=AS_OF) == ["a"]
+    engine.delete_profiles(["a"])
+    engine.track_events([{"profile": p, "event": "open", "ts": ago(1)} for p in "ab"])
+    assert engine.total() == 2  # a is back, as a new profile without its old events
+    assert engine.members(rule, as_of=AS_OF) == ["b"]
+
+
 def test_an_older_snapshot_keeps_reading_its_own_buckets(engine):
     """Buckets are read from LMDB lazily; a snapshot taken before a batch must still see
     the counts of its version after that batch rewrote the same buckets."""
