@@ -46,7 +46,7 @@ class _Field:
     """One field's checker and the value changes waiting for the next flush."""
 
     __slots__ = ("type", "check", "is_range", "is_float", "multi", "codes", "values",
-                 "add_ids", "add_vals", "rm_ids", "rm_vals")
+                 "add_ids", "add_vals", "rm_ids", "rm_vals", "add")
 
     def __init__(self, type_: str) -> None:
         self.type = type_
@@ -56,6 +56,9 @@ class _Field:
         self.multi = type_ == T.KEYWORDS
         self.codes: dict[Any, int] = {}
         self.values: list = []
+        # add(dense, value): queue a value (the common case, split by kind for speed)
+        self.add = self._add_range if self.is_range else \
+            self._add_keywords if self.multi else self._add_value
         self.clear()
 
     def clear(self) -> None:
@@ -63,8 +66,27 @@ class _Field:
         self.add_ids, self.add_vals = array("I"), array(code)
         self.rm_ids, self.rm_vals = array("I"), array(code)
 
+    def _add_range(self, dense: int, value: Any) -> None:
+        self.add_ids.append(dense)
+        self.add_vals.append(value)
+
+    def _add_value(self, dense: int, value: Any) -> None:
+        code = self.codes.get(value)
+        if code is None:
+            code = self.codes[value] = len(self.codes)
+            self.values.append(value)
+        self.add_ids.append(dense)
+        self.add_vals.append(code)
+
+    def _add_keywords(self, dense: int, value: Any) -> None:
+        for item in value:
+            self._add_value(dense, item)
+
     def push(self, dense: int, value: Any, removing: bool) -> None:
-        ids, vals = (self.rm_ids, self.rm_vals) if removing else (self.add_ids, self.add_vals)
+        if not removing:
+            self.add(dense, value)
+            return
+        ids, vals = self.rm_ids, self.rm_vals
         if self.is_range:
             ids.append(dense)
             vals.append(value)
@@ -206,7 +228,7 @@ class ProfileBatch:
         info = self.info
         if not old:
             for name, value in new.items():
-                info[name].push(dense, value, False)
+                info[name].add(dense, value)
             return
         for name, value in old.items():
             if new.get(name) != value:
