@@ -189,11 +189,13 @@ class Engine:
                 with store.write() as txn:
                     write_catalog(store, txn, events)
                 events = replace(events, catalogued=True)
+            reader = store.reader()
         except BaseException:
             store.close()
             raise
         snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields,
-                            events=events, orders=orders)
+                            events=events.pinned(reader), orders=orders.pinned(reader),
+                            reader=reader)
         if segments is not None:
             snapshot = replace(snapshot, segments=segments)
         return cls(store, ids, snapshot)
@@ -270,10 +272,13 @@ class Engine:
         dense = ids_of(self._bitmap(rule, as_of))
         return self._ids.externals(dense if limit is None else dense[:limit])
 
-    def dense_id(self, profile_id: str) -> int:
-        """The dense id of a live profile; NotFound otherwise."""
-        dense = self._ids.lookup(profile_id)
-        if dense is None or dense not in self._snapshot.live:
+    def dense_id(self, profile_id: str, snapshot: Snapshot | None = None) -> int:
+        """The dense id of a live profile (in the current snapshot, or the one given);
+        NotFound otherwise."""
+        snap = snapshot or self._snapshot
+        dense = self._ids.lookup(profile_id, reader=snap.reader) if snap.reader is not None \
+            else self._ids.lookup(profile_id)
+        if dense is None or dense not in snap.live:
             raise NotFound("profile", profile_id)
         return dense
 
@@ -281,15 +286,15 @@ class Engine:
                   as_of: datetime | str | None = None) -> bool:
         snap = self._snapshot
         parsed = self.parse(rule, snap)
-        dense = self.dense_id(profile_id)
+        dense = self.dense_id(profile_id, snap)
         return Evaluator(snap, as_of_micros(as_of)).contains(parsed, dense)
 
     def profile(self, profile_id: str) -> dict[str, Any]:
         """A profile's current values as a user sees them."""
-        dense = self.dense_id(profile_id)
-        types = self._snapshot.schema.profiles
-        with self.store.read() as txn:
-            raw = self.store.get(txn, "rows", u32(dense))
+        snap = self._snapshot
+        dense = self.dense_id(profile_id, snap)
+        types = snap.schema.profiles
+        raw = snap.reader.get("rows", u32(dense))
         row = decode_row(raw, types) if raw is not None else {}
         return {"id": profile_id, **{k: T.display(types[k], v) for k, v in row.items()}}
 
@@ -375,12 +380,13 @@ class Engine:
                 if also is not None:
                     changes.update(also(txn, replace(snap, version=version, live=live,
                                                      schema=schema, fields=fields, **changes)))
-            for child_name in ("events", "orders"):  # committed: read lazily as of it
+            reader = self.store.reader()  # committed: lazy reads and lookups as of it
+            for child_name in ("events", "orders"):
                 if child_name in changes:
-                    changes[child_name] = changes[child_name].pinned(self.store.reader())
+                    changes[child_name] = changes[child_name].pinned(reader)
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
-                                     fields=fields, **changes)
+                                     fields=fields, reader=reader, **changes)
             rows = batch.count if child is not None else 0
             return BatchReport(profiles.created, profiles.updated, version, rows)
 
@@ -407,5 +413,6 @@ class Engine:
                 self.store.put_bitmap(txn, LIVE, live, chunks)
                 version = snap.version + 1
                 self.store.put_json(txn, "version", version)
-            self._snapshot = replace(snap, version=version, live=live, fields=fields)
+            self._snapshot = replace(snap, version=version, live=live, fields=fields,
+                                     reader=self.store.reader())
             return len(gone)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,12 @@ class IdMap:
         chunks = [IdChunk.decode(raw) for _, raw in store.items(txn, "rids")]
         return cls(store, tuple(chunks))
 
-    def lookup(self, external: str, txn: Txn | None = None) -> int | None:
-        """The dense id of an external id, or None if it was never seen."""
-        if txn is None:
+    def lookup(self, external: str, txn: Txn | None = None, reader: Any = None) -> int | None:
+        """The dense id of an external id, or None if it was never seen (read through a
+        transaction, a snapshot's reader, or else a read transaction of its own)."""
+        if reader is not None:
+            raw = reader.get("ids", external.encode()) if external else None
+        elif txn is None:
             with self.store.read() as txn:
                 raw = self.store.get(txn, "ids", external.encode())
         else:

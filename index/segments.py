@@ -375,7 +375,7 @@ class Segments:
     def segments_of(self, profile_id: str, as_of: Any = None) -> list[str]:
         """The names of the segments a live profile is in (NotFound for an unknown one)."""
         snap = self.engine.snapshot
-        dense = self.engine.dense_id(profile_id)
+        dense = self.engine.dense_id(profile_id, snap)
         evaluator = Evaluator(snap, _micros(as_of))
         return [s.name for s in _segments_of(snap)
                 if evaluator.contains(SegmentRef(s.name, "$"), dense)]

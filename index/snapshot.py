@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyroaring import BitMap
 
@@ -43,6 +43,7 @@ class Snapshot:
     segments: SegmentLookup = field(default_factory=NoSegments)
     events: EventIndex = field(default_factory=EventIndex)
     orders: OrderIndex = field(default_factory=OrderIndex)
+    reader: Any = None  # a store.SnapshotReader pinned to this version (lookups by id)
 
     def field(self, name: str) -> FieldIndex:
         """The index of a profile field (an empty one if it has no values yet)."""

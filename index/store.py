@@ -32,7 +32,8 @@ FORMAT = 1
 CHUNK_BITS = 18
 DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "orders")
 MAP_SIZE = 1 << 40  # address space only; the file grows as data does
-GIB = 1 << 30
+BULK_HEADROOM = 1 << 26  # reserved beyond a bulk load's estimate (LMDB's own pages)
+MIB = 1 << 20
 _U32 = struct.Struct(">I")
 
 Txn = Any  # an lmdb.Transaction; callers never import lmdb
@@ -85,7 +86,7 @@ class Store:
         if bulk is not None and not readonly:
             data = self.path / "data.mdb"
             used = data.stat().st_blocks * 512 if data.exists() else 0  # not the sparse size
-            map_size, writemap = -(-(used + bulk + GIB) // GIB) * GIB, True
+            map_size, writemap = -(-(used + bulk + BULK_HEADROOM) // MIB) * MIB, True
         self.bulk = writemap
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DATABASES),

@@ -146,8 +146,8 @@ def test_a_bulk_load_reserves_what_it_needs_and_fails_whole_past_it(tmp_path, mo
         engine.upsert_profiles(profiles(300))
         before = answers(engine)
     size = (path / "data.mdb").stat().st_size
-    assert size <= 2 * store_module.GIB  # the reserve, not the 1 TiB address space
-    monkeypatch.setattr(store_module, "GIB", 1 << 20)  # a reserve far too small
+    assert size <= 128 * store_module.MIB  # the reserve, not the 1 TiB address space
+    monkeypatch.setattr(store_module, "BULK_HEADROOM", 1 << 20)  # a reserve far too small
     with Engine.open(path, bulk=0) as engine:
         big = [{"id": f"b{i}", "note": "x" * 2000} for i in range(2000)]  # ~4 MB of rows
         with pytest.raises(StoreError, match="outgrew the space this bulk load reserved"):
