@@ -186,25 +186,33 @@ class Block:
             props[name] = (values, take("u1", 1).astype(bool))
         return cls(profile, ts, version, props, header["words"])
 
-    def concat(self, other: Block) -> Block:
-        words = {k: list(v) for k, v in self.words.items()}
+    @classmethod
+    def join(cls, blocks: list[Block]) -> Block:
+        """The rows of several blocks as one (each column concatenated once; keyword
+        codes renumbered into one table per property)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        names = sorted({name for block in blocks for name in block.props})
+        words: dict[str, list[str]] = {}
         props = {}
-        for name in set(self.props) | set(other.props):
-            mine = self._column_or_empty(name)
-            theirs = other._column_or_empty(name)
-            values = theirs[0]
-            if name in other.words:  # re-code the other block's keywords into ours
-                table = words.setdefault(name, [])
-                index = {w: i for i, w in enumerate(table)}
-                remap = np.array([index.setdefault(w, len(index)) for w in other.words[name]]
-                                 or [0], dtype=np.int64)
-                table[:] = list(index)
-                values = np.where(theirs[1], remap[np.clip(values, 0, len(remap) - 1)], 0)
-            props[name] = (np.concatenate([mine[0], values]),
-                           np.concatenate([mine[1], theirs[1]]))
-        return Block(np.concatenate([self.profile, other.profile]),
-                     np.concatenate([self.ts, other.ts]),
-                     np.concatenate([self.version, other.version]), props, words)
+        for name in names:
+            values, valid = [], []
+            index: dict[str, int] | None = None
+            for block in blocks:
+                keys, ok = block._column_or_empty(name)
+                if name in block.words:  # re-code this block's keywords into the joint table
+                    index = {} if index is None else index
+                    remap = np.array([index.setdefault(w, len(index))
+                                      for w in block.words[name]] or [0], dtype=np.int64)
+                    keys = np.where(ok, remap[np.clip(keys, 0, len(remap) - 1)], 0)
+                values.append(keys)
+                valid.append(ok)
+            if index is not None:
+                words[name] = list(index)
+            props[name] = (np.concatenate(values), np.concatenate(valid))
+        return cls(np.concatenate([b.profile for b in blocks]),
+                   np.concatenate([b.ts for b in blocks]),
+                   np.concatenate([b.version for b in blocks]), props, words)
 
     def _column_or_empty(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         col = self.props.get(name)
@@ -345,9 +353,7 @@ class EventIndex:
         blocks = [Block.decode(raw) for raw in raws if raw is not None]
         if not blocks:
             return None
-        block = blocks[0]
-        for more in blocks[1:]:
-            block = block.concat(more)
+        block = Block.join(blocks)
         if int(block.version.max(initial=0)) <= self.version:
             return block
         keep = block.version <= self.version
@@ -453,6 +459,7 @@ class EventBatch:
         self.type_days = {k: list(v) for k, v in index.type_days.items()}
         self.parts = dict(index.parts)
         self.relisted: set[tuple[bytes, str]] = set()  # catalog entries to rewrite
+        self.first_part: dict[tuple[str, int], int] = {}  # the first part this batch wrote
         self._clear()
 
     def _clear(self) -> None:
@@ -642,6 +649,7 @@ class EventBatch:
             seq = self.parts.get((event, day), 0)
             self.store.put(self.txn, "events", _block_key(event, day, seq), block.encode())
             self.parts[(event, day)] = seq + 1
+            self.first_part.setdefault((event, day), seq)
             self.relisted.add((b"t", event))
             if seq == 0:
                 insort(self.type_days.setdefault(event, []), day)
@@ -696,6 +704,7 @@ class EventBatch:
         committed snapshot) and schema."""
         self._flush()
         self._write_pending(keep=set())
+        self._compact()
         self._write_catalog()
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}
@@ -704,6 +713,22 @@ class EventBatch:
         index = EventIndex(self.reader, self.version, self.written, self.stream_days,
                            self.stream_months, self.type_days, self.parts, self.index.cache)
         return index, schema
+
+    def _compact(self) -> None:
+        """Join the parts this batch wrote for a day into one: input that is not in one
+        time order (several sorted runs) would otherwise leave a part per flush, and
+        every read of that day would decode them all. Older parts stay as they are, so
+        a snapshot from before this batch reads what it always read."""
+        for (event, day), first in self.first_part.items():
+            end = self.parts[(event, day)]
+            if end - first < 2:
+                continue
+            keys = [_block_key(event, day, seq) for seq in range(first, end)]
+            joined = Block.join([Block.decode(self.reader.get("events", key)) for key in keys])
+            self.store.put(self.txn, "events", keys[0], joined.encode())
+            for key in keys[1:]:
+                self.store.delete(self.txn, "events", key)
+            self.parts[(event, day)] = first + 1
 
     def _write_catalog(self) -> None:
         """Rewrite the catalog entries of the streams and types this batch listed anew

@@ -285,7 +285,8 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
 
 
 def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
-    """A batch larger than FLUSH_ROWS writes several parts per day; they read as one."""
+    """A batch larger than FLUSH_ROWS writes several parts per day; they are joined, and
+    read as one."""
     from bitseg.index import events as events_module
 
     lines = [{"profile": f"p{i % 9}", "event": ["open", "buy"][i % 2],
@@ -304,6 +305,8 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
         with Engine.open(path) as engine:
             engine.track_events(lines[:150])
             engine.track_events(lines[150:])
+            # a batch's parts of a day are joined into one when it finishes
+            assert max(engine.snapshot.events.parts.values()) <= 2
             answers.append([sorted(engine.members(r, as_of=AS_OF)) for r in rules])
         with Engine.open(path) as engine:
             assert [sorted(engine.members(r, as_of=AS_OF)) for r in rules] == answers[-1]
@@ -405,6 +408,32 @@ def test_an_event_for_a_deleted_profile_creates_a_new_one(engine):
     engine.track_events([{"profile": p, "event": "open", "ts": ago(1)} for p in "ab"])
     assert engine.total() == 2  # a is back, as a new profile without its old events
     assert engine.members(rule, as_of=AS_OF) == ["b"]
+
+
+def test_joined_blocks_keep_every_rows_keyword():
+    from bitseg.index.events import Block
+
+    def block(profiles, words, codes, points=None):
+        n = len(profiles)
+        props = {"page": (np.array(codes, dtype=np.int64), np.array([c >= 0 for c in codes]))}
+        if points is not None:
+            props["n"] = (np.array(points, dtype=np.int64), np.ones(n, dtype=bool))
+        return Block(np.array(profiles, dtype=np.uint32), np.arange(n, dtype=np.int64),
+                     np.ones(n, dtype=np.uint32), props, {"page": words})
+
+    parts = [block([1, 2], ["/a", "/b"], [1, 0]), block([3], ["/c"], [0], [7]),
+             block([4, 5], ["/b", "/c"], [0, -1])]
+    joined = Block.join(parts)
+
+    def rows(b):
+        keys, ok = b.props["page"]
+        n = b.props.get("n")
+        return [(int(p), b.words["page"][k] if v else None,
+                 int(n[0][i]) if n is not None and n[1][i] else None)
+                for i, (p, k, v) in enumerate(zip(b.profile, keys, ok, strict=True))]
+
+    assert rows(joined) == [r for part in parts for r in rows(part)] == [
+        (1, "/b", None), (2, "/a", None), (3, "/c", 7), (4, "/b", None), (5, None, None)]
 
 
 def test_an_older_snapshot_keeps_reading_its_own_buckets(engine):
