@@ -7,6 +7,7 @@ commit, so a reader sees a batch entirely or not at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +47,9 @@ class BatchReport:
     rows: int = 0  # events or orders added
 
 
+_timestamp = functools.lru_cache(maxsize=1024)(T.parse_timestamp)  # callers repeat as_of
+
+
 def as_of_micros(as_of: datetime | str | int | None) -> int:
     """Evaluation time as µs since the epoch: None is now; naive datetimes are UTC."""
     if as_of is None:
@@ -54,7 +58,7 @@ def as_of_micros(as_of: datetime | str | int | None) -> int:
         return as_of
     if isinstance(as_of, str):
         try:
-            return T.parse_timestamp(as_of)
+            return _timestamp(as_of)
         except ValueError as exc:
             raise BitsegError(f"as_of: {exc}") from None
     if isinstance(as_of, datetime):
