@@ -451,7 +451,7 @@ class EventBatch:
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
         self.reader = TxnReader(store, txn)
-        self.pending: dict[BucketKey, RangeIndex] = {}  # changed buckets not yet written
+        self.pending: dict[BucketKey, list[np.ndarray]] = {}  # rows' profiles, not written
         self.touched: set[BucketKey] = set()  # by the rows being flushed now
         self.written = dict(index.written)
         self.stream_days = {k: list(v) for k, v in index.stream_days.items()}
@@ -654,49 +654,58 @@ class EventBatch:
             if seq == 0:
                 insort(self.type_days.setdefault(event, []), day)
             for stream, profiles in self._streams(event, block):
-                self._add(b"d", day, stream, counts_of(profiles))
+                self._add(b"d", day, stream, profiles)
                 by_month.setdefault((stream, month_of(day)), []).append(profiles)
         for (stream, month), parts in by_month.items():  # each month once per flush
-            self._add(b"m", month, stream, counts_of(np.concatenate(parts)))
+            self._add(b"m", month, stream, np.concatenate(parts))
         self._clear()
         self._write_pending(keep=self.touched)
         self.touched = set()
 
-    def _add(self, kind: bytes, bucket: int, stream: str, fresh: RangeIndex) -> None:
-        """Add counts to one bucket, held in memory while flushes keep touching it."""
+    def _add(self, kind: bytes, bucket: int, stream: str, profiles: np.ndarray) -> None:
+        """Queue the profiles of some rows of one bucket (one entry per row). They are
+        counted, and added to the stored counts, once, when the bucket is written: an
+        input of many time-sorted runs touches the same buckets flush after flush."""
         key = (kind, stream, bucket)
-        current = self._current(key)
-        self.pending[key] = add_counts(current, fresh) if current is not None else fresh
-        if current is None:
-            listing = self.stream_days if kind == b"d" else self.stream_months
-            insort(listing.setdefault(stream, []), bucket)
-            self.relisted.add((kind, stream))
-        self.written[key] = self.version
+        queued = self.pending.get(key)
+        if queued is None:
+            queued = self.pending[key] = []
+            listing = (self.stream_days if kind == b"d" else self.stream_months
+                       ).setdefault(stream, [])
+            i = bisect_left(listing, bucket)
+            if i == len(listing) or listing[i] != bucket:
+                listing.insert(i, bucket)
+                self.relisted.add((kind, stream))
+        queued.append(profiles)
+        if len(queued) >= 16:  # a bounded number of small arrays per bucket
+            queued[:] = [np.concatenate(queued)]
         self.touched.add(key)
 
-    def _current(self, key: BucketKey) -> RangeIndex | None:
-        found = self.pending.get(key)
-        if found is not None:
-            return found
+    def _stored(self, key: BucketKey) -> RangeIndex | None:
+        """The bucket's counts as stored now (None if it has none yet)."""
+        kind, stream, bucket = key
         written = self.written.get(key)
-        if written is None:  # not written since open: stored then, or never
-            kind, stream, bucket = key
-            listing = (self.stream_days if kind == b"d" else self.stream_months).get(stream, [])
-            i = bisect_left(listing, bucket)
-            return self.index.bucket(*key) if i < len(listing) and listing[i] == bucket \
-                else None
-        if written != self.version:  # unchanged by this batch: the committed value
+        if written == self.version:  # written by an earlier eviction of this batch
+            return decode_counts(self.reader.get("events", _count_key(kind, bucket, stream)))
+        listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
+                   ).get(stream, [])
+        i = bisect_left(listing, bucket)
+        if i < len(listing) and listing[i] == bucket:  # committed before this batch
             return self.index.bucket(*key)
-        kind, stream, bucket = key  # written by an earlier flush of this batch
-        return decode_counts(self.reader.get("events", _count_key(kind, bucket, stream)))
+        return None
 
     def _write_pending(self, keep: set[BucketKey]) -> None:
-        """Write the changed buckets the last flush did not touch into the transaction
-        and let them go: input in time order holds only its recent days in memory."""
+        """Count the queued rows of the buckets the last flush did not touch, add them to
+        the stored counts and write those into the transaction: input in time order
+        holds only its recent days in memory."""
         for key in sorted(self.pending.keys() - keep):
             kind, stream, bucket = key
+            fresh = counts_of(np.concatenate(self.pending.pop(key)))
+            current = self._stored(key)
+            counts = add_counts(current, fresh) if current is not None else fresh
             self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
-                           encode_counts(self.pending.pop(key)))
+                           encode_counts(counts))
+            self.written[key] = self.version
 
     def finish(self) -> tuple[EventIndex, Schema]:
         """Write the rest of the rows and every changed count bucket into the transaction;
