@@ -224,15 +224,26 @@ def peak_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // scale
 
 
+def anon_kib():
+    # RssAnon: memory of this process's own (the rest of RSS is LMDB's file pages, which
+    # the kernel shares and can reclaim); 0 where /proc does not say
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 started = time.perf_counter()
 engine = Engine.open(sys.argv[1])
 opened = time.perf_counter() - started
 rss_open = peak_kib()
 counts = [engine.count(json.loads(rule), as_of=sys.argv[2]) for rule in sys.argv[3:]]
 rss = peak_kib()
+anon = anon_kib()
 engine.close()
 print(json.dumps({"open_s": opened, "profiles": len(engine.snapshot.live), "counts": counts,
-                  "rss_open_kib": rss_open, "rss_kib": rss}))
+                  "rss_open_kib": rss_open, "rss_kib": rss, "anon_kib": anon}))
 """
 
 
@@ -254,11 +265,14 @@ def test_reopen(benchmark, engine, store, bench_report):
     assert run["profiles"] == engine.total()
     assert run["counts"] == [engine.count(r, as_of=AS_OF) for r in rules]
     rss_open, rss = run["rss_open_kib"] / 1024, run["rss_kib"] / 1024
-    benchmark.extra_info.update(open_s=run["open_s"], rss_open_mib=rss_open, rss_mib=rss)
+    anon = run["anon_kib"] / 1024
+    benchmark.extra_info.update(open_s=run["open_s"], rss_open_mib=rss_open, rss_mib=rss,
+                                anon_mib=anon)
     bench_report.add(TABLE, what="reopen (Engine.open, fresh process)",
                      median=fmt_seconds(run["open_s"]),
                      result=f"peak RSS {rss_open:,.0f} MiB open, {rss:,.0f} MiB after 3 "
-                            f"target counts", **{"target (10M)": "<= 10 s, RSS <= 4 GB"})
+                            f"target counts (own memory {anon:,.0f} MiB, the rest LMDB's "
+                            f"mapped file)", **{"target (10M)": "<= 10 s, RSS <= 4 GB"})
 
 
 # ------------------------------------------------------------------ bulk load
