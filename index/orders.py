@@ -126,6 +126,7 @@ class Column:
     keys: np.ndarray
     valid: np.ndarray
     bound: int = 0  # >= every |key| (sums of n keys fit int64 while bound * n < 2**63)
+    complete: bool = False  # every id in use has a value (valid need not be read)
 
 
 def _empty(dtype: Any) -> np.ndarray:
@@ -225,7 +226,7 @@ class OrderIndex:
 
 
 def _column_of(keys: np.ndarray, valid: np.ndarray) -> Column:
-    return Column(keys, valid, int(np.abs(keys).max(initial=0)))
+    return Column(keys, valid, int(np.abs(keys).max(initial=0)), bool(valid.all()))
 
 
 def compute_runs(ts: np.ndarray) -> np.ndarray | None:
@@ -826,7 +827,7 @@ class OrderBatch:
         dirty = sorted(set(_dirty_chunks(ids)) | set(_dirty_chunks(old_kills)))
         _put_column(self.store, self.txn, name, keys_buf, valid_buf, new, dirty)
         bound = max(col.bound, int(np.abs(keys).max(initial=0)))
-        return Column(keys_buf, valid_buf, bound)
+        return Column(keys_buf, valid_buf, bound, bool(valid_buf[:new].all()))
 
 
 def _below(ids: np.ndarray, old: int) -> bool:
@@ -1131,7 +1132,8 @@ class _Groups:
         """ufunc over each group's values (aligned with the rows); initial for none."""
         if self.sparse:
             return ufunc.reduceat(values[self.order], self.starts)
-        out = np.full(self.size, initial, dtype=values.dtype)
+        out = np.zeros(self.size, dtype=values.dtype) if initial == 0 else \
+            np.full(self.size, initial, dtype=values.dtype)  # zeros: calloc, pages on demand
         ufunc.at(out, self.owners, values)
         return out
 
@@ -1146,8 +1148,10 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
         zeros = np.zeros(groups.size, dtype=np.int64)
         return _compare(zeros, op, value) if agg == "sum" else zeros.astype(bool)
     keys = col.keys[:index.count] if everything else col.keys[sel]
-    valid = col.valid[:index.count] if everything else col.valid[sel]
-    complete = bool(valid.all())
+    complete = col.complete
+    if not complete:
+        valid = col.valid[:index.count] if everything else col.valid[sel]
+        complete = bool(valid.all())
     if agg == "sum":
         if col.bound * len(keys) >= 2**63 and \
                 col.bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
