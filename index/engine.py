@@ -280,8 +280,7 @@ class Engine:
         """The dense id of a live profile (in the current snapshot, or the one given);
         NotFound otherwise."""
         snap = snapshot or self._snapshot
-        dense = self._ids.lookup(profile_id, reader=snap.reader) if snap.reader is not None \
-            else self._ids.lookup(profile_id)
+        dense = self._ids.lookup(profile_id, reader=snap.reader)
         if dense is None or dense not in snap.live:
             raise NotFound("profile", profile_id)
         return dense

@@ -394,7 +394,8 @@ def write_catalog(store: Store, txn: Txn, index: EventIndex,
 
 
 def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
-    """The catalog of the stored events (buckets and blocks stay in LMDB)."""
+    """The catalog of the stored events (buckets and blocks stay in LMDB, read through
+    the reader the index is then pinned to)."""
     stream_days: dict[str, list[int]] = {}
     stream_months: dict[str, list[int]] = {}
     type_days: dict[str, list[int]] = {}
@@ -422,7 +423,7 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
             type_days.setdefault(event, []).append(day)
         for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):
             listing.sort()
-    return EventIndex(store.reader(), version, {}, stream_days, stream_months, type_days,
+    return EventIndex(None, version, {}, stream_days, stream_months, type_days,
                       parts, catalogued=catalogued)
 
 

@@ -294,7 +294,7 @@ def _dirty_chunks(ids: np.ndarray) -> list[int]:
 
 def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now,
-    field columns when first used."""
+    field columns when first used (through the reader the index is then pinned to)."""
     meta_raw = store.get(txn, "orders", b"meta")
     if meta_raw is None:
         return OrderIndex()
@@ -315,14 +315,13 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     owner = plain(b"owner", count, np.uint32)
     ts = plain(b"ts", count, np.int64)
     item_owner = plain(b"item_owner", item_count, np.uint32)
-    reader = store.reader()
     fields = {b"o": {}, b"i": {}}
     for name in names:
         kind, _, fname = name.partition(SEP)
         if kind in fields:
             fields[kind][fname.decode()] = None
-    columns = Columns(b"o", count, fields[b"o"], reader)
-    item_columns = Columns(b"i", item_count, fields[b"i"], reader)
+    columns = Columns(b"o", count, fields[b"o"])  # readable once pinned to a reader
+    item_columns = Columns(b"i", item_count, fields[b"i"])
     # bitmaps
     parts: dict[bytes, list[BitMap]] = {}
     for key, value in store.items(txn, "orders", b"b" + SEP):

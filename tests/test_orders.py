@@ -92,7 +92,7 @@ class Orders:
         self.store.close()
         self.store = Store(self.path)
         with self.store.read() as txn:
-            self.index = load_orders(self.store, txn, self.schema)
+            self.index = load_orders(self.store, txn, self.schema).pinned(self.store.reader())
         return self.index
 
     def members(self, rule: dict, index: OrderIndex | None = None,
