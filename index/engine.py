@@ -73,13 +73,16 @@ def _field_prefix(name: str) -> bytes:
     return b"p" + SEP + name.encode() + SEP
 
 
-MAX_VALUE_NAME = 300  # a longer value names its bitmap by digest (LMDB keys: 511 bytes)
+MAX_NAME_BYTES = 506  # a stored bitmap key is its name + 5 bytes; LMDB keys: 511
 
 
 def _value_name(store: Store, txn: Txn, field: str, value: Any) -> bytes:
+    """The name of a value's bitmap; a name too long for an LMDB key names the value by
+    its digest instead (names that fit are what they always were)."""
     text = orjson.dumps(value)
-    if len(text) <= MAX_VALUE_NAME:
-        return _field_prefix(field) + b"v" + SEP + text
+    name = _field_prefix(field) + b"v" + SEP + text
+    if len(name) <= MAX_NAME_BYTES:
+        return name
     digest = hashlib.blake2b(text, digest_size=20).hexdigest()
     store.put(txn, "meta", b"value:" + digest.encode(), text)
     return _field_prefix(field) + b"h" + SEP + digest.encode()

@@ -48,18 +48,21 @@ PROP_TYPES = {T.KEYWORD, T.INT, T.FLOAT, T.BOOL}
 STREAM_TYPES = {T.KEYWORD, T.BOOL}  # properties whose values get their own streams
 DENSE_CACHE = 1 << 21
 EVENT_KEYS = ("profile", "event", "ts")
-MAX_VALUE_TEXT = 64  # longer stream values are named by digest
+MAX_STREAM_BYTES = 500  # a longer stream name has its value replaced by a digest (LMDB
+# keys are at most 511 bytes: the count and catalog keys add 6 and 2 to the name)
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 
 
 def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
-    """The stream's name (part of LMDB keys: a long value is replaced by its digest)."""
+    """The stream's name (part of LMDB keys: in a name too long for them, the value is
+    replaced by its digest; names that fit are what they always were)."""
     if prop is None:
         return event
     text = orjson.dumps(value).decode()
-    if len(text) > MAX_VALUE_TEXT:
-        text = "#" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
-    return f"{event}{SEP}{prop}{SEP}{text}"
+    name = f"{event}{SEP}{prop}{SEP}{text}"
+    if len(name.encode()) <= MAX_STREAM_BYTES:
+        return name
+    return f"{event}{SEP}{prop}{SEP}#{hashlib.blake2b(text.encode(), digest_size=20).hexdigest()}"
 
 
 # ------------------------------------------------------------------------ count indexes

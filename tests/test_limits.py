@@ -31,6 +31,22 @@ def test_a_long_keyword_value_is_indexed_and_survives_reopen(tmp_path):
         assert engine.members(viewed, as_of=AS_OF) == ["a"]
 
 
+@pytest.mark.parametrize("size", [400, 470, 485, 495, 500, 505, 520, 700])
+def test_keyword_values_around_the_key_size_limit(tmp_path, size):
+    value = "v" * size
+    path = tmp_path / "store"
+    with Engine.open(path) as engine:
+        engine.upsert_profiles([{"id": "a", "ref": value}, {"id": "b", "ref": value[:-1]}])
+        engine.track_events([{"profile": "a", "event": "view", "ts": "2026-10-30T00:00:00Z",
+                              "page": value}])
+    with Engine.open(path) as engine:
+        assert engine.members({"field": "ref", "op": "eq", "value": value}) == ["a"]
+        viewed = {"event": "view", "where": {"field": "page", "op": "eq", "value": value},
+                  "window": {"last_days": 30}, "having": {"agg": "count", "op": "gte",
+                                                          "value": 1}}
+        assert engine.members(viewed, as_of=AS_OF) == ["a"]
+
+
 @pytest.mark.parametrize("record, field", [
     ({"id": "x" * 401}, "id"),
     ({"id": "ok", "f" * 201: 1}, "f" * 100),
