@@ -676,9 +676,8 @@ class EventBatch:
             queued = self.pending[key] = []
             listing = (self.stream_days if kind == b"d" else self.stream_months
                        ).setdefault(stream, [])
-            i = bisect_left(listing, bucket)
-            if i == len(listing) or listing[i] != bucket:
-                listing.insert(i, bucket)
+            if not _listed(listing, bucket):
+                insort(listing, bucket)
                 self.relisted.add((kind, stream))
         queued.append(profiles)
         if len(queued) >= 16:  # a bounded number of small arrays per bucket
@@ -693,8 +692,7 @@ class EventBatch:
             return decode_counts(self.reader.get("events", _count_key(kind, bucket, stream)))
         listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
                    ).get(stream, [])
-        i = bisect_left(listing, bucket)
-        if i < len(listing) and listing[i] == bucket:  # committed before this batch
+        if _listed(listing, bucket):  # committed before this batch
             return self.index.bucket(*key)
         return None
 
@@ -819,16 +817,14 @@ def _count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events
     parts, minus = [], []
     for stream in streams:
         months = index.stream_months.get(stream, [])
+        present = index.stream_days.get(stream, [])
         for month in _in_range(months, window.months):
             parts.append(index.bucket(b"m", stream, month))
-        days = window.whole_days(index.stream_days.get(stream, []))
-        for month, inside in _by_month(days):
+        for month, inside in _by_month(window.whole_days(present)):
             # most of a month inside the window: its bucket minus the days outside
             first, end = first_day(month), first_day(month + 1)
-            present = index.stream_days.get(stream, [])
             outside = [d for d in _in_range(present, range(first, end)) if d not in inside]
-            if len(outside) < len(inside) - 1 and month in _in_range(months,
-                                                                     range(month, month + 1)):
+            if len(outside) < len(inside) - 1 and _listed(months, month):
                 parts.append(index.bucket(b"m", stream, month))
                 minus += [index.bucket(b"d", stream, d) for d in outside]
             else:
@@ -846,6 +842,11 @@ def _by_month(days: list[int]) -> list[tuple[int, set[int]]]:
     for day in days:
         groups.setdefault(month_of(day), set()).add(day)
     return sorted(groups.items())
+
+
+def _listed(sorted_buckets: list[int], bucket: int) -> bool:
+    i = bisect_left(sorted_buckets, bucket)
+    return i < len(sorted_buckets) and sorted_buckets[i] == bucket
 
 
 def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:
