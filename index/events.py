@@ -442,15 +442,14 @@ class EventBatch:
 
     def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
                  ensure_profile: Callable[[Any], int], version: int,
-                 known_profiles: Callable[[list[str]], list[int | None]] | None = None
-                 ) -> None:
+                 known_profiles: Callable[[list[str]], list[int | None]]) -> None:
         self.store = store
         self.txn = txn
         self.index = index
         self.schema = schema
         self.types = dict(schema.events)
         self.ensure_profile = ensure_profile
-        self.known_profiles = known_profiles or (lambda ids: [None] * len(ids))
+        self.known_profiles = known_profiles
         self.version = version
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
