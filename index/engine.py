@@ -402,7 +402,7 @@ class Engine:
             snap = self._snapshot
             gone, names = BitMap(), []
             for external in profile_ids:
-                dense = self._ids.lookup(external)
+                dense = self._ids.lookup(external, reader=snap.reader)
                 if dense is None or dense not in snap.live:
                     raise NotFound("profile", external)
                 gone.add(dense)

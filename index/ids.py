@@ -67,16 +67,14 @@ class IdMap:
         chunks = [IdChunk.decode(raw) for _, raw in store.items(txn, "rids")]
         return cls(store, tuple(chunks))
 
-    def lookup(self, external: str, txn: Txn | None = None, reader: Any = None) -> int | None:
+    def lookup(self, external: str, reader: Any = None) -> int | None:
         """The dense id of an external id, or None if it was never seen (read through a
-        transaction, a snapshot's reader, or else a read transaction of its own)."""
+        snapshot's reader, or else a read transaction of its own)."""
         if reader is not None:
             raw = reader.get("ids", external.encode()) if external else None
-        elif txn is None:
+        else:
             with self.store.read() as txn:
                 raw = self.store.get(txn, "ids", external.encode())
-        else:
-            raw = self.store.get(txn, "ids", external.encode())
         return None if raw is None else from_u32(raw)
 
     def external(self, dense: int) -> str:

@@ -612,13 +612,12 @@ class Segments:
         """(dense ids of the live profiles among ids, the others in the order given)."""
         found, unknown = BitMap(), []
         lookup = self.engine.ids.lookup
-        with self.engine.store.read() as txn:
-            for external in ids:
-                dense = lookup(external, txn) if isinstance(external, str) else None
-                if dense is None or dense not in snap.live:
-                    unknown.append(external)
-                else:
-                    found.add(dense)
+        for external in ids:  # through the snapshot's reader: the ids of its version
+            dense = lookup(external, reader=snap.reader) if isinstance(external, str) else None
+            if dense is None or dense not in snap.live:
+                unknown.append(external)
+            else:
+                found.add(dense)
         return found, unknown
 
     def _write_definition(self, segment: Segment) -> None:
