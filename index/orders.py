@@ -172,15 +172,28 @@ class Columns(Mapping[str, Column]):
 
 def _read_column(reader: Any, name: bytes, rows: int) -> Column:
     """One key column of `rows` ids from its stored chunks (ids past them: no value)."""
-    keys, valid = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=bool)
+    keys, valid = _assemble(lambda key: reader.get("orders", key), name, rows, np.int64, True)
+    return _column_of(keys, valid)
+
+
+def _assemble(get: Callable[[bytes], bytes | None], name: bytes, rows: int, dtype: Any,
+              with_valid: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A stored column of `rows` ids from its chunks (_put_column's layout: the values,
+    then a validity byte each when with_valid); ids past the stored chunks are zero and
+    invalid. Without validity, the second array is empty."""
+    data = np.zeros(rows, dtype=dtype)
+    valid = np.zeros(rows if with_valid else 0, dtype=bool)
+    width = data.itemsize + (1 if with_valid else 0)
     for chunk in range((rows + COL_CHUNK - 1) >> COL_BITS):
-        raw = reader.get("orders", _column_key(name, chunk))
+        raw = get(_column_key(name, chunk))
         if raw is None:
             continue
-        size, a = len(raw) // 9, chunk << COL_BITS
-        keys[a:a + size] = np.frombuffer(raw, dtype=np.int64, count=size)
-        valid[a:a + size] = np.frombuffer(raw, dtype=np.uint8, offset=size * 8, count=size)
-    return _column_of(keys, valid)
+        size, a = len(raw) // width, chunk << COL_BITS
+        data[a:a + size] = np.frombuffer(raw, dtype=dtype, count=size)
+        if with_valid:
+            valid[a:a + size] = np.frombuffer(raw, dtype=np.uint8, offset=size * data.itemsize,
+                                              count=size)
+    return data, valid
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,14 +316,7 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     names: set[bytes] = {bytes(key[2:-5]) for key in store.keys(txn, "orders", b"c" + SEP)}
 
     def plain(name: bytes, n: int, dtype: Any) -> np.ndarray:
-        data = np.zeros(n, dtype=dtype)
-        for chunk in range((n + COL_CHUNK - 1) >> COL_BITS):
-            raw = store.get(txn, "orders", _column_key(name, chunk))
-            if raw is not None:
-                size = len(raw) // data.itemsize
-                data[chunk << COL_BITS:(chunk << COL_BITS) + size] = \
-                    np.frombuffer(raw, dtype=dtype, count=size)
-        return data
+        return _assemble(lambda key: store.get(txn, "orders", key), name, n, dtype, False)[0]
 
     owner = plain(b"owner", count, np.uint32)
     ts = plain(b"ts", count, np.int64)
