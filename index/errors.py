@@ -68,3 +68,8 @@ class SchemaError(BitsegError):
 
 class StoreError(BitsegError):
     """The store cannot be opened or is not a bitseg store."""
+
+
+class StoreFull(StoreError):
+    """The disk (or a bulk load's reserved space) has no room for a write; nothing of
+    it was applied."""

@@ -14,6 +14,10 @@ transaction: it commits whole or not at all, and is durable when write() returns
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import shutil
 import struct
 import threading
 import weakref
@@ -26,7 +30,7 @@ import lmdb
 import orjson
 from pyroaring import BitMap
 
-from bitseg.index.errors import StoreError
+from bitseg.index.errors import StoreError, StoreFull
 
 FORMAT = 1
 CHUNK_BITS = 18
@@ -34,6 +38,7 @@ DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "or
 MAP_SIZE = 1 << 40  # address space only; the file grows as data does
 BULK_HEADROOM = 1 << 26  # reserved beyond a bulk load's estimate (LMDB's own pages)
 MIB = 1 << 20
+LOCK_FILE = "writer.lock"  # held (flock) by the one process that writes the store
 _U32 = struct.Struct(">I")
 
 Txn = Any  # an lmdb.Transaction; callers never import lmdb
@@ -61,6 +66,54 @@ def chunks_of(ids: BitMap) -> set[int]:
             if ids.range_cardinality(chunk << CHUNK_BITS, (chunk + 1) << CHUNK_BITS)}
 
 
+def take_writer_lock(path: Path) -> int:
+    """Take the store's writer lock and write this process's PID into it; the descriptor.
+
+    An flock belongs to the open file: closing it, or the process dying (even by kill -9),
+    releases it, so a lock is never left stale. StoreError names the holder when taken."""
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot open {lock_path} to lock the store: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StoreError(f"cannot lock {lock_path}: {exc.strerror}") from None
+        raise StoreError(f"store {path} is open for writing by another process (PID "
+                         f"{holder}); one process writes a store at a time: stop it, or "
+                         "load through its server with `bitseg load DATASET --addr A`") \
+            from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """The PID written into a lock file, as text ("unknown" when it has none yet)."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return text if text.isdigit() else "unknown"
+
+
+def check_space(path: Path, needed: int) -> None:
+    """StoreFull, naming the store and both sizes, unless the file system of path has
+    `needed` bytes free: a write through the memory map to a page the disk cannot back
+    kills the process with SIGBUS, so a bulk load must not start without the space."""
+    stat = os.statvfs(path)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed:
+        raise StoreFull(f"not enough disk space for this bulk load into {path}: it needs "
+                        f"{_size(needed)} free, the file system has {_size(free)}; "
+                        "nothing was written")
+
+
+def _size(n: int) -> str:
+    return f"{n / MIB:,.1f} MiB"
+
+
 class Store:
     """An LMDB environment holding one bitseg store."""
 
@@ -76,17 +129,32 @@ class Store:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} is a file, not a store directory")
-        if self.path.is_dir() and any(self.path.iterdir()) \
-                and not (self.path / "data.mdb").exists():
+        if self.path.is_dir() and not (self.path / "data.mdb").exists() \
+                and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise StoreError(f"{self.path} is not empty and holds no bitseg store")
         if readonly and not (self.path / "data.mdb").exists():
             raise StoreError(f"no bitseg store at {self.path}")
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = None
+        try:
+            if not readonly:
+                self._lock = take_writer_lock(self.path)
+            self._open_env(readonly, bulk)
+        except BaseException:
+            self._release_lock()
+            if created:  # a store that failed to come into being leaves no trace
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        self._check_format()
+
+    def _open_env(self, readonly: bool, bulk: int | None) -> None:
         map_size, writemap = MAP_SIZE, False
         if bulk is not None and not readonly:
             data = self.path / "data.mdb"
             used = data.stat().st_blocks * 512 if data.exists() else 0  # not the sparse size
             map_size, writemap = -(-(used + bulk + BULK_HEADROOM) // MIB) * MIB, True
+            check_space(self.path, map_size - used)
         self.bulk = writemap
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DATABASES),
@@ -96,7 +164,11 @@ class Store:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from None
         self.db = {name: self.env.open_db(name.encode(), create=not readonly)
                    for name in DATABASES}
-        self._check_format()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops its flock
+            self._lock = None
 
     def _check_format(self) -> None:
         with self.read() as txn:
@@ -109,6 +181,7 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        self._release_lock()
 
     def reader(self) -> SnapshotReader:
         """A reader pinned to what is committed now: later commits do not show through it."""
@@ -121,9 +194,14 @@ class Store:
             with self.env.begin(write=True) as txn:
                 yield txn
         except lmdb.MapFullError:
-            raise StoreError(f"{self.path}: the batch outgrew the space this bulk load "
-                             "reserved, and was not applied; load it again (the reserve "
-                             "is computed from the input's size) or split the input") from None
+            raise StoreFull(f"{self.path}: the batch outgrew the space this bulk load "
+                            "reserved, and was not applied; load it again (the reserve "
+                            "is computed from the input's size) or split the input") from None
+        except lmdb.Error as exc:
+            if not _disk_full(exc):
+                raise
+            raise StoreFull(f"store is full: the disk of {self.path} has no space left; "
+                            "the batch was not applied") from None
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
@@ -237,6 +315,11 @@ class SnapshotReader:
             except lmdb.Error as exc:
                 raise StoreError(f"{self._store.path}: {exc}") from None
         return None if raw is None else bytes(raw)
+
+
+def _disk_full(exc: Exception) -> bool:
+    """Whether an lmdb error says the disk is full (LMDB reports the OS's ENOSPC)."""
+    return os.strerror(errno.ENOSPC) in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
 
 
 def _abort(txn: Txn) -> None:
