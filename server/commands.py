@@ -465,6 +465,9 @@ def _print_unknown(ids: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitseg.server import app
 
+    if not args.create and not (Path(args.db) / "data.mdb").exists():
+        return _fail(f"no bitseg store at {args.db} (load one with `bitseg load DATASET "
+                     "--db DB`, or pass --create to serve a new, empty store)", EXIT_BAD_INPUT)
     app.configure_logging()
     try:
         return app.serve(args.db, args.host, args.port, grace=args.grace)
@@ -531,6 +534,8 @@ def register(subparsers: Any) -> None:
 
     serve = subparsers.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--db", required=True, help="store directory")
+    serve.add_argument("--create", action="store_true",
+                       help="create an empty store when DB holds none (else refused)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--grace", type=float, default=10.0,

@@ -36,7 +36,7 @@ class ServerProcess:
     def __init__(self, db: Path | str) -> None:
         self.db = str(db)
         self.proc = subprocess.Popen(
-            [*bitseg_command(), "serve", "--db", self.db, "--host", "127.0.0.1",
+            [*bitseg_command(), "serve", "--db", self.db, "--create", "--host", "127.0.0.1",
              "--port", "0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)

@@ -96,3 +96,23 @@ def test_a_new_writer_opens_once_the_holder_is_gone(tmp_path: Path, db: Path,
                    "--db", str(db), "--quiet", "--json")
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout)["profiles_total"] == 60
+
+
+# ------------------------------------------------------------------ serve --create
+def test_serve_refuses_a_path_without_a_store(tmp_path: Path) -> None:
+    typo = tmp_path / "stroe"
+    done = run_cli("serve", "--db", str(typo), "--port", "0", timeout=20)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(typo) in lines[0] and "--create" in lines[0], done.stderr
+    assert not typo.exists()
+
+
+def test_serve_create_starts_an_empty_store(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "new")  # passes --create
+    try:
+        done = run_cli("count", "--rule", '{"all": true}', "--addr", server.addr, "--json")
+        assert orjson.loads(done.stdout)["count"] == 0
+    finally:
+        assert server.stop() == 0, server.stderr()
+    assert (tmp_path / "new" / "data.mdb").exists()
