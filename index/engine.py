@@ -20,7 +20,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.cache import LRU, ResultCache, canonical
+from bitseg.index.cache import LRU, ResultCache, canonical, parsed_weight
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events, write_catalog
@@ -173,7 +173,7 @@ class Engine:
         self._ids = ids
         self._snapshot = snapshot
         self._write_lock = threading.Lock()
-        self._parsed = LRU(PARSED_RULES)
+        self._parsed = LRU(PARSED_RULES, weigh=parsed_weight)
         self._results = ResultCache()
         self.cache_results = True  # benchmarks turn it off to measure evaluation itself
 
