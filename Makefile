@@ -10,23 +10,19 @@ PROFILES ?= 100000
 
 .PHONY: install proto test bench bench-10m lint run clean
 
-# The stubs are generated from proto/ (never edited by hand), before the package is
-# installed, so that the install includes them.
-$(STAMP): pyproject.toml $(PROTO)
+# `pip install` builds the package, and its build step (setup.py) generates the gRPC
+# stubs in bitseg/v1 from proto/, so a plain `pip install -e .` works as well.
+$(STAMP): pyproject.toml setup.py $(PROTO)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "grpcio-tools>=1.60,<2"
-	$(MAKE) --no-print-directory proto
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-proto:
-	mkdir -p bitseg/v1
-	touch bitseg/v1/__init__.py
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. \
-		--grpc_python_out=. $(PROTO)
+# For developers changing the .proto: regenerate the stubs without reinstalling.
+proto: install
+	$(BIN)/python setup.py --quiet build_proto
 
 $(STUBS): $(PROTO) | $(STAMP)
 	$(MAKE) --no-print-directory proto
@@ -49,4 +45,4 @@ run: install $(STUBS)
 	PORT=$(PORT) PROFILES=$(PROFILES) bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) demo build *.egg-info .pytest_cache .hypothesis .benchmarks bitseg/v1
+	rm -rf $(VENV) demo build dist *.egg-info .pytest_cache .hypothesis .benchmarks bitseg/v1
