@@ -19,3 +19,29 @@ def __getattr__(name: str) -> Any:
 
         return getattr(client, name)
     raise AttributeError(f"module 'bitseg' has no attribute {name!r}")
+
+
+def _installed_copy() -> str | None:
+    """The installed bitseg package this checkout's folder hides, if there is one.
+
+    A script run from the repo root has the root first on sys.path, so `import bitseg`
+    finds this folder, which lacks the parts the install maps in (index/, server/, loaders/
+    beside it, the generated v1/). An editable install maps to this very folder: nothing hidden.
+    """
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    if not (here.parent / "setup.py").is_file():
+        return None  # an installed copy itself, not a checkout
+    for entry in sys.path:
+        candidate = Path(entry or ".").resolve() / "bitseg"
+        if candidate != here and (candidate / "__init__.py").is_file():
+            return str(candidate)  # what `import bitseg` would find without this folder
+    return None
+
+
+# Hand the submodules (client, v1, index, ...) over to the installed copy, so the checkout's
+# folder does not shadow what was installed.
+if (_installed := _installed_copy()) is not None:
+    __path__ = [_installed]
