@@ -375,6 +375,18 @@ def _epoch_seconds(as_of: datetime | None) -> int:
     return math.floor(moment.timestamp())
 
 
+def parse_present(text: str) -> datetime:
+    """`gen --present`: "now" (this instant) or an ISO 8601 time; without a zone it is UTC."""
+    if text == "now":
+        return datetime.now(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"expected 'now' or an ISO 8601 time such as 2026-11-01T00:00:00Z, "
+                         f"got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def _moments(rng: np.random.Generator, lo: np.ndarray, hi: int | np.ndarray) -> np.ndarray:
     """Epoch seconds in [lo, hi] per row: a uniform day, a daily-rhythm time of day."""
     span = np.asarray(hi - lo, dtype=np.int64)

@@ -279,3 +279,46 @@ def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_rejects_impossible_arguments(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         gen.generate(tmp_path, **kwargs)
+
+
+def _gen_cli(out: Path, *extra: str) -> int:
+    from bitseg.server.cli import main
+
+    return main(["gen", str(out), "--profiles", "150", "--seed", "4", "--quiet", *extra])
+
+
+def test_cli_default_present_is_the_fixed_reproducible_one(tmp_path: Path) -> None:
+    # Benchmarks and tests count on the default: data leading up to 2026-11-01.
+    assert gen.DEFAULT_AS_OF == AS_OF
+    assert _gen_cli(tmp_path / "cli") == 0
+    gen.generate(tmp_path / "api", profiles=150, seed=4, as_of=AS_OF)
+    for name in ("profiles.jsonl", "events.jsonl", "orders.jsonl"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+
+
+@pytest.mark.parametrize("text", ["2021-03-15T12:00:00Z", "2021-03-15T13:00:00+01:00",
+                                  "2021-03-15T12:00:00"])
+def test_cli_present_takes_an_iso_time(tmp_path: Path, text: str) -> None:
+    assert _gen_cli(tmp_path / "cli", "--present", text) == 0
+    gen.generate(tmp_path / "api", profiles=150, seed=4, as_of=datetime(2021, 3, 15, 12))
+    for name in ("profiles.jsonl", "events.jsonl", "orders.jsonl"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+
+
+def test_cli_present_now_leads_up_to_this_moment(tmp_path: Path) -> None:
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    assert _gen_cli(tmp_path, "--present", "now", "--orders-per-profile", "20") == 0
+    after = datetime.now(timezone.utc)
+    orders = [_ts(o["ts"]) for o in _read(tmp_path / "orders.jsonl")]
+    signups = [_ts(p["created_at"]) for p in _read(tmp_path / "profiles.jsonl")]
+    assert max(orders) <= after and max(signups) <= after
+    assert max(orders) > before - timedelta(days=3)  # 3,000 orders: some in the last days
+
+
+def test_cli_present_rejects_other_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    assert _gen_cli(tmp_path, "--present", "yesterday") == 2
+    assert capsys.readouterr().err == (
+        "bitseg: --present: expected 'now' or an ISO 8601 time such as 2026-11-01T00:00:00Z, "
+        "got 'yesterday'\n")
+    assert not (tmp_path / "profiles.jsonl").exists()
