@@ -37,6 +37,7 @@ LIVE = b"live"
 PARSED_RULES = 4096
 Also = Callable[[Txn, Snapshot], dict[str, Any]]
 SEP = b"\x1f"
+SERVER_EVENTS = frozenset({"segment_entered", "segment_exited"})  # CONTRACT §2.5
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,12 @@ def load_fields(store: Store, txn: Txn, schema: Schema,
         elif type_ is not None:  # values are single keywords or bools, never lists
             fields[name] = ValueIndex(entry["values"], exists)
     return fields
+
+
+def _event_type(record: Any) -> str | None:
+    """A record's event type when it is a string (other shapes are the batch's to refuse)."""
+    event = record.get("event") if isinstance(record, dict) else None
+    return event if isinstance(event, str) else None
 
 
 class Engine:
@@ -325,9 +332,13 @@ class Engine:
         return self._batch(records, file, None)
 
     def track_events(self, records: Iterable[Any] | Callable[[Snapshot], Iterable[Any]], *,
-                     file: str | None = None,
-                     also: Also | None = None) -> BatchReport:
+                     file: str | None = None, also: Also | None = None,
+                     server_events: bool = False) -> BatchReport:
         """Append a batch of events atomically; unknown profiles are created empty.
+
+        The types the server records itself (SERVER_EVENTS) are a DataError, so no client
+        can forge a segment entry or exit; only the segments module passes
+        `server_events=True`.
 
         `records` may also be a function of the snapshot the batch builds on (called
         under the write lock), for changes computed from the data they change.
@@ -335,7 +346,8 @@ class Engine:
         are written (so a segment refresh and its entered/exited events commit together)
         and returns attributes of the Snapshot to publish with the batch (e.g. segments).
         """
-        return self._batch(records, file, "events", also)
+        return self._batch(records, file, "events", also,
+                           frozenset() if server_events else SERVER_EVENTS)
 
     def add_orders(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
         """Apply a batch of order lines atomically; unknown profiles are created empty, and
@@ -343,8 +355,10 @@ class Engine:
         return self._batch(records, file, "orders")
 
     def _batch(self, records: Iterable[Any], file: str | None, child: str | None,
-               also: Also | None = None) -> BatchReport:
-        """One write transaction: profile changes, plus events or orders when `child` says."""
+               also: Also | None = None, refused: frozenset[str] = frozenset()
+               ) -> BatchReport:
+        """One write transaction: profile changes, plus events or orders when `child` says;
+        an event whose type is in `refused` fails the batch."""
         with self._write_lock:
             snap = self._snapshot
             version = snap.version + 1
@@ -363,6 +377,10 @@ class Engine:
                 for position, item in enumerate(records, 1):
                     line, record = item if isinstance(item, tuple) else (position, item)
                     try:
+                        if refused and _event_type(record) in refused:
+                            raise DataError(f"event type {record['event']!r} is recorded by "
+                                            "the server itself and cannot be sent",
+                                            field="event")
                         batch.add(record, line)
                     except DataError as exc:  # a columnar batch may name an earlier line
                         raise exc.located(file, line if exc.line is None else exc.line) \

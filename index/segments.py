@@ -14,10 +14,18 @@ snapshot the batch is built on, called under the engine's write lock) and writte
 its `also` callback, which returns the new SegmentSet for the engine to publish with
 the batch.  Segment writes are serialised by the manager's own lock.
 
+Chains: a dynamic segment's rule is evaluated in place wherever {"segment": name} names
+it, so a rule with the rules of the dynamic segments it uses written in place (its
+chain) must stay within MAX_CHAIN_DEPTH levels. Creates and updates that would make any
+chain deeper are refused; a chain stored too deep by an older version is listed, but
+evaluating it is refused with the reason (as is a stored rule that no longer parses).
+
 Persistence, the LMDB db "segments":
   b"d\\0" name                       the definition (JSON)
   b"m\\0" name \\0 u32(chunk)          a chunk (2**18 ids) of the stored membership
-  b"h\\0" name \\0 u64(t) u32(seq)     a history point {"size": n, "cause": ...}
+  b"h\\0" name \\0 u64(t) u32(seq)     a history point {"size": n, "cause": ...,
+                                     "recorded_at": µs}; t is its as_of, seq the order
+                                     it was recorded in (history is listed by seq)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +49,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import ids_of
-from bitseg.index.rules import And, Not, Or, Rule, SegmentRef, parse_rule
+from bitseg.index.rules import And, EventCond, Not, Or, OrdersCond, Rule, SegmentRef, parse_rule
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 
@@ -57,6 +66,11 @@ DB = "segments"
 FORMAT = 1
 US = 1_000_000
 _POINT = struct.Struct(">QI")
+# Levels of a rule with the rules of the dynamic segments it uses written in place.
+# Evaluation recurses once or twice per level; measured on Python 3.11 with the default
+# recursion limit, AND-nested chains (the deepest construction) evaluate up to ~240
+# levels and plain AND nesting to ~198, so 128 leaves room for the caller's own stack.
+MAX_CHAIN_DEPTH = 128
 
 
 class SegmentInUse(BitsegError):
@@ -67,6 +81,17 @@ class SegmentInUse(BitsegError):
                          f" delete or change those first")
         self.name = name
         self.users = tuple(users)
+
+
+class SegmentUnusable(BitsegError):
+    """A stored segment that cannot be evaluated: its rule no longer parses, or its chain
+    is deeper than MAX_CHAIN_DEPTH (stored so by an older version)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"segment {name!r} cannot be evaluated: {reason}; "
+                         f"update its rule or delete it")
+        self.name = name
+        self.reason = reason
 
 
 # ---------------------------------------------------------------------- the values
@@ -83,15 +108,24 @@ class Segment:
     refreshed_at: int | None = None  # µs: the as_of of the last membership change
     refresh_every: int | None = None  # seconds (materialized only)
     points: int = 0  # history points recorded so far (the next point's sequence number)
+    refreshed_wall: int | None = None  # µs: the wall-clock moment of that change
+    problem: str | None = None  # why a stored rule cannot be evaluated (not stored)
 
     def definition(self) -> dict[str, Any]:
         return {"format": FORMAT, "kind": self.kind, "rule": self.rule,
                 "created_at": self.created_at, "refreshed_at": self.refreshed_at,
-                "refresh_every": self.refresh_every, "points": self.points}
+                "refresh_every": self.refresh_every, "points": self.points,
+                "refreshed_wall": self.refreshed_wall}
 
     def uses(self) -> set[str]:
         """The segments this one's rule refers to directly."""
-        return {ref.name for ref in segment_refs(self.typed)} if self.typed is not None else set()
+        if self.typed is not None:
+            return {ref.name for ref in segment_refs(self.typed)}
+        return _json_refs(self.rule) if self.kind != STATIC else set()
+
+    def last_wall(self) -> int | None:
+        """When the membership last changed by the clock (older stores: its as_of)."""
+        return self.refreshed_wall if self.refreshed_wall is not None else self.refreshed_at
 
 
 @dataclass(frozen=True)
@@ -104,8 +138,22 @@ class SegmentSet:
         segment = self.get(name)
         if segment.members is not None:
             return segment.members
-        assert segment.typed is not None  # a dynamic segment always has its rule
+        return self.rule_of(segment)
+
+    def rule_of(self, segment: Segment) -> Rule:
+        """The rule a dynamic or materialized segment is evaluated by; SegmentUnusable
+        when it cannot be (a rule that no longer parses, a chain too deep)."""
+        if segment.typed is None:
+            raise SegmentUnusable(segment.name, segment.problem or "it has no rule")
+        chain = self.chains.get(segment.name)
+        if chain is not None and chain.depth > MAX_CHAIN_DEPTH:
+            raise SegmentUnusable(segment.name, chain.too_deep())
         return segment.typed
+
+    @cached_property
+    def chains(self) -> dict[str, Chain]:
+        """The chain of every dynamic and materialized segment (computed once per set)."""
+        return chain_depths(self.segments)
 
     def get(self, name: str) -> Segment:
         segment = self.segments.get(name)
@@ -138,6 +186,7 @@ class SegmentInfo:
     created_at: int
     refreshed_at: int | None
     refresh_every: int | None
+    problem: str | None = None  # why it cannot be evaluated now (then size is 0)
 
 
 @dataclass(frozen=True)
@@ -155,9 +204,10 @@ class Change:
 class Point:
     """One point of a segment's size history."""
 
-    at: int  # µs
+    at: int  # µs: the as_of the size is for
     size: int
     cause: str  # create, refresh, add, remove, update, record
+    recorded_at: int | None = None  # µs, wall clock; None for points of older stores
 
 
 @dataclass(frozen=True)
@@ -650,7 +700,7 @@ class Segments:
             done.write(engine.store, txn)
             return {"segments": done.lookup}
 
-        engine.track_events(records, also=also)
+        engine.track_events(records, also=also, server_events=True)
         return made[0]
 
 

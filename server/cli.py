@@ -17,6 +17,8 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    if args.addr is not None:
+        return _load_remote(args)
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
@@ -34,12 +36,42 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_remote(args: argparse.Namespace) -> int:
+    """`load --addr`: check the dataset here, then stream it to the server in batches."""
+    from bitseg.client import Client, ClientError
+    from bitseg.loaders.remote import RemoteLoadError, load_remote
+
+    try:
+        with Client(args.addr) as client:
+            report = load_remote(args.dataset, client, batch_size=args.batch_size,
+                                 progress=not args.quiet)
+            total = client.count({"all": True})
+    except RemoteLoadError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT if exc.code == "INVALID_ARGUMENT" else 1)
+    except ClientError as exc:
+        return _fail(f"{args.addr}: {exc.code}: {exc.message}", 1)
+    if args.json:
+        import orjson
+
+        print(orjson.dumps({**report.__dict__, "profiles_total": total}).decode())
+    else:
+        print(f"loaded {report.profiles_created:,} new and {report.profiles_updated:,} updated "
+              f"profiles, {report.events:,} events, {report.orders:,} orders into "
+              f"{args.addr} in {report.batches:,} batches, {report.seconds:.1f} s; "
+              f"the store holds {total:,} profiles")
+    return 0
+
+
 def cmd_gen(args: argparse.Namespace) -> int:
-    from bitseg.loaders.gen import generate
+    from bitseg.loaders.gen import generate, parse_present
 
     if args.profiles < 1:
         return _fail("--profiles must be at least 1")
-    counts = generate(args.out_dir, profiles=args.profiles, seed=args.seed,
+    try:
+        present = None if args.present is None else parse_present(args.present)
+    except ValueError as exc:
+        return _fail(f"--present: {exc}")
+    counts = generate(args.out_dir, profiles=args.profiles, seed=args.seed, as_of=present,
                       events_per_profile=args.events_per_profile,
                       orders_per_profile=args.orders_per_profile, gzip=args.gzip,
                       progress=not args.quiet)
@@ -55,11 +87,19 @@ def cmd_gen(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitseg", description="bitseg: a bitmap-index segment server.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"bitseg {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     load = sub.add_parser("load", help="bulk-load a dataset folder into a store")
     load.add_argument("dataset", help="folder with profiles.jsonl (and schema.json, ...)")
-    load.add_argument("--db", required=True, help="store directory (created if missing)")
+    into = load.add_mutually_exclusive_group(required=True)
+    into.add_argument("--db", help="store directory (created if missing; no server may "
+                      "be serving it)")
+    into.add_argument("--addr", metavar="A",
+                      help="the address host:port of a running server to load through")
+    load.add_argument("--batch-size", type=int, default=10_000, metavar="N",
+                      help="with --addr: records per batch, each one transaction "
+                      "(default 10,000)")
     load.add_argument("--json", action="store_true", help="print the counts as JSON")
     load.add_argument("--quiet", action="store_true", help="no progress bar")
     load.set_defaults(func=cmd_load)
@@ -71,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--events-per-profile", type=float, default=10.0)
     gen.add_argument("--orders-per-profile", type=float, default=2.0)
     gen.add_argument("--gzip", action="store_true", help="write .jsonl.gz files")
+    gen.add_argument("--present", metavar="now|T",
+                     help="the moment the data leads up to: 'now' or an ISO 8601 time "
+                          "(default 2026-11-01T00:00:00Z, so a seed always gives the same bytes)")
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_gen)
@@ -81,8 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip installed), not a copy in the code."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bitseg")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `bitseg`: the list of commands, as a usage error
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except BitsegError as exc:
