@@ -9,9 +9,19 @@ ADDR=127.0.0.1:$PORT
 DATA=demo/data
 DB=demo/store
 
+# The demo data leads up to the moment it was generated (--present now), so the examples
+# in the README, which evaluate at the current time, find recent events and orders. Data
+# older than a week (or from before --present existed: no stamp) is generated afresh.
+STAMP=demo/.generated-now
+if [ -f "$DATA/profiles.jsonl" ] && { [ ! -f "$STAMP" ] || [ -n "$(find "$STAMP" -mtime +7)" ]; }; then
+  echo "== the demo data is more than a week old: generating it again"
+  rm -rf "$DATA" "$DB"
+fi
 if [ ! -f "$DATA/profiles.jsonl" ]; then
   echo "== generating $PROFILES demo profiles with their events and orders into $DATA"
-  "$BIN/bitseg" gen "$DATA" --profiles "$PROFILES" --seed 7
+  rm -rf "$DB"
+  "$BIN/bitseg" gen "$DATA" --profiles "$PROFILES" --seed 7 --present now
+  touch "$STAMP"
 fi
 if [ ! -f "$DB/data.mdb" ]; then
   echo "== loading $DATA into $DB"
@@ -32,10 +42,10 @@ show() { echo; echo "\$ bitseg $*"; "$BIN/bitseg" "$@" --addr "$ADDR"; }
 GERMANS='{"and": [{"field": "country", "op": "eq", "value": "DE"},
                   {"field": "age", "op": "between", "value": [18, 40]},
                   {"not": {"field": "tags", "op": "in", "value": ["churn_risk"]}}]}'
-show count --rule "$GERMANS" --as-of 2026-11-01T00:00:00Z
-show members --rule "$GERMANS" --limit 5 --as-of 2026-11-01T00:00:00Z
-show check u42 --rule "$GERMANS" --as-of 2026-11-01T00:00:00Z
-show count --as-of 2026-11-01T00:00:00Z --rule '{"event": "popup_opened",
+show count --rule "$GERMANS"
+show members --rule "$GERMANS" --limit 5
+show check u42 --rule "$GERMANS"
+show count --rule '{"event": "popup_opened",
   "window": {"last_days": 30}, "having": {"agg": "count", "op": "gte", "value": 3}}'
 echo
 echo "bitseg is serving $DB on $ADDR (grpc health and reflection on). Ctrl-C stops it."
