@@ -38,6 +38,7 @@ DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "or
 MAP_SIZE = 1 << 40  # address space only; the file grows as data does
 BULK_HEADROOM = 1 << 26  # reserved beyond a bulk load's estimate (LMDB's own pages)
 MIB = 1 << 20
+FULL_BELOW = 16 * MIB  # an EIO with less than this free is a full disk (see _disk_full)
 LOCK_FILE = "writer.lock"  # held (flock) by the one process that writes the store
 _U32 = struct.Struct(">I")
 
@@ -102,8 +103,7 @@ def check_space(path: Path, needed: int) -> None:
     """StoreFull, naming the store and both sizes, unless the file system of path has
     `needed` bytes free: a write through the memory map to a page the disk cannot back
     kills the process with SIGBUS, so a bulk load must not start without the space."""
-    stat = os.statvfs(path)
-    free = stat.f_bavail * stat.f_frsize
+    free = _free_bytes(path)
     if free < needed:
         raise StoreFull(f"not enough disk space for this bulk load into {path}: it needs "
                         f"{_size(needed)} free, the file system has {_size(free)}; "
@@ -198,10 +198,11 @@ class Store:
                             "reserved, and was not applied; load it again (the reserve "
                             "is computed from the input's size) or split the input") from None
         except lmdb.Error as exc:
-            if not _disk_full(exc):
+            free = _free_bytes(self.path)
+            if not _disk_full(exc, free):
                 raise
-            raise StoreFull(f"store is full: the disk of {self.path} has no space left; "
-                            "the batch was not applied") from None
+            raise StoreFull(f"store is full: the file system of {self.path} has "
+                            f"{_size(free)} free; the write was not applied") from None
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
@@ -317,9 +318,19 @@ class SnapshotReader:
         return None if raw is None else bytes(raw)
 
 
-def _disk_full(exc: Exception) -> bool:
-    """Whether an lmdb error says the disk is full (LMDB reports the OS's ENOSPC)."""
-    return os.strerror(errno.ENOSPC) in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+def _disk_full(exc: Exception, free: int) -> bool:
+    """Whether an lmdb error comes of a full disk. LMDB reports a short write, which is
+    what a full disk gives, as EIO: taken for a full disk when hardly any space is left
+    after it (the failed write took what there was)."""
+    text = str(exc)
+    if os.strerror(errno.ENOSPC) in text:
+        return True
+    return os.strerror(errno.EIO) in text and free < FULL_BELOW
+
+
+def _free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _abort(txn: Txn) -> None:

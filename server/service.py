@@ -26,6 +26,7 @@ from bitseg.index.errors import (
     RuleError,
     SchemaError,
     StoreError,
+    StoreFull,
 )
 from bitseg.index.explain import explain
 from bitseg.index.export import check_fields, profile_rows
@@ -48,6 +49,7 @@ class Unimplemented(Exception):
 
 # ------------------------------------------------------------------ the error mapping
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED, ""),
     (RuleError, grpc.StatusCode.INVALID_ARGUMENT, "invalid rule: "),
     (DataError, grpc.StatusCode.INVALID_ARGUMENT, "invalid data: "),
