@@ -248,31 +248,166 @@ def check_name(name: Any) -> str:
     return name
 
 
-def segment_refs(rule: Rule) -> Iterator[SegmentRef]:
-    """Every {"segment": ...} node of a rule tree (event and order sub-rules have none)."""
-    if isinstance(rule, SegmentRef):
-        yield rule
-    elif isinstance(rule, (And, Or)):
-        for child in rule.children:
-            yield from segment_refs(child)
-    elif isinstance(rule, Not):
-        yield from segment_refs(rule.child)
+def _children(node: Rule) -> tuple[Rule, ...]:
+    """The sub-rules of a node, evaluated in the same stack as the node itself."""
+    if isinstance(node, (And, Or)):
+        return node.children
+    if isinstance(node, Not):
+        return (node.child,)
+    if isinstance(node, EventCond):
+        return () if node.where is None else (node.where,)
+    if isinstance(node, OrdersCond):
+        return (node.orders,)
+    return ()
+
+
+def _shape(rule: Rule) -> tuple[int, list[tuple[int, SegmentRef]]]:
+    """(levels of the rule's own tree, each segment reference with its level; root = 1),
+    walked without recursion."""
+    deepest, refs = 0, []
+    stack = [(rule, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, SegmentRef):
+            refs.append((level, node))
+        stack.extend((child, level + 1) for child in reversed(_children(node)))
+    return deepest, refs
+
+
+def segment_refs(rule: Rule) -> list[SegmentRef]:
+    """Every {"segment": ...} node of a rule tree, in the order written."""
+    return [ref for _, ref in _shape(rule)[1]]
+
+
+def _json_refs(rule: Any) -> set[str]:
+    """The segment names a stored JSON rule names (for a rule that no longer parses)."""
+    found, stack = set(), [rule]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("segment"), str):
+                found.add(node["segment"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
 
 
 def check_references(name: str, rule: Rule, segments: SegmentSet) -> None:
     """Every segment the rule refers to exists, and none leads back to `name` through
     the rules of dynamic and materialized segments (RuleError naming the path)."""
-    def walk(node: Rule, trail: list[str], path_of: SegmentRef | None) -> None:
-        for ref in segment_refs(node):
-            where = path_of or ref
-            if ref.name == name or ref.name in trail:
-                cycle = " -> ".join([name, *trail, ref.name])
-                raise RuleError(where.path, f"segments refer to each other in a cycle: {cycle}")
-            used = segments.get(ref.name)
-            if used.typed is not None:
-                walk(used.typed, [*trail, ref.name], where)
+    for ref in segment_refs(rule):
+        if ref.name != name:
+            segments.get(ref.name)  # NotFound for an unknown one
+        trail = _path_to(name, ref.name, segments)
+        if trail is not None:
+            cycle = " -> ".join([name, *trail])
+            raise RuleError(ref.path, f"segments refer to each other in a cycle: {cycle}")
 
-    walk(rule, [], None)
+
+def _path_to(target: str, start: str, segments: SegmentSet) -> list[str] | None:
+    """The segment names from `start` to `target` along the rules of dynamic and
+    materialized segments, if `target` is reachable (searched without recursion)."""
+    came_from: dict[str, str | None] = {start: None}
+    stack = [start]
+    while stack:
+        here = stack.pop()
+        if here == target:
+            trail = [here]
+            while (before := came_from[trail[-1]]) is not None:
+                trail.append(before)
+            return trail[::-1]
+        segment = segments.segments.get(here)
+        for used in sorted(segment.uses()) if segment is not None else ():
+            if used not in came_from:
+                came_from[used] = here
+                stack.append(used)
+    return None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """How deep a segment's rule is with the dynamic segments it uses written in place."""
+
+    depth: int  # levels
+    names: tuple[str, ...]  # the deepest way down: this segment, then those it inlines
+    path: str  # where that way leaves this segment's rule ("$" if it stays inside)
+
+    def shown(self) -> str:
+        names = list(self.names)
+        if len(names) > 8:
+            names = [*names[:4], f"... ({len(names) - 6} more)", *names[-2:]]
+        return " -> ".join(names)
+
+    def too_deep(self) -> str:
+        return (f"it is {self.depth} levels deep with the rules of the dynamic segments it "
+                f"uses written in place ({self.shown()}); the limit is {MAX_CHAIN_DEPTH}")
+
+
+def _chain_of(name: str, rule: Rule, segments: Mapping[str, Segment],
+              known: Mapping[str, Chain]) -> Chain:
+    """A rule's chain, given the chains of the dynamic segments it uses."""
+    own, refs = _shape(rule)
+    best = Chain(own, (name,), "$")
+    for level, ref in refs:
+        inner = known.get(ref.name) if _inlined(segments, ref.name) else None
+        if inner is not None and level + inner.depth > best.depth:
+            best = Chain(level + inner.depth, (name, *inner.names), ref.path)
+    return best
+
+
+def _inlined(segments: Mapping[str, Segment], name: str) -> bool:
+    """Whether {"segment": name} is evaluated by evaluating that segment's rule."""
+    segment = segments.get(name)
+    return segment is not None and segment.kind == DYNAMIC and segment.typed is not None
+
+
+def chain_depths(segments: Mapping[str, Segment]) -> dict[str, Chain]:
+    """The chain of every segment with a rule, each computed once and without recursion
+    (a cycle, which only a damaged store could hold, is cut where it closes)."""
+    done: dict[str, Chain] = {}
+    for start in segments:
+        stack, opened = [start], set()
+        while stack:
+            name = stack[-1]
+            segment = segments[name]
+            if name in done or segment.typed is None:
+                stack.pop()
+                continue
+            waiting = [ref.name for ref in segment_refs(segment.typed)
+                       if _inlined(segments, ref.name) and ref.name not in done
+                       and ref.name not in opened]
+            if waiting and name not in opened:
+                opened.add(name)
+                stack.extend(waiting)
+                continue
+            done[name] = _chain_of(name, segment.typed, segments, done)
+            opened.discard(name)
+            stack.pop()
+    return done
+
+
+def check_chains(name: str, before: SegmentSet, after: SegmentSet) -> None:
+    """RuleError when a change to segment `name` makes its chain, or the chain of a
+    segment that uses it, deeper than MAX_CHAIN_DEPTH (chains that were already deeper
+    in an older store and do not grow are left for their owners to repair)."""
+    old, new = before.chains, after.chains
+    over = [chain for other, chain in new.items() if chain.depth > MAX_CHAIN_DEPTH
+            and (other == name or chain.depth > (old[other].depth if other in old else 0))]
+    if not over:
+        return
+    own = new.get(name)
+    if own is not None and own in over:
+        raise RuleError(own.path, f"segment {name!r} would be {own.depth} levels deep with "
+                        f"the rules of the dynamic segments it uses written in place "
+                        f"({own.shown()}); the limit is {MAX_CHAIN_DEPTH}")
+    worst = max(over, key=lambda chain: chain.depth)
+    path = own.path if own is not None else "$"
+    raise RuleError(path, f"this rule would make segment {worst.names[0]!r}, which uses "
+                    f"{name!r}, {worst.depth} levels deep with the rules of the dynamic "
+                    f"segments it uses written in place ({worst.shown()}); the limit is "
+                    f"{MAX_CHAIN_DEPTH}")
 
 
 # ---------------------------------------------------------------------- persistence
@@ -313,7 +448,8 @@ def _put_point(store: Store, txn: Txn, segment: Segment, at: int, size: int,
                cause: str) -> Segment:
     """Record a history point; the segment with its point counter advanced."""
     key = _history_prefix(segment.name) + _POINT.pack(at + 2**63, segment.points)
-    store.put(txn, DB, key, orjson.dumps({"size": size, "cause": cause}))
+    store.put(txn, DB, key, orjson.dumps({"size": size, "cause": cause,
+                                          "recorded_at": _wall()}))
     return replace(segment, points=segment.points + 1)
 
 
@@ -324,7 +460,8 @@ def _delete_segment(store: Store, txn: Txn, name: str) -> None:
 
 
 def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
-    """Every stored segment; rules are parsed against the snapshot's schema."""
+    """Every stored segment; rules are parsed against the snapshot's schema. A segment
+    whose rule cannot be evaluated any more is kept, with the reason (logged once)."""
     found: dict[str, Segment] = {}
     for key, raw in store.items(txn, DB, b"d\0"):
         name = bytes(key[2:]).decode()
@@ -334,17 +471,31 @@ def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
             parts = [BitMap.deserialize(bytes(v))
                      for _, v in store.items(txn, DB, _members_prefix(name))]
             members = BitMap.union(*parts) if parts else BitMap()
-        typed = None
+        typed, problem = None, None
+        if data["kind"] not in KINDS:
+            raise StoreError(f"segment {name!r}: unknown kind {data['kind']!r}")
         if data["kind"] != STATIC:
             try:
                 typed = parse_rule(data["rule"], snapshot.schema)
-            except RuleError as exc:
-                raise StoreError(f"segment {name!r}: its stored rule is no longer valid: "
-                                 f"{exc}") from None
+            except (RuleError, RecursionError) as exc:
+                problem = f"its stored rule is no longer valid: {_reason(exc)}"
         found[name] = Segment(name, data["kind"], data["rule"], typed, members,
                               data["created_at"], data.get("refreshed_at"),
-                              data.get("refresh_every"), data.get("points", 0))
-    return SegmentSet(MappingProxyType(found))
+                              data.get("refresh_every"), data.get("points", 0),
+                              data.get("refreshed_wall"), problem)
+    segments = SegmentSet(MappingProxyType(found))
+    for segment in segments:
+        try:
+            segments.rule_of(segment) if segment.kind != STATIC else None
+        except SegmentUnusable as exc:
+            log.warning("%s (it is listed, and evaluating it is refused)", exc)
+    return segments
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return str(exc)
 
 
 def open_segments(engine: Engine) -> Segments:
@@ -418,30 +569,48 @@ class Segments:
         return [self._info(snap, s, as_of) for s in _segments_of(snap)]
 
     def _info(self, snap: Snapshot, segment: Segment, as_of: Any) -> SegmentInfo:
-        return SegmentInfo(segment.name, segment.kind, segment.rule,
-                           _size(snap, segment, _micros(as_of)), segment.created_at,
-                           segment.refreshed_at, segment.refresh_every)
+        """A segment's definition and size; one that cannot be evaluated is still
+        described (size 0, with the reason), so a listing never fails because of it."""
+        problem = None
+        try:
+            size = _size(snap, segment, _micros(as_of))
+        except SegmentUnusable as exc:
+            size, problem = 0, exc.reason
+        except RecursionError:
+            size, problem = 0, "its rule is nested too deeply to evaluate"
+        return SegmentInfo(segment.name, segment.kind, segment.rule, size,
+                           segment.created_at, segment.refreshed_at, segment.refresh_every,
+                           problem)
 
     def segments_of(self, profile_id: str, as_of: Any = None) -> list[str]:
-        """The names of the segments a live profile is in (NotFound for an unknown one)."""
+        """The names of the segments a live profile is in (NotFound for an unknown one);
+        segments that cannot be evaluated are left out."""
         snap = self.engine.snapshot
         dense = self.engine.dense_id(profile_id, snap)
         evaluator = Evaluator(snap, _micros(as_of))
-        return [s.name for s in _segments_of(snap)
-                if evaluator.contains(SegmentRef(s.name, "$"), dense)]
+        found = []
+        for segment in _segments_of(snap):
+            try:
+                if evaluator.contains(SegmentRef(segment.name, "$"), dense):
+                    found.append(segment.name)
+            except (SegmentUnusable, RecursionError):
+                continue
+        return found
 
     def history(self, name: str) -> list[Point]:
-        """The segment's size history, oldest first."""
+        """The segment's size history in the order it was recorded (not by as_of)."""
         self.current.get(name)
         prefix = _history_prefix(name)
         store = self.engine.store
         points = []
         with store.read() as txn:
             for key, raw in store.items(txn, DB, prefix):
-                at, _ = _POINT.unpack(bytes(key[len(prefix):]))
+                at, seq = _POINT.unpack(bytes(key[len(prefix):]))
                 data = orjson.loads(raw)
-                points.append(Point(at - 2**63, data["size"], data["cause"]))
-        return points
+                points.append((seq, Point(at - 2**63, data["size"], data["cause"],
+                                          data.get("recorded_at"))))
+        points.sort(key=lambda found: found[0])  # stable: older stores' equal seqs by as_of
+        return [point for _, point in points]
 
     def overlap(self, names: Sequence[str], as_of: Any = None) -> Overlap:
         """Each segment's size, and the size of every pairwise intersection."""
@@ -502,12 +671,17 @@ class Segments:
             snap = self.engine.snapshot
             typed = self.engine.parse(rule, snap) if rule is not None else None
             rule_json = _json(rule)
+            current = _segments_of(snap)
             if typed is not None:
                 if kind == STATIC:
                     for ref in segment_refs(typed):
-                        _segments_of(snap).get(ref.name)
+                        current.get(ref.name)
                 else:
-                    check_references(name, typed, _segments_of(snap))
+                    check_references(name, typed, current)
+                # a static's rule is evaluated once, here: its chain is checked all the same
+                checked = Segment(name, MATERIALIZED if kind == STATIC else kind, rule_json,
+                                  typed)
+                check_chains(name, current, current.with_segment(checked))
             segment = Segment(name, kind, rule_json, None if kind == STATIC else typed,
                               None, _wall(), None, refresh_every)
             if kind == DYNAMIC:
@@ -521,7 +695,8 @@ class Segments:
                 if ids:
                     found, unknown = self._resolve(ids, snap)
                     members |= found
-                new = replace(segment, members=members, refreshed_at=as_of_us)
+                new = replace(segment, members=members, refreshed_at=as_of_us,
+                              refreshed_wall=_wall())
                 return _Plan(None, new, members, BitMap(), as_of_us, "create", len(members),
                              tuple(unknown))
 
@@ -547,8 +722,10 @@ class Segments:
                 return self.get(name, as_of_us), Change(_size(snap, segment, as_of_us), 0, 0,
                                                         as_of_us)
             typed = self.engine.parse(rule, snap)
-            check_references(name, typed, _segments_of(snap))
-            segment = replace(segment, rule=_json(rule), typed=typed)
+            current = _segments_of(snap)
+            check_references(name, typed, current)
+            segment = replace(segment, rule=_json(rule), typed=typed, problem=None)
+            check_chains(name, current, current.with_segment(segment))
             if segment.kind == DYNAMIC:
                 self._write_definition(segment)
                 return self.get(name, as_of_us), Change(0, 0, 0, as_of_us)
@@ -556,15 +733,23 @@ class Segments:
         return self.get(name, as_of_us), _change(done)
 
     def refresh(self, name: str, as_of: Any = None) -> Change:
-        """Recount a materialized segment at as_of, recording entries, exits and a point."""
-        as_of_us = _micros(as_of)
+        """Recount a materialized segment at as_of, recording entries, exits and a point.
+        The schedule counts from now, the wall-clock moment of this refresh, whatever
+        its as_of: a refresh at an earlier or later as_of holds until the next due time."""
+        return self._refresh(name, _micros(as_of))
+
+    def refresh_scheduled(self, name: str, now_us: int) -> Change:
+        """The scheduler's refresh: at its tick's time, which is also the wall clock."""
+        return self._refresh(name, now_us, now_us)
+
+    def _refresh(self, name: str, as_of_us: int, wall_us: int | None = None) -> Change:
         with self._lock:
             segment = self.current.get(name)
             if segment.kind != MATERIALIZED:
                 raise BitsegError(f"segment {name!r} is {segment.kind}: only materialized "
                                   f"segments are refreshed")
             done = self._commit(lambda snap: _recount(snap, _segments_of(snap).get(name),
-                                                      as_of_us, "refresh"))
+                                                      as_of_us, "refresh", wall_us))
         return _change(done)
 
     def add(self, name: str, ids: Iterable[str]) -> Change:
@@ -593,7 +778,7 @@ class Segments:
                 else:
                     entered, exited = BitMap(), given & old.members
                     members = old.members - exited
-                new = replace(old, members=members, refreshed_at=at)
+                new = replace(old, members=members, refreshed_at=at, refreshed_wall=at)
                 changed = bool(entered or exited)
                 return _Plan(old, new if changed else old, entered, exited, at,
                              ("add" if adding else "remove") if changed else None,
@@ -637,25 +822,15 @@ class Segments:
         return Point(as_of_us, size, "record")
 
     def due(self, now_us: int) -> list[str]:
-        """The materialized segments whose refresh interval has passed."""
-        return [s.name for s in self.current
-                if s.kind == MATERIALIZED and s.refresh_every
-                and (s.refreshed_at is None or now_us - s.refreshed_at >= s.refresh_every * US)]
-
-    def refresh_due(self, now_us: int | None = None) -> list[str]:
-        """Refresh every due segment at now; the names refreshed. A failure is logged and
-        the others still run."""
-        now_us = _wall() if now_us is None else now_us
-        done = []
-        for name in self.due(now_us):
-            try:
-                self.refresh(name, as_of=now_us)
-                done.append(name)
-            except NotFound:
-                continue  # deleted meanwhile
-            except Exception:
-                log.exception("scheduled refresh of segment %r failed", name)
-        return done
+        """The materialized segments whose refresh interval has passed since their last
+        refresh by the wall clock (not since its as_of)."""
+        found = []
+        for s in self.current:
+            last = s.last_wall()
+            if s.kind == MATERIALIZED and s.refresh_every \
+                    and (last is None or now_us - last >= s.refresh_every * US):
+                found.append(s.name)
+        return found
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, ids: list[str], snap: Snapshot) -> tuple[BitMap, list[str]]:
@@ -704,14 +879,19 @@ class Segments:
         return made[0]
 
 
-def _recount(snap: Snapshot, segment: Segment, as_of_us: int, cause: str) -> _Plan:
+def _recount(snap: Snapshot, segment: Segment, as_of_us: int, cause: str,
+             wall_us: int | None = None) -> _Plan:
     """A materialized segment counted afresh: who entered and who exited."""
-    assert segment.typed is not None and segment.members is not None
-    old = _segments_of(snap).get(segment.name)
-    members = BitMap(Evaluator(snap, as_of_us).bitmap(segment.typed))
+    segments = _segments_of(snap)
+    old = segments.get(segment.name)
+    assert segment.members is not None and old.members is not None
+    rule = segments.with_segment(segment).rule_of(segment) if segment is not old \
+        else segments.rule_of(segment)
+    members = BitMap(Evaluator(snap, as_of_us).bitmap(rule))
     entered = members - old.members
     exited = old.members - members
-    new = replace(segment, members=members, refreshed_at=as_of_us)
+    new = replace(segment, members=members, refreshed_at=as_of_us,
+                  refreshed_wall=_wall() if wall_us is None else wall_us)
     return _Plan(old, new, entered, exited, as_of_us, cause, len(members))
 
 
@@ -759,12 +939,29 @@ def _wall() -> int:
 
 
 # ---------------------------------------------------------------------- the schedule
-class RefreshScheduler:
-    """A daemon thread that refreshes due materialized segments every `tick` seconds."""
+@dataclass
+class _Failing:
+    """A segment whose scheduled refreshes fail: how often, and when to try again."""
 
-    def __init__(self, segments: Segments, tick: float = 1.0) -> None:
+    rule: Any  # its rule when it failed: a changed rule is tried at once
+    attempts: int
+    retry_at: int  # µs
+
+
+class RefreshScheduler:
+    """A daemon thread that refreshes due materialized segments every `tick` seconds.
+
+    A segment whose refresh fails is logged once (a traceback only for an unexpected
+    error), then tried again after tick × 2, 4, 8, … seconds, at most `max_pause`
+    apart, until it works again (logged) or is refreshed on request or changed.
+    """
+
+    def __init__(self, segments: Segments, tick: float = 1.0,
+                 max_pause: float = 3600.0) -> None:
         self.segments = segments
         self.tick = tick
+        self.max_pause = max_pause
+        self._failing: dict[str, _Failing] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bitseg-refresh", daemon=True)
 
@@ -780,5 +977,57 @@ class RefreshScheduler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick):
-            self.segments.refresh_due()
+            self.run_once()
 
+    def run_once(self, now_us: int | None = None) -> list[str]:
+        """Refresh every due segment that is not pausing after failures; the names
+        refreshed. One failure never stops the others."""
+        now_us = _wall() if now_us is None else now_us
+        due = self.segments.due(now_us)
+        self._forget_recovered(set(due))
+        done = []
+        for name in due:
+            failing = self._failing.get(name)
+            if failing is not None and now_us < failing.retry_at \
+                    and failing.rule == self._rule(name):
+                continue
+            try:
+                self.segments.refresh_scheduled(name, now_us)
+            except NotFound:
+                continue  # deleted meanwhile
+            except Exception as exc:  # noqa: BLE001 - one segment must not stop the rest
+                self._failed(name, now_us, exc)
+                continue
+            done.append(name)
+            if self._failing.pop(name, None) is not None:
+                log.info("scheduled refresh of segment %r works again", name)
+        return done
+
+    def _failed(self, name: str, now_us: int, exc: Exception) -> None:
+        failing = self._failing.get(name)
+        attempts = 1 if failing is None else failing.attempts + 1
+        pause = min(self.tick * 2 ** attempts, self.max_pause)
+        self._failing[name] = _Failing(self._rule(name), attempts,
+                                       now_us + int(pause * US))
+        if failing is not None:
+            return  # said once already
+        if isinstance(exc, BitsegError):
+            log.warning("scheduled refresh of segment %r failed: %s; trying again after "
+                        "growing pauses (at most %.0f s), and saying so when it works",
+                        name, exc, self.max_pause)
+        else:
+            log.error("scheduled refresh of segment %r failed unexpectedly; trying again "
+                      "after growing pauses (at most %.0f s)", name, self.max_pause,
+                      exc_info=exc)
+
+    def _forget_recovered(self, due: set[str]) -> None:
+        """Segments no longer due were refreshed on request, or deleted, meanwhile."""
+        for name in [n for n in self._failing if n not in due]:
+            del self._failing[name]
+            if name in self.segments.current:
+                log.info("segment %r was refreshed on request or rescheduled meanwhile; "
+                         "its failed scheduled refreshes are forgotten", name)
+
+    def _rule(self, name: str) -> Any:
+        segment = self.segments.current.segments.get(name)
+        return None if segment is None else segment.rule
