@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date, timedelta
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.events import evaluate_event
-from bitseg.index.fields import EMPTY, RangeIndex
+from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
     All,
@@ -32,17 +32,37 @@ from bitseg.index.rules import (
     SegmentRef,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.timeline import civil
+
+FEW_VALUES = 8  # in-lists up to this long are looked up value by value
+
+
+def _integer_keys(index: RangeIndex, constants: list[Fraction | int]) -> list[int]:
+    """The constants that can equal a key, as keys: index.to_key of each, in integer
+    arithmetic (a Fraction operation per value costs ten times more)."""
+    shift = 0 if index.digits is None else index.digits - T.FLOAT_DIGITS
+    up, down = 10 ** max(shift, 0), 10 ** max(-shift, 0)
+    keys = []
+    for c in constants:
+        num, den = c.numerator * up, c.denominator * down
+        q, r = divmod(num, den)
+        if r and index.rounded:  # half to even, as to_key's round()
+            q += 2 * r > den or (2 * r == den and q % 2 == 1)
+        elif r:
+            continue  # not a whole key: equals no stored value
+        keys.append(q)
+    return keys
 
 
 def anniversary_month_days(as_of_us: int, days: int) -> set[int]:
     """month*100+day of the UTC days as_of … as_of + days - 1; Feb 29 counts as Feb 28
-    in non-leap years."""
-    start = date.fromordinal(as_of_us // T.US_PER_DAY + T.EPOCH_ORDINAL)
+    in non-leap years.  Calendar arithmetic on day numbers: total, also past 9999."""
+    start = as_of_us // T.US_PER_DAY
     found = set()
     for k in range(min(days, 366)):
-        day = start + timedelta(days=k)
-        found.add(day.month * 100 + day.day)
-        if day.month == 2 and day.day == 28 and not _leap(day.year):
+        year, month, day = civil(start + k)
+        found.add(month * 100 + day)
+        if month == 2 and day == 28 and not _leap(year):
             found.add(229)
     return found
 
@@ -52,9 +72,8 @@ def _leap(year: int) -> bool:
 
 
 def _month_day(type_: str, key: int) -> int:
-    days = key if type_ == T.DATE else key // T.US_PER_DAY
-    day = date.fromordinal(days + T.EPOCH_ORDINAL)
-    return day.month * 100 + day.day
+    _, month, day = civil(key if type_ == T.DATE else key // T.US_PER_DAY)
+    return month * 100 + day
 
 
 class Evaluator:
@@ -247,6 +266,22 @@ class Evaluator:
         return {"eq": key == c, "ne": key != c, "gt": key > c, "gte": key >= c,
                 "lt": key < c, "lte": key <= c}[op]
 
+    def _any_of(self, cond: Cond, index: RangeIndex, has: BitMap) -> BitMap:
+        """The ids of `has` whose value is one of the condition's list.  A short list
+        costs a few slice operations per value; a long one one decode of the index and
+        one vectorised lookup of every key at once."""
+        if len(cond.value) <= FEW_VALUES:
+            return BitMap.union(*(index.compare("eq", self._key(cond, v), has)
+                                  for v in cond.value))
+        wanted = _integer_keys(index, [self._key(cond, v) for v in cond.value])
+        if not wanted or not has:
+            return EMPTY
+        ids, keys = index.decode()
+        low, high = int(keys.min(initial=0)), int(keys.max(initial=0))
+        wanted = [w for w in wanted if low <= w <= high]  # the rest match nothing; fit int64
+        found = bitmap_of(ids[np.isin(keys, np.array(wanted, dtype=np.int64))])
+        return found if has is index.exists else found & has
+
     # ------------------------------------------------------------------ leaves
     def _key(self, cond: Cond, value: Any) -> Fraction | int:
         """A condition's constant in the field's key units, fixing relative dates."""
@@ -276,7 +311,7 @@ class Evaluator:
             return index.between(self._key(cond, value[0]), self._key(cond, value[1]), within)
         has = index.exists if within is None else index.exists & within
         if op in ("in", "not_in"):
-            hits = BitMap.union(*(index.compare("eq", self._key(cond, v), has) for v in value))
+            hits = self._any_of(cond, index, has)
             return hits if op == "in" else has - hits
         if op == "ne":
             return has - index.compare("eq", self._key(cond, value), has)

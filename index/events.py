@@ -511,8 +511,9 @@ class EventBatch:
                     warnings.simplefilter("error")  # e.g. zone offsets: the careful path
                     parsed = np.array([s[:-1] if s[-1] == "Z" else s for s in raw],
                                       dtype="datetime64[us]")
-                if not np.isnat(parsed).any():
-                    return parsed.astype(np.int64)
+                micros = parsed.astype(np.int64)  # NaT is the smallest int64
+                if ((micros >= T.MIN_US) & (micros <= T.MAX_US)).all():  # years 1-9999
+                    return micros
             except (ValueError, Warning):
                 pass
         out = np.empty(len(raw), dtype=np.int64)
@@ -597,7 +598,8 @@ class EventBatch:
     def _fast(type_: str, values: list) -> Any:
         """The values converted with numpy when they plainly fit the type, else None."""
         if type_ == T.KEYWORD:
-            return values if all(type(v) is str for v in values) else None
+            short = T.MAX_VALUE_BYTES // 4  # longer strings go value by value (size check)
+            return values if all(type(v) is str and len(v) <= short for v in values) else None
         if type_ == T.BOOL:
             return np.array(values, dtype=np.int64) if all(
                 type(v) is bool for v in values) else None
@@ -918,6 +920,11 @@ def aggregate(profiles: np.ndarray, values: np.ndarray, having: Having
 
 
 def _compare_avg(sums: np.ndarray, counts: np.ndarray, op: str, value: Any) -> np.ndarray:
+    if op in ("in", "not_in"):  # having: any of the listed values
+        hit = np.zeros(len(sums), dtype=bool)
+        for v in value:
+            hit |= _compare_avg(sums, counts, "eq", v)
+        return hit if op == "in" else ~hit
     if op == "between":
         return _compare_avg(sums, counts, "gte", value[0]) & \
             _compare_avg(sums, counts, "lte", value[1])
@@ -933,6 +940,11 @@ _OPS = {"eq": np.equal, "ne": np.not_equal, "gt": np.greater, "gte": np.greater_
 
 def compare_array(keys: np.ndarray, op: str, value: Any) -> np.ndarray:
     """keys (int64) op an exact constant (Fraction), without rounding errors."""
+    if op in ("in", "not_in"):  # having: any of the listed values
+        hit = np.zeros(len(keys), dtype=bool)
+        for v in value:
+            hit |= compare_array(keys, "eq", v)
+        return hit if op == "in" else ~hit
     if op == "between":
         return compare_array(keys, "gte", value[0]) & compare_array(keys, "lte", value[1])
     c = Fraction(value)
@@ -950,6 +962,9 @@ def compare_array(keys: np.ndarray, op: str, value: Any) -> np.ndarray:
 
 
 def _compare_index(index: RangeIndex, having: Having) -> BitMap:
+    if having.op in ("in", "not_in"):
+        hit = BitMap.union(*(index.compare("eq", v) for v in having.value))
+        return hit if having.op == "in" else index.exists - hit
     if having.op == "between":
         return index.between(*having.value)
     if having.op == "ne":

@@ -862,7 +862,12 @@ def _clamp(t: int) -> int:
 
 def _compare(arr: np.ndarray, op: str, c: Any) -> np.ndarray:
     """arr (int64, or object for big integers) OP c exactly, c an int or Fraction
-    (a (lo, hi) pair for between)."""
+    (a (lo, hi) pair for between, a tuple for in / not_in)."""
+    if op in ("in", "not_in"):  # having: any of the listed values
+        hit = np.zeros(arr.shape, dtype=bool)
+        for v in c:
+            hit |= _compare(arr, "eq", v)
+        return hit if op == "in" else ~hit
     if op == "between":
         return _compare(arr, "gte", c[0]) & _compare(arr, "lte", c[1])
     c = Fraction(c)
@@ -1177,6 +1182,11 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
 
 def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:
     """sums / n OP c exactly, for n > 0 (other entries are don't-care)."""
+    if op in ("in", "not_in"):  # having: any of the listed values
+        hit = np.zeros(sums.shape, dtype=bool)
+        for v in c:
+            hit |= _avg_compare(sums, n, "eq", v)
+        return hit if op == "in" else ~hit
     if op == "between":
         return _avg_compare(sums, n, "gte", c[0]) & _avg_compare(sums, n, "lte", c[1])
     c = Fraction(c)

@@ -8,6 +8,7 @@ relative date ({"days_ago": n}) stays a DaysAgo until evaluation fixes as_of.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,21 +78,35 @@ class Window:
     end: int = 0
 
     def bounds(self, as_of_us: int) -> tuple[int | None, int]:
-        """[lo, hi) in µs; lo None means from the beginning."""
+        """[lo, hi) in µs; lo None means from the beginning.
+
+        Edges are clamped to the instants a row can have (years 0001-9999 UTC), so a
+        window reaching before year 1 starts with the first row and one reaching past
+        9999 ends with the last: a huge last_days is simply every row up to as_of.
+        """
         span = self.days * T.US_PER_DAY
         if self.kind == "last_days":
-            return as_of_us - span + 1, as_of_us + 1
-        if self.kind == "next_days":
-            return as_of_us + 1, as_of_us + span + 1
-        if self.kind == "range":
+            lo, hi = as_of_us - span + 1, as_of_us + 1
+        elif self.kind == "next_days":
+            lo, hi = as_of_us + 1, as_of_us + span + 1
+        elif self.kind == "range":
             return self.start, self.end
-        return None, as_of_us + 1
+        else:
+            return None, _clamp(as_of_us + 1)
+        hi = _clamp(hi)
+        return min(_clamp(lo), hi), hi
+
+
+def _clamp(micros: int) -> int:
+    """An edge of a [lo, hi) window, within [first instant, last instant + 1]."""
+    return min(max(micros, T.MIN_US), T.MAX_US + 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Having:
     """An aggregate condition over the selected rows; value(s) in the key units of `of`
-    (count: plain numbers). value is a Fraction, or (lo, hi) for between."""
+    (count: plain numbers). value is a Fraction, (lo, hi) for between, or a tuple of
+    distinct Fractions for in / not_in."""
 
     agg: str
     of: str | None
@@ -109,6 +124,8 @@ class Having:
 def _compare(op: str, x: Any, value: Any) -> bool:
     if op == "between":
         return value[0] <= x <= value[1]
+    if op in ("in", "not_in"):
+        return (x in value) == (op == "in")
     return {"eq": x == value, "ne": x != value, "gt": x > value, "gte": x >= value,
             "lt": x < value, "lte": x <= value}[op]
 
@@ -131,7 +148,7 @@ class OrdersCond:
 Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond
 RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
-HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between"}
+HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
 AGGS = ("count", "sum", "avg", "min", "max")
 
 SCALAR_OPS = {"eq", "ne"}
@@ -153,14 +170,129 @@ NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
+# ---------------------------------------------------------------------- limits
+MAX_RULE_DEPTH = 100
+"""Rule nodes on the longest path from the root ({"all": true} alone is depth 1; the
+nodes of an event's `where` and of an `orders` rule count too).  Parsing, evaluation,
+explain and the JSON and protobuf conversions all recurse once per level; 100 keeps them
+well inside Python's stack and orjson's limit of 254 nested JSON containers on output
+(and/or take two each).  A segment reference counts as one node here."""
+MAX_LIST_VALUES = 100_000  # values of an in / not_in / has_all list
+MAX_JSON_DEPTH = 1024  # the deepest JSON text orjson reads
+RULE_LISTS = ("and", "or")  # keys whose list holds child rules
+RULE_CHILDREN = ("not", "where", "orders")  # keys whose value is a child rule
+
+
 def parse_rule(rule: Any, schema: Schema) -> Rule:
     """A rule in JSON form (dict, or JSON text) -> the typed tree."""
     if isinstance(rule, (str, bytes)):
         try:
             rule = orjson.loads(rule)
         except orjson.JSONDecodeError as exc:
+            too_deep = deep_text_error(rule)
+            if too_deep is not None:
+                raise too_deep from None
             raise RuleError("$", f"not valid JSON: {exc}") from None
+    check_depth(rule)
     return _Parser(schema).node(rule, "$")
+
+
+def _too_deep(path: str) -> RuleError:
+    return RuleError(path, f"rule nested too deep: at most {MAX_RULE_DEPTH} levels of "
+                     "rules are allowed")
+
+
+def check_depth(rule: Any) -> None:
+    """RuleError naming the first node nested deeper than MAX_RULE_DEPTH.
+
+    Iterative (the parser and evaluator recurse per level, so this must not), and
+    paths are built only for the node reported: a 100,000-deep rule costs O(nodes).
+    """
+    stack: list[tuple[Any, int, Any, str]] = [(rule, 1, None, "$")]
+    while stack:
+        entry = stack.pop()
+        node, depth = entry[0], entry[1]
+        if not isinstance(node, dict):
+            continue
+        if depth > MAX_RULE_DEPTH:
+            raise _too_deep(_path_of(entry))
+        for key in RULE_LISTS:
+            children = node.get(key)
+            if isinstance(children, list):
+                stack.extend((child, depth + 1, entry, f".{key}[{i}]")
+                             for i, child in enumerate(children))
+        for key in RULE_CHILDREN:
+            if key in node:
+                stack.append((node[key], depth + 1, entry, f".{key}"))
+
+
+def _path_of(entry: tuple[Any, int, Any, str]) -> str:
+    parts = []
+    while entry is not None:
+        parts.append(entry[3])
+        entry = entry[2]
+    return "".join(reversed(parts))
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]')
+
+
+def deep_text_error(text: str | bytes) -> RuleError | None:
+    """For JSON text the reader refused: a RuleError if it nests too deep (rules past
+    MAX_RULE_DEPTH, or containers past MAX_JSON_DEPTH), with the path to the first
+    such node; None when it is not that (then it is just not valid JSON).
+
+    Scans tokens with one regular expression and a stack, no recursion."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    # one frame per open container: [path part, rule depth (0: not a rule), is_object,
+    #                                key (objects) or index (arrays), holds rules]
+    frames: list[list[Any]] = []
+    expect_key = False
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        parent = frames[-1] if frames else None
+        if token in "{[":
+            part, depth, listed = "$", 0, False
+            if parent is None:
+                depth = 1 if token == "{" else 0
+            elif parent[2]:
+                part = f".{parent[3]}"
+                if parent[1] and token == "{" and parent[3] in RULE_CHILDREN:
+                    depth = parent[1] + 1
+                listed = bool(parent[1]) and token == "[" and parent[3] in RULE_LISTS
+            else:
+                part = f"[{parent[3]}]"
+                if parent[4] and token == "{":
+                    depth = parent[4] + 1
+            if depth > MAX_RULE_DEPTH:
+                return _too_deep("".join(f[0] for f in frames) + part)
+            if len(frames) >= MAX_JSON_DEPTH:
+                return RuleError("".join(f[0] for f in frames) + part,
+                                 f"JSON nested deeper than {MAX_JSON_DEPTH} levels (rules "
+                                 f"may nest at most {MAX_RULE_DEPTH})")
+            holds = parent[1] if listed and parent is not None else 0
+            frames.append([part, depth, token == "{", None if token == "{" else 0, holds])
+            expect_key = token == "{"
+        elif token in "}]":
+            if frames:
+                frames.pop()
+            expect_key = False
+        elif token == ",":
+            if parent is not None:
+                if parent[2]:
+                    expect_key = True
+                else:
+                    parent[3] += 1
+        elif token == ":":
+            expect_key = False
+        elif expect_key and parent is not None and parent[2]:  # a key
+            try:
+                parent[3] = orjson.loads(token)
+            except orjson.JSONDecodeError:
+                parent[3] = token.strip('"')
+            expect_key = False
+    return None
 
 
 class _Parser:
@@ -218,13 +350,14 @@ class _Parser:
         name = obj["segment"]
         if not isinstance(name, str) or not name:
             raise RuleError(f"{path}.segment", "expected a segment name (a non-empty string)")
-        return SegmentRef(name, f"{path}.segment")
+        return SegmentRef(_text(name, f"{path}.segment"), f"{path}.segment")
 
     def _event(self, obj: dict, path: str) -> Rule:
         _only(obj, {"event", "where", "window", "having"}, path)
         name = obj["event"]
         if not isinstance(name, str) or not name:
             raise RuleError(f"{path}.event", 'expected an event type name, or "*" for any')
+        _text(name, f"{path}.event")
         where = None
         if "where" in obj:
             sub = _Parser(self.schema, self.schema.events, WHERE_KEYS, "an event's where")
@@ -265,7 +398,7 @@ class _Parser:
                     bounds.append(T.parse_timestamp(value[key]))
                 except ValueError:
                     raise RuleError(f"{here}.{key}", f"expected an ISO 8601 timestamp, got "
-                                    f"{value[key]!r}") from None
+                                    f"{_said(value[key])}") from None
             if bounds[0] > bounds[1]:
                 raise RuleError(here, "expected from <= to")
             return Window("range", start=bounds[0], end=bounds[1])
@@ -281,7 +414,7 @@ class _Parser:
         _only(value, {"agg", "of", "op", "value"}, here)
         agg = value.get("agg")
         if agg not in AGGS:
-            raise RuleError(f"{here}.agg", f"expected one of {', '.join(AGGS)}, got {agg!r}")
+            raise RuleError(f"{here}.agg", f"expected one of {', '.join(AGGS)}, got {_said(agg)}")
         of, of_type = value.get("of"), None
         if agg == "count":
             if "of" in value:
@@ -290,17 +423,19 @@ class _Parser:
             of_type = numeric.get(of) if isinstance(of, str) else None
             if of_type not in (T.INT, T.FLOAT):
                 known = ", ".join(sorted(k for k, t in numeric.items() if t in (T.INT, T.FLOAT)))
-                raise RuleError(f"{here}.of", f"expected a numeric field to {agg}, got {of!r} "
+                raise RuleError(f"{here}.of", f"expected a numeric field to {agg}, got {_said(of)} "
                                 f"(numeric fields: {known or 'none'})")
         op = value.get("op")
         if op not in HAVING_OPS:
             raise RuleError(f"{here}.op", f"expected one of {', '.join(sorted(HAVING_OPS))}, "
-                            f"got {op!r}")
+                            f"got {_said(op)}")
         checker = _Values(of_type or T.INT, f"{here}.value")
         if "value" not in value:
             raise RuleError(f"{here}.value", f"op {op!r} needs a value")
         if op == "between":
             number = checker.between(value["value"])
+        elif op in LIST_OPS:
+            number = tuple(dict.fromkeys(checker.items(value["value"])))
         else:
             number = checker.scalar(value["value"], f"{here}.value")
         return Having(agg, of, of_type, op, number)
@@ -318,11 +453,11 @@ def parse_condition(obj: dict, fields: Any, path: str) -> Cond:
     type_ = fields.get(name)
     if type_ is None:
         known = ", ".join(sorted(fields)) or "none"
-        raise RuleError(f"{path}.field", f"unknown field {name!r} (known fields: {known})")
+        raise RuleError(f"{path}.field", f"unknown field {_short(name)} (known fields: {known})")
     op = obj.get("op")
     if op not in ALL_OPS:
         raise RuleError(f"{path}.op", f"expected an op, one of {', '.join(sorted(ALL_OPS))}; "
-                        f"got {op!r}")
+                        f"got {_said(op)}")
     if op not in OPS_BY_TYPE[type_]:
         allowed = ", ".join(sorted(OPS_BY_TYPE[type_]))
         raise RuleError(f"{path}.op", f"op {op!r} does not apply to {type_} field {name!r} "
@@ -358,7 +493,7 @@ class _Values:
         t = self.type
         if t in (T.KEYWORD, T.KEYWORDS):
             if isinstance(value, str):
-                return value
+                return _text(value, path)
             raise RuleError(path, f"expected a string, got {_kind(value)}")
         if t == T.BOOL:
             if isinstance(value, bool):
@@ -384,13 +519,21 @@ class _Values:
         except ValueError:
             expected = "a date YYYY-MM-DD" if self.type == T.DATE else "an ISO 8601 timestamp"
             raise RuleError(path, f"expected {expected} or {{\"days_ago\": n}}, "
-                            f"got {value!r}") from None
+                            f"got {_said(value)}") from None
 
     def items(self, value: Any) -> tuple:
         if not isinstance(value, list):
             raise RuleError(self.path, f"expected a list, got {_kind(value)}")
         if not value:
             raise RuleError(self.path, "expected a non-empty list")
+        if len(value) > MAX_LIST_VALUES:
+            raise RuleError(self.path, f"a list of {len(value):,} values; at most "
+                            f"{MAX_LIST_VALUES:,} are allowed")
+        if self.type in (T.KEYWORD, T.KEYWORDS) and all(type(v) is str for v in value):
+            for i, v in enumerate(value):  # the common case, without a call per value
+                if len(v) * 4 > T.MAX_VALUE_BYTES:
+                    self.scalar(v, f"{self.path}[{i}]")
+            return tuple(value)
         return tuple(self.scalar(v, f"{self.path}[{i}]") for i, v in enumerate(value))
 
     def between(self, value: Any) -> tuple:
@@ -417,8 +560,26 @@ def _comparable(lo: Any, hi: Any) -> bool:
 def _only(obj: dict, allowed: set[str], path: str) -> None:
     extra = sorted(set(obj) - allowed)
     if extra:
-        raise RuleError(f"{path}.{extra[0]}", f"unexpected key {extra[0]!r} "
+        raise RuleError(f"{path}.{extra[0]}", f"unexpected key {_said(extra[0])} "
                         f"(expected only {', '.join(sorted(allowed))})")
+
+
+def _text(value: str, path: str) -> str:
+    """A string of a rule, refused when longer than any stored value can be."""
+    problem = T.text_problem(value)
+    if problem is not None:
+        raise RuleError(path, problem)
+    return value
+
+
+def _short(text: str) -> str:
+    """A string for a message: quoted, and cut in the middle when long."""
+    return repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text):,} chars)"
+
+
+def _said(value: Any) -> str:
+    """Any JSON value for a message: short, and safe for deeply nested ones."""
+    return _short(value) if isinstance(value, str) else T.show(value)
 
 
 def _kind(value: Any) -> str:
@@ -427,9 +588,9 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (int, float)):
-        return f"number {value!r}"
+        return f"number {_short(repr(value))[1:-1]}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_short(value)}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):

@@ -1,13 +1,39 @@
-"""Time buckets: UTC days and calendar months, and how a window splits into them."""
+"""Time buckets: UTC days and calendar months, and how a window splits into them.
+
+Calendar arithmetic here is plain integer arithmetic on the proleptic Gregorian calendar
+(days since 1970-01-01), so it is total: a window edge past 9999-12-31 or a day before
+0001-01-01 has a month like any other, where `datetime.date` would raise.
+"""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
 
-from bitseg.index.types import EPOCH_ORDINAL, US_PER_DAY
+from bitseg.index.types import US_PER_DAY
+
+_ERA_DAYS = 146_097  # days in 400 Gregorian years
+_SHIFT = 719_468  # days from 0000-03-01 to 1970-01-01 (years counted from March)
+
+
+def civil(day: int) -> tuple[int, int, int]:
+    """(year, month, day of month) of a day number (days since 1970-01-01), any int."""
+    z = day + _SHIFT
+    era, doe = divmod(z, _ERA_DAYS)
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153  # months from March
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, doy - (153 * mp + 2) // 5 + 1
+
+
+def day_number(year: int, month: int, day: int) -> int:
+    """The day number (days since 1970-01-01) of a proleptic Gregorian date."""
+    y = year - (month <= 2)
+    era, yoe = divmod(y, 400)
+    doy = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
+    return era * _ERA_DAYS + yoe * 365 + yoe // 4 - yoe // 100 + doy - _SHIFT
 
 
 def day_of(micros: int) -> int:
@@ -16,12 +42,12 @@ def day_of(micros: int) -> int:
 
 def month_of(day: int) -> int:
     """Months since 1970-01 of a day number."""
-    d = date.fromordinal(day + EPOCH_ORDINAL)
-    return (d.year - 1970) * 12 + d.month - 1
+    year, month, _ = civil(day)
+    return (year - 1970) * 12 + month - 1
 
 
 def first_day(month: int) -> int:
-    return date(1970 + month // 12, month % 12 + 1, 1).toordinal() - EPOCH_ORDINAL
+    return day_number(1970 + month // 12, month % 12 + 1, 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
@@ -30,6 +31,7 @@ FLOAT_DIGITS = 8  # floats keep this many decimal places, exactly (gcd units kee
 FLOAT_SCALE = 10**FLOAT_DIGITS
 MAX_NAME_BYTES = 200  # field, property and event type names (they are parts of LMDB keys)
 MAX_ID_BYTES = 400  # profile and order ids (LMDB keys are at most 511 bytes)
+MAX_VALUE_BYTES = 64 * 1024  # a string value (UTF-8); a profile must fit a gRPC reply
 
 
 def name_problem(name: Any) -> str | None:
@@ -54,6 +56,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 ONE_US = timedelta(microseconds=1)
 US_PER_DAY = 86_400 * 10**6
+MIN_DAY = date.min.toordinal() - EPOCH_ORDINAL  # 0001-01-01
+MAX_DAY = date.max.toordinal() - EPOCH_ORDINAL  # 9999-12-31
+MIN_US = MIN_DAY * US_PER_DAY  # 0001-01-01T00:00:00Z: the earliest instant stored
+MAX_US = (MAX_DAY + 1) * US_PER_DAY - 1  # 9999-12-31T23:59:59.999999Z: the latest
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIMESTAMP_RE = re.compile(
@@ -63,18 +69,21 @@ _TIMESTAMP_RE = re.compile(
 def parse_date(text: str) -> int:
     """'1991-05-02' -> days since the epoch."""
     if not isinstance(text, str) or not _DATE_RE.match(text):
-        raise ValueError(f"expected a date YYYY-MM-DD, got {text!r}")
+        raise ValueError(f"expected a date YYYY-MM-DD, got {show(text)}")
     return date.fromisoformat(text).toordinal() - EPOCH_ORDINAL
 
 
 def parse_timestamp(text: str) -> int:
     """An ISO 8601 timestamp (UTC when it has no zone; a bare date is midnight) -> µs."""
     if not isinstance(text, str) or not (_TIMESTAMP_RE.match(text) or _DATE_RE.match(text)):
-        raise ValueError(f"expected an ISO 8601 timestamp, got {text!r}")
+        raise ValueError(f"expected an ISO 8601 timestamp, got {show(text)}")
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return (moment - EPOCH) // ONE_US
+    micros = (moment - EPOCH) // ONE_US  # aware subtraction: no out-of-range datetime
+    if not MIN_US <= micros <= MAX_US:
+        raise ValueError(f"timestamp {show(text)} is outside the years 0001-9999 in UTC")
+    return micros
 
 
 def format_date(days: int) -> str:
@@ -82,8 +91,10 @@ def format_date(days: int) -> str:
 
 
 def format_timestamp(micros: int) -> str:
+    """µs -> 'YYYY-MM-DDTHH:MM:SS[.ffffff]Z', four-digit years (strftime gives '1' for 1)."""
     moment = EPOCH + timedelta(microseconds=micros)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    text = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+            f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
     if moment.microsecond:
         text += f".{moment.microsecond:06d}".rstrip("0")
     return text + "Z"
@@ -122,30 +133,45 @@ def exact(value: float | int) -> Fraction:
     return Fraction(Decimal(repr(value))) if isinstance(value, float) else Fraction(value)
 
 
+def text_problem(value: str) -> str | None:
+    """Why a string value is too long to store or ask for, or None if it fits."""
+    if len(value) * 4 <= MAX_VALUE_BYTES:  # cheap: no string of this length can exceed
+        return None
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size <= MAX_VALUE_BYTES:
+        return None
+    return f"a string value is {size:,} bytes long; at most {MAX_VALUE_BYTES:,} are allowed"
+
+
 def _keyword(value: Any) -> str:
     if type(value) is str:
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
-    raise ValueError(f"expected a string, got {_show(value)}")
+    raise ValueError(f"expected a string, got {show(value)}")
 
 
 def _keywords(value: Any) -> tuple[str, ...]:
     if type(value) is str:
-        return (value,)
+        return (_keyword(value),)
     if isinstance(value, list) and all(type(v) is str for v in value):
+        for v in value:
+            _keyword(v)
         return tuple(sorted(set(value)))
-    raise ValueError(f"expected a list of strings, got {_show(value)}")
+    raise ValueError(f"expected a list of strings, got {show(value)}")
 
 
 def _bool(value: Any) -> bool:
     if type(value) is bool:
         return value
-    raise ValueError(f"expected true or false, got {_show(value)}")
+    raise ValueError(f"expected true or false, got {show(value)}")
 
 
 def _int(value: Any) -> int:
     if type(value) is not int:
         if type(value) is not float:
-            raise ValueError(f"expected an integer, got {_show(value)}")
+            raise ValueError(f"expected an integer, got {show(value)}")
         if not value.is_integer():
             raise ValueError(f"expected an integer, got {value!r}")
         value = int(value)
@@ -156,7 +182,7 @@ def _int(value: Any) -> int:
 
 def _float(value: Any) -> float | int:
     if type(value) is not float and type(value) is not int:
-        raise ValueError(f"expected a number, got {_show(value)}")
+        raise ValueError(f"expected a number, got {show(value)}")
     if not math.isfinite(value) or abs(value) >= MAX_KEY:
         raise ValueError(f"number {value!r} is out of range")
     return value
@@ -198,7 +224,7 @@ def infer(value: Any) -> str:
         return KEYWORD
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return KEYWORDS
-    raise ValueError(f"cannot store {_show(value)}: expected a string, list of strings, "
+    raise ValueError(f"cannot store {show(value)}: expected a string, list of strings, "
                      "number, bool, date or timestamp")
 
 
@@ -213,6 +239,11 @@ def display(type_: str, canonical: Any) -> Any:
     return canonical
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60  # nested or huge values stay short and finite
+_SHORT.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

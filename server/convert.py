@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, DataError, RuleError
+from bitseg.index.rules import MAX_RULE_DEPTH
 from bitseg.index.types import parse_timestamp
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -37,15 +39,51 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 # ====================================================================== rules: proto -> JSON
 def rule_to_json(rule: pb.Rule, path: str = "$") -> dict[str, Any]:
-    """A protobuf rule tree -> the CONTRACT JSON form (an unset node becomes {})."""
+    """A protobuf rule tree -> the CONTRACT JSON form (an unset node becomes {}).
+
+    Trees nested deeper than MAX_RULE_DEPTH are refused first, without recursion."""
+    if path == "$":
+        check_depth(rule)
+    return _rule_to_json(rule, path)
+
+
+def check_depth(rule: pb.Rule) -> None:
+    """RuleError naming the first node nested deeper than MAX_RULE_DEPTH, as
+    rules.check_depth does for the JSON form (the same levels, the same paths)."""
+    stack: list[tuple[pb.Rule, int, Any, str]] = [(rule, 1, None, "$")]
+    while stack:
+        entry = stack.pop()
+        node, depth = entry[0], entry[1]
+        if depth > MAX_RULE_DEPTH:
+            parts = []
+            while entry is not None:
+                parts.append(entry[3])
+                entry = entry[2]
+            path = "".join(reversed(parts))
+            raise RuleError(path, f"rule nested too deep: at most {MAX_RULE_DEPTH} levels "
+                            "of rules are allowed")
+        kind = node.WhichOneof("node")
+        if kind in ("and", "or"):
+            stack.extend((child, depth + 1, entry, f".{kind}[{i}]")
+                         for i, child in enumerate(getattr(node, kind).rules))
+        elif kind == "not":
+            stack.append((getattr(node, "not"), depth + 1, entry, ".not"))
+        elif kind == "event" and node.event.HasField("where"):
+            stack.append((node.event.where, depth + 1, entry, ".where"))
+        elif kind == "orders" and node.orders.HasField("orders"):
+            stack.append((node.orders.orders, depth + 1, entry, ".orders"))
+
+
+def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
     kind = rule.WhichOneof("node")
     if kind is None:
         return {}
     if kind in ("and", "or"):
         children = getattr(rule, kind).rules
-        return {kind: [rule_to_json(c, f"{path}.{kind}[{i}]") for i, c in enumerate(children)]}
+        return {kind: [_rule_to_json(c, f"{path}.{kind}[{i}]")
+                       for i, c in enumerate(children)]}
     if kind == "not":
-        return {"not": rule_to_json(getattr(rule, "not"), f"{path}.not")}
+        return {"not": _rule_to_json(getattr(rule, "not"), f"{path}.not")}
     if kind == "all":
         return {"all": rule.all}
     if kind == "segment":
@@ -67,12 +105,12 @@ def _condition_to_json(cond: pb.Condition, path: str) -> dict[str, Any]:
 def _event_to_json(node: pb.EventRule, path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"event": node.event}
     if node.HasField("where"):
-        out["where"] = rule_to_json(node.where, f"{path}.where")
+        out["where"] = _rule_to_json(node.where, f"{path}.where")
     return _timed(node, out, path)
 
 
 def _orders_to_json(node: pb.OrdersRule, path: str) -> dict[str, Any]:
-    orders = rule_to_json(node.orders, f"{path}.orders") if node.HasField("orders") else None
+    orders = _rule_to_json(node.orders, f"{path}.orders") if node.HasField("orders") else None
     return _timed(node, {"orders": orders}, path)
 
 
@@ -413,6 +451,13 @@ def metrics_dict(reply: pb.MetricsReply) -> dict[str, Any]:
 
 
 # ====================================================================== cursors
+class CursorError(BitsegError):
+    """A Members cursor that this server did not hand out (INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"cursor: {message}")
+
+
 CURSOR_FORMAT = 1
 _CURSOR = struct.Struct(">BQIq")  # format, store version, last dense id, as_of µs
 
@@ -431,13 +476,17 @@ class Cursor:
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
+        """The cursor a Members page handed out; CursorError for anything else."""
+        shown = text if len(text) <= 40 else text[:37] + "..."
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
             fmt, version, last, as_of_us = _CURSOR.unpack(raw)
         except (ValueError, struct.error):
-            raise BitsegError(f"cursor: not a Members cursor: {text!r}") from None
+            raise CursorError(f"not a Members cursor: {shown!r}") from None
         if fmt != CURSOR_FORMAT:
-            raise BitsegError(f"cursor: unknown cursor format {fmt}")
+            raise CursorError(f"unknown cursor format {fmt}")
+        if not T.MIN_US <= as_of_us <= T.MAX_US:
+            raise CursorError(f"not a Members cursor (its as_of is out of range): {shown!r}")
         return cls(version, last, as_of_us)
 
     @property
