@@ -168,7 +168,12 @@ class SegmentSet:
         return iter(self.segments[name] for name in sorted(self.segments))
 
     def with_segment(self, segment: Segment) -> SegmentSet:
-        return SegmentSet(MappingProxyType({**self.segments, segment.name: segment}))
+        found = SegmentSet(MappingProxyType({**self.segments, segment.name: segment}))
+        old = self.segments.get(segment.name)
+        if old is not None and old.typed is segment.typed and old.kind == segment.kind \
+                and "chains" in self.__dict__:  # a membership change: the chains hold
+            found.__dict__["chains"] = self.__dict__["chains"]
+        return found
 
     def without(self, name: str) -> SegmentSet:
         return SegmentSet(MappingProxyType({k: v for k, v in self.segments.items()
