@@ -1000,7 +1000,7 @@ class RefreshScheduler:
                 self.segments.refresh_scheduled(name, now_us)
             except NotFound:
                 continue  # deleted meanwhile
-            except Exception as exc:  # noqa: BLE001 - one segment must not stop the rest
+            except Exception as exc:  # one segment must not stop the others
                 self._failed(name, now_us, exc)
                 continue
             done.append(name)
