@@ -1,4 +1,4 @@
-"""Synthetic marketing / CDP datasets in the CONTRACT §1 format (`bitseg gen`).
+"""Synthetic marketing / CDP datasets in the format of docs/data-format.md (`bitseg gen`).
 
 Everything is generated column-wise with numpy, chunk by chunk of profiles, and
 formatted by gluing precomputed JSON fragments, so memory stays bounded and the
