@@ -171,12 +171,14 @@ WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
 # ---------------------------------------------------------------------- limits
-MAX_RULE_DEPTH = 100
+MAX_RULE_DEPTH = 32
 """Rule nodes on the longest path from the root ({"all": true} alone is depth 1; the
-nodes of an event's `where` and of an `orders` rule count too).  Parsing, evaluation,
-explain and the JSON and protobuf conversions all recurse once per level; 100 keeps them
-well inside Python's stack and orjson's limit of 254 nested JSON containers on output
-(and/or take two each).  A segment reference counts as one node here."""
+nodes of an event's `where` and of an `orders` rule count too).  The tightest of what
+must hold such a rule is the protobuf decoder (at most 100 nested messages; an and/or
+level takes two, a request and a leaf's value up to six more): 32 levels is 70.  It is
+also far inside Python's stack for parsing, evaluation and explain (about five frames a
+level) and orjson's 254 nested containers when a rule is written as JSON (two a level).
+A segment reference counts as one node here; what the segment holds is its own rule."""
 MAX_LIST_VALUES = 100_000  # values of an in / not_in / has_all list
 MAX_JSON_DEPTH = 1024  # the deepest JSON text orjson reads
 RULE_LISTS = ("and", "or")  # keys whose list holds child rules
@@ -219,8 +221,8 @@ def check_depth(rule: Any) -> None:
         for key in RULE_LISTS:
             children = node.get(key)
             if isinstance(children, list):
-                stack.extend((child, depth + 1, entry, f".{key}[{i}]")
-                             for i, child in enumerate(children))
+                stack.extend((children[i], depth + 1, entry, f".{key}[{i}]")
+                             for i in reversed(range(len(children))))  # first on top
         for key in RULE_CHILDREN:
             if key in node:
                 stack.append((node[key], depth + 1, entry, f".{key}"))

@@ -64,8 +64,9 @@ def check_depth(rule: pb.Rule) -> None:
                             "of rules are allowed")
         kind = node.WhichOneof("node")
         if kind in ("and", "or"):
-            stack.extend((child, depth + 1, entry, f".{kind}[{i}]")
-                         for i, child in enumerate(getattr(node, kind).rules))
+            children = getattr(node, kind).rules
+            stack.extend((children[i], depth + 1, entry, f".{kind}[{i}]")
+                         for i in reversed(range(len(children))))  # the first on top
         elif kind == "not":
             stack.append((getattr(node, "not"), depth + 1, entry, ".not"))
         elif kind == "event" and node.event.HasField("where"):
