@@ -49,7 +49,16 @@ from bitseg.index import types as T
 from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import ids_of
-from bitseg.index.rules import And, EventCond, Not, Or, OrdersCond, Rule, SegmentRef, parse_rule
+from bitseg.index.rules import (
+    And,
+    EventCond,
+    Not,
+    Or,
+    OrdersCond,
+    Rule,
+    SegmentRef,
+    parse_rule,
+)
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 
@@ -67,9 +76,12 @@ FORMAT = 1
 US = 1_000_000
 _POINT = struct.Struct(">QI")
 # Levels of a rule with the rules of the dynamic segments it uses written in place.
-# Evaluation recurses per level (measured on Python 3.11, default limit of 1000 frames):
-# an AND-nested chain, the costliest construction, takes ~4 frames a level, ~530 at 128
-# levels, which leaves the rest for the caller's stack and the rule that names it.
+# Each segment's rule travels and is stored on its own, so MAX_RULE_DEPTH's reasons (the
+# protobuf decoder, orjson's nesting) do not bound a chain; evaluation does, recursing
+# per level.  Measured on Python 3.11 (default limit 1000 frames): an AND chain alone
+# failed at ~247 levels; a count, member bitmap, is_member and explain of a 99-level rule
+# of ANDs naming a 128-level AND chain need fewer than 700 frames.
+# tests/test_segment_chains.py checks a MAX_RULE_DEPTH rule naming a chain at the limit.
 MAX_CHAIN_DEPTH = 128
 
 
