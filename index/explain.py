@@ -231,6 +231,7 @@ def _where_words(obj: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- events, orders
 _TIMES = {"gte": "at least", "gt": "more than", "lte": "at most", "lt": "fewer than",
           "eq": "exactly", "ne": "other than"}
+_LISTED = {"in": "that is one of", "not_in": "that is none of"}
 _AGG = {"sum": "a total", "avg": "an average", "min": "a smallest", "max": "a largest"}
 
 
@@ -249,9 +250,12 @@ def _timed(obj: dict[str, Any], negated: bool) -> str:
         if not negated and op == "eq" and value == 0:
             return f"had no {rows}{when}"
         return f"{verb} {rows} {_times(op, value)}{when}"
-    amount = (f"between {_show(value[0])} and {_show(value[1])}" if op == "between"
-              and isinstance(value, list) and len(value) == 2
-              else f"{_COMPARE.get(op, _TIMES.get(op, op))} {_show(value)}")
+    if op == "between" and isinstance(value, list) and len(value) == 2:
+        amount = f"between {_show(value[0])} and {_show(value[1])}"
+    elif op in _LISTED:
+        amount = f"{_LISTED[op]} {_list(value, 'or' if op == 'in' else 'and')}"
+    else:
+        amount = f"{_COMPARE.get(op, _TIMES.get(op, op))} {_show(value)}"
     return f"{verb} {rows}{when} with {_AGG.get(agg, agg)} {having.get('of')} {amount}"
 
 
@@ -265,6 +269,8 @@ def _event_rows(obj: dict[str, Any]) -> str:
 def _times(op: str, value: Any) -> str:
     if op == "between" and isinstance(value, list) and len(value) == 2:
         return f"between {_show(value[0])} and {_show(value[1])} times"
+    if op in _LISTED:
+        return f"a number of times {_LISTED[op]} {_list(value, 'or' if op == 'in' else 'and')}"
     if op == "gte" and value == 1:
         return "at least once"
     return f"{_TIMES.get(op, op)} {_show(value)} {'time' if value == 1 else 'times'}"

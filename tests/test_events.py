@@ -190,7 +190,11 @@ rules_strategy = st.fixed_dictionaries({
                                        "to": ts(AS_OF + timedelta(hours=t[0] + t[1]))})),
     "having": st.one_of(st.none(), st.tuples(
         st.sampled_from(["count", "sum", "avg", "min", "max"]),
-        st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte"]), st.integers(-2, 12))),
+        st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte"]), st.integers(-2, 12)),
+        st.tuples(st.sampled_from(["count", "sum", "avg", "min", "max"]),
+                  st.sampled_from(["in", "not_in"]),
+                  st.lists(st.integers(-2, 12) | st.sampled_from([0.5, 2.5]), min_size=1,
+                           max_size=3))),
 })
 
 
@@ -240,8 +244,11 @@ def brute_force(events: list[dict], rule: dict) -> set[str]:
         else:
             x = {"avg": sum(values) / len(values), "min": min(values), "max": max(values)}[agg]
         v = having["value"]
-        ok = {"eq": x == v, "ne": x != v, "gt": x > v, "gte": x >= v, "lt": x < v,
-              "lte": x <= v}[having["op"]]
+        if having["op"] in ("in", "not_in"):
+            ok = (x in [Fraction(str(item)) for item in v]) == (having["op"] == "in")
+        else:
+            ok = {"eq": x == v, "ne": x != v, "gt": x > v, "gte": x >= v, "lt": x < v,
+                  "lte": x <= v}[having["op"]]
         if ok:
             found.add(profile)
     return found
@@ -273,8 +280,9 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
             expected = brute_force(everything, rule)
             if "having" in rule and rule["having"]["agg"] in ("count", "sum"):
                 v, op = rule["having"]["value"], rule["having"]["op"]
-                zero = {"eq": 0 == v, "ne": 0 != v, "gt": 0 > v, "gte": 0 >= v, "lt": 0 < v,
-                        "lte": 0 <= v}[op]
+                zero = (0 in v) == (op == "in") if op in ("in", "not_in") else {
+                    "eq": 0 == v, "ne": 0 != v, "gt": 0 > v, "gte": 0 >= v, "lt": 0 < v,
+                    "lte": 0 <= v}[op]
                 if zero:  # profiles with no selected rows: count 0, sum 0
                     with_rows = brute_force(everything, {**rule, "having": {
                         "agg": "count", "op": "gte", "value": 1}})

@@ -379,3 +379,38 @@ def test_a_live_server_answers_extreme_input_without_internal_errors(server):
         first = orjson.loads(stub.GetProfile(pb.GetProfileRequest(profile_id="first"),
                                              timeout=30).profile_json)
         assert first["seen"] == "0001-01-01T00:00:00Z"
+
+
+# ---------------------------------------------------------------------- having in / not_in
+@pytest.mark.parametrize("rule, expected", [
+    ({"event": "x", "having": {"agg": "count", "op": "in", "value": [1, 3]}},
+     {"first", "mid"}),
+    ({"event": "x", "having": {"agg": "count", "op": "not_in", "value": [1, 3]}},
+     {"last", "none"}),  # "last"'s row is after as_of; "none" has count 0
+    ({"event": "*", "having": {"agg": "sum", "of": "v", "op": "in", "value": [0, 3]}},
+     {"mid", "last", "none"}),
+    ({"event": "x", "having": {"agg": "max", "of": "v", "op": "not_in", "value": [1]}},
+     {"mid"}),  # no rows: no max, false
+    ({"orders": {"all": True}, "having": {"agg": "avg", "of": "amount", "op": "in",
+                                          "value": [2.5, 7]}}, {"mid"}),
+    ({"orders": {"all": True}, "having": {"agg": "sum", "of": "amount", "op": "not_in",
+                                          "value": [1.5]}}, {"mid", "last", "none"}),
+])
+def test_having_takes_in_and_not_in_also_as_protobuf(engine, rule, expected):
+    assert set(engine.members(rule, as_of=AS_OF)) == expected
+    assert engine.count(rule, as_of=AS_OF) == len(expected)
+    assert all(engine.is_member(p, rule, as_of=AS_OF) == (p in expected)
+               for p in ("first", "last", "mid", "none"))
+    sent = convert.rule_from_json(rule)
+    assert sent.WhichOneof("node") in ("event", "orders")
+    assert set(engine.members(convert.rule_to_json(sent), as_of=AS_OF)) == expected
+    words = explain(engine.snapshot, rule, engine.parse(rule), T.parse_timestamp(AS_OF))
+    assert ("one of" if rule["having"]["op"] == "in" else "none of") in words.sentence
+
+
+def test_having_in_needs_a_non_empty_list_of_numbers(engine):
+    for value, path in (([], "$.having.value"), (5, "$.having.value"),
+                        ([1, "a"], "$.having.value[1]")):
+        with pytest.raises(RuleError) as caught:
+            engine.count({"event": "x", "having": {"agg": "count", "op": "in", "value": value}})
+        assert caught.value.path == path

@@ -408,14 +408,20 @@ def havings(draw, lines: list[dict]) -> dict | None:
     agg = draw(st.sampled_from(["none", "count", "sum", "avg", "min", "max"]))
     if agg == "none":
         return None
-    op = draw(st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte", "between"]))
+    op = draw(st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte", "between", "in",
+                               "not_in"]))
     if agg == "count":
         num, of = st.integers(0, 3), None
     else:
         of = draw(st.sampled_from(["amount", "amount", "items.qty_sum", "items.distinct"]))
         num = rule_money if of == "amount" else st.one_of(st.integers(0, 8),
                                                           st.sampled_from([2.5, 0.5]))
-    value = sorted([draw(num), draw(num)]) if op == "between" else draw(num)
+    if op == "between":
+        value = sorted([draw(num), draw(num)])
+    elif op in ("in", "not_in"):
+        value = draw(st.lists(num, min_size=1, max_size=3))
+    else:
+        value = draw(num)
     having = {"agg": agg, "op": op, "value": value}
     if of:
         having["of"] = of
