@@ -7,28 +7,41 @@
         for profile_id in client.members(segment="vip", limit=100):
             ...
 
-A rule is a dict (the CONTRACT §2 JSON form), its JSON text, or a bitseg_pb2.Rule.
+A rule is a dict (the canonical JSON form), its JSON text, or a bitseg_pb2.Rule.
 `as_of` is a datetime (naive is UTC), an ISO 8601 string, or None for now.
-Every failure, local or remote, raises ClientError(code, message), code being the gRPC
-status name ("INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", ...).
+Every result is a frozen dataclass (below). Every failure, local or remote, raises a
+subclass of bitseg.errors.BitsegError (NotFoundError, InvalidRuleError, ...), each with
+`code`, the gRPC status name ("INVALID_ARGUMENT", "NOT_FOUND", ...), and `message`.
+
+bitseg.aio.Client has the same methods, async; both build their requests and read their
+replies with the functions at the end of this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
 import orjson
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bitseg.index.errors import BitsegError
+from bitseg.errors import BitsegError, ClientError, InvalidArgumentError, error_of
+from bitseg.index.errors import BitsegError as EngineError
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
+
+__all__ = ["BitsegError", "Client", "ClientError", "CountResult", "ExplainNode",
+           "Explanation", "MembershipChange", "Metrics", "Overlap", "Page", "Preview",
+           "Profile", "RefreshResult", "Segment", "SizePoint", "UpsertResult"]
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -36,75 +49,220 @@ DEFAULT_BATCH = 1000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SEGMENT_KINDS = {"static": pb.SEGMENT_KIND_STATIC, "dynamic": pb.SEGMENT_KIND_DYNAMIC,
                  "materialized": pb.SEGMENT_KIND_MATERIALIZED}
+_KIND_NAMES = {kind: name for name, kind in SEGMENT_KINDS.items()}
+EXACT_DOUBLE = 2**53  # doubles hold every integer up to this exactly
 
 
-class ClientError(Exception):
-    """A call failed; `code` is the gRPC status name, `message` the server's words."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
+# ====================================================================== results
+@dataclass(frozen=True, slots=True)
 class CountResult:
     count: int
-    eval_micros: int
-    as_of: datetime
+    eval_micros: int  # the server's evaluation time
+    as_of: datetime   # the evaluation time used
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A profile's id and values by field name (a field it lacks is absent, or None in
+    Members rows)."""
+
+    id: str
+    fields: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"id": ..., field: value, ...}: the profiles.jsonl form."""
+        return {"id": self.id, **self.fields}
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One page of Members: pass `cursor` back to continue after it."""
 
     ids: list[str]
     cursor: str
-    done: bool
-    total: int
+    done: bool         # the last page of the whole result
+    total: int         # the whole result's size, before cursor and limit
     eval_micros: int
     as_of: datetime
-    rows: list[dict[str, Any]] = field(default_factory=list)  # when fields were asked
+    rows: list[Profile] = field(default_factory=list)  # when fields were asked
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Preview:
+    total: int
+    profiles: list[Profile]  # the first ones, with all their fields
+    eval_micros: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Decimals are exact (totals) or rounded half-even to 6 places (shares in percent,
+    averages); None where undefined (a division by zero)."""
+
+    profiles: int
+    total_profiles: int
+    share_of_profiles_pct: Decimal | None
+    orders: int
+    customers: int
+    revenue: Decimal | None
+    total_revenue: Decimal | None
+    share_of_revenue_pct: Decimal | None
+    average_order_value: Decimal | None
+    eval_micros: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    segments: list[str]
+    sizes: list[int]
+    matrix: list[list[int]]  # matrix[i][j] = |segments[i] ∩ segments[j]|
+    eval_micros: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainNode:
+    path: str   # the node's JSON path: $, $.and[0], ...
+    text: str   # the node in plain words
+    count: int
+    children: list[ExplainNode]
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    sentence: str      # the whole rule as one sentence
+    text: str          # the tree, one node per line, indented
+    root: ExplainNode
+    eval_micros: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    name: str
+    kind: str                        # "static", "dynamic" or "materialized"
+    rule: Any                        # its rule (JSON form), or None
+    size: int
+    created_at: datetime | None
+    refreshed_at: datetime | None    # the as_of of the last membership change
+    refresh_every: int | None        # seconds, for a scheduled materialized segment
+    # create_segment, update_segment: who entered and left with that call, and the
+    # profile ids given that are no live profile (ignored)
+    entered: int = 0
+    exited: int = 0
+    unknown_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChange:
+    changed: int  # profiles that entered (add) or left (remove)
+    size: int     # members afterwards
+    unknown_ids: list[str]  # ids that are no live profile: ignored
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    size: int
+    entered: int
+    exited: int
+    eval_micros: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SizePoint:
+    time: datetime
+    size: int
+    cause: str  # create, refresh, update, add, remove, record
+
+
+@dataclass(frozen=True, slots=True)
 class UpsertResult:
     batches: int
     created: int
     updated: int
-    version: int
+    version: int  # the store version after the last batch
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """gRPC and local conversion errors -> ClientError."""
+    """gRPC and local conversion errors -> the BitsegError subclass of their code."""
     try:
         yield
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        raise ClientError(code.name, " ".join((details or "").split())) from None
-    except (BitsegError, ValueError, TypeError) as exc:
-        raise ClientError("INVALID_ARGUMENT", str(exc)) from None
+        raise error_of(code.name, " ".join((details or "").split())) from None
+    except (EngineError, ValueError, TypeError) as exc:
+        raise InvalidArgumentError("INVALID_ARGUMENT", str(exc)) from None
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer TOKEN` to every call (with or without TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self.header], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
 
 
 class Client:
     """A connection to one bitseg server; use as a context manager, or call close().
 
     `timeout` (seconds, None for none) bounds each unary call; streaming calls
-    (members, upsert_profiles) have no deadline unless given one.
+    (members, upsert_profiles) have no deadline unless given one. `tls_ca` (a PEM file,
+    or its bytes) connects with TLS trusting that CA or self-signed certificate;
+    `token` is sent as `authorization: Bearer TOKEN` on every call.
     """
 
-    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float | None = DEFAULT_TIMEOUT,
+                 *, tls_ca: str | Path | bytes | None = None, token: str | None = None
+                 ) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(  # connects lazily, on the first call
-            addr, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is None:  # channels connect lazily, on the first call
+            channel = grpc.insecure_channel(addr, options=options)
+        else:
+            pem = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+            channel = grpc.secure_channel(
+                addr, grpc.ssl_channel_credentials(root_certificates=pem), options=options)
+        self._channel = channel if token is None else grpc.intercept_channel(
+            channel, _Bearer(token))
+        self._raw_channel = channel
         self._stub = pb_grpc.SegmentsStub(self._channel)
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -115,19 +273,23 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.addr!r})"
 
+    def _call(self, build: Callable[..., _Unary], *args: Any) -> Any:
+        """Make the request with `build`, send it, and read the reply."""
+        with _errors():
+            call = build(*args)
+            reply = getattr(self._stub, call.method)(call.request, timeout=self.timeout)
+        return call.result(reply)
+
     # ------------------------------------------------------------------ evaluation
     def count(self, rule: Any = None, segment: str | None = None,
               as_of: datetime | str | None = None) -> int:
         """How many live profiles satisfy the rule (or are in the segment)."""
-        return self.count_result(rule, segment, as_of).count
+        return self._call(count_call, rule, segment, as_of)
 
     def count_result(self, rule: Any = None, segment: str | None = None,
                      as_of: datetime | str | None = None) -> CountResult:
         """count() with the evaluation time and the as_of it used."""
-        with _errors():
-            reply = self._stub.Count(pb.CountRequest(**_query(rule, segment, as_of)),
-                                     timeout=self.timeout)
-        return CountResult(reply.count, reply.eval_micros, convert.to_datetime(reply.as_of))
+        return self._call(count_result_call, rule, segment, as_of)
 
     def members(self, rule: Any = None, segment: str | None = None,
                 as_of: datetime | str | None = None, limit: int | None = None,
@@ -144,85 +306,57 @@ class Client:
         """members() page by page, each with the cursor that resumes after it (and, when
         `fields` are named, each member's values of them in `rows`)."""
         with _errors():
-            request = pb.MembersRequest(**_query(rule, segment, as_of), cursor=cursor or "",
-                                        page_size=page_size or 0, limit=limit or 0,
-                                        fields=list(fields))
+            request = members_request(rule, segment, as_of, limit, page_size, cursor, fields)
             stream = self._stub.Members(request, timeout=timeout)
             try:
                 for reply in stream:
-                    yield Page(list(reply.ids), reply.cursor, reply.done, reply.total,
-                               reply.eval_micros, convert.to_datetime(reply.as_of),
-                               [orjson.loads(r) for r in reply.rows_json])
+                    yield page_of(reply)
             finally:
                 stream.cancel()  # a consumer that stops early frees the server's worker
 
     def rows(self, fields: Iterable[str], rule: Any = None, segment: str | None = None,
              as_of: datetime | str | None = None, limit: int | None = None,
              page_size: int | None = None, timeout: float | None = None
-             ) -> Iterator[dict[str, Any]]:
-        """The members with the named profile fields: {"id": ..., field: value or None}."""
+             ) -> Iterator[Profile]:
+        """The members with the named profile fields (None for a value they lack)."""
         for page in self.pages(rule, segment, as_of, limit, page_size, None, timeout,
                                fields=list(fields)):
             yield from page.rows
 
     def preview(self, rule: Any = None, segment: str | None = None,
-                as_of: datetime | str | None = None, limit: int = 10) -> dict[str, Any]:
-        """{"total": N, "profiles": [the first `limit` profiles with all their fields]}."""
-        with _errors():
-            request = pb.PreviewRequest(**_query(rule, segment, as_of), limit=limit)
-            reply = self._stub.Preview(request, timeout=self.timeout)
-        return {"total": reply.total,
-                "profiles": [orjson.loads(p.profile_json) for p in reply.profiles],
-                "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
+                as_of: datetime | str | None = None, limit: int = 10) -> Preview:
+        """The total, and the first `limit` profiles with all their fields."""
+        return self._call(preview_call, rule, segment, as_of, limit)
 
     def metrics(self, rule: Any = None, segment: str | None = None,
                 as_of: datetime | str | None = None, amount_field: str = "amount"
-                ) -> dict[str, Any]:
+                ) -> Metrics:
         """Profiles, share of profiles, orders, customers, revenue, share of revenue and
-        average order value of a rule's or segment's profiles; decimals as Decimal."""
-        with _errors():
-            request = pb.MetricsRequest(**_query(rule, segment, as_of),
-                                        amount_field=amount_field)
-            return convert.metrics_dict(self._stub.Metrics(request, timeout=self.timeout))
+        average order value of a rule's or segment's profiles."""
+        return self._call(metrics_call, rule, segment, as_of, amount_field)
 
     def overlap(self, segments: Iterable[str],
-                as_of: datetime | str | None = None) -> dict[str, Any]:
-        """{"segments", "sizes", "matrix": [[|a ∩ b|, ...], ...]} for the named segments."""
-        with _errors():
-            request = pb.OverlapRequest(segments=list(segments),
-                                        as_of=convert.to_timestamp(as_of))
-            return convert.overlap_dict(self._stub.Overlap(request, timeout=self.timeout))
+                as_of: datetime | str | None = None) -> Overlap:
+        """Each named segment's size and every pairwise intersection."""
+        return self._call(overlap_call, segments, as_of)
 
     def is_member(self, profile_id: str, rule: Any = None, segment: str | None = None,
                   as_of: datetime | str | None = None) -> bool:
-        """Whether the profile satisfies the rule; NOT_FOUND for an unknown profile."""
-        with _errors():
-            request = pb.IsMemberRequest(profile_id=profile_id, **_query(rule, segment, as_of))
-            return self._stub.IsMember(request, timeout=self.timeout).member
+        """Whether the profile satisfies the rule; NotFoundError for an unknown profile."""
+        return self._call(is_member_call, profile_id, rule, segment, as_of)
 
     def segments_of(self, profile_id: str, as_of: datetime | str | None = None) -> list[str]:
-        with _errors():
-            request = pb.SegmentsOfRequest(profile_id=profile_id,
-                                           as_of=convert.to_timestamp(as_of))
-            return list(self._stub.SegmentsOf(request, timeout=self.timeout).segments)
+        """The names of the segments the profile is in."""
+        return self._call(segments_of_call, profile_id, as_of)
 
     def explain(self, rule: Any = None, segment: str | None = None,
-                as_of: datetime | str | None = None) -> dict[str, Any]:
-        """{"sentence", "text", "root": {path, text, count, children}, "eval_micros",
-        "as_of"}: the rule in plain words, and its tree with the count at every node."""
-        with _errors():
-            reply = self._stub.Explain(pb.ExplainRequest(**_query(rule, segment, as_of)),
-                                       timeout=self.timeout)
-        return {"sentence": reply.sentence, "text": reply.text,
-                "root": convert.explain_dict(reply.root),
-                "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
+                as_of: datetime | str | None = None) -> Explanation:
+        """The rule in plain words, and its tree with the count at every node."""
+        return self._call(explain_call, rule, segment, as_of)
 
-    def profile(self, profile_id: str) -> dict[str, Any]:
-        """A profile's current values; NOT_FOUND for an unknown profile."""
-        with _errors():
-            reply = self._stub.GetProfile(pb.GetProfileRequest(profile_id=profile_id),
-                                          timeout=self.timeout)
-        return orjson.loads(reply.profile_json)
+    def profile(self, profile_id: str) -> Profile:
+        """A profile's current values; NotFoundError for an unknown profile."""
+        return self._call(profile_call, profile_id)
 
     # ------------------------------------------------------------------ ingestion
     def upsert_profiles(self, profiles: Iterable[Any], batch_size: int = DEFAULT_BATCH,
@@ -231,130 +365,73 @@ class Client:
 
         Each batch commits whole or not at all; on a bad batch the ones before it stay.
         """
-        reply = self._stream(self._stub.UpsertProfiles, pb.ProfileBatch, "profiles_json",
-                             profiles, batch_size, timeout)
-        return UpsertResult(reply.batches, reply.created, reply.updated, reply.version)
+        return self._upload(upsert_upload(profiles, batch_size), timeout)
 
     def track_events(self, events: Iterable[Any], batch_size: int = DEFAULT_BATCH,
                      timeout: float | None = None) -> int:
         """Append events (dicts like events.jsonl lines, or batches of them); how many."""
-        return self._stream(self._stub.TrackEvents, pb.EventBatch, "events_json",
-                            events, batch_size, timeout).events
+        return self._upload(events_upload(events, batch_size), timeout)
 
     def add_orders(self, orders: Iterable[Any], batch_size: int = DEFAULT_BATCH,
                    timeout: float | None = None) -> int:
         """Append orders (dicts like orders.jsonl lines, or batches of them); how many."""
-        return self._stream(self._stub.AddOrders, pb.OrderBatch, "orders_json",
-                            orders, batch_size, timeout).orders
+        return self._upload(orders_upload(orders, batch_size), timeout)
 
-    def _stream(self, call: Any, message: Any, field: str, items: Iterable[Any],
-                batch_size: int, timeout: float | None) -> Any:
-        """Stream items to a client-streaming ingest call, one message per batch."""
-        failed: list[Exception] = []
-
-        def requests() -> Iterator[Any]:
-            # gRPC consumes this on its own thread: a failure here ends the stream (the
-            # batches sent so far commit) and is raised below, in the caller's thread.
-            try:
-                for batch in _batches(items, batch_size):
-                    yield message(**{field: [orjson.dumps(r).decode() for r in batch]})
-            except Exception as exc:
-                failed.append(exc)
-
+    def _upload(self, upload: _Upload, timeout: float | None) -> Any:
         with _errors():
-            reply = call(requests(), timeout=timeout)
-        if failed:
-            raise ClientError("INVALID_ARGUMENT", f"batch {reply.batches + 1} (the "
-                              f"{reply.batches} before it committed): {failed[0]}")
-        return reply
+            reply = getattr(self._stub, upload.method)(iter(upload), timeout=timeout)
+        return upload.result(reply)
 
     def delete_profiles(self, profile_ids: Iterable[str]) -> int:
-        """Delete profiles by id, all or none; NOT_FOUND names an unknown id."""
-        with _errors():
-            request = pb.DeleteProfilesRequest(profile_ids=list(profile_ids))
-            return self._stub.DeleteProfiles(request, timeout=self.timeout).deleted
+        """Delete profiles by id, all or none; NotFoundError names an unknown id."""
+        return self._call(delete_profiles_call, profile_ids)
 
     # ------------------------------------------------------------------ segments
     def create_segment(self, name: str, kind: str, rule: Any = None,
                        profile_ids: Iterable[str] = (),
                        as_of: datetime | str | None = None,
-                       refresh_every: int | None = None) -> dict[str, Any]:
+                       refresh_every: int | None = None) -> Segment:
         """kind: "static", "dynamic" or "materialized". A static segment takes profile_ids
         and/or a rule (its members at as_of); `refresh_every` (seconds) schedules a
-        materialized one. The reply has "entered" and the "unknown_ids" ignored."""
-        with _errors():
-            if kind not in SEGMENT_KINDS:
-                raise ValueError(f"kind: expected one of {', '.join(SEGMENT_KINDS)}, got {kind!r}")
-            source = {} if rule is None else convert.rule_target(rule)
-            request = pb.CreateSegmentRequest(name=name, kind=SEGMENT_KINDS[kind], **source,
-                                              profile_ids=list(profile_ids),
-                                              as_of=convert.to_timestamp(as_of),
-                                              refresh_every_seconds=refresh_every or 0)
-            return convert.segment_dict(self._stub.CreateSegment(request, timeout=self.timeout))
+        materialized one. The result has `entered` and the `unknown_ids` ignored."""
+        return self._call(create_segment_call, name, kind, rule, profile_ids, as_of,
+                          refresh_every)
 
     def update_segment(self, name: str, rule: Any = None, refresh_every: int | None = None,
-                       as_of: datetime | str | None = None) -> dict[str, Any]:
+                       as_of: datetime | str | None = None) -> Segment:
         """Change a segment's rule and/or refresh interval (0 removes the schedule)."""
-        with _errors():
-            source = {} if rule is None else convert.rule_target(rule)
-            request = pb.UpdateSegmentRequest(name=name, **source,
-                                              as_of=convert.to_timestamp(as_of))
-            if refresh_every is not None:
-                request.refresh_every_seconds = refresh_every
-            return convert.segment_dict(self._stub.UpdateSegment(request, timeout=self.timeout))
+        return self._call(update_segment_call, name, rule, refresh_every, as_of)
 
-    def get_segment(self, name: str) -> dict[str, Any]:
-        with _errors():
-            reply = self._stub.GetSegment(pb.GetSegmentRequest(name=name), timeout=self.timeout)
-        return convert.segment_dict(reply)
+    def get_segment(self, name: str) -> Segment:
+        return self._call(get_segment_call, name)
 
-    def list_segments(self) -> list[dict[str, Any]]:
-        with _errors():
-            reply = self._stub.ListSegments(pb.ListSegmentsRequest(), timeout=self.timeout)
-        return [convert.segment_dict(s) for s in reply.segments]
+    def list_segments(self) -> list[Segment]:
+        return self._call(list_segments_call)
 
     def delete_segment(self, name: str) -> None:
-        with _errors():
-            self._stub.DeleteSegment(pb.DeleteSegmentRequest(name=name), timeout=self.timeout)
+        self._call(delete_segment_call, name)
 
-    def add_to_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, Any]:
-        """{"changed": profiles that entered, "size", "unknown_ids": ignored ids}."""
-        with _errors():
-            request = pb.AddToSegmentRequest(name=name, profile_ids=list(profile_ids))
-            reply = self._stub.AddToSegment(request, timeout=self.timeout)
-        return {"changed": reply.changed, "size": reply.size,
-                "unknown_ids": list(reply.unknown_ids)}
+    def add_to_segment(self, name: str, profile_ids: Iterable[str]) -> MembershipChange:
+        """Add profiles to a static segment; `changed` counts those that entered."""
+        return self._call(add_to_segment_call, name, profile_ids)
 
-    def remove_from_segment(self, name: str, profile_ids: Iterable[str]) -> dict[str, Any]:
-        """{"changed": profiles that left, "size", "unknown_ids": ignored ids}."""
-        with _errors():
-            request = pb.RemoveFromSegmentRequest(name=name, profile_ids=list(profile_ids))
-            reply = self._stub.RemoveFromSegment(request, timeout=self.timeout)
-        return {"changed": reply.changed, "size": reply.size,
-                "unknown_ids": list(reply.unknown_ids)}
+    def remove_from_segment(self, name: str, profile_ids: Iterable[str]) -> MembershipChange:
+        """Remove profiles from a static segment; `changed` counts those that left."""
+        return self._call(remove_from_segment_call, name, profile_ids)
 
     def refresh_segment(self, name: str,
-                        as_of: datetime | str | None = None) -> dict[str, Any]:
-        with _errors():
-            request = pb.RefreshSegmentRequest(name=name, as_of=convert.to_timestamp(as_of))
-            reply = self._stub.RefreshSegment(request, timeout=self.timeout)
-        return {"size": reply.size, "entered": reply.entered, "exited": reply.exited,
-                "eval_micros": reply.eval_micros, "as_of": convert.to_datetime(reply.as_of)}
+                        as_of: datetime | str | None = None) -> RefreshResult:
+        """Recount a materialized segment now (at as_of), recording entries and exits."""
+        return self._call(refresh_segment_call, name, as_of)
 
-    def segment_history(self, name: str) -> list[dict[str, Any]]:
-        """[{"time", "size", "cause"}, ...], oldest first."""
-        with _errors():
-            reply = self._stub.SegmentHistory(pb.SegmentHistoryRequest(name=name),
-                                              timeout=self.timeout)
-        return [convert.point_dict(p) for p in reply.points]
+    def segment_history(self, name: str) -> list[SizePoint]:
+        """The segment's size history, oldest first."""
+        return self._call(segment_history_call, name)
 
     def record_segment_size(self, name: str,
-                            as_of: datetime | str | None = None) -> dict[str, Any]:
+                            as_of: datetime | str | None = None) -> SizePoint:
         """Record a history point of the segment's size (at as_of) now; the point."""
-        with _errors():
-            request = pb.RecordSegmentSizeRequest(name=name, as_of=convert.to_timestamp(as_of))
-            return convert.point_dict(self._stub.RecordSegmentSize(request,
-                                                                   timeout=self.timeout))
+        return self._call(record_segment_size_call, name, as_of)
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> str:
@@ -363,7 +440,250 @@ class Client:
             stub = health_pb2_grpc.HealthStub(self._channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service),
                                timeout=self.timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return health_status(reply)
+
+
+# ====================================================================== shared by both clients
+# Each *_call function builds one unary request and says how to read its reply; each
+# *_upload one client-streaming ingest call. Client and aio.Client only send them.
+@dataclass(frozen=True)
+class _Unary:
+    method: str                    # the Segments stub's method
+    request: Any
+    result: Callable[[Any], Any]   # reply -> what the client method returns
+
+
+def count_call(rule: Any, segment: str | None, as_of: datetime | str | None) -> _Unary:
+    return _Unary("Count", pb.CountRequest(**_query(rule, segment, as_of)),
+                  lambda reply: reply.count)
+
+
+def count_result_call(rule: Any, segment: str | None,
+                      as_of: datetime | str | None) -> _Unary:
+    return _Unary("Count", pb.CountRequest(**_query(rule, segment, as_of)),
+                  lambda reply: CountResult(reply.count, reply.eval_micros,
+                                            convert.to_datetime(reply.as_of)))
+
+
+def members_request(rule: Any, segment: str | None, as_of: datetime | str | None,
+                    limit: int | None, page_size: int | None, cursor: str | None,
+                    fields: Iterable[str]) -> pb.MembersRequest:
+    return pb.MembersRequest(**_query(rule, segment, as_of), cursor=cursor or "",
+                             page_size=page_size or 0, limit=limit or 0, fields=list(fields))
+
+
+def page_of(reply: pb.MembersPage) -> Page:
+    rows = [orjson.loads(text) for text in reply.rows_json]
+    return Page(list(reply.ids), reply.cursor, reply.done, reply.total, reply.eval_micros,
+                convert.to_datetime(reply.as_of), [Profile(row.pop("id"), row) for row in rows])
+
+
+def preview_call(rule: Any, segment: str | None, as_of: datetime | str | None,
+                 limit: int) -> _Unary:
+    request = pb.PreviewRequest(**_query(rule, segment, as_of), limit=limit)
+    return _Unary("Preview", request, lambda reply: Preview(
+        reply.total, [profile_of(p) for p in reply.profiles], reply.eval_micros,
+        convert.to_datetime(reply.as_of)))
+
+
+def metrics_call(rule: Any, segment: str | None, as_of: datetime | str | None,
+                 amount_field: str) -> _Unary:
+    request = pb.MetricsRequest(**_query(rule, segment, as_of), amount_field=amount_field)
+    return _Unary("Metrics", request, metrics_of)
+
+
+def metrics_of(reply: pb.MetricsReply) -> Metrics:
+    def dec(text: str) -> Decimal | None:
+        return Decimal(text) if text else None
+
+    return Metrics(reply.profiles, reply.total_profiles, dec(reply.share_of_profiles_pct),
+                   reply.orders, reply.customers, dec(reply.revenue),
+                   dec(reply.total_revenue), dec(reply.share_of_revenue_pct),
+                   dec(reply.average_order_value), reply.eval_micros,
+                   convert.to_datetime(reply.as_of))
+
+
+def overlap_call(segments: Iterable[str], as_of: datetime | str | None) -> _Unary:
+    request = pb.OverlapRequest(segments=list(segments), as_of=convert.to_timestamp(as_of))
+    return _Unary("Overlap", request, lambda reply: Overlap(
+        list(reply.segments), list(reply.sizes), [list(row.counts) for row in reply.rows],
+        reply.eval_micros, convert.to_datetime(reply.as_of)))
+
+
+def is_member_call(profile_id: str, rule: Any, segment: str | None,
+                   as_of: datetime | str | None) -> _Unary:
+    request = pb.IsMemberRequest(profile_id=profile_id, **_query(rule, segment, as_of))
+    return _Unary("IsMember", request, lambda reply: reply.member)
+
+
+def segments_of_call(profile_id: str, as_of: datetime | str | None) -> _Unary:
+    request = pb.SegmentsOfRequest(profile_id=profile_id, as_of=convert.to_timestamp(as_of))
+    return _Unary("SegmentsOf", request, lambda reply: list(reply.segments))
+
+
+def explain_call(rule: Any, segment: str | None, as_of: datetime | str | None) -> _Unary:
+    return _Unary("Explain", pb.ExplainRequest(**_query(rule, segment, as_of)),
+                  lambda reply: Explanation(reply.sentence, reply.text,
+                                            explain_node_of(reply.root), reply.eval_micros,
+                                            convert.to_datetime(reply.as_of)))
+
+
+def explain_node_of(node: pb.ExplainNode) -> ExplainNode:
+    return ExplainNode(node.path, node.text, node.count,
+                       [explain_node_of(c) for c in node.children])
+
+
+def profile_call(profile_id: str) -> _Unary:
+    return _Unary("GetProfile", pb.GetProfileRequest(profile_id=profile_id), profile_of)
+
+
+def profile_of(reply: pb.Profile) -> Profile:
+    """A Profile reply; its Struct's integral numbers (doubles on the wire) as ints."""
+    return Profile(reply.id, {k: _number(v) for k, v in
+                              json_format.MessageToDict(reply.fields).items()})
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() \
+            and abs(value) <= EXACT_DOUBLE:
+        return int(value)
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
+
+
+def delete_profiles_call(profile_ids: Iterable[str]) -> _Unary:
+    return _Unary("DeleteProfiles", pb.DeleteProfilesRequest(profile_ids=list(profile_ids)),
+                  lambda reply: reply.deleted)
+
+
+def create_segment_call(name: str, kind: str, rule: Any, profile_ids: Iterable[str],
+                        as_of: datetime | str | None, refresh_every: int | None) -> _Unary:
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(SEGMENT_KINDS)}, got {kind!r}")
+    source = {} if rule is None else convert.rule_target(rule)
+    request = pb.CreateSegmentRequest(name=name, kind=SEGMENT_KINDS[kind], **source,
+                                      profile_ids=list(profile_ids),
+                                      as_of=convert.to_timestamp(as_of),
+                                      refresh_every_seconds=refresh_every or 0)
+    return _Unary("CreateSegment", request, segment_of)
+
+
+def update_segment_call(name: str, rule: Any, refresh_every: int | None,
+                        as_of: datetime | str | None) -> _Unary:
+    source = {} if rule is None else convert.rule_target(rule)
+    request = pb.UpdateSegmentRequest(name=name, **source, as_of=convert.to_timestamp(as_of))
+    if refresh_every is not None:
+        request.refresh_every_seconds = refresh_every
+    return _Unary("UpdateSegment", request, segment_of)
+
+
+def get_segment_call(name: str) -> _Unary:
+    return _Unary("GetSegment", pb.GetSegmentRequest(name=name), segment_of)
+
+
+def list_segments_call() -> _Unary:
+    return _Unary("ListSegments", pb.ListSegmentsRequest(),
+                  lambda reply: [segment_of(s) for s in reply.segments])
+
+
+def delete_segment_call(name: str) -> _Unary:
+    return _Unary("DeleteSegment", pb.DeleteSegmentRequest(name=name), lambda reply: None)
+
+
+def segment_of(segment: pb.Segment) -> Segment:
+    def moment(name: str) -> datetime | None:
+        return convert.to_datetime(getattr(segment, name)) if segment.HasField(name) else None
+
+    return Segment(segment.name, _KIND_NAMES.get(segment.kind, "unspecified"),
+                   orjson.loads(segment.rule_json) if segment.rule_json else None,
+                   segment.size, moment("created_at"), moment("refreshed_at"),
+                   segment.refresh_every_seconds or None, segment.entered, segment.exited,
+                   list(segment.unknown_ids))
+
+
+def add_to_segment_call(name: str, profile_ids: Iterable[str]) -> _Unary:
+    request = pb.AddToSegmentRequest(name=name, profile_ids=list(profile_ids))
+    return _Unary("AddToSegment", request, membership_change_of)
+
+
+def remove_from_segment_call(name: str, profile_ids: Iterable[str]) -> _Unary:
+    request = pb.RemoveFromSegmentRequest(name=name, profile_ids=list(profile_ids))
+    return _Unary("RemoveFromSegment", request, membership_change_of)
+
+
+def membership_change_of(reply: pb.SegmentMembershipReply) -> MembershipChange:
+    return MembershipChange(reply.changed, reply.size, list(reply.unknown_ids))
+
+
+def refresh_segment_call(name: str, as_of: datetime | str | None) -> _Unary:
+    request = pb.RefreshSegmentRequest(name=name, as_of=convert.to_timestamp(as_of))
+    return _Unary("RefreshSegment", request, lambda reply: RefreshResult(
+        reply.size, reply.entered, reply.exited, reply.eval_micros,
+        convert.to_datetime(reply.as_of)))
+
+
+def segment_history_call(name: str) -> _Unary:
+    return _Unary("SegmentHistory", pb.SegmentHistoryRequest(name=name),
+                  lambda reply: [size_point_of(p) for p in reply.points])
+
+
+def record_segment_size_call(name: str, as_of: datetime | str | None) -> _Unary:
+    request = pb.RecordSegmentSizeRequest(name=name, as_of=convert.to_timestamp(as_of))
+    return _Unary("RecordSegmentSize", request, size_point_of)
+
+
+def size_point_of(point: pb.SizePoint) -> SizePoint:
+    return SizePoint(convert.to_datetime(point.time), point.size, point.cause)
+
+
+def health_status(reply: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class _Upload:
+    """A client-streaming ingest call: iterate it for its messages, one per batch.
+
+    gRPC consumes the messages on its own thread (or event loop): a failure while making
+    them ends the stream (the batches sent so far commit) and is raised by result(), in
+    the caller's thread.
+    """
+
+    def __init__(self, method: str, message: Any, field: str, items: Iterable[Any],
+                 batch_size: int, result: Callable[[Any], Any]) -> None:
+        self.method = method
+        self._message, self._field, self._result = message, field, result
+        self._items, self._batch_size = items, batch_size
+        self._failed: Exception | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for batch in _batches(self._items, self._batch_size):
+                yield self._message(**{self._field: [orjson.dumps(r).decode() for r in batch]})
+        except Exception as exc:
+            self._failed = exc
+
+    def result(self, reply: Any) -> Any:
+        if self._failed is not None:
+            raise InvalidArgumentError("INVALID_ARGUMENT", f"batch {reply.batches + 1} (the "
+                                       f"{reply.batches} before it committed): {self._failed}")
+        return self._result(reply)
+
+
+def upsert_upload(profiles: Iterable[Any], batch_size: int) -> _Upload:
+    return _Upload("UpsertProfiles", pb.ProfileBatch, "profiles_json", profiles, batch_size,
+                   lambda reply: UpsertResult(reply.batches, reply.created, reply.updated,
+                                              reply.version))
+
+
+def events_upload(events: Iterable[Any], batch_size: int) -> _Upload:
+    return _Upload("TrackEvents", pb.EventBatch, "events_json", events, batch_size,
+                   lambda reply: reply.events)
+
+
+def orders_upload(orders: Iterable[Any], batch_size: int) -> _Upload:
+    return _Upload("AddOrders", pb.OrderBatch, "orders_json", orders, batch_size,
+                   lambda reply: reply.orders)
 
 
 def _query(rule: Any, segment: str | None, as_of: datetime | str | None) -> dict[str, Any]:

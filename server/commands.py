@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 DEFAULT_ADDR = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 EXIT_EXISTS, EXIT_UNIMPLEMENTED = 5, 6
+EXIT_FALSE = 1  # `check --quiet`: the profile does not match
+EXIT_QUIET_FAILED = 7  # `check --quiet`: a server-side failure (1 means false there)
 _EXIT_OF_CODE = {
     "INVALID_ARGUMENT": EXIT_BAD_INPUT,
     "OUT_OF_RANGE": EXIT_BAD_INPUT,
@@ -59,15 +61,17 @@ def remote(command: Callable[[argparse.Namespace, Client], int]) -> Command:
     """Run a command with a Client, turning every failure into one line and a status."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
-        from bitseg.client import Client, ClientError
+        from bitseg.client import ClientError
 
         try:
-            with Client(args.addr, timeout=args.timeout) as client:
+            with connect(args) as client:
                 return command(args, client)
         except InputError as exc:
             return _fail(str(exc), EXIT_BAD_INPUT)
         except ClientError as exc:
             status = _EXIT_OF_CODE.get(exc.code, EXIT_FAILED)
+            if status == EXIT_FAILED and getattr(args, "quiet", False):
+                status = EXIT_QUIET_FAILED
             if exc.code == "UNAVAILABLE":
                 return _fail(f"cannot reach the server at {args.addr}: {exc.message}", status)
             if exc.code == "DEADLINE_EXCEEDED":
@@ -81,6 +85,26 @@ def remote(command: Callable[[argparse.Namespace, Client], int]) -> Command:
             _silence_stdout()
             return EXIT_OK
     return run
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A Client for the connection options every remote command takes: --addr, --timeout,
+    --tls-ca, --token-file (or $BITSEG_TOKEN)."""
+    from bitseg.client import Client
+
+    token = os.environ.get("BITSEG_TOKEN") or None
+    if getattr(args, "token_file", None):
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+        if not token:
+            raise InputError(f"--token-file: {args.token_file} is empty")
+    tls_ca = getattr(args, "tls_ca", None)
+    if tls_ca is not None and not Path(tls_ca).is_file():
+        raise InputError(f"--tls-ca: no such file {tls_ca!r}")
+    return Client(args.addr, timeout=getattr(args, "timeout", 30.0), tls_ca=tls_ca,
+                  token=token)
 
 
 def _silence_stdout() -> None:
@@ -162,7 +186,7 @@ def cmd_count(args: argparse.Namespace, client: Client) -> int:
         _print_json({"count": result.count, "eval_micros": result.eval_micros,
                      "as_of": _iso(result.as_of)})
     else:
-        print(result.count)
+        print(f"{result.count:,}")
     return EXIT_OK
 
 
@@ -222,11 +246,38 @@ def _preview(args: argparse.Namespace, client: Client, limit: int) -> int:
     if args.json:
         _print_json(result)
         return EXIT_OK
-    shown = len(result["profiles"])
-    print(f"{result['total']:,} profiles; the first {shown}:")
-    for profile in result["profiles"]:
-        print(orjson.dumps(profile).decode())
+    profiles = result["profiles"]
+    print(f"{result['total']:,} profiles; the first {len(profiles):,}:")
+    if profiles:
+        print(profile_table(profiles))
     return EXIT_OK
+
+
+PREVIEW_CELL = 24  # characters a preview cell shows; a longer value ends in "…"
+
+
+def profile_table(profiles: list[dict[str, Any]], width: int = PREVIEW_CELL) -> str:
+    """Profiles as aligned columns: id, then every field in the order first seen; a
+    multi-valued field |-separated, an absent value blank, numbers right-aligned."""
+    fields = [k for k in dict.fromkeys(k for p in profiles for k in p) if k != "id"]
+    columns = ["id", *fields]
+    rows = [[_clip(_cell_text(p.get(c)), width) for c in columns] for p in profiles]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(p.get(c), (int, float)) and not isinstance(p.get(c), bool)
+                   for p in profiles if p.get(c) is not None) for c in columns]
+    numeric[0] = False
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if right else cell.ljust(w)
+                         for cell, w, right in zip(cells, widths, numeric, strict=True)
+                         ).rstrip()
+    return "\n".join([line([c[:w] for c, w in zip(columns, widths, strict=True)]),
+                      *(line(r) for r in rows)])
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())  # a newline or tab in a value would break the columns
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _render_ids(ids: list[str], fmt: str | None) -> str:
@@ -248,6 +299,8 @@ def _csv_cell(text: str) -> str:
 @remote
 def cmd_check(args: argparse.Namespace, client: Client) -> int:
     member = client.is_member(args.profile_id, **_target(args), as_of=args.as_of)
+    if args.quiet:
+        return EXIT_OK if member else EXIT_FALSE
     if args.json:
         _print_json({"profile": args.profile_id, "member": member})
     else:
@@ -320,7 +373,7 @@ def cmd_segment_list(args: argparse.Namespace, client: Client) -> int:
         _print_json([_segment_json(s) for s in found])
     else:
         for segment in found:
-            print(f"{segment['name']}\t{segment['kind']}\t{segment['size']}")
+            print(f"{segment['name']}\t{segment['kind']}\t{segment['size']:,}")
     return EXIT_OK
 
 
@@ -361,8 +414,8 @@ def cmd_segment_refresh(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json({**result, "as_of": _iso(result["as_of"])})
     else:
-        print(f"{args.name}: {result['size']} members, {result['entered']} entered, "
-              f"{result['exited']} exited")
+        print(f"{args.name}: {result['size']:,} members, {result['entered']:,} entered, "
+              f"{result['exited']:,} exited")
     return EXIT_OK
 
 
@@ -374,8 +427,10 @@ def cmd_segment_history(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json({"name": args.name, "points": points})
     else:
+        if not points:
+            print(f"no history points for segment {args.name}")
         for point in points:
-            print(f"{_iso(point['time'])}\t{point['size']}\t{point['cause']}")
+            print(f"{_iso(point['time'])}\t{point['size']:,}\t{point['cause']}")
     return EXIT_OK
 
 
@@ -436,14 +491,14 @@ def _print_segment(segment: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(segment)
         return
-    line = f"{segment['name']}: {segment['kind']}, {segment['size']} members"
+    line = f"{segment['name']}: {segment['kind']}, {segment['size']:,} members"
     if segment.get("refresh_every"):
-        line += f", refreshed every {segment['refresh_every']} s"
+        line += f", refreshed every {segment['refresh_every']:,} s"
     print(line)
     if segment["rule"] is not None:
         print(f"rule: {orjson.dumps(segment['rule']).decode()}")
     if segment.get("entered") or segment.get("exited"):
-        print(f"{segment['entered']} entered, {segment['exited']} exited")
+        print(f"{segment['entered']:,} entered, {segment['exited']:,} exited")
     _print_unknown(segment.get("unknown_ids") or [])
 
 
@@ -451,28 +506,63 @@ def _print_change(result: dict[str, Any], verb: str, as_json: bool) -> None:
     if as_json:
         _print_json(result)
     else:
-        print(f"{verb} {result['changed']}; {result['size']} members now")
+        print(f"{verb} {result['changed']:,}; {result['size']:,} members now")
         _print_unknown(result.get("unknown_ids") or [])
 
 
 def _print_unknown(ids: list[str]) -> None:
     if ids:
         shown = ", ".join(ids[:20]) + (", ..." if len(ids) > 20 else "")
-        print(f"unknown ids, ignored ({len(ids)}): {shown}")
+        print(f"unknown ids, ignored ({len(ids):,}): {shown}")
 
 
 # ------------------------------------------------------------------ serve
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitseg.server import app
+    from bitseg.server.gate import ConfigError, Tokens
 
     if not args.create and not (Path(args.db) / "data.mdb").exists():
         return _fail(f"no bitseg store at {args.db} (load one with `bitseg load DATASET "
                      "--db DB`, or pass --create to serve a new, empty store)", EXIT_BAD_INPUT)
+    taken = port_problem(args.host, args.port)
+    if taken is not None:  # before gRPC tries: its own bind error adds a C-core log line
+        return _fail(f"cannot listen on {args.host}:{args.port}: {taken}", EXIT_FAILED)
     app.configure_logging()
     try:
-        return app.serve(args.db, args.host, args.port, grace=args.grace)
+        options = app.Options(
+            tokens=Tokens.load(args.tokens) if args.tokens else None,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, max_streams=args.max_streams,
+            stream_idle=args.stream_idle, access_log=args.access_log)
+        return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
     except OSError as exc:
         return _fail(str(exc), EXIT_FAILED)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (the port taken, an address not of
+    this machine), found by binding a plain socket as gRPC would; None when it can."""
+    import errno
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"unknown host ({exc.strerror})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "the port is already in use (is another server running?)"
+                return exc.strerror or str(exc)
+    return None
 
 
 # ------------------------------------------------------------------ the parsers
@@ -484,6 +574,13 @@ def register(subparsers: Any) -> None:
                              f"{DEFAULT_ADDR})")
     remote_opts.add_argument("--timeout", type=float, default=30.0,
                              help="seconds to wait for an answer (default 30)")
+    remote_opts.add_argument("--tls-ca", metavar="PEM",
+                             default=os.environ.get("BITSEG_TLS_CA") or None,
+                             help="connect with TLS, trusting this CA (or self-signed "
+                             "certificate) file (default: $BITSEG_TLS_CA; none: plaintext)")
+    remote_opts.add_argument("--token-file", metavar="FILE",
+                             help="send the bearer token in FILE (default: $BITSEG_TOKEN, "
+                             "the token itself)")
     remote_opts.add_argument("--json", action="store_true", help="print JSON")
     as_of = argparse.ArgumentParser(add_help=False)
     as_of.add_argument("--as-of", metavar="T", help="evaluate at ISO 8601 time T (default now)")
@@ -518,6 +615,9 @@ def register(subparsers: Any) -> None:
                                   help="is a profile in a segment / does it match a rule")
     check.add_argument("profile_id")
     _add_target(check)
+    check.add_argument("-q", "--quiet", action="store_true",
+                       help="print nothing; exit 0 when it matches, 1 when not (7 for a "
+                       "server-side failure; other errors as usual)")
     check.set_defaults(func=cmd_check)
 
     segments = subparsers.add_parser("segments", parents=evaluating,
@@ -540,7 +640,35 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds calls in flight get to finish on shutdown")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate "
+                       "(chain) file; needs --tls-key")
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key file")
+    serve.add_argument("--tokens", metavar="FILE", help="bearer tokens: lines `read TOKEN` "
+                       "or `write TOKEN`; without it, every caller may read and write")
+    serve.add_argument("--max-streams", type=_positive_int, default=32, metavar="N",
+                       help="streaming calls served at once; more get RESOURCE_EXHAUSTED "
+                       "(default 32)")
+    serve.add_argument("--stream-idle", type=_positive_float, default=60.0, metavar="S",
+                       help="end a stream that moves no message for S seconds (default 60)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log one line for every call (failed calls are always logged)")
     serve.set_defaults(func=cmd_serve)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:

@@ -47,10 +47,40 @@ class Unimplemented(Exception):
     """What this server version does not do yet."""
 
 
+class Unauthenticated(Exception):
+    """A call without a token, or with one the server does not know."""
+
+
+class PermissionDenied(Exception):
+    """A read token on a call that writes."""
+
+
+class Busy(Exception):
+    """The server's limit on concurrent streams is reached."""
+
+
+class Expired(Exception):
+    """The call's deadline passed, or its stream sat idle too long."""
+
+
+class BadRequest(Exception):
+    """A request message that does not decode."""
+
+
+class Cancelled(Exception):
+    """The client went away in the middle of a stream."""
+
+
 # ------------------------------------------------------------------ the error mapping
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED, ""),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, ""),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, ""),
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    (Expired, grpc.StatusCode.DEADLINE_EXCEEDED, ""),
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT, "invalid request: "),
+    (Cancelled, grpc.StatusCode.CANCELLED, ""),
     (RuleError, grpc.StatusCode.INVALID_ARGUMENT, "invalid rule: "),
     (DataError, grpc.StatusCode.INVALID_ARGUMENT, "invalid data: "),
     (SchemaError, grpc.StatusCode.INVALID_ARGUMENT, "invalid schema: "),
@@ -72,8 +102,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 def _abort(context: grpc.ServicerContext, exc: Exception, name: str) -> NoReturn:
     code, message = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed", name, exc_info=exc)
+    if code is grpc.StatusCode.INTERNAL:  # the gate logs one line per failed call;
+        log.error("%s: internal error", name, exc_info=exc)  # this is the traceback
     context.abort(code, message)
 
 
@@ -141,6 +171,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         found = self.engine.evaluate(rule, as_of=as_of)
         eval_micros = _micros_since(start)
         total = len(found)
+        _check_deadline(context, 0, total)
         position = found.rank(cursor.last) if cursor else 0
         end = total if not request.limit else min(total, position + request.limit)
         last = cursor.last if cursor else None
@@ -160,9 +191,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
             position = stop
             if position >= end or not context.is_active():
                 return
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                return
+            _check_deadline(context, position, total)
 
     @rpc
     def IsMember(self, request: pb.IsMemberRequest,
@@ -364,6 +393,13 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
                             f"{exc}") from None
         committed += 1
         yield report
+
+
+def _check_deadline(context: grpc.ServicerContext, sent: int, total: int) -> None:
+    """Expired once the caller's deadline has passed: a stream it cut short is never OK."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise Expired(f"the deadline passed after {sent:,} of {total:,} ids were sent")
 
 
 def _profile_id(profile_id: str) -> str:

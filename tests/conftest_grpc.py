@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 READY = re.compile(r"^bitseg serving .* on (\S+):(\d+)\s*$")
@@ -33,11 +34,11 @@ def run_cli(*args: str, stdin: str | None = None,
 class ServerProcess:
     """`bitseg serve --db DB --port 0`, started and waited for until it says it is ready."""
 
-    def __init__(self, db: Path | str) -> None:
+    def __init__(self, db: Path | str, extra_args: Sequence[str] = ()) -> None:
         self.db = str(db)
         self.proc = subprocess.Popen(
             [*bitseg_command(), "serve", "--db", self.db, "--create", "--host", "127.0.0.1",
-             "--port", "0"],
+             "--port", "0", *extra_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
         self.lines: list[str] = []
