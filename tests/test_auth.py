@@ -8,9 +8,9 @@ import shutil
 import subprocess
 
 import pytest
+from conftest_grpc import ServerProcess, bitseg_command, run_cli
 
 from bitseg.client import Client, ClientError
-from conftest_grpc import ServerProcess, bitseg_command, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
