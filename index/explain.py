@@ -2,11 +2,13 @@
 node of its tree, all from one snapshot and one as_of (so each count equals a separate
 Count of that sub-rule).
 
-    Profiles whose country is 'DE', who had 'popup_opened' events where popup is
-    'spring' at least 3 times in the last 30 days and who are not in segment 'churned'
+    Profiles whose country is 'DE', who had at least 3 'popup_opened' events where popup
+    is 'spring' in the last 30 days and who are not in segment 'churned'
 
-Words are exact rather than pretty: a negated condition says "or is unset" where the
-profiles lacking the field are included (CONTRACT §2.2).
+Words are exact, and English: a negated condition says "(or is unset)" where the
+profiles lacking the field are included (CONTRACT §2.2), and the negation of a count
+is said as the opposite count ("placed fewer than 3 orders", "did not place an order").
+Rule constants are shown as written; counts of profiles have thousands separators.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Node:
 
     def lines(self, depth: int = 0) -> str:
         """One node per line, children indented: `text: count`."""
-        out = [f"{'  ' * depth}{self.text}: {self.count}"]
+        out = [f"{'  ' * depth}{self.text}: {self.count:,}"]
         out.extend(child.lines(depth + 1) for child in self.children)
         return "\n".join(out)
 
@@ -108,8 +110,7 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
     if "and" in obj:
         return _join([_part(o, n, positive) for o, n in _kids(obj, "and", node)], "and")
     if "or" in obj:
-        return "either " + _join([_part(o, n, positive) for o, n in _kids(obj, "or", node)],
-                                 "or")
+        return _join([_part(o, n, positive) for o, n in _kids(obj, "or", node)], "or")
     if "not" in obj:
         return negative(obj["not"], node.child if isinstance(node, Not) else None)
     if "all" in obj:
@@ -124,8 +125,7 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
 def negative(obj: dict[str, Any], node: Rule | None) -> str:
     """A clause true for the live profiles the rule leaves out (De Morgan for and/or)."""
     if "and" in obj:
-        return "either " + _join([_part(o, n, negative) for o, n in _kids(obj, "and", node)],
-                                 "or")
+        return _join([_part(o, n, negative) for o, n in _kids(obj, "and", node)], "or")
     if "or" in obj:
         return _join([_part(o, n, negative) for o, n in _kids(obj, "or", node)], "and")
     if "not" in obj:
@@ -171,7 +171,7 @@ def condition_words(obj: dict[str, Any], type_: str | None, negated: bool = Fals
     """A field condition without its subject: "country is 'DE'", "age is at least 18"."""
     field, op, value = obj["field"], obj["op"], obj.get("value")
     many = type_ == T.KEYWORDS
-    unset = " or is unset"
+    unset = " (or is unset)"
     if op in ("exists", "not_exists"):
         return f"{field} is {'set' if (op == 'exists') != negated else 'unset'}"
     if op in _COMPARE:
@@ -185,17 +185,19 @@ def condition_words(obj: dict[str, Any], type_: str | None, negated: bool = Fals
     if op == "anniversary_in":
         days = value["next_days"]
         when = "today" if days == 1 else f"in the next {days} days"
-        return (f"the anniversary of {field} is not {when}{unset}" if negated
-                else f"the anniversary of {field} is {when}")
+        return (f"{field}'s anniversary is not {when} (or {field} is unset)" if negated
+                else f"{field}'s anniversary is {when}")
     if op == "has_all":
         listed = _list(value, "and")
         return f"{field} {'do not ' if negated else ''}include all of {listed}"
+    if op in ("in", "not_in") and isinstance(value, list) and len(value) == 1:
+        op, value = ("eq" if op == "in" else "ne"), value[0]  # "is 'x'", not "is one of 'x'"
     if op in ("eq", "ne"):
         has = (op == "eq") != negated
         if many:
             return f"{field} include {_show(value)}" if has else (
                 f"{field} do not include {_show(value)}" if op == "eq"
-                else f"{field} include {_show(value)} or are unset")
+                else f"{field} include {_show(value)} (or are unset)")
         if op == "eq":
             return f"{field} is {_show(value)}" if has else f"{field} is not {_show(value)}{unset}"
         return f"{field} is not {_show(value)}" if not negated \
@@ -205,75 +207,110 @@ def condition_words(obj: dict[str, Any], type_: str | None, negated: bool = Fals
     if many:
         return f"{field} include any of {listed}" if has else (
             f"{field} include none of {listed}" if op == "in"
-            else f"{field} include any of {listed} or are unset")
+            else f"{field} include any of {listed} (or are unset)")
     if op == "in":
         return f"{field} is one of {listed}" if has else f"{field} is none of {listed}{unset}"
     return f"{field} is none of {listed}" if not negated \
         else f"{field} is one of {listed}{unset}"
 
 
-def _where_words(obj: dict[str, Any]) -> str:
-    """A `where` (event properties) or `orders` (order fields) rule in words."""
+def _where_words(obj: dict[str, Any], negated: bool = False) -> str:
+    """A `where` (event properties) or `orders` (order fields) rule in words; negated:
+    the rows it leaves out (De Morgan, as for profiles)."""
     if "and" in obj or "or" in obj:
         key = "and" if "and" in obj else "or"
-        parts = [f"({_where_words(o)})" if ("and" in o or "or" in o) else _where_words(o)
-                 for o in obj[key]]
-        return _join(parts, key)
+        word = key if not negated else ("or" if key == "and" else "and")
+        parts = [f"({_where_words(o, negated)})" if ("and" in o or "or" in o)
+                 else _where_words(o, negated) for o in obj[key]]
+        return _join(parts, word)
     if "not" in obj:
-        return f"not ({_where_words(obj['not'])})"
+        return _where_words(obj["not"], not negated)
     if "all" in obj:
-        return "any"
+        return "none" if negated else "any"
     if "field" in obj:
-        return condition_words(obj, None)
+        return condition_words(obj, None, negated)
     return orjson.dumps(obj).decode()
 
 
 # ---------------------------------------------------------------------- events, orders
 _TIMES = {"gte": "at least", "gt": "more than", "lte": "at most", "lt": "fewer than",
-          "eq": "exactly", "ne": "other than"}
-_LISTED = {"in": "that is one of", "not_in": "that is none of"}
+          "eq": "exactly"}
+_AMOUNT = {"gte": "of at least", "gt": "of more than", "lte": "of at most",
+           "lt": "of less than", "eq": "of exactly", "ne": "other than"}
+_NEGATED = {"gt": "lte", "gte": "lt", "lt": "gte", "lte": "gt", "eq": "ne", "ne": "eq",
+            "in": "not_in", "not_in": "in"}
 _AGG = {"sum": "a total", "avg": "an average", "min": "a smallest", "max": "a largest"}
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """What an event or orders node counts, for a sentence: "an order where …"."""
+
+    one: str  # "order", "'login' event", "event of any type"
+    many: str  # "orders", "'login' events", "events of any type"
+    where: str  # " where status is 'paid'", or ""
+    verb: str  # "placed", "had"
+    verb_not: str  # "did not place", "did not have"
+
+    def some(self) -> str:
+        article = "an" if self.one.lstrip("'")[:1].lower() in tuple("aeiou") else "a"
+        return f"{article} {self.one}{self.where}"
+
+    def number(self, amount: str, value: Any) -> str:
+        return f"{amount} {self.one if value == 1 else self.many}{self.where}"
+
+
 def _timed(obj: dict[str, Any], negated: bool) -> str:
-    """An event or orders node as a verb phrase: "had 'x' events … at least 3 times …"."""
+    """An event or orders node as a verb phrase: "had at least 3 'x' events in …"."""
     if "event" in obj:
-        verb, rows = ("did not have", "had")[not negated], _event_rows(obj)
+        name = obj["event"]
+        one = "event of any type" if name == "*" else f"{_show(name)} event"
+        many = "events of any type" if name == "*" else f"{_show(name)} events"
+        where = f" where {_where_words(obj['where'])}" if "where" in obj else ""
+        rows = _Rows(one, many, where, "had", "did not have")
     else:
-        verb = ("did not place", "placed")[not negated]
         selected = obj.get("orders") or {"all": True}
-        rows = "orders" if "all" in selected else f"orders where {_where_words(selected)}"
+        where = "" if "all" in selected else f" where {_where_words(selected)}"
+        rows = _Rows("order", "orders", where, "placed", "did not place")
     when = _window(obj.get("window"))
     having = obj.get("having") or {"agg": "count", "op": "gte", "value": 1}
     agg, op, value = having.get("agg"), having.get("op"), having.get("value")
     if agg == "count":
-        if not negated and op == "eq" and value == 0:
-            return f"had no {rows}{when}"
-        return f"{verb} {rows} {_times(op, value)}{when}"
+        return _count_words(rows, op, value, negated) + when
     if op == "between" and isinstance(value, list) and len(value) == 2:
         amount = f"between {_show(value[0])} and {_show(value[1])}"
-    elif op in _LISTED:
-        amount = f"{_LISTED[op]} {_list(value, 'or' if op == 'in' else 'and')}"
+    elif op in ("in", "not_in"):
+        listed = _list(value, "or")
+        amount = f"of {listed}" if op == "in" else f"other than {listed}"
     else:
-        amount = f"{_COMPARE.get(op, _TIMES.get(op, op))} {_show(value)}"
-    return f"{verb} {rows}{when} with {_AGG.get(agg, agg)} {having.get('of')} {amount}"
+        amount = f"{_AMOUNT.get(op, op)} {_show(value)}"
+    verb = rows.verb_not if negated else rows.verb
+    return (f"{verb} {rows.many}{rows.where}{when} with {_AGG.get(agg, agg)} "
+            f"{having.get('of')} {amount}")
 
 
-def _event_rows(obj: dict[str, Any]) -> str:
-    rows = "events of any type" if obj["event"] == "*" else f"{_show(obj['event'])} events"
-    if "where" in obj:
-        rows += f" where {_where_words(obj['where'])}"
-    return rows
-
-
-def _times(op: str, value: Any) -> str:
-    if op == "between" and isinstance(value, list) and len(value) == 2:
-        return f"between {_show(value[0])} and {_show(value[1])} times"
-    if op in _LISTED:
-        return f"a number of times {_LISTED[op]} {_list(value, 'or' if op == 'in' else 'and')}"
-    if op == "gte" and value == 1:
-        return "at least once"
-    return f"{_TIMES.get(op, op)} {_show(value)} {'time' if value == 1 else 'times'}"
+def _count_words(rows: _Rows, op: str, value: Any, negated: bool) -> str:
+    """A count condition, a negated one said as the opposite count (counts of no rows
+    being 0, "not at least 3" is exactly "fewer than 3")."""
+    between = op == "between" and isinstance(value, list) and len(value) == 2
+    if negated and between:
+        lo, hi = (_show(v) for v in value)
+        return f"{rows.verb} fewer than {lo} or more than {hi} {rows.many}{rows.where}"
+    if negated:
+        op = _NEGATED.get(op, op)
+    if (op, value) in (("eq", 0), ("lt", 1), ("lte", 0)):
+        return f"{rows.verb_not} {rows.some()}"
+    if (op, value) in (("gte", 1), ("gt", 0), ("ne", 0)):
+        return f"{rows.verb} {rows.some()}"
+    if between:
+        return f"{rows.verb} between {_show(value[0])} and {_show(value[1])} " \
+            f"{rows.many}{rows.where}"
+    if op == "in":
+        return f"{rows.verb} {rows.number(_list(value, 'or'), None)}"
+    if op in ("ne", "not_in"):
+        listed = _list(value, "or")
+        return f"{rows.verb} a number of {rows.many}{rows.where} other than {listed}"
+    return f"{rows.verb} {rows.number(f'{_TIMES.get(op, op)} {_show(value)}', value)}"
 
 
 def _window(window: Any) -> str:
@@ -292,7 +329,7 @@ def _window(window: Any) -> str:
 def _show(value: Any) -> str:
     if isinstance(value, dict) and "days_ago" in value:
         n = value["days_ago"]
-        return "as_of" if n == 0 else ("1 day ago" if n == 1 else f"{n} days ago")
+        return "the as_of time" if n == 0 else ("1 day ago" if n == 1 else f"{n} days ago")
     if isinstance(value, str):
         return "'" + value.replace("'", "\\'") + "'"
     if isinstance(value, bool):

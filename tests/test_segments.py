@@ -503,24 +503,24 @@ def test_explain_counts_equal_separate_counts(engine: Engine, segs: Segments) ->
     for node in nodes:
         assert node.count == engine.count(_sub_rule(rule, node.path), as_of=T0), node.path
     assert found.sentence == (
-        "Profiles whose c is one of 'A' or 'B', who had 'popup_opened' events where popup is "
-        "'spring' at least 3 times in the last 30 days, who are not in segment 'churned' and "
-        "(either whose n is less than 40 or whose tags do not include 'y')")
-    assert found.text.splitlines()[0] == f"all of: {found.root.count}"
+        "Profiles whose c is one of 'A' or 'B', who had at least 3 'popup_opened' events where "
+        "popup is 'spring' in the last 30 days, who are not in segment 'churned' and "
+        "(whose n is less than 40 or whose tags do not include 'y')")
+    assert found.text.splitlines()[0] == f"all of: {found.root.count:,}"
 
 
 @pytest.mark.parametrize(("rule", "words"), [
-    ({"not": {"field": "c", "op": "eq", "value": "A"}}, "Profiles whose c is not 'A' or is unset"),
+    ({"not": {"field": "c", "op": "eq", "value": "A"}}, "Profiles whose c is not 'A' (or is unset)"),
     ({"not": {"and": [{"segment": "s"}, {"field": "n", "op": "gt", "value": 5}]}},
-     "Profiles either who are not in segment 's' or whose n is at most 5 or is unset"),
+     "Profiles who are not in segment 's' or whose n is at most 5 (or is unset)"),
     ({"field": "n", "op": "exists"}, "Profiles whose n is set"),
     ({"all": True}, "All live profiles"),
     ({"event": "login", "having": {"agg": "count", "op": "eq", "value": 0}},
-     "Profiles who had no 'login' events"),
+     "Profiles who did not have a 'login' event"),
     ({"orders": {"field": "status", "op": "eq", "value": "paid"}, "window": {"last_days": 180},
       "having": {"agg": "sum", "of": "amount", "op": "gt", "value": 300}},
      "Profiles who placed orders where status is 'paid' in the last 180 days with a total "
-     "amount greater than 300"),
+     "amount of more than 300"),
 ])
 def test_explain_sentences(engine: Engine, segs: Segments, rule: Any, words: str) -> None:
     segs.create("s", "static")

@@ -196,7 +196,7 @@ def test_overlap_and_explain_through_the_server(server: Running) -> None:
                     {"or": [{"field": "c", "op": "eq", "value": "A"}, {"segment": "m"}]}]}
     result = c.explain(rule)
     assert result["sentence"].startswith("Profiles who are in segment 'd', who are not in "
-                                         "segment 's' and (either whose c is 'A' or who are")
+                                         "segment 's' and (whose c is 'A' or who are")
 
     def walk(node: dict[str, Any], sub: Any) -> int:
         assert node["count"] == c.count(sub), node["path"]
