@@ -12,6 +12,7 @@ import tracemalloc
 import grpc
 import orjson
 import pytest
+from conftest_grpc import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bitseg.client import Client, ClientError
@@ -20,7 +21,6 @@ from bitseg.index.engine import Engine
 from bitseg.server.app import Options, create_server
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
-from conftest_grpc import ServerProcess
 
 MB = 1024 * 1024
 
