@@ -7,17 +7,37 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from bitseg.client import Client, ClientError
+    from bitseg.client import Client
+    from bitseg.errors import (
+        AlreadyExistsError,
+        BitsegError,
+        ClientError,
+        DeadlineExceededError,
+        InvalidArgumentError,
+        InvalidRuleError,
+        NotFoundError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        UnavailableError,
+    )
 
-__all__ = ["Client", "ClientError", "__version__"]
+__all__ = ["AlreadyExistsError", "BitsegError", "Client", "ClientError",
+           "DeadlineExceededError", "InvalidArgumentError", "InvalidRuleError",
+           "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",
+           "UnauthenticatedError", "UnavailableError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # The client pulls in grpc: import it on first use, so `import bitseg` stays cheap.
-    if name in ("Client", "ClientError"):
+    if name == "Client":
         from bitseg import client
 
-        return getattr(client, name)
+        return client.Client
+    if name in __all__:  # the client's errors: bitseg.errors, no grpc
+        from bitseg import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'bitseg' has no attribute {name!r}")
 
 

@@ -230,16 +230,22 @@ def value_from_json(value: Any) -> pb.Value:
 
 
 # ====================================================================== requests
+TARGET_FIELDS = ("rule", "rule_json", "segment")
+
+
 def target_of(request: Any) -> Any:
     """What a request asks to evaluate: a JSON rule (dict or text) or a segment reference."""
-    kind = request.WhichOneof("target")
-    if kind == "rule":
+    given = [name for name in TARGET_FIELDS if request.HasField(name)]
+    if len(given) > 1:  # no silent winner: the caller meant one of them
+        raise BitsegError(f"both {given[0]} and {given[1]} are set: give only one of "
+                          "rule, rule_json or segment")
+    if not given:
+        raise RuleError("$", "expected a rule: set one of rule, rule_json or segment")
+    if given[0] == "rule":
         return rule_to_json(request.rule)
-    if kind == "rule_json":
+    if given[0] == "rule_json":
         return request.rule_json
-    if kind == "segment":
-        return {"segment": request.segment}
-    raise RuleError("$", "expected a rule: set one of rule, rule_json or segment")
+    return {"segment": request.segment}
 
 
 def rule_target(rule: Any = None, segment: str | None = None) -> dict[str, Any]:
@@ -309,7 +315,10 @@ def records_of(texts: Iterable[str]) -> list[tuple[int, Any]]:
 
 
 def profile_reply(profile: dict[str, Any]) -> pb.Profile:
-    return pb.Profile(id=profile["id"], profile_json=orjson.dumps(profile).decode())
+    """A profile ({"id": ..., field: value}) -> Profile, its values in a Struct."""
+    reply = pb.Profile(id=profile["id"])
+    reply.fields.update({k: v for k, v in profile.items() if k != "id"})
+    return reply
 
 
 _KIND_NAMES = {pb.SEGMENT_KIND_STATIC: "static", pb.SEGMENT_KIND_DYNAMIC: "dynamic",
@@ -356,43 +365,21 @@ def segment_reply(info: SegmentInfo, change: Change | None = None) -> pb.Segment
     return reply
 
 
-def segment_dict(segment: pb.Segment) -> dict[str, Any]:
-    """Client side: a Segment -> a plain dict."""
-    return {
-        "name": segment.name,
-        "kind": _KIND_NAMES.get(segment.kind, "unspecified"),
-        "rule": orjson.loads(segment.rule_json) if segment.rule_json else None,
-        "size": segment.size,
-        "created_at": (to_datetime(segment.created_at)
-                       if segment.HasField("created_at") else None),
-        "refreshed_at": (to_datetime(segment.refreshed_at)
-                         if segment.HasField("refreshed_at") else None),
-        "refresh_every": segment.refresh_every_seconds or None,
-        "entered": segment.entered,
-        "exited": segment.exited,
-        "unknown_ids": list(segment.unknown_ids),
-    }
 
 
 def point_reply(point: Point) -> pb.SizePoint:
     return pb.SizePoint(time=from_micros(point.at), size=point.size, cause=point.cause)
 
 
-def point_dict(point: pb.SizePoint) -> dict[str, Any]:
-    return {"time": to_datetime(point.time), "size": point.size, "cause": point.cause}
 
 
 def overlap_reply(overlap: Overlap) -> pb.OverlapReply:
     return pb.OverlapReply(segments=list(overlap.names), sizes=list(overlap.sizes),
-                           matrix=[x for row in overlap.matrix for x in row])
+                           rows=[pb.OverlapRow(segment=name, counts=row)
+                                 for name, row in zip(overlap.names, overlap.matrix,
+                                                      strict=True)])
 
 
-def overlap_dict(reply: pb.OverlapReply) -> dict[str, Any]:
-    n = len(reply.segments)
-    flat = list(reply.matrix)
-    return {"segments": list(reply.segments), "sizes": list(reply.sizes),
-            "matrix": [flat[i * n:(i + 1) * n] for i in range(n)],
-            "eval_micros": reply.eval_micros, "as_of": to_datetime(reply.as_of)}
 
 
 # ====================================================================== decimals
@@ -437,18 +424,6 @@ def metrics_reply(metrics: Metrics) -> pb.MetricsReply:
         average_order_value=decimal_text(metrics.average_order_value, RATIO_PLACES))
 
 
-def metrics_dict(reply: pb.MetricsReply) -> dict[str, Any]:
-    """Client side: decimals as decimal.Decimal (None where undefined)."""
-    def dec(text: str) -> Decimal | None:
-        return Decimal(text) if text else None
-
-    return {"profiles": reply.profiles, "total_profiles": reply.total_profiles,
-            "share_of_profiles_pct": dec(reply.share_of_profiles_pct),
-            "orders": reply.orders, "customers": reply.customers,
-            "revenue": dec(reply.revenue), "total_revenue": dec(reply.total_revenue),
-            "share_of_revenue_pct": dec(reply.share_of_revenue_pct),
-            "average_order_value": dec(reply.average_order_value),
-            "eval_micros": reply.eval_micros, "as_of": to_datetime(reply.as_of)}
 
 
 # ====================================================================== cursors
@@ -506,8 +481,3 @@ def explain_node(node: Node) -> pb.ExplainNode:
     return pb.ExplainNode(path=node.path, text=node.text, count=node.count,
                           children=[explain_node(c) for c in node.children])
 
-
-def explain_dict(node: pb.ExplainNode) -> dict[str, Any]:
-    """Client side: an ExplainNode -> a plain dict."""
-    return {"path": node.path, "text": node.text, "count": node.count,
-            "children": [explain_dict(c) for c in node.children]}

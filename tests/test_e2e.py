@@ -20,6 +20,7 @@ from conftest_grpc import ServerProcess, run_cli
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bitseg import Client, ClientError
+from bitseg.client import Profile as ProfileResult
 from bitseg.index.engine import Engine
 from bitseg.server import convert
 
@@ -259,18 +260,18 @@ def test_a_store_without_segments(client: Client) -> None:
 def test_explain_counts_every_node(client: Client, profiles: list[Profile]) -> None:
     rule = {"and": [RULES[1][1], {"not": RULES[5][1]}]}
     result = client.explain(rule, as_of=AS_OF)
-    root = result["root"]
+    root = result.root
     both = expected(profiles, lambda p: RULES[1][2](p) and not RULES[5][2](p))
-    assert root["count"] == len(both) == client.count(rule, as_of=AS_OF)
-    de, not_between = root["children"]
-    assert (de["path"], de["count"]) == ("$.and[0]", len(expected(profiles, RULES[1][2])))
-    assert not_between["path"] == "$.and[1]"
-    assert not_between["children"][0]["count"] == len(expected(profiles, RULES[5][2]))
-    assert "DE" in result["text"] and "between" in result["text"]
+    assert root.count == len(both) == client.count(rule, as_of=AS_OF)
+    de, not_between = root.children
+    assert (de.path, de.count) == ("$.and[0]", len(expected(profiles, RULES[1][2])))
+    assert not_between.path == "$.and[1]"
+    assert not_between.children[0].count == len(expected(profiles, RULES[5][2]))
+    assert "DE" in result.text and "between" in result.text
 
 
 def test_profile(client: Client, profiles: list[Profile]) -> None:
-    got = client.profile(profiles[1]["id"])
+    got = client.profile(profiles[1]["id"]).as_dict()
     for key, value in profiles[1].items():
         assert got[key] == (sorted(set(value)) if key == "tags" else value)
 
@@ -364,7 +365,7 @@ def test_upsert_and_delete_through_the_server(writable: Client) -> None:
     assert _code_of(lambda: c.is_member("x2", {"all": True})).code == "NOT_FOUND"
     assert c.delete_profiles(["w0", "w2"]) == 2
     assert c.count({"all": True}) == 50
-    assert c.profile("w1") == {"id": "w1", "n": 1, "kind": "b"}
+    assert c.profile("w1") == ProfileResult("w1", {"n": 1, "kind": "b"})
 
 
 def test_track_events_then_count_them(writable: Client) -> None:
@@ -379,7 +380,7 @@ def test_track_events_then_count_them(writable: Client) -> None:
     assert list(c.members(twice, as_of=AS_OF)) == ["p1"]
     assert list(c.members(convert.rule_from_json(twice), as_of=AS_OF)) == ["p1"]
     assert c.count({"all": True}) == 3
-    assert "open" in c.explain(twice, as_of=AS_OF)["text"]
+    assert "open" in c.explain(twice, as_of=AS_OF).text
 
 
 # ------------------------------------------------------------------ shutdown

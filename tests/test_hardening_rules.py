@@ -376,9 +376,8 @@ def test_a_live_server_answers_extreme_input_without_internal_errors(server):
         with pytest.raises(grpc.RpcError) as caught:
             stub.Count(pb.CountRequest(rule=deep), timeout=30)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        first = orjson.loads(stub.GetProfile(pb.GetProfileRequest(profile_id="first"),
-                                             timeout=30).profile_json)
-        assert first["seen"] == "0001-01-01T00:00:00Z"
+        first = stub.GetProfile(pb.GetProfileRequest(profile_id="first"), timeout=30)
+        assert first.fields["seen"] == "0001-01-01T00:00:00Z"
 
 
 # ---------------------------------------------------------------------- having in / not_in

@@ -18,6 +18,7 @@ import pytest
 from conftest_grpc import ServerProcess, run_cli
 
 from bitseg import Client, ClientError
+from bitseg.client import ExplainNode, MembershipChange, Profile
 from bitseg.index.engine import Engine
 
 UTC = timezone.utc
@@ -102,17 +103,17 @@ def test_each_kind_through_grpc_survives_a_restart(server: Running) -> None:
     c = server.client
     ids = [f"p{i}" for i in range(0, N, 5)]
     static = c.create_segment("picked", "static", profile_ids=[*ids, "ghost"])
-    assert (static["kind"], static["size"], static["entered"]) == ("static", len(ids), len(ids))
-    assert static["unknown_ids"] == ["ghost"]
-    assert c.add_to_segment("picked", ["p1", "ghost2"]) == {
-        "changed": 1, "size": len(ids) + 1, "unknown_ids": ["ghost2"]}
-    assert c.remove_from_segment("picked", ["p0"])["changed"] == 1
+    assert (static.kind, static.size, static.entered) == ("static", len(ids), len(ids))
+    assert static.unknown_ids == ["ghost"]
+    assert c.add_to_segment("picked", ["p1", "ghost2"]) == MembershipChange(
+        changed=1, size=len(ids) + 1, unknown_ids=["ghost2"])
+    assert c.remove_from_segment("picked", ["p0"]).changed == 1
     picked = set(ids) - {"p0"} | {"p1"}
     assert members(c, segment="picked") == picked
 
     rule_a = {"field": "c", "op": "eq", "value": "A"}
     dynamic = c.create_segment("a", "dynamic", rule=rule_a)
-    assert dynamic["size"] == c.count(rule_a) and dynamic["rule"] == rule_a
+    assert dynamic.size == c.count(rule_a) and dynamic.rule == rule_a
     both = {"and": [{"segment": "a"}, {"segment": "picked"}]}
     c.create_segment("a-picked", "dynamic", rule=both)
 
@@ -120,7 +121,7 @@ def test_each_kind_through_grpc_survives_a_restart(server: Running) -> None:
     first = members(c, rule=rule_hi)
     mat = c.create_segment("hi", "materialized", rule=rule_hi, as_of=iso(T0),
                            refresh_every=86400)
-    assert (mat["size"], mat["entered"], mat["refresh_every"]) == (len(first), len(first), 86400)
+    assert (mat.size, mat.entered, mat.refresh_every) == (len(first), len(first), 86400)
 
     changes = [{"id": f"p{i}", "n": (i * 37) % 100, "c": "A"} for i in range(0, N, 2)]
     c.upsert_profiles(changes)
@@ -129,7 +130,7 @@ def test_each_kind_through_grpc_survives_a_restart(server: Running) -> None:
     second = members(c, rule=rule_hi)
     t1 = T0 + timedelta(days=1)
     refreshed = c.refresh_segment("hi", as_of=iso(t1))
-    assert (refreshed["size"], refreshed["entered"], refreshed["exited"]) == (
+    assert (refreshed.size, refreshed.entered, refreshed.exited) == (
         len(second), len(second - first), len(first - second))
     window = {"from": iso(t1), "to": iso(t1 + timedelta(seconds=1))}
     for event, want in (("segment_entered", second - first), ("segment_exited", first - second)):
@@ -138,19 +139,19 @@ def test_each_kind_through_grpc_survives_a_restart(server: Running) -> None:
         assert members(c, rule=rule, as_of=iso(t1 + timedelta(days=1))) == want
     c.record_segment_size("a", as_of=iso(t1))
 
-    before = {s["name"]: s for s in c.list_segments()}
+    before = {s.name: s for s in c.list_segments()}
     history = {name: c.segment_history(name) for name in before}
     sets = {name: members(c, segment=name) for name in before}
-    assert [p["cause"] for p in history["hi"]] == ["create", "refresh"]
-    assert [p["size"] for p in history["hi"]] == [len(first), len(second)]
-    assert [p["cause"] for p in history["picked"]] == ["create", "add", "remove"]
-    assert [(p["time"], p["size"]) for p in history["a"]] == [(t1, c.count(rule_a,
+    assert [p.cause for p in history["hi"]] == ["create", "refresh"]
+    assert [p.size for p in history["hi"]] == [len(first), len(second)]
+    assert [p.cause for p in history["picked"]] == ["create", "add", "remove"]
+    assert [(p.time, p.size) for p in history["a"]] == [(t1, c.count(rule_a,
                                                                             as_of=iso(t1)))]
     assert sets["a-picked"] == sets["a"] & picked
 
     server.restart()
     c = server.client
-    after = {s["name"]: s for s in c.list_segments()}
+    after = {s.name: s for s in c.list_segments()}
     assert after == before
     for name in before:
         assert members(c, segment=name) == sets[name]
@@ -176,9 +177,9 @@ def test_scheduled_refresh(server: Running) -> None:
     while c.count(segment="q") == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert members(c, segment="q") == {"newbie"}
-    assert [p["cause"] for p in c.segment_history("q")][:2] == ["create", "refresh"]
+    assert [p.cause for p in c.segment_history("q")][:2] == ["create", "refresh"]
     c.update_segment("q", refresh_every=0)
-    assert c.get_segment("q")["refresh_every"] is None
+    assert c.get_segment("q").refresh_every is None
 
 
 def test_overlap_and_explain_through_the_server(server: Running) -> None:
@@ -189,21 +190,21 @@ def test_overlap_and_explain_through_the_server(server: Running) -> None:
     names = ["s", "d", "m"]
     sets = [members(c, segment=n) for n in names]
     found = c.overlap(names)
-    assert found["sizes"] == [len(s) for s in sets]
-    assert found["matrix"] == [[len(a & b) for b in sets] for a in sets]
+    assert found.sizes == [len(s) for s in sets]
+    assert found.matrix == [[len(a & b) for b in sets] for a in sets]
 
     rule = {"and": [{"segment": "d"}, {"not": {"segment": "s"}},
                     {"or": [{"field": "c", "op": "eq", "value": "A"}, {"segment": "m"}]}]}
     result = c.explain(rule)
-    assert result["sentence"].startswith("Profiles who are in segment 'd', who are not in "
+    assert result.sentence.startswith("Profiles who are in segment 'd', who are not in "
                                          "segment 's' and (whose c is 'A' or who are")
 
-    def walk(node: dict[str, Any], sub: Any) -> int:
-        assert node["count"] == c.count(sub), node["path"]
+    def walk(node: ExplainNode, sub: Any) -> int:
+        assert node.count == c.count(sub), node.path
         kids = sub.get("and") or sub.get("or") or ([sub["not"]] if "not" in sub else [])
-        return 1 + sum(walk(k, s) for k, s in zip(node["children"], kids, strict=True))
+        return 1 + sum(walk(k, s) for k, s in zip(node.children, kids, strict=True))
 
-    assert walk(result["root"], rule) == 7
+    assert walk(result.root, rule) == 7
 
 
 def test_members_with_fields_and_preview(server: Running) -> None:
@@ -211,10 +212,11 @@ def test_members_with_fields_and_preview(server: Running) -> None:
     chosen = ["p3", "p4", "p5"]
     c.create_segment("few", "static", profile_ids=chosen)
     rows = list(c.rows(["c", "tags"], segment="few"))
-    assert rows == [{"id": pid, "c": c.profile(pid)["c"], "tags": c.profile(pid).get("tags")}
+    assert rows == [Profile(pid, {"c": c.profile(pid).fields["c"],
+                                  "tags": c.profile(pid).fields.get("tags")})
                     for pid in chosen]
     preview = c.preview(segment="few", limit=2)
-    assert preview["total"] == 3 and preview["profiles"] == [c.profile("p3"), c.profile("p4")]
+    assert preview.total == 3 and preview.profiles == [c.profile("p3"), c.profile("p4")]
     assert _error(lambda: list(c.rows(["nope"], segment="few"))).code == "INVALID_ARGUMENT"
 
 
@@ -241,7 +243,7 @@ def test_segment_errors(server: Running) -> None:
                  lambda: c.refresh_segment("a")):
         assert _error(call).code == "INVALID_ARGUMENT"
     assert _error(lambda: c.delete_segment("a")).code == "FAILED_PRECONDITION"
-    assert {s["name"] for s in c.list_segments()} == {"a", "b"}
+    assert {s.name for s in c.list_segments()} == {"a", "b"}
     assert c.health() == "SERVING"
 
 
@@ -258,11 +260,11 @@ def test_metrics_through_the_server(server: Running) -> None:
     revenue = sum((Decimal(repr(o["amount"])) for o in mine), Decimal(0))
     total = sum((Decimal(repr(o["amount"])) for o in lines), Decimal(0))
     m = c.metrics(segment="s", as_of=iso(T0))
-    assert (m["profiles"], m["total_profiles"]) == (len(chosen), N)
-    assert (m["orders"], m["customers"]) == (len(mine), len({o["profile"] for o in mine}))
-    assert (m["revenue"], m["total_revenue"]) == (revenue, total)
-    assert m["average_order_value"] == (revenue / len(mine)).quantize(Decimal("0.000001"))
-    assert m["share_of_revenue_pct"] == (revenue * 100 / total).quantize(Decimal("0.000001"))
+    assert (m.profiles, m.total_profiles) == (len(chosen), N)
+    assert (m.orders, m.customers) == (len(mine), len({o["profile"] for o in mine}))
+    assert (m.revenue, m.total_revenue) == (revenue, total)
+    assert m.average_order_value == (revenue / len(mine)).quantize(Decimal("0.000001"))
+    assert m.share_of_revenue_pct == (revenue * 100 / total).quantize(Decimal("0.000001"))
     out = json.loads(cli(server, "segment", "metrics", "s", "--as-of", iso(T0), "--json"))
     assert (out["revenue"], out["orders"]) == (str(revenue), len(mine))
     out = cli(server, "segment", "metrics", "--rule", '{"all": true}', "--as-of", iso(T0))
@@ -322,7 +324,7 @@ def test_cli_members_fields_preview_explain(server: Running) -> None:
     assert [r["id"] for r in rows] == ["p3", "p4", "p5"]
     with Client(server.addr) as c:
         for row in rows:
-            profile = c.profile(row["id"])
+            profile = c.profile(row["id"]).fields
             assert row["c"] == profile["c"]
             assert row["tags"] == "|".join(profile.get("tags", []))
     out = cli(server, "members", "--segment", "few", "--fields", "n", "--format", "jsonl")
