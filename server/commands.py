@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import io
 import os
@@ -34,7 +35,7 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 EXIT_EXISTS, EXIT_UNIMPLEMENTED, EXIT_NOT_ALLOWED = 5, 6, 7
 EXIT_FALSE = 1  # `check --quiet`: the profile does not match
-EXIT_QUIET_FAILED = 7  # `check --quiet`: a server-side failure (1 means false there)
+EXIT_QUIET_FAILED = 8  # `check --quiet`: a server-side failure (1 means false there)
 _EXIT_OF_CODE = {
     "INVALID_ARGUMENT": EXIT_BAD_INPUT,
     "OUT_OF_RANGE": EXIT_BAD_INPUT,
@@ -177,6 +178,18 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, default=str, option=orjson.OPT_UTC_Z).decode() + "\n")
 
 
+def _plain(result: Any) -> Any:
+    """A client result (dataclasses) as the plain dicts and lists printed here; a
+    profile as its profiles.jsonl form."""
+    if hasattr(result, "as_dict"):
+        return result.as_dict()
+    if dataclasses.is_dataclass(result):
+        return {f.name: _plain(getattr(result, f.name)) for f in dataclasses.fields(result)}
+    if isinstance(result, list):
+        return [_plain(item) for item in result]
+    return result
+
+
 def _iso(moment: Any) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
@@ -206,7 +219,7 @@ def cmd_members(args: argparse.Namespace, client: Client) -> int:
         out.write(",".join(_csv_cell(c) for c in ["id", *fields]) + "\n")
     for page in pages:
         if fields:
-            out.write(_render_rows(page.rows, fields, fmt))
+            out.write(_render_rows([r.as_dict() for r in page.rows], fields, fmt))
         else:
             out.write(_render_ids(page.ids, fmt))
     out.flush()
@@ -245,7 +258,7 @@ def cmd_preview(args: argparse.Namespace, client: Client) -> int:
 
 
 def _preview(args: argparse.Namespace, client: Client, limit: int) -> int:
-    result = client.preview(**_target(args), as_of=args.as_of, limit=limit)
+    result = _plain(client.preview(**_target(args), as_of=args.as_of, limit=limit))
     if args.json:
         _print_json(result)
         return EXIT_OK
@@ -324,7 +337,7 @@ def cmd_segments(args: argparse.Namespace, client: Client) -> int:
 
 @remote
 def cmd_explain(args: argparse.Namespace, client: Client) -> int:
-    result = client.explain(**_target(args), as_of=args.as_of)
+    result = _plain(client.explain(**_target(args), as_of=args.as_of))
     if args.json:
         _print_json({"sentence": result["sentence"], "root": result["root"],
                      "eval_micros": result["eval_micros"], "as_of": _iso(result["as_of"])})
@@ -345,9 +358,9 @@ def cmd_segment_create(args: argparse.Namespace, client: Client) -> int:
         raise InputError(f"segment create: --ids is for static segments, not {args.kind}")
     if args.refresh_every is not None and args.kind != "materialized":
         raise InputError("segment create: --refresh-every is for materialized segments")
-    created = client.create_segment(args.name, args.kind, rule=rule,
-                                    profile_ids=read_ids(args.ids), as_of=args.as_of,
-                                    refresh_every=args.refresh_every)
+    created = _plain(client.create_segment(args.name, args.kind, rule=rule,
+                                           profile_ids=read_ids(args.ids), as_of=args.as_of,
+                                           refresh_every=args.refresh_every))
     _print_segment(created, args.json)
     return EXIT_OK
 
@@ -358,20 +371,20 @@ def cmd_segment_update(args: argparse.Namespace, client: Client) -> int:
     every = 0 if args.no_schedule else args.refresh_every
     if rule is None and every is None:
         raise InputError("segment update: give --rule, --refresh-every or --no-schedule")
-    _print_segment(client.update_segment(args.name, rule=rule, refresh_every=every,
-                                         as_of=args.as_of), args.json)
+    _print_segment(_plain(client.update_segment(args.name, rule=rule, refresh_every=every,
+                                                as_of=args.as_of)), args.json)
     return EXIT_OK
 
 
 @remote
 def cmd_segment_get(args: argparse.Namespace, client: Client) -> int:
-    _print_segment(client.get_segment(args.name), args.json)
+    _print_segment(_plain(client.get_segment(args.name)), args.json)
     return EXIT_OK
 
 
 @remote
 def cmd_segment_list(args: argparse.Namespace, client: Client) -> int:
-    found = client.list_segments()
+    found = _plain(client.list_segments())
     if args.json:
         _print_json([_segment_json(s) for s in found])
     else:
@@ -393,14 +406,14 @@ def cmd_segment_delete(args: argparse.Namespace, client: Client) -> int:
 @remote
 def cmd_segment_add(args: argparse.Namespace, client: Client) -> int:
     ids = _edit_ids(args)
-    _print_change(client.add_to_segment(args.name, ids), "added", args.json)
+    _print_change(_plain(client.add_to_segment(args.name, ids)), "added", args.json)
     return EXIT_OK
 
 
 @remote
 def cmd_segment_remove(args: argparse.Namespace, client: Client) -> int:
     ids = _edit_ids(args)
-    _print_change(client.remove_from_segment(args.name, ids), "removed", args.json)
+    _print_change(_plain(client.remove_from_segment(args.name, ids)), "removed", args.json)
     return EXIT_OK
 
 
@@ -413,7 +426,7 @@ def _edit_ids(args: argparse.Namespace) -> list[str]:
 
 @remote
 def cmd_segment_refresh(args: argparse.Namespace, client: Client) -> int:
-    result = client.refresh_segment(args.name, as_of=args.as_of)
+    result = _plain(client.refresh_segment(args.name, as_of=args.as_of))
     if args.json:
         _print_json({**result, "as_of": _iso(result["as_of"])})
     else:
@@ -426,7 +439,7 @@ def cmd_segment_refresh(args: argparse.Namespace, client: Client) -> int:
 def cmd_segment_history(args: argparse.Namespace, client: Client) -> int:
     if args.record:
         client.record_segment_size(args.name, as_of=args.as_of)
-    points = client.segment_history(args.name)
+    points = _plain(client.segment_history(args.name))
     if args.json:
         _print_json({"name": args.name, "points": points})
     else:
@@ -439,7 +452,7 @@ def cmd_segment_history(args: argparse.Namespace, client: Client) -> int:
 
 @remote
 def cmd_segment_overlap(args: argparse.Namespace, client: Client) -> int:
-    result = client.overlap(args.names, as_of=args.as_of)
+    result = _plain(client.overlap(args.names, as_of=args.as_of))
     if args.json:
         _print_json(result)
         return EXIT_OK
@@ -458,7 +471,7 @@ def cmd_segment_metrics(args: argparse.Namespace, client: Client) -> int:
     if (args.name is None) == (args.rule is None):
         raise InputError("segment metrics: give a segment NAME or --rule R")
     target = {"segment": args.name} if args.name is not None else {"rule": read_rule(args.rule)}
-    m = client.metrics(**target, as_of=args.as_of, amount_field=args.amount_field)
+    m = _plain(client.metrics(**target, as_of=args.as_of, amount_field=args.amount_field))
     if args.json:
         _print_json({k: (str(v) if v is not None and k not in ("eval_micros", "as_of")
                          and not isinstance(v, int) else v) for k, v in m.items()})
@@ -535,7 +548,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = app.Options(
             tokens=Tokens.load(args.tokens) if args.tokens else None,
             tls_cert=args.tls_cert, tls_key=args.tls_key, max_streams=args.max_streams,
-            stream_idle=args.stream_idle, access_log=args.access_log)
+            stream_idle=args.stream_idle, access_log=args.access_log,
+            metrics_port=args.metrics_port)
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
@@ -619,7 +633,7 @@ def register(subparsers: Any) -> None:
     check.add_argument("profile_id")
     _add_target(check)
     check.add_argument("-q", "--quiet", action="store_true",
-                       help="print nothing; exit 0 when it matches, 1 when not (7 for a "
+                       help="print nothing; exit 0 when it matches, 1 when not (8 for a "
                        "server-side failure; other errors as usual)")
     check.set_defaults(func=cmd_check)
 
@@ -655,6 +669,9 @@ def register(subparsers: Any) -> None:
                        help="end a stream that moves no message for S seconds (default 60)")
     serve.add_argument("--access-log", action="store_true",
                        help="log one line for every call (failed calls are always logged)")
+    serve.add_argument("--metrics-port", type=int, metavar="P",
+                       help="serve Prometheus metrics at http://HOST:P/metrics (0: any free "
+                       "port; the address is printed)")
     serve.set_defaults(func=cmd_serve)
 
 
