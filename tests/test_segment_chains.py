@@ -343,7 +343,7 @@ def test_a_deep_chain_through_the_server(db: Path) -> None:
         assert server.stop() == 0
         server = ServerProcess(db)
         with Client(server.addr, timeout=20) as client:
-            names = {s["name"] for s in client.list_segments()}
+            names = {s.name for s in client.list_segments()}
             assert names == {f"c{i}" for i in range(64)}
         assert server.stop() == 0
         assert "Traceback" not in server.stderr()
@@ -357,20 +357,20 @@ def test_an_old_deep_chain_and_a_manual_refresh_through_the_server(db: Path) -> 
     try:
         with Client(server.addr, timeout=20) as client:
             assert len(client.list_segments()) == 199
-            assert client.get_segment("d196")["rule"] == negated("d195")
+            assert client.get_segment("d196").rule == negated("d195")
             with pytest.raises(ClientError) as info:
                 client.count(segment="d196")
             assert info.value.code == "INVALID_ARGUMENT" and "limit" in info.value.message
             client.create_segment("joined", "materialized", rule=joined_by_as_of(),
                                   refresh_every=3600)
             past = datetime.now(UTC) - timedelta(days=20)
-            size = client.refresh_segment("joined", as_of=past)["size"]
+            size = client.refresh_segment("joined", as_of=past).size
             assert 0 < size < N
             time.sleep(2.5)  # the scheduler looks every second; `m` fails at every look
-            assert client.get_segment("joined")["size"] == size
+            assert client.get_segment("joined").size == size
             history = client.segment_history("joined")
-            assert [p["cause"] for p in history] == ["create", "refresh"]
-            assert abs(history[1]["time"] - past) < timedelta(milliseconds=1)
+            assert [p.cause for p in history] == ["create", "refresh"]
+            assert abs(history[1].time - past) < timedelta(milliseconds=1)
         assert server.stop() == 0
         log = server.stderr()
         assert log.count("scheduled refresh of segment 'm' failed") == 1, log
