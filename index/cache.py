@@ -165,6 +165,16 @@ def parsed_weight(text: bytes, value: tuple[Any, Any]) -> int:
     return sys.getsizeof(text) + estimate_size(value[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    """What a result cache has done since the engine opened, and what it holds now."""
+
+    hits: int
+    misses: int
+    entries: int
+    bytes: int
+
+
 class ResultCache:
     """Counts and member bitmaps of the current snapshot, in one LRU bounded by
     RESULT_ENTRIES and RESULT_BYTES (the key's typed rule counts too)."""
@@ -174,14 +184,25 @@ class ResultCache:
         self.results = LRU(RESULT_ENTRIES if entries is None else entries,
                            RESULT_BYTES if max_bytes is None else max_bytes)
         self.lock = threading.Lock()
+        self.hits = self.misses = 0  # lookups, counted under `lock`
+
+    def stats(self) -> CacheStats:
+        with self.lock:
+            hits, misses = self.hits, self.misses
+        with self.results.lock:
+            return CacheStats(hits, misses, len(self.results.items), self.results.bytes)
 
     def key(self, rule: Rule, snapshot: Snapshot, as_of_us: int) -> tuple:
         return (rule, as_of_us if depends_on_time(rule, snapshot) else None)
 
     def get(self, kind: str, snapshot: Snapshot, key: tuple) -> Any:
-        if self.snapshot is not snapshot:
-            return None
-        return self.results.get((kind, key))
+        found = None if self.snapshot is not snapshot else self.results.get((kind, key))
+        with self.lock:
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return found
 
     def put(self, kind: str, snapshot: Snapshot, key: tuple, value: Any) -> None:
         with self.lock:

@@ -20,7 +20,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.cache import LRU, ResultCache, canonical, parsed_weight
+from bitseg.index.cache import LRU, CacheStats, ResultCache, canonical, parsed_weight
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events, write_catalog
@@ -239,6 +239,10 @@ class Engine:
 
     def total(self) -> int:
         return len(self._snapshot.live)
+
+    def cache_stats(self) -> CacheStats:
+        """The result cache's hits and misses since open, and its size now."""
+        return self._results.stats()
 
     def parse(self, rule: Any, snapshot: Snapshot | None = None) -> Rule:
         """A rule in JSON form (dict or text) -> the typed tree; typed rules pass through.

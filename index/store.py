@@ -183,6 +183,11 @@ class Store:
         self.env.close()
         self._release_lock()
 
+    def used_bytes(self) -> int:
+        """Bytes of data.mdb that hold pages (up to LMDB's last used page): not the map's
+        reserve, which a bulk load leaves as a sparse tail."""
+        return (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+
     def reader(self) -> SnapshotReader:
         """A reader pinned to what is committed now: later commits do not show through it."""
         return SnapshotReader(self)

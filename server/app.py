@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from bitseg.index.engine import Engine
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.server.gate import ConfigError, Gate, Tokens
+from bitseg.server.metrics import Metrics
 from bitseg.server.service import SegmentsServicer
 from bitseg.v1 import bitseg_pb2, bitseg_pb2_grpc
 
@@ -55,6 +56,7 @@ class Options:
     max_streams: int = MAX_STREAMS
     stream_idle: float = STREAM_IDLE_SECONDS
     access_log: bool = False
+    metrics_port: int | None = None  # Prometheus metrics on --host at this port (0: any)
 
     def gate(self) -> Gate:
         return Gate(self.tokens, self.max_streams, self.stream_idle, self.access_log)
@@ -72,7 +74,7 @@ def create_server(engine: Engine, address: str, workers: int = WORKERS,
 
 
 def _build(engine: Engine, address: str, workers: int, segments: Segments | None = None,
-           options: Options = Options()
+           options: Options = Options(), outer: Sequence[grpc.ServerInterceptor] = ()
            ) -> tuple[grpc.Server, int, health.HealthServicer, Gate]:
     if segments is None and isinstance(engine, Engine):
         segments = open_segments(engine)
@@ -81,7 +83,7 @@ def _build(engine: Engine, address: str, workers: int, segments: Segments | None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers + options.max_streams,
                                    thread_name_prefix="bitseg-rpc"),
-        interceptors=[gate],
+        interceptors=[*outer, gate],  # outer ones (metrics) also see what the gate refuses
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],  # a second server on a taken port must fail
@@ -144,8 +146,14 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
     try:
         with Engine.open(db_path) as engine:
             segments = open_segments(engine)
+            metrics = Metrics(engine) if options.metrics_port is not None else None
             server, bound, health_servicer, gate = _build(
-                engine, _address(host, port), WORKERS, segments, options)
+                engine, _address(host, port), WORKERS, segments, options,
+                outer=[metrics.interceptor] if metrics else [])
+            if metrics is not None and options.metrics_port is not None:
+                scraped = metrics.start(host, options.metrics_port)
+                print(f"bitseg metrics on http://{_address(host, scraped)}/metrics",
+                      file=sys.stderr, flush=True)
             scheduler = RefreshScheduler(segments, tick).start()
             server.start()
             if options.tokens is None and not is_loopback(host):
@@ -159,6 +167,8 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             server.stop(grace).wait(grace + EXIT_MARGIN)
             if not gate.wait_idle(EXIT_MARGIN):
                 _exit_now(gate, grace)
+            if metrics is not None:  # before the store closes: a scrape reads it
+                metrics.stop()
         log.info("stopped; store closed")
         return 0
     finally:
