@@ -273,9 +273,9 @@ PREVIEW_CELL = 24  # characters a preview cell shows; a longer value ends in "â€
 
 
 def profile_table(profiles: list[dict[str, Any]], width: int = PREVIEW_CELL) -> str:
-    """Profiles as aligned columns: id, then every field in the order first seen; a
+    """Profiles as aligned columns: id, then every field any of them has, by name; a
     multi-valued field |-separated, an absent value blank, numbers right-aligned."""
-    fields = [k for k in dict.fromkeys(k for p in profiles for k in p) if k != "id"]
+    fields = sorted({k for p in profiles for k in p} - {"id"})
     columns = ["id", *fields]
     rows = [[_clip(_cell_text(p.get(c)), width) for c in columns] for p in profiles]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
