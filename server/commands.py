@@ -430,7 +430,7 @@ def cmd_segment_refresh(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json({**result, "as_of": _iso(result["as_of"])})
     else:
-        print(f"{args.name}: {result['size']:,} members, {result['entered']:,} entered, "
+        print(f"{args.name}: {_members(result['size'])}, {result['entered']:,} entered, "
               f"{result['exited']:,} exited")
     return EXIT_OK
 
@@ -507,7 +507,7 @@ def _print_segment(segment: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(segment)
         return
-    line = f"{segment['name']}: {segment['kind']}, {segment['size']:,} members"
+    line = f"{segment['name']}: {segment['kind']}, {_members(segment['size'])}"
     if segment.get("refresh_every"):
         line += f", refreshed every {segment['refresh_every']:,} s"
     print(line)
@@ -522,8 +522,12 @@ def _print_change(result: dict[str, Any], verb: str, as_json: bool) -> None:
     if as_json:
         _print_json(result)
     else:
-        print(f"{verb} {result['changed']:,}; {result['size']:,} members now")
+        print(f"{verb} {result['changed']:,}; {_members(result['size'])} now")
         _print_unknown(result.get("unknown_ids") or [])
+
+
+def _members(size: int) -> str:
+    return f"{size:,} member" + ("" if size == 1 else "s")
 
 
 def _print_unknown(ids: list[str]) -> None:

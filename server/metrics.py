@@ -5,7 +5,8 @@ Two sources, one registry:
   code, and the evaluation time the evaluating RPCs report (their `eval_micros`);
 - `EngineCollector`, read at scrape time only (nothing is updated on a write): the
   snapshot version, the profiles, events and orders there are, the bytes of data.mdb
-  in use, and the result cache's hits and misses.
+  in use, and the result cache's hits and misses;
+and prometheus_client's process_* metrics (memory, CPU, open files).
 
 The page is served by prometheus_client's HTTP server on its own thread.
 """
@@ -21,6 +22,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
@@ -183,6 +185,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.interceptor = CallMetrics(self.registry)
         self.registry.register(EngineCollector(engine))
+        ProcessCollector(registry=self.registry)  # process_*: memory, CPU, open files
         self._http: Any = None  # a wsgiref server
 
     def start(self, host: str, port: int) -> int:

@@ -56,6 +56,14 @@ def test_counts_and_sizes_have_thousands_separators(server: ServerProcess) -> No
     cli(server, "segment", "delete", "all")
 
 
+def test_one_member_is_singular(server: ServerProcess) -> None:
+    created = cli(server, "segment", "create", "one", "--static", "--ids", "p1")
+    assert created.stdout.splitlines()[0] == "one: static, 1 member"
+    assert cli(server, "segment", "add", "one", "p2").stdout == "added 1; 2 members now\n"
+    assert cli(server, "segment", "remove", "one", "p2").stdout == "removed 1; 1 member now\n"
+    cli(server, "segment", "delete", "one")
+
+
 # ---------------------------------------------------------------------- history, check
 def test_an_empty_history_says_so(server: ServerProcess) -> None:
     cli(server, "segment", "create", "dyn", "--dynamic", "--rule",
