@@ -29,6 +29,7 @@ from bitseg.index.ids import IdMap
 from bitseg.index.orders import OrderBatch, load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
+from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
 from bitseg.index.store import Store, Txn, chunks_of, u32
@@ -178,7 +179,7 @@ class Engine:
     def __init__(self, store: Store, ids: IdMap, snapshot: Snapshot) -> None:
         self.store = store
         self._ids = ids
-        self._snapshot = snapshot
+        self._snapshot = replace(snapshot, samples=Buckets(lambda: self._ids))
         self._write_lock = threading.Lock()
         self._parsed = LRU(PARSED_RULES, weigh=parsed_weight)
         self._results = ResultCache()

@@ -31,6 +31,7 @@ from bitseg.index.rules import (
     Rule,
     SegmentRef,
 )
+from bitseg.index.sample import Sample
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.timeline import civil
 
@@ -110,6 +111,8 @@ class Evaluator:
             return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
         if isinstance(rule, OrdersCond):
             return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
+        if isinstance(rule, Sample):
+            return self.snap.samples.bitmap(rule, self.snap.live)
         raise TypeError(f"not a rule: {rule!r}")
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
@@ -228,6 +231,8 @@ class Evaluator:
                 return self.contains(found, pid)
         if isinstance(rule, (EventCond, OrdersCond)):
             return pid in self.bitmap(rule)
+        if isinstance(rule, Sample):
+            return pid in self.snap.live and self.snap.samples.contains(rule, pid)
         raise TypeError(f"not a rule: {rule!r}")
 
     def _holds(self, cond: Cond, pid: int) -> bool:

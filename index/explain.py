@@ -21,6 +21,7 @@ import orjson
 from bitseg.index import types as T
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.rules import And, Cond, Not, Or, Rule
+from bitseg.index.sample import sample_words
 from bitseg.index.snapshot import Snapshot
 
 
@@ -99,6 +100,8 @@ def node_words(obj: dict[str, Any], node: Rule) -> str:
         return "every live profile"
     if "segment" in obj:
         return f"in segment {_show(obj['segment'])}"
+    if "sample" in obj:
+        return sample_words(obj)
     if "event" in obj or "orders" in obj:
         return _timed(obj, negated=False)
     return condition_words(obj, _type_of(node))
@@ -117,6 +120,8 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
         return "who exist"
     if "segment" in obj:
         return f"who are in segment {_show(obj['segment'])}"
+    if "sample" in obj:
+        return "who are " + sample_words(obj)
     if "event" in obj or "orders" in obj:
         return "who " + _timed(obj, negated=False)
     return "whose " + condition_words(obj, _type_of(node))
@@ -134,6 +139,8 @@ def negative(obj: dict[str, Any], node: Rule | None) -> str:
         return "who do not exist"
     if "segment" in obj:
         return f"who are not in segment {_show(obj['segment'])}"
+    if "sample" in obj:
+        return "who are " + sample_words(obj, negated=True)
     if "event" in obj or "orders" in obj:
         return "who " + _timed(obj, negated=True)
     return "whose " + condition_words(obj, _type_of(node), negated=True)

@@ -16,6 +16,7 @@ import orjson
 
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
+from bitseg.index.sample import Sample, parse_sample
 from bitseg.index.schema import Schema
 
 
@@ -145,8 +146,8 @@ class OrdersCond:
     having: Having
 
 
-Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond
-RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond)
+Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | Sample
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, Sample)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
 AGGS = ("count", "sum", "avg", "min", "max")
@@ -166,7 +167,8 @@ OPS_BY_TYPE = {
     | {"between", "anniversary_in"},
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
-NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders")
+NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders",
+             "sample")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
@@ -379,6 +381,9 @@ class _Parser:
         aggregable = {k: v for k, v in self.schema.orders.items() if not k.startswith("items.")}
         return OrdersCond(selected, self._window(obj, path),
                           self._having(obj, path, {**aggregable, **ITEM_READINGS}))
+
+    def _sample(self, obj: dict, path: str) -> Rule:
+        return parse_sample(obj, path)
 
     def _window(self, obj: dict, path: str) -> Window:
         if "window" not in obj:

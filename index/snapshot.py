@@ -14,6 +14,7 @@ from bitseg.index.events import EventIndex
 from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
 from bitseg.index.orders import OrderIndex
 from bitseg.index.rules import Rule
+from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
 
 FieldIndex = ValueIndex | RangeIndex
@@ -44,6 +45,7 @@ class Snapshot:
     events: EventIndex = field(default_factory=EventIndex)
     orders: OrderIndex = field(default_factory=OrderIndex)
     reader: Any = None  # a store.SnapshotReader pinned to this version (lookups by id)
+    samples: Buckets = field(default_factory=Buckets)  # the engine's, shared by versions
 
     def field(self, name: str) -> FieldIndex:
         """The index of a profile field (an empty one if it has no values yet)."""
