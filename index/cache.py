@@ -22,6 +22,7 @@ from bitseg.index.rules import (
     Cond,
     DaysAgo,
     EventCond,
+    ItemsCond,
     Not,
     Or,
     OrdersCond,
@@ -49,7 +50,7 @@ def canonical(rule: Any) -> bytes | None:
 def depends_on_time(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = frozenset()
                     ) -> bool:
     """Whether the rule's answer can change with as_of on the same data."""
-    if isinstance(rule, (EventCond, OrdersCond)):
+    if isinstance(rule, (EventCond, OrdersCond, ItemsCond)):
         return True
     if isinstance(rule, Cond):
         values = rule.value if isinstance(rule.value, tuple) else (rule.value,)

@@ -26,7 +26,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.events import EventBatch, load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
-from bitseg.index.orders import OrderBatch, load_orders
+from bitseg.index.orders import OrderBatch, index_items, load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.sample import Buckets
@@ -200,6 +200,9 @@ class Engine:
                 fields = load_fields(store, txn, schema, bitmaps)
                 events = load_events(store, txn, version)
                 orders = load_orders(store, txn, schema)
+            if not orders.items_indexed:  # once, for a store from before per-item values
+                with store.write() as txn:
+                    orders = index_items(store, txn, orders, schema)
             if not events.catalogued and events.type_days:  # once, for a store from before
                 with store.write() as txn:
                     write_catalog(store, txn, events)

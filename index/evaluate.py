@@ -18,6 +18,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.events import evaluate_event
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.items import contains_items, evaluate_items
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
     All,
@@ -25,6 +26,7 @@ from bitseg.index.rules import (
     Cond,
     DaysAgo,
     EventCond,
+    ItemsCond,
     Not,
     Or,
     OrdersCond,
@@ -111,6 +113,8 @@ class Evaluator:
             return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
         if isinstance(rule, OrdersCond):
             return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
+        if isinstance(rule, ItemsCond):
+            return evaluate_items(rule, self.snap.orders, self.snap.live, self.as_of)
         if isinstance(rule, Sample):
             return self.snap.samples.bitmap(rule, self.snap.live)
         raise TypeError(f"not a rule: {rule!r}")
@@ -231,6 +235,9 @@ class Evaluator:
                 return self.contains(found, pid)
         if isinstance(rule, (EventCond, OrdersCond)):
             return pid in self.bitmap(rule)
+        if isinstance(rule, ItemsCond):
+            return pid in self.snap.live and contains_items(rule, self.snap.orders, pid,
+                                                            self.as_of)
         if isinstance(rule, Sample):
             return pid in self.snap.live and self.snap.samples.contains(rule, pid)
         raise TypeError(f"not a rule: {rule!r}")

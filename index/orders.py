@@ -12,7 +12,9 @@ Data layout (in memory; an OrderIndex is immutable once published)
   order (ValueIndex over order ids: the orders having an item with that value).  A
   numeric / date item key is kept per item: items get their own dense ids, an
   `item_owner` column (item -> order id, NONE once the item is replaced) and key
-  columns, so "any item" and "every item" are exact for every op.
+  columns, so "any item" and "every item" are exact for every op.  Value-typed item keys
+  are also kept per item (`item_values`: a ValueIndex over item ids, bitmap names "w" /
+  "y" + SEP + "items.F"), for items as rows (index/items.py).
 - Per-order derived columns "items.qty_sum" (at the float scale, whatever the type of
   items.qty) and "items.distinct".
 - `runs`: the starts of the maximal runs of order ids whose ts does not decrease.
@@ -25,7 +27,10 @@ existing order copies the columns it changes (copy-on-write), as bitmaps are cop
 
 Persistence: the LMDB db "orders" holds everything, written in the caller's write
 transaction (a failed batch leaves nothing):
-  b"meta"                         JSON {"count": orders, "items": item ids}
+  b"meta"                         JSON {"count": orders, "items": item ids,
+                                  "item_values": true once the per-item bitmaps below
+                                  cover every item (index_items builds them at open
+                                  for a store written before they existed)}
   b"i\\x1f" + external order id     u32 dense order id
   b"r\\x1f" + u32(order id)         the order's current row (JSON, canonical values)
   b"c\\x1f" + column + 0 + u32(k)   chunk k (2**16 ids) of a numpy column, raw bytes
@@ -114,6 +119,7 @@ DERIVED = (QTY_SUM, DISTINCT)
 RESERVED = {"id", "profile", "ts", "items"}
 ITEM_RESERVED = {"qty_sum", "qty_each", "distinct"}
 SCALE = {QTY_SUM: T.FLOAT_SCALE}  # column keys per unit of the rule's value
+ITEM_KINDS = (b"w", b"y")  # bitmap names of value-typed item keys per item: value, exists
 
 
 # ---------------------------------------------------------------------- the index
@@ -210,6 +216,9 @@ class OrderIndex:
     columns: Columns = field(default_factory=Columns)  # over order ids
     item_owner_buf: np.ndarray = field(default_factory=lambda: _empty(np.uint32))
     item_columns: Columns = field(default_factory=lambda: Columns(b"i"))  # over item ids
+    # keyword / keywords / bool item keys per item (index/items.py): bitmaps over item ids
+    item_values: Mapping[str, ValueIndex] = field(default_factory=dict)
+    items_indexed: bool = True  # False: a store from before item_values (see index_items)
 
     def pinned(self, reader: Any) -> OrderIndex:
         """This index reading its columns through another reader (the committed one's)."""
@@ -263,9 +272,9 @@ def _column_key(name: bytes, chunk: int) -> bytes:
     return b"c" + SEP + name + b"\x00" + u32(chunk)
 
 
-def _value_name(store: Store, txn: Txn, fname: str, value: Any) -> bytes:
+def _value_name(store: Store, txn: Txn, fname: str, value: Any, kind: bytes = b"v") -> bytes:
     raw = orjson.dumps(value)
-    name = b"v" + SEP + fname.encode() + SEP + raw
+    name = kind + SEP + fname.encode() + SEP + raw
     if len(name) <= MAX_NAME:
         return name
     digest = b"#" + hashlib.blake2b(name, digest_size=20).hexdigest().encode()
@@ -273,8 +282,8 @@ def _value_name(store: Store, txn: Txn, fname: str, value: Any) -> bytes:
     return digest
 
 
-def _exists_name(fname: str) -> bytes:
-    return b"x" + SEP + fname.encode()
+def _exists_name(fname: str, kind: bytes = b"x") -> bytes:
+    return kind + SEP + fname.encode()
 
 
 def _put_bitmap(store: Store, txn: Txn, name: bytes, bitmap: BitMap,
@@ -335,6 +344,8 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     live = EMPTY
     values: dict[str, dict[Any, BitMap]] = {}
     exists: dict[str, BitMap] = {}
+    item_values: dict[str, dict[Any, BitMap]] = {}  # kinds w / y: per item (ITEM_KINDS)
+    item_exists: dict[str, BitMap] = {}
     for name, chunks in parts.items():
         bitmap = BitMap.union(*chunks)
         if name.startswith(b"#"):
@@ -347,10 +358,31 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
         elif kind == b"v":
             fname, _, raw = rest.partition(SEP)
             values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
+        elif kind == ITEM_KINDS[1]:
+            item_exists[rest.decode()] = bitmap
+        elif kind == ITEM_KINDS[0]:
+            fname, _, raw = rest.partition(SEP)
+            item_values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
     value_indexes = {name: ValueIndex(values.get(name, {}), bitmap)
                      for name, bitmap in exists.items()}
+    item_indexes = {name: ValueIndex(item_values.get(name, {}), bitmap)
+                    for name, bitmap in item_exists.items()}
     return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), value_indexes,
-                      columns, item_owner, item_columns)
+                      columns, item_owner, item_columns, item_values=item_indexes,
+                      items_indexed=bool(meta.get("item_values")))
+
+
+def index_items(store: Store, txn: Txn, index: OrderIndex, schema: Schema) -> OrderIndex:
+    """For a store written before item_values existed: build them once from the stored
+    rows (in the caller's write transaction) and mark the store as indexed."""
+    batch = OrderBatch(store, txn, index, schema, lambda external: 0)
+    batch.reindexing = True
+    for key, raw in store.items(txn, "orders", b"r" + SEP):
+        oid = from_u32(bytes(key[2:]))
+        row = orjson.loads(raw)
+        if row.get("it") and index.item_owner[row["i0"]] == oid:
+            batch.queue_item_values(row["i0"], row["it"], removing=False)
+    return batch.finish()[0]
 
 
 # ---------------------------------------------------------------------- batches
@@ -441,6 +473,10 @@ class OrderBatch:
         self.pending: dict[str, _Values] = {}
         self.writers: dict[str, ValueWriter] = {}
         self.touched_values = BitMap()  # order ids whose value bitmaps changed
+        self.item_pending: dict[str, _Values] = {}  # value-typed item keys, per item id
+        self.item_writers: dict[str, ValueWriter] = {}
+        self.touched_item_values = BitMap()
+        self.reindexing = False  # index_items: every stored item is being queued
         self.sets: dict[str, _Sets] = {}  # order columns: "owner", "ts", fields, derived
         self.item_sets: dict[str, _Sets] = {}  # item columns: "item_owner", item fields
         self.killed_items = array("I")
@@ -658,7 +694,9 @@ class OrderBatch:
             if old is not None and old.get("it"):
                 first = old["i0"]
                 self.killed_items.extend(range(first, first + len(old["it"])))
+                self.queue_item_values(first, old["it"], removing=True)
             if new is not None and new["it"]:
+                self.queue_item_values(self.next_item, new["it"], removing=False)
                 item_owner = self._item_owner
                 for item in new["it"]:
                     iid = self.next_item
@@ -668,6 +706,15 @@ class OrderBatch:
                         sink = self._item_sink(key)
                         if sink is not None:
                             sink[0].set(iid, _key(sink[1], value))
+
+    def queue_item_values(self, first: int, items: list, removing: bool) -> None:
+        """Queue the value-typed keys of items first, first+1, … for the per-item bitmaps."""
+        for iid, item in enumerate(items, first):
+            for key, value in item.items():
+                name = "items." + key
+                if self.types[name] in T.VALUE_TYPES:
+                    pending = self.item_pending.setdefault(name, _Values())
+                    pending.push(iid, _as_tuple(value), removing)
 
     def _sink(self, name: str) -> tuple[bool, Any, str]:
         """Where changes of an order-level name go: (is a value field, queue, type)."""
@@ -724,6 +771,21 @@ class OrderBatch:
                 writer.add(add_ids, np.frombuffer(pending.add_codes, dtype=np.uint32),
                            pending.values)
             pending.clear()
+        for name, pending in self.item_pending.items():
+            if not pending.add_ids and not pending.rm_ids:
+                continue
+            writer = self.item_writers.get(name)
+            if writer is None:
+                writer = self.item_writers[name] = ValueWriter(
+                    self.index.item_values.get(name) or ValueIndex())
+            for removing, ids, codes in ((True, pending.rm_ids, pending.rm_codes),
+                                         (False, pending.add_ids, pending.add_codes)):
+                if ids:
+                    id_arr = np.frombuffer(ids, dtype=np.uint32)
+                    self.touched_item_values |= bitmap_of(id_arr)
+                    apply = writer.remove if removing else writer.add
+                    apply(id_arr, np.frombuffer(codes, dtype=np.uint32), pending.values)
+            pending.clear()
         self.segment_start = self.next
         self.touched_old = set()
 
@@ -749,6 +811,15 @@ class OrderBatch:
                             chunks)
             _put_bitmap(store, txn, _exists_name(name), index.exists, chunks)
         values = {k: v for k, v in values.items() if v.exists or v.values}
+        item_values = dict(old.item_values)
+        chunks = chunks_of(self.touched_item_values)
+        for name, writer in self.item_writers.items():
+            index = item_values[name] = writer.finish()
+            for value in writer.dirty:
+                _put_bitmap(store, txn, _value_name(store, txn, name, value, ITEM_KINDS[0]),
+                            index.eq(value), chunks)
+            _put_bitmap(store, txn, _exists_name(name, ITEM_KINDS[1]), index.exists, chunks)
+        item_values = {k: v for k, v in item_values.items() if v.exists or v.values}
         # order columns
         owner_buf = self._plain(b"owner", old.owner_buf, old.count, count,
                                 self.sets.get("owner"), 0)
@@ -760,10 +831,15 @@ class OrderBatch:
                                      item_count, self.item_sets.get("item_owner"), NONE, killed)
         item_columns = self._columns(b"i", old.item_columns, "g:", self.item_sets,
                                      old.item_count, item_count, killed)
-        store.put(txn, "orders", b"meta", orjson.dumps({"count": count, "items": item_count}))
+        indexed = old.items_indexed or self.reindexing or not any(
+            name.startswith("items.") and type_ in T.VALUE_TYPES
+            for name, type_ in self.schema.orders.items())  # else: old items lack them
+        store.put(txn, "orders", b"meta", orjson.dumps({"count": count, "items": item_count,
+                                                        "item_values": indexed}))
         runs = self._runs(ts_buf[:count])
         index = OrderIndex(count, item_count, live, owner_buf, ts_buf, runs, values, columns,
-                           item_owner_buf, item_columns)
+                           item_owner_buf, item_columns, item_values=item_values,
+                           items_indexed=indexed)
         return index, schema
 
     def _columns(self, kind: bytes, old: Columns, prefix: str, sets: dict[str, _Sets],

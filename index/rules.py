@@ -146,8 +146,19 @@ class OrdersCond:
     having: Having
 
 
-Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | Sample
-RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, Sample)
+@dataclass(frozen=True, slots=True)
+class ItemsCond:
+    """Order item lines as rows (CONTRACT §2.4b); see index/items.py."""
+
+    items: Rule  # over item keys, named without "items."
+    orders: Rule  # over the order's fields (All when absent)
+    window: Window
+    having: Having
+    spend_scale: int = 1  # key units of price × qty per unit of spend
+
+
+Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond | Sample
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
 AGGS = ("count", "sum", "avg", "min", "max")
@@ -167,7 +178,7 @@ OPS_BY_TYPE = {
     | {"between", "anniversary_in"},
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
-NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders",
+NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders", "items",
              "sample")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
@@ -184,7 +195,7 @@ A segment reference counts as one node here; what the segment holds is its own r
 MAX_LIST_VALUES = 100_000  # values of an in / not_in / has_all list
 MAX_JSON_DEPTH = 1024  # the deepest JSON text orjson reads
 RULE_LISTS = ("and", "or")  # keys whose list holds child rules
-RULE_CHILDREN = ("not", "where", "orders")  # keys whose value is a child rule
+RULE_CHILDREN = ("not", "where", "orders", "items")  # keys whose value is a child rule
 
 
 def parse_rule(rule: Any, schema: Schema) -> Rule:
@@ -313,6 +324,8 @@ class _Parser:
         if not isinstance(obj, dict):
             raise RuleError(path, f"expected a rule object, got {_kind(obj)}")
         keys = [k for k in NODE_KEYS if k in obj]
+        if "items" in keys:  # an items node's "orders" is its own part
+            keys = [k for k in keys if k != "orders"]
         if not keys:
             raise RuleError(path, "expected one of the keys " + ", ".join(self.allowed))
         if len(keys) > 1:
@@ -384,6 +397,10 @@ class _Parser:
 
     def _sample(self, obj: dict, path: str) -> Rule:
         return parse_sample(obj, path)
+
+    def _items(self, obj: dict, path: str) -> Rule:
+        from bitseg.index.items import parse_items
+        return parse_items(self, obj, path)
 
     def _window(self, obj: dict, path: str) -> Window:
         if "window" not in obj:

@@ -52,6 +52,7 @@ from bitseg.index.fields import ids_of
 from bitseg.index.rules import (
     And,
     EventCond,
+    ItemsCond,
     Not,
     Or,
     OrdersCond,
@@ -275,6 +276,8 @@ def _children(node: Rule) -> tuple[Rule, ...]:
         return () if node.where is None else (node.where,)
     if isinstance(node, OrdersCond):
         return (node.orders,)
+    if isinstance(node, ItemsCond):
+        return (node.items, node.orders)
     return ()
 
 

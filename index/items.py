@@ -1,0 +1,297 @@
+"""Items as rows: the `items` rule (CONTRACT §2.4b), "spend on a brand".
+
+{"items": R, "orders": O, "window": W, "having": H} selects the order item lines that
+match R (a rule over item keys, named without "items.") and whose order matches O (any
+order when absent) with its ts in W, and aggregates them per profile.
+
+Layout (index/orders.py keeps it): every item line has a dense item id; `item_owner`
+maps it to its order (NONE once replaced), numeric / date keys are item columns
+("items.F"), value-typed keys (keyword, keywords, bool) are ValueIndexes over item ids
+(`OrderIndex.item_values`).  Evaluation is vectorised: R becomes a bitmap of item ids;
+O and W a mask over order ids (orders.select_orders); the item ids are gathered through
+item_owner into that mask, then through the order's owner into profile ids, and grouped
+per profile (orders._Groups: sort + reduceat for few rows, bincount / ufunc.at for many).
+
+Aggregates: count = item lines (not units); sum / avg / min / max of qty, price or spend
+(spend = price × qty of the line, as the exact integer product of the two columns' keys,
+so at the scale of price's units times qty's units: never a float); first / last of the
+order's ts.  Choices where the contract is silent: a line without the `of` value (for
+spend: without price or without qty) counts for count (and first/last) only; a profile
+whose lines all lack it has sum 0 and no avg / min / max, as for orders.
+"""
+
+from __future__ import annotations
+
+import weakref
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import RuleError
+from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
+from bitseg.index.orders import (
+    NONE, OrderIndex, _avg_compare, _bits, _compare, _Groups, _scaled, _Selector,
+    select_orders)
+from bitseg.index.rules import (
+    WHERE_KEYS, All, And, Cond, DaysAgo, ItemsCond, Not, Or, OrdersCond, Rule, _only,
+    _Parser, _short)
+
+OFS = ("qty", "price", "spend")  # what sum / avg / min / max may be of
+RECENCY = ("first", "last")
+
+
+# ---------------------------------------------------------------------- parsing
+
+
+class _ItemParser(_Parser):
+    """A rule over item keys, which are written without the "items." prefix."""
+
+    def _field(self, obj: dict, path: str) -> Rule:
+        name = obj.get("field")
+        if isinstance(name, str) and name.startswith("items.") and name[6:] in self.fields:
+            raise RuleError(f"{path}.field", f"item keys are written without the 'items.' "
+                            f"prefix in an items rule: use {_short(name[6:])}")
+        return super()._field(obj, path)
+
+
+def item_keys(schema: Any) -> dict[str, str]:
+    """Item key -> type, from the orders schema's "items.F" entries."""
+    return {name[6:]: type_ for name, type_ in schema.orders.items()
+            if name.startswith("items.")}
+
+
+def parse_items(parser: _Parser, obj: dict, path: str) -> ItemsCond:
+    """{"items": R, "orders": O?, "window": W?, "having": H?} -> ItemsCond."""
+    _only(obj, {"items", "orders", "window", "having"}, path)
+    keys = item_keys(parser.schema)
+    sub = _ItemParser(parser.schema, keys, WHERE_KEYS, "an items rule")
+    items = sub.node(obj["items"], f"{path}.items")
+    orders: Rule = All()
+    if "orders" in obj:  # parsed as an orders rule's own `orders` (same path)
+        orders = parser._orders({"orders": obj["orders"]}, path).orders
+    numeric = {k: keys[k] for k in ("qty", "price") if keys.get(k) in (T.INT, T.FLOAT)}
+    scale = 1
+    if len(numeric) == 2:
+        for type_ in numeric.values():
+            scale *= T.FLOAT_SCALE if type_ == T.FLOAT else 1
+        numeric["spend"] = T.FLOAT
+    return ItemsCond(items, orders, parser._window(obj, path),
+                     parser._having(obj, path, numeric), scale)
+
+
+# ---------------------------------------------------------------------- selecting
+
+_ALIVE: weakref.WeakKeyDictionary[OrderIndex, BitMap] = weakref.WeakKeyDictionary()
+
+
+def alive_items(index: OrderIndex) -> BitMap:
+    """The item ids of current item lines (computed once per index)."""
+    found = _ALIVE.get(index)
+    if found is None:
+        found = _ALIVE[index] = bitmap_of(np.flatnonzero(index.item_owner != NONE))
+    return found
+
+
+class _ItemSelector(_Selector):
+    """The `items` part of a rule as a bitmap of item ids (the universe: alive items)."""
+
+    def __init__(self, index: OrderIndex, as_of_us: int) -> None:
+        super().__init__(index, as_of_us)
+        self.live = alive_items(index)
+
+    def _cond(self, cond: Cond) -> BitMap:
+        name = "items." + cond.field
+        if cond.type in T.VALUE_TYPES:
+            return self._value(cond, self.index.item_values.get(name) or ValueIndex())
+        col = self.index.item_column(name)
+        if col is None:
+            return self.live if cond.op == "not_exists" else EMPTY
+        keys, valid = col
+        if cond.op == "exists":
+            return _bits(valid)
+        if cond.op == "not_exists":
+            return self.live - _bits(valid)
+        return _bits(valid & self._holds(cond, keys))
+
+
+def _item_mask(sel: _Selector, rule: Rule, iids: np.ndarray) -> np.ndarray:
+    """The items rule for a few item ids (one profile's), without whole bitmaps."""
+    if isinstance(rule, All):
+        return np.ones(len(iids), dtype=bool)
+    if isinstance(rule, Not):
+        return ~_item_mask(sel, rule.child, iids)
+    if isinstance(rule, (And, Or)):
+        masks = [_item_mask(sel, c, iids) for c in rule.children]
+        return np.logical_and.reduce(masks) if isinstance(rule, And) else \
+            np.logical_or.reduce(masks)
+    assert isinstance(rule, Cond)
+    name, op = "items." + rule.field, rule.op
+    if rule.type in T.VALUE_TYPES:
+        index = sel.index.item_values.get(name) or ValueIndex()
+
+        def within(bitmap: BitMap) -> np.ndarray:
+            return np.array([int(i) in bitmap for i in iids], dtype=bool)
+
+        has = within(index.exists)
+        if op in ("exists", "not_exists"):
+            return has if op == "exists" else ~has
+        if op in ("eq", "ne"):
+            hit = within(index.eq(rule.value))
+        elif op == "has_all":
+            hit = np.logical_and.reduce([within(index.eq(v)) for v in rule.value])
+        else:
+            hit = within(index.any_of(rule.value))
+        return has & ~hit if op in ("ne", "not_in") else hit
+    col = sel.index.item_column(name)
+    if col is None:
+        return np.full(len(iids), op == "not_exists")
+    keys, valid = col[0][iids], col[1][iids]
+    if op in ("exists", "not_exists"):
+        return valid if op == "exists" else ~valid
+    return valid & sel._holds(rule, keys)
+
+
+def _rows(cond: ItemsCond, index: OrderIndex, as_of_us: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, their order ids) of the selected item lines."""
+    items = _ItemSelector(index, as_of_us).bitmap(cond.items)
+    if not items:
+        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32)
+    orders = select_orders(OrdersCond(cond.orders, cond.window, cond.having), index, as_of_us)
+    iids = ids_of(items)
+    owners = index.item_owner[iids]
+    if len(orders) < index.count:
+        wanted = np.zeros(index.count, dtype=bool)
+        wanted[orders] = True
+        keep = wanted[owners]
+        iids, owners = iids[keep], owners[keep]
+    return iids, owners
+
+
+# ---------------------------------------------------------------------- aggregating
+
+
+def _line_values(index: OrderIndex, of: str, iids: np.ndarray, spend_scale: int
+                 ) -> tuple[np.ndarray, np.ndarray, int, Fraction]:
+    """(values, valid, bound, units per rule-value unit) of `of` for these lines."""
+    if of == "spend":
+        q, p = index.item_columns.get("items.qty"), index.item_columns.get("items.price")
+        if q is None or p is None:
+            return np.zeros(len(iids), dtype=np.int64), np.zeros(len(iids), bool), 0, \
+                Fraction(1)
+        qk, pk = q.keys[iids], p.keys[iids]
+        valid = q.valid[iids] & p.valid[iids]
+        bound = q.bound * p.bound
+        if bound >= 2**63:  # the product could overflow int64: exact Python integers
+            qk, pk = qk.astype(object), pk.astype(object)
+        return np.where(valid, qk * pk, 0), valid, bound, Fraction(spend_scale, T.FLOAT_SCALE)
+    col = index.item_columns.get("items." + of)
+    if col is None:
+        return np.zeros(len(iids), dtype=np.int64), np.zeros(len(iids), bool), 0, Fraction(1)
+    valid = col.valid[iids]
+    return np.where(valid, col.keys[iids], 0), valid, col.bound, Fraction(1)
+
+
+def _judge(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, oids: np.ndarray,
+           groups: _Groups, as_of_us: int) -> np.ndarray:
+    """Per group: whether the having condition holds (groups with rows)."""
+    having = cond.having
+    op, agg = having.op, having.agg
+    if agg == "count":
+        return _compare(groups.counts, op, having.value)
+    if agg in RECENCY:
+        ts = index.ts_buf[oids]
+        ufunc = np.minimum if agg == "first" else np.maximum
+        fill = np.iinfo(np.int64).max if agg == "first" else np.iinfo(np.int64).min
+        return _compare(groups.reduce(ufunc, ts, fill), op, _moment(having.value, as_of_us))
+    values, valid, bound, factor = _line_values(index, having.of, iids, cond.spend_scale)
+    value = _scaled(having.value, factor)
+    if agg in ("sum", "avg") and values.dtype != object and \
+            bound * max(int(groups.counts.max(initial=0)), 1) >= 2**63:
+        values = values.astype(object)  # a sum could overflow int64
+    if agg == "sum":
+        return _compare(groups.reduce(np.add, values, 0), op, value)
+    n = groups.reduce(np.add, valid.astype(np.int64), 0)
+    if agg == "avg":
+        return (n > 0) & _avg_compare(groups.reduce(np.add, values, 0), n, op, value)
+    fill: Any = np.iinfo(np.int64).max if agg == "min" else np.iinfo(np.int64).min
+    if values.dtype == object:
+        fill = int(fill) * (1 << 64)  # beyond any product of two int64 keys
+    ufunc = np.minimum if agg == "min" else np.maximum
+    extreme = groups.reduce(ufunc, np.where(valid, values, fill), fill)
+    return (n > 0) & _compare(extreme, op, value)
+
+
+def _moment(value: Any, as_of_us: int) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_moment(v, as_of_us) for v in value)
+    if isinstance(value, DaysAgo):
+        return as_of_us - value.days * T.US_PER_DAY
+    return value
+
+
+def holds_for_no_rows(cond: ItemsCond) -> bool:
+    return cond.having.agg not in RECENCY and cond.having.holds_for_no_rows()
+
+
+def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: int
+                   ) -> BitMap:
+    """The live profiles for which the items rule holds."""
+    iids, oids = _rows(cond, index, as_of_us)
+    empty = holds_for_no_rows(cond)
+    if not len(iids):
+        return live if empty else EMPTY
+    groups = _Groups(index.owner_buf[oids])
+    ok = _judge(cond, index, iids, oids, groups, as_of_us)
+    if empty:
+        return live - groups.profiles(groups.has & ~ok)
+    return groups.profiles(groups.has & ok) & live
+
+
+def contains_items(cond: ItemsCond, index: OrderIndex, pid: int, as_of_us: int) -> bool:
+    """The items rule for one profile: its orders' item lines only."""
+    mine = np.flatnonzero(index.owner == pid).astype(np.uint32)
+    if len(mine):
+        if not isinstance(cond.orders, All):
+            chosen = select_orders(OrdersCond(cond.orders, cond.window, cond.having), index,
+                                   as_of_us)
+            mine = mine[np.isin(mine, chosen)]
+        else:
+            lo, hi = cond.window.bounds(as_of_us)
+            t = index.ts_buf[mine]
+            live = np.array([int(o) in index.live for o in mine], dtype=bool)
+            mine = mine[live & (t < hi) & (True if lo is None else t >= lo)]
+    iids = _items_of(index, mine)
+    if len(iids):
+        iids = iids[_item_mask(_Selector(index, as_of_us), cond.items, iids)]
+    if not len(iids):
+        return holds_for_no_rows(cond)
+    oids = index.item_owner[iids]
+    groups = _Groups(np.zeros(len(iids), dtype=np.uint32))
+    return bool(_judge(cond, index, iids, oids, groups, as_of_us)[0])
+
+
+_FIRST: weakref.WeakKeyDictionary[OrderIndex, tuple[np.ndarray, np.ndarray]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _items_of(index: OrderIndex, orders: np.ndarray) -> np.ndarray:
+    """The current item ids of these orders (an order's items are consecutive ids)."""
+    if not len(orders):
+        return np.zeros(0, dtype=np.uint32)
+    found = _FIRST.get(index)
+    if found is None:
+        alive = np.flatnonzero(index.item_owner != NONE)
+        owner = index.item_owner[alive]
+        starts = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1]))) \
+            if len(owner) else np.zeros(0, dtype=np.intp)
+        first = np.zeros(index.count, dtype=np.int64)
+        n = np.zeros(index.count, dtype=np.int64)
+        first[owner[starts]] = alive[starts]
+        n[owner[starts]] = np.diff(np.append(starts, len(owner)))
+        found = _FIRST[index] = (first, n)
+    first, n = found
+    parts = [np.arange(first[o], first[o] + n[o]) for o in orders.tolist() if n[o]]
+    return np.concatenate(parts).astype(np.uint32) if parts else np.zeros(0, np.uint32)
