@@ -176,6 +176,25 @@ class Client:
         """A profile's current values; NotFoundError for an unknown profile."""
         return await self._call(c.profile_call, profile_id)
 
+    async def describe(self, top: int = 20) -> c.Description:
+        """Every profile field, event type and order field (Client.describe)."""
+        return await self._call(c.describe_call, top)
+
+    async def values(self, field: str, limit: int = 20) -> c.FieldInfo:
+        """The most common values of a keyword, keywords or bool profile field."""
+        return await self._call(c.values_call, field, limit)
+
+    async def is_member_many(self, profile_ids: Iterable[str], rule: Any = None,
+                             segment: str | None = None,
+                             as_of: datetime | str | None = None) -> c.BatchMembership:
+        """is_member for up to 10,000 profiles in one call; unknown ids are listed."""
+        return await self._call(c.is_member_many_call, profile_ids, rule, segment, as_of)
+
+    async def segments_of_many(self, profile_ids: Iterable[str],
+                               as_of: datetime | str | None = None) -> c.BatchSegments:
+        """segments_of for up to 10,000 profiles in one call; unknown ids are listed."""
+        return await self._call(c.segments_of_many_call, profile_ids, as_of)
+
     # ------------------------------------------------------------------ ingestion
     async def upsert_profiles(self, profiles: Iterable[Any], batch_size: int = DEFAULT_BATCH,
                               timeout: float | None = None) -> UpsertResult:

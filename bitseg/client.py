@@ -39,8 +39,9 @@ from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
 
-__all__ = ["BitsegError", "Client", "ClientError", "CountResult", "ExplainNode",
-           "Explanation", "MembershipChange", "Metrics", "Overlap", "Page", "Preview",
+__all__ = ["BatchMembership", "BatchSegments", "BitsegError", "Client", "ClientError",
+           "CountResult", "Description", "EventTypeInfo", "ExplainNode", "Explanation",
+           "FieldInfo", "MembershipChange", "Metrics", "Overlap", "Page", "Preview",
            "Profile", "RefreshResult", "Segment", "SizePoint", "UpsertResult"]
 
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -128,6 +129,63 @@ class ExplainNode:
     text: str   # the node in plain words
     count: int
     children: list[ExplainNode]
+    note: str = ""  # set when the node names a value that never occurs
+
+
+@dataclass(frozen=True, slots=True)
+class FieldInfo:
+    """A field as Describe / Values show it. Values are text: keywords as they are,
+    bools "true"/"false", numbers exact in decimal, dates and timestamps in ISO 8601."""
+
+    name: str
+    type: str
+    count: int      # profiles (orders; events for event properties) having a value
+    distinct: int   # keyword, keywords, bool: how many different values
+    top: list[tuple[str, int]]  # (value, count), highest count first, ties by value
+    min: str | None = None      # int, float, date, timestamp
+    max: str | None = None
+    quantiles: dict[str, str] = field(default_factory=dict)  # "p25" ... "p99", nearest rank
+
+
+@dataclass(frozen=True, slots=True)
+class EventTypeInfo:
+    name: str
+    count: int      # events of this type (of live profiles)
+    profiles: int   # live profiles with at least one
+    properties: list[FieldInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    profiles: int
+    fields: list[FieldInfo]
+    events: list[EventTypeInfo]
+    orders: int
+    order_fields: list[FieldInfo]
+    item_fields: list[FieldInfo]   # "items.brand": count is orders with an item having it
+    version: int                   # the snapshot described
+    eval_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMembership:
+    """is_member_many: `member` by id (false for unknown ids, also listed in `unknown`);
+    `answers` one per requested id, in order (duplicates included)."""
+
+    member: dict[str, bool]
+    unknown: list[str]
+    as_of: datetime
+    answers: list[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSegments:
+    """segments_of_many: the segment names by id (empty for unknown ids, also listed
+    in `unknown`)."""
+
+    segments: dict[str, list[str]]
+    unknown: list[str]
+    as_of: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +416,28 @@ class Client:
         """A profile's current values; NotFoundError for an unknown profile."""
         return self._call(profile_call, profile_id)
 
+    # ------------------------------------------------------------------ describe, batches
+    def describe(self, top: int = 20) -> Description:
+        """Every profile field, event type and order field, with counts, the `top` most
+        common values of keyword fields, and min, max and quantiles of the others."""
+        return self._call(describe_call, top)
+
+    def values(self, field: str, limit: int = 20) -> FieldInfo:
+        """The `limit` most common values of a keyword, keywords or bool profile field
+        (FieldInfo.top), highest count first, ties by value."""
+        return self._call(values_call, field, limit)
+
+    def is_member_many(self, profile_ids: Iterable[str], rule: Any = None,
+                       segment: str | None = None,
+                       as_of: datetime | str | None = None) -> BatchMembership:
+        """is_member for up to 10,000 profiles in one call; unknown ids are listed."""
+        return self._call(is_member_many_call, profile_ids, rule, segment, as_of)
+
+    def segments_of_many(self, profile_ids: Iterable[str],
+                         as_of: datetime | str | None = None) -> BatchSegments:
+        """segments_of for up to 10,000 profiles in one call; unknown ids are listed."""
+        return self._call(segments_of_many_call, profile_ids, as_of)
+
     # ------------------------------------------------------------------ ingestion
     def upsert_profiles(self, profiles: Iterable[Any], batch_size: int = DEFAULT_BATCH,
                         timeout: float | None = None) -> UpsertResult:
@@ -530,7 +610,52 @@ def explain_call(rule: Any, segment: str | None, as_of: datetime | str | None) -
 
 def explain_node_of(node: pb.ExplainNode) -> ExplainNode:
     return ExplainNode(node.path, node.text, node.count,
-                       [explain_node_of(c) for c in node.children])
+                       [explain_node_of(c) for c in node.children], node.note)
+
+
+def describe_call(top: int) -> _Unary:
+    return _Unary("Describe", pb.DescribeRequest(top=top), description_of)
+
+
+def description_of(reply: pb.DescribeReply) -> Description:
+    return Description(
+        reply.profiles, [field_info_of(f) for f in reply.fields],
+        [EventTypeInfo(e.name, e.count, e.profiles, [field_info_of(p) for p in e.properties])
+         for e in reply.events],
+        reply.orders, [field_info_of(f) for f in reply.order_fields],
+        [field_info_of(f) for f in reply.item_fields], reply.version, reply.eval_micros)
+
+
+def field_info_of(info: pb.FieldInfo) -> FieldInfo:
+    return FieldInfo(info.name, info.type, info.count, info.distinct,
+                     [(v.value, v.count) for v in info.top],
+                     info.min if info.HasField("min") else None,
+                     info.max if info.HasField("max") else None,
+                     {q.name: q.value for q in info.quantiles})
+
+
+def values_call(field_name: str, limit: int) -> _Unary:
+    return _Unary("Values", pb.ValuesRequest(field=field_name, limit=limit),
+                  lambda reply: FieldInfo(reply.field, reply.type, reply.count,
+                                          reply.distinct,
+                                          [(v.value, v.count) for v in reply.values]))
+
+
+def is_member_many_call(profile_ids: Iterable[str], rule: Any, segment: str | None,
+                        as_of: datetime | str | None) -> _Unary:
+    ids = list(profile_ids)
+    request = pb.IsMemberBatchRequest(profile_ids=ids, **_query(rule, segment, as_of))
+    return _Unary("IsMemberBatch", request, lambda reply: BatchMembership(
+        dict(zip(ids, reply.member, strict=True)), list(reply.unknown_ids),
+        convert.to_datetime(reply.as_of), list(reply.member)))
+
+
+def segments_of_many_call(profile_ids: Iterable[str], as_of: datetime | str | None) -> _Unary:
+    request = pb.SegmentsOfBatchRequest(profile_ids=list(profile_ids),
+                                        as_of=convert.to_timestamp(as_of))
+    return _Unary("SegmentsOfBatch", request, lambda reply: BatchSegments(
+        {p.profile_id: list(p.segments) for p in reply.profiles}, list(reply.unknown_ids),
+        convert.to_datetime(reply.as_of)))
 
 
 def profile_call(profile_id: str) -> _Unary:

@@ -283,6 +283,10 @@ class Engine:
     def _bitmap(self, rule: Any, as_of: Any) -> BitMap:
         return self._answer("bitmap", rule, as_of)
 
+    def bitmap(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
+        """The rule's members, shared with the result cache: never mutate it."""
+        return self._answer("bitmap", rule, as_of)
+
     def evaluate(self, rule: Any, *, as_of: datetime | str | None = None) -> BitMap:
         return BitMap(self._bitmap(rule, as_of))
 

@@ -363,6 +363,19 @@ class EventIndex:
         return Block(block.profile[keep], block.ts[keep], block.version[keep],
                      {k: (v[keep], ok[keep]) for k, (v, ok) in block.props.items()}, block.words)
 
+    def property_names(self, event: str) -> set[str]:
+        """The properties some row of this type carries (from the block headers only)."""
+        names: set[str] = set()
+        if self.reader is None:
+            return names
+        for day in self.type_days.get(event, []):
+            for seq in range(self.parts.get((event, day), 0)):
+                raw = self.reader.get("events", _block_key(event, day, seq))
+                if raw is not None:
+                    (size,) = struct.unpack_from(">I", raw, 0)
+                    names.update(orjson.loads(bytes(raw[4:4 + size]))["props"])
+        return names
+
 
 CATALOG_MARK = b"v-catalog"  # present once the catalog lists everything
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from bitseg.index import describe
 from bitseg.index import types as T
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.rules import And, Cond, Not, Or, Rule
@@ -33,10 +34,14 @@ class Node:
     text: str
     count: int
     children: tuple[Node, ...] = ()
+    note: str = ""  # names a value that never occurs (index.describe.note)
 
     def lines(self, depth: int = 0) -> str:
-        """One node per line, children indented: `text: count`."""
+        """One node per line, children indented: `text: count`; a note on a line of
+        its own under its node: `note: …`."""
         out = [f"{'  ' * depth}{self.text}: {self.count:,}"]
+        if self.note:
+            out.append(f"{'  ' * (depth + 1)}note: {self.note}")
         out.extend(child.lines(depth + 1) for child in self.children)
         return "\n".join(out)
 
@@ -66,7 +71,8 @@ def _tree(obj: dict[str, Any], node: Rule, path: str, ev: Evaluator) -> Node:
                     for i, (o, n) in enumerate(zip(obj[key], node.children, strict=True))]
     elif isinstance(node, Not):
         children = [_tree(obj["not"], node.child, f"{path}.not", ev)]
-    return Node(path, node_words(obj, node), ev.count(node), tuple(children))
+    return Node(path, node_words(obj, node), ev.count(node), tuple(children),
+                describe.note(node, ev.snap))
 
 
 def _sentence(obj: dict[str, Any], typed: Rule, snapshot: Snapshot) -> str:

@@ -28,6 +28,7 @@ from bitseg.index.types import parse_timestamp
 from bitseg.v1 import bitseg_pb2 as pb
 
 if TYPE_CHECKING:
+    from bitseg.index.describe import Description, FieldInfo
     from bitseg.index.explain import Node
     from bitseg.index.segments import Change, Metrics, Overlap, Point, SegmentInfo
 
@@ -478,6 +479,44 @@ def micros_of(moment: datetime) -> int:
 # ====================================================================== explain
 def explain_node(node: Node) -> pb.ExplainNode:
     """An explain tree (index.explain.Node) -> protobuf."""
-    return pb.ExplainNode(path=node.path, text=node.text, count=node.count,
+    return pb.ExplainNode(path=node.path, text=node.text, count=node.count, note=node.note,
                           children=[explain_node(c) for c in node.children])
+
+
+# ====================================================================== describe
+def value_text(value: Any) -> str:
+    """A described value as proto text: numbers exact in decimal, bools true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+def field_info(info: FieldInfo) -> pb.FieldInfo:
+    shown = {} if info.min is None else {"min": value_text(info.min),
+                                         "max": value_text(info.max)}
+    return pb.FieldInfo(
+        name=info.name, type=info.type, count=info.count, distinct=info.distinct,
+        top=[pb.ValueCount(value=value_text(v), count=n) for v, n in info.top],
+        quantiles=[pb.Quantile(name=q, value=value_text(v)) for q, v in info.quantiles],
+        **shown)
+
+
+def describe_reply(found: Description, eval_micros: int) -> pb.DescribeReply:
+    return pb.DescribeReply(
+        profiles=found.profiles, fields=[field_info(f) for f in found.fields],
+        events=[pb.EventTypeInfo(name=e.name, count=e.count, profiles=e.profiles,
+                                 properties=[field_info(p) for p in e.properties])
+                for e in found.events],
+        orders=found.orders, order_fields=[field_info(f) for f in found.order_fields],
+        item_fields=[field_info(f) for f in found.item_fields], version=found.version,
+        eval_micros=eval_micros)
+
+
+def values_reply(info: FieldInfo) -> pb.ValuesReply:
+    return pb.ValuesReply(field=info.name, type=info.type, count=info.count,
+                          distinct=info.distinct,
+                          values=[pb.ValueCount(value=value_text(v), count=n)
+                                  for v, n in info.top])
 

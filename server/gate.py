@@ -37,7 +37,8 @@ SERVICE_PREFIX = "/bitseg.v1.Segments/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # need no token
 READ_METHODS = frozenset({
     "Count", "Members", "IsMember", "SegmentsOf", "Explain", "GetProfile", "Preview",
-    "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory"})
+    "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory",
+    "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch"})
 ROLES = ("read", "write")
 
 

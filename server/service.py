@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import orjson
 
+from bitseg.index import batch, describe
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import (
     AlreadyExists,
@@ -219,6 +220,44 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         return pb.ExplainReply(root=convert.explain_node(found.root), text=found.text,
                                sentence=found.sentence, eval_micros=_micros_since(start),
                                as_of=convert.to_timestamp(as_of))
+
+    # ---------------------------------------------------------------- describe, batches
+    @rpc
+    def Describe(self, request: pb.DescribeRequest,
+                 context: grpc.ServicerContext) -> pb.DescribeReply:
+        top = min(request.top or describe.DEFAULT_TOP, describe.MAX_TOP)
+        start = time.perf_counter_ns()
+        found = describe.describe(self.engine.snapshot, top)
+        return convert.describe_reply(found, _micros_since(start))
+
+    @rpc
+    def Values(self, request: pb.ValuesRequest,
+               context: grpc.ServicerContext) -> pb.ValuesReply:
+        limit = min(request.limit or describe.DEFAULT_TOP, describe.MAX_VALUES)
+        return convert.values_reply(describe.values(self.engine.snapshot, request.field, limit))
+
+    @rpc
+    def IsMemberBatch(self, request: pb.IsMemberBatchRequest,
+                      context: grpc.ServicerContext) -> pb.IsMemberBatchReply:
+        rule = convert.target_of(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        found = batch.is_member_many(self.engine, request.profile_ids, rule, as_of=as_of)
+        return pb.IsMemberBatchReply(member=found.member, unknown_ids=found.unknown,
+                                     as_of=convert.to_timestamp(as_of),
+                                     eval_micros=_micros_since(start))
+
+    @rpc
+    def SegmentsOfBatch(self, request: pb.SegmentsOfBatchRequest,
+                        context: grpc.ServicerContext) -> pb.SegmentsOfBatchReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        self.segments  # noqa: B018 -- UNIMPLEMENTED on a server without segments
+        found = batch.segments_of_many(self.engine, request.profile_ids, as_of=as_of)
+        unknown = set(found.unknown)
+        return pb.SegmentsOfBatchReply(
+            profiles=[pb.ProfileSegments(profile_id=p, segments=names, unknown=p in unknown)
+                      for p, names in zip(request.profile_ids, found.segments, strict=True)],
+            unknown_ids=found.unknown, as_of=convert.to_timestamp(as_of))
 
     @rpc
     def Preview(self, request: pb.PreviewRequest,
