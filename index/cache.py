@@ -28,6 +28,7 @@ from bitseg.index.rules import (
     OrdersCond,
     Rule,
     SegmentRef,
+    SequenceCond,
 )
 from bitseg.index.snapshot import Snapshot
 
@@ -50,7 +51,7 @@ def canonical(rule: Any) -> bytes | None:
 def depends_on_time(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = frozenset()
                     ) -> bool:
     """Whether the rule's answer can change with as_of on the same data."""
-    if isinstance(rule, (EventCond, OrdersCond, ItemsCond)):
+    if isinstance(rule, (EventCond, OrdersCond, ItemsCond, SequenceCond)):
         return True
     if isinstance(rule, Cond):
         values = rule.value if isinstance(rule.value, tuple) else (rule.value,)

@@ -32,8 +32,10 @@ from bitseg.index.rules import (
     OrdersCond,
     Rule,
     SegmentRef,
+    SequenceCond,
 )
 from bitseg.index.sample import Sample
+from bitseg.index.sequence import evaluate_sequence, sequence_contains
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.timeline import civil
 
@@ -113,6 +115,8 @@ class Evaluator:
             return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
         if isinstance(rule, OrdersCond):
             return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
+        if isinstance(rule, SequenceCond):
+            return evaluate_sequence(rule, self.snap, self.as_of, self.bitmap)
         if isinstance(rule, ItemsCond):
             return evaluate_items(rule, self.snap.orders, self.snap.live, self.as_of)
         if isinstance(rule, Sample):
@@ -235,6 +239,8 @@ class Evaluator:
                 return self.contains(found, pid)
         if isinstance(rule, (EventCond, OrdersCond)):
             return pid in self.bitmap(rule)
+        if isinstance(rule, SequenceCond):
+            return sequence_contains(rule, self.snap, self.as_of, pid)
         if isinstance(rule, ItemsCond):
             return pid in self.snap.live and contains_items(rule, self.snap.orders, pid,
                                                             self.as_of)

@@ -108,6 +108,8 @@ def node_words(obj: dict[str, Any], node: Rule) -> str:
         return f"in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return sample_words(obj)
+    if "sequence" in obj:
+        return _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj:
         return _timed(obj, negated=False)
     return condition_words(obj, _type_of(node))
@@ -128,6 +130,8 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
         return f"who are in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return "who are " + sample_words(obj)
+    if "sequence" in obj:
+        return "who " + _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj:
         return "who " + _timed(obj, negated=False)
     return "whose " + condition_words(obj, _type_of(node))
@@ -147,6 +151,8 @@ def negative(obj: dict[str, Any], node: Rule | None) -> str:
         return f"who are not in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return "who are " + sample_words(obj, negated=True)
+    if "sequence" in obj:
+        return "who " + _sequence(obj, negated=True)
     if "event" in obj or "orders" in obj:
         return "who " + _timed(obj, negated=True)
     return "whose " + condition_words(obj, _type_of(node), negated=True)
@@ -336,6 +342,50 @@ def _window(window: Any) -> str:
         n = window["next_days"]
         return " in the next day" if n == 1 else f" in the next {n} days"
     return f" from {window.get('from')} until {window.get('to')}"
+
+
+def _sequence(obj: dict[str, Any], negated: bool) -> str:
+    """A sequence as a verb phrase: "had an 'add_to_cart' event, then placed an order
+    within 1 day, in the last 30 days"; with then_not: "had an 'add_to_cart' event in
+    the last 7 days not followed by an order within 1 day"."""
+    steps = obj["sequence"]
+    days = obj.get("within_days")
+    within = "" if days is None else f" within {days} day{'' if days == 1 else 's'}"
+    when = _window(obj.get("window"))
+    if "then_not" in obj:
+        first, then_not = steps[0], obj["then_not"]
+        if negated:
+            return (f"had no {_step_noun(first, article=False)}{when} that was not followed "
+                    f"by {_step_noun(then_not)}{within}")
+        return f"{_step_verb(first)}{when} not followed by {_step_noun(then_not)}{within}"
+    if len(steps) > 2 and within:
+        within = f", all{within}"
+    when = f",{when}" if len(steps) > 1 and when else when
+    if negated:
+        verb = "did not place " if "orders" in steps[0] else "did not have "
+        chain = verb + " followed by ".join(
+            [_step_noun(steps[0]), *(_step_noun(s) for s in steps[1:])])
+        return chain + within + when
+    return ", then ".join(_step_verb(s) for s in steps) + within + when
+
+
+def _step_noun(step: dict[str, Any], article: bool = True) -> str:
+    """A sequence step as a noun: "an 'add_to_cart' event where …", "an order"."""
+    if "event" in step:
+        name = step["event"]
+        one = "event of any type" if name == "*" else f"{_show(name)} event"
+        where = f" where {_where_words(step['where'])}" if "where" in step else ""
+    else:
+        selected = step.get("orders") or {"all": True}
+        one, where = "order", ("" if "all" in selected else
+                               f" where {_where_words(selected)}")
+    if not article:
+        return one + where
+    return ("an " if one.lstrip("'")[:1].lower() in tuple("aeiou") else "a ") + one + where
+
+
+def _step_verb(step: dict[str, Any]) -> str:
+    return ("placed " if "orders" in step else "had ") + _step_noun(step)
 
 
 # ---------------------------------------------------------------------- values

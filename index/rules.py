@@ -157,8 +157,22 @@ class ItemsCond:
     spend_scale: int = 1  # key units of price × qty per unit of spend
 
 
-Rule = All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond | Sample
-RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample)
+@dataclass(frozen=True, slots=True)
+class SequenceCond:
+    """Rows of the steps in strictly increasing time (CONTRACT §2.4c); index/sequence.py.
+    Each step is held as the leaf "has such a row in the window" (count >= 1, the
+    sequence's window); then_not's window is everything (its rows may lie outside)."""
+
+    steps: tuple[EventCond | OrdersCond, ...]
+    window: Window
+    within_days: int | None
+    then_not: EventCond | OrdersCond | None
+
+
+Rule = (All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond
+        | Sample | SequenceCond)
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample,
+              SequenceCond)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
 AGGS = ("count", "sum", "avg", "min", "max")
@@ -179,7 +193,7 @@ OPS_BY_TYPE = {
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
 NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders", "items",
-             "sample")
+             "sample", "sequence")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
@@ -194,8 +208,8 @@ level) and orjson's 254 nested containers when a rule is written as JSON (two a 
 A segment reference counts as one node here; what the segment holds is its own rule."""
 MAX_LIST_VALUES = 100_000  # values of an in / not_in / has_all list
 MAX_JSON_DEPTH = 1024  # the deepest JSON text orjson reads
-RULE_LISTS = ("and", "or")  # keys whose list holds child rules
-RULE_CHILDREN = ("not", "where", "orders", "items")  # keys whose value is a child rule
+RULE_LISTS = ("and", "or", "sequence")  # keys whose list holds child rules (or steps)
+RULE_CHILDREN = ("not", "where", "orders", "items", "then_not")  # keys whose value is one
 
 
 def parse_rule(rule: Any, schema: Schema) -> Rule:
@@ -401,6 +415,10 @@ class _Parser:
     def _items(self, obj: dict, path: str) -> Rule:
         from bitseg.index.items import parse_items
         return parse_items(self, obj, path)
+
+    def _sequence(self, obj: dict, path: str) -> Rule:
+        from bitseg.index.sequence import parse_sequence
+        return parse_sequence(self, obj, path)
 
     def _window(self, obj: dict, path: str) -> Window:
         if "window" not in obj:

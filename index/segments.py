@@ -58,6 +58,7 @@ from bitseg.index.rules import (
     OrdersCond,
     Rule,
     SegmentRef,
+    SequenceCond,
     parse_rule,
 )
 from bitseg.index.snapshot import Snapshot
@@ -278,6 +279,8 @@ def _children(node: Rule) -> tuple[Rule, ...]:
         return (node.orders,)
     if isinstance(node, ItemsCond):
         return (node.items, node.orders)
+    if isinstance(node, SequenceCond):  # the steps are nodes, as in the JSON form
+        return node.steps if node.then_not is None else (*node.steps, node.then_not)
     return ()
 
 

@@ -63,7 +63,7 @@ def check_depth(rule: pb.Rule) -> None:
             path = "".join(reversed(parts))
             raise RuleError(path, f"rule nested too deep: at most {MAX_RULE_DEPTH} levels "
                             "of rules are allowed")
-        kind = node.WhichOneof("node")
+        kind = node.WhichOneof("node") if isinstance(node, pb.Rule) else "step"
         if kind in ("and", "or"):
             children = getattr(node, kind).rules
             stack.extend((children[i], depth + 1, entry, f".{kind}[{i}]")
@@ -74,6 +74,18 @@ def check_depth(rule: pb.Rule) -> None:
             stack.append((node.event.where, depth + 1, entry, ".where"))
         elif kind == "orders" and node.orders.HasField("orders"):
             stack.append((node.orders.orders, depth + 1, entry, ".orders"))
+        elif kind == "sequence":  # steps count as nodes, as in the JSON form
+            steps = node.sequence.steps
+            stack.extend((steps[i], depth + 1, entry, f".sequence[{i}]")
+                         for i in reversed(range(len(steps))))
+            if node.sequence.HasField("then_not"):
+                stack.append((node.sequence.then_not, depth + 1, entry, ".then_not"))
+        elif kind == "step":
+            which = node.WhichOneof("step")
+            if which == "event" and node.event.HasField("where"):
+                stack.append((node.event.where, depth + 1, entry, ".where"))
+            elif which == "orders":
+                stack.append((node.orders, depth + 1, entry, ".orders"))
 
 
 def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
@@ -94,6 +106,8 @@ def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
         return _condition_to_json(rule.field, path)
     if kind == "event":
         return _event_to_json(rule.event, path)
+    if kind == "sequence":
+        return _sequence_to_json(rule.sequence, path)
     return _orders_to_json(rule.orders, path)
 
 
@@ -114,6 +128,40 @@ def _event_to_json(node: pb.EventRule, path: str) -> dict[str, Any]:
 def _orders_to_json(node: pb.OrdersRule, path: str) -> dict[str, Any]:
     orders = _rule_to_json(node.orders, f"{path}.orders") if node.HasField("orders") else None
     return _timed(node, {"orders": orders}, path)
+
+
+def _sequence_to_json(node: pb.SequenceRule, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"sequence": [_step_to_json(s, f"{path}.sequence[{i}]")
+                                        for i, s in enumerate(node.steps)]}
+    if node.HasField("within_days"):
+        out["within_days"] = node.within_days
+    if node.HasField("window"):
+        out["window"] = _window_to_json(node.window)
+    if node.HasField("then_not"):
+        out["then_not"] = _step_to_json(node.then_not, f"{path}.then_not")
+    return out
+
+
+def _step_to_json(step: pb.SequenceStep, path: str) -> dict[str, Any]:
+    """A sequence step -> {"event": …, "where": …} or {"orders": …} (unset: {})."""
+    which = step.WhichOneof("step")
+    if which == "event":
+        out: dict[str, Any] = {"event": step.event.event}
+        if step.event.HasField("where"):
+            out["where"] = _rule_to_json(step.event.where, f"{path}.where")
+        return out
+    if which == "orders":
+        return {"orders": _rule_to_json(step.orders, f"{path}.orders")}
+    return {}
+
+
+def _top_to_json(node: pb.TopRule, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": node.n, "by": node.by}
+    if node.order:
+        out["order"] = node.order
+    if node.HasField("of"):
+        out["of"] = _rule_to_json(node.of, f"{path}.top.of")
+    return {"top": out}
 
 
 def _timed(node: pb.EventRule | pb.OrdersRule, out: dict[str, Any],
@@ -181,6 +229,8 @@ def rule_from_json(obj: Any) -> pb.Rule:
         if "value" in obj:
             cond.value.CopyFrom(value_from_json(obj["value"]))
         return pb.Rule(field=cond)
+    if "sequence" in obj:
+        return pb.Rule(sequence=_sequence_from_json(obj))
     if "event" in obj:
         event = pb.EventRule(event=obj["event"])
         if "where" in obj:
@@ -194,8 +244,32 @@ def rule_from_json(obj: Any) -> pb.Rule:
     raise ValueError(f"not a rule node: {sorted(obj)}")
 
 
-def _timed_from_json(node: pb.EventRule | pb.OrdersRule, obj: dict[str, Any]) -> None:
-    window = obj.get("window")
+def _sequence_from_json(obj: dict[str, Any]) -> pb.SequenceRule:
+    steps = obj["sequence"]
+    if not isinstance(steps, list):
+        raise ValueError("expected a list of steps in sequence")
+    node = pb.SequenceRule(steps=[_step_from_json(s) for s in steps])
+    if "within_days" in obj:
+        node.within_days = obj["within_days"]
+    if "then_not" in obj:
+        node.then_not.CopyFrom(_step_from_json(obj["then_not"]))
+    _window_from_json(node, obj.get("window"))
+    return node
+
+
+def _step_from_json(step: Any) -> pb.SequenceStep:
+    if isinstance(step, dict) and "event" in step:
+        event = pb.EventStep(event=step["event"])
+        if "where" in step:
+            event.where.CopyFrom(rule_from_json(step["where"]))
+        return pb.SequenceStep(event=event)
+    if isinstance(step, dict) and "orders" in step:
+        return pb.SequenceStep(orders=rule_from_json(step["orders"]))
+    raise ValueError(f"expected a sequence step (event or orders), got {step!r}")
+
+
+def _window_from_json(node: Any, window: Any) -> None:
+    """Set node.window from a JSON window (None: leave it unset)."""
     if window is not None:
         if "from" in window or "to" in window:
             node.window.range.CopyFrom(pb.TimeRange(**{"from": window.get("from", ""),
@@ -204,6 +278,10 @@ def _timed_from_json(node: pb.EventRule | pb.OrdersRule, obj: dict[str, Any]) ->
             node.window.last_days = window["last_days"]
         elif "next_days" in window:
             node.window.next_days = window["next_days"]
+
+
+def _timed_from_json(node: pb.EventRule | pb.OrdersRule, obj: dict[str, Any]) -> None:
+    _window_from_json(node, obj.get("window"))
     having = obj.get("having")
     if having is not None:
         node.having.agg = having.get("agg", "")

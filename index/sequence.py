@@ -1,0 +1,256 @@
+"""Sequences (CONTRACT §2.4c): rows matching steps in strictly increasing time, and
+`then_not`, a step that did not follow within n days.
+
+A sequence is answered in two passes.  The candidates are the profiles with a row for
+every step in the window: each step is held as the leaf "has such a row" (an EventCond
+or OrdersCond with count >= 1 over the sequence's window), an ordinary bitmap
+evaluation, and their intersection is usually far smaller than any step's rows.  Only
+then are rows read, and only the candidates' rows: per step the (profile, ts) pairs,
+from the raw event blocks of the window's days or from the order columns.  Timestamps
+are replaced by their rank among all the gathered ones, so (profile, rank) packs into
+one sortable int64 key and each search along a chain is one np.searchsorted over every
+candidate profile at once.
+
+Chains are found greedily: from a first row r1, the earliest row of the next step that
+is strictly later, and so on.  Taking the earliest row at each step is never worse, so a
+profile matches when some r1 completes, with ts(rk) - ts(r1) <= within_days when that
+is given; without within_days only each profile's earliest r1 needs trying.
+
+`then_not` keeps a profile when some r1 (in the window, at least n days before as_of)
+has no then_not row in (ts(r1), ts(r1) + n days]: the first then_not row after r1 is
+one searchsorted away.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.errors import RuleError
+from bitseg.index.events import ANY, EventIndex, row_mask
+from bitseg.index.fields import EMPTY, bitmap_of, ids_of
+from bitseg.index.orders import OrderIndex, select_orders
+from bitseg.index.rules import EventCond, OrdersCond, Rule, SequenceCond, Window, _kind, _only
+from bitseg.index.snapshot import Snapshot
+from bitseg.index.timeline import day_of
+
+DAY = T.US_PER_DAY
+MAX_SPAN_DAYS = (T.MAX_US - T.MIN_US) // DAY + 1  # more days than any two rows lie apart
+STEP_KEYS = ("event", "orders")
+SEQUENCE_KEYS = {"sequence", "then_not", "within_days", "window"}
+STEP_FORMS = 'expected a step: {"event": TYPE, "where": C} or {"orders": RULE}'
+
+Step = EventCond | OrdersCond
+Rows = tuple[np.ndarray, np.ndarray]  # (profiles int64, ts int64 µs) of matching rows
+
+
+# ---------------------------------------------------------------------- parsing
+def parse_sequence(parser: Any, obj: dict, path: str) -> SequenceCond:
+    """{"sequence": [steps], "within_days": n, "window": W, "then_not": step} -> the
+    typed node; `parser` is the rules parser (its event/orders/window parsing is reused)."""
+    _only(obj, SEQUENCE_KEYS, path)
+    here, listed = f"{path}.sequence", obj["sequence"]
+    if not isinstance(listed, list):
+        raise RuleError(here, f"expected a list of steps, got {_kind(listed)}")
+    if not listed:
+        raise RuleError(here, "expected a non-empty list of steps")
+    window = parser._window(obj, path)
+    steps = tuple(_step(parser, s, f"{here}[{i}]", window) for i, s in enumerate(listed))
+    within = obj.get("within_days")
+    if "within_days" in obj and (isinstance(within, bool) or not isinstance(within, int)
+                                 or within < 0):
+        raise RuleError(f"{path}.within_days", "expected a whole number of days >= 0, "
+                        f"got {_kind(within)}")
+    then_not = None
+    if "then_not" in obj:
+        if len(steps) != 1:
+            raise RuleError(f"{path}.then_not", "then_not follows a sequence of exactly one "
+                            f"step; this sequence has {len(steps)}")
+        if within is None:
+            raise RuleError(f"{path}.within_days", "then_not needs within_days: the days "
+                            "after the step in which the then_not step must not happen")
+        then_not = _step(parser, obj["then_not"], f"{path}.then_not", Window("all"))
+    return SequenceCond(steps, window, within, then_not)
+
+
+def _step(parser: Any, obj: Any, path: str, window: Window) -> Step:
+    """One step, as the leaf "has such a row in the window"."""
+    if not isinstance(obj, dict):
+        raise RuleError(path, f"{STEP_FORMS}, got {_kind(obj)}")
+    kinds = [k for k in STEP_KEYS if k in obj]
+    if not kinds:
+        raise RuleError(path, STEP_FORMS)
+    if kinds[0] == "event":
+        _only(obj, {"event", "where"}, path)
+        return replace(parser._event(obj, path), window=window)
+    _only(obj, {"orders"}, path)
+    return replace(parser._orders(obj, path), window=window)
+
+
+# ---------------------------------------------------------------------- evaluation
+def evaluate_sequence(cond: SequenceCond, snap: Snapshot, as_of: int,
+                      bitmap: Callable[[Rule], BitMap]) -> BitMap:
+    """The live profiles for which the sequence holds; `bitmap` evaluates a step's leaf."""
+    steps = sorted((bitmap(step) for step in cond.steps), key=len)
+    candidates = steps[0] & snap.live
+    for other in steps[1:]:
+        if not candidates:
+            return EMPTY
+        candidates &= other
+    if len(cond.steps) == 1 and cond.then_not is None:
+        return candidates  # one step alone: has such a row
+    if not candidates:
+        return EMPTY
+    return bitmap_of(matching(cond, snap, as_of, ids_of(candidates)))
+
+
+def sequence_contains(cond: SequenceCond, snap: Snapshot, as_of: int, pid: int) -> bool:
+    """Whether one live profile satisfies the sequence, from its own rows only."""
+    if pid not in snap.live:
+        return False
+    return len(matching(cond, snap, as_of, np.array([pid], dtype=np.uint32))) > 0
+
+
+def matching(cond: SequenceCond, snap: Snapshot, as_of: int, among: np.ndarray
+             ) -> np.ndarray:
+    """The profiles of `among` (sorted dense ids) for which the sequence holds."""
+    if cond.then_not is not None:  # parsing made sure within_days is given with it
+        return _absent(cond, cond.then_not, cond.within_days or 0, snap, as_of, among)
+    lo, hi = cond.window.bounds(as_of)
+    rows = []
+    for step in cond.steps:
+        found = step_rows(step, snap, as_of, lo, hi, among)
+        if not len(found[0]):
+            return np.zeros(0, dtype=np.int64)
+        rows.append(found)
+        among = np.unique(found[0]).astype(np.uint32)  # later steps: only these profiles
+    return _chains(rows, cond.within_days)
+
+
+def _chains(rows: list[Rows], within_days: int | None) -> np.ndarray:
+    """The profiles having rows r1 … rk of the steps' rows with strictly increasing ts
+    (and ts(rk) - ts(r1) <= within_days days when given)."""
+    stamps = np.unique(np.concatenate([ts for _, ts in rows]))
+    width = len(stamps)
+    keys = [np.sort(_keys(profiles, ts, stamps)) for profiles, ts in rows]
+    start = keys[0]
+    if within_days is None:  # only the earliest first row of each profile matters
+        start = start[np.concatenate(([True], start[1:] // width != start[:-1] // width))]
+    profile, at = start // width, start
+    for following in keys[1:]:
+        i = np.searchsorted(following, at, side="right")  # the first later row
+        nxt = following[np.minimum(i, len(following) - 1)]
+        ok = (i < len(following)) & (nxt // width == profile)
+        profile, start, at = profile[ok], start[ok], nxt[ok]
+    if within_days is not None:
+        span = stamps[at % width] - stamps[start % width]
+        profile = profile[span <= min(within_days, MAX_SPAN_DAYS) * DAY]
+    return np.unique(profile)
+
+
+def _absent(cond: SequenceCond, then_not: Step, days: int, snap: Snapshot, as_of: int,
+            among: np.ndarray) -> np.ndarray:
+    """The profiles of `among` with a row r1 of the step, in the window and n days or
+    more before as_of, that no then_not row follows in (ts(r1), ts(r1) + n days]."""
+    span = min(days, MAX_SPAN_DAYS) * DAY
+    lo, hi = cond.window.bounds(as_of)
+    hi = min(hi, as_of - span + 1)  # ts(r1) + n days <= as_of
+    if hi <= T.MIN_US or (lo is not None and lo >= hi):
+        return np.zeros(0, dtype=np.int64)
+    firsts = step_rows(cond.steps[0], snap, as_of, lo, hi, among)
+    if not len(firsts[0]) or span == 0:  # (t, t + 0] holds no row
+        return np.unique(firsts[0])
+    whose = np.unique(firsts[0]).astype(np.uint32)
+    after = step_rows(then_not, snap, as_of, int(firsts[1].min()) + 1,
+                      int(firsts[1].max()) + span + 1, whose)
+    if not len(after[0]):
+        return whose.astype(np.int64)
+    stamps = np.unique(np.concatenate((firsts[1], after[1])))
+    width = len(stamps)
+    first = np.unique(_keys(*firsts, stamps))
+    following = np.sort(_keys(*after, stamps))
+    profile = first // width
+    i = np.searchsorted(following, first, side="right")  # the first then_not row after r1
+    nxt = following[np.minimum(i, len(following) - 1)]
+    follows = (i < len(following)) & (nxt // width == profile) \
+        & (stamps[nxt % width] <= stamps[first % width] + span)
+    return np.unique(profile[~follows])
+
+
+def _keys(profiles: np.ndarray, ts: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+    """(profile, rank of ts among stamps) packed in one int64 that sorts like the pair."""
+    return profiles * len(stamps) + np.searchsorted(stamps, ts)
+
+
+# ---------------------------------------------------------------------- rows
+def step_rows(step: Step, snap: Snapshot, as_of: int, lo: int | None, hi: int,
+              among: np.ndarray) -> Rows:
+    """(profiles, ts) of the rows matching a step with lo <= ts < hi (lo None: from the
+    first row), of the profiles in `among` (sorted dense ids) only."""
+    hi = min(hi, T.MAX_US + 1)
+    member = _membership(among)
+    if isinstance(step, EventCond):
+        return _event_rows(step, snap.events, snap.schema.events, lo, hi, as_of, member)
+    return _order_rows(step, snap.orders, lo, hi, as_of, member)
+
+
+def _membership(among: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A vectorised `profile in among` test: a lookup table over the ids up to the largest."""
+    if len(among) == 1:
+        only = among[0]
+        return lambda profiles: profiles == only
+    top = int(among[-1]) if len(among) else -1
+    table = np.zeros(top + 1, dtype=bool)
+    table[among] = True
+
+    def member(profiles: np.ndarray) -> np.ndarray:
+        inside = profiles <= top
+        out = np.zeros(len(profiles), dtype=bool)
+        out[inside] = table[profiles[inside]]
+        return out
+
+    return member
+
+
+def _event_rows(step: EventCond, index: EventIndex, types: Any, lo: int | None, hi: int,
+                as_of: int, member: Callable[[np.ndarray], np.ndarray]) -> Rows:
+    """The matching raw event rows, read block by block over the days of [lo, hi)."""
+    profiles, stamps = [], []
+    for event in index.types if step.event == ANY else [step.event]:
+        days = index.type_days.get(event, [])
+        start = 0 if lo is None else bisect_left(days, day_of(lo))
+        for day in days[start:bisect_right(days, day_of(hi - 1))]:
+            block = index.block(event, day)
+            if block is None:
+                continue
+            keep = member(block.profile) & (block.ts < hi)
+            if lo is not None:
+                keep &= block.ts >= lo
+            if step.where is not None and keep.any():
+                keep &= row_mask(step.where, block, types, as_of)
+            profiles.append(block.profile[keep])
+            stamps.append(block.ts[keep])
+    return _joined(profiles, stamps)
+
+
+def _order_rows(step: OrdersCond, index: OrderIndex, lo: int | None, hi: int, as_of: int,
+                member: Callable[[np.ndarray], np.ndarray]) -> Rows:
+    """The matching orders in [lo, hi), from the owner and ts columns."""
+    span = Window("range", start=T.MIN_US if lo is None else lo, end=hi)
+    selected = select_orders(replace(step, window=span), index, as_of)
+    owners = index.owner_buf[selected]
+    keep = member(owners)
+    return _joined([owners[keep]], [index.ts_buf[selected][keep]])
+
+
+def _joined(profiles: list[np.ndarray], stamps: list[np.ndarray]) -> Rows:
+    if not profiles:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return (np.concatenate(profiles).astype(np.int64),
+            np.concatenate(stamps).astype(np.int64))
