@@ -336,6 +336,51 @@ def cmd_segments(args: argparse.Namespace, client: Client) -> int:
 
 
 @remote
+def cmd_describe(args: argparse.Namespace, client: Client) -> int:
+    result = _plain(client.describe(top=args.top))
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(f"profiles: {result['profiles']:,}")
+    for info in result["fields"]:
+        print("  " + _field_line(info))
+    print(f"events: {sum(e['count'] for e in result['events']):,}")
+    for event in result["events"]:
+        print(f"  {event['name']}: {event['count']:,} events, {event['profiles']:,} profiles")
+        for info in event["properties"]:
+            print("    " + _field_line(info))
+    print(f"orders: {result['orders']:,}")
+    for info in result["order_fields"] + result["item_fields"]:
+        print("  " + _field_line(info))
+    return EXIT_OK
+
+
+def _field_line(info: dict[str, Any]) -> str:
+    """`name (type): count` and the top values or min / quantiles / max."""
+    line = f"{info['name']} ({info['type']}): {info['count']:,}"
+    if info["top"]:
+        shown = ", ".join(f"{v} {n:,}" for v, n in info["top"])
+        more = info["distinct"] - len(info["top"])
+        line += f"; {shown}" + (f", … {more:,} more" if more > 0 else "")
+    elif info["min"] is not None:
+        marks = " ".join(f"{q} {v}" for q, v in info["quantiles"].items())
+        line += f"; min {info['min']} {marks} max {info['max']}"
+    return line
+
+
+@remote
+def cmd_values(args: argparse.Namespace, client: Client) -> int:
+    result = _plain(client.values(args.field, limit=args.limit))
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    width = max([len(v) for v, _ in result["top"]] or [0])
+    for value, n in result["top"]:
+        print(f"{value:<{width}}  {n:>12,}")
+    return EXIT_OK
+
+
+@remote
 def cmd_explain(args: argparse.Namespace, client: Client) -> int:
     result = _plain(client.explain(**_target(args), as_of=args.as_of))
     if args.json:
@@ -650,6 +695,20 @@ def register(subparsers: Any) -> None:
                                     help="a rule in plain words, with the count at every node")
     _add_target(explain)
     explain.set_defaults(func=cmd_explain)
+
+    describe = subparsers.add_parser(
+        "describe", parents=[remote_opts],
+        help="every field, event type and order field with counts, top values, quantiles")
+    describe.add_argument("--top", type=int, default=5, metavar="N",
+                          help="top values shown per keyword field (default 5)")
+    describe.set_defaults(func=cmd_describe)
+
+    values = subparsers.add_parser("values", parents=[remote_opts],
+                                   help="the most common values of a keyword or bool field")
+    values.add_argument("field", metavar="FIELD")
+    values.add_argument("--limit", type=int, default=20, metavar="N",
+                        help="how many values (default 20)")
+    values.set_defaults(func=cmd_values)
 
     _register_segment(subparsers, remote_opts, as_of)
 

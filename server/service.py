@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import orjson
 
-from bitseg.index import batch, describe
+from bitseg.index import batch as batches
+from bitseg.index import describe
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import (
     AlreadyExists,
@@ -242,7 +243,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         rule = convert.target_of(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        found = batch.is_member_many(self.engine, request.profile_ids, rule, as_of=as_of)
+        found = batches.is_member_many(self.engine, request.profile_ids, rule, as_of=as_of)
         return pb.IsMemberBatchReply(member=found.member, unknown_ids=found.unknown,
                                      as_of=convert.to_timestamp(as_of),
                                      eval_micros=_micros_since(start))
@@ -252,7 +253,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
                         context: grpc.ServicerContext) -> pb.SegmentsOfBatchReply:
         as_of = convert.as_of_of(request) or convert.now()
         self.segments  # noqa: B018 -- UNIMPLEMENTED on a server without segments
-        found = batch.segments_of_many(self.engine, request.profile_ids, as_of=as_of)
+        found = batches.segments_of_many(self.engine, request.profile_ids, as_of=as_of)
         unknown = set(found.unknown)
         return pb.SegmentsOfBatchReply(
             profiles=[pb.ProfileSegments(profile_id=p, segments=names, unknown=p in unknown)
