@@ -74,6 +74,10 @@ def check_depth(rule: pb.Rule) -> None:
             stack.append((node.event.where, depth + 1, entry, ".where"))
         elif kind == "orders" and node.orders.HasField("orders"):
             stack.append((node.orders.orders, depth + 1, entry, ".orders"))
+        elif kind == "items":
+            for part in ("orders", "items"):  # items on top: reported first, as in JSON
+                if node.items.HasField(part):
+                    stack.append((getattr(node.items, part), depth + 1, entry, f".{part}"))
         elif kind == "sequence":  # steps count as nodes, as in the JSON form
             steps = node.sequence.steps
             stack.extend((steps[i], depth + 1, entry, f".sequence[{i}]")
@@ -108,6 +112,8 @@ def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
         return _event_to_json(rule.event, path)
     if kind == "sequence":
         return _sequence_to_json(rule.sequence, path)
+    if kind == "items":
+        return _items_to_json(rule.items, path)
     return _orders_to_json(rule.orders, path)
 
 
@@ -122,6 +128,14 @@ def _event_to_json(node: pb.EventRule, path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"event": node.event}
     if node.HasField("where"):
         out["where"] = _rule_to_json(node.where, f"{path}.where")
+    return _timed(node, out, path)
+
+
+def _items_to_json(node: pb.ItemsRule, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"items": _rule_to_json(node.items, f"{path}.items")
+                           if node.HasField("items") else None}
+    if node.HasField("orders"):
+        out["orders"] = _rule_to_json(node.orders, f"{path}.orders")
     return _timed(node, out, path)
 
 
@@ -231,6 +245,12 @@ def rule_from_json(obj: Any) -> pb.Rule:
         return pb.Rule(field=cond)
     if "sequence" in obj:
         return pb.Rule(sequence=_sequence_from_json(obj))
+    if "items" in obj:
+        items = pb.ItemsRule(items=rule_from_json(obj["items"]))
+        if "orders" in obj:
+            items.orders.CopyFrom(rule_from_json(obj["orders"]))
+        _timed_from_json(items, obj)
+        return pb.Rule(items=items)
     if "event" in obj:
         event = pb.EventRule(event=obj["event"])
         if "where" in obj:

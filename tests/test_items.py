@@ -454,3 +454,51 @@ def test_float_qty_spend_exact() -> None:
         assert T.FLOAT_SCALE == 10**8  # what the scale of spend here (10**16) builds on
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_through_a_real_server_json_proto_and_cli(tmp_path: Any) -> None:
+    """rule_json and the protobuf ItemsRule give the same answers as the engine; the
+    CLI counts it; an invalid form comes back with its path."""
+    import json
+
+    from conftest_grpc import ServerProcess, run_cli
+
+    from bitseg import Client, ClientError
+    from bitseg.server.convert import rule_from_json, rule_to_json
+
+    orders = [
+        _order("a", "p0", 10, "paid", {"brand": "acme", "qty": 3, "price": 19.99},
+               {"brand": "zed", "qty": 1, "price": 940.03}),
+        _order("b", "p1", 10, "paid", {"brand": "acme", "qty": 2, "price": 100}),
+        _order("c", "p1", 100, "delivered", {"brand": "acme", "qty": 1, "price": 120}),
+    ]
+    path = tmp_path / "store"
+    with Engine.open(path) as engine:
+        engine.declare_schema(SCHEMA)
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.add_orders(orders)
+    proto = rule_from_json(CONTRACT_EXAMPLE)
+    assert proto.WhichOneof("node") == "items"
+    assert rule_to_json(proto) == CONTRACT_EXAMPLE
+    proc = ServerProcess(path)
+    try:
+        with Client(proc.addr, timeout=20) as client:
+            for rule in (CONTRACT_EXAMPLE, proto):
+                assert client.count(rule, as_of=AS_OF_TEXT) == 1
+                assert list(client.members(rule, as_of=AS_OF_TEXT)) == ["p1"]
+                assert client.is_member("p1", rule, as_of=AS_OF_TEXT)
+                assert not client.is_member("p0", rule, as_of=AS_OF_TEXT)
+            bad = {"and": [{"all": True}, {"items": {"field": "items.brand", "op": "eq",
+                                                     "value": "acme"}}]}
+            with pytest.raises(ClientError) as caught:
+                client.count(rule_from_json(bad))
+            assert "$.and[1].items.field" in str(caught.value)
+        done = run_cli("count", "--rule", json.dumps(CONTRACT_EXAMPLE), "--as-of", AS_OF_TEXT,
+                       "--addr", proc.addr)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().startswith("1")
+    finally:
+        assert proc.stop() == 0, proc.stderr()
