@@ -110,7 +110,7 @@ def node_words(obj: dict[str, Any], node: Rule) -> str:
         return sample_words(obj)
     if "sequence" in obj:
         return _sequence(obj, negated=False)
-    if "event" in obj or "orders" in obj:
+    if "event" in obj or "orders" in obj or "items" in obj:
         return _timed(obj, negated=False)
     return condition_words(obj, _type_of(node))
 
@@ -132,7 +132,7 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
         return "who are " + sample_words(obj)
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=False)
-    if "event" in obj or "orders" in obj:
+    if "event" in obj or "orders" in obj or "items" in obj:
         return "who " + _timed(obj, negated=False)
     return "whose " + condition_words(obj, _type_of(node))
 
@@ -153,7 +153,7 @@ def negative(obj: dict[str, Any], node: Rule | None) -> str:
         return "who are " + sample_words(obj, negated=True)
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=True)
-    if "event" in obj or "orders" in obj:
+    if "event" in obj or "orders" in obj or "items" in obj:
         return "who " + _timed(obj, negated=True)
     return "whose " + condition_words(obj, _type_of(node), negated=True)
 
@@ -287,6 +287,12 @@ def _timed(obj: dict[str, Any], negated: bool) -> str:
         many = "events of any type" if name == "*" else f"{_show(name)} events"
         where = f" where {_where_words(obj['where'])}" if "where" in obj else ""
         rows = _Rows(one, many, where, "had", "did not have")
+    elif "items" in obj:  # CONTRACT §2.4b: item lines as rows
+        chosen = obj.get("items") or {"all": True}
+        where = "" if "all" in chosen else f" where {_where_words(chosen)}"
+        if "orders" in obj and "all" not in (obj["orders"] or {"all": True}):
+            where += f" in orders where {_where_words(obj['orders'])}"
+        rows = _Rows("item line", "item lines", where, "bought", "did not buy")
     else:
         selected = obj.get("orders") or {"all": True}
         where = "" if "all" in selected else f" where {_where_words(selected)}"

@@ -502,3 +502,19 @@ def test_through_a_real_server_json_proto_and_cli(tmp_path: Any) -> None:
         assert done.stdout.strip().startswith("1")
     finally:
         assert proc.stop() == 0, proc.stderr()
+
+
+def test_explain_says_item_lines_with_a_count() -> None:
+    from bitseg.index.explain import explain
+
+    engine = _engine([_order("a", "p1", 10, "paid", {"brand": "acme", "qty": 3, "price": 120})])
+    try:
+        rule = {"not": CONTRACT_EXAMPLE}
+        found = explain(engine.snapshot, rule, engine.parse(rule, engine.snapshot),
+                        T.parse_timestamp(AS_OF_TEXT))
+        child = found.root.children[0]
+        assert child.count == 1 and child.path == "$.not"
+        assert "bought item lines where brand is 'acme' in orders where status" in child.text
+        assert "with a total spend of more than 300" in child.text
+    finally:
+        engine.close()
