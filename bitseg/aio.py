@@ -15,7 +15,7 @@ differs. Create it inside the event loop that uses it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,13 @@ class Client:
                              as_of: datetime | str | None = None) -> Segment:
         """Change a segment's rule and/or refresh interval (0 removes the schedule)."""
         return await self._call(c.update_segment_call, name, rule, refresh_every, as_of)
+
+    async def split_segment(self, name: str, salt: str,
+                            into: Mapping[str, float] | Iterable[Any], rule: Any = None,
+                            prefix: str | None = None,
+                            as_of: datetime | str | None = None) -> list[Segment]:
+        """Split a segment (or rule) by sample buckets (see Client.split_segment)."""
+        return await self._call(c.split_segment_call, name, salt, into, rule, prefix, as_of)
 
     async def get_segment(self, name: str) -> Segment:
         return await self._call(c.get_segment_call, name)

@@ -482,6 +482,15 @@ class Client:
         """Change a segment's rule and/or refresh interval (0 removes the schedule)."""
         return self._call(update_segment_call, name, rule, refresh_every, as_of)
 
+    def split_segment(self, name: str, salt: str, into: Mapping[str, float] | Iterable[Any],
+                      rule: Any = None, prefix: str | None = None,
+                      as_of: datetime | str | None = None) -> list[Segment]:
+        """Split segment `name` (or `rule`) by sample buckets of `salt` into static
+        segments named (prefix or name)-label, all created or none: into={"a": 45,
+        "b": 45, "control": 10} (or [(label, percent), ...]) gives a = buckets 0-45 %,
+        b = 45-90 %, control = 90-100 %.  The new segments in that order."""
+        return self._call(split_segment_call, name, salt, into, rule, prefix, as_of)
+
     def get_segment(self, name: str) -> Segment:
         return self._call(get_segment_call, name)
 
@@ -701,6 +710,17 @@ def update_segment_call(name: str, rule: Any, refresh_every: int | None,
     if refresh_every is not None:
         request.refresh_every_seconds = refresh_every
     return _Unary("UpdateSegment", request, segment_of)
+
+
+def split_segment_call(name: str, salt: str, into: Mapping[str, float] | Iterable[Any],
+                       rule: Any, prefix: str | None, as_of: datetime | str | None) -> _Unary:
+    pairs = list(into.items()) if isinstance(into, Mapping) else list(into)
+    source = {} if rule is None else convert.rule_target(rule)
+    request = pb.SplitSegmentRequest(
+        name=name, salt=salt, **source, prefix=prefix or "", as_of=convert.to_timestamp(as_of),
+        into=[pb.SplitPart(label=label, percent=percent) for label, percent in pairs])
+    return _Unary("SplitSegment", request,
+                  lambda reply: [segment_of(s) for s in reply.segments])
 
 
 def get_segment_call(name: str) -> _Unary:

@@ -901,6 +901,64 @@ class Segments:
         engine.track_events(records, also=also, server_events=True)
         return made[0]
 
+    def create_statics(self, pieces: Sequence[tuple[str, Any]], as_of: Any = None
+                       ) -> list[tuple[SegmentInfo, Change]]:
+        """Several static segments, each its rule's members at as_of, in one transaction
+        with their entries: all are created or none (a name taken: AlreadyExists)."""
+        as_of_us = _micros(as_of)
+        with self._lock:
+            snap = self.engine.snapshot
+            current = _segments_of(snap)
+            wanted: list[tuple[str, Any, Rule]] = []
+            for name, rule in pieces:
+                check_name(name)
+                if name in current or any(name == w[0] for w in wanted):
+                    raise AlreadyExists("segment", name)
+                typed = self.engine.parse(rule, snap)
+                for ref in segment_refs(typed):
+                    current.get(ref.name)
+                check_chains(name, current, current.with_segment(
+                    Segment(name, MATERIALIZED, _json(rule), typed)))
+                wanted.append((name, _json(rule), typed))
+
+            def plans(snap: Snapshot) -> list[_Plan]:
+                evaluator, out = Evaluator(snap, as_of_us), []
+                for name, rule_json, typed in wanted:
+                    members = BitMap(evaluator.bitmap(typed))
+                    new = Segment(name, STATIC, rule_json, None, members, _wall(), as_of_us,
+                                  refreshed_wall=_wall())
+                    out.append(_Plan(None, new, members, BitMap(), as_of_us, "create",
+                                     len(members)))
+                return out
+
+            done = self._commit_all(plans)
+        return [(self.get(p.new.name, as_of_us), _change(p)) for p in done]  # type: ignore
+
+    def _commit_all(self, plan: Callable[[Snapshot], list[_Plan]]) -> list[_Plan]:
+        """_commit for several new segments at once: one batch, one transaction."""
+        engine = self.engine
+        made: list[list[_Plan]] = []
+
+        def records(snap: Snapshot) -> Iterator[dict[str, Any]]:
+            made.append(plan(snap))
+            for done in made[0]:
+                yield from done.records(engine, snap.live)
+
+        def also(txn: Txn, snap: Snapshot) -> dict[str, Any]:
+            segments = _segments_of(snap)
+            for done in made[0]:
+                assert done.new is not None and done.cause is not None
+                done.new = _put_point(engine.store, txn, done.new, done.at, done.size,
+                                      done.cause)
+                segments = segments.with_segment(done.new)
+                done.write(engine.store, txn)
+            for done in made[0]:
+                done.lookup = segments
+            return {"segments": segments}
+
+        engine.track_events(records, also=also, server_events=True)
+        return made[0]
+
 
 def _recount(snap: Snapshot, segment: Segment, as_of_us: int, cause: str,
              wall_us: int | None = None) -> _Plan:

@@ -411,6 +411,34 @@ def cmd_segment_create(args: argparse.Namespace, client: Client) -> int:
 
 
 @remote
+def cmd_segment_split(args: argparse.Namespace, client: Client) -> int:
+    rule = read_rule(args.rule) if args.rule is not None else None
+    made = _plain(client.split_segment(args.name, args.salt, _parts(args.into), rule=rule,
+                                       prefix=args.prefix, as_of=args.as_of))
+    if args.json:
+        _print_json(made)
+        return EXIT_OK
+    for segment in made:
+        sample = segment["rule"]["and"][1]["sample"]
+        print(f"{segment['name']}: static, {_members(segment['size'])} "
+              f"(buckets {sample['from']}-{sample['to']} % of salt {sample['salt']!r})")
+    return EXIT_OK
+
+
+def _parts(text: str) -> list[tuple[str, float]]:
+    """--into a:45,b:45,control:10 -> [("a", 45.0), ...] (the server checks the rest)."""
+    parts = []
+    for item in text.split(","):
+        label, _, number = item.strip().partition(":")
+        try:
+            parts.append((label, float(number)))
+        except ValueError:
+            raise InputError(f"segment split: --into: expected LABEL:PERCENT, got "
+                             f"{item.strip()!r}") from None
+    return parts
+
+
+@remote
 def cmd_segment_update(args: argparse.Namespace, client: Client) -> int:
     rule = read_rule(args.rule) if args.rule is not None else None
     every = 0 if args.no_schedule else args.refresh_every
@@ -790,6 +818,18 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
     every.add_argument("--no-schedule", action="store_true",
                        help="refresh only on request from now on")
     update.set_defaults(func=cmd_segment_update)
+
+    split = actions.add_parser(
+        "split", parents=[remote_opts, as_of],
+        help="split a segment (or --rule) into disjoint static segments by sample buckets")
+    split.add_argument("name", help="the segment to split (with --rule: the base name)")
+    split.add_argument("--salt", required=True, help="the sample salt (CONTRACT 2.4d)")
+    split.add_argument("--into", required=True, metavar="LABEL:PCT,...",
+                       help="e.g. a:45,b:45,control:10: NAME-a = buckets 0-45 %%, "
+                       "NAME-b = 45-90 %%, NAME-control = 90-100 %%")
+    split.add_argument("--rule", metavar="R", help="split this rule instead of a segment")
+    split.add_argument("--prefix", help="name the pieces PREFIX-LABEL instead of NAME-LABEL")
+    split.set_defaults(func=cmd_segment_split)
 
     for action, func, text in (("get", cmd_segment_get, "show a segment"),
                                ("delete", cmd_segment_delete, "delete a segment")):

@@ -110,11 +110,22 @@ def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
         return _condition_to_json(rule.field, path)
     if kind == "event":
         return _event_to_json(rule.event, path)
+    if kind == "sample":
+        return {"sample": _sample_to_json(rule.sample)}
     if kind == "sequence":
         return _sequence_to_json(rule.sequence, path)
     if kind == "items":
         return _items_to_json(rule.items, path)
     return _orders_to_json(rule.orders, path)
+
+
+def _sample_to_json(node: pb.SampleRule) -> dict[str, Any]:
+    out: dict[str, Any] = {"salt": node.salt}
+    for key in ("percent", "from", "to"):
+        if node.HasField(key):
+            number = getattr(node, key)
+            out[key] = int(number) if number.is_integer() else number
+    return out
 
 
 def _condition_to_json(cond: pb.Condition, path: str) -> dict[str, Any]:
@@ -238,6 +249,8 @@ def rule_from_json(obj: Any) -> pb.Rule:
         return pb.Rule(all=obj["all"])
     if "segment" in obj:
         return pb.Rule(segment=obj["segment"])
+    if "sample" in obj and isinstance(obj["sample"], dict):
+        return pb.Rule(sample=pb.SampleRule(**obj["sample"]))
     if "field" in obj:
         cond = pb.Condition(field=obj["field"], op=obj.get("op", ""))
         if "value" in obj:

@@ -34,6 +34,7 @@ from bitseg.index.explain import explain
 from bitseg.index.export import check_fields, profile_rows
 from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
+from bitseg.index.split import split_segment
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -322,6 +323,15 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
             request.name, rule=convert.source_of(request), refresh_every=every or None,
             clear_refresh_every=every == 0, as_of=as_of)
         return convert.segment_reply(info, change)
+
+    @rpc
+    def SplitSegment(self, request: pb.SplitSegmentRequest,
+                     context: grpc.ServicerContext) -> pb.SplitSegmentReply:
+        made = split_segment(self.segments, request.name, request.salt,
+                             [(p.label, p.percent) for p in request.into],
+                             rule=convert.source_of(request), prefix=request.prefix or None,
+                             as_of=convert.as_of_of(request) or convert.now())
+        return pb.SplitSegmentReply(segments=[convert.segment_reply(i, c) for i, c in made])
 
     @rpc
     def GetSegment(self, request: pb.GetSegmentRequest,
