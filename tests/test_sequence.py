@@ -75,7 +75,8 @@ def naive_sequence(rule: dict, rows: list[dict]) -> bool:
                                and r1["ts"] < r["ts"] <= r1["ts"] + span for r in rows)
                    for r1 in rows)
     for chain in itertools.product(rows, repeat=len(steps)):
-        if (all(matches(s, r) and in_window(r["ts"], window) for s, r in zip(steps, chain, strict=True))
+        if (all(matches(s, r) and in_window(r["ts"], window)
+                for s, r in zip(steps, chain, strict=True))
                 and all(a["ts"] < b["ts"] for a, b in zip(chain, chain[1:], strict=False))
                 and (days is None or chain[-1]["ts"] - chain[0]["ts"] <= days * DAY)):
             return True
