@@ -31,6 +31,7 @@ from bitseg.index.rules import (
     SequenceCond,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.top import Top
 
 
 def canonical(rule: Any) -> bytes | None:
@@ -51,7 +52,7 @@ def canonical(rule: Any) -> bytes | None:
 def depends_on_time(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = frozenset()
                     ) -> bool:
     """Whether the rule's answer can change with as_of on the same data."""
-    if isinstance(rule, (EventCond, OrdersCond, ItemsCond, SequenceCond)):
+    if isinstance(rule, (EventCond, OrdersCond, SequenceCond, ItemsCond)):
         return True
     if isinstance(rule, Cond):
         values = rule.value if isinstance(rule.value, tuple) else (rule.value,)
@@ -60,6 +61,8 @@ def depends_on_time(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = froze
         return any(depends_on_time(c, snapshot, seen) for c in rule.children)
     if isinstance(rule, Not):
         return depends_on_time(rule.child, snapshot, seen)
+    if isinstance(rule, Top):
+        return depends_on_time(rule.of, snapshot, seen)
     if isinstance(rule, SegmentRef):
         if rule.name in seen:
             return True  # a cycle: evaluation reports it

@@ -33,6 +33,7 @@ from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
 from bitseg.index.store import Store, Txn, chunks_of, u32
+from bitseg.index.top import TopSets
 
 LIVE = b"live"
 PARSED_RULES = 4096
@@ -179,7 +180,8 @@ class Engine:
     def __init__(self, store: Store, ids: IdMap, snapshot: Snapshot) -> None:
         self.store = store
         self._ids = ids
-        self._snapshot = replace(snapshot, samples=Buckets(lambda: self._ids))
+        self._snapshot = replace(snapshot, samples=Buckets(lambda: self._ids),
+                                 tops=TopSets(lambda: self._ids))
         self._write_lock = threading.Lock()
         self._parsed = LRU(PARSED_RULES, weigh=parsed_weight)
         self._results = ResultCache()

@@ -38,6 +38,7 @@ from bitseg.index.sample import Sample
 from bitseg.index.sequence import evaluate_sequence, sequence_contains
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.timeline import civil
+from bitseg.index.top import Top, evaluate_top
 
 FEW_VALUES = 8  # in-lists up to this long are looked up value by value
 
@@ -115,12 +116,14 @@ class Evaluator:
             return evaluate_event(rule, snap.events, snap.schema, snap.live, self.as_of)
         if isinstance(rule, OrdersCond):
             return evaluate_orders(rule, self.snap.orders, self.snap.live, self.as_of)
-        if isinstance(rule, SequenceCond):
-            return evaluate_sequence(rule, self.snap, self.as_of, self.bitmap)
         if isinstance(rule, ItemsCond):
             return evaluate_items(rule, self.snap.orders, self.snap.live, self.as_of)
+        if isinstance(rule, SequenceCond):
+            return evaluate_sequence(rule, self.snap, self.as_of, self.bitmap)
         if isinstance(rule, Sample):
             return self.snap.samples.bitmap(rule, self.snap.live)
+        if isinstance(rule, Top):
+            return evaluate_top(rule, self.snap, self.as_of, self.bitmap)
         raise TypeError(f"not a rule: {rule!r}")
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
@@ -239,11 +242,13 @@ class Evaluator:
                 return self.contains(found, pid)
         if isinstance(rule, (EventCond, OrdersCond)):
             return pid in self.bitmap(rule)
-        if isinstance(rule, SequenceCond):
-            return sequence_contains(rule, self.snap, self.as_of, pid)
         if isinstance(rule, ItemsCond):
             return pid in self.snap.live and contains_items(rule, self.snap.orders, pid,
                                                             self.as_of)
+        if isinstance(rule, SequenceCond):
+            return sequence_contains(rule, self.snap, self.as_of, pid)
+        if isinstance(rule, Top):  # the set, cached per snapshot: one lookup after the first
+            return pid in self.bitmap(rule)
         if isinstance(rule, Sample):
             return pid in self.snap.live and self.snap.samples.contains(rule, pid)
         raise TypeError(f"not a rule: {rule!r}")

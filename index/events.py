@@ -37,6 +37,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import DataError, StoreError
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, from_u32, u32
@@ -50,6 +51,7 @@ DENSE_CACHE = 1 << 21
 EVENT_KEYS = ("profile", "event", "ts")
 MAX_STREAM_BYTES = 500  # a longer stream name has its value replaced by a digest (LMDB
 # keys are at most 511 bytes: the count and catalog keys add 6 and 2 to the name)
+TS = "\x00ts"  # _rows's `of` for the rows' timestamps (no property has this name)
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 
 
@@ -801,6 +803,8 @@ def evaluate_event(cond: EventCond, index: EventIndex, schema: Schema, live: Bit
     events = index.types if cond.event == ANY else [cond.event]
     events = [e for e in events if e in index.type_days]
     lo, hi = cond.window.bounds(as_of)
+    if having.agg in RECENCY_AGGS:
+        return _recency(cond, index, schema, events, lo, hi, as_of) & live
     streams = _streams_for(cond, events) if having.agg == "count" else None
     if streams is not None:
         per_profile = _count_by_bitmaps(cond, index, schema, events, streams, lo, hi, as_of)
@@ -850,6 +854,42 @@ def _count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events
     return sub_counts(sum_counts(parts), sum_counts(minus))
 
 
+def _recency(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+             lo: int | None, hi: int, as_of: int) -> BitMap:
+    """first/last (index/recency.py): from the count buckets' presence when streams
+    cover `where`, else from the raw rows' timestamps."""
+    if not events:
+        return EMPTY
+    streams = _streams_for(cond, events)
+    if streams is None:
+        profiles, ts = _rows(cond, index, schema, events, lo, hi, as_of, TS)
+        return recency_profiles(profiles, ts, cond.having, as_of)
+
+    def present(a: int | None, b: int) -> BitMap:
+        return _present(cond, index, schema, events, streams, a, b, as_of)
+
+    return recency_by_presence(cond.having, as_of, lo, hi, present)
+
+
+def _present(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+             streams: list[str], lo: int | None, hi: int, as_of: int) -> BitMap:
+    """The profiles with a selected event in [lo, hi): the union of the `exists` of the
+    whole months' and days' count buckets, and the raw rows of the partial days."""
+    earliest = min(index.type_days[e][0] for e in events)
+    window = plan(lo, hi, earliest)
+    parts = []
+    for stream in streams:
+        months = index.stream_months.get(stream, [])
+        parts += [index.bucket(b"m", stream, m).exists for m in _in_range(months, window.months)]
+        parts += [index.bucket(b"d", stream, d).exists
+                  for d in window.whole_days(index.stream_days.get(stream, []))]
+    for edge_lo, edge_hi in window.edges:
+        profiles = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)[0]
+        if len(profiles):
+            parts.append(bitmap_of(profiles))
+    return BitMap.union(*parts) if parts else EMPTY
+
+
 def _by_month(days: list[int]) -> list[tuple[int, set[int]]]:
     """Sorted days grouped by calendar month: (month, its days)."""
     groups: dict[int, set[int]] = {}
@@ -873,7 +913,8 @@ def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:
 def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
           lo: int | None, hi: int, as_of: int, of: str | None = None
           ) -> tuple[np.ndarray, np.ndarray]:
-    """(profiles, values of `of`) of the raw rows in [lo, hi) that `where` selects."""
+    """(profiles, values of `of`) of the raw rows in [lo, hi) that `where` selects
+    (of TS: their timestamps)."""
     profiles, values = [], []
     for event in events:
         days = index.type_days[event]
@@ -887,7 +928,9 @@ def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
                 keep &= block.ts >= lo
             if cond.where is not None:
                 keep &= row_mask(cond.where, block, schema.events, as_of)
-            if of is not None:
+            if of == TS:
+                values.append(block.ts[keep])
+            elif of is not None:
                 column = block.column(of)
                 if column is None:
                     continue

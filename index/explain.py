@@ -24,6 +24,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.rules import And, Cond, Not, Or, Rule
 from bitseg.index.sample import sample_words
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.top import Top
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def _tree(obj: dict[str, Any], node: Rule, path: str, ev: Evaluator) -> Node:
                     for i, (o, n) in enumerate(zip(obj[key], node.children, strict=True))]
     elif isinstance(node, Not):
         children = [_tree(obj["not"], node.child, f"{path}.not", ev)]
+    elif isinstance(node, Top) and "of" in obj["top"]:
+        children = [_tree(obj["top"]["of"], node.of, f"{path}.top.of", ev)]
     return Node(path, node_words(obj, node), ev.count(node), tuple(children),
                 describe.note(node, ev.snap))
 
@@ -108,6 +111,8 @@ def node_words(obj: dict[str, Any], node: Rule) -> str:
         return f"in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return sample_words(obj)
+    if "top" in obj:
+        return _top(obj, node)
     if "sequence" in obj:
         return _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj or "items" in obj:
@@ -130,6 +135,8 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
         return f"who are in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return "who are " + sample_words(obj)
+    if "top" in obj:
+        return "who are " + _top(obj, node, clause=True)
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj or "items" in obj:
@@ -151,6 +158,8 @@ def negative(obj: dict[str, Any], node: Rule | None) -> str:
         return f"who are not in segment {_show(obj['segment'])}"
     if "sample" in obj:
         return "who are " + sample_words(obj, negated=True)
+    if "top" in obj:
+        return "who are not " + _top(obj, node, clause=True)
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=True)
     if "event" in obj or "orders" in obj or "items" in obj:
@@ -302,6 +311,8 @@ def _timed(obj: dict[str, Any], negated: bool) -> str:
     agg, op, value = having.get("agg"), having.get("op"), having.get("value")
     if agg == "count":
         return _count_words(rows, op, value, negated) + when
+    if agg in ("first", "last"):
+        return _recency_words(rows, when, agg, op, value, negated)
     if op == "between" and isinstance(value, list) and len(value) == 2:
         amount = f"between {_show(value[0])} and {_show(value[1])}"
     elif op in ("in", "not_in"):
@@ -312,6 +323,38 @@ def _timed(obj: dict[str, Any], negated: bool) -> str:
     verb = rows.verb_not if negated else rows.verb
     return (f"{verb} {rows.many}{rows.where}{when} with {_AGG.get(agg, agg)} "
             f"{having.get('of')} {amount}")
+
+
+_MOMENT = {"lt": "before", "lte": "at or before", "gt": "after", "gte": "at or after",
+           "eq": "at", "ne": "not at"}
+
+
+def _recency_words(rows: _Rows, when: str, agg: str, op: str, value: Any,
+                   negated: bool) -> str:
+    """first / last: "placed orders, the latest before 90 days ago"."""
+    if op == "between" and isinstance(value, list) and len(value) == 2:
+        moment = f"between {_show(value[0])} and {_show(value[1])}"
+    elif op in ("in", "not_in"):
+        moment = ("at " if op == "in" else "at none of ") + _list(value, "or")
+    else:
+        moment = f"{_MOMENT.get(op, op)} {_show(value)}"
+    which = "the latest" if agg == "last" else "the earliest"
+    if negated:
+        return f"{rows.verb_not} {rows.some()}{when}, or {which} was not {moment}"
+    return f"{rows.verb} {rows.many}{rows.where}{when}, {which} {moment}"
+
+
+def _top(obj: dict[str, Any], node: Rule | None, clause: bool = False) -> str:
+    """"the 1,000 with the highest 'ltv' (ties by id) among profiles who …"."""
+    params = obj["top"]
+    n, by = params.get("n"), params.get("by")
+    most = "lowest" if params.get("order") == "asc" else "highest"
+    count = f"{n:,}" if isinstance(n, int) else _show(n)
+    text = f"{'among ' if clause else ''}the {count} with the {most} {_show(by)}"
+    if "of" in params:
+        of = node.of if isinstance(node, Top) else None
+        text += " among profiles " + positive(params["of"], of)
+    return text + " (ties: smaller profile id first)"
 
 
 def _count_words(rows: _Rows, op: str, value: Any, negated: bool) -> str:

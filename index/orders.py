@@ -100,6 +100,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
+from bitseg.index.recency import RECENCY_AGGS, holds, resolved
 from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, OrdersCond, Rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, chunk_mask, chunks_of, from_u32, u32
@@ -1164,6 +1165,8 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
     groups = _Groups(index.owner if everything else index.owner_buf[sel])
     if having.agg == "count":
         ok = _compare(groups.counts, having.op, having.value)
+    elif having.agg in RECENCY_AGGS:
+        ok = _recency(having, index, sel, everything, groups, as_of_us)
     else:
         ok = _aggregate(having, index, sel, everything, groups)
     if having.holds_for_no_rows():
@@ -1254,6 +1257,17 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
     ufunc = np.minimum if agg == "min" else np.maximum
     extreme = groups.reduce(ufunc, keys if complete else np.where(valid, keys, fill), fill)
     return (n > 0) & _compare(extreme, op, value)
+
+
+def _recency(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
+             groups: _Groups, as_of_us: int) -> np.ndarray:
+    """Per group: whether the earliest (first) / latest (last) order ts satisfies the op
+    (index/recency.py); groups without rows are don't-care (the caller masks by has)."""
+    ts = index.ts if everything else index.ts_buf[sel]
+    first = having.agg == "first"
+    fill = I64_MAX if first else I64_MIN
+    extreme = groups.reduce(np.minimum if first else np.maximum, ts, fill)
+    return holds(extreme, having.op, resolved(having, as_of_us))
 
 
 def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:

@@ -18,6 +18,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.sample import Sample, parse_sample
 from bitseg.index.schema import Schema
+from bitseg.index.top import Top, parse_top
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +170,14 @@ class SequenceCond:
     then_not: EventCond | OrdersCond | None
 
 
-Rule = (All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond
-        | Sample | SequenceCond)
-RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample,
+Rule = (All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond | Sample
+        | Top | SequenceCond)
+RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample, Top,
               SequenceCond)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
-AGGS = ("count", "sum", "avg", "min", "max")
+AGGS = ("count", "sum", "avg", "min", "max", "first", "last")
+RECENCY_AGGS = ("first", "last")  # of the rows' ts (CONTRACT §2.4a); index/recency.py
 
 SCALAR_OPS = {"eq", "ne"}
 LIST_OPS = {"in", "not_in"}
@@ -193,7 +195,7 @@ OPS_BY_TYPE = {
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
 NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders", "items",
-             "sample", "sequence")
+             "sample", "top", "sequence")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
@@ -253,6 +255,9 @@ def check_depth(rule: Any) -> None:
         for key in RULE_CHILDREN:
             if key in node:
                 stack.append((node[key], depth + 1, entry, f".{key}"))
+        params = node.get("top")  # a top's `of` is its child
+        if isinstance(params, dict) and "of" in params:
+            stack.append((params["of"], depth + 1, entry, ".top.of"))
 
 
 def _path_of(entry: tuple[Any, int, Any, str]) -> str:
@@ -282,13 +287,17 @@ def deep_text_error(text: str | bytes) -> RuleError | None:
         token = match.group()
         parent = frames[-1] if frames else None
         if token in "{[":
-            part, depth, listed = "$", 0, False
+            part, depth, listed, top_params = "$", 0, False, False
             if parent is None:
                 depth = 1 if token == "{" else 0
             elif parent[2]:
                 part = f".{parent[3]}"
                 if parent[1] and token == "{" and parent[3] in RULE_CHILDREN:
                     depth = parent[1] + 1
+                elif parent[1] and token == "{" and parent[3] == "top":
+                    depth, top_params = parent[1], True  # the same node's parameters
+                elif parent[1] and token == "{" and parent[3] == "of" and parent[4] == "top":
+                    depth = parent[1] + 1  # a top's `of`: its child
                 listed = bool(parent[1]) and token == "[" and parent[3] in RULE_LISTS
             else:
                 part = f"[{parent[3]}]"
@@ -300,7 +309,9 @@ def deep_text_error(text: str | bytes) -> RuleError | None:
                 return RuleError("".join(f[0] for f in frames) + part,
                                  f"JSON nested deeper than {MAX_JSON_DEPTH} levels (rules "
                                  f"may nest at most {MAX_RULE_DEPTH})")
-            holds = parent[1] if listed and parent is not None else 0
+            holds: Any = parent[1] if listed and parent is not None else 0
+            if top_params:
+                holds = "top"
             frames.append([part, depth, token == "{", None if token == "{" else 0, holds])
             expect_key = token == "{"
         elif token in "}]":
@@ -409,12 +420,16 @@ class _Parser:
         return OrdersCond(selected, self._window(obj, path),
                           self._having(obj, path, {**aggregable, **ITEM_READINGS}))
 
-    def _sample(self, obj: dict, path: str) -> Rule:
-        return parse_sample(obj, path)
-
     def _items(self, obj: dict, path: str) -> Rule:
         from bitseg.index.items import parse_items
         return parse_items(self, obj, path)
+
+    def _sample(self, obj: dict, path: str) -> Rule:
+        return parse_sample(obj, path)
+
+    def _top(self, obj: dict, path: str) -> Rule:
+        _only(obj, {"top"}, path)
+        return parse_top(self, obj["top"], f"{path}.top")
 
     def _sequence(self, obj: dict, path: str) -> Rule:
         from bitseg.index.sequence import parse_sequence
@@ -458,9 +473,10 @@ class _Parser:
         if agg not in AGGS:
             raise RuleError(f"{here}.agg", f"expected one of {', '.join(AGGS)}, got {_said(agg)}")
         of, of_type = value.get("of"), None
-        if agg == "count":
+        if agg == "count" or agg in RECENCY_AGGS:
             if "of" in value:
-                raise RuleError(f"{here}.of", "count takes no 'of'")
+                raise RuleError(f"{here}.of", f"{agg} takes no 'of'"
+                                + (" (it is always of the rows' ts)" if agg != "count" else ""))
         else:
             of_type = numeric.get(of) if isinstance(of, str) else None
             if of_type not in (T.INT, T.FLOAT):
@@ -474,6 +490,9 @@ class _Parser:
         checker = _Values(of_type or T.INT, f"{here}.value")
         if "value" not in value:
             raise RuleError(f"{here}.value", f"op {op!r} needs a value")
+        if agg in RECENCY_AGGS:
+            checker = _Values(T.TIMESTAMP, f"{here}.value")
+            _no_bare_dates(value["value"], f"{here}.value")
         if op == "between":
             number = checker.between(value["value"])
         elif op in LIST_OPS:
@@ -593,6 +612,20 @@ class _Values:
                 or isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise RuleError(self.path, 'expected {"next_days": n} with an integer n >= 1')
         return n
+
+
+_BARE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _no_bare_dates(value: Any, path: str) -> None:
+    """first/last compare instants: a date alone is refused (which instant of it?)."""
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        if isinstance(item, str) and _BARE_DATE.fullmatch(item):
+            where = f"{path}[{i}]" if isinstance(value, list) else path
+            raise RuleError(where, f"expected a timestamp with a time (or {{\"days_ago\": n}}), "
+                            f"got the date {_short(item)}: write {_short(item + 'T00:00:00Z')} "
+                            "for its first instant")
 
 
 def _comparable(lo: Any, hi: Any) -> bool:

@@ -78,6 +78,8 @@ def check_depth(rule: pb.Rule) -> None:
             for part in ("orders", "items"):  # items on top: reported first, as in JSON
                 if node.items.HasField(part):
                     stack.append((getattr(node.items, part), depth + 1, entry, f".{part}"))
+        elif kind == "top" and node.top.HasField("of"):
+            stack.append((node.top.of, depth + 1, entry, ".top.of"))
         elif kind == "sequence":  # steps count as nodes, as in the JSON form
             steps = node.sequence.steps
             stack.extend((steps[i], depth + 1, entry, f".sequence[{i}]")
@@ -112,6 +114,8 @@ def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
         return _event_to_json(rule.event, path)
     if kind == "sample":
         return {"sample": _sample_to_json(rule.sample)}
+    if kind == "top":
+        return _top_to_json(rule.top, path)
     if kind == "sequence":
         return _sequence_to_json(rule.sequence, path)
     if kind == "items":
@@ -258,6 +262,13 @@ def rule_from_json(obj: Any) -> pb.Rule:
         return pb.Rule(field=cond)
     if "sequence" in obj:
         return pb.Rule(sequence=_sequence_from_json(obj))
+    if "top" in obj and isinstance(obj["top"], dict):
+        params = obj["top"]
+        top = pb.TopRule(n=params.get("n", 0), by=params.get("by", ""),
+                         order=params.get("order", ""))
+        if "of" in params:
+            top.of.CopyFrom(rule_from_json(params["of"]))
+        return pb.Rule(top=top)
     if "items" in obj:
         items = pb.ItemsRule(items=rule_from_json(obj["items"]))
         if "orders" in obj:

@@ -1,0 +1,122 @@
+"""Recency (CONTRACT §2.4a): `having` first / last, the earliest / latest ts of a
+profile's selected rows, compared with an instant.
+
+Two exact ways to answer it, for two shapes of data:
+- From rows (`recency_profiles`): the rows' (profile, ts) columns, grouped per profile
+  in one sort, min or max per group (`extremes`), compared vectorised.  Orders and item
+  lines use this; so do events whose `where` no count stream covers.
+- From presence (`recency_by_presence`): every comparison of first/last with an
+  instant is a difference of two "has a selected row in [a, b)" sets.  With
+  geq(t) = the profiles whose first/last is >= t:
+      last:  geq(t) = has a row in [t, hi)          first: geq(t) = has - has a row in [lo, t)
+  and gt t = geq(t + 1), lt t = has - geq(t), eq t = geq(t) - geq(t + 1),
+  between [a, b] = geq(a) - geq(b + 1), ne / not_in = has minus eq / in.  For events
+  "has a row in [a, b)" is a union of the per-day and per-month count buckets' `exists`
+  bitmaps (plus raw rows at partial days), so no row is read for whole days.
+
+A profile with no selected rows has no first/last: false under every op (ne and not_in
+included), which both ways give, since every set above is within `has`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.fields import EMPTY, bitmap_of
+
+RECENCY_AGGS = ("first", "last")
+_FLOOR, _CEIL = T.MIN_US - 1, T.MAX_US + 1  # beyond every row's ts: comparisons stay exact
+
+
+def moment(value: Any, as_of_us: int) -> int:
+    """An instant of a first/last condition in µs: a timestamp, or {"days_ago": n}
+    (rules.DaysAgo) fixed against as_of; clamped just outside the instants rows have."""
+    days = getattr(value, "days", None)
+    micros = value if days is None else as_of_us - days * T.US_PER_DAY
+    return min(max(micros, _FLOOR), _CEIL)
+
+
+def resolved(having: Any, as_of_us: int) -> Any:
+    """having.value with every instant in µs: an int, a tuple (in / not_in) or a pair
+    (between)."""
+    if isinstance(having.value, tuple):
+        return tuple(moment(v, as_of_us) for v in having.value)
+    return moment(having.value, as_of_us)
+
+
+def extremes(profiles: np.ndarray, ts: np.ndarray, agg: str) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct profiles ascending, the earliest (first) or latest (last) ts of each) of
+    rows given as two aligned columns: one sort, one ufunc.reduceat.  For another child
+    collection (item lines) to reuse."""
+    if len(profiles) == 0:
+        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+    order = np.argsort(profiles, kind="stable")
+    grouped = profiles[order]
+    starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
+    ufunc = np.minimum if agg == "first" else np.maximum
+    return grouped[starts], ufunc.reduceat(ts[order].astype(np.int64, copy=False), starts)
+
+
+def holds(values: np.ndarray, op: str, c: Any) -> np.ndarray:
+    """values (int64 µs) op c (resolved: an int, a tuple, or a between pair)."""
+    if op in ("in", "not_in"):
+        hit = np.isin(values, np.array(c, dtype=np.int64))
+        return hit if op == "in" else ~hit
+    if op == "between":
+        return (values >= c[0]) & (values <= c[1])
+    return {"eq": np.equal, "ne": np.not_equal, "gt": np.greater, "gte": np.greater_equal,
+            "lt": np.less, "lte": np.less_equal}[op](values, c)
+
+
+def recency_profiles(profiles: np.ndarray, ts: np.ndarray, having: Any,
+                     as_of_us: int) -> BitMap:
+    """The profiles among the rows' owners whose first/last ts satisfies `having`."""
+    ids, values = extremes(profiles, ts, having.agg)
+    return bitmap_of(ids[holds(values, having.op, resolved(having, as_of_us))])
+
+
+def recency_by_presence(having: Any, as_of_us: int, lo: int | None, hi: int,
+                        present: Callable[[int | None, int], BitMap]) -> BitMap:
+    """The profiles whose first/last ts over the rows in [lo, hi) satisfies `having`;
+    present(a, b) gives the profiles with a selected row in [a, b) (a None: from the
+    first row), and is called only with lo <= a < b <= hi."""
+    def within(a: int | None, b: int) -> BitMap:
+        a = lo if a is None or (lo is not None and a < lo) else a
+        b = min(b, hi)
+        return present(a, b) if a is None or a < b else EMPTY
+
+    has = within(lo, hi)
+    if not has:
+        return EMPTY
+    if having.agg == "last":
+        def geq(t: int) -> BitMap:
+            return within(t, hi)
+    else:
+        def geq(t: int) -> BitMap:
+            return has - within(lo, t)
+
+    def eq(t: int) -> BitMap:
+        return geq(t) - geq(t + 1)
+
+    op, c = having.op, resolved(having, as_of_us)
+    if op == "gt":
+        return geq(c + 1)
+    if op == "gte":
+        return geq(c)
+    if op == "lt":
+        return has - geq(c)
+    if op == "lte":
+        return has - geq(c + 1)
+    if op == "between":
+        return geq(c[0]) - geq(c[1] + 1) if c[0] <= c[1] else EMPTY
+    if op == "eq":
+        return eq(c)
+    if op == "ne":
+        return has - eq(c)
+    hit = BitMap.union(*(eq(t) for t in c)) if c else EMPTY
+    return hit if op == "in" else has - hit
