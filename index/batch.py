@@ -24,9 +24,9 @@ from bitseg.index.segments import SegmentSet, SegmentUnusable
 from bitseg.index.snapshot import Snapshot
 
 MAX_BATCH = 10_000
-# Known ids from which one bitmap beats asking each profile (measured at 1M profiles,
-# benchmarks/test_bench_grpc.py: per-id contains costs 10-40 µs on field and event
-# rules, a whole bitmap of a 5-leaf rule a few ms, and a cached one nothing).
+# Known ids from which one bitmap beats asking each profile. An estimate from the figures
+# in benchmarks/RESULTS.md, not a measurement of its own: one IsMember costs ~15 µs, one
+# bitmap of a 5-leaf rule ~1 ms at 1M profiles (a cached one nothing), so they cross near 64.
 BITMAP_FROM = 64
 
 
