@@ -33,11 +33,31 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.orders import (
-    NONE, OrderIndex, _avg_compare, _bits, _compare, _Groups, _scaled, _Selector,
-    select_orders)
+    NONE,
+    OrderIndex,
+    _avg_compare,
+    _bits,
+    _compare,
+    _Groups,
+    _scaled,
+    _Selector,
+    select_orders,
+)
 from bitseg.index.rules import (
-    WHERE_KEYS, All, And, Cond, DaysAgo, ItemsCond, Not, Or, OrdersCond, Rule, _only,
-    _Parser, _short)
+    WHERE_KEYS,
+    All,
+    And,
+    Cond,
+    DaysAgo,
+    ItemsCond,
+    Not,
+    Or,
+    OrdersCond,
+    Rule,
+    _only,
+    _Parser,
+    _short,
+)
 
 OFS = ("qty", "price", "spend")  # what sum / avg / min / max may be of
 RECENCY = ("first", "last")

@@ -510,7 +510,8 @@ def test_explain_counts_equal_separate_counts(engine: Engine, segs: Segments) ->
 
 
 @pytest.mark.parametrize(("rule", "words"), [
-    ({"not": {"field": "c", "op": "eq", "value": "A"}}, "Profiles whose c is not 'A' (or is unset)"),
+    ({"not": {"field": "c", "op": "eq", "value": "A"}},
+     "Profiles whose c is not 'A' (or is unset)"),
     ({"not": {"and": [{"segment": "s"}, {"field": "n", "op": "gt", "value": 5}]}},
      "Profiles who are not in segment 's' or whose n is at most 5 (or is unset)"),
     ({"field": "n", "op": "exists"}, "Profiles whose n is set"),
