@@ -62,6 +62,7 @@ from bitseg.index.rules import (
     parse_rule,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.top import Top
 from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 
 if TYPE_CHECKING:
@@ -281,6 +282,8 @@ def _children(node: Rule) -> tuple[Rule, ...]:
         return (node.items, node.orders)
     if isinstance(node, SequenceCond):  # the steps are nodes, as in the JSON form
         return node.steps if node.then_not is None else (*node.steps, node.then_not)
+    if isinstance(node, Top):  # its `of` may name segments too
+        return (node.of,)
     return ()
 
 

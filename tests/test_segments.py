@@ -159,6 +159,22 @@ def test_cycles_are_refused_at_create_and_update(engine: Engine, segs: Segments)
     assert info.value.path == "$.op"
 
 
+def test_segments_named_inside_top_are_dependencies(engine: Engine, segs: Segments) -> None:
+    """A top's `of` is walked like any child: a cycle through it is refused, and a segment
+    it names cannot be deleted while used."""
+    top_of = {"top": {"n": 5, "by": "n", "of": {"segment": "t"}}}
+    with pytest.raises(RuleError) as info:
+        segs.create("t", "dynamic", rule=top_of)
+    assert info.value.path == "$.top.of.segment" and "cycle" in str(info.value)
+    segs.create("base", "dynamic", rule={"field": "c", "op": "eq", "value": "A"})
+    segs.create("best", "dynamic", rule={"top": {"n": 5, "by": "n", "of": {"segment": "base"}}})
+    with pytest.raises(SegmentInUse):
+        segs.delete("base")
+    with pytest.raises(RuleError):
+        segs.update("base", rule={"not": {"segment": "best"}})
+    assert len(ids_where(engine, {"segment": "best"})) == 5
+
+
 def test_a_used_segment_cannot_be_deleted(engine: Engine, segs: Segments) -> None:
     segs.create("base", "static", ids=["p1"])
     segs.create("user", "dynamic", rule={"segment": "base"})
