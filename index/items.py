@@ -202,14 +202,19 @@ def _line_values(index: OrderIndex, of: str, iids: np.ndarray, spend_scale: int
             return np.zeros(len(iids), dtype=np.int64), np.zeros(len(iids), bool), 0, \
                 Fraction(1)
         qk, pk = q.keys[iids], p.keys[iids]
-        valid = q.valid[iids] & p.valid[iids]
         bound = q.bound * p.bound
         if bound >= 2**63:  # the product could overflow int64: exact Python integers
             qk, pk = qk.astype(object), pk.astype(object)
+        if q.complete and p.complete:  # every line has both: no validity to gather
+            return qk * pk, np.ones(len(iids), bool), bound, \
+                Fraction(spend_scale, T.FLOAT_SCALE)
+        valid = q.valid[iids] & p.valid[iids]
         return np.where(valid, qk * pk, 0), valid, bound, Fraction(spend_scale, T.FLOAT_SCALE)
     col = index.item_columns.get("items." + of)
     if col is None:
         return np.zeros(len(iids), dtype=np.int64), np.zeros(len(iids), bool), 0, Fraction(1)
+    if col.complete:
+        return col.keys[iids], np.ones(len(iids), bool), col.bound, Fraction(1)
     valid = col.valid[iids]
     return np.where(valid, col.keys[iids], 0), valid, col.bound, Fraction(1)
 
