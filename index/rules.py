@@ -602,7 +602,7 @@ class _Values:
             raise RuleError(self.path, f"expected a list [lo, hi], got {_kind(value)}")
         lo = self.scalar(value[0], f"{self.path}[0]")
         hi = self.scalar(value[1], f"{self.path}[1]")
-        if _comparable(lo, hi) and lo > hi:
+        if _later(lo, hi):
             raise RuleError(self.path, "expected lo <= hi in [lo, hi]")
         return (lo, hi)
 
@@ -628,8 +628,12 @@ def _no_bare_dates(value: Any, path: str) -> None:
                             "for its first instant")
 
 
-def _comparable(lo: Any, hi: Any) -> bool:
-    return not isinstance(lo, DaysAgo) and not isinstance(hi, DaysAgo)
+def _later(lo: Any, hi: Any) -> bool:
+    """lo > hi, where both are known without as_of: two constants, or two days_ago (the
+    one fewer days ago is the later). A constant against a days_ago depends on as_of."""
+    if isinstance(lo, DaysAgo) and isinstance(hi, DaysAgo):
+        return lo.days < hi.days
+    return not isinstance(lo, DaysAgo) and not isinstance(hi, DaysAgo) and lo > hi
 
 
 def _only(obj: dict, allowed: set[str], path: str) -> None:

@@ -374,6 +374,8 @@ def test_last_order_more_than_90_days_ago() -> None:
     ({"agg": "last", "op": "between", "value": ["2026-02-01T00:00:00Z",
                                                 "2026-01-01T00:00:00Z"]},
      "$.having.value", "lo <= hi"),
+    ({"agg": "last", "op": "between", "value": [{"days_ago": 1}, {"days_ago": 5}]},
+     "$.having.value", "lo <= hi"),  # 1 day ago is later than 5 days ago
     ({"agg": "last", "op": "exists"}, "$.having.op", "expected one of"),
     ({"agg": "last", "op": "lt"}, "$.having.value", "needs a value"),
     ({"agg": "latest", "op": "lt", "value": {"days_ago": 1}}, "$.having.agg", "first, last"),
