@@ -8,7 +8,7 @@ STUBS  := bitseg/v1/bitseg_pb2.py
 PORT   ?= 50051
 PROFILES ?= 100000
 
-.PHONY: install proto test bench bench-10m lint run clean
+.PHONY: install proto pg test bench bench-10m lint run clean
 
 # `pip install` builds the package, and its build step (setup.py) generates the gRPC
 # stubs in bitseg/v1 from proto/, so a plain `pip install -e .` works as well.
@@ -27,7 +27,24 @@ proto: install
 $(STUBS): $(PROTO) | $(STAMP)
 	$(MAKE) --no-print-directory proto
 
-test: install $(STUBS)
+# The sql-source tests start their own PostgreSQL server (tests/conftest_pg.py) and need its
+# binaries: Debian keeps initdb in /usr/lib/postgresql/N/bin, which pg_config --bindir names.
+PG_INITDB = { pg_config --bindir 2>/dev/null | sed 's|$$|/initdb|'; \
+	ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null; } | while read -r f; do \
+	test -x "$$f" && echo "$$f"; done | head -n 1
+
+pg:
+	@found=$$($(PG_INITDB)); \
+	if [ -n "$$found" ]; then echo "PostgreSQL: $$found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql \
+		&& found=$$($(PG_INITDB)) && [ -n "$$found" ] && echo "PostgreSQL: $$found"; \
+	else \
+		echo "make pg: PostgreSQL's initdb not found and not root to install it;" \
+			"run: sudo apt-get install -y postgresql" >&2; exit 1; \
+	fi
+
+test: install pg $(STUBS)
 	$(BIN)/python -m pytest -q
 
 bench: install $(STUBS)
