@@ -47,10 +47,10 @@ pg:
 test: install pg $(STUBS)
 	$(BIN)/python -m pytest -q
 
-bench: install $(STUBS)
+bench: install pg $(STUBS)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable --benchmark-columns=min,median,mean,max,rounds -s
 
-bench-10m: install $(STUBS)
+bench-10m: install pg $(STUBS)
 	BITSEG_BENCH_PROFILES=10000000 $(BIN)/python -m pytest benchmarks -q --benchmark-enable \
 		--benchmark-columns=min,median,mean,max,rounds -s
 
