@@ -62,6 +62,7 @@ from bitseg.index.rules import (
     parse_rule,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.tags import check_tag, check_tags, retagged
 from bitseg.index.top import Top
 from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 
@@ -125,12 +126,13 @@ class Segment:
     points: int = 0  # history points recorded so far (the next point's sequence number)
     refreshed_wall: int | None = None  # µs: the wall-clock moment of that change
     problem: str | None = None  # why a stored rule cannot be evaluated (not stored)
+    tags: tuple[str, ...] = ()  # sorted, valid (index/tags.py)
 
     def definition(self) -> dict[str, Any]:
         return {"format": FORMAT, "kind": self.kind, "rule": self.rule,
                 "created_at": self.created_at, "refreshed_at": self.refreshed_at,
                 "refresh_every": self.refresh_every, "points": self.points,
-                "refreshed_wall": self.refreshed_wall}
+                "refreshed_wall": self.refreshed_wall, "tags": list(self.tags)}
 
     def uses(self) -> set[str]:
         """The segments this one's rule refers to directly."""
@@ -207,6 +209,7 @@ class SegmentInfo:
     refreshed_at: int | None
     refresh_every: int | None
     problem: str | None = None  # why it cannot be evaluated now (then size is 0)
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -508,7 +511,8 @@ def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
         found[name] = Segment(name, data["kind"], data["rule"], typed, members,
                               data["created_at"], data.get("refreshed_at"),
                               data.get("refresh_every"), data.get("points", 0),
-                              data.get("refreshed_wall"), problem)
+                              data.get("refreshed_wall"), problem,
+                              tuple(data.get("tags", ())))  # older stores: no tags
     segments = SegmentSet(MappingProxyType(found))
     for segment in segments:
         try:
@@ -590,9 +594,13 @@ class Segments:
         snap = self.engine.snapshot
         return self._info(snap, _segments_of(snap).get(name), as_of)
 
-    def list(self, as_of: Any = None) -> list[SegmentInfo]:
+    def list(self, as_of: Any = None, tag: str | None = None) -> list[SegmentInfo]:
+        """Every segment by name; with `tag`, only those carrying it."""
         snap = self.engine.snapshot
-        return [self._info(snap, s, as_of) for s in _segments_of(snap)]
+        if tag is not None:
+            check_tag(tag)
+        return [self._info(snap, s, as_of) for s in _segments_of(snap)
+                if tag is None or tag in s.tags]
 
     def _info(self, snap: Snapshot, segment: Segment, as_of: Any) -> SegmentInfo:
         """A segment's definition and size; one that cannot be evaluated is still
@@ -606,7 +614,7 @@ class Segments:
             size, problem = 0, "its rule is nested too deeply to evaluate"
         return SegmentInfo(segment.name, segment.kind, segment.rule, size,
                            segment.created_at, segment.refreshed_at, segment.refresh_every,
-                           problem)
+                           problem, segment.tags)
 
     def segments_of(self, profile_id: str, as_of: Any = None) -> list[str]:
         """The names of the segments a live profile is in (NotFound for an unknown one);
@@ -677,10 +685,12 @@ class Segments:
 
     # ------------------------------------------------------------------ writing
     def create(self, name: str, kind: str, *, rule: Any = None, ids: Iterable[str] = (),
-               as_of: Any = None, refresh_every: int | None = None) -> tuple[SegmentInfo, Change]:
+               as_of: Any = None, refresh_every: int | None = None,
+               tags: Iterable[str] = ()) -> tuple[SegmentInfo, Change]:
         """A new segment; static from ids and/or a rule's members at as_of, materialized
         counted at as_of. The Change says who entered and which ids were unknown."""
         check_name(name)
+        tags = check_tags(tags)
         if kind not in KINDS:
             raise BitsegError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         ids = list(ids)
@@ -709,7 +719,7 @@ class Segments:
                                   typed)
                 check_chains(name, current, current.with_segment(checked))
             segment = Segment(name, kind, rule_json, None if kind == STATIC else typed,
-                              None, _wall(), None, refresh_every)
+                              None, _wall(), None, refresh_every, tags=tags)
             if kind == DYNAMIC:
                 self._write_definition(segment)
                 return self.get(name, as_of_us), Change(0, 0, 0, as_of_us)
@@ -757,6 +767,16 @@ class Segments:
                 return self.get(name, as_of_us), Change(0, 0, 0, as_of_us)
             done = self._commit(lambda snap: _recount(snap, segment, as_of_us, "update"))
         return self.get(name, as_of_us), _change(done)
+
+    def retag(self, name: str, add: Iterable[str] = (), remove: Iterable[str] = ()
+              ) -> SegmentInfo:
+        """Add and/or remove tags of a segment (its members do not move)."""
+        with self._lock:
+            segment = self.current.get(name)
+            tags = retagged(segment.tags, add, remove)
+            if tags != segment.tags:
+                self._write_definition(replace(segment, tags=tags))
+        return self.get(name)
 
     def refresh(self, name: str, as_of: Any = None) -> Change:
         """Recount a materialized segment at as_of, recording entries, exits and a point.
