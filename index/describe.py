@@ -114,11 +114,13 @@ def top_values(values: Mapping[Any, BitMap], live: BitMap | None, limit: int
     return counted[:limit]
 
 
-def kth_smallest(index: RangeIndex, k: int) -> int:
-    """The k-th smallest key (1-based, 1 <= k <= |exists|) of a bit-sliced index: from the
-    top slice down, keep the ids whose bit is 0 if at least k of them remain, else go to
-    the ids whose bit is 1 and skip the ones passed."""
-    candidates, stored = index.exists, 0
+def kth_smallest(index: RangeIndex, k: int, within: BitMap | None = None) -> int:
+    """The k-th smallest key (1-based, 1 <= k <= |exists ∩ within|) of a bit-sliced index,
+    among the ids of `within` only if given: from the top slice down, keep the ids whose
+    bit is 0 if at least k of them remain, else go to the ids whose bit is 1 and skip
+    the ones passed."""
+    candidates = index.exists if within is None else index.exists & within
+    stored = 0
     for i in range(len(index.slices) - 1, -1, -1):
         ones = candidates & index.slices[i]
         zeros = len(candidates) - len(ones)

@@ -1,0 +1,283 @@
+"""Insights of an audience (a rule's or segment's profiles) next to the whole base.
+
+Everything is a cardinality over one snapshot's indexes; no member row is read:
+- keyword, keywords and bool fields: per value, |value ∩ audience| and |value ∩ live|;
+  share = count / audience, base share = base count / live, lift = share / base share;
+- numbers, dates and timestamps: BUCKETS equal-width buckets between the base's
+  smallest and largest value (in the bit-sliced index's stored units, so every bucket
+  holds whole keys: [low, next low), the last one up to the maximum included), each
+  counted in the audience and the base by a bit-sliced "less than" walk restricted to
+  them; the audience's min, max and quantiles (nearest rank, as Describe) by the k-th
+  smallest walk restricted to the audience;
+- events: per type and window of the last 7, 30 and 90 days, the per-profile count
+  index of the window (the bucket adder Count uses); the audience's events are
+  sum over slices of 2**i * |slice i ∩ audience|, its members with one or more
+  |exists ∩ audience|;
+- orders: orders, buyers, revenue and average order value, as Metrics computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.describe import QUANTILES, _order, _shown, kth_smallest
+from bitseg.index.errors import BitsegError
+from bitseg.index.events import _count_by_bitmaps, stream_key
+from bitseg.index.fields import RangeIndex, ValueIndex
+from bitseg.index.orders import order_totals
+from bitseg.index.rules import EventCond, Having, Window
+from bitseg.index.segments import Metrics
+from bitseg.index.snapshot import Snapshot
+from bitseg.index.timeline import day_of
+
+DEFAULT_TOP = 10  # values shown per keyword field
+MAX_TOP = 1000
+BUCKETS = 10  # histogram buckets per numeric or date field
+MAX_BUCKETS = 100
+WINDOWS = (7, 30, 90)  # days of event activity
+
+
+@dataclass(frozen=True, slots=True)
+class ValueShare:
+    value: Any
+    count: int  # audience members having it
+    base_count: int  # live profiles having it
+    share: Fraction | None  # count / audience (None for an empty audience)
+    base_share: Fraction | None  # base_count / live
+    lift: Fraction | None  # share / base_share
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    low: Any  # included, as a user sees it
+    high: Any  # excluded, except in the last bucket, whose high is the base maximum
+    count: int
+    base_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FieldInsight:
+    name: str
+    type: str
+    count: int  # audience members having a value
+    base_count: int  # live profiles having a value
+    values: tuple[ValueShare, ...] = ()  # keyword, keywords, bool: the top ones
+    distinct: int = 0  # values present in the audience
+    buckets: tuple[Bucket, ...] = ()  # numbers, dates, timestamps
+    min: Any = None  # of the audience
+    max: Any = None
+    quantiles: tuple[tuple[str, Any], ...] = ()  # of the audience
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    days: int  # the window: the last `days` days up to as_of
+    events: int  # events of the audience in it
+    profiles: int  # audience members with at least one
+    base_events: int
+    base_profiles: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventInsight:
+    event: str
+    windows: tuple[Activity, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Insights:
+    profiles: int
+    total_profiles: int
+    fields: tuple[FieldInsight, ...]
+    events: tuple[EventInsight, ...]
+    orders: Metrics
+
+
+def insights(snap: Snapshot, audience: BitMap, as_of_us: int,
+             fields: Sequence[str] | None = None, top: int = DEFAULT_TOP,
+             buckets: int = BUCKETS, amount_field: str = "amount") -> Insights:
+    """The audience's fields (all, or those named), event activity and orders."""
+    live = snap.live
+    audience = audience & live
+    names = _fields(snap, fields)
+    top = _bounded("top", top, MAX_TOP)
+    buckets = _bounded("buckets", buckets, MAX_BUCKETS)
+    found = tuple(field_insight(snap, name, audience, top, buckets) for name in names)
+    events = tuple(event_insight(snap, event, audience, as_of_us) for event in snap.events.types)
+    return Insights(len(audience), len(live), found, events,
+                    _orders(snap, audience, as_of_us, amount_field))
+
+
+def _fields(snap: Snapshot, fields: Sequence[str] | None) -> list[str]:
+    known = snap.schema.profiles
+    if not fields:
+        return sorted(known)
+    out: list[str] = []
+    for name in fields:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise BitsegError(f"fields: unknown profile field {name!r} (known fields: {listed})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _bounded(what: str, n: int, limit: int) -> int:
+    if n < 1 or n > limit:
+        raise BitsegError(f"{what}: expected 1 to {limit}, got {n}")
+    return n
+
+
+def _ratio(a: int, b: int) -> Fraction | None:
+    return Fraction(a, b) if b else None
+
+
+# ---------------------------------------------------------------------- fields
+def field_insight(snap: Snapshot, name: str, audience: BitMap, top: int = DEFAULT_TOP,
+                  buckets: int = BUCKETS) -> FieldInsight:
+    type_ = snap.schema.profiles[name]
+    index = snap.field(name)
+    live = snap.live
+    count = index.exists.intersection_cardinality(audience)
+    base_count = index.exists.intersection_cardinality(live)
+    if isinstance(index, ValueIndex):
+        values, distinct = _value_shares(index, audience, live, top)
+        return FieldInsight(name, type_, count, base_count, values, distinct)
+    if not base_count:
+        return FieldInsight(name, type_, 0, 0)
+    hist = _histogram(type_, index, audience, live, base_count, buckets)
+    if not count:
+        return FieldInsight(name, type_, 0, base_count, buckets=hist)
+    ranks = [1, count] + [max(1, math.ceil(q * count)) for _, q in QUANTILES]
+    low, high, *marks = (_shown(type_, index, kth_smallest(index, k, audience))
+                         for k in ranks)
+    return FieldInsight(name, type_, count, base_count, buckets=hist, min=low, max=high,
+                        quantiles=tuple((label, v) for (label, _), v
+                                        in zip(QUANTILES, marks, strict=True)))
+
+
+def _value_shares(index: ValueIndex, audience: BitMap, live: BitMap, top: int
+                  ) -> tuple[tuple[ValueShare, ...], int]:
+    size, total = len(audience), len(live)
+    counted = [(v, b.intersection_cardinality(audience)) for v, b in index.values.items()]
+    counted = [(v, n) for v, n in counted if n]
+    counted.sort(key=lambda vn: (-vn[1], _order(vn[0])))
+    shares = []
+    for value, n in counted[:top]:
+        base = index.values[value].intersection_cardinality(live)
+        share, base_share = _ratio(n, size), _ratio(base, total)
+        lift = share / base_share if share is not None and base_share else None
+        shares.append(ValueShare(value, n, base, share, base_share, lift))
+    return tuple(shares), len(counted)
+
+
+def _histogram(type_: str, index: RangeIndex, audience: BitMap, live: BitMap,
+               base_count: int, n: int) -> tuple[Bucket, ...]:
+    """n equal-width buckets of whole stored keys between the base's min and max
+    (fewer when the span has fewer keys)."""
+    lowest = _stored(index, kth_smallest(index, 1, live))
+    highest = _stored(index, kth_smallest(index, base_count, live))
+    width = max(1, -(-(highest - lowest + 1) // n))  # ceil: n buckets cover the span
+    edges = list(range(lowest, highest + 1, width)) + [highest + 1]
+    in_audience = index.exists & audience
+    in_base = index.exists & live
+    below_a = [_count_below(index, e, in_audience) for e in edges[1:-1]]
+    below_b = [_count_below(index, e, in_base) for e in edges[1:-1]]
+    cum_a = [0, *below_a, len(in_audience)]
+    cum_b = [0, *below_b, len(in_base)]
+    out = []
+    for i in range(len(edges) - 1):
+        high = edges[i + 1] if i + 2 < len(edges) else highest
+        out.append(Bucket(_shown(type_, index, _key(index, edges[i])),
+                          _shown(type_, index, _key(index, high)),
+                          cum_a[i + 1] - cum_a[i], cum_b[i + 1] - cum_b[i]))
+    return tuple(out)
+
+
+def _stored(index: RangeIndex, key: int) -> int:
+    return (key - index.base) // index.unit
+
+
+def _key(index: RangeIndex, stored: int) -> int:
+    return index.base + stored * index.unit
+
+
+def _count_below(index: RangeIndex, k: int, within: BitMap) -> int:
+    """|{ids of `within` whose stored value < k}|, from the top slice down: where k has
+    a 1 bit, the ids equal so far with a 0 there are below, counted and dropped."""
+    if k <= 0:
+        return 0
+    if k > index.top:
+        return len(within)
+    below, equal = 0, within
+    for i in range(len(index.slices) - 1, -1, -1):
+        s = index.slices[i]
+        if (k >> i) & 1:
+            ones = equal & s
+            below += len(equal) - len(ones)
+            equal = ones
+        else:
+            equal = equal - s
+        if not equal:
+            break
+    return below
+
+
+# ---------------------------------------------------------------------- events
+def event_insight(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
+                  windows: Sequence[int] = WINDOWS) -> EventInsight:
+    return EventInsight(event, tuple(_activity(snap, event, audience, as_of_us, days)
+                                     for days in windows))
+
+
+def _activity(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
+              days: int) -> Activity:
+    counts = window_counts(snap, event, days, as_of_us)
+    live = snap.live
+    return Activity(days, _events(counts, audience), counts.exists.intersection_cardinality(
+        audience), _events(counts, live), counts.exists.intersection_cardinality(live))
+
+
+def window_counts(snap: Snapshot, event: str, days: int, as_of_us: int) -> RangeIndex:
+    """Every profile's count of `event` events in the last `days` days up to as_of."""
+    events = snap.events
+    if event not in events.type_days:
+        return RangeIndex()
+    cond = EventCond(event, None, Window("last_days", days),
+                     Having("count", None, None, "gte", Fraction(1)))
+    lo, hi = cond.window.bounds(as_of_us)
+    if lo is not None and day_of(lo) > events.type_days[event][-1]:
+        return RangeIndex()  # nothing that recent
+    return _count_by_bitmaps(cond, events, snap.schema, [event], [stream_key(event)],
+                             lo, hi, as_of_us)
+
+
+def _events(counts: RangeIndex, within: BitMap) -> int:
+    if not counts.exists:
+        return 0
+    return sum(s.intersection_cardinality(within) << i for i, s in enumerate(counts.slices))
+
+
+# ---------------------------------------------------------------------- orders
+def _orders(snap: Snapshot, audience: BitMap, as_of_us: int, amount_field: str) -> Metrics:
+    amount_type = snap.schema.orders.get(amount_field)
+    if amount_type is None and amount_field != "amount":
+        raise BitsegError(f"amount_field: unknown order field {amount_field!r}")
+    if amount_type not in (None, T.INT, T.FLOAT):
+        raise BitsegError(f"amount_field: {amount_field!r} is a {amount_type} field, "
+                          "not a number")
+    kind = amount_type or T.FLOAT
+    orders, buyers, revenue = order_totals(snap.orders, audience, as_of_us, amount_field, kind)
+    _, _, total = order_totals(snap.orders, snap.live, as_of_us, amount_field, kind)
+    return Metrics(len(audience), len(snap.live), orders, buyers, revenue, total)
+
+
+__all__ = ["Activity", "Bucket", "EventInsight", "FieldInsight", "Insights",
+           "ValueShare", "insights", "window_counts"]

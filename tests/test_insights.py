@@ -1,0 +1,194 @@
+"""Insights against plain Python over the stored rows: value shares and lift, histogram
+buckets and quantiles, event activity per window, orders; and through server and CLI."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bitseg.index.engine import Engine, as_of_micros
+from bitseg.index.errors import BitsegError
+from bitseg.index.insights import insights
+
+AS_OF = "2025-06-01T00:00:00Z"
+Q = {"p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p99": 0.99}
+SCHEMA = {"profiles": {"country": "keyword", "tags": "keywords", "age": "int", "ltv": "float",
+                       "since": "date", "vip": "bool"}}
+
+
+def make_data(seed: int, n: int = 60):
+    rng = random.Random(seed)
+    profiles = []
+    for i in range(n):
+        p: dict = {"id": f"u{i}"}
+        if rng.random() < 0.8:
+            p["country"] = rng.choice(["DE", "FR", "US", "ES"])
+        if rng.random() < 0.7:
+            p["tags"] = rng.sample(["vip", "news", "beta"], rng.randint(1, 3))
+        if rng.random() < 0.8:
+            p["age"] = rng.randint(-5, 90)
+        if rng.random() < 0.7:
+            p["ltv"] = round(rng.uniform(-10, 500), rng.randint(0, 2))
+        if rng.random() < 0.6:
+            p["since"] = f"2020-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
+        if rng.random() < 0.8:
+            p["vip"] = rng.random() < 0.5
+        profiles.append(p)
+    as_of = datetime(2025, 6, 1, tzinfo=timezone.utc)
+    events = [{"profile": f"u{rng.randrange(n)}", "event": rng.choice(["open", "click"]),
+               "ts": (as_of - timedelta(hours=rng.randint(1, 24 * 120))).isoformat()}
+              for _ in range(rng.randint(0, 150))]
+    orders = [{"id": f"o{i}", "profile": f"u{rng.randrange(n)}",
+               "ts": (as_of - timedelta(days=rng.randint(1, 50))).isoformat(),
+               "amount": rng.randint(1, 9000) / 100} for i in range(rng.randint(0, 40))]
+    return profiles, events, orders
+
+
+def open_engine(path: Path, profiles: list, events: list, orders: list) -> Engine:
+    engine = Engine.open(path)
+    engine.declare_schema(SCHEMA)
+    engine.upsert_profiles(profiles)
+    if events:
+        engine.track_events(events)
+    if orders:
+        engine.add_orders(orders)
+    return engine
+
+
+def nearest_rank(values: list, q: float):
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def key(name: str, value):
+    return Decimal(repr(value)) if name == "ltv" else value
+
+
+RULES = [{"field": "country", "op": "in", "value": ["DE", "FR"]},
+         {"field": "age", "op": "gte", "value": 30},
+         {"or": [{"field": "vip", "op": "eq", "value": True},
+                 {"field": "tags", "op": "in", "value": ["beta"]}]},
+         {"not": {"field": "country", "op": "eq", "value": "US"}}]
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10**6), which=st.integers(0, len(RULES) - 1),
+       deleted=st.integers(0, 8), buckets=st.integers(1, 12))
+def test_insights_equal_a_naive_count_over_the_rows(tmp_path_factory, seed, which, deleted,
+                                                    buckets):
+    profiles, events, orders = make_data(seed)
+    engine = open_engine(tmp_path_factory.mktemp("i"), profiles, events, orders)
+    try:
+        gone = {f"u{i}" for i in range(deleted)}
+        if gone:
+            engine.delete_profiles(sorted(gone))
+        rows = {p["id"]: p for p in profiles if p["id"] not in gone}
+        rule = RULES[which]
+        members = set(engine.members(rule, as_of=AS_OF))
+        snap = engine.snapshot
+        found = insights(snap, engine.bitmap(rule, as_of=AS_OF), as_of_micros(AS_OF),
+                         top=3, buckets=buckets)
+        assert (found.profiles, found.total_profiles) == (len(members), len(rows))
+        mine = [rows[m] for m in members]
+        for info in found.fields:
+            name = info.name
+            base = [key(name, p[name]) for p in rows.values() if name in p]
+            inside = [key(name, p[name]) for p in mine if name in p]
+            assert (info.count, info.base_count) == (len(inside), len(base)), name
+            if info.type in ("keyword", "keywords", "bool"):
+                _check_values(info, inside, base, len(mine), len(rows))
+            else:
+                _check_numbers(info, inside, base, buckets)
+        _check_events(found, events, members, rows)
+        _check_orders(found, orders, members, rows)
+    finally:
+        engine.close()
+
+
+def _flat(values: list) -> Counter:
+    return Counter(v for x in values for v in (x if isinstance(x, list) else [x]))
+
+
+def _check_values(info, inside, base, size, total):
+    counted, base_counted = _flat(inside), _flat(base)
+    ranked = sorted(counted.items(), key=lambda vn: (-vn[1], str(vn[0])))[:3]
+    assert [(v.value, v.count) for v in info.values] == ranked, info.name
+    assert info.distinct == len(counted)
+    for v in info.values:
+        assert v.base_count == base_counted[v.value]
+        assert v.share == Fraction(v.count, size)
+        assert v.base_share == Fraction(v.base_count, total)
+        assert v.lift == v.share / v.base_share
+
+
+def _check_numbers(info, inside, base, buckets):
+    shown = Decimal if info.name == "ltv" else (lambda v: v)
+    if not base:
+        assert info.buckets == ()
+        return
+    assert 1 <= len(info.buckets) <= buckets
+    assert shown(info.buckets[0].low) == min(base) and shown(info.buckets[-1].high) == max(base)
+    for i, b in enumerate(info.buckets):
+        last = i == len(info.buckets) - 1
+        low, high = shown(b.low), shown(b.high)
+
+        def within(x, low=low, high=high, last=last):
+            return low <= x <= high if last else low <= x < high
+        assert b.count == sum(1 for x in inside if within(x)), (info.name, i)
+        assert b.base_count == sum(1 for x in base if within(x)), (info.name, i)
+    assert sum(b.base_count for b in info.buckets) == len(base)
+    if inside:
+        assert shown(info.min) == min(inside) and shown(info.max) == max(inside)
+        for label, value in info.quantiles:
+            assert shown(value) == nearest_rank(inside, Q[label]), (info.name, label)
+    else:
+        assert info.min is None and info.quantiles == ()
+
+
+def _check_events(found, events, members, rows):
+    as_of = datetime(2025, 6, 1, tzinfo=timezone.utc)
+    assert [e.event for e in found.events] == sorted({e["event"] for e in events})
+    for ev in found.events:
+        for w in ev.windows:
+            start = as_of - timedelta(days=w.days)
+            picked = [e for e in events if e["event"] == ev.event and e["profile"] in rows
+                      and start < datetime.fromisoformat(e["ts"]) <= as_of]
+            ours = [e for e in picked if e["profile"] in members]
+            assert (w.events, w.profiles) == (len(ours), len({e["profile"] for e in ours}))
+            assert (w.base_events, w.base_profiles) == (
+                len(picked), len({e["profile"] for e in picked}))
+
+
+def _check_orders(found, orders, members, rows):
+    ours = [o for o in orders if o["profile"] in members]
+    everyone = [o for o in orders if o["profile"] in rows]
+    m = found.orders
+    assert (m.orders, m.customers) == (len(ours), len({o["profile"] for o in ours}))
+    assert m.revenue == sum((Fraction(Decimal(repr(o["amount"]))) for o in ours), Fraction(0))
+    assert m.total_revenue == sum((Fraction(Decimal(repr(o["amount"]))) for o in everyone),
+                                  Fraction(0))
+
+
+def test_insights_of_chosen_fields_and_bad_ones(tmp_path):
+    profiles, events, orders = make_data(3)
+    engine = open_engine(tmp_path, profiles, events, orders)
+    try:
+        snap, audience = engine.snapshot, engine.bitmap(RULES[0], as_of=AS_OF)
+        found = insights(snap, audience, as_of_micros(AS_OF), fields=["age", "country", "age"])
+        assert [f.name for f in found.fields] == ["age", "country"]
+        with pytest.raises(BitsegError, match="unknown profile field 'nope'"):
+            insights(snap, audience, as_of_micros(AS_OF), fields=["nope"])
+        with pytest.raises(BitsegError, match="buckets: expected 1 to 100"):
+            insights(snap, audience, as_of_micros(AS_OF), buckets=0)
+    finally:
+        engine.close()
