@@ -97,13 +97,15 @@ def _step(parser: Any, obj: Any, path: str, window: Window) -> Step:
 def evaluate_sequence(cond: SequenceCond, snap: Snapshot, as_of: int,
                       bitmap: Callable[[Rule], BitMap]) -> BitMap:
     """The live profiles for which the sequence holds; `bitmap` evaluates a step's leaf."""
+    if cond.then_not is not None:  # its rows are read for every profile: no leaf first
+        return bitmap_of(matching(cond, snap, as_of, None)) & snap.live
     steps = sorted((bitmap(step) for step in cond.steps), key=len)
     candidates = steps[0] & snap.live
     for other in steps[1:]:
         if not candidates:
             return EMPTY
         candidates &= other
-    if len(cond.steps) == 1 and cond.then_not is None:
+    if len(cond.steps) == 1:
         return candidates  # one step alone: has such a row
     if not candidates:
         return EMPTY
@@ -117,9 +119,10 @@ def sequence_contains(cond: SequenceCond, snap: Snapshot, as_of: int, pid: int) 
     return len(matching(cond, snap, as_of, np.array([pid], dtype=np.uint32))) > 0
 
 
-def matching(cond: SequenceCond, snap: Snapshot, as_of: int, among: np.ndarray
+def matching(cond: SequenceCond, snap: Snapshot, as_of: int, among: np.ndarray | None
              ) -> np.ndarray:
-    """The profiles of `among` (sorted dense ids) for which the sequence holds."""
+    """The profiles of `among` (dense ids; None: every profile, live or not) for which the
+    sequence holds, in any order and possibly repeated."""
     if cond.then_not is not None:  # parsing made sure within_days is given with it
         return _absent(cond, cond.then_not, cond.within_days or 0, snap, as_of, among)
     lo, hi = cond.window.bounds(as_of)
@@ -129,14 +132,14 @@ def matching(cond: SequenceCond, snap: Snapshot, as_of: int, among: np.ndarray
         if not len(found[0]):
             return np.zeros(0, dtype=np.int64)
         rows.append(found)
-        among = np.unique(found[0]).astype(np.uint32)  # later steps: only these profiles
+        among = found[0]  # later steps: only these profiles
     return _chains(rows, cond.within_days)
 
 
 def _chains(rows: list[Rows], within_days: int | None) -> np.ndarray:
     """The profiles having rows r1 … rk of the steps' rows with strictly increasing ts
     (and ts(rk) - ts(r1) <= within_days days when given)."""
-    stamps = np.unique(np.concatenate([ts for _, ts in rows]))
+    stamps = np.sort(np.concatenate([ts for _, ts in rows]))  # ts -> rank keeps the order
     width = len(stamps)
     keys = [np.sort(_keys(profiles, ts, stamps)) for profiles, ts in rows]
     start = keys[0]
@@ -151,11 +154,11 @@ def _chains(rows: list[Rows], within_days: int | None) -> np.ndarray:
     if within_days is not None:
         span = stamps[at % width] - stamps[start % width]
         profile = profile[span <= min(within_days, MAX_SPAN_DAYS) * DAY]
-    return np.unique(profile)
+    return profile
 
 
 def _absent(cond: SequenceCond, then_not: Step, days: int, snap: Snapshot, as_of: int,
-            among: np.ndarray) -> np.ndarray:
+            among: np.ndarray | None) -> np.ndarray:
     """The profiles of `among` with a row r1 of the step, in the window and n days or
     more before as_of, that no then_not row follows in (ts(r1), ts(r1) + n days]."""
     span = min(days, MAX_SPAN_DAYS) * DAY
@@ -163,41 +166,48 @@ def _absent(cond: SequenceCond, then_not: Step, days: int, snap: Snapshot, as_of
     hi = min(hi, as_of - span + 1)  # ts(r1) + n days <= as_of
     if hi <= T.MIN_US or (lo is not None and lo >= hi):
         return np.zeros(0, dtype=np.int64)
-    firsts = step_rows(cond.steps[0], snap, as_of, lo, hi, among)
-    if not len(firsts[0]) or span == 0:  # (t, t + 0] holds no row
-        return np.unique(firsts[0])
-    whose = np.unique(firsts[0]).astype(np.uint32)
-    after = step_rows(then_not, snap, as_of, int(firsts[1].min()) + 1,
-                      int(firsts[1].max()) + span + 1, whose)
+    profiles, stamps = step_rows(cond.steps[0], snap, as_of, lo, hi, among)
+    if not len(profiles) or span == 0:  # (t, t + 0] holds no row
+        return profiles
+    after = step_rows(then_not, snap, as_of, int(stamps.min()) + 1,
+                      int(stamps.max()) + span + 1, profiles)
     if not len(after[0]):
-        return whose.astype(np.int64)
-    stamps = np.unique(np.concatenate((firsts[1], after[1])))
-    width = len(stamps)
-    first = np.unique(_keys(*firsts, stamps))
-    following = np.sort(_keys(*after, stamps))
-    profile = first // width
+        return profiles
+    # a first row of a profile with no then_not row in the whole range holds outright;
+    # only the others are searched
+    busy = _membership(after[0])(profiles)
+    idle = profiles[~busy]
+    profiles, stamps = profiles[busy], stamps[busy]
+    ranks = np.sort(np.concatenate((stamps, after[1])))  # ts -> rank keeps their order
+    width = len(ranks)
+    first = _keys(profiles, stamps, ranks)
+    following = np.sort(_keys(*after, ranks))
     i = np.searchsorted(following, first, side="right")  # the first then_not row after r1
     nxt = following[np.minimum(i, len(following) - 1)]
-    follows = (i < len(following)) & (nxt // width == profile) \
-        & (stamps[nxt % width] <= stamps[first % width] + span)
-    return np.unique(profile[~follows])
+    follows = (i < len(following)) & (nxt // width == profiles) \
+        & (ranks[nxt % width] <= stamps + span)
+    return np.concatenate((idle, profiles[~follows]))
 
 
 def _keys(profiles: np.ndarray, ts: np.ndarray, stamps: np.ndarray) -> np.ndarray:
-    """(profile, rank of ts among stamps) packed in one int64 that sorts like the pair."""
+    """(profile, rank of ts among stamps) packed in one int64 that sorts like the pair;
+    stamps is sorted and holds every ts (repeats are harmless: equal ts, equal rank)."""
     return profiles * len(stamps) + np.searchsorted(stamps, ts)
 
 
 # ---------------------------------------------------------------------- rows
 def step_rows(step: Step, snap: Snapshot, as_of: int, lo: int | None, hi: int,
-              among: np.ndarray) -> Rows:
+              among: np.ndarray | None) -> Rows:
     """(profiles, ts) of the rows matching a step with lo <= ts < hi (lo None: from the
-    first row), of the profiles in `among` (sorted dense ids) only."""
+    first row), of the profiles in `among` (dense ids, any order; None: every profile)."""
     hi = min(hi, T.MAX_US + 1)
-    member = _membership(among)
+    member = None if among is None else _membership(among)
     if isinstance(step, EventCond):
         return _event_rows(step, snap.events, snap.schema.events, lo, hi, as_of, member)
     return _order_rows(step, snap.orders, lo, hi, as_of, member)
+
+
+Member = Callable[[np.ndarray], np.ndarray] | None  # None: every profile is a member
 
 
 def _membership(among: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -205,11 +215,13 @@ def _membership(among: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     if len(among) == 1:
         only = among[0]
         return lambda profiles: profiles == only
-    top = int(among[-1]) if len(among) else -1
+    top = int(among.max()) if len(among) else -1
     table = np.zeros(top + 1, dtype=bool)
     table[among] = True
 
     def member(profiles: np.ndarray) -> np.ndarray:
+        if len(profiles) and int(profiles.max()) <= top:
+            return table[profiles]
         inside = profiles <= top
         out = np.zeros(len(profiles), dtype=bool)
         out[inside] = table[profiles[inside]]
@@ -219,7 +231,7 @@ def _membership(among: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _event_rows(step: EventCond, index: EventIndex, types: Any, lo: int | None, hi: int,
-                as_of: int, member: Callable[[np.ndarray], np.ndarray]) -> Rows:
+                as_of: int, member: Member) -> Rows:
     """The matching raw event rows, read block by block over the days of [lo, hi)."""
     profiles, stamps = [], []
     for event in index.types if step.event == ANY else [step.event]:
@@ -229,7 +241,9 @@ def _event_rows(step: EventCond, index: EventIndex, types: Any, lo: int | None, 
             block = index.block(event, day)
             if block is None:
                 continue
-            keep = member(block.profile) & (block.ts < hi)
+            keep = block.ts < hi
+            if member is not None:
+                keep &= member(block.profile)
             if lo is not None:
                 keep &= block.ts >= lo
             if step.where is not None and keep.any():
@@ -240,13 +254,15 @@ def _event_rows(step: EventCond, index: EventIndex, types: Any, lo: int | None, 
 
 
 def _order_rows(step: OrdersCond, index: OrderIndex, lo: int | None, hi: int, as_of: int,
-                member: Callable[[np.ndarray], np.ndarray]) -> Rows:
+                member: Member) -> Rows:
     """The matching orders in [lo, hi), from the owner and ts columns."""
     span = Window("range", start=T.MIN_US if lo is None else lo, end=hi)
     selected = select_orders(replace(step, window=span), index, as_of)
-    owners = index.owner_buf[selected]
+    owners, stamps = index.owner_buf[selected], index.ts_buf[selected]
+    if member is None:
+        return _joined([owners], [stamps])
     keep = member(owners)
-    return _joined([owners[keep]], [index.ts_buf[selected][keep]])
+    return _joined([owners[keep]], [stamps[keep]])
 
 
 def _joined(profiles: list[np.ndarray], stamps: list[np.ndarray]) -> Rows:
