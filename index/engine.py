@@ -331,6 +331,11 @@ class Engine:
         with self._write_lock:
             self._snapshot = replace(self._snapshot, segments=segments)
 
+    def set_external(self, external: Any) -> None:
+        """Plug in the provider of {"sql": ...} rules' ids (index/sqlrule.ExternalIds)."""
+        with self._write_lock:
+            self._snapshot = replace(self._snapshot, external=external)
+
     def declare_schema(self, declared: Any, *, source: str = "schema") -> Schema:
         with self._write_lock:
             snap = self._snapshot
@@ -341,9 +346,12 @@ class Engine:
                 self._snapshot = replace(snap, schema=schema)
             return schema
 
-    def upsert_profiles(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
-        """Apply a batch of profile records atomically (see docs/ENGINE_API.md)."""
-        return self._batch(records, file, None)
+    def upsert_profiles(self, records: Iterable[Any] | Callable[[Snapshot], Iterable[Any]], *,
+                        file: str | None = None, also: Also | None = None) -> BatchReport:
+        """Apply a batch of profile records atomically (see docs/ENGINE_API.md); `records`
+        and `also` as for track_events (bulk actions and traits record an audit entry in
+        the same transaction)."""
+        return self._batch(records, file, None, also)
 
     def track_events(self, records: Iterable[Any] | Callable[[Snapshot], Iterable[Any]], *,
                      file: str | None = None, also: Also | None = None,
