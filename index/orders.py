@@ -87,6 +87,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import weakref
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -100,7 +101,14 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
-from bitseg.index.recency import RECENCY_AGGS, holds, resolved
+from bitseg.index.recency import (
+    NO_FIRST,
+    NO_LAST,
+    RECENCY_AGGS,
+    holds,
+    recency_of_extremes,
+    resolved,
+)
 from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, OrdersCond, Rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, chunk_mask, chunks_of, from_u32, u32
@@ -1158,6 +1166,10 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
                     as_of_us: int) -> BitMap:
     """The live profiles for which the orders rule holds."""
     having = cond.having
+    if having.agg in RECENCY_AGGS and isinstance(cond.orders, All):
+        found = recency_of_all(cond, index, as_of_us)
+        if found is not None:
+            return found & live
     sel = select_orders(cond, index, as_of_us)
     if not len(sel):
         return live if having.holds_for_no_rows() else EMPTY
@@ -1268,6 +1280,64 @@ def _recency(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
     fill = I64_MAX if first else I64_MIN
     extreme = groups.reduce(np.minimum if first else np.maximum, ts, fill)
     return holds(extreme, having.op, resolved(having, as_of_us))
+
+
+class _Extremes:
+    """Each profile's earliest and latest live order ts, by profile id (NO_FIRST /
+    NO_LAST: none; 8 bytes per profile id each, made on first use), and the earliest
+    and latest of all live orders."""
+
+    __slots__ = ("_owner", "_ts", "_per_profile", "earliest", "latest")
+
+    def __init__(self, owner: np.ndarray, ts: np.ndarray) -> None:
+        self._owner, self._ts = owner, ts
+        self._per_profile: dict[str, np.ndarray] = {}
+        self.earliest, self.latest = int(ts.min()), int(ts.max())
+
+    def per_profile(self, agg: str) -> np.ndarray:
+        found = self._per_profile.get(agg)
+        if found is None:
+            first = agg == "first"
+            found = np.full(int(self._owner.max()) + 1, NO_FIRST if first else NO_LAST,
+                            dtype=np.int64)
+            (np.minimum if first else np.maximum).at(found, self._owner, self._ts)
+            self._per_profile[agg] = found
+        return found
+
+
+_EXTREMES: weakref.WeakKeyDictionary[OrderIndex, _Extremes] = weakref.WeakKeyDictionary()
+
+
+def _extremes_of(index: OrderIndex) -> _Extremes | None:
+    """The snapshot's _Extremes (None without live orders), cached per index."""
+    found = _EXTREMES.get(index)
+    if found is None and index.live:
+        if len(index.live) == index.count:  # every id live: views, no gather
+            found = _Extremes(index.owner, index.ts)
+        else:
+            ids = ids_of(index.live)
+            found = _Extremes(index.owner_buf[ids], index.ts_buf[ids])
+        _EXTREMES[index] = found
+    return found
+
+
+def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int) -> BitMap | None:
+    """first/last over all orders (`orders: {"all": true}`) from each profile's first
+    or last live order (index/recency.py), when the window ends after the latest order
+    and, for first, starts at or before the earliest; None otherwise (then: from rows).
+    The profiles returned may include deleted ones (the caller keeps the live)."""
+    extremes = _extremes_of(index)
+    if extremes is None:
+        return None
+    lo, hi = cond.window.bounds(as_of_us)
+    if hi <= extremes.latest:
+        return None
+    if cond.having.agg == "first":
+        if lo is not None and lo > extremes.earliest:
+            return None
+        lo = None
+    return recency_of_extremes(extremes.per_profile(cond.having.agg), cond.having,
+                               as_of_us, lo)
 
 
 def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:

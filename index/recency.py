@@ -1,7 +1,7 @@
 """Recency (CONTRACT §2.4a): `having` first / last, the earliest / latest ts of a
 profile's selected rows, compared with an instant.
 
-Two exact ways to answer it, for two shapes of data:
+Three exact ways to answer it, for three shapes of data:
 - From rows (`recency_profiles`): the rows' (profile, ts) columns, grouped per profile
   in one sort, min or max per group (`extremes`), compared vectorised.  Orders and item
   lines use this; so do events whose `where` no count stream covers.
@@ -14,8 +14,15 @@ Two exact ways to answer it, for two shapes of data:
   "has a row in [a, b)" is a union of the per-day and per-month count buckets' `exists`
   bitmaps (plus raw rows at partial days), so no row is read for whole days.
 
+- From each profile's first/last over all its rows (`recency_of_extremes`), kept per
+  snapshot by the caller: exact when the window holds every row up to the latest one
+  (its end is past the latest row) and, for first, starts at or before the earliest.
+  Then a profile's last in the window is its overall last if that is >= the window's
+  start (and it has none in the window otherwise), so one comparison per profile
+  answers; no row is read.  Orders use this for `orders: {"all": true}`.
+
 A profile with no selected rows has no first/last: false under every op (ne and not_in
-included), which both ways give, since every set above is within `has`.
+included), which every way gives, since every set above is within `has`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from bitseg.index.fields import EMPTY, bitmap_of
 
 RECENCY_AGGS = ("first", "last")
 _FLOOR, _CEIL = T.MIN_US - 1, T.MAX_US + 1  # beyond every row's ts: comparisons stay exact
+NO_FIRST, NO_LAST = 2**63 - 1, -(2**63)  # the first / last of a profile without rows
 
 
 def moment(value: Any, as_of_us: int) -> int:
@@ -78,6 +86,20 @@ def recency_profiles(profiles: np.ndarray, ts: np.ndarray, having: Any,
     """The profiles among the rows' owners whose first/last ts satisfies `having`."""
     ids, values = extremes(profiles, ts, having.agg)
     return bitmap_of(ids[holds(values, having.op, resolved(having, as_of_us))])
+
+
+def recency_of_extremes(values: np.ndarray, having: Any, as_of_us: int,
+                        lo: int | None) -> BitMap:
+    """The profiles (positions in values) whose first/last satisfies `having`, given
+    each one's earliest (first) or latest (last) ts over all its rows, NO_FIRST /
+    NO_LAST for none.  The window [lo, hi) must end after the latest row and, for
+    first, lo must be None or at most the earliest row."""
+    if having.agg == "first":
+        present = values != NO_FIRST
+    else:  # a last before lo: no row in the window
+        present = values >= lo if lo is not None else values != NO_LAST
+    return bitmap_of(np.flatnonzero(present & holds(values, having.op,
+                                                    resolved(having, as_of_us))))
 
 
 def recency_by_presence(having: Any, as_of_us: int, lo: int | None, hi: int,

@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bitseg.client import Client
-from bitseg.index.engine import Engine
+from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import RuleError
+from bitseg.index.orders import recency_of_all
+from bitseg.index.rules import parse_rule
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -357,6 +359,78 @@ def test_last_order_more_than_90_days_ago() -> None:
                                   "having": {"agg": "last", "op": op, "value": value}},
                                  as_of=AS_OF)
             assert "none" not in got and set(got) == {"old", "recent", "edge"}
+    finally:
+        engine.close()
+
+
+ALL_ORDER_WINDOWS = st.sampled_from([None, {"last_days": 1}, {"last_days": 90},
+                                     {"last_days": 365}, {"next_days": 30},
+                                     {"from": _iso(AS_OF - timedelta(days=90)),
+                                      "to": _iso(AS_OF)},
+                                     {"from": _iso(AS_OF - timedelta(days=900)),
+                                      "to": _iso(AS_OF + timedelta(days=1))}])
+
+
+@settings(SETTINGS, max_examples=150)
+@given(histories(), ALL_ORDER_WINDOWS, st.data(), st.integers(0, 2))
+def test_first_and_last_of_all_orders_from_each_profiles_extremes(history, window, data,
+                                                                   deleted) -> None:
+    """`orders: {"all": true}`: the per-profile first/last path (recency_of_all) is taken
+    whenever the window ends after the latest order (and, for first, starts before the
+    earliest), also after deletes; it and the rows path both match the raw rows."""
+    pids, _, orders = history
+    having = data.draw(recency_havings([o["ts"] for o in orders]), label="having")
+    gone = set(pids[:deleted])
+    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    try:
+        engine.declare_schema({"orders": {"status": "keyword"}})
+        engine.upsert_profiles([{"id": p} for p in pids])
+        if orders:
+            engine.add_orders(orders)
+        engine.delete_profiles(sorted(gone))
+        rule: dict[str, Any] = {"orders": {"all": True}, "having": having}
+        if window is not None:
+            rule["window"] = window
+        kept = [o for o in orders if o["profile"] not in gone]
+        if window is not None and "next_days" in window:
+            expected = set()  # (as_of, as_of + 30 d]: every instant is at or before as_of
+        else:
+            expected = naive_recency(pids, [], kept, ("orders", {"all": True}, None), window,
+                                     having)
+        snap = engine.snapshot
+        cond = parse_rule(rule, snap.schema)
+        fast = recency_of_all(cond, snap.orders, as_of_micros(AS_OF))
+        lo, hi = cond.window.bounds(as_of_micros(AS_OF))
+        latest = max((_micros(o["ts"]) for o in kept), default=None)
+        if latest is not None and hi > as_of_micros(latest) and \
+                (having["agg"] == "last" or lo is None):
+            assert fast is not None  # the path this test is for
+        if fast is not None:
+            assert len(fast & snap.live) == len(expected)
+        assert set(engine.members(rule, as_of=AS_OF)) == expected, json.dumps(rule)
+    finally:
+        engine.close()
+
+
+def test_last_order_is_recomputed_after_a_new_order() -> None:
+    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    try:
+        engine.add_orders([{"id": "1", "profile": "u", "ts": _iso(AS_OF - timedelta(days=200))},
+                           {"id": "2", "profile": "v", "ts": _iso(AS_OF - timedelta(days=100))}])
+        rule = {"orders": {"all": True},
+                "having": {"agg": "last", "op": "lt", "value": {"days_ago": 90}}}
+        assert engine.members(rule, as_of=AS_OF) == ["u", "v"]
+        # u's last is before the window: u has no last in it
+        assert engine.members(dict(rule, window={"last_days": 150}), as_of=AS_OF) == ["v"]
+        first = {"orders": {"all": True}, "window": {"last_days": 365},
+                 "having": {"agg": "first", "op": "lt", "value": {"days_ago": 150}}}
+        assert engine.members(first, as_of=AS_OF) == ["u"]
+        engine.add_orders([{"id": "3", "profile": "u", "ts": _iso(AS_OF - timedelta(days=1))}])
+        assert engine.members(rule, as_of=AS_OF) == ["v"]
+        # as_of before the latest order: from the rows, which ignore the later order
+        assert engine.members(rule, as_of=AS_OF - timedelta(days=2)) == ["u", "v"]
+        engine.delete_profiles(["v"])
+        assert engine.members(rule, as_of=AS_OF) == []
     finally:
         engine.close()
 
