@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitseg.index import sequence
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import RuleError
 from bitseg.index.explain import explain
@@ -167,10 +169,13 @@ def rows_of(evs: list[dict], ords: list[dict]) -> dict[str, list[dict]]:
 
 @settings(max_examples=70, deadline=None, suppress_health_check=list(HealthCheck))
 @given(tiers=st.dictionaries(st.sampled_from(PROFILES), st.just("gold")), evs=events,
-       ords=orders, drawn=st.lists(rules(), min_size=1, max_size=5))
-def test_sequences_match_the_brute_force(tmp_path_factory, tiers, evs, ords, drawn):
+       ords=orders, drawn=st.lists(rules(), min_size=1, max_size=5), packed=st.booleans())
+def test_sequences_match_the_brute_force(tmp_path_factory, tiers, evs, ords, drawn, packed):
+    """`packed`: then_not keys pack the ts offset under the profile; else (as when that
+    would not fit in 63 bits) they pack the rank of ts among the rows."""
     rows = rows_of(evs, ords)
-    with Engine.open(tmp_path_factory.mktemp("seq") / "store") as engine:
+    with Engine.open(tmp_path_factory.mktemp("seq") / "store") as engine, \
+            mock.patch.object(sequence, "PACKED_LIMIT", sequence.PACKED_LIMIT if packed else 0):
         load(engine, tiers, evs, ords)
         for rule in drawn:
             expected = {p for p in PROFILES
@@ -211,7 +216,15 @@ def test_added_to_cart_then_ordered_within_a_day(engine):
     assert sorted(engine.members(CART_THEN_ORDER, as_of=AS_OF)) == ["edge", "quick"]
 
 
-def test_cart_abandoners(engine):
+@pytest.fixture(params=["packed", "ranked"])
+def keys(request):
+    """Both layouts of then_not's (profile, ts) keys (see the brute-force test)."""
+    limit = sequence.PACKED_LIMIT if request.param == "packed" else 0
+    with mock.patch.object(sequence, "PACKED_LIMIT", limit):
+        yield request.param
+
+
+def test_cart_abandoners(engine, keys):
     """"Added to cart, no order within a day", the contract's then_not example."""
     engine.track_events([{"profile": p, "event": "add_to_cart", "ts": ago(d)} for p, d in [
         ("abandoned", 3 * DAY), ("bought", 3 * DAY), ("bought_at_once", 2 * DAY),
@@ -237,6 +250,22 @@ def test_then_not_at_as_of_exactly_and_just_after(engine):
     engine.track_events([{"profile": "a", "event": "buy", "ts": ago(timedelta(0))}])
     assert engine.members(rule, as_of=AS_OF) == []  # bought at the day's last instant
     assert engine.members(rule, as_of=AS_OF + DAY) == []
+
+
+def test_then_not_counts_live_profiles_only(engine, keys):
+    """then_not reads the rows of every profile: a deleted profile's rows stay behind
+    under its dense id, and a profile created again with the same id is a new one."""
+    engine.track_events([{"profile": p, "event": "add_to_cart", "ts": ago(3 * DAY)}
+                         for p in ["kept", "gone", "again", "bought"]])
+    engine.add_orders([{"id": "o", "profile": "bought", "ts": ago(2.5 * DAY)}])
+    assert engine.delete_profiles(["gone", "again"]) == 2
+    engine.upsert_profiles([{"id": "again"}])
+    assert engine.members(CART_ABANDONERS, as_of=AS_OF) == ["kept"]
+    assert engine.count(CART_ABANDONERS, as_of=AS_OF) == 1
+    assert [engine.is_member(p, CART_ABANDONERS, as_of=AS_OF)
+            for p in ["kept", "again", "bought"]] == [True, False, False]
+    engine.track_events([{"profile": "again", "event": "add_to_cart", "ts": ago(2 * DAY)}])
+    assert sorted(engine.members(CART_ABANDONERS, as_of=AS_OF)) == ["again", "kept"]
 
 
 def test_then_not_rows_may_lie_outside_the_window(engine):
