@@ -152,6 +152,11 @@ class Client:
         """Profiles, orders, customers, revenue, their shares, average order value."""
         return await self._call(c.metrics_call, rule, segment, as_of, amount_field)
 
+    async def insights(self, rule: Any = None, segment: str | None = None,
+                       fields: Iterable[str] = (), as_of: datetime | str | None = None,
+                       top: int = 0, buckets: int = 0) -> dict[str, Any]:
+        return await self._call(c.insights_call, rule, segment, fields, as_of, top, buckets)
+
     async def overlap(self, segments: Iterable[str],
                       as_of: datetime | str | None = None) -> Overlap:
         """Each named segment's size and every pairwise intersection."""

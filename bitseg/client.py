@@ -393,6 +393,28 @@ class Client:
         average order value of a rule's or segment's profiles."""
         return self._call(metrics_call, rule, segment, as_of, amount_field)
 
+    def insights(self, rule: Any = None, segment: str | None = None,
+                 fields: Iterable[str] = (), as_of: datetime | str | None = None,
+                 top: int = 0, buckets: int = 0) -> dict[str, Any]:
+        """Field distributions of a rule's or segment's profiles next to the whole base,
+        their event activity in the last 7, 30 and 90 days and their orders, as the
+        InsightsReply in dict form (field names as in the proto)."""
+        return self._call(insights_call, rule, segment, fields, as_of, top, buckets)
+
+    def create_export_schedule(self, segment: str, every_seconds: int, fields: Iterable[str],
+                               out: str, require: Iterable[str] = (), format: str = "csv",
+                               rotate: bool = False) -> dict[str, Any]:
+        """Export a segment's members every `every_seconds` to files in `out`, a directory
+        on the server machine; the schedule as a dict."""
+        return self._call(create_export_schedule_call, segment, every_seconds, fields, out,
+                          require, format, rotate)
+
+    def export_schedules(self) -> list[dict[str, Any]]:
+        return self._call(export_schedules_call)
+
+    def delete_export_schedule(self, schedule_id: int) -> None:
+        self._call(delete_export_schedule_call, schedule_id)
+
     def overlap(self, segments: Iterable[str],
                 as_of: datetime | str | None = None) -> Overlap:
         """Each named segment's size and every pairwise intersection."""
@@ -590,6 +612,37 @@ def metrics_of(reply: pb.MetricsReply) -> Metrics:
                    dec(reply.total_revenue), dec(reply.share_of_revenue_pct),
                    dec(reply.average_order_value), reply.eval_micros,
                    convert.to_datetime(reply.as_of))
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def insights_call(rule: Any, segment: str | None, fields: Iterable[str],
+                  as_of: datetime | str | None, top: int, buckets: int) -> _Unary:
+    request = pb.InsightsRequest(**_query(rule, segment, as_of), fields=list(fields), top=top,
+                                 buckets=buckets)
+    return _Unary("Insights", request, _as_dict)
+
+
+def create_export_schedule_call(segment: str, every_seconds: int, fields: Iterable[str],
+                                out: str, require: Iterable[str], format: str,
+                                rotate: bool) -> _Unary:
+    request = pb.CreateExportScheduleRequest(
+        segment=segment, every_seconds=every_seconds, fields=list(fields),
+        require=list(require), format=format, out=out, rotate=rotate)
+    return _Unary("CreateExportSchedule", request, _as_dict)
+
+
+def export_schedules_call() -> _Unary:
+    return _Unary("ListExportSchedules", pb.ListExportSchedulesRequest(),
+                  lambda reply: [_as_dict(s) for s in reply.schedules])
+
+
+def delete_export_schedule_call(schedule_id: int) -> _Unary:
+    return _Unary("DeleteExportSchedule", pb.DeleteExportScheduleRequest(id=schedule_id),
+                  lambda reply: None)
 
 
 def overlap_call(segments: Iterable[str], as_of: datetime | str | None) -> _Unary:

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bitseg.index.engine import Engine
+from bitseg.index.exports import ExportScheduler, Exports
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics
@@ -155,6 +156,7 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
                 print(f"bitseg metrics on http://{_address(host, scraped)}/metrics",
                       file=sys.stderr, flush=True)
             scheduler = RefreshScheduler(segments, tick).start()
+            exporter = ExportScheduler(Exports(engine), tick).start()
             server.start()
             if options.tokens is None and not is_loopback(host):
                 print(f"bitseg: warning: listening on {host} without --tokens: anyone who "
@@ -164,6 +166,7 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             log.info("stopping: letting calls in flight finish (up to %.0f s)", grace)
             health_servicer.enter_graceful_shutdown()
             scheduler.stop()
+            exporter.stop()
             server.stop(grace).wait(grace + EXIT_MARGIN)
             if not gate.wait_idle(EXIT_MARGIN):
                 _exit_now(gate, grace)

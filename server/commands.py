@@ -23,6 +23,8 @@ import io
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -559,6 +561,133 @@ def cmd_segment_metrics(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ insights, exports
+@remote
+def cmd_insights(args: argparse.Namespace, client: Client) -> int:
+    found = client.insights(**_target(args), fields=_fields(args.fields), as_of=args.as_of,
+                            top=args.top or 0, buckets=args.buckets or 0)
+    if args.json:
+        _print_json(found)
+        return EXIT_OK
+    print(f"audience {int(found['profiles']):,} of {int(found['total_profiles']):,} profiles")
+    for f in found["fields"]:
+        print(f"\n{f['name']} ({f['type']}): {int(f['count']):,} in the audience, "
+              f"{int(f['base_count']):,} in the base")
+        if f["values"]:
+            print(_table(["value", "count", "share", "base share", "lift"],
+                         [[_json_text(v["value_json"]), f"{int(v['count']):,}",
+                           _pct_text(v["share_pct"]), _pct_text(v["base_share_pct"]),
+                           _ratio_text(v["lift"])] for v in f["values"]]))
+        if f["buckets"]:
+            print(_table(["from", "to", "count", "base"],
+                         [[b["low"], b["high"], f"{int(b['count']):,}",
+                           f"{int(b['base_count']):,}"] for b in f["buckets"]]))
+        if f["quantiles"]:
+            marks = "  ".join(f"{q['name']} {q['value']}" for q in f["quantiles"])
+            print(f"  min {f['min']}  {marks}  max {f['max']}")
+    if found["events"]:
+        print("\nevents (last 7 / 30 / 90 days): events, members with one")
+        for e in found["events"]:
+            cells = "  ".join(f"{int(w['events']):,} / {int(w['profiles']):,}"
+                              for w in e["windows"])
+            print(f"  {e['event']:<20} {cells}")
+    o = found["orders"]
+    print(f"\norders {int(o['orders']):,}, buyers {int(o['customers']):,}, revenue "
+          f"{_money(_dec(o['revenue']))}, average order value "
+          f"{_money(_dec(o['average_order_value']))}")
+    return EXIT_OK
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                       for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in [header, *rows])
+
+
+def _pct_text(text: str) -> str:
+    return f"{Decimal(text):.2f}%" if text else "-"
+
+
+def _dec(text: str) -> Decimal | None:
+    return Decimal(text) if text else None
+
+
+def _json_text(text: str) -> str:
+    value = orjson.loads(text)
+    return value if isinstance(value, str) else text
+
+
+def _ratio_text(text: str) -> str:
+    return f"{Decimal(text):.2f}" if text else "-"
+
+
+@remote
+def cmd_export(args: argparse.Namespace, client: Client) -> int:
+    """One-off: members through the Members stream, written here (PATH.tmp, renamed)."""
+    from bitseg.index.exports import encode_rows, write_atomically
+
+    if args.action:
+        return _export_schedules(args, client)
+    if (args.rule is None) == (args.segment is None):
+        raise InputError("export: give one of --rule R or --segment S")
+    if not args.out:
+        raise InputError("export: --out PATH is required")
+    fields = _fields(args.fields)
+    require = _fields(args.require)
+    as_of = args.as_of or _iso(datetime.now(timezone.utc))
+    target = _target(args)
+    audience = {"segment": args.segment} if args.segment is not None \
+        else orjson.loads(target["rule"])
+    kept = {"and": [audience, *({"field": f, "op": "exists"} for f in require)]}
+    total = client.count(**target, as_of=as_of)
+    rows = (row.as_dict() for row in client.rows(fields, rule=kept, as_of=as_of))
+    counted = _Counted(rows)
+    write_atomically(args.out, encode_rows(counted, fields, args.format))
+    print(f"{counted.n:,} of {total:,} members exported to {args.out}")
+    return EXIT_OK
+
+
+class _Counted:
+    def __init__(self, items: Any) -> None:
+        self.items, self.n = items, 0
+
+    def __iter__(self) -> Any:
+        for item in self.items:
+            self.n += 1
+            yield item
+
+
+def _export_schedules(args: argparse.Namespace, client: Client) -> int:
+    action, rest = args.action[0], args.action[1:]
+    if action == "schedule" and len(rest) == 1:
+        if not args.every or not args.out:
+            raise InputError("export schedule SEGMENT: --every S and --out DIR are required")
+        made = client.create_export_schedule(rest[0], args.every, _fields(args.fields),
+                                             args.out, _fields(args.require), args.format,
+                                             args.rotate)
+        print(f"export schedule {made['id']}: segment {made['segment']} every "
+              f"{made['every_seconds']} s to {made['out']}")
+        return EXIT_OK
+    if action == "schedules" and not rest:
+        found = client.export_schedules()
+        if args.json:
+            _print_json(found)
+            return EXIT_OK
+        for s in found:
+            last = s["last_error"] or s["last_file"] or "not run yet"
+            print(f"{s['id']}  {s['segment']}  every {s['every_seconds']} s  {s['format']}  "
+                  f"{'rotating' if s['rotate'] else 'numbered'}  {s['out']}  runs "
+                  f"{int(s['runs'])}  last: {last}")
+        return EXIT_OK
+    if action == "unschedule" and len(rest) == 1 and rest[0].isdigit():
+        client.delete_export_schedule(int(rest[0]))
+        print(f"export schedule {rest[0]} deleted")
+        return EXIT_OK
+    raise InputError("export: expected `export --rule R|--segment S --out PATH`, "
+                     "`export schedule SEGMENT`, `export schedules` or `export unschedule ID`")
+
+
 def _money(value: Any) -> str:
     """Two decimal places (rounded half-even) for people; JSON keeps every digit."""
     from decimal import ROUND_HALF_EVEN, Decimal
@@ -737,6 +866,36 @@ def register(subparsers: Any) -> None:
     values.add_argument("--limit", type=int, default=20, metavar="N",
                         help="how many values (default 20)")
     values.set_defaults(func=cmd_values)
+
+    insights = subparsers.add_parser(
+        "insights", parents=evaluating,
+        help="field distributions, event activity and orders of a rule or segment")
+    _add_target(insights)
+    insights.add_argument("--fields", metavar="F,G", help="profile fields (default: all)")
+    insights.add_argument("--top", type=_positive_int, help="values per keyword field (10)")
+    insights.add_argument("--buckets", type=_positive_int, help="histogram buckets (10)")
+    insights.set_defaults(func=cmd_insights)
+
+    export = subparsers.add_parser(
+        "export", parents=evaluating,
+        help="write a rule's or segment's members to a file, or schedule exports",
+        description="export (--rule R|--segment S) --fields F,G [--require F] --format "
+        "csv|jsonl --out PATH | export schedule SEGMENT --every S --out DIR [...] | "
+        "export schedules | export unschedule ID")
+    export.add_argument("action", nargs="*", help="schedule SEGMENT | schedules | unschedule ID")
+    export.add_argument("--rule", metavar="R", help="rule: a JSON file, - or the JSON text")
+    export.add_argument("--segment", metavar="S", help="a segment name")
+    export.add_argument("--fields", metavar="F,G", help="profile fields written after the id")
+    export.add_argument("--require", metavar="F,G",
+                        help="only members having every one of these fields")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--out", metavar="PATH",
+                        help="the file (one-off, written here) or directory (scheduled, on "
+                        "the server machine)")
+    export.add_argument("--every", type=_positive_int, metavar="S", help="seconds (schedule)")
+    export.add_argument("--rotate", action="store_true",
+                        help="schedule: replace one file instead of numbered files")
+    export.set_defaults(func=cmd_export)
 
     _register_segment(subparsers, remote_opts, as_of)
 

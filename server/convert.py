@@ -549,6 +549,48 @@ def metrics_reply(metrics: Metrics) -> pb.MetricsReply:
 
 
 
+# ====================================================================== insights, exports
+def insights_reply(found: Any, eval_micros: int) -> pb.InsightsReply:
+    """index.insights.Insights -> protobuf (shares in percent, lift to RATIO_PLACES)."""
+    percent = Fraction(100)
+
+    def pct(x: Fraction | None) -> str:
+        return decimal_text(None if x is None else x * percent, RATIO_PLACES)
+
+    def field(f: Any) -> pb.FieldInsight:
+        shown = {} if f.min is None else {"min": value_text(f.min), "max": value_text(f.max)}
+        return pb.FieldInsight(
+            name=f.name, type=f.type, count=f.count, base_count=f.base_count,
+            distinct=f.distinct,
+            values=[pb.ValueShare(value_json=orjson.dumps(v.value).decode(), count=v.count,
+                                  base_count=v.base_count, share_pct=pct(v.share),
+                                  base_share_pct=pct(v.base_share),
+                                  lift=decimal_text(v.lift, RATIO_PLACES))
+                    for v in f.values],
+            buckets=[pb.HistogramBucket(low=value_text(b.low), high=value_text(b.high),
+                                        count=b.count, base_count=b.base_count)
+                     for b in f.buckets],
+            quantiles=[pb.Quantile(name=q, value=value_text(v)) for q, v in f.quantiles],
+            **shown)
+
+    return pb.InsightsReply(
+        profiles=found.profiles, total_profiles=found.total_profiles,
+        fields=[field(f) for f in found.fields],
+        events=[pb.EventInsight(event=e.event, windows=[
+            pb.EventActivity(days=w.days, events=w.events, profiles=w.profiles,
+                             base_events=w.base_events, base_profiles=w.base_profiles)
+            for w in e.windows]) for e in found.events],
+        orders=metrics_reply(found.orders), eval_micros=eval_micros)
+
+
+def export_schedule_reply(s: Any) -> pb.ExportSchedule:
+    """index.exports.Schedule -> protobuf."""
+    return pb.ExportSchedule(id=s.id, segment=s.segment, every_seconds=s.every,
+                             fields=list(s.fields), require=list(s.require), format=s.format,
+                             out=s.out, rotate=s.rotate, runs=s.runs, last_file=s.last_file,
+                             last_rows=s.last_rows, last_error=s.last_error)
+
+
 # ====================================================================== cursors
 class CursorError(BitsegError):
     """A Members cursor that this server did not hand out (INVALID_ARGUMENT)."""

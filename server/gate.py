@@ -38,7 +38,8 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # need no toke
 READ_METHODS = frozenset({
     "Count", "Members", "IsMember", "SegmentsOf", "Explain", "GetProfile", "Preview",
     "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory",
-    "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch"})
+    "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch",
+    "Insights", "ListExportSchedules"})
 ROLES = ("read", "write")
 
 

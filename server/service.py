@@ -19,6 +19,7 @@ import orjson
 
 from bitseg.index import batch as batches
 from bitseg.index import describe
+from bitseg.index import exports, insights
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import (
     AlreadyExists,
@@ -30,6 +31,7 @@ from bitseg.index.errors import (
     StoreError,
     StoreFull,
 )
+from bitseg.index.evaluate import Evaluator
 from bitseg.index.explain import explain
 from bitseg.index.export import check_fields, profile_rows
 from bitseg.index.fields import ids_of
@@ -301,6 +303,49 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     def GetProfile(self, request: pb.GetProfileRequest,
                    context: grpc.ServicerContext) -> pb.Profile:
         return convert.profile_reply(self.engine.profile(_profile_id(request.profile_id)))
+
+    # ---------------------------------------------------------------- insights, exports
+    @rpc
+    def Insights(self, request: pb.InsightsRequest,
+                 context: grpc.ServicerContext) -> pb.InsightsReply:
+        rule = convert.target_of(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        snap = self.engine.snapshot
+        as_of_us = as_of_micros(as_of)
+        audience = Evaluator(snap, as_of_us).bitmap(self.engine.parse(rule, snap))
+        found = insights.insights(snap, audience, as_of_us, list(request.fields),
+                                  request.top or insights.DEFAULT_TOP,
+                                  request.buckets or insights.BUCKETS,
+                                  request.amount_field or "amount")
+        reply = convert.insights_reply(found, _micros_since(start))
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
+
+    @property
+    def exports(self) -> exports.Exports:
+        self.segments  # noqa: B018 -- UNIMPLEMENTED on a server without segments
+        return exports.Exports(self.engine)
+
+    @rpc
+    def CreateExportSchedule(self, request: pb.CreateExportScheduleRequest,
+                             context: grpc.ServicerContext) -> pb.ExportSchedule:
+        made = self.exports.create(request.segment, request.every_seconds,
+                                   list(request.fields), list(request.require),
+                                   request.format or "csv", request.out, request.rotate)
+        return convert.export_schedule_reply(made)
+
+    @rpc
+    def ListExportSchedules(self, request: pb.ListExportSchedulesRequest,
+                            context: grpc.ServicerContext) -> pb.ListExportSchedulesReply:
+        return pb.ListExportSchedulesReply(
+            schedules=[convert.export_schedule_reply(s) for s in self.exports.list()])
+
+    @rpc
+    def DeleteExportSchedule(self, request: pb.DeleteExportScheduleRequest,
+                             context: grpc.ServicerContext) -> pb.DeleteExportScheduleReply:
+        self.exports.delete(request.id)
+        return pb.DeleteExportScheduleReply()
 
     # ---------------------------------------------------------------- segments
     @rpc
