@@ -33,6 +33,8 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.orders import (
+    DENSE_RATIO,
+    I64_MIN,
     NONE,
     OrderIndex,
     _avg_compare,
@@ -175,19 +177,74 @@ def _item_mask(sel: _Selector, rule: Rule, iids: np.ndarray) -> np.ndarray:
 
 
 def _rows(cond: ItemsCond, index: OrderIndex, as_of_us: int) -> tuple[np.ndarray, np.ndarray]:
-    """(item ids, their order ids) of the selected item lines."""
+    """(item ids as intp, their order ids) of the selected item lines.
+
+    Indexing with intp ids (take, compress) rather than uint32 ids and a boolean mask:
+    numpy converts uint32 indexes to intp on every fancy index, and a masked copy is
+    several times slower than np.compress (measured at 1M: 2 to 4× on each step)."""
     items = _ItemSelector(index, as_of_us).bitmap(cond.items)
+    if items:
+        items = _in_window(items, index, *cond.window.bounds(as_of_us))
     if not items:
-        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32)
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.uint32)
     orders = select_orders(OrdersCond(cond.orders, cond.window, cond.having), index, as_of_us)
-    iids = ids_of(items)
-    owners = index.item_owner[iids]
+    iids = ids_of(items).astype(np.intp)
+    owners = index.item_owner_buf.take(iids)
     if len(orders) < index.count:
         wanted = np.zeros(index.count, dtype=bool)
-        wanted[orders] = True
-        keep = wanted[owners]
-        iids, owners = iids[keep], owners[keep]
+        wanted[orders.astype(np.intp)] = True
+        keep = wanted.take(owners)
+        iids, owners = np.compress(keep, iids), np.compress(keep, owners)
     return iids, owners
+
+
+WINDOW_RUNS = 64  # at most this many runs of orders in the window: cut items to them
+
+
+def _in_window(items: BitMap, index: OrderIndex, lo: int | None, hi: int) -> BitMap:
+    """The item ids whose order's ts may be in [lo, hi): `items` cut to the item ids of
+    the window's order id ranges, when item ids follow order ids (each order's lines in
+    order id order) and the window meets few runs of orders in ts order; else `items`.
+
+    Only a narrowing before the gathers: the order mask still checks each line's order,
+    so the answer is the same either way; the items gathered are fewer (at 1M, 180 days
+    of 18 months: 1.6M acme lines become ~0.9M)."""
+    runs = index.runs
+    if runs is None or not len(runs) or not _lines_follow_orders(index):
+        return items
+    ts = index.ts
+    ends = np.append(runs[1:], len(ts))
+    first, last = ts[runs], ts[ends - 1]
+    low = I64_MIN if lo is None else lo
+    meeting = np.flatnonzero((last >= low) & (first < hi))
+    if len(meeting) > WINDOW_RUNS:
+        return items
+    starts, stops = [], []
+    for r in meeting.tolist():
+        a, b = int(runs[r]), int(ends[r])
+        starts.append(a + int(np.searchsorted(ts[a:b], low, "left")))
+        stops.append(a + int(np.searchsorted(ts[a:b], hi, "left")))
+    bounds = np.searchsorted(index.item_owner, np.array(starts + stops, dtype=np.uint32), "left")
+    lines = BitMap()
+    for a, b in zip(bounds[:len(starts)].tolist(), bounds[len(starts):].tolist(), strict=True):
+        if a < b:
+            lines.add_range(a, b)
+    return items & lines
+
+
+_FOLLOW: weakref.WeakKeyDictionary[OrderIndex, bool] = weakref.WeakKeyDictionary()
+
+
+def _lines_follow_orders(index: OrderIndex) -> bool:
+    """Whether item_owner never decreases over the item ids: every line current and each
+    order's lines after those of lower order ids (a bulk load; a replaced line's NONE
+    owner breaks it).  Checked once per index."""
+    found = _FOLLOW.get(index)
+    if found is None:
+        owner = index.item_owner
+        found = _FOLLOW[index] = bool((owner[1:] >= owner[:-1]).all()) and \
+            not (len(owner) and owner[-1] == NONE)
+    return found
 
 
 # ---------------------------------------------------------------------- aggregating
@@ -268,11 +325,77 @@ def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: i
     empty = holds_for_no_rows(cond)
     if not len(iids):
         return live if empty else EMPTY
-    groups = _Groups(index.owner_buf[oids])
+    owners = index.owner_buf.take(oids)
+    ok = _dense_sum(cond, index, iids, owners)
+    if ok is not None:  # one entry per profile id; a profile without rows has sum 0
+        return live - _bits(~ok) if empty else _bits(ok) & live
+    groups = _Groups(owners)
     ok = _judge(cond, index, iids, oids, groups, as_of_us)
     if empty:
         return live - groups.profiles(groups.has & ~ok)
     return groups.profiles(groups.has & ok) & live
+
+
+EXACT = 2**53  # float64 adds integers exactly while every partial sum stays below this
+
+
+def _dense_sum(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, owners: np.ndarray
+               ) -> np.ndarray | None:
+    """`having: sum` per profile id (0 … the largest owner) by np.bincount, or None when
+    another path must answer: another aggregate, few rows (sorted groups are cheaper), or
+    a sum that float64 might not hold exactly.
+
+    bincount adds float64 weights; the line values are integer keys, so every partial
+    sum is exact while |value| × lines of one profile < 2**53.  The bound per line is
+    the column's (spend: qty's × price's) and the lines of one profile are at most
+    `most_lines` (per snapshot), so when their product is below EXACT the float sums
+    are the exact integer sums, turned back into int64 for the exact comparison."""
+    having = cond.having
+    if having.agg != "sum" or len(owners) * DENSE_RATIO < int(owners.max()) + 1:
+        return None
+    found = _float_values(index, having.of)
+    if found is None:
+        return None
+    values, bound = found
+    if bound * most_lines(index) >= EXACT:
+        return None
+    factor = Fraction(cond.spend_scale, T.FLOAT_SCALE) if having.of == "spend" else 1
+    sums = np.bincount(owners, weights=values.take(iids))
+    return _compare(sums.astype(np.int64), having.op, _scaled(having.value, factor))
+
+
+_FLOATS: weakref.WeakKeyDictionary[OrderIndex, dict[str, tuple[np.ndarray, int] | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _float_values(index: OrderIndex, of: str) -> tuple[np.ndarray, int] | None:
+    """(the `of` value of every item id as float64, 0 where it has none; the bound of
+    |value|), made once per index and kept (8 bytes an item line), or None when a value
+    could be beyond EXACT (then float64 would not hold it exactly)."""
+    cached = _FLOATS.setdefault(index, {})
+    if of not in cached:
+        n = index.item_count
+        ids = np.arange(n, dtype=np.intp)
+        values, valid, bound, _ = _line_values(index, of, ids, 1)
+        cached[of] = None if bound >= EXACT else \
+            ((values if valid.all() else np.where(valid, values, 0)).astype(np.float64), bound)
+    return cached[of]
+
+
+_MOST: weakref.WeakKeyDictionary[OrderIndex, int] = weakref.WeakKeyDictionary()
+
+
+def most_lines(index: OrderIndex) -> int:
+    """The most current item lines any one profile has (computed once per index)."""
+    found = _MOST.get(index)
+    if found is None:
+        owner = index.item_owner
+        orders = owner[owner != NONE]
+        per_order = np.bincount(orders, minlength=index.count)
+        per_profile = np.bincount(index.owner, weights=per_order) if len(per_order) else \
+            per_order
+        found = _MOST[index] = int(per_profile.max(initial=0))
+    return found
 
 
 def contains_items(cond: ItemsCond, index: OrderIndex, pid: int, as_of_us: int) -> bool:

@@ -8,15 +8,19 @@ rule's JSON.  Its choices are those of index/items.py's docstring: a line withou
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitseg.index import items as items_module
+from bitseg.index import orders as orders_module
 from bitseg.index import types as T
 from bitseg.index.engine import Engine
 from bitseg.index.errors import RuleError
@@ -166,8 +170,10 @@ days = st.integers(0, 400)
 @st.composite
 def order_lists(draw: Any) -> list[dict]:
     out = []
+    replacing = draw(st.booleans())  # else distinct ids: item ids follow order ids
     for n in range(draw(st.integers(0, 10))):
-        oid = f"o{draw(st.integers(0, n))}"  # sometimes a later line replaces an order
+        oid = f"o{draw(st.integers(0, n))}" if replacing else f"o{n}"  # a later line
+        # replaces an order of the same id
         order = {"id": oid, "profile": draw(st.sampled_from(PROFILES)),
                  "ts": (AS_OF - timedelta(days=draw(days), hours=draw(st.integers(0, 23)))
                         ).isoformat().replace("+00:00", "Z"),
@@ -229,23 +235,43 @@ def rules(draw: Any) -> dict:
 # ---------------------------------------------------------------------- properties
 
 
+LAYOUTS = {  # index/items.py's paths, each forced on the small data of these tests
+    "fast": [],  # float64 bincount sums, items cut to the window's order ranges
+    # every sum as if beyond float64: the int64 (or Python int) path of _judge
+    "exact": [(items_module, "EXACT", 0)],
+    "uncut": [(items_module, "WINDOW_RUNS", -1)],  # no cut to the window: the mask alone
+    # as if the rows were few: groups by sorting, one entry per profile with rows
+    "sorted": [(items_module, "DENSE_RATIO", 10**9), (orders_module, "DENSE_RATIO", 10**9)],
+}
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(order_lists(), rules(), st.booleans())
 def test_matches_reference(orders: list[dict], rule: dict, wrap: bool) -> None:
     engine = _engine(orders)
+    engine.cache_results = False  # each layout evaluates
     try:
-        if wrap:  # inside and / not with a profile-level rule
-            rule_used = {"and": [{"all": True}, {"not": rule}]}
-            want = {p for p in PROFILES if not reference(orders, rule, p)}
-        else:
-            rule_used = rule
-            want = {p for p in PROFILES if reference(orders, rule, p)}
-        assert set(engine.members(rule_used, as_of=AS_OF_TEXT)) == want
-        assert engine.count(rule_used, as_of=AS_OF_TEXT) == len(want)
-        for p in PROFILES:
-            assert engine.is_member(p, rule_used, as_of=AS_OF_TEXT) == (p in want), p
+        for layout, patches in LAYOUTS.items():
+            with contextlib.ExitStack() as forced:
+                for module, name, value in patches:
+                    forced.enter_context(mock.patch.object(module, name, value))
+                _check_reference(engine, orders, rule, wrap, layout)
     finally:
         engine.close()
+
+
+def _check_reference(engine: Engine, orders: list[dict], rule: dict, wrap: bool,
+                     layout: str) -> None:
+    if wrap:  # inside and / not with a profile-level rule
+        rule_used = {"and": [{"all": True}, {"not": rule}]}
+        want = {p for p in PROFILES if not reference(orders, rule, p)}
+    else:
+        rule_used = rule
+        want = {p for p in PROFILES if reference(orders, rule, p)}
+    assert set(engine.members(rule_used, as_of=AS_OF_TEXT)) == want, layout
+    assert engine.count(rule_used, as_of=AS_OF_TEXT) == len(want), layout
+    for p in PROFILES:
+        assert engine.is_member(p, rule_used, as_of=AS_OF_TEXT) == (p in want), (p, layout)
 
 
 # ---------------------------------------------------------------------- named cases
@@ -355,6 +381,63 @@ def test_replaced_items_and_reopen() -> None:
         assert engine.members(acme, as_of=AS_OF_TEXT) == []
         assert engine.members(new, as_of=AS_OF_TEXT) == ["p0"]
         assert engine.snapshot.orders.items_indexed
+    finally:
+        engine.close()
+
+
+def test_window_cut_and_float_sums_on_lines_that_follow_orders() -> None:
+    """A load without replaced lines: items are cut to the window's order ranges (orders
+    in three ts runs here) and sums are float64 bincounts, exact to the key; `_judge` (the
+    general path) is not called."""
+    orders = [_order("a", "p0", 10, "paid", {"brand": "acme", "qty": 3, "price": 19.99}),
+              _order("b", "p1", 300, "paid", {"brand": "acme", "qty": 2, "price": 100}),
+              _order("c", "p2", 5, "paid", {"brand": "acme", "qty": 2, "price": 100.01}),
+              _order("d", "p2", 200, "paid", {"brand": "acme", "qty": 1, "price": 7})]
+    engine = _engine(orders)
+    engine.cache_results = False
+    try:
+        index = engine.snapshot.orders
+        assert items_module._lines_follow_orders(index) and len(index.runs) == 3
+        lo, hi = index.ts[[0, 2]].min(), index.ts[[0, 2]].max() + 1  # a and c only
+        every = items_module.alive_items(index)
+        assert list(items_module._in_window(every, index, lo, hi)) == [0, 2]
+        with mock.patch.object(items_module, "_judge", side_effect=AssertionError("_judge")):
+            def members(value: float) -> list[str]:
+                return engine.members({"items": {"all": True}, "window": {"last_days": 100},
+                                       "having": {"agg": "sum", "of": "spend", "op": "eq",
+                                                  "value": value}}, as_of=AS_OF_TEXT)
+
+            assert members(59.97) == ["p0"]
+            assert members(200.02) == ["p2"]
+            assert members(0) == ["p1", "p3", "p4", "p5"]
+    finally:
+        engine.close()
+
+
+def test_replaced_lines_are_not_cut_by_window_and_huge_sums_stay_exact() -> None:
+    """Once a line is replaced, item ids no longer follow order ids: no window cut.  A
+    spend beyond 2**53 key units is summed exactly by the general path."""
+    engine = _engine([_order("a", "p0", 1, "paid", {"brand": "acme", "qty": 1, "price": 5}),
+                      _order("b", "p1", 1, "paid", {"brand": "acme", "qty": 3,
+                                                    "price": 1000000000.01})])
+    engine.add_orders([_order("a", "p0", 1, "paid", {"brand": "acme", "qty": 2, "price": 5})])
+    engine.cache_results = False
+    try:
+        index = engine.snapshot.orders
+        assert not items_module._lines_follow_orders(index)
+        every = items_module.alive_items(index)
+        assert items_module._in_window(every, index, None, 2**62) is every
+        assert items_module._float_values(index, "spend") is None  # 3e17 key units
+
+        def members(op: str, value: float) -> list[str]:
+            return engine.members({"items": {"all": True}, "window": {"last_days": 30},
+                                   "having": {"agg": "sum", "of": "spend", "op": op,
+                                              "value": value}}, as_of=AS_OF_TEXT)
+
+        assert members("eq", 10) == ["p0"]
+        assert members("eq", 3000000000.03) == ["p1"]
+        assert members("gt", 3000000000.02) == ["p1"]
+        assert members("lt", 3000000000.03) == ["p0", "p2", "p3", "p4", "p5"]
     finally:
         engine.close()
 
