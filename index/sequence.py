@@ -17,8 +17,15 @@ profile matches when some r1 completes, with ts(rk) - ts(r1) <= within_days when
 is given; without within_days only each profile's earliest r1 needs trying.
 
 `then_not` keeps a profile when some r1 (in the window, at least n days before as_of)
-has no then_not row in (ts(r1), ts(r1) + n days]: the first then_not row after r1 is
-one searchsorted away.
+has no then_not row in (ts(r1), ts(r1) + n days].  Its one step is not evaluated as a
+leaf first: its rows are read for every profile (the leaf would prune nothing but the
+profiles no longer live, which are dropped at the end).  The then_not rows read are
+those of the r1 profiles in (min ts(r1), max ts(r1) + n days].  An r1 of a profile
+with none of them holds outright; for the others, (profile, ts) packs into one int64
+key, the offset of ts from the earliest below the profile (the rank of ts when that
+would not fit in 63 bits), and the first then_not row after r1 is one searchsorted
+away, compared with the key of (profile, ts(r1) + n days).  No np.unique: numpy's is
+a hash pass and then a sort, slower than one sort of the few rows that need it.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import itertools
 import sys
-from unittest import mock
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
