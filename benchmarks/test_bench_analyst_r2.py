@@ -1,0 +1,53 @@
+"""Issue 17, R2: Insights of a 5-leaf rule over 10 fields, and an export of 1M members
+with 5 fields (server-side path, index/exports.export). Medians printed with -s."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from conftest import AS_OF, fmt_seconds
+from peers import ATTR_NOT
+
+from bitseg.index.engine import as_of_micros
+from bitseg.index.exports import export
+from bitseg.index.insights import insights
+
+
+def _median(fn, rounds: int = 5) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def test_insights_of_a_5_leaf_rule_over_10_fields(engine):
+    snap = engine.snapshot
+    fields = sorted(snap.schema.profiles)[:10]
+    as_of_us = as_of_micros(AS_OF)
+
+    def run():
+        audience = engine.bitmap(ATTR_NOT, as_of=AS_OF)
+        return insights(snap, audience, as_of_us, fields)
+
+    found = run()
+    assert found.profiles == engine.count(ATTR_NOT, as_of=AS_OF)
+    assert len(found.fields) == len(fields)
+    seconds = _median(run)
+    print(f"\ninsights, 5-leaf rule, {len(fields)} fields + events + orders, "
+          f"{len(snap.live):,} profiles: {fmt_seconds(seconds)}")
+
+
+def test_export_of_1m_members_with_5_fields(engine, tmp_path):
+    snap = engine.snapshot
+    fields = sorted(snap.schema.profiles)[:5]
+    out = tmp_path / "all.csv"
+    start = time.perf_counter()
+    done = export(engine, {"all": True}, out, fields, [], "csv", as_of=AS_OF)
+    seconds = time.perf_counter() - start
+    assert done.rows == done.members == len(snap.live)
+    assert sum(1 for _ in out.open()) == done.rows + 1
+    print(f"\nexport of {done.rows:,} members, 5 fields, csv: {fmt_seconds(seconds)} "
+          f"({done.rows / seconds:,.0f} rows/s)")
