@@ -230,10 +230,12 @@ class Client:
     async def create_segment(self, name: str, kind: str, rule: Any = None,
                              profile_ids: Iterable[str] = (),
                              as_of: datetime | str | None = None,
-                             refresh_every: int | None = None) -> Segment:
+                             refresh_every: int | None = None, tags: Iterable[str] = (),
+                             template: str | None = None,
+                             params: Mapping[str, Any] | None = None) -> Segment:
         """kind: "static", "dynamic" or "materialized" (see Client.create_segment)."""
         return await self._call(c.create_segment_call, name, kind, rule, profile_ids, as_of,
-                                refresh_every)
+                                refresh_every, tags, template, params)
 
     async def update_segment(self, name: str, rule: Any = None,
                              refresh_every: int | None = None,
@@ -251,8 +253,21 @@ class Client:
     async def get_segment(self, name: str) -> Segment:
         return await self._call(c.get_segment_call, name)
 
-    async def list_segments(self) -> list[Segment]:
-        return await self._call(c.list_segments_call)
+    async def list_segments(self, tag: str | None = None) -> list[Segment]:
+        """Every segment by name; with `tag`, only those carrying it."""
+        return await self._call(c.list_segments_call, tag)
+
+    async def add_tags(self, name: str, tags: Iterable[str]) -> Segment:
+        """Tag a segment (at most 32 tags in all); the segment."""
+        return await self._call(c.tags_call, "AddTags", name, tags)
+
+    async def remove_tags(self, name: str, tags: Iterable[str]) -> Segment:
+        """Remove tags of a segment (those it lacks are ignored); the segment."""
+        return await self._call(c.tags_call, "RemoveTags", name, tags)
+
+    async def templates(self) -> list[c.Template]:
+        """The server's segment templates: the built-in ones, then the user's."""
+        return await self._call(c.templates_call)
 
     async def delete_segment(self, name: str) -> None:
         await self._call(c.delete_segment_call, name)

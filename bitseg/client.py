@@ -211,6 +211,27 @@ class Segment:
     entered: int = 0
     exited: int = 0
     unknown_ids: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # sorted
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateParam:
+    name: str
+    type: str                        # int, number, string, strings, bool
+    default: Any
+    description: str
+    min: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A segment template: create_segment(..., template=name, params={...})."""
+
+    name: str
+    description: str
+    params: list[TemplateParam]
+    rule: Any                        # with {"$param": NAME} where a parameter goes
+    builtin: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,12 +513,16 @@ class Client:
     def create_segment(self, name: str, kind: str, rule: Any = None,
                        profile_ids: Iterable[str] = (),
                        as_of: datetime | str | None = None,
-                       refresh_every: int | None = None) -> Segment:
+                       refresh_every: int | None = None, tags: Iterable[str] = (),
+                       template: str | None = None,
+                       params: Mapping[str, Any] | None = None) -> Segment:
         """kind: "static", "dynamic" or "materialized". A static segment takes profile_ids
         and/or a rule (its members at as_of); `refresh_every` (seconds) schedules a
-        materialized one. The result has `entered` and the `unknown_ids` ignored."""
+        materialized one. The result has `entered` and the `unknown_ids` ignored.
+        Instead of a rule: a `template` (see templates()) with `params` by name; the
+        segment then also carries the tag "template:NAME"."""
         return self._call(create_segment_call, name, kind, rule, profile_ids, as_of,
-                          refresh_every)
+                          refresh_every, tags, template, params)
 
     def update_segment(self, name: str, rule: Any = None, refresh_every: int | None = None,
                        as_of: datetime | str | None = None) -> Segment:
@@ -516,8 +541,21 @@ class Client:
     def get_segment(self, name: str) -> Segment:
         return self._call(get_segment_call, name)
 
-    def list_segments(self) -> list[Segment]:
-        return self._call(list_segments_call)
+    def list_segments(self, tag: str | None = None) -> list[Segment]:
+        """Every segment by name; with `tag`, only those carrying it."""
+        return self._call(list_segments_call, tag)
+
+    def add_tags(self, name: str, tags: Iterable[str]) -> Segment:
+        """Tag a segment (at most 32 tags in all); the segment."""
+        return self._call(tags_call, "AddTags", name, tags)
+
+    def remove_tags(self, name: str, tags: Iterable[str]) -> Segment:
+        """Remove tags of a segment (those it lacks are ignored); the segment."""
+        return self._call(tags_call, "RemoveTags", name, tags)
+
+    def templates(self) -> list[Template]:
+        """The server's segment templates: the built-in ones, then the user's."""
+        return self._call(templates_call)
 
     def delete_segment(self, name: str) -> None:
         self._call(delete_segment_call, name)
@@ -745,15 +783,43 @@ def delete_profiles_call(profile_ids: Iterable[str]) -> _Unary:
 
 
 def create_segment_call(name: str, kind: str, rule: Any, profile_ids: Iterable[str],
-                        as_of: datetime | str | None, refresh_every: int | None) -> _Unary:
+                        as_of: datetime | str | None, refresh_every: int | None,
+                        tags: Iterable[str] = (), template: str | None = None,
+                        params: Mapping[str, Any] | None = None) -> _Unary:
     if kind not in SEGMENT_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(SEGMENT_KINDS)}, got {kind!r}")
     source = {} if rule is None else convert.rule_target(rule)
-    request = pb.CreateSegmentRequest(name=name, kind=SEGMENT_KINDS[kind], **source,
-                                      profile_ids=list(profile_ids),
-                                      as_of=convert.to_timestamp(as_of),
-                                      refresh_every_seconds=refresh_every or 0)
+    request = pb.CreateSegmentRequest(
+        name=name, kind=SEGMENT_KINDS[kind], **source, profile_ids=list(profile_ids),
+        as_of=convert.to_timestamp(as_of), refresh_every_seconds=refresh_every or 0,
+        tags=list(tags), template=template or "",
+        params={k: param_text(v) for k, v in (params or {}).items()})
     return _Unary("CreateSegment", request, segment_of)
+
+
+def param_text(value: Any) -> str:
+    """A template parameter's value as the text the server reads by its type."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()  # numbers, true/false, lists as JSON
+
+
+def tags_call(method: str, name: str, tags: Iterable[str]) -> _Unary:
+    request = pb.SegmentTagsRequest(name=name, tags=list(tags))
+    return _Unary(method, request, segment_of)
+
+
+def templates_call() -> _Unary:
+    return _Unary("ListTemplates", pb.ListTemplatesRequest(),
+                  lambda reply: [template_of(t) for t in reply.templates])
+
+
+def template_of(template: pb.Template) -> Template:
+    return Template(template.name, template.description,
+                    [TemplateParam(p.name, p.type, orjson.loads(p.default_json), p.description,
+                                   p.min if p.HasField("min") else None)
+                     for p in template.params],
+                    orjson.loads(template.rule_json), template.builtin)
 
 
 def update_segment_call(name: str, rule: Any, refresh_every: int | None,
@@ -780,8 +846,8 @@ def get_segment_call(name: str) -> _Unary:
     return _Unary("GetSegment", pb.GetSegmentRequest(name=name), segment_of)
 
 
-def list_segments_call() -> _Unary:
-    return _Unary("ListSegments", pb.ListSegmentsRequest(),
+def list_segments_call(tag: str | None = None) -> _Unary:
+    return _Unary("ListSegments", pb.ListSegmentsRequest(tag=tag or ""),
                   lambda reply: [segment_of(s) for s in reply.segments])
 
 
@@ -797,7 +863,7 @@ def segment_of(segment: pb.Segment) -> Segment:
                    orjson.loads(segment.rule_json) if segment.rule_json else None,
                    segment.size, moment("created_at"), moment("refreshed_at"),
                    segment.refresh_every_seconds or None, segment.entered, segment.exited,
-                   list(segment.unknown_ids))
+                   list(segment.unknown_ids), list(segment.tags))
 
 
 def add_to_segment_call(name: str, profile_ids: Iterable[str]) -> _Unary:

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from bitseg.index.engine import Engine
 from bitseg.index.exports import ExportScheduler, Exports
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
+from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics
 from bitseg.server.service import SegmentsServicer
@@ -58,6 +59,7 @@ class Options:
     stream_idle: float = STREAM_IDLE_SECONDS
     access_log: bool = False
     metrics_port: int | None = None  # Prometheus metrics on --host at this port (0: any)
+    templates: str | None = None  # a folder of the user's segment templates (*.json)
 
     def gate(self) -> Gate:
         return Gate(self.tokens, self.max_streams, self.stream_idle, self.access_log)
@@ -80,6 +82,7 @@ def _build(engine: Engine, address: str, workers: int, segments: Segments | None
     if segments is None and isinstance(engine, Engine):
         segments = open_segments(engine)
     credentials = _credentials(options)  # before anything starts: a bad file fails first
+    templates = _templates(options)
     gate = options.gate()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers + options.max_streams,
@@ -89,7 +92,8 @@ def _build(engine: Engine, address: str, workers: int, segments: Segments | None
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],  # a second server on a taken port must fail
     )
-    bitseg_pb2_grpc.add_SegmentsServicer_to_server(SegmentsServicer(engine, segments), server)
+    bitseg_pb2_grpc.add_SegmentsServicer_to_server(SegmentsServicer(engine, segments, templates),
+                                                    server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -104,6 +108,14 @@ def _build(engine: Engine, address: str, workers: int, segments: Segments | None
     if port == 0:
         raise OSError(f"cannot listen on {address} (is the port taken?)")
     return server, port, health_servicer, gate
+
+
+def _templates(options: Options) -> Catalogue:
+    """The built-in templates and the user's; a bad template file names itself."""
+    try:
+        return load_catalogue(options.templates)
+    except TemplateError as exc:
+        raise ConfigError(f"--templates: {exc}") from None
 
 
 def _credentials(options: Options) -> grpc.ServerCredentials | None:

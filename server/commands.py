@@ -399,17 +399,77 @@ def cmd_explain(args: argparse.Namespace, client: Client) -> int:
 @remote
 def cmd_segment_create(args: argparse.Namespace, client: Client) -> int:
     rule = read_rule(args.rule) if args.rule is not None else None
-    if args.kind != "static" and rule is None:
-        raise InputError(f"segment create: a {args.kind} segment needs --rule")
+    if rule is not None and args.from_template is not None:
+        raise InputError("segment create: give --rule or --from-template, not both")
+    if args.param and args.from_template is None:
+        raise InputError("segment create: --param is for --from-template")
+    if args.kind != "static" and rule is None and args.from_template is None:
+        raise InputError(f"segment create: a {args.kind} segment needs --rule "
+                         f"(or --from-template)")
     if args.kind != "static" and args.ids:
         raise InputError(f"segment create: --ids is for static segments, not {args.kind}")
     if args.refresh_every is not None and args.kind != "materialized":
         raise InputError("segment create: --refresh-every is for materialized segments")
     created = _plain(client.create_segment(args.name, args.kind, rule=rule,
                                            profile_ids=read_ids(args.ids), as_of=args.as_of,
-                                           refresh_every=args.refresh_every))
+                                           refresh_every=args.refresh_every, tags=args.tag,
+                                           template=args.from_template,
+                                           params=_params(args.param)))
     _print_segment(created, args.json)
     return EXIT_OK
+
+
+def _params(items: list[str]) -> dict[str, str]:
+    """--param k=v ... -> {k: v} (the server reads each value by the parameter's type)."""
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"segment create: --param: expected NAME=VALUE, got {item!r}")
+        if key in found:
+            raise InputError(f"segment create: --param {key} is given twice")
+        found[key] = value
+    return found
+
+
+@remote
+def cmd_segment_tag(args: argparse.Namespace, client: Client) -> int:
+    untag = args.action == "untag"
+    result = _plain(client.remove_tags(args.name, args.tags) if untag
+                    else client.add_tags(args.name, args.tags))
+    if args.json:
+        _print_json(_segment_json(result))
+    else:
+        print(f"{result['name']}: " + (", ".join(result["tags"]) or "no tags"))
+    return EXIT_OK
+
+
+@remote
+def cmd_templates(args: argparse.Namespace, client: Client) -> int:
+    found = _plain(client.templates())
+    if args.json:
+        _print_json(found)
+        return EXIT_OK
+    for template in found:
+        mark = "" if template["builtin"] else " (user)"
+        print(f"{template['name']}{mark}: {template['description']}")
+        for param in template["params"]:
+            low = f", at least {_number(param['min'])}" if param["min"] is not None else ""
+            about = f": {param['description']}" if param["description"] else ""
+            print(f"    --param {param['name']}={_param_shown(param['default'])}"
+                  f"  ({param['type']}{low}){about}")
+    return EXIT_OK
+
+
+def _param_shown(value: Any) -> str:
+    """A default as it would be typed after --param NAME=."""
+    if isinstance(value, list):
+        return ",".join(value)
+    return orjson.dumps(value).decode() if not isinstance(value, str) else value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 @remote
@@ -459,12 +519,13 @@ def cmd_segment_get(args: argparse.Namespace, client: Client) -> int:
 
 @remote
 def cmd_segment_list(args: argparse.Namespace, client: Client) -> int:
-    found = _plain(client.list_segments())
+    found = _plain(client.list_segments(tag=args.tag))
     if args.json:
         _print_json([_segment_json(s) for s in found])
     else:
         for segment in found:
-            print(f"{segment['name']}\t{segment['kind']}\t{segment['size']:,}")
+            tags = "\t" + ",".join(segment["tags"]) if segment["tags"] else ""
+            print(f"{segment['name']}\t{segment['kind']}\t{segment['size']:,}{tags}")
     return EXIT_OK
 
 
@@ -715,6 +776,8 @@ def _print_segment(segment: dict[str, Any], as_json: bool) -> None:
     print(line)
     if segment["rule"] is not None:
         print(f"rule: {orjson.dumps(segment['rule']).decode()}")
+    if segment.get("tags"):
+        print(f"tags: {', '.join(segment['tags'])}")
     if segment.get("entered") or segment.get("exited"):
         print(f"{segment['entered']:,} entered, {segment['exited']:,} exited")
     _print_unknown(segment.get("unknown_ids") or [])
@@ -755,7 +818,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tokens=Tokens.load(args.tokens) if args.tokens else None,
             tls_cert=args.tls_cert, tls_key=args.tls_key, max_streams=args.max_streams,
             stream_idle=args.stream_idle, access_log=args.access_log,
-            metrics_port=args.metrics_port)
+            metrics_port=args.metrics_port, templates=args.templates)
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
@@ -899,6 +962,10 @@ def register(subparsers: Any) -> None:
 
     _register_segment(subparsers, remote_opts, as_of)
 
+    templates = subparsers.add_parser("templates", parents=[remote_opts],
+                                      help="the segment templates, with their parameters")
+    templates.set_defaults(func=cmd_templates)
+
     serve = subparsers.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--db", required=True, help="store directory")
     serve.add_argument("--create", action="store_true",
@@ -922,6 +989,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--metrics-port", type=int, metavar="P",
                        help="serve Prometheus metrics at http://HOST:P/metrics (0: any free "
                        "port; the address is printed)")
+    serve.add_argument("--templates", metavar="DIR",
+                       help="also offer the segment templates of DIR (one JSON file each); "
+                       "a bad file stops the start")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -965,7 +1035,21 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
                         "with an id column, or JSON Lines), - for stdin, or id1,id2,...")
     create.add_argument("--refresh-every", type=int, metavar="S",
                         help="a materialized segment: refresh every S seconds")
+    create.add_argument("--tag", action="append", default=[], metavar="T",
+                        help="tag the segment with T (repeat for more)")
+    create.add_argument("--from-template", metavar="T",
+                        help="the rule of template T (see `bitseg templates`)")
+    create.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a template parameter (repeat for more; unset ones take their "
+                        "defaults); a list is a,b,c")
     create.set_defaults(func=cmd_segment_create)
+
+    for action, text in (("tag", "add tags to a segment"),
+                         ("untag", "remove tags from a segment")):
+        sub = actions.add_parser(action, parents=[remote_opts], help=text)
+        sub.add_argument("name")
+        sub.add_argument("tags", nargs="+", metavar="TAG")
+        sub.set_defaults(func=cmd_segment_tag)
 
     update = actions.add_parser("update", parents=[remote_opts, as_of],
                                 help="change a segment's rule or refresh schedule")
@@ -997,6 +1081,7 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
         sub.set_defaults(func=func)
 
     listing = actions.add_parser("list", parents=[remote_opts], help="list the segments")
+    listing.add_argument("--tag", metavar="T", help="only the segments tagged T")
     listing.set_defaults(func=cmd_segment_list)
 
     for action, func, text in (("add", cmd_segment_add, "add profiles to a static segment"),

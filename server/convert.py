@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from bitseg.index.describe import Description, FieldInfo
     from bitseg.index.explain import Node
     from bitseg.index.segments import Change, Metrics, Overlap, Point, SegmentInfo
+    from bitseg.index.templates import Template
 
 DEFAULT_PAGE_SIZE = 10_000
 MAX_PAGE_SIZE = 100_000
@@ -481,13 +482,23 @@ def segment_reply(info: SegmentInfo, change: Change | None = None) -> pb.Segment
         rule_json="" if info.rule is None else orjson.dumps(info.rule).decode(),
         size=info.size, created_at=from_micros(info.created_at),
         refreshed_at=from_micros(info.refreshed_at),
-        refresh_every_seconds=info.refresh_every or 0)
+        refresh_every_seconds=info.refresh_every or 0, tags=info.tags)
     if change is not None:
         reply.entered, reply.exited = change.entered, change.exited
         reply.unknown_ids.extend(change.unknown)
     return reply
 
 
+
+
+def template_reply(template: Template) -> pb.Template:
+    """A template, its defaults and rule as JSON text."""
+    return pb.Template(
+        name=template.name, description=template.description, builtin=template.builtin,
+        rule_json=orjson.dumps(template.rule).decode(),
+        params=[pb.TemplateParam(name=p.name, type=p.type, description=p.description,
+                                 default_json=orjson.dumps(p.default).decode(), min=p.min)
+                for p in template.params])
 
 
 def point_reply(point: Point) -> pb.SizePoint:

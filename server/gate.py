@@ -39,7 +39,7 @@ READ_METHODS = frozenset({
     "Count", "Members", "IsMember", "SegmentsOf", "Explain", "GetProfile", "Preview",
     "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory",
     "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch",
-    "Insights", "ListExportSchedules"})
+    "Insights", "ListExportSchedules", "ListTemplates"})
 ROLES = ("read", "write")
 
 

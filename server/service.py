@@ -37,6 +37,7 @@ from bitseg.index.export import check_fields, profile_rows
 from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.index.split import split_segment
+from bitseg.index.templates import Catalogue, load_catalogue
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -143,9 +144,11 @@ def _micros_since(start_ns: int) -> int:
 class SegmentsServicer(pb_grpc.SegmentsServicer):
     """bitseg.v1.Segments over one open Engine."""
 
-    def __init__(self, engine: Engine, segments: Segments | None = None) -> None:
+    def __init__(self, engine: Engine, segments: Segments | None = None,
+                 templates: Catalogue | None = None) -> None:
         self.engine = engine
         self._segments = segments
+        self.templates = templates if templates is not None else load_catalogue()
 
     @property
     def segments(self) -> Segments:
@@ -352,10 +355,13 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     def CreateSegment(self, request: pb.CreateSegmentRequest,
                       context: grpc.ServicerContext) -> pb.Segment:
         as_of = convert.as_of_of(request) or convert.now()
+        rule, tags = self.templates.source(request.template, dict(request.params),
+                                           convert.source_of(request))
         info, change = self.segments.create(
-            request.name, convert.kind_of(request.kind), rule=convert.source_of(request),
+            request.name, convert.kind_of(request.kind), rule=rule,
             ids=list(request.profile_ids), as_of=as_of,
-            refresh_every=request.refresh_every_seconds or None)
+            refresh_every=request.refresh_every_seconds or None,
+            tags=[*request.tags, *tags])
         return convert.segment_reply(info, change)
 
     @rpc
@@ -386,8 +392,24 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def ListSegments(self, request: pb.ListSegmentsRequest,
                      context: grpc.ServicerContext) -> pb.ListSegmentsReply:
-        return pb.ListSegmentsReply(
-            segments=[convert.segment_reply(info) for info in self.segments.list()])
+        infos = self.segments.list(tag=request.tag or None)
+        return pb.ListSegmentsReply(segments=[convert.segment_reply(info) for info in infos])
+
+    @rpc
+    def AddTags(self, request: pb.SegmentTagsRequest,
+                context: grpc.ServicerContext) -> pb.Segment:
+        return convert.segment_reply(self.segments.retag(request.name, add=request.tags))
+
+    @rpc
+    def RemoveTags(self, request: pb.SegmentTagsRequest,
+                   context: grpc.ServicerContext) -> pb.Segment:
+        return convert.segment_reply(self.segments.retag(request.name, remove=request.tags))
+
+    @rpc
+    def ListTemplates(self, request: pb.ListTemplatesRequest,
+                      context: grpc.ServicerContext) -> pb.ListTemplatesReply:
+        return pb.ListTemplatesReply(
+            templates=[convert.template_reply(t) for t in self.templates])
 
     @rpc
     def DeleteSegment(self, request: pb.DeleteSegmentRequest,
