@@ -135,7 +135,7 @@ def _records(engine: Engine, action: BulkAction, snap: Snapshot, changed: BitMap
         for external in externals:
             yield {"id": external, name: action.value}
         return
-    for d, external in zip(dense.tolist(), externals):
+    for d, external in zip(dense.tolist(), externals, strict=True):
         words = set(_row(snap, d).get(name) or ())
         if action.action == "add":
             words.add(value)
@@ -167,12 +167,18 @@ def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
     def audit(txn: Txn, snap: Snapshot) -> dict[str, Any]:
         found["entry"] = record_entry(engine.store, txn, {
             "action": action.action, "field": action.field, "value": action.value,
-            "rule": action.rule, "segment": action.segment, "as_of": T.format_timestamp(as_of_us),
+            "rule": _as_json(action.rule), "segment": action.segment,
+            "as_of": T.format_timestamp(as_of_us),
             "members": found["members"], "changed": found["changed"], "version": snap.version})
         return {}
 
     engine.upsert_profiles(records, file="bulk action", also=audit)
     return BulkResult(found["members"], found["changed"], False, found["entry"])
+
+
+def _as_json(rule: Any) -> Any:
+    """A rule given as JSON text is stored as the JSON it is (it parsed: it ran)."""
+    return orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule
 
 
 def record_entry(store: Store, txn: Txn, entry: dict[str, Any]) -> dict[str, Any]:
