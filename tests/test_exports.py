@@ -7,14 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from bitseg.index import exports
 from bitseg.index.engine import Engine
 from bitseg.index.errors import BitsegError, NotFound
-from bitseg.index.exports import ExportScheduler, Exports, export
+from bitseg.index.exports import Exports, ExportScheduler, export
 from bitseg.index.segments import open_segments
 
 SCHEMA = {"profiles": {"country": "keyword", "tags": "keywords", "age": "int",
