@@ -188,17 +188,17 @@ def _absent(cond: SequenceCond, then_not: Step, days: int, snap: Snapshot, as_of
     # only the others are searched
     busy = _membership(after[0])(profiles)
     idle = profiles[~busy]
-    profiles, stamps = profiles[busy], stamps[busy]
-    first, last, following = _spans(profiles, stamps, span, *after)
+    first, last, following, width = _spans(profiles[busy], stamps[busy], span, *after)
     following = np.append(np.sort(following), I64_MAX)
     nxt = following[np.searchsorted(following, first, side="right")]  # the first after r1
-    return np.concatenate((idle, profiles[nxt > last]))
+    return np.concatenate((idle, first[nxt > last] // width))
 
 
 def _spans(profiles: np.ndarray, stamps: np.ndarray, span: int, other_profiles: np.ndarray,
-           other_stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(profile, ts) packed in int64 keys that sort like the pairs: the keys of
-    (profile, ts) and (profile, ts + span) of the first rows, and those of the others.
+           other_stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(profile, ts) packed in int64 keys that sort like the pairs, profile = key // width:
+    the keys of (profile, ts) of the first rows, sorted (a sorted search is faster), the
+    keys of (profile, ts + span) in the same order, those of the others, and width.
 
     The offset of ts from the earliest packs below the profile while that fits in 63
     bits (at 10M profiles, about 10 days of µs); otherwise the rank of ts among all."""
@@ -206,11 +206,13 @@ def _spans(profiles: np.ndarray, stamps: np.ndarray, span: int, other_profiles: 
     width = max(int(stamps.max()) + span, int(other_stamps.max())) - base + 1
     top = max(int(profiles.max()), int(other_profiles.max()))
     if (top + 1) * width <= PACKED_LIMIT:
-        first = profiles * width + (stamps - base)
-        return first, first + span, other_profiles * width + (other_stamps - base)
+        first = np.sort(profiles * width + (stamps - base))
+        return first, first + span, other_profiles * width + (other_stamps - base), width
     ranks = np.sort(np.concatenate((stamps, other_stamps)))
+    first = _keys(profiles, stamps, ranks)
     last = profiles * len(ranks) + np.searchsorted(ranks, stamps + span, side="right") - 1
-    return _keys(profiles, stamps, ranks), last, _keys(other_profiles, other_stamps, ranks)
+    order = np.argsort(first)
+    return first[order], last[order], _keys(other_profiles, other_stamps, ranks), len(ranks)
 
 
 def _keys(profiles: np.ndarray, ts: np.ndarray, stamps: np.ndarray) -> np.ndarray:
