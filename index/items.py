@@ -176,8 +176,8 @@ def _item_mask(sel: _Selector, rule: Rule, iids: np.ndarray) -> np.ndarray:
     return valid & sel._holds(rule, keys)
 
 
-def _rows(cond: ItemsCond, index: OrderIndex, as_of_us: int) -> tuple[np.ndarray, np.ndarray]:
-    """(item ids as intp, their order ids) of the selected item lines.
+def _rows(cond: ItemsCond, index: OrderIndex, as_of_us: int) -> np.ndarray:
+    """The item ids (intp, sorted) of the selected item lines.
 
     Indexing with intp ids (take, compress) rather than uint32 ids and a boolean mask:
     numpy converts uint32 indexes to intp on every fancy index, and a masked copy is
@@ -186,16 +186,14 @@ def _rows(cond: ItemsCond, index: OrderIndex, as_of_us: int) -> tuple[np.ndarray
     if items:
         items = _in_window(items, index, *cond.window.bounds(as_of_us))
     if not items:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.uint32)
+        return np.zeros(0, dtype=np.intp)
     orders = select_orders(OrdersCond(cond.orders, cond.window, cond.having), index, as_of_us)
     iids = ids_of(items).astype(np.intp)
-    owners = index.item_owner_buf.take(iids)
     if len(orders) < index.count:
         wanted = np.zeros(index.count, dtype=bool)
         wanted[orders.astype(np.intp)] = True
-        keep = wanted.take(owners)
-        iids, owners = np.compress(keep, iids), np.compress(keep, owners)
-    return iids, owners
+        iids = np.compress(wanted.take(index.item_owner_buf.take(iids)), iids)
+    return iids
 
 
 WINDOW_RUNS = 64  # at most this many runs of orders in the window: cut items to them
@@ -321,16 +319,16 @@ def holds_for_no_rows(cond: ItemsCond) -> bool:
 def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: int
                    ) -> BitMap:
     """The live profiles for which the items rule holds."""
-    iids, oids = _rows(cond, index, as_of_us)
+    iids = _rows(cond, index, as_of_us)
     empty = holds_for_no_rows(cond)
     if not len(iids):
         return live if empty else EMPTY
-    owners = index.owner_buf.take(oids)
+    owners = line_owners(index).take(iids)
     ok = _dense_sum(cond, index, iids, owners)
     if ok is not None:  # one entry per profile id; a profile without rows has sum 0
         return live - _bits(~ok) if empty else _bits(ok) & live
     groups = _Groups(owners)
-    ok = _judge(cond, index, iids, oids, groups, as_of_us)
+    ok = _judge(cond, index, iids, index.item_owner_buf.take(iids), groups, as_of_us)
     if empty:
         return live - groups.profiles(groups.has & ~ok)
     return groups.profiles(groups.has & ok) & live
@@ -349,7 +347,7 @@ def _dense_sum(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, owners: np.
     sum is exact while |value| × lines of one profile < 2**53.  The bound per line is
     the column's (spend: qty's × price's) and the lines of one profile are at most
     `most_lines` (per snapshot), so when their product is below EXACT the float sums
-    are the exact integer sums, turned back into int64 for the exact comparison."""
+    are the exact integer sums."""
     having = cond.having
     if having.agg != "sum" or len(owners) * DENSE_RATIO < int(owners.max()) + 1:
         return None
@@ -361,7 +359,9 @@ def _dense_sum(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, owners: np.
         return None
     factor = Fraction(cond.spend_scale, T.FLOAT_SCALE) if having.of == "spend" else 1
     sums = np.bincount(owners, weights=values.take(iids))
-    return _compare(sums.astype(np.int64), having.op, _scaled(having.value, factor))
+    # compared as floats: each sum is an integer below 2**53, exact in float64, and so
+    # is an integer threshold up to 2**53; one beyond is rounded but stays beyond them
+    return _compare(sums, having.op, _scaled(having.value, factor))
 
 
 _FLOATS: weakref.WeakKeyDictionary[OrderIndex, dict[str, tuple[np.ndarray, int] | None]] = \
@@ -375,27 +375,49 @@ def _float_values(index: OrderIndex, of: str) -> tuple[np.ndarray, int] | None:
     cached = _FLOATS.setdefault(index, {})
     if of not in cached:
         n = index.item_count
-        ids = np.arange(n, dtype=np.intp)
-        values, valid, bound, _ = _line_values(index, of, ids, 1)
-        cached[of] = None if bound >= EXACT else \
-            ((values if valid.all() else np.where(valid, values, 0)).astype(np.float64), bound)
+        names = ("items.qty", "items.price") if of == "spend" else ("items." + of,)
+        cols = [index.item_columns.get(name) for name in names]
+        if any(col is None for col in cols):  # no line has the value
+            cached[of] = np.zeros(n), 0
+            return cached[of]
+        bound = int(np.prod([col.bound for col in cols], dtype=object))
+        if bound >= EXACT:
+            cached[of] = None
+            return None
+        values = cols[0].keys[:n] if len(cols) == 1 else cols[0].keys[:n] * cols[1].keys[:n]
+        values = values.astype(np.float64)
+        for col in cols:
+            if not col.complete:
+                values[~col.valid[:n]] = 0
+        cached[of] = values, bound
     return cached[of]
 
 
-_MOST: weakref.WeakKeyDictionary[OrderIndex, int] = weakref.WeakKeyDictionary()
+_OWNERS: weakref.WeakKeyDictionary[OrderIndex, tuple[np.ndarray, int]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _owners(index: OrderIndex) -> tuple[np.ndarray, int]:
+    """(the profile id of every item id's order, 0 for a replaced line; the most current
+    item lines any one profile has), made once per index: 4 bytes an item line."""
+    found = _OWNERS.get(index)
+    if found is None:
+        owner = index.item_owner
+        alive = owner != NONE
+        profiles = index.owner_buf.take(np.where(alive, owner, 0))
+        most = int(np.bincount(profiles[alive]).max(initial=0)) if alive.any() else 0
+        found = _OWNERS[index] = profiles, most
+    return found
+
+
+def line_owners(index: OrderIndex) -> np.ndarray:
+    """The profile id of each item id (per index; replaced lines: 0, never selected)."""
+    return _owners(index)[0]
 
 
 def most_lines(index: OrderIndex) -> int:
-    """The most current item lines any one profile has (computed once per index)."""
-    found = _MOST.get(index)
-    if found is None:
-        owner = index.item_owner
-        orders = owner[owner != NONE]
-        per_order = np.bincount(orders, minlength=index.count)
-        per_profile = np.bincount(index.owner, weights=per_order) if len(per_order) else \
-            per_order
-        found = _MOST[index] = int(per_profile.max(initial=0))
-    return found
+    """The most current item lines any one profile has (per index)."""
+    return _owners(index)[1]
 
 
 def contains_items(cond: ItemsCond, index: OrderIndex, pid: int, as_of_us: int) -> bool:

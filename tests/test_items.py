@@ -402,14 +402,21 @@ def test_window_cut_and_float_sums_on_lines_that_follow_orders() -> None:
         every = items_module.alive_items(index)
         assert list(items_module._in_window(every, index, lo, hi)) == [0, 2]
         with mock.patch.object(items_module, "_judge", side_effect=AssertionError("_judge")):
-            def members(value: float) -> list[str]:
+            def members(value: float, op: str = "eq") -> list[str]:
                 return engine.members({"items": {"all": True}, "window": {"last_days": 100},
-                                       "having": {"agg": "sum", "of": "spend", "op": "eq",
+                                       "having": {"agg": "sum", "of": "spend", "op": op,
                                                   "value": value}}, as_of=AS_OF_TEXT)
 
             assert members(59.97) == ["p0"]
             assert members(200.02) == ["p2"]
+            assert members(200.01, "gt") == ["p2"]
+            assert members(200.02, "gt") == []
             assert members(0) == ["p1", "p3", "p4", "p5"]
+            # thresholds beyond 2**53 key units (1e8 a unit of spend), compared as floats
+            assert members(10**9, "lt") == PROFILES
+            assert members(10**9 + 0.01, "gte") == []
+            assert members(-(10**9), "gt") == PROFILES
+            assert members(90071992.54740993) == []  # (2**53 + 1) key units
     finally:
         engine.close()
 
