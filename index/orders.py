@@ -105,6 +105,7 @@ from bitseg.index.recency import (
     NO_FIRST,
     NO_LAST,
     RECENCY_AGGS,
+    Timeline,
     holds,
     recency_of_extremes,
     resolved,
@@ -1183,8 +1184,9 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
         ok = _aggregate(having, index, sel, everything, groups)
     if having.holds_for_no_rows():
         return live - groups.profiles(groups.has & ~ok)
-    if having.agg == "sum" and not groups.sparse:
-        # a profile without rows has sum 0 here, which fails the op: ok implies has
+    if having.agg == "sum" and not groups.sparse or having.agg in RECENCY_AGGS:
+        # a profile without rows has sum 0 here, which fails the op; _recency masks by
+        # has itself: ok implies has, and no bincount of the rows is needed
         return groups.profiles(ok) & live
     return groups.profiles(groups.has & ok) & live
 
@@ -1273,13 +1275,14 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
 
 def _recency(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
              groups: _Groups, as_of_us: int) -> np.ndarray:
-    """Per group: whether the earliest (first) / latest (last) order ts satisfies the op
-    (index/recency.py); groups without rows are don't-care (the caller masks by has)."""
+    """Per group: whether it has rows and the earliest (first) / latest (last) order ts
+    satisfies the op (index/recency.py)."""
     ts = index.ts if everything else index.ts_buf[sel]
     first = having.agg == "first"
-    fill = I64_MAX if first else I64_MIN
+    fill = NO_FIRST if first else NO_LAST  # no row ts is either
     extreme = groups.reduce(np.minimum if first else np.maximum, ts, fill)
-    return holds(extreme, having.op, resolved(having, as_of_us))
+    ok = holds(extreme, having.op, resolved(having, as_of_us))
+    return ok if groups.sparse else ok & (extreme != fill)
 
 
 class _Extremes:
@@ -1308,36 +1311,51 @@ class _Extremes:
 _EXTREMES: weakref.WeakKeyDictionary[OrderIndex, _Extremes] = weakref.WeakKeyDictionary()
 
 
+def _live_rows(index: OrderIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, ts) of the live orders; views when every id is live."""
+    if len(index.live) == index.count:
+        return index.owner, index.ts
+    ids = ids_of(index.live)
+    return index.owner_buf[ids], index.ts_buf[ids]
+
+
 def _extremes_of(index: OrderIndex) -> _Extremes | None:
     """The snapshot's _Extremes (None without live orders), cached per index."""
     found = _EXTREMES.get(index)
     if found is None and index.live:
-        if len(index.live) == index.count:  # every id live: views, no gather
-            found = _Extremes(index.owner, index.ts)
-        else:
-            ids = ids_of(index.live)
-            found = _Extremes(index.owner_buf[ids], index.ts_buf[ids])
-        _EXTREMES[index] = found
+        found = _EXTREMES[index] = _Extremes(*_live_rows(index))
     return found
 
 
-def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int) -> BitMap | None:
-    """first/last over all orders (`orders: {"all": true}`) from each profile's first
-    or last live order (index/recency.py), when the window ends after the latest order
-    and, for first, starts at or before the earliest; None otherwise (then: from rows).
-    The profiles returned may include deleted ones (the caller keeps the live)."""
+_TIMELINES: weakref.WeakKeyDictionary[OrderIndex, Timeline] = weakref.WeakKeyDictionary()
+
+
+def _timeline_of(index: OrderIndex) -> Timeline:
+    """The snapshot's live orders in time order (index/recency.py), cached per index."""
+    found = _TIMELINES.get(index)
+    if found is None:
+        found = _TIMELINES[index] = Timeline(*_live_rows(index))
+    return found
+
+
+def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int,
+                   by_extremes: bool = True) -> BitMap | None:
+    """first/last over all orders (`orders: {"all": true}`), None without live orders.
+    From each profile's first/last live order (index/recency.py) when the window ends
+    after the latest order and, for first, starts at or before the earliest (built in
+    one pass); else, or if not by_extremes, from the live orders in time order (built
+    with two sorts).  The profiles returned may include deleted ones (the caller keeps
+    the live)."""
     extremes = _extremes_of(index)
     if extremes is None:
         return None
     lo, hi = cond.window.bounds(as_of_us)
-    if hi <= extremes.latest:
-        return None
-    if cond.having.agg == "first":
-        if lo is not None and lo > extremes.earliest:
-            return None
-        lo = None
-    return recency_of_extremes(extremes.per_profile(cond.having.agg), cond.having,
-                               as_of_us, lo)
+    first = cond.having.agg == "first"
+    if by_extremes and hi > extremes.latest and \
+            not (first and lo is not None and lo > extremes.earliest):
+        return recency_of_extremes(extremes.per_profile(cond.having.agg), cond.having,
+                                   as_of_us, None if first else lo)
+    return _timeline_of(index).recency(cond.having, as_of_us, lo, hi)
 
 
 def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:

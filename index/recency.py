@@ -1,7 +1,7 @@
 """Recency (CONTRACT §2.4a): `having` first / last, the earliest / latest ts of a
 profile's selected rows, compared with an instant.
 
-Three exact ways to answer it, for three shapes of data:
+Four exact ways to answer it, for four shapes of data:
 - From rows (`recency_profiles`): the rows' (profile, ts) columns, grouped per profile
   in one sort, min or max per group (`extremes`), compared vectorised.  Orders and item
   lines use this; so do events whose `where` no count stream covers.
@@ -20,6 +20,12 @@ Three exact ways to answer it, for three shapes of data:
   Then a profile's last in the window is its overall last if that is >= the window's
   start (and it has none in the window otherwise), so one comparison per profile
   answers; no row is read.  Orders use this for `orders: {"all": true}`.
+- From the rows in time order (`Timeline`), kept per snapshot by the caller: any
+  window is a slice of positions, and each row knows the position of its profile's
+  next and previous row, so a profile's last (first) row in the slice is the one whose
+  next is past it (previous is before it).  Orders use this for `orders: {"all":
+  true}` when the per-profile first/last does not apply (an as_of before the latest
+  order, or first over a window starting after the earliest).
 
 A profile with no selected rows has no first/last: false under every op (ne and not_in
 included), which every way gives, since every set above is within `has`.
@@ -100,6 +106,63 @@ def recency_of_extremes(values: np.ndarray, having: Any, as_of_us: int,
         present = values >= lo if lo is not None else values != NO_LAST
     return bitmap_of(np.flatnonzero(present & holds(values, having.op,
                                                     resolved(having, as_of_us))))
+
+
+class Timeline:
+    """Rows in time order, for first/last over any window: a window is a slice
+    [a, b) of positions, and a row at i is its profile's last in it when the profile's
+    next row is at or after b (first: its previous row is before a).  So each profile
+    is found at most once, and no grouping is done per query.  Memory: 20 bytes a row
+    (ts 8, profile 4, next and previous position 4 each)."""
+
+    __slots__ = ("ts", "profiles", "next", "prev")
+
+    def __init__(self, profiles: np.ndarray, ts: np.ndarray) -> None:
+        order = np.argsort(ts, kind="stable")  # timsort: fast over runs of rising ts
+        self.ts = ts[order].astype(np.int64, copy=False)
+        self.profiles = profiles[order].astype(np.uint32, copy=False)
+        n = len(order)
+        # group positions by profile, ascending within a profile: one sort of
+        # (profile, position) packed in 64 bits
+        packed = (self.profiles.astype(np.uint64) << np.uint64(32)) | \
+            np.arange(n, dtype=np.uint64)
+        packed.sort()
+        pos = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        same = (packed[1:] >> np.uint64(32)) == (packed[:-1] >> np.uint64(32))
+        dtype = np.int32 if n < 2**31 - 1 else np.int64
+        self.next = np.full(n, n, dtype=dtype)
+        self.next[pos[:-1][same]] = pos[1:][same]
+        self.prev = np.full(n, -1, dtype=dtype)
+        self.prev[pos[1:][same]] = pos[:-1][same]
+
+    def recency(self, having: Any, as_of_us: int, lo: int | None, hi: int) -> BitMap:
+        """The profiles whose first/last ts over the rows in [lo, hi) satisfies
+        `having`."""
+        ts = self.ts
+        a = 0 if lo is None else int(np.searchsorted(ts, lo))
+        b = int(np.searchsorted(ts, hi))
+        op, c = having.op, resolved(having, as_of_us)
+
+        def at(t: int) -> int:  # the first position in [a, b] with ts >= t
+            return min(max(int(np.searchsorted(ts, t)), a), b)
+
+        x, y = a, b  # the op, where it is one range of ts, narrows the slice
+        if op in ("gt", "gte"):
+            x = at(c + 1 if op == "gt" else c)
+        elif op in ("lt", "lte"):
+            y = at(c + 1 if op == "lte" else c)
+        elif op == "between":
+            x, y = at(c[0]), max(at(c[0]), at(c[1] + 1))
+        elif op == "eq":
+            x, y = at(c), at(c + 1)
+        if x >= y:
+            return EMPTY
+        ends = self.next[x:y] >= b if having.agg == "last" else self.prev[x:y] < a
+        if op in ("ne", "in", "not_in"):
+            ends &= holds(ts[x:y], op, c)
+        found = self.profiles[x:y][ends]
+        found.sort()
+        return bitmap_of(found)
 
 
 def recency_by_presence(having: Any, as_of_us: int, lo: int | None, hi: int,

@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from conftest_grpc import ServerProcess, run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bitseg.client import Client
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import RuleError
 from bitseg.index.orders import recency_of_all
-from bitseg.index.rules import parse_rule
+from bitseg.index.recency import NO_FIRST, NO_LAST, Timeline, recency_of_extremes
+from bitseg.index.rules import Having, parse_rule
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -371,13 +373,13 @@ ALL_ORDER_WINDOWS = st.sampled_from([None, {"last_days": 1}, {"last_days": 90},
                                       "to": _iso(AS_OF + timedelta(days=1))}])
 
 
-@settings(SETTINGS, max_examples=150)
+@SETTINGS
 @given(histories(), ALL_ORDER_WINDOWS, st.data(), st.integers(0, 2))
 def test_first_and_last_of_all_orders_from_each_profiles_extremes(history, window, data,
                                                                    deleted) -> None:
-    """`orders: {"all": true}`: the per-profile first/last path (recency_of_all) is taken
-    whenever the window ends after the latest order (and, for first, starts before the
-    earliest), also after deletes; it and the rows path both match the raw rows."""
+    """`orders: {"all": true}` (recency_of_all), also after deletes: from each profile's
+    first/last when the window allows it, and from the time-ordered orders, forced for
+    every window, both match the raw rows."""
     pids, _, orders = history
     having = data.draw(recency_havings([o["ts"] for o in orders]), label="having")
     gone = set(pids[:deleted])
@@ -399,17 +401,61 @@ def test_first_and_last_of_all_orders_from_each_profiles_extremes(history, windo
                                      having)
         snap = engine.snapshot
         cond = parse_rule(rule, snap.schema)
-        fast = recency_of_all(cond, snap.orders, as_of_micros(AS_OF))
-        lo, hi = cond.window.bounds(as_of_micros(AS_OF))
-        latest = max((_micros(o["ts"]) for o in kept), default=None)
-        if latest is not None and hi > as_of_micros(latest) and \
-                (having["agg"] == "last" or lo is None):
-            assert fast is not None  # the path this test is for
-        if fast is not None:
-            assert len(fast & snap.live) == len(expected)
+        for by_extremes in (True, False):  # False: from the time-ordered orders, always
+            found = recency_of_all(cond, snap.orders, as_of_micros(AS_OF), by_extremes)
+            # None only without orders (a deleted profile's orders stay, unseen)
+            assert (found is None) == (not orders)
+            if found is not None:
+                assert len(found & snap.live) == len(expected), (by_extremes, rule)
         assert set(engine.members(rule, as_of=AS_OF)) == expected, json.dumps(rule)
     finally:
         engine.close()
+
+
+def _plainly_holds(x: int, op: str, value: Any) -> bool:
+    if op in ("in", "not_in"):
+        return (x in value) == (op == "in")
+    if op == "between":
+        return value[0] <= x <= value[1]
+    return {"eq": x == value, "ne": x != value, "gt": x > value, "gte": x >= value,
+            "lt": x < value, "lte": x <= value}[op]
+
+
+RECENCY_OPS = ["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "between"]
+
+
+@settings(SETTINGS, max_examples=300)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 20)), max_size=30),
+       st.sampled_from(["first", "last"]), st.sampled_from(RECENCY_OPS),
+       st.lists(st.integers(-1, 22), min_size=1, max_size=3),
+       st.none() | st.integers(-1, 22), st.integers(-1, 23))
+@example([(0, 5), (0, 10)], "first", "gt", [7], None, 23)  # the 2nd row is not a first
+@example([(0, 5), (0, 10), (1, 12)], "last", "lt", [7], None, 11)  # nor the 1st a last
+@example([(0, 5), (1, 5), (0, 10)], "first", "ne", [5], 5, 11)
+def test_the_time_ordered_rows_and_the_extremes_match_a_scan(rows, agg, op, values, lo,
+                                                             hi) -> None:
+    """recency.Timeline over any window [lo, hi), and recency_of_extremes where it
+    applies, against a scan of (profile, ts) rows (ts in µs, ties included)."""
+    value: Any = tuple(values) if op in ("in", "not_in") else \
+        (min(values), max(values)) if op == "between" else values[0]
+    having = Having(agg, None, None, op, value)
+    times: dict[int, list[int]] = {}
+    for pid, ts in rows:
+        if (lo is None or ts >= lo) and ts < hi:
+            times.setdefault(pid, []).append(ts)
+    expected = set()
+    for pid, ts in times.items():
+        if _plainly_holds(min(ts) if agg == "first" else max(ts), op, value):
+            expected.add(pid)
+    profiles = np.array([r[0] for r in rows], dtype=np.uint32)
+    stamps = np.array([r[1] for r in rows], dtype=np.int64)
+    assert set(Timeline(profiles, stamps).recency(having, 0, lo, hi)) == expected
+    if rows and hi > stamps.max() and (agg == "last" or lo is None or lo <= stamps.min()):
+        fill = NO_FIRST if agg == "first" else NO_LAST
+        per_profile = np.full(6, fill, dtype=np.int64)
+        (np.minimum if agg == "first" else np.maximum).at(per_profile, profiles, stamps)
+        got = recency_of_extremes(per_profile, having, 0, None if agg == "first" else lo)
+        assert set(got) == expected
 
 
 def test_last_order_is_recomputed_after_a_new_order() -> None:
@@ -429,8 +475,11 @@ def test_last_order_is_recomputed_after_a_new_order() -> None:
         assert engine.members(rule, as_of=AS_OF) == ["v"]
         # as_of before the latest order: from the rows, which ignore the later order
         assert engine.members(rule, as_of=AS_OF - timedelta(days=2)) == ["u", "v"]
-        engine.delete_profiles(["v"])
-        assert engine.members(rule, as_of=AS_OF) == []
+        engine.add_orders([{"id": "2", "profile": "v", "ts": _iso(AS_OF - timedelta(days=5))}])
+        assert engine.members(rule, as_of=AS_OF) == []  # order 2 replaced: v's last moved
+        assert engine.members(rule, as_of=AS_OF - timedelta(days=2)) == ["u"]
+        engine.delete_profiles(["u"])
+        assert engine.members(rule, as_of=AS_OF - timedelta(days=2)) == []
     finally:
         engine.close()
 
