@@ -76,6 +76,7 @@ class Postgres:
         self.password = secrets.token_hex(12)
         self.running = False
         self.startup_seconds = 0.0
+        self.watchdog: subprocess.Popen[bytes] | None = None
         if self.as_root:
             # The server's user must own its data dir and reach the socket dir.
             subprocess.run(["chown", "postgres:postgres", str(self.root)], check=True,
@@ -130,6 +131,21 @@ class Postgres:
             "host all postgres 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n")
 
+    def watch(self) -> None:
+        """A detached shell that stops the server and removes its files once this process
+        is gone, however it ended: atexit and fixture teardown do not run on a kill
+        (pytest under `timeout`, CI stopping a run)."""
+        stop = [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate"]
+        if self.as_root:
+            stop = ["runuser", "-u", "postgres", "--", *stop]
+        script = ('owner=$1; dir=$2; shift 2; '
+                  'while kill -0 "$owner" 2>/dev/null; do sleep 1; done; '
+                  '"$@" >/dev/null 2>&1; rm -rf "$dir"')
+        self.watchdog = subprocess.Popen(
+            ["sh", "-c", script, "bitseg-pg-watchdog", str(os.getpid()), str(self.root),
+             *stop], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+
     def start(self) -> None:
         """Start (or restart after stop()) on the same port and data dir; waits for ready."""
         started = time.perf_counter()
@@ -172,6 +188,10 @@ class Postgres:
             finally:
                 self.running = False
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.watchdog is not None:  # nothing left for it to do
+            self.watchdog.kill()
+            self.watchdog.wait()
+            self.watchdog = None
 
 
 _shared: Postgres | None = None
@@ -191,6 +211,7 @@ def _open() -> Postgres:
         atexit.register(server.close)  # if the session dies before its teardown
         try:
             server.init()
+            server.watch()
             server.start()
             server.create_reader()
         except BaseException:

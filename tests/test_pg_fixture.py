@@ -3,6 +3,12 @@ and an outage that can be switched on and off."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import psycopg
 import pytest
 from conftest_pg import READER, find_bindir
@@ -68,3 +74,32 @@ def test_missing_binaries_fail_with_the_install_hint(monkeypatch):
     monkeypatch.setattr("conftest_pg.glob.glob", lambda pattern: [])
     with pytest.raises(pytest.fail.Exception, match="make pg"):
         find_bindir()
+
+
+def test_a_killed_session_leaves_no_server(tmp_path):
+    """SIGKILL skips teardown and atexit: the watchdog stops the server and removes it."""
+    (tmp_path / "test_hold.py").write_text(
+        "import time\n"
+        "from conftest_pg import postgres as pg_fixture  # noqa: F401\n\n"
+        "def test_hold(postgres):\n"
+        "    print('HOLD', postgres.port, postgres.root, flush=True)\n"
+        "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p",
+                                "no:cacheprovider", str(tmp_path / "test_hold.py")],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert session.stdout is not None
+        line = next(line for line in session.stdout if line.startswith("HOLD"))
+        _, port, root = line.split()
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        psycopg.connect(dsn, connect_timeout=5).close()  # it is up
+    finally:
+        session.kill()
+        session.wait()
+    deadline = time.monotonic() + 15
+    while Path(root).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(root).exists(), f"{root} is still there 15 s after the kill"
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=2)
