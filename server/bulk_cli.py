@@ -91,7 +91,7 @@ def cmd_traits_refresh(args: argparse.Namespace, client: Client) -> int:
         return EXIT_OK
     print(f"traits as of {report['as_of'].isoformat().replace('+00:00', 'Z')}: "
           f"{report['profiles']:,} profiles written")
-    for name in report["holders"]:
+    for name in sorted(report["holders"]):
         print(f"  {name:<20} {report['holders'][name]:>10,} with a value  "
               f"{report['changed'][name]:>10,} changed")
     return EXIT_OK
