@@ -1328,24 +1328,31 @@ def _extremes_of(index: OrderIndex) -> _Extremes | None:
 
 
 _TIMELINES: weakref.WeakKeyDictionary[OrderIndex, Timeline] = weakref.WeakKeyDictionary()
+_ASKED: weakref.WeakSet[OrderIndex] = weakref.WeakSet()
 
 
-def _timeline_of(index: OrderIndex) -> Timeline:
-    """The snapshot's live orders in time order (index/recency.py), cached per index."""
+def _timeline_of(index: OrderIndex, eager: bool) -> Timeline | None:
+    """The snapshot's live orders in time order (index/recency.py), cached per index;
+    None the first time a snapshot asks unless eager: building it costs about four
+    answers from rows, so a snapshot asked once (between writes) does not pay it."""
     found = _TIMELINES.get(index)
     if found is None:
+        if not eager and index not in _ASKED:
+            _ASKED.add(index)
+            return None
         found = _TIMELINES[index] = Timeline(*_live_rows(index))
     return found
 
 
 def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int,
-                   by_extremes: bool = True) -> BitMap | None:
-    """first/last over all orders (`orders: {"all": true}`), None without live orders.
+                   by_extremes: bool = True, eager: bool = False) -> BitMap | None:
+    """first/last over all orders (`orders: {"all": true}`), or None: then from rows.
     From each profile's first/last live order (index/recency.py) when the window ends
     after the latest order and, for first, starts at or before the earliest (built in
     one pass); else, or if not by_extremes, from the live orders in time order (built
-    with two sorts).  The profiles returned may include deleted ones (the caller keeps
-    the live)."""
+    with two sorts, from the second such question on a snapshot, or the first if
+    eager).  None without live orders.  The profiles returned may include deleted ones
+    (the caller keeps the live)."""
     extremes = _extremes_of(index)
     if extremes is None:
         return None
@@ -1355,7 +1362,8 @@ def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int,
             not (first and lo is not None and lo > extremes.earliest):
         return recency_of_extremes(extremes.per_profile(cond.having.agg), cond.having,
                                    as_of_us, None if first else lo)
-    return _timeline_of(index).recency(cond.having, as_of_us, lo, hi)
+    timeline = _timeline_of(index, eager)
+    return None if timeline is None else timeline.recency(cond.having, as_of_us, lo, hi)
 
 
 def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:

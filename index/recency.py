@@ -127,8 +127,9 @@ class Timeline:
         packed = (self.profiles.astype(np.uint64) << np.uint64(32)) | \
             np.arange(n, dtype=np.uint64)
         packed.sort()
-        pos = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        same = (packed[1:] >> np.uint64(32)) == (packed[:-1] >> np.uint64(32))
+        pos = (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        packed >>= np.uint64(32)  # now the profiles
+        same = packed[1:] == packed[:-1]
         dtype = np.int32 if n < 2**31 - 1 else np.int64
         self.next = np.full(n, n, dtype=dtype)
         self.next[pos[:-1][same]] = pos[1:][same]
