@@ -157,6 +157,19 @@ class Client:
                        top: int = 0, buckets: int = 0) -> dict[str, Any]:
         return await self._call(c.insights_call, rule, segment, fields, as_of, top, buckets)
 
+    async def bulk_action(self, action: str, field: str, value: Any = None, rule: Any = None,
+                          segment: str | None = None, dry_run: bool = False,
+                          as_of: datetime | str | None = None) -> dict[str, Any]:
+        return await self._call(c.bulk_action_call, action, field, value, rule, segment,
+                                dry_run, as_of)
+
+    async def actions(self, limit: int = 0) -> list[dict[str, Any]]:
+        return await self._call(c.actions_call, limit)
+
+    async def refresh_traits(self, as_of: datetime | str | None = None,
+                             config: Any = None) -> dict[str, Any]:
+        return await self._call(c.refresh_traits_call, as_of, config)
+
     async def overlap(self, segments: Iterable[str],
                       as_of: datetime | str | None = None) -> Overlap:
         """Each named segment's size and every pairwise intersection."""

@@ -436,6 +436,25 @@ class Client:
     def delete_export_schedule(self, schedule_id: int) -> None:
         self._call(delete_export_schedule_call, schedule_id)
 
+    def bulk_action(self, action: str, field: str, value: Any = None, rule: Any = None,
+                    segment: str | None = None, dry_run: bool = False,
+                    as_of: datetime | str | None = None) -> dict[str, Any]:
+        """Set / unset / add / remove (a keyword) a field on every member of a rule or
+        segment, in one transaction: {"members", "changed", "dry_run", "entry"} (entry:
+        the stored audit entry, None on a dry run)."""
+        return self._call(bulk_action_call, action, field, value, rule, segment, dry_run,
+                          as_of)
+
+    def actions(self, limit: int = 0) -> list[dict[str, Any]]:
+        """The audit entries of bulk actions, newest first (limit 0: all)."""
+        return self._call(actions_call, limit)
+
+    def refresh_traits(self, as_of: datetime | str | None = None,
+                       config: Any = None) -> dict[str, Any]:
+        """Recompute the computed traits (config: a traits config, dict or JSON text;
+        None: the server's); {"as_of", "profiles", "changed", "holders"}."""
+        return self._call(refresh_traits_call, as_of, config)
+
     def overlap(self, segments: Iterable[str],
                 as_of: datetime | str | None = None) -> Overlap:
         """Each named segment's size and every pairwise intersection."""
@@ -681,6 +700,30 @@ def export_schedules_call() -> _Unary:
 def delete_export_schedule_call(schedule_id: int) -> _Unary:
     return _Unary("DeleteExportSchedule", pb.DeleteExportScheduleRequest(id=schedule_id),
                   lambda reply: None)
+
+
+def bulk_action_call(action: str, field: str, value: Any, rule: Any, segment: str | None,
+                     dry_run: bool, as_of: datetime | str | None) -> _Unary:
+    request = pb.BulkActionRequest(
+        **_query(rule, segment, as_of), action=action, field=field, dry_run=dry_run,
+        value_json="" if value is None else orjson.dumps(value).decode())
+    return _Unary("BulkAction", request, lambda reply: {
+        "members": reply.members, "changed": reply.changed, "dry_run": reply.dry_run,
+        "entry": orjson.loads(reply.entry_json) if reply.entry_json else None})
+
+
+def actions_call(limit: int) -> _Unary:
+    return _Unary("ListActions", pb.ListActionsRequest(limit=limit),
+                  lambda reply: [orjson.loads(e) for e in reply.entries_json])
+
+
+def refresh_traits_call(as_of: datetime | str | None, config: Any) -> _Unary:
+    if config is not None and not isinstance(config, str):
+        config = orjson.dumps(config).decode()
+    request = pb.RefreshTraitsRequest(as_of=convert.to_timestamp(as_of), config_json=config or "")
+    return _Unary("RefreshTraits", request, lambda reply: {
+        "as_of": convert.to_datetime(reply.as_of), "profiles": reply.profiles,
+        "changed": dict(reply.changed), "holders": dict(reply.holders)})
 
 
 def overlap_call(segments: Iterable[str], as_of: datetime | str | None) -> _Unary:

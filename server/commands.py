@@ -961,6 +961,8 @@ def register(subparsers: Any) -> None:
     export.set_defaults(func=cmd_export)
 
     _register_segment(subparsers, remote_opts, as_of)
+    from bitseg.server import bulk_cli  # bulk, actions, traits (issue 17)
+    bulk_cli.register(subparsers, remote_opts, as_of)
 
     templates = subparsers.add_parser("templates", parents=[remote_opts],
                                       help="the segment templates, with their parameters")

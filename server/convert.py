@@ -602,6 +602,34 @@ def export_schedule_reply(s: Any) -> pb.ExportSchedule:
                              last_rows=s.last_rows, last_error=s.last_error)
 
 
+# ====================================================================== bulk actions, traits
+def bulk_action_of(request: pb.BulkActionRequest) -> Any:
+    """BulkActionRequest -> index.bulk.BulkAction (value_json "" is no value)."""
+    from bitseg.index.bulk import BulkAction
+    value = None
+    if request.value_json:
+        try:
+            value = orjson.loads(request.value_json)
+        except orjson.JSONDecodeError as exc:
+            raise BitsegError(f"value_json: not JSON ({exc})") from None
+    target = target_of(request)
+    if request.HasField("segment"):
+        return BulkAction(request.action, request.field, value, segment=request.segment)
+    return BulkAction(request.action, request.field, value, rule=target)
+
+
+def bulk_action_reply(done: Any) -> pb.BulkActionReply:
+    """index.bulk.BulkResult -> protobuf."""
+    return pb.BulkActionReply(members=done.members, changed=done.changed, dry_run=done.dry_run,
+                              entry_json=orjson.dumps(done.entry).decode() if done.entry else "")
+
+
+def refresh_traits_reply(report: Any) -> pb.RefreshTraitsReply:
+    """index.traits.RefreshReport -> protobuf."""
+    return pb.RefreshTraitsReply(as_of=to_timestamp(report.as_of), profiles=report.profiles,
+                                 changed=report.changed, holders=report.holders)
+
+
 # ====================================================================== cursors
 class CursorError(BitsegError):
     """A Members cursor that this server did not hand out (INVALID_ARGUMENT)."""

@@ -39,7 +39,8 @@ READ_METHODS = frozenset({
     "Count", "Members", "IsMember", "SegmentsOf", "Explain", "GetProfile", "Preview",
     "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory",
     "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch",
-    "Insights", "ListExportSchedules", "ListTemplates"})
+    "Insights", "ListExportSchedules", "ListTemplates",
+    "ListActions"})  # the audit entries of bulk actions
 ROLES = ("read", "write")
 
 

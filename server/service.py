@@ -18,8 +18,7 @@ import grpc
 import orjson
 
 from bitseg.index import batch as batches
-from bitseg.index import describe
-from bitseg.index import exports, insights
+from bitseg.index import bulk, describe, exports, insights, traits
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import (
     AlreadyExists,
@@ -349,6 +348,30 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
                              context: grpc.ServicerContext) -> pb.DeleteExportScheduleReply:
         self.exports.delete(request.id)
         return pb.DeleteExportScheduleReply()
+
+    # ---------------------------------------------------------------- bulk actions, traits
+    traits_config: Any = None  # the traits RefreshTraits computes when the request names none
+
+    @rpc
+    def BulkAction(self, request: pb.BulkActionRequest,
+                   context: grpc.ServicerContext) -> pb.BulkActionReply:
+        action = convert.bulk_action_of(request)
+        done = bulk.run(self.engine, action, as_of=convert.as_of_of(request) or convert.now(),
+                        dry_run=request.dry_run)
+        return convert.bulk_action_reply(done)
+
+    @rpc
+    def ListActions(self, request: pb.ListActionsRequest,
+                    context: grpc.ServicerContext) -> pb.ListActionsReply:
+        entries = bulk.list_entries(self.engine, request.limit)
+        return pb.ListActionsReply(entries_json=[orjson.dumps(e).decode() for e in entries])
+
+    @rpc
+    def RefreshTraits(self, request: pb.RefreshTraitsRequest,
+                      context: grpc.ServicerContext) -> pb.RefreshTraitsReply:
+        report = traits.refresh(self.engine, request.config_json or self.traits_config,
+                                as_of=convert.as_of_of(request) or convert.now())
+        return convert.refresh_traits_reply(report)
 
     # ---------------------------------------------------------------- segments
     @rpc
