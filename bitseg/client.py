@@ -63,6 +63,20 @@ class CountResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """An external SQL source of the server (serve --sources): never its password."""
+
+    name: str
+    host: str
+    database: str
+    answers: bool
+    error: str  # why it does not answer ("" when it does)
+    statement_timeout: float  # seconds
+    row_limit: int
+    ttl: float  # seconds an answer is cached
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     """A profile's id and values by field name (a field it lacks is absent, or None in
     Members rows)."""
@@ -484,6 +498,10 @@ class Client:
         common values of keyword fields, and min, max and quantiles of the others."""
         return self._call(describe_call, top)
 
+    def sources(self) -> list[SourceInfo]:
+        """The server's SQL sources, each with whether it answers now."""
+        return self._call(sources_call)
+
     def values(self, field: str, limit: int = 20) -> FieldInfo:
         """The `limit` most common values of a keyword, keywords or bool profile field
         (FieldInfo.top), highest count first, ties by value."""
@@ -754,6 +772,12 @@ def explain_call(rule: Any, segment: str | None, as_of: datetime | str | None) -
 def explain_node_of(node: pb.ExplainNode) -> ExplainNode:
     return ExplainNode(node.path, node.text, node.count,
                        [explain_node_of(c) for c in node.children], node.note)
+
+
+def sources_call() -> _Unary:
+    return _Unary("ListSources", pb.ListSourcesRequest(), lambda reply: [
+        SourceInfo(s.name, s.host, s.database, s.answers, s.error, s.statement_timeout,
+                   s.row_limit, s.ttl) for s in reply.sources])
 
 
 def describe_call(top: int) -> _Unary:

@@ -31,6 +31,7 @@ from bitseg.index.rules import (
     SequenceCond,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.sqlrule import SqlRule
 from bitseg.index.top import Top
 
 
@@ -72,6 +73,27 @@ def depends_on_time(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = froze
             return True
         return not isinstance(found, BitMap) and depends_on_time(found, snapshot,
                                                                  seen | {rule.name})
+    return False
+
+
+def uses_sources(rule: Rule, snapshot: Snapshot, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether the rule asks an external source (a sql node, itself or through a dynamic
+    segment): its answer changes without a write, so results keep it only for its ttl."""
+    if isinstance(rule, SqlRule):
+        return True
+    if isinstance(rule, (And, Or)):
+        return any(uses_sources(c, snapshot, seen) for c in rule.children)
+    if isinstance(rule, Not):
+        return uses_sources(rule.child, snapshot, seen)
+    if isinstance(rule, Top):
+        return uses_sources(rule.of, snapshot, seen)
+    if isinstance(rule, SegmentRef) and rule.name not in seen:
+        try:
+            found = snapshot.segments.resolve(rule.name)
+        except Exception:  # unknown: evaluation reports it
+            return False
+        return not isinstance(found, BitMap) and uses_sources(found, snapshot,
+                                                              seen | {rule.name})
     return False
 
 
@@ -197,11 +219,17 @@ class ResultCache:
         with self.results.lock:
             return CacheStats(hits, misses, len(self.results.items), self.results.bytes)
 
-    def key(self, rule: Rule, snapshot: Snapshot, as_of_us: int) -> tuple:
+    def key(self, rule: Rule, snapshot: Snapshot, as_of_us: int) -> tuple | None:
+        """The result's key; None for a rule that asks an external source (not kept
+        here: its sources cache the query's ids for their ttl)."""
+        if uses_sources(rule, snapshot):
+            return None
         return (rule, as_of_us if depends_on_time(rule, snapshot) else None)
 
-    def get(self, kind: str, snapshot: Snapshot, key: tuple) -> Any:
-        found = None if self.snapshot is not snapshot else self.results.get((kind, key))
+    def get(self, kind: str, snapshot: Snapshot, key: tuple | None) -> Any:
+        found = None
+        if key is not None and self.snapshot is snapshot:
+            found = self.results.get((kind, key))
         with self.lock:
             if found is None:
                 self.misses += 1
@@ -209,7 +237,9 @@ class ResultCache:
                 self.hits += 1
         return found
 
-    def put(self, kind: str, snapshot: Snapshot, key: tuple, value: Any) -> None:
+    def put(self, kind: str, snapshot: Snapshot, key: tuple | None, value: Any) -> None:
+        if key is None:
+            return
         with self.lock:
             if self.snapshot is not snapshot:
                 self.snapshot = snapshot

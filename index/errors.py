@@ -73,3 +73,12 @@ class StoreError(BitsegError):
 class StoreFull(StoreError):
     """The disk (or a bulk load's reserved space) has no room for a write; nothing of
     it was applied."""
+
+
+class SourceUnavailable(BitsegError):
+    """An external SQL source (a {"sql": ...} rule's) does not answer; names the source."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source!r} is unavailable: {reason}")
+        self.source = source
+        self.reason = reason

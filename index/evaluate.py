@@ -37,6 +37,7 @@ from bitseg.index.rules import (
 from bitseg.index.sample import Sample
 from bitseg.index.sequence import evaluate_sequence, sequence_contains
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.sqlrule import SqlRule, evaluate_sql
 from bitseg.index.timeline import civil
 from bitseg.index.top import Top, evaluate_top
 
@@ -124,6 +125,8 @@ class Evaluator:
             return self.snap.samples.bitmap(rule, self.snap.live)
         if isinstance(rule, Top):
             return evaluate_top(rule, self.snap, self.as_of, self.bitmap)
+        if isinstance(rule, SqlRule):
+            return evaluate_sql(rule, self.snap)
         raise TypeError(f"not a rule: {rule!r}")
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
@@ -247,7 +250,7 @@ class Evaluator:
                                                             self.as_of)
         if isinstance(rule, SequenceCond):
             return sequence_contains(rule, self.snap, self.as_of, pid)
-        if isinstance(rule, Top):  # the set, cached per snapshot: one lookup after the first
+        if isinstance(rule, (Top, SqlRule)):  # a set computed (or cached) once per evaluator
             return pid in self.bitmap(rule)
         if isinstance(rule, Sample):
             return pid in self.snap.live and self.snap.samples.contains(rule, pid)

@@ -24,6 +24,7 @@ from bitseg.index.evaluate import Evaluator
 from bitseg.index.rules import And, Cond, Not, Or, Rule
 from bitseg.index.sample import sample_words
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.sqlrule import SqlRule, sql_note, sql_words
 from bitseg.index.top import Top
 
 
@@ -74,8 +75,8 @@ def _tree(obj: dict[str, Any], node: Rule, path: str, ev: Evaluator) -> Node:
         children = [_tree(obj["not"], node.child, f"{path}.not", ev)]
     elif isinstance(node, Top) and "of" in obj["top"]:
         children = [_tree(obj["top"]["of"], node.of, f"{path}.top.of", ev)]
-    return Node(path, node_words(obj, node), ev.count(node), tuple(children),
-                describe.note(node, ev.snap))
+    note = sql_note(node, ev.snap) if isinstance(node, SqlRule) else describe.note(node, ev.snap)
+    return Node(path, node_words(obj, node), ev.count(node), tuple(children), note)
 
 
 def _sentence(obj: dict[str, Any], typed: Rule, snapshot: Snapshot) -> str:
@@ -113,6 +114,8 @@ def node_words(obj: dict[str, Any], node: Rule) -> str:
         return sample_words(obj)
     if "top" in obj:
         return _top(obj, node)
+    if "sql" in obj:
+        return "profiles " + sql_words(obj["sql"])
     if "sequence" in obj:
         return _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj or "items" in obj:
@@ -137,6 +140,8 @@ def positive(obj: dict[str, Any], node: Rule | None) -> str:
         return "who are " + sample_words(obj)
     if "top" in obj:
         return "who are " + _top(obj, node, clause=True)
+    if "sql" in obj:
+        return sql_words(obj["sql"])
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=False)
     if "event" in obj or "orders" in obj or "items" in obj:
@@ -160,6 +165,8 @@ def negative(obj: dict[str, Any], node: Rule | None) -> str:
         return "who are " + sample_words(obj, negated=True)
     if "top" in obj:
         return "who are not " + _top(obj, node, clause=True)
+    if "sql" in obj:
+        return sql_words(obj["sql"], negated=True)
     if "sequence" in obj:
         return "who " + _sequence(obj, negated=True)
     if "event" in obj or "orders" in obj or "items" in obj:

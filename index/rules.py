@@ -18,6 +18,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.sample import Sample, parse_sample
 from bitseg.index.schema import Schema
+from bitseg.index.sqlrule import SqlRule, parse_sql
 from bitseg.index.top import Top, parse_top
 
 
@@ -171,9 +172,9 @@ class SequenceCond:
 
 
 Rule = (All | And | Or | Not | SegmentRef | Cond | EventCond | OrdersCond | ItemsCond | Sample
-        | Top | SequenceCond)
+        | Top | SequenceCond | SqlRule)
 RULE_TYPES = (All, And, Or, Not, SegmentRef, Cond, EventCond, OrdersCond, ItemsCond, Sample, Top,
-              SequenceCond)
+              SequenceCond, SqlRule)
 ITEM_READINGS = {"items.qty_sum": T.INT, "items.distinct": T.INT}  # per-order derived
 HAVING_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"}
 AGGS = ("count", "sum", "avg", "min", "max", "first", "last")
@@ -195,7 +196,7 @@ OPS_BY_TYPE = {
 }
 ALL_OPS = set().union(*OPS_BY_TYPE.values())
 NODE_KEYS = ("and", "or", "not", "all", "segment", "field", "event", "orders", "items",
-             "sample", "top", "sequence")
+             "sample", "top", "sequence", "sql")
 WHERE_KEYS = ("and", "or", "not", "all", "field")
 
 
@@ -430,6 +431,9 @@ class _Parser:
     def _top(self, obj: dict, path: str) -> Rule:
         _only(obj, {"top"}, path)
         return parse_top(self, obj["top"], f"{path}.top")
+
+    def _sql(self, obj: dict, path: str) -> Rule:
+        return parse_sql(obj, path)  # index/sqlrule.py
 
     def _sequence(self, obj: dict, path: str) -> Rule:
         from bitseg.index.sequence import parse_sequence

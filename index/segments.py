@@ -62,9 +62,10 @@ from bitseg.index.rules import (
     parse_rule,
 )
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.sqlrule import with_fresh_sources
+from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 from bitseg.index.tags import check_tag, check_tags, retagged
 from bitseg.index.top import Top
-from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 
 if TYPE_CHECKING:
     from bitseg.index.engine import Engine
@@ -991,7 +992,8 @@ def _recount(snap: Snapshot, segment: Segment, as_of_us: int, cause: str,
     assert segment.members is not None and old.members is not None
     rule = segments.with_segment(segment).rule_of(segment) if segment is not old \
         else segments.rule_of(segment)
-    members = BitMap(Evaluator(snap, as_of_us).bitmap(rule))
+    fresh = with_fresh_sources(snap)  # a refresh re-runs its sql queries (no cached ids)
+    members = BitMap(Evaluator(fresh, as_of_us).bitmap(rule))
     entered = members - old.members
     exited = old.members - members
     new = replace(segment, members=members, refreshed_at=as_of_us,

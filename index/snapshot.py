@@ -16,6 +16,7 @@ from bitseg.index.orders import OrderIndex
 from bitseg.index.rules import Rule
 from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
+from bitseg.index.sqlrule import ExternalIds, NoSources
 from bitseg.index.top import TopSets
 
 FieldIndex = ValueIndex | RangeIndex
@@ -48,6 +49,7 @@ class Snapshot:
     reader: Any = None  # a store.SnapshotReader pinned to this version (lookups by id)
     samples: Buckets = field(default_factory=Buckets)  # the engine's, shared by versions
     tops: TopSets = field(default_factory=TopSets)  # the engine's; holds the current one's
+    external: ExternalIds = field(default_factory=NoSources)  # sql rules' ids (the server's)
 
     def field(self, name: str) -> FieldIndex:
         """The index of a profile field (an empty one if it has no values yet)."""

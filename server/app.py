@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bitseg.index.engine import Engine
-from bitseg.index.exports import ExportScheduler, Exports
+from bitseg.index.exports import Exports, ExportScheduler
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
 from bitseg.server.gate import ConfigError, Gate, Tokens
@@ -60,6 +60,7 @@ class Options:
     access_log: bool = False
     metrics_port: int | None = None  # Prometheus metrics on --host at this port (0: any)
     templates: str | None = None  # a folder of the user's segment templates (*.json)
+    sources: dict | None = None  # name -> server.sources.Source (serve --sources FILE)
 
     def gate(self) -> Gate:
         return Gate(self.tokens, self.max_streams, self.stream_idle, self.access_log)
@@ -159,6 +160,12 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
     try:
         with Engine.open(db_path) as engine:
             segments = open_segments(engine)
+            sources = None
+            if options.sources:  # {"sql": ...} rules' databases; pools connect on first use
+                from bitseg.server.sources import Sources
+
+                sources = Sources(options.sources, lambda: engine.ids).start()
+                engine.set_external(sources)
             metrics = Metrics(engine) if options.metrics_port is not None else None
             server, bound, health_servicer, gate = _build(
                 engine, _address(host, port), WORKERS, segments, options,
@@ -184,6 +191,8 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
                 _exit_now(gate, grace)
             if metrics is not None:  # before the store closes: a scrape reads it
                 metrics.stop()
+            if sources is not None:
+                sources.close()
         log.info("stopped; store closed")
         return 0
     finally:

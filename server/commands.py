@@ -383,6 +383,20 @@ def cmd_values(args: argparse.Namespace, client: Client) -> int:
 
 
 @remote
+def cmd_sources(args: argparse.Namespace, client: Client) -> int:
+    found = [_plain(s) for s in client.sources()]
+    if args.json:
+        _print_json({"sources": found})
+        return EXIT_OK
+    if not found:
+        print("no SQL sources (the server runs without --sources)")
+    for s in found:
+        state = "answers" if s["answers"] else f"does not answer: {s['error']}"
+        print(f"{s['name']}  {s['host']}/{s['database']}  {state}")
+    return EXIT_OK
+
+
+@remote
 def cmd_explain(args: argparse.Namespace, client: Client) -> int:
     result = _plain(client.explain(**_target(args), as_of=args.as_of))
     if args.json:
@@ -805,6 +819,7 @@ def _print_unknown(ids: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitseg.server import app
     from bitseg.server.gate import ConfigError, Tokens
+    from bitseg.server.sources import load_sources
 
     if not args.create and not (Path(args.db) / "data.mdb").exists():
         return _fail(f"no bitseg store at {args.db} (load one with `bitseg load DATASET "
@@ -818,7 +833,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tokens=Tokens.load(args.tokens) if args.tokens else None,
             tls_cert=args.tls_cert, tls_key=args.tls_key, max_streams=args.max_streams,
             stream_idle=args.stream_idle, access_log=args.access_log,
-            metrics_port=args.metrics_port, templates=args.templates)
+            metrics_port=args.metrics_port, templates=args.templates,
+            sources=load_sources(args.sources) if args.sources else None)
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
@@ -923,6 +939,11 @@ def register(subparsers: Any) -> None:
                           help="top values shown per keyword field (default 5)")
     describe.set_defaults(func=cmd_describe)
 
+    sources = subparsers.add_parser(
+        "sources", parents=[remote_opts],
+        help="the server's SQL sources: name, host, database, whether each answers")
+    sources.set_defaults(func=cmd_sources)
+
     values = subparsers.add_parser("values", parents=[remote_opts],
                                    help="the most common values of a keyword or bool field")
     values.add_argument("field", metavar="FIELD")
@@ -991,6 +1012,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--metrics-port", type=int, metavar="P",
                        help="serve Prometheus metrics at http://HOST:P/metrics (0: any free "
                        "port; the address is printed)")
+    serve.add_argument("--sources", metavar="FILE",
+                       help="SQL sources for {\"sql\": ...} rules: a JSON or TOML file of "
+                       "name -> dsn or dsn_env, statement_timeout, row_limit, ttl")
     serve.add_argument("--templates", metavar="DIR",
                        help="also offer the segment templates of DIR (one JSON file each); "
                        "a bad file stops the start")

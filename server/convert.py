@@ -115,6 +115,10 @@ def _rule_to_json(rule: pb.Rule, path: str) -> dict[str, Any]:
         return _event_to_json(rule.event, path)
     if kind == "sample":
         return {"sample": _sample_to_json(rule.sample)}
+    if kind == "sql":
+        return {"sql": {"source": rule.sql.source, "query": rule.sql.query,
+                        "params": [value_to_json(v, f"{path}.sql.params[{i}]")
+                                   for i, v in enumerate(rule.sql.params)]}}
     if kind == "top":
         return _top_to_json(rule.top, path)
     if kind == "sequence":
@@ -256,6 +260,11 @@ def rule_from_json(obj: Any) -> pb.Rule:
         return pb.Rule(segment=obj["segment"])
     if "sample" in obj and isinstance(obj["sample"], dict):
         return pb.Rule(sample=pb.SampleRule(**obj["sample"]))
+    if "sql" in obj and isinstance(obj["sql"], dict):
+        body = obj["sql"]
+        return pb.Rule(sql=pb.SqlRule(source=body.get("source", ""), query=body.get("query", ""),
+                                      params=[value_from_json(v)
+                                              for v in body.get("params", [])]))
     if "field" in obj:
         cond = pb.Condition(field=obj["field"], op=obj.get("op", ""))
         if "value" in obj:
@@ -723,3 +732,12 @@ def values_reply(info: FieldInfo) -> pb.ValuesReply:
                           values=[pb.ValueCount(value=value_text(v), count=n)
                                   for v, n in info.top])
 
+
+# ====================================================================== sql sources
+def sources_reply(statuses: list[Any], sources: dict[str, Any]) -> pb.ListSourcesReply:
+    """server.sources.SourceStatus list (and their settings) -> protobuf."""
+    return pb.ListSourcesReply(sources=[
+        pb.SourceInfo(name=s.name, host=s.host, database=s.database, answers=s.answers,
+                      error=s.error, statement_timeout=sources[s.name].statement_timeout,
+                      row_limit=sources[s.name].row_limit, ttl=sources[s.name].ttl)
+        for s in statuses])

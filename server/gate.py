@@ -36,6 +36,7 @@ log = logging.getLogger("bitseg.server")
 SERVICE_PREFIX = "/bitseg.v1.Segments/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # need no token
 READ_METHODS = frozenset({
+    "ListSources",  # names, hosts and databases of the SQL sources; never a password
     "Count", "Members", "IsMember", "SegmentsOf", "Explain", "GetProfile", "Preview",
     "Metrics", "Overlap", "GetSegment", "ListSegments", "SegmentHistory",
     "Describe", "Values", "IsMemberBatch", "SegmentsOfBatch",

@@ -27,6 +27,7 @@ from bitseg.index.errors import (
     NotFound,
     RuleError,
     SchemaError,
+    SourceUnavailable,
     StoreError,
     StoreFull,
 )
@@ -86,6 +87,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (Expired, grpc.StatusCode.DEADLINE_EXCEEDED, ""),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT, "invalid request: "),
     (Cancelled, grpc.StatusCode.CANCELLED, ""),
+    (SourceUnavailable, grpc.StatusCode.UNAVAILABLE, ""),  # an sql rule's database is down
     (RuleError, grpc.StatusCode.INVALID_ARGUMENT, "invalid rule: "),
     (DataError, grpc.StatusCode.INVALID_ARGUMENT, "invalid data: "),
     (SchemaError, grpc.StatusCode.INVALID_ARGUMENT, "invalid schema: "),
@@ -228,6 +230,16 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
                                as_of=convert.to_timestamp(as_of))
 
     # ---------------------------------------------------------------- describe, batches
+    @rpc
+    def ListSources(self, request: pb.ListSourcesRequest,
+                    context: grpc.ServicerContext) -> pb.ListSourcesReply:
+        from bitseg.server.sources import Sources
+
+        sources = self.engine.snapshot.external
+        if not isinstance(sources, Sources):  # served without --sources
+            return pb.ListSourcesReply()
+        return convert.sources_reply(sources.status(), sources.sources)
+
     @rpc
     def Describe(self, request: pb.DescribeRequest,
                  context: grpc.ServicerContext) -> pb.DescribeReply:
