@@ -13,11 +13,11 @@ profile, where a million events would double the write.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import orjson
 from pyroaring import BitMap
 
@@ -25,8 +25,9 @@ from bitseg.index import types as T
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError, DataError
 from bitseg.index.evaluate import Evaluator
-from bitseg.index.fields import RangeIndex, ValueIndex, ids_of
-from bitseg.index.profiles import check_field_name, decode_row
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, ids_of
+from bitseg.index.profiles import FieldWriters, check_field_name, decode_row
+from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.store import Store, Txn, u32
 
@@ -125,23 +126,61 @@ def _row(snap: Snapshot, dense: int) -> dict[str, Any]:
     return {} if raw is None else decode_row(raw, snap.schema.profiles)
 
 
-def _records(engine: Engine, action: BulkAction, snap: Snapshot, changed: BitMap,
-             value: Any) -> Iterator[dict[str, Any]]:
-    """One profile record per changed member (omitted keys keep their values)."""
-    dense = ids_of(changed)
-    externals = engine.ids.externals(dense)
-    name = action.field
-    if action.action in ("set", "unset"):  # the value as given: the batch checks it again
-        for external in externals:
-            yield {"id": external, name: action.value}
-        return
-    for d, external in zip(dense.tolist(), externals, strict=True):
-        words = set(_row(snap, d).get(name) or ())
-        if action.action == "add":
-            words.add(value)
+def _rewrite_rows(store: Store, txn: Txn, changed: BitMap, action: BulkAction,
+                  stored: Any) -> BitMap:
+    """Rewrite the changed members' rows in one pass; the ids left without the field
+    (for `remove`: their last keyword went)."""
+    name, verb, emptied = action.field, action.action, BitMap()
+    for dense in changed:
+        key = u32(dense)
+        raw = store.get(txn, "rows", key)
+        row = orjson.loads(raw) if raw is not None else {}
+        if verb == "set":
+            row[name] = stored
+        elif verb == "unset":
+            row.pop(name, None)
         else:
-            words.discard(value)
-        yield {"id": external, name: sorted(words) if words else None}
+            words = set(row.get(name) or ())
+            (words.add if verb == "add" else words.discard)(stored)
+            if words:
+                row[name] = sorted(words)
+            else:
+                row.pop(name, None)
+                emptied.add(dense)
+        store.put(txn, "rows", key, orjson.dumps(row))
+    return emptied
+
+
+def _update_index(writers: FieldWriters, snap: Snapshot, type_: str, action: BulkAction,
+                  value: Any, changed: BitMap, emptied: BitMap) -> None:
+    """The field's bitmaps after the action, from the changed set alone."""
+    writer = writers.get(action.field)
+    ids = ids_of(changed)
+    one = np.zeros(len(ids), dtype=np.uint32)  # every id takes code 0 of a one-value table
+    if isinstance(writer, RangeWriter):
+        writer.remove(ids)  # set or unset: the old value goes
+        if action.action == "set" and type_ == T.FLOAT:
+            writer.add_floats(ids, np.full(len(ids), value, dtype=np.float64))
+        elif action.action == "set":
+            writer.add(ids, np.full(len(ids), T.range_key(type_, value), dtype=np.int64))
+        return
+    assert isinstance(writer, ValueWriter)
+    if action.action == "add":
+        writer.add(ids, one, [value])
+        return
+    if action.action == "remove":
+        writer.remove(ids, one, [value])
+        writer.exists = writer.exists | (changed - emptied)  # other keywords remain
+        return
+    old = snap.fields.get(action.field)
+    if isinstance(old, ValueIndex):  # set or unset: every old value goes
+        for word, bitmap in old.values.items():
+            gone = ids_of(bitmap & changed)
+            if len(gone):
+                writer.remove(gone, np.zeros(len(gone), dtype=np.uint32), [word])
+    if action.action == "set":
+        for word in (value if type_ == T.KEYWORDS else (value,)):
+            writer.add(ids, one, [word])
 
 
 # ---------------------------------------------------------------------- running
@@ -157,12 +196,21 @@ def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
         return BulkResult(len(members), len(changed), True, None)
     found: dict[str, Any] = {}
 
-    def records(snap: Snapshot) -> Iterator[dict[str, Any]]:
+    def build(txn: Txn, snap: Snapshot) -> tuple[FieldWriters, Schema, BitMap]:
         type_, value = _checked(action, snap)
         members = _members(engine, action, snap, as_of_us)
         changed = _changed(engine, action, snap, members, type_, value, as_of_us)
         found.update(members=len(members), changed=len(changed))
-        return _records(engine, action, snap, changed, value)
+        schema = snap.schema
+        if action.field not in schema.profiles and action.action != "unset" and changed:
+            type_ = type_ or T.infer(action.value)  # a new field (add: keywords)
+            schema = schema.with_fields("profiles", {action.field: type_})
+        writers = FieldWriters(snap, schema)
+        if changed:
+            stored = list(value) if type_ == T.KEYWORDS and action.action == "set" else value
+            emptied = _rewrite_rows(engine.store, txn, changed, action, stored)
+            _update_index(writers, snap, type_ or T.KEYWORD, action, value, changed, emptied)
+        return writers, schema, changed
 
     def audit(txn: Txn, snap: Snapshot) -> dict[str, Any]:
         found["entry"] = record_entry(engine.store, txn, {
@@ -172,7 +220,7 @@ def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
             "members": found["members"], "changed": found["changed"], "version": snap.version})
         return {}
 
-    engine.upsert_profiles(records, file="bulk action", also=audit)
+    engine.write_columns(build, also=audit)
     return BulkResult(found["members"], found["changed"], False, found["entry"])
 
 

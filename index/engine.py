@@ -436,6 +436,31 @@ class Engine:
             rows = batch.count if child is not None else 0
             return BatchReport(profiles.created, profiles.updated, version, rows)
 
+    def write_columns(self, build: Callable[[Txn, Snapshot], tuple[FieldWriters, Schema,
+                                                                     BitMap]],
+                      also: Also | None = None) -> int:
+        """One write transaction in which `build` changes rows and field writers directly
+        (column-wise, for changes to many existing profiles at once, e.g. bulk actions);
+        it returns the writers, the schema and the ids it touched. Persisted and published
+        like a batch; returns the new version."""
+        with self._write_lock:
+            snap = self._snapshot
+            version = snap.version + 1
+            changes: dict[str, Any] = {}
+            with self.store.write() as txn:
+                writers, schema, touched = build(txn, snap)
+                fields = writers.finish()
+                persist_fields(self.store, txn, writers, fields, chunks_of(touched))
+                if schema != snap.schema:
+                    self.store.put_json(txn, "schema", schema.to_json())
+                self.store.put_json(txn, "version", version)
+                if also is not None:
+                    changes = also(txn, replace(snap, version=version, schema=schema,
+                                                fields=fields))
+            self._snapshot = replace(snap, version=version, schema=schema, fields=fields,
+                                     reader=self.store.reader(), **changes)
+            return version
+
     def delete_profiles(self, profile_ids: Iterable[str]) -> int:
         """Delete profiles by id, all or none: NotFound names the first unknown id."""
         with self._write_lock:

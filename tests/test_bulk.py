@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from bitseg.index import bulk
 from bitseg.index.bulk import BulkAction
 from bitseg.index.engine import Engine
 from bitseg.index.errors import BitsegError, DataError, NotFound
+from bitseg.index.fields import RangeIndex, ids_of
 from bitseg.index.segments import open_segments
 
 SCHEMA = {"profiles": {"n": "int", "c": "keyword", "tags": "keywords", "f": "float",
@@ -93,7 +95,8 @@ TARGETS = [{"field": "n", "op": "lte", "value": 2}, {"field": "c", "op": "eq", "
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
 @pytest.mark.parametrize("target", range(len(TARGETS)))
-def test_action_equals_naive(engine: Engine, case: tuple, target: int) -> None:
+def test_action_equals_naive(engine: Engine, case: tuple, target: int,
+                             tmp_path: Path) -> None:
     action, field, value = case
     rule = TARGETS[target]
     before = rows_of(engine)
@@ -113,6 +116,29 @@ def test_action_equals_naive(engine: Engine, case: tuple, target: int) -> None:
         assert set(engine.members({"field": field, "op": "exists"})) == holders
     if action in ("add", "set") and not isinstance(value, list) and members:
         assert members <= set(engine.members({"field": field, "op": "eq", "value": value}))
+    # the field indexes equal those of a store loaded from the expected rows
+    with Engine.open(tmp_path / "fresh") as fresh:
+        fresh.declare_schema({"profiles": dict(engine.schema.profiles)})
+        fresh.upsert_profiles(list(expected.values()))
+        assert index_of(fresh) == index_of(engine)
+
+
+def index_of(engine: Engine) -> dict[str, Any]:
+    """Every field's index by external id: values (exact numbers) and who has them."""
+    out: dict[str, Any] = {}
+    ext = engine.ids.externals
+    for name, index in engine.snapshot.fields.items():
+        if not index.exists:  # an emptied field is the same as none
+            continue
+        if isinstance(index, RangeIndex):
+            ids, keys = index.decode()
+            scale = 10 ** (index.digits or 0)
+            out[name] = sorted(zip(ext(ids), (Fraction(k, scale) for k in keys.tolist()),
+                                   strict=True))
+        else:
+            out[name] = {v: sorted(ext(ids_of(b))) for v, b in index.values.items() if b}
+        out[name + ".exists"] = sorted(ext(ids_of(index.exists)))
+    return out
 
 
 def test_segment_target_and_audit_entries(engine: Engine, tmp_path: Path) -> None:
@@ -171,21 +197,22 @@ def test_errors_are_of_the_vocabulary(engine: Engine) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from bitseg.index import bulk, profiles
+from bitseg.index import bulk
 from bitseg.index.engine import Engine
+from bitseg.index.store import Store
 
 marker = Path(sys.argv[2])
-real_add = profiles.ProfileBatch.add
+real_put = Store.put
 seen = [0]
 
-def slow_add(self, record, line=None):
-    real_add(self, record, line)
-    seen[0] += 1
-    if seen[0] == 3000:  # well inside the transaction: say so, then wait to be killed
+def slow_put(self, txn, db, key, value):
+    real_put(self, txn, db, key, value)
+    seen[0] += db == "rows"
+    if seen[0] == 3000:  # half the rows rewritten: say so, then wait to be killed
         marker.write_text("inside")
         time.sleep(60)
 
-profiles.ProfileBatch.add = slow_add
+Store.put = slow_put
 engine = Engine.open(sys.argv[1])
 bulk.run(engine, bulk.BulkAction("set", "c", "KILLED", rule={"all": True}))
 """
