@@ -33,9 +33,12 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
-from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
 from bitseg.index.orders import NONE, OrderIndex
+from bitseg.index.profiles import FieldWriters
+from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.store import Store, Txn, u32
 from bitseg.index.timeline import day_of
 
 US_PER_HOUR = 3_600_000_000
@@ -269,26 +272,70 @@ def _as_codes(snap: Snapshot, name: str, ids: np.ndarray, values: list, size: in
     return old, new, table
 
 
+Change = tuple[np.ndarray, np.ndarray, list]  # changed ids, their new codes, keyword table
+
+
 def _changes(snap: Snapshot, computed: dict[str, tuple[np.ndarray, list]]
-             ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, list]], dict[str, int]]:
-    """(dense ids of the profiles to write, per trait: (changed ids, new values, None for
-    a removed value), per trait: how many changed)."""
+             ) -> tuple[np.ndarray, dict[str, Change]]:
+    """(dense ids of the profiles to write, per trait: the ids whose value differs, their
+    new values as codes (MISSING: removed; keywords: into the table))."""
     size = int(snap.live.max()) + 1 if snap.live else 0
     for ids, _ in computed.values():
         size = max(size, int(ids.max()) + 1 if len(ids) else 0)
-    per_trait: dict[str, tuple[np.ndarray, list]] = {}
+    per_trait: dict[str, Change] = {}
     touched = BitMap()
     for name, (ids, values) in computed.items():
         old, new, table = _as_codes(snap, name, ids, values, size)
         where = np.flatnonzero(old != new).astype(np.uint32)
-        codes = new[where]
-        if table:
-            out = [None if c == MISSING else table[c] for c in codes.tolist()]
-        else:
-            out = [None if c == MISSING else c for c in codes.tolist()]
-        per_trait[name] = where, out
+        per_trait[name] = where, new[where], table
         touched |= bitmap_of(where)
-    return ids_of(touched), per_trait, {name: len(w) for name, (w, _) in per_trait.items()}
+    return ids_of(touched), per_trait
+
+
+def _rewrite_rows(store: Store, txn: Txn, dense: np.ndarray,
+                  per_trait: dict[str, Change]) -> None:
+    """Each changed profile's row read, given its new trait values, written back once."""
+    updates: list[dict[str, Any]] = [{} for _ in range(len(dense))]
+    for name, (where, codes, table) in per_trait.items():
+        for position, code in zip(np.searchsorted(dense, where).tolist(), codes.tolist(),
+                                  strict=True):
+            updates[position][name] = None if code == MISSING else \
+                table[code] if table else code
+    for d, update in zip(dense.tolist(), updates, strict=True):
+        key = u32(d)
+        raw = store.get(txn, "rows", key)
+        row = orjson.loads(raw) if raw is not None else {}
+        for name, value in update.items():
+            if value is None:
+                row.pop(name, None)
+            else:
+                row[name] = value
+        store.put(txn, "rows", key, orjson.dumps(row))
+
+
+def _update_indexes(writers: FieldWriters, snap: Snapshot,
+                    per_trait: dict[str, Change]) -> None:
+    """Each trait field's bitmaps: changed ids lose their old value, take the new one."""
+    for name, (where, codes, table) in per_trait.items():
+        if not len(where):
+            continue
+        writer = writers.get(name)
+        has = codes != MISSING
+        if isinstance(writer, RangeWriter):
+            writer.remove(where)
+            if has.any():
+                writer.add(where[has], codes[has])
+            continue
+        assert isinstance(writer, ValueWriter)
+        old = snap.fields.get(name)
+        if isinstance(old, ValueIndex):
+            changed = bitmap_of(where)
+            for word, bitmap in old.values.items():
+                gone = ids_of(bitmap & changed)
+                if len(gone):
+                    writer.remove(gone, np.zeros(len(gone), dtype=np.uint32), [word])
+        if has.any():
+            writer.add(where[has], codes[has].astype(np.uint32), table)
 
 
 @dataclass(frozen=True)
@@ -307,18 +354,18 @@ def refresh(engine: Engine, config: Any = None, *, as_of: Any = None) -> Refresh
                           source="traits")
     found: dict[str, Any] = {}
 
-    def records(snap: Snapshot) -> list[dict[str, Any]]:
+    def build(txn: Txn, snap: Snapshot) -> tuple[FieldWriters, Schema, BitMap]:
         computed = compute(snap, traits, as_of_us)
-        dense, per_trait, counts = _changes(snap, computed)
-        found.update(changed=counts, profiles=len(dense),
+        dense, per_trait = _changes(snap, computed)
+        found.update(changed={name: len(c[0]) for name, c in per_trait.items()},
+                     profiles=len(dense),
                      holders={name: len(ids) for name, (ids, _) in computed.items()})
-        records = [{"id": external} for external in engine.ids.externals(dense)]
-        for name, (where, values) in per_trait.items():
-            for position, value in zip(np.searchsorted(dense, where).tolist(), values, strict=True):
-                records[position][name] = value
-        return records
+        writers = FieldWriters(snap, snap.schema)
+        _rewrite_rows(engine.store, txn, dense, per_trait)
+        _update_indexes(writers, snap, per_trait)
+        return writers, snap.schema, bitmap_of(dense)
 
-    engine.upsert_profiles(records, file="traits refresh")
+    engine.write_columns(build)
     return RefreshReport(T.format_timestamp(as_of_us), found["profiles"], found["changed"],
                          found["holders"])
 

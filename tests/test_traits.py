@@ -169,6 +169,19 @@ def test_traits_equal_naive(tmp_path: Path, seed: int, config: int) -> None:
         expected = {pid: row for pid, row in
                     naive(profiles, events, orders, live, declared, later).items() if row}
         assert stored(eng) == expected
+        check_rules(eng, expected, declared)
+    with Engine.open(tmp_path / "db") as again:  # the bitmaps were stored, not only published
+        check_rules(again, expected, declared)
+
+
+def check_rules(engine: Engine, expected: dict[str, dict[str, Any]], declared: Any) -> None:
+    """Every trait value's rule finds exactly the profiles holding it."""
+    for name in declared:
+        holders = {pid for pid, row in expected.items() if name in row}
+        assert set(engine.members({"field": name, "op": "exists"})) == holders
+        for value in {row[name] for row in expected.values() if name in row}:
+            found = set(engine.members({"field": name, "op": "eq", "value": value}))
+            assert found == {pid for pid, row in expected.items() if row.get(name) == value}
 
 
 def test_traits_in_rules_and_describe(engine: Engine) -> None:
