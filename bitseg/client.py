@@ -466,7 +466,7 @@ class Client:
     def refresh_traits(self, as_of: datetime | str | None = None,
                        config: Any = None) -> dict[str, Any]:
         """Recompute the computed traits (config: a traits config, dict or JSON text;
-        None: the server's); {"as_of", "profiles", "changed", "holders"}."""
+        None: the built-in one); {"as_of", "profiles", "changed", "holders"}."""
         return self._call(refresh_traits_call, as_of, config)
 
     def overlap(self, segments: Iterable[str],

@@ -362,8 +362,6 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
         return pb.DeleteExportScheduleReply()
 
     # ---------------------------------------------------------------- bulk actions, traits
-    traits_config: Any = None  # the traits RefreshTraits computes when the request names none
-
     @rpc
     def BulkAction(self, request: pb.BulkActionRequest,
                    context: grpc.ServicerContext) -> pb.BulkActionReply:
@@ -381,7 +379,7 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def RefreshTraits(self, request: pb.RefreshTraitsRequest,
                       context: grpc.ServicerContext) -> pb.RefreshTraitsReply:
-        report = traits.refresh(self.engine, request.config_json or self.traits_config,
+        report = traits.refresh(self.engine, request.config_json or None,
                                 as_of=convert.as_of_of(request) or convert.now())
         return convert.refresh_traits_reply(report)
 
