@@ -123,5 +123,5 @@ def register(subparsers: Any, remote_opts: argparse.ArgumentParser,
     refresh = verbs.add_parser("refresh", parents=[remote_opts, as_of],
                                help="recompute the computed traits now")
     refresh.add_argument("--config", metavar="FILE",
-                         help="a traits config (JSON); default: the server's")
+                         help="a traits config (JSON); default: the built-in one")
     refresh.set_defaults(func=cmd_traits_refresh)
