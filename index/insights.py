@@ -19,6 +19,8 @@ Everything is a cardinality over one snapshot's indexes; no member row is read:
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,7 +33,7 @@ from bitseg.index.describe import QUANTILES, _order, _shown, kth_smallest
 from bitseg.index.errors import BitsegError
 from bitseg.index.events import _count_by_bitmaps, stream_key
 from bitseg.index.fields import RangeIndex, ValueIndex
-from bitseg.index.orders import order_totals
+from bitseg.index.orders import OrderIndex, order_totals
 from bitseg.index.rules import EventCond, Having, Window
 from bitseg.index.segments import Metrics
 from bitseg.index.snapshot import Snapshot
@@ -42,6 +44,7 @@ MAX_TOP = 1000
 BUCKETS = 10  # histogram buckets per numeric or date field
 MAX_BUCKETS = 100
 WINDOWS = (7, 30, 90)  # days of event activity
+MAX_BASE_TOTALS = 64  # base order totals kept per snapshot (by as_of, amount field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +278,41 @@ def _orders(snap: Snapshot, audience: BitMap, as_of_us: int, amount_field: str) 
                           "not a number")
     kind = amount_type or T.FLOAT
     orders, buyers, revenue = order_totals(snap.orders, audience, as_of_us, amount_field, kind)
-    _, _, total = order_totals(snap.orders, snap.live, as_of_us, amount_field, kind)
+    total = base_total(snap, as_of_us, amount_field, kind)
     return Metrics(len(audience), len(snap.live), orders, buyers, revenue, total)
+
+
+@dataclass(slots=True)
+class _BaseTotals:
+    live: BitMap  # the live profiles they are of (held, so `is` cannot meet a reused id)
+    latest: int  # the latest order's ts: any as_of from then on sees every order
+    totals: dict[tuple[int | None, str, str], Fraction]
+
+
+_base_totals: weakref.WeakKeyDictionary[OrderIndex, _BaseTotals] = weakref.WeakKeyDictionary()
+_base_lock = threading.Lock()  # held only to read or store an entry
+
+
+def base_total(snap: Snapshot, as_of_us: int, amount_field: str, kind: str) -> Fraction:
+    """The live base's order total at as_of: the same for every audience, so computed
+    once per orders index and live profiles (that is, per snapshot) and kept with it."""
+    index = snap.orders
+    with _base_lock:
+        entry = _base_totals.get(index)
+    if entry is None or entry.live is not snap.live:
+        latest = int(index.ts.max()) if index.count else 0
+        entry = _BaseTotals(snap.live, latest, {})
+        with _base_lock:
+            _base_totals[index] = entry
+    key = (None if as_of_us >= entry.latest else as_of_us, amount_field, kind)
+    total = entry.totals.get(key)
+    if total is None:
+        total = order_totals(index, snap.live, key[0], amount_field, kind)[2]
+        with _base_lock:
+            if len(entry.totals) >= MAX_BASE_TOTALS:  # as_of values before the latest order
+                entry.totals.clear()
+            entry.totals[key] = total
+    return total
 
 
 __all__ = ["Activity", "Bucket", "EventInsight", "FieldInsight", "Insights",

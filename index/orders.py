@@ -1400,16 +1400,24 @@ def order_totals(index: OrderIndex, profiles: BitMap, as_of_us: int | None = Non
     member = np.zeros(max(int(owner.max()), profiles.max()) + 1, dtype=bool)
     member[ids_of(profiles)] = True
     mask = member[owner]
-    live = np.zeros(index.count, dtype=bool)
-    live[ids_of(index.live)] = True
-    mask &= live
+    if len(index.live) < index.count:  # some orders were deleted
+        live = np.zeros(index.count, dtype=bool)
+        live[ids_of(index.live)] = True
+        mask &= live
     if as_of_us is not None:
         mask &= index.ts <= as_of_us
-    column = index.column(amount_field)
+    buyers = np.zeros(len(member), dtype=bool)  # marking owners: no sort, unlike np.unique
+    buyers[owner[mask]] = True
     total = 0
-    if column is not None:
-        keys, valid = column
-        picked = keys[mask & valid]
-        total = int(picked.astype(object).sum()) if len(picked) else 0  # exact, any size
+    col = index.columns.get(amount_field)
+    if col is not None:
+        keys = col.keys[:index.count]
+        picked = keys[mask if col.complete else mask & col.valid[:index.count]]
+        # the picked keys' own bound: a huge key elsewhere keeps the int64 sum
+        most = max(-int(picked.min()), int(picked.max())) if len(picked) else 0
+        if most * len(picked) < 2**63:  # no partial sum can overflow int64
+            total = int(picked.sum(dtype=np.int64))
+        else:
+            total = int(picked.astype(object).sum())  # exact Python ints
     scale = T.FLOAT_SCALE if amount_type == T.FLOAT else 1
-    return int(mask.sum()), len(np.unique(owner[mask])), Fraction(total, scale)
+    return int(np.count_nonzero(mask)), int(np.count_nonzero(buyers)), Fraction(total, scale)

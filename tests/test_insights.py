@@ -192,3 +192,86 @@ def test_insights_of_chosen_fields_and_bad_ones(tmp_path):
             insights(snap, audience, as_of_micros(AS_OF), buckets=0)
     finally:
         engine.close()
+
+
+def _exact_total(engine: Engine, profiles, as_of=None, field: str = "cents"):
+    from bitseg.index.orders import order_totals
+    snap = engine.snapshot
+    chosen = snap.live if profiles is None else \
+        type(snap.live)(engine.dense_id(p) for p in profiles)
+    as_of_us = None if as_of is None else as_of_micros(as_of)
+    return order_totals(snap.orders, chosen, as_of_us, field, "int")
+
+
+def test_order_totals_past_int64_fall_back_to_exact_sums(tmp_path):
+    small = [{"id": f"s{i}", "profile": f"u{i % 3}", "ts": f"2025-0{1 + i % 5}-01T00:00:00Z",
+              "cents": (i * 7919) % 10007 - 5000} for i in range(40)]
+    huge = [{"id": f"h{i}", "profile": "u3", "ts": "2025-01-01T00:00:00Z",
+             "cents": 2**62 - 1 - i} for i in range(3)]  # the largest keys; 3 pass 2**63
+    with Engine.open(tmp_path / "s") as engine:
+        engine.declare_schema({"orders": {"cents": "int"}})
+        engine.upsert_profiles([{"id": f"u{i}"} for i in range(4)])
+        engine.add_orders(small)
+        fast = _exact_total(engine, None)  # small keys: summed in int64
+        assert fast == (40, 3, sum(o["cents"] for o in small))
+        engine.add_orders(huge)
+        exact = _exact_total(engine, None)  # could pass 2**63: exact Python ints
+        assert exact == (43, 4, fast[2] + sum(o["cents"] for o in huge))
+        assert exact[2] >= 2**63
+        assert _exact_total(engine, ["u0", "u1", "u2"]) == fast  # back on the fast path
+        assert _exact_total(engine, ["u3"]) == (3, 1, sum(o["cents"] for o in huge))
+        before = [o for o in small if o["ts"] <= "2025-02-01T00:00:00Z"]
+        assert _exact_total(engine, None, "2025-02-01T00:00:00Z") == \
+            (len(before) + 3, 4, sum(o["cents"] for o in before + huge))
+
+
+def test_the_base_total_follows_each_snapshot_and_as_of(tmp_path):
+    profiles, events, orders = make_data(5)
+    orders = orders or [{"id": "o0", "profile": "u1", "ts": "2025-05-01T00:00:00Z",
+                         "amount": 1.5}]
+    engine = open_engine(tmp_path, profiles, events, orders)
+    try:
+        def base(as_of: str = AS_OF) -> Fraction:
+            snap = engine.snapshot
+            return insights(snap, engine.bitmap({"all": True}, as_of=as_of),
+                            as_of_micros(as_of), fields=()).orders.total_revenue
+
+        def naive(rows, as_of: str = AS_OF) -> Fraction:
+            return sum((Fraction(Decimal(repr(o["amount"]))) for o in rows
+                        if datetime.fromisoformat(o["ts"]) <= datetime.fromisoformat(as_of)),
+                       Fraction(0))
+
+        assert base() == base() == naive(orders)  # the second from the kept total
+        earlier = "2025-05-01T00:00:00Z"
+        assert base(earlier) == naive(orders, earlier)
+        extra = {"id": "late", "profile": "u2", "ts": "2025-05-31T00:00:00Z", "amount": 12.25}
+        engine.add_orders([extra])  # a new snapshot: a new base total
+        assert base() == naive(orders + [extra])
+        assert base(earlier) == naive(orders, earlier)
+        gone = orders[0]["profile"]
+        engine.delete_profiles([gone])  # the same orders, fewer live profiles
+        rest = [o for o in orders + [extra] if o["profile"] != gone]
+        assert base() == naive(rest)
+    finally:
+        engine.close()
+
+
+def test_order_totals_leave_out_deleted_orders(tmp_path):
+    from dataclasses import replace
+
+    from pyroaring import BitMap
+
+    from bitseg.index.orders import order_totals
+    lines = [{"id": f"o{i}", "profile": f"u{i % 2}", "ts": "2025-01-01T00:00:00Z",
+              "cents": 10 + i} for i in range(6)]
+    with Engine.open(tmp_path / "s") as engine:
+        engine.declare_schema({"orders": {"cents": "int"}})
+        engine.upsert_profiles([{"id": "u0"}, {"id": "u1"}])
+        engine.add_orders(lines)
+        snap = engine.snapshot
+        assert order_totals(snap.orders, snap.live, None, "cents", "int") == (6, 2, 75)
+        kept = BitMap(i for i in range(6) if i not in (1, 4))  # dense ids follow the lines
+        index = replace(snap.orders, live=kept)  # as if o1 and o4 were deleted
+        assert order_totals(index, snap.live, None, "cents", "int") == (4, 2, 75 - 11 - 14)
+        index = replace(snap.orders, live=BitMap([0, 2, 4]))  # u1 has no orders left
+        assert order_totals(index, snap.live, None, "cents", "int") == (3, 1, 10 + 12 + 14)
