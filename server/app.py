@@ -31,6 +31,7 @@ from bitseg.index.engine import Engine
 from bitseg.index.exports import Exports, ExportScheduler
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
+from bitseg.index.traits_schedule import TraitsScheduler
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics
 from bitseg.server.service import SegmentsServicer
@@ -61,6 +62,8 @@ class Options:
     metrics_port: int | None = None  # Prometheus metrics on --host at this port (0: any)
     templates: str | None = None  # a folder of the user's segment templates (*.json)
     sources: dict | None = None  # name -> server.sources.Source (serve --sources FILE)
+    traits_every: float | None = None  # seconds between scheduled traits refreshes
+    traits: dict | None = None  # the traits config (serve --traits FILE); None: built-in
 
     def gate(self) -> Gate:
         return Gate(self.tokens, self.max_streams, self.stream_idle, self.access_log)
@@ -176,6 +179,8 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
                       file=sys.stderr, flush=True)
             scheduler = RefreshScheduler(segments, tick).start()
             exporter = ExportScheduler(Exports(engine), tick).start()
+            traits = (TraitsScheduler(engine, options.traits, options.traits_every).start()
+                      if options.traits_every else None)
             server.start()
             if options.tokens is None and not is_loopback(host):
                 print(f"bitseg: warning: listening on {host} without --tokens: anyone who "
@@ -186,6 +191,8 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             health_servicer.enter_graceful_shutdown()
             scheduler.stop()
             exporter.stop()
+            if traits is not None:
+                traits.stop()
             server.stop(grace).wait(grace + EXIT_MARGIN)
             if not gate.wait_idle(EXIT_MARGIN):
                 _exit_now(gate, grace)

@@ -834,12 +834,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert, tls_key=args.tls_key, max_streams=args.max_streams,
             stream_idle=args.stream_idle, access_log=args.access_log,
             metrics_port=args.metrics_port, templates=args.templates,
-            sources=load_sources(args.sources) if args.sources else None)
+            sources=load_sources(args.sources) if args.sources else None,
+            traits_every=args.traits_every, traits=_traits_config(args))
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except OSError as exc:
         return _fail(str(exc), EXIT_FAILED)
+
+
+def _traits_config(args: argparse.Namespace) -> dict | None:
+    """The --traits file's config, checked before the server starts (None: built-in)."""
+    from bitseg.index.errors import BitsegError
+    from bitseg.index.traits_schedule import load_config
+    from bitseg.server.gate import ConfigError
+
+    if args.traits is None:
+        return None
+    if args.traits_every is None:
+        raise ConfigError("--traits needs --traits-every SECONDS")
+    try:
+        return load_config(args.traits)
+    except BitsegError as exc:
+        raise ConfigError(f"--traits {exc}") from None
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -1018,6 +1035,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--templates", metavar="DIR",
                        help="also offer the segment templates of DIR (one JSON file each); "
                        "a bad file stops the start")
+    serve.add_argument("--traits-every", type=_positive_float, metavar="S",
+                       help="refresh the computed traits every S seconds at as_of = now")
+    serve.add_argument("--traits", metavar="FILE",
+                       help="the traits config (JSON) for --traits-every; default: the "
+                       "built-in one")
     serve.set_defaults(func=cmd_serve)
 
 
