@@ -441,14 +441,18 @@ class Engine:
                       also: Also | None = None) -> int:
         """One write transaction in which `build` changes rows and field writers directly
         (column-wise, for changes to many existing profiles at once, e.g. bulk actions);
-        it returns the writers, the schema and the ids it touched. Persisted and published
-        like a batch; returns the new version."""
+        it returns the writers, the schema and the ids it touched, or None when there is
+        nothing to change. Persisted and published like a batch; returns the new version
+        (the current one when nothing changed: readers' caches stay valid)."""
         with self._write_lock:
             snap = self._snapshot
             version = snap.version + 1
             changes: dict[str, Any] = {}
             with self.store.write() as txn:
-                writers, schema, touched = build(txn, snap)
+                built = build(txn, snap)
+                if built is None:
+                    return snap.version
+                writers, schema, touched = built
                 fields = writers.finish()
                 persist_fields(self.store, txn, writers, fields, chunks_of(touched))
                 if schema != snap.schema:

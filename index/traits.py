@@ -354,12 +354,14 @@ def refresh(engine: Engine, config: Any = None, *, as_of: Any = None) -> Refresh
                           source="traits")
     found: dict[str, Any] = {}
 
-    def build(txn: Txn, snap: Snapshot) -> tuple[FieldWriters, Schema, BitMap]:
+    def build(txn: Txn, snap: Snapshot) -> tuple[FieldWriters, Schema, BitMap] | None:
         computed = compute(snap, traits, as_of_us)
         dense, per_trait = _changes(snap, computed)
         found.update(changed={name: len(c[0]) for name, c in per_trait.items()},
                      profiles=len(dense),
                      holders={name: len(ids) for name, (ids, _) in computed.items()})
+        if not len(dense):
+            return None  # nothing changed: no new version, so result caches stay valid
         writers = FieldWriters(snap, snap.schema)
         _rewrite_rows(engine.store, txn, dense, per_trait)
         _update_indexes(writers, snap, per_trait)

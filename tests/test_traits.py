@@ -163,7 +163,9 @@ def test_traits_equal_naive(tmp_path: Path, seed: int, config: int) -> None:
         assert report.holders == {name: sum(name in row for row in expected.values())
                                   for name in declared}
         # a second refresh at the same as_of writes nothing; a later one follows the data
+        version = eng.snapshot.version
         assert traits.refresh(eng, CONFIGS[config], as_of=AS_OF).profiles == 0
+        assert eng.snapshot.version == version  # no new version: result caches stay valid
         later = AS_OF + timedelta(days=40)
         traits.refresh(eng, CONFIGS[config], as_of=later)
         expected = {pid: row for pid, row in
