@@ -17,7 +17,6 @@ import csv
 import io
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +30,7 @@ from bitseg.index.errors import BitsegError, NotFound
 from bitseg.index.export import check_fields, profile_rows
 from bitseg.index.fields import ids_of
 from bitseg.index.snapshot import Snapshot
+from bitseg.index.ticker import Ticker
 
 if TYPE_CHECKING:
     from bitseg.index.engine import Engine
@@ -241,28 +241,12 @@ def _schedule(raw: bytes) -> Schedule:
     return Schedule(**data)
 
 
-class ExportScheduler:
+class ExportScheduler(Ticker):
     """A daemon thread that runs the due scheduled exports every `tick` seconds."""
 
     def __init__(self, exports: Exports, tick: float = 1.0) -> None:
+        super().__init__(tick, "bitseg-exports")
         self.exports = exports
-        self.tick = tick
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bitseg-exports", daemon=True)
-
-    def start(self) -> ExportScheduler:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the export in progress, if any."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.tick):
-            self.run_once()
 
     def run_once(self, now_us: int | None = None) -> list[int]:
         """Run every due schedule; the ids that wrote a file. One failure (logged once
@@ -270,7 +254,7 @@ class ExportScheduler:
         now_us = time.time_ns() // 1000 if now_us is None else now_us
         done = []
         for schedule in self.exports.list():
-            if not schedule.due(now_us) or self._stop.is_set():
+            if not schedule.due(now_us) or self.stopping():
                 continue
             try:
                 after = self.exports.run(schedule, now_us)

@@ -65,6 +65,7 @@ from bitseg.index.snapshot import Snapshot
 from bitseg.index.sqlrule import with_fresh_sources
 from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
 from bitseg.index.tags import check_tag, check_tags, retagged
+from bitseg.index.ticker import Ticker
 from bitseg.index.top import Top
 
 if TYPE_CHECKING:
@@ -1054,7 +1055,7 @@ class _Failing:
     retry_at: int  # µs
 
 
-class RefreshScheduler:
+class RefreshScheduler(Ticker):
     """A daemon thread that refreshes due materialized segments every `tick` seconds.
 
     A segment whose refresh fails is logged once (a traceback only for an unexpected
@@ -1064,26 +1065,10 @@ class RefreshScheduler:
 
     def __init__(self, segments: Segments, tick: float = 1.0,
                  max_pause: float = 3600.0) -> None:
+        super().__init__(tick, "bitseg-refresh")
         self.segments = segments
-        self.tick = tick
         self.max_pause = max_pause
         self._failing: dict[str, _Failing] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bitseg-refresh", daemon=True)
-
-    def start(self) -> RefreshScheduler:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the refresh in progress, if any."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.tick):
-            self.run_once()
 
     def run_once(self, now_us: int | None = None) -> list[str]:
         """Refresh every due segment that is not pausing after failures; the names
@@ -1112,7 +1097,7 @@ class RefreshScheduler:
     def _failed(self, name: str, now_us: int, exc: Exception) -> None:
         failing = self._failing.get(name)
         attempts = 1 if failing is None else failing.attempts + 1
-        pause = min(self.tick * 2 ** attempts, self.max_pause)
+        pause = min(self.interval * 2 ** attempts, self.max_pause)
         self._failing[name] = _Failing(self._rule(name), attempts,
                                        now_us + int(pause * US))
         if failing is not None:

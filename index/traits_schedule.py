@@ -9,13 +9,13 @@ seconds, at most `max_pause` apart, until it works again (logged).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bitseg.index.engine import Engine
 from bitseg.index.errors import BitsegError
+from bitseg.index.ticker import Ticker
 from bitseg.index.traits import RefreshReport, parse_config, refresh
 
 US = 1_000_000
@@ -43,33 +43,17 @@ def summary(report: RefreshReport, seconds: float) -> str:
             + (f" (changed: {changed})" if changed else " (nothing changed)"))
 
 
-class TraitsScheduler:
+class TraitsScheduler(Ticker):
     """A daemon thread that refreshes the computed traits every `every` seconds."""
 
     def __init__(self, engine: Engine, config: Any = None, every: float = 3600.0,
                  max_pause: float = MAX_PAUSE) -> None:
-        self.engine = engine
         self.config = parse_config(config)  # a bad config fails here, before any thread
-        self.every = every
+        super().__init__(every, "bitseg-traits")
+        self.engine = engine
         self.max_pause = max(max_pause, every)
         self.attempts = 0  # failed runs in a row
         self._retry_at = 0  # µs: no run before this while failing
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bitseg-traits", daemon=True)
-
-    def start(self) -> TraitsScheduler:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the refresh in progress, if any."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.run_once()
 
     def run_once(self, now_us: int | None = None) -> RefreshReport | None:
         """Refresh the traits at now_us (default: now), unless pausing after failures;
@@ -92,7 +76,7 @@ class TraitsScheduler:
 
     def _failed(self, now_us: int, exc: Exception) -> None:
         self.attempts += 1
-        pause = min(self.every * 2 ** self.attempts, self.max_pause)
+        pause = min(self.interval * 2 ** self.attempts, self.max_pause)
         self._retry_at = now_us + int(pause * US)
         if self.attempts > 1:
             return  # said once already
