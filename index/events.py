@@ -25,7 +25,7 @@ import threading
 import warnings
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, NoReturn
@@ -910,14 +910,12 @@ def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:
                           bisect_left(sorted_buckets, buckets.stop)]
 
 
-def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
-          lo: int | None, hi: int, as_of: int, of: str | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """(profiles, values of `of`) of the raw rows in [lo, hi) that `where` selects
-    (of TS: their timestamps)."""
-    profiles, values = [], []
+def blocks_in(index: EventIndex, events: Iterable[str], lo: int | None, hi: int
+              ) -> Iterator[tuple[Any, np.ndarray]]:
+    """Each raw block of these event types with rows in [lo, hi) (lo None: from the
+    first), with the mask of its rows in that range."""
     for event in events:
-        days = index.type_days[event]
+        days = index.type_days.get(event, [])
         start = 0 if lo is None else bisect_left(days, day_of(lo))
         for day in days[start:bisect_right(days, day_of(hi - 1))]:
             block = index.block(event, day)
@@ -926,17 +924,27 @@ def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
             keep = block.ts < hi
             if lo is not None:
                 keep &= block.ts >= lo
-            if cond.where is not None:
-                keep &= row_mask(cond.where, block, schema.events, as_of)
-            if of == TS:
-                values.append(block.ts[keep])
-            elif of is not None:
-                column = block.column(of)
-                if column is None:
-                    continue
-                keep &= column[1]
-                values.append(column[0][keep])
-            profiles.append(block.profile[keep])
+            yield block, keep
+
+
+def _rows(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+          lo: int | None, hi: int, as_of: int, of: str | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles, values of `of`) of the raw rows in [lo, hi) that `where` selects
+    (of TS: their timestamps)."""
+    profiles, values = [], []
+    for block, keep in blocks_in(index, events, lo, hi):
+        if cond.where is not None:
+            keep &= row_mask(cond.where, block, schema.events, as_of)
+        if of == TS:
+            values.append(block.ts[keep])
+        elif of is not None:
+            column = block.column(of)
+            if column is None:
+                continue
+            keep &= column[1]
+            values.append(column[0][keep])
+        profiles.append(block.profile[keep])
     if not profiles:
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
     return np.concatenate(profiles), (np.concatenate(values) if of is not None else

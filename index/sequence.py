@@ -30,7 +30,6 @@ a hash pass and then a sort, slower than one sort of the few rows that need it.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -40,12 +39,11 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
-from bitseg.index.events import ANY, EventIndex, row_mask
+from bitseg.index.events import ANY, EventIndex, blocks_in, row_mask
 from bitseg.index.fields import EMPTY, bitmap_of, ids_of
 from bitseg.index.orders import OrderIndex, select_orders
 from bitseg.index.rules import EventCond, OrdersCond, Rule, SequenceCond, Window, _kind, _only
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.timeline import day_of
 
 DAY = T.US_PER_DAY
 MAX_SPAN_DAYS = (T.MAX_US - T.MIN_US) // DAY + 1  # more days than any two rows lie apart
@@ -260,22 +258,14 @@ def _event_rows(step: EventCond, index: EventIndex, types: Any, lo: int | None, 
                 as_of: int, member: Member) -> Rows:
     """The matching raw event rows, read block by block over the days of [lo, hi)."""
     profiles, stamps = [], []
-    for event in index.types if step.event == ANY else [step.event]:
-        days = index.type_days.get(event, [])
-        start = 0 if lo is None else bisect_left(days, day_of(lo))
-        for day in days[start:bisect_right(days, day_of(hi - 1))]:
-            block = index.block(event, day)
-            if block is None:
-                continue
-            keep = block.ts < hi
-            if member is not None:
-                keep &= member(block.profile)
-            if lo is not None:
-                keep &= block.ts >= lo
-            if step.where is not None and keep.any():
-                keep &= row_mask(step.where, block, types, as_of)
-            profiles.append(block.profile[keep])
-            stamps.append(block.ts[keep])
+    events = index.types if step.event == ANY else [step.event]
+    for block, keep in blocks_in(index, events, lo, hi):
+        if member is not None:
+            keep &= member(block.profile)
+        if step.where is not None and keep.any():
+            keep &= row_mask(step.where, block, types, as_of)
+        profiles.append(block.profile[keep])
+        stamps.append(block.ts[keep])
     return _joined(profiles, stamps)
 
 
