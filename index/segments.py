@@ -667,6 +667,7 @@ class Segments:
 
     def metrics(self, rule: Any, as_of: Any = None, amount_field: str = "amount") -> Metrics:
         """Profiles, orders and revenue of a rule's (or {"segment": S}'s) profiles."""
+        from bitseg.index.insights import base_total
         from bitseg.index.orders import order_totals
 
         snap = self.engine.snapshot
@@ -681,7 +682,7 @@ class Segments:
         kind = amount_type or T.FLOAT
         orders, customers, revenue = order_totals(snap.orders, found, as_of_us, amount_field,
                                                   kind)
-        _, _, total = order_totals(snap.orders, snap.live, as_of_us, amount_field, kind)
+        total = base_total(snap, as_of_us, amount_field, kind)  # kept per snapshot
         return Metrics(len(found), len(snap.live), orders, customers, Fraction(revenue),
                        Fraction(total))
 

@@ -275,3 +275,35 @@ def test_order_totals_leave_out_deleted_orders(tmp_path):
         assert order_totals(index, snap.live, None, "cents", "int") == (4, 2, 75 - 11 - 14)
         index = replace(snap.orders, live=BitMap([0, 2, 4]))  # u1 has no orders left
         assert order_totals(index, snap.live, None, "cents", "int") == (3, 1, 10 + 12 + 14)
+
+
+def test_segment_metrics_keep_the_base_total_per_snapshot(tmp_path, monkeypatch):
+    """segments.metrics sums the base's orders once per snapshot (insights.base_total),
+    not on every call; the audience's own total is still summed each time."""
+    from bitseg.index import insights as insights_module
+    from bitseg.index import orders as orders_module
+    from bitseg.index.segments import open_segments
+
+    profiles, events, orders = make_data(7)
+    orders = orders or [{"id": "o0", "profile": "u1", "ts": "2025-05-01T00:00:00Z",
+                         "amount": 1.5}]
+    engine = open_engine(tmp_path, profiles, events, orders)
+    try:
+        segs = open_segments(engine)
+        summed: list = []
+        real = orders_module.order_totals
+
+        def counting(index, profiles, *rest):
+            summed.append(len(profiles))
+            return real(index, profiles, *rest)
+
+        monkeypatch.setattr(orders_module, "order_totals", counting)
+        monkeypatch.setattr(insights_module, "order_totals", counting)
+        rule = {"field": "country", "op": "eq", "value": "DE"}
+        first = segs.metrics(rule, as_of=AS_OF)
+        summed.clear()
+        again = segs.metrics(rule, as_of=AS_OF)
+        assert again == first
+        assert summed == [first.profiles]  # the audience only: the base total was kept
+    finally:
+        engine.close()
