@@ -20,6 +20,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock, apply_block
 from bitseg.index.cache import LRU, CacheStats, ResultCache, canonical, parsed_weight
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
@@ -176,6 +177,8 @@ def _event_type(record: Any) -> str | None:
 
 class Engine:
     """One open store. Thread-safe: any number of readers, one writer at a time."""
+
+    takes_blocks = True  # batches also take RowBlocks (index/blocks.py), the bulk path
 
     def __init__(self, store: Store, ids: IdMap, snapshot: Snapshot) -> None:
         self.store = store
@@ -394,10 +397,11 @@ class Engine:
                 elif child == "orders":
                     batch = OrderBatch(self.store, txn, snap.orders,
                                        snap.schema, profiles.ensure_profile)
+                batch.refused = refused  # add_block leaves an event of these types to add
                 if callable(records):
                     records = records(snap)
-                for position, item in enumerate(records, 1):
-                    line, record = item if isinstance(item, tuple) else (position, item)
+
+                def add_row(line: int, record: Any) -> None:
                     try:
                         if refused and _event_type(record) in refused:
                             raise DataError(f"event type {record['event']!r} is recorded by "
@@ -407,6 +411,16 @@ class Engine:
                     except DataError as exc:  # a columnar batch may name an earlier line
                         raise exc.located(file, line if exc.line is None else exc.line) \
                             from None
+
+                for position, item in enumerate(records, 1):
+                    if isinstance(item, RowBlock):
+                        try:
+                            apply_block(batch, item, add_row)
+                        except DataError as exc:
+                            raise exc.located(file, exc.line) from None
+                        continue
+                    line, record = item if isinstance(item, tuple) else (position, item)
+                    add_row(line, record)
                 changes: dict[str, Any] = {}
                 if child is not None:  # first: its last rows may still create profiles
                     try:

@@ -51,7 +51,7 @@ import re
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +107,12 @@ def bulk_reserve(path: str | Path) -> int:
     return total
 
 
-def load_dataset(path: str | Path, engine: Any, *, progress: bool = False) -> LoadReport:
-    """Load a dataset folder into the engine: schema, then profiles, events, orders."""
+def load_dataset(path: str | Path, engine: Any, *, progress: bool = False,
+                 columnar: bool = True) -> LoadReport:
+    """Load a dataset folder into the engine: schema, then profiles, events, orders.
+
+    JSON Lines files go through the columnar bulk path (loaders/columnar.py) unless
+    `columnar` is False, which reads them line by line; both leave identical stores."""
     started = time.perf_counter()
     folder = _dataset_folder(path)
     profiles = _profiles_file(folder)
@@ -117,10 +121,12 @@ def load_dataset(path: str | Path, engine: Any, *, progress: bool = False) -> Lo
     # Checked before anything is written, so an unsupported file cannot half-load a folder.
     _check_supported(engine, events, "track_events", "events")
     _check_supported(engine, orders, "add_orders", "orders")
+    # An engine that takes RowBlocks says so; any other gets (line, object) pairs.
+    columnar = columnar and getattr(engine, "takes_blocks", False)
     _declare(engine, read_schema(folder / SCHEMA_FILE))
-    created, updated = _load_profiles(engine, profiles, progress)
-    n_events = _load_rows(engine.track_events, events, progress) if events else 0
-    n_orders = _load_rows(engine.add_orders, orders, progress) if orders else 0
+    created, updated = _load_profiles(engine, profiles, progress, columnar)
+    n_events = _load_rows(engine.track_events, events, progress, columnar) if events else 0
+    n_orders = _load_rows(engine.add_orders, orders, progress, columnar) if orders else 0
     return LoadReport(created, updated, n_events, n_orders, time.perf_counter() - started)
 
 
@@ -164,32 +170,45 @@ def _declare(engine: Any, schema: dict | None) -> None:
         engine.declare_schema(schema, source=SCHEMA_FILE)
 
 
-def _load_profiles(engine: Any, file: Path, progress: bool) -> tuple[int, int]:
+def _load_profiles(engine: Any, file: Path, progress: bool, columnar: bool
+                   ) -> tuple[int, int]:
     """Upsert one profiles file as one batch; (created, updated)."""
     with _progress_bar(file, progress) as on_bytes:
         if file.name.endswith(".csv"):
-            pairs = iter_profiles_csv(file, engine.schema.profiles, on_bytes=on_bytes)
+            pairs: Iterator[Any] = iter_profiles_csv(file, engine.schema.profiles,
+                                                     on_bytes=on_bytes)
         else:
-            pairs = iter_jsonl(file, on_bytes=on_bytes)
+            pairs = _jsonl(file, on_bytes, columnar)
         with closing(pairs):  # the engine may stop early on a bad line; close the file now
             report = engine.upsert_profiles(pairs, file=file.name)
     return report.created, report.updated
 
 
-def _load_rows(method: Callable[..., Any], file: Path, progress: bool) -> int:
+def _load_rows(method: Callable[..., Any], file: Path, progress: bool, columnar: bool) -> int:
     """Pass one events/orders file to the engine as one batch; the number of rows."""
     counter = [0]
     with _progress_bar(file, progress) as on_bytes:
-        with closing(iter_jsonl(file, on_bytes=on_bytes)) as pairs:
-            method(_counted(pairs, counter), file=file.name)
-    return counter[0]
+        with closing(_jsonl(file, on_bytes, columnar)) as rows:
+            if not columnar:
+                rows = _counted(rows, counter)
+            report = method(rows, file=file.name)
+    return report.rows if columnar else counter[0]
 
 
-def _counted(pairs: Iterable[tuple[int, dict]], counter: list[int]) -> Pairs:
+def _counted(pairs: Iterator[tuple[int, dict]], counter: list[int]) -> Pairs:
     """Pass pairs through, counting them in counter[0]."""
     for pair in pairs:
         counter[0] += 1
         yield pair
+
+
+def _jsonl(file: Path, on_bytes: Callable[[int], object] | None, columnar: bool
+           ) -> Iterator[Any]:
+    """A JSON Lines file as RowBlocks (the bulk path) or as (line, object) pairs."""
+    if columnar:
+        from bitseg.loaders.columnar import iter_blocks  # it imports this module
+        return iter_blocks(file, on_bytes=on_bytes)
+    return iter_jsonl(file, on_bytes=on_bytes)
 
 
 @contextmanager

@@ -1,0 +1,72 @@
+"""A block of input rows as columns: what the columnar bulk path hands a batch writer.
+
+A loader cuts a file into blocks of whole lines and parses each block into an Arrow
+table with a native, multi-threaded parser.  A batch writer's ``add_block`` either
+applies the whole block column-wise, or hands some or all of its rows back to be
+applied one by one through ``add`` (the row path), which is the reference: a block
+must leave the batch exactly as its rows would have, in the same order.
+
+The row path is also how errors are found: when the parser refuses a block (a bad
+line, a value of another type, a key given twice), ``table`` is None and every row of
+the block goes through ``add``, which names the line and field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# What add_block returns: True when it applied every row, False when it applied none
+# (the caller applies them all through add), or the sorted positions of the rows it
+# left for add — applied after the block's other rows, in line order.
+Taken = bool | np.ndarray
+
+
+@dataclass
+class RowBlock:
+    """Rows of one file (or one message) as an Arrow table, with the rows themselves."""
+
+    table: Any  # a pyarrow.Table of the block's non-blank lines, or None if unparsed
+    first_line: int  # line number of the block's first line in its file
+    # (line, record) of every row, or of the rows on the given lines only
+    records: Callable[[set[int] | None], Iterator[tuple[int, Any]]]
+    _lines: Callable[[], np.ndarray] = field(repr=False, default=None)  # type: ignore[assignment]
+    _cached: np.ndarray | None = field(repr=False, default=None)
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.table is None else self.table.num_rows
+
+    def lines(self) -> np.ndarray:
+        """The line number of each table row (int64), for errors that name a line."""
+        if self._cached is None:
+            if self._lines is None:
+                self._cached = np.arange(self.first_line, self.first_line + self.rows,
+                                         dtype=np.int64)
+            else:
+                self._cached = self._lines()
+        return self._cached
+
+    def line_of(self, row: int) -> int:
+        return int(self.lines()[row])
+
+    def records_at(self, rows: np.ndarray) -> Iterator[tuple[int, Any]]:
+        """(line, record) of the table rows at these sorted positions."""
+        return self.records(set(self.lines()[rows].tolist()))
+
+
+def apply_block(batch: Any, block: RowBlock, add_row: Callable[[int, Any], None]) -> None:
+    """Apply one block to a batch: column-wise where the batch can, else row by row
+    through `add_row(line, record)` (which locates errors)."""
+    add_block = getattr(batch, "add_block", None)
+    taken: Taken = False
+    if block.table is not None and add_block is not None:
+        taken = add_block(block)
+    if taken is True or (taken is not False and len(taken) == 0):
+        return
+    rows = block.records(None) if taken is False else block.records_at(taken)
+    for line, record in rows:
+        add_row(line, record)
