@@ -240,6 +240,11 @@ LAYOUTS = {  # index/items.py's paths, each forced on the small data of these te
     # every sum as if beyond float64: the int64 (or Python int) path of _judge
     "exact": [(items_module, "EXACT", 0)],
     "uncut": [(items_module, "WINDOW_RUNS", -1)],  # no cut to the window: the mask alone
+    # the float sums two lines a step: local order masks and bincounts, several steps
+    "steps": [(items_module, "CHUNK", 2)],
+    # one line a step, each "wider" than SPAN × CHUNK: the whole-order mask and one
+    # bincount of every line at the end
+    "wide": [(items_module, "CHUNK", 1), (items_module, "SPAN", 0)],
     # as if the rows were few: groups by sorting, one entry per profile with rows
     "sorted": [(items_module, "DENSE_RATIO", 10**9), (orders_module, "DENSE_RATIO", 10**9)],
 }
@@ -254,6 +259,33 @@ def test_matches_reference(orders: list[dict], rule: dict, wrap: bool) -> None:
         for layout, patches in LAYOUTS.items():
             with contextlib.ExitStack() as forced:
                 for module, name, value in patches:
+                    forced.enter_context(mock.patch.object(module, name, value))
+                _check_reference(engine, orders, rule, wrap, layout)
+    finally:
+        engine.close()
+
+
+@st.composite
+def sum_rules(draw: Any) -> dict:
+    """A rule with `having: sum`, the aggregate _dense_sum answers in steps."""
+    rule = draw(rules())
+    rule["having"] = {"agg": "sum", "of": draw(st.sampled_from(["qty", "price", "spend"])),
+                      "op": draw(st.sampled_from(["gt", "lte", "eq"])),
+                      "value": draw(st.sampled_from([0, 3, 19.99, 59.97, 300]))}
+    return rule
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order_lists(), sum_rules(), st.booleans())
+def test_sums_in_steps_match_reference(orders: list[dict], rule: dict, wrap: bool) -> None:
+    """The float sums in steps, the orders checked by a mask over each step's order ids
+    or by one mask over all, the profiles summed locally or at the end."""
+    engine = _engine(orders)
+    engine.cache_results = False
+    try:
+        for layout in ("fast", "steps", "wide"):
+            with contextlib.ExitStack() as forced:
+                for module, name, value in LAYOUTS[layout]:
                     forced.enter_context(mock.patch.object(module, name, value))
                 _check_reference(engine, orders, rule, wrap, layout)
     finally:
