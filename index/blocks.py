@@ -34,6 +34,7 @@ class RowBlock:
     # (line, record) of every row, or of the rows on the given lines only
     records: Callable[[set[int] | None], Iterator[tuple[int, Any]]]
     _lines: Callable[[], np.ndarray] = field(repr=False, default=None)  # type: ignore[assignment]
+    data: bytes = field(repr=False, default=b"")  # the block's raw lines, when read from a file
     _cached: np.ndarray | None = field(repr=False, default=None)
 
     @property

@@ -134,7 +134,7 @@ def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
             numbers = np.delete(numbers, blanks)
         return numbers
 
-    return RowBlock(table, first_line, records, None if not blanks else line_numbers)
+    return RowBlock(table, first_line, records, None if not blanks else line_numbers, data=data)
 
 
 def _blank_lines(data: bytes) -> list[int]:
