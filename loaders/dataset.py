@@ -53,7 +53,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -89,6 +89,7 @@ class LoadReport:
     events: int
     orders: int
     seconds: float
+    file_seconds: dict[str, float] = field(default_factory=dict)  # each file's own time
 
 
 # --- the folder ---------------------------------------------------------------------
@@ -124,10 +125,26 @@ def load_dataset(path: str | Path, engine: Any, *, progress: bool = False,
     # An engine that takes RowBlocks says so; any other gets (line, object) pairs.
     columnar = columnar and getattr(engine, "takes_blocks", False)
     _declare(engine, read_schema(folder / SCHEMA_FILE))
-    created, updated = _load_profiles(engine, profiles, progress, columnar)
-    n_events = _load_rows(engine.track_events, events, progress, columnar) if events else 0
-    n_orders = _load_rows(engine.add_orders, orders, progress, columnar) if orders else 0
-    return LoadReport(created, updated, n_events, n_orders, time.perf_counter() - started)
+    timed: dict[str, float] = {}
+    with _timed(timed, profiles):
+        created, updated = _load_profiles(engine, profiles, progress, columnar)
+    n_events = n_orders = 0
+    if events:
+        with _timed(timed, events):
+            n_events = _load_rows(engine.track_events, events, progress, columnar)
+    if orders:
+        with _timed(timed, orders):
+            n_orders = _load_rows(engine.add_orders, orders, progress, columnar)
+    return LoadReport(created, updated, n_events, n_orders, time.perf_counter() - started,
+                      timed)
+
+
+@contextmanager
+def _timed(into: dict[str, float], file: Path) -> Iterator[None]:
+    """Record how long the block took under the file's name."""
+    started = time.perf_counter()
+    yield
+    into[file.name] = round(time.perf_counter() - started, 3)
 
 
 def _dataset_folder(path: str | Path) -> Path:
