@@ -17,17 +17,29 @@ import csv
 import io
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 from pyroaring import BitMap
 
+from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, NotFound
-from bitseg.index.export import check_fields, profile_rows
+from bitseg.index.export import (
+    Block,
+    check_fields,
+    float_values,
+    profile_rows,
+    range_keys,
+    value_codes,
+    value_sets,
+)
 from bitseg.index.fields import ids_of
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.ticker import Ticker
@@ -36,7 +48,7 @@ if TYPE_CHECKING:
     from bitseg.index.engine import Engine
 
 FORMATS = ("csv", "jsonl")
-PAGE = 50_000  # rows read and written at a time
+PAGE = 50_000  # rows read at a time by the reference path (encode_rows)
 KEY_PREFIX = b"export:"
 NEXT_ID = "export_next_id"
 US = 1_000_000
@@ -83,6 +95,172 @@ def encode_rows(rows: Iterable[dict[str, Any]], fields: Sequence[str], fmt: str
     yield buffer.getvalue().encode()
 
 
+# ---------------------------------------------------------------------- from columns
+BLOCK = 100_000  # ids formatted at a time from the field indexes
+ROWS_OVER = 4  # a keyword field with more values than this × the block is read from rows
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')  # any character the csv module may quote is here
+_JSON_SPECIAL = re.compile(r'["\\\x00-\x1f]')  # what orjson escapes in a string
+_NOWHERE = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(slots=True)
+class _Cells:
+    """One field's text in a block: `parts` columns that `form` ("%s" each) puts together
+    into a cell, and the positions whose cell the stored rows must give instead."""
+
+    parts: list[list[str]]
+    form: str = "%s"
+    from_rows: np.ndarray = field(default_factory=lambda: _NOWHERE)
+
+
+def encode_columns(engine: Engine, dense: np.ndarray, fields: Sequence[str], fmt: str
+                   ) -> Iterator[bytes]:
+    """The bytes encode_rows writes for these ids' profile_rows, built column by column
+    from the field indexes, a block of ids at a time."""
+    snap = engine.snapshot
+    if fmt == "csv":
+        yield (",".join(_csv_cell(name) for name in ["id", *fields]) + "\n").encode()
+    for start in range(0, len(dense), BLOCK):
+        yield _block(engine, snap, Block(dense[start:start + BLOCK]), fields, fmt == "jsonl")
+
+
+def _block(engine: Engine, snap: Snapshot, block: Block, fields: Sequence[str],
+           json: bool) -> bytes:
+    externals = engine.ids.externals(block.ids)
+    if not (_JSON_SPECIAL if json else _CSV_SPECIAL).search("".join(externals)):
+        cells = [_Cells([externals], '"%s"' if json else "%s")]
+    else:
+        cells = [_Cells([[_json_text(x) if json else _csv_cell(x) for x in externals]])]
+    for name in fields:
+        cells.append(_field_cells(snap.field(name), snap.schema.profiles[name], block, json))
+    if any(len(c.from_rows) for c in cells):
+        _cells_from_rows(engine, block.ids, fields, cells, json)
+    columns = [part for c in cells for part in c.parts]
+    if json:
+        keys = [_json_text(name).replace("%", "%%") for name in ["id", *fields]]
+        row = "{" + ",".join(f"{k}:{c.form}" for k, c in zip(keys, cells, strict=True)) + "}"
+    else:
+        row = ",".join(c.form for c in cells)
+    if row == ",".join(["%s"] * len(columns)):
+        lines = map(",".join, zip(*columns, strict=True))
+    else:
+        lines = map(row.__mod__, zip(*columns, strict=True))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
+    """One field's cells for a block."""
+    n = len(block)
+    missing = "null" if json else ""
+    if type_ in T.VALUE_TYPES:
+        if type_ == T.KEYWORDS:
+            found = value_sets(index, block)
+        elif type_ == T.KEYWORD and len(index.values) > ROWS_OVER * n:
+            found = None
+        else:
+            found = value_codes(index, block)
+        if found is None:
+            return _Cells([[missing] * n], from_rows=np.arange(n))
+        codes, values = found
+        texts = [_value_text(type_, v, json) for v in values] + [missing]  # -1: the last
+        cells = _Cells([np.array(texts, dtype=object)[codes].tolist()])
+        if type_ == T.KEYWORDS and json:  # an empty list is in no bitmap: [] or null?
+            cells.from_rows = np.flatnonzero(codes == -1)
+        return cells
+    where, keys = range_keys(index, block)
+    q = '"' if json else ""
+    if type_ == T.TIMESTAMP and len(where) == n:  # every id has one: parts, no joining
+        return _timestamp_parts(keys, q)
+    from_rows = _NOWHERE
+    if type_ == T.INT:
+        texts: Any = list(map(str, keys.tolist()))
+    elif type_ == T.DATE:
+        texts = _day_texts(keys, q, q)
+    elif type_ == T.TIMESTAMP:
+        parts = _timestamp_parts(keys, q)
+        texts = list(map(parts.form.__mod__, zip(*parts.parts, strict=True)))
+    else:
+        values, exact = float_values(index, keys)
+        from_rows = where[~exact]
+        where, values = where[exact], values[exact].tolist()
+        texts = (orjson.dumps(values)[1:-1].decode().split(",") if json else
+                 list(map(repr, values))) if values else []
+    column = np.full(n, missing, dtype=object)
+    column[where] = texts
+    return _Cells([column.tolist()], from_rows=from_rows)
+
+
+def _value_text(type_: str, value: Any, json: bool) -> str:
+    if type_ == T.BOOL:
+        return "true" if value else "false"
+    if type_ == T.KEYWORDS:
+        return _json_text(list(value)) if json else _csv_cell(LIST_SEP.join(value))
+    return _json_text(value) if json else _csv_cell(value)
+
+
+def _day_texts(days: np.ndarray, head: str, tail: str) -> list[str]:
+    """head + types.format_date(day) + tail for every day, each distinct day formatted
+    once: from a table over the days' span when it is short, else over the distinct."""
+    if not len(days):
+        return []
+    low, high = int(days.min()), int(days.max())
+    if high - low <= 4 * len(days):
+        table, at = np.arange(low, high + 1), days - low
+    else:
+        table, at = np.unique(days, return_inverse=True)
+    texts = np.datetime_as_string(table.astype("datetime64[D]")).tolist()
+    return np.array([head + t + tail for t in texts], dtype=object)[at].tolist()
+
+
+@cache
+def _clock() -> np.ndarray:
+    """"HH:MM:SS" of each second of a day."""
+    return np.array([f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400)],
+                    dtype=object)
+
+
+def _timestamp_parts(keys: np.ndarray, q: str) -> _Cells:
+    """types.format_timestamp of every key (q: the quote around it), as the day and the
+    time of day (with the fraction, if any)."""
+    days, rest = np.divmod(keys, T.US_PER_DAY)
+    seconds, micros = np.divmod(rest, US)
+    day = _day_texts(days, q, "")
+    clock = _clock()[seconds].tolist()
+    if not micros.any():
+        return _Cells([day, clock], "%sT%sZ" + q)
+    distinct, at = np.unique(micros, return_inverse=True)
+    ends = [(f".{f:06d}".rstrip("0") if f else "") + "Z" + q for f in distinct.tolist()]
+    return _Cells([day, clock, np.array(ends, dtype=object)[at].tolist()], "%sT%s%s")
+
+
+def _cells_from_rows(engine: Engine, ids: np.ndarray, fields: Sequence[str],
+                     cells: list[_Cells], json: bool) -> None:
+    """Fill the cells the indexes cannot give exactly from the stored rows."""
+    unsure = {i: c.from_rows for i, c in enumerate(cells) if len(c.from_rows)}
+    wanted = np.unique(np.concatenate(list(unsure.values())))
+    names = [fields[i - 1] for i in unsure]
+    rows = profile_rows(engine, ids[wanted], names)
+    at = {pos: row for pos, row in zip(wanted.tolist(), rows, strict=True)}
+    for i, positions in unsure.items():
+        name, column = fields[i - 1], cells[i].parts[0]
+        for pos in positions.tolist():
+            value = at[pos][name]
+            column[pos] = _json_text(value) if json else _csv_cell(_cell(value))
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _csv_cell(text: str) -> str:
+    """A cell as csv.writer writes it among others (quoted only if it must be)."""
+    if not _CSV_SPECIAL.search(text):
+        return text
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([text, ""])
+    return buffer.getvalue()[:-2]  # without the empty cell's "," and the line's end
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -125,13 +303,7 @@ def export(engine: Engine, rule: Any, path: str | Path, fields: Sequence[str],
     snap = engine.snapshot
     audience = engine.bitmap(rule, as_of=as_of)
     kept = with_required(snap, audience, require)
-    dense = ids_of(kept)
-
-    def rows() -> Iterator[dict[str, Any]]:
-        for start in range(0, len(dense), PAGE):
-            yield from profile_rows(engine, dense[start:start + PAGE], fields)
-
-    write_atomically(path, encode_rows(rows(), fields, fmt))
+    write_atomically(path, encode_columns(engine, ids_of(kept), fields, fmt))
     return Exported(len(kept), len(audience & snap.live), str(path))
 
 
