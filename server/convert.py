@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -22,7 +21,7 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bitseg.index import types as T
-from bitseg.index.errors import BitsegError, DataError, RuleError
+from bitseg.index.errors import BitsegError, RuleError
 from bitseg.index.rules import MAX_RULE_DEPTH
 from bitseg.index.types import parse_timestamp
 from bitseg.v1 import bitseg_pb2 as pb
@@ -433,18 +432,6 @@ def to_timestamp(moment: datetime | str | None) -> Timestamp | None:
 def page_size_of(request: pb.MembersRequest) -> int:
     """0 means the default; more than the maximum is taken as the maximum (AIP-158)."""
     return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def records_of(texts: Iterable[str]) -> list[tuple[int, Any]]:
-    """A batch's records (JSON texts), parsed and numbered; bad JSON is a DataError
-    naming the record."""
-    records = []
-    for line, text in enumerate(texts, 1):
-        try:
-            records.append((line, orjson.loads(text)))
-        except orjson.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON: {exc}", line=line) from None
-    return records
 
 
 def profile_reply(profile: dict[str, Any]) -> pb.Profile:

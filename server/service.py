@@ -38,6 +38,7 @@ from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.index.split import split_segment
 from bitseg.index.templates import Catalogue, load_catalogue
+from bitseg.loaders.columnar import texts_block
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -536,7 +537,7 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
     committed = 0
     for batch in requests:
         try:
-            report = apply(convert.records_of(getattr(batch, field)))
+            report = apply(texts_block(getattr(batch, field)))
         except DataError as exc:
             context.set_trailing_metadata(((COMMITTED_KEY, str(committed)),))
             raise DataError(f"batch {committed + 1} ({committed} before it committed): "

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from storecmp import differences
 
 from bitseg.index.engine import Engine
-from bitseg.index.errors import BitsegError
+from bitseg.index.errors import BitsegError, DataError
 from bitseg.loaders import columnar
-from bitseg.loaders.columnar import iter_blocks, parse_block
+from bitseg.loaders.columnar import iter_blocks, parse_block, texts_block
 from bitseg.loaders.dataset import load_dataset
 from bitseg.loaders.gen import generate
 
@@ -233,3 +233,27 @@ def test_orders_files_load_alike(tmp_path_factory: Any, people: list, lines: lis
     base = write(tmp / "base", {"profiles.jsonl": people})
     folder = write(tmp / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
     assert_same_load(tmp, folder, base=base)
+
+
+# ----------------------------------------------------------------------------- streamed batches
+
+
+def test_a_streamed_batch_is_one_block_numbered_by_record() -> None:
+    [block] = texts_block(['{"id":"a","n":1}', '{"id":"b","n":2}'])
+    assert block.table.column("n").to_pylist() == [1, 2]
+    assert block.lines().tolist() == [1, 2]
+    assert list(block.records(None)) == [(1, {"id": "a", "n": 1}), (2, {"id": "b", "n": 2})]
+
+
+def test_a_text_spanning_lines_stays_a_record() -> None:
+    assert texts_block(['{"id":"a",\n"n":1}', '{"id":"b"}']) == [(1, {"id": "a", "n": 1}),
+                                                                  (2, {"id": "b"})]
+
+
+def test_bad_json_in_a_streamed_batch_names_the_record_before_anything_applies() -> None:
+    [block] = texts_block(['{"id":"a"}', '{"id":', '{"id":"c"}'])
+    assert block.table is None
+    with pytest.raises(DataError, match=r"^record 2: not valid JSON"):
+        list(block.records(None))
+    with pytest.raises(DataError, match=r"^record 2: not valid JSON"):
+        texts_block(['{"id":"a"}', '{"id":', "  "])
