@@ -521,7 +521,8 @@ class Client:
     # ------------------------------------------------------------------ ingestion
     def upsert_profiles(self, profiles: Iterable[Any], batch_size: int = DEFAULT_BATCH,
                         timeout: float | None = None) -> UpsertResult:
-        """Upsert profiles (dicts, sent batch_size at a time) or batches (lists of dicts).
+        """Upsert profiles (dicts, or their JSON texts as str/bytes, e.g. the lines of a
+        profiles.jsonl, sent batch_size at a time) or batches (lists of them).
 
         Each batch commits whole or not at all; on a bad batch the ones before it stay.
         """
@@ -990,7 +991,7 @@ class _Upload:
     def __iter__(self) -> Iterator[Any]:
         try:
             for batch in _batches(self._items, self._batch_size):
-                yield self._message(**{self._field: [orjson.dumps(r).decode() for r in batch]})
+                yield self._message(**{self._field: [_json_text(r) for r in batch]})
         except Exception as exc:
             self._failed = exc
 
@@ -1022,11 +1023,22 @@ def _query(rule: Any, segment: str | None, as_of: datetime | str | None) -> dict
     return {**convert.rule_target(rule, segment), "as_of": convert.to_timestamp(as_of)}
 
 
+def _json_text(record: Any) -> str:
+    """A record as the JSON text a batch message carries; a str (or bytes) record is
+    taken to be that text already (a line of a JSON Lines file) and sent as it is."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, bytes):
+        return record.decode()
+    return orjson.dumps(record).decode()
+
+
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Dicts grouped `size` at a time; a list (or tuple) item is a batch of its own."""
+    """Records (dicts, or JSON texts as str/bytes) grouped `size` at a time; a list (or
+    tuple) item is a batch of its own."""
     batch: list[Any] = []
     for item in items:
-        if isinstance(item, Mapping):
+        if isinstance(item, (Mapping, str, bytes)):
             batch.append(item)
             if len(batch) >= size:
                 yield batch

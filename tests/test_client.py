@@ -260,3 +260,11 @@ def test_no_target_is_still_an_invalid_rule(stub: pb_grpc.SegmentsStub) -> None:
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "set one of rule, rule_json or segment" in info.value.details()
 
+
+
+def test_json_texts_are_sent_as_they_are(client: Client) -> None:
+    """Lines of a JSON Lines file (bytes) and JSON texts (str) are records, one each."""
+    lines = [b'{"id": "t1", "n": 1}\n', '{"id": "t2", "n": 2}', {"id": "t3", "n": 3}]
+    result = client.upsert_profiles(lines, batch_size=2)
+    assert (result.batches, result.created) == (2, 3)
+    assert [client.profile(p).fields["n"] for p in ("t1", "t2", "t3")] == [1, 2, 3]
