@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.evaluate import Evaluator
+from bitseg.index.fields import bitmap_of, ids_of
 from bitseg.index.rules import SegmentRef
 from bitseg.index.segments import SegmentSet, SegmentUnusable
 from bitseg.index.snapshot import Snapshot
@@ -50,12 +52,27 @@ def check_size(profile_ids: Sequence[str]) -> None:
 
 def dense_ids(engine: Engine, snap: Snapshot, profile_ids: Sequence[str]) -> list[int | None]:
     """The dense id of each live profile, None for the other ids."""
-    lookup, reader, live = engine.ids.lookup, snap.reader, snap.live
-    out: list[int | None] = []
-    for external in profile_ids:
-        dense = lookup(external, reader=reader) if external else None
-        out.append(dense if dense is not None and dense in live else None)
-    return out
+    return [None if d < 0 else d for d in live_ids(engine, snap, profile_ids).tolist()]
+
+
+def live_ids(engine: Engine, snap: Snapshot, profile_ids: Sequence[str]) -> np.ndarray:
+    """The dense id of each live profile, -1 for the other ids (int64): one lookup per id
+    in key order (IdMap.lookup_many), the live test vectorised."""
+    dense = engine.ids.lookup_many(profile_ids, snap.reader)
+    dense[~within(snap.live, dense)] = -1
+    return dense
+
+
+def within(bitmap: BitMap, ids: np.ndarray) -> np.ndarray:
+    """Whether each id (int64; negative: none) is in the bitmap, without a Python test per
+    id: the bitmap cut to the distinct ids, then one sorted search (10,000 ids in a 10M
+    bitmap: ~0.5 ms against ~7 ms for `id in bitmap` one by one)."""
+    wanted = np.unique(ids[ids >= 0])
+    if not len(wanted):
+        return np.zeros(len(ids), dtype=bool)
+    found = ids_of(bitmap & bitmap_of(wanted)).astype(np.int64)
+    at = np.minimum(np.searchsorted(found, ids), max(len(found) - 1, 0))
+    return (found[at] == ids) if len(found) else np.zeros(len(ids), dtype=bool)
 
 
 def is_member_many(engine: Engine, profile_ids: Sequence[str], rule: Any,
@@ -64,15 +81,15 @@ def is_member_many(engine: Engine, profile_ids: Sequence[str], rule: Any,
     check_size(profile_ids)
     snap = engine.snapshot
     typed = engine.parse(rule, snap)
-    dense = dense_ids(engine, snap, profile_ids)
-    known = sum(d is not None for d in dense)
-    if known >= BITMAP_FROM:
-        members = engine.bitmap(typed, as_of=as_of)
-        answer = [d is not None and d in members for d in dense]
+    dense = live_ids(engine, snap, profile_ids)
+    known = dense >= 0
+    if int(known.sum()) >= BITMAP_FROM:
+        answer = within(engine.bitmap(typed, as_of=as_of), dense).tolist()
     else:
         evaluator = Evaluator(snap, as_of_micros(as_of))
-        answer = [d is not None and evaluator.contains(typed, d) for d in dense]
-    return Memberships(answer, _unknown(profile_ids, dense))
+        answer = [d >= 0 and evaluator.contains(typed, d) for d in dense.tolist()]
+    unknown = [profile_ids[i] for i in np.flatnonzero(~known).tolist()]
+    return Memberships(answer, unknown)
 
 
 def segments_of_many(engine: Engine, profile_ids: Sequence[str],

@@ -197,6 +197,26 @@ def test_batch_is_member_equals_one_by_one(tmp_path_factory, seed, size):
         engine.close()
 
 
+def test_batch_ids_deleted_long_and_repeated(tmp_path):
+    """The batch's lookup (in key order, not request order) and live test (vectorised):
+    answers and unknown ids stay in request order; a deleted profile, an id longer than
+    any key and an empty id are unknown; repeated ids answer each time."""
+    engine = open_engine(tmp_path, [{"id": f"u{i}", "country": "DE" if i % 3 else "FR"}
+                                    for i in range(100)], [])
+    try:
+        engine.delete_profiles(["u4", "u9"])
+        ids = [f"u{i}" for i in range(99, -1, -1)] + ["u4", "x" * 600, "", "u3", "u3", "u9"]
+        found = batch.is_member_many(engine, ids, {"field": "country", "op": "eq",
+                                                   "value": "DE"})
+        gone = {"u4", "u9", "x" * 600, ""}
+        assert found.member == [i not in gone and int(i[1:]) % 3 != 0 for i in ids]
+        assert found.unknown == [i for i in ids if i in gone]
+        assert batch.dense_ids(engine, engine.snapshot, ["u9", "u1", "nope"]) == \
+            [None, engine.ids.lookup("u1"), None]
+    finally:
+        engine.close()
+
+
 def test_batch_limit(tmp_path):
     engine = open_engine(tmp_path, [{"id": "u1"}], [])
     try:
