@@ -41,6 +41,7 @@ from bitseg.index.export import (
     value_sets,
 )
 from bitseg.index.fields import ids_of
+from bitseg.index.ids import ID_CHUNK, ID_CHUNK_BITS
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.ticker import Ticker
 
@@ -96,20 +97,22 @@ def encode_rows(rows: Iterable[dict[str, Any]], fields: Sequence[str], fmt: str
 
 
 # ---------------------------------------------------------------------- from columns
+# Cells are UTF-8 bytes from the start: bytes joins and formats twice as fast as str,
+# which must widen a whole line for one non-Latin-1 character.
 BLOCK = 100_000  # ids formatted at a time from the field indexes
 ROWS_OVER = 4  # a keyword field with more values than this × the block is read from rows
-_CSV_SPECIAL = re.compile(r'[,"\r\n]')  # any character the csv module may quote is here
-_JSON_SPECIAL = re.compile(r'["\\\x00-\x1f]')  # what orjson escapes in a string
+_CSV_SPECIAL = re.compile(rb'[,"\r\n]')  # any character the csv module may quote is here
+_JSON_SPECIAL = re.compile(rb'["\\\x00-\x1f]')  # what orjson escapes in a string
 _NOWHERE = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(slots=True)
 class _Cells:
-    """One field's text in a block: `parts` columns that `form` ("%s" each) puts together
-    into a cell, and the positions whose cell the stored rows must give instead."""
+    """One field's text in a block: `parts` columns that `form` (b"%s" each) puts
+    together into a cell, and the positions whose cell the stored rows must give."""
 
-    parts: list[list[str]]
-    form: str = "%s"
+    parts: list[list[bytes]]
+    form: bytes = b"%s"
     from_rows: np.ndarray = field(default_factory=lambda: _NOWHERE)
 
 
@@ -126,32 +129,33 @@ def encode_columns(engine: Engine, dense: np.ndarray, fields: Sequence[str], fmt
 
 def _block(engine: Engine, snap: Snapshot, block: Block, fields: Sequence[str],
            json: bool) -> bytes:
-    externals = engine.ids.externals(block.ids)
-    if not (_JSON_SPECIAL if json else _CSV_SPECIAL).search("".join(externals)):
-        cells = [_Cells([externals], '"%s"' if json else "%s")]
+    externals = external_bytes(engine.ids, block.ids)
+    if not (_JSON_SPECIAL if json else _CSV_SPECIAL).search(b"".join(externals)):
+        cells = [_Cells([externals], b'"%s"' if json else b"%s")]
     else:
-        cells = [_Cells([[_json_text(x) if json else _csv_cell(x) for x in externals]])]
+        cells = [_Cells([[_json_text(x.decode()) if json else _csv_cell(x.decode()).encode()
+                          for x in externals]])]
     for name in fields:
         cells.append(_field_cells(snap.field(name), snap.schema.profiles[name], block, json))
     if any(len(c.from_rows) for c in cells):
         _cells_from_rows(engine, block.ids, fields, cells, json)
     columns = [part for c in cells for part in c.parts]
     if json:
-        keys = [_json_text(name).replace("%", "%%") for name in ["id", *fields]]
-        row = "{" + ",".join(f"{k}:{c.form}" for k, c in zip(keys, cells, strict=True)) + "}"
+        keys = [_json_text(name).replace(b"%", b"%%") for name in ["id", *fields]]
+        row = b"{" + b",".join(k + b":" + c.form for k, c in zip(keys, cells, strict=True)) + b"}"
     else:
-        row = ",".join(c.form for c in cells)
-    if row == ",".join(["%s"] * len(columns)):
-        lines = map(",".join, zip(*columns, strict=True))
+        row = b",".join(c.form for c in cells)
+    if row == b",".join([b"%s"] * len(columns)):
+        lines = map(b",".join, zip(*columns, strict=True))
     else:
         lines = map(row.__mod__, zip(*columns, strict=True))
-    return ("\n".join(lines) + "\n").encode()
+    return b"\n".join(lines) + b"\n"
 
 
 def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
     """One field's cells for a block."""
     n = len(block)
-    missing = "null" if json else ""
+    missing = b"null" if json else b""
     if type_ in T.VALUE_TYPES:
         if type_ == T.KEYWORDS:
             found = value_sets(index, block)
@@ -168,12 +172,12 @@ def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
             cells.from_rows = np.flatnonzero(codes == -1)
         return cells
     where, keys = range_keys(index, block)
-    q = '"' if json else ""
+    q = b'"' if json else b""
     if type_ == T.TIMESTAMP and len(where) == n:  # every id has one: parts, no joining
         return _timestamp_parts(keys, q)
     from_rows = _NOWHERE
     if type_ == T.INT:
-        texts: Any = list(map(str, keys.tolist()))
+        texts: Any = keys.astype("S21").tolist()  # the decimal digits, as str() writes
     elif type_ == T.DATE:
         texts = _day_texts(keys, q, q)
     elif type_ == T.TIMESTAMP:
@@ -183,22 +187,26 @@ def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
         values, exact = float_values(index, keys)
         from_rows = where[~exact]
         where, values = where[exact], values[exact].tolist()
-        texts = (orjson.dumps(values)[1:-1].decode().split(",") if json else
-                 list(map(repr, values))) if values else []
+        if not values:
+            texts = []
+        elif json:
+            texts = orjson.dumps(values)[1:-1].split(b",")
+        else:
+            texts = "\n".join(map(repr, values)).encode().split(b"\n")
     column = np.full(n, missing, dtype=object)
     column[where] = texts
     return _Cells([column.tolist()], from_rows=from_rows)
 
 
-def _value_text(type_: str, value: Any, json: bool) -> str:
+def _value_text(type_: str, value: Any, json: bool) -> bytes:
     if type_ == T.BOOL:
-        return "true" if value else "false"
+        return b"true" if value else b"false"
     if type_ == T.KEYWORDS:
-        return _json_text(list(value)) if json else _csv_cell(LIST_SEP.join(value))
-    return _json_text(value) if json else _csv_cell(value)
+        return _json_text(list(value)) if json else _csv_cell(LIST_SEP.join(value)).encode()
+    return _json_text(value) if json else _csv_cell(value).encode()
 
 
-def _day_texts(days: np.ndarray, head: str, tail: str) -> list[str]:
+def _day_texts(days: np.ndarray, head: bytes, tail: bytes) -> list[bytes]:
     """head + types.format_date(day) + tail for every day, each distinct day formatted
     once: from a table over the days' span when it is short, else over the distinct."""
     if not len(days):
@@ -208,29 +216,46 @@ def _day_texts(days: np.ndarray, head: str, tail: str) -> list[str]:
         table, at = np.arange(low, high + 1), days - low
     else:
         table, at = np.unique(days, return_inverse=True)
-    texts = np.datetime_as_string(table.astype("datetime64[D]")).tolist()
+    texts = np.datetime_as_string(table.astype("datetime64[D]")).astype("S10").tolist()
     return np.array([head + t + tail for t in texts], dtype=object)[at].tolist()
 
 
 @cache
 def _clock() -> np.ndarray:
-    """"HH:MM:SS" of each second of a day."""
-    return np.array([f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400)],
-                    dtype=object)
+    """b"HH:MM:SS" of each second of a day."""
+    return np.array([b"%02d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
+                     for s in range(86_400)], dtype=object)
 
 
-def _timestamp_parts(keys: np.ndarray, q: str) -> _Cells:
+def _timestamp_parts(keys: np.ndarray, q: bytes) -> _Cells:
     """types.format_timestamp of every key (q: the quote around it), as the day and the
     time of day (with the fraction, if any)."""
     days, rest = np.divmod(keys, T.US_PER_DAY)
     seconds, micros = np.divmod(rest, US)
-    day = _day_texts(days, q, "")
+    day = _day_texts(days, q, b"")
     clock = _clock()[seconds].tolist()
     if not micros.any():
-        return _Cells([day, clock], "%sT%sZ" + q)
+        return _Cells([day, clock], b"%sT%sZ" + q)
     distinct, at = np.unique(micros, return_inverse=True)
-    ends = [(f".{f:06d}".rstrip("0") if f else "") + "Z" + q for f in distinct.tolist()]
-    return _Cells([day, clock, np.array(ends, dtype=object)[at].tolist()], "%sT%s%s")
+    ends = [(b".%06d" % f).rstrip(b"0") * (f > 0) + b"Z" + q for f in distinct.tolist()]
+    return _Cells([day, clock, np.array(ends, dtype=object)[at].tolist()], b"%sT%s%s")
+
+
+def external_bytes(ids: Any, dense: np.ndarray) -> list[bytes]:
+    """The UTF-8 external ids of sorted dense ids, sliced from the id chunks' blobs
+    (ids.IdMap.externals without decoding each)."""
+    out: list[bytes] = []
+    if not len(dense):
+        return out
+    dense = dense.astype(np.int64, copy=False)
+    which = dense >> ID_CHUNK_BITS
+    for part in np.split(dense, np.flatnonzero(np.diff(which)) + 1):
+        chunk = ids.chunks[int(part[0]) >> ID_CHUNK_BITS]
+        local = part & (ID_CHUNK - 1)
+        blob = chunk.blob
+        starts, ends = chunk.offsets[local].tolist(), chunk.offsets[local + 1].tolist()
+        out.extend([blob[a:b] for a, b in zip(starts, ends, strict=True)])
+    return out
 
 
 def _cells_from_rows(engine: Engine, ids: np.ndarray, fields: Sequence[str],
@@ -245,16 +270,16 @@ def _cells_from_rows(engine: Engine, ids: np.ndarray, fields: Sequence[str],
         name, column = fields[i - 1], cells[i].parts[0]
         for pos in positions.tolist():
             value = at[pos][name]
-            column[pos] = _json_text(value) if json else _csv_cell(_cell(value))
+            column[pos] = _json_text(value) if json else _csv_cell(_cell(value)).encode()
 
 
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def _json_text(value: Any) -> bytes:
+    return orjson.dumps(value)
 
 
 def _csv_cell(text: str) -> str:
     """A cell as csv.writer writes it among others (quoted only if it must be)."""
-    if not _CSV_SPECIAL.search(text):
+    if not _CSV_SPECIAL.search(text.encode()):
         return text
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow([text, ""])
