@@ -35,7 +35,9 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError, StoreError
+from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
@@ -453,6 +455,10 @@ class EventBatch:
     and at finish, the columns are checked and converted with numpy — timestamps,
     profile ids, property types — and a bad value is found again row by row so that
     its error names the line and the field.
+
+    add_block() takes a parsed block whose rows are checked column-wise (event_blocks)
+    as EventColumns parts, held like add()'s rows until the same flush, which merges
+    them in line order: the stored bytes are those of the rows added one by one.
     """
 
     def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
@@ -478,9 +484,12 @@ class EventBatch:
         self.parts = dict(index.parts)
         self.relisted: set[tuple[bytes, str]] = set()  # catalog entries to rewrite
         self.first_part: dict[tuple[str, int], int] = {}  # the first part this batch wrote
+        self.refused: frozenset[str] = frozenset()  # event types add_block leaves to add
         self._clear()
 
     def _clear(self) -> None:
+        self.columns: list[EventColumns] = []  # add_block's rows, before add()'s
+        self.held = 0  # rows in self.columns
         self.c_profile: list[Any] = []
         self.c_event: list[Any] = []
         self.c_ts: list[Any] = []
@@ -511,8 +520,38 @@ class EventBatch:
                 column[0].append(row)
                 column[1].append(value)
         self.count += 1
-        if row + 1 >= FLUSH_ROWS:
+        if self.held + row + 1 >= FLUSH_ROWS:
             self._flush()
+
+    def add_block(self, block: RowBlock) -> bool:
+        """Take a parsed block column-wise (True), or none of it (False): the row path
+        then adds its rows. A block waits for the flush after rows of add(), so that a
+        flush's parts are always block rows first, then add()'s rows, in line order."""
+        if self.c_ts:
+            return False
+        part = columns_of(block, self._type_of, self.refused)
+        if part is None:
+            return False
+        start = 0
+        while start < len(part):  # flush at the row counts the row path flushes at
+            end = min(len(part), start + FLUSH_ROWS - self.held)
+            self.columns.append(part if (start, end) == (0, len(part))
+                                else part.slice(start, end))
+            self.held += end - start
+            self.count += end - start
+            start = end
+            if self.held >= FLUSH_ROWS:
+                self._flush()
+        return True
+
+    def _type_of(self, name: str) -> str | None:
+        """A property's type as the next flush will see it: known, or inferred from
+        the first held block that has it."""
+        known = self.types.get(name)
+        if known is not None:
+            return known
+        return next((part.props[name].type_ for part in self.columns
+                     if name in part.props), None)
 
     def _fail(self, row: int, message: str, field: str) -> NoReturn:
         raise DataError(message, field=field, line=self.c_line[row])
@@ -547,11 +586,15 @@ class EventBatch:
                 if type(e) is not str or e == ANY or SEP in e or T.name_problem(e):
                     self._fail(row, 'expected an event type name (a non-empty string of at '
                                f'most {T.MAX_NAME_BYTES} bytes, not "*")', "event")
+        for part in self.columns:
+            names.update(part.event_names)
         ordered = sorted(names)
         code = {name: i for i, name in enumerate(ordered)}
-        codes = np.fromiter((code[e] for e in self.c_event), dtype=np.int64,
-                            count=len(self.c_event))
-        return ordered, codes
+        codes = [np.array([code[e] for e in part.event_names], dtype=np.int64)[part.event_codes]
+                 for part in self.columns]
+        codes.append(np.fromiter((code[e] for e in self.c_event), dtype=np.int64,
+                                 count=len(self.c_event)))
+        return ordered, np.concatenate(codes)
 
     def _profiles(self) -> np.ndarray:
         raw = self.c_profile
@@ -562,7 +605,11 @@ class EventBatch:
                                "profile")
         if len(self.dense) > DENSE_CACHE:  # keep the cache bounded
             self.dense = {}
-        missing = [p for p in set(raw) if p not in self.dense]
+        seen: dict[Any, None] = {}  # first appearance decides the order new ones are made
+        for part in self.columns:
+            seen.update(dict.fromkeys(part.profiles_in_order()))
+        seen.update(dict.fromkeys(raw))
+        missing = [p for p in seen if p not in self.dense]
         known = self.known_profiles([p if type(p) is str else str(p) for p in missing])
         for p, found in zip(missing, known, strict=True):
             if found is not None:  # an existing profile: one lookup, no Python per-id work
@@ -573,7 +620,16 @@ class EventBatch:
             except DataError as exc:
                 self._fail(raw.index(p), exc.reason, "profile")
         dense = self.dense
-        return np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw))
+        out = []
+        for part in self.columns:
+            used = np.unique(part.profile_codes)
+            table = np.zeros(len(part.profile_ids), dtype=np.uint32)
+            ids = part.profile_ids
+            table[used] = np.fromiter((dense[ids[c]] for c in used.tolist()), dtype=np.uint32,
+                                      count=len(used))
+            out.append(table[part.profile_codes])
+        out.append(np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw)))
+        return np.concatenate(out)
 
     def _dense_of(self, profile: Any) -> int:
         found = self.dense.get(profile)
@@ -583,31 +639,64 @@ class EventBatch:
         return found
 
     def _properties(self, n: int) -> dict[str, tuple[np.ndarray, np.ndarray, list | None]]:
-        """name -> (int64 keys or keyword codes, valid, keyword table) over the chunk."""
+        """name -> (int64 keys or keyword codes, valid, keyword table) over the chunk:
+        the held blocks' rows, then add()'s, each property in the order the rows meet
+        it (which orders inferred types in the schema, and decides which error is first)."""
         out = {}
-        for name, (rows, values) in self.c_props.items():
+        order: dict[str, None] = {}
+        for part in self.columns:
+            order.update(dict.fromkeys(part.prop_order()))
+        order.update(dict.fromkeys(self.c_props))
+        for name in order:
             type_ = self.types.get(name)
+            if type_ is None:
+                type_ = self._type_of(name)
+                if type_ is not None:
+                    self.types[name] = type_  # from a held block (its name was checked)
+            keys = np.zeros(n, dtype=np.int64)
+            valid = np.zeros(n, dtype=bool)
+            table: dict[str, int] = {}
+            offset = 0
+            for part in self.columns:
+                prop = part.props.get(name)
+                if prop is not None:
+                    valid[offset:offset + len(part)] = prop.valid
+                    keys[offset:offset + len(part)] = self._part_keys(prop, table)
+                offset += len(part)
+            words = list(table) if type_ == T.KEYWORD else None
+            if name not in self.c_props:
+                out[name] = (keys, valid, words)
+                continue
+            rows, values = self.c_props[name]
             if type_ is None:
                 try:
                     type_ = self._infer(name, values[0])
                 except DataError as exc:
                     self._fail(rows[0], exc.reason, name)
-            at = np.array(rows, dtype=np.int64)
-            keys = np.zeros(n, dtype=np.int64)
-            valid = np.zeros(n, dtype=bool)
+            at = np.array(rows, dtype=np.int64) + offset
             valid[at] = True
-            words = None
             converted = self._fast(type_, values)
             if converted is None:
                 converted = self._careful(type_, name, rows, values)
             if type_ == T.KEYWORD:
-                table: dict[str, int] = {}
                 converted = np.fromiter((table.setdefault(v, len(table)) for v in converted),
                                         dtype=np.int64, count=len(values))
                 words = list(table)
             keys[at] = converted
             out[name] = (keys, valid, words)
         return out
+
+    @staticmethod
+    def _part_keys(prop: Any, table: dict[str, int]) -> np.ndarray:
+        """A held part's keys; keyword codes renumbered into the chunk's table in order
+        of first appearance, as add()'s rows number theirs."""
+        if prop.words is None:
+            return prop.keys
+        codes = prop.keys[prop.valid]
+        remap = np.zeros(max(len(prop.words), 1), dtype=np.int64)
+        for code in first_seen(codes).tolist():
+            remap[code] = table.setdefault(prop.words[code], len(table))
+        return np.where(prop.valid, remap[prop.keys], 0)
 
     @staticmethod
     def _fast(type_: str, values: list) -> Any:
@@ -624,10 +713,9 @@ class EventBatch:
             return None
         if type_ == T.FLOAT and all(type(v) is float or type(v) is int for v in values):
             floats = np.array(values, dtype=np.float64)
-            if not np.isfinite(floats).all():
-                return None
-            keys = T.float_keys(floats, T.FLOAT_DIGITS)
-            return keys if (np.abs(floats) < T.MAX_KEY / T.FLOAT_SCALE).all() else None
+            if not (np.isfinite(floats) & (np.abs(floats) < T.MAX_KEY / T.FLOAT_SCALE)).all():
+                return None  # checked first: float_keys of 1e12 overflows int64
+            return T.float_keys(floats, T.FLOAT_DIGITS)
         return None
 
     def _careful(self, type_: str, name: str, rows: list[int], values: list) -> Any:
@@ -648,10 +736,10 @@ class EventBatch:
     def _flush(self) -> None:
         """Check and convert the queued columns; write them as new block parts and add
         their counts to the buckets (in memory)."""
-        n = len(self.c_ts)
+        n = self.held + len(self.c_ts)
         if not n:
             return
-        ts = self._timestamps()
+        ts = np.concatenate([part.ts for part in self.columns] + [self._timestamps()])
         names, codes = self._event_types()
         props = self._properties(n)
         dense = self._profiles()

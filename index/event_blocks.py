@@ -1,0 +1,267 @@
+"""Event rows of a RowBlock as checked columns: the bulk path of EventBatch.add_block.
+
+`columns_of` converts a parsed block with pyarrow and numpy only (no Python per row):
+the timestamps from their text, the event types and profile ids dictionary-encoded, each
+property to the int64 keys or keyword codes the row path would give it. It returns None
+for anything the row path might judge differently or refuse (a missing key, a value of
+another type, a timestamp in a form it does not read, a property whose type would be
+inferred from an integer written in a float column, …): the batch then hands the whole
+block to the row path, which decides, and names the line and field of an error.
+
+An `EventColumns` holds no Python object per row, and nothing of it is written until
+the batch's flush merges it with its neighbours in line order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock
+
+EVENT_KEYS = ("profile", "event", "ts")  # as events.EVENT_KEYS (which imports this module)
+SEP = "\x1f"
+ANY = "*"
+PROP_TYPES = (T.KEYWORD, T.INT, T.FLOAT, T.BOOL)
+
+
+@dataclass(frozen=True)
+class Prop:
+    """One property over the rows: int64 keys (keyword: codes into `words`), valid."""
+
+    type_: str
+    keys: np.ndarray
+    valid: np.ndarray
+    words: list[str] | None  # a keyword's values, in order of first appearance in its block
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """Checked event rows of one block, or of a slice of one."""
+
+    ts: np.ndarray  # int64 µs
+    event_codes: np.ndarray  # int64 into event_names
+    event_names: list[str]
+    profile_codes: np.ndarray  # int64 into profile_ids
+    profile_ids: list[str]
+    props: dict[str, Prop]
+    block: RowBlock
+    start: int  # the table row of this part's first row
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def slice(self, a: int, b: int) -> EventColumns:
+        props = {name: Prop(p.type_, p.keys[a:b], p.valid[a:b], p.words)
+                 for name, p in self.props.items() if p.valid[a:b].any()}
+        return EventColumns(self.ts[a:b], self.event_codes[a:b], self.event_names,
+                            self.profile_codes[a:b], self.profile_ids, props, self.block,
+                            self.start + a)
+
+    def profiles_in_order(self) -> list[str]:
+        """The distinct profile ids, in order of first appearance."""
+        return [self.profile_ids[c] for c in first_seen(self.profile_codes).tolist()]
+
+    def prop_order(self) -> list[str]:
+        """Property names in the order the row path meets them: by the first row with a
+        value, and within one row in the order of its keys."""
+        firsts = {name: int(np.argmax(p.valid)) for name, p in self.props.items()}
+        rows = sorted(set(firsts.values()))
+        tied = [r for r in rows if sum(1 for f in firsts.values() if f == r) > 1]
+        key_order: dict[int, list[str]] = {}
+        if tied:  # several properties first met on one row: its keys decide
+            lines = self.block.lines()
+            wanted = np.array([self.start + r for r in tied], dtype=np.int64)
+            by_line = dict(self.block.records_at(wanted))
+            for r in tied:
+                key_order[r] = list(by_line[int(lines[self.start + r])])
+        return sorted(firsts, key=lambda name: (
+            firsts[name], key_order.get(firsts[name], [name]).index(name)))
+
+
+def first_seen(codes: np.ndarray) -> np.ndarray:
+    """The distinct codes in order of their first appearance."""
+    used, first = np.unique(codes, return_index=True)
+    return used[np.argsort(first)]
+
+
+def columns_of(block: RowBlock, type_of: Callable[[str], str | None],
+               refused: Iterable[str]) -> EventColumns | None:
+    """The block's rows as checked columns, or None if the row path must take them."""
+    table = block.table
+    if any(key not in table.column_names or table.column(key).null_count
+           for key in EVENT_KEYS):
+        return None  # a key missing or null: "... is required"
+    ts = iso_micros(_whole(table.column("ts")))
+    if ts is None:
+        return None
+    events = _encoded(table.column("event"))
+    if events is None:
+        return None
+    event_codes, event_names = events
+    refused = set(refused)
+    if any(e == ANY or SEP in e or T.name_problem(e) or e in refused for e in event_names):
+        return None
+    profiles = _profile_ids(table.column("profile"))
+    if profiles is None:
+        return None
+    props = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in EVENT_KEYS or column.null_count == len(column):
+            continue  # the row path skips nulls
+        type_ = type_of(name)
+        if type_ is None:
+            type_ = _inferred(block, name, column)
+        prop = _prop(type_, column) if type_ in PROP_TYPES else None
+        if prop is None:
+            return None
+        props[name] = prop
+    return EventColumns(ts, event_codes, event_names, *profiles, props, block, 0)
+
+
+def _whole(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
+    """Codes (int64) and the distinct values of a text column without nulls."""
+    if not pa.types.is_string(column.type):
+        return None
+    encoded = pc.dictionary_encode(_whole(column))
+    return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary.to_pylist())
+
+
+def _profile_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
+    """Profile ids as codes and distinct texts (integers as their decimal text, as the
+    row path names them); None for ids it refuses (empty, too long, other types)."""
+    if pa.types.is_int64(column.type):
+        column = pc.cast(column, pa.string())
+    elif not pa.types.is_string(column.type):
+        return None
+    else:
+        size = pc.min_max(pc.binary_length(column))
+        if size["min"].as_py() == 0 or size["max"].as_py() > T.MAX_ID_BYTES:
+            return None
+    return _encoded(column)
+
+
+def _inferred(block: RowBlock, name: str, column: pa.ChunkedArray) -> str | None:
+    """The type the row path infers from the property's first value (None: unsure)."""
+    if T.name_problem(name):
+        return None
+    kind = column.type
+    if pa.types.is_string(kind):
+        return T.KEYWORD
+    if pa.types.is_boolean(kind):
+        return T.BOOL
+    if pa.types.is_int64(kind):
+        return T.INT
+    if pa.types.is_float64(kind):  # pyarrow reads 3 as 3.0 in a float column: look
+        row = int(np.argmax(_whole(column).is_valid().to_numpy(zero_copy_only=False)))
+        ((_, record),) = list(block.records_at(np.array([row])))
+        return T.FLOAT if type(record[name]) is float else None
+    return None
+
+
+def _prop(type_: str, column: pa.ChunkedArray) -> Prop | None:
+    """The property's keys as the row path's fast conversion gives them, or None."""
+    array = _whole(column)
+    kind = array.type
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    if type_ == T.KEYWORD:
+        if not pa.types.is_string(kind) or \
+                pc.max(pc.binary_length(array)).as_py() > T.MAX_VALUE_BYTES:
+            return None
+        encoded = pc.dictionary_encode(array)
+        codes = pc.fill_null(encoded.indices, 0).to_numpy().astype(np.int64)
+        return Prop(type_, codes, valid, encoded.dictionary.to_pylist())
+    if type_ == T.BOOL:
+        if not pa.types.is_boolean(kind):
+            return None
+        values = pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+        return Prop(type_, values.astype(np.int64), valid, None)
+    if type_ == T.INT:
+        if not pa.types.is_int64(kind):
+            return None  # floats: the row path decides which are integers
+        keys = pc.fill_null(array, 0).to_numpy()
+        if not ((keys > -T.MAX_KEY) & (keys < T.MAX_KEY)).all():
+            return None
+        return Prop(type_, keys.astype(np.int64), valid, None)
+    if not (pa.types.is_float64(kind) or pa.types.is_int64(kind)):
+        return None
+    floats = pc.fill_null(array, 0).to_numpy().astype(np.float64)
+    if not (np.isfinite(floats) & (np.abs(floats) < T.MAX_KEY / T.FLOAT_SCALE)).all():
+        return None
+    keys = np.zeros(len(floats), dtype=np.int64)
+    keys[valid] = T.float_keys(floats[valid], T.FLOAT_DIGITS)
+    return Prop(type_, keys, valid, None)
+
+
+# ------------------------------------------------------------------------ timestamps
+_DIGITS = (0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18)
+_MONTH_DAYS = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def iso_micros(column: pa.Array) -> np.ndarray | None:
+    """µs since the epoch of a text column whose every value reads
+    YYYY-MM-DDTHH:MM:SS[.f…f][Z] (1-6 decimals, all of one width, valid date and time,
+    years 0001-9999), the forms on which both of the row path's parsers agree; None
+    for any other column (the row path reads it)."""
+    n = len(column)
+    if n == 0 or not pa.types.is_string(column.type) or column.null_count:
+        return None
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1,
+                            offset=column.offset * 4)
+    width = int(offsets[1] - offsets[0])
+    if width < 19 or width > 27 or not (np.diff(offsets) == width).all():
+        return None
+    raw = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    text = raw.reshape(n, width)
+    zulu = text[:, -1] == ord("Z")
+    if zulu.any() and not zulu.all():
+        return None
+    body = width - int(zulu[0])
+    if body == 20 or body > 26:
+        return None
+    digits = list(_DIGITS) + list(range(20, body))
+    signs = {4: "-", 7: "-", 10: "T", 13: ":", 16: ":"} | ({19: "."} if body > 19 else {})
+    number = text[:, digits].astype(np.int64) - ord("0")
+    if not ((number >= 0) & (number <= 9)).all():
+        return None
+    if any((text[:, at] != ord(sign)).any() for at, sign in signs.items()):
+        return None
+
+    def field(first: int, count: int) -> np.ndarray:
+        value = np.zeros(n, dtype=np.int64)
+        for i in range(first, first + count):
+            value = value * 10 + number[:, i]
+        return value
+
+    year, month, day = field(0, 4), field(4, 2), field(6, 2)
+    hour, minute, second = field(8, 2), field(10, 2), field(12, 2)
+    fraction = field(14, body - 20) * 10 ** (26 - body) if body > 19 else 0
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    if not ((year >= 1) & (month >= 1) & (month <= 12)).all():
+        return None
+    longest = _MONTH_DAYS[month - 1] + ((month == 2) & leap)
+    if not ((day >= 1) & (day <= longest) & (hour < 24) & (minute < 60) & (second < 60)).all():
+        return None
+    days = _days_from_civil(year, month, day)
+    return (((days * 24 + hour) * 60 + minute) * 60 + second) * 1_000_000 + fraction
+
+
+def _days_from_civil(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of proleptic Gregorian dates (H. Hinnant's algorithm)."""
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146_097 + doe - 719_468
