@@ -169,13 +169,18 @@ def rows_of(evs: list[dict], ords: list[dict]) -> dict[str, list[dict]]:
 
 @settings(max_examples=70, deadline=None, suppress_health_check=list(HealthCheck))
 @given(tiers=st.dictionaries(st.sampled_from(PROFILES), st.just("gold")), evs=events,
-       ords=orders, drawn=st.lists(rules(), min_size=1, max_size=5), packed=st.booleans())
-def test_sequences_match_the_brute_force(tmp_path_factory, tiers, evs, ords, drawn, packed):
+       ords=orders, drawn=st.lists(rules(), min_size=1, max_size=5), packed=st.booleans(),
+       by_last=st.booleans())
+def test_sequences_match_the_brute_force(tmp_path_factory, tiers, evs, ords, drawn, packed,
+                                         by_last):
     """`packed`: then_not keys pack the ts offset under the profile; else (as when that
-    would not fit in 63 bits) they pack the rank of ts among the rows."""
+    would not fit in 63 bits) they pack the rank of ts among the rows.  `by_last`: then_not
+    any order settles rows by each profile's last order first; else every row is searched."""
     rows = rows_of(evs, ords)
+    every_order = sequence._every_order if by_last else (lambda step: False)
     with Engine.open(tmp_path_factory.mktemp("seq") / "store") as engine, \
-            mock.patch.object(sequence, "PACKED_LIMIT", sequence.PACKED_LIMIT if packed else 0):
+            mock.patch.object(sequence, "PACKED_LIMIT", sequence.PACKED_LIMIT if packed else 0), \
+            mock.patch.object(sequence, "_every_order", every_order):
         load(engine, tiers, evs, ords)
         for rule in drawn:
             expected = {p for p in PROFILES
@@ -240,6 +245,23 @@ def test_cart_abandoners(engine, keys):
         "abandoned", "bought_at_once", "bought_later", "twice"]
     assert engine.is_member("twice", CART_ABANDONERS, as_of=AS_OF)
     assert not engine.is_member("day_not_over", CART_ABANDONERS, as_of=AS_OF)
+
+
+@pytest.mark.parametrize("by_last", [True, False], ids=["by_last", "searched"])
+def test_cart_abandoners_at_the_edges_of_the_last_order(engine, by_last):
+    """then_not any order settles most rows by the profile's last order; these sit on its
+    edges: the last order 1 µs after the cart or exactly a day after it (not abandoned),
+    1 µs past the day (abandoned), at the cart's instant (abandoned), and a last order
+    past the day with an earlier one inside it (not abandoned: searched)."""
+    carts = [("micro", 3 * DAY), ("day", 3 * DAY), ("past", 3 * DAY), ("same", 3 * DAY),
+             ("two", 3 * DAY)]
+    engine.track_events([{"profile": p, "event": "add_to_cart", "ts": ago(d)} for p, d in carts])
+    engine.add_orders([{"id": f"o{i}", "profile": p, "ts": ago(d)} for i, (p, d) in enumerate([
+        ("micro", 3 * DAY - US), ("day", 2 * DAY), ("past", 2 * DAY - US), ("same", 3 * DAY),
+        ("two", 2.5 * DAY), ("two", DAY)])])
+    every_order = sequence._every_order if by_last else (lambda step: False)
+    with mock.patch.object(sequence, "_every_order", every_order):
+        assert sorted(engine.members(CART_ABANDONERS, as_of=AS_OF)) == ["past", "same"]
 
 
 def test_then_not_at_as_of_exactly_and_just_after(engine):
