@@ -127,6 +127,7 @@ def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
             if table.column("ts").null_count == table.num_rows and \
                     not _TS_KEY.search(data) and b"\\u" not in data:
                 table = table.drop_columns(["ts"])  # no line has it: the schema added it
+            table.validate()  # a list column starting [null, "x"] gets offsets past its items
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             table = None
     blanks = _blank_lines(data)
