@@ -67,12 +67,13 @@ class EventColumns:
         """The distinct profile ids, in order of first appearance."""
         return [self.profile_ids[c] for c in first_seen(self.profile_codes).tolist()]
 
-    def prop_order(self) -> list[str]:
+    def prop_order(self, exact: bool = True) -> list[str]:
         """Property names in the order the row path meets them: by the first row with a
-        value, and within one row in the order of its keys."""
+        value, and within one row in the order of its keys (which takes parsing that row
+        again; not `exact`: by name instead)."""
         firsts = {name: int(np.argmax(p.valid)) for name, p in self.props.items()}
         rows = sorted(set(firsts.values()))
-        tied = [r for r in rows if sum(1 for f in firsts.values() if f == r) > 1]
+        tied = [r for r in rows if exact and sum(1 for f in firsts.values() if f == r) > 1]
         key_order: dict[int, list[str]] = {}
         if tied:  # several properties first met on one row: its keys decide
             lines = self.block.lines()
@@ -81,7 +82,8 @@ class EventColumns:
             for r in tied:
                 key_order[r] = list(by_line[int(lines[self.start + r])])
         return sorted(firsts, key=lambda name: (
-            firsts[name], key_order.get(firsts[name], [name]).index(name)))
+            firsts[name], key_order[firsts[name]].index(name) if firsts[name] in key_order
+            else 0, name))
 
 
 def first_seen(codes: np.ndarray) -> np.ndarray:

@@ -644,8 +644,12 @@ class EventBatch:
         it (which orders inferred types in the schema, and decides which error is first)."""
         out = {}
         order: dict[str, None] = {}
+        # The order among properties first met on one line only matters for types still
+        # to infer and for errors among add()'s rows; else no line is parsed again for it.
+        exact = bool(self.c_props) or any(name not in self.types for part in self.columns
+                                          for name in part.props)
         for part in self.columns:
-            order.update(dict.fromkeys(part.prop_order()))
+            order.update(dict.fromkeys(part.prop_order(exact)))
         order.update(dict.fromkeys(self.c_props))
         for name in order:
             type_ = self.types.get(name)
@@ -804,14 +808,31 @@ class EventBatch:
         """Count the queued rows of the buckets the last flush did not touch, add them to
         the stored counts and write those into the transaction: input in time order
         holds only its recent days in memory."""
-        for key in sorted(self.pending.keys() - keep):
+        keys = sorted(self.pending.keys() - keep)
+        for key, fresh in zip(keys, self._counted(keys), strict=True):
             kind, stream, bucket = key
-            fresh = counts_of(np.concatenate(self.pending.pop(key)))
             current = self._stored(key)
             counts = add_counts(current, fresh) if current is not None else fresh
             self.store.put(self.txn, "events", _count_key(kind, bucket, stream),
                            encode_counts(counts))
             self.written[key] = self.version
+
+    def _counted(self, keys: list[BucketKey]) -> Iterator[RangeIndex]:
+        """counts_of the queued profiles of each key (taken off the queue), grouped by
+        (key, profile) in one sort rather than one np.unique per bucket."""
+        if not keys:
+            return
+        queued = [np.concatenate(self.pending.pop(key)) for key in keys]
+        owner = np.repeat(np.arange(len(keys), dtype=np.int64), [len(q) for q in queued])
+        joined = owner << 32 | np.concatenate(queued).astype(np.int64)
+        joined.sort()
+        starts = np.flatnonzero(np.concatenate(([True], joined[1:] != joined[:-1])))
+        counts = np.diff(np.append(starts, len(joined)))
+        runs = joined[starts]
+        ids = (runs & 0xFFFFFFFF).astype(np.uint32)
+        bounds = np.searchsorted(runs >> 32, np.arange(len(keys) + 1)).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            yield count_index(ids[a:b], counts[a:b])
 
     def finish(self) -> tuple[EventIndex, Schema]:
         """Write the rest of the rows and every changed count bucket into the transaction;
