@@ -99,7 +99,9 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
+from bitseg.index.order_blocks import take_block
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
 from bitseg.index.recency import (
     NO_FIRST,
@@ -545,7 +547,7 @@ class OrderBatch:
             row["it"], row["i0"] = old.get("it", []), old.get("i0", 0)
         else:
             row["it"], row["i0"] = items or [], self.next_item
-        self.store.put(self.txn, "orders", b"r" + SEP + u32(oid), orjson.dumps(row))
+        self.store.put(self.txn, "orders", b"r" + SEP + u32(oid), _dump(row))
         if fresh:
             self.created += 1
             self.live_added.append(oid)
@@ -554,6 +556,11 @@ class OrderBatch:
         if oid < self.segment_start:
             self.touched_old.add(oid)
         self._queue(oid, old, row, items is not None or old is None)
+
+    def add_block(self, block: RowBlock) -> Taken:
+        """Order lines of a RowBlock, column-wise where they are the common case
+        (index/order_blocks.py); the rows it leaves go through add()."""
+        return take_block(self, block)
 
     def drop_profiles(self, gone: BitMap) -> None:
         """Delete every order of these profiles (when the profiles are deleted).  Orders
@@ -919,6 +926,12 @@ class OrderBatch:
         _put_column(self.store, self.txn, name, keys_buf, valid_buf, new, dirty)
         bound = max(col.bound, int(np.abs(keys).max(initial=0)))
         return Column(keys_buf, valid_buf, bound, bool(valid_buf[:new].all()))
+
+
+def _dump(row: dict[str, Any]) -> bytes:
+    """An order's stored row: keys sorted at every level, so the bulk path, which has
+    columns and not the line's key order, writes the same bytes (order_blocks.py)."""
+    return orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
 
 
 def _below(ids: np.ndarray, old: int) -> bool:

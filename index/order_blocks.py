@@ -1,0 +1,566 @@
+"""Order lines applied column-wise: the bulk path of OrderBatch (index/orders.py).
+
+A RowBlock's table is checked column by column; the rows that are the common case
+(a new order id, well-typed values, timestamps in one of the forms below) are applied
+with numpy and pyarrow compute, without a Python call per row per field:
+
+- order ids are looked up in LMDB in one call, profile ids too; the profiles nobody has
+  seen yet are created through ensure_profile, in the order the row path creates them;
+- each order's row (JSON with sorted keys, orders.py `_dump`) is assembled as text from
+  the columns and written with the ids in one putmulti per database;
+- value codes, column writes, item ids and the derived qty_sum / distinct go into the
+  batch's queues exactly as add() queues them.
+
+The rows taken are always a prefix of the block: from the first row this path cannot
+take (an id seen before, a value of another type, a null where a value is required, a
+timestamp with a zone, a float that might have been written as an integer, …) every row
+goes back to add(), in line order.  Order ids, item ids and new profiles are handed out
+in arrival order, so only a prefix keeps them the row path's; add() also raises the
+error of a bad row with its line and field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock, Taken
+
+if TYPE_CHECKING:
+    from bitseg.index.orders import OrderBatch
+
+SEP = b"\x1f"
+RESERVED = ("id", "profile", "ts", "items")
+ITEM_RESERVED = ("qty_sum", "qty_each", "distinct")
+MAX_ID_BYTES = 400
+SCALE = T.FLOAT_SCALE
+MAX_INT_FLOAT = (T.MAX_KEY - 1) // SCALE  # an integer in a float field: key = x * SCALE
+FAST_FLOAT = 2.0**26  # below: one 8-decimal number per double, so rint(x * 1e8) is its key
+SMALL_FLOAT = 1e-5  # below: pyarrow writes exponents where orjson writes them differently
+_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
+_DATE = r"^\d{4}-\d{2}-\d{2}$"
+_CONTROL = "[\x00-\x1f]"
+_STRING = (pa.string(), pa.large_string())
+
+
+class _Coded:
+    """A column's values for the value indexes: (row, value code) pairs, a row's values
+    distinct and sorted as the row path's tuples are; `values` are Python values."""
+
+    __slots__ = ("rows", "codes", "values")
+
+    def __init__(self, rows: np.ndarray, codes: np.ndarray, values: list) -> None:
+        self.rows, self.codes, self.values = rows, codes, values
+
+
+class _Conv:
+    """One column (order field, or item key over all items) converted for its type."""
+
+    __slots__ = ("valid", "bad", "json", "keys", "values")
+
+    def __init__(self, valid: np.ndarray, bad: np.ndarray, json: pa.Array | None,
+                 keys: np.ndarray | None = None, values: _Coded | None = None) -> None:
+        self.valid, self.bad, self.json, self.keys, self.values = valid, bad, json, keys, values
+
+
+def _np(mask: Any) -> np.ndarray:
+    """A boolean pyarrow array (nulls false) as numpy."""
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    return _np(pc.is_valid(arr))
+
+
+def _join(*parts: Any) -> pa.Array:
+    return pc.binary_join_element_wise(*parts, "")
+
+
+def _text_json(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Strings as orjson writes them ("…" with \\ and " escaped); rows holding a control
+    character (escaped otherwise) or perhaps too long a string are bad."""
+    esc = pc.replace_substring(pc.replace_substring(arr, "\\", "\\\\"), '"', '\\"')
+    bad = _np(pc.match_substring_regex(arr, _CONTROL))
+    bad |= _np(pc.greater(pc.utf8_length(arr), T.MAX_VALUE_BYTES // 4))
+    return _join('"', esc, '"'), bad
+
+
+def _codes(arr: pa.Array, rows: np.ndarray) -> _Coded:
+    """Value codes (first appearance order) of the non-null strings / bools of arr."""
+    enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) \
+        else pc.dictionary_encode(arr)
+    codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = codes >= 0
+    return _Coded(rows[keep], codes[keep], enc.dictionary.to_pylist())
+
+
+def _ints_json(keys: np.ndarray) -> pa.Array:
+    return pc.cast(pa.array(keys, pa.int64()), pa.string())
+
+
+class _Converter:
+    """Checks and converts the columns of one block against the batch's field types."""
+
+    def __init__(self, batch: OrderBatch, block: RowBlock) -> None:
+        self.batch, self.data = batch, block.data
+
+    def integer_literal(self, key: str) -> bool:
+        """Whether the block may give `key` an integer (not a float) literal: then an
+        integral double of that key may have been an int, which the row keeps as one."""
+        if not self.data:
+            return True
+        name = re.escape(orjson.dumps(key))
+        return re.search(name + rb"\s*:\s*-?\d+\s*[,}\]]", self.data) is not None
+
+    def convert(self, arr: pa.Array, type_: str, key: str) -> _Conv:
+        """A column of m values (nulls: absent) for a field of type_; bad values are
+        marked, the others converted (json text, keys, value codes)."""
+        m = len(arr)
+        valid = _valid(arr)
+        nothing = np.zeros(m, dtype=bool)
+        rows = np.arange(m, dtype=np.int64)
+        atype = arr.type
+        if pa.types.is_null(atype):
+            return _Conv(nothing, nothing, pa.nulls(m, pa.string()))
+        if type_ == T.KEYWORD and atype in _STRING:
+            json, bad = _text_json(arr)
+            return _Conv(valid, bad & valid, json, values=_codes(arr, rows))
+        if type_ == T.KEYWORDS and atype in _STRING:
+            json, bad = _text_json(arr)
+            return _Conv(valid, bad & valid, _join("[", json, "]"), values=_codes(arr, rows))
+        if type_ == T.KEYWORDS and pa.types.is_list(atype) and \
+                (atype.value_type in _STRING or pa.types.is_null(atype.value_type)):
+            return self._keywords(arr, valid)
+        if type_ == T.BOOL and pa.types.is_boolean(atype):
+            json = pc.if_else(arr, "true", "false")
+            return _Conv(valid, nothing, json, values=_codes(arr, rows))
+        if type_ in (T.INT, T.FLOAT) and (pa.types.is_int64(atype) or pa.types.is_float64(atype)):
+            return self._number(arr, valid, type_, key)
+        if type_ in (T.DATE, T.TIMESTAMP) and atype in _STRING:
+            keys, ok = self.times(arr, type_)
+            return _Conv(valid, valid & ~ok, _ints_json(keys), keys=keys)
+        return _Conv(valid, valid.copy(), None)  # another type: add() says what is wrong
+
+    def _keywords(self, arr: pa.Array, valid: np.ndarray) -> _Conv:
+        m = len(arr)
+        flat = pc.list_flatten(arr)
+        parent = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+        bad = np.zeros(m, dtype=bool)
+        if pa.types.is_null(flat.type):
+            bad[parent] = True  # [null, …]: not a list of strings
+            flat = pa.array([""] * len(flat), pa.string())
+        else:
+            bad[parent[~_valid(flat)]] = True
+            flat = pc.fill_null(flat, "")
+        order = pc.sort_indices(pa.table({"p": parent, "v": flat}),
+                                sort_keys=[("p", "ascending"), ("v", "ascending")])
+        order = order.to_numpy(zero_copy_only=False)
+        parent, flat = parent[order], flat.take(order)
+        if len(parent) > 1:  # a row's values distinct
+            same = (parent[1:] == parent[:-1]) & _np(pc.equal(flat[1:], flat[:-1]))
+            keep = np.concatenate(([True], ~same))
+            parent, flat = parent[keep], flat.filter(pa.array(keep))
+        text, text_bad = _text_json(flat)
+        bad[parent[text_bad]] = True
+        offsets = np.zeros(m + 1, dtype=np.int32)
+        np.cumsum(np.bincount(parent, minlength=m), out=offsets[1:])
+        lists = pa.ListArray.from_arrays(pa.array(offsets), text, mask=pa.array(~valid))
+        json = _join("[", pc.binary_join(lists, ","), "]")
+        return _Conv(valid, bad & valid, json, values=_codes(flat, parent))
+
+    def _number(self, arr: pa.Array, valid: np.ndarray, type_: str, key: str) -> _Conv:
+        if pa.types.is_int64(arr.type):
+            x = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+            limit = MAX_INT_FLOAT if type_ == T.FLOAT else T.MAX_KEY - 1
+            bad = valid & ((np.abs(x) > limit) | (x == np.iinfo(np.int64).min))
+            x = np.where(bad, 0, x)
+            keys = x * SCALE if type_ == T.FLOAT else x
+            return _Conv(valid, bad, _ints_json(x), keys=np.where(valid, keys, 0))
+        v = pc.fill_null(arr, 0.0).to_numpy(zero_copy_only=False)
+        finite = np.isfinite(v)
+        v = np.where(finite, v, 0.0)
+        whole = v == np.floor(v)
+        if type_ == T.INT:  # an integral double is the int; another one is an error
+            bad = valid & ~(finite & whole & (np.abs(v) < float(T.MAX_KEY)))
+            x = np.where(bad, 0, v).astype(np.int64)
+            return _Conv(valid, bad, _ints_json(x), keys=np.where(valid, x, 0))
+        size = np.abs(v)
+        fits = finite & ((v == 0) | ((size >= SMALL_FLOAT) & (size < FAST_FLOAT)))
+        k = np.rint(np.where(fits, v, 0.0) * SCALE)
+        fits &= k / SCALE == v
+        if (whole & valid).any() and self.integer_literal(key):
+            fits &= ~whole
+        bad = valid & ~fits
+        text = pc.cast(pa.array(v), pa.string())
+        text = pc.if_else(pc.match_substring(text, "."), text, _join(text, ".0"))
+        return _Conv(valid, bad, text, keys=np.where(valid & fits, k, 0).astype(np.int64))
+
+    @staticmethod
+    def times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
+        """Dates (days) or timestamps (µs) of strings in the plain forms: YYYY-MM-DD, and
+        for timestamps also YYYY-MM-DDTHH:MM:SSZ; (keys, which ones were read)."""
+        m = len(arr)
+        keys, ok = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=bool)
+        forms = [(_DATE, "%Y-%m-%d")]
+        if type_ == T.TIMESTAMP:
+            forms.append((_TIMESTAMP, "%Y-%m-%dT%H:%M:%SZ"))
+        for pattern, fmt in forms:
+            hit = _np(pc.match_substring_regex(arr, pattern))
+            if not hit.any():
+                continue
+            secs = pc.strptime(arr, fmt, "s", error_is_null=True)
+            same = _np(pc.equal(pc.strftime(secs, fmt), arr))  # no 02-30 made 03-01
+            raw = pc.fill_null(pc.cast(secs, pa.int64()), 0).to_numpy(zero_copy_only=False)
+            hit &= same
+            keys = np.where(hit, raw, keys)
+            ok |= hit
+        if type_ == T.DATE:
+            keys = keys // 86_400
+            ok &= (keys >= T.MIN_DAY) & (keys <= T.MAX_DAY)
+        else:
+            keys = keys * 1_000_000
+            ok &= (keys >= T.MIN_US) & (keys <= T.MAX_US)
+        return np.where(ok, keys, 0), ok
+
+
+def _external(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Order or profile ids as strings; bad where add() refuses them."""
+    m = len(arr)
+    if pa.types.is_int64(arr.type):
+        arr = pc.cast(arr, pa.string())
+    elif arr.type not in _STRING:
+        return pa.nulls(m, pa.string()), np.ones(m, dtype=bool)
+    size = pc.binary_length(arr)
+    bad = ~_np(pc.and_(pc.greater(size, 0), pc.less_equal(size, MAX_ID_BYTES)))
+    return pc.fill_null(arr, ""), bad
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _u32_keys(prefix: bytes, ids: np.ndarray) -> list[bytes]:
+    """prefix + u32(id) for each id, made without a Python loop."""
+    n, width = len(ids), len(prefix) + 4
+    raw = np.empty((n, width), dtype=np.uint8)
+    raw[:, :len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    raw[:, len(prefix):] = ids.astype(">u4").view(np.uint8).reshape(n, 4)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n,
+                                                [None, pa.py_buffer(raw.tobytes())]).to_pylist()
+
+
+def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
+    """Apply the block's rows up to the first one add() must see (see the docstring)."""
+    table = block.table
+    n = table.num_rows
+    if n == 0:
+        return True
+    names = table.column_names
+    if any(name not in names for name in ("id", "profile", "ts")):
+        return False
+    if any(name.startswith("items.") for name in names):
+        return False  # add() refuses such a key, even with a null value
+    conv = _Converter(batch, block)
+    oid_text, bad = _external(_column(table, "id"))
+    x_json, x_bad = _text_json(oid_text)
+    bad |= x_bad
+    pid_text, pid_bad = _external(_column(table, "profile"))
+    bad |= pid_bad
+    ts_col = _column(table, "ts")
+    if ts_col.type not in _STRING:
+        return False
+    ts, ts_ok = conv.times(ts_col, T.TIMESTAMP)
+    bad |= ~ts_ok
+    # first appearance of an id in the block, and not in the store
+    enc = pc.dictionary_encode(oid_text)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes, return_index=True)
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first] = True
+    bad |= ~is_first
+    fields = [name for name in names if name not in RESERVED]
+    items = _column(table, "items") if "items" in names else None
+    # types: known, or inferred from the first non-null value (read from its line)
+    firsts: dict[str, int] = {}  # new field -> row of its first value
+    item_arrays: dict[str, pa.Array] = {}
+    item_parent = np.zeros(0, dtype=np.int64)
+    n_items = np.zeros(n, dtype=np.int64)
+    if items is not None:
+        if pa.types.is_null(items.type):
+            items = None
+        elif not pa.types.is_list(items.type) or not (
+                pa.types.is_struct(items.type.value_type)
+                or pa.types.is_null(items.type.value_type)):
+            bad |= _valid(items)
+            items = None
+    if items is not None:
+        n_items = pc.fill_null(pc.list_value_length(items), 0).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(items)
+        item_parent = pc.list_parent_indices(items).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+        if pa.types.is_struct(flat.type):
+            bad[item_parent[~_valid(flat)]] = True  # an item that is not an object
+            for i in range(flat.type.num_fields):
+                key = flat.type.field(i).name
+                if key in ITEM_RESERVED:
+                    return False
+                item_arrays[key] = flat.field(i)
+        else:
+            bad[item_parent] = True  # [null, …]
+    for name in fields:
+        if name not in batch.types:
+            valid = _valid(_column(table, name))
+            if valid.any():
+                firsts[name] = int(np.argmax(valid))
+    for key, arr in item_arrays.items():
+        if "items." + key not in batch.types:
+            valid = _valid(arr)
+            if valid.any():
+                firsts["items." + key] = int(item_parent[int(np.argmax(valid))])
+    inferred: dict[str, str] = {}
+    if firsts:
+        rows = sorted(set(firsts.values()))
+        lines = block.lines()
+        wanted = {int(lines[r]): r for r in rows}
+        for line, record in block.records(set(wanted)):
+            row = wanted[line]
+            for name, value in _first_values(record):
+                if firsts.get(name) != row or name in inferred:
+                    continue
+                try:
+                    problem = T.name_problem(name)
+                    inferred[name] = "" if problem else T.infer(value)
+                except ValueError:
+                    inferred[name] = ""
+                if not inferred[name]:
+                    bad[row] = True
+        for name, row in firsts.items():
+            if name not in inferred:  # not found as parsed: leave it to add()
+                bad[row] = True
+                inferred[name] = ""
+
+    def type_of(name: str) -> str:
+        return batch.types.get(name) or inferred.get(name, "")
+
+    field_convs: dict[str, _Conv] = {}
+    for name in fields:
+        type_ = type_of(name)
+        arr = _column(table, name)
+        if not type_:
+            continue  # all null, or its first value is bad (that row is bad)
+        c = field_convs[name] = conv.convert(arr, type_, name)
+        bad |= c.bad
+    item_convs: dict[str, _Conv] = {}
+    for key, arr in item_arrays.items():
+        type_ = type_of("items." + key)
+        if not type_:
+            continue
+        c = item_convs[key] = conv.convert(arr, type_, key)
+        bad[item_parent[c.bad]] = True
+    # derived: qty_sum, distinct
+    qty = item_convs.get("qty")
+    qty_sum = np.zeros(n, dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_items, out=offsets[1:])
+    if qty is not None and type_of("items.qty") in (T.INT, T.FLOAT):
+        add = qty.keys
+        if type_of("items.qty") == T.INT:
+            big = qty.valid & (np.abs(qty.keys) > MAX_INT_FLOAT)
+            bad[item_parent[big]] = True
+            add = np.where(big, 0, qty.keys) * SCALE
+        cs = np.concatenate(([0], np.cumsum(add)))
+        qty_sum = cs[offsets[1:]] - cs[offsets[:-1]]  # modular: exact when it fits
+        size = np.concatenate(([0.0], np.cumsum(np.abs(add).astype(np.float64))))
+        bad |= (size[offsets[1:]] - size[offsets[:-1]]) >= 2.0**61
+    sku = item_convs.get("sku")
+    has_sku = np.zeros(len(item_parent), dtype=bool)
+    if sku is not None and type_of("items.sku") != T.KEYWORD:
+        bad[item_parent[sku.valid]] = True
+    elif sku is not None:
+        has_sku = sku.valid
+    # the prefix taken
+    hits = np.flatnonzero(bad)
+    p0 = int(hits[0]) if len(hits) else n
+    if p0 == 0:
+        return False
+    # ids already in the store (or in this batch)
+    order_keys = pc.binary_join_element_wise(
+        pa.scalar(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), b"").to_pylist()
+    db = batch.store.db["orders"]
+    if batch.next > 0:
+        found = {key for key, _ in batch.txn.cursor(db=db).getmulti(sorted(order_keys))}
+        if found:
+            known = np.fromiter((key in found for key in order_keys), dtype=bool, count=p0)
+            p0 = int(np.argmax(known)) if known.any() else p0
+            if p0 == 0:
+                return False
+            order_keys = order_keys[:p0]
+    _apply(batch, p0, order_keys, x_json[:p0], pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
+           firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
+    return True if p0 == n else np.arange(p0, n, dtype=np.int64)
+
+
+def _first_values(record: Any) -> list[tuple[str, Any]]:
+    """(name, value) of a record's non-null fields, then item keys, in add()'s order."""
+    out = []
+    if not isinstance(record, dict):
+        return out
+    for name, value in record.items():
+        if name not in RESERVED and value is not None:
+            out.append((name, value))
+    for item in record.get("items") or ():
+        if isinstance(item, dict):
+            out += [("items." + key, value) for key, value in item.items() if value is not None]
+    return out
+
+
+def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
+           pid_text: pa.Array,
+           ts: np.ndarray, field_convs: dict[str, _Conv], item_convs: dict[str, _Conv],
+           inferred: dict[str, str], firsts: dict[str, int], fields: list[str],
+           item_parent: np.ndarray, offsets: np.ndarray, qty_sum: np.ndarray,
+           has_sku: np.ndarray, sku: _Conv | None) -> None:
+    """Write rows 0 … k-1 of the block (all checked) into the batch."""
+    _register(batch, inferred, firsts, k)
+    # profiles: known ones in one lookup, new ones created in order of appearance
+    pids = _profiles(batch, pid_text)
+    oids = np.arange(batch.next, batch.next + k, dtype=np.int64)
+    batch.next += k
+    n_item = int(offsets[k])
+    item_parent = item_parent[:n_item]
+    i0 = batch.next_item + offsets[:k]
+    iids = batch.next_item + np.arange(n_item, dtype=np.int64)
+    batch.next_item += n_item
+    # rows
+    fjson = []
+    for name in sorted(field_convs):
+        c = field_convs[name]
+        if c.json is None or not c.valid[:k].any():
+            continue
+        fjson.append(_join(orjson.dumps(name).decode() + ":", c.json[:k]))
+    f_text = pc.binary_join_element_wise(*fjson, ",", null_handling="skip") if fjson \
+        else pa.array([""] * k, pa.string())
+    ijson = []
+    for key in sorted(item_convs):
+        c = item_convs[key]
+        if c.json is None or not c.valid[:n_item].any():
+            continue
+        ijson.append(_join(orjson.dumps(key).decode() + ":", c.json[:n_item]))
+    if ijson:
+        one = pc.binary_join_element_wise(*ijson, ",", null_handling="skip")
+    else:
+        one = pa.array([""] * n_item, pa.string())
+    one = _join("{", one, "}")
+    lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32)), one)
+    it_text = pc.binary_join(lists, ",")
+    rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
+                 _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', x_text, "}")
+    cursor = batch.txn.cursor(db=batch.store.db["orders"])
+    cursor.putmulti(list(zip(order_keys, _u32_keys(b"", oids), strict=True)))
+    cursor.putmulti(list(zip(_u32_keys(b"r" + SEP, oids),
+                             pc.cast(rows, pa.binary()).to_pylist(), strict=True)))
+    batch.created += k
+    batch.live_added.frombytes(oids.astype(np.uint32).tobytes())
+    # queues: owner, ts, fields, derived, items
+    _set(batch._owner, oids, pids)
+    _set(batch._ts, oids, ts)
+    for name, c in field_convs.items():
+        valid = c.valid[:k]
+        if not valid.any():
+            continue
+        type_ = batch.types[name]
+        if type_ in T.VALUE_TYPES:
+            _push(batch.pending, name, c.values, oids, k)
+        else:
+            _set(batch._sets("f:" + name), oids[valid], c.keys[:k][valid])
+    for key, c in item_convs.items():
+        valid = c.valid[:n_item]
+        if not valid.any():
+            continue
+        name = "items." + key
+        if batch.types[name] in T.VALUE_TYPES:
+            _push(batch.item_pending, name, c.values, iids, n_item)
+            # the order's values: distinct over its items
+            v = c.values
+            keep = v.rows < n_item
+            pairs = np.unique(item_parent[v.rows[keep]] * max(1, len(v.values))
+                              + v.codes[keep])
+            per = _Coded(pairs // max(1, len(v.values)), pairs % max(1, len(v.values)),
+                          v.values)
+            _push(batch.pending, name, per, oids, k)
+        else:
+            _set(batch._item_sets("g:" + name), iids[valid], c.keys[:n_item][valid])
+    _set(batch._sets("f:items.qty_sum"), oids, qty_sum[:k])
+    distinct = np.zeros(k, dtype=np.int64)
+    if n_item:
+        no_sku = ~has_sku[:n_item]
+        distinct += np.bincount(item_parent[no_sku], minlength=k)
+        if sku is not None and has_sku[:n_item].any():
+            v = sku.values
+            keep = v.rows < n_item
+            pairs = np.unique(item_parent[v.rows[keep]] * max(1, len(v.values))
+                              + v.codes[keep])
+            distinct += np.bincount(pairs // max(1, len(v.values)), minlength=k)
+        _set(batch._item_owner, iids, oids[item_parent])
+    _set(batch._sets("f:items.distinct"), oids, distinct)
+
+
+def _register(batch: OrderBatch, inferred: dict[str, str], firsts: dict[str, int],
+              k: int) -> None:
+    """Record the inferred types of fields first given in the rows taken, in add()'s
+    order (by row, then key position; the order was kept in `inferred`)."""
+    for name, type_ in inferred.items():  # parsed row by row, each in key order
+        if type_ and firsts[name] < k:
+            batch.types[name] = batch.new_types[name] = type_
+
+
+def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
+    """Dense profile ids; profiles new to the store are created in order of appearance."""
+    enc = pc.dictionary_encode(text)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    names = [name.encode() for name in enc.dictionary.to_pylist()]
+    dense = np.full(len(names), -1, dtype=np.int64)
+    db = batch.store.db["ids"]
+    found = dict(batch.txn.cursor(db=db).getmulti(sorted(names)))
+    if found:
+        dense = np.fromiter((int.from_bytes(found[n], "big") if n in found else -1
+                             for n in names), dtype=np.int64, count=len(names))
+    for code in np.flatnonzero(dense < 0).tolist():  # dictionary order: first appearance
+        dense[code] = batch.ensure_profile(names[code].decode())
+    return dense[codes]
+
+
+def _set(sets: Any, ids: np.ndarray, keys: np.ndarray) -> None:
+    if not len(ids):
+        return
+    sets.ids.frombytes(ids.astype(np.uint32).tobytes())
+    sets.keys.frombytes(keys.astype(np.int64).tobytes())
+    sets.valid.frombytes(np.ones(len(ids), dtype=np.int8).tobytes())
+
+
+def _push(pending: dict, name: str, v: _Coded, ids: np.ndarray, limit: int) -> None:
+    """Queue additions of values for the value index of `name` (codes mapped to the
+    batch's own, which grow in first-appearance order)."""
+    from bitseg.index.orders import _Values as Queue
+    keep = v.rows < limit
+    if not keep.any():
+        return
+    rows, codes = v.rows[keep], v.codes[keep]
+    queue = pending.setdefault(name, Queue())
+    mine = np.empty(len(v.values), dtype=np.int64)
+    for code, value in enumerate(v.values):
+        got = queue.codes.get(value)
+        if got is None:
+            got = queue.codes[value] = len(queue.codes)
+            queue.values.append(value)
+        mine[code] = got
+    queue.add_ids.frombytes(ids[rows].astype(np.uint32).tobytes())
+    queue.add_codes.frombytes(mine[codes].astype(np.uint32).tobytes())
