@@ -173,7 +173,7 @@ def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
         return cells
     where, keys = range_keys(index, block)
     q = b'"' if json else b""
-    if type_ == T.TIMESTAMP and len(where) == n:  # every id has one: parts, no joining
+    if type_ == T.TIMESTAMP and len(where) == n:  # every id has one: no other texts
         return _timestamp_parts(keys, q)
     from_rows = _NOWHERE
     if type_ == T.INT:
@@ -182,7 +182,8 @@ def _field_cells(index: Any, type_: str, block: Block, json: bool) -> _Cells:
         texts = _day_texts(keys, q, q)
     elif type_ == T.TIMESTAMP:
         parts = _timestamp_parts(keys, q)
-        texts = list(map(parts.form.__mod__, zip(*parts.parts, strict=True)))
+        texts = parts.parts[0] if len(parts.parts) == 1 else \
+            list(map(parts.form.__mod__, zip(*parts.parts, strict=True)))
     else:
         values, exact = float_values(index, keys)
         from_rows = where[~exact]
@@ -207,38 +208,58 @@ def _value_text(type_: str, value: Any, json: bool) -> bytes:
 
 
 def _day_texts(days: np.ndarray, head: bytes, tail: bytes) -> list[bytes]:
-    """head + types.format_date(day) + tail for every day, each distinct day formatted
-    once: from a table over the days' span when it is short, else over the distinct."""
+    """head + types.format_date(day) + tail for every day."""
+    return _day_bytes(days, head, tail).tolist()
+
+
+def _day_bytes(days: np.ndarray, head: bytes, tail: bytes) -> np.ndarray:
+    """The same as a fixed-width bytes array, each distinct day formatted once: from a
+    table over the days' span when it is short, else over the distinct days."""
     if not len(days):
-        return []
+        return np.zeros(0, dtype=f"S{10 + len(head) + len(tail)}")
     low, high = int(days.min()), int(days.max())
     if high - low <= 4 * len(days):
         table, at = np.arange(low, high + 1), days - low
     else:
         table, at = np.unique(days, return_inverse=True)
-    texts = np.datetime_as_string(table.astype("datetime64[D]")).astype("S10").tolist()
-    return np.array([head + t + tail for t in texts], dtype=object)[at].tolist()
+    texts = np.datetime_as_string(table.astype("datetime64[D]")).astype("S10")
+    if head or tail:
+        texts = np.array([head + t + tail for t in texts.tolist()],
+                         dtype=f"S{10 + len(head) + len(tail)}")
+    return texts[at]
 
 
 @cache
 def _clock() -> np.ndarray:
-    """b"HH:MM:SS" of each second of a day."""
-    return np.array([b"%02d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
-                     for s in range(86_400)], dtype=object)
+    """b"HH:MM:SS" of each second of a day, as a (86400, 8) uint8 array."""
+    s = np.arange(86_400)
+    digits = np.stack([s // 36000, s // 3600 % 10, s // 600 % 6, s // 60 % 10,
+                       s % 60 // 10, s % 10], axis=1) + ord("0")
+    out = np.full((86_400, 8), ord(":"), dtype=np.uint8)
+    out[:, [0, 1, 3, 4, 6, 7]] = digits
+    return out
 
 
 def _timestamp_parts(keys: np.ndarray, q: bytes) -> _Cells:
-    """types.format_timestamp of every key (q: the quote around it), as the day and the
-    time of day (with the fraction, if any)."""
+    """types.format_timestamp of every key (q: the quote around it). Whole seconds are
+    assembled as fixed-width bytes (day, "T", time of day, "Z"); with fractions, as the
+    day and time and the fraction, put together by the row's form."""
     days, rest = np.divmod(keys, T.US_PER_DAY)
     seconds, micros = np.divmod(rest, US)
-    day = _day_texts(days, q, b"")
-    clock = _clock()[seconds].tolist()
+    day = _day_bytes(days, q, b"")
+    width = day.itemsize
     if not micros.any():
-        return _Cells([day, clock], b"%sT%sZ" + q)
+        cells = np.empty((len(keys), width + 10 + len(q)), dtype=np.uint8)
+        cells[:, :width] = day.view(np.uint8).reshape(len(keys), width)
+        cells[:, width] = ord("T")
+        cells[:, width + 1:width + 9] = _clock()[seconds]
+        cells[:, width + 9:] = np.frombuffer(b"Z" + q, dtype=np.uint8)
+        return _Cells([cells.view(f"S{cells.shape[1]}").ravel().tolist()])
+    clock = _clock()[seconds].view("S8").ravel().tolist()
     distinct, at = np.unique(micros, return_inverse=True)
     ends = [(b".%06d" % f).rstrip(b"0") * (f > 0) + b"Z" + q for f in distinct.tolist()]
-    return _Cells([day, clock, np.array(ends, dtype=object)[at].tolist()], b"%sT%s%s")
+    return _Cells([day.tolist(), clock, np.array(ends, dtype=object)[at].tolist()],
+                  b"%sT%s%s")
 
 
 def external_bytes(ids: Any, dense: np.ndarray) -> list[bytes]:
