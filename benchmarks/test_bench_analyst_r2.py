@@ -15,6 +15,12 @@ from bitseg.index.exports import export
 from bitseg.index.insights import insights
 
 
+def _fields(snap, n: int) -> list[str]:
+    """The first n profile fields by name, leaving out the bench_* fields the 10M run of
+    test_bench_analyst_r3 writes into the cached store."""
+    return [name for name in sorted(snap.schema.profiles) if not name.startswith("bench_")][:n]
+
+
 def _median(fn, rounds: int = 5) -> float:
     times = []
     for _ in range(rounds):
@@ -26,7 +32,7 @@ def _median(fn, rounds: int = 5) -> float:
 
 def test_insights_of_a_5_leaf_rule_over_10_fields(engine):
     snap = engine.snapshot
-    fields = sorted(snap.schema.profiles)[:10]
+    fields = _fields(snap, 10)
     as_of_us = as_of_micros(AS_OF)
 
     def run():
@@ -46,7 +52,7 @@ MEMBERS = 1_000_000
 
 def test_export_of_1m_members_with_5_fields(engine, tmp_path):
     snap = engine.snapshot
-    fields = sorted(snap.schema.profiles)[:5]
+    fields = _fields(snap, 5)
     percent = min(100, round(100 * MEMBERS / PROFILES, 2))
     rule = {"all": True} if percent == 100 else \
         {"sample": {"salt": "export-bench", "percent": percent}}
