@@ -240,11 +240,14 @@ LAYOUTS = {  # index/items.py's paths, each forced on the small data of these te
     # every sum as if beyond float64: the int64 (or Python int) path of _judge
     "exact": [(items_module, "EXACT", 0)],
     "uncut": [(items_module, "WINDOW_RUNS", -1)],  # no cut to the window: the mask alone
+    # cut to the window, but each line's order checked by the mask, not kept order lines
+    "masked": [(items_module, "ORDER_LINE_RULES", 0)],
     # the float sums two lines a step: local order masks and bincounts, several steps
-    "steps": [(items_module, "CHUNK", 2)],
+    "steps": [(items_module, "CHUNK", 2), (items_module, "ORDER_LINE_RULES", 0)],
     # one line a step, each "wider" than SPAN × CHUNK: the whole-order mask and one
     # bincount of every line at the end
-    "wide": [(items_module, "CHUNK", 1), (items_module, "SPAN", 0)],
+    "wide": [(items_module, "CHUNK", 1), (items_module, "SPAN", 0),
+             (items_module, "ORDER_LINE_RULES", 0)],
     # as if the rows were few: groups by sorting, one entry per profile with rows
     "sorted": [(items_module, "DENSE_RATIO", 10**9), (orders_module, "DENSE_RATIO", 10**9)],
 }
@@ -283,7 +286,7 @@ def test_sums_in_steps_match_reference(orders: list[dict], rule: dict, wrap: boo
     engine = _engine(orders)
     engine.cache_results = False
     try:
-        for layout in ("fast", "steps", "wide"):
+        for layout in ("fast", "masked", "steps", "wide"):
             with contextlib.ExitStack() as forced:
                 for module, name, value in LAYOUTS[layout]:
                     forced.enter_context(mock.patch.object(module, name, value))
