@@ -85,9 +85,13 @@ def _join(*parts: Any) -> pa.Array:
 def _text_json(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Strings as orjson writes them ("…" with \\ and " escaped); rows holding a control
     character (escaped otherwise) or perhaps too long a string are bad."""
-    esc = pc.replace_substring(pc.replace_substring(arr, "\\", "\\\\"), '"', '\\"')
+    esc = arr
+    if _np(pc.match_substring(arr, "\\")).any():
+        esc = pc.replace_substring(esc, "\\", "\\\\")
+    if _np(pc.match_substring(arr, '"')).any():
+        esc = pc.replace_substring(esc, '"', '\\"')
     bad = _np(pc.match_substring_regex(arr, _CONTROL))
-    bad |= _np(pc.greater(pc.utf8_length(arr), T.MAX_VALUE_BYTES // 4))
+    bad |= _np(pc.greater(pc.binary_length(arr), T.MAX_VALUE_BYTES // 4))
     return _join('"', esc, '"'), bad
 
 
@@ -281,10 +285,11 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     # first appearance of an id in the block, and not in the store
     enc = pc.dictionary_encode(oid_text)
     codes = enc.indices.to_numpy(zero_copy_only=False)
-    _, first = np.unique(codes, return_index=True)
-    is_first = np.zeros(n, dtype=bool)
-    is_first[first] = True
-    bad |= ~is_first
+    if len(enc.dictionary) < n:  # some id given twice: its later lines go to add()
+        _, first = np.unique(codes, return_index=True)
+        is_first = np.zeros(n, dtype=bool)
+        is_first[first] = True
+        bad |= ~is_first
     fields = [name for name in names if name not in RESERVED]
     items = _column(table, "items") if "items" in names else None
     # types: known, or inferred from the first non-null value (read from its line)
@@ -308,11 +313,11 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
             zero_copy_only=False).astype(np.int64)
         if pa.types.is_struct(flat.type):
             bad[item_parent[~_valid(flat)]] = True  # an item that is not an object
-            for i in range(flat.type.num_fields):
+            for i, child in enumerate(flat.flatten()):  # children at the items' offset
                 key = flat.type.field(i).name
                 if key in ITEM_RESERVED:
                     return False
-                item_arrays[key] = flat.field(i)
+                item_arrays[key] = child
         else:
             bad[item_parent] = True  # [null, …]
     for name in fields:
@@ -464,9 +469,14 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
                  _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', x_text, "}")
     cursor = batch.txn.cursor(db=batch.store.db["orders"])
-    cursor.putmulti(list(zip(order_keys, _u32_keys(b"", oids), strict=True)))
-    cursor.putmulti(list(zip(_u32_keys(b"r" + SEP, oids),
-                             pc.cast(rows, pa.binary()).to_pylist(), strict=True)))
+    values = _u32_keys(b"", oids)
+    by_key = sorted(range(k), key=order_keys.__getitem__)  # B-tree inserts in key order
+    cursor.putmulti([(order_keys[i], values[i]) for i in by_key])
+    # new order ids are past every stored one, and "r" is the last key prefix: append
+    pairs = list(zip(_u32_keys(b"r" + SEP, oids), pc.cast(rows, pa.binary()).to_pylist(),
+                     strict=True))
+    last = cursor.last() and cursor.key()
+    cursor.putmulti(pairs, append=bool(last) and pairs[0][0] > last)
     batch.created += k
     batch.live_added.frombytes(oids.astype(np.uint32).tobytes())
     # queues: owner, ts, fields, derived, items
@@ -488,14 +498,12 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
         name = "items." + key
         if batch.types[name] in T.VALUE_TYPES:
             _push(batch.item_pending, name, c.values, iids, n_item)
-            # the order's values: distinct over its items
+            # the order's values: those of its items (a value twice adds one bit, as
+            # add()'s distinct values do)
             v = c.values
             keep = v.rows < n_item
-            pairs = np.unique(item_parent[v.rows[keep]] * max(1, len(v.values))
-                              + v.codes[keep])
-            per = _Coded(pairs // max(1, len(v.values)), pairs % max(1, len(v.values)),
-                          v.values)
-            _push(batch.pending, name, per, oids, k)
+            _push(batch.pending, name, _Coded(item_parent[v.rows[keep]], v.codes[keep],
+                                              v.values), oids, k)
         else:
             _set(batch._item_sets("g:" + name), iids[valid], c.keys[:n_item][valid])
     _set(batch._sets("f:items.qty_sum"), oids, qty_sum[:k])
