@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of
 from bitseg.index.ids import IdWriter
+from bitseg.index.profile_blocks import ensure_profiles, take_block
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, Snapshot, empty_index
 from bitseg.index.store import Store, Txn, u32
@@ -179,6 +182,16 @@ class ProfileBatch:
             self.touched_old.add(dense)
         self._queue_changes(dense, old or {}, new)
 
+    def add_block(self, block: RowBlock) -> Taken:
+        """A block of records, column-wise up to the first row that needs the row path
+        (see profile_blocks.py)."""
+        return take_block(self, block)
+
+    def ensure_profiles(self, names: pa.Array) -> np.ndarray:
+        """ensure_profile of many ids at once (utf-8, each valid: see
+        profile_blocks.profile_ids): their dense ids, the unknown ones created."""
+        return ensure_profiles(self, names)
+
     def ensure_profile(self, external: Any) -> int:
         """The dense id of a profile, creating it with no fields if it was never seen
         (an event or order for an unknown profile creates that profile)."""
@@ -222,6 +235,10 @@ class ProfileBatch:
             type_ = T.infer(value)
         except ValueError as exc:
             raise DataError(str(exc), field=name) from None
+        return self.register(name, type_)
+
+    def register(self, name: str, type_: str) -> _Field:
+        """A field first seen in this batch, of the type inferred from its first value."""
         self.types[name] = self.new_types[name] = type_
         field = self.info[name] = _Field(type_)
         return field

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 import orjson
 from pyroaring import BitMap
 
@@ -51,6 +52,11 @@ def u32(n: int) -> bytes:
 
 def from_u32(b: bytes) -> int:
     return _U32.unpack(b)[0]
+
+
+def u32_keys(first: int, count: int) -> list[bytes]:
+    """u32() of first, first + 1, …, first + count - 1, made without a Python loop."""
+    return np.arange(first, first + count, dtype=">u4").view("V4").tolist()
 
 
 def chunk_mask(chunk: int) -> BitMap:
@@ -226,6 +232,23 @@ class Store:
 
     def delete(self, txn: Txn, db: str, key: bytes) -> None:
         txn.delete(key, db=self.db[db])
+
+    def put_many(self, txn: Txn, db: str, items: Iterable[tuple[bytes, bytes]], *,
+                 append: bool = False) -> int:
+        """Put many new entries in one call (the loop runs in C); how many were added.
+        An entry whose key is there already is left as it is and not counted.
+
+        append: the keys are ascending and past every key already there (new dense ids),
+        which LMDB writes without searching; a key that is not is refused, not written."""
+        return txn.cursor(db=self.db[db]).putmulti(items, overwrite=False, append=append)[1]
+
+    def present(self, txn: Txn, db: str, keys: list[bytes]) -> list[bytes]:
+        """Those of these keys that are in the database (looked up in one call)."""
+        return [key for key, _ in self.present_items(txn, db, keys)]
+
+    def present_items(self, txn: Txn, db: str, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """(key, value) of those of these keys that are in the database, in one call."""
+        return txn.cursor(db=self.db[db]).getmulti(keys)
 
     def items(self, txn: Txn, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         cursor = txn.cursor(db=self.db[db])

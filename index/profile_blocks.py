@@ -1,0 +1,432 @@
+"""Profile records of a RowBlock applied column-wise: the bulk path of ProfileBatch.
+
+The row path (ProfileBatch.add) is the reference.  A block's rows are taken here from
+the first row up to (not including) the first row this path cannot apply exactly as
+the row path would; that row and every later one go back to the row path, in line
+order, so nothing is reordered (a reordered upsert could change a range index's base
+or a float field's scale).  A row is taken when:
+
+- its id is new: not in the store (nor earlier in this batch) and not earlier in the
+  block, so the row path would create it without reading or flushing anything;
+- every value passes the field's check, in a form this path reads without Python per
+  value: strings, lists of strings, booleans, integers, floats written with a point
+  or an exponent (pyarrow reads `3` and `3.0` alike, orjson keeps them apart), dates
+  `YYYY-MM-DD`, timestamps `YYYY-MM-DDTHH:MM:SSZ` (or a bare date);
+- its keys come in the order the block's rows are written in (the row JSON keeps a
+  record's key order), which one regular expression over the raw lines checks, along
+  with the number and date forms above.
+
+A field first seen in the block gets its type from its first non-null value, read
+from that value's raw line with orjson, as the row path reads it.  Taken rows are
+written with one LMDB call per database, and their values are queued on the batch's
+fields exactly as the row path queues them (same ids, values and value codes, in the
+same order).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.store import u32_keys
+
+if TYPE_CHECKING:
+    from bitseg.index.profiles import ProfileBatch, _Field
+
+# The raw text of one top-level value, by what it may be (RE2 syntax).
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_SCALAR = rf'(?:{_STRING}|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null)'
+_ANY = rf'(?:{_SCALAR}|\[\s*(?:{_SCALAR}\s*,?\s*)*\])'
+_FLOAT = r'(?:-?\d+(?:\.\d+(?:[eE][+-]?\d+)?|[eE][+-]?\d+)|null)'  # a point or an exponent
+_DATE = r'(?:"\d{4}-\d{2}-\d{2}"|null)'
+_TIME = r'(?:"\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}Z)?"|null)'
+_OTHER_CONTROL = r'[\x00-\x07\x0b\x0e-\x1f]'  # orjson writes these as \u00XX: not mirrored
+_ESCAPED = r'["\\\n\r\t\x08\x0c]'  # what orjson writes as a two-character escape
+_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"),
+            ("\b", "\\b"), ("\f", "\\f"))
+_ORDER_SAMPLE = 64  # lines read with orjson to learn the order the block's keys come in
+_US_PER = {"s": 10**6, "ms": 10**3, "us": 1}
+
+
+def take_block(batch: ProfileBatch, block: RowBlock) -> Taken:
+    """Apply the block's rows up to the first one the row path must apply; True when
+    all were taken, False when none, else the positions left (all after the cut)."""
+    table = block.table
+    rows = table.num_rows
+    if not block.data or rows == 0 or "id" not in table.column_names:
+        return False
+    lines = _Lines(block)
+    order = _key_order(lines, table.column_names)
+    if order is None:
+        return False
+    names, ok = profile_ids(table.column("id").combine_chunks())
+    if names is None:
+        return False
+    plain = b"\\" not in block.data  # no escapes: no string needs checking or escaping
+    columns = [_Column(batch, name, table.column(name).combine_chunks(), lines, plain)
+               for name in order if name != "id"]
+    for column in columns:
+        ok &= ~column.bad
+    ok &= lines.match(_line_pattern(order, columns))
+    cut = _first_false(ok)
+    cut = min(cut, _first_false(_new_ids(batch, names, cut)))
+    if cut == 0:
+        return False
+    _apply(batch, names.slice(0, cut), [c for c in columns if c.first < cut], cut, plain)
+    return True if cut == rows else np.arange(cut, rows, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Lines:
+    """The block's raw lines that are table rows (blank lines are not)."""
+
+    def __init__(self, block: RowBlock) -> None:
+        data = block.data
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
+        bounds = np.concatenate(([0], ends)).astype(np.int64)
+        if bounds[-1] != len(data):
+            bounds = np.append(bounds, len(data))
+        self.data = data
+        self.row_line = block.lines() - block.first_line  # table row -> line in block
+        self.starts = bounds[:-1][self.row_line]
+        self.ends = bounds[1:][self.row_line]
+        every = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds),
+                                                 pa.py_buffer(data))
+        contiguous = len(self.row_line) == len(bounds) - 1
+        self.text = every if contiguous else every.take(pa.array(self.row_line))
+
+    def raw(self, row: int) -> bytes:
+        return self.data[self.starts[row]:self.ends[row]]
+
+    def match(self, pattern: str) -> np.ndarray:
+        return pc.match_substring_regex(self.text, pattern).to_numpy(zero_copy_only=False)
+
+
+def _key_order(lines: _Lines, columns: list[str]) -> list[str] | None:
+    """The order the block's keys come in, learnt from its first lines: every key after
+    the keys it follows on some line, else in the order first seen; None if unreadable."""
+    seen: dict[str, int] = {}  # key -> when first seen
+    after: dict[str, set[str]] = {}  # key -> the keys it follows directly on some line
+    for row in range(min(_ORDER_SAMPLE, len(lines.starts))):
+        try:
+            record = orjson.loads(lines.raw(row))
+        except orjson.JSONDecodeError:
+            continue  # e.g. a byte-order mark; the line check will refuse that row
+        if not isinstance(record, dict):
+            return None
+        before = None
+        for key in record:
+            seen.setdefault(key, len(seen))
+            after.setdefault(key, set())
+            if before is not None:
+                after[key].add(before)
+            before = key
+    for name in columns:  # keys the sample never showed: last
+        seen.setdefault(name, len(seen))
+        after.setdefault(name, set())
+    if sorted(seen) != sorted(columns):
+        return None
+    order: list[str] = []
+    placed: set[str] = set()
+    while len(order) < len(seen):
+        ready = [key for key in seen if key not in placed and after[key] <= placed]
+        if not ready:  # the sample's lines disagree: first seen first (rows may not fit)
+            ready = [key for key in seen if key not in placed]
+        key = min(ready, key=seen.__getitem__)
+        order.append(key)
+        placed.add(key)
+    return order
+
+
+def _line_pattern(order: list[str], columns: list[_Column]) -> str:
+    """A line whose keys are a subsequence of `order`, each value in its column's form."""
+    text = {column.name: column.text for column in columns}
+    members = "".join(rf'(?:,?\s*"\Q{name}\E"\s*:\s*{text.get(name, _ANY)}\s*)?'
+                      for name in order)
+    return rf'^\s*\{{\s*{members}\}}\s*$'
+
+
+def _first_false(mask: np.ndarray) -> int:
+    found = np.flatnonzero(~mask)
+    return int(found[0]) if len(found) else len(mask)
+
+
+# ----------------------------------------------------------------------------- ids
+
+
+def profile_ids(column: pa.Array) -> tuple[pa.Array | None, np.ndarray]:
+    """A column of profile ids as utf-8 (binary; integers as their decimal text) and
+    the rows whose id the row path takes (not null, empty or too long); (None, all
+    False) for a column of another type."""
+    if pa.types.is_integer(column.type):
+        names = pc.cast(column, pa.string())
+        ok = _valid(names)
+    elif pa.types.is_string(column.type):
+        names = column
+        size = pc.binary_length(names).to_numpy(zero_copy_only=False)
+        ok = _valid(names) & (np.nan_to_num(size) > 0) & (np.nan_to_num(size) <= T.MAX_ID_BYTES)
+    else:
+        return None, np.zeros(len(column), dtype=bool)
+    return pc.cast(names, pa.binary()), ok
+
+
+def ensure_profiles(batch: ProfileBatch, names: pa.Array) -> np.ndarray:
+    """The dense id (uint32) of each profile id (utf-8, each one the row path takes: see
+    profile_ids), creating the unknown ones with no fields, in the order they first
+    appear: what ensure_profile of each in turn does."""
+    if len(names) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    encoded = pc.dictionary_encode(pc.cast(names, pa.binary()))
+    distinct = encoded.dictionary.to_pylist()  # in the order of first appearance
+    found = dict(batch.store.present_items(batch.txn, "ids", distinct))
+    dense = np.empty(len(distinct), dtype=np.uint32)
+    new = [at for at, name in enumerate(distinct) if name not in found]
+    known = [at for at, name in enumerate(distinct) if name in found]
+    if known:
+        dense[known] = np.frombuffer(b"".join(found[distinct[at]] for at in known), ">u4")
+    if new:
+        first = batch.ids.assign([distinct[at] for at in new])
+        dense[new] = np.arange(first, first + len(new), dtype=np.uint32)
+        batch.store.put_many(batch.txn, "rows",
+                             zip(u32_keys(first, len(new)), [b"{}"] * len(new), strict=True),
+                             append=True)
+        batch.created += len(new)
+        batch.live_added.frombytes(dense[new].tobytes())
+    return dense[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _new_ids(batch: ProfileBatch, names: pa.Array, cut: int) -> np.ndarray:
+    """Of the first `cut` rows, those whose id is neither in the store nor earlier in the
+    block (the rows after the cut are not looked at, and come out False)."""
+    fresh = np.zeros(len(names), dtype=bool)
+    if cut == 0:
+        return fresh
+    head = names.slice(0, cut)
+    codes = pc.dictionary_encode(head).indices.to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    repeat = np.zeros(cut, dtype=bool)
+    repeat[order[1:]] = codes[order[1:]] == codes[order[:-1]]
+    fresh[:cut] = ~repeat
+    present = batch.store.present(batch.txn, "ids", head.to_pylist())
+    if present:
+        fresh[:cut] &= ~pc.is_in(head, value_set=pa.array(present, pa.binary())).to_numpy(
+            zero_copy_only=False)
+    return fresh
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+def _valid(values: pa.Array) -> np.ndarray:
+    return values.is_valid().to_numpy(zero_copy_only=False)
+
+
+class _Column:
+    """One field's column in a block: its type, the rows whose value this path refuses,
+    and the raw form its values must have."""
+
+    def __init__(self, batch: ProfileBatch, name: str, values: pa.Array, lines: _Lines,
+                 plain: bool) -> None:
+        self.name = name
+        self.values = values
+        self.present = _valid(values)
+        rows = len(values)
+        found = np.flatnonzero(self.present)
+        self.first = int(found[0]) if len(found) else rows  # first non-null value's row
+        self.text = _ANY
+        self.bad = np.zeros(rows, dtype=bool)
+        self.type = batch.types.get(name)
+        self.inferred = False
+        if self.first == rows:
+            return
+        if self.type is None:
+            self.type = _infer(name, lines.raw(self.first))
+            self.inferred = True
+            if self.type is None:  # the row path raises there
+                self.bad[self.first] = True
+                return
+        self._check(values, plain)
+
+    def _check(self, values: pa.Array, plain: bool) -> None:
+        kind, type_ = values.type, self.type
+        if type_ in (T.KEYWORD, T.KEYWORDS) and pa.types.is_string(kind):
+            self.bad = self.present & _bad_strings(values, plain)
+        elif type_ == T.KEYWORDS and pa.types.is_list(kind) and \
+                (pa.types.is_string(kind.value_type) or pa.types.is_null(kind.value_type)):
+            items = pc.list_flatten(values)
+            wrong = ~_valid(items) if pa.types.is_null(items.type) else \
+                ~_valid(items) | _bad_strings(items, plain)
+            self.bad = np.zeros(len(values), dtype=bool)
+            parents = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+            self.bad[parents[wrong]] = True
+        elif type_ == T.BOOL and pa.types.is_boolean(kind):
+            pass
+        elif type_ in (T.INT, T.FLOAT) and pa.types.is_int64(kind):
+            self.bad = self.present & (np.abs(_filled(values, 0)) >= T.MAX_KEY)
+        elif type_ == T.FLOAT and pa.types.is_float64(kind):
+            numbers = _filled(values, 0.0)
+            self.bad = self.present & ~(np.isfinite(numbers) & (np.abs(numbers) < T.MAX_KEY))
+            self.text = _FLOAT
+        elif type_ in T.TIME_TYPES and pa.types.is_timestamp(kind) and kind.tz is None \
+                and kind.unit in _US_PER:
+            self.text = _DATE if type_ == T.DATE else _TIME  # years 1-9999: pyarrow checks
+        else:
+            self.bad = self.present.copy()  # refused by the row path, or not mirrored here
+
+
+def _infer(name: str, raw_line: bytes) -> str | None:
+    """The type the row path infers from this line's value of the field, or None when
+    it refuses the name or the value (or the line is not plain JSON to orjson)."""
+    if T.name_problem(name):
+        return None
+    try:
+        return T.infer(orjson.loads(raw_line)[name])
+    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _bad_strings(values: pa.Array, plain: bool) -> np.ndarray:
+    """Strings the row path refuses (too long) or orjson writes in a form not mirrored
+    (`plain`: the block has no backslash, so no string holds a control character)."""
+    size = pc.binary_length(values).to_numpy(zero_copy_only=False)
+    bad = np.nan_to_num(size) > T.MAX_VALUE_BYTES
+    if not plain:
+        bad |= pc.fill_null(pc.match_substring_regex(values, _OTHER_CONTROL), False).to_numpy(
+            zero_copy_only=False)
+    return bad
+
+
+def _filled(values: pa.Array, fill: Any) -> np.ndarray:
+    return pc.fill_null(values, fill).to_numpy(zero_copy_only=False)
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def _apply(batch: ProfileBatch, names: pa.Array, columns: list[_Column], cut: int,
+           plain: bool) -> None:
+    """Create the first `cut` rows' profiles: ids, rows and queued field values."""
+    first = batch.ids.assign(names.to_pylist())
+    dense = np.arange(first, first + cut, dtype=np.uint32)
+    for column in sorted((c for c in columns if c.inferred), key=lambda c: c.first):
+        batch.register(column.name, column.type)  # in the order the row path meets them
+    pieces = []  # ',"name":value' of each field, or "" where the row has none
+    for column in columns:
+        values = column.values.slice(0, cut)
+        text, before, after = _queue(batch.info[column.name], column.type, values, dense,
+                                     plain)
+        key = "," + orjson.dumps(column.name).decode() + ":"
+        pieces.append(pc.fill_null(pc.binary_join_element_wise(key + before, text, after, ""),
+                                   ""))
+    # (binary_join_element_wise's null_handling="skip" returns too few rows in pyarrow 26)
+    texts = [b"{}"] * cut
+    if pieces:
+        rows = pc.replace_substring(pc.binary_join_element_wise("{", *pieces, "}", ""), "{,",
+                                    "{", max_replacements=1)
+        texts = pc.cast(rows, pa.binary()).to_pylist()
+    batch.store.put_many(batch.txn, "rows", zip(u32_keys(first, cut), texts, strict=True),
+                         append=True)
+    batch.created += cut
+    batch.live_added.frombytes(dense.tobytes())
+
+
+def _queue(field: _Field, type_: str, values: pa.Array, dense: np.ndarray,
+           plain: bool) -> tuple[pa.Array, str, str]:
+    """Queue a column's values on its field as the row path would (the same ids, values
+    and codes, in row order).  Returns each row's value as JSON, null where the row has
+    none, as (text, before, after): the JSON is before + text + after."""
+    present = _valid(values)
+    ids = dense[present]
+    kept = values.filter(pa.array(present))
+    kind = kept.type
+    before = after = ""
+    if type_ in T.RANGE_TYPES:
+        if pa.types.is_timestamp(kind):
+            keys = kept.cast(pa.int64()).to_numpy() * _US_PER[kind.unit]
+            if type_ == T.DATE:
+                keys //= T.US_PER_DAY
+            text = pc.cast(pa.array(keys), pa.string())
+        else:
+            keys = kept.to_numpy()
+            text = _float_texts(keys) if pa.types.is_float64(kind) else pc.cast(kept, pa.string())
+        field.add_ids.frombytes(ids.tobytes())
+        field.add_vals.frombytes(keys.astype(np.float64 if field.is_float else np.int64).tobytes())
+    elif pa.types.is_list(kind):
+        text, before, after = _queue_lists(field, kept, ids, plain), "[", "]"
+    else:
+        field.add_ids.frombytes(ids.tobytes())
+        field.add_vals.frombytes(_codes(field, kept).tobytes())
+        if pa.types.is_boolean(kind):
+            text = pc.cast(kept, pa.string())
+        else:
+            text, before, after = _json_strings(kept, plain), '"', '"'
+            if type_ == T.KEYWORDS:
+                before, after = '["', '"]'
+    position = np.cumsum(present) - 1
+    return text.take(pa.array(position, mask=~present)), before, after
+
+
+def _queue_lists(field: _Field, lists: pa.Array, ids: np.ndarray, plain: bool) -> pa.Array:
+    """Lists of keywords as the row path keeps them (sorted, distinct): queued item by
+    item, row by row; each list's items as JSON, joined by commas."""
+    items = pc.list_flatten(lists)
+    if pa.types.is_null(items.type):  # only empty lists (a null item is refused)
+        items = items.cast(pa.string())
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    order = pc.sort_indices(pa.table({"row": parents, "item": items}),
+                            sort_keys=[("row", "ascending"), ("item", "ascending")])
+    parents, items = parents[order.to_numpy()], items.take(order)
+    if len(items) > 1:
+        again = (parents[1:] == parents[:-1]) & \
+            pc.equal(items.slice(1), items.slice(0, len(items) - 1)).to_numpy(
+                zero_copy_only=False)
+        keep = np.concatenate(([True], ~again))
+        parents, items = parents[keep], items.filter(pa.array(keep))
+    field.add_ids.frombytes(ids[parents].astype(np.uint32).tobytes())
+    field.add_vals.frombytes(_codes(field, items).tobytes())
+    counts = np.bincount(parents, minlength=len(lists))
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+    quoted = pc.binary_join_element_wise('"', _json_strings(items, plain), '"', "")
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), quoted), ",")
+
+
+def _codes(field: _Field, values: pa.Array) -> np.ndarray:
+    """The field's value code of each value (uint32), new values coded in the order they
+    first appear, as the row path codes them."""
+    encoded = pc.dictionary_encode(values)
+    codes, known = field.codes, field.values
+    lookup = np.empty(len(encoded.dictionary), dtype=np.uint32)
+    for at, value in enumerate(encoded.dictionary.to_pylist()):
+        code = codes.get(value)
+        if code is None:
+            code = codes[value] = len(codes)
+            known.append(value)
+        lookup[at] = code
+    return lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _json_strings(values: pa.Array, plain: bool) -> pa.Array:
+    """Strings escaped as orjson escapes them, without the quotes (other control
+    characters were refused before); `plain`: the block has no backslash, so none
+    needs escaping."""
+    if not plain and len(values) and pc.any(pc.match_substring_regex(values, _ESCAPED)).as_py():
+        for raw, escaped in _ESCAPES:
+            values = pc.replace_substring(values, raw, escaped)
+    return values
+
+
+def _float_texts(values: np.ndarray) -> pa.Array:
+    """Floats as orjson writes them, one string each (orjson formats the array in C)."""
+    if len(values) == 0:
+        return pa.array([], pa.string())
+    written = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode()
+    texts = pc.list_flatten(pc.split_pattern(pa.array([written], pa.large_string()), ","))
+    return texts.cast(pa.string())
