@@ -64,7 +64,7 @@ class _Conv:
 
     __slots__ = ("valid", "bad", "json", "keys", "values")
 
-    def __init__(self, valid: np.ndarray, bad: np.ndarray, json: pa.Array | None,
+    def __init__(self, valid: np.ndarray, bad: np.ndarray, json: tuple | None,
                  keys: np.ndarray | None = None, values: _Coded | None = None) -> None:
         self.valid, self.bad, self.json, self.keys, self.values = valid, bad, json, keys, values
 
@@ -82,17 +82,29 @@ def _join(*parts: Any) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "")
 
 
-def _text_json(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Strings as orjson writes them ("…" with \\ and " escaped); rows holding a control
-    character (escaped otherwise) or perhaps too long a string are bad."""
+def _text_json(arr: pa.Array, plain: bool) -> tuple[tuple, np.ndarray]:
+    """Strings as orjson writes them ("…" with \\ and " escaped), as the parts to join;
+    rows holding a control character (escaped otherwise) or perhaps too long a string
+    are bad.  `plain`: the block's text has no backslash, so no string needs escaping."""
     esc = arr
-    if _np(pc.match_substring(arr, "\\")).any():
-        esc = pc.replace_substring(esc, "\\", "\\\\")
-    if _np(pc.match_substring(arr, '"')).any():
-        esc = pc.replace_substring(esc, '"', '\\"')
-    bad = _np(pc.match_substring_regex(arr, _CONTROL))
-    bad |= _np(pc.greater(pc.binary_length(arr), T.MAX_VALUE_BYTES // 4))
-    return _join('"', esc, '"'), bad
+    bad = _np(pc.greater(pc.binary_length(arr), T.MAX_VALUE_BYTES // 4))
+    if not plain:
+        if _np(pc.match_substring(arr, "\\")).any():
+            esc = pc.replace_substring(esc, "\\", "\\\\")
+        if _np(pc.match_substring(arr, '"')).any():
+            esc = pc.replace_substring(esc, '"', '\\"')
+        bad |= _np(pc.match_substring_regex(arr, _CONTROL))
+    return ('"', esc, '"'), bad
+
+
+def _text(prefix: str, parts: tuple, upto: int) -> pa.Array:
+    """prefix + the joined parts (strings, and arrays cut to their first `upto` rows)."""
+    parts = tuple(p if isinstance(p, str) else p[:upto] for p in parts)
+    if isinstance(parts[0], str):
+        parts = (prefix + parts[0],) + parts[1:]
+    elif prefix:
+        parts = (prefix,) + parts
+    return _join(*parts) if len(parts) > 1 else pc.cast(parts[0], pa.string())
 
 
 def _codes(arr: pa.Array, rows: np.ndarray) -> _Coded:
@@ -113,6 +125,7 @@ class _Converter:
 
     def __init__(self, batch: OrderBatch, block: RowBlock) -> None:
         self.batch, self.data = batch, block.data
+        self.plain = bool(block.data) and b"\\" not in block.data
 
     def integer_literal(self, key: str) -> bool:
         """Whether the block may give `key` an integer (not a float) literal: then an
@@ -131,24 +144,24 @@ class _Converter:
         rows = np.arange(m, dtype=np.int64)
         atype = arr.type
         if pa.types.is_null(atype):
-            return _Conv(nothing, nothing, pa.nulls(m, pa.string()))
+            return _Conv(nothing, nothing, None)
         if type_ == T.KEYWORD and atype in _STRING:
-            json, bad = _text_json(arr)
+            json, bad = _text_json(arr, self.plain)
             return _Conv(valid, bad & valid, json, values=_codes(arr, rows))
         if type_ == T.KEYWORDS and atype in _STRING:
-            json, bad = _text_json(arr)
-            return _Conv(valid, bad & valid, _join("[", json, "]"), values=_codes(arr, rows))
+            (_, esc, _), bad = _text_json(arr, self.plain)
+            return _Conv(valid, bad & valid, ('["', esc, '"]'), values=_codes(arr, rows))
         if type_ == T.KEYWORDS and pa.types.is_list(atype) and \
                 (atype.value_type in _STRING or pa.types.is_null(atype.value_type)):
             return self._keywords(arr, valid)
         if type_ == T.BOOL and pa.types.is_boolean(atype):
-            json = pc.if_else(arr, "true", "false")
+            json = (pc.if_else(arr, "true", "false"),)
             return _Conv(valid, nothing, json, values=_codes(arr, rows))
         if type_ in (T.INT, T.FLOAT) and (pa.types.is_int64(atype) or pa.types.is_float64(atype)):
             return self._number(arr, valid, type_, key)
         if type_ in (T.DATE, T.TIMESTAMP) and atype in _STRING:
             keys, ok = self.times(arr, type_)
-            return _Conv(valid, valid & ~ok, _ints_json(keys), keys=keys)
+            return _Conv(valid, valid & ~ok, (_ints_json(keys),), keys=keys)
         return _Conv(valid, valid.copy(), None)  # another type: add() says what is wrong
 
     def _keywords(self, arr: pa.Array, valid: np.ndarray) -> _Conv:
@@ -170,12 +183,13 @@ class _Converter:
             same = (parent[1:] == parent[:-1]) & _np(pc.equal(flat[1:], flat[:-1]))
             keep = np.concatenate(([True], ~same))
             parent, flat = parent[keep], flat.filter(pa.array(keep))
-        text, text_bad = _text_json(flat)
+        text, text_bad = _text_json(flat, self.plain)
+        text = _join(*text)
         bad[parent[text_bad]] = True
         offsets = np.zeros(m + 1, dtype=np.int32)
         np.cumsum(np.bincount(parent, minlength=m), out=offsets[1:])
         lists = pa.ListArray.from_arrays(pa.array(offsets), text, mask=pa.array(~valid))
-        json = _join("[", pc.binary_join(lists, ","), "]")
+        json = ("[", pc.binary_join(lists, ","), "]")
         return _Conv(valid, bad & valid, json, values=_codes(flat, parent))
 
     def _number(self, arr: pa.Array, valid: np.ndarray, type_: str, key: str) -> _Conv:
@@ -185,7 +199,7 @@ class _Converter:
             bad = valid & ((np.abs(x) > limit) | (x == np.iinfo(np.int64).min))
             x = np.where(bad, 0, x)
             keys = x * SCALE if type_ == T.FLOAT else x
-            return _Conv(valid, bad, _ints_json(x), keys=np.where(valid, keys, 0))
+            return _Conv(valid, bad, (_ints_json(x),), keys=np.where(valid, keys, 0))
         v = pc.fill_null(arr, 0.0).to_numpy(zero_copy_only=False)
         finite = np.isfinite(v)
         v = np.where(finite, v, 0.0)
@@ -193,7 +207,7 @@ class _Converter:
         if type_ == T.INT:  # an integral double is the int; another one is an error
             bad = valid & ~(finite & whole & (np.abs(v) < float(T.MAX_KEY)))
             x = np.where(bad, 0, v).astype(np.int64)
-            return _Conv(valid, bad, _ints_json(x), keys=np.where(valid, x, 0))
+            return _Conv(valid, bad, (_ints_json(x),), keys=np.where(valid, x, 0))
         size = np.abs(v)
         fits = finite & ((v == 0) | ((size >= SMALL_FLOAT) & (size < FAST_FLOAT)))
         k = np.rint(np.where(fits, v, 0.0) * SCALE)
@@ -203,7 +217,7 @@ class _Converter:
         bad = valid & ~fits
         text = pc.cast(pa.array(v), pa.string())
         text = pc.if_else(pc.match_substring(text, "."), text, _join(text, ".0"))
-        return _Conv(valid, bad, text, keys=np.where(valid & fits, k, 0).astype(np.int64))
+        return _Conv(valid, bad, (text,), keys=np.where(valid & fits, k, 0).astype(np.int64))
 
     @staticmethod
     def times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +287,7 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
         return False  # add() refuses such a key, even with a null value
     conv = _Converter(batch, block)
     oid_text, bad = _external(_column(table, "id"))
-    x_json, x_bad = _text_json(oid_text)
+    x_json, x_bad = _text_json(oid_text, conv.plain)
     bad |= x_bad
     pid_text, pid_bad = _external(_column(table, "profile"))
     bad |= pid_bad
@@ -408,7 +422,8 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
             if p0 == 0:
                 return False
             order_keys = order_keys[:p0]
-    _apply(batch, p0, order_keys, x_json[:p0], pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
+    _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
+           pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
            firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
     return True if p0 == n else np.arange(p0, n, dtype=np.int64)
 
@@ -427,7 +442,7 @@ def _first_values(record: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
+def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: tuple,
            pid_text: pa.Array,
            ts: np.ndarray, field_convs: dict[str, _Conv], item_convs: dict[str, _Conv],
            inferred: dict[str, str], firsts: dict[str, int], fields: list[str],
@@ -450,7 +465,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
         c = field_convs[name]
         if c.json is None or not c.valid[:k].any():
             continue
-        fjson.append(_join(orjson.dumps(name).decode() + ":", c.json[:k]))
+        fjson.append(_text(orjson.dumps(name).decode() + ":", c.json, k))
     f_text = pc.binary_join_element_wise(*fjson, ",", null_handling="skip") if fjson \
         else pa.array([""] * k, pa.string())
     ijson = []
@@ -458,7 +473,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
         c = item_convs[key]
         if c.json is None or not c.valid[:n_item].any():
             continue
-        ijson.append(_join(orjson.dumps(key).decode() + ":", c.json[:n_item]))
+        ijson.append(_text(orjson.dumps(key).decode() + ":", c.json, n_item))
     if ijson:
         one = pc.binary_join_element_wise(*ijson, ",", null_handling="skip")
     else:
@@ -467,7 +482,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: pa.Array,
     lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32)), one)
     it_text = pc.binary_join(lists, ",")
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
-                 _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', x_text, "}")
+                 _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text, "}")
     cursor = batch.txn.cursor(db=batch.store.db["orders"])
     values = _u32_keys(b"", oids)
     by_key = sorted(range(k), key=order_keys.__getitem__)  # B-tree inserts in key order
