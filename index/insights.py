@@ -155,7 +155,7 @@ def field_insight(snap: Snapshot, name: str, audience: BitMap, top: int = DEFAUL
         return FieldInsight(name, type_, count, base_count, values, distinct)
     if not base_count:
         return FieldInsight(name, type_, 0, 0)
-    hist = _histogram(type_, index, audience, live, base_count, buckets)
+    hist = _histogram(type_, name, index, audience, live, base_count, buckets)
     if not count:
         return FieldInsight(name, type_, 0, base_count, buckets=hist)
     ranks = [1, count] + [max(1, math.ceil(q * count)) for _, q in QUANTILES]
@@ -181,20 +181,50 @@ def _value_shares(index: ValueIndex, audience: BitMap, live: BitMap, top: int
     return tuple(shares), len(counted)
 
 
-def _histogram(type_: str, index: RangeIndex, audience: BitMap, live: BitMap,
-               base_count: int, n: int) -> tuple[Bucket, ...]:
-    """n equal-width buckets of whole stored keys between the base's min and max
-    (fewer when the span has fewer keys)."""
+@dataclass(frozen=True, slots=True)
+class _BaseBuckets:
+    """A range field's bucket edges and cumulative counts over the live base: the same
+    for every audience, so kept per field index and live profiles (per snapshot)."""
+
+    index: RangeIndex  # held, so `is` cannot meet a new index at a reused address
+    live: BitMap
+    highest: int
+    edges: tuple[int, ...]
+    cumulative: tuple[int, ...]
+
+
+_base_buckets: dict[tuple[str, int], _BaseBuckets] = {}  # by field and bucket count
+_buckets_lock = threading.Lock()  # held only to read or store an entry
+
+
+def base_buckets(name: str, index: RangeIndex, live: BitMap, base_count: int, n: int
+                 ) -> _BaseBuckets:
+    """n equal-width buckets of whole stored keys between the base's min and max (fewer
+    when the span has fewer keys), with the base's cumulative counts at their edges."""
+    with _buckets_lock:
+        kept = _base_buckets.get((name, n))
+    if kept is not None and kept.index is index and kept.live is live:
+        return kept
     lowest = _stored(index, kth_smallest(index, 1, live))
     highest = _stored(index, kth_smallest(index, base_count, live))
     width = max(1, -(-(highest - lowest + 1) // n))  # ceil: n buckets cover the span
-    edges = list(range(lowest, highest + 1, width)) + [highest + 1]
-    in_audience = index.exists & audience
+    edges = (*range(lowest, highest + 1, width), highest + 1)
     in_base = index.exists & live
+    below = [_count_below(index, e, in_base) for e in edges[1:-1]]
+    made = _BaseBuckets(index, live, highest, edges, (0, *below, len(in_base)))
+    with _buckets_lock:
+        _base_buckets[(name, n)] = made
+    return made
+
+
+def _histogram(type_: str, name: str, index: RangeIndex, audience: BitMap, live: BitMap,
+               base_count: int, n: int) -> tuple[Bucket, ...]:
+    """The audience's counts in the base's buckets (base_buckets), next to the base's."""
+    base = base_buckets(name, index, live, base_count, n)
+    edges, highest, cum_b = base.edges, base.highest, base.cumulative
+    in_audience = index.exists & audience
     below_a = [_count_below(index, e, in_audience) for e in edges[1:-1]]
-    below_b = [_count_below(index, e, in_base) for e in edges[1:-1]]
     cum_a = [0, *below_a, len(in_audience)]
-    cum_b = [0, *below_b, len(in_base)]
     out = []
     for i in range(len(edges) - 1):
         high = edges[i + 1] if i + 2 < len(edges) else highest

@@ -307,3 +307,40 @@ def test_segment_metrics_keep_the_base_total_per_snapshot(tmp_path, monkeypatch)
         assert summed == [first.profiles]  # the audience only: the base total was kept
     finally:
         engine.close()
+
+
+def test_the_base_buckets_follow_each_snapshot(tmp_path, monkeypatch):
+    """A range field's base buckets are worked out once per field index and live base,
+    and again after a change to either (same live profiles, new values; a deletion)."""
+    from bitseg.index import insights as insights_module
+
+    walks: list = []
+    real = insights_module.kth_smallest
+
+    def counting(index, k, within=None):
+        walks.append(k)
+        return real(index, k, within)
+
+    monkeypatch.setattr(insights_module, "kth_smallest", counting)
+    with Engine.open(tmp_path / "s") as engine:
+        engine.declare_schema({"profiles": {"age": "int"}})
+        engine.upsert_profiles([{"id": f"u{i}", "age": i} for i in range(40)])
+
+        def age_buckets() -> tuple[list, list]:
+            snap = engine.snapshot
+            audience = engine.bitmap({"field": "age", "op": "lt", "value": 20})
+            info = insights(snap, audience, as_of_micros(AS_OF), ["age"], buckets=4).fields[0]
+            return ([(b.low, b.high) for b in info.buckets],
+                    [(b.count, b.base_count) for b in info.buckets])
+
+        assert age_buckets() == ([(0, 10), (10, 20), (20, 30), (30, 39)],
+                                 [(10, 10), (10, 10), (0, 10), (0, 10)])
+        walks.clear()
+        age_buckets()
+        assert len(walks) == 7  # the audience's min, max and 5 quantiles; the base's kept
+        engine.upsert_profiles([{"id": f"u{i}", "age": 100 + i} for i in range(30, 40)])
+        assert age_buckets() == ([(0, 35), (35, 70), (70, 105), (105, 139)],
+                                 [(20, 30), (0, 0), (0, 0), (0, 10)])
+        engine.delete_profiles([f"u{i}" for i in range(30, 40)])
+        assert age_buckets() == ([(0, 8), (8, 16), (16, 24), (24, 29)],
+                                 [(8, 8), (8, 8), (4, 8), (0, 6)])
