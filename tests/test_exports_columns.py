@@ -68,7 +68,7 @@ def _both(engine: Engine, rule, fields, require, fmt) -> tuple[bytes, bytes]:
     return by_rows, by_columns
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=profiles(), fields=st.lists(st.sampled_from(FIELDS), unique=True),
        require=st.lists(st.sampled_from(FIELDS), max_size=2, unique=True),
