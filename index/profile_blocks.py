@@ -318,65 +318,105 @@ def _apply(batch: ProfileBatch, names: pa.Array, columns: list[_Column], cut: in
     dense = np.arange(first, first + cut, dtype=np.uint32)
     for column in sorted((c for c in columns if c.inferred), key=lambda c: c.first):
         batch.register(column.name, column.type)  # in the order the row path meets them
-    pieces = []  # ',"name":value' of each field, or "" where the row has none
+    row = _RowTexts(cut)
     for column in columns:
         values = column.values.slice(0, cut)
-        text, before, after = _queue(batch.info[column.name], column.type, values, dense,
-                                     plain)
-        key = "," + orjson.dumps(column.name).decode() + ":"
-        pieces.append(pc.fill_null(pc.binary_join_element_wise(key + before, text, after, ""),
-                                   ""))
-    # (binary_join_element_wise's null_handling="skip" returns too few rows in pyarrow 26)
-    texts = [b"{}"] * cut
-    if pieces:
-        rows = pc.replace_substring(pc.binary_join_element_wise("{", *pieces, "}", ""), "{,",
-                                    "{", max_replacements=1)
-        texts = pc.cast(rows, pa.binary()).to_pylist()
-    batch.store.put_many(batch.txn, "rows", zip(u32_keys(first, cut), texts, strict=True),
+        present = _valid(values)
+        text, before, after = _queue(batch.info[column.name], column.type, values, present,
+                                     dense, plain)
+        row.add(orjson.dumps(column.name).decode() + ":" + before, text, after, present)
+    batch.store.put_many(batch.txn, "rows", zip(u32_keys(first, cut), row.texts(), strict=True),
                          append=True)
     batch.created += cut
     batch.live_added.frombytes(dense.tobytes())
 
 
-def _queue(field: _Field, type_: str, values: pa.Array, dense: np.ndarray,
-           plain: bool) -> tuple[pa.Array, str, str]:
+class _RowTexts:
+    """Rows as orjson writes them, `{"a":1,"b":"x"}`, assembled from each field's value
+    texts by one pyarrow take: a row is a run of slots (a constant, or a field's text,
+    null where it has none), so the taken strings' bytes are the rows, one after another."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.constants = ["", "{}"]
+        self.fields: list[pa.Array] = []
+        self.slots: list[np.ndarray | int] = []  # constant numbers, or a field's number
+        self.any = np.zeros(rows, dtype=bool)
+
+    def add(self, before: str, text: pa.Array, after: str, present: np.ndarray) -> None:
+        """A field's value texts (null where a row has none): ',' + before + text + after."""
+        self.slots.append(np.where(present, self._constant("," + before), 0))
+        self.slots.append(len(self.fields))
+        self.fields.append(text)
+        if after:
+            self.slots.append(np.where(present, self._constant(after), 0))
+        self.any |= present
+
+    def texts(self) -> list[bytes]:
+        # "{}" for an empty row; any other starts with its first field's comma, which
+        # becomes "{" below
+        close = self._constant("}")
+        base, rows = len(self.constants), self.rows
+        columns = [np.where(self.any, 0, 1)]
+        for slot in self.slots:
+            columns.append(slot if isinstance(slot, np.ndarray) else
+                           base + slot * rows + np.arange(rows))
+        columns.append(np.where(self.any, close, 0))
+        pool = pa.concat_arrays([pa.array(self.constants, pa.string()), *self.fields])
+        taken = pool.take(pa.array(np.stack(columns, axis=1).ravel()))
+        offsets = np.frombuffer(taken.buffers()[1], dtype=np.int32)
+        bounds = np.ascontiguousarray(offsets[taken.offset::len(columns)][:rows + 1])
+        data = np.frombuffer(taken.buffers()[2], dtype=np.uint8)[:bounds[-1]].copy()
+        data[bounds[:-1][self.any]] = ord("{")
+        return pa.BinaryArray.from_buffers(pa.binary(), rows, [
+            None, pa.py_buffer(bounds), pa.py_buffer(data)]).to_pylist()
+
+    def _constant(self, text: str) -> int:
+        self.constants.append(text)
+        return len(self.constants) - 1
+
+
+def _queue(field: _Field, type_: str, values: pa.Array, present: np.ndarray,
+           dense: np.ndarray, plain: bool) -> tuple[pa.Array, str, str]:
     """Queue a column's values on its field as the row path would (the same ids, values
     and codes, in row order).  Returns each row's value as JSON, null where the row has
     none, as (text, before, after): the JSON is before + text + after."""
-    present = _valid(values)
     ids = dense[present]
-    kept = values.filter(pa.array(present))
-    kind = kept.type
+    kind = values.type
     before = after = ""
     if type_ in T.RANGE_TYPES:
         if pa.types.is_timestamp(kind):
-            keys = kept.cast(pa.int64()).to_numpy() * _US_PER[kind.unit]
+            keys = pc.multiply(values.cast(pa.int64()), _US_PER[kind.unit])
             if type_ == T.DATE:
-                keys //= T.US_PER_DAY
-            text = pc.cast(pa.array(keys), pa.string())
+                keys = pc.divide(keys, T.US_PER_DAY)  # whole days: the text was a date
+            text = pc.cast(keys, pa.string())
+        elif pa.types.is_float64(kind):
+            keys = values
+            text = _float_texts(values, present)
         else:
-            keys = kept.to_numpy()
-            text = _float_texts(keys) if pa.types.is_float64(kind) else pc.cast(kept, pa.string())
+            keys = values
+            text = pc.cast(values, pa.string())
+        kept = pc.drop_null(keys).to_numpy()
         field.add_ids.frombytes(ids.tobytes())
-        field.add_vals.frombytes(keys.astype(np.float64 if field.is_float else np.int64).tobytes())
+        field.add_vals.frombytes(kept.astype(np.float64 if field.is_float else np.int64).tobytes())
     elif pa.types.is_list(kind):
-        text, before, after = _queue_lists(field, kept, ids, plain), "[", "]"
+        text, before, after = _queue_lists(field, values, present, dense, plain), "[", "]"
     else:
         field.add_ids.frombytes(ids.tobytes())
-        field.add_vals.frombytes(_codes(field, kept).tobytes())
+        field.add_vals.frombytes(_codes(field, values).tobytes())
         if pa.types.is_boolean(kind):
-            text = pc.cast(kept, pa.string())
+            text = pc.cast(values, pa.string())
         else:
-            text, before, after = _json_strings(kept, plain), '"', '"'
+            text, before, after = _json_strings(values, plain), '"', '"'
             if type_ == T.KEYWORDS:
                 before, after = '["', '"]'
-    position = np.cumsum(present) - 1
-    return text.take(pa.array(position, mask=~present)), before, after
+    return text, before, after
 
 
-def _queue_lists(field: _Field, lists: pa.Array, ids: np.ndarray, plain: bool) -> pa.Array:
+def _queue_lists(field: _Field, lists: pa.Array, present: np.ndarray, dense: np.ndarray,
+                 plain: bool) -> pa.Array:
     """Lists of keywords as the row path keeps them (sorted, distinct): queued item by
-    item, row by row; each list's items as JSON, joined by commas."""
+    item, row by row; each list's items as JSON, joined by commas (null for no list)."""
     items = pc.list_flatten(lists)
     if pa.types.is_null(items.type):  # only empty lists (a null item is refused)
         items = items.cast(pa.string())
@@ -390,17 +430,18 @@ def _queue_lists(field: _Field, lists: pa.Array, ids: np.ndarray, plain: bool) -
                 zero_copy_only=False)
         keep = np.concatenate(([True], ~again))
         parents, items = parents[keep], items.filter(pa.array(keep))
-    field.add_ids.frombytes(ids[parents].astype(np.uint32).tobytes())
+    field.add_ids.frombytes(dense[parents].tobytes())
     field.add_vals.frombytes(_codes(field, items).tobytes())
     counts = np.bincount(parents, minlength=len(lists))
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
     quoted = pc.binary_join_element_wise('"', _json_strings(items, plain), '"', "")
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), quoted), ",")
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), quoted,
+                                                   mask=pa.array(~present)), ",")
 
 
 def _codes(field: _Field, values: pa.Array) -> np.ndarray:
-    """The field's value code of each value (uint32), new values coded in the order they
-    first appear, as the row path codes them."""
+    """The field's value code of each non-null value (uint32), new values coded in the
+    order they first appear, as the row path codes them."""
     encoded = pc.dictionary_encode(values)
     codes, known = field.codes, field.values
     lookup = np.empty(len(encoded.dictionary), dtype=np.uint32)
@@ -410,7 +451,7 @@ def _codes(field: _Field, values: pa.Array) -> np.ndarray:
             code = codes[value] = len(codes)
             known.append(value)
         lookup[at] = code
-    return lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+    return lookup[pc.drop_null(encoded.indices).to_numpy()]
 
 
 def _json_strings(values: pa.Array, plain: bool) -> pa.Array:
@@ -423,10 +464,12 @@ def _json_strings(values: pa.Array, plain: bool) -> pa.Array:
     return values
 
 
-def _float_texts(values: np.ndarray) -> pa.Array:
-    """Floats as orjson writes them, one string each (orjson formats the array in C)."""
+def _float_texts(values: pa.Array, present: np.ndarray) -> pa.Array:
+    """Floats as orjson writes them, one string each, null for null (orjson formats the
+    whole array in C)."""
     if len(values) == 0:
         return pa.array([], pa.string())
-    written = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode()
+    numbers = pc.fill_null(values, 0.0).to_numpy()
+    written = orjson.dumps(numbers, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode()
     texts = pc.list_flatten(pc.split_pattern(pa.array([written], pa.large_string()), ","))
-    return texts.cast(pa.string())
+    return pc.if_else(pa.array(present), texts.cast(pa.string()), None)
