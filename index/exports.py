@@ -1,7 +1,9 @@
 """Exports of an audience's members to CSV or JSON Lines files, and scheduled exports.
 
 Only members having every required field are written: the audience is intersected with
-the `exists` bitmap of each required field before any row is read. A file is written
+the `exists` bitmap of each required field. The file's columns come from the field
+indexes (encode_columns), not from the rows; encode_rows over export.profile_rows is
+the row-reading reference they are tested against. A file is written
 as PATH.tmp, flushed to disk, then renamed over PATH, so a reader (or a crash) sees
 the previous file or the new one whole, never a part.
 
@@ -116,11 +118,11 @@ class _Cells:
     from_rows: np.ndarray = field(default_factory=lambda: _NOWHERE)
 
 
-def encode_columns(engine: Engine, dense: np.ndarray, fields: Sequence[str], fmt: str
-                   ) -> Iterator[bytes]:
+def encode_columns(engine: Engine, dense: np.ndarray, fields: Sequence[str], fmt: str,
+                   snap: Snapshot | None = None) -> Iterator[bytes]:
     """The bytes encode_rows writes for these ids' profile_rows, built column by column
-    from the field indexes, a block of ids at a time."""
-    snap = engine.snapshot
+    from the field indexes of `snap` (default: the engine's now), a block at a time."""
+    snap = engine.snapshot if snap is None else snap
     if fmt == "csv":
         yield (",".join(_csv_cell(name) for name in ["id", *fields]) + "\n").encode()
     for start in range(0, len(dense), BLOCK):
@@ -349,7 +351,7 @@ def export(engine: Engine, rule: Any, path: str | Path, fields: Sequence[str],
     snap = engine.snapshot
     audience = engine.bitmap(rule, as_of=as_of)
     kept = with_required(snap, audience, require)
-    write_atomically(path, encode_columns(engine, ids_of(kept), fields, fmt))
+    write_atomically(path, encode_columns(engine, ids_of(kept), fields, fmt, snap))
     return Exported(len(kept), len(audience & snap.live), str(path))
 
 
