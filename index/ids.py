@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from bitseg.index.errors import StoreError
 from bitseg.index.store import Store, Txn, from_u32, u32, u32_keys
 
 ID_CHUNK_BITS = 16
@@ -142,16 +141,20 @@ class IdWriter:
         self.new_names.append(raw)
         return dense
 
-    def assign(self, names: list[bytes]) -> int:
-        """Give these external ids (utf-8, distinct, none in the map yet) the next dense
-        ids in order, in one write; the first of them."""
+    def assign(self, names: list[bytes]) -> int | None:
+        """Give these external ids (utf-8) the next dense ids in order, in one write; the
+        first of them.  None, assigning nothing, when one is in the map already or given
+        twice (the write is tried first and undone then: new ids are the common case)."""
         first = self.next
         if first + len(names) > MAX_IDS:
             raise OverflowError("the store holds 2**32 - 1 profiles, its limit")
-        added = self.ids.store.put_many(
-            self.txn, "ids", zip(names, u32_keys(first, len(names)), strict=True))
-        if added != len(names):  # the caller looked them up: a bug, not bad input
-            raise StoreError(f"{len(names) - added} of the ids to assign were in the map")
+        dense = u32_keys(first, len(names))
+        store = self.ids.store
+        if store.put_many(self.txn, "ids", zip(names, dense, strict=True)) != len(names):
+            for name, mine in zip(names, dense, strict=True):
+                if store.get(self.txn, "ids", name) == mine:
+                    store.delete(self.txn, "ids", name)
+            return None
         self.next += len(names)
         self.new_names.extend(names)
         return first

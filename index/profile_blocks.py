@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.errors import StoreError
 from bitseg.index.store import u32_keys
 
 if TYPE_CHECKING:
@@ -75,10 +76,13 @@ def take_block(batch: ProfileBatch, block: RowBlock) -> Taken:
         ok &= ~column.bad
     ok &= lines.match(_line_pattern(order, columns))
     cut = _first_false(ok)
-    cut = min(cut, _first_false(_new_ids(batch, names, cut)))
-    if cut == 0:
+    first = batch.ids.assign(names.slice(0, cut).to_pylist()) if cut else None
+    if first is None and cut:  # an id seen before: the rows up to the first such
+        cut = _first_false(_new_ids(batch, names, cut))
+        first = batch.ids.assign(names.slice(0, cut).to_pylist()) if cut else None
+    if first is None:
         return False
-    _apply(batch, names.slice(0, cut), [c for c in columns if c.first < cut], cut, plain)
+    _apply(batch, first, [c for c in columns if c.first < cut], cut, plain)
     return True if cut == rows else np.arange(cut, rows, dtype=np.int64)
 
 
@@ -194,6 +198,8 @@ def ensure_profiles(batch: ProfileBatch, names: pa.Array) -> np.ndarray:
         dense[known] = np.frombuffer(b"".join(found[distinct[at]] for at in known), ">u4")
     if new:
         first = batch.ids.assign([distinct[at] for at in new])
+        if first is None:  # they were looked up just now
+            raise StoreError("profile ids looked up as unknown were in the id map")
         dense[new] = np.arange(first, first + len(new), dtype=np.uint32)
         batch.store.put_many(batch.txn, "rows",
                              zip(u32_keys(first, len(new)), [b"{}"] * len(new), strict=True),
@@ -270,7 +276,8 @@ class _Column:
         elif type_ == T.BOOL and pa.types.is_boolean(kind):
             pass
         elif type_ in (T.INT, T.FLOAT) and pa.types.is_int64(kind):
-            self.bad = self.present & (np.abs(_filled(values, 0)) >= T.MAX_KEY)
+            numbers = _filled(values, 0)  # (no abs: -2**63 has none in int64)
+            self.bad = self.present & ((numbers >= T.MAX_KEY) | (numbers <= -T.MAX_KEY))
         elif type_ == T.FLOAT and pa.types.is_float64(kind):
             numbers = _filled(values, 0.0)
             self.bad = self.present & ~(np.isfinite(numbers) & (np.abs(numbers) < T.MAX_KEY))
@@ -311,10 +318,10 @@ def _filled(values: pa.Array, fill: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- applying
 
 
-def _apply(batch: ProfileBatch, names: pa.Array, columns: list[_Column], cut: int,
+def _apply(batch: ProfileBatch, first: int, columns: list[_Column], cut: int,
            plain: bool) -> None:
-    """Create the first `cut` rows' profiles: ids, rows and queued field values."""
-    first = batch.ids.assign(names.to_pylist())
+    """Create the first `cut` rows' profiles, whose ids got the dense ids from `first`
+    on: rows and queued field values."""
     dense = np.arange(first, first + cut, dtype=np.uint32)
     for column in sorted((c for c in columns if c.inferred), key=lambda c: c.first):
         batch.register(column.name, column.type)  # in the order the row path meets them
@@ -400,7 +407,7 @@ def _queue(field: _Field, type_: str, values: pa.Array, present: np.ndarray,
         field.add_ids.frombytes(ids.tobytes())
         field.add_vals.frombytes(kept.astype(np.float64 if field.is_float else np.int64).tobytes())
     elif pa.types.is_list(kind):
-        text, before, after = _queue_lists(field, values, present, dense, plain), "[", "]"
+        text, before, after = _queue_lists(field, values, present, dense), "[", "]"
     else:
         field.add_ids.frombytes(ids.tobytes())
         field.add_vals.frombytes(_codes(field, values).tobytes())
@@ -413,36 +420,55 @@ def _queue(field: _Field, type_: str, values: pa.Array, present: np.ndarray,
     return text, before, after
 
 
-def _queue_lists(field: _Field, lists: pa.Array, present: np.ndarray, dense: np.ndarray,
-                 plain: bool) -> pa.Array:
+def _queue_lists(field: _Field, lists: pa.Array, present: np.ndarray, dense: np.ndarray
+                 ) -> pa.Array:
     """Lists of keywords as the row path keeps them (sorted, distinct): queued item by
-    item, row by row; each list's items as JSON, joined by commas (null for no list)."""
+    item, row by row; each list's items as JSON, joined by commas (null for no list).
+    Items are sorted and coded through the block's few distinct words."""
     items = pc.list_flatten(lists)
     if pa.types.is_null(items.type):  # only empty lists (a null item is refused)
         items = items.cast(pa.string())
-    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-    order = pc.sort_indices(pa.table({"row": parents, "item": items}),
-                            sort_keys=[("row", "ascending"), ("item", "ascending")])
-    parents, items = parents[order.to_numpy()], items.take(order)
-    if len(items) > 1:
-        again = (parents[1:] == parents[:-1]) & \
-            pc.equal(items.slice(1), items.slice(0, len(items) - 1)).to_numpy(
-                zero_copy_only=False)
-        keep = np.concatenate(([True], ~again))
-        parents, items = parents[keep], items.filter(pa.array(keep))
+    encoded = pc.dictionary_encode(items)
+    words = encoded.dictionary.to_pylist()
+    which = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    rank = np.empty(len(words), dtype=np.int64)
+    rank[sorted(range(len(words)), key=words.__getitem__)] = np.arange(len(words))
+    key = parents * max(len(words), 1) + rank[which]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    order = order[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else order
+    parents, which = parents[order], which[order]
     field.add_ids.frombytes(dense[parents].tobytes())
-    field.add_vals.frombytes(_codes(field, items).tobytes())
+    field.add_vals.frombytes(_word_codes(field, words, which)[which].tobytes())
+    quoted = pa.array([orjson.dumps(word).decode() for word in words], pa.string())
     counts = np.bincount(parents, minlength=len(lists))
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
-    quoted = pc.binary_join_element_wise('"', _json_strings(items, plain), '"', "")
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), quoted,
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), quoted.take(which),
                                                    mask=pa.array(~present)), ",")
+
+
+def _word_codes(field: _Field, words: list[Any], which: np.ndarray) -> np.ndarray:
+    """The field's code of each word (uint32), new words coded in the order `which`
+    (word numbers, in row order) first shows them, as the row path codes them."""
+    codes, known = field.codes, field.values
+    lookup = np.zeros(len(words), dtype=np.uint32)
+    shown, at = np.unique(which, return_index=True)
+    for word in shown[np.argsort(at)].tolist():
+        value = words[word]
+        code = codes.get(value)
+        if code is None:
+            code = codes[value] = len(codes)
+            known.append(value)
+        lookup[word] = code
+    return lookup
 
 
 def _codes(field: _Field, values: pa.Array) -> np.ndarray:
     """The field's value code of each non-null value (uint32), new values coded in the
     order they first appear, as the row path codes them."""
-    encoded = pc.dictionary_encode(values)
+    encoded = pc.dictionary_encode(values)  # its dictionary: in order of first appearance
+    which = pc.drop_null(encoded.indices).to_numpy()
     codes, known = field.codes, field.values
     lookup = np.empty(len(encoded.dictionary), dtype=np.uint32)
     for at, value in enumerate(encoded.dictionary.to_pylist()):
@@ -451,7 +477,7 @@ def _codes(field: _Field, values: pa.Array) -> np.ndarray:
             code = codes[value] = len(codes)
             known.append(value)
         lookup[at] = code
-    return lookup[pc.drop_null(encoded.indices).to_numpy()]
+    return lookup[which]
 
 
 def _json_strings(values: pa.Array, plain: bool) -> pa.Array:

@@ -206,3 +206,11 @@ def test_a_load_of_new_profiles_loads_the_same_with_blocks_of_any_size(tmp_path:
         with Engine.open(tmp_path / f"s{size}") as engine:
             load_dataset(folder, engine)
     assert differences(tmp_path / "s200", tmp_path / "s5000") == []
+
+
+def test_integers_out_of_range_fail_as_on_the_row_path(tmp_path: Path) -> None:
+    for number in (-(2**63), 2**62, -(2**62), 2**62 - 1):
+        folder = write(tmp_path / f"d{number}", {"profiles.jsonl": [
+            {"id": "a", "n": 1}, {"id": "b", "n": number}]})
+        error = assert_same_load(tmp_path / f"s{number}", folder)
+        assert (error is None) == (abs(number) < 2**62)
