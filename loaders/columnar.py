@@ -42,6 +42,8 @@ _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 # A top-level null: pyarrow reads it as a row of nulls (and crashes on a block of only
 # such lines) where the row path refuses it, so such blocks never reach pyarrow.
 _NULL_ROW = re.compile(rb"(?:^|\})[ \t\r\f\v]*null", re.M)
+_LINE_START = np.frombuffer(b" \t\r\x0b\x0c\nn", dtype=np.uint8)  # see _plain_lines
+_AFTER_BRACE = np.frombuffer(b" \t\r\x0b\x0cn", dtype=np.uint8)
 _READ_OPTIONS = pj.ReadOptions(use_threads=True, block_size=1 << 20)
 # "ts" stays the text it was, so a batch parses it as its row path does: pyarrow's own
 # timestamp inference takes forms the row path refuses (e.g. "2025-01-01T10").
@@ -120,7 +122,8 @@ def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
     """One block of whole lines as a RowBlock; its table is None when pyarrow refuses
     it or when its rows would not be its non-blank lines one to one."""
     table = None
-    if not _SURROGATE.search(data) and not _NULL_ROW.search(data):
+    plain = _plain_lines(data)
+    if not _SURROGATE.search(data) and (plain or not _NULL_ROW.search(data)):
         try:
             table = pj.read_json(io.BytesIO(data), read_options=_READ_OPTIONS,
                                  parse_options=_PARSE_OPTIONS)
@@ -130,7 +133,7 @@ def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
             table.validate()  # a list column starting [null, "x"] gets offsets past its items
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             table = None
-    blanks = _blank_lines(data)
+    blanks = [] if plain else _blank_lines(data)
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     if table is not None and table.num_rows != lines - len(blanks):
         table = None  # e.g. two objects on one line: the row path says what is wrong
@@ -177,6 +180,18 @@ def parse_texts(texts: Iterable[str]) -> list[tuple[int, Any]]:
         except orjson.JSONDecodeError as exc:
             raise DataError(f"not valid JSON: {exc}", line=number) from None
     return records
+
+
+def _plain_lines(data: bytes) -> bool:
+    """Whether the block surely has no blank line and no top-level null (what _BLANK and
+    _NULL_ROW find, at a tenth of their cost): no line starts with whitespace, a newline
+    or "n", and no "}" is followed by whitespace other than a newline or by "n"."""
+    chars = np.frombuffer(data, dtype=np.uint8)
+    if len(chars) == 0 or chars[0] in _LINE_START:
+        return False
+    before, after = chars[:-1], chars[1:]
+    return not (np.isin(after[before == 10], _LINE_START).any()
+                or np.isin(after[before == 125], _AFTER_BRACE).any())
 
 
 def _blank_lines(data: bytes) -> list[int]:

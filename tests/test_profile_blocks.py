@@ -214,3 +214,15 @@ def test_integers_out_of_range_fail_as_on_the_row_path(tmp_path: Path) -> None:
             {"id": "a", "n": 1}, {"id": "b", "n": number}]})
         error = assert_same_load(tmp_path / f"s{number}", folder)
         assert (error is None) == (abs(number) < 2**62)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(list(b" \t\r\n\x0b\x0cnul}{a\"")), max_size=30).map(bytes))
+def test_a_plain_block_has_no_blank_line_and_no_top_level_null(data: bytes) -> None:
+    # parse_block skips those two regular expressions (the reader thread's main cost
+    # after the parse itself) when _plain_lines says so
+    if columnar._plain_lines(data):
+        assert not columnar._NULL_ROW.search(data) and not columnar._BLANK.search(data)
+    assert columnar._plain_lines(b'{"a":1}\n{"a":null}\n')
+    assert not columnar._plain_lines(b'{"a":1}\nnull\n')
+    assert not columnar._plain_lines(b'{"a":1}\n\n{"a":2}')
