@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index import idhash
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.evaluate import Evaluator
@@ -58,9 +59,11 @@ def dense_ids(engine: Engine, snap: Snapshot, profile_ids: Sequence[str]) -> lis
 
 
 def live_ids(engine: Engine, snap: Snapshot, profile_ids: Sequence[str]) -> np.ndarray:
-    """The dense id of each live profile, -1 for the other ids (int64): one lookup per id
-    in key order (IdMap.lookup_many), the live test vectorised."""
-    dense = engine.ids.lookup_many(profile_ids, snap.reader)
+    """The dense id of each live profile, -1 for the other ids (int64): looked up in the
+    IdMap's hash table once it is made (index/idhash.py), else in LMDB in key order
+    (IdMap.lookup_many); the live test vectorised."""
+    dense = idhash.lookup_many(engine.ids, profile_ids, snap.reader,
+                               lambda found: within(snap.live, found))
     dense[~within(snap.live, dense)] = -1
     return dense
 
