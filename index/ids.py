@@ -40,7 +40,7 @@ class IdChunk:
 
     @classmethod
     def of(cls, names: Sequence[bytes]) -> IdChunk:
-        lengths = np.fromiter((len(n) for n in names), dtype=np.uint64, count=len(names))
+        lengths = np.fromiter(map(len, names), dtype=np.uint64, count=len(names))
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.uint64)
         return cls(offsets, b"".join(names))
 
