@@ -43,8 +43,11 @@ SCALE = T.FLOAT_SCALE
 MAX_INT_FLOAT = (T.MAX_KEY - 1) // SCALE  # an integer in a float field: key = x * SCALE
 FAST_FLOAT = 2.0**26  # below: one 8-decimal number per double, so rint(x * 1e8) is its key
 SMALL_FLOAT = 1e-5  # below: pyarrow writes exponents where orjson writes them differently
-_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
-_DATE = r"^\d{4}-\d{2}-\d{2}$"
+# Months 01-12, days 01-31, hours 00-23, minutes and seconds 00-59; a day past its
+# month's end (02-30) is caught by comparing the day strptime gives back.
+_DAY = r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+_TIMESTAMP = _DAY + r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ$"
+_DATE = _DAY + "$"
 _CONTROL = "[\x00-\x1f]"
 _STRING = (pa.string(), pa.large_string())
 
@@ -233,7 +236,8 @@ class _Converter:
             if not hit.any():
                 continue
             secs = pc.strptime(arr, fmt, "s", error_is_null=True)
-            same = _np(pc.equal(pc.strftime(secs, fmt), arr))  # no 02-30 made 03-01
+            day = pc.utf8_slice_codeunits(pc.if_else(pa.array(hit), arr, "0000-00-00"), 8, 10)
+            same = _np(pc.equal(pc.day(secs), pc.cast(day, pa.int64())))  # 02-30: 03-01
             raw = pc.fill_null(pc.cast(secs, pa.int64()), 0).to_numpy(zero_copy_only=False)
             hit &= same
             keys = np.where(hit, raw, keys)
@@ -411,17 +415,21 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     if p0 == 0:
         return False
     # ids already in the store (or in this batch)
-    order_keys = pc.binary_join_element_wise(
-        pa.scalar(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), b"").to_pylist()
+    key_arr = pc.binary_join_element_wise(
+        pa.scalar(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), b"")
+    by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
     db = batch.store.db["orders"]
     if batch.next > 0:
-        found = {key for key, _ in batch.txn.cursor(db=db).getmulti(sorted(order_keys))}
+        found = {key for key, _ in batch.txn.cursor(db=db).getmulti(
+            key_arr.take(by_key).to_pylist())}
         if found:
-            known = np.fromiter((key in found for key in order_keys), dtype=bool, count=p0)
+            known = np.fromiter((key in found for key in key_arr.to_pylist()), dtype=bool,
+                                count=p0)
             p0 = int(np.argmax(known)) if known.any() else p0
             if p0 == 0:
                 return False
-            order_keys = order_keys[:p0]
+            by_key = by_key[by_key < p0]
+    order_keys = (key_arr.take(by_key).to_pylist(), by_key)
     _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
            pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
            firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
@@ -442,7 +450,8 @@ def _first_values(record: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: tuple,
+def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray],
+           x_text: tuple,
            pid_text: pa.Array,
            ts: np.ndarray, field_convs: dict[str, _Conv], item_convs: dict[str, _Conv],
            inferred: dict[str, str], firsts: dict[str, int], fields: list[str],
@@ -484,9 +493,8 @@ def _apply(batch: OrderBatch, k: int, order_keys: list[bytes], x_text: tuple,
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
                  _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text, "}")
     cursor = batch.txn.cursor(db=batch.store.db["orders"])
-    values = _u32_keys(b"", oids)
-    by_key = sorted(range(k), key=order_keys.__getitem__)  # B-tree inserts in key order
-    cursor.putmulti([(order_keys[i], values[i]) for i in by_key])
+    keys, by_key = order_keys  # the order id keys sorted, and their rows
+    cursor.putmulti(list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
     # new order ids are past every stored one, and "r" is the last key prefix: append
     pairs = list(zip(_u32_keys(b"r" + SEP, oids), pc.cast(rows, pa.binary()).to_pylist(),
                      strict=True))
