@@ -251,17 +251,21 @@ def test_cart_abandoners(engine, keys):
 def test_cart_abandoners_at_the_edges_of_the_last_order(engine, by_last):
     """then_not any order settles most rows by the profile's last order; these sit on its
     edges: the last order 1 µs after the cart or exactly a day after it (not abandoned),
-    1 µs past the day (abandoned), at the cart's instant (abandoned), and a last order
-    past the day with an earlier one inside it (not abandoned: searched)."""
-    carts = [("micro", 3 * DAY), ("day", 3 * DAY), ("past", 3 * DAY), ("same", 3 * DAY),
-             ("two", 3 * DAY)]
+    1 µs past the day (abandoned), at the cart's instant (abandoned); the last past the
+    day and the one before it inside (not abandoned) or before the cart (abandoned); the
+    last two past the day, so searched, with a third inside (not) or none (abandoned)."""
+    carts = [(p, 3 * DAY) for p in ("micro", "day", "past", "same", "two", "before", "late",
+                                    "late_idle")]
     engine.track_events([{"profile": p, "event": "add_to_cart", "ts": ago(d)} for p, d in carts])
     engine.add_orders([{"id": f"o{i}", "profile": p, "ts": ago(d)} for i, (p, d) in enumerate([
         ("micro", 3 * DAY - US), ("day", 2 * DAY), ("past", 2 * DAY - US), ("same", 3 * DAY),
-        ("two", 2.5 * DAY), ("two", DAY)])])
+        ("two", 2.5 * DAY), ("two", DAY), ("before", 10 * DAY), ("before", DAY),
+        ("late", 2.5 * DAY), ("late", 1.5 * DAY), ("late", DAY), ("late_idle", 1.5 * DAY),
+        ("late_idle", DAY)])])
     every_order = sequence._every_order if by_last else (lambda step: False)
     with mock.patch.object(sequence, "_every_order", every_order):
-        assert sorted(engine.members(CART_ABANDONERS, as_of=AS_OF)) == ["past", "same"]
+        assert sorted(engine.members(CART_ABANDONERS, as_of=AS_OF)) == [
+            "before", "late_idle", "past", "same"]
 
 
 def test_then_not_at_as_of_exactly_and_just_after(engine):
