@@ -557,15 +557,21 @@ def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
     """Dense profile ids; profiles new to the store are created in order of appearance."""
     enc = pc.dictionary_encode(text)
     codes = enc.indices.to_numpy(zero_copy_only=False)
-    names = [name.encode() for name in enc.dictionary.to_pylist()]
-    dense = np.full(len(names), -1, dtype=np.int64)
+    names = pc.cast(enc.dictionary, pa.binary())
+    by_key = pc.sort_indices(names).to_numpy(zero_copy_only=False)
+    ordered = names.take(by_key)
     db = batch.store.db["ids"]
-    found = dict(batch.txn.cursor(db=db).getmulti(sorted(names)))
-    if found:
-        dense = np.fromiter((int.from_bytes(found[n], "big") if n in found else -1
-                             for n in names), dtype=np.int64, count=len(names))
+    found = batch.txn.cursor(db=db).getmulti(ordered.to_pylist())  # in key order
+    dense = np.full(len(names), -1, dtype=np.int64)
+    values = np.frombuffer(b"".join(value for _, value in found), dtype=">u4")
+    if len(found) == len(names):
+        dense[by_key] = values
+    elif found:
+        at = pc.index_in(ordered, value_set=pa.array([key for key, _ in found], pa.binary()))
+        hit = _valid(at)
+        dense[by_key[hit]] = values
     for code in np.flatnonzero(dense < 0).tolist():  # dictionary order: first appearance
-        dense[code] = batch.ensure_profile(names[code].decode())
+        dense[code] = batch.ensure_profile(enc.dictionary[code].as_py())
     return dense[codes]
 
 
