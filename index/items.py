@@ -8,17 +8,19 @@ Layout (index/orders.py keeps it): every item line has a dense item id; `item_ow
 maps it to its order (NONE once replaced), numeric / date keys are item columns
 ("items.F"), value-typed keys (keyword, keywords, bool) are ValueIndexes over item ids
 (`OrderIndex.item_values`).  Evaluation is vectorised: R becomes a bitmap of item ids,
-cut to the item ids of W's order id ranges when item ids follow order ids (_in_window);
-O and W a mask over order ids (orders.select_orders); the item ids are gathered through
-item_owner into that mask, then into profile ids, and grouped per profile: `sum` over
-many rows by a float64 np.bincount when that is exact (_dense_sum), anything else by
-orders._Groups (sort + reduceat for few rows, bincount / ufunc.at for many).
+cut to the item ids of W's order id ranges when item ids follow order ids
+(_window_lines); when that cut is exact and O does not depend on as_of, ANDed with the
+kept item ids of O's orders (_order_lines), else O and W are a mask over order ids
+(orders.select_orders) that each line's order is checked in.  The lines then go into
+profile ids and are grouped per profile: `sum` over many rows by float64 np.bincounts
+when that is exact (_dense_sum, in steps of CHUNK lines that stay in cache), anything
+else by orders._Groups (sort + reduceat for few rows, bincount / ufunc.at for many).
 
 Derived per index (snapshot), at first use, kept while the index lives: the profile id
-of every item line and the most lines of one profile (4 bytes an item line), and for a
+of every item line and the most lines of one profile (4 bytes an item line), for a
 `sum` of qty, price or spend the float64 value of every line (8 bytes a line for each
-of the three that is summed).  At 10M profiles and ~41M item lines: ~164 MB and
-~328 MB for spend.
+of the three that is summed), and the item ids of up to 16 orders rules (a bitmap each,
+a few MB).  At 10M profiles and ~41M item lines: ~164 MB and ~328 MB for spend.
 
 Aggregates: count = item lines (not units); sum / avg / min / max of qty, price or spend
 (spend = price × qty of the line, as the exact integer product of the two columns' keys,

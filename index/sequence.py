@@ -17,7 +17,10 @@ profile matches when some r1 completes, with ts(rk) - ts(r1) <= within_days when
 is given; without within_days only each profile's earliest r1 needs trying.
 
 `then_not` keeps a profile when some r1 (in the window, at least n days before as_of)
-has no then_not row in (ts(r1), ts(r1) + n days].  Its one step is not evaluated as a
+has no then_not row in (ts(r1), ts(r1) + n days].  When the then_not step is any order,
+each r1 is first settled by its profile's last live order (kept per snapshot by
+index/orders.py): none after ts(r1), it holds; the last within the n days, it does not;
+only the rows whose last order is later are searched as below.  Its one step is not evaluated as a
 leaf first: its rows are read for every profile (the leaf would prune nothing but the
 profiles no longer live, which are dropped at the end).  The then_not rows read are
 those of the r1 profiles in (min ts(r1), max ts(r1) + n days].  An r1 of a profile
