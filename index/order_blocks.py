@@ -21,6 +21,8 @@ error of a bad row with its line and field.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +74,16 @@ class _Conv:
         self.valid, self.bad, self.json, self.keys, self.values = valid, bad, json, keys, values
 
 
+@functools.lru_cache(maxsize=256, typed=True)
+def _s(value: Any, type_: Any = None) -> pa.Scalar:
+    """A pyarrow scalar (string unless typed): pyarrow.compute given a bare Python value
+    looks for pandas each call, ~0.1 ms, more than the kernel costs on a block."""
+    return pa.scalar(value, type_ or pa.string())
+
+
 def _np(mask: Any) -> np.ndarray:
     """A boolean pyarrow array (nulls false) as numpy."""
-    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+    return pc.fill_null(mask, _s(False, pa.bool_())).to_numpy(zero_copy_only=False)
 
 
 def _valid(arr: pa.Array) -> np.ndarray:
@@ -82,7 +91,8 @@ def _valid(arr: pa.Array) -> np.ndarray:
 
 
 def _join(*parts: Any) -> pa.Array:
-    return pc.binary_join_element_wise(*parts, "")
+    return pc.binary_join_element_wise(*(_s(p) if isinstance(p, str) else p for p in parts),
+                                       _s(""))
 
 
 def _text_json(arr: pa.Array, plain: bool) -> tuple[tuple, np.ndarray]:
@@ -90,7 +100,7 @@ def _text_json(arr: pa.Array, plain: bool) -> tuple[tuple, np.ndarray]:
     rows holding a control character (escaped otherwise) or perhaps too long a string
     are bad.  `plain`: the block's text has no backslash, so no string needs escaping."""
     esc = arr
-    bad = _np(pc.greater(pc.binary_length(arr), T.MAX_VALUE_BYTES // 4))
+    bad = _np(pc.greater(pc.binary_length(arr), _s(T.MAX_VALUE_BYTES // 4, pa.int32())))
     if not plain:
         if _np(pc.match_substring(arr, "\\")).any():
             esc = pc.replace_substring(esc, "\\", "\\\\")
@@ -114,7 +124,8 @@ def _codes(arr: pa.Array, rows: np.ndarray) -> _Coded:
     """Value codes (first appearance order) of the non-null strings / bools of arr."""
     enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) \
         else pc.dictionary_encode(arr)
-    codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = pc.fill_null(enc.indices, _s(-1, enc.indices.type)).to_numpy(
+        zero_copy_only=False).astype(np.int64)
     keep = codes >= 0
     return _Coded(rows[keep], codes[keep], enc.dictionary.to_pylist())
 
@@ -158,7 +169,7 @@ class _Converter:
                 (atype.value_type in _STRING or pa.types.is_null(atype.value_type)):
             return self._keywords(arr, valid)
         if type_ == T.BOOL and pa.types.is_boolean(atype):
-            json = (pc.if_else(arr, "true", "false"),)
+            json = (pc.if_else(arr, _s("true"), _s("false")),)
             return _Conv(valid, nothing, json, values=_codes(arr, rows))
         if type_ in (T.INT, T.FLOAT) and (pa.types.is_int64(atype) or pa.types.is_float64(atype)):
             return self._number(arr, valid, type_, key)
@@ -177,33 +188,34 @@ class _Converter:
             flat = pa.array([""] * len(flat), pa.string())
         else:
             bad[parent[~_valid(flat)]] = True
-            flat = pc.fill_null(flat, "")
-        order = pc.sort_indices(pa.table({"p": parent, "v": flat}),
+            flat = pc.fill_null(flat, _s(""))
+        order = pc.sort_indices(pa.table({"p": pa.array(parent, pa.int64()), "v": flat}),
                                 sort_keys=[("p", "ascending"), ("v", "ascending")])
         order = order.to_numpy(zero_copy_only=False)
         parent, flat = parent[order], flat.take(order)
         if len(parent) > 1:  # a row's values distinct
             same = (parent[1:] == parent[:-1]) & _np(pc.equal(flat[1:], flat[:-1]))
             keep = np.concatenate(([True], ~same))
-            parent, flat = parent[keep], flat.filter(pa.array(keep))
+            parent, flat = parent[keep], flat.filter(pa.array(keep, pa.bool_()))
         text, text_bad = _text_json(flat, self.plain)
         text = _join(*text)
         bad[parent[text_bad]] = True
         offsets = np.zeros(m + 1, dtype=np.int32)
         np.cumsum(np.bincount(parent, minlength=m), out=offsets[1:])
-        lists = pa.ListArray.from_arrays(pa.array(offsets), text, mask=pa.array(~valid))
-        json = ("[", pc.binary_join(lists, ","), "]")
+        lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), text,
+                                         mask=pa.array(~valid, pa.bool_()))
+        json = ("[", pc.binary_join(lists, _s(",")), "]")
         return _Conv(valid, bad & valid, json, values=_codes(flat, parent))
 
     def _number(self, arr: pa.Array, valid: np.ndarray, type_: str, key: str) -> _Conv:
         if pa.types.is_int64(arr.type):
-            x = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+            x = pc.fill_null(arr, _s(0, pa.int64())).to_numpy(zero_copy_only=False)
             limit = MAX_INT_FLOAT if type_ == T.FLOAT else T.MAX_KEY - 1
             bad = valid & ((np.abs(x) > limit) | (x == np.iinfo(np.int64).min))
             x = np.where(bad, 0, x)
             keys = x * SCALE if type_ == T.FLOAT else x
             return _Conv(valid, bad, (_ints_json(x),), keys=np.where(valid, keys, 0))
-        v = pc.fill_null(arr, 0.0).to_numpy(zero_copy_only=False)
+        v = pc.fill_null(arr, _s(0.0, pa.float64())).to_numpy(zero_copy_only=False)
         finite = np.isfinite(v)
         v = np.where(finite, v, 0.0)
         whole = v == np.floor(v)
@@ -218,7 +230,7 @@ class _Converter:
         if (whole & valid).any() and self.integer_literal(key):
             fits &= ~whole
         bad = valid & ~fits
-        text = pc.cast(pa.array(v), pa.string())
+        text = pc.cast(pa.array(v, pa.float64()), pa.string())
         text = pc.if_else(pc.match_substring(text, "."), text, _join(text, ".0"))
         return _Conv(valid, bad, (text,), keys=np.where(valid & fits, k, 0).astype(np.int64))
 
@@ -236,9 +248,11 @@ class _Converter:
             if not hit.any():
                 continue
             secs = pc.strptime(arr, fmt, "s", error_is_null=True)
-            day = pc.utf8_slice_codeunits(pc.if_else(pa.array(hit), arr, "0000-00-00"), 8, 10)
+            day = pc.utf8_slice_codeunits(
+                pc.if_else(pa.array(hit, pa.bool_()), arr, _s("0000-00-00")), 8, 10)
             same = _np(pc.equal(pc.day(secs), pc.cast(day, pa.int64())))  # 02-30: 03-01
-            raw = pc.fill_null(pc.cast(secs, pa.int64()), 0).to_numpy(zero_copy_only=False)
+            raw = pc.fill_null(pc.cast(secs, pa.int64()), _s(0, pa.int64())).to_numpy(
+                zero_copy_only=False)
             hit &= same
             keys = np.where(hit, raw, keys)
             ok |= hit
@@ -259,8 +273,9 @@ def _external(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
     elif arr.type not in _STRING:
         return pa.nulls(m, pa.string()), np.ones(m, dtype=bool)
     size = pc.binary_length(arr)
-    bad = ~_np(pc.and_(pc.greater(size, 0), pc.less_equal(size, MAX_ID_BYTES)))
-    return pc.fill_null(arr, ""), bad
+    bad = ~_np(pc.and_(pc.greater(size, _s(0, size.type)),
+                       pc.less_equal(size, _s(MAX_ID_BYTES, size.type))))
+    return pc.fill_null(arr, _s("")), bad
 
 
 def _column(table: pa.Table, name: str) -> pa.Array:
@@ -274,8 +289,21 @@ def _u32_keys(prefix: bytes, ids: np.ndarray) -> list[bytes]:
     raw = np.empty((n, width), dtype=np.uint8)
     raw[:, :len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
     raw[:, len(prefix):] = ids.astype(">u4").view(np.uint8).reshape(n, 4)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n,
-                                                [None, pa.py_buffer(raw.tobytes())]).to_pylist()
+    data = raw.tobytes()
+    return [data[i:i + width] for i in range(0, n * width, width)]
+
+
+def _bytes_list(arr: pa.Array) -> list[bytes]:
+    """The values of a string or binary array without nulls, as bytes (a slice each:
+    several times faster than to_pylist)."""
+    arr = pc.cast(arr, pa.binary())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    _, offsets, data = arr.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    raw = data.to_pybytes() if data is not None else b""
+    at = bounds.tolist()
+    return [raw[a:b] for a, b in zip(at, at[1:])]
 
 
 def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
@@ -324,7 +352,8 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
             bad |= _valid(items)
             items = None
     if items is not None:
-        n_items = pc.fill_null(pc.list_value_length(items), 0).to_numpy(
+        lengths = pc.list_value_length(items)
+        n_items = pc.fill_null(lengths, _s(0, lengths.type)).to_numpy(
             zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(items)
         item_parent = pc.list_parent_indices(items).to_numpy(
@@ -416,12 +445,12 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
         return False
     # ids already in the store (or in this batch)
     key_arr = pc.binary_join_element_wise(
-        pa.scalar(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), b"")
+        _s(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
     db = batch.store.db["orders"]
     if batch.next > 0:
         found = {key for key, _ in batch.txn.cursor(db=db).getmulti(
-            key_arr.take(by_key).to_pylist())}
+            _bytes_list(key_arr.take(by_key)))}
         if found:
             known = np.fromiter((key in found for key in key_arr.to_pylist()), dtype=bool,
                                 count=p0)
@@ -429,7 +458,7 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
             if p0 == 0:
                 return False
             by_key = by_key[by_key < p0]
-    order_keys = (key_arr.take(by_key).to_pylist(), by_key)
+    order_keys = (_bytes_list(key_arr.take(by_key)), by_key)
     _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
            pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
            firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
@@ -475,7 +504,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
         if c.json is None or not c.valid[:k].any():
             continue
         fjson.append(_text(orjson.dumps(name).decode() + ":", c.json, k))
-    f_text = pc.binary_join_element_wise(*fjson, ",", null_handling="skip") if fjson \
+    f_text = pc.binary_join_element_wise(*fjson, _s(","), null_handling="skip") if fjson \
         else pa.array([""] * k, pa.string())
     ijson = []
     for key in sorted(item_convs):
@@ -484,19 +513,19 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
             continue
         ijson.append(_text(orjson.dumps(key).decode() + ":", c.json, n_item))
     if ijson:
-        one = pc.binary_join_element_wise(*ijson, ",", null_handling="skip")
+        one = pc.binary_join_element_wise(*ijson, _s(","), null_handling="skip")
     else:
         one = pa.array([""] * n_item, pa.string())
     one = _join("{", one, "}")
-    lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32)), one)
-    it_text = pc.binary_join(lists, ",")
+    lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32), pa.int32()), one)
+    it_text = pc.binary_join(lists, _s(","))
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
                  _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text, "}")
     cursor = batch.txn.cursor(db=batch.store.db["orders"])
     keys, by_key = order_keys  # the order id keys sorted, and their rows
     cursor.putmulti(list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
     # new order ids are past every stored one, and "r" is the last key prefix: append
-    pairs = list(zip(_u32_keys(b"r" + SEP, oids), pc.cast(rows, pa.binary()).to_pylist(),
+    pairs = list(zip(_u32_keys(b"r" + SEP, oids), _bytes_list(rows),
                      strict=True))
     last = cursor.last() and cursor.key()
     cursor.putmulti(pairs, append=bool(last) and pairs[0][0] > last)
@@ -561,9 +590,9 @@ def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
     by_key = pc.sort_indices(names).to_numpy(zero_copy_only=False)
     ordered = names.take(by_key)
     db = batch.store.db["ids"]
-    found = batch.txn.cursor(db=db).getmulti(ordered.to_pylist())  # in key order
+    found = batch.txn.cursor(db=db).getmulti(_bytes_list(ordered))  # in key order
     dense = np.full(len(names), -1, dtype=np.int64)
-    values = np.frombuffer(b"".join(value for _, value in found), dtype=">u4")
+    values = np.frombuffer(b"".join(map(operator.itemgetter(1), found)), dtype=">u4")
     if len(found) == len(names):
         dense[by_key] = values
     elif found:

@@ -442,7 +442,7 @@ class _Sets:
         ids = np.frombuffer(self.ids, dtype=np.uint32)
         keys = np.frombuffer(self.keys, dtype=np.int64)
         valid = np.frombuffer(self.valid, dtype=np.int8).astype(bool)
-        if len(ids) > 1:  # keep the last write of each id
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # keep each id's last write
             rev = ids[::-1]
             _, first = np.unique(rev, return_index=True)
             pick = len(ids) - 1 - first
