@@ -110,14 +110,35 @@ def _text_json(arr: pa.Array, plain: bool) -> tuple[tuple, np.ndarray]:
     return ('"', esc, '"'), bad
 
 
-def _text(prefix: str, parts: tuple, upto: int) -> pa.Array:
-    """prefix + the joined parts (strings, and arrays cut to their first `upto` rows)."""
+def _text(prefix: str, parts: tuple, valid: np.ndarray) -> pa.Array:
+    """prefix + the joined parts (strings, and arrays cut to the length of `valid`), null
+    where not valid (the arrays of numbers hold a stand-in there)."""
+    upto = len(valid)
     parts = tuple(p if isinstance(p, str) else p[:upto] for p in parts)
     if isinstance(parts[0], str):
         parts = (prefix + parts[0],) + parts[1:]
     elif prefix:
         parts = (prefix,) + parts
-    return _join(*parts) if len(parts) > 1 else pc.cast(parts[0], pa.string())
+    text = _join(*parts) if len(parts) > 1 else pc.cast(parts[0], pa.string())
+    if valid.all():
+        return text
+    return pc.if_else(pa.array(valid, pa.bool_()), text, _s(None, pa.string()))
+
+
+def _joined(texts: list[pa.Array], rows: int) -> pa.Array:
+    """The texts of each row joined with commas, nulls left out ("" when all are)."""
+    if not texts:
+        return pa.array(np.full(rows, "", dtype=object), pa.string())
+    if len(texts) == 1:
+        return pc.fill_null(texts[0], _s(""))
+    # pyarrow 26 drops the rows where every text is null: such rows get a lone ""
+    some = np.zeros(rows, dtype=bool)
+    for text in texts:
+        some |= _valid(text)
+    if some.all():
+        return pc.binary_join_element_wise(*texts, _s(","), null_handling="skip")
+    lead = pc.if_else(pa.array(some, pa.bool_()), _s(None, pa.string()), _s(""))
+    return pc.binary_join_element_wise(lead, *texts, _s(","), null_handling="skip")
 
 
 def _codes(arr: pa.Array, rows: np.ndarray) -> _Coded:
@@ -503,20 +524,15 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
         c = field_convs[name]
         if c.json is None or not c.valid[:k].any():
             continue
-        fjson.append(_text(orjson.dumps(name).decode() + ":", c.json, k))
-    f_text = pc.binary_join_element_wise(*fjson, _s(","), null_handling="skip") if fjson \
-        else pa.array([""] * k, pa.string())
+        fjson.append(_text(orjson.dumps(name).decode() + ":", c.json, c.valid[:k]))
+    f_text = _joined(fjson, k)
     ijson = []
     for key in sorted(item_convs):
         c = item_convs[key]
         if c.json is None or not c.valid[:n_item].any():
             continue
-        ijson.append(_text(orjson.dumps(key).decode() + ":", c.json, n_item))
-    if ijson:
-        one = pc.binary_join_element_wise(*ijson, _s(","), null_handling="skip")
-    else:
-        one = pa.array([""] * n_item, pa.string())
-    one = _join("{", one, "}")
+        ijson.append(_text(orjson.dumps(key).decode() + ":", c.json, c.valid[:n_item]))
+    one = _join("{", _joined(ijson, n_item), "}")
     lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32), pa.int32()), one)
     it_text = pc.binary_join(lists, _s(","))
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
@@ -566,9 +582,12 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
         if sku is not None and has_sku[:n_item].any():
             v = sku.values
             keep = v.rows < n_item
-            pairs = np.unique(item_parent[v.rows[keep]] * max(1, len(v.values))
-                              + v.codes[keep])
-            distinct += np.bincount(pairs // max(1, len(v.values)), minlength=k)
+            width = max(1, len(v.values))
+            # in order of the orders already: a stable sort only orders each one's items
+            pairs = np.sort(item_parent[v.rows[keep]] * width + v.codes[keep], kind="stable")
+            first = np.ones(len(pairs), dtype=bool)
+            first[1:] = pairs[1:] != pairs[:-1]
+            distinct += np.bincount(pairs[first] // width, minlength=k)
         _set(batch._item_owner, iids, oids[item_parent])
     _set(batch._sets("f:items.distinct"), oids, distinct)
 

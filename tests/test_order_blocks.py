@@ -127,3 +127,19 @@ def test_a_fresh_store_takes_whole_blocks(tmp_path: Path, taken: list[Any]) -> N
     assert assert_same_load(tmp_path, folder) is None
     assert taken and all(got is True for got in taken)
     assert differences(tmp_path / "columnar", tmp_path / "rows") == []
+
+
+def test_fields_some_rows_lack_leave_those_rows_without_them(tmp_path: Path,
+                                                             taken: list[Any]) -> None:
+    lines = [{"id": "o1", "profile": "u1", "ts": "2025-01-01", "amount": 1.5, "n": 3,
+              "items": [{"sku": "a", "qty": 2}, {"sku": "b"}]},
+             {"id": "o2", "profile": "u2", "ts": "2025-01-01"},
+             {"id": "o3", "profile": "u1", "ts": "2025-01-01", "paid": False,
+              "items": [{"price": 2.5}, {}]}]
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20
+    assert assert_same_load(tmp_path, folder) is None
+    assert taken == [True]
+    rows = store_entries(tmp_path / "columnar")["orders"]
+    assert rows[b"r\x1f\x00\x00\x00\x01"] == \
+        b'{"f":{},"i0":2,"it":[],"p":1,"t":1735689600000000,"x":"o2"}'
