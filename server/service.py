@@ -421,12 +421,12 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     @rpc
     def GetSegment(self, request: pb.GetSegmentRequest,
                    context: grpc.ServicerContext) -> pb.Segment:
-        return convert.segment_reply(self.segments.get(request.name))
+        return convert.segment_reply(self.segments.get(request.name, as_of=convert.now()))
 
     @rpc
     def ListSegments(self, request: pb.ListSegmentsRequest,
                      context: grpc.ServicerContext) -> pb.ListSegmentsReply:
-        infos = self.segments.list(tag=request.tag or None)
+        infos = self.segments.list(as_of=convert.now(), tag=request.tag or None)
         return pb.ListSegmentsReply(segments=[convert.segment_reply(info) for info in infos])
 
     @rpc
