@@ -7,7 +7,7 @@ with numpy and pyarrow compute, without a Python call per row per field:
 - order ids are looked up in LMDB in one call, profile ids too; the profiles nobody has
   seen yet are created through ensure_profile, in the order the row path creates them;
 - each order's row (JSON with sorted keys, orders.py `_dump`) is assembled as text from
-  the columns and written with the ids in one putmulti per database;
+  the columns and written with the ids in one call per database;
 - value codes, column writes, item ids and the derived qty_sum / distinct go into the
   batch's queues exactly as add() queues them.
 
@@ -324,7 +324,7 @@ def _bytes_list(arr: pa.Array) -> list[bytes]:
     bounds = np.frombuffer(offsets, dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
     raw = data.to_pybytes() if data is not None else b""
     at = bounds.tolist()
-    return [raw[a:b] for a, b in zip(at, at[1:])]
+    return [raw[a:b] for a, b in zip(at[:-1], at[1:], strict=True)]
 
 
 def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
@@ -468,10 +468,8 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     key_arr = pc.binary_join_element_wise(
         _s(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
-    db = batch.store.db["orders"]
     if batch.next > 0:
-        found = {key for key, _ in batch.txn.cursor(db=db).getmulti(
-            _bytes_list(key_arr.take(by_key)))}
+        found = set(batch.store.present(batch.txn, "orders", _bytes_list(key_arr.take(by_key))))
         if found:
             known = np.fromiter((key in found for key in key_arr.to_pylist()), dtype=bool,
                                 count=p0)
@@ -537,14 +535,14 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
     it_text = pc.binary_join(lists, _s(","))
     rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
                  _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text, "}")
-    cursor = batch.txn.cursor(db=batch.store.db["orders"])
+    store, txn = batch.store, batch.txn
     keys, by_key = order_keys  # the order id keys sorted, and their rows
-    cursor.putmulti(list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
-    # new order ids are past every stored one, and "r" is the last key prefix: append
-    pairs = list(zip(_u32_keys(b"r" + SEP, oids), _bytes_list(rows),
-                     strict=True))
-    last = cursor.last() and cursor.key()
-    cursor.putmulti(pairs, append=bool(last) and pairs[0][0] > last)
+    store.put_many(txn, "orders", list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
+    # new order ids are past every stored one, and "r" is the last key prefix: append, or
+    # (should a later prefix exist) put them where they go
+    pairs = list(zip(_u32_keys(b"r" + SEP, oids), _bytes_list(rows), strict=True))
+    if store.put_many(txn, "orders", pairs, append=True) < k:
+        store.put_many(txn, "orders", pairs)
     batch.created += k
     batch.live_added.frombytes(oids.astype(np.uint32).tobytes())
     # queues: owner, ts, fields, derived, items
@@ -608,8 +606,7 @@ def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
     names = pc.cast(enc.dictionary, pa.binary())
     by_key = pc.sort_indices(names).to_numpy(zero_copy_only=False)
     ordered = names.take(by_key)
-    db = batch.store.db["ids"]
-    found = batch.txn.cursor(db=db).getmulti(_bytes_list(ordered))  # in key order
+    found = batch.store.present_items(batch.txn, "ids", _bytes_list(ordered))  # key order
     dense = np.full(len(names), -1, dtype=np.int64)
     values = np.frombuffer(b"".join(map(operator.itemgetter(1), found)), dtype=">u4")
     if len(found) == len(names):

@@ -101,8 +101,8 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
-from bitseg.index.order_blocks import take_block
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
+from bitseg.index.order_blocks import take_block
 from bitseg.index.recency import (
     NO_FIRST,
     NO_LAST,

@@ -84,8 +84,9 @@ ITEM = st.fixed_dictionaries({}, optional={
 FIELDS = {"status": st.one_of(WORDS, st.none()), "amount": st.sampled_from([0.5, 10.0, 7, 99.99]),
           "paid": st.booleans(), "n": st.integers(-5, 2**40), "tags": st.lists(WORDS, max_size=3),
           "due": st.sampled_from(["2025-03-01", "2024-02-29"]),
-          "seen": st.sampled_from(["2025-01-01T10:00:00Z", "2025-01-01", "2025-01-01T10:00:00+02:00",
-                                   "2025-02-30T00:00:00Z", "2025-01-01T10:00"])}
+          "seen": st.sampled_from(["2025-01-01T10:00:00Z", "2025-01-01",
+                                   "2025-01-01T10:00:00+02:00", "2025-02-30T00:00:00Z",
+                                   "2025-01-01T10:00"])}
 CLEAN = st.builds(
     lambda i, p, f, it: {"id": i, "profile": p, "ts": "2025-01-01T10:00:00Z", **f, "items": it},
     st.sampled_from(["o1", "o2", 3, "ö4"]), st.sampled_from(["u1", "u2", 4]),
