@@ -226,3 +226,14 @@ def test_a_plain_block_has_no_blank_line_and_no_top_level_null(data: bytes) -> N
     assert columnar._plain_lines(b'{"a":1}\n{"a":null}\n')
     assert not columnar._plain_lines(b'{"a":1}\nnull\n')
     assert not columnar._plain_lines(b'{"a":1}\n\n{"a":2}')
+
+
+def test_a_streamed_profiles_batch_is_taken_column_wise(tmp_path: Path, taken: list) -> None:
+    texts = ['{"id":"a","n":1,"tags":["x","w","x"]}', '{"id":"7","n":2}', '{"id":"b"}',
+             '{"id":"a","n":null}', '{"id":"c","n":3}']
+    with Engine.open(tmp_path / "blocks") as engine:
+        engine.upsert_profiles(columnar.texts_block(texts))
+    with Engine.open(tmp_path / "rows") as engine:
+        engine.upsert_profiles([orjson.loads(text) for text in texts])
+    assert taken == [(5, [3, 4])]
+    assert differences(tmp_path / "blocks", tmp_path / "rows") == []
