@@ -31,8 +31,10 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, NotFound
-from bitseg.index.events import SEP, EventIndex, stream_key
+from bitseg.index.event_index import EventIndex
+from bitseg.index.event_keys import stream_key
 from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
+from bitseg.index.keys import SEP_TEXT
 from bitseg.index.rules import And, Cond, EventCond, Not, Or, Rule
 from bitseg.index.snapshot import Snapshot
 
@@ -137,11 +139,11 @@ def event_info(snap: Snapshot, event: str, top: int = DEFAULT_TOP) -> EventTypeI
     events, live = snap.events, snap.live
     count, profiles = _stream_total(events, stream_key(event), live)
     by_prop: dict[str, dict[Any, int]] = {}
-    prefix = event + SEP
+    prefix = event + SEP_TEXT
     for stream in events.stream_months:
         if not stream.startswith(prefix):
             continue
-        prop, _, text = stream[len(prefix):].partition(SEP)
+        prop, _, text = stream[len(prefix):].partition(SEP_TEXT)
         if text.startswith("#"):  # a value too long for a key, kept under its digest
             continue
         n, _ = _stream_total(events, stream, live)
@@ -253,7 +255,8 @@ def _event_note(node: EventCond, snap: Snapshot) -> str:
             continue
         for value in _named(cond):
             keys = [stream_key(t, cond.field, value) for t in types]
-            if any(SEP + "#" in k for k in keys) or any(k in events.stream_months for k in keys):
+            digested = any(SEP_TEXT + "#" in k for k in keys)
+            if digested or any(k in events.stream_months for k in keys):
                 continue  # a digested name cannot be checked; a present one is fine
             what = "any event" if node.event == "*" else f"'{node.event}' event"
             notes.append(_missing(f"no {what} has {cond.field}", value,
@@ -266,7 +269,7 @@ def _property_values(events: EventIndex, types: list[str], prop: str) -> dict[An
     how common they are), from the stream names."""
     found: dict[Any, int] = {}
     for event in types:
-        prefix = f"{event}{SEP}{prop}{SEP}"
+        prefix = f"{event}{SEP_TEXT}{prop}{SEP_TEXT}"
         for stream, months in events.stream_months.items():
             text = stream[len(prefix):]
             if stream.startswith(prefix) and not text.startswith("#"):

@@ -24,7 +24,8 @@ from bitseg.index.blocks import RowBlock, apply_block
 from bitseg.index.cache import LRU, CacheStats, ResultCache, canonical, parsed_weight
 from bitseg.index.errors import BitsegError, DataError, NotFound
 from bitseg.index.evaluate import Evaluator
-from bitseg.index.events import EventBatch, load_events, write_catalog
+from bitseg.index.event_batch import EventBatch
+from bitseg.index.event_index import load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
 from bitseg.index.orders import OrderBatch, index_items, load_orders

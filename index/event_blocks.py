@@ -23,11 +23,8 @@ import pyarrow.compute as pc
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock
-
-EVENT_KEYS = ("profile", "event", "ts")  # as events.EVENT_KEYS (which imports this module)
-SEP = "\x1f"
-ANY = "*"
-PROP_TYPES = (T.KEYWORD, T.INT, T.FLOAT, T.BOOL)
+from bitseg.index.event_keys import ANY, EVENT_KEYS, PROP_TYPES
+from bitseg.index.keys import SEP_TEXT
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def columns_of(block: RowBlock, type_of: Callable[[str], str | None],
         return None
     event_codes, event_names = events
     refused = set(refused)
-    if any(e == ANY or SEP in e or T.name_problem(e) or e in refused for e in event_names):
+    if any(e == ANY or SEP_TEXT in e or T.name_problem(e) or e in refused for e in event_names):
         return None
     profiles = _profile_ids(table.column("profile"))
     if profiles is None:

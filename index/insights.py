@@ -31,7 +31,8 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.describe import QUANTILES, _order, _shown, kth_smallest
 from bitseg.index.errors import BitsegError
-from bitseg.index.events import _count_by_bitmaps, stream_key
+from bitseg.index.event_keys import stream_key
+from bitseg.index.events import count_by_bitmaps
 from bitseg.index.fields import RangeIndex, ValueIndex
 from bitseg.index.orders import OrderIndex, order_totals
 from bitseg.index.rules import EventCond, Having, Window
@@ -288,7 +289,7 @@ def window_counts(snap: Snapshot, event: str, days: int, as_of_us: int) -> Range
     lo, hi = cond.window.bounds(as_of_us)
     if lo is not None and day_of(lo) > events.type_days[event][-1]:
         return RangeIndex()  # nothing that recent
-    return _count_by_bitmaps(cond, events, snap.schema, [event], [stream_key(event)],
+    return count_by_bitmaps(cond, events, snap.schema, [event], [stream_key(event)],
                              lo, hi, as_of_us)
 
 

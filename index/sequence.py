@@ -42,7 +42,9 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
-from bitseg.index.events import ANY, EventIndex, blocks_in, row_mask
+from bitseg.index.event_index import EventIndex
+from bitseg.index.event_keys import ANY
+from bitseg.index.events import blocks_in, row_mask
 from bitseg.index.fields import EMPTY, bitmap_of, ids_of
 from bitseg.index.orders import OrderIndex, _extremes_of, select_orders
 from bitseg.index.recency import NO_LAST

@@ -10,7 +10,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.errors import NotFound
-from bitseg.index.events import EventIndex
+from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
 from bitseg.index.orders import OrderIndex
 from bitseg.index.rules import Rule

@@ -30,7 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bitseg.index.engine import Engine
-from bitseg.index.events import SEP, EventIndex
+from bitseg.index.event_index import EventIndex
+from bitseg.index.keys import SEP_TEXT
 
 # Seconds: a cached Count answers in well under a millisecond, a cold rule over millions
 # of profiles or a long Members stream takes seconds.
@@ -135,7 +136,7 @@ def event_rows(events: EventIndex) -> int:
     slices i of 2^i × the profiles in slice i (decoded buckets are cached)."""
     total = 0
     for stream, months in events.stream_months.items():
-        if SEP in stream:  # a (type, property value) stream: its rows are in its type's
+        if SEP_TEXT in stream:  # a (type, property value) stream: its rows are in its type's
             continue
         for month in months:
             counts = events.bucket(b"m", stream, month)

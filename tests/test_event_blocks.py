@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_columnar import assert_same_load, write
 
-from bitseg.index import events
+from bitseg.index import event_batch
 from bitseg.index import types as T
 from bitseg.index.engine import Engine
 from bitseg.index.event_blocks import iso_micros
@@ -67,7 +67,7 @@ def event(draw: Any, clean: bool) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(columnar, "BLOCK_BYTES", 200)
-    monkeypatch.setattr(events, "FLUSH_ROWS", events.FLUSH_ROWS)
+    monkeypatch.setattr(event_batch, "FLUSH_ROWS", event_batch.FLUSH_ROWS)
 
 
 @SETTINGS
@@ -80,7 +80,7 @@ def test_events_load_alike_across_flushes(tmp_path_factory: Any, lines: list, bl
     row path must judge, with flushes every few rows, cutting blocks."""
     tmp = tmp_path_factory.mktemp("ev")
     columnar.BLOCK_BYTES = block
-    events.FLUSH_ROWS = flush
+    event_batch.FLUSH_ROWS = flush
     folder = write(tmp / "data", {"profiles.jsonl": [{"id": "u2"}, {"id": "5"}],
                                   "events.jsonl": lines})
     if declared:
@@ -91,18 +91,18 @@ def test_events_load_alike_across_flushes(tmp_path_factory: Any, lines: list, bl
 def _taken(folder: Path, store: Path) -> list[bool]:
     """What add_block answered for each block of a columnar load."""
     answers: list[bool] = []
-    original = events.EventBatch.add_block
+    original = event_batch.EventBatch.add_block
 
     def spy(self: Any, block: Any) -> bool:
         answers.append(original(self, block))
         return answers[-1]
 
-    events.EventBatch.add_block = spy  # type: ignore[method-assign]
+    event_batch.EventBatch.add_block = spy  # type: ignore[method-assign]
     try:
         with Engine.open(store) as engine:
             load_dataset(folder, engine)
     finally:
-        events.EventBatch.add_block = original  # type: ignore[method-assign]
+        event_batch.EventBatch.add_block = original  # type: ignore[method-assign]
     return answers
 
 
@@ -110,7 +110,7 @@ def test_the_generators_events_are_taken_column_wise(tmp_path: Path) -> None:
     folder = tmp_path / "data"
     generate(folder, profiles=300, seed=4)
     columnar.BLOCK_BYTES = 8192
-    events.FLUSH_ROWS = 1000  # a flush inside some blocks
+    event_batch.FLUSH_ROWS = 1000  # a flush inside some blocks
     answers = _taken(folder, tmp_path / "store")
     assert len(answers) > 5 and all(answers)
     assert assert_same_load(tmp_path / "cmp", folder) is None
@@ -123,7 +123,7 @@ def test_a_refused_block_goes_to_the_row_path_and_later_blocks_resume(tmp_path: 
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "events.jsonl": rows})
     (folder / "schema.json").write_text('{"events": {"n": "int"}}')
     columnar.BLOCK_BYTES = 400
-    events.FLUSH_ROWS = 12
+    event_batch.FLUSH_ROWS = 12
     error = assert_same_load(tmp_path, folder)
     assert error is not None and "line 6, field 'n'" in error
     rows[5]["n"] = 5.0  # an integer after all: the rows load, partly through add()

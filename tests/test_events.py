@@ -295,7 +295,7 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
 def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
     """A batch larger than FLUSH_ROWS writes several parts per day; they are joined, and
     read as one."""
-    from bitseg.index import events as events_module
+    from bitseg.index import event_batch
 
     lines = [{"profile": f"p{i % 9}", "event": ["open", "buy"][i % 2],
               "ts": ago(i % 40, hours=i % 24), "channel": ["web", "app"][i % 3 == 0],
@@ -308,7 +308,7 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
               "having": {"agg": "sum", "of": "n", "op": "gt", "value": 8}}]
     answers = []
     for flush_rows in (1 << 20, 7):
-        monkeypatch.setattr(events_module, "FLUSH_ROWS", flush_rows)
+        monkeypatch.setattr(event_batch, "FLUSH_ROWS", flush_rows)
         path = tmp_path / f"store-{flush_rows}"
         with Engine.open(path) as engine:
             engine.track_events(lines[:150])
@@ -326,7 +326,7 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 40)),
                 max_size=60))
 def test_subtracting_count_indexes_is_integer_subtraction(rows):
-    from bitseg.index.events import count_index, sub_counts
+    from bitseg.index.event_counts import count_index, sub_counts
 
     a, b = {}, {}
     for pid, x, y in rows:  # b counts a subset of a's rows: b <= a per profile
@@ -366,7 +366,8 @@ def test_a_window_over_most_of_a_month_counts_exactly(engine):
 def test_the_catalog_lists_what_the_keys_hold_also_for_stores_without_one(tmp_path):
     """Open reads the catalog; it must list exactly the buckets and block parts that a
     scan of the keys finds, and a store written before the catalog gets one at open."""
-    from bitseg.index.events import CATALOG_MARK, load_events
+    from bitseg.index.event_index import load_events
+    from bitseg.index.event_keys import CATALOG_MARK
 
     def listings(engine):
         store = engine.store
@@ -419,7 +420,7 @@ def test_an_event_for_a_deleted_profile_creates_a_new_one(engine):
 
 
 def test_joined_blocks_keep_every_rows_keyword():
-    from bitseg.index.events import Block
+    from bitseg.index.event_index import Block
 
     def block(profiles, words, codes, points=None):
         n = len(profiles)

@@ -1,0 +1,516 @@
+"""The event batch writer: records in, block parts and count buckets out.
+
+A batch collects rows as columns (add: one record; add_block: a parsed block checked
+column-wise by event_blocks), and every FLUSH_ROWS rows converts them with numpy and
+writes them as new raw block parts, queueing their profiles per count bucket. Buckets
+are counted and written when the input has moved past them, and at finish, which also
+joins the parts it wrote for a day and rewrites the catalog entries it changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from bisect import insort
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+
+from bitseg.index import types as T
+from bitseg.index.blocks import RowBlock
+from bitseg.index.errors import DataError
+from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
+from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
+from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
+from bitseg.index.event_keys import (
+    ANY,
+    EVENT_KEYS,
+    STREAM_TYPES,
+    block_key,
+    count_key,
+    stream_key,
+)
+from bitseg.index.fields import RangeIndex
+from bitseg.index.keys import SEP_TEXT
+from bitseg.index.schema import Schema
+from bitseg.index.store import Store, Txn, TxnReader
+from bitseg.index.timeline import month_of
+
+DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
+FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
+
+
+def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
+                 rows: np.ndarray) -> tuple[dict, dict]:
+    """The property columns of some rows, keyword codes renumbered to their own table."""
+    columns, words = {}, {}
+    for name, (keys, valid, table) in props.items():
+        ok = valid[rows]
+        if not ok.any():
+            continue
+        values = keys[rows]
+        if table is not None:
+            used, local = np.unique(values[ok], return_inverse=True)
+            values = np.zeros(len(rows), dtype=np.int64)
+            values[ok] = local
+            words[name] = [table[i] for i in used.tolist()]
+        columns[name] = (values, ok)
+    return columns, words
+
+
+
+class EventBatch:
+    """Collects the event records of one batch as columns, and writes them in parts.
+
+    add() only appends raw values (about a microsecond a row); every FLUSH_ROWS rows,
+    and at finish, the columns are checked and converted with numpy — timestamps,
+    profile ids, property types — and a bad value is found again row by row so that
+    its error names the line and the field.
+
+    add_block() takes a parsed block whose rows are checked column-wise (event_blocks)
+    as EventColumns parts, held like add()'s rows until the same flush, which merges
+    them in line order: the stored bytes are those of the rows added one by one.
+    """
+
+    def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
+                 ensure_profile: Callable[[Any], int], version: int,
+                 known_profiles: Callable[[list[str]], list[int | None]]) -> None:
+        self.store = store
+        self.txn = txn
+        self.index = index
+        self.schema = schema
+        self.types = dict(schema.events)
+        self.ensure_profile = ensure_profile
+        self.known_profiles = known_profiles
+        self.version = version
+        self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
+        self.count = 0
+        self.reader = TxnReader(store, txn)
+        self.pending: dict[BucketKey, list[np.ndarray]] = {}  # rows' profiles, not written
+        self.touched: set[BucketKey] = set()  # by the rows being flushed now
+        self.written = dict(index.written)
+        self.stream_days = {k: list(v) for k, v in index.stream_days.items()}
+        self.stream_months = {k: list(v) for k, v in index.stream_months.items()}
+        self.type_days = {k: list(v) for k, v in index.type_days.items()}
+        self.parts = dict(index.parts)
+        self.relisted: set[tuple[bytes, str]] = set()  # catalog entries to rewrite
+        self.first_part: dict[tuple[str, int], int] = {}  # the first part this batch wrote
+        self.refused: frozenset[str] = frozenset()  # event types add_block leaves to add
+        self._clear()
+
+    def _clear(self) -> None:
+        self.columns: list[EventColumns] = []  # add_block's rows, before add()'s
+        self.held = 0  # rows in self.columns
+        self.c_profile: list[Any] = []
+        self.c_event: list[Any] = []
+        self.c_ts: list[Any] = []
+        self.c_line: list[int | None] = []
+        self.c_props: dict[str, tuple[list[int], list[Any]]] = {}
+
+    def add(self, record: Any, line: int | None = None) -> None:
+        if type(record) is not dict:
+            raise DataError("expected a JSON object")
+        get = record.get
+        profile, event, ts = get("profile"), get("event"), get("ts")
+        if profile is None or event is None or ts is None:
+            missing = next(k for k in EVENT_KEYS if get(k) is None)
+            raise DataError(f"{missing!r} is required", field=missing)
+        row = len(self.c_ts)
+        self.c_profile.append(profile)
+        self.c_event.append(event)
+        self.c_ts.append(ts)
+        self.c_line.append(line)
+        if len(record) > 3:
+            columns = self.c_props
+            for name, value in record.items():
+                if value is None or name in EVENT_KEYS:
+                    continue
+                column = columns.get(name)
+                if column is None:
+                    column = columns[name] = ([], [])
+                column[0].append(row)
+                column[1].append(value)
+        self.count += 1
+        if self.held + row + 1 >= FLUSH_ROWS:
+            self._flush()
+
+    def add_block(self, block: RowBlock) -> bool:
+        """Take a parsed block column-wise (True), or none of it (False): the row path
+        then adds its rows. A block waits for the flush after rows of add(), so that a
+        flush's parts are always block rows first, then add()'s rows, in line order."""
+        if self.c_ts:
+            return False
+        part = columns_of(block, self._type_of, self.refused)
+        if part is None:
+            return False
+        start = 0
+        while start < len(part):  # flush at the row counts the row path flushes at
+            end = min(len(part), start + FLUSH_ROWS - self.held)
+            self.columns.append(part if (start, end) == (0, len(part))
+                                else part.slice(start, end))
+            self.held += end - start
+            self.count += end - start
+            start = end
+            if self.held >= FLUSH_ROWS:
+                self._flush()
+        return True
+
+    def _type_of(self, name: str) -> str | None:
+        """A property's type as the next flush will see it: known, or inferred from
+        the first held block that has it."""
+        known = self.types.get(name)
+        if known is not None:
+            return known
+        return next((part.props[name].type_ for part in self.columns
+                     if name in part.props), None)
+
+    def _fail(self, row: int, message: str, field: str) -> NoReturn:
+        raise DataError(message, field=field, line=self.c_line[row])
+
+    # ------------------------------------------------------------------ columns
+    def _timestamps(self) -> np.ndarray:
+        raw = self.c_ts
+        if all(type(s) is str and len(s) >= 10 and s[4] == "-" and s[7] == "-" for s in raw):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # e.g. zone offsets: the careful path
+                    parsed = np.array([s[:-1] if s[-1] == "Z" else s for s in raw],
+                                      dtype="datetime64[us]")
+                micros = parsed.astype(np.int64)  # NaT is the smallest int64
+                if ((micros >= T.MIN_US) & (micros <= T.MAX_US)).all():  # years 1-9999
+                    return micros
+            except (ValueError, Warning):
+                pass
+        out = np.empty(len(raw), dtype=np.int64)
+        for row, text in enumerate(raw):
+            try:
+                out[row] = T.parse_timestamp(text)
+            except ValueError as exc:
+                self._fail(row, str(exc), "ts")
+        return out
+
+    def _event_types(self) -> tuple[list[str], np.ndarray]:
+        names = set(self.c_event) if all(type(e) is str for e in self.c_event) else None
+        if names is None or not all(e != ANY and SEP_TEXT not in e and T.name_problem(e) is None
+                                    for e in names):
+            for row, e in enumerate(self.c_event):
+                if type(e) is not str or e == ANY or SEP_TEXT in e or T.name_problem(e):
+                    self._fail(row, 'expected an event type name (a non-empty string of at '
+                               f'most {T.MAX_NAME_BYTES} bytes, not "*")', "event")
+        for part in self.columns:
+            names.update(part.event_names)
+        ordered = sorted(names)
+        code = {name: i for i, name in enumerate(ordered)}
+        codes = [np.array([code[e] for e in part.event_names], dtype=np.int64)[part.event_codes]
+                 for part in self.columns]
+        codes.append(np.fromiter((code[e] for e in self.c_event), dtype=np.int64,
+                                 count=len(self.c_event)))
+        return ordered, np.concatenate(codes)
+
+    def _profiles(self) -> np.ndarray:
+        raw = self.c_profile
+        if not all(type(p) is str for p in raw):  # ints are fine; find anything else
+            for row, p in enumerate(raw):
+                if type(p) is not str and type(p) is not int:
+                    self._fail(row, "expected a non-empty string or integer profile id",
+                               "profile")
+        if len(self.dense) > DENSE_CACHE:  # keep the cache bounded
+            self.dense = {}
+        seen: dict[Any, None] = {}  # first appearance decides the order new ones are made
+        for part in self.columns:
+            seen.update(dict.fromkeys(part.profiles_in_order()))
+        seen.update(dict.fromkeys(raw))
+        missing = [p for p in seen if p not in self.dense]
+        known = self.known_profiles([p if type(p) is str else str(p) for p in missing])
+        for p, found in zip(missing, known, strict=True):
+            if found is not None:  # an existing profile: one lookup, no Python per-id work
+                self.dense[p] = found
+                continue
+            try:
+                self._dense_of(p)
+            except DataError as exc:
+                self._fail(raw.index(p), exc.reason, "profile")
+        dense = self.dense
+        out = []
+        for part in self.columns:
+            used = np.unique(part.profile_codes)
+            table = np.zeros(len(part.profile_ids), dtype=np.uint32)
+            ids = part.profile_ids
+            table[used] = np.fromiter((dense[ids[c]] for c in used.tolist()), dtype=np.uint32,
+                                      count=len(used))
+            out.append(table[part.profile_codes])
+        out.append(np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw)))
+        return np.concatenate(out)
+
+    def _dense_of(self, profile: Any) -> int:
+        found = self.dense.get(profile)
+        if found is None:
+            found = self.ensure_profile(profile)
+            self.dense[profile] = found
+        return found
+
+    def _properties(self, n: int) -> dict[str, tuple[np.ndarray, np.ndarray, list | None]]:
+        """name -> (int64 keys or keyword codes, valid, keyword table) over the chunk:
+        the held blocks' rows, then add()'s, each property in the order the rows meet
+        it (which orders inferred types in the schema, and decides which error is first)."""
+        out = {}
+        order: dict[str, None] = {}
+        # The order among properties first met on one line only matters for types still
+        # to infer and for errors among add()'s rows; else no line is parsed again for it.
+        exact = bool(self.c_props) or any(name not in self.types for part in self.columns
+                                          for name in part.props)
+        for part in self.columns:
+            order.update(dict.fromkeys(part.prop_order(exact)))
+        order.update(dict.fromkeys(self.c_props))
+        for name in order:
+            type_ = self.types.get(name)
+            if type_ is None:
+                type_ = self._type_of(name)
+                if type_ is not None:
+                    self.types[name] = type_  # from a held block (its name was checked)
+            keys = np.zeros(n, dtype=np.int64)
+            valid = np.zeros(n, dtype=bool)
+            table: dict[str, int] = {}
+            offset = 0
+            for part in self.columns:
+                prop = part.props.get(name)
+                if prop is not None:
+                    valid[offset:offset + len(part)] = prop.valid
+                    keys[offset:offset + len(part)] = self._part_keys(prop, table)
+                offset += len(part)
+            words = list(table) if type_ == T.KEYWORD else None
+            if name not in self.c_props:
+                out[name] = (keys, valid, words)
+                continue
+            rows, values = self.c_props[name]
+            if type_ is None:
+                try:
+                    type_ = self._infer(name, values[0])
+                except DataError as exc:
+                    self._fail(rows[0], exc.reason, name)
+            at = np.array(rows, dtype=np.int64) + offset
+            valid[at] = True
+            converted = self._fast(type_, values)
+            if converted is None:
+                converted = self._careful(type_, name, rows, values)
+            if type_ == T.KEYWORD:
+                converted = np.fromiter((table.setdefault(v, len(table)) for v in converted),
+                                        dtype=np.int64, count=len(values))
+                words = list(table)
+            keys[at] = converted
+            out[name] = (keys, valid, words)
+        return out
+
+    @staticmethod
+    def _part_keys(prop: Any, table: dict[str, int]) -> np.ndarray:
+        """A held part's keys; keyword codes renumbered into the chunk's table in order
+        of first appearance, as add()'s rows number theirs."""
+        if prop.words is None:
+            return prop.keys
+        codes = prop.keys[prop.valid]
+        remap = np.zeros(max(len(prop.words), 1), dtype=np.int64)
+        for code in first_seen(codes).tolist():
+            remap[code] = table.setdefault(prop.words[code], len(table))
+        return np.where(prop.valid, remap[prop.keys], 0)
+
+    @staticmethod
+    def _fast(type_: str, values: list) -> Any:
+        """The values converted with numpy when they plainly fit the type, else None."""
+        if type_ == T.KEYWORD:
+            short = T.MAX_VALUE_BYTES // 4  # longer strings go value by value (size check)
+            return values if all(type(v) is str and len(v) <= short for v in values) else None
+        if type_ == T.BOOL:
+            return np.array(values, dtype=np.int64) if all(
+                type(v) is bool for v in values) else None
+        if type_ == T.INT and all(type(v) is int for v in values):
+            if all(-T.MAX_KEY < v < T.MAX_KEY for v in values):
+                return np.array(values, dtype=np.int64)
+            return None
+        if type_ == T.FLOAT and all(type(v) is float or type(v) is int for v in values):
+            floats = np.array(values, dtype=np.float64)
+            if not (np.isfinite(floats) & (np.abs(floats) < T.MAX_KEY / T.FLOAT_SCALE)).all():
+                return None  # checked first: float_keys of 1e12 overflows int64
+            return T.float_keys(floats, T.FLOAT_DIGITS)
+        return None
+
+    def _careful(self, type_: str, name: str, rows: list[int], values: list) -> Any:
+        """Value by value, so the first bad one is reported with its line."""
+        out = []
+        for row, value in zip(rows, values, strict=True):
+            try:
+                canonical = T.coerce(type_, value)
+                out.append(T.range_key(type_, canonical) if type_ in T.RANGE_TYPES
+                           else canonical)
+            except ValueError as exc:
+                self._fail(row, str(exc), name)
+        if type_ == T.KEYWORD:
+            return out
+        return np.array([int(v) for v in out], dtype=np.int64)
+
+    # ------------------------------------------------------------------ writing
+    def _flush(self) -> None:
+        """Check and convert the queued columns; write them as new block parts and add
+        their counts to the buckets (in memory)."""
+        n = self.held + len(self.c_ts)
+        if not n:
+            return
+        ts = np.concatenate([part.ts for part in self.columns] + [self._timestamps()])
+        names, codes = self._event_types()
+        props = self._properties(n)
+        dense = self._profiles()
+        days = np.floor_divide(ts, T.US_PER_DAY)
+        order = np.lexsort((days, codes))
+        key = codes[order] * (1 << 32) + (days[order] + 2**31)
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [n]))
+        version = np.full(n, self.version, dtype=np.uint32)
+        by_month: dict[tuple[str, int], list[np.ndarray]] = {}
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            rows = order[a:b]
+            event, day = names[int(codes[rows[0]])], int(days[rows[0]])
+            block = Block(dense[rows], ts[rows], version[:b - a],
+                          *_block_props(props, rows))
+            seq = self.parts.get((event, day), 0)
+            self.store.put(self.txn, "events", block_key(event, day, seq), block.encode())
+            self.parts[(event, day)] = seq + 1
+            self.first_part.setdefault((event, day), seq)
+            self.relisted.add((b"t", event))
+            if seq == 0:
+                insort(self.type_days.setdefault(event, []), day)
+            for stream, profiles in self._streams(event, block):
+                self._add(b"d", day, stream, profiles)
+                by_month.setdefault((stream, month_of(day)), []).append(profiles)
+        for (stream, month), parts in by_month.items():  # each month once per flush
+            self._add(b"m", month, stream, np.concatenate(parts))
+        self._clear()
+        self._write_pending(keep=self.touched)
+        self.touched = set()
+
+    def _add(self, kind: bytes, bucket: int, stream: str, profiles: np.ndarray) -> None:
+        """Queue the profiles of some rows of one bucket (one entry per row). They are
+        counted, and added to the stored counts, once, when the bucket is written: an
+        input of many time-sorted runs touches the same buckets flush after flush."""
+        key = (kind, stream, bucket)
+        queued = self.pending.get(key)
+        if queued is None:
+            queued = self.pending[key] = []
+            listing = (self.stream_days if kind == b"d" else self.stream_months
+                       ).setdefault(stream, [])
+            if not listed(listing, bucket):
+                insort(listing, bucket)
+                self.relisted.add((kind, stream))
+        queued.append(profiles)
+        if len(queued) >= 16:  # a bounded number of small arrays per bucket
+            queued[:] = [np.concatenate(queued)]
+        self.touched.add(key)
+
+    def _stored(self, key: BucketKey) -> RangeIndex | None:
+        """The bucket's counts as stored now (None if it has none yet)."""
+        kind, stream, bucket = key
+        written = self.written.get(key)
+        if written == self.version:  # written by an earlier eviction of this batch
+            return decode_counts(self.reader.get("events", count_key(kind, bucket, stream)))
+        listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
+                   ).get(stream, [])
+        if listed(listing, bucket):  # committed before this batch
+            return self.index.bucket(*key)
+        return None
+
+    def _write_pending(self, keep: set[BucketKey]) -> None:
+        """Count the queued rows of the buckets the last flush did not touch, add them to
+        the stored counts and write those into the transaction: input in time order
+        holds only its recent days in memory."""
+        keys = sorted(self.pending.keys() - keep)
+        for key, fresh in zip(keys, self._counted(keys), strict=True):
+            kind, stream, bucket = key
+            current = self._stored(key)
+            counts = add_counts(current, fresh) if current is not None else fresh
+            self.store.put(self.txn, "events", count_key(kind, bucket, stream),
+                           encode_counts(counts))
+            self.written[key] = self.version
+
+    def _counted(self, keys: list[BucketKey]) -> Iterator[RangeIndex]:
+        """counts_of the queued profiles of each key (taken off the queue), grouped by
+        (key, profile) in one sort rather than one np.unique per bucket."""
+        if not keys:
+            return
+        queued = [np.concatenate(self.pending.pop(key)) for key in keys]
+        owner = np.repeat(np.arange(len(keys), dtype=np.int64), [len(q) for q in queued])
+        joined = owner << 32 | np.concatenate(queued).astype(np.int64)
+        joined.sort()
+        starts = np.flatnonzero(np.concatenate(([True], joined[1:] != joined[:-1])))
+        counts = np.diff(np.append(starts, len(joined)))
+        runs = joined[starts]
+        ids = (runs & 0xFFFFFFFF).astype(np.uint32)
+        bounds = np.searchsorted(runs >> 32, np.arange(len(keys) + 1)).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            yield count_index(ids[a:b], counts[a:b])
+
+    def finish(self) -> tuple[EventIndex, Schema]:
+        """Write the rest of the rows and every changed count bucket into the transaction;
+        the next index (reading through the transaction until the engine pins it to the
+        committed snapshot) and schema."""
+        self._flush()
+        self._write_pending(keep=set())
+        self._compact()
+        self._write_catalog()
+        schema = self.schema
+        added = {k: v for k, v in self.types.items() if k not in schema.events}
+        if added:
+            schema = schema.with_fields("events", added)
+        index = EventIndex(self.reader, self.version, self.written, self.stream_days,
+                           self.stream_months, self.type_days, self.parts, self.index.cache)
+        return index, schema
+
+    def _compact(self) -> None:
+        """Join the parts this batch wrote for a day into one: input that is not in one
+        time order (several sorted runs) would otherwise leave a part per flush, and
+        every read of that day would decode them all. Older parts stay as they are, so
+        a snapshot from before this batch reads what it always read."""
+        for (event, day), first in self.first_part.items():
+            end = self.parts[(event, day)]
+            if end - first < 2:
+                continue
+            keys = [block_key(event, day, seq) for seq in range(first, end)]
+            joined = Block.join([Block.decode(self.reader.get("events", key)) for key in keys])
+            self.store.put(self.txn, "events", keys[0], joined.encode())
+            for key in keys[1:]:
+                self.store.delete(self.txn, "events", key)
+            self.parts[(event, day)] = first + 1
+
+    def _write_catalog(self) -> None:
+        """Rewrite the catalog entries of the streams and types this batch listed anew
+        (Engine.open gives a store from before the catalog a whole one)."""
+        if self.relisted:
+            index = EventIndex(None, self.version, {}, self.stream_days, self.stream_months,
+                               self.type_days, self.parts)
+            write_catalog(self.store, self.txn, index, self.relisted)
+
+    def _infer(self, name: str, value: Any) -> str:
+        problem = T.name_problem(name)
+        if problem:
+            raise DataError(f"property names {problem}", field=str(name)[:100])
+        if isinstance(value, bool):
+            type_ = T.BOOL
+        elif isinstance(value, int):
+            type_ = T.INT
+        elif isinstance(value, float):
+            type_ = T.FLOAT
+        elif isinstance(value, str):
+            type_ = T.KEYWORD
+        else:
+            raise DataError("event properties are keywords, numbers or bools", field=name)
+        self.types[name] = type_
+        return type_
+
+    def _streams(self, event: str, block: Block):
+        """(stream, profiles of its rows) for the type and each keyword/bool value."""
+        yield stream_key(event), block.profile
+        for name, (values, valid) in block.props.items():
+            type_ = self.types[name]
+            if type_ not in STREAM_TYPES:
+                continue
+            table = block.words.get(name)
+            for code in np.unique(values[valid]).tolist():
+                value = table[code] if table is not None else bool(code)
+                yield stream_key(event, name, value), block.profile[valid & (values == code)]
+

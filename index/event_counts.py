@@ -1,0 +1,93 @@
+"""Per-profile event counts as bit-sliced count indexes, and their arithmetic.
+
+A count index is a RangeIndex with base 0 and unit 1: slice i holds the profiles whose
+count has bit i set, `exists` those with any count. Sums over a window are made in the
+bitmap domain (a ripple-carry adder); no profile's count is ever read one by one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+
+
+def count_index(ids: np.ndarray, counts: np.ndarray) -> RangeIndex:
+    """A bit-sliced index of per-profile counts (ids distinct, counts >= 1)."""
+    if len(ids) == 0:
+        return RangeIndex()
+    depth = int(counts.max()).bit_length()
+    slices = tuple(bitmap_of(ids[(counts >> i) & 1 == 1]) for i in range(depth))
+    return RangeIndex(0, 1, slices, bitmap_of(ids))
+
+
+def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
+    """The per-profile sum of two count indexes: a ripple-carry adder over bitmaps."""
+    if not a.exists:
+        return b
+    if not b.exists:
+        return a
+    out, carry = [], BitMap()
+    for i in range(max(len(a.slices), len(b.slices))):
+        x = a.slices[i] if i < len(a.slices) else EMPTY
+        y = b.slices[i] if i < len(b.slices) else EMPTY
+        xy = x ^ y
+        out.append(xy ^ carry if carry else xy)
+        carry = (x & y) | (carry & xy) if carry else x & y
+    if carry:
+        out.append(carry)
+    return RangeIndex(0, 1, tuple(out), a.exists | b.exists)
+
+
+def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
+    """The per-profile difference a - b of two count indexes, where every count of b is
+    at most a's (b counts a subset of a's rows): a ripple-borrow subtractor."""
+    if not b.exists:
+        return a
+    out, borrow = [], BitMap()
+    for i in range(max(len(a.slices), len(b.slices))):
+        x = a.slices[i] if i < len(a.slices) else EMPTY
+        y = b.slices[i] if i < len(b.slices) else EMPTY
+        xy = x ^ y
+        out.append(xy ^ borrow if borrow else xy)
+        borrow = (y - x) | (borrow - xy) if borrow else y - x
+    while out and not out[-1]:
+        out.pop()
+    return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
+
+
+def sum_counts(parts: list[RangeIndex]) -> RangeIndex:
+    """Sum many count indexes pairwise, so carries stay short."""
+    parts = [p for p in parts if p.exists]
+    if not parts:
+        return RangeIndex()
+    while len(parts) > 1:
+        paired = [add_counts(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            paired.append(parts[-1])
+        parts = paired
+    return parts[0]
+
+
+def counts_of(profiles: np.ndarray) -> RangeIndex:
+    """How many rows each profile has, as a count index."""
+    ids, counts = np.unique(profiles, return_counts=True)
+    return count_index(ids, counts.astype(np.int64))
+
+
+def encode_counts(index: RangeIndex) -> bytes:
+    parts = [index.exists.serialize(), *(s.serialize() for s in index.slices)]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def decode_counts(raw: bytes) -> RangeIndex:
+    parts, pos = [], 0
+    while pos < len(raw):
+        (n,) = struct.unpack_from(">I", raw, pos)
+        parts.append(BitMap.deserialize(raw[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return RangeIndex(0, 1, tuple(parts[1:]), parts[0])
+
