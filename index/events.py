@@ -11,7 +11,6 @@ stream covers, and sum/avg/min/max, grouped per profile and compared exactly (co
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
@@ -21,6 +20,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex, listed
 from bitseg.index.event_keys import ANY, STREAM_TYPES, stream_key
@@ -190,71 +190,24 @@ def _aggregate_rows(cond: EventCond, index: EventIndex, schema: Schema, events: 
     profiles, values = _rows(cond, index, schema, events, lo, hi, as_of, having.of)
     if len(profiles) == 0:
         return BitMap(), BitMap()
-    ids, verdict = aggregate(profiles, values, having)
-    return bitmap_of(ids[verdict]), bitmap_of(ids)
+    groups = Groups(profiles)
+    return groups.profiles(groups.has & _judge(groups, values, having)), \
+        groups.profiles(groups.has)
 
 
-def aggregate(profiles: np.ndarray, values: np.ndarray, having: Having
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Per distinct profile: (ids, whether its rows satisfy `having`), exactly."""
-    order = np.argsort(profiles, kind="stable")
-    sorted_ids = profiles[order]
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_ids)) + 1))
-    ids = sorted_ids[starts]
-    counts = np.diff(np.concatenate((starts, [len(sorted_ids)])))
+def _judge(groups: Groups, values: np.ndarray, having: Having) -> np.ndarray:
+    """Per group: whether its rows' count/sum/min/max/avg satisfies `having`, exactly
+    (entries of groups without rows are don't-care)."""
+    op, value = having.op, having.value
     if having.agg == "count":
-        return ids, compare_array(counts, having.op, having.value)
-    vals = values[order]
+        return compare(groups.counts, op, value)
     if having.agg == "sum":
-        return ids, compare_array(np.add.reduceat(vals, starts), having.op, having.value)
+        return compare(groups.reduce(np.add, values, 0), op, value)
     if having.agg == "min":
-        return ids, compare_array(np.minimum.reduceat(vals, starts), having.op, having.value)
+        return compare(groups.reduce(np.minimum, values, I64_MAX), op, value)
     if having.agg == "max":
-        return ids, compare_array(np.maximum.reduceat(vals, starts), having.op, having.value)
-    sums = np.add.reduceat(vals, starts)  # avg op v  <=>  sum op v * count (count > 0)
-    return ids, _compare_avg(sums, counts, having.op, having.value)
-
-
-def _compare_avg(sums: np.ndarray, counts: np.ndarray, op: str, value: Any) -> np.ndarray:
-    if op in ("in", "not_in"):  # having: any of the listed values
-        hit = np.zeros(len(sums), dtype=bool)
-        for v in value:
-            hit |= _compare_avg(sums, counts, "eq", v)
-        return hit if op == "in" else ~hit
-    if op == "between":
-        return _compare_avg(sums, counts, "gte", value[0]) & \
-            _compare_avg(sums, counts, "lte", value[1])
-    v = Fraction(value)
-    left = sums.astype(object) * v.denominator
-    right = counts.astype(object) * v.numerator
-    return np.array(_OPS[op](left, right), dtype=bool)
-
-
-_OPS = {"eq": np.equal, "ne": np.not_equal, "gt": np.greater, "gte": np.greater_equal,
-        "lt": np.less, "lte": np.less_equal}
-
-
-def compare_array(keys: np.ndarray, op: str, value: Any) -> np.ndarray:
-    """keys (int64) op an exact constant (Fraction), without rounding errors."""
-    if op in ("in", "not_in"):  # having: any of the listed values
-        hit = np.zeros(len(keys), dtype=bool)
-        for v in value:
-            hit |= compare_array(keys, "eq", v)
-        return hit if op == "in" else ~hit
-    if op == "between":
-        return compare_array(keys, "gte", value[0]) & compare_array(keys, "lte", value[1])
-    c = Fraction(value)
-    if op == "eq":
-        return keys == int(c) if c.denominator == 1 else np.zeros(len(keys), dtype=bool)
-    if op == "ne":
-        return keys != int(c) if c.denominator == 1 else np.ones(len(keys), dtype=bool)
-    if op == "gt":
-        return keys > math.floor(c)
-    if op == "gte":
-        return keys >= math.ceil(c)
-    if op == "lt":
-        return keys < math.ceil(c)
-    return keys <= math.floor(c)
+        return compare(groups.reduce(np.maximum, values, I64_MIN), op, value)
+    return compare_avg(groups.reduce(np.add, values, 0), groups.counts, op, value)
 
 
 def _compare_index(index: RangeIndex, having: Having) -> BitMap:
@@ -323,9 +276,9 @@ def _cond_mask(cond: Cond, block: Block, as_of: int) -> np.ndarray:
     if op in ("in", "not_in"):
         hit = np.zeros(n, dtype=bool)
         for v in cond.value:
-            hit |= compare_array(values, "eq", key(v))
+            hit |= compare(values, "eq", key(v))
         return valid & (hit if op == "in" else ~hit)
     if op == "between":
-        return valid & compare_array(values, "between", (key(cond.value[0]), key(cond.value[1])))
-    return valid & compare_array(values, op, key(cond.value))
+        return valid & compare(values, "between", (key(cond.value[0]), key(cond.value[1])))
+    return valid & compare(values, op, key(cond.value))
 
