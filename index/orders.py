@@ -85,7 +85,6 @@ Choices where the contract is silent
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import weakref
 from array import array
@@ -100,8 +99,10 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.compare import Groups, compare, compare_avg
 from bitseg.index.errors import DataError
 from bitseg.index.fields import EMPTY, ValueIndex, ValueWriter, bitmap_of, ids_of, month_days
+from bitseg.index.keys import SEP
 from bitseg.index.order_blocks import take_block
 from bitseg.index.recency import (
     NO_FIRST,
@@ -116,7 +117,6 @@ from bitseg.index.rules import All, And, Cond, DaysAgo, Not, Or, OrdersCond, Rul
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, chunk_mask, chunks_of, from_u32, u32
 
-SEP = b"\x1f"
 COL_BITS = 16
 COL_CHUNK = 1 << COL_BITS
 NONE = np.uint32(0xFFFFFFFF)  # item_owner of a replaced item
@@ -955,42 +955,6 @@ def _key(type_: str, value: Any) -> int:
 # ---------------------------------------------------------------------- evaluation
 
 
-def _clamp(t: int) -> int:
-    return min(max(t, I64_MIN), I64_MAX)
-
-
-def _compare(arr: np.ndarray, op: str, c: Any) -> np.ndarray:
-    """arr (int64, or object for big integers) OP c exactly, c an int or Fraction
-    (a (lo, hi) pair for between, a tuple for in / not_in)."""
-    if op in ("in", "not_in"):  # having: any of the listed values
-        hit = np.zeros(arr.shape, dtype=bool)
-        for v in c:
-            hit |= _compare(arr, "eq", v)
-        return hit if op == "in" else ~hit
-    if op == "between":
-        return _compare(arr, "gte", c[0]) & _compare(arr, "lte", c[1])
-    c = Fraction(c)
-    clamp = (lambda t: t) if arr.dtype == object else _clamp
-    if op == "gt":
-        hit = arr > clamp(math.floor(c))
-    elif op == "lte":
-        hit = arr <= clamp(math.floor(c))
-    elif op == "gte":
-        hit = arr >= clamp(math.ceil(c))
-    elif op == "lt":
-        hit = arr < clamp(math.ceil(c))
-    elif op in ("eq", "ne"):
-        if c.denominator == 1 and (arr.dtype == object or I64_MIN <= c <= I64_MAX):
-            hit = arr == c.numerator
-        else:
-            hit = np.zeros(len(arr), dtype=bool)
-        if op == "ne":
-            hit = ~np.asarray(hit, dtype=bool)
-    else:
-        raise ValueError(op)
-    return np.asarray(hit, dtype=bool)
-
-
 def _scaled(value: Any, factor: int) -> Any:
     if factor == 1 or value is None:
         return value
@@ -1076,7 +1040,7 @@ class _Selector:
                      if v.denominator == 1 and I64_MIN <= v <= I64_MAX]
             hit = np.isin(keys, np.array(exact, dtype=np.int64))
             return hit if op == "in" else ~hit
-        return _compare(keys, op, value)
+        return compare(keys, op, value)
 
     def _ts(self, cond: Cond) -> BitMap:
         op = cond.op
@@ -1188,9 +1152,9 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
     if not len(sel):
         return live if having.holds_for_no_rows() else EMPTY
     everything = len(sel) == index.count  # sel is sorted and distinct: then it is all ids
-    groups = _Groups(index.owner if everything else index.owner_buf[sel])
+    groups = Groups(index.owner if everything else index.owner_buf[sel])
     if having.agg == "count":
-        ok = _compare(groups.counts, having.op, having.value)
+        ok = compare(groups.counts, having.op, having.value)
     elif having.agg in RECENCY_AGGS:
         ok = _recency(having, index, sel, everything, groups, as_of_us)
     else:
@@ -1204,65 +1168,15 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
     return groups.profiles(groups.has & ok) & live
 
 
-DENSE_RATIO = 8  # group by sorting when rows * DENSE_RATIO < the largest profile id
-
-
-class _Groups:
-    """The selected rows grouped by profile.  Few rows: sorted, one entry per profile
-    that has rows (O(rows log rows)).  Many: one entry per profile id up to the largest
-    (np.bincount / ufunc.at, O(rows + profiles))."""
-
-    def __init__(self, owners: np.ndarray) -> None:
-        rows = len(owners)
-        top = int(owners.max()) + 1
-        self.sparse = rows * DENSE_RATIO < top
-        if self.sparse:
-            packed = (owners.astype(np.uint64) << np.uint64(32)) | np.arange(rows,
-                                                                           dtype=np.uint64)
-            packed.sort()
-            self.order = (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
-            grouped = (packed >> np.uint64(32)).astype(np.uint32)
-            self.starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
-            self.ids = grouped[self.starts]
-            self._counts: np.ndarray | None = np.diff(np.append(self.starts, rows))
-            self.size = len(self.ids)
-        else:
-            self.owners = owners
-            self._counts = None  # a pass over every row: made when first asked for
-            self.size = top
-
-    @property
-    def counts(self) -> np.ndarray:
-        if self._counts is None:
-            self._counts = np.bincount(self.owners, minlength=self.size)
-        return self._counts
-
-    @property
-    def has(self) -> np.ndarray:
-        return self.counts > 0
-
-    def profiles(self, mask: np.ndarray) -> BitMap:
-        return bitmap_of(self.ids[mask] if self.sparse else np.flatnonzero(mask))
-
-    def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
-        """ufunc over each group's values (aligned with the rows); initial for none."""
-        if self.sparse:
-            return ufunc.reduceat(values[self.order], self.starts)
-        out = np.zeros(self.size, dtype=values.dtype) if initial == 0 else \
-            np.full(self.size, initial, dtype=values.dtype)  # zeros: calloc, pages on demand
-        ufunc.at(out, self.owners, values)
-        return out
-
-
 def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
-               groups: _Groups) -> np.ndarray:
+               groups: Groups) -> np.ndarray:
     """Per group: whether sum/avg/min/max of `of` satisfies the op."""
     op, agg = having.op, having.agg
     value = _scaled(having.value, SCALE.get(having.of, 1))
     col = index.columns.get(having.of)
     if col is None:
         zeros = np.zeros(groups.size, dtype=np.int64)
-        return _compare(zeros, op, value) if agg == "sum" else zeros.astype(bool)
+        return compare(zeros, op, value) if agg == "sum" else zeros.astype(bool)
     keys = col.keys[:index.count] if everything else col.keys[sel]
     complete = col.complete
     if not complete:
@@ -1272,22 +1186,22 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
         if col.bound * len(keys) >= 2**63 and \
                 col.bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
             keys = keys.astype(object)  # exact Python ints
-        return _compare(groups.reduce(np.add, keys if complete else np.where(valid, keys, 0),
+        return compare(groups.reduce(np.add, keys if complete else np.where(valid, keys, 0),
                                       0), op, value)
     n = groups.counts if complete else groups.reduce(np.add, valid.astype(np.int64), 0)
     if agg == "avg":
         if col.bound * int(n.max(initial=0)) >= 2**63:  # could overflow: exact Python ints
             keys = keys.astype(object)
         sums = groups.reduce(np.add, keys if complete else np.where(valid, keys, 0), 0)
-        return (n > 0) & _avg_compare(sums, n, op, value)
+        return (n > 0) & compare_avg(sums, n, op, value)
     fill = I64_MAX if agg == "min" else I64_MIN
     ufunc = np.minimum if agg == "min" else np.maximum
     extreme = groups.reduce(ufunc, keys if complete else np.where(valid, keys, fill), fill)
-    return (n > 0) & _compare(extreme, op, value)
+    return (n > 0) & compare(extreme, op, value)
 
 
 def _recency(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
-             groups: _Groups, as_of_us: int) -> np.ndarray:
+             groups: Groups, as_of_us: int) -> np.ndarray:
     """Per group: whether it has rows and the earliest (first) / latest (last) order ts
     satisfies the op (index/recency.py)."""
     ts = index.ts if everything else index.ts_buf[sel]
@@ -1377,29 +1291,6 @@ def recency_of_all(cond: OrdersCond, index: OrderIndex, as_of_us: int,
                                    as_of_us, None if first else lo)
     timeline = _timeline_of(index, eager)
     return None if timeline is None else timeline.recency(cond.having, as_of_us, lo, hi)
-
-
-def _avg_compare(sums: np.ndarray, n: np.ndarray, op: str, c: Any) -> np.ndarray:
-    """sums / n OP c exactly, for n > 0 (other entries are don't-care)."""
-    if op in ("in", "not_in"):  # having: any of the listed values
-        hit = np.zeros(sums.shape, dtype=bool)
-        for v in c:
-            hit |= _avg_compare(sums, n, "eq", v)
-        return hit if op == "in" else ~hit
-    if op == "between":
-        return _avg_compare(sums, n, "gte", c[0]) & _avg_compare(sums, n, "lte", c[1])
-    c = Fraction(c)
-    num, den = c.numerator, c.denominator
-    big = int(np.abs(sums).max(initial=0)) * den >= 2**62 or \
-        abs(num) * int(n.max(initial=0)) >= 2**62
-    if big:
-        lhs = sums.astype(object) * den
-        rhs = n.astype(object) * num
-    else:
-        lhs, rhs = sums * den, n.astype(np.int64) * num
-    result = {"eq": lhs == rhs, "ne": lhs != rhs, "gt": lhs > rhs, "gte": lhs >= rhs,
-              "lt": lhs < rhs, "lte": lhs <= rhs}[op]
-    return np.asarray(result, dtype=bool)
 
 
 def order_totals(index: OrderIndex, profiles: BitMap, as_of_us: int | None = None,
