@@ -14,7 +14,7 @@ kept item ids of O's orders (_order_lines), else O and W are a mask over order i
 (orders.select_orders) that each line's order is checked in.  The lines then go into
 profile ids and are grouped per profile: `sum` over many rows by float64 np.bincounts
 when that is exact (_dense_sum, in steps of CHUNK lines that stay in cache), anything
-else by orders._Groups (sort + reduceat for few rows, bincount / ufunc.at for many).
+else by compare.Groups (sort + reduceat for few rows, bincount / ufunc.at for many).
 
 Derived per index (snapshot), at first use, kept while the index lives: the profile id
 of every item line and the most lines of one profile (4 bytes an item line), for a
@@ -40,18 +40,15 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.compare import DENSE_RATIO, Groups, compare, compare_avg
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.orders import (
-    DENSE_RATIO,
     I64_MIN,
     NO_IDS,
     NONE,
     OrderIndex,
-    _avg_compare,
     _bits,
-    _compare,
-    _Groups,
     _scaled,
     _Selector,
     select_orders,
@@ -345,33 +342,33 @@ def _line_values(index: OrderIndex, of: str, iids: np.ndarray, spend_scale: int
 
 
 def _judge(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, oids: np.ndarray,
-           groups: _Groups, as_of_us: int) -> np.ndarray:
+           groups: Groups, as_of_us: int) -> np.ndarray:
     """Per group: whether the having condition holds (groups with rows)."""
     having = cond.having
     op, agg = having.op, having.agg
     if agg == "count":
-        return _compare(groups.counts, op, having.value)
+        return compare(groups.counts, op, having.value)
     if agg in RECENCY:
         ts = index.ts_buf[oids]
         ufunc = np.minimum if agg == "first" else np.maximum
         fill = np.iinfo(np.int64).max if agg == "first" else np.iinfo(np.int64).min
-        return _compare(groups.reduce(ufunc, ts, fill), op, _moment(having.value, as_of_us))
+        return compare(groups.reduce(ufunc, ts, fill), op, _moment(having.value, as_of_us))
     values, valid, bound, factor = _line_values(index, having.of, iids, cond.spend_scale)
     value = _scaled(having.value, factor)
     if agg in ("sum", "avg") and values.dtype != object and \
             bound * max(int(groups.counts.max(initial=0)), 1) >= 2**63:
         values = values.astype(object)  # a sum could overflow int64
     if agg == "sum":
-        return _compare(groups.reduce(np.add, values, 0), op, value)
+        return compare(groups.reduce(np.add, values, 0), op, value)
     n = groups.reduce(np.add, valid.astype(np.int64), 0)
     if agg == "avg":
-        return (n > 0) & _avg_compare(groups.reduce(np.add, values, 0), n, op, value)
+        return (n > 0) & compare_avg(groups.reduce(np.add, values, 0), n, op, value)
     fill: Any = np.iinfo(np.int64).max if agg == "min" else np.iinfo(np.int64).min
     if values.dtype == object:
         fill = int(fill) * (1 << 64)  # beyond any product of two int64 keys
     ufunc = np.minimum if agg == "min" else np.maximum
     extreme = groups.reduce(ufunc, np.where(valid, values, fill), fill)
-    return (n > 0) & _compare(extreme, op, value)
+    return (n > 0) & compare(extreme, op, value)
 
 
 def _moment(value: Any, as_of_us: int) -> Any:
@@ -397,7 +394,7 @@ def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: i
     iids = _rows(lines, orders, index)
     if not len(iids):
         return live if empty else EMPTY
-    groups = _Groups(line_owners(index).take(iids))
+    groups = Groups(line_owners(index).take(iids))
     ok = _judge(cond, index, iids, index.item_owner_buf.take(iids), groups, as_of_us)
     if empty:
         return live - groups.profiles(groups.has & ~ok)
@@ -460,7 +457,7 @@ def _dense_sum(cond: ItemsCond, index: OrderIndex, lines: np.ndarray,
     factor = Fraction(cond.spend_scale, T.FLOAT_SCALE) if having.of == "spend" else 1
     # compared as floats: each sum is an integer below 2**53, exact in float64, and so
     # is an integer threshold up to 2**53; one beyond is rounded but stays beyond them
-    return _compare(sums, having.op, _scaled(having.value, factor))
+    return compare(sums, having.op, _scaled(having.value, factor))
 
 
 class _OrderMask:
@@ -568,7 +565,7 @@ def contains_items(cond: ItemsCond, index: OrderIndex, pid: int, as_of_us: int) 
     if not len(iids):
         return holds_for_no_rows(cond)
     oids = index.item_owner[iids]
-    groups = _Groups(np.zeros(len(iids), dtype=np.uint32))
+    groups = Groups(np.zeros(len(iids), dtype=np.uint32))
     return bool(_judge(cond, index, iids, oids, groups, as_of_us)[0])
 
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitseg.index import compare as compare_module
 from bitseg.index import items as items_module
-from bitseg.index import orders as orders_module
 from bitseg.index import types as T
 from bitseg.index.engine import Engine
 from bitseg.index.errors import RuleError
@@ -249,7 +249,7 @@ LAYOUTS = {  # index/items.py's paths, each forced on the small data of these te
     "wide": [(items_module, "CHUNK", 1), (items_module, "SPAN", 0),
              (items_module, "ORDER_LINE_RULES", 0)],
     # as if the rows were few: groups by sorting, one entry per profile with rows
-    "sorted": [(items_module, "DENSE_RATIO", 10**9), (orders_module, "DENSE_RATIO", 10**9)],
+    "sorted": [(items_module, "DENSE_RATIO", 10**9), (compare_module, "DENSE_RATIO", 10**9)],
 }
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from bitseg.index import orders as orders_module
+from bitseg.index import compare as compare_module
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
 from bitseg.index.orders import (
@@ -102,13 +102,13 @@ class Orders:
         found = evaluate_orders(cond, index or self.index, live, AS_OF_US)
         assert found.issubset(live)
         # grouping by sort (few rows) and by bincount (many rows) agree
-        saved = orders_module.DENSE_RATIO
+        saved = compare_module.DENSE_RATIO
         try:
             for ratio in (0, 10**12):
-                orders_module.DENSE_RATIO = ratio
+                compare_module.DENSE_RATIO = ratio
                 assert evaluate_orders(cond, index or self.index, live, AS_OF_US) == found
         finally:
-            orders_module.DENSE_RATIO = saved
+            compare_module.DENSE_RATIO = saved
         return self.profiles.names(found)
 
     def close(self) -> None:
