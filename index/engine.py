@@ -28,6 +28,7 @@ from bitseg.index.event_batch import EventBatch
 from bitseg.index.event_index import load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
+from bitseg.index.keys import SEP
 from bitseg.index.orders import OrderBatch, index_items, load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
@@ -40,7 +41,6 @@ from bitseg.index.top import TopSets
 LIVE = b"live"
 PARSED_RULES = 4096
 Also = Callable[[Txn, Snapshot], dict[str, Any]]
-SEP = b"\x1f"
 SERVER_EVENTS = frozenset({"segment_entered", "segment_exited"})  # CONTRACT §2.5
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitseg.index import compare as compare_module
 from bitseg.index.engine import Engine
 from bitseg.index.errors import DataError, RuleError
 
@@ -290,6 +292,11 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
             got = set(engine.members(rule, as_of=AS_OF))
             assert got == expected, rule
             assert engine.count(rule, as_of=AS_OF) == len(expected)
+            engine.cache_results = False  # each grouping evaluates
+            for ratio in (0, 10**9):  # rows grouped by bincount, then by sorting (compare.py)
+                with mock.patch.object(compare_module, "DENSE_RATIO", ratio):
+                    assert set(engine.members(rule, as_of=AS_OF)) == expected, (rule, ratio)
+            engine.cache_results = True
 
 
 def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
