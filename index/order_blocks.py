@@ -33,11 +33,11 @@ import pyarrow.compute as pc
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.keys import SEP
 
 if TYPE_CHECKING:
     from bitseg.index.orders import OrderBatch
 
-SEP = b"\x1f"
 RESERVED = ("id", "profile", "ts", "items")
 ITEM_RESERVED = ("qty_sum", "qty_each", "distinct")
 MAX_ID_BYTES = 400
