@@ -29,7 +29,8 @@ from bitseg.index.event_index import load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
 from bitseg.index.keys import SEP
-from bitseg.index.orders import OrderBatch, index_items, load_orders
+from bitseg.index.order_batch import OrderBatch, index_items
+from bitseg.index.order_index import load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.sample import Buckets

@@ -34,7 +34,8 @@ from bitseg.index.errors import BitsegError
 from bitseg.index.event_keys import stream_key
 from bitseg.index.events import count_by_bitmaps
 from bitseg.index.fields import RangeIndex, ValueIndex
-from bitseg.index.orders import OrderIndex, order_totals
+from bitseg.index.order_index import OrderIndex
+from bitseg.index.orders import order_totals
 from bitseg.index.rules import EventCond, Having, Window
 from bitseg.index.segments import Metrics
 from bitseg.index.snapshot import Snapshot

@@ -4,7 +4,7 @@
 match R (a rule over item keys, named without "items.") and whose order matches O (any
 order when absent) with its ts in W, and aggregates them per profile.
 
-Layout (index/orders.py keeps it): every item line has a dense item id; `item_owner`
+Layout (index/order_index.py keeps it): every item line has a dense item id; `item_owner`
 maps it to its order (NONE once replaced), numeric / date keys are item columns
 ("items.F"), value-typed keys (keyword, keywords, bool) are ValueIndexes over item ids
 (`OrderIndex.item_values`).  Evaluation is vectorised: R becomes a bitmap of item ids,
@@ -40,14 +40,11 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.compare import DENSE_RATIO, Groups, compare, compare_avg
+from bitseg.index.compare import DENSE_RATIO, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
+from bitseg.index.order_index import NO_IDS, NONE, OrderIndex
 from bitseg.index.orders import (
-    I64_MIN,
-    NO_IDS,
-    NONE,
-    OrderIndex,
     _bits,
     _scaled,
     _Selector,

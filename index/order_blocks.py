@@ -1,4 +1,4 @@
-"""Order lines applied column-wise: the bulk path of OrderBatch (index/orders.py).
+"""Order lines applied column-wise: the bulk path of OrderBatch (index/order_batch.py).
 
 A RowBlock's table is checked column by column; the rows that are the common case
 (a new order id, well-typed values, timestamps in one of the forms below) are applied
@@ -6,7 +6,7 @@ with numpy and pyarrow compute, without a Python call per row per field:
 
 - order ids are looked up in LMDB in one call, profile ids too; the profiles nobody has
   seen yet are created through ensure_profile, in the order the row path creates them;
-- each order's row (JSON with sorted keys, orders.py `_dump`) is assembled as text from
+- each order's row (JSON with sorted keys, order_batch.py `_dump`) is assembled as text from
   the columns and written with the ids in one call per database;
 - value codes, column writes, item ids and the derived qty_sum / distinct go into the
   batch's queues exactly as add() queues them.
@@ -34,13 +34,12 @@ import pyarrow.compute as pc
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.keys import SEP
+from bitseg.index.order_keys import ITEM_RESERVED, MAX_ID_BYTES, RESERVED
+from bitseg.index.order_queues import ValueQueue
 
 if TYPE_CHECKING:
-    from bitseg.index.orders import OrderBatch
+    from bitseg.index.order_batch import OrderBatch
 
-RESERVED = ("id", "profile", "ts", "items")
-ITEM_RESERVED = ("qty_sum", "qty_each", "distinct")
-MAX_ID_BYTES = 400
 SCALE = T.FLOAT_SCALE
 MAX_INT_FLOAT = (T.MAX_KEY - 1) // SCALE  # an integer in a float field: key = x * SCALE
 FAST_FLOAT = 2.0**26  # below: one 8-decimal number per double, so rint(x * 1e8) is its key
@@ -631,12 +630,11 @@ def _set(sets: Any, ids: np.ndarray, keys: np.ndarray) -> None:
 def _push(pending: dict, name: str, v: _Coded, ids: np.ndarray, limit: int) -> None:
     """Queue additions of values for the value index of `name` (codes mapped to the
     batch's own, which grow in first-appearance order)."""
-    from bitseg.index.orders import _Values as Queue
     keep = v.rows < limit
     if not keep.any():
         return
     rows, codes = v.rows[keep], v.codes[keep]
-    queue = pending.setdefault(name, Queue())
+    queue = pending.setdefault(name, ValueQueue())
     mine = np.empty(len(v.values), dtype=np.int64)
     for code, value in enumerate(v.values):
         got = queue.codes.get(value)

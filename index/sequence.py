@@ -46,7 +46,8 @@ from bitseg.index.event_index import EventIndex
 from bitseg.index.event_keys import ANY
 from bitseg.index.events import blocks_in, row_mask
 from bitseg.index.fields import EMPTY, bitmap_of, ids_of
-from bitseg.index.orders import OrderIndex, _extremes_of, select_orders
+from bitseg.index.order_index import OrderIndex
+from bitseg.index.orders import _extremes_of, select_orders
 from bitseg.index.recency import NO_LAST
 from bitseg.index.rules import (
     All,

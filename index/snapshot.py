@@ -12,7 +12,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import NotFound
 from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex
-from bitseg.index.orders import OrderIndex
+from bitseg.index.order_index import OrderIndex
 from bitseg.index.rules import Rule
 from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema

@@ -34,7 +34,7 @@ from bitseg.index import types as T
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
-from bitseg.index.orders import NONE, OrderIndex
+from bitseg.index.order_index import NONE, OrderIndex
 from bitseg.index.profiles import FieldWriters
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot

@@ -486,7 +486,8 @@ def test_replaced_lines_are_not_cut_by_window_and_huge_sums_stay_exact() -> None
 
 def test_a_store_from_before_gets_its_item_bitmaps_at_open() -> None:
     """Remove what an older bitseg did not write; opening builds it again, once."""
-    from bitseg.index.orders import ITEM_KINDS, SEP
+    from bitseg.index.keys import SEP
+    from bitseg.index.order_keys import ITEM_KINDS
 
     path = tempfile.mkdtemp()
     engine = Engine.open(path)

@@ -40,7 +40,7 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return got
 
     monkeypatch.setattr(order_blocks, "take_block", spy)
-    monkeypatch.setattr("bitseg.index.orders.take_block", spy)
+    monkeypatch.setattr("bitseg.index.order_batch.take_block", spy)
     return seen
 
 

@@ -25,13 +25,9 @@ from pyroaring import BitMap
 from bitseg.index import compare as compare_module
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
-from bitseg.index.orders import (
-    OrderBatch,
-    OrderIndex,
-    compute_runs,
-    evaluate_orders,
-    load_orders,
-)
+from bitseg.index.order_batch import OrderBatch
+from bitseg.index.order_index import OrderIndex, compute_runs, load_orders
+from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import parse_rule
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store

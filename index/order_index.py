@@ -1,0 +1,225 @@
+"""The in-memory order index: an immutable OrderIndex, its key Columns (read from LMDB
+when first used), and load_orders, which rebuilds it from the "orders" database.
+
+Data layout (in memory; an OrderIndex is immutable once published)
+- Every order gets a dense order id (0, 1, 2, … in arrival order, never reused).
+  `owner` (uint32: order -> dense profile id) and `ts` (int64 µs) are numpy columns.
+- keyword / keywords / bool order fields: a ValueIndex over order ids (bitmap per value).
+- int / float / date / timestamp order fields: an int64 key column (floats as exact
+  integers of 10**-FLOAT_DIGITS, types.float_key, the scale rule constants arrive in)
+  plus a bool validity column.  Conditions on them are one vectorised scan;
+  aggregations (sum/avg/min/max) gather from the column.
+- Items: a keyword / keywords / bool item key F is a multi-valued field "items.F" of the
+  order (ValueIndex over order ids: the orders having an item with that value).  A
+  numeric / date item key is kept per item: items get their own dense ids, an
+  `item_owner` column (item -> order id, NONE once the item is replaced) and key
+  columns, so "any item" and "every item" are exact for every op.  Value-typed item keys
+  are also kept per item (`item_values`: a ValueIndex over item ids, bitmap names "w" /
+  "y" + SEP + "items.F"), for items as rows (index/items.py).
+- Per-order derived columns "items.qty_sum" (at the float scale, whatever the type of
+  items.qty) and "items.distinct".
+- `runs`: the starts of the maximal runs of order ids whose ts does not decrease.
+  Orders mostly arrive in time order, so a time window is a union of a few id ranges
+  (a bitmap built with add_range), found by binary search per run.  With more than
+  MAX_RUNS runs the window is applied by gathering ts of the candidate orders.
+Arrays are kept in buffers with spare capacity: a batch that only appends writes past
+the published count in place (readers never look there); a batch that changes an
+existing order copies the columns it changes (copy-on-write), as bitmaps are copied.
+Field columns (`Columns`) are read from LMDB the first time a rule uses them, through a
+reader pinned to the index's version: a store opens without reading what no rule asks
+for, and an older snapshot still reads its own version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import orjson
+from pyroaring import BitMap
+
+from bitseg.index.fields import EMPTY, ValueIndex
+from bitseg.index.keys import SEP
+from bitseg.index.order_keys import ITEM_KINDS, assemble
+from bitseg.index.schema import Schema
+from bitseg.index.store import Store, Txn
+
+NONE = np.uint32(0xFFFFFFFF)  # item_owner of a replaced item
+MAX_RUNS = 4096
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Column:
+    """int64 keys and their validity; buffers may be longer than the ids in use."""
+
+    keys: np.ndarray
+    valid: np.ndarray
+    bound: int = 0  # >= every |key| (sums of n keys fit int64 while bound * n < 2**63)
+    complete: bool = False  # every id in use has a value (valid need not be read)
+
+
+def _empty(dtype: Any) -> np.ndarray:
+    return np.zeros(0, dtype=dtype)
+
+
+NO_IDS, NO_KEYS, NO_VALID = _empty(np.uint32), _empty(np.int64), _empty(bool)
+
+
+class Columns(Mapping[str, Column]):
+    """Key columns by field name (order or item fields), each read from LMDB the first
+    time it is asked for, through `reader`, and then kept."""
+
+    def __init__(self, kind: bytes = b"o", rows: int = 0,
+                 entries: dict[str, Column | None] | None = None, reader: Any = None) -> None:
+        self.kind, self.rows, self.reader = kind, rows, reader
+        self._entries: dict[str, Column | None] = entries if entries is not None else {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> Column:
+        col = self._entries[name]
+        if col is None:
+            with self._lock:
+                col = self._entries[name]
+                if col is None:
+                    col = self._entries[name] = _read_column(
+                        self.reader, self.kind + SEP + name.encode(), self.rows)
+        return col
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def loaded(self, name: str) -> bool:
+        return self._entries.get(name) is not None
+
+    def pinned(self, reader: Any) -> Columns:
+        """The same columns (sharing those already read) reading through another reader."""
+        return Columns(self.kind, self.rows, dict(self._entries), reader)
+
+
+def _read_column(reader: Any, name: bytes, rows: int) -> Column:
+    """One key column of `rows` ids from its stored chunks (ids past them: no value)."""
+    keys, valid = assemble(lambda key: reader.get("orders", key), name, rows, np.int64, True)
+    return _column_of(keys, valid)
+
+
+@dataclass(frozen=True, eq=False)
+class OrderIndex:
+    """An immutable snapshot of every order; OrderIndex() is empty."""
+
+    count: int = 0  # order ids in use: 0 … count-1
+    item_count: int = 0  # item ids in use
+    live: BitMap = EMPTY  # the orders that exist
+    owner_buf: np.ndarray = field(default_factory=lambda: _empty(np.uint32))
+    ts_buf: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    runs: np.ndarray | None = field(default_factory=lambda: _empty(np.int64))
+    values: Mapping[str, ValueIndex] = field(default_factory=dict)
+    columns: Columns = field(default_factory=Columns)  # over order ids
+    item_owner_buf: np.ndarray = field(default_factory=lambda: _empty(np.uint32))
+    item_columns: Columns = field(default_factory=lambda: Columns(b"i"))  # over item ids
+    # keyword / keywords / bool item keys per item (index/items.py): bitmaps over item ids
+    item_values: Mapping[str, ValueIndex] = field(default_factory=dict)
+    items_indexed: bool = True  # False: a store from before item_values (see index_items)
+
+    def pinned(self, reader: Any) -> OrderIndex:
+        """This index reading its columns through another reader (the committed one's)."""
+        return replace(self, columns=self.columns.pinned(reader),
+                       item_columns=self.item_columns.pinned(reader))
+
+    @property
+    def owner(self) -> np.ndarray:
+        return self.owner_buf[:self.count]
+
+    @property
+    def ts(self) -> np.ndarray:
+        return self.ts_buf[:self.count]
+
+    @property
+    def item_owner(self) -> np.ndarray:
+        return self.item_owner_buf[:self.item_count]
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        col = self.columns.get(name)
+        return None if col is None else (col.keys[:self.count], col.valid[:self.count])
+
+    def item_column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        col = self.item_columns.get(name)
+        n = self.item_count
+        return None if col is None else (col.keys[:n], col.valid[:n])
+
+
+def _column_of(keys: np.ndarray, valid: np.ndarray) -> Column:
+    return Column(keys, valid, int(np.abs(keys).max(initial=0)), bool(valid.all()))
+
+
+def compute_runs(ts: np.ndarray) -> np.ndarray | None:
+    """Starts of the runs of ids over which ts does not decrease; None if too many."""
+    if len(ts) == 0:
+        return _empty(np.int64)
+    breaks = np.flatnonzero(ts[1:] < ts[:-1]) + 1
+    if len(breaks) >= MAX_RUNS:
+        return None
+    return np.concatenate(([0], breaks)).astype(np.int64)
+
+
+def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
+    """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now,
+    field columns when first used (through the reader the index is then pinned to)."""
+    meta_raw = store.get(txn, "orders", b"meta")
+    if meta_raw is None:
+        return OrderIndex()
+    meta = orjson.loads(meta_raw)
+    count, item_count = meta["count"], meta["items"]
+    names: set[bytes] = {bytes(key[2:-5]) for key in store.keys(txn, "orders", b"c" + SEP)}
+
+    def plain(name: bytes, n: int, dtype: Any) -> np.ndarray:
+        return assemble(lambda key: store.get(txn, "orders", key), name, n, dtype, False)[0]
+
+    owner = plain(b"owner", count, np.uint32)
+    ts = plain(b"ts", count, np.int64)
+    item_owner = plain(b"item_owner", item_count, np.uint32)
+    fields = {b"o": {}, b"i": {}}
+    for name in names:
+        kind, _, fname = name.partition(SEP)
+        if kind in fields:
+            fields[kind][fname.decode()] = None
+    columns = Columns(b"o", count, fields[b"o"])  # readable once pinned to a reader
+    item_columns = Columns(b"i", item_count, fields[b"i"])
+    # bitmaps
+    parts: dict[bytes, list[BitMap]] = {}
+    for key, value in store.items(txn, "orders", b"b" + SEP):
+        parts.setdefault(bytes(key[2:-5]), []).append(BitMap.deserialize(value))
+    live = EMPTY
+    values: dict[str, dict[Any, BitMap]] = {}
+    exists: dict[str, BitMap] = {}
+    item_values: dict[str, dict[Any, BitMap]] = {}  # kinds w / y: per item (ITEM_KINDS)
+    item_exists: dict[str, BitMap] = {}
+    for name, chunks in parts.items():
+        bitmap = BitMap.union(*chunks)
+        if name.startswith(b"#"):
+            name = bytes(store.get(txn, "orders", b"n" + SEP + name))
+        kind, _, rest = name.partition(SEP)
+        if name == b"live":
+            live = bitmap
+        elif kind == b"x":
+            exists[rest.decode()] = bitmap
+        elif kind == b"v":
+            fname, _, raw = rest.partition(SEP)
+            values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
+        elif kind == ITEM_KINDS[1]:
+            item_exists[rest.decode()] = bitmap
+        elif kind == ITEM_KINDS[0]:
+            fname, _, raw = rest.partition(SEP)
+            item_values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
+    value_indexes = {name: ValueIndex(values.get(name, {}), bitmap)
+                     for name, bitmap in exists.items()}
+    item_indexes = {name: ValueIndex(item_values.get(name, {}), bitmap)
+                    for name, bitmap in item_exists.items()}
+    return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), value_indexes,
+                      columns, item_owner, item_columns, item_values=item_indexes,
+                      items_indexed=bool(meta.get("item_values")))
