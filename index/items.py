@@ -40,7 +40,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.compare import DENSE_RATIO, I64_MIN, Groups, compare, compare_avg
+from bitseg.index.compare import DENSE_RATIO, I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.order_index import NO_IDS, NONE, OrderIndex
@@ -348,7 +348,7 @@ def _judge(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, oids: np.ndarra
     if agg in RECENCY:
         ts = index.ts_buf[oids]
         ufunc = np.minimum if agg == "first" else np.maximum
-        fill = np.iinfo(np.int64).max if agg == "first" else np.iinfo(np.int64).min
+        fill = I64_MAX if agg == "first" else I64_MIN
         return compare(groups.reduce(ufunc, ts, fill), op, _moment(having.value, as_of_us))
     values, valid, bound, factor = _line_values(index, having.of, iids, cond.spend_scale)
     value = _scaled(having.value, factor)
@@ -360,7 +360,7 @@ def _judge(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, oids: np.ndarra
     n = groups.reduce(np.add, valid.astype(np.int64), 0)
     if agg == "avg":
         return (n > 0) & compare_avg(groups.reduce(np.add, values, 0), n, op, value)
-    fill: Any = np.iinfo(np.int64).max if agg == "min" else np.iinfo(np.int64).min
+    fill: Any = I64_MAX if agg == "min" else I64_MIN
     if values.dtype == object:
         fill = int(fill) * (1 << 64)  # beyond any product of two int64 keys
     ufunc = np.minimum if agg == "min" else np.maximum

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.compare import I64_MIN
 from bitseg.index.keys import SEP
 from bitseg.index.order_keys import ITEM_RESERVED, MAX_ID_BYTES, RESERVED
 from bitseg.index.order_queues import ValueQueue
@@ -231,7 +232,7 @@ class _Converter:
         if pa.types.is_int64(arr.type):
             x = pc.fill_null(arr, _s(0, pa.int64())).to_numpy(zero_copy_only=False)
             limit = MAX_INT_FLOAT if type_ == T.FLOAT else T.MAX_KEY - 1
-            bad = valid & ((np.abs(x) > limit) | (x == np.iinfo(np.int64).min))
+            bad = valid & ((np.abs(x) > limit) | (x == I64_MIN))
             x = np.where(bad, 0, x)
             keys = x * SCALE if type_ == T.FLOAT else x
             return _Conv(valid, bad, (_ints_json(x),), keys=np.where(valid, keys, 0))

@@ -40,11 +40,12 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.compare import I64_MAX, I64_MIN
 from bitseg.index.fields import EMPTY, bitmap_of
 
 RECENCY_AGGS = ("first", "last")
 _FLOOR, _CEIL = T.MIN_US - 1, T.MAX_US + 1  # beyond every row's ts: comparisons stay exact
-NO_FIRST, NO_LAST = 2**63 - 1, -(2**63)  # the first / last of a profile without rows
+NO_FIRST, NO_LAST = I64_MAX, I64_MIN  # the first / last of a profile without rows
 
 
 def moment(value: Any, as_of_us: int) -> int:

@@ -41,6 +41,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.compare import I64_MAX
 from bitseg.index.errors import RuleError
 from bitseg.index.event_index import EventIndex
 from bitseg.index.event_keys import ANY
@@ -63,7 +64,6 @@ from bitseg.index.snapshot import Snapshot
 
 DAY = T.US_PER_DAY
 MAX_SPAN_DAYS = (T.MAX_US - T.MIN_US) // DAY + 1  # more days than any two rows lie apart
-I64_MAX = np.iinfo(np.int64).max
 PACKED_LIMIT = I64_MAX  # keys of (profile, ts offset) up to this; tests lower it
 STEP_KEYS = ("event", "orders")
 SEQUENCE_KEYS = {"sequence", "then_not", "within_days", "window"}

@@ -31,6 +31,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.compare import I64_MIN
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
@@ -247,7 +248,7 @@ def compute(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int
 
 
 # ---------------------------------------------------------------------- writing
-MISSING = np.iinfo(np.int64).min  # no value, in the code arrays below
+MISSING = I64_MIN  # no value, in the code arrays below
 
 
 def _as_codes(snap: Snapshot, name: str, ids: np.ndarray, values: list, size: int
