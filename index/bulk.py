@@ -26,10 +26,11 @@ from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError, DataError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, ids_of
+from bitseg.index.keys import u32
 from bitseg.index.profiles import FieldWriters, check_field_name, decode_row
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.store import Store, Txn, u32
+from bitseg.index.store import Store, Txn
 
 ACTIONS = ("set", "unset", "add", "remove")
 ENTRY_PREFIX = "action:"  # meta key of an audit entry: action:<12-digit id>

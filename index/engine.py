@@ -28,7 +28,7 @@ from bitseg.index.event_batch import EventBatch
 from bitseg.index.event_index import load_events, write_catalog
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
 from bitseg.index.ids import IdMap
-from bitseg.index.keys import SEP
+from bitseg.index.keys import SEP, u32
 from bitseg.index.order_batch import OrderBatch, index_items
 from bitseg.index.order_index import load_orders
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
@@ -36,7 +36,7 @@ from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, SegmentLookup, Snapshot
-from bitseg.index.store import Store, Txn, chunks_of, u32
+from bitseg.index.store import Store, Txn, chunks_of
 from bitseg.index.top import TopSets
 
 LIVE = b"live"

@@ -35,7 +35,8 @@ from bitseg.index.event_keys import (
     unpacked,
 )
 from bitseg.index.fields import RangeIndex
-from bitseg.index.store import Store, Txn, from_u32
+from bitseg.index.keys import from_u32
+from bitseg.index.store import Store, Txn
 
 
 # ------------------------------------------------------------------------ raw blocks

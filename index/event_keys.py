@@ -18,8 +18,7 @@ import numpy as np
 import orjson
 
 from bitseg.index import types as T
-from bitseg.index.keys import SEP, SEP_TEXT
-from bitseg.index.store import u32
+from bitseg.index.keys import SEP, SEP_TEXT, u32
 
 EVENT_KEYS = ("profile", "event", "ts")  # a record's own keys; the rest are properties
 ANY = "*"  # the rule's "every type": no event type may be called this

@@ -12,8 +12,8 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
+from bitseg.index.keys import u32
 from bitseg.index.profiles import decode_row
-from bitseg.index.store import u32
 
 if TYPE_CHECKING:
     from bitseg.index.engine import Engine

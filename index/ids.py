@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from bitseg.index.store import Store, Txn, from_u32, u32, u32_keys
+from bitseg.index.keys import from_u32, u32, u32_keys
+from bitseg.index.store import Store, Txn
 
 ID_CHUNK_BITS = 16
 ID_CHUNK = 1 << ID_CHUNK_BITS

@@ -17,7 +17,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
 from bitseg.index.fields import ValueIndex, ValueWriter, bitmap_of, ids_of
-from bitseg.index.keys import SEP
+from bitseg.index.keys import SEP, from_u32, u32
 from bitseg.index.order_blocks import take_block
 from bitseg.index.order_index import (
     MAX_RUNS,
@@ -47,7 +47,7 @@ from bitseg.index.order_keys import (
 )
 from bitseg.index.order_queues import SetQueue, ValueQueue
 from bitseg.index.schema import Schema
-from bitseg.index.store import Store, Txn, TxnReader, chunks_of, from_u32, u32
+from bitseg.index.store import Store, Txn, TxnReader, chunks_of
 
 
 def _grow(buf: np.ndarray, old: int, new: int, copy: bool, default: Any) -> np.ndarray:

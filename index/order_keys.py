@@ -26,8 +26,8 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.keys import SEP
-from bitseg.index.store import Store, Txn, chunk_mask, u32
+from bitseg.index.keys import SEP, u32
+from bitseg.index.store import Store, Txn, chunk_mask
 
 COL_BITS = 16
 COL_CHUNK = 1 << COL_BITS

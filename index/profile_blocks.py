@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import StoreError
-from bitseg.index.store import u32_keys
+from bitseg.index.keys import u32_keys
 
 if TYPE_CHECKING:
     from bitseg.index.profiles import ProfileBatch, _Field

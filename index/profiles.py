@@ -23,10 +23,11 @@ from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of
 from bitseg.index.ids import IdWriter
+from bitseg.index.keys import u32
 from bitseg.index.profile_blocks import ensure_profiles, take_block
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import FieldIndex, Snapshot, empty_index
-from bitseg.index.store import Store, Txn, u32
+from bitseg.index.store import Store, Txn
 
 Writer = ValueWriter | RangeWriter
 

@@ -49,6 +49,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import ids_of
+from bitseg.index.keys import u32
 from bitseg.index.rules import (
     And,
     EventCond,
@@ -63,7 +64,7 @@ from bitseg.index.rules import (
 )
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.sqlrule import with_fresh_sources
-from bitseg.index.store import Store, Txn, chunk_mask, chunks_of, u32
+from bitseg.index.store import Store, Txn, chunk_mask, chunks_of
 from bitseg.index.tags import check_tag, check_tags, retagged
 from bitseg.index.ticker import Ticker
 from bitseg.index.top import Top

@@ -18,7 +18,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import RuleError
 from bitseg.index.ids import MAX_KEY_BYTES
-from bitseg.index.store import from_u32
+from bitseg.index.keys import from_u32
 
 MAX_QUERY_CHARS = 100_000
 MAX_PARAMS = 1_000

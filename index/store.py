@@ -18,7 +18,6 @@ import errno
 import fcntl
 import os
 import shutil
-import struct
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 import orjson
 from pyroaring import BitMap
 
 from bitseg.index.errors import StoreError, StoreFull
+from bitseg.index.keys import u32
 
 FORMAT = 1
 CHUNK_BITS = 18
@@ -41,22 +40,8 @@ BULK_HEADROOM = 1 << 26  # reserved beyond a bulk load's estimate (LMDB's own pa
 MIB = 1 << 20
 FULL_BELOW = 16 * MIB  # an EIO with less than this free is a full disk (see _disk_full)
 LOCK_FILE = "writer.lock"  # held (flock) by the one process that writes the store
-_U32 = struct.Struct(">I")
 
 Txn = Any  # an lmdb.Transaction; callers never import lmdb
-
-
-def u32(n: int) -> bytes:
-    return _U32.pack(n)
-
-
-def from_u32(b: bytes) -> int:
-    return _U32.unpack(b)[0]
-
-
-def u32_keys(first: int, count: int) -> list[bytes]:
-    """u32() of first, first + 1, …, first + count - 1, made without a Python loop."""
-    return np.arange(first, first + count, dtype=">u4").view("V4").tolist()
 
 
 def chunk_mask(chunk: int) -> BitMap:

@@ -35,11 +35,12 @@ from bitseg.index.compare import I64_MIN
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
+from bitseg.index.keys import u32
 from bitseg.index.order_index import NONE, OrderIndex
 from bitseg.index.profiles import FieldWriters
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.store import Store, Txn, u32
+from bitseg.index.store import Store, Txn
 from bitseg.index.timeline import day_of
 
 US_PER_HOUR = 3_600_000_000
