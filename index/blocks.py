@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from bitseg.index.errors import DataError
+
 # What add_block returns: True when it applied every row, False when it applied none
 # (the caller applies them all through add), or the sorted positions of the rows it
 # left for add — applied after the block's other rows, in line order.
@@ -57,6 +59,18 @@ class RowBlock:
     def records_at(self, rows: np.ndarray) -> Iterator[tuple[int, Any]]:
         """(line, record) of the table rows at these sorted positions."""
         return self.records(set(self.lines()[rows].tolist()))
+
+    def readable(self, lines: set[int]) -> dict[int, Any]:
+        """line -> record for those of these lines the row path can read; a line it
+        cannot (pyarrow takes a few things orjson refuses, like NaN) is left out, so a
+        batch looking ahead at a line does not raise an error before an earlier line's."""
+        found = {}
+        for line in sorted(lines):
+            try:
+                found.update(self.records({line}))
+            except DataError:
+                continue
+        return found
 
 
 def apply_block(batch: Any, block: RowBlock, add_row: Callable[[int, Any], None]) -> None:

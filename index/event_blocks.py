@@ -164,8 +164,8 @@ def _inferred(block: RowBlock, name: str, column: pa.ChunkedArray) -> str | None
         return T.INT
     if pa.types.is_float64(kind):  # pyarrow reads 3 as 3.0 in a float column: look
         row = int(np.argmax(_whole(column).is_valid().to_numpy(zero_copy_only=False)))
-        ((_, record),) = list(block.records_at(np.array([row])))
-        return T.FLOAT if type(record[name]) is float else None
+        record = block.readable({block.line_of(row)}).get(block.line_of(row))
+        return T.FLOAT if record is not None and type(record[name]) is float else None
     return None
 
 

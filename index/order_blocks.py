@@ -403,7 +403,7 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
         rows = sorted(set(firsts.values()))
         lines = block.lines()
         wanted = {int(lines[r]): r for r in rows}
-        for line, record in block.records(set(wanted)):
+        for line, record in block.readable(set(wanted)).items():
             row = wanted[line]
             for name, value in _first_values(record):
                 if firsts.get(name) != row or name in inferred:

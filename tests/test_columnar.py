@@ -145,7 +145,10 @@ TIMES = st.sampled_from(["2025-01-01T10:00:00Z", "2025-01-02T00:00:00Z", "2024-1
                          "2025-13-01T00:00:00Z", "0000-01-01T00:00:00Z", 5, None])
 RAW_LINES = st.sampled_from(["", "   ", "not json", "[1]", "{}", '{"id":"u1","age":1,"age":2}',
                              '{"id":"u2","age":99999999999999999999}',
-                             '{"id":"u3","ltv":1e400}',
+                             '{"id":"u3","ltv":1e400}', '{"id":"u4","ltv":NaN}',
+                             '{"profile":"u1","event":"view","ts":"2025-01-01T10:00:00Z",'
+                             '"price":Infinity}',
+                             '{"id":"o1","profile":"u1","ts":"2025-01-01T10:00:00Z","amount":NaN}',
                              '{"id":"u1"} {"id":"u2"}', '{"id":"u1","name":"\\ud800"}', "null"])
 
 
@@ -257,3 +260,22 @@ def test_bad_json_in_a_streamed_batch_names_the_record_before_anything_applies()
         list(block.records(None))
     with pytest.raises(DataError, match=r"^record 2: not valid JSON"):
         texts_block(['{"id":"a"}', '{"id":', "  "])
+
+
+@pytest.mark.parametrize(("name", "lines", "error"), [
+    ("orders.jsonl", ['{"id":"o1","profile":"u1","ts":"2025-01-01T10:00:00Z","items":[]}',
+                      '{"id":"o1","profile":"u1","ts":"2025-01-01T10:00:00Z"}', "{}",
+                      '{"id":"o2","profile":"u1","ts":"2025-01-01T10:00:00Z","x":NaN}'],
+     "orders.jsonl, line 3, field 'id'"),
+    ("events.jsonl", ['{"event":"v","ts":"2025-01-01T10:00:00Z"}',
+                      '{"profile":"u1","event":"v","ts":"2025-01-01T10:00:00Z","p":NaN}'],
+     "events.jsonl, line 1, field 'profile'"),
+])
+def test_a_line_only_pyarrow_reads_does_not_jump_ahead_of_an_earlier_error(
+        tmp_path: Path, name: str, lines: list[str], error: str) -> None:
+    """pyarrow reads NaN, orjson does not: a batch looking ahead at such a line must not
+    report it before the earlier line the row path stops at."""
+    columnar.BLOCK_BYTES = 1 << 20
+    folder = write(tmp_path / "data", {"profiles.jsonl": ['{"id":"u1"}'], name: lines})
+    found = assert_same_load(tmp_path, folder)
+    assert found is not None and found.startswith(error)
