@@ -64,6 +64,10 @@ class RowBlock:
         """line -> record for those of these lines the row path can read; a line it
         cannot (pyarrow takes a few things orjson refuses, like NaN) is left out, so a
         batch looking ahead at a line does not raise an error before an earlier line's."""
+        try:
+            return dict(self.records(lines))  # one pass over the block: the usual case
+        except DataError:
+            pass
         found = {}
         for line in sorted(lines):
             try:

@@ -169,8 +169,11 @@ def texts_block(texts: Sequence[str]) -> list[Any]:
     if data.count(b"\n") != len(texts) - 1 or _blank_lines(data):
         return parse_texts(texts)
 
+    parsed: list[tuple[int, Any]] = []  # every text, parsed once when first asked for
+
     def records(wanted: set[int] | None) -> Iterator[tuple[int, Any]]:
-        parsed = parse_texts(texts)
+        if not parsed:
+            parsed.extend(parse_texts(texts))
         return iter(parsed if wanted is None else [p for p in parsed if p[0] in wanted])
 
     block = parse_block(data, "", 1)
