@@ -31,6 +31,13 @@ def run_cli(*args: str, stdin: str | None = None,
                           text=True, timeout=timeout)
 
 
+def cli_ok(server: ServerProcess, *args: str) -> str:
+    """What `bitseg ARGS --addr SERVER` prints, asserting that it succeeded."""
+    done = run_cli(*args, "--addr", server.addr)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 class ServerProcess:
     """`bitseg serve --db DB --port 0`, started and waited for until it says it is ready."""
 

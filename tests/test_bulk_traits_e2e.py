@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest_grpc import ServerProcess, run_cli
+from conftest_grpc import cli_ok as cli
 
 from bitseg.client import Client
 from bitseg.errors import InvalidArgumentError, NotFoundError
@@ -36,12 +37,6 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
-
-
-def cli(server: ServerProcess, *args: str) -> str:
-    done = run_cli(*args, "--addr", server.addr)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def test_bulk_actions_through_the_client(server: ServerProcess) -> None:

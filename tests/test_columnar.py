@@ -219,11 +219,8 @@ def test_profiles_files_load_alike(tmp_path_factory: Any, base: list, lines: lis
        block=st.integers(60, 400))
 def test_events_files_load_alike(tmp_path_factory: Any, people: list, lines: list,
                                  block: int) -> None:
-    tmp = tmp_path_factory.mktemp("e")
-    columnar.BLOCK_BYTES = block
-    base = write(tmp / "base", {"profiles.jsonl": people})
-    folder = write(tmp / "data", {"profiles.jsonl": [], "events.jsonl": lines})
-    assert_same_load(tmp, folder, base=base)
+    assert_child_file_loads_alike(tmp_path_factory.mktemp("e"), people, "events.jsonl", lines,
+                                  block)
 
 
 @SETTINGS
@@ -231,10 +228,16 @@ def test_events_files_load_alike(tmp_path_factory: Any, people: list, lines: lis
        block=st.integers(60, 400))
 def test_orders_files_load_alike(tmp_path_factory: Any, people: list, lines: list,
                                  block: int) -> None:
-    tmp = tmp_path_factory.mktemp("o")
+    assert_child_file_loads_alike(tmp_path_factory.mktemp("o"), people, "orders.jsonl", lines,
+                                  block)
+
+
+def assert_child_file_loads_alike(tmp: Path, people: list, name: str, lines: list,
+                                  block: int) -> None:
+    """An events or orders file, over a store holding `people`, loads alike both ways."""
     columnar.BLOCK_BYTES = block
     base = write(tmp / "base", {"profiles.jsonl": people})
-    folder = write(tmp / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    folder = write(tmp / "data", {"profiles.jsonl": [], name: lines})
     assert_same_load(tmp, folder, base=base)
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest_grpc import ServerProcess, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_profiles import SCHEMA, nearest_rank, random_profiles
 
 from bitseg import Client
 from bitseg.errors import InvalidArgumentError
@@ -27,30 +28,10 @@ AS_OF = "2025-06-01T00:00:00Z"
 Q = {"p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p99": 0.99}
 
 
-def nearest_rank(values: list, q: float):
-    """The value at rank ceil(q * n) (rank 1 for q = 0) of the sorted values."""
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
-
 
 def make_data(seed: int, n: int = 60):
     rng = random.Random(seed)
-    profiles = []
-    for i in range(n):
-        p = {"id": f"u{i}"}
-        if rng.random() < 0.8:
-            p["country"] = rng.choice(["DE", "FR", "US", "ES"])
-        if rng.random() < 0.7:
-            p["tags"] = rng.sample(["vip", "news", "beta"], rng.randint(1, 3))
-        if rng.random() < 0.8:
-            p["age"] = rng.randint(-5, 90)
-        if rng.random() < 0.7:
-            p["ltv"] = round(rng.uniform(-10, 500), rng.randint(0, 3))
-        if rng.random() < 0.6:
-            p["since"] = f"2020-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
-        if rng.random() < 0.8:
-            p["vip"] = rng.random() < 0.5
-        profiles.append(p)
+    profiles = random_profiles(rng, n, ltv_decimals=3)
     events = [{"profile": f"u{rng.randrange(n)}", "event": rng.choice(["open", "click"]),
                "ts": f"2025-0{rng.randint(1, 5)}-1{rng.randint(0, 9)}T10:00:00Z",
                "popup": rng.choice(["spring", "summer", "winter"]), "n": rng.randint(1, 5)}
@@ -60,8 +41,7 @@ def make_data(seed: int, n: int = 60):
 
 def open_engine(path: Path, profiles: list, events: list) -> Engine:
     engine = Engine.open(path)
-    engine.declare_schema({"profiles": {"country": "keyword", "tags": "keywords", "age": "int",
-                                        "ltv": "float", "since": "date", "vip": "bool"}})
+    engine.declare_schema(SCHEMA)
     engine.upsert_profiles(profiles)
     if events:
         engine.track_events(events)

@@ -3,7 +3,6 @@ buckets and quantiles, event activity per window, orders; and through server and
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_profiles import SCHEMA, nearest_rank, random_profiles
 
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
@@ -21,28 +21,11 @@ from bitseg.index.insights import insights
 
 AS_OF = "2025-06-01T00:00:00Z"
 Q = {"p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p99": 0.99}
-SCHEMA = {"profiles": {"country": "keyword", "tags": "keywords", "age": "int", "ltv": "float",
-                       "since": "date", "vip": "bool"}}
 
 
 def make_data(seed: int, n: int = 60):
     rng = random.Random(seed)
-    profiles = []
-    for i in range(n):
-        p: dict = {"id": f"u{i}"}
-        if rng.random() < 0.8:
-            p["country"] = rng.choice(["DE", "FR", "US", "ES"])
-        if rng.random() < 0.7:
-            p["tags"] = rng.sample(["vip", "news", "beta"], rng.randint(1, 3))
-        if rng.random() < 0.8:
-            p["age"] = rng.randint(-5, 90)
-        if rng.random() < 0.7:
-            p["ltv"] = round(rng.uniform(-10, 500), rng.randint(0, 2))
-        if rng.random() < 0.6:
-            p["since"] = f"2020-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
-        if rng.random() < 0.8:
-            p["vip"] = rng.random() < 0.5
-        profiles.append(p)
+    profiles = random_profiles(rng, n, ltv_decimals=2)
     as_of = datetime(2025, 6, 1, tzinfo=timezone.utc)
     events = [{"profile": f"u{rng.randrange(n)}", "event": rng.choice(["open", "click"]),
                "ts": (as_of - timedelta(hours=rng.randint(1, 24 * 120))).isoformat()}
@@ -63,10 +46,6 @@ def open_engine(path: Path, profiles: list, events: list, orders: list) -> Engin
         engine.add_orders(orders)
     return engine
 
-
-def nearest_rank(values: list, q: float):
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
 def key(name: str, value):
