@@ -310,7 +310,10 @@ class RangeWriter:
         if index.exists:
             peak = max(peak, abs(index.base) / 10.0**known,
                        abs(index.base + index.top * index.unit) / 10.0**known)
-        fits = 17 if peak == 0 else int(math.floor(math.log10((T.MAX_KEY - 1) / peak)))
+        # The decimals the largest value leaves room for; 17 (all a float has) when it is
+        # that tiny (e.g. 1e-300: the ratio overflows to inf, which floor() refused).
+        room = (T.MAX_KEY - 1) / peak if peak else math.inf
+        fits = 17 if room >= 1e17 else int(math.floor(math.log10(room)))
         rounded = index.rounded if known is not None else False
         if digits > fits:
             digits, rounded = fits, True

@@ -101,3 +101,16 @@ def test_an_empty_audience_writes_what_rows_write(tmp_path, fmt):
         by_rows, by_columns = _both(engine, rule, FIELDS, [], fmt)
         assert by_columns == by_rows == (b"id," + ",".join(FIELDS).encode() + b"\n"
                                          if fmt == "csv" else b"")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_float_too_small_for_a_key_loads_and_exports_as_rows_do(tmp_path, fmt):
+    """2.49e-293 divided the key range into infinity, and the upsert failed with
+    OverflowError; it loads, and its export is what its row says."""
+    with Engine.open(tmp_path / "s") as engine:
+        engine.declare_schema(SCHEMA)
+        engine.upsert_profiles([{"id": "0", "score": 2.4905009385182916e-293},
+                                {"id": "1", "score": 1.5}])
+        by_rows, by_columns = _both(engine, {"all": True}, ["score"], [], fmt)
+        assert by_columns == by_rows
+        assert b"2.4905009385182916e-293" in by_rows
