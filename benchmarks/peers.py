@@ -311,3 +311,62 @@ def median_seconds(fn: Callable[[], object], *, min_rounds: int = 5, max_rounds:
     mid = len(times) // 2
     median = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
     return median, len(times)
+
+
+# ------------------------------------------------------------------------- issue 15's table
+# The rules of issue 15's side-by-side table that PAIRS above does not have (its suite,
+# test_bench_floor.py, also takes attr_5_leaves_not, the popup, acme and float rows from
+# PAIRS); kept out of PAIRS so test_bench_duckdb.py measures what it always did.
+# 4 leaves: keyword in, int between, keywords eq, bool.
+ATTR_4_LEAVES = {"and": [
+    {"field": "country", "op": "in", "value": ["DE", "AT", "CH"]},
+    {"field": "age", "op": "between", "value": [25, 44]},
+    {"field": "tags", "op": "eq", "value": "newsletter"},
+    {"field": "subscribed", "op": "eq", "value": True},
+]}
+# 4 negations, one over an OR with an int between.
+ATTR_4_NEGATIONS = {"and": [
+    {"not": {"field": "country", "op": "eq", "value": "US"}},
+    {"not": {"field": "plan", "op": "eq", "value": "free"}},
+    {"not": {"field": "tags", "op": "in", "value": ["churn_risk"]}},
+    {"not": {"or": [{"field": "gender", "op": "eq", "value": "male"},
+                    {"field": "age", "op": "between", "value": [20, 29]}]}},
+]}
+# Fewer than 3 page views in the last 7 days: a profile without one counts 0, so is in.
+PAGE_VIEWS_LT_3_IN_7 = {"event": "page_view", "window": {"last_days": 7},
+                        "having": {"agg": "count", "op": "lt", "value": 3}}
+# The all-time spend band over paid orders (no window: every order with ts <= as_of).
+SPEND_BAND_PAID = {"orders": {"field": "status", "op": "eq", "value": "paid"},
+                   "having": {"agg": "sum", "of": "amount", "op": "between",
+                              "value": [200, 1000]}}
+
+ISSUE_15_PAIRS = (
+    # ATTR_4_LEAVES (a profile without tags or age is out: NULL reads as false in WHERE)
+    Pair("attr_4_leaves", ATTR_4_LEAVES, """
+        SELECT count(*) FROM profiles
+        WHERE country IN ('DE', 'AT', 'CH')
+          AND age BETWEEN 25 AND 44
+          AND list_contains(tags, 'newsletter')
+          AND subscribed = true"""),
+    # ATTR_4_NEGATIONS (each negated condition coalesced: NOT is true for a missing field)
+    Pair("attr_4_negations_or", ATTR_4_NEGATIONS, """
+        SELECT count(*) FROM profiles
+        WHERE NOT coalesce(country = 'US', false)
+          AND NOT coalesce(plan = 'free', false)
+          AND NOT coalesce(list_has_any(tags, ['churn_risk']), false)
+          AND NOT coalesce(gender = 'male' OR age BETWEEN 20 AND 29, false)"""),
+    # PAGE_VIEWS_LT_3_IN_7 (profiles without a page view in the window have count 0)
+    Pair("event_page_views_lt_3_in_7", PAGE_VIEWS_LT_3_IN_7, """
+        SELECT count(*) FROM profiles p
+        LEFT JOIN (
+          SELECT profile, count(*) AS n FROM events
+          WHERE event = 'page_view'
+            AND ts > {as_of} - INTERVAL 7 DAY AND ts <= {as_of}
+          GROUP BY profile) e ON e.profile = p.id
+        WHERE coalesce(e.n, 0) < 3"""),
+    # SPEND_BAND_PAID (a profile without paid orders sums 0: outside the band)
+    Pair("orders_paid_spend_band_ever", SPEND_BAND_PAID, """
+        SELECT count(*) FROM (
+          SELECT profile FROM orders WHERE status = 'paid' AND ts <= {as_of}
+          GROUP BY profile HAVING sum(amount) BETWEEN 200 AND 1000)"""),
+)
