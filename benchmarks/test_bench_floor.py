@@ -1,0 +1,249 @@
+"""Issue 15's benchmark: every rule of its table in one run, each against DuckDB and, for
+the attribute rules, against a floor: plain pyroaring over bitmaps prebuilt from the
+same data. Then gRPC Count evaluating every call, and the RSS of the serving process.
+
+Every number is a median over calls that each evaluate the rule: the session's engine
+has its result cache off (conftest), and the gRPC server here turns it off too.
+Counts must agree (bitseg, DuckDB and the floor); there are no timing assertions.
+
+The floor (class Floor): one bitmap per value of a keyword, keywords or bool field, and
+range-encoded cumulative bitmaps for an int field (C[v] = the profiles with a value
+<= v, for every v of its range), so `between lo hi` is C[hi] - C[lo-1]; for a timestamp,
+the one cumulative bitmap the rule reads (ids before its day boundary; a whole per-day
+encoding would be days x profiles / 8 bytes). Ids are DuckDB row numbers, which are the
+engine's dense ids when the store was loaded from the same files (the report says
+whether they were). Each floor is the least bitmap algebra for its rule, its last
+operation a *_cardinality.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import AS_OF, PROFILES, ROOT, SEED, fmt_seconds, median_of
+from peers import (ATTR_NOT, ISSUE_15_PAIRS, PAIRS, Pair, median_seconds, open_duckdb,
+                   sql_timestamp)
+from pyroaring import BitMap
+
+from bitseg.index.fields import bitmap_of
+
+TABLE = ("Issue 15: Count evaluated every call, median per call "
+         "(ratio = DuckDB / bitseg; floor = plain pyroaring on prebuilt bitmaps)")
+SERVING = "Issue 15: gRPC Count evaluating every call, and the serving process"
+MID_MONTH = "2026-10-17T13:45:00Z"  # a 30-day window that starts and ends inside months
+CLIENTS = 8
+REQUESTS_PER_CLIENT = 200
+GRPC_RULE = ATTR_NOT
+
+
+# ------------------------------------------------------------------------- the floor
+class Floor:
+    """Bitmaps of the profiles table, built once from DuckDB (row numbers as ids)."""
+
+    def __init__(self, con) -> None:
+        self.con = con
+        self.rows = con.execute("SELECT count(*) FROM profiles").fetchone()[0]
+        self.live = BitMap(range(self.rows))
+        self._values: dict[str, dict[object, BitMap]] = {}
+        self._cumulative: dict[str, tuple[int, int, list[BitMap]]] = {}
+        self._before: dict[tuple[str, str], BitMap] = {}
+
+    def _column(self, sql: str) -> dict[str, np.ndarray]:
+        return self.con.execute(sql).fetchnumpy()
+
+    def values(self, field: str) -> dict[object, BitMap]:
+        """One bitmap per value of a keyword, keywords or bool field."""
+        if field not in self._values:
+            list_typed = self.con.execute(
+                "SELECT data_type FROM information_schema.columns WHERE table_name = "
+                "'profiles' AND column_name = ?", [field]).fetchone()[0].endswith("[]")
+            source = (f"(SELECT rowid AS r, unnest({field}) AS v FROM profiles)" if list_typed
+                      else f"(SELECT rowid AS r, {field} AS v FROM profiles)")
+            found = self._column(f"SELECT r, v FROM {source} WHERE v IS NOT NULL ORDER BY v, r")
+            rows, values = found["r"], found["v"]
+            keys, starts = np.unique(values, return_index=True)
+            ends = [*starts[1:], len(values)]
+            self._values[field] = {
+                key.item() if hasattr(key, "item") else key: bitmap_of(rows[a:b])
+                for key, a, b in zip(keys, starts, ends, strict=True)}
+        return self._values[field]
+
+    def at_most(self, field: str, value: int) -> BitMap:
+        """C[value] of an int field: the profiles with the field <= value (range encoding,
+        every C[v] of the field's range built on first use)."""
+        if field not in self._cumulative:
+            found = self._column(f"SELECT rowid AS r, {field} AS v FROM profiles "
+                                 f"WHERE {field} IS NOT NULL ORDER BY v, r")
+            rows, values = found["r"], found["v"]
+            low, high = int(values[0]), int(values[-1])
+            ends = np.searchsorted(values, np.arange(low, high + 1), side="right")
+            self._cumulative[field] = (low, high, [bitmap_of(rows[:end]) for end in ends])
+        low, high, encoded = self._cumulative[field]
+        if value < low:
+            return BitMap()
+        return encoded[min(value, high) - low]
+
+    def before(self, field: str, instant: str) -> BitMap:
+        """The profiles with a timestamp before instant (a day boundary): one cumulative
+        day bitmap of a per-day range encoding."""
+        key = (field, instant)
+        if key not in self._before:
+            found = self._column(f"SELECT rowid AS r FROM profiles WHERE {field} < {instant}")
+            self._before[key] = bitmap_of(found["r"])
+        return self._before[key]
+
+    def has_all_rows(self, field: str) -> bool:
+        return self.con.execute(
+            f"SELECT count(*) FROM profiles WHERE {field} IS NULL").fetchone()[0] == 0
+
+
+def floor_4_leaves(f: Floor) -> Callable[[], int]:
+    """country in (DE, AT, CH), age between 25 and 44, tags eq newsletter, subscribed."""
+    country = f.values("country")
+    de, at, ch = country["DE"], country["AT"], country["CH"]
+    upto_44, upto_24 = f.at_most("age", 44), f.at_most("age", 24)
+    newsletter, subscribed = f.values("tags")["newsletter"], f.values("subscribed")[True]
+
+    def count() -> int:
+        found = BitMap.union(de, at, ch)
+        found &= upto_44
+        found -= upto_24
+        found &= newsletter
+        return found.intersection_cardinality(subscribed)
+
+    return count
+
+
+def floor_4_negations(f: Floor) -> Callable[[], int]:
+    """An AND of four NOTs is live minus the union of what they negate."""
+    us, free = f.values("country")["US"], f.values("plan")["free"]
+    churn, male = f.values("tags")["churn_risk"], f.values("gender")["male"]
+    upto_29, upto_19 = f.at_most("age", 29), f.at_most("age", 19)
+    live = f.live
+
+    def count() -> int:
+        return live.difference_cardinality(BitMap.union(us, free, churn, male,
+                                                        upto_29 - upto_19))
+
+    return count
+
+
+def floor_5_leaves(f: Floor) -> Callable[[], int]:
+    """ATTR_NOT: country in (DE, AT, CH), age between 18 and 40, created in the last 365
+    days, subscribed, and not tagged churn_risk or vip."""
+    assert f.has_all_rows("created_at"), "the floor reads created_at >= T as `- before T`"
+    country = f.values("country")
+    de, at, ch = country["DE"], country["AT"], country["CH"]
+    upto_40, upto_17 = f.at_most("age", 40), f.at_most("age", 17)
+    old = f.before("created_at", f"{sql_timestamp(AS_OF)} - INTERVAL 365 DAY")
+    subscribed = f.values("subscribed")[True]
+    churn, vip = f.values("tags")["churn_risk"], f.values("tags")["vip"]
+
+    def count() -> int:
+        found = BitMap.union(de, at, ch)
+        found &= upto_40
+        if upto_17:  # C[lo-1] is empty when lo is the field's lowest value
+            found -= upto_17
+        found -= old
+        found &= subscribed
+        found -= churn
+        return found.difference_cardinality(vip)
+
+    return count
+
+
+# ------------------------------------------------------------------------- the rows
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a pair, the as_of it runs at, the issue's target, the floor."""
+
+    label: str
+    pair: Pair
+    target: str
+    as_of: str = AS_OF
+    floor: Callable[[Floor], Callable[[], int]] | None = None
+
+
+_BY_NAME = {p.name: p for p in (*PAIRS, *ISSUE_15_PAIRS)}
+FLOOR_TARGET = ">= 20x DuckDB; <= 1.5x floor"
+ROWS = (
+    Row("4 leaves: keyword in, int between, keywords eq, bool", _BY_NAME["attr_4_leaves"],
+        FLOOR_TARGET, floor=floor_4_leaves),
+    Row("4 negations, one over an OR with an int between", _BY_NAME["attr_4_negations_or"],
+        FLOOR_TARGET, floor=floor_4_negations),
+    Row("5 leaves (attr_5_leaves_not)", _BY_NAME["attr_5_leaves_not"],
+        FLOOR_TARGET + "; <= 2 ms at 10M", floor=floor_5_leaves),
+    Row("page views < 3 in 7 days", _BY_NAME["event_page_views_lt_3_in_7"], ">= 20x DuckDB"),
+    Row("popup >= 3 in 30 days, as_of mid-month", _BY_NAME["event_popup_3_in_30"],
+        ">= 20x DuckDB; <= 6 ms at 10M", as_of=MID_MONTH),
+    Row("popup >= 3 in 30 days, as_of a month start", _BY_NAME["event_popup_3_in_30"],
+        ">= 20x DuckDB; <= 6 ms at 10M"),
+    Row("acme orders, sum > 300 in 180 days", _BY_NAME["orders_acme_sum_300_in_180"],
+        ">= 10x DuckDB; <= 40 ms at 10M"),
+    Row("all-time spend band over paid orders", _BY_NAME["orders_paid_spend_band_ever"],
+        ">= 10x DuckDB"),
+    Row("float between", _BY_NAME["float_between"], ">= 1x DuckDB at 10M"),
+)
+
+
+@pytest.fixture(scope="module")
+def duck(dataset, bench_report):
+    import duckdb
+
+    con = open_duckdb(dataset, ROOT / f"duck-{PROFILES}-{SEED}.duckdb")
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    bench_report.note(f"Issue 15 table: DuckDB {duckdb.__version__} with {threads} threads; "
+                      f"bitseg and the floor evaluate on one thread.")
+    yield con
+    con.close()
+
+
+@pytest.fixture(scope="module")
+def floor(duck, engine, bench_report) -> Floor:
+    built = Floor(duck)
+    same = built.values("country")["DE"] == engine.bitmap(
+        {"field": "country", "op": "eq", "value": "DE"}, as_of=AS_OF)
+    bench_report.note("Issue 15 floor: ids are DuckDB row numbers, " +
+                      ("the same as the engine's dense ids (checked on country = DE)." if same
+                       else "NOT the engine's dense ids: same counts, other bitmap layout."))
+    return built
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r.pair.name}@{r.as_of[:10]}")
+def test_issue_15_row(benchmark, engine, duck, floor, bench_report, row: Row):
+    sql = row.pair.query(row.as_of)
+    expected = duck.execute(sql).fetchone()[0]
+
+    def count() -> int:
+        return engine.count(row.pair.rule, as_of=row.as_of)
+
+    got = benchmark(count)
+    bitseg_s = median_of(benchmark, count)
+    duck_s, rounds = median_seconds(lambda: duck.execute(sql).fetchone())
+    ratio = duck_s / bitseg_s
+    columns = {"rule": row.label, "as_of": row.as_of, "count": f"{got:,}",
+               "bitseg": fmt_seconds(bitseg_s), "duckdb": fmt_seconds(duck_s),
+               "ratio": f"{ratio:,.1f}x", "floor": "", "bitseg/floor": ""}
+    floor_count = None
+    if row.floor is not None:
+        floor_fn = row.floor(floor)
+        floor_count = floor_fn()
+        floor_s, _ = median_seconds(floor_fn)
+        columns.update(floor=fmt_seconds(floor_s), **{"bitseg/floor": f"{bitseg_s / floor_s:.1f}x"})
+        benchmark.extra_info.update(floor_median_s=floor_s, floor_count=floor_count)
+    if got != expected or floor_count not in (None, got):
+        columns["count"] = f"MISMATCH bitseg {got} duckdb {expected} floor {floor_count}"
+    benchmark.extra_info.update(count=got, duckdb_count=expected, bitseg_median_s=bitseg_s,
+                                duckdb_median_s=duck_s, duckdb_rounds=rounds, ratio=ratio)
+    bench_report.add(TABLE, **columns, **{"target": row.target})
+    assert got == expected, (f"{row.pair.name}: bitseg counts {got}, DuckDB {expected}\n"
+                             f"rule: {row.pair.rule}\nsql: {sql}")
+    assert floor_count in (None, got), f"{row.pair.name}: floor counts {floor_count}, bitseg {got}"
+    assert got > 0, f"{row.pair.name}: an empty audience measures nothing; pick another rule"
