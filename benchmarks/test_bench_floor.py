@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import AS_OF, PROFILES, ROOT, SEED, fmt_seconds, median_of
-from peers import (ATTR_NOT, ISSUE_15_PAIRS, PAIRS, Pair, median_seconds, open_duckdb,
-                   sql_timestamp)
+from peers import ATTR_NOT, ISSUE_15_PAIRS, PAIRS, Pair, median_seconds, open_duckdb, sql_timestamp
 from pyroaring import BitMap
 
 from bitseg.index.fields import bitmap_of
@@ -247,3 +246,95 @@ def test_issue_15_row(benchmark, engine, duck, floor, bench_report, row: Row):
                              f"rule: {row.pair.rule}\nsql: {sql}")
     assert floor_count in (None, got), f"{row.pair.name}: floor counts {floor_count}, bitseg {got}"
     assert got > 0, f"{row.pair.name}: an empty audience measures nothing; pick another rule"
+
+
+# ------------------------------------------------------------------------- serving
+# The serving process: a fresh interpreter that opens the store, runs every rule of the
+# table once (what a server that has answered them holds), then serves gRPC with the
+# result cache off until its stdin closes. The session's engine holds the store's writer
+# lock, so this process opens the store without taking it: it never writes, and LMDB
+# itself lets any number of processes read.
+SERVE = """
+import json, sys
+from bitseg.index import store
+store.take_writer_lock = lambda path: None
+from bitseg.index.engine import Engine
+from bitseg.server.app import create_server
+
+engine = Engine.open(sys.argv[1])
+engine.cache_results = False
+counts = [engine.count(rule, as_of=as_of) for rule, as_of in json.loads(sys.argv[2])]
+server, port = create_server(engine, "127.0.0.1:0")
+server.start()
+print(json.dumps({"port": port, "counts": counts}), flush=True)
+sys.stdin.read()
+server.stop(None).wait()
+engine.close()
+"""
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM (peak), RssAnon (the process's own) and RssFile (mapped LMDB pages) in
+    MiB; empty where /proc does not say (not Linux)."""
+    wanted = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return {k: int(v.split()[0]) / 1024 for k, v in
+                    (line.split(":", 1) for line in status) if k in wanted}
+    except OSError:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def server(store, engine):
+    """The serving process and what it answered: (process, address, counts by row)."""
+    rules = [[row.pair.rule, row.as_of] for row in ROWS]
+    process = subprocess.Popen([sys.executable, "-c", SERVE, str(store), json.dumps(rules)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, f"the serving process exited with {process.wait()} before serving"
+        started = json.loads(line)
+        yield process, f"127.0.0.1:{started['port']}", started["counts"]
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+
+
+def test_grpc_count_evaluated_and_serving_rss(benchmark, engine, server, bench_report):
+    """CLIENTS threads of another process, REQUESTS_PER_CLIENT Counts of the 5-leaf rule
+    each, every call evaluated; then the serving process's memory."""
+    process, address, counts = server
+    assert counts == [engine.count(row.pair.rule, as_of=row.as_of) for row in ROWS]
+    expected = engine.count(GRPC_RULE, as_of=AS_OF)
+    runs: list[tuple[float, list[float]]] = []
+    script = Path(__file__).resolve().parent / "grpc_clients.py"
+
+    def load() -> None:
+        done = subprocess.run(
+            [sys.executable, str(script), address, str(CLIENTS), str(REQUESTS_PER_CLIENT),
+             json.dumps(GRPC_RULE), AS_OF, str(expected)],
+            capture_output=True, text=True, timeout=900, check=False)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        runs.append((result["seconds"], result["latencies"]))
+
+    benchmark.pedantic(load, rounds=1, iterations=1)
+    wall, latencies = runs[-1]
+    assert len(latencies) == CLIENTS * REQUESTS_PER_CLIENT
+    p50, p99 = np.percentile(latencies, [50, 99])
+    rate = len(latencies) / wall
+    memory = memory_mib(process.pid)
+    benchmark.extra_info.update(req_per_s=rate, p50_s=p50, p99_s=p99,
+                                **{f"{k}_mib": v for k, v in memory.items()})
+    bench_report.add(SERVING, what=f"gRPC Count 5_leaves_not, {CLIENTS} clients x "
+                                   f"{REQUESTS_PER_CLIENT}, evaluated every call",
+                     result=f"{rate:,.0f} req/s, p50 {fmt_seconds(p50)}, p99 {fmt_seconds(p99)}",
+                     target=">= 300 req/s, p99 <= 50 ms at 10M")
+    bench_report.add(SERVING, what=f"RSS of the serving process after the {len(ROWS)} "
+                                   f"table rules and the load",
+                     result=(f"peak {memory['VmHWM']:,.0f} MiB, now {memory['VmRSS']:,.0f} "
+                             f"MiB (own {memory['RssAnon']:,.0f} MiB, LMDB's mapped file "
+                             f"{memory['RssFile']:,.0f} MiB)" if memory else
+                             "not measured: no /proc/PID/status here"),
+                     target="peak <= 1.3 x 2.6 GB at 10M")
