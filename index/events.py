@@ -1,9 +1,9 @@
 """Event rules evaluated: `count >= n` over a window and the other aggregates.
 
-`count` over a window is answered in the bitmap domain: the window is split into whole
-months, whole days and at most two partial days (timeline.plan); the streams' bucket
-count indexes are summed with a bitmap ripple-carry adder (event_counts), the partial
-days are counted from their raw rows, and the total is compared like any range index.
+`count` over a window is answered in the bitmap domain: the window's whole days are a
+signed sum of a few dyadic day blocks and months (event_windows), added and subtracted
+with bitmap ripple-carry adders (event_counts); at most two partial days are counted
+from their raw rows, and the total is compared like any range index.
 
 The raw rows (event_index.Block) answer the window edges, `where` clauses that no
 stream covers, and sum/avg/min/max, grouped per profile and compared exactly (compare).
@@ -22,13 +22,14 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
-from bitseg.index.event_index import Block, EventIndex, listed
+from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES, stream_key
+from bitseg.index.event_windows import window_counts, window_presence
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
-from bitseg.index.timeline import day_of, first_day, month_of, plan
+from bitseg.index.timeline import day_of, plan
 
 TS = "\x00ts"  # _rows's `of` for the rows' timestamps (no property has this name)
 
@@ -67,28 +68,16 @@ def _streams_for(cond: EventCond, events: list[str]) -> list[str] | None:
 
 def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
                       streams: list[str], lo: int | None, hi: int, as_of: int) -> RangeIndex:
+    """Each profile's count of the selected events in [lo, hi): the whole days as a few
+    dyadic and month blocks (event_windows), the partial days from their raw rows."""
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
-    parts, minus = [], []
-    for stream in streams:
-        months = index.stream_months.get(stream, [])
-        present = index.stream_days.get(stream, [])
-        for month in _in_range(months, window.months):
-            parts.append(index.bucket(b"m", stream, month))
-        for month, inside in _by_month(window.whole_days(present)):
-            # most of a month inside the window: its bucket minus the days outside
-            first, end = first_day(month), first_day(month + 1)
-            outside = [d for d in _in_range(present, range(first, end)) if d not in inside]
-            if len(outside) < len(inside) - 1 and listed(months, month):
-                parts.append(index.bucket(b"m", stream, month))
-                minus += [index.bucket(b"d", stream, d) for d in outside]
-            else:
-                parts += [index.bucket(b"d", stream, d) for d in inside]
+    plus, minus = window_counts(index, streams, *window.days)
     for edge_lo, edge_hi in window.edges:
         rows = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)
         if len(rows[0]):
-            parts.append(counts_of(rows[0]))
-    return sub_counts(sum_counts(parts), sum_counts(minus))
+            plus.append(counts_of(rows[0]))
+    return sub_counts(sum_counts(plus), sum_counts(minus))
 
 
 def _recency(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
@@ -110,36 +99,16 @@ def _recency(cond: EventCond, index: EventIndex, schema: Schema, events: list[st
 
 def _present(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
              streams: list[str], lo: int | None, hi: int, as_of: int) -> BitMap:
-    """The profiles with a selected event in [lo, hi): the union of the `exists` of the
-    whole months' and days' count buckets, and the raw rows of the partial days."""
+    """The profiles with a selected event in [lo, hi): the union of the `exists` of a
+    few blocks covering the whole days, and the raw rows of the partial days."""
     earliest = min(index.type_days[e][0] for e in events)
     window = plan(lo, hi, earliest)
-    parts = []
-    for stream in streams:
-        months = index.stream_months.get(stream, [])
-        parts += [index.bucket(b"m", stream, m).exists for m in _in_range(months, window.months)]
-        parts += [index.bucket(b"d", stream, d).exists
-                  for d in window.whole_days(index.stream_days.get(stream, []))]
+    parts = window_presence(index, streams, *window.days)
     for edge_lo, edge_hi in window.edges:
         profiles = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)[0]
         if len(profiles):
             parts.append(bitmap_of(profiles))
     return BitMap.union(*parts) if parts else EMPTY
-
-
-def _by_month(days: list[int]) -> list[tuple[int, set[int]]]:
-    """Sorted days grouped by calendar month: (month, its days)."""
-    groups: dict[int, set[int]] = {}
-    for day in days:
-        groups.setdefault(month_of(day), set()).add(day)
-    return sorted(groups.items())
-
-
-def _in_range(sorted_buckets: list[int], buckets: range) -> list[int]:
-    if not buckets:
-        return []
-    return sorted_buckets[bisect_left(sorted_buckets, buckets.start):
-                          bisect_left(sorted_buckets, buckets.stop)]
 
 
 def blocks_in(index: EventIndex, events: Iterable[str], lo: int | None, hi: int

@@ -1,0 +1,180 @@
+"""A window's whole days as a handful of count blocks: dyadic day blocks and months.
+
+The blocks:
+- dyadic: block k of level j covers days [k * 2**j, (k + 1) * 2**j), j = 0..MAX_LEVEL.
+  Level 0 is the stored day bucket; a higher level is the per-profile sum of its two
+  halves, made in memory on first use and kept in the index's BucketCache (the stored
+  keys and bytes are those of the days; nothing new is written);
+- calendar months: the stored month buckets.
+
+Walking from day boundary a to day boundary b, taking a block [s, e) forwards (s to e,
+adding it) or backwards (e to s, subtracting it), always sums to exactly [a, b): the
+terms telescope. So the fewest blocks for a window is a shortest path over boundaries;
+[1, 31) is +[0, 32) - [0, 1) - [31, 32), one add and one subtract instead of 29 adds.
+The positive blocks' sum minus the negative ones' is each profile's count in the window,
+never below zero (every day subtracted is also counted by a positive block).
+
+A derived block is cached under its days' last writes (EventIndex.written; 0 for a day
+not written since open): a batch that writes one of its days gives it a new key, so an
+index never reads a block made from other days than its own.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+from functools import lru_cache
+
+from pyroaring import BitMap
+
+from bitseg.index.event_counts import add_counts, sum_counts
+from bitseg.index.event_index import EventIndex
+from bitseg.index.fields import RangeIndex
+from bitseg.index.timeline import first_day, month_of
+
+MAX_LEVEL = 8  # the largest derived block: 2**8 = 256 days
+USE_MONTHS = True  # month buckets are blocks too (tests turn them off to force dyadic)
+MONTH = -1  # a Term's level for a calendar month
+Term = tuple[int, int, int]  # (sign +1 / -1, level or MONTH, block number or month)
+
+
+def terms(first: int, end: int, signed: bool = True) -> tuple[Term, ...]:
+    """The fewest blocks whose signed sum is the days [first, end) (signed False: only
+    added blocks, which also give who has any event there as a union of `exists`)."""
+    if first >= end:
+        return ()
+    return _shortest(first, end, signed, MAX_LEVEL, USE_MONTHS)
+
+
+@lru_cache(maxsize=4096)
+def _shortest(first: int, end: int, signed: bool, top: int, months: bool
+              ) -> tuple[Term, ...]:
+    """Breadth-first search over the day boundaries a short path can use: each side
+    rounded down and up to every level, the top level's boundaries between, and the
+    month starts in that span."""
+    lo, hi = first >> top << top, -(-end >> top << top)
+    nodes = {lo + i * (1 << top) for i in range((hi - lo) >> top)} | {hi, end}
+    for j in range(top + 1):
+        for x in (first, end):
+            nodes.update((x >> j << j, -(-x >> j << j)))
+    starts: dict[int, int] = {}  # month start day -> month
+    if months:
+        m = month_of(lo)
+        while (day := first_day(m)) <= hi:
+            if day >= lo:
+                starts[day] = m
+                nodes.add(day)
+            m += 1
+    came: dict[int, tuple[int, Term]] = {first: (first, (0, 0, 0))}
+    queue = deque([first])
+    while queue:
+        x = queue.popleft()
+        if x == end:
+            break
+        for y, term in _steps(x, top, starts, signed):
+            if y in nodes and y not in came:
+                came[y] = (x, term)
+                queue.append(y)
+    path: list[Term] = []
+    x = end
+    while x != first:
+        x, term = came[x]
+        path.append(term)
+    return tuple(reversed(path))
+
+
+def _steps(x: int, top: int, starts: dict[int, int], signed: bool
+           ) -> list[tuple[int, Term]]:
+    """The blocks that start (or, signed, end) at boundary x, biggest first."""
+    out = []
+    month = starts.get(x)
+    if month is not None:  # the month starting at x (used when its end is a node too)
+        out.append((first_day(month + 1), (1, MONTH, month)))
+    for j in range(top, -1, -1):
+        if x % (1 << j) == 0:
+            out.append((x + (1 << j), (1, j, x >> j)))
+    if signed:
+        for j in range(top, -1, -1):
+            if x % (1 << j) == 0:
+                out.append((x - (1 << j), (-1, j, (x >> j) - 1)))
+        if month is not None:
+            out.append((first_day(month - 1), (-1, MONTH, month - 1)))
+    return out
+
+
+def window_counts(index: EventIndex, streams: list[str], first: int, end: int
+                  ) -> tuple[list[RangeIndex], list[RangeIndex]]:
+    """(blocks to add, blocks to subtract) whose difference is each profile's count of
+    the streams' events on days [first, end)."""
+    first, end = _present_span(index, streams, first, end)
+    plus: list[RangeIndex] = []
+    minus: list[RangeIndex] = []
+    for sign, level, number in terms(first, end):
+        for stream in streams:
+            block = _block(index, stream, level, number)
+            if block.exists:
+                (plus if sign > 0 else minus).append(block)
+    return plus, minus
+
+
+def window_presence(index: EventIndex, streams: list[str], first: int, end: int
+                    ) -> list[BitMap]:
+    """Bitmaps whose union is who has any of the streams' events on days [first, end)."""
+    first, end = _present_span(index, streams, first, end)
+    out = []
+    for _, level, number in terms(first, end, signed=False):
+        for stream in streams:
+            block = _block(index, stream, level, number)
+            if block.exists:
+                out.append(block.exists)
+    return out
+
+
+def _present_span(index: EventIndex, streams: list[str], first: int, end: int
+                  ) -> tuple[int, int]:
+    """[first, end) narrowed to the days some stream has (an empty span when none)."""
+    lo = min((index.stream_days[s][0] for s in streams if index.stream_days.get(s)),
+             default=end)
+    hi = max((index.stream_days[s][-1] + 1 for s in streams if index.stream_days.get(s)),
+             default=end)
+    first, end = max(first, lo), min(end, hi)
+    return (first, end) if first < end else (0, 0)
+
+
+def _block(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex:
+    """One stream's counts in a month or dyadic block."""
+    if level == MONTH:
+        months = index.stream_months.get(stream, [])
+        i = bisect_left(months, number)
+        if i < len(months) and months[i] == number:
+            return index.bucket(b"m", stream, number)
+        return RangeIndex()
+    present = index.stream_days.get(stream, [])
+    lo, hi = number << level, (number + 1) << level
+    i, k = bisect_left(present, lo), bisect_left(present, hi)
+    if i == k:
+        return RangeIndex()
+    if k - i == 1:  # one day with events: its own bucket
+        return index.bucket(b"d", stream, present[i])
+    if not index.reader.committed:  # inside a batch: nothing cached, the days summed
+        return sum_counts([index.bucket(b"d", stream, d) for d in present[i:k]])
+    written = index.written
+    stamp = max((written.get((b"d", stream, d), 0) for d in present[i:k]), default=0) \
+        if written else 0
+    key = ((b"y%d" % level, stream, number), stamp)
+    found = index.cache.get(key)
+    if found is None:
+        found = add_counts(_block(index, stream, level - 1, 2 * number),
+                           _block(index, stream, level - 1, 2 * number + 1))
+        index.cache.put(key, found, size_of(found))
+    return found
+
+
+def size_of(counts: RangeIndex) -> int:
+    """The bytes a count index's bitmaps hold (their containers, as roaring counts them)."""
+    total = 0
+    for bitmap in (counts.exists, *counts.slices):
+        stats = bitmap.get_statistics()
+        total += stats["n_bytes_array_containers"] + stats["n_bytes_run_containers"] + \
+            stats["n_bytes_bitset_containers"]
+    return total
