@@ -6,9 +6,10 @@ Every number is a median over calls that each evaluate the rule: the session's e
 has its result cache off (conftest), and the gRPC server here turns it off too.
 Counts must agree (bitseg, DuckDB and the floor); there are no timing assertions.
 
-The floor (class Floor): one bitmap per value of a keyword, keywords or bool field, and
-range-encoded cumulative bitmaps for an int field (C[v] = the profiles with a value
-<= v, for every v of its range), so `between lo hi` is C[hi] - C[lo-1]; for a timestamp,
+The floor (class Floor): one bitmap per value of a keyword, keywords or bool field
+(built for the values the rules read), and range-encoded cumulative bitmaps for an int
+field (C[v] = the profiles with a value <= v, for every v of its range), so
+`between lo hi` is C[hi] - C[lo-1]; for a timestamp,
 the one cumulative bitmap the rule reads (ids before its day boundary; a whole per-day
 encoding would be days x profiles / 8 bytes). Ids are DuckDB row numbers, which are the
 engine's dense ids when the store was loaded from the same files (the report says
@@ -50,29 +51,25 @@ class Floor:
         self.con = con
         self.rows = con.execute("SELECT count(*) FROM profiles").fetchone()[0]
         self.live = BitMap(range(self.rows))
-        self._values: dict[str, dict[object, BitMap]] = {}
+        self._values: dict[tuple[str, object], BitMap] = {}
         self._cumulative: dict[str, tuple[int, int, list[BitMap]]] = {}
         self._before: dict[tuple[str, str], BitMap] = {}
 
     def _column(self, sql: str) -> dict[str, np.ndarray]:
         return self.con.execute(sql).fetchnumpy()
 
-    def values(self, field: str) -> dict[object, BitMap]:
-        """One bitmap per value of a keyword, keywords or bool field."""
-        if field not in self._values:
-            list_typed = self.con.execute(
+    def value(self, field: str, value: object) -> BitMap:
+        """The bitmap of one value of a keyword, keywords or bool field."""
+        key = (field, value)
+        if key not in self._values:
+            kind = self.con.execute(
                 "SELECT data_type FROM information_schema.columns WHERE table_name = "
-                "'profiles' AND column_name = ?", [field]).fetchone()[0].endswith("[]")
-            source = (f"(SELECT rowid AS r, unnest({field}) AS v FROM profiles)" if list_typed
-                      else f"(SELECT rowid AS r, {field} AS v FROM profiles)")
-            found = self._column(f"SELECT r, v FROM {source} WHERE v IS NOT NULL ORDER BY v, r")
-            rows, values = found["r"], found["v"]
-            keys, starts = np.unique(values, return_index=True)
-            ends = [*starts[1:], len(values)]
-            self._values[field] = {
-                key.item() if hasattr(key, "item") else key: bitmap_of(rows[a:b])
-                for key, a, b in zip(keys, starts, ends, strict=True)}
-        return self._values[field]
+                "'profiles' AND column_name = ?", [field]).fetchone()[0]
+            test = f"list_contains({field}, ?)" if kind.endswith("[]") else f"{field} = ?"
+            found = self.con.execute(f"SELECT rowid AS r FROM profiles WHERE {test}",
+                                     [value]).fetchnumpy()
+            self._values[key] = bitmap_of(found["r"])
+        return self._values[key]
 
     def at_most(self, field: str, value: int) -> BitMap:
         """C[value] of an int field: the profiles with the field <= value (range encoding,
@@ -83,7 +80,12 @@ class Floor:
             rows, values = found["r"], found["v"]
             low, high = int(values[0]), int(values[-1])
             ends = np.searchsorted(values, np.arange(low, high + 1), side="right")
-            self._cumulative[field] = (low, high, [bitmap_of(rows[:end]) for end in ends])
+            encoded, below, start = [], BitMap(), 0
+            for end in ends:  # C[v] = C[v - 1] | the profiles with v
+                below = below | bitmap_of(rows[start:end])
+                encoded.append(below)
+                start = end
+            self._cumulative[field] = (low, high, encoded)
         low, high, encoded = self._cumulative[field]
         if value < low:
             return BitMap()
@@ -105,10 +107,9 @@ class Floor:
 
 def floor_4_leaves(f: Floor) -> Callable[[], int]:
     """country in (DE, AT, CH), age between 25 and 44, tags eq newsletter, subscribed."""
-    country = f.values("country")
-    de, at, ch = country["DE"], country["AT"], country["CH"]
+    de, at, ch = (f.value("country", code) for code in ("DE", "AT", "CH"))
     upto_44, upto_24 = f.at_most("age", 44), f.at_most("age", 24)
-    newsletter, subscribed = f.values("tags")["newsletter"], f.values("subscribed")[True]
+    newsletter, subscribed = f.value("tags", "newsletter"), f.value("subscribed", True)
 
     def count() -> int:
         found = BitMap.union(de, at, ch)
@@ -122,8 +123,8 @@ def floor_4_leaves(f: Floor) -> Callable[[], int]:
 
 def floor_4_negations(f: Floor) -> Callable[[], int]:
     """An AND of four NOTs is live minus the union of what they negate."""
-    us, free = f.values("country")["US"], f.values("plan")["free"]
-    churn, male = f.values("tags")["churn_risk"], f.values("gender")["male"]
+    us, free = f.value("country", "US"), f.value("plan", "free")
+    churn, male = f.value("tags", "churn_risk"), f.value("gender", "male")
     upto_29, upto_19 = f.at_most("age", 29), f.at_most("age", 19)
     live = f.live
 
@@ -138,12 +139,11 @@ def floor_5_leaves(f: Floor) -> Callable[[], int]:
     """ATTR_NOT: country in (DE, AT, CH), age between 18 and 40, created in the last 365
     days, subscribed, and not tagged churn_risk or vip."""
     assert f.has_all_rows("created_at"), "the floor reads created_at >= T as `- before T`"
-    country = f.values("country")
-    de, at, ch = country["DE"], country["AT"], country["CH"]
+    de, at, ch = (f.value("country", code) for code in ("DE", "AT", "CH"))
     upto_40, upto_17 = f.at_most("age", 40), f.at_most("age", 17)
     old = f.before("created_at", f"{sql_timestamp(AS_OF)} - INTERVAL 365 DAY")
-    subscribed = f.values("subscribed")[True]
-    churn, vip = f.values("tags")["churn_risk"], f.values("tags")["vip"]
+    subscribed = f.value("subscribed", True)
+    churn, vip = f.value("tags", "churn_risk"), f.value("tags", "vip")
 
     def count() -> int:
         found = BitMap.union(de, at, ch)
@@ -207,7 +207,7 @@ def duck(dataset, bench_report):
 @pytest.fixture(scope="module")
 def floor(duck, engine, bench_report) -> Floor:
     built = Floor(duck)
-    same = built.values("country")["DE"] == engine.bitmap(
+    same = built.value("country", "DE") == engine.bitmap(
         {"field": "country", "op": "eq", "value": "DE"}, as_of=AS_OF)
     bench_report.note("Issue 15 floor: ids are DuckDB row numbers, " +
                       ("the same as the engine's dense ids (checked on country = DE)." if same
