@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -48,6 +50,9 @@ log = logging.getLogger("bitseg.server")
 NO_SEGMENTS = "this server runs without segments"
 PREVIEW_DEFAULT, PREVIEW_MAX = 10, 1000
 COMMITTED_KEY = "bitseg-committed-batches"
+# Group commit: the messages of a stream that arrived while a transaction ran are applied
+# together in the next one, up to this many records (see _batches).
+GROUP_RECORDS = 100_000
 
 
 class Unimplemented(Exception):
@@ -492,9 +497,9 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     def UpsertProfiles(self, request_iterator: Iterator[pb.ProfileBatch],
                        context: grpc.ServicerContext) -> pb.UpsertProfilesReply:
         reply = pb.UpsertProfilesReply()
-        for report in _batches(request_iterator, "profiles_json",
-                               self.engine.upsert_profiles, context):
-            reply.batches += 1
+        for messages, report in _batches(request_iterator, "profiles_json",
+                                         self.engine.upsert_profiles, context):
+            reply.batches += messages
             reply.created += report.created
             reply.updated += report.updated
             reply.version = report.version
@@ -510,9 +515,9 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     def TrackEvents(self, request_iterator: Iterator[pb.EventBatch],
                     context: grpc.ServicerContext) -> pb.TrackEventsReply:
         reply = pb.TrackEventsReply()
-        for report in _batches(request_iterator, "events_json", self.engine.track_events,
-                               context):
-            reply.batches += 1
+        for messages, report in _batches(request_iterator, "events_json",
+                                         self.engine.track_events, context):
+            reply.batches += messages
             reply.events += report.rows
         return reply
 
@@ -520,30 +525,82 @@ class SegmentsServicer(pb_grpc.SegmentsServicer):
     def AddOrders(self, request_iterator: Iterator[pb.OrderBatch],
                   context: grpc.ServicerContext) -> pb.AddOrdersReply:
         reply = pb.AddOrdersReply()
-        for report in _batches(request_iterator, "orders_json", self.engine.add_orders,
-                               context):
-            reply.batches += 1
+        for messages, report in _batches(request_iterator, "orders_json",
+                                         self.engine.add_orders, context):
+            reply.batches += messages
             reply.orders += report.rows
         return reply
 
 
 def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
-             context: grpc.ServicerContext) -> Iterator[Any]:
-    """Apply each streamed batch as one engine call (one transaction); yield its report.
+             context: grpc.ServicerContext) -> Iterator[tuple[int, Any]]:
+    """Apply the streamed batches; yield (how many, the report of their transaction).
 
-    A bad batch fails the call naming it; the batches before it stay committed, and
-    their number goes in the trailing metadata.
+    Every message is one batch, all of it or nothing, applied as soon as the batch before
+    has been. The messages that arrived meanwhile are applied together, in one
+    transaction (group commit), so a batch's fixed cost is paid once for them all. When
+    that transaction fails they are applied one by one: a bad batch fails the call naming
+    it, the batches before it stay committed, and their number goes in the trailing
+    metadata, as without grouping.
     """
     committed = 0
-    for batch in requests:
+    for group in _arrived(requests, field):
+        if len(group) > 1:
+            try:
+                report = apply([item for texts in group for item in texts_block(texts)])
+            except Exception:  # the batch at fault fails again below, alone, and is named
+                report = None
+            if report is not None:
+                committed += len(group)
+                yield len(group), report
+                continue
+        for texts in group:
+            try:
+                report = apply(texts_block(texts))
+            except DataError as exc:
+                context.set_trailing_metadata(((COMMITTED_KEY, str(committed)),))
+                raise DataError(f"batch {committed + 1} ({committed} before it committed): "
+                                f"{exc}") from None
+            committed += 1
+            yield 1, report
+
+
+def _arrived(requests: Iterator[Any], field: str) -> Iterator[list[Any]]:
+    """The messages' record texts in groups: the next message, with those that arrived
+    behind it (read by a helper thread), up to GROUP_RECORDS records. An error reading
+    the stream (the client cancelled, the stream idled) is raised after the messages
+    before it were handed out."""
+    inbox: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def pump() -> None:
         try:
-            report = apply(texts_block(getattr(batch, field)))
-        except DataError as exc:
-            context.set_trailing_metadata(((COMMITTED_KEY, str(committed)),))
-            raise DataError(f"batch {committed + 1} ({committed} before it committed): "
-                            f"{exc}") from None
-        committed += 1
-        yield report
+            for message in requests:
+                inbox.put((True, getattr(message, field)))
+            inbox.put((False, None))
+        except Exception as exc:  # raised by the handler, after the batches before it
+            inbox.put((False, exc))
+
+    threading.Thread(target=pump, name=f"bitseg-group-{field}", daemon=True).start()
+    waiting: tuple[bool, Any] | None = None  # taken from the inbox, not yet handed out
+    while True:
+        more, texts = waiting or inbox.get()
+        waiting = None
+        if not more:
+            if texts is not None:
+                raise texts
+            return
+        group, size = [texts], len(texts)
+        while size < GROUP_RECORDS:
+            try:
+                waiting = inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not waiting[0]:  # the end of the stream, or an error: after this group
+                break
+            group.append(waiting[1])
+            size += len(waiting[1])
+            waiting = None
+        yield group
 
 
 def _check_deadline(context: grpc.ServicerContext, sent: int, total: int) -> None:

@@ -1,0 +1,111 @@
+"""Group commit of streamed batches (server/service.py _batches): the messages that
+arrive while a transaction runs are applied together, and each stays all or nothing.
+
+The stream is a generator that sends its first message, waits until the first
+transaction has begun, then sends the rest, and the first transaction waits for that:
+the next transaction takes all the messages after the first.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bitseg.index.engine import Engine
+from bitseg.index.errors import DataError
+from bitseg.server import service
+from bitseg.v1 import bitseg_pb2 as pb
+
+
+class Context:
+    """What _batches uses of a gRPC context: the trailing metadata."""
+
+    def __init__(self) -> None:
+        self.trailing: tuple = ()
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self.trailing = metadata
+
+
+def profiles(first: int, count: int, **extra: Any) -> pb.ProfileBatch:
+    return pb.ProfileBatch(profiles_json=[
+        orjson.dumps({"id": f"p{i}", "n": i, **extra}).decode()
+        for i in range(first, first + count)])
+
+
+def stream(messages: list[Any], started: threading.Event, sent: threading.Event):
+    yield messages[0]
+    assert started.wait(10)
+    yield from messages[1:]
+    sent.set()  # the helper thread asked for one more: every message has arrived
+
+
+def grouped(engine: Engine, messages: list[Any], context: Context
+            ) -> tuple[list[int], list[tuple[int, Any]]]:
+    """Run _batches over the messages; (records per engine call, what it yielded)."""
+    started, sent = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def apply(items: list[Any]) -> Any:
+        if not calls:
+            started.set()
+            assert sent.wait(10)
+        calls.append(sum(item.rows for item in items))
+        return engine.upsert_profiles(items)
+
+    results = []
+    for result in service._batches(stream(messages, started, sent), "profiles_json", apply, context):
+        results.append(result)
+    return calls, results
+
+
+def ids(engine: Engine) -> set[str]:
+    return set(engine.members({"all": True}))
+
+
+def test_the_messages_that_arrived_meanwhile_commit_in_one_transaction(tmp_path: Path
+                                                                       ) -> None:
+    messages = [profiles(first, 3) for first in range(0, 15, 3)]
+    with Engine.open(tmp_path / "store") as engine:
+        calls, results = grouped(engine, messages, Context())
+        assert calls == [3, 12]  # the first alone, the four that waited behind it together
+        assert [count for count, _ in results] == [1, 4]
+        assert sum(report.created for _, report in results) == 15
+        assert results[-1][1].version == engine.snapshot.version
+        assert ids(engine) == {f"p{i}" for i in range(15)}
+
+
+def test_a_bad_record_in_a_grouped_batch_keeps_exactly_the_batches_before_it(
+        tmp_path: Path) -> None:
+    bad = profiles(6, 3)
+    bad.profiles_json[1] = orjson.dumps({"id": "p7", "n": "seven"}).decode()
+    messages = [profiles(0, 3), profiles(3, 3), bad, profiles(9, 3), profiles(12, 3)]
+    context = Context()
+    with Engine.open(tmp_path / "store") as engine:
+        with pytest.raises(DataError) as failed:
+            grouped(engine, messages, context)
+        assert str(failed.value) == ("batch 3 (2 before it committed): record 2, field 'n': "
+                                     "expected an integer, got 'seven'")
+        assert context.trailing == ((service.COMMITTED_KEY, "2"),)
+        assert ids(engine) == {f"p{i}" for i in range(6)}  # batches 1 and 2, nothing after
+        assert engine.profile("p3")["n"] == 3
+
+
+def test_a_stream_error_comes_after_the_batches_before_it(tmp_path: Path) -> None:
+    def broken():
+        yield profiles(0, 2)
+        yield profiles(2, 2)
+        raise service.Cancelled("the client cancelled the stream")
+
+    with Engine.open(tmp_path / "store") as engine:
+        applied = []
+        with pytest.raises(service.Cancelled):
+            for result in service._batches(broken(), "profiles_json",
+                                           engine.upsert_profiles, Context()):
+                applied.append(result)
+        assert sum(count for count, _ in applied) == 2
+        assert ids(engine) == {"p0", "p1", "p2", "p3"}
