@@ -192,6 +192,23 @@ ROWS = (
 )
 
 
+def code_version() -> str:
+    """The commit the engine's code is at, and whether its files differ from it."""
+    here = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(here), *args], capture_output=True,
+                              text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "not a git checkout"
+    changed = git("status", "--porcelain", "--", "index", "server", "loaders", "bitseg")
+    return f"{commit}" + (f" plus uncommitted changes to {len(changed.splitlines())} files"
+                          if changed else "")
+
+
 @pytest.fixture(scope="module")
 def duck(dataset, bench_report):
     import duckdb
@@ -199,7 +216,7 @@ def duck(dataset, bench_report):
     con = open_duckdb(dataset, ROOT / f"duck-{PROFILES}-{SEED}.duckdb")
     threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
     bench_report.note(f"Issue 15 table: DuckDB {duckdb.__version__} with {threads} threads; "
-                      f"bitseg and the floor evaluate on one thread.")
+                      f"bitseg and the floor evaluate on one thread; code: {code_version()}.")
     yield con
     con.close()
 
