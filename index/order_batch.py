@@ -371,38 +371,21 @@ class OrderBatch:
     def flush(self) -> None:
         """Apply the queued value changes to the bitmap writers."""
         for name, pending in self.pending.items():
-            if not pending.add_ids and not pending.rm_ids:
+            if pending.empty:
                 continue
             writer = self.writers.get(name)
             if writer is None:
                 writer = self.writers[name] = ValueWriter(self.index.values.get(name)
                                                           or ValueIndex())
-            rm_ids = np.frombuffer(pending.rm_ids, dtype=np.uint32)
-            add_ids = np.frombuffer(pending.add_ids, dtype=np.uint32)
-            if len(rm_ids):
-                self.touched_values |= bitmap_of(rm_ids)
-                writer.remove(rm_ids, np.frombuffer(pending.rm_codes, dtype=np.uint32),
-                              pending.values)
-            if len(add_ids):
-                self.touched_values |= bitmap_of(add_ids)
-                writer.add(add_ids, np.frombuffer(pending.add_codes, dtype=np.uint32),
-                           pending.values)
-            pending.clear()
+            self.touched_values |= _apply_queue(writer, pending)
         for name, pending in self.item_pending.items():
-            if not pending.add_ids and not pending.rm_ids:
+            if pending.empty:
                 continue
             writer = self.item_writers.get(name)
             if writer is None:
                 writer = self.item_writers[name] = ValueWriter(
                     self.index.item_values.get(name) or ValueIndex())
-            for removing, ids, codes in ((True, pending.rm_ids, pending.rm_codes),
-                                         (False, pending.add_ids, pending.add_codes)):
-                if ids:
-                    id_arr = np.frombuffer(ids, dtype=np.uint32)
-                    self.touched_item_values |= bitmap_of(id_arr)
-                    apply = writer.remove if removing else writer.add
-                    apply(id_arr, np.frombuffer(codes, dtype=np.uint32), pending.values)
-            pending.clear()
+            self.touched_item_values |= _apply_queue(writer, pending)
         self.segment_start = self.next
         self.touched_old = set()
 
@@ -477,7 +460,7 @@ class OrderBatch:
     def _runs(self, ts: np.ndarray) -> np.ndarray | None:
         """The runs of the new ts column; when only appended, from the old runs."""
         old = self.index
-        ts_ids = np.frombuffer(self._ts.ids, dtype=np.uint32)
+        ts_ids = self._ts.written()
         if _below(ts_ids, old.count) or old.runs is None or not old.count:
             return compute_runs(ts)
         if len(ts) == old.count:
@@ -526,6 +509,20 @@ class OrderBatch:
         put_column(self.store, self.txn, name, keys_buf, valid_buf, new, dirty)
         bound = max(col.bound, int(np.abs(keys).max(initial=0)))
         return Column(keys_buf, valid_buf, bound, bool(valid_buf[:new].all()))
+
+
+def _apply_queue(writer: ValueWriter, pending: ValueQueue) -> BitMap:
+    """Apply a field's queued removals, then additions, to its writer; the ids touched."""
+    touched = BitMap()
+    for removing, (ids, codes) in ((True, pending.removed()), (False, pending.added())):
+        if not len(ids):
+            continue
+        touched |= bitmap_of(ids)
+        if len(pending.values) <= 1 << 16:  # numpy sorts 16-bit codes by radix, ~3x faster
+            codes = codes.astype(np.uint16)
+        (writer.remove if removing else writer.add)(ids, codes, pending.values)
+    pending.clear()
+    return touched
 
 
 def _dump(row: dict[str, Any]) -> bytes:

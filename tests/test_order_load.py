@@ -1,0 +1,91 @@
+"""The orders bulk load's shortcuts (index/order_blocks.py, order_queues.py) against the
+row path: each input here is built so a shortcut is taken, and both stores must still be
+equal byte for byte (tests/storecmp.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from storecmp import store_entries
+from test_columnar import assert_same_load, write
+
+from bitseg.index.order_queues import SetQueue, ValueQueue
+from bitseg.loaders import columnar
+
+
+def _order(i: int, amount: float | str, price: float | str = 1.5) -> str:
+    return (f'{{"id":"o{i}","profile":"u{i % 7}","ts":"2025-01-01T10:00:00Z",'
+            f'"amount":{amount},"items":[{{"sku":"s{i % 3}","price":{price}}},'
+            f'{{"sku":"t","price":0.25}}]}}')
+
+
+def test_a_few_integral_values_are_looked_up_on_their_own_lines(tmp_path: Path) -> None:
+    # 200 rows, two of them whole: the search for an integer literal reads those two
+    # lines only; one wrote its value as an integer, the other as a float
+    lines = [_order(i, 1.5 + i, 2.75) for i in range(200)]
+    lines[37] = _order(37, 3)  # an int: the row keeps 3
+    lines[150] = _order(150, "4.0", "6")  # floats written as such, but an int item price
+    lines[151] = _order(151, "12.5", "7.0")
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20  # one block
+    assert assert_same_load(tmp_path, folder) is None
+    rows = store_entries(tmp_path / "columnar")["orders"]
+    raw = {i: rows[b"r\x1f" + i.to_bytes(4, "big")] for i in (37, 150, 151)}
+    assert b'"amount":3}' in raw[37] and b'"amount":4.0}' in raw[150]
+    assert b'"price":6,' in raw[150] and b'"price":7.0,' in raw[151]
+
+
+def test_an_integer_literal_of_another_row_does_not_matter(tmp_path: Path) -> None:
+    # "amount":9 on row 3 is an int column value there; row 60's 5.0 stays a float
+    lines = [_order(i, 0.5 + i) for i in range(100)]
+    lines[3] = _order(3, 9)
+    lines[60] = _order(60, "5.0")
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20
+    assert assert_same_load(tmp_path, folder) is None
+    rows = store_entries(tmp_path / "columnar")["orders"]
+    assert b'"amount":5.0}' in rows[b"r\x1f" + (60).to_bytes(4, "big")]
+
+
+def test_many_integral_values_search_the_whole_block(tmp_path: Path) -> None:
+    lines = [_order(i, f"{i}.0" if i % 2 else str(i)) for i in range(64)]
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20
+    assert assert_same_load(tmp_path, folder) is None
+
+
+def test_set_queue_keeps_row_and_array_writes_in_order() -> None:
+    queue = SetQueue()
+    queue.set(5, 50)
+    queue.extend(np.array([1, 5, 7]), np.array([10, 51, 70]))
+    queue.set(7, 0, False)
+    queue.set(2, 20)
+    queue.extend(np.array([9], dtype=np.int64), np.array([90]))
+    assert queue.written().tolist() == [5, 1, 5, 7, 7, 2, 9]
+    ids, keys, valid = queue.arrays()
+    got = dict(zip(ids.tolist(), zip(keys.tolist(), valid.tolist(), strict=True),
+                   strict=True))
+    assert got == {1: (10, True), 2: (20, True), 5: (51, True), 7: (0, False), 9: (90, True)}
+    assert queue.arrays()[0].tolist() == ids.tolist()  # asked twice: the same
+
+
+@pytest.mark.parametrize("removing", [False, True])
+def test_value_queue_joins_pushes_and_arrays(removing: bool) -> None:
+    queue = ValueQueue()
+    queue.push(3, ("a", "b"), removing)
+    queue.extend(np.array([4, 5]), np.array([queue.code("c"), queue.code("a")]))
+    queue.push(6, ("c",), removing)
+    ids, codes = queue.removed() if removing else queue.added()
+    named = sorted(zip(ids.tolist(), [queue.values[c] for c in codes.tolist()],
+                       strict=True))
+    expect = [(3, "a"), (3, "b"), (4, "c"), (5, "a"), (6, "c")]
+    if removing:  # extend only adds
+        assert named == [(3, "a"), (3, "b"), (6, "c")]
+        assert queue.added()[0].tolist() == [4, 5]
+    else:
+        assert named == expect
+    assert not queue.empty
+    queue.clear()
+    assert queue.empty and queue.added()[0].tolist() == []
