@@ -49,6 +49,7 @@ from bitseg.index.orders import (
     _scaled,
     _Selector,
     select_orders,
+    timeless,
 )
 from bitseg.index.rules import (
     WHERE_KEYS,
@@ -267,7 +268,7 @@ def _order_lines(index: OrderIndex, rule: Rule) -> BitMap | None:
     through item_owner (at 10M, paid or delivered: 33M of 41M lines, ~0.4 s; a few MB as
     a bitmap); then an items rule's lines of those orders are one bitmap AND, where
     each line's order was gathered and checked per call."""
-    if ORDER_LINE_RULES <= 0 or not _timeless(rule):
+    if ORDER_LINE_RULES <= 0 or not timeless(rule):
         return None
     kept = _ORDER_LINES.setdefault(index, {})
     found = kept.get(rule)
@@ -280,18 +281,6 @@ def _order_lines(index: OrderIndex, rule: Rule) -> BitMap | None:
             kept.pop(next(iter(kept)))
         kept[rule] = found
     return found
-
-
-def _timeless(rule: Rule) -> bool:
-    """Whether an orders rule's answer is the same at every as_of."""
-    if isinstance(rule, (And, Or)):
-        return all(_timeless(c) for c in rule.children)
-    if isinstance(rule, Not):
-        return _timeless(rule.child)
-    if isinstance(rule, Cond):
-        values = rule.value if isinstance(rule.value, tuple) else (rule.value,)
-        return rule.op != "anniversary_in" and not any(isinstance(v, DaysAgo) for v in values)
-    return isinstance(rule, All)
 
 
 _FOLLOW: weakref.WeakKeyDictionary[OrderIndex, bool] = weakref.WeakKeyDictionary()

@@ -57,6 +57,7 @@ from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of, month_days
 from bitseg.index.order_index import NONE, OrderIndex
 from bitseg.index.order_keys import DERIVED, QTY, QTY_EACH, SCALE
+from bitseg.index.order_layout import OrderLayout, layout_of
 from bitseg.index.recency import (
     NO_FIRST,
     NO_LAST,
@@ -213,6 +214,18 @@ class _Selector:
         return with_items - self._project(alive & ~ok)
 
 
+def timeless(rule: Rule) -> bool:
+    """Whether an orders rule's answer is the same at every as_of."""
+    if isinstance(rule, (And, Or)):
+        return all(timeless(c) for c in rule.children)
+    if isinstance(rule, Not):
+        return timeless(rule.child)
+    if isinstance(rule, Cond):
+        values = rule.value if isinstance(rule.value, tuple) else (rule.value,)
+        return rule.op != "anniversary_in" and not any(isinstance(v, DaysAgo) for v in values)
+    return isinstance(rule, All)
+
+
 def _bits(mask: np.ndarray) -> BitMap:
     return bitmap_of(np.flatnonzero(mask))
 
@@ -254,6 +267,9 @@ def select_orders(cond: OrdersCond, index: OrderIndex, as_of_us: int) -> np.ndar
     return ids[mask]
 
 
+LAYOUT_MIN_ORDERS = 1 << 16  # from this many orders, rules go by the profile layout
+
+
 def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
                     as_of_us: int) -> BitMap:
     """The live profiles for which the orders rule holds."""
@@ -262,17 +278,24 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
         found = recency_of_all(cond, index, as_of_us)
         if found is not None:
             return found & live
-    sel = select_orders(cond, index, as_of_us)
-    if not len(sel):
-        return live if having.holds_for_no_rows() else EMPTY
-    everything = len(sel) == index.count  # sel is sorted and distinct: then it is all ids
-    groups = Groups(index.owner if everything else index.owner_buf[sel])
+    rows: _Rows
+    if index.count >= LAYOUT_MIN_ORDERS and timeless(cond.orders):
+        rows = _by_profile(cond, layout_of(index), as_of_us)
+        if not len(rows):
+            return live if having.holds_for_no_rows() else EMPTY
+        groups = Groups.of_sorted(rows.owners())
+    else:
+        sel = select_orders(cond, index, as_of_us)
+        if not len(sel):
+            return live if having.holds_for_no_rows() else EMPTY
+        rows = _Ids(index, sel)
+        groups = Groups(rows.owners())
     if having.agg == "count":
         ok = compare(groups.counts, having.op, having.value)
     elif having.agg in RECENCY_AGGS:
-        ok = _recency(having, index, sel, everything, groups, as_of_us)
+        ok = _recency(having, rows, groups, as_of_us)
     else:
-        ok = _aggregate(having, index, sel, everything, groups)
+        ok = _aggregate(having, rows, groups)
     if having.holds_for_no_rows():
         return live - groups.profiles(groups.has & ~ok)
     if having.agg == "sum" and not groups.sparse or having.agg in RECENCY_AGGS:
@@ -282,29 +305,113 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
     return groups.profiles(groups.has & ok) & live
 
 
-def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
-               groups: Groups) -> np.ndarray:
+class _Rows:
+    """The selected orders of one evaluation, and their profile, ts and key columns in
+    the order the groups reduce them."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def owners(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def ts(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        """(keys, validity or None when every row has a value, bound of |key|) of an
+        order key column for the rows; None without the column."""
+        raise NotImplementedError
+
+
+class _Ids(_Rows):
+    """Rows as sorted order ids, grouped by compare.Groups (sort or scatter)."""
+
+    def __init__(self, index: OrderIndex, sel: np.ndarray) -> None:
+        self.index, self.sel = index, sel
+        self.everything = len(sel) == index.count  # sorted and distinct: every id
+
+    def __len__(self) -> int:
+        return len(self.sel)
+
+    def owners(self) -> np.ndarray:
+        return self.index.owner if self.everything else self.index.owner_buf[self.sel]
+
+    def ts(self) -> np.ndarray:
+        return self.index.ts if self.everything else self.index.ts_buf[self.sel]
+
+    def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        col = self.index.columns.get(name)
+        if col is None:
+            return None
+        n = self.index.count
+        keys = col.keys[:n] if self.everything else col.keys[self.sel]
+        valid = None
+        if not col.complete:
+            valid = col.valid[:n] if self.everything else col.valid[self.sel]
+        return keys, valid, col.bound
+
+
+class _Positions(_Rows):
+    """Rows as sorted positions of the profile layout (order_layout.py): profile by
+    profile, so groups reduce them in place."""
+
+    def __init__(self, layout: OrderLayout, positions: np.ndarray) -> None:
+        self.layout, self.positions = layout, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def owners(self) -> np.ndarray:
+        return self.layout.owner.take(self.positions)
+
+    def ts(self) -> np.ndarray:
+        return self.layout.ts.take(self.positions)
+
+    def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        found = self.layout.keys(name)
+        if found is None:
+            return None
+        keys, valid = found
+        bound = self.layout.index.columns[name].bound
+        return keys.take(self.positions), \
+            None if valid is None else valid.take(self.positions), bound
+
+
+def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int) -> _Positions:
+    """The rows of an as_of-independent orders rule and its window, by profile: the
+    rule's positions (kept by the layout), cut to the window by their ts unless the
+    window holds every order (from the beginning, ending after the latest)."""
+    index = layout.index
+    kept = layout.rows(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders))
+    positions = ids_of(kept)
+    lo, hi = cond.window.bounds(as_of_us)
+    if len(positions) and (lo is not None or layout.latest is None or hi <= layout.latest):
+        t = layout.ts.take(positions)
+        inside = t < hi if lo is None else (t >= lo) & (t < hi)
+        positions = np.compress(inside, positions)
+    return _Positions(layout, positions)
+
+
+def _aggregate(having: Any, rows: _Rows, groups: Groups) -> np.ndarray:
     """Per group: whether sum/avg/min/max of `of` satisfies the op."""
     op, agg = having.op, having.agg
     value = _scaled(having.value, SCALE.get(having.of, 1))
-    col = index.columns.get(having.of)
-    if col is None:
+    found = rows.keys(having.of)
+    if found is None:
         zeros = np.zeros(groups.size, dtype=np.int64)
         return compare(zeros, op, value) if agg == "sum" else zeros.astype(bool)
-    keys = col.keys[:index.count] if everything else col.keys[sel]
-    complete = col.complete
-    if not complete:
-        valid = col.valid[:index.count] if everything else col.valid[sel]
-        complete = bool(valid.all())
+    keys, valid, bound = found
+    complete = valid is None or bool(valid.all())
     if agg == "sum":
-        if col.bound * len(keys) >= 2**63 and \
-                col.bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
+        if bound * len(keys) >= 2**63 and \
+                bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
             keys = keys.astype(object)  # exact Python ints
         return compare(groups.reduce(np.add, keys if complete else np.where(valid, keys, 0),
                                       0), op, value)
     n = groups.counts if complete else groups.reduce(np.add, valid.astype(np.int64), 0)
     if agg == "avg":
-        if col.bound * int(n.max(initial=0)) >= 2**63:  # could overflow: exact Python ints
+        if bound * int(n.max(initial=0)) >= 2**63:  # could overflow: exact Python ints
             keys = keys.astype(object)
         sums = groups.reduce(np.add, keys if complete else np.where(valid, keys, 0), 0)
         return (n > 0) & compare_avg(sums, n, op, value)
@@ -314,11 +421,10 @@ def _aggregate(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool
     return (n > 0) & compare(extreme, op, value)
 
 
-def _recency(having: Any, index: OrderIndex, sel: np.ndarray, everything: bool,
-             groups: Groups, as_of_us: int) -> np.ndarray:
+def _recency(having: Any, rows: _Rows, groups: Groups, as_of_us: int) -> np.ndarray:
     """Per group: whether it has rows and the earliest (first) / latest (last) order ts
     satisfies the op (index/recency.py)."""
-    ts = index.ts if everything else index.ts_buf[sel]
+    ts = rows.ts()
     first = having.agg == "first"
     fill = NO_FIRST if first else NO_LAST  # no row ts is either
     extreme = groups.reduce(np.minimum if first else np.maximum, ts, fill)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pyroaring import BitMap
 
 from bitseg.index import compare as compare_module
+from bitseg.index import orders as orders_module
 from bitseg.index import types as T
 from bitseg.index.errors import DataError
 from bitseg.index.order_batch import OrderBatch
@@ -97,14 +98,15 @@ class Orders:
         live = self.profiles.live if live is None else live
         found = evaluate_orders(cond, index or self.index, live, AS_OF_US)
         assert found.issubset(live)
-        # grouping by sort (few rows) and by bincount (many rows) agree
-        saved = compare_module.DENSE_RATIO
+        # grouping by sort (few rows) and by bincount (many rows) agree, and with the
+        # orders clustered by profile (index/order_layout.py), forced on these few orders
+        saved = compare_module.DENSE_RATIO, orders_module.LAYOUT_MIN_ORDERS
         try:
-            for ratio in (0, 10**12):
-                compare_module.DENSE_RATIO = ratio
+            for ratio, least in ((0, 10**12), (10**12, 10**12), (0, 0)):
+                compare_module.DENSE_RATIO, orders_module.LAYOUT_MIN_ORDERS = ratio, least
                 assert evaluate_orders(cond, index or self.index, live, AS_OF_US) == found
         finally:
-            compare_module.DENSE_RATIO = saved
+            compare_module.DENSE_RATIO, orders_module.LAYOUT_MIN_ORDERS = saved
         return self.profiles.names(found)
 
     def close(self) -> None:
