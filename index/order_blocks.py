@@ -22,6 +22,7 @@ error of a bad row with its line and field.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import re
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ _DAY = r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 _TIMESTAMP = _DAY + r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ$"
 _DATE = _DAY + "$"
 _CONTROL = "[\x00-\x1f]"
+_INT_LITERAL = rb"\s*:\s*-?\d+\s*[,}\]]"  # after a key: an integer, not a float
 _STRING = (pa.string(), pa.large_string())
 
 
@@ -162,6 +164,7 @@ class _Converter:
         self.batch, self.block, self.data = batch, block, block.data
         self.plain = bool(block.data) and b"\\" not in block.data
         self._bounds: tuple[np.ndarray, np.ndarray] | None = None
+        self._ints: set[bytes] | None = None
 
     def integer_literal(self, key: str, rows: np.ndarray) -> bool:
         """Whether the block may give `key` an integer (not a float) literal on these
@@ -170,10 +173,10 @@ class _Converter:
         whole block took ~30 ms a key)."""
         if not self.data:
             return True
-        pattern = re.escape(orjson.dumps(key)) + rb"\s*:\s*-?\d+\s*[,}\]]"
+        pattern = re.escape(orjson.dumps(key)) + _INT_LITERAL
         at = np.unique(self.block.lines()[rows] - self.block.first_line)
         if len(at) * 8 > self.block.rows:
-            return re.search(pattern, self.data) is not None
+            return orjson.dumps(key) in self._int_keys()
         if self._bounds is None:
             breaks = np.flatnonzero(np.frombuffer(self.data, dtype=np.uint8) == 10)
             self._bounds = (np.concatenate(([0], breaks + 1)),
@@ -183,6 +186,20 @@ class _Converter:
         text = b"\n".join([data[a:b] for a, b in zip(starts[at].tolist(), ends[at].tolist(),
                                                        strict=True)])
         return re.search(pattern, text) is not None
+
+    def _int_keys(self) -> set[bytes]:
+        """Which keys of the block's double columns (order fields, item keys) it gives an
+        integer literal anywhere, as JSON: found in one pass over the block for them all."""
+        if self._ints is None:
+            keys = sorted({orjson.dumps(name) for name in _double_keys(self.block.table)})
+            self._ints = set()
+            if keys:
+                either = b"(" + b"|".join(re.escape(k) for k in keys) + b")" + _INT_LITERAL
+                for hit in re.finditer(either, self.data):
+                    self._ints.add(hit.group(1))
+                    if len(self._ints) == len(keys):
+                        break
+        return self._ints
 
     def convert(self, arr: pa.Array, type_: str, key: str,
                 owners: np.ndarray | None = None) -> _Conv:
@@ -302,6 +319,16 @@ class _Converter:
             keys = keys * 1_000_000
             ok &= (keys >= T.MIN_US) & (keys <= T.MAX_US)
         return np.where(ok, keys, 0), ok
+
+
+def _double_keys(table: pa.Table) -> list[str]:
+    """The names of the table's float64 columns, and of its items' float64 keys."""
+    names = [f.name for f in table.schema if pa.types.is_float64(f.type)]
+    if "items" in table.column_names:
+        kind = table.schema.field("items").type
+        if pa.types.is_list(kind) and pa.types.is_struct(kind.value_type):
+            names += [f.name for f in kind.value_type if pa.types.is_float64(f.type)]
+    return names
 
 
 def _external(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -486,16 +513,19 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     key_arr = pc.binary_join_element_wise(
         _s(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
+    sorted_keys = _bytes_list(key_arr.take(by_key))
     if batch.next > 0:
-        found = set(batch.store.present(batch.txn, "orders", _bytes_list(key_arr.take(by_key))))
+        found = set(batch.store.present(batch.txn, "orders", sorted_keys))
         if found:
             known = np.fromiter((key in found for key in key_arr.to_pylist()), dtype=bool,
                                 count=p0)
             p0 = int(np.argmax(known)) if known.any() else p0
             if p0 == 0:
                 return False
-            by_key = by_key[by_key < p0]
-    order_keys = (_bytes_list(key_arr.take(by_key)), by_key)
+            taken = by_key < p0
+            by_key = by_key[taken]
+            sorted_keys = list(itertools.compress(sorted_keys, taken.tolist()))
+    order_keys = (sorted_keys, by_key)
     _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
            pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
            firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)

@@ -89,3 +89,16 @@ def test_value_queue_joins_pushes_and_arrays(removing: bool) -> None:
     assert not queue.empty
     queue.clear()
     assert queue.empty and queue.added()[0].tolist() == []
+
+
+def test_one_pass_finds_each_keys_integer_literals_apart(tmp_path: Path) -> None:
+    # every amount and price is whole, so the whole block is searched, once for both:
+    # price is given as an integer on one line, amount never is
+    lines = [_order(i, f"{i}.0", f"{i % 5 + 1}.0") for i in range(40)]
+    lines[25] = _order(25, "25.0", "3")
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20
+    assert assert_same_load(tmp_path, folder) is None
+    rows = store_entries(tmp_path / "columnar")["orders"]
+    assert b'"amount":7.0}' in rows[b"r\x1f" + (7).to_bytes(4, "big")]
+    assert b'"price":3,' in rows[b"r\x1f" + (25).to_bytes(4, "big")]
