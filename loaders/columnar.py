@@ -180,6 +180,35 @@ def texts_block(texts: Sequence[str]) -> list[Any]:
     return [RowBlock(block.table, 1, records, data=data)]  # data: what add_block may check
 
 
+def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
+    """Several streamed batches' texts as the items of one engine batch, one RowBlock
+    whose records are numbered from 1 across them all (for a group commit, which on any
+    error applies the batches one by one to name it). A record asked for parses its whole
+    batch, as texts_block does, so the group fails wherever one of its batches would.
+    The texts_block items of each batch, one after another, when the texts cannot be
+    lines of one block."""
+    texts = [text for batch in batches for text in batch]
+    data = "\n".join(texts).encode()
+    if not texts or data.count(b"\n") != len(texts) - 1 or _blank_lines(data):
+        return [item for batch in batches for item in texts_block(batch)]
+    ends = np.cumsum([len(batch) for batch in batches])  # last record number of each batch
+    parsed: dict[int, Any] = {}  # record number -> object, batch by batch
+
+    def records(wanted: set[int] | None) -> Iterator[tuple[int, Any]]:
+        numbers = range(1, len(texts) + 1) if wanted is None else \
+            sorted(n for n in wanted if 1 <= n <= len(texts))
+        for number in numbers:
+            if number not in parsed:
+                which = int(np.searchsorted(ends, number))
+                first = 1 + (int(ends[which - 1]) if which else 0)
+                for offset, item in parse_texts(batches[which]):
+                    parsed[first + offset - 1] = item
+            yield number, parsed[number]
+
+    block = parse_block(data, "", 1)
+    return [RowBlock(block.table, 1, records, data=data)]
+
+
 def parse_texts(texts: Iterable[str]) -> list[tuple[int, Any]]:
     """The JSON texts parsed and numbered from 1, or a DataError naming the record."""
     records = []

@@ -40,7 +40,7 @@ from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.index.split import split_segment
 from bitseg.index.templates import Catalogue, load_catalogue
-from bitseg.loaders.columnar import texts_block
+from bitseg.loaders.columnar import group_block, texts_block
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -547,7 +547,7 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
     for group in _arrived(requests, field):
         if len(group) > 1:
             try:
-                report = apply([item for texts in group for item in texts_block(texts)])
+                report = apply(group_block(group))  # one block: its fixed cost paid once
             except Exception:  # the batch at fault fails again below, alone, and is named
                 report = None
             if report is not None:

@@ -17,6 +17,7 @@ import pytest
 
 from bitseg.index.engine import Engine
 from bitseg.index.errors import DataError
+from bitseg.loaders.columnar import group_block
 from bitseg.server import service
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -109,3 +110,20 @@ def test_a_stream_error_comes_after_the_batches_before_it(tmp_path: Path) -> Non
                 applied.append(result)
         assert sum(count for count, _ in applied) == 2
         assert ids(engine) == {"p0", "p1", "p2", "p3"}
+
+
+def test_a_group_block_numbers_records_across_batches_and_parses_a_batch_whole() -> None:
+    batches = [['{"id": "a", "n": 1}', '{"id": "b", "n": 2}'],
+               ['{"id": "c", "n": 3}', '{"id": "d", "n": NaN}']]  # pyarrow reads NaN
+    [block] = group_block(batches)
+    assert block.rows == 4
+    assert [(n, r["id"]) for n, r in block.records({1, 2})] == [(1, "a"), (2, "b")]
+    with pytest.raises(DataError) as failed:  # record 3 is fine, but its batch is not
+        list(block.records({3}))
+    assert failed.value.line == 2  # as texts_block of that batch alone would name it
+
+
+def test_texts_that_cannot_be_one_block_are_each_batch_as_texts_block_makes_it() -> None:
+    batches = [['{"id": "a"}'], ['{"id":\n"b"}']]
+    items = group_block(batches)
+    assert len(items) == 2 and items[1] == (1, {"id": "b"})
