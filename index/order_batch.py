@@ -39,6 +39,7 @@ from bitseg.index.order_keys import (
     QTY,
     QTY_SUM,
     RESERVED,
+    append_column,
     dirty_chunks,
     exists_name,
     put_bitmap,
@@ -444,13 +445,23 @@ class OrderBatch:
 
     def _columns(self, kind: bytes, old: Columns, prefix: str, sets: dict[str, SetQueue],
                  old_rows: int, rows: int, kills: np.ndarray) -> Columns:
-        """The next key columns of one kind: the changed ones rebuilt, those this batch
-        leaves alone and nobody has read yet still left in LMDB."""
+        """The next key columns of one kind: the changed ones rebuilt, those nobody has
+        read yet and this batch leaves alone, or only appends to, still left in LMDB (so
+        the batch costs what it adds, not a read of the whole column)."""
         names = {n[len(prefix):] for n in sets if n.startswith(prefix)}
         kills_old = bool((kills < old_rows).any()) if len(kills) else False
         entries: dict[str, Column | None] = {}
         for name in names | set(old):
-            if name not in names and not kills_old and not old.loaded(name):
+            if not kills_old and not old.loaded(name) and old_rows:
+                if name in names:
+                    written = sets[prefix + name].arrays()
+                    if _below(written[0], old_rows):
+                        entries[name] = self._column(kind + SEP + name.encode(),
+                                                     old.get(name), old_rows, rows,
+                                                     sets[prefix + name], kills)
+                        continue
+                    append_column(self.store, self.txn, kind + SEP + name.encode(), rows,
+                                  *written, kills)
                 entries[name] = None
                 continue
             entries[name] = self._column(kind + SEP + name.encode(), old.get(name),
@@ -508,7 +519,11 @@ class OrderBatch:
         dirty = sorted(set(dirty_chunks(ids)) | set(dirty_chunks(old_kills)))
         put_column(self.store, self.txn, name, keys_buf, valid_buf, new, dirty)
         bound = max(col.bound, int(np.abs(keys).max(initial=0)))
-        return Column(keys_buf, valid_buf, bound, bool(valid_buf[:new].all()))
+        if copy:
+            complete = bool(valid_buf[:new].all())
+        else:  # appended: the old ids are as they were (scanning them cost O(store))
+            complete = (col.complete or old == 0) and bool(valid_buf[old:new].all())
+        return Column(keys_buf, valid_buf, bound, complete)
 
 
 def _apply_queue(writer: ValueWriter, pending: ValueQueue) -> BitMap:

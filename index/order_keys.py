@@ -89,6 +89,30 @@ def put_column(store: Store, txn: Txn, name: bytes, data: np.ndarray,
         store.put(txn, "orders", column_key(name, chunk), raw)
 
 
+def append_column(store: Store, txn: Txn, name: bytes, rows: int, ids: np.ndarray,
+                  keys: np.ndarray, valid: np.ndarray, kills: np.ndarray) -> None:
+    """put_column for a key column a batch only appended to (every id written, and every
+    id killed, is new), without the column in memory: each chunk written is its stored
+    part read back, then the batch's values.  `ids` are sorted; the bytes are
+    put_column's."""
+    for chunk in dirty_chunks(ids):
+        a, b = chunk << COL_BITS, min(rows, (chunk + 1) << COL_BITS)
+        data, ok = np.zeros(b - a, dtype=np.int64), np.zeros(b - a, dtype=bool)
+        raw = store.get(txn, "orders", column_key(name, chunk))
+        if raw is not None:  # the ids before this batch's
+            size = len(raw) // 9
+            data[:size] = np.frombuffer(raw, dtype=np.int64, count=size)
+            ok[:size] = np.frombuffer(raw, dtype=np.uint8, offset=size * 8, count=size)
+        lo, hi = np.searchsorted(ids, [a, b])
+        at = ids[lo:hi].astype(np.int64) - a
+        data[at] = np.where(valid[lo:hi], keys[lo:hi], 0)
+        ok[at] = valid[lo:hi]
+        gone = kills[(kills >= a) & (kills < b)].astype(np.int64) - a
+        data[gone], ok[gone] = 0, False
+        store.put(txn, "orders", column_key(name, chunk), data.tobytes() + ok.astype(np.uint8)
+                  .tobytes())
+
+
 def dirty_chunks(ids: np.ndarray) -> list[int]:
     return np.unique(ids.astype(np.int64) >> COL_BITS).tolist() if len(ids) else []
 

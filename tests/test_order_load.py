@@ -102,3 +102,61 @@ def test_one_pass_finds_each_keys_integer_literals_apart(tmp_path: Path) -> None
     rows = store_entries(tmp_path / "columnar")["orders"]
     assert b'"amount":7.0}' in rows[b"r\x1f" + (7).to_bytes(4, "big")]
     assert b'"price":3,' in rows[b"r\x1f" + (25).to_bytes(4, "big")]
+
+
+def _batches() -> list[list[dict]]:
+    """Orders in batches that cross column chunks of 8 ids, with a field first given late,
+    an order replacing its own items in the batch that made it, and an old order updated."""
+    out = []
+    for b in range(5):
+        batch = []
+        for i in range(b * 11, b * 11 + 11):
+            line: dict = {"id": f"o{i}", "profile": f"u{i % 4}", "ts": "2025-01-01T10:00:00Z"}
+            if i % 3:
+                line["amount"] = i + 0.5
+            if b >= 2 and i % 2:
+                line["weight"] = i
+            if i % 5:
+                line["items"] = [{"sku": f"s{i % 3}", "qty": i % 4 + 1, "price": 1.25 * i}]
+            batch.append(line)
+        batch.append({"id": f"o{b * 11}", "profile": "u1", "ts": "2025-01-02T10:00:00Z",
+                      "items": [{"sku": "z", "qty": 9}]})  # replaces its own new items
+        if b == 3:
+            batch.append({"id": "o4", "profile": "u2", "ts": "2025-01-03T10:00:00Z",
+                          "amount": 99.5})  # an old order: the column is read and copied
+        out.append(batch)
+    return out
+
+
+def test_appending_batches_leave_unread_columns_unread_with_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from storecmp import differences
+
+    from bitseg.index import order_keys
+    from bitseg.index.engine import Engine
+
+    monkeypatch.setattr(order_keys, "COL_BITS", 3)
+    monkeypatch.setattr(order_keys, "COL_CHUNK", 8)
+    rules = [{"orders": {"field": "amount", "op": "gt", "value": 20}},
+             {"orders": {"field": "weight", "op": "gte", "value": 30}},
+             {"orders": {"field": "items.price", "op": "lt", "value": 30}},
+             {"orders": {"field": "items.qty_sum", "op": "gte", "value": 3}}]
+    counts = {}
+    for way in ("lazy", "read"):
+        path = tmp_path / way
+        for batch in _batches():
+            with Engine.open(path) as engine:  # reopened: no column read yet
+                orders = engine.snapshot.orders
+                if way == "read":
+                    for columns in (orders.columns, orders.item_columns):
+                        for name in list(columns):
+                            columns[name]
+                engine.add_orders(batch)
+                after = engine.snapshot.orders
+                if way == "lazy" and orders.count:
+                    assert not any(after.columns.loaded(n) for n in after.columns
+                                   if n != "amount")  # amount: copied for the update
+        with Engine.open(path) as engine:
+            counts[way] = [engine.count(rule) for rule in rules]
+    assert differences(tmp_path / "lazy", tmp_path / "read") == []
+    assert counts["lazy"] == counts["read"] and counts["lazy"][0] > 0
