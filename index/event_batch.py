@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from bisect import insort
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
@@ -21,6 +21,7 @@ from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
 from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
+from bitseg.index.event_group import BUCKET_OFFSET, KIND_OF, BucketRuns, bucket_code, bucket_parts
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
 from bitseg.index.event_keys import (
     ANY,
@@ -38,6 +39,7 @@ from bitseg.index.timeline import month_of
 
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
+RUN_LIMIT = 24 << 20  # count runs held before the buckets are written (a spill): ~16 B each
 
 
 def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
@@ -86,8 +88,9 @@ class EventBatch:
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
         self.reader = TxnReader(store, txn)
-        self.pending: dict[BucketKey, list[np.ndarray]] = {}  # rows' profiles, not written
-        self.touched: set[BucketKey] = set()  # by the rows being flushed now
+        self.runs = BucketRuns()  # per-profile row counts of the buckets, not written yet
+        self.stream_number: dict[str, int] = {}  # the streams of self.runs, numbered
+        self.stream_names: list[str] = []
         self.written = dict(index.written)
         self.stream_days = {k: list(v) for k, v in index.stream_days.items()}
         self.stream_months = {k: list(v) for k, v in index.stream_months.items()}
@@ -363,7 +366,6 @@ class EventBatch:
         key = codes[order] * (1 << 32) + (days[order] + 2**31)
         starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [n]))
         version = np.full(n, self.version, dtype=np.uint32)
-        by_month: dict[tuple[str, int], list[np.ndarray]] = {}
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
             rows = order[a:b]
             event, day = names[int(codes[rows[0]])], int(days[rows[0]])
@@ -376,32 +378,56 @@ class EventBatch:
             self.relisted.add((b"t", event))
             if seq == 0:
                 insort(self.type_days.setdefault(event, []), day)
-            for stream, profiles in self._streams(event, block):
-                self._add(b"d", day, stream, profiles)
-                by_month.setdefault((stream, month_of(day)), []).append(profiles)
-        for (stream, month), parts in by_month.items():  # each month once per flush
-            self._add(b"m", month, stream, np.concatenate(parts))
+        self._count(names, codes, days, dense, props)
         self._clear()
-        self._write_pending(keep=self.touched)
-        self.touched = set()
+        if self.runs.size > RUN_LIMIT:
+            self.runs.compact()  # the same (bucket, profile) in several flushes: one run
+            if self.runs.size > RUN_LIMIT // 2:
+                self._write_buckets()
 
-    def _add(self, kind: bytes, bucket: int, stream: str, profiles: np.ndarray) -> None:
-        """Queue the profiles of some rows of one bucket (one entry per row). They are
-        counted, and added to the stored counts, once, when the bucket is written: an
-        input of many time-sorted runs touches the same buckets flush after flush."""
-        key = (kind, stream, bucket)
-        queued = self.pending.get(key)
-        if queued is None:
-            queued = self.pending[key] = []
-            listing = (self.stream_days if kind == b"d" else self.stream_months
-                       ).setdefault(stream, [])
-            if not listed(listing, bucket):
-                insort(listing, bucket)
-                self.relisted.add((kind, stream))
-        queued.append(profiles)
-        if len(queued) >= 16:  # a bounded number of small arrays per bucket
-            queued[:] = [np.concatenate(queued)]
-        self.touched.add(key)
+    def _count(self, names: list[str], codes: np.ndarray, days: np.ndarray,
+               dense: np.ndarray, props: Mapping[str, tuple[np.ndarray, np.ndarray, Any]]
+               ) -> None:
+        """Count the flushed rows into their buckets' runs: each row in its type's stream
+        and in the stream of each of its keyword and bool values, on its day and in its
+        month. One group-by over all rows; Python only per distinct stream."""
+        number = self._stream_number
+        streams = [np.array([number(stream_key(e)) for e in names], dtype=np.int64)[codes]]
+        rows = [np.arange(len(codes), dtype=np.int64)]
+        for name, (keys, valid, words) in props.items():
+            if self.types[name] not in STREAM_TYPES:
+                continue
+            at = np.flatnonzero(valid)
+            if not len(at):
+                continue
+            width = max(len(words), 2) if words is not None else 2
+            pairs, inverse = np.unique(codes[at] * width + keys[at], return_inverse=True)
+            found = [number(stream_key(names[p // width], name, words[p % width]
+                                       if words is not None else bool(p % width)))
+                     for p in pairs.tolist()]
+            streams.append(np.array(found, dtype=np.int64)[inverse])
+            rows.append(at)
+        row = np.concatenate(rows)
+        day_list, day_at = np.unique(days, return_inverse=True)
+        width = len(day_list)
+        local, inverse = np.unique(np.concatenate(streams) * width + day_at[row],
+                                   return_inverse=True)
+        stream, day = local // width, local % width
+        months = np.array([month_of(d) for d in day_list.tolist()], dtype=np.int64)
+        day_gids = self.runs.gids(bucket_code(0, stream, day_list[day]))
+        month_codes, month_at = np.unique(bucket_code(1, stream, months[day]),
+                                          return_inverse=True)
+        month_gids = self.runs.gids(month_codes)[month_at]
+        profiles = dense[row]
+        self.runs.add(day_gids[inverse], profiles)
+        self.runs.add(month_gids[inverse], profiles)
+
+    def _stream_number(self, stream: str) -> int:
+        found = self.stream_number.get(stream)
+        if found is None:
+            found = self.stream_number[stream] = len(self.stream_names)
+            self.stream_names.append(stream)
+        return found
 
     def _stored(self, key: BucketKey) -> RangeIndex | None:
         """The bucket's counts as stored now (None if it has none yet)."""
@@ -415,42 +441,59 @@ class EventBatch:
             return self.index.bucket(*key)
         return None
 
-    def _write_pending(self, keep: set[BucketKey]) -> None:
-        """Count the queued rows of the buckets the last flush did not touch, add them to
-        the stored counts and write those into the transaction: input in time order
-        holds only its recent days in memory."""
-        keys = sorted(self.pending.keys() - keep)
-        for key, fresh in zip(keys, self._counted(keys), strict=True):
-            kind, stream, bucket = key
+    def _write_buckets(self) -> None:
+        """Add the runs to the stored counts of their buckets and write those into the
+        transaction, in key order; list the buckets new to their streams. Called at the
+        end of the batch, and when the runs outgrow RUN_LIMIT (then a bucket may be
+        written again, its counts read back and added to)."""
+        drained = self.runs.drain()
+        if drained is None:
+            return
+        codes, bounds, profiles, rows = drained
+        kinds = (codes >> 62).tolist()
+        streams = ((codes >> 32) & ((1 << 30) - 1))
+        buckets = (codes & 0xFFFFFFFF) - BUCKET_OFFSET
+        self._list(codes)
+        names = self.stream_names
+        rank = np.empty(len(names), dtype=np.int64)
+        rank[sorted(range(len(names)), key=lambda i: names[i].encode())] = \
+            np.arange(len(names))
+        order = np.lexsort((rank[streams], buckets, codes >> 62)).tolist()
+        streams, buckets, bounds = streams.tolist(), buckets.tolist(), bounds.tolist()
+        put, txn, written, version = self.store.put, self.txn, self.written, self.version
+        for i in order:
+            kind, stream, bucket = KIND_OF[kinds[i]], names[streams[i]], buckets[i]
+            key = (kind, stream, bucket)
+            a, b = bounds[i], bounds[i + 1]
+            fresh = count_index(profiles[a:b], rows[a:b])
             current = self._stored(key)
             counts = add_counts(current, fresh) if current is not None else fresh
-            self.store.put(self.txn, "events", count_key(kind, bucket, stream),
-                           encode_counts(counts))
-            self.written[key] = self.version
+            put(txn, "events", count_key(kind, bucket, stream), encode_counts(counts))
+            written[key] = version
 
-    def _counted(self, keys: list[BucketKey]) -> Iterator[RangeIndex]:
-        """counts_of the queued profiles of each key (taken off the queue), grouped by
-        (key, profile) in one sort rather than one np.unique per bucket."""
-        if not keys:
-            return
-        queued = [np.concatenate(self.pending.pop(key)) for key in keys]
-        owner = np.repeat(np.arange(len(keys), dtype=np.int64), [len(q) for q in queued])
-        joined = owner << 32 | np.concatenate(queued).astype(np.int64)
-        joined.sort()
-        starts = np.flatnonzero(np.concatenate(([True], joined[1:] != joined[:-1])))
-        counts = np.diff(np.append(starts, len(joined)))
-        runs = joined[starts]
-        ids = (runs & 0xFFFFFFFF).astype(np.uint32)
-        bounds = np.searchsorted(runs >> 32, np.arange(len(keys) + 1)).tolist()
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            yield count_index(ids[a:b], counts[a:b])
+    def _list(self, codes: np.ndarray) -> None:
+        """Add the buckets to their streams' sorted listings (and mark those to rewrite)."""
+        codes = np.sort(codes)
+        head = codes >> 32  # kind and stream
+        starts = np.flatnonzero(np.concatenate(([True], head[1:] != head[:-1])))
+        for a, b in zip(starts.tolist(), np.append(starts[1:], len(codes)).tolist(),
+                        strict=True):
+            kind, stream, _ = bucket_parts(int(codes[a]))
+            name = self.stream_names[stream]
+            listing = (self.stream_days if kind == b"d" else self.stream_months
+                       ).setdefault(name, [])
+            merged = np.union1d(np.array(listing, dtype=np.int64),
+                                (codes[a:b] & 0xFFFFFFFF) - BUCKET_OFFSET)
+            if len(merged) != len(listing):
+                listing[:] = merged.tolist()
+                self.relisted.add((kind, name))
 
     def finish(self) -> tuple[EventIndex, Schema]:
         """Write the rest of the rows and every changed count bucket into the transaction;
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
         self._flush()
-        self._write_pending(keep=set())
+        self._write_buckets()
         self._compact()
         self._write_catalog()
         schema = self.schema
@@ -501,16 +544,3 @@ class EventBatch:
             raise DataError("event properties are keywords, numbers or bools", field=name)
         self.types[name] = type_
         return type_
-
-    def _streams(self, event: str, block: Block):
-        """(stream, profiles of its rows) for the type and each keyword/bool value."""
-        yield stream_key(event), block.profile
-        for name, (values, valid) in block.props.items():
-            type_ = self.types[name]
-            if type_ not in STREAM_TYPES:
-                continue
-            table = block.words.get(name)
-            for code in np.unique(values[valid]).tolist():
-                value = table[code] if table is not None else bool(code)
-                yield stream_key(event, name, value), block.profile[valid & (values == code)]
-

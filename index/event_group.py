@@ -1,0 +1,102 @@
+"""Per-profile row counts of event count buckets, grouped in numpy over a whole batch.
+
+A count bucket is (kind, stream, bucket): a stream's rows in one day (kind b"d") or one
+calendar month (b"m"). A batch names each bucket by one int64, `bucket_code`, and each
+flush hands `BucketRuns.add` one (bucket code, profile) pair per row and stream. The
+pairs are grouped at once into runs — (bucket, profile, rows) — kept as numpy arrays
+until the batch writes its buckets: at the end of the batch, or earlier when the runs
+outgrow a limit (a spill). No Python runs per row or per bucket here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KIND_BITS = {b"d": 0, b"m": 1}  # b"d" sorts before b"m", as in the count keys
+KIND_OF = {0: b"d", 1: b"m"}
+BUCKET_OFFSET = 2**31  # days and months offset so they are >= 0, as in the count keys
+
+
+def bucket_code(kind: int, streams: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """One int64 per (kind, stream number, day or month): kind, then stream, then bucket."""
+    return (np.int64(kind) << 62) | (streams.astype(np.int64) << 32) | \
+        (buckets.astype(np.int64) + BUCKET_OFFSET)
+
+
+def bucket_parts(code: int) -> tuple[bytes, int, int]:
+    """(kind, stream number, day or month) of a bucket code."""
+    return KIND_OF[code >> 62], (code >> 32) & ((1 << 30) - 1), \
+        (code & 0xFFFFFFFF) - BUCKET_OFFSET
+
+
+class BucketRuns:
+    """Runs of (bucket, profile, rows) accumulated over a batch's flushes.
+
+    Inside a batch every bucket code gets a small number (its gid, in order of first
+    appearance), so that a run is one int64, gid << 32 | profile; a flush's runs are
+    sorted, and merging the flushes is one stable sort that finds them sorted in parts.
+    """
+
+    def __init__(self) -> None:
+        self.known = np.empty(0, dtype=np.int64)  # bucket codes seen, sorted
+        self.known_gid = np.empty(0, dtype=np.int64)  # the gid of each
+        self.code_of = np.empty(0, dtype=np.int64)  # gid -> bucket code
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # (runs, rows), each sorted
+        self.size = 0  # runs held, over all parts
+
+    def gids(self, codes: np.ndarray) -> np.ndarray:
+        """The gid of each of these sorted, distinct bucket codes (new ones numbered)."""
+        at = np.searchsorted(self.known, codes)
+        hit = at < len(self.known)
+        hit[hit] = self.known[at[hit]] == codes[hit]
+        out = np.empty(len(codes), dtype=np.int64)
+        out[hit] = self.known_gid[at[hit]]
+        fresh = codes[~hit]
+        if len(fresh):
+            numbers = np.arange(len(self.code_of), len(self.code_of) + len(fresh),
+                                dtype=np.int64)
+            out[~hit] = numbers
+            self.code_of = np.concatenate((self.code_of, fresh))
+            known = np.concatenate((self.known, fresh))
+            order = np.argsort(known, kind="stable")
+            self.known = known[order]
+            self.known_gid = np.concatenate((self.known_gid, numbers))[order]
+        return out
+
+    def add(self, gids: np.ndarray, profiles: np.ndarray) -> None:
+        """Count one row per (gid, profile) pair."""
+        if not len(gids):
+            return
+        runs, rows = np.unique(gids << 32 | profiles.astype(np.int64), return_counts=True)
+        self.parts.append((runs, rows.astype(np.int64)))
+        self.size += len(runs)
+
+    def compact(self) -> None:
+        """Merge the parts into one: runs of a (bucket, profile) in several flushes add up."""
+        if len(self.parts) < 2:
+            return
+        runs = np.concatenate([p[0] for p in self.parts])
+        rows = np.concatenate([p[1] for p in self.parts])
+        self.parts = []
+        order = np.argsort(runs, kind="stable")  # sorted parts: a merge
+        runs = runs[order]
+        rows = rows[order]
+        del order
+        starts = np.flatnonzero(np.concatenate(([True], runs[1:] != runs[:-1])))
+        self.parts = [(runs[starts], np.add.reduceat(rows, starts))]
+        self.size = len(starts)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Take every run off: (bucket codes, bounds, profiles, rows) where the runs of
+        bucket i are profiles[bounds[i]:bounds[i + 1]] (profiles ascending); None if
+        there are none."""
+        self.compact()
+        if not self.parts:
+            return None
+        runs, rows = self.parts[0]
+        self.parts = []
+        self.size = 0
+        gid = runs >> 32
+        starts = np.flatnonzero(np.concatenate(([True], gid[1:] != gid[:-1])))
+        bounds = np.append(starts, len(runs))
+        return self.code_of[gid[starts]], bounds, (runs & 0xFFFFFFFF).astype(np.uint32), rows
