@@ -165,8 +165,8 @@ def texts_block(texts: Sequence[str]) -> list[Any]:
     DataError naming the record; the first one is found before anything is applied."""
     if not texts:
         return []
-    data = "\n".join(texts).encode()
-    if data.count(b"\n") != len(texts) - 1 or _blank_lines(data):
+    data = _lines_of(texts)
+    if data is None:
         return parse_texts(texts)
 
     parsed: list[tuple[int, Any]] = []  # every text, parsed once when first asked for
@@ -188,8 +188,8 @@ def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
     The texts_block items of each batch, one after another, when the texts cannot be
     lines of one block."""
     texts = [text for batch in batches for text in batch]
-    data = "\n".join(texts).encode()
-    if not texts or data.count(b"\n") != len(texts) - 1 or _blank_lines(data):
+    data = _lines_of(texts) if texts else None
+    if data is None:
         return [item for batch in batches for item in texts_block(batch)]
     ends = np.cumsum([len(batch) for batch in batches])  # last record number of each batch
     parsed: dict[int, Any] = {}  # record number -> object, batch by batch
@@ -207,6 +207,23 @@ def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
 
     block = parse_block(data, "", 1)
     return [RowBlock(block.table, 1, records, data=data)]
+
+
+def _lines_of(texts: Sequence[str]) -> bytes | None:
+    """The texts as the lines of one block, or None when they cannot be: a text with a
+    line break inside, or a blank one. A line break ending a text (a file's line sent as
+    it was read) is JSON whitespace, dropped with the whitespace around it; the records
+    are still parsed from the texts as sent, so an error reads as it would."""
+    lines = texts
+    data = "\n".join(lines).encode()
+    if data.count(b"\n") != len(lines) - 1:
+        lines = [text.rstrip(" \t\r\n") for text in texts]
+        data = "\n".join(lines).encode()
+        if data.count(b"\n") != len(lines) - 1:
+            return None
+    if not all(lines) or _blank_lines(data):  # (an empty last line is no line of a block)
+        return None
+    return data
 
 
 def parse_texts(texts: Iterable[str]) -> list[tuple[int, Any]]:

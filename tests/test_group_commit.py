@@ -17,7 +17,7 @@ import pytest
 
 from bitseg.index.engine import Engine
 from bitseg.index.errors import DataError
-from bitseg.loaders.columnar import group_block
+from bitseg.loaders.columnar import group_block, texts_block
 from bitseg.server import service
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -127,3 +127,23 @@ def test_texts_that_cannot_be_one_block_are_each_batch_as_texts_block_makes_it()
     batches = [['{"id": "a"}'], ['{"id":\n"b"}']]
     items = group_block(batches)
     assert len(items) == 2 and items[1] == (1, {"id": "b"})
+
+
+def test_texts_sent_as_read_from_a_file_with_their_line_break_are_one_block() -> None:
+    texts = ['{"id": "a", "n": 1}\n', '{"id": "b", "n": 2.5}\r\n', '{"id": "c"} \n']
+    for items in (texts_block(texts), group_block([texts[:1], texts[1:]])):
+        [block] = items
+        assert block.table is not None and block.rows == 3  # the columnar path, not rows
+        assert [r for _, r in block.records(None)] == [orjson.loads(t) for t in texts]
+
+
+def test_an_empty_last_text_is_named_not_dropped() -> None:
+    for texts in (['{"id": "a"}', ''], ['{"id": "a"}\n', '\n']):
+        with pytest.raises(DataError) as failed:
+            texts_block(texts)
+        assert failed.value.line == 2 and "not valid JSON" in str(failed.value)
+
+
+def test_a_text_with_a_line_break_inside_is_parsed_as_sent(tmp_path: Path) -> None:
+    texts = ['{"id": "a",\n "n": 1}', '{"id": "b", "n": 2}\n']
+    assert texts_block(texts) == [(1, {"id": "a", "n": 1}), (2, {"id": "b", "n": 2})]
