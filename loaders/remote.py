@@ -4,8 +4,9 @@
 First the whole dataset is checked by loading it into a temporary local store with
 load_dataset, the code `bitseg load --db` runs: a bad line is named by file, line and
 field before anything is sent. Then profiles, events and orders are streamed, one call
-per file and `batch_size` records per message; the server applies each message as one
-transaction. So what is atomic is one batch: a call that fails (or a client that dies)
+per file and `batch_size` records per message; the server applies each message all or
+nothing (the messages that arrive while it applies one share its next transaction: group
+commit). So what is atomic is one batch: a call that fails (or a client that dies)
 leaves the batches before it committed and nothing of the rest.
 """
 
