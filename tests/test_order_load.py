@@ -91,8 +91,8 @@ def test_value_queue_joins_pushes_and_arrays(removing: bool) -> None:
     assert queue.empty and queue.added()[0].tolist() == []
 
 
-def test_one_pass_finds_each_keys_integer_literals_apart(tmp_path: Path) -> None:
-    # every amount and price is whole, so the whole block is searched, once for both:
+def test_each_keys_integer_literals_are_found_apart(tmp_path: Path) -> None:
+    # every amount and price is whole, so the whole block is searched, key by key:
     # price is given as an integer on one line, amount never is
     lines = [_order(i, f"{i}.0", f"{i % 5 + 1}.0") for i in range(40)]
     lines[25] = _order(25, "25.0", "3")
@@ -160,3 +160,21 @@ def test_appending_batches_leave_unread_columns_unread_with_the_same_bytes(
             counts[way] = [engine.count(rule) for rule in rules]
     assert differences(tmp_path / "lazy", tmp_path / "read") == []
     assert counts["lazy"] == counts["read"] and counts["lazy"][0] > 0
+
+
+@pytest.mark.parametrize("key", ["a b", 'q"x', "back\\Eslash", "Zürich", "$x-y"])
+def test_integer_literals_are_found_whatever_the_key(tmp_path: Path, key: str) -> None:
+    # few whole values: their lines are searched by RE2, which must read the key as is
+    import orjson
+    name = orjson.dumps(key).decode()
+    lines = [f'{{"id":"o{i}","profile":"u1","ts":"2025-01-01","amount":1.5,{name}:{i}.5}}'
+             for i in range(40)]
+    lines[9] = f'{{"id":"o9","profile":"u1","ts":"2025-01-01","amount":1.5,{name} : 7 }}'
+    lines[30] = f'{{"id":"o30","profile":"u1","ts":"2025-01-01","amount":1.5,{name}:8.0}}'
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    columnar.BLOCK_BYTES = 1 << 20
+    assert assert_same_load(tmp_path, folder) is None
+    rows = store_entries(tmp_path / "columnar")["orders"]
+    seven = rows[b"r\x1f" + (9).to_bytes(4, "big")]
+    assert f"{name}:7".encode() in seven and f"{name}:7.".encode() not in seven
+    assert f"{name}:8.0".encode() in rows[b"r\x1f" + (30).to_bytes(4, "big")]
