@@ -37,22 +37,61 @@ TS = "\x00ts"  # _rows's `of` for the rows' timestamps (no property has this nam
 def evaluate_event(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap,
                    as_of: int) -> BitMap:
     """The live profiles whose selected events satisfy `having`."""
+    result, seen = _judged(cond, index, schema, live, as_of)
+    if seen is not None:  # profiles without rows satisfy it too
+        result = result | (live - seen)
+    return result & live
+
+
+def count_event(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap,
+                as_of: int) -> int:
+    """len(evaluate_event(...)), its last operations cardinalities: |hit & live|, plus
+    |live| - |seen & live| when profiles without rows satisfy it (hit lies in seen)."""
+    result, seen = _judged(cond, index, schema, live, as_of)
+    count = result.intersection_cardinality(live)
+    if seen is not None:
+        count += len(live) - seen.intersection_cardinality(live)
+    return count
+
+
+def _judged(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap, as_of: int
+            ) -> tuple[BitMap, BitMap | None]:
+    """(profiles whose rows satisfy `having`, and None, or, when profiles without rows
+    satisfy it as well, the profiles with rows): the answer, before `live`."""
     having = cond.having
     events = index.types if cond.event == ANY else [cond.event]
     events = [e for e in events if e in index.type_days]
     lo, hi = cond.window.bounds(as_of)
     if having.agg in RECENCY_AGGS:
-        return _recency(cond, index, schema, events, lo, hi, as_of) & live
+        return _recency(cond, index, schema, events, lo, hi, as_of), None
     streams = _streams_for(cond, events) if having.agg == "count" else None
+    presence = _presence_test(having) if streams is not None else None
+    if presence is not None:  # count >= 1 or count == 0: who has any row, no sums
+        seen = _present(cond, index, schema, events, streams, lo, hi, as_of) \
+            if events else EMPTY
+        return (seen, None) if presence else (EMPTY, seen)
     if streams is not None:
         per_profile = count_by_bitmaps(cond, index, schema, events, streams, lo, hi, as_of)
         result = _compare_index(per_profile, having)
         seen = per_profile.exists
     else:
         result, seen = _aggregate_rows(cond, index, schema, events, lo, hi, as_of)
-    if having.holds_for_no_rows():
-        result = result | (live - seen)
-    return result & live
+    return result, (seen if having.holds_for_no_rows() else None)
+
+
+def _presence_test(having: Having) -> bool | None:
+    """True when a count comparison means `count >= 1`, False when it means `count == 0`,
+    None otherwise (counts are whole numbers >= 0)."""
+    op, value = having.op, having.value
+    if op in ("between", "in", "not_in"):
+        return None
+    if (op == "gte" and 0 < value <= 1) or (op == "gt" and 0 <= value < 1) or \
+            (op == "ne" and value == 0):
+        return True
+    if (op == "lt" and 0 < value <= 1) or (op == "lte" and 0 <= value < 1) or \
+            (op == "eq" and value == 0):
+        return False
+    return None
 
 
 def _streams_for(cond: EventCond, events: list[str]) -> list[str] | None:
@@ -73,10 +112,10 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
     plus, minus = window_counts(index, streams, *window.days)
-    for edge_lo, edge_hi in window.edges:
-        rows = _rows(cond, index, schema, events, edge_lo, edge_hi, as_of)
-        if len(rows[0]):
-            plus.append(counts_of(rows[0]))
+    edges = [_rows(cond, index, schema, events, edge_lo, edge_hi, as_of)[0]
+             for edge_lo, edge_hi in window.edges]
+    if sum(map(len, edges)):  # both partial days counted as one block
+        plus.append(counts_of(np.concatenate(edges)))
     return sub_counts(sum_counts(plus), sum_counts(minus))
 
 
