@@ -173,7 +173,10 @@ class _Converter:
         if not self.data:
             return True
         name = orjson.dumps(key)
-        at = np.unique(self.block.lines()[rows] - self.block.first_line)
+        lines = self.block.lines()
+        seen = np.zeros(int(lines[-1]) - self.block.first_line + 1, dtype=bool)
+        seen[lines[rows] - self.block.first_line] = True  # (np.unique hashed: 8 ms a key)
+        at = np.flatnonzero(seen)
         if len(at) * 2 > self.block.rows:
             return re.search(re.escape(name) + _INT_LITERAL, self.data) is not None
         literal = "".join(c if c.isalnum() or ord(c) > 127 else f"\\x{ord(c):02x}"
