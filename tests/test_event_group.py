@@ -1,0 +1,115 @@
+"""Event count buckets grouped over a whole batch (index/event_group.py), and the spill.
+
+A batch keeps the per-profile counts of its buckets as numpy runs and writes each bucket
+at the end of the batch, or earlier when the runs pass RUN_LIMIT (a spill: the bucket is
+read back and added to). These tests make the limit tiny so that a small file spills
+many times, and check that both paths still leave the same store, that a spilled load
+counts what an unspilled one counts, and that a bad last line still leaves nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from storecmp import store_entries
+from test_columnar import _load, assert_same_load
+
+from bitseg.index import event_batch
+from bitseg.index.event_counts import decode_counts
+from bitseg.index.event_group import BucketRuns, bucket_code, bucket_parts
+from bitseg.loaders import columnar
+from bitseg.loaders.gen import generate
+
+
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(columnar, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(event_batch, "FLUSH_ROWS", 700)
+    monkeypatch.setattr(event_batch, "RUN_LIMIT", event_batch.RUN_LIMIT)
+
+
+def _spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts how often a batch writes its buckets (once at its end, plus each spill)."""
+    calls: list[int] = []
+    original = event_batch.EventBatch._write_buckets
+
+    def spy(self: Any) -> None:
+        calls.append(self.runs.size)
+        original(self)
+
+    monkeypatch.setattr(event_batch.EventBatch, "_write_buckets", spy)
+    return calls
+
+
+def _counts(store: Path) -> dict[bytes, list[list[int]]]:
+    """Every count bucket as lists of ids (exists, then each bit slice)."""
+    events = store_entries(store)["events"]
+    out = {}
+    for key, raw in events.items():
+        if key.startswith(b"c"):
+            index = decode_counts(raw)
+            out[key] = [list(index.exists), *(list(s) for s in index.slices)]
+    return out
+
+
+def test_buckets_spilled_many_times_load_alike_and_count_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=6)
+    calls = _spills(monkeypatch)
+    assert assert_same_load(tmp_path / "whole", folder) is None
+    assert len(calls) == 2  # one events batch per path, written once at its end
+    whole = _counts(tmp_path / "whole" / "rows")
+    calls.clear()
+    event_batch.RUN_LIMIT = 64  # a spill after nearly every flush
+    assert assert_same_load(tmp_path / "spilled", folder) is None
+    assert len(calls) > 6
+    assert _counts(tmp_path / "spilled" / "rows") == whole
+    rest = {name: entries for name, entries in store_entries(tmp_path / "whole" / "rows").items()}
+    spilled = store_entries(tmp_path / "spilled" / "rows")
+    rest["events"] = {k: v for k, v in rest["events"].items() if not k.startswith(b"c")}
+    spilled["events"] = {k: v for k, v in spilled["events"].items() if not k.startswith(b"c")}
+    assert spilled == rest  # raw rows, catalog, ids: nothing else depends on the spills
+
+
+def test_a_bad_last_line_after_spills_leaves_nothing_of_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=200, seed=3)
+    (folder / "orders.jsonl").unlink()
+    events = folder / "events.jsonl"
+    lines = events.read_bytes().count(b"\n")
+    with events.open("ab") as out:
+        out.write(b'{"profile":"u1","event":"page_view","ts":"2025-01-01T00:00:00Z","n":[1]}\n')
+    calls = _spills(monkeypatch)
+    event_batch.RUN_LIMIT = 64
+    error = assert_same_load(tmp_path, folder)
+    assert error is not None and f"events.jsonl, line {lines + 1}, field 'n'" in error
+    assert len(calls) > 2  # buckets were written into the transaction before the bad line
+    events.unlink()
+    _load(tmp_path / "profiles-only", folder, columnar=False)
+    assert store_entries(tmp_path / "columnar") == store_entries(tmp_path / "profiles-only")
+
+
+def test_runs_add_up_across_parts_and_keep_their_buckets() -> None:
+    runs = BucketRuns()
+    day = bucket_code(0, np.array([3, 3, 1]), np.array([-5, 7, 7]))
+    month = bucket_code(1, np.array([2]), np.array([-1]))
+    assert [bucket_parts(int(c)) for c in [*day, *month]] == \
+        [(b"d", 3, -5), (b"d", 3, 7), (b"d", 1, 7), (b"m", 2, -1)]
+    first = runs.gids(np.sort(day))
+    runs.add(first[[0, 0, 1, 2]], np.array([9, 9, 4, 9], dtype=np.uint32))
+    again = runs.gids(np.sort(np.concatenate((day[:1], month))))
+    assert again[0] == first[np.searchsorted(np.sort(day), day[0])]
+    runs.add(again[[0, 1, 1]], np.array([9, 2, 2], dtype=np.uint32))
+    codes, bounds, profiles, rows = runs.drain()
+    got = {(bucket_parts(int(codes[i])), int(p), int(r))
+           for i in range(len(codes))
+           for p, r in zip(profiles[bounds[i]:bounds[i + 1]], rows[bounds[i]:bounds[i + 1]],
+                           strict=True)}
+    assert got == {((b"d", 1, 7), 9, 2), ((b"d", 3, -5), 4, 1), ((b"d", 3, -5), 9, 1),
+                   ((b"d", 3, 7), 9, 1), ((b"m", 2, -1), 2, 2)}
+    assert runs.size == 0 and runs.drain() is None
