@@ -57,7 +57,7 @@ from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of, month_days
 from bitseg.index.order_index import NONE, OrderIndex
 from bitseg.index.order_keys import DERIVED, QTY, QTY_EACH, SCALE
-from bitseg.index.order_layout import OrderLayout, layout_of
+from bitseg.index.order_layout import Kept, OrderLayout, layout_of
 from bitseg.index.recency import (
     NO_FIRST,
     NO_LAST,
@@ -268,6 +268,7 @@ def select_orders(cond: OrdersCond, index: OrderIndex, as_of_us: int) -> np.ndar
 
 
 LAYOUT_MIN_ORDERS = 1 << 16  # from this many orders, rules go by the profile layout
+LAYOUT_BACKGROUND = 1 << 22  # from this many, it is built on a thread (rows meanwhile)
 
 
 def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
@@ -279,11 +280,14 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
         if found is not None:
             return found & live
     rows: _Rows
+    groups: Groups | _Runs
+    layout = None
     if index.count >= LAYOUT_MIN_ORDERS and timeless(cond.orders):
-        rows = _by_profile(cond, layout_of(index), as_of_us)
+        layout = layout_of(index, wait=index.count < LAYOUT_BACKGROUND)
+    if layout is not None:
+        rows, groups = _by_profile(cond, layout, as_of_us)
         if not len(rows):
             return live if having.holds_for_no_rows() else EMPTY
-        groups = Groups.of_sorted(rows.owners())
     else:
         sel = select_orders(cond, index, as_of_us)
         if not len(sel):
@@ -312,10 +316,8 @@ class _Rows:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def owners(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def ts(self) -> np.ndarray:
+    def ts(self, fill: int) -> np.ndarray:
+        """The rows' ts; fill where a row is outside the window (kept rows)."""
         raise NotImplementedError
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
@@ -337,7 +339,7 @@ class _Ids(_Rows):
     def owners(self) -> np.ndarray:
         return self.index.owner if self.everything else self.index.owner_buf[self.sel]
 
-    def ts(self) -> np.ndarray:
+    def ts(self, fill: int) -> np.ndarray:
         return self.index.ts if self.everything else self.index.ts_buf[self.sel]
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
@@ -352,48 +354,92 @@ class _Ids(_Rows):
         return keys, valid, col.bound
 
 
-class _Positions(_Rows):
-    """Rows as sorted positions of the profile layout (order_layout.py): profile by
-    profile, so groups reduce them in place."""
+class _Window(_Rows):
+    """The rows a rule keeps in the profile layout (order_layout.Kept) that are inside
+    the window: `inside` (None: every kept row) folds the window into each column's
+    validity, so the groups (_Runs) reduce every kept row in place."""
 
-    def __init__(self, layout: OrderLayout, positions: np.ndarray) -> None:
-        self.layout, self.positions = layout, positions
+    def __init__(self, kept: Kept, inside: np.ndarray | None) -> None:
+        self.kept, self.inside = kept, inside
 
-    def __len__(self) -> int:
-        return len(self.positions)
+    def __len__(self) -> int:  # rows outside the window included: no pass over them
+        return len(self.kept)
 
-    def owners(self) -> np.ndarray:
-        return self.layout.owner.take(self.positions)
-
-    def ts(self) -> np.ndarray:
-        return self.layout.ts.take(self.positions)
+    def ts(self, fill: int) -> np.ndarray:
+        return self.kept.ts if self.inside is None else np.where(self.inside, self.kept.ts, fill)
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-        found = self.layout.keys(name)
+        found = self.kept.keys(name)
         if found is None:
             return None
         keys, valid = found
-        bound = self.layout.index.columns[name].bound
-        return keys.take(self.positions), \
-            None if valid is None else valid.take(self.positions), bound
+        if self.inside is not None:
+            valid = self.inside if valid is None else valid & self.inside
+        return keys, valid, self.kept.index.columns[name].bound
 
 
-def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int) -> _Positions:
-    """The rows of an as_of-independent orders rule and its window, by profile: the
-    rule's positions (kept by the layout), cut to the window by their ts unless the
-    window holds every order (from the beginning, ending after the latest)."""
+class _Runs:
+    """Groups (as compare.Groups) over kept rows that are already one run per profile,
+    each reduced in place (the values given read as `initial` outside the window: the
+    window is folded into their validity, _Window); sums of int64 by one cumulative sum
+    (exact: int64 wraps, and each run's own sum fits, which the callers check) instead
+    of reduceat's step per run."""
+
+    sparse = False  # one entry per run, rows or not (see evaluate_orders)
+
+    def __init__(self, kept: Kept, inside: np.ndarray | None) -> None:
+        self.kept, self.inside = kept, inside
+        self.size = len(kept.profiles)
+        self._counts: np.ndarray | None = None
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            bounds = self.kept.bounds
+            self._counts = np.diff(bounds) if self.inside is None else \
+                _run_sums(self.inside.view(np.uint8), bounds, np.int64)
+        return self._counts
+
+    @property
+    def has(self) -> np.ndarray:
+        return self.counts > 0
+
+    def profiles(self, mask: np.ndarray) -> BitMap:
+        return bitmap_of(self.kept.profiles[mask])
+
+    def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
+        if ufunc is np.add and values.dtype != object:
+            return _run_sums(values, self.kept.bounds, values.dtype)
+        return ufunc.reduceat(values, self.kept.bounds[:-1])
+
+
+def _run_sums(values: np.ndarray, bounds: np.ndarray, dtype: Any) -> np.ndarray:
+    """The sum of each run bounds[g] … bounds[g + 1] of values, by differences of one
+    cumulative sum."""
+    total = np.zeros(len(values) + 1, dtype=dtype)
+    np.cumsum(values, dtype=dtype, out=total[1:])
+    return total.take(bounds[1:]) - total.take(bounds[:-1])
+
+
+def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int
+                ) -> tuple[_Window, _Runs]:
+    """The rows of an as_of-independent orders rule, by profile: the rule's rows kept
+    by the layout, with the window as a mask over them unless it holds every one of
+    them (from the beginning, ending after the latest)."""
     index = layout.index
-    kept = layout.rows(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders))
-    positions = ids_of(kept)
+    kept = layout.kept(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders))
     lo, hi = cond.window.bounds(as_of_us)
-    if len(positions) and (lo is not None or layout.latest is None or hi <= layout.latest):
-        t = layout.ts.take(positions)
-        inside = t < hi if lo is None else (t >= lo) & (t < hi)
-        positions = np.compress(inside, positions)
-    return _Positions(layout, positions)
+    inside = None
+    if len(kept):
+        before = kept.latest < hi  # the usual case: the window ends after the latest row
+        if lo is not None:
+            inside = kept.ts >= lo if before else (kept.ts >= lo) & (kept.ts < hi)
+        elif not before:
+            inside = kept.ts < hi
+    return _Window(kept, inside), _Runs(kept, inside)
 
 
-def _aggregate(having: Any, rows: _Rows, groups: Groups) -> np.ndarray:
+def _aggregate(having: Any, rows: _Rows, groups: Groups | _Runs) -> np.ndarray:
     """Per group: whether sum/avg/min/max of `of` satisfies the op."""
     op, agg = having.op, having.agg
     value = _scaled(having.value, SCALE.get(having.of, 1))
@@ -421,12 +467,12 @@ def _aggregate(having: Any, rows: _Rows, groups: Groups) -> np.ndarray:
     return (n > 0) & compare(extreme, op, value)
 
 
-def _recency(having: Any, rows: _Rows, groups: Groups, as_of_us: int) -> np.ndarray:
+def _recency(having: Any, rows: _Rows, groups: Groups | _Runs, as_of_us: int) -> np.ndarray:
     """Per group: whether it has rows and the earliest (first) / latest (last) order ts
     satisfies the op (index/recency.py)."""
-    ts = rows.ts()
     first = having.agg == "first"
     fill = NO_FIRST if first else NO_LAST  # no row ts is either
+    ts = rows.ts(fill)
     extreme = groups.reduce(np.minimum if first else np.maximum, ts, fill)
     ok = holds(extreme, having.op, resolved(having, as_of_us))
     return ok if groups.sparse else ok & (extreme != fill)

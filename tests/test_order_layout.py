@@ -4,16 +4,28 @@ orders, each published index with its own layout."""
 
 from __future__ import annotations
 
+import tempfile
+import threading
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pyroaring import BitMap
+from test_orders import AS_OF, AS_OF_US, DAY, Orders, iso, merge, reference
+from test_top_recency import AS_OF as RECENCY_AS_OF
+from test_top_recency import SETTINGS, WINDOWS, histories, naive_recency, recency_havings
 
+from bitseg.index import order_layout
 from bitseg.index import orders as orders_module
+from bitseg.index.engine import Engine
 from bitseg.index.order_batch import OrderBatch
 from bitseg.index.order_layout import layout_of
-from test_orders import AS_OF, DAY, Orders, iso, merge, reference
+from bitseg.index.orders import evaluate_orders
+from bitseg.index.rules import parse_rule
 
 PAID_BAND = {"orders": {"field": "status", "op": "eq", "value": "paid"},
              "having": {"agg": "sum", "of": "amount", "op": "between", "value": [100, 300]}}
@@ -22,7 +34,10 @@ RECENT = {"orders": {"field": "status", "op": "in", "value": ["paid", "delivered
           "having": {"agg": "count", "op": "gte", "value": 2}}
 BIGGEST = {"orders": {"all": True}, "window": {"last_days": 400},
            "having": {"agg": "max", "of": "amount", "op": "gte", "value": 200}}
-RULES = (PAID_BAND, RECENT, BIGGEST)
+WEEK = {"orders": {"field": "status", "op": "ne", "value": "pending"},
+        "window": {"last_days": 7}, "having": {"agg": "sum", "of": "amount", "op": "gt",
+                                                "value": 100}}
+RULES = (PAID_BAND, RECENT, BIGGEST, WEEK)
 
 
 def line(oid: str, profile: str, days_ago: float, status: str, amount: float) -> dict:
@@ -54,14 +69,21 @@ def check(orders: Orders, lines: list[dict]) -> dict[str, set[str]]:
 
 def test_positions_run_by_profile_then_time(orders):
     orders.load(FIRST)
-    layout = layout_of(orders.index)
     index = orders.index
+    layout = layout_of(index)
     owner, ts = index.owner[layout.perm], index.ts[layout.perm]
-    assert np.array_equal(owner, layout.owner)
     keys = list(zip(owner.tolist(), ts.tolist(), layout.perm.tolist(), strict=True))
     assert keys == sorted(keys)  # by profile, then time, then order id
     assert np.array_equal(layout.pos[layout.perm], np.arange(len(FIRST)))
     assert layout_of(index) is layout  # kept while the index lives
+    # a rule's rows: in layout order, one run per profile
+    paid = BitMap([2, 0, 4, 1, 3])
+    kept = layout.kept("paid", lambda: paid)
+    assert kept.ids.tolist() == [i for i in layout.perm.tolist() if i in paid]
+    assert layout.kept("paid", lambda: BitMap()) is kept
+    runs = np.split(index.owner[kept.ids], kept.bounds[1:-1])
+    assert [set(r.tolist()) for r in runs] == [{p} for p in kept.profiles.tolist()]
+    assert np.array_equal(kept.ts, index.ts[kept.ids])
 
 
 def test_writes_publish_indexes_with_their_own_layout(orders):
@@ -69,6 +91,7 @@ def test_writes_publish_indexes_with_their_own_layout(orders):
     first_index, first_live = orders.index, BitMap(orders.profiles.live)
     before = check(orders, FIRST)
     assert before["0"] == {"u1", "u3"} and before["1"] == {"u1", "u3"}
+    assert before["3"] == {"u1"}  # 150 + 20; u3's 250 is 10 days old
     # an upsert moves o4 to u1 and changes its amount; o5 becomes pending; a new order
     later = [line("o4", "u1", 10, "paid", 120.0), line("o5", "u2", 2, "pending", 5.0),
              line("o7", "u2", 4, "paid", 150.0)]
@@ -89,3 +112,57 @@ def test_writes_publish_indexes_with_their_own_layout(orders):
     assert orders.members(PAID_BAND) == {"u1"}  # 150 + 120
     for rule in RULES:
         assert orders.members(rule) == reference(rule, left, set(orders.profiles.ids)), rule
+
+
+PAID = ("orders", {"field": "status", "op": "eq", "value": "paid"}, None)
+
+
+@SETTINGS
+@given(histories(), WINDOWS, st.data())
+def test_first_and_last_of_a_rules_orders_by_the_layout(history, window, data) -> None:
+    """first / last over the paid orders in a window, through the layout (the window as
+    ts filled in outside it), against the raw rows (test_top_recency's reference)."""
+    pids, _, orders = history
+    having = data.draw(recency_havings([o["ts"] for o in orders]), label="having")
+    rule: dict[str, Any] = {"orders": PAID[1], "having": having}
+    if window is not None:
+        rule["window"] = window
+    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-layout-"))
+    try:
+        engine.cache_results = False
+        engine.declare_schema({"orders": {"status": "keyword"}})
+        engine.upsert_profiles([{"id": p} for p in pids])
+        if orders:
+            engine.add_orders(orders)
+        expected = naive_recency(pids, [], orders, PAID, window, having)
+        with mock.patch.object(orders_module, "LAYOUT_MIN_ORDERS", 0):
+            assert set(engine.members(rule, as_of=RECENCY_AS_OF)) == expected, rule
+    finally:
+        engine.close()
+
+
+def test_a_large_index_builds_its_layout_on_a_thread(orders, monkeypatch):
+    """Above LAYOUT_BACKGROUND orders the first question is answered from rows while a
+    thread builds the layout; later ones use it."""
+    monkeypatch.setattr(orders_module, "LAYOUT_BACKGROUND", 0)
+    orders.load(FIRST)
+    index = orders.index
+    assert order_layout._LAYOUTS.get(index) is None
+    built = threading.Event()
+    real = order_layout.OrderLayout
+
+    def slow(index):  # held until the first answer is in
+        assert built.wait(10)
+        return real(index)
+
+    monkeypatch.setattr(order_layout, "OrderLayout", slow)
+    cond = parse_rule(PAID_BAND, orders.schema)
+    want = reference(PAID_BAND, merge(FIRST), set(orders.profiles.ids))
+    first = evaluate_orders(cond, index, orders.profiles.live, AS_OF_US)
+    assert orders.profiles.names(first) == want
+    built.set()
+    layout = layout_of(index)  # waits for the thread's build
+    assert layout is layout_of(index, wait=False)
+    assert orders.profiles.names(evaluate_orders(cond, index, orders.profiles.live,
+                                                 AS_OF_US)) == want
+    assert layout.nbytes() > 0 and len(layout._kept) == 1  # the second answer used it
