@@ -105,18 +105,6 @@ class Groups:
             self._counts = None  # a pass over every row: made when first asked for
             self.size = top
 
-    @classmethod
-    def of_sorted(cls, owners: np.ndarray) -> Groups:
-        """Rows already in profile order (owners non-decreasing, as in a profile-clustered
-        layout): one entry per profile with rows, each reduced in place by reduceat."""
-        groups = cls.__new__(cls)
-        groups.sparse, groups.order = True, None
-        groups.starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
-        groups.ids = owners[groups.starts]
-        groups._counts = np.diff(np.append(groups.starts, len(owners)))
-        groups.size = len(groups.ids)
-        return groups
-
     @property
     def counts(self) -> np.ndarray:
         if self._counts is None:
@@ -133,8 +121,7 @@ class Groups:
     def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
         """ufunc over each group's values (aligned with the rows); initial for none."""
         if self.sparse:
-            rows = values if self.order is None else values[self.order]
-            return ufunc.reduceat(rows, self.starts)
+            return ufunc.reduceat(values[self.order], self.starts)
         out = np.zeros(self.size, dtype=values.dtype) if initial == 0 else \
             np.full(self.size, initial, dtype=values.dtype)  # zeros: calloc, pages on demand
         ufunc.at(out, self.owners, values)
