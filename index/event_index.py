@@ -123,23 +123,20 @@ class Block:
 # ------------------------------------------------------------------------ the index
 BucketKey = tuple[bytes, str, int]  # (b"d" or b"m", stream, day or month)
 CACHE_BYTES = 1 << 30  # decoded count buckets kept in memory, by their stored size
+DERIVED_BYTES = 256 << 20  # blocks made in memory (event_windows), by their bitmaps' bytes
 
 
-class BucketCache:
-    """Decoded count buckets, least recently used first out, bounded by stored bytes.
+class LruCache:
+    """Values under (key, version), least recently used first out, bounded by the sizes
+    they are put with."""
 
-    Shared by every EventIndex of one open engine. An entry is keyed by the bucket and the
-    version that wrote it, so an index never sees a value its snapshot does not hold; only
-    committed values are put in (a batch that aborts may reuse its version number)."""
-
-    def __init__(self, limit: int = CACHE_BYTES) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0
-        self._entries: OrderedDict[tuple[BucketKey, int], tuple[RangeIndex, int]] = \
-            OrderedDict()
+        self._entries: OrderedDict[tuple[Any, int], tuple[RangeIndex, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[BucketKey, int]) -> RangeIndex | None:
+    def get(self, key: tuple[Any, int]) -> RangeIndex | None:
         with self._lock:
             found = self._entries.get(key)
             if found is None:
@@ -152,7 +149,7 @@ class BucketCache:
             self._entries.clear()
             self.size = 0
 
-    def put(self, key: tuple[BucketKey, int], value: RangeIndex, size: int) -> None:
+    def put(self, key: tuple[Any, int], value: RangeIndex, size: int) -> None:
         with self._lock:
             if key in self._entries:
                 return
@@ -161,6 +158,24 @@ class BucketCache:
             while self.size > self.limit and len(self._entries) > 1:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self.size -= dropped
+
+
+class BucketCache(LruCache):
+    """Decoded count buckets, bounded by their stored bytes, and (`derived`) the dyadic
+    blocks summed from them, bounded apart.
+
+    Shared by every EventIndex of one open engine. An entry is keyed by the bucket and the
+    version that wrote it (a derived block: the last write of its days), so an index never
+    sees a value its snapshot does not hold; only committed values are put in (a batch
+    that aborts may reuse its version number)."""
+
+    def __init__(self, limit: int = CACHE_BYTES, derived: int | None = None) -> None:
+        super().__init__(limit)
+        self.derived = LruCache(DERIVED_BYTES if derived is None else derived)
+
+    def clear(self) -> None:
+        super().clear()
+        self.derived.clear()
 
 
 @dataclass(frozen=True)

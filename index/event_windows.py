@@ -3,8 +3,8 @@
 The blocks:
 - dyadic: block k of level j covers days [k * 2**j, (k + 1) * 2**j), j = 0..MAX_LEVEL.
   Level 0 is the stored day bucket; a higher level is the per-profile sum of its two
-  halves, made in memory on first use and kept in the index's BucketCache (the stored
-  keys and bytes are those of the days; nothing new is written);
+  halves, made in memory on first use and kept in the BucketCache's `derived` part
+  (event_index.DERIVED_BYTES, least recently used first out); nothing new is stored;
 - calendar months: the stored month buckets.
 
 Walking from day boundary a to day boundary b, taking a block [s, e) forwards (s to e,
@@ -162,11 +162,12 @@ def _block(index: EventIndex, stream: str, level: int, number: int) -> RangeInde
     stamp = max((written.get((b"d", stream, d), 0) for d in present[i:k]), default=0) \
         if written else 0
     key = ((b"y%d" % level, stream, number), stamp)
-    found = index.cache.get(key)
+    cache = index.cache.derived
+    found = cache.get(key)
     if found is None:
         found = add_counts(_block(index, stream, level - 1, 2 * number),
                            _block(index, stream, level - 1, 2 * number + 1))
-        index.cache.put(key, found, size_of(found))
+        cache.put(key, found, size_of(found))
     return found
 
 

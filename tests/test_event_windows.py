@@ -205,7 +205,7 @@ def test_a_write_into_a_cached_block_is_counted_and_old_snapshots_keep_theirs(tm
                              for p in ("a", "b") for d in range(1, 40)])
         assert engine.count(_rule(30, "gte", 29), as_of=as_of) == 2
         cache = engine.snapshot.events.cache
-        derived = [key for key in cache._entries if key[0][0].startswith(b"y")]
+        derived = list(cache.derived._entries)
         assert derived, "the window was not counted through derived blocks"
         before = engine.snapshot
         day = (as_of - timedelta(days=5)).replace(hour=3)
@@ -219,8 +219,30 @@ def test_a_write_into_a_cached_block_is_counted_and_old_snapshots_keep_theirs(tm
         assert Evaluator(before, at).count(rule) == 0  # its own days' blocks
         assert Evaluator(engine.snapshot, at).count(rule) == 1
         day_number = (day - datetime(1970, 1, 1, tzinfo=timezone.utc)).days
-        stamps = {key[1] for key in cache._entries
+        stamps = {key[1] for key in cache.derived._entries
                   if key[0][0].startswith(b"y") and key[0][1] == "open"
                   and day_number in range(key[0][2] << int(key[0][0][1:]),
                                           (key[0][2] + 1) << int(key[0][0][1:]))}
         assert len(stamps) >= 2, "a block holding the written day kept one key"
+
+
+def test_derived_blocks_stay_within_their_bound(tmp_path, monkeypatch):
+    """With room for almost nothing, the derived blocks are made again as needed: the
+    answers stay the same and the cache keeps at most one (the least recent go first)."""
+    from bitseg.index import event_index
+
+    as_of = datetime(2026, 10, 17, 13, 45, tzinfo=timezone.utc)
+    lines = [{"profile": f"p{i % 7}", "event": "open",
+              "ts": ts(as_of - timedelta(days=i % 45, hours=i % 5))} for i in range(300)]
+    answers = []
+    for limit in (1 << 30, 1):
+        monkeypatch.setattr(event_index, "DERIVED_BYTES", limit)
+        with Engine.open(tmp_path / f"store-{limit}") as engine:
+            engine.cache_results = False
+            engine.track_events(lines)
+            answers.append([engine.count(_rule(days, "gte", n), as_of=as_of)
+                            for days in (7, 20, 30, 40) for n in (1, 3, 6)])
+            derived = engine.snapshot.events.cache.derived
+            assert len(derived._entries) >= 2 if limit > 1 else len(derived._entries) <= 1
+    assert answers[0] == answers[1]
+    assert any(answers[0])
