@@ -134,6 +134,18 @@ class ValueWriter:
 
 
 # --------------------------------------------------------------------------- range index
+UNBUILT = None  # a LayoutCell's state before first use
+
+
+class LayoutCell:
+    """What an immutable RangeIndex derives from itself on first use (index/cumulative.py
+    keeps its range-encoded layout here); each index object has its own."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: object = UNBUILT
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +170,8 @@ class RangeIndex:
     monthdays: Mapping[int, BitMap] = field(default_factory=dict)
     digits: int | None = None  # floats only
     rounded: bool = False
+    cell: LayoutCell = field(default_factory=LayoutCell, init=False, repr=False,
+                             compare=False)
 
     def to_key(self, constant: Fraction | int) -> Fraction | int:
         """A rule constant in this index's key units."""
@@ -184,6 +198,15 @@ class RangeIndex:
         if op == "eq":
             return self._eq(int(t), base) if t.denominator == 1 else EMPTY
         raise ValueError(op)
+
+    def interval(self, a: int | None, b: int | None, within: BitMap) -> BitMap:
+        """The ids of `within` whose key k has a <= k <= b (None: unbounded)."""
+        base = self.exists & within
+        if a is not None:
+            base = self._gt(-((self.base - a) // self.unit) - 1, base) if base else base
+        if b is not None:
+            base = self._lt((b - self.base) // self.unit + 1, base) if base else base
+        return base
 
     def between(self, lo: Fraction | int, hi: Fraction | int,
                 within: BitMap | None = None) -> BitMap:
@@ -256,6 +279,11 @@ class RangeIndex:
     def decode(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, keys) of every profile that has a value."""
         ids = ids_of(self.exists)
+        if len(ids) and int(ids[-1]) < 4 * len(ids):  # dense ids: one slot per id is cheaper
+            by_id = np.zeros(int(ids[-1]) + 1, dtype=np.int64)  # than a search per bit
+            for i, s in enumerate(self.slices):
+                by_id[ids_of(s)] += np.int64(1) << i
+            return ids, by_id[ids] * self.unit + self.base
         stored = np.zeros(len(ids), dtype=np.int64)
         for i, s in enumerate(self.slices):
             if s:
@@ -285,16 +313,25 @@ class RangeWriter:
         self.add_keys: list[np.ndarray] = []
         self.rebuilt = False
         self.dirty_monthdays: set[int] = set()
+        self.original = index
+        self.changed: list[BitMap] = []  # every id removed or added, for the layout
+
+    @property
+    def touched(self) -> BitMap:
+        """The ids this batch removed or gave a value."""
+        return BitMap.union(*self.changed) if self.changed else BitMap()
 
     def remove(self, ids: np.ndarray) -> None:
         self.drop(bitmap_of(ids))
 
     def drop(self, ids: BitMap) -> None:
+        self.changed.append(ids)
         self._materialise()
         if self.index.exists.intersect(ids):
             self.index = self._without(self.index, ids)
 
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        self.changed.append(bitmap_of(ids))
         self.add_ids.append(ids)
         self.add_keys.append(keys)
 

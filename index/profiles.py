@@ -20,6 +20,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.cumulative import carry
 from bitseg.index.errors import DataError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of
 from bitseg.index.ids import IdWriter
@@ -131,6 +132,8 @@ class FieldWriters:
         fields = dict(self.snap.fields)
         for name, writer in self.writers.items():
             fields[name] = writer.finish()
+            if isinstance(writer, RangeWriter):  # the next index keeps the range layout
+                carry(writer.original, fields[name], writer.touched)
         return fields
 
 

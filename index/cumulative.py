@@ -1,0 +1,341 @@
+"""Range-encoded bitmaps of a range field, derived in memory from its bit-sliced index.
+
+A layout cuts the field's sorted keys into bins at edges e_0 < … < e_{m-1} (bin j holds
+the keys in (e_{j-1}, e_j]) and keeps the cumulative bitmaps C[j] = profiles with key
+≤ e_j.  A range of keys is then one difference, C[q] - C[p-1], over the bins it covers
+whole, plus at most two edge bins it cuts, answered by the bit-sliced index within that
+bin's profiles (C[j] - C[j-1]).  With one bin per distinct key (ages, scores, dates) no
+range cuts a bin; timestamps get a bin per day, so only a constant that is not at
+midnight cuts one; fields with more distinct keys than bins get bins of about equal
+counts.
+
+The RangeIndex stays the stored truth: a layout is built from it on first use (never at
+open), cached on that immutable index, and carried to the next index a batch publishes
+by updating only the bins the batch touched.  All layouts of the process share one
+memory budget; a field whose layout does not fit keeps answering from its slices.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+from pyroaring import BitMap
+
+from bitseg.index import types as T
+from bitseg.index.fields import EMPTY, UNBUILT, RangeIndex, bitmap_of, ids_of
+
+BUDGET_BYTES = 320 << 20  # every layout of the process together (10M profiles: ~250 dense bitmaps)
+FIELD_BYTES = 96 << 20  # one field's layout
+MAX_BINS = 256  # bins per field: a batch updates up to this many bitmaps
+MIN_BINS = 8  # fewer would leave most of a range to the edge bins: keep the slices instead
+
+SLICES = "slices"  # decided: this index answers from its slices (no layout fits)
+
+Narrow = Callable[[int | None, int | None, BitMap], BitMap]  # keys a..b among some ids
+
+
+class _Ledger:
+    """The bytes every live layout holds, against BUDGET_BYTES."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.used = 0
+
+    def room(self) -> int:
+        with self.lock:
+            return BUDGET_BYTES - self.used
+
+    def change(self, delta: int) -> None:
+        with self.lock:
+            self.used += delta
+
+
+LEDGER = _Ledger()
+_BUILD = threading.Lock()  # one build at a time; readers of built layouts never wait
+
+
+class _Lineage:
+    """The layouts of one field carried batch to batch: charged once, at its newest size,
+    and released when the last layout of the line is gone."""
+
+    __slots__ = ("charged", "__weakref__")
+
+    def __init__(self, charged: list[int]) -> None:
+        self.charged = charged  # a one-element box the finalizer reads at release
+
+
+def _release(charged: list[int]) -> None:
+    LEDGER.change(-charged[0])
+
+
+def _new_lineage(nbytes: int) -> _Lineage:
+    box = [nbytes]
+    LEDGER.change(nbytes)
+    line = _Lineage(box)
+    weakref.finalize(line, _release, box)
+    return line
+
+
+def bitmap_bytes(bitmap: BitMap) -> int:
+    stats = bitmap.get_statistics()
+    return 16 * stats["n_containers"] + stats["n_bytes_array_containers"] + \
+        stats["n_bytes_run_containers"] + stats["n_bytes_bitset_containers"]
+
+
+class Layout:
+    """Cumulative bitmaps over bins; immutable once published."""
+
+    __slots__ = ("edges", "lows", "cum", "sizes", "grain", "digits", "line", "nbytes")
+
+    def __init__(self, edges: np.ndarray, lows: np.ndarray, cum: list[BitMap], grain: int,
+                 digits: int | None) -> None:
+        self.edges = edges  # int64, increasing: no key of bin j is above edges[j]
+        self.lows = lows  # int64: no key of bin j is below lows[j] (a bound, maybe lower)
+        self.cum = cum
+        self.sizes = np.array([len(c) for c in cum], dtype=np.int64)
+        self.grain = grain  # 1, or US_PER_DAY for a timestamp's day bins
+        self.digits = digits  # the float scale the keys are in
+        self.nbytes = sum(bitmap_bytes(c) for c in cum)
+        self.line: _Lineage | None = None
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    # ------------------------------------------------------------------ queries
+    def _cover(self, a: int | None, b: int | None) -> tuple[int, int, list[int]]:
+        """(p, q, cut): bins p..q lie inside [a, b] whole; the bins in cut straddle it."""
+        m = len(self.edges)
+        p = 0 if a is None else int(np.searchsorted(self.lows, a, "left"))
+        q = m - 1 if b is None else int(np.searchsorted(self.edges, b, "right")) - 1
+        cut = []
+        if p > 0 and (a is None or self.edges[p - 1] >= a):
+            cut.append(p - 1)
+        if q + 1 < m and (b is None or self.lows[q + 1] <= b) and q + 1 != p - 1:
+            cut.append(q + 1)
+        return p, q, cut
+
+    def _bin(self, j: int, within: BitMap | None) -> BitMap:
+        upto = self.cum[j] if within is None else within & self.cum[j]
+        return upto - self.cum[j - 1] if j else upto
+
+    def select(self, a: int | None, b: int | None, narrow: Narrow,
+               within: BitMap | None = None) -> BitMap:
+        """The ids with a ≤ key ≤ b (None: unbounded), only among `within` if given."""
+        if a is not None and b is not None and a > b:
+            return EMPTY
+        p, q, cut = self._cover(a, b)
+        parts = []
+        if p <= q:
+            upto = self.cum[q] if within is None else within & self.cum[q]
+            parts.append(upto - self.cum[p - 1] if p else upto)
+        for j in cut:
+            inside = self._bin(j, within)
+            if inside:
+                parts.append(narrow(a, b, inside))
+        parts = [x for x in parts if x]
+        if not parts:
+            return EMPTY
+        return parts[0] if len(parts) == 1 else BitMap.union(*parts)
+
+    def count(self, a: int | None, b: int | None, narrow: Narrow,
+              within: BitMap | None = None) -> int:
+        """len(select(...)) without building the covered part."""
+        if a is not None and b is not None and a > b:
+            return 0
+        p, q, cut = self._cover(a, b)
+        total = 0
+        if p <= q:
+            if within is None:
+                total = int(self.sizes[q] - (self.sizes[p - 1] if p else 0))
+            else:
+                total = within.intersection_cardinality(self.cum[q])
+                if p:
+                    total -= within.intersection_cardinality(self.cum[p - 1])
+        for j in cut:
+            inside = self._bin(j, within)
+            if inside:
+                total += len(narrow(a, b, inside))
+        return total
+
+    def estimate(self, a: int | None, b: int | None) -> int:
+        """An upper bound of the count, from the bins' sizes alone (exact with no cut bin)."""
+        if a is not None and b is not None and a > b:
+            return 0
+        p, q, cut = self._cover(a, b)
+        total = int(self.sizes[q] - (self.sizes[p - 1] if p else 0)) if p <= q else 0
+        for j in cut:
+            total += int(self.sizes[j] - (self.sizes[j - 1] if j else 0))
+        return total
+
+
+# ---------------------------------------------------------------------- choosing bins
+def _grain_end(keys: np.ndarray, grain: int) -> np.ndarray:
+    return keys if grain == 1 else (np.floor_divide(keys, grain) + 1) * grain - 1
+
+
+def _estimate_bytes(ids: np.ndarray, ends: np.ndarray) -> int:
+    """About what cumulative bitmaps of ids[:end] take (ids in key order), as roaring keeps
+    them: per 2**16-id container 2 bytes an id up to 8 KiB, plus its header."""
+    high = ids >> 16
+    _, first = np.unique(high, return_index=True)
+    first.sort()
+    containers = np.maximum(np.searchsorted(first, ends, "left"), 1)
+    per = np.minimum(2 * ends / containers, 8192) + 16
+    return int((containers * per).sum())
+
+
+def _plan(ids: np.ndarray, keys: np.ndarray, type_: str) -> tuple[np.ndarray, int] | None:
+    """(the end position in key order of each bin, grain), or None when no layout fits."""
+    n = len(keys)
+    room = min(FIELD_BYTES, LEDGER.room())
+    grain = 1
+    units = np.flatnonzero(np.diff(keys)) + 1  # where each distinct key starts
+    if type_ == T.TIMESTAMP and len(units) + 1 > MAX_BINS:
+        grain = T.US_PER_DAY
+        days = np.floor_divide(keys, grain)
+        units = np.flatnonzero(np.diff(days)) + 1
+    unit_ends = np.append(units, n)  # the end position of every distinct key (or day)
+    bins = min(MAX_BINS, len(unit_ends))
+    while bins >= min(MIN_BINS, len(unit_ends)) and bins > 0:
+        if bins == len(unit_ends):
+            ends = unit_ends
+        else:  # about equal counts, each ending at a unit's end
+            targets = np.ceil(np.arange(1, bins + 1) * (n / bins)).astype(np.int64)
+            ends = np.unique(unit_ends[np.searchsorted(unit_ends, targets, "left")])
+        if _estimate_bytes(ids, ends) <= room:
+            return ends, grain
+        bins //= 2
+    return None
+
+
+def build(index: RangeIndex, type_: str) -> Layout | None:
+    """The layout of an index, or None when none fits the budget."""
+    ids, keys = index.decode()
+    if not len(ids) or MAX_BINS < 1:
+        return None
+    order = np.argsort(keys, kind="stable")
+    ids, keys = ids[order], keys[order]
+    planned = _plan(ids, keys, type_)
+    if planned is None:
+        return None
+    ends, grain = planned
+    starts = np.concatenate(([0], ends[:-1]))
+    cum, upto = [], EMPTY
+    for a, b in zip(starts, ends, strict=True):
+        upto = upto | bitmap_of(ids[a:b])
+        upto.run_optimize()
+        upto.shrink_to_fit()
+        cum.append(upto)
+    edges = _grain_end(keys[ends - 1], grain).astype(np.int64)
+    layout = Layout(edges, keys[starts].astype(np.int64), cum, grain, index.digits)
+    if layout.nbytes > min(FIELD_BYTES, LEDGER.room()):  # the estimate was short
+        return None
+    layout.line = _new_lineage(layout.nbytes)
+    return layout
+
+
+def layout_of(index: RangeIndex, type_: str) -> Layout | None:
+    """The index's layout, built on first use; None when it answers from its slices."""
+    cell = index.cell
+    state = cell.state
+    if state is UNBUILT:
+        with _BUILD:
+            state = cell.state
+            if state is UNBUILT:
+                built = build(index, type_)
+                state = cell.state = SLICES if built is None else built
+    return state if isinstance(state, Layout) else None
+
+
+# ---------------------------------------------------------------------- carrying over
+def carry(old: RangeIndex, new: RangeIndex, touched: BitMap) -> None:
+    """Give the next index its layout: the old one's, updated for the ids the batch
+    touched (their keys read from the new index), when the old index had one."""
+    if new is old:
+        return
+    state = old.cell.state
+    if state is SLICES:
+        new.cell.state = SLICES  # still does not fit; a reopen decides again
+    if not isinstance(state, Layout) or new.digits != state.digits:
+        return  # built on first use (a float whose scale changed re-keys every value)
+    new.cell.state = _update(state, new, touched)
+
+
+def _keys_among(index: RangeIndex, ids: np.ndarray, among: BitMap) -> np.ndarray:
+    """The keys of these ids (sorted, all in the index), reading only their bits."""
+    stored = np.zeros(len(ids), dtype=np.int64)
+    for i, s in enumerate(index.slices):
+        hits = ids_of(s & among)
+        if len(hits):
+            stored[np.searchsorted(ids, hits)] += np.int64(1) << i
+    return stored * index.unit + index.base
+
+
+def _update(old: Layout, index: RangeIndex, touched: BitMap) -> Layout:
+    """old with every touched id taken out, then put back in its new key's bins."""
+    present = touched & index.exists
+    ids = ids_of(present)
+    keys = _keys_among(index, ids, present)
+    edges, lows, bases = _with_new_bins(old, keys)
+    order = np.argsort(keys, kind="stable")
+    ids, keys = ids[order], keys[order]
+    ends = np.searchsorted(keys, edges, "right")
+    cum, upto, start = [], EMPTY, 0
+    for base, end in zip(bases, ends, strict=True):
+        if end > start:
+            upto = upto | bitmap_of(ids[start:end])
+            start = end
+        kept = base - touched if base.intersect(touched) else base
+        cum.append(kept | upto if upto else kept)
+    layout = Layout(edges, lows, cum, old.grain, old.digits)
+    line = layout.line = old.line
+    if line is not None:
+        LEDGER.change(layout.nbytes - line.charged[0])
+        line.charged[0] = layout.nbytes
+    return layout
+
+
+def _with_new_bins(old: Layout, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """(edges, lows, the bitmap each bin starts from) once every key lies in a bin.  A key
+    outside every bin gets a new bin (its own key, or its day) while MAX_BINS and the
+    budget allow; otherwise, or when its day is already a bin, the nearest bin widens."""
+    edges, lows = old.edges.copy(), old.lows.copy()
+    bases = list(old.cum)
+    unique = np.unique(keys)
+    last = len(edges) - 1
+    j = np.searchsorted(edges, unique, "left")
+    fresh = unique[(j > last) | (unique < lows[np.minimum(j, last)])]
+    if not len(fresh):
+        return edges, lows, bases
+    ends = _grain_end(fresh, old.grain)
+    at = np.searchsorted(edges, ends, "left")
+    own = (at > last) | (ends < lows[np.minimum(at, last)])  # its bin ends before the next
+    new_edges = np.unique(ends[own])
+    if len(new_edges) > _spare_bins(old):
+        own[:] = False
+        new_edges = new_edges[:0]
+    widen = fresh[~own]  # into the bin whose edge is at or above it, or the last one
+    w = np.searchsorted(edges, widen, "left")
+    if (w > last).any():
+        edges[last] = widen[w > last].max()
+    np.minimum.at(lows, w[w <= last], widen[w <= last])
+    if not len(new_edges):
+        return edges, lows, bases
+    at = np.searchsorted(edges, new_edges, "left")
+    new_lows = np.array([fresh[own][ends[own] == e].min() for e in new_edges], dtype=np.int64)
+    # no old key lies between the bin before and a new edge: start from that bin's C
+    bases += [old.cum[a - 1] if a else EMPTY for a in at]
+    order = np.argsort(np.concatenate((edges, new_edges)), kind="stable")
+    return (np.concatenate((edges, new_edges))[order],
+            np.concatenate((lows, new_lows))[order], [bases[i] for i in order])
+
+
+def _spare_bins(old: Layout) -> int:
+    """How many bins a layout may still add: MAX_BINS, and its share of the budget at the
+    size of an average bin."""
+    allowed = min(FIELD_BYTES, LEDGER.room() + (old.line.charged[0] if old.line else 0))
+    per_bin = max(old.nbytes // max(len(old.edges), 1), 1)
+    return max(0, min(MAX_BINS - len(old.edges), (allowed - old.nbytes) // per_bin))
