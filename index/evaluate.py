@@ -6,7 +6,8 @@ callers must not mutate it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
+from bitseg.index.cumulative import Layout, layout_of
 from bitseg.index.errors import RuleError
 from bitseg.index.events import evaluate_event
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
@@ -42,6 +44,11 @@ from bitseg.index.timeline import civil
 from bitseg.index.top import Top, evaluate_top
 
 FEW_VALUES = 8  # in-lists up to this long are looked up value by value
+LAYOUT_OPS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"})
+SINGLE_VALUED = frozenset({T.KEYWORD, T.BOOL})  # a profile has one value: `in` is disjoint
+_UNKNOWN = 1 << 62  # the estimate of a range leaf without a layout: after every other
+# One narrowing step of an AND: what it leaves of a bitmap, and how many that is.
+Step = tuple[Callable[[BitMap], BitMap], Callable[[BitMap], int]]
 
 
 def _integer_keys(index: RangeIndex, constants: list[Fraction | int]) -> list[int]:
@@ -130,50 +137,76 @@ class Evaluator:
         raise TypeError(f"not a rule: {rule!r}")
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
-        """Cheap children intersected smallest first; range leaves (tens of slice
-        operations each) then evaluated only within that result; negations subtracted."""
-        ranged = [c for c in children if self._is_range(c)]
-        if not ranged:
-            positives, negatives = self._split(children)
-            if not positives:
-                return self.snap.live - BitMap.union(*negatives)
-            result = positives[0]
-            for other in positives[1:]:
-                result = result & other
-                if not result:
-                    return EMPTY
-            for other in negatives:
-                result = result - other
-            return result
-        cheap = [c for c in children if not isinstance(c, Not) and not self._is_range(c)]
-        if cheap:
-            result = self._and(tuple(cheap))
-        else:
-            result = self._range(ranged[0], self.snap.field(ranged[0].field))
-            ranged = ranged[1:]
-        for cond in ranged:
+        """The first (smallest) positive child, then each further step within it."""
+        first, steps = self._plan(children)
+        result = first
+        for apply, _ in steps:
             if not result:
                 return EMPTY
-            result = self._range(cond, self.snap.field(cond.field), result)
-        for neg in (c.child for c in children if isinstance(c, Not)):
-            if not result:
-                return EMPTY
-            inside = (self._range(neg, self.snap.field(neg.field), result)
-                      if self._is_range(neg) else self.bitmap(neg))
-            result = result - inside
+            result = apply(result)
         return result
 
-    def _is_range(self, rule: Rule) -> bool:
-        """A condition on a range index that costs slice operations (worth filtering)."""
-        return (isinstance(rule, Cond) and rule.type in T.RANGE_TYPES
-                and rule.op not in ("exists", "not_exists", "anniversary_in"))
+    def _plan(self, children: tuple[Rule, ...]) -> tuple[BitMap, list[Step]]:
+        """An AND as a first bitmap and steps that narrow it: positive children smallest
+        first by a free estimate (a built bitmap's len; a range leaf's from its layout,
+        exact for the bins it covers whole), range leaves without a layout (slice
+        operations, cheaper the fewer ids they run on) after them, negations last.  The
+        first is a built bitmap when there is one: a range leaf runs within it in two
+        operations (or two cardinalities, last in a Count) instead of being built."""
+        ranked = sorted((self._estimate(child), i, child) for i, child in enumerate(children)
+                        if not isinstance(child, Not))
+        built = [r for r in ranked if not self._ranged(r[2])]
+        if built and built[0] is not ranked[0]:
+            ranked.remove(built[0])
+            ranked.insert(0, built[0])
+        negatives = [c.child for c in children if isinstance(c, Not)]
+        steps = [self._step(child) for _, _, child in ranked[1:]]
+        steps += [self._minus_range(*r) for c in negatives if (r := self._ranged(c))]
+        plain = [self.bitmap(c) for c in negatives if not self._ranged(c)]
+        if plain:  # one difference with all of them
+            other = plain[0] if len(plain) == 1 else BitMap.union(*plain)
+            steps.append((lambda within: within - other, lambda within:
+                          within.difference_cardinality(other)))
+        first = self.bitmap(ranked[0][2]) if ranked else self.snap.live
+        return first, steps
 
-    def _split(self, children: tuple[Rule, ...]) -> tuple[list[BitMap], list[BitMap]]:
-        """AND children as bitmaps: the positive ones smallest first, and the negated ones."""
-        positives = [self.bitmap(c) for c in children if not isinstance(c, Not)]
-        negatives = [self.bitmap(c.child) for c in children if isinstance(c, Not)]
-        positives.sort(key=len)
-        return positives, negatives
+    def _estimate(self, rule: Rule) -> int:
+        """A cheap upper bound of len(bitmap(rule)); _UNKNOWN when only evaluating tells."""
+        if rule in self._memo:
+            return len(self._memo[rule])
+        ranged = self._ranged(rule)
+        if ranged is None:
+            return len(self.bitmap(rule))
+        cond, index = ranged
+        layout = self._layout(cond, index)
+        if layout is None:
+            return _UNKNOWN
+        if cond.op in ("ne", "in", "not_in"):
+            return len(index.exists)
+        bounds = self._bounds(cond, index)
+        return 0 if bounds is None else layout.estimate(*bounds)
+
+    def _step(self, rule: Rule) -> Step:
+        ranged = self._ranged(rule)
+        if ranged is not None:
+            cond, index = ranged
+            return (lambda within: self._range(cond, index, within),
+                    lambda within: self._range_count(cond, index, within))
+        other = self.bitmap(rule)
+        return (lambda within: within & other, other.intersection_cardinality)
+
+    def _minus_range(self, cond: Cond, index: RangeIndex) -> Step:
+        return (lambda within: within - self._range(cond, index, within),
+                lambda within: len(within) - self._range_count(cond, index, within))
+
+    def _ranged(self, rule: Rule) -> tuple[Cond, RangeIndex] | None:
+        """A condition on a range index that compares keys (worth running within fewer
+        ids), with that index; None for anything else."""
+        if not (isinstance(rule, Cond) and rule.type in T.RANGE_TYPES
+                and rule.op not in ("exists", "not_exists", "anniversary_in")):
+            return None
+        index = self.snap.field(rule.field)
+        return (rule, index) if isinstance(index, RangeIndex) else None
 
     def _segment(self, ref: SegmentRef) -> BitMap:
         found = self.snap.segments.resolve(ref.name)
@@ -196,32 +229,35 @@ class Evaluator:
 
     # ------------------------------------------------------------------ count
     def count(self, rule: Rule) -> int:
-        """len(bitmap(rule)), without building the last (often largest) bitmap."""
+        """len(bitmap(rule)), ending in a *_cardinality instead of the last bitmap."""
         live = self.snap.live
+        found = self._memo.get(rule)
+        if found is not None:
+            return len(found)
         if isinstance(rule, All):
             return len(live)
         if isinstance(rule, Not):
             return len(live) - self.count(rule.child)
-        if isinstance(rule, And) and rule not in self._memo \
-                and not any(self._is_range(c) for c in rule.children):
-            positives, negatives = self._split(rule.children)
-            if not positives:
-                return len(live) - len(BitMap.union(*negatives))
-            last = None if negatives else positives.pop()
-            result = positives[0] if positives else last
-            for other in positives[1:]:
-                result = result & other
+        if isinstance(rule, And):
+            result, steps = self._plan(rule.children)
+            if not steps:
+                return len(result)
+            for apply, _ in steps[:-1]:
                 if not result:
                     return 0
-            if last is not None:
-                return len(last) if result is last else result.intersection_cardinality(last)
-            minus = negatives[0] if len(negatives) == 1 else BitMap.union(*negatives)
-            return result.difference_cardinality(minus)
-        if isinstance(rule, Or) and len(rule.children) == 2:
-            a, b = (self.bitmap(c) for c in rule.children)
-            return a.union_cardinality(b)
-        if isinstance(rule, Cond) and rule.op == "not_exists":
-            return len(live) - len(self.snap.field(rule.field).exists)
+                result = apply(result)
+            return steps[-1][1](result) if result else 0
+        if isinstance(rule, Or) and len(rule.children) > 1:
+            *rest, last = (self.bitmap(c) for c in rule.children)
+            return (BitMap.union(*rest) if len(rest) > 1 else rest[0]).union_cardinality(last)
+        if isinstance(rule, Cond):
+            index = self.snap.field(rule.field)
+            if rule.op == "not_exists":
+                return len(live) - len(index.exists)
+            if isinstance(index, RangeIndex) and self._ranged(rule):
+                return self._range_count(rule, index, None)
+            if rule.op == "in" and rule.type in SINGLE_VALUED:  # disjoint values: add up
+                return sum(len(index.eq(v)) for v in set(rule.value))
         return len(self.bitmap(rule))
 
     # ------------------------------------------------------------------ one profile
@@ -292,10 +328,15 @@ class Evaluator:
         return {"eq": key == c, "ne": key != c, "gt": key > c, "gte": key >= c,
                 "lt": key < c, "lte": key <= c}[op]
 
-    def _any_of(self, cond: Cond, index: RangeIndex, has: BitMap) -> BitMap:
+    def _any_of(self, cond: Cond, index: RangeIndex, has: BitMap,
+                layout: Layout | None = None) -> BitMap:
         """The ids of `has` whose value is one of the condition's list.  A short list
-        costs a few slice operations per value; a long one one decode of the index and
-        one vectorised lookup of every key at once."""
+        costs a layout lookup or a few slice operations per value; a long one one decode
+        of the index and one vectorised lookup of every key at once."""
+        if len(cond.value) <= FEW_VALUES and layout is not None:
+            found = [layout.select(*b, index.interval, has) for v in cond.value
+                     if (b := self._bounds(cond, index, v)) is not None]
+            return BitMap.union(*found) if found else EMPTY
         if len(cond.value) <= FEW_VALUES:
             return BitMap.union(*(index.compare("eq", self._key(cond, v), has)
                                   for v in cond.value))
@@ -327,12 +368,50 @@ class Evaluator:
             return self._range(cond, index)
         return index.select(op, value, self.snap.live)
 
+    def _layout(self, cond: Cond, index: RangeIndex) -> Layout | None:
+        """The field's range-encoded layout, for the ops it answers."""
+        return layout_of(index, cond.type) if cond.op in LAYOUT_OPS else None
+
+    def _bounds(self, cond: Cond, index: RangeIndex, value: Any = None
+                ) -> tuple[int | None, int | None] | None:
+        """The condition as keys a <= k <= b (None: unbounded); None when no key can
+        satisfy it (eq a constant between two keys).  ne is eq's bounds."""
+        op = cond.op
+        value = cond.value if value is None else value
+        if op == "between":
+            lo = index.to_key(self._key(cond, value[0]))
+            hi = index.to_key(self._key(cond, value[1]))
+            return math.ceil(lo), math.floor(hi)
+        t = index.to_key(self._key(cond, value))
+        if op == "gt":
+            return math.floor(t) + 1, None
+        if op == "gte":
+            return math.ceil(t), None
+        if op == "lt":
+            return None, math.ceil(t) - 1
+        if op == "lte":
+            return None, math.floor(t)
+        if Fraction(t).denominator != 1:  # eq, ne, in: a constant no key can equal
+            return None
+        return int(t), int(t)
+
     def _range(self, cond: Cond, index: RangeIndex, within: BitMap | None = None) -> BitMap:
         """A range condition; only among `within` when given (then a subset of it)."""
         op, value = cond.op, cond.value
         if op == "anniversary_in":
             found = index.on_month_days(anniversary_month_days(self.as_of, value))
             return found if within is None else found & within
+        layout = self._layout(cond, index)
+        if layout is not None:
+            if op in ("in", "not_in"):
+                has = index.exists if within is None else index.exists & within
+                hits = self._any_of(cond, index, has, layout)
+                return hits if op == "in" else has - hits
+            bounds = self._bounds(cond, index)
+            if op == "ne":
+                has = index.exists if within is None else index.exists & within
+                return has - layout.select(*bounds, index.interval, has) if bounds else has
+            return layout.select(*bounds, index.interval, within) if bounds else EMPTY
         if op == "between":
             return index.between(self._key(cond, value[0]), self._key(cond, value[1]), within)
         has = index.exists if within is None else index.exists & within
@@ -342,3 +421,15 @@ class Evaluator:
         if op == "ne":
             return has - index.compare("eq", self._key(cond, value), has)
         return index.compare(op, self._key(cond, value), within)
+
+    def _range_count(self, cond: Cond, index: RangeIndex, within: BitMap | None) -> int:
+        """len(_range(...)), from the layout's counts where it has them."""
+        layout = self._layout(cond, index)
+        if layout is None or cond.op in ("in", "not_in"):
+            return len(self._range(cond, index, within))
+        bounds = self._bounds(cond, index)
+        if cond.op == "ne":
+            has = len(index.exists) if within is None else index.exists.intersection_cardinality(
+                within)
+            return has - (layout.count(*bounds, index.interval, within) if bounds else 0)
+        return layout.count(*bounds, index.interval, within) if bounds else 0

@@ -1,0 +1,222 @@
+"""Range leaves over the range-encoded layouts (index/cumulative.py) agree with the naive
+reference, in each layout a field can have: a bin per distinct key ("exact"), a few bins
+with edge bins answered by the slices ("few"), and no layout at all ("slices").
+
+The layouts are built on first use and carried batch to batch, so these tests count
+after every batch, and check that an older snapshot keeps its answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import strategies as S
+import test_properties as P
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyroaring import BitMap
+from reference import Reference
+
+from bitseg.index import cumulative
+from bitseg.index.cumulative import SLICES, Layout
+from bitseg.index.engine import Engine, as_of_micros
+from bitseg.index.evaluate import Evaluator
+
+MODES = ("exact", "few", "slices")
+SCHEMA = {"n0": "int", "x0": "float", "d0": "date", "ts0": "timestamp", "kw0": "keyword",
+          "flag0": "bool"}
+RANGED = [name for name, type_ in SCHEMA.items() if type_ in ("int", "float", "date",
+                                                              "timestamp")]
+
+
+def force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Make every range field take one layout, however small the data."""
+    if mode == "exact":
+        monkeypatch.setattr(cumulative, "MAX_BINS", 10**6)
+        monkeypatch.setattr(cumulative, "MIN_BINS", 1)
+    elif mode == "few":  # 3 bins: most ranges cut one, and new keys widen a bin
+        monkeypatch.setattr(cumulative, "MAX_BINS", 3)
+        monkeypatch.setattr(cumulative, "MIN_BINS", 1)
+    else:
+        monkeypatch.setattr(cumulative, "BUDGET_BYTES", 0)
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch) -> str:
+    force(monkeypatch, request.param)
+    return request.param
+
+
+def range_rules(seen: dict) -> st.SearchStrategy[dict]:
+    """A range condition alone, negated, or in an AND / OR with other leaves."""
+    ranged = {name: SCHEMA[name] for name in RANGED}
+    leaf = S.conditions(ranged, seen)
+    other = S.conditions(SCHEMA, seen)
+    return st.one_of(
+        leaf,
+        leaf.map(lambda r: {"not": r}),
+        st.lists(st.one_of(leaf, other, leaf.map(lambda r: {"not": r})),
+                 min_size=2, max_size=4).map(lambda c: {"and": c}),
+        st.lists(st.one_of(leaf, other), min_size=2, max_size=3).map(lambda c: {"or": c}),
+    )
+
+
+def check(engine: Engine, ref: Reference, rule: dict, as_of: datetime) -> None:
+    expected = ref.members(rule, as_of)
+    got = set(engine.members(rule, as_of=as_of))
+    assert got == expected, P.explain(ref, rule, as_of, expected, got)
+    assert engine.count(rule, as_of=as_of) == len(expected), json.dumps(rule)
+    for pid in sorted(ref.live())[:3]:
+        assert engine.is_member(pid, rule, as_of=as_of) == (pid in expected), json.dumps(rule)
+
+
+@settings(P.PROPERTY, max_examples=40)
+@given(data=st.data())
+def test_counts_between_batches_match_reference(tmp_path_factory, mode, data):
+    """Layouts built after one batch are updated by the next (changed and removed values,
+    deletions); every rule agrees with the reference after each step, and a snapshot
+    taken before a batch answers as it did."""
+    scenario = data.draw(S.scenarios(SCHEMA, max_batches=5, max_batch=10, pool_size=20),
+                         label="scenario")
+    with tempfile.TemporaryDirectory(dir=tmp_path_factory.mktemp("c")) as tmp:
+        engine = Engine.open(Path(tmp) / "x")
+        try:
+            engine.declare_schema({"profiles": SCHEMA})
+            ref = Reference(SCHEMA)
+            seen: dict = {}
+            old = None
+            for kind, payload in scenario.steps:
+                if old is not None:
+                    snap, typed, at, before = old
+                if kind == "upsert":
+                    engine.upsert_profiles(copy.deepcopy(payload))
+                    ref.upsert(copy.deepcopy(payload))
+                    for name, values in S.Scenario(SCHEMA, [(kind, payload)]).values_seen(
+                            ).items():
+                        seen.setdefault(name, []).extend(values)
+                else:
+                    engine.delete_profiles(list(payload))
+                    ref.delete(payload)
+                if old is not None:  # the older snapshot is untouched by the batch
+                    assert Evaluator(snap, at).bitmap(typed) == before
+                for _ in range(3):
+                    rule = data.draw(range_rules(seen), label="rule")
+                    as_of = data.draw(S.as_ofs(seen, SCHEMA), label="as_of")
+                    check(engine, ref, rule, as_of)
+                snap = engine.snapshot
+                typed, at = engine.parse(rule, snap), as_of_micros(as_of)
+                old = (snap, typed, at, BitMap(Evaluator(snap, at).bitmap(typed)))
+        finally:
+            engine.close()
+
+
+# ---------------------------------------------------------------- the existing properties
+# The engine-wide property tests, re-run with each field forced into each layout.
+@pytest.mark.parametrize(("test", "examples"), [
+    (P.test_engine_matches_reference, 15), (P.test_bigger_stores_match_reference, 4),
+    (P.test_wide_numbers_and_instants_match_reference, 10),
+    (P.test_not_partitions_the_live_profiles, 10)], ids=lambda v: getattr(v, "__name__", v))
+def test_properties_in_each_layout(tmp_path, mode, test, examples):
+    inner = test.hypothesis.inner_test
+
+    def again(tmp_path, data):  # a fresh function: hypothesis settings mark what they wrap
+        inner(tmp_path, data)
+
+    given(data=st.data())(settings(P.PROPERTY, max_examples=examples)(again))(
+        tmp_path=tmp_path)
+
+
+# ---------------------------------------------------------------- layouts and counts
+def _engine(path: Path, records: list[dict]) -> Engine:
+    engine = Engine.open(path)
+    engine.declare_schema({"profiles": SCHEMA})
+    engine.upsert_profiles(records)
+    return engine
+
+
+AS_OF = "2025-01-01T00:00:00Z"
+
+
+def test_a_layout_is_built_on_first_use_and_carried_to_the_next_batch(tmp_path):
+    records = [{"id": f"p{i}", "n0": i % 7, "ts0": f"2024-01-{1 + i % 20:02d}T10:00:00Z"}
+               for i in range(200)]
+    with _engine(tmp_path / "x", records) as engine:
+        index = engine.snapshot.fields["n0"]
+        assert index.cell.state is None  # nothing built at open or at load
+        assert engine.count({"field": "n0", "op": "between", "value": [2, 4]},
+                            as_of=AS_OF) == sum(2 <= i % 7 <= 4 for i in range(200))
+        built = index.cell.state
+        assert isinstance(built, Layout) and len(built) == 7  # a bin per distinct key
+        engine.upsert_profiles([{"id": "p0", "n0": 9}, {"id": "p1", "n0": None},
+                                {"id": "new", "n0": 3}])
+        carried = engine.snapshot.fields["n0"].cell.state
+        assert isinstance(carried, Layout) and carried is not built
+        assert len(carried) == 8  # the new key 9 got its own bin
+        assert list(built.sizes) == [29, 58, 87, 116, 144, 172, 200]  # the old one unchanged
+        assert engine.count({"field": "n0", "op": "gte", "value": 6}, as_of=AS_OF) == 29
+        engine.delete_profiles(["p7"])  # had 0
+        assert engine.count({"field": "n0", "op": "lte", "value": 0}, as_of=AS_OF) == 27
+
+
+def test_timestamps_get_day_bins_and_a_mid_day_constant_cuts_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(cumulative, "MAX_BINS", 30)
+    records = [{"id": f"p{i}", "ts0": f"2024-01-{1 + i % 20:02d}T{i % 24:02d}:00:00Z"}
+               for i in range(200)]
+    with _engine(tmp_path / "x", records) as engine:
+        rule = {"field": "ts0", "op": "gte", "value": "2024-01-05T12:00:00Z"}
+        expected = sum(i % 20 + 1 > 5 or (i % 20 + 1 == 5 and i % 24 >= 12)
+                       for i in range(200))
+        assert engine.count(rule, as_of=AS_OF) == expected
+        layout = engine.snapshot.fields["ts0"].cell.state
+        assert isinstance(layout, Layout) and len(layout) == 20  # 24 hours × 20 days: days
+        assert layout.grain == 86_400 * 10**6
+        assert len(engine.members(rule, as_of=AS_OF)) == expected
+
+
+def test_a_field_over_the_budget_keeps_its_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(cumulative, "BUDGET_BYTES", cumulative.LEDGER.used + 10)
+    with _engine(tmp_path / "x", [{"id": f"p{i}", "n0": i} for i in range(100)]) as engine:
+        assert engine.count({"field": "n0", "op": "lt", "value": 10}, as_of=AS_OF) == 10
+        assert engine.snapshot.fields["n0"].cell.state is SLICES
+        engine.upsert_profiles([{"id": "p1", "n0": 50}])  # decided once, not per batch
+        assert engine.snapshot.fields["n0"].cell.state is SLICES
+        assert engine.count({"field": "n0", "op": "lt", "value": 10}, as_of=AS_OF) == 9
+
+
+def test_a_released_layout_gives_its_budget_back(tmp_path):
+    gc.collect()  # layouts of earlier tests' engines
+    before = cumulative.LEDGER.used
+    with _engine(tmp_path / "x", [{"id": f"p{i}", "n0": i % 5} for i in range(1000)]) as e:
+        e.count({"field": "n0", "op": "gt", "value": 2}, as_of=AS_OF)
+        assert cumulative.LEDGER.used > before
+        e.upsert_profiles([{"id": "p3", "n0": 4}])  # carried: one charge, not two
+        e.count({"field": "n0", "op": "gt", "value": 2}, as_of=AS_OF)
+        held = cumulative.LEDGER.used - before
+        assert held == e.snapshot.fields["n0"].cell.state.nbytes
+    del e  # its last snapshot holds the layout
+    gc.collect()
+    assert cumulative.LEDGER.used == before
+
+
+def test_counts_do_not_build_the_range_they_count(tmp_path, monkeypatch):
+    """A range leaf, and an AND ending in one, are counted with *_cardinality."""
+    records = [{"id": f"p{i}", "n0": i % 50, "kw0": "red" if i % 3 else "blue"}
+               for i in range(3000)]
+    with _engine(tmp_path / "x", records) as engine:
+        alone = {"field": "n0", "op": "between", "value": [10, 19]}
+        inside = {"and": [{"field": "kw0", "op": "eq", "value": "blue"},
+                          {"field": "n0", "op": "gte", "value": 40}]}
+        expected = [600, sum(i % 3 == 0 and i % 50 >= 40 for i in range(3000))]
+        assert [engine.count(r, as_of=AS_OF) for r in (alone, inside)] == expected
+
+        def built(*args, **kwargs):
+            raise AssertionError("a Count built the range bitmap")
+
+        monkeypatch.setattr(Layout, "select", built)
+        assert [engine.count(r, as_of=AS_OF) for r in (alone, inside)] == expected
