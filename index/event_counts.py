@@ -30,9 +30,13 @@ def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
         return b
     if not b.exists:
         return a
+    if len(a.slices) < len(b.slices):
+        a, b = b, a
     out, carry = [], BitMap()
-    for i in range(max(len(a.slices), len(b.slices))):
-        x = a.slices[i] if i < len(a.slices) else EMPTY
+    for i, x in enumerate(a.slices):
+        if i >= len(b.slices) and not carry:  # nothing left to add: a's slices as they are
+            out += a.slices[i:]
+            break
         y = b.slices[i] if i < len(b.slices) else EMPTY
         xy = x ^ y
         out.append(xy ^ carry if carry else xy)
@@ -50,6 +54,9 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     out, borrow = [], BitMap()
     for i in range(max(len(a.slices), len(b.slices))):
         x = a.slices[i] if i < len(a.slices) else EMPTY
+        if i >= len(b.slices) and not borrow:  # nothing left to take: a's slices as they are
+            out += a.slices[i:]
+            break
         y = b.slices[i] if i < len(b.slices) else EMPTY
         xy = x ^ y
         out.append(xy ^ borrow if borrow else xy)
