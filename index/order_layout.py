@@ -39,7 +39,8 @@ from pyroaring import BitMap
 from bitseg.index.fields import ids_of
 from bitseg.index.order_index import NONE, OrderIndex
 
-KEPT_RULES = 16  # orders rules whose positions a layout keeps (`rows`)
+KEPT_RULES = 16  # orders rules whose rows a layout keeps (`kept`), the last used
+KEPT_BYTES = 384 << 20  # and at most this many bytes of them (the last one always)
 LOW = np.uint64(0xFFFFFFFF)
 
 
@@ -76,6 +77,8 @@ class Kept:
         return self._keys[name]
 
     def nbytes(self) -> int:
+        """The bytes this kept rule holds (its ids shared with the layout when it keeps
+        every live order)."""
         arrays = [self.ids, self.bounds, self.profiles, self.ts]
         for found in self._keys.values():
             if found is not None:
@@ -115,18 +118,29 @@ class OrderLayout:
     def kept(self, rule: Any, select: Callable[[], BitMap]) -> Kept:
         """The rows of an as_of-independent orders rule, kept for the last KEPT_RULES
         rules (select() gives its order ids when not kept)."""
-        found = self._kept.get(rule)
-        if found is None:
-            found = Kept(self.index, self.perm.take(self.positions(select())))
-            with self._lock:
-                while len(self._kept) >= KEPT_RULES:
-                    self._kept.pop(next(iter(self._kept)))
-                self._kept[rule] = found
+        with self._lock:
+            found = self._kept.pop(rule, None)
+            if found is not None:
+                self._kept[rule] = found  # the last used
+                return found
+        positions = self.positions(select())
+        ids = self.perm if len(positions) == self.size else self.perm.take(positions)
+        found = Kept(self.index, ids)
+        with self._lock:
+            self._kept.pop(rule, None)
+            total = self._own(found) + sum(self._own(k) for k in self._kept.values())
+            while self._kept and (len(self._kept) >= KEPT_RULES or total > KEPT_BYTES):
+                total -= self._own(self._kept.pop(next(iter(self._kept))))
+            self._kept[rule] = found
         return found
 
     def nbytes(self) -> int:
         """The bytes this layout holds now (its arrays and the kept rules' rows)."""
-        return self.perm.nbytes + self.pos.nbytes + sum(k.nbytes() for k in self._kept.values())
+        return self.perm.nbytes + self.pos.nbytes + sum(map(self._own, self._kept.values()))
+
+    def _own(self, kept: Kept) -> int:
+        """A kept rule's bytes, less its ids when they are the layout's own."""
+        return kept.nbytes() - (kept.ids.nbytes if kept.ids is self.perm else 0)
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[OrderIndex, OrderLayout] = weakref.WeakKeyDictionary()

@@ -166,3 +166,19 @@ def test_a_large_index_builds_its_layout_on_a_thread(orders, monkeypatch):
     assert orders.profiles.names(evaluate_orders(cond, index, orders.profiles.live,
                                                  AS_OF_US)) == want
     assert layout.nbytes() > 0 and len(layout._kept) == 1  # the second answer used it
+
+
+def test_kept_rules_are_the_last_used_within_their_byte_budget(orders, monkeypatch):
+    orders.load(FIRST)
+    layout = layout_of(orders.index)
+    everything = layout.kept("all", lambda: orders.index.live)
+    assert everything.ids is layout.perm  # every live order: the layout's own ids
+    assert layout.nbytes() == layout.perm.nbytes + layout.pos.nbytes + \
+        everything.nbytes() - everything.ids.nbytes
+    monkeypatch.setattr(order_layout, "KEPT_RULES", 2)
+    for name in ("a", "b", "a", "c"):  # "a" used again: "b" is the oldest
+        layout.kept(name, lambda: BitMap([0, 1]))
+    assert list(layout._kept) == ["a", "c"]
+    monkeypatch.setattr(order_layout, "KEPT_BYTES", 0)
+    layout.kept("d", lambda: BitMap([2]))
+    assert list(layout._kept) == ["d"]  # over the budget alone: kept, the others dropped
