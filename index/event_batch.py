@@ -21,7 +21,14 @@ from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
 from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
-from bitseg.index.event_group import BUCKET_OFFSET, KIND_OF, BucketRuns, bucket_code, bucket_parts
+from bitseg.index.event_group import (
+    BUCKET_OFFSET,
+    KIND_OF,
+    BucketRuns,
+    bucket_code,
+    bucket_parts,
+    distinct,
+)
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
 from bitseg.index.event_keys import (
     ANY,
@@ -39,7 +46,7 @@ from bitseg.index.timeline import month_of
 
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
-RUN_LIMIT = 24 << 20  # count runs held before the buckets are written (a spill): ~16 B each
+RUN_LIMIT = 32 << 20  # count runs held before the buckets are written (a spill): 16 B each
 
 
 def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
@@ -382,7 +389,7 @@ class EventBatch:
         self._clear()
         if self.runs.size > RUN_LIMIT:
             self.runs.compact()  # the same (bucket, profile) in several flushes: one run
-            if self.runs.size > RUN_LIMIT // 2:
+            if self.runs.size > RUN_LIMIT * 3 // 4:
                 self._write_buckets()
 
     def _count(self, names: list[str], codes: np.ndarray, days: np.ndarray,
@@ -401,17 +408,16 @@ class EventBatch:
             if not len(at):
                 continue
             width = max(len(words), 2) if words is not None else 2
-            pairs, inverse = np.unique(codes[at] * width + keys[at], return_inverse=True)
+            pairs, inverse = distinct(codes[at] * width + keys[at])
             found = [number(stream_key(names[p // width], name, words[p % width]
                                        if words is not None else bool(p % width)))
                      for p in pairs.tolist()]
             streams.append(np.array(found, dtype=np.int64)[inverse])
             rows.append(at)
         row = np.concatenate(rows)
-        day_list, day_at = np.unique(days, return_inverse=True)
+        day_list, day_at = distinct(days)
         width = len(day_list)
-        local, inverse = np.unique(np.concatenate(streams) * width + day_at[row],
-                                   return_inverse=True)
+        local, inverse = distinct(np.concatenate(streams) * width + day_at[row])
         stream, day = local // width, local % width
         months = np.array([month_of(d) for d in day_list.tolist()], dtype=np.int64)
         day_gids = self.runs.gids(bucket_code(0, stream, day_list[day]))
