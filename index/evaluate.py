@@ -18,7 +18,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.cumulative import Layout, layout_of
 from bitseg.index.errors import RuleError
-from bitseg.index.events import evaluate_event
+from bitseg.index.events import count_event, evaluate_event
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.items import contains_items, evaluate_items
 from bitseg.index.orders import evaluate_orders
@@ -238,6 +238,9 @@ class Evaluator:
             return len(live)
         if isinstance(rule, Not):
             return len(live) - self.count(rule.child)
+        if isinstance(rule, EventCond):
+            snap = self.snap
+            return count_event(rule, snap.events, snap.schema, live, self.as_of)
         if isinstance(rule, And):
             result, steps = self._plan(rule.children)
             if not steps:
