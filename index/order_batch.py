@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 from pyroaring import BitMap
 
+from bitseg.index import store as store_module
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
@@ -85,7 +86,7 @@ class OrderBatch:
         self.touched_old: set[int] = set()  # older ids touched in the open segment
         self.pending: dict[str, ValueQueue] = {}
         self.writers: dict[str, ValueWriter] = {}
-        self.touched_values = BitMap()  # order ids whose value bitmaps changed
+        self.touched_values = BitMap()  # the first id of each chunk whose value bitmaps changed
         self.item_pending: dict[str, ValueQueue] = {}  # value-typed item keys, per item id
         self.item_writers: dict[str, ValueWriter] = {}
         self.touched_item_values = BitMap()
@@ -527,12 +528,15 @@ class OrderBatch:
 
 
 def _apply_queue(writer: ValueWriter, pending: ValueQueue) -> BitMap:
-    """Apply a field's queued removals, then additions, to its writer; the ids touched."""
+    """Apply a field's queued removals, then additions, to its writer; the first id of
+    each store chunk touched (all that chunks_of needs, without a bitmap of every id)."""
     touched = BitMap()
     for removing, (ids, codes) in ((True, pending.removed()), (False, pending.added())):
         if not len(ids):
             continue
-        touched |= bitmap_of(ids)
+        bits = store_module.CHUNK_BITS  # read when used, as chunks_of does
+        chunks = np.flatnonzero(np.bincount(ids >> bits)).astype(np.uint32)
+        touched |= bitmap_of(chunks << bits)
         if len(pending.values) <= 1 << 16:  # numpy sorts 16-bit codes by radix, ~3x faster
             codes = codes.astype(np.uint16)
         (writer.remove if removing else writer.add)(ids, codes, pending.values)

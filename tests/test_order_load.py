@@ -178,3 +178,31 @@ def test_integer_literals_are_found_whatever_the_key(tmp_path: Path, key: str) -
     seven = rows[b"r\x1f" + (9).to_bytes(4, "big")]
     assert f"{name}:7".encode() in seven and f"{name}:7.".encode() not in seven
     assert f"{name}:8.0".encode() in rows[b"r\x1f" + (30).to_bytes(4, "big")]
+
+
+def test_value_bitmaps_of_every_chunk_a_batch_touches_are_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitseg.index import store as store_module
+    from bitseg.index.engine import Engine
+
+    monkeypatch.setattr(store_module, "CHUNK_BITS", 3)  # bitmap chunks of 8 ids
+    statuses = ["new", "paid", "sent"]
+    batches = [[{"id": f"o{i}", "profile": f"u{i % 5}", "ts": "2025-01-01",
+                 "status": statuses[i % 3 if i % 7 else 0],
+                 "items": [{"sku": f"s{i % 4}"}]} for i in range(a, a + 13)]
+               for a in (0, 13, 26)]
+    batches[2].append({"id": "o3", "profile": "u3", "ts": "2025-01-01", "status": "sent",
+                       "items": [{"sku": "s9"}]})  # an update: removals in an old chunk
+    rules = [{"orders": {"field": "status", "op": "eq", "value": v}} for v in statuses] + \
+            [{"orders": {"field": "items.sku", "op": "eq", "value": f"s{k}"}} for k in (0, 3, 9)]
+    with Engine.open(tmp_path / "s") as engine:
+        for batch in batches:
+            engine.add_orders(batch)
+        live = [engine.count(rule) for rule in rules]
+    with Engine.open(tmp_path / "s") as engine:
+        assert [engine.count(rule) for rule in rules] == live
+    final = {line["id"]: line for batch in batches for line in batch}  # the later line wins
+    expect = [len({o["profile"] for o in final.values() if o["status"] == v}) for v in statuses]
+    expect += [len({o["profile"] for o in final.values() if o["items"][0]["sku"] == f"s{k}"})
+               for k in (0, 3, 9)]
+    assert live == expect
