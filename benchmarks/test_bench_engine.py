@@ -235,7 +235,7 @@ def anon_kib():
 
 
 started = time.perf_counter()
-engine = Engine.open(sys.argv[1])
+engine = Engine.open(sys.argv[1], readonly=True)  # the session's engine holds the lock
 opened = time.perf_counter() - started
 rss_open = peak_kib()
 counts = [engine.count(json.loads(rule), as_of=sys.argv[2]) for rule in sys.argv[3:]]

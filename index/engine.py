@@ -22,7 +22,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, apply_block
 from bitseg.index.cache import LRU, CacheStats, ResultCache, canonical, parsed_weight
-from bitseg.index.errors import BitsegError, DataError, NotFound
+from bitseg.index.errors import BitsegError, DataError, NotFound, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.event_batch import EventBatch
 from bitseg.index.event_index import load_events, write_catalog
@@ -194,10 +194,14 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, *, segments: SegmentLookup | None = None,
-             bulk: int | None = None) -> Engine:
+             bulk: int | None = None, readonly: bool = False) -> Engine:
         """Open the store at path (created if missing). `bulk`: open for a bulk load that
-        may add about this many bytes (see Store; loaders.dataset.bulk_reserve)."""
-        store = Store(path, bulk=bulk)
+        may add about this many bytes (see Store; loaders.dataset.bulk_reserve).
+        `readonly`: open an existing store beside its writer (another process, e.g. a
+        benchmark or a report) without taking the writer lock; every write then fails
+        with StoreError and changes nothing. It answers from what was committed when it
+        opened."""
+        store = Store(path, bulk=bulk, readonly=readonly)
         try:
             with store.read() as txn:
                 schema = Schema.from_json(store.get_json(txn, "schema") or {})
@@ -207,10 +211,13 @@ class Engine:
                 fields = load_fields(store, txn, schema, bitmaps)
                 events = load_events(store, txn, version)
                 orders = load_orders(store, txn, schema)
+            if readonly and not orders.items_indexed:
+                raise StoreError(f"{path}: this store needs a one-time upgrade (per-item "
+                                 "values); open it once for writing first")
             if not orders.items_indexed:  # once, for a store from before per-item values
                 with store.write() as txn:
                     orders = index_items(store, txn, orders, schema)
-            if not events.catalogued and events.type_days:  # once, for a store from before
+            if not events.catalogued and events.type_days and not readonly:  # once, from before
                 with store.write() as txn:
                     write_catalog(store, txn, events)
                 events = replace(events, catalogued=True)

@@ -118,6 +118,7 @@ class Store:
         it the file's apparent (sparse) size, is what is there plus `bulk`; a load that
         outgrows it fails whole with StoreError, changing nothing."""
         self.path = Path(path)
+        self.readonly = readonly  # a reader beside the one writer: takes no lock, writes nothing
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} is a file, not a store directory")
         if self.path.is_dir() and not (self.path / "data.mdb").exists() \
@@ -167,7 +168,7 @@ class Store:
     def _check_format(self) -> None:
         with self.read() as txn:
             fmt = self.get_json(txn, "format")
-        if fmt is None:
+        if fmt is None and not self.readonly:
             with self.write() as txn:
                 self.put_json(txn, "format", FORMAT)
         elif fmt != FORMAT:
@@ -189,6 +190,8 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Txn]:
         """One atomic, durable transaction: commits on success, aborts on any exception."""
+        if self.readonly:
+            raise StoreError(f"{self.path} was opened read-only; nothing was written")
         try:
             with self.env.begin(write=True) as txn:
                 yield txn

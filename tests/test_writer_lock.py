@@ -116,3 +116,34 @@ def test_serve_create_starts_an_empty_store(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0, server.stderr()
     assert (tmp_path / "new" / "data.mdb").exists()
+
+
+READER = """
+import sys
+from bitseg.index.engine import Engine
+from bitseg.index.errors import StoreError
+with Engine.open(sys.argv[1], readonly=True) as engine:
+    print(engine.total())
+    try:
+        engine.upsert_profiles([{"id": "x1", "n": 1}])
+    except StoreError as exc:
+        print("refused:", exc)
+"""
+
+
+def test_a_reader_opens_beside_the_writer_and_cannot_write(db: Path) -> None:
+    """Engine.open(readonly=True) in another process takes no lock: it answers from the
+    store while the writer holds it, and its writes are refused, changing nothing."""
+    import subprocess
+    import sys
+
+    with Engine.open(db) as writer:
+        done = subprocess.run([sys.executable, "-c", READER, str(db)], capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        total, refused = done.stdout.strip().splitlines()
+        assert total == "50"
+        assert refused == f"refused: {db} was opened read-only; nothing was written"
+        assert writer.total() == 50
+        writer.upsert_profiles([{"id": "late", "n": 1}])  # the writer still writes
+        assert writer.total() == 51
