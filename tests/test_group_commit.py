@@ -58,10 +58,8 @@ def grouped(engine: Engine, messages: list[Any], context: Context
         calls.append(sum(item.rows for item in items))
         return engine.upsert_profiles(items)
 
-    results = []
-    for result in service._batches(stream(messages, started, sent), "profiles_json", apply, context):
-        results.append(result)
-    return calls, results
+    messages_sent = stream(messages, started, sent)
+    return calls, list(service._batches(messages_sent, "profiles_json", apply, context))
 
 
 def ids(engine: Engine) -> set[str]:
