@@ -93,8 +93,30 @@ def _valid(arr: pa.Array) -> np.ndarray:
 
 
 def _join(*parts: Any) -> pa.Array:
-    return pc.binary_join_element_wise(*(_s(p) if isinstance(p, str) else p for p in parts),
+    merged: list[Any] = []  # neighbouring strings as one scalar
+    for part in parts:
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return pc.binary_join_element_wise(*(_s(p) if isinstance(p, str) else p for p in merged),
                                        _s(""))
+
+
+def _members(convs: dict[str, _Conv], upto: int) -> tuple:
+    """The parts of '"a":…,"b":…' for the columns (sorted by name) having a value in rows
+    0 … upto-1, a row's missing values left out: joined in one pass when every row has
+    them all (the common case), else one text per column joined with commas."""
+    named = [(name, c) for name, c in sorted(convs.items())
+             if c.json is not None and c.valid[:upto].any()]
+    if named and all(c.valid[:upto].all() for _, c in named):
+        parts: list[Any] = []
+        for i, (name, c) in enumerate(named):
+            parts.append(("," if i else "") + orjson.dumps(name).decode() + ":")
+            parts.extend(p if isinstance(p, str) else p[:upto] for p in c.json)
+        return tuple(parts)
+    return (_joined([_text(orjson.dumps(name).decode() + ":", c.json, c.valid[:upto])
+                     for name, c in named], upto),)
 
 
 def _text_json(arr: pa.Array, plain: bool) -> tuple[tuple, np.ndarray]:
@@ -550,24 +572,12 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
     iids = batch.next_item + np.arange(n_item, dtype=np.int64)
     batch.next_item += n_item
     # rows
-    fjson = []
-    for name in sorted(field_convs):
-        c = field_convs[name]
-        if c.json is None or not c.valid[:k].any():
-            continue
-        fjson.append(_text(orjson.dumps(name).decode() + ":", c.json, c.valid[:k]))
-    f_text = _joined(fjson, k)
-    ijson = []
-    for key in sorted(item_convs):
-        c = item_convs[key]
-        if c.json is None or not c.valid[:n_item].any():
-            continue
-        ijson.append(_text(orjson.dumps(key).decode() + ":", c.json, c.valid[:n_item]))
-    one = _join("{", _joined(ijson, n_item), "}")
+    one = _join("{", *_members(item_convs, n_item), "}")
     lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32), pa.int32()), one)
     it_text = pc.binary_join(lists, _s(","))
-    rows = _join('{"f":{', f_text, '},"i0":', _ints_json(i0), ',"it":[', it_text, '],"p":',
-                 _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text, "}")
+    rows = _join('{"f":{', *_members(field_convs, k), '},"i0":', _ints_json(i0), ',"it":[',
+                 it_text, '],"p":', _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text,
+                 "}")
     store, txn = batch.store, batch.txn
     keys, by_key = order_keys  # the order id keys sorted, and their rows
     store.put_many(txn, "orders", list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
