@@ -15,6 +15,12 @@ from bitseg.index.order_queues import SetQueue, ValueQueue
 from bitseg.loaders import columnar
 
 
+@pytest.fixture(autouse=True)
+def one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file here is one block (BLOCK_BYTES is put back after the test)."""
+    monkeypatch.setattr(columnar, "BLOCK_BYTES", 1 << 20)
+
+
 def _order(i: int, amount: float | str, price: float | str = 1.5) -> str:
     return (f'{{"id":"o{i}","profile":"u{i % 7}","ts":"2025-01-01T10:00:00Z",'
             f'"amount":{amount},"items":[{{"sku":"s{i % 3}","price":{price}}},'
@@ -29,7 +35,6 @@ def test_a_few_integral_values_are_looked_up_on_their_own_lines(tmp_path: Path) 
     lines[150] = _order(150, "4.0", "6")  # floats written as such, but an int item price
     lines[151] = _order(151, "12.5", "7.0")
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
-    columnar.BLOCK_BYTES = 1 << 20  # one block
     assert assert_same_load(tmp_path, folder) is None
     rows = store_entries(tmp_path / "columnar")["orders"]
     raw = {i: rows[b"r\x1f" + i.to_bytes(4, "big")] for i in (37, 150, 151)}
@@ -43,7 +48,6 @@ def test_an_integer_literal_of_another_row_does_not_matter(tmp_path: Path) -> No
     lines[3] = _order(3, 9)
     lines[60] = _order(60, "5.0")
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
-    columnar.BLOCK_BYTES = 1 << 20
     assert assert_same_load(tmp_path, folder) is None
     rows = store_entries(tmp_path / "columnar")["orders"]
     assert b'"amount":5.0}' in rows[b"r\x1f" + (60).to_bytes(4, "big")]
@@ -52,7 +56,6 @@ def test_an_integer_literal_of_another_row_does_not_matter(tmp_path: Path) -> No
 def test_many_integral_values_search_the_whole_block(tmp_path: Path) -> None:
     lines = [_order(i, f"{i}.0" if i % 2 else str(i)) for i in range(64)]
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
-    columnar.BLOCK_BYTES = 1 << 20
     assert assert_same_load(tmp_path, folder) is None
 
 
@@ -97,7 +100,6 @@ def test_each_keys_integer_literals_are_found_apart(tmp_path: Path) -> None:
     lines = [_order(i, f"{i}.0", f"{i % 5 + 1}.0") for i in range(40)]
     lines[25] = _order(25, "25.0", "3")
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
-    columnar.BLOCK_BYTES = 1 << 20
     assert assert_same_load(tmp_path, folder) is None
     rows = store_entries(tmp_path / "columnar")["orders"]
     assert b'"amount":7.0}' in rows[b"r\x1f" + (7).to_bytes(4, "big")]
@@ -172,7 +174,6 @@ def test_integer_literals_are_found_whatever_the_key(tmp_path: Path, key: str) -
     lines[9] = f'{{"id":"o9","profile":"u1","ts":"2025-01-01","amount":1.5,{name} : 7 }}'
     lines[30] = f'{{"id":"o30","profile":"u1","ts":"2025-01-01","amount":1.5,{name}:8.0}}'
     folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
-    columnar.BLOCK_BYTES = 1 << 20
     assert assert_same_load(tmp_path, folder) is None
     rows = store_entries(tmp_path / "columnar")["orders"]
     seven = rows[b"r\x1f" + (9).to_bytes(4, "big")]
@@ -206,3 +207,20 @@ def test_value_bitmaps_of_every_chunk_a_batch_touches_are_stored(
     expect += [len({o["profile"] for o in final.values() if o["items"][0]["sku"] == f"s{k}"})
                for k in (0, 3, 9)]
     assert live == expect
+
+
+@pytest.mark.parametrize("gap", [None, 3])
+def test_rows_with_every_field_are_written_in_one_join(tmp_path: Path, gap: int | None) -> None:
+    # every row has every field and every item every key (one join), or row `gap` lacks
+    # some (a text per column): the rows are the row path's bytes either way
+    lines = [{"id": f"o{i}", "profile": f"u{i % 3}", "ts": "2025-01-01T10:00:00Z",
+              "status": 'pa"id' if i % 2 else "new", "tags": ["b", "a", "b"], "vip": i % 2 == 0,
+              "amount": i + 0.25, "n": i * 1000,
+              "items": [{"sku": f"s\\{i}", "qty": i + 1, "price": 2.5}, {"sku": "ü", "qty": 1,
+                                                                      "price": 0.5}]}
+             for i in range(12)]
+    if gap is not None:
+        del lines[gap]["status"], lines[gap]["tags"]
+        del lines[gap]["items"][1]["price"]
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    assert assert_same_load(tmp_path, folder) is None
