@@ -27,13 +27,15 @@ from functools import lru_cache
 
 from pyroaring import BitMap
 
-from bitseg.index.event_counts import add_counts, sum_counts
+from bitseg.index.event_counts import add_counts, sub_counts, sum_counts
 from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import RangeIndex
 from bitseg.index.timeline import first_day, month_of
 
 MAX_LEVEL = 8  # the largest derived block: 2**8 = 256 days
 USE_MONTHS = True  # month buckets are blocks too (tests turn them off to force dyadic)
+FROM_MONTHS = 6  # a block of 64 days or more is first made from months and ...
+PIECES = 4  # ... blocks of at most 16 days
 MONTH = -1  # a Term's level for a calendar month
 Term = tuple[int, int, int]  # (sign +1 / -1, level or MONTH, block number or month)
 
@@ -143,6 +145,14 @@ def _present_span(index: EventIndex, streams: list[str], first: int, end: int
 
 def _block(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex:
     """One stream's counts in a month or dyadic block."""
+    found = _cached(index, stream, level, number, make=True)
+    assert found is not None  # made when missing
+    return found
+
+
+def _cached(index: EventIndex, stream: str, level: int, number: int, make: bool
+            ) -> RangeIndex | None:
+    """A block, or None when it is a derived one not made yet and `make` is False."""
     if level == MONTH:
         months = index.stream_months.get(stream, [])
         i = bisect_left(months, number)
@@ -164,11 +174,29 @@ def _block(index: EventIndex, stream: str, level: int, number: int) -> RangeInde
     key = ((b"y%d" % level, stream, number), stamp)
     cache = index.cache.derived
     found = cache.get(key)
-    if found is None:
-        found = add_counts(_block(index, stream, level - 1, 2 * number),
-                           _block(index, stream, level - 1, 2 * number + 1))
+    if found is None and make:
+        found = _make(index, stream, level, number)
         cache.put(key, found, size_of(found))
     return found
+
+
+def _make(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex:
+    """A derived block: the sum of its two halves; a block of 2**FROM_MONTHS days or more
+    whose halves are not both made yet, from months and blocks of at most 2**PIECES days
+    instead (a few stored buckets read, not every day: the first count after open of a
+    year-long window)."""
+    halves = [_cached(index, stream, level - 1, 2 * number + h, make=level < FROM_MONTHS)
+              for h in (0, 1)]
+    if halves[0] is not None and halves[1] is not None:
+        return add_counts(halves[0], halves[1])
+    plus: list[RangeIndex] = []
+    minus: list[RangeIndex] = []
+    for sign, j, n in _shortest(number << level, (number + 1) << level, True, PIECES,
+                                USE_MONTHS):
+        block = _block(index, stream, j, n)
+        if block.exists:
+            (plus if sign > 0 else minus).append(block)
+    return sub_counts(sum_counts(plus), sum_counts(minus))
 
 
 def size_of(counts: RangeIndex) -> int:

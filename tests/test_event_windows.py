@@ -154,16 +154,20 @@ steps = st.lists(st.one_of(rows_strategy.map(lambda rows: ("write", rows)),
                  min_size=1, max_size=8)
 
 
-@pytest.mark.parametrize("months, top", [(True, 8), (False, 3)])
+@pytest.mark.parametrize("months, top, from_months", [(True, 8, 6), (False, 3, 6), (True, 8, 2)])
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=rows_strategy, steps=steps)
 def test_random_windows_match_the_raw_rows(tmp_path_factory, monkeypatch, months, top,
-                                           first, steps):
+                                           from_months, first, steps):
     """Writes and counts interleaved: each count is compared with the raw rows; a write
-    between two counts lands in days whose derived blocks the first count cached."""
+    between two counts lands in days whose derived blocks the first count cached.
+    Months on and off, blocks up to 256 or 8 days, and (from_months 2) every block of 4
+    days or more first made from months and 1-2 day blocks."""
     monkeypatch.setattr(event_windows, "USE_MONTHS", months)
     monkeypatch.setattr(event_windows, "MAX_LEVEL", top)
+    monkeypatch.setattr(event_windows, "FROM_MONTHS", from_months)
+    monkeypatch.setattr(event_windows, "PIECES", min(4, from_months - 1))
     rows: list[dict] = []
     with Engine.open(tmp_path_factory.mktemp("win") / "store") as engine:
         engine.declare_schema({"events": {"channel": "keyword"}})
