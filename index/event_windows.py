@@ -21,8 +21,8 @@ index never reads a block made from other days than its own.
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left
-from collections import deque
 from functools import lru_cache
 
 from pyroaring import BitMap
@@ -49,34 +49,40 @@ def terms(first: int, end: int, signed: bool = True) -> tuple[Term, ...]:
 
 
 @lru_cache(maxsize=4096)
-def _shortest(first: int, end: int, signed: bool, top: int, months: bool
-              ) -> tuple[Term, ...]:
-    """Breadth-first search over the day boundaries a short path can use: each side
-    rounded down and up to every level, the top level's boundaries between, and the
-    month starts in that span."""
+def _shortest(first: int, end: int, signed: bool, top: int, months: bool,
+              making: bool = False) -> tuple[Term, ...]:
+    """The cheapest path over the day boundaries it can use: each side and each month
+    start in the span rounded down and up to every level, and the top level's boundaries
+    between. A block costs 1 (making a block, a derived one of level j costs 1 + j: it
+    may have to be made itself, where a month or a day is one stored bucket)."""
     lo, hi = first >> top << top, -(-end >> top << top)
     nodes = {lo + i * (1 << top) for i in range((hi - lo) >> top)} | {hi, end}
-    for j in range(top + 1):
-        for x in (first, end):
-            nodes.update((x >> j << j, -(-x >> j << j)))
     starts: dict[int, int] = {}  # month start day -> month
     if months:
         m = month_of(lo)
         while (day := first_day(m)) <= hi:
             if day >= lo:
                 starts[day] = m
-                nodes.add(day)
             m += 1
-    came: dict[int, tuple[int, Term]] = {first: (first, (0, 0, 0))}
-    queue = deque([first])
-    while queue:
-        x = queue.popleft()
+    for j in range(top + 1):
+        for x in (first, end, *starts):
+            nodes.update((x >> j << j, -(-x >> j << j)))
+    nodes = {x for x in nodes if lo <= x <= hi}
+    came: dict[int, tuple[int, Term]] = {}
+    best = {first: 0}
+    heap = [(0, first)]
+    while heap:
+        cost, x = heapq.heappop(heap)
         if x == end:
             break
+        if cost > best[x]:
+            continue
         for y, term in _steps(x, top, starts, signed):
-            if y in nodes and y not in came:
+            step = 1 + term[1] if making and term[1] > 0 else 1
+            if y in nodes and cost + step < best.get(y, cost + step + 1):
+                best[y] = cost + step
                 came[y] = (x, term)
-                queue.append(y)
+                heapq.heappush(heap, (cost + step, y))
     path: list[Term] = []
     x = end
     while x != first:
@@ -192,7 +198,7 @@ def _make(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex
     plus: list[RangeIndex] = []
     minus: list[RangeIndex] = []
     for sign, j, n in _shortest(number << level, (number + 1) << level, True, PIECES,
-                                USE_MONTHS):
+                                USE_MONTHS, making=True):
         block = _block(index, stream, j, n)
         if block.exists:
             (plus if sign > 0 else minus).append(block)
