@@ -60,9 +60,24 @@ class Kept:
         self.ts = index.ts_buf.take(ids)
         self.latest = int(self.ts.max()) if len(ids) else None
         self._keys: dict[str, tuple[np.ndarray, np.ndarray | None] | None] = {}
+        self._prefix: dict[str, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def prefix(self, name: str) -> np.ndarray | None:
+        """The cumulative sums of an order key column over these rows (int64, wrapping,
+        a leading 0: the sum of rows a … b-1 is prefix[b] - prefix[a] whenever it fits
+        int64), made on first use and kept; None without the column or when some row
+        lacks a value."""
+        if name not in self._prefix:
+            col = self.index.columns.get(name)
+            found = None
+            if col is not None and (col.complete or bool(col.valid.take(self.ids).all())):
+                found = np.zeros(len(self.ids) + 1, dtype=np.int64)
+                np.cumsum(col.keys.take(self.ids), out=found[1:])
+            self._prefix[name] = found
+        return self._prefix[name]
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None] | None:
         """(keys, validity or None when every row has a value) of an order key column
@@ -83,6 +98,7 @@ class Kept:
         for found in self._keys.values():
             if found is not None:
                 arrays.extend(a for a in found if a is not None)
+        arrays.extend(a for a in self._prefix.values() if a is not None)
         return sum(a.nbytes for a in arrays)
 
 

@@ -355,62 +355,91 @@ class _Ids(_Rows):
 
 
 class _Window(_Rows):
-    """The rows a rule keeps in the profile layout (order_layout.Kept) that are inside
-    the window: `inside` (None: every kept row) folds the window into each column's
-    validity, so the groups (_Runs) reduce every kept row in place."""
+    """The rows a rule keeps in the profile layout (order_layout.Kept) inside the
+    window: the window folded into each column's validity (_Runs.inside), so the groups
+    reduce every kept row in place."""
 
-    def __init__(self, kept: Kept, inside: np.ndarray | None) -> None:
-        self.kept, self.inside = kept, inside
+    def __init__(self, runs: _Runs) -> None:
+        self.kept, self.runs = runs.kept, runs
 
     def __len__(self) -> int:  # rows outside the window included: no pass over them
         return len(self.kept)
 
     def ts(self, fill: int) -> np.ndarray:
-        return self.kept.ts if self.inside is None else np.where(self.inside, self.kept.ts, fill)
+        inside = self.runs.inside
+        return self.kept.ts if inside is None else np.where(inside, self.kept.ts, fill)
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
         found = self.kept.keys(name)
         if found is None:
             return None
         keys, valid = found
-        if self.inside is not None:
-            valid = self.inside if valid is None else valid & self.inside
+        inside = self.runs.inside
+        if inside is not None:
+            valid = inside if valid is None else valid & inside
         return keys, valid, self.kept.index.columns[name].bound
 
 
 class _Runs:
-    """Groups (as compare.Groups) over kept rows that are already one run per profile,
-    each reduced in place (the values given read as `initial` outside the window: the
-    window is folded into their validity, _Window); sums of int64 by one cumulative sum
-    (exact: int64 wraps, and each run's own sum fits, which the callers check) instead
-    of reduceat's step per run."""
+    """Groups (as compare.Groups) over kept rows that are one run per profile, in time
+    order, so the rows of a run inside the window [lo, hi) are one stretch of it,
+    first … last.  Counts are last - first; a sum of a column without gaps is the
+    difference of its cumulative sums there (Kept.prefix); other reductions go over
+    every kept row with the window folded into the values' validity (`inside`, made
+    when asked for); int64 sums by one cumulative sum, exact because int64 wraps and
+    each run's own sum fits (which the callers check)."""
 
     sparse = False  # one entry per run, rows or not (see evaluate_orders)
 
-    def __init__(self, kept: Kept, inside: np.ndarray | None) -> None:
-        self.kept, self.inside = kept, inside
+    def __init__(self, kept: Kept, lo: int | None, hi: int) -> None:
+        self.kept, self.lo, self.hi = kept, lo, hi
         self.size = len(kept.profiles)
-        self._counts: np.ndarray | None = None
+        starts = kept.bounds[:-1]
+        self.whole = len(kept) == 0 or (lo is None and kept.latest < hi)  # every row in
+        self.first = starts if lo is None else starts + _below(kept, lo)
+        self.last = kept.bounds[1:] if kept.latest is None or kept.latest < hi else \
+            np.maximum(starts + _below(kept, hi), self.first)
+        self._inside: np.ndarray | None = None
+
+    @property
+    def inside(self) -> np.ndarray | None:
+        """Whether each kept row is inside the window (None: all are)."""
+        if self._inside is None and not self.whole:
+            ts, lo, hi = self.kept.ts, self.lo, self.hi
+            self._inside = ts < hi if lo is None else \
+                ts >= lo if self.kept.latest < hi else (ts >= lo) & (ts < hi)
+        return self._inside
 
     @property
     def counts(self) -> np.ndarray:
-        if self._counts is None:
-            bounds = self.kept.bounds
-            self._counts = np.diff(bounds) if self.inside is None else \
-                _run_sums(self.inside.view(np.uint8), bounds, np.int64)
-        return self._counts
+        return self.last - self.first
 
     @property
     def has(self) -> np.ndarray:
-        return self.counts > 0
+        return self.last > self.first
 
     def profiles(self, mask: np.ndarray) -> BitMap:
         return bitmap_of(self.kept.profiles[mask])
+
+    def sums(self, name: str) -> np.ndarray | None:
+        """Each run's sum of a column inside the window from its cumulative sums; None
+        when the column has gaps among the kept rows or a sum could overflow int64."""
+        prefix = self.kept.prefix(name)
+        if prefix is None or \
+                self.kept.index.columns[name].bound * int(self.counts.max(initial=0)) >= 2**63:
+            return None
+        return prefix.take(self.last) - prefix.take(self.first)
 
     def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
         if ufunc is np.add and values.dtype != object:
             return _run_sums(values, self.kept.bounds, values.dtype)
         return ufunc.reduceat(values, self.kept.bounds[:-1])
+
+
+def _below(kept: Kept, moment: int) -> np.ndarray:
+    """Per run: how many of its rows have ts < moment (its first ones: runs are in time
+    order)."""
+    return _run_sums(kept.ts < moment, kept.bounds, np.int64)
 
 
 def _run_sums(values: np.ndarray, bounds: np.ndarray, dtype: Any) -> np.ndarray:
@@ -424,25 +453,23 @@ def _run_sums(values: np.ndarray, bounds: np.ndarray, dtype: Any) -> np.ndarray:
 def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int
                 ) -> tuple[_Window, _Runs]:
     """The rows of an as_of-independent orders rule, by profile: the rule's rows kept
-    by the layout, with the window as a mask over them unless it holds every one of
-    them (from the beginning, ending after the latest)."""
+    by the layout, each profile's run cut to the window."""
     index = layout.index
     kept = layout.kept(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders))
-    lo, hi = cond.window.bounds(as_of_us)
-    inside = None
-    if len(kept):
-        before = kept.latest < hi  # the usual case: the window ends after the latest row
-        if lo is not None:
-            inside = kept.ts >= lo if before else (kept.ts >= lo) & (kept.ts < hi)
-        elif not before:
-            inside = kept.ts < hi
-    return _Window(kept, inside), _Runs(kept, inside)
+    runs = _Runs(kept, *cond.window.bounds(as_of_us))
+    return _Window(runs), runs
 
 
 def _aggregate(having: Any, rows: _Rows, groups: Groups | _Runs) -> np.ndarray:
     """Per group: whether sum/avg/min/max of `of` satisfies the op."""
     op, agg = having.op, having.agg
     value = _scaled(having.value, SCALE.get(having.of, 1))
+    if agg in ("sum", "avg") and isinstance(groups, _Runs):
+        sums = groups.sums(having.of)
+        if sums is not None:  # from cumulative sums, no pass over the rows
+            if agg == "sum":
+                return compare(sums, op, value)
+            return groups.has & compare_avg(sums, groups.counts, op, value)
     found = rows.keys(having.of)
     if found is None:
         zeros = np.zeros(groups.size, dtype=np.int64)
