@@ -112,10 +112,22 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
     plus, minus = window_counts(index, streams, *window.days)
-    edges = [_rows(cond, index, schema, events, edge_lo, edge_hi, as_of)[0]
-             for edge_lo, edge_hi in window.edges]
-    if sum(map(len, edges)):  # both partial days counted as one block
-        plus.append(counts_of(np.concatenate(edges)))
+    inside, outside = [], []  # rows counted, and rows to take from their day's bucket
+    for edge_lo, edge_hi in window.edges:
+        day = day_of(edge_lo)
+        profiles, stamps = _rows(cond, index, schema, events, day * T.US_PER_DAY,
+                                 (day + 1) * T.US_PER_DAY, as_of, TS)
+        chosen = (stamps >= edge_lo) & (stamps < edge_hi)
+        if 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of the day (a window
+            # from just after midnight): the day's bucket minus the few rows before
+            day_plus, _ = window_counts(index, streams, day, day + 1)
+            plus += day_plus
+            outside.append(profiles[~chosen])
+        else:
+            inside.append(profiles[chosen])
+    for rows, into in ((inside, plus), (outside, minus)):
+        if sum(map(len, rows)):  # both partial days counted as one block
+            into.append(counts_of(np.concatenate(rows)))
     return sub_counts(sum_counts(plus), sum_counts(minus))
 
 

@@ -116,8 +116,10 @@ def holds(count: int, op: str, value) -> bool:
 moments = st.builds(lambda day, us: BASE + timedelta(days=day, microseconds=us),
                     st.integers(0, SPAN_DAYS), st.integers(0, US_PER_DAY - 1))
 # as_of any time of day; at midnight, on month starts, mid-month
+busy = st.builds(lambda day, us: BASE + timedelta(days=day, microseconds=us),  # many a day
+                 st.integers(40, 45), st.integers(0, US_PER_DAY - 1))
 as_ofs = st.one_of(
-    moments,
+    moments, busy,
     st.integers(0, SPAN_DAYS).map(lambda d: BASE + timedelta(days=d)),
     st.sampled_from([datetime(2026, m, 1, tzinfo=timezone.utc) for m in (9, 10, 11, 12)]),
     st.sampled_from([datetime(2026, m, 1, tzinfo=timezone.utc) for m in (9, 10, 11, 12)])
@@ -126,7 +128,8 @@ as_ofs = st.one_of(
               st.integers(9, 11), st.integers(0, 23)))
 rows_strategy = st.lists(st.fixed_dictionaries({
     "profile": st.sampled_from(PROFILES), "event": st.sampled_from(TYPES),
-    "ts": moments, "channel": st.sampled_from(CHANNELS + [None])}), min_size=1, max_size=60)
+    "ts": moments | busy, "channel": st.sampled_from(CHANNELS + [None])}),
+    min_size=1, max_size=60)
 windows = st.one_of(
     st.none(),
     st.integers(1, 100).map(lambda n: {"last_days": n}),
@@ -250,3 +253,28 @@ def test_derived_blocks_stay_within_their_bound(tmp_path, monkeypatch):
             assert len(derived._entries) >= 2 if limit > 1 else len(derived._entries) <= 1
     assert answers[0] == answers[1]
     assert any(answers[0])
+
+
+def test_a_window_starting_early_in_a_day_takes_that_days_bucket_minus_the_rows_before(
+        tmp_path):
+    """A window from just after midnight holds most of its first day: it is counted as
+    the day's bucket minus the rows before the window's start (and one from late in the
+    day by its rows): start hours through the day, every count, against the raw rows."""
+    day = datetime(2026, 10, 5, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[i % 4], "event": "open",
+             "ts": day + timedelta(hours=h, minutes=i)} for i, h in enumerate(range(0, 24, 2))]
+    rows += [{"profile": "p0", "event": "open", "ts": day + timedelta(days=3, hours=5)}]
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        for hour in range(0, 24, 3):
+            start = day + timedelta(hours=hour, minutes=30)
+            for end_days in (1, 4):
+                window = {"from": ts(start), "to": ts(day + timedelta(days=end_days, hours=12))}
+                counts = reference_counts(rows, {"event": "open", "window": window}, day)
+                for n in range(0, 5):
+                    rule = {"event": "open", "window": window,
+                            "having": {"agg": "count", "op": "eq", "value": n}}
+                    expected = {p for p in PROFILES if counts[p] == n}
+                    assert set(engine.members(rule, as_of=day)) == expected, (hour, n)
