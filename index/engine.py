@@ -402,7 +402,8 @@ class Engine:
                 batch: Any = profiles
                 if child == "events":
                     batch = EventBatch(self.store, txn, snap.events, snap.schema,
-                                       profiles.ensure_profile, version, ids.known)
+                                       profiles.ensure_profile, version, ids.known,
+                                       id_map=self._ids, live=snap.live)
                 elif child == "orders":
                     batch = OrderBatch(self.store, txn, snap.orders,
                                        snap.schema, profiles.ensure_profile)

@@ -16,7 +16,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyroaring import BitMap
 
+from bitseg.index import idhash
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
@@ -40,6 +44,7 @@ from bitseg.index.event_keys import (
     stream_key,
 )
 from bitseg.index.fields import RangeIndex
+from bitseg.index.ids import IdMap
 from bitseg.index.keys import SEP_TEXT
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader
@@ -48,6 +53,14 @@ from bitseg.index.timeline import month_of
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 RUN_LIMIT = 32 << 20  # count runs held before the buckets are written (a spill): 16 B each
+
+
+def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
+    """A string array's data buffer and each value's offsets into it."""
+    offsets = np.frombuffer(names.buffers()[1], dtype=np.int32, count=len(names) + 1,
+                            offset=names.offset * 4)
+    data = names.buffers()[2]
+    return (data if data is not None else b""), offsets
 
 
 def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
@@ -84,7 +97,8 @@ class EventBatch:
 
     def __init__(self, store: Store, txn: Txn, index: EventIndex, schema: Schema,
                  ensure_profile: Callable[[Any], int], version: int,
-                 known_profiles: Callable[[list[str]], list[int | None]]) -> None:
+                 known_profiles: Callable[[list[str]], list[int | None]],
+                 id_map: IdMap | None = None, live: BitMap | None = None) -> None:
         self.store = store
         self.txn = txn
         self.index = index
@@ -92,6 +106,8 @@ class EventBatch:
         self.types = dict(schema.events)
         self.ensure_profile = ensure_profile
         self.known_profiles = known_profiles
+        self.id_map = id_map  # the committed ids, looked up in memory (idhash), with
+        self.live = live  # the live profiles they are current for
         self.version = version
         self.dense: dict[str, int] = {}  # profile ids seen in this batch (bounded)
         self.count = 0
@@ -227,10 +243,8 @@ class EventBatch:
                                "profile")
         if len(self.dense) > DENSE_CACHE:  # keep the cache bounded
             self.dense = {}
-        seen: dict[Any, None] = {}  # first appearance decides the order new ones are made
-        for part in self.columns:
-            seen.update(dict.fromkeys(part.profiles_in_order()))
-        seen.update(dict.fromkeys(raw))
+        out = self._part_profiles()  # first: their new ids are made before add()'s
+        seen: dict[Any, None] = dict.fromkeys(raw)  # first appearance: the order of new ids
         missing = [p for p in seen if p not in self.dense]
         known = self.known_profiles([p if type(p) is str else str(p) for p in missing])
         for p, found in zip(missing, known, strict=True):
@@ -242,16 +256,50 @@ class EventBatch:
             except DataError as exc:
                 self._fail(raw.index(p), exc.reason, "profile")
         dense = self.dense
-        out = []
-        for part in self.columns:
-            used = np.unique(part.profile_codes)
-            table = np.zeros(len(part.profile_ids), dtype=np.uint32)
-            ids = part.profile_ids
-            table[used] = np.fromiter((dense[ids[c]] for c in used.tolist()), dtype=np.uint32,
-                                      count=len(used))
-            out.append(table[part.profile_codes])
         out.append(np.fromiter((dense[p] for p in raw), dtype=np.uint32, count=len(raw)))
         return np.concatenate(out)
+
+    def _part_profiles(self) -> list[np.ndarray]:
+        """The dense ids of the held parts' rows, part by part: their distinct ids found
+        together in the id map's hash table (idhash), the rest as the rows' are, the new
+        ones made in order of first appearance; no Python per known id."""
+        if not self.columns:
+            return []
+        used = [part.profiles_used() for part in self.columns]
+        names = pa.concat_arrays([part.profile_ids.take(pa.array(codes, pa.int64()))
+                                  for part, codes in zip(self.columns, used, strict=True)])
+        encoded = pc.dictionary_encode(names)  # parts in order: first appearance kept
+        dense = self._resolve(encoded.dictionary)[
+            encoded.indices.to_numpy(zero_copy_only=False)]
+        out, at = [], 0
+        for part, codes in zip(self.columns, used, strict=True):
+            table = np.zeros(len(part.profile_ids), dtype=np.uint32)
+            table[codes] = dense[at:at + len(codes)]
+            at += len(codes)
+            out.append(table[part.profile_codes])
+        return out
+
+    def _resolve(self, names: pa.Array) -> np.ndarray:
+        """The dense id (uint32) of each distinct profile id (utf-8, each valid), those
+        never seen made in order. The hash table is made here when this asks for 1/8 of
+        its ids or more (one LMDB lookup costs more than the table's share of an id)."""
+        found = np.full(len(names), -1, dtype=np.int64)
+        ids = self.id_map
+        if ids is not None and self.live is not None and ids.count:
+            table = idhash.table(ids, wait=len(names) * 8 >= ids.count)
+            if table is not None:
+                data, offsets = _packed(names)
+                found = table.find_packed(data, offsets)
+                found[~idhash.live_mask(self.live, found)] = -1
+        misses = np.flatnonzero(found < 0)
+        if len(misses):  # made earlier in this batch, or by it now, or a table miss
+            texts = names.take(pa.array(misses, pa.int64())).to_pylist()
+            ask = [text for text in texts if text not in self.dense]
+            for text, known in zip(ask, self.known_profiles(ask), strict=True):
+                if known is not None:
+                    self.dense[text] = known
+            found[misses] = [self._dense_of(text) for text in texts]
+        return found.astype(np.uint32)
 
     def _dense_of(self, profile: Any) -> int:
         found = self.dense.get(profile)

@@ -45,7 +45,7 @@ class EventColumns:
     event_codes: np.ndarray  # int64 into event_names
     event_names: list[str]
     profile_codes: np.ndarray  # int64 into profile_ids
-    profile_ids: list[str]
+    profile_ids: pa.Array  # utf-8 (integers as their decimal text), each valid
     props: dict[str, Prop]
     block: RowBlock
     start: int  # the table row of this part's first row
@@ -60,9 +60,16 @@ class EventColumns:
                             self.profile_codes[a:b], self.profile_ids, props, self.block,
                             self.start + a)
 
-    def profiles_in_order(self) -> list[str]:
-        """The distinct profile ids, in order of first appearance."""
-        return [self.profile_ids[c] for c in first_seen(self.profile_codes).tolist()]
+    def profiles_used(self) -> np.ndarray:
+        """The codes of the part's distinct profile ids, in order of first appearance (a
+        whole block's are its dictionary's order; a slice's may use fewer, in another)."""
+        n = len(self.profile_codes)
+        first = np.full(len(self.profile_ids), n, dtype=np.int64)
+        np.minimum.at(first, self.profile_codes, np.arange(n, dtype=np.int64))
+        used = np.flatnonzero(first < n)
+        if len(used) > 1 and not (np.diff(first[used]) > 0).all():
+            used = used[np.argsort(first[used], kind="stable")]
+        return used
 
     def prop_order(self, exact: bool = True) -> list[str]:
         """Property names in the order the row path meets them: by the first row with a
@@ -137,7 +144,7 @@ def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
             encoded.dictionary.to_pylist())
 
 
-def _profile_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
+def _profile_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array] | None:
     """Profile ids as codes and distinct texts (integers as their decimal text, as the
     row path names them); None for ids it refuses (empty, too long, other types)."""
     if pa.types.is_int64(column.type):
@@ -148,7 +155,9 @@ def _profile_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None
         size = pc.min_max(pc.binary_length(column))
         if size["min"].as_py() == 0 or size["max"].as_py() > T.MAX_ID_BYTES:
             return None
-    return _encoded(column)
+    encoded = pc.dictionary_encode(_whole(column))
+    return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary)
 
 
 def _inferred(block: RowBlock, name: str, column: pa.ChunkedArray) -> str | None:
