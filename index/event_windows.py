@@ -172,6 +172,8 @@ def _cached(index: EventIndex, stream: str, level: int, number: int, make: bool
         return RangeIndex()
     if k - i == 1:  # one day with events: its own bucket
         return index.bucket(b"d", stream, present[i])
+    if index.reader is None:  # not pinned to a snapshot: nothing to read (as bucket())
+        return RangeIndex()
     if not index.reader.committed:  # inside a batch: nothing cached, the days summed
         return sum_counts([index.bucket(b"d", stream, d) for d in present[i:k]])
     written = index.written
