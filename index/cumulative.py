@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 
 import numpy as np
 from pyroaring import BitMap
@@ -27,15 +26,15 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.fields import EMPTY, UNBUILT, RangeIndex, bitmap_of, ids_of
 
-BUDGET_BYTES = 320 << 20  # every layout of the process together (10M profiles: ~250 dense bitmaps)
-FIELD_BYTES = 96 << 20  # one field's layout
+BUDGET_BYTES = 320 << 20  # every layout of the process (10M profiles: ~250 dense bins)
+FIELD_BYTES = 64 << 20  # one field's layout (10M profiles: ~50 dense bins)
+EDGE_SHARE = 8  # a layout keeps the sorted keys of cut bins up to 1/8 of its profiles
+MIN_SHARE = 1 << 16  # (or up to this many ids, on a small field)
+FEW_IDS = 4096  # a cut bin within fewer ids than this is answered by the slices
 MAX_BINS = 256  # bins per field: a batch updates up to this many bitmaps
 MIN_BINS = 8  # fewer would leave most of a range to the edge bins: keep the slices instead
 
 SLICES = "slices"  # decided: this index answers from its slices (no layout fits)
-
-Narrow = Callable[[int | None, int | None, BitMap], BitMap]  # keys a..b among some ids
-
 
 class _Ledger:
     """The bytes every live layout holds, against BUDGET_BYTES."""
@@ -88,7 +87,8 @@ def bitmap_bytes(bitmap: BitMap) -> int:
 class Layout:
     """Cumulative bitmaps over bins; immutable once published."""
 
-    __slots__ = ("edges", "lows", "cum", "sizes", "grain", "digits", "line", "nbytes")
+    __slots__ = ("edges", "lows", "cum", "sizes", "grain", "digits", "line", "nbytes",
+                 "edge_keys")
 
     def __init__(self, edges: np.ndarray, lows: np.ndarray, cum: list[BitMap], grain: int,
                  digits: int | None) -> None:
@@ -100,6 +100,10 @@ class Layout:
         self.digits = digits  # the float scale the keys are in
         self.nbytes = sum(bitmap_bytes(c) for c in cum)
         self.line: _Lineage | None = None
+        # bin -> (its ids in id order, their keys, the keys sorted): a cut bin answered by
+        # one vectorised compare (its ids) or two binary searches (its count); filled by
+        # readers (one dict assignment each), emptied when full
+        self.edge_keys: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -121,9 +125,69 @@ class Layout:
         upto = self.cum[j] if within is None else within & self.cum[j]
         return upto - self.cum[j - 1] if j else upto
 
-    def select(self, a: int | None, b: int | None, narrow: Narrow,
+    def _keyed_bin(self, j: int, index: RangeIndex
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Bin j's ids (sorted) and their keys, kept while the bins kept hold at most
+        1/EDGE_SHARE of the profiles; None for a bin bigger than that."""
+        found = self.edge_keys.get(j)
+        if found is not None:
+            return found
+        share = max(int(self.sizes[-1]) // EDGE_SHARE, MIN_SHARE)
+        size = int(self.sizes[j] - (self.sizes[j - 1] if j else 0))
+        if size > share:
+            return None
+        if sum(len(kept[0]) for kept in self.edge_keys.values()) + size > share:
+            self.edge_keys = {}  # readers holding the old dict keep using it
+        members = self._bin(j, None)
+        ids = ids_of(members)
+        keys = _keys_among(index, ids, members)
+        found = self.edge_keys[j] = (ids, keys, np.sort(keys))
+        return found
+
+    def _cut(self, j: int, a: int | None, b: int | None, index: RangeIndex,
+             within: BitMap | None) -> BitMap:
+        """The ids of bin j with a <= key <= b, only among `within` if given: picked from
+        the bin's kept keys, or (a bin too big to keep, or few ids within) by the bit
+        slices run within the bin."""
+        hits = self._hits(j, a, b, index, within)
+        if hits is None:
+            inside = self._bin(j, within)
+            return index.interval(a, b, inside) if inside else EMPTY
+        part = bitmap_of(hits) if len(hits) else EMPTY
+        return part & within if within is not None and part else part
+
+    def _cut_count(self, j: int, a: int | None, b: int | None, index: RangeIndex,
+                   within: BitMap | None) -> int:
+        if within is None and (found := self._keyed_bin(j, index)) is not None:
+            ordered = found[2]
+            lo = 0 if a is None else int(np.searchsorted(ordered, a, "left"))
+            hi = len(ordered) if b is None else int(np.searchsorted(ordered, b, "right"))
+            return max(hi - lo, 0)
+        hits = self._hits(j, a, b, index, within)
+        if hits is None:
+            inside = self._bin(j, within)
+            return len(index.interval(a, b, inside)) if inside else 0
+        if within is None or not len(hits):
+            return len(hits)
+        return bitmap_of(hits).intersection_cardinality(within)
+
+    def _hits(self, j: int, a: int | None, b: int | None, index: RangeIndex,
+              within: BitMap | None) -> np.ndarray | None:
+        """The ids of bin j (sorted) with a <= key <= b; None when the slices should
+        answer instead."""
+        if within is not None and len(within) < FEW_IDS:
+            return None  # a few slice operations on a handful of ids
+        found = self._keyed_bin(j, index)
+        if found is None:
+            return None
+        ids, keys, _ = found
+        if a is not None and b is not None:
+            return ids[(keys >= a) & (keys <= b)]
+        return ids[keys >= a] if a is not None else ids[keys <= b] if b is not None else ids
+
+    def select(self, a: int | None, b: int | None, index: RangeIndex,
                within: BitMap | None = None) -> BitMap:
-        """The ids with a ≤ key ≤ b (None: unbounded), only among `within` if given."""
+        """The ids with a <= key <= b (None: unbounded), only among `within` if given."""
         if a is not None and b is not None and a > b:
             return EMPTY
         p, q, cut = self._cover(a, b)
@@ -132,15 +196,14 @@ class Layout:
             upto = self.cum[q] if within is None else within & self.cum[q]
             parts.append(upto - self.cum[p - 1] if p else upto)
         for j in cut:
-            inside = self._bin(j, within)
-            if inside:
-                parts.append(narrow(a, b, inside))
-        parts = [x for x in parts if x]
+            part = self._cut(j, a, b, index, within)
+            if part:
+                parts.append(part)
         if not parts:
             return EMPTY
         return parts[0] if len(parts) == 1 else BitMap.union(*parts)
 
-    def count(self, a: int | None, b: int | None, narrow: Narrow,
+    def count(self, a: int | None, b: int | None, index: RangeIndex,
               within: BitMap | None = None) -> int:
         """len(select(...)) without building the covered part."""
         if a is not None and b is not None and a > b:
@@ -155,9 +218,7 @@ class Layout:
                 if p:
                     total -= within.intersection_cardinality(self.cum[p - 1])
         for j in cut:
-            inside = self._bin(j, within)
-            if inside:
-                total += len(narrow(a, b, inside))
+            total += self._cut_count(j, a, b, index, within)
         return total
 
     def estimate(self, a: int | None, b: int | None) -> int:
@@ -176,12 +237,16 @@ def _grain_end(keys: np.ndarray, grain: int) -> np.ndarray:
     return keys if grain == 1 else (np.floor_divide(keys, grain) + 1) * grain - 1
 
 
-def _estimate_bytes(ids: np.ndarray, ends: np.ndarray) -> int:
+def _first_of_containers(ids: np.ndarray) -> np.ndarray:
+    """The sorted positions (ids in key order) where each 2**16-id container first shows."""
+    seen = np.full((int(ids.max()) >> 16) + 1, len(ids), dtype=np.int64)
+    np.minimum.at(seen, ids >> 16, np.arange(len(ids)))
+    return np.sort(seen[seen < len(ids)])
+
+
+def _estimate_bytes(first: np.ndarray, ends: np.ndarray) -> int:
     """About what cumulative bitmaps of ids[:end] take (ids in key order), as roaring keeps
     them: per 2**16-id container 2 bytes an id up to 8 KiB, plus its header."""
-    high = ids >> 16
-    _, first = np.unique(high, return_index=True)
-    first.sort()
     containers = np.maximum(np.searchsorted(first, ends, "left"), 1)
     per = np.minimum(2 * ends / containers, 8192) + 16
     return int((containers * per).sum())
@@ -199,13 +264,14 @@ def _plan(ids: np.ndarray, keys: np.ndarray, type_: str) -> tuple[np.ndarray, in
         units = np.flatnonzero(np.diff(days)) + 1
     unit_ends = np.append(units, n)  # the end position of every distinct key (or day)
     bins = min(MAX_BINS, len(unit_ends))
+    first = _first_of_containers(ids)
     while bins >= min(MIN_BINS, len(unit_ends)) and bins > 0:
         if bins == len(unit_ends):
             ends = unit_ends
         else:  # about equal counts, each ending at a unit's end
-            targets = np.ceil(np.arange(1, bins + 1) * (n / bins)).astype(np.int64)
+            targets = (np.arange(1, bins + 1, dtype=np.int64) * n + bins - 1) // bins
             ends = np.unique(unit_ends[np.searchsorted(unit_ends, targets, "left")])
-        if _estimate_bytes(ids, ends) <= room:
+        if _estimate_bytes(first, ends) <= room:
             return ends, grain
         bins //= 2
     return None
@@ -216,7 +282,10 @@ def build(index: RangeIndex, type_: str) -> Layout | None:
     ids, keys = index.decode()
     if not len(ids) or MAX_BINS < 1:
         return None
-    order = np.argsort(keys, kind="stable")
+    stored = (keys - index.base) // index.unit
+    if int(stored.max()) < 1 << 16:  # ages, scores: numpy sorts 16-bit ints by radix
+        stored = stored.astype(np.uint16)
+    order = np.argsort(stored, kind="stable")
     ids, keys = ids[order], keys[order]
     planned = _plan(ids, keys, type_)
     if planned is None:
@@ -288,8 +357,13 @@ def _update(old: Layout, index: RangeIndex, touched: BitMap) -> Layout:
         if end > start:
             upto = upto | bitmap_of(ids[start:end])
             start = end
-        kept = base - touched if base.intersect(touched) else base
-        cum.append(kept | upto if upto else kept)
+        if base.intersect(touched):
+            kept = base - touched  # a new bitmap: add to it in place
+            if upto:
+                kept |= upto
+        else:
+            kept = base | upto if upto else base  # untouched bins stay shared
+        cum.append(kept)
     layout = Layout(edges, lows, cum, old.grain, old.digits)
     line = layout.line = old.line
     if line is not None:

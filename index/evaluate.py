@@ -337,7 +337,7 @@ class Evaluator:
         costs a layout lookup or a few slice operations per value; a long one one decode
         of the index and one vectorised lookup of every key at once."""
         if len(cond.value) <= FEW_VALUES and layout is not None:
-            found = [layout.select(*b, index.interval, has) for v in cond.value
+            found = [layout.select(*b, index, has) for v in cond.value
                      if (b := self._bounds(cond, index, v)) is not None]
             return BitMap.union(*found) if found else EMPTY
         if len(cond.value) <= FEW_VALUES:
@@ -413,8 +413,8 @@ class Evaluator:
             bounds = self._bounds(cond, index)
             if op == "ne":
                 has = index.exists if within is None else index.exists & within
-                return has - layout.select(*bounds, index.interval, has) if bounds else has
-            return layout.select(*bounds, index.interval, within) if bounds else EMPTY
+                return has - layout.select(*bounds, index, has) if bounds else has
+            return layout.select(*bounds, index, within) if bounds else EMPTY
         if op == "between":
             return index.between(self._key(cond, value[0]), self._key(cond, value[1]), within)
         has = index.exists if within is None else index.exists & within
@@ -434,5 +434,5 @@ class Evaluator:
         if cond.op == "ne":
             has = len(index.exists) if within is None else index.exists.intersection_cardinality(
                 within)
-            return has - (layout.count(*bounds, index.interval, within) if bounds else 0)
-        return layout.count(*bounds, index.interval, within) if bounds else 0
+            return has - (layout.count(*bounds, index, within) if bounds else 0)
+        return layout.count(*bounds, index, within) if bounds else 0

@@ -28,7 +28,7 @@ from bitseg.index.cumulative import SLICES, Layout
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.evaluate import Evaluator
 
-MODES = ("exact", "few", "slices")
+MODES = ("exact", "few", "few-slices", "slices")
 SCHEMA = {"n0": "int", "x0": "float", "d0": "date", "ts0": "timestamp", "kw0": "keyword",
           "flag0": "bool"}
 RANGED = [name for name, type_ in SCHEMA.items() if type_ in ("int", "float", "date",
@@ -40,9 +40,14 @@ def force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     if mode == "exact":
         monkeypatch.setattr(cumulative, "MAX_BINS", 10**6)
         monkeypatch.setattr(cumulative, "MIN_BINS", 1)
-    elif mode == "few":  # 3 bins: most ranges cut one, and new keys widen a bin
+    elif mode.startswith("few"):  # 3 bins: most ranges cut one, and new keys widen a bin
         monkeypatch.setattr(cumulative, "MAX_BINS", 3)
         monkeypatch.setattr(cumulative, "MIN_BINS", 1)
+        if mode == "few":  # a cut bin from its sorted keys, however few ids it runs within
+            monkeypatch.setattr(cumulative, "FEW_IDS", 0)
+        else:  # a cut bin from the slices: no bin's keys are kept
+            monkeypatch.setattr(cumulative, "MIN_SHARE", 0)
+            monkeypatch.setattr(cumulative, "EDGE_SHARE", 10**9)
     else:
         monkeypatch.setattr(cumulative, "BUDGET_BYTES", 0)
 
@@ -76,7 +81,7 @@ def check(engine: Engine, ref: Reference, rule: dict, as_of: datetime) -> None:
         assert engine.is_member(pid, rule, as_of=as_of) == (pid in expected), json.dumps(rule)
 
 
-@settings(P.PROPERTY, max_examples=40)
+@settings(P.PROPERTY, max_examples=25)
 @given(data=st.data())
 def test_counts_between_batches_match_reference(tmp_path_factory, mode, data):
     """Layouts built after one batch are updated by the next (changed and removed values,
