@@ -240,29 +240,49 @@ def iso_micros(column: pa.Array) -> np.ndarray | None:
         return None
     digits = list(_DIGITS) + list(range(20, body))
     signs = {4: "-", 7: "-", 10: "T", 13: ":", 16: ":"} | ({19: "."} if body > 19 else {})
-    number = text[:, digits].astype(np.int64) - ord("0")
-    if not ((number >= 0) & (number <= 9)).all():
+    number = text[:, digits] - np.uint8(ord("0"))  # a byte below "0" wraps past 9
+    if (number > 9).any():
         return None
     if any((text[:, at] != ord(sign)).any() for at, sign in signs.items()):
         return None
 
     def field(first: int, count: int) -> np.ndarray:
-        value = np.zeros(n, dtype=np.int64)
-        for i in range(first, first + count):
-            value = value * 10 + number[:, i]
+        value = number[:, first].astype(np.int32)
+        for i in range(first + 1, first + count):
+            value *= 10
+            value += number[:, i]
         return value
 
-    year, month, day = field(0, 4), field(4, 2), field(6, 2)
+    date = (field(0, 4) << 9) | (field(4, 2) << 5) | field(6, 2)  # year, month, day
     hour, minute, second = field(8, 2), field(10, 2), field(12, 2)
-    fraction = field(14, body - 20) * 10 ** (26 - body) if body > 19 else 0
+    if not ((hour < 24) & (minute < 60) & (second < 60)).all():
+        return None
+    low, high = int(date.min()), int(date.max())
+    if high - low < max(n, 1 << 12):  # each date of the range once, not each row's
+        days = _days_of(np.arange(low, high + 1, dtype=np.int64))[date - low]
+    else:
+        days = _days_of(date.astype(np.int64))
+    if (days == _NO_DAY).any():
+        return None
+    seconds = (hour * 60 + minute) * 60 + second
+    micros = (days * 86_400 + seconds) * 1_000_000
+    if body > 19:
+        micros += field(14, body - 20) * 10 ** (26 - body)
+    return micros
+
+
+_NO_DAY = np.iinfo(np.int64).min
+
+
+def _days_of(code: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of date codes (year << 9 | month << 5 | day, int64);
+    _NO_DAY for a code that is no valid date (month 13, February 30, year 0)."""
+    year, month, day = code >> 9, (code >> 5) & 15, code & 31
+    ok = (year >= 1) & (month >= 1) & (month <= 12)
     leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    if not ((year >= 1) & (month >= 1) & (month <= 12)).all():
-        return None
-    longest = _MONTH_DAYS[month - 1] + ((month == 2) & leap)
-    if not ((day >= 1) & (day <= longest) & (hour < 24) & (minute < 60) & (second < 60)).all():
-        return None
-    days = _days_from_civil(year, month, day)
-    return (((days * 24 + hour) * 60 + minute) * 60 + second) * 1_000_000 + fraction
+    longest = _MONTH_DAYS[np.clip(month, 1, 12) - 1] + ((month == 2) & leap)
+    ok &= (day >= 1) & (day <= longest)
+    return np.where(ok, _days_from_civil(year, month, day), _NO_DAY)
 
 
 def _days_from_civil(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
