@@ -357,7 +357,9 @@ def _update(old: Layout, index: RangeIndex, touched: BitMap) -> Layout:
         if end > start:
             upto = upto | bitmap_of(ids[start:end])
             start = end
-        if base.intersect(touched):
+        if upto and base.intersection_cardinality(touched) == len(upto) and upto <= base:
+            kept = base  # the touched ids it holds are those it held: shared, unchanged
+        elif base.intersect(touched):
             kept = base - touched  # a new bitmap: add to it in place
             if upto:
                 kept |= upto
