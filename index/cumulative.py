@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 from pyroaring import BitMap
@@ -320,7 +321,7 @@ def layout_of(index: RangeIndex, type_: str) -> Layout | None:
 
 
 # ---------------------------------------------------------------------- carrying over
-def carry(old: RangeIndex, new: RangeIndex, touched: BitMap) -> None:
+def carry(old: RangeIndex, new: RangeIndex, touched: Callable[[], BitMap]) -> None:
     """Give the next index its layout: the old one's, updated for the ids the batch
     touched (their keys read from the new index), when the old index had one."""
     if new is old:
@@ -330,7 +331,7 @@ def carry(old: RangeIndex, new: RangeIndex, touched: BitMap) -> None:
         new.cell.state = SLICES  # still does not fit; a reopen decides again
     if not isinstance(state, Layout) or new.digits != state.digits:
         return  # built on first use (a float whose scale changed re-keys every value)
-    new.cell.state = _update(state, new, touched)
+    new.cell.state = _update(state, new, touched())
 
 
 def _keys_among(index: RangeIndex, ids: np.ndarray, among: BitMap) -> np.ndarray:

@@ -314,12 +314,12 @@ class RangeWriter:
         self.rebuilt = False
         self.dirty_monthdays: set[int] = set()
         self.original = index
-        self.changed: list[BitMap] = []  # every id removed or added, for the layout
+        self.changed: list[BitMap | np.ndarray] = []  # ids removed or added (for a layout)
 
-    @property
     def touched(self) -> BitMap:
         """The ids this batch removed or gave a value."""
-        return BitMap.union(*self.changed) if self.changed else BitMap()
+        found = [c if isinstance(c, BitMap) else bitmap_of(c) for c in self.changed]
+        return BitMap.union(*found) if found else BitMap()
 
     def remove(self, ids: np.ndarray) -> None:
         self.drop(bitmap_of(ids))
@@ -331,7 +331,7 @@ class RangeWriter:
             self.index = self._without(self.index, ids)
 
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        self.changed.append(bitmap_of(ids))
+        self.changed.append(ids)
         self.add_ids.append(ids)
         self.add_keys.append(keys)
 

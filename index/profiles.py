@@ -133,7 +133,7 @@ class FieldWriters:
         for name, writer in self.writers.items():
             fields[name] = writer.finish()
             if isinstance(writer, RangeWriter):  # the next index keeps the range layout
-                carry(writer.original, fields[name], writer.touched)
+                carry(writer.original, fields[name], writer.touched)  # called only if needed
         return fields
 
 
