@@ -160,6 +160,14 @@ def _profile_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array] | None:
             encoded.dictionary)
 
 
+def _longest(array: pa.Array) -> int:
+    """The most bytes a value of a string array spans (a null's span counts: at worst
+    the row path is asked)."""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1,
+                            offset=array.offset * 4)
+    return int(np.diff(offsets).max(initial=0))
+
+
 def _inferred(block: RowBlock, name: str, column: pa.ChunkedArray) -> str | None:
     """The type the row path infers from the property's first value (None: unsure)."""
     if T.name_problem(name):
@@ -184,8 +192,7 @@ def _prop(type_: str, column: pa.ChunkedArray) -> Prop | None:
     kind = array.type
     valid = array.is_valid().to_numpy(zero_copy_only=False)
     if type_ == T.KEYWORD:
-        if not pa.types.is_string(kind) or \
-                pc.max(pc.binary_length(array)).as_py() > T.MAX_VALUE_BYTES:
+        if not pa.types.is_string(kind) or _longest(array) > T.MAX_VALUE_BYTES:
             return None
         encoded = pc.dictionary_encode(array)
         codes = pc.fill_null(encoded.indices, 0).to_numpy().astype(np.int64)
