@@ -122,6 +122,7 @@ class OrderLayout:
         self.pos = np.full(index.count, NONE, dtype=np.uint32)
         self.pos[self.perm] = np.arange(self.size, dtype=np.uint32)
         self._kept: dict[Any, Kept] = {}
+        self._making: set[Any] = set()  # rules whose rows a thread is making
         self._lock = threading.Lock()
 
     def positions(self, orders: BitMap) -> np.ndarray:
@@ -131,14 +132,33 @@ class OrderLayout:
         found.sort()
         return found
 
-    def kept(self, rule: Any, select: Callable[[], BitMap]) -> Kept:
+    def kept(self, rule: Any, select: Callable[[], BitMap], wait: bool = True
+             ) -> Kept | None:
         """The rows of an as_of-independent orders rule, kept for the last KEPT_RULES
-        rules (select() gives its order ids when not kept)."""
+        rules (select() gives its order ids when not kept). Unless `wait`, rows not kept
+        yet are made on a thread and None is returned (the caller answers from rows
+        meanwhile): at 10M profiles a rule's first use on a new index takes seconds."""
         with self._lock:
             found = self._kept.pop(rule, None)
             if found is not None:
                 self._kept[rule] = found  # the last used
                 return found
+            if not wait:
+                if rule not in self._making:
+                    self._making.add(rule)
+                    threading.Thread(target=self._make, args=(rule, select),
+                                     name="order-kept", daemon=True).start()
+                return None
+        return self._keep(rule, select)
+
+    def _make(self, rule: Any, select: Callable[[], BitMap]) -> None:
+        try:
+            self._keep(rule, select)
+        finally:
+            with self._lock:
+                self._making.discard(rule)
+
+    def _keep(self, rule: Any, select: Callable[[], BitMap]) -> Kept:
         positions = self.positions(select())
         ids = self.perm if len(positions) == self.size else self.perm.take(positions)
         found = Kept(self.index, ids)

@@ -281,11 +281,14 @@ def evaluate_orders(cond: OrdersCond, index: OrderIndex, live: BitMap,
             return found & live
     rows: _Rows
     groups: Groups | _Runs
-    layout = None
+    by_profile = None
     if index.count >= LAYOUT_MIN_ORDERS and timeless(cond.orders):
-        layout = layout_of(index, wait=index.count < LAYOUT_BACKGROUND)
-    if layout is not None:
-        rows, groups = _by_profile(cond, layout, as_of_us)
+        wait = index.count < LAYOUT_BACKGROUND
+        layout = layout_of(index, wait=wait)
+        if layout is not None:
+            by_profile = _by_profile(cond, layout, as_of_us, wait)
+    if by_profile is not None:
+        rows, groups = by_profile
         if not len(rows):
             return live if having.holds_for_no_rows() else EMPTY
     else:
@@ -450,12 +453,16 @@ def _run_sums(values: np.ndarray, bounds: np.ndarray, dtype: Any) -> np.ndarray:
     return total.take(bounds[1:]) - total.take(bounds[:-1])
 
 
-def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int
-                ) -> tuple[_Window, _Runs]:
+def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int, wait: bool = True
+                ) -> tuple[_Window, _Runs] | None:
     """The rows of an as_of-independent orders rule, by profile: the rule's rows kept
-    by the layout, each profile's run cut to the window."""
+    by the layout, each profile's run cut to the window (None: not kept yet, and being
+    made on a thread as `wait` is false)."""
     index = layout.index
-    kept = layout.kept(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders))
+    kept = layout.kept(cond.orders, lambda: _Selector(index, as_of_us).bitmap(cond.orders),
+                       wait)
+    if kept is None:
+        return None
     runs = _Runs(kept, *cond.window.bounds(as_of_us))
     return _Window(runs), runs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -143,7 +144,9 @@ def test_first_and_last_of_a_rules_orders_by_the_layout(history, window, data) -
 
 def test_a_large_index_builds_its_layout_on_a_thread(orders, monkeypatch):
     """Above LAYOUT_BACKGROUND orders the first question is answered from rows while a
-    thread builds the layout; later ones use it."""
+    thread builds the layout, the next from rows while a thread keeps the rule's rows
+    (seconds at 10M: a write must not make the next count wait for them); later ones use
+    them."""
     monkeypatch.setattr(orders_module, "LAYOUT_BACKGROUND", 0)
     orders.load(FIRST)
     index = orders.index
@@ -163,9 +166,25 @@ def test_a_large_index_builds_its_layout_on_a_thread(orders, monkeypatch):
     built.set()
     layout = layout_of(index)  # waits for the thread's build
     assert layout is layout_of(index, wait=False)
+    kept = threading.Event()
+    real_keep = layout._keep
+
+    def slow_keep(rule, select):  # held until the second answer is in
+        assert kept.wait(10)
+        return real_keep(rule, select)
+
+    monkeypatch.setattr(layout, "_keep", slow_keep)
     assert orders.profiles.names(evaluate_orders(cond, index, orders.profiles.live,
                                                  AS_OF_US)) == want
-    assert layout.nbytes() > 0 and len(layout._kept) == 1  # the second answer used it
+    assert not layout._kept  # answered from rows: the rule's rows are still being made
+    kept.set()
+    for _ in range(1000):
+        if not layout._making:
+            break
+        time.sleep(0.01)
+    assert len(layout._kept) == 1
+    assert orders.profiles.names(evaluate_orders(cond, index, orders.profiles.live,
+                                                 AS_OF_US)) == want
 
 
 def test_kept_rules_are_the_last_used_within_their_byte_budget(orders, monkeypatch):
