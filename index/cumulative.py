@@ -307,17 +307,43 @@ def build(index: RangeIndex, type_: str) -> Layout | None:
     return layout
 
 
+BACKGROUND_IDS = 1 << 21  # a field of this many profiles builds its layout on a thread
+BUILDING = "building"  # a thread is building this index's layout: the slices answer
+
+
 def layout_of(index: RangeIndex, type_: str) -> Layout | None:
-    """The index's layout, built on first use; None when it answers from its slices."""
+    """The index's layout, built on first use; None when it answers from its slices.
+    A field of BACKGROUND_IDS profiles or more is built on a thread (seconds at 10M), its
+    slices answering until it is there, so a first Count never waits for it."""
     cell = index.cell
     state = cell.state
     if state is UNBUILT:
+        if len(index.exists) >= BACKGROUND_IDS:
+            with _STARTING:
+                if cell.state is UNBUILT:
+                    cell.state = BUILDING
+                    threading.Thread(target=_build_into, args=(index, type_),
+                                     name="range-layout", daemon=True).start()
+            return None
         with _BUILD:
             state = cell.state
             if state is UNBUILT:
                 built = build(index, type_)
                 state = cell.state = SLICES if built is None else built
     return state if isinstance(state, Layout) else None
+
+
+_STARTING = threading.Lock()
+
+
+def _build_into(index: RangeIndex, type_: str) -> None:
+    with _BUILD:
+        try:
+            built = build(index, type_)
+        except BaseException:
+            index.cell.state = SLICES  # answer from the slices; a reopen tries again
+            raise
+        index.cell.state = SLICES if built is None else built
 
 
 # ---------------------------------------------------------------------- carrying over

@@ -12,6 +12,8 @@ import copy
 import gc
 import json
 import tempfile
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -167,6 +169,34 @@ def test_a_layout_is_built_on_first_use_and_carried_to_the_next_batch(tmp_path):
         assert engine.count({"field": "n0", "op": "gte", "value": 6}, as_of=AS_OF) == 29
         engine.delete_profiles(["p7"])  # had 0
         assert engine.count({"field": "n0", "op": "lte", "value": 0}, as_of=AS_OF) == 27
+
+
+def test_a_large_field_builds_its_layout_on_a_thread(tmp_path, monkeypatch):
+    """From BACKGROUND_IDS profiles the first Count answers from the slices while a thread
+    builds the layout (seconds at 10M); the answers are the same before and after."""
+    monkeypatch.setattr(cumulative, "BACKGROUND_IDS", 0)
+    records = [{"id": f"p{i}", "n0": i % 7} for i in range(200)]
+    rule = {"field": "n0", "op": "between", "value": [2, 4]}
+    expected = sum(2 <= i % 7 <= 4 for i in range(200))
+    gate = threading.Event()
+    real = cumulative.build
+
+    def held(index, type_):  # the build waits until the first answer is in
+        assert gate.wait(10)
+        return real(index, type_)
+
+    monkeypatch.setattr(cumulative, "build", held)
+    with _engine(tmp_path / "x", records) as engine:
+        index = engine.snapshot.fields["n0"]
+        assert engine.count(rule, as_of=AS_OF) == expected
+        assert index.cell.state == cumulative.BUILDING  # answered from the slices
+        gate.set()
+        for _ in range(1000):
+            if isinstance(index.cell.state, Layout):
+                break
+            time.sleep(0.01)
+        assert isinstance(index.cell.state, Layout) and len(index.cell.state) == 7
+        assert engine.count(rule, as_of=AS_OF) == expected
 
 
 def test_timestamps_get_day_bins_and_a_mid_day_constant_cuts_one(tmp_path, monkeypatch):
