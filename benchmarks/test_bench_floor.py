@@ -272,9 +272,11 @@ def test_issue_15_row(benchmark, engine, duck, floor, bench_report, row: Row):
 # lock, so this process opens the store read-only (no lock; it never writes).
 SERVE = """
 import json, sys
+from bitseg.index import cumulative, orders
 from bitseg.index.engine import Engine
 from bitseg.server.app import create_server
 
+cumulative.BACKGROUND_IDS = orders.LAYOUT_BACKGROUND = 1 << 62  # built by the first run
 engine = Engine.open(sys.argv[1], readonly=True)
 engine.cache_results = False
 counts = [engine.count(rule, as_of=as_of) for rule, as_of in json.loads(sys.argv[2])]
