@@ -1,0 +1,50 @@
+"""count_indexes (index/event_counts.py): many buckets' count indexes built at once must
+be, bitmap for bitmap and byte for byte, one count_index per bucket."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitseg.index.event_counts import count_index, count_indexes, encode_counts
+
+# a group: distinct profiles with counts; counts reach past a few bits, some powers of two
+group = st.dictionaries(st.integers(0, 2**32 - 1),
+                        st.one_of(st.integers(1, 9), st.sampled_from([1, 2, 4, 255, 256]),
+                                  st.integers(1, 2**40)),
+                        min_size=1, max_size=30)
+
+
+def _runs(groups: list[dict[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = [np.array(sorted(g), dtype=np.uint32) for g in groups]
+    counts = [np.array([g[p] for p in sorted(g)], dtype=np.int64) for g in groups]
+    bounds = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
+    return bounds, np.concatenate(ids), np.concatenate(counts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(group, min_size=1, max_size=12))
+def test_many_buckets_at_once_are_one_count_index_each(groups: list[dict[int, int]]) -> None:
+    bounds, ids, counts = _runs(groups)
+    built = list(count_indexes(bounds, ids, counts))
+    assert len(built) == len(groups)
+    for k, index in enumerate(built):
+        a, b = int(bounds[k]), int(bounds[k + 1])
+        alone = count_index(ids[a:b], counts[a:b])
+        assert index.exists == alone.exists
+        assert list(index.slices) == list(alone.slices)
+        assert encode_counts(index) == encode_counts(alone)
+        for p, c in groups[k].items():  # and it is the counts, read back bit by bit
+            assert sum(1 << i for i, s in enumerate(index.slices) if p in s) == c
+    backwards = list(range(len(groups)))[::-1]  # asked for in another order
+    assert [encode_counts(x) for x in count_indexes(bounds, ids, counts, backwards)] == \
+        [encode_counts(built[k]) for k in backwards]
+
+
+def test_no_buckets_and_a_bucket_of_ones() -> None:
+    assert list(count_indexes(np.array([0], dtype=np.int64), np.empty(0, np.uint32),
+                              np.empty(0, np.int64))) == []
+    (index,) = count_indexes(np.array([0, 3]), np.array([1, 5, 9], dtype=np.uint32),
+                             np.ones(3, dtype=np.int64))
+    assert list(index.exists) == [1, 5, 9] and [list(s) for s in index.slices] == [[1, 5, 9]]
