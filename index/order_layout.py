@@ -9,14 +9,16 @@ This layout sorts the live orders by (profile, ts, order id): position k holds o
 
 An orders rule that does not depend on as_of selects the same orders at every call:
 its rows are kept per layout in this order (`Kept`, the last KEPT_RULES rules): their
-order ids, ts, the bounds of each profile's run and, once aggregated, the key column.
-A call then reads only those arrays, in order: the window is a mask over the kept ts
-(a suffix of each profile's run when the window ends after the latest order), and a
-per-profile sum is the difference of one cumulative sum at the run bounds; min / max
+order ids, owners, ts, where each profile's run starts and, once aggregated, the
+cumulative sums of the key column.  A call then reads only those arrays, in order: the
+window is a mask over the kept ts, whose rows in a run are one stretch (a run is in
+time order); the stretches' first and last rows are where the mask turns on and off
+(two flatnonzero), so only profiles with a row in the window are grouped at all, and a
+per-profile sum is the difference of the cumulative sums at a stretch's ends; min / max
 are one reduceat.  No scatter, and nothing sized by the largest profile id.
 
-Memory: perm and pos, 8 bytes a live order; a kept rule 4 + 8 bytes a row it selects,
-8 more for each column aggregated over it, 12 bytes a profile with such rows.
+Memory: perm and pos, 8 bytes a live order; a kept rule 4 + 4 + 8 + 1 bytes a row it
+selects, 8 more for each column aggregated over it, 12 bytes a profile with such rows.
 
 Nothing here is stored: a layout belongs to one immutable OrderIndex (a weak cache,
 `layout_of`), made on first use and dropped with it.  A write publishes a new index,
@@ -46,15 +48,17 @@ LOW = np.uint64(0xFFFFFFFF)
 
 class Kept:
     """The live orders an as_of-independent orders rule selects, in layout order (by
-    profile, then time), with what its evaluations read: their order ids, ts, the
-    bounds of each profile's run (`bounds[g]` … `bounds[g + 1]`, profile `profiles[g]`)
-    and, made on first use, the key columns aggregated over them."""
+    profile, then time), with what its evaluations read: their order ids, owners, ts,
+    where each profile's run starts (`newrun`, and its bounds `bounds[g]` …
+    `bounds[g + 1]`, profile `profiles[g]`) and, made on first use, the key columns
+    aggregated over them."""
 
     def __init__(self, index: OrderIndex, ids: np.ndarray) -> None:
         self.index, self.ids = index, ids
-        owners = index.owner_buf.take(ids)
-        starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1]))) \
-            if len(ids) else np.zeros(0, dtype=np.intp)
+        self.owners = owners = index.owner_buf.take(ids)
+        self.newrun = np.concatenate(([True], owners[1:] != owners[:-1])) if len(ids) \
+            else np.zeros(0, dtype=bool)
+        starts = np.flatnonzero(self.newrun)
         self.bounds = np.append(starts, len(ids))
         self.profiles = owners.take(starts)
         self.ts = index.ts_buf.take(ids)
@@ -94,7 +98,7 @@ class Kept:
     def nbytes(self) -> int:
         """The bytes this kept rule holds (its ids shared with the layout when it keeps
         every live order)."""
-        arrays = [self.ids, self.bounds, self.profiles, self.ts]
+        arrays = [self.ids, self.owners, self.newrun, self.bounds, self.profiles, self.ts]
         for found in self._keys.values():
             if found is not None:
                 arrays.extend(a for a in found if a is not None)

@@ -386,23 +386,32 @@ class _Window(_Rows):
 class _Runs:
     """Groups (as compare.Groups) over kept rows that are one run per profile, in time
     order, so the rows of a run inside the window [lo, hi) are one stretch of it,
-    first … last.  Counts are last - first; a sum of a column without gaps is the
-    difference of its cumulative sums there (Kept.prefix); other reductions go over
-    every kept row with the window folded into the values' validity (`inside`, made
-    when asked for); int64 sums by one cumulative sum, exact because int64 wraps and
-    each run's own sum fits (which the callers check)."""
+    first … last - 1.  Only runs with a row in the window are groups: the stretches
+    start where the window mask turns on (or a run starts inside it) and end where it
+    turns off (or the run ends), found by two flatnonzero over the mask, with no pass
+    over the runs outside it.  Counts are last - first; a sum of a column without gaps
+    is the difference of its cumulative sums there (Kept.prefix); other reductions go
+    over the stretches, the window also folded into the values' validity (`inside`);
+    int64 sums by one cumulative sum, exact because int64 wraps and each stretch's own
+    sum fits (which the callers check)."""
 
-    sparse = False  # one entry per run, rows or not (see evaluate_orders)
+    sparse = False  # (see evaluate_orders) every group has rows; `has` says so
 
     def __init__(self, kept: Kept, lo: int | None, hi: int) -> None:
         self.kept, self.lo, self.hi = kept, lo, hi
-        self.size = len(kept.profiles)
-        starts = kept.bounds[:-1]
         self.whole = len(kept) == 0 or (lo is None and kept.latest < hi)  # every row in
-        self.first = starts if lo is None else starts + _below(kept, lo)
-        self.last = kept.bounds[1:] if kept.latest is None or kept.latest < hi else \
-            np.maximum(starts + _below(kept, hi), self.first)
         self._inside: np.ndarray | None = None
+        if self.whole:
+            self.first, self.last = kept.bounds[:-1], kept.bounds[1:]
+        else:
+            inside, newrun = self.inside, kept.newrun
+            starts = inside.copy()  # inside, and the first row or the one before is not
+            starts[1:] &= newrun[1:] | ~inside[:-1]
+            ends = inside.copy()  # inside, and the last row or the one after is not
+            ends[:-1] &= newrun[1:] | ~inside[1:]
+            self.first = np.flatnonzero(starts)
+            self.last = np.flatnonzero(ends) + 1
+        self.size = len(self.first)
 
     @property
     def inside(self) -> np.ndarray | None:
@@ -422,11 +431,11 @@ class _Runs:
         return self.last > self.first
 
     def profiles(self, mask: np.ndarray) -> BitMap:
-        return bitmap_of(self.kept.profiles[mask])
+        return bitmap_of(self.kept.owners.take(self.first[mask]))
 
     def sums(self, name: str) -> np.ndarray | None:
-        """Each run's sum of a column inside the window from its cumulative sums; None
-        when the column has gaps among the kept rows or a sum could overflow int64."""
+        """Each stretch's sum of a column from its cumulative sums; None when the
+        column has gaps among the kept rows or a sum could overflow int64."""
         prefix = self.kept.prefix(name)
         if prefix is None or \
                 self.kept.index.columns[name].bound * int(self.counts.max(initial=0)) >= 2**63:
@@ -435,22 +444,14 @@ class _Runs:
 
     def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
         if ufunc is np.add and values.dtype != object:
-            return _run_sums(values, self.kept.bounds, values.dtype)
-        return ufunc.reduceat(values, self.kept.bounds[:-1])
-
-
-def _below(kept: Kept, moment: int) -> np.ndarray:
-    """Per run: how many of its rows have ts < moment (its first ones: runs are in time
-    order)."""
-    return _run_sums(kept.ts < moment, kept.bounds, np.int64)
-
-
-def _run_sums(values: np.ndarray, bounds: np.ndarray, dtype: Any) -> np.ndarray:
-    """The sum of each run bounds[g] … bounds[g + 1] of values, by differences of one
-    cumulative sum."""
-    total = np.zeros(len(values) + 1, dtype=dtype)
-    np.cumsum(values, dtype=dtype, out=total[1:])
-    return total.take(bounds[1:]) - total.take(bounds[:-1])
+            total = np.zeros(len(values) + 1, dtype=values.dtype)
+            np.cumsum(values, out=total[1:])
+            return total.take(self.last) - total.take(self.first)
+        if self.whole or not self.size:
+            return ufunc.reduceat(values, self.first) if self.size else values[:0]
+        bounds = np.empty(2 * self.size, dtype=np.intp)  # [first, last) pairs; a spare
+        bounds[0::2], bounds[1::2] = self.first, self.last  # value so last < len
+        return ufunc.reduceat(np.append(values, values[:1]), bounds)[0::2]
 
 
 def _by_profile(cond: OrdersCond, layout: OrderLayout, as_of_us: int, wait: bool = True
