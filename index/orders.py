@@ -431,7 +431,9 @@ class _Runs:
         return self.last > self.first
 
     def profiles(self, mask: np.ndarray) -> BitMap:
-        return bitmap_of(self.kept.owners.take(self.first[mask]))
+        # compress, not first[mask]: numpy 2.4 indexes by a mask ~8x slower (2.5 vs
+        # 0.3 ms for 300k entries)
+        return bitmap_of(self.kept.owners.take(np.compress(mask, self.first)))
 
     def sums(self, name: str) -> np.ndarray | None:
         """Each stretch's sum of a column from its cumulative sums; None when the
