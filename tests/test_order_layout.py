@@ -201,3 +201,45 @@ def test_kept_rules_are_the_last_used_within_their_byte_budget(orders, monkeypat
     monkeypatch.setattr(order_layout, "KEPT_BYTES", 0)
     layout.kept("d", lambda: BitMap([2]))
     assert list(layout._kept) == ["d"]  # over the budget alone: kept, the others dropped
+
+
+def _kept_of(owners: list[int], ts: list[int], amounts: list[int | None]) -> order_layout.Kept:
+    """A Kept over hand-made order columns (ids sorted by owner, then ts, as a layout's)."""
+    from types import SimpleNamespace
+    keys = np.array([0 if a is None else a for a in amounts], dtype=np.int64)
+    valid = np.array([a is not None for a in amounts], dtype=bool)
+    col = SimpleNamespace(keys=keys, valid=valid, complete=bool(valid.all()),
+                          bound=int(np.abs(keys).max(initial=0)))
+    index = SimpleNamespace(owner_buf=np.array(owners, dtype=np.uint32),
+                            ts_buf=np.array(ts, dtype=np.int64), columns={"amount": col})
+    order = sorted(range(len(owners)), key=lambda i: (owners[i], ts[i], i))
+    return order_layout.Kept(index, np.array(order, dtype=np.uint32))  # type: ignore[arg-type]
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 12),
+                          st.one_of(st.none(), st.integers(-50, 50))), max_size=30),
+       st.one_of(st.none(), st.integers(-1, 14)), st.integers(-1, 14))
+def test_window_groups_are_the_profiles_with_rows_in_it(rows, lo, hi):
+    """_Runs groups exactly the profiles with a kept row in [lo, hi): each group's
+    stretch holds its rows there (counts, sums from cumulative sums and by reduce, min),
+    whatever the window cuts (run starts, ends, middles, ties in ts, adjacent runs)."""
+    kept = _kept_of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    runs = orders_module._Runs(kept, lo, hi)
+    inside = [r for r in rows if (lo is None or r[1] >= lo) and r[1] < hi]
+    want = sorted({r[0] for r in inside})
+    assert list(runs.profiles(np.ones(runs.size, dtype=bool))) == want
+    assert runs.has.all()
+    mine = {p: [r[2] for r in inside if r[0] == p] for p in want}
+    assert runs.counts.tolist() == [len(mine[p]) for p in want]
+    amounts = {p: [a for a in mine[p] if a is not None] for p in want}
+    keys, valid = kept.keys("amount")
+    values = keys if valid is None else np.where(valid, keys, 0)
+    assert runs.reduce(np.add, values, 0).tolist() == [sum(amounts[p]) for p in want]
+    sums = runs.sums("amount")
+    assert sums is None or sums.tolist() == [sum(amounts[p]) for p in want]
+    big = np.iinfo(np.int64).max
+    least = runs.reduce(np.minimum, values if valid is None else np.where(valid, keys, big),
+                        big)
+    assert least.tolist() == [min(amounts[p], default=big) for p in want]
+    ones = runs.reduce(np.add, np.ones(len(kept), dtype=object), 0)  # object: reduceat
+    assert ones.tolist() == [len(mine[p]) for p in want]
