@@ -14,11 +14,13 @@ cumulative sums of the key column.  A call then reads only those arrays, in orde
 window is a mask over the kept ts, whose rows in a run are one stretch (a run is in
 time order); the stretches' first and last rows are where the mask turns on and off
 (two flatnonzero), so only profiles with a row in the window are grouped at all, and a
-per-profile sum is the difference of the cumulative sums at a stretch's ends; min / max
+per-profile sum is the difference of the cumulative sums at a stretch's ends (or one
+read of each row's sum to its run's end, when every stretch ends with its run); min / max
 are one reduceat.  No scatter, and nothing sized by the largest profile id.
 
 Memory: perm and pos, 8 bytes a live order; a kept rule 4 + 4 + 8 + 1 bytes a row it
-selects, 8 more for each column aggregated over it, 12 bytes a profile with such rows.
+selects, 8 more for each column aggregated over it (16 for a sum over a window ending
+after the latest order: its tails too), 12 bytes a profile with such rows.
 
 Nothing here is stored: a layout belongs to one immutable OrderIndex (a weak cache,
 `layout_of`), made on first use and dropped with it.  A write publishes a new index,
@@ -63,8 +65,10 @@ class Kept:
         self.profiles = owners.take(starts)
         self.ts = index.ts_buf.take(ids)
         self.latest = int(self.ts.max()) if len(ids) else None
+        self.most = int(np.diff(self.bounds).max(initial=0))  # the longest run
         self._keys: dict[str, tuple[np.ndarray, np.ndarray | None] | None] = {}
         self._prefix: dict[str, np.ndarray | None] = {}
+        self._tail: dict[str, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,6 +86,19 @@ class Kept:
                 np.cumsum(col.keys.take(self.ids), out=found[1:])
             self._prefix[name] = found
         return self._prefix[name]
+
+    def tail(self, name: str) -> np.ndarray | None:
+        """Per row, the sum of an order key column from it to the end of its run (int64,
+        exact whenever a run's sum fits int64), from the cumulative sums, made on first
+        use and kept; None as for prefix."""
+        if name not in self._tail:
+            prefix = self.prefix(name)
+            found = None
+            if prefix is not None:
+                run_ends = np.repeat(self.bounds[1:], np.diff(self.bounds))
+                found = prefix.take(run_ends) - prefix[:-1]
+            self._tail[name] = found
+        return self._tail[name]
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None] | None:
         """(keys, validity or None when every row has a value) of an order key column
@@ -103,6 +120,7 @@ class Kept:
             if found is not None:
                 arrays.extend(a for a in found if a is not None)
         arrays.extend(a for a in self._prefix.values() if a is not None)
+        arrays.extend(a for a in self._tail.values() if a is not None)
         return sum(a.nbytes for a in arrays)
 
 

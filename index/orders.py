@@ -390,7 +390,9 @@ class _Runs:
     start where the window mask turns on (or a run starts inside it) and end where it
     turns off (or the run ends), found by two flatnonzero over the mask, with no pass
     over the runs outside it.  Counts are last - first; a sum of a column without gaps
-    is the difference of its cumulative sums there (Kept.prefix); other reductions go
+    is the difference of its cumulative sums there (Kept.prefix), or when the stretches
+    end with their runs (a window ending after the latest order) one read of the sums
+    from each row to its run's end (Kept.tail), `last` then not needed; others go
     over the stretches, the window also folded into the values' validity (`inside`);
     int64 sums by one cumulative sum, exact because int64 wraps and each stretch's own
     sum fits (which the callers check)."""
@@ -400,18 +402,27 @@ class _Runs:
     def __init__(self, kept: Kept, lo: int | None, hi: int) -> None:
         self.kept, self.lo, self.hi = kept, lo, hi
         self.whole = len(kept) == 0 or (lo is None and kept.latest < hi)  # every row in
+        self.to_end = self.whole or kept.latest < hi  # each stretch ends with its run
         self._inside: np.ndarray | None = None
+        self._last: np.ndarray | None = None
         if self.whole:
-            self.first, self.last = kept.bounds[:-1], kept.bounds[1:]
+            self.first, self._last = kept.bounds[:-1], kept.bounds[1:]
         else:
             inside, newrun = self.inside, kept.newrun
             starts = inside.copy()  # inside, and the first row or the one before is not
             starts[1:] &= newrun[1:] | ~inside[:-1]
+            self.first = np.flatnonzero(starts)
+        self.size = len(self.first)
+
+    @property
+    def last(self) -> np.ndarray:
+        """Where each stretch ends (exclusive), made when asked for."""
+        if self._last is None:
+            inside, newrun = self.inside, self.kept.newrun
             ends = inside.copy()  # inside, and the last row or the one after is not
             ends[:-1] &= newrun[1:] | ~inside[1:]
-            self.first = np.flatnonzero(starts)
-            self.last = np.flatnonzero(ends) + 1
-        self.size = len(self.first)
+            self._last = np.flatnonzero(ends) + 1
+        return self._last
 
     @property
     def inside(self) -> np.ndarray | None:
@@ -438,9 +449,14 @@ class _Runs:
     def sums(self, name: str) -> np.ndarray | None:
         """Each stretch's sum of a column from its cumulative sums; None when the
         column has gaps among the kept rows or a sum could overflow int64."""
-        prefix = self.kept.prefix(name)
-        if prefix is None or \
-                self.kept.index.columns[name].bound * int(self.counts.max(initial=0)) >= 2**63:
+        kept = self.kept
+        bound = kept.index.columns[name].bound if name in kept.index.columns else 0
+        if self.to_end and bound * kept.most < 2**63:  # a run's sum fits: from its tails
+            tail = kept.tail(name)
+            if tail is not None:
+                return tail.take(self.first)
+        prefix = kept.prefix(name)
+        if prefix is None or bound * int(self.counts.max(initial=0)) >= 2**63:
             return None
         return prefix.take(self.last) - prefix.take(self.first)
 

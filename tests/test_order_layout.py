@@ -235,8 +235,10 @@ def test_window_groups_are_the_profiles_with_rows_in_it(rows, lo, hi):
     keys, valid = kept.keys("amount")
     values = keys if valid is None else np.where(valid, keys, 0)
     assert runs.reduce(np.add, values, 0).tolist() == [sum(amounts[p]) for p in want]
-    sums = runs.sums("amount")
-    assert sums is None or sums.tolist() == [sum(amounts[p]) for p in want]
+    assert runs.sums("amount") is None or all(r[2] is not None for r in rows)
+    full = _kept_of([r[0] for r in rows], [r[1] for r in rows], [r[2] or 0 for r in rows])
+    sums = orders_module._Runs(full, lo, hi).sums("amount")  # no gaps: cumulative sums
+    assert sums.tolist() == [sum(amounts[p]) for p in want]
     big = np.iinfo(np.int64).max
     least = runs.reduce(np.minimum, values if valid is None else np.where(valid, keys, big),
                         big)
