@@ -25,7 +25,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
-from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
+from bitseg.index.event_counts import add_counts, count_indexes, decode_counts, encode_counts
 from bitseg.index.event_group import (
     BUCKET_OFFSET,
     KIND_OF,
@@ -53,6 +53,7 @@ from bitseg.index.timeline import month_of
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
 RUN_LIMIT = 32 << 20  # count runs held before the buckets are written (a spill): 16 B each
+PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 
 
 def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
@@ -514,17 +515,21 @@ class EventBatch:
         rank[sorted(range(len(names)), key=lambda i: names[i].encode())] = \
             np.arange(len(names))
         order = np.lexsort((rank[streams], buckets, codes >> 62)).tolist()
-        streams, buckets, bounds = streams.tolist(), buckets.tolist(), bounds.tolist()
-        put, txn, written, version = self.store.put, self.txn, self.written, self.version
-        for i in order:
+        streams, buckets = streams.tolist(), buckets.tolist()
+        written, version = self.written, self.version
+        built = count_indexes(bounds, profiles, rows, order)
+        items: list[tuple[bytes, bytes]] = []
+        for i, fresh in zip(order, built, strict=True):
             kind, stream, bucket = KIND_OF[kinds[i]], names[streams[i]], buckets[i]
             key = (kind, stream, bucket)
-            a, b = bounds[i], bounds[i + 1]
-            fresh = count_index(profiles[a:b], rows[a:b])
             current = self._stored(key)
             counts = add_counts(current, fresh) if current is not None else fresh
-            put(txn, "events", count_key(kind, bucket, stream), encode_counts(counts))
+            items.append((count_key(kind, bucket, stream), encode_counts(counts)))
             written[key] = version
+            if len(items) == PUT_ITEMS:
+                self.store.put_many(self.txn, "events", items, overwrite=True)
+                items = []
+        self.store.put_many(self.txn, "events", items, overwrite=True)
 
     def _list(self, codes: np.ndarray) -> None:
         """Add the buckets to their streams' sorted listings (and mark those to rewrite)."""

@@ -92,13 +92,30 @@ class BucketRuns:
         """Merge the parts into one: runs of a (bucket, profile) in several flushes add up."""
         if len(self.parts) < 2:
             return
-        runs = np.concatenate([p[0] for p in self.parts])
-        rows = np.concatenate([p[1] for p in self.parts])
-        self.parts = []
-        order = np.argsort(runs, kind="stable")  # sorted parts: a merge
-        runs = runs[order]
-        rows = rows[order]
-        del order
+        run_bits = max(int(p[0][-1]).bit_length() for p in self.parts)  # runs ascend
+        row_bits = max(int(p[1].max()).bit_length() for p in self.parts)
+        if run_bits + row_bits <= 63:
+            # rows packed below their run into one array, sorted in place (timsort merges
+            # the sorted parts): no argsort and no gather of two arrays, one allocation
+            runs = np.empty(self.size, dtype=np.int64)
+            at = 0
+            for part_runs, part_rows in self.parts:
+                into = runs[at:at + len(part_runs)]
+                np.left_shift(part_runs, row_bits, out=into)
+                into |= part_rows
+                at += len(part_runs)
+            self.parts = []
+            runs.sort(kind="stable")
+            rows = runs & ((1 << row_bits) - 1)
+            runs >>= row_bits
+        else:
+            runs = np.concatenate([p[0] for p in self.parts])
+            rows = np.concatenate([p[1] for p in self.parts])
+            self.parts = []
+            order = np.argsort(runs, kind="stable")  # sorted parts: a merge
+            runs = runs[order]
+            rows = rows[order]
+            del order
         starts = np.flatnonzero(np.concatenate(([True], runs[1:] != runs[:-1])))
         self.parts = [(runs[starts], np.add.reduceat(rows, starts))]
         self.size = len(starts)

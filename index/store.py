@@ -222,13 +222,15 @@ class Store:
         txn.delete(key, db=self.db[db])
 
     def put_many(self, txn: Txn, db: str, items: Iterable[tuple[bytes, bytes]], *,
-                 append: bool = False) -> int:
+                 append: bool = False, overwrite: bool = False) -> int:
         """Put many new entries in one call (the loop runs in C); how many were added.
-        An entry whose key is there already is left as it is and not counted.
+        An entry whose key is there already is left as it is and not counted (replaced,
+        still not counted, with overwrite=True).
 
         append: the keys are ascending and past every key already there (new dense ids),
         which LMDB writes without searching; a key that is not is refused, not written."""
-        return txn.cursor(db=self.db[db]).putmulti(items, overwrite=False, append=append)[1]
+        return txn.cursor(db=self.db[db]).putmulti(items, overwrite=overwrite,
+                                                   append=append)[1]
 
     def present(self, txn: Txn, db: str, keys: list[bytes]) -> list[bytes]:
         """Those of these keys that are in the database (looked up in one call)."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from storecmp import store_entries
 from test_columnar import _load, assert_same_load
 
@@ -113,3 +115,41 @@ def test_runs_add_up_across_parts_and_keep_their_buckets() -> None:
     assert got == {((b"d", 1, 7), 9, 2), ((b"d", 3, -5), 4, 1), ((b"d", 3, -5), 9, 1),
                    ((b"d", 3, 7), 9, 1), ((b"m", 2, -1), 2, 2)}
     assert runs.size == 0 and runs.drain() is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2**32 - 1),
+                                   st.sampled_from([1, 1, 2, 3, 5000, 2**20, 2**40])),
+                         max_size=25), min_size=1, max_size=5))
+def test_compacting_parts_adds_their_rows_per_bucket_and_profile(
+        flushes: list[list[tuple[int, int, int]]]) -> None:
+    """compact merges sorted parts into one (packing rows beside the run when they fit,
+    a stable argsort when not); the sums are exact either way."""
+    runs = BucketRuns()
+    runs.code_of = np.arange(41, dtype=np.int64)
+    expected: dict[tuple[int, int], int] = {}
+    for flush in flushes:
+        pairs = {}
+        for gid, profile, rows in flush:
+            pairs[(gid, profile)] = pairs.get((gid, profile), 0) + rows
+            expected[(gid, profile)] = expected.get((gid, profile), 0) + rows
+        keys = sorted(pairs)
+        if not keys:  # add() keeps no empty part
+            continue
+        runs.parts.append((np.array([g << 32 | p for g, p in keys], dtype=np.int64),
+                           np.array([pairs[k] for k in keys], dtype=np.int64)))
+        runs.size += len(keys)
+    runs.compact()
+    assert runs.size == len(expected)
+    drained = runs.drain()
+    if not expected:
+        assert drained is None
+        return
+    codes, bounds, profiles, rows = drained
+    got = {(int(codes[i]), int(p)): int(r)
+           for i in range(len(codes))
+           for p, r in zip(profiles[bounds[i]:bounds[i + 1]], rows[bounds[i]:bounds[i + 1]],
+                           strict=True)}
+    assert got == expected
+    assert all(np.all(np.diff(profiles[bounds[i]:bounds[i + 1]].astype(np.int64)) > 0)
+               for i in range(len(codes)))
