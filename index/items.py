@@ -39,11 +39,13 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index import orders as orders_module
 from bitseg.index import types as T
 from bitseg.index.compare import DENSE_RATIO, I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.order_index import NO_IDS, NONE, OrderIndex
+from bitseg.index.order_layout import KeptLines, OrderLayout, layout_of
 from bitseg.index.orders import (
     _bits,
     _scaled,
@@ -372,6 +374,14 @@ def holds_for_no_rows(cond: ItemsCond) -> bool:
 def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: int
                    ) -> BitMap:
     """The live profiles for which the items rule holds."""
+    if index.count >= orders_module.LAYOUT_MIN_ORDERS and \
+            cond.having.agg in ("count", "sum", "avg") and \
+            timeless(cond.items) and timeless(cond.orders):
+        wait = index.count < orders_module.LAYOUT_BACKGROUND
+        layout = layout_of(index, wait=wait)
+        found = None if layout is None else _by_profile(cond, layout, live, as_of_us, wait)
+        if found is not None:
+            return found
     lines, orders = _selected(cond, index, as_of_us)
     empty = holds_for_no_rows(cond)
     ok = _dense_sum(cond, index, lines, orders) if len(lines) else None
@@ -385,6 +395,45 @@ def evaluate_items(cond: ItemsCond, index: OrderIndex, live: BitMap, as_of_us: i
     if empty:
         return live - groups.profiles(groups.has & ~ok)
     return groups.profiles(groups.has & ok) & live
+
+
+def _by_profile(cond: ItemsCond, layout: OrderLayout, live: BitMap, as_of_us: int,
+                wait: bool) -> BitMap | None:
+    """count / sum / avg of an items rule whose items and orders rules do not depend on
+    as_of, by the profile layout (index/order_layout.py): the rule's lines kept in
+    layout order (KeptLines: by profile, then time), the window a stretch of each
+    profile's run, each aggregate a difference of cumulative sums (orders._Runs).  None
+    when the lines are not kept yet (made on a thread as `wait` is false) or a sum could
+    overflow int64 (the caller answers from rows)."""
+    index = layout.index
+
+    def select() -> KeptLines:
+        items = _ItemSelector(index, as_of_us).bitmap(cond.items)
+        return layout.lines(ids_of(items), _Selector(index, as_of_us).bitmap(cond.orders))
+
+    kept = layout.kept(("items", cond.items, cond.orders), select, wait)
+    if kept is None:
+        return None
+    runs = orders_module._Runs(kept, *cond.window.bounds(as_of_us))
+    having = cond.having
+    if having.agg == "count":
+        ok = compare(runs.counts, having.op, having.value)
+    else:
+        sums = runs.sums(having.of)
+        factor = Fraction(cond.spend_scale, T.FLOAT_SCALE) if having.of == "spend" else 1
+        value = _scaled(having.value, factor)
+        if sums is None:
+            return None
+        if having.agg == "sum":
+            ok = compare(sums, having.op, value)
+        else:
+            n = runs.sums("n:" + having.of)
+            if n is None:
+                return None
+            ok = (n > 0) & compare_avg(sums, n, having.op, value)
+    if holds_for_no_rows(cond):  # the groups are the profiles with lines in the window
+        return live - runs.profiles(~ok)
+    return runs.profiles(ok) & live
 
 
 EXACT = 2**53  # float64 adds integers exactly while every partial sum stays below this

@@ -87,6 +87,11 @@ class Kept:
             self._prefix[name] = found
         return self._prefix[name]
 
+    def bound(self, name: str) -> int:
+        """A bound of |key| of a column's rows (0 without the column)."""
+        col = self.index.columns.get(name)
+        return 0 if col is None else col.bound
+
     def tail(self, name: str) -> np.ndarray | None:
         """Per row, the sum of an order key column from it to the end of its run (int64,
         exact whenever a run's sum fits int64), from the cumulative sums, made on first
@@ -154,10 +159,11 @@ class OrderLayout:
         found.sort()
         return found
 
-    def kept(self, rule: Any, select: Callable[[], BitMap], wait: bool = True
+    def kept(self, rule: Any, select: Callable[[], BitMap | Kept], wait: bool = True
              ) -> Kept | None:
         """The rows of an as_of-independent orders rule, kept for the last KEPT_RULES
-        rules (select() gives its order ids when not kept). Unless `wait`, rows not kept
+        rules (select() gives its order ids when not kept, or the rows made: an items
+        rule's KeptLines, see lines). Unless `wait`, rows not kept
         yet are made on a thread and None is returned (the caller answers from rows
         meanwhile): at 10M profiles a rule's first use on a new index takes seconds."""
         with self._lock:
@@ -173,17 +179,21 @@ class OrderLayout:
                 return None
         return self._keep(rule, select)
 
-    def _make(self, rule: Any, select: Callable[[], BitMap]) -> None:
+    def _make(self, rule: Any, select: Callable[[], BitMap | Kept]) -> None:
         try:
             self._keep(rule, select)
         finally:
             with self._lock:
                 self._making.discard(rule)
 
-    def _keep(self, rule: Any, select: Callable[[], BitMap]) -> Kept:
-        positions = self.positions(select())
-        ids = self.perm if len(positions) == self.size else self.perm.take(positions)
-        found = Kept(self.index, ids)
+    def _keep(self, rule: Any, select: Callable[[], BitMap | Kept]) -> Kept:
+        chosen = select()
+        if isinstance(chosen, Kept):
+            found = chosen
+        else:
+            positions = self.positions(chosen)
+            ids = self.perm if len(positions) == self.size else self.perm.take(positions)
+            found = Kept(self.index, ids)
         with self._lock:
             self._kept.pop(rule, None)
             total = self._own(found) + sum(self._own(k) for k in self._kept.values())
@@ -192,6 +202,22 @@ class OrderLayout:
             self._kept[rule] = found
         return found
 
+    def lines(self, lines: np.ndarray, orders: BitMap) -> KeptLines:
+        """KeptLines of these item ids (sorted) whose order is live and among `orders`:
+        sorted by their order's position (stable: then by item id)."""
+        index = self.index
+        owner = index.item_owner_buf.take(lines)
+        wanted = np.zeros(index.count, dtype=bool)
+        wanted[ids_of(orders).astype(np.intp)] = True
+        keep = owner != NONE
+        keep[keep] = wanted.take(owner[keep].astype(np.intp))
+        lines, owner = np.compress(keep, lines), np.compress(keep, owner)
+        pos = self.pos.take(owner.astype(np.intp))
+        live = pos != NONE
+        lines, owner, pos = lines[live], owner[live], pos[live]
+        by_position = np.argsort(pos, kind="stable")
+        return KeptLines(index, owner.take(by_position), lines.take(by_position))
+
     def nbytes(self) -> int:
         """The bytes this layout holds now (its arrays and the kept rules' rows)."""
         return self.perm.nbytes + self.pos.nbytes + sum(map(self._own, self._kept.values()))
@@ -199,6 +225,73 @@ class OrderLayout:
     def _own(self, kept: Kept) -> int:
         """A kept rule's bytes, less its ids when they are the layout's own."""
         return kept.nbytes() - (kept.ids.nbytes if kept.ids is self.perm else 0)
+
+
+class KeptLines(Kept):
+    """The current item lines an as_of-independent items rule selects of the live orders
+    an as_of-independent orders rule selects, in layout order (by profile, then their
+    order's time, then item id), for the `items` rule (index/items.py): `ids` are each
+    line's order (so owners and ts are its order's), `lines` the item ids.  Its columns
+    are line values: "qty", "price", "spend" (price × qty of the line's keys), 0 where a
+    line lacks it, and "n:" + one of them, 1 where a line has it; only cumulative sums
+    (prefix, tail) are read, never keys."""
+
+    def __init__(self, index: OrderIndex, ids: np.ndarray, lines: np.ndarray) -> None:
+        super().__init__(index, ids)
+        self.lines = lines
+        self._bounds: dict[str, int] = {}
+
+    def _values(self, name: str) -> np.ndarray | None:
+        """The int64 values of a line column (see the class), None when a value could
+        overflow int64; records the column's bound."""
+        of = name[2:] if name.startswith("n:") else name
+        names = ("items.qty", "items.price") if of == "spend" else ("items." + of,)
+        cols = [self.index.item_columns.get(n) for n in names]
+        lines = self.lines
+        if any(col is None for col in cols):
+            self._bounds[name] = 0
+            return np.zeros(len(lines), dtype=np.int64)
+        valid = None
+        for col in cols:
+            if not col.complete:
+                mine = col.valid.take(lines)
+                valid = mine if valid is None else valid & mine
+        if name.startswith("n:"):
+            self._bounds[name] = 1
+            return np.ones(len(lines), np.int64) if valid is None else valid.astype(np.int64)
+        bound = 1
+        for col in cols:
+            bound *= col.bound
+        if bound >= 2**63:
+            return None
+        self._bounds[name] = bound
+        values = cols[0].keys.take(lines)
+        for col in cols[1:]:
+            values = values * col.keys.take(lines)
+        return values if valid is None else np.where(valid, values, 0)
+
+    def prefix(self, name: str) -> np.ndarray | None:
+        """Cumulative sums of a line column (see Kept.prefix); None when a value could
+        overflow int64."""
+        if name not in self._prefix:
+            values = self._values(name)
+            found = None
+            if values is not None:
+                found = np.zeros(len(values) + 1, dtype=np.int64)
+                np.cumsum(values, out=found[1:])
+            self._prefix[name] = found
+        return self._prefix[name]
+
+    def bound(self, name: str) -> int:
+        if name not in self._bounds:
+            self.prefix(name)
+        return self._bounds.get(name, 2**63)
+
+    def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        raise NotImplementedError("item lines are read by cumulative sums only")
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.lines.nbytes
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[OrderIndex, OrderLayout] = weakref.WeakKeyDictionary()

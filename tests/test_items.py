@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from bitseg.index import compare as compare_module
 from bitseg.index import items as items_module
+from bitseg.index import orders as orders_module
 from bitseg.index import types as T
 from bitseg.index.engine import Engine
 from bitseg.index.errors import RuleError
@@ -250,6 +251,8 @@ LAYOUTS = {  # index/items.py's paths, each forced on the small data of these te
              (items_module, "ORDER_LINE_RULES", 0)],
     # as if the rows were few: groups by sorting, one entry per profile with rows
     "sorted": [(items_module, "DENSE_RATIO", 10**9), (compare_module, "DENSE_RATIO", 10**9)],
+    # count / sum / avg by the profile layout's kept lines and cumulative sums
+    "layout": [(orders_module, "LAYOUT_MIN_ORDERS", 0)],
 }
 
 
@@ -286,11 +289,40 @@ def test_sums_in_steps_match_reference(orders: list[dict], rule: dict, wrap: boo
     engine = _engine(orders)
     engine.cache_results = False
     try:
-        for layout in ("fast", "masked", "steps", "wide"):
+        for layout in ("fast", "masked", "steps", "wide", "layout"):
             with contextlib.ExitStack() as forced:
                 for module, name, value in LAYOUTS[layout]:
                     forced.enter_context(mock.patch.object(module, name, value))
                 _check_reference(engine, orders, rule, wrap, layout)
+    finally:
+        engine.close()
+
+
+@st.composite
+def layout_rules(draw: Any) -> dict:
+    """A rule with `having` count, sum or avg: the aggregates the profile layout
+    answers."""
+    rule = draw(rules())
+    agg = draw(st.sampled_from(["count", "sum", "avg"]))
+    op = draw(st.sampled_from(["gt", "lte", "eq", "lt"]))
+    if agg == "count":
+        rule["having"] = {"agg": "count", "op": op, "value": draw(st.integers(0, 3))}
+    else:
+        rule["having"] = {"agg": agg, "of": draw(st.sampled_from(["qty", "price", "spend"])),
+                          "op": op, "value": draw(st.sampled_from([0, 3, 19.99, 59.97, 300]))}
+    return rule
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order_lists(), layout_rules(), st.booleans())
+def test_layout_counts_sums_and_averages_match_reference(orders: list[dict], rule: dict,
+                                                         wrap: bool) -> None:
+    """count / sum / avg by the profile layout's kept lines (forced on few orders)."""
+    engine = _engine(orders)
+    engine.cache_results = False
+    try:
+        with mock.patch.object(orders_module, "LAYOUT_MIN_ORDERS", 0):
+            _check_reference(engine, orders, rule, wrap, "layout")
     finally:
         engine.close()
 
