@@ -35,7 +35,9 @@ def count_indexes(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
     The same indexes as one count_index per group, without a mask per slice per group:
     one pass per bit over all the runs picks the ids with that bit set (still ascending
     within each group), so each group's slice is a contiguous range of that pick, found
-    by a binary search of the bounds. Python only builds the bitmaps."""
+    by a binary search of the bounds. Python only builds the bitmaps. Most counts are
+    1, so where every count of a group is odd its slice 0 is a copy of `exists`. (Not
+    `exists` less the even ones: a difference may leave other containers, other bytes.)"""
     if len(bounds) < 2:
         return
     top = np.maximum.reduceat(counts, bounds[:-1])
@@ -48,9 +50,13 @@ def count_indexes(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
         at = np.flatnonzero((counts >> bit) & 1)
         picks.append(array("I", ids[at].tobytes()))
         cuts.append(np.searchsorted(at, bounds).tolist())
+    odd, odd_cut = picks[0], cuts[0]
     for k in range(len(depth)) if order is None else order:
-        slices = tuple(BitMap(picks[i][cuts[i][k]:cuts[i][k + 1]]) for i in range(depth[k]))
-        yield RangeIndex(0, 1, slices, BitMap(whole[cut[k]:cut[k + 1]]))
+        exists = BitMap(whole[cut[k]:cut[k + 1]])
+        a, b = odd_cut[k], odd_cut[k + 1]
+        first = exists.copy() if b - a == cut[k + 1] - cut[k] else BitMap(odd[a:b])
+        rest = (BitMap(picks[i][cuts[i][k]:cuts[i][k + 1]]) for i in range(1, depth[k]))
+        yield RangeIndex(0, 1, (first, *rest), exists)
 
 
 def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:

@@ -48,3 +48,19 @@ def test_no_buckets_and_a_bucket_of_ones() -> None:
     (index,) = count_indexes(np.array([0, 3]), np.array([1, 5, 9], dtype=np.uint32),
                              np.ones(3, dtype=np.int64))
     assert list(index.exists) == [1, 5, 9] and [list(s) for s in index.slices] == [[1, 5, 9]]
+
+
+def test_large_buckets_are_byte_for_byte_one_count_index_each() -> None:
+    """Buckets with bitmap containers (dense chunks), run-like stretches, no even count
+    (slice 0 a copy of exists) and few or many: stored exactly as count_index builds."""
+    rng = np.random.default_rng(5)
+    groups = []
+    for dense, evens in [(1.0, 0.0), (0.9, 0.001), (0.5, 0.3), (0.07, 0.9), (0.02, 0.5)]:
+        ids = np.flatnonzero(rng.random(200_000) < dense).astype(np.uint32)
+        counts = np.where(rng.random(len(ids)) < evens, 2, 1) * rng.integers(1, 4, len(ids))
+        groups.append((ids, counts.astype(np.int64)))
+    bounds = np.cumsum([0] + [len(g[0]) for g in groups])
+    ids = np.concatenate([g[0] for g in groups])
+    counts = np.concatenate([g[1] for g in groups])
+    for index, (gids, gcounts) in zip(count_indexes(bounds, ids, counts), groups, strict=True):
+        assert encode_counts(index) == encode_counts(count_index(gids, gcounts))
