@@ -19,8 +19,9 @@ read of each row's sum to its run's end, when every stretch ends with its run); 
 are one reduceat.  No scatter, and nothing sized by the largest profile id.
 
 Memory: perm and pos, 8 bytes a live order; a kept rule 4 + 4 + 8 + 1 bytes a row it
-selects, 8 more for each column aggregated over it (16 for a sum over a window ending
-after the latest order: its tails too), 12 bytes a profile with such rows.
+selects, 8 more for each column aggregated over it (keys, or its sums to each run's end
+for a sum or avg), 12 bytes a profile with such rows.  An items rule's lines: 4 + 8 + 1
++ 4 bytes a line, 8 for each summed value.
 
 Nothing here is stored: a layout belongs to one immutable OrderIndex (a weak cache,
 `layout_of`), made on first use and dropped with it.  A write publishes a new index,
@@ -67,7 +68,6 @@ class Kept:
         self.latest = int(self.ts.max()) if len(ids) else None
         self.most = int(np.diff(self.bounds).max(initial=0))  # the longest run
         self._keys: dict[str, tuple[np.ndarray, np.ndarray | None] | None] = {}
-        self._prefix: dict[str, np.ndarray | None] = {}
         self._tail: dict[str, np.ndarray | None] = {}
 
     def __len__(self) -> int:
@@ -76,16 +76,14 @@ class Kept:
     def prefix(self, name: str) -> np.ndarray | None:
         """The cumulative sums of an order key column over these rows (int64, wrapping,
         a leading 0: the sum of rows a … b-1 is prefix[b] - prefix[a] whenever it fits
-        int64), made on first use and kept; None without the column or when some row
-        lacks a value."""
-        if name not in self._prefix:
-            col = self.index.columns.get(name)
-            found = None
-            if col is not None and (col.complete or bool(col.valid.take(self.ids).all())):
-                found = np.zeros(len(self.ids) + 1, dtype=np.int64)
-                np.cumsum(col.keys.take(self.ids), out=found[1:])
-            self._prefix[name] = found
-        return self._prefix[name]
+        int64), made when asked for (tail keeps what it needs); None without the column
+        or when some row lacks a value."""
+        col = self.index.columns.get(name)
+        if col is None or not (col.complete or bool(col.valid.take(self.ids).all())):
+            return None
+        found = np.zeros(len(self.ids) + 1, dtype=np.int64)
+        np.cumsum(col.keys.take(self.ids), out=found[1:])
+        return found
 
     def bound(self, name: str) -> int:
         """A bound of |key| of a column's rows (0 without the column)."""
@@ -95,7 +93,8 @@ class Kept:
     def tail(self, name: str) -> np.ndarray | None:
         """Per row, the sum of an order key column from it to the end of its run (int64,
         exact whenever a run's sum fits int64), from the cumulative sums, made on first
-        use and kept; None as for prefix."""
+        use and kept (the sum of a stretch a … b-1 of a run is tail[a] - tail[b], or
+        tail[a] when b ends the run); None as for prefix."""
         if name not in self._tail:
             prefix = self.prefix(name)
             found = None
@@ -124,7 +123,6 @@ class Kept:
         for found in self._keys.values():
             if found is not None:
                 arrays.extend(a for a in found if a is not None)
-        arrays.extend(a for a in self._prefix.values() if a is not None)
         arrays.extend(a for a in self._tail.values() if a is not None)
         return sum(a.nbytes for a in arrays)
 
@@ -230,16 +228,19 @@ class OrderLayout:
 class KeptLines(Kept):
     """The current item lines an as_of-independent items rule selects of the live orders
     an as_of-independent orders rule selects, in layout order (by profile, then their
-    order's time, then item id), for the `items` rule (index/items.py): `ids` are each
-    line's order (so owners and ts are its order's), `lines` the item ids.  Its columns
+    order's time, then item id), for the `items` rule (index/items.py): owners and ts
+    are each line's order's, `lines` the item ids (`ids`, their orders, not kept).  Its columns
     are line values: "qty", "price", "spend" (price × qty of the line's keys), 0 where a
     line lacks it, and "n:" + one of them, 1 where a line has it; only cumulative sums
     (prefix, tail) are read, never keys."""
 
     def __init__(self, index: OrderIndex, ids: np.ndarray, lines: np.ndarray) -> None:
         super().__init__(index, ids)
-        self.lines = lines
+        self.ids, self.lines = ids[:0], lines  # 4 bytes a line less
         self._bounds: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.lines)
 
     def _values(self, name: str) -> np.ndarray | None:
         """The int64 values of a line column (see the class), None when a value could
@@ -273,18 +274,16 @@ class KeptLines(Kept):
     def prefix(self, name: str) -> np.ndarray | None:
         """Cumulative sums of a line column (see Kept.prefix); None when a value could
         overflow int64."""
-        if name not in self._prefix:
-            values = self._values(name)
-            found = None
-            if values is not None:
-                found = np.zeros(len(values) + 1, dtype=np.int64)
-                np.cumsum(values, out=found[1:])
-            self._prefix[name] = found
-        return self._prefix[name]
+        values = self._values(name)
+        if values is None:
+            return None
+        found = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(values, out=found[1:])
+        return found
 
     def bound(self, name: str) -> int:
         if name not in self._bounds:
-            self.prefix(name)
+            self.tail(name)
         return self._bounds.get(name, 2**63)
 
     def keys(self, name: str) -> tuple[np.ndarray, np.ndarray | None] | None:

@@ -390,9 +390,9 @@ class _Runs:
     start where the window mask turns on (or a run starts inside it) and end where it
     turns off (or the run ends), found by two flatnonzero over the mask, with no pass
     over the runs outside it.  Counts are last - first; a sum of a column without gaps
-    is the difference of its cumulative sums there (Kept.prefix), or when the stretches
-    end with their runs (a window ending after the latest order) one read of the sums
-    from each row to its run's end (Kept.tail), `last` then not needed; others go
+    is one read of the sums from each row to its run's end (Kept.tail) at first, less
+    the one at last unless it ends the run: a window ending after the latest order
+    (stretches ending with their runs) needs no `last`; others go
     over the stretches, the window also folded into the values' validity (`inside`);
     int64 sums by one cumulative sum, exact because int64 wraps and each stretch's own
     sum fits (which the callers check)."""
@@ -450,15 +450,18 @@ class _Runs:
         """Each stretch's sum of a column from its cumulative sums; None when the
         column has gaps among the kept rows or a sum could overflow int64."""
         kept = self.kept
-        bound = kept.index.columns[name].bound if name in kept.index.columns else 0
-        if self.to_end and bound * kept.most < 2**63:  # a run's sum fits: from its tails
-            tail = kept.tail(name)
-            if tail is not None:
-                return tail.take(self.first)
-        prefix = kept.prefix(name)
-        if prefix is None or bound * int(self.counts.max(initial=0)) >= 2**63:
+        if kept.bound(name) * kept.most >= 2**63:  # a run's sum might not fit int64
             return None
-        return prefix.take(self.last) - prefix.take(self.first)
+        tail = kept.tail(name)
+        if tail is None:
+            return None
+        sums = tail.take(self.first)
+        if not self.to_end:  # less each stretch's rows after it in its run, if any
+            last, n = self.last, len(kept)
+            at_end = last == n
+            after = np.where(at_end, 0, last)
+            sums -= np.where(at_end | kept.newrun.take(after), 0, tail.take(after))
+        return sums
 
     def reduce(self, ufunc: np.ufunc, values: np.ndarray, initial: Any) -> np.ndarray:
         if ufunc is np.add and values.dtype != object:
