@@ -45,9 +45,14 @@ def count_indexes(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
     ids = ids.astype(np.uint32, copy=False)
     whole = array("I", ids.tobytes())
     cut = bounds.tolist()
-    picks, cuts = [], []
-    for bit in range(max(depth)):
-        at = np.flatnonzero((counts >> bit) & 1)
+    # bit 0 from the low byte (one byte a run, not two int64 temporaries); the higher
+    # bits only among the few runs counting more than 1
+    at = np.flatnonzero(counts.astype(np.uint8) & 1)
+    picks, cuts = [array("I", ids[at].tobytes())], [np.searchsorted(at, bounds).tolist()]
+    more = np.flatnonzero(counts > 1)
+    higher = counts[more]
+    for bit in range(1, max(depth)):
+        at = more[np.flatnonzero((higher >> bit) & 1)]
         picks.append(array("I", ids[at].tobytes()))
         cuts.append(np.searchsorted(at, bounds).tolist())
     odd, odd_cut = picks[0], cuts[0]
