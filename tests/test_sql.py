@@ -351,7 +351,7 @@ def test_end_to_end_through_a_server_with_sources_and_the_cli(tmp_path, postgres
     fill(postgres, table, [("p1", "gold"), ("p2", "silver"), ("ghost", "gold")])
     config = tmp_path / "sources.json"
     config.write_text(json.dumps({"sources": {"crm": {
-        "dsn_env": "BITSEG_TEST_CRM_DSN", "ttl": 60, "connect_timeout": 10}}}))
+        "dsn_env": "BITSEG_TEST_CRM_DSN", "ttl": 60, "connect_timeout": 3}}}))
     import os
 
     os.environ["BITSEG_TEST_CRM_DSN"] = postgres.readonly_dsn
