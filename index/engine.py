@@ -353,8 +353,9 @@ class Engine:
             snap = self._snapshot
             schema = snap.schema.declare(declared, source=source)
             if schema != snap.schema:
-                with self.store.write() as txn:
-                    self.store.put_json(txn, "schema", schema.to_json())
+                if not self.store.readonly:  # read-only: declared for this process alone
+                    with self.store.write() as txn:
+                        self.store.put_json(txn, "schema", schema.to_json())
                 self._snapshot = replace(snap, schema=schema)
             return schema
 

@@ -122,7 +122,10 @@ READER = """
 import sys
 from bitseg.index.engine import Engine
 from bitseg.index.errors import StoreError
+from bitseg.server.app import create_server
 with Engine.open(sys.argv[1], readonly=True) as engine:
+    server, port = create_server(engine, "127.0.0.1:0")  # declares the segment field
+    server.stop(None)
     print(engine.total())
     try:
         engine.upsert_profiles([{"id": "x1", "n": 1}])
