@@ -159,7 +159,10 @@ class Evaluator:
         if built and built[0] is not ranked[0]:
             ranked.remove(built[0])
             ranked.insert(0, built[0])
-        negatives = [c.child for c in children if isinstance(c, Not)]
+        negatives = []  # NOT (a OR b) is NOT a AND NOT b: each subtracted within the
+        for c in children:  # result (a range leaf in two operations), no union built
+            if isinstance(c, Not):
+                negatives.extend(c.child.children if isinstance(c.child, Or) else (c.child,))
         steps = [self._step(child) for _, _, child in ranked[1:]]
         steps += [self._minus_range(*r) for c in negatives if (r := self._ranged(c))]
         plain = [self.bitmap(c) for c in negatives if not self._ranged(c)]

@@ -255,3 +255,29 @@ def test_counts_do_not_build_the_range_they_count(tmp_path, monkeypatch):
 
         monkeypatch.setattr(Layout, "select", built)
         assert [engine.count(r, as_of=AS_OF) for r in (alone, inside)] == expected
+
+
+def test_a_negated_or_inside_an_and_subtracts_each_child(tmp_path, mode, monkeypatch):
+    """AND(x, NOT(a OR b)) is evaluated as x - a - b, each within what is left (De Morgan);
+    the OR's union is never built, and members and counts match a plain reading."""
+    records = [{"id": f"p{i}", "n0": i % 11, "x0": (i % 13) / 4, "kw0": f"k{i % 3}",
+                "flag0": i % 2 == 0} for i in range(300)]
+    rule = {"and": [{"field": "flag0", "op": "eq", "value": True},
+                    {"not": {"or": [{"field": "n0", "op": "between", "value": [2, 5]},
+                                    {"field": "kw0", "op": "eq", "value": "k1"},
+                                    {"field": "x0", "op": "gt", "value": 2.5}]}}]}
+    expected = {f"p{i}" for i in range(300) if i % 2 == 0
+                and not (2 <= i % 11 <= 5 or i % 3 == 1 or (i % 13) / 4 > 2.5)}
+    built: list = []  # the type of every rule node made into a bitmap
+    original = Evaluator._bitmap
+
+    def spy(self, r):
+        built.append(type(r).__name__)
+        return original(self, r)
+
+    monkeypatch.setattr(Evaluator, "_bitmap", spy)
+    with _engine(tmp_path / "x", records) as engine:
+        engine.cache_results = False
+        assert engine.count(rule, as_of=AS_OF) == len(expected)
+        assert set(engine.members(rule, as_of=AS_OF)) == expected
+    assert "Or" not in built
