@@ -53,6 +53,7 @@ COMMITTED_KEY = "bitseg-committed-batches"
 # Group commit: the messages of a stream that arrived while a transaction ran are applied
 # together in the next one, up to this many records (see _batches).
 GROUP_RECORDS = 100_000
+INBOX_MESSAGES = 64  # messages read ahead of the one being applied, at most
 
 
 class Unimplemented(Exception):
@@ -569,18 +570,40 @@ def _arrived(requests: Iterator[Any], field: str) -> Iterator[list[Any]]:
     """The messages' record texts in groups: the next message, with those that arrived
     behind it (read by a helper thread), up to GROUP_RECORDS records. An error reading
     the stream (the client cancelled, the stream idled) is raised after the messages
-    before it were handed out."""
-    inbox: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    before it were handed out.
+
+    The helper reads at most INBOX_MESSAGES ahead: a client sending faster than the
+    store applies is held back by gRPC's flow control, not buffered in the server's
+    memory. It stops when the call ends, however it ends."""
+    inbox: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=INBOX_MESSAGES)
+    done = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not done.is_set():
+            try:
+                inbox.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the call ended: nobody reads on
 
     def pump() -> None:
         try:
             for message in requests:
-                inbox.put((True, getattr(message, field)))
-            inbox.put((False, None))
+                if not put((True, getattr(message, field))):
+                    return
+            put((False, None))
         except Exception as exc:  # raised by the handler, after the batches before it
-            inbox.put((False, exc))
+            put((False, exc))
 
     threading.Thread(target=pump, name=f"bitseg-group-{field}", daemon=True).start()
+    try:
+        yield from _groups(inbox)
+    finally:
+        done.set()
+
+
+def _groups(inbox: queue.Queue[tuple[bool, Any]]) -> Iterator[list[Any]]:
     waiting: tuple[bool, Any] | None = None  # taken from the inbox, not yet handed out
     while True:
         more, texts = waiting or inbox.get()

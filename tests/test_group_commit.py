@@ -145,3 +145,27 @@ def test_an_empty_last_text_is_named_not_dropped() -> None:
 def test_a_text_with_a_line_break_inside_is_parsed_as_sent(tmp_path: Path) -> None:
     texts = ['{"id": "a",\n "n": 1}', '{"id": "b", "n": 2}\n']
     assert texts_block(texts) == [(1, {"id": "a", "n": 1}), (2, {"id": "b", "n": 2})]
+
+
+def test_the_server_reads_a_bounded_number_of_messages_ahead(monkeypatch) -> None:
+    """A client sending faster than batches are applied is held back (gRPC flow control
+    works while the server does not read), not buffered whole in the server's memory;
+    and the reading thread stops when the call ends early."""
+    monkeypatch.setattr(service, "INBOX_MESSAGES", 4)
+    pulled = []
+
+    def endless():
+        for i in range(10_000):
+            pulled.append(i)
+            yield profiles(i, 1)
+
+    groups = service._arrived(endless(), "profiles_json")
+    first = next(groups)
+    threading.Event().wait(0.5)  # time for the reader to run ahead as far as it may
+    # the group handed out, a full inbox, and one message waiting to go in
+    assert len(first) + 4 <= len(pulled) <= len(first) + 4 + 1
+    groups.close()  # the call ends (e.g. a bad batch): the reader stops reading
+    threading.Event().wait(0.5)
+    stopped_at = len(pulled)
+    threading.Event().wait(0.3)
+    assert len(pulled) == stopped_at < 100
