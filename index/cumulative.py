@@ -325,11 +325,15 @@ def layout_of(index: RangeIndex, type_: str) -> Layout | None:
                     threading.Thread(target=_build_into, args=(index, type_),
                                      name="range-layout", daemon=True).start()
             return None
-        with _BUILD:
+        if not _BUILD.acquire(blocking=False):
+            return None  # another field's build runs (seconds at 10M): the slices answer
+        try:
             state = cell.state
             if state is UNBUILT:
                 built = build(index, type_)
                 state = cell.state = SLICES if built is None else built
+        finally:
+            _BUILD.release()
     return state if isinstance(state, Layout) else None
 
 

@@ -281,3 +281,29 @@ def test_a_negated_or_inside_an_and_subtracts_each_child(tmp_path, mode, monkeyp
         assert engine.count(rule, as_of=AS_OF) == len(expected)
         assert set(engine.members(rule, as_of=AS_OF)) == expected
     assert "Or" not in built
+
+
+def test_a_count_never_waits_for_another_fields_build(tmp_path, monkeypatch):
+    """While a thread builds one field's layout, a first range leaf on another field is
+    answered from its slices at once (and built on a later use), not queued behind it."""
+    records = [{"id": f"p{i}", "n0": i % 7, "x0": i / 4} for i in range(200)]
+    held, release = threading.Event(), threading.Event()
+
+    def other_build() -> None:  # holds the build lock, as a long build of another field
+        with cumulative._BUILD:
+            held.set()
+            release.wait(2)
+
+    holder = threading.Thread(target=other_build)
+    with _engine(tmp_path / "x", records) as engine:
+        holder.start()
+        assert held.wait(10)
+        assert engine.count({"field": "n0", "op": "gte", "value": 3},
+                            as_of=AS_OF) == sum(i % 7 >= 3 for i in range(200))
+        assert engine.snapshot.fields["n0"].cell.state is None  # not built: not waited for
+        release.set()
+        holder.join()
+        engine.cache_results = False
+        assert engine.count({"field": "n0", "op": "gte", "value": 3},
+                            as_of=AS_OF) == sum(i % 7 >= 3 for i in range(200))
+        assert isinstance(engine.snapshot.fields["n0"].cell.state, Layout)
