@@ -11,12 +11,26 @@ object: {"seconds": wall time of the timed part, "latencies": [seconds per call]
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bitseg import Client
+
+
+def run_clients(address: str, clients: int, requests: int, rule: dict, as_of: str,
+                expected: int, timeout: float) -> tuple[float, list[float]]:
+    """Run this script in a child process against the server at address; (wall seconds
+    of the timed part, seconds per call)."""
+    done = subprocess.run(
+        [sys.executable, __file__, address, str(clients), str(requests), json.dumps(rule),
+         as_of, str(expected)],
+        capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    return result["seconds"], result["latencies"]
 
 
 def client(address: str, rule: dict, as_of: str, requests: int, expected: int,

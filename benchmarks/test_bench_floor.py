@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import AS_OF, PROFILES, ROOT, SEED, fmt_seconds, median_of
+from grpc_clients import run_clients
 from peers import ATTR_NOT, ISSUE_15_PAIRS, PAIRS, Pair, median_seconds, open_duckdb, sql_timestamp
 from pyroaring import BitMap
 
@@ -324,16 +325,10 @@ def test_grpc_count_evaluated_and_serving_rss(benchmark, engine, server, bench_r
     assert counts == [engine.count(row.pair.rule, as_of=row.as_of) for row in ROWS]
     expected = engine.count(GRPC_RULE, as_of=AS_OF)
     runs: list[tuple[float, list[float]]] = []
-    script = Path(__file__).resolve().parent / "grpc_clients.py"
 
     def load() -> None:
-        done = subprocess.run(
-            [sys.executable, str(script), address, str(CLIENTS), str(REQUESTS_PER_CLIENT),
-             json.dumps(GRPC_RULE), AS_OF, str(expected)],
-            capture_output=True, text=True, timeout=900, check=False)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout)
-        runs.append((result["seconds"], result["latencies"]))
+        runs.append(run_clients(address, CLIENTS, REQUESTS_PER_CLIENT, GRPC_RULE, AS_OF,
+                                expected, timeout=900))
 
     benchmark.pedantic(load, rounds=1, iterations=1)
     wall, latencies = runs[-1]

@@ -8,15 +8,12 @@ stream is read from this process.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import AS_OF, fmt_seconds
+from grpc_clients import run_clients
 from peers import ATTR_NOT
 
 from bitseg import Client
@@ -55,16 +52,10 @@ def test_count_load(benchmark, engine, address, bench_report, caching):
     Counts of ATTR_NOT each."""
     expected = engine.count(ATTR_NOT, as_of=AS_OF)
     runs: list[tuple[float, list[float]]] = []
-    script = Path(__file__).resolve().parent / "grpc_clients.py"
 
     def load() -> None:
-        done = subprocess.run(
-            [sys.executable, str(script), address, str(CLIENTS), str(REQUESTS_PER_CLIENT),
-             json.dumps(ATTR_NOT), AS_OF, str(expected)],
-            capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout)
-        runs.append((result["seconds"], result["latencies"]))
+        runs.append(run_clients(address, CLIENTS, REQUESTS_PER_CLIENT, ATTR_NOT, AS_OF,
+                                expected, timeout=600))
 
     benchmark.pedantic(load, rounds=1, iterations=1)
     wall, latencies = runs[-1]
