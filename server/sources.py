@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -149,15 +150,14 @@ def ids_of(value: Any, source: str, path: str) -> str:
                     f"or integers, got {type(value).__name__}")
 
 
-def _run(pool: Any, source: Source, rule: SqlRule) -> list[str]:
+def _run(connection: Callable[[], Any], source: Source, rule: SqlRule) -> list[str]:
     """The query's ids: one READ ONLY transaction, its statement timeout, at most
     row_limit rows (one more is an error naming the limit)."""
     import psycopg
-    from psycopg_pool import PoolTimeout
 
     query_path = f"{rule.path}.query"
     try:
-        with pool.connection(timeout=source.connect_timeout) as conn, conn.transaction():
+        with connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
             conn.execute("SELECT set_config('statement_timeout', %s, true)",
                          [str(max(1, round(source.statement_timeout * 1000)))])
@@ -166,9 +166,6 @@ def _run(pool: Any, source: Source, rule: SqlRule) -> list[str]:
             with closing(cursor.stream(rule.query, list(rule.params) or None,
                                        size=FETCH_ROWS)) as rows:
                 return _ids(rows, source, rule, query_path)
-    except PoolTimeout as exc:
-        raise SourceUnavailable(rule.source, f"no connection within "
-                                f"{source.connect_timeout:g} s ({exc})") from None
     except psycopg.errors.QueryCanceled:
         raise RuleError(query_path, f"source {rule.source!r}: the query ran longer than the "
                         f"source's statement_timeout of {source.statement_timeout:g} s"
@@ -251,7 +248,7 @@ class Sources:
         return found
 
     def _fetch(self, rule: SqlRule, source: Source, now: float) -> _Entry:
-        ids = list(dict.fromkeys(_run(self._pool(source), source, rule)))
+        ids = list(dict.fromkeys(_run(lambda: self._connection(source), source, rule)))
         entry = _Entry(ids, now, now)
         key = (rule.source, rule.query, rule.params)
         with self._lock:
@@ -274,6 +271,43 @@ class Sources:
             answer = SqlAnswer(members, unknown, len(entry.ids), 0.0)
             entry.answer, entry.mapped_count = answer, ids.count
         return replace(answer, age=max(0.0, now - entry.fetched))
+
+    @contextmanager
+    def _connection(self, source: Source) -> Iterator[Any]:
+        """A connection from the source's pool, or, when the pool has none within
+        connect_timeout, a direct one: after an outage the pool waits longer and longer
+        between reconnects, and a source that is back must answer now, not at the pool's
+        next try.  A direct connection that also fails is SourceUnavailable."""
+        from psycopg_pool import PoolTimeout
+
+        pool = self._pool(source)
+        try:
+            conn = pool.getconn(timeout=source.connect_timeout)
+        except PoolTimeout as exc:
+            conn, waited = None, f"no connection within {source.connect_timeout:g} s ({exc})"
+        if conn is None:
+            with closing(self._direct(source, waited)) as direct:
+                yield direct
+            return
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _direct(self, source: Source, waited: str) -> Any:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(source.dsn,
+                                   connect_timeout=max(1, math.ceil(source.connect_timeout)))
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(source.name, f"{waited}; {_first_line(exc)}") from None
+        # the source is back: a new pool connects now instead of at the old one's next try
+        with self._lock:
+            old = self._pools.pop(source.name, None)
+        if old is not None:
+            threading.Thread(target=old.close, name="bitseg-sources-close", daemon=True).start()
+        return conn
 
     def _pool(self, source: Source) -> Any:
         with self._lock:
@@ -298,7 +332,7 @@ class Sources:
             host, database = source.where()
             error = ""
             try:
-                with self._pool(source).connection(timeout=source.connect_timeout) as conn:
+                with self._connection(source) as conn:
                     conn.execute("SELECT 1")
             except Exception as exc:  # anything that stops it answering, said in a line
                 error = _first_line(exc)
