@@ -32,6 +32,7 @@ from bitseg.index.exports import Exports, ExportScheduler
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
 from bitseg.index.traits_schedule import TraitsScheduler
+from bitseg.server.console import Api, ConsoleServer
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics
 from bitseg.server.service import SegmentsServicer
@@ -64,6 +65,8 @@ class Options:
     sources: dict | None = None  # name -> server.sources.Source (serve --sources FILE)
     traits_every: float | None = None  # seconds between scheduled traits refreshes
     traits: dict | None = None  # the traits config (serve --traits FILE); None: built-in
+    http_port: int | None = None  # the console and its HTTP API on http_host (0: any)
+    http_host: str = "127.0.0.1"
 
     def gate(self) -> Gate:
         return Gate(self.tokens, self.max_streams, self.stream_idle, self.access_log)
@@ -177,6 +180,7 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
                 scraped = metrics.start(host, options.metrics_port)
                 print(f"bitseg metrics on http://{_address(host, scraped)}/metrics",
                       file=sys.stderr, flush=True)
+            console = _console(engine, segments, options)
             scheduler = RefreshScheduler(segments, tick).start()
             exporter = ExportScheduler(Exports(engine), tick).start()
             traits = (TraitsScheduler(engine, options.traits, options.traits_every).start()
@@ -196,6 +200,8 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             server.stop(grace).wait(grace + EXIT_MARGIN)
             if not gate.wait_idle(EXIT_MARGIN):
                 _exit_now(gate, grace)
+            if console is not None:
+                console.stop()
             if metrics is not None:  # before the store closes: a scrape reads it
                 metrics.stop()
             if sources is not None:
@@ -205,6 +211,24 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _console(engine: Engine, segments: Segments, options: Options) -> ConsoleServer | None:
+    """The console's HTTP server (server/console.py), started, when --http asks for it."""
+    if options.http_port is None:
+        return None
+    servicer = SegmentsServicer(engine, segments, _templates(options))
+    console = ConsoleServer(Api(servicer, options.tokens), options.http_host, options.http_port)
+    scheme = "http"
+    if options.tls_cert and options.tls_key:
+        console.use_tls(options.tls_cert, options.tls_key)
+        scheme = "https"
+    if options.tokens is None and not is_loopback(options.http_host):
+        print(f"bitseg: warning: the console listens on {options.http_host} without --tokens",
+              file=sys.stderr)
+    print(f"bitseg console on {scheme}://{_address(options.http_host, console.port)}/",
+          file=sys.stderr, flush=True)
+    return console.start()
 
 
 def _exit_now(gate: Gate, grace: float) -> None:

@@ -827,6 +827,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     taken = port_problem(args.host, args.port)
     if taken is not None:  # before gRPC tries: its own bind error adds a C-core log line
         return _fail(f"cannot listen on {args.host}:{args.port}: {taken}", EXIT_FAILED)
+    if args.http is not None and args.http != 0:
+        taken = port_problem(args.http_host, args.http)
+        if taken is not None:
+            return _fail(f"--http: cannot listen on {args.http_host}:{args.http}: {taken}",
+                         EXIT_FAILED)
     app.configure_logging()
     try:
         options = app.Options(
@@ -835,7 +840,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stream_idle=args.stream_idle, access_log=args.access_log,
             metrics_port=args.metrics_port, templates=args.templates,
             sources=load_sources(args.sources) if args.sources else None,
-            traits_every=args.traits_every, traits=_traits_config(args))
+            traits_every=args.traits_every, traits=_traits_config(args),
+            http_port=args.http, http_host=args.http_host)
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
@@ -1040,6 +1046,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--traits", metavar="FILE",
                        help="the traits config (JSON) for --traits-every; default: the "
                        "built-in one")
+    serve.add_argument("--http", type=int, metavar="PORT",
+                       help="also serve the browser console and its HTTP JSON API on PORT "
+                       "(0: any free port; the address is printed)")
+    serve.add_argument("--http-host", default="127.0.0.1", metavar="H",
+                       help="the console's address (default 127.0.0.1: this machine only)")
     serve.set_defaults(func=cmd_serve)
 
 
