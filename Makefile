@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 PROTO  := proto/bitseg/v1/bitseg.proto
 STUBS  := bitseg/v1/bitseg_pb2.py
 PORT   ?= 50051
+HTTP_PORT ?= 8051
 PROFILES ?= 100000
 
-.PHONY: install proto pg test bench bench-10m lint run clean
+.PHONY: install proto pg browser test bench bench-10m lint run clean
 
 # `pip install` builds the package, and its build step (setup.py) generates the gRPC
 # stubs in bitseg/v1 from proto/, so a plain `pip install -e .` works as well.
@@ -44,7 +45,20 @@ pg:
 			"run: sudo apt-get install -y postgresql" >&2; exit 1; \
 	fi
 
-test: install pg $(STUBS)
+# The console tests (tests/test_console.py) drive Debian's chromium through Playwright
+# (its own browser downloads are never used).
+browser:
+	@found=$$(command -v chromium || true); \
+	if [ -n "$$found" ]; then echo "Chromium: $$found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+		&& found=$$(command -v chromium) && echo "Chromium: $$found"; \
+	else \
+		echo "make browser: chromium not found and not root to install it;" \
+			"run: sudo apt-get install -y chromium" >&2; exit 1; \
+	fi
+
+test: install pg browser $(STUBS)
 	$(BIN)/python -m pytest -q
 
 bench: install pg $(STUBS)
@@ -57,9 +71,10 @@ bench-10m: install pg $(STUBS)
 lint: install
 	$(BIN)/ruff check .
 
-# Demo: generate, load, serve, and show the first queries; Ctrl-C stops the server.
+# Demo: generate, load, serve (gRPC on PORT, the console on HTTP_PORT), and show the first
+# queries; Ctrl-C stops the server.
 run: install $(STUBS)
-	PORT=$(PORT) PROFILES=$(PROFILES) bash scripts/demo.sh
+	PORT=$(PORT) HTTP_PORT=$(HTTP_PORT) PROFILES=$(PROFILES) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) demo build dist *.egg-info .pytest_cache .hypothesis .benchmarks bitseg/v1

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 PORT=${PORT:-50051}
+HTTP_PORT=${HTTP_PORT:-8051}
 PROFILES=${PROFILES:-100000}
 ADDR=127.0.0.1:$PORT
 DATA=demo/data
@@ -29,7 +30,7 @@ if [ ! -f "$DB/data.mdb" ]; then
 fi
 
 echo "== starting the server on $ADDR"
-"$BIN/bitseg" serve --db "$DB" --port "$PORT" &
+"$BIN/bitseg" serve --db "$DB" --port "$PORT" --http "$HTTP_PORT" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT INT TERM
 for _ in $(seq 1 100); do
@@ -49,4 +50,5 @@ show count --rule '{"event": "popup_opened",
   "window": {"last_days": 30}, "having": {"agg": "count", "op": "gte", "value": 3}}'
 echo
 echo "bitseg is serving $DB on $ADDR (grpc health and reflection on). Ctrl-C stops it."
+echo "The console: http://127.0.0.1:$HTTP_PORT/ (open it in a browser)"
 wait $server
