@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +84,8 @@ def create_server(engine: Engine, address: str, workers: int = WORKERS,
 
 
 def _build(engine: Engine, address: str, workers: int, segments: Segments | None = None,
-           options: Options = Options(), outer: Sequence[grpc.ServerInterceptor] = ()
+           options: Options = Options(), outer: Sequence[grpc.ServerInterceptor] = (),
+           make_servicer: Callable[..., SegmentsServicer] = SegmentsServicer
            ) -> tuple[grpc.Server, int, health.HealthServicer, Gate]:
     if segments is None and isinstance(engine, Engine):
         segments = open_segments(engine)
@@ -99,7 +100,7 @@ def _build(engine: Engine, address: str, workers: int, segments: Segments | None
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],  # a second server on a taken port must fail
     )
-    bitseg_pb2_grpc.add_SegmentsServicer_to_server(SegmentsServicer(engine, segments, templates),
+    bitseg_pb2_grpc.add_SegmentsServicer_to_server(make_servicer(engine, segments, templates),
                                                     server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -19,6 +19,10 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     if args.addr is not None:
         return _load_remote(args)
+    if args.shards is not None:
+        from bitseg.server.shard_store import load_sharded_command
+
+        return load_sharded_command(args)
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
@@ -100,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--batch-size", type=int, default=10_000, metavar="N",
                       help="with --addr: records per batch, each one transaction "
                       "(default 10,000)")
+    load.add_argument("--shards", type=int, metavar="N",
+                      help="with --db: split the dataset by profile id into N shard stores "
+                      "DB/shard-0 .. DB/shard-{N-1}, loaded in parallel (see README, "
+                      "Shards on Ray)")
     load.add_argument("--json", action="store_true", help="print the counts as JSON")
     load.add_argument("--quiet", action="store_true", help="no progress bar")
     load.set_defaults(func=cmd_load)

@@ -821,7 +821,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bitseg.server.gate import ConfigError, Tokens
     from bitseg.server.sources import load_sources
 
-    if not args.create and not (Path(args.db) / "data.mdb").exists():
+    sharded = args.shards is not None or args.ray_address is not None
+    if not sharded and not args.create and not (Path(args.db) / "data.mdb").exists():
         return _fail(f"no bitseg store at {args.db} (load one with `bitseg load DATASET "
                      "--db DB`, or pass --create to serve a new, empty store)", EXIT_BAD_INPUT)
     taken = port_problem(args.host, args.port)
@@ -842,6 +843,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sources=load_sources(args.sources) if args.sources else None,
             traits_every=args.traits_every, traits=_traits_config(args),
             http_port=args.http, http_host=args.http_host)
+        if sharded:  # README: Shards on Ray
+            from bitseg.server.shard_service import serve_sharded
+
+            return serve_sharded(args.db, args.host, args.port, args.grace, options,
+                                 args.shards, args.ray_address)
         return app.serve(args.db, args.host, args.port, grace=args.grace, options=options)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
@@ -1014,6 +1020,11 @@ def register(subparsers: Any) -> None:
 
     serve = subparsers.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--db", required=True, help="store directory")
+    serve.add_argument("--shards", type=_positive_int, metavar="N",
+                       help="serve the sharded store DB (made by `load --shards N`): one "
+                       "shard in process, N > 1 as Ray actors (README: Shards on Ray)")
+    serve.add_argument("--ray-address", metavar="ADDR",
+                       help="with --shards: join this Ray cluster (default: a local runtime)")
     serve.add_argument("--create", action="store_true",
                        help="create an empty store when DB holds none (else refused)")
     serve.add_argument("--host", default="127.0.0.1")

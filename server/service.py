@@ -84,6 +84,10 @@ class Cancelled(Exception):
     """The client went away in the middle of a stream."""
 
 
+class ShardUnavailable(Exception):
+    """A shard of a sharded store did not answer (its actor died); names the shard."""
+
+
 # ------------------------------------------------------------------ the error mapping
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
@@ -95,6 +99,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT, "invalid request: "),
     (Cancelled, grpc.StatusCode.CANCELLED, ""),
     (SourceUnavailable, grpc.StatusCode.UNAVAILABLE, ""),  # an sql rule's database is down
+    (ShardUnavailable, grpc.StatusCode.UNAVAILABLE, ""),  # serve --shards: a shard died
     (RuleError, grpc.StatusCode.INVALID_ARGUMENT, "invalid rule: "),
     (DataError, grpc.StatusCode.INVALID_ARGUMENT, "invalid data: "),
     (SchemaError, grpc.StatusCode.INVALID_ARGUMENT, "invalid schema: "),

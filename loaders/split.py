@@ -1,0 +1,169 @@
+"""Splitting a dataset folder (CONTRACT §1) by shard: one dataset folder per shard.
+
+Every profile, event and order goes to the shard of its profile id
+(index/shard_key.py): profiles by `id`, events and orders by `profile`. Each shard
+folder gets a copy of schema.json, so every shard declares the same schema. Lines are
+copied as they are (blank lines dropped), uncompressed; a .jsonl.gz input becomes a
+.jsonl per shard.
+
+A line whose JSON or profile id is bad is a DataError naming the original file, line
+and field, found before anything is loaded. An error a shard's load finds later names
+the shard's copy; `original_line` turns it back into the input's line.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from bitseg.index.errors import DataError
+from bitseg.index.shard_key import shard_of
+from bitseg.loaders.dataset import (
+    EVENT_FILES,
+    ORDER_FILES,
+    PROFILE_FILES,
+    SCHEMA_FILE,
+    _dataset_folder,
+    _parse_line,
+    _pick,
+    _profiles_file,
+)
+
+FLUSH_BYTES = 1 << 20  # bytes a shard's output buffer holds before it is written
+_BOM = b"\xef\xbb\xbf"
+
+
+def shard_folder(root: str | Path, shard: int) -> Path:
+    return Path(root) / f"shard-{shard}"
+
+
+def split_dataset(source: str | Path, shards: int, out: str | Path) -> dict[str, int]:
+    """Write out/shard-0 .. out/shard-{shards-1}, each a dataset folder; the number of
+    lines split from each input file, by file name."""
+    folder = _dataset_folder(source)
+    profiles = _profiles_file(folder)
+    inputs = [(profiles, "id")]
+    for names in (EVENT_FILES, ORDER_FILES):
+        found = _pick(folder, names)
+        if found is not None:
+            inputs.append((found, "profile"))
+    targets = [shard_folder(out, s) for s in range(shards)]
+    for target in targets:
+        target.mkdir(parents=True, exist_ok=True)
+        if (folder / SCHEMA_FILE).is_file():
+            shutil.copyfile(folder / SCHEMA_FILE, target / SCHEMA_FILE)
+    lines: dict[str, int] = {}
+    for file, key in inputs:
+        if file.name.endswith(".csv"):
+            lines[file.name] = _split_csv(file, shards, targets)
+        else:
+            lines[file.name] = _split_jsonl(file, key, shards, targets)
+    return lines
+
+
+def copy_name(name: str) -> str:
+    """The name of a shard's copy of an input file (a .gz input is copied uncompressed)."""
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _open(file: Path) -> BinaryIO:
+    raw: BinaryIO = open(file, "rb")  # noqa: SIM115 -- closed by the caller's with
+    return gzip.GzipFile(fileobj=raw) if file.name.endswith(".gz") else raw  # type: ignore[return-value]
+
+
+def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path]) -> int:
+    """Copy each non-blank line to its profile's shard; the number of lines copied."""
+    outputs = [open(t / copy_name(file.name), "wb") for t in targets]  # noqa: SIM115
+    buffers: list[list[bytes]] = [[] for _ in targets]
+    sizes = [0] * shards
+    copied = 0
+    try:
+        with _open(file) as stream:
+            for _, shard, line in _keyed_lines(stream, file.name, key, shards):
+                buffers[shard].append(line)
+                sizes[shard] += len(line)
+                copied += 1
+                if sizes[shard] >= FLUSH_BYTES:
+                    outputs[shard].writelines(buffers[shard])
+                    buffers[shard], sizes[shard] = [], 0
+        for output, buffer in zip(outputs, buffers, strict=True):
+            output.writelines(buffer)
+    finally:
+        for output in outputs:
+            output.close()
+    return copied
+
+
+def _keyed_lines(stream: BinaryIO, name: str, key: str, shards: int
+                 ) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, shard, the line ending in a newline) of each non-blank line."""
+    for number, line in enumerate(stream, 1):
+        if line.isspace() or not line:
+            continue
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]
+        record = _parse_line(line, name, number)
+        try:
+            shard = shard_of(record.get(key), shards)
+        except DataError as exc:
+            raise DataError(exc.reason, field=key, file=name, line=number) from None
+        yield number, shard, line if line.endswith(b"\n") else line + b"\n"
+
+
+def _split_csv(file: Path, shards: int, targets: list[Path]) -> int:
+    """profiles.csv: the header to every shard, each record to its id's shard."""
+    with open(file, encoding="utf-8-sig", newline="") as stream:
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        if header is None:
+            raise DataError("no header row", file=file.name, line=1)
+        names = [h.strip() for h in header]
+        if "id" not in names:
+            raise DataError("the header has no `id` column", file=file.name, line=1)
+        at = names.index("id")
+        outputs: list[IO[str]] = [open(t / file.name, "w", encoding="utf-8", newline="")
+                                  for t in targets]  # noqa: SIM115
+        try:
+            writers = [csv.writer(o) for o in outputs]
+            for writer in writers:
+                writer.writerow(header)
+            copied = 0
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                ident = row[at] if at < len(row) else ""
+                if not ident:
+                    raise DataError("expected a non-empty id", field="id", file=file.name,
+                                    line=reader.line_num)
+                writers[shard_of(ident, shards)].writerow(row)
+                copied += 1
+        finally:
+            for output in outputs:
+                output.close()
+    return copied
+
+
+def original_line(source: str | Path, shard: int, shards: int, name: str,
+                  line: int) -> tuple[str, int] | None:
+    """The input file and physical line that became line `line` of shard `shard`'s copy
+    named `name` (a JSON Lines copy); None when it cannot be told. Read again from the
+    input, so a successful load pays nothing for it."""
+    folder = _dataset_folder(source)
+    for names, key in ((PROFILE_FILES, "id"), (EVENT_FILES, "profile"),
+                       (ORDER_FILES, "profile")):
+        found = _pick(folder, names)
+        if found is None or copy_name(found.name) != name or found.name.endswith(".csv"):
+            continue
+        seen = 0
+        with _open(found) as stream:
+            for number, at, _ in _keyed_lines(stream, found.name, key, shards):
+                if at == shard:
+                    seen += 1
+                    if seen == line:
+                        return found.name, number
+    return None
+

@@ -1,0 +1,384 @@
+"""The gRPC servicer of a sharded store: the same bitseg.v1.Segments API, fanned out.
+
+- Count: the sum of the shards' counts.
+- Members: shard by shard (shard 0 first), each shard's members in its dense id order
+  (the order profiles were first seen on that shard). The cursor names the shard and the
+  last id given, so the order is the same on every page of one stream and across
+  cursors; the front holds one page, never a whole member list.
+- IsMember, SegmentsOf: the profile's shard alone. IsMemberBatch: each shard is asked
+  about its own ids, the answers are put back in the request's order.
+- Segments: create (every shard or none), delete, get, list, refresh; sizes, entries
+  and exits are summed over the shards.
+- Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
+  never a wrong answer. So does a `top` rule with more than one shard (a top N over
+  shards is not the sum of per-shard tops).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import orjson
+
+from bitseg.index import types as T
+from bitseg.index.batch import check_size
+from bitseg.index.segments import Change
+from bitseg.server import convert
+from bitseg.server.convert import CursorError
+from bitseg.server.service import SegmentsServicer, Unimplemented, _profile_id, rpc
+from bitseg.server.shards import ShardSet
+from bitseg.v1 import bitseg_pb2 as pb
+
+log = logging.getLogger("bitseg.server")
+
+SHARDED = frozenset({
+    "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf",
+    "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
+    "ListTemplates",
+})
+CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
+_CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
+
+
+def not_sharded(name: str) -> Unimplemented:
+    return Unimplemented(f"{name} is not yet supported with --shards")
+
+
+@dataclass(frozen=True)
+class ShardCursor:
+    """Where a Members stream over shards stopped: after dense id `last` of `shard`."""
+
+    version: int
+    shard: int
+    last: int
+    as_of_us: int
+
+    def encode(self) -> str:
+        raw = _CURSOR.pack(CURSOR_FORMAT, self.version, self.shard, self.last, self.as_of_us)
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str, shards: int) -> ShardCursor:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            fmt, version, shard, last, as_of_us = _CURSOR.unpack(raw)
+        except (ValueError, struct.error):
+            raise CursorError(f"not a Members cursor of this sharded store: {shown!r}") from None
+        if fmt != CURSOR_FORMAT or shard >= shards or not T.MIN_US <= as_of_us <= T.MAX_US:
+            raise CursorError(f"not a Members cursor of this sharded store: {shown!r}")
+        return cls(version, shard, last, as_of_us)
+
+    @property
+    def as_of(self) -> datetime:
+        return T.EPOCH + timedelta(microseconds=self.as_of_us)
+
+
+def _has_top(rule: Any) -> bool:
+    """Whether a rule (JSON text or value) has a `top` node anywhere."""
+    if isinstance(rule, (str, bytes)):
+        try:
+            rule = orjson.loads(rule)
+        except orjson.JSONDecodeError:
+            return False  # the shards say what is wrong with it
+    if isinstance(rule, dict):
+        return "top" in rule or any(_has_top(v) for v in rule.values())
+    if isinstance(rule, list):
+        return any(_has_top(v) for v in rule)
+    return False
+
+
+def _micros_since(start_ns: int) -> int:
+    return (time.perf_counter_ns() - start_ns) // 1000
+
+
+class ShardedServicer(SegmentsServicer):
+    """bitseg.v1.Segments over a ShardSet."""
+
+    def __init__(self, shards: ShardSet, templates: Any = None) -> None:
+        super().__init__(None, None, templates)  # type: ignore[arg-type]
+        self.shards = shards
+
+    def _rule(self, request: Any) -> Any:
+        rule = convert.target_of(request)
+        if self.shards.count > 1 and _has_top(rule):
+            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
+        return rule
+
+    # ---------------------------------------------------------------- evaluation
+    @rpc
+    def Count(self, request: pb.CountRequest, context: grpc.ServicerContext) -> pb.CountReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        count = sum(self.shards.each("count", rule, as_of))
+        return pb.CountReply(count=count, eval_micros=_micros_since(start),
+                             as_of=convert.to_timestamp(as_of))
+
+    @rpc
+    def Members(self, request: pb.MembersRequest,
+                context: grpc.ServicerContext) -> Iterator[pb.MembersPage]:
+        rule = self._rule(request)
+        if request.fields:
+            raise Unimplemented("Members with fields is not yet supported with --shards")
+        cursor = ShardCursor.decode(request.cursor, self.shards.count) if request.cursor \
+            else None
+        as_of = convert.as_of_of(request) or (cursor.as_of if cursor else convert.now())
+        page_size = convert.page_size_of(request)
+        start = time.perf_counter_ns()
+        from_shard = cursor.shard if cursor else 0
+        firsts = self.shards.each("page", per_shard=[
+            (rule, as_of, cursor.last if cursor and i == from_shard else None,
+             page_size if i >= from_shard else 0) for i in range(self.shards.count)])
+        eval_micros = _micros_since(start)
+        version = sum(first[0] for first in firsts)
+        totals = [first[1] for first in firsts]
+        total = sum(totals)
+        position = sum(totals[:from_shard]) + firsts[from_shard][2] if cursor else 0
+        end = total if not request.limit else min(total, position + request.limit)
+        as_of_us, as_of_ts = convert.micros_of(as_of), convert.to_timestamp(as_of)
+        members = self._in_order(firsts, from_shard, rule, as_of, page_size)
+        last = (cursor.shard, cursor.last) if cursor else None
+        while True:
+            stop = min(position + page_size, end)
+            ids = []
+            for _ in range(stop - position):
+                found = next(members, None)
+                if found is None:  # a shard changed since the count: the page ends here
+                    break
+                shard, dense, external = found
+                last = (shard, dense)
+                ids.append(external)
+            yield pb.MembersPage(
+                ids=ids,
+                cursor="" if last is None
+                else ShardCursor(version, last[0], last[1], as_of_us).encode(),
+                done=stop >= total, total=total, eval_micros=eval_micros, as_of=as_of_ts)
+            position = stop
+            if position >= end or not context.is_active():
+                return
+
+    def _in_order(self, firsts: list[Any], from_shard: int, rule: Any, as_of: datetime,
+                  page_size: int) -> Iterator[tuple[int, int, str]]:
+        """(shard, dense id, external id) of the members from `from_shard` on, fetching
+        a page at a time from each shard."""
+        for shard in range(from_shard, self.shards.count):
+            _, total, at, dense, external = firsts[shard]
+            while dense:
+                yield from ((shard, d, e) for d, e in zip(dense, external, strict=True))
+                at += len(dense)
+                if at >= total:
+                    break
+                _, total, at, dense, external = self.shards.call(
+                    shard, "page", rule, as_of, dense[-1], page_size)
+
+    @rpc
+    def IsMember(self, request: pb.IsMemberRequest,
+                 context: grpc.ServicerContext) -> pb.IsMemberReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        profile_id = _profile_id(request.profile_id)
+        member = self.shards.call(self.shards.shard_of(profile_id), "is_member", profile_id,
+                                  rule, as_of)
+        return pb.IsMemberReply(member=member, as_of=convert.to_timestamp(as_of))
+
+    @rpc
+    def IsMemberBatch(self, request: pb.IsMemberBatchRequest,
+                      context: grpc.ServicerContext) -> pb.IsMemberBatchReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        profile_ids = list(request.profile_ids)
+        check_size(profile_ids)
+        where = [self.shards.shard_of(p) if p else 0 for p in profile_ids]
+        mine: list[list[str]] = [[] for _ in range(self.shards.count)]
+        for profile_id, shard in zip(profile_ids, where, strict=True):
+            mine[shard].append(profile_id)
+        answers = self.shards.each("is_member_many",
+                                   per_shard=[(ids, rule, as_of) for ids in mine])
+        unknown = {p for _, gone in answers for p in gone}
+        taken = [iter(found) for found, _ in answers]
+        member = [next(taken[shard]) for shard in where]
+        return pb.IsMemberBatchReply(member=member,
+                                     unknown_ids=[p for p in profile_ids if p in unknown],
+                                     as_of=convert.to_timestamp(as_of),
+                                     eval_micros=_micros_since(start))
+
+    @rpc
+    def SegmentsOf(self, request: pb.SegmentsOfRequest,
+                   context: grpc.ServicerContext) -> pb.SegmentsOfReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        profile_id = _profile_id(request.profile_id)
+        names = self.shards.call(self.shards.shard_of(profile_id), "segments_of", profile_id,
+                                 as_of)
+        return pb.SegmentsOfReply(segments=names)
+
+    # ---------------------------------------------------------------- segments
+    @rpc
+    def CreateSegment(self, request: pb.CreateSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.Segment:
+        if request.refresh_every_seconds:
+            raise Unimplemented("scheduled refresh (refresh_every) is not yet supported "
+                                "with --shards")
+        as_of = convert.as_of_of(request) or convert.now()
+        rule, tags = self.templates.source(request.template, dict(request.params),
+                                           convert.source_of(request))
+        if self.shards.count > 1 and _has_top(rule):
+            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
+        kind, tags = convert.kind_of(request.kind), [*request.tags, *tags]
+        ids: list[list[str]] = [[] for _ in range(self.shards.count)]
+        for profile_id in request.profile_ids:
+            ids[self.shards.shard_of(profile_id) if profile_id else 0].append(profile_id)
+        made = self._create_everywhere(request.name, [
+            (request.name, kind, rule, ids[i], as_of, tags) for i in range(self.shards.count)])
+        info, change = _summed(made)
+        order = {p for _, c in made for p in c.unknown}
+        change = replace(change, unknown=tuple(p for p in request.profile_ids if p in order))
+        return convert.segment_reply(info, change)
+
+    def _create_everywhere(self, name: str, per_shard: list[tuple]) -> list[Any]:
+        """Create on shard 0 (where a bad rule or a taken name fails, nothing else
+        touched), then on the others at once; when one of those fails, delete it from the
+        shards that made it, so every shard has the segment or none does."""
+        made = [self.shards.call(0, "create_segment", *per_shard[0])]
+        if self.shards.count == 1:
+            return made
+        rest = list(range(1, self.shards.count))
+        pending = [(i, self.shards._submit(i, "create_segment", per_shard[i])) for i in rest]
+        failure: BaseException | None = None
+        done = [0]
+        for i, handle in pending:
+            try:
+                made.append(self.shards._answer(i, self.shards._wait(i, handle)))
+                done.append(i)
+            except Exception as exc:  # noqa: BLE001 -- rolled back below, then raised
+                failure = failure or exc
+        if failure is None:
+            return made
+        for i in done:
+            try:
+                self.shards.call(i, "delete_segment", name)
+            except Exception:
+                log.exception("segment %r: rolling back its creation on shard %d failed",
+                              name, i)
+        raise failure
+
+    @rpc
+    def DeleteSegment(self, request: pb.DeleteSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.DeleteSegmentReply:
+        self.shards.call(0, "get_segment", request.name, convert.now())  # NotFound first
+        self.shards.each("delete_segment", request.name)
+        return pb.DeleteSegmentReply()
+
+    @rpc
+    def GetSegment(self, request: pb.GetSegmentRequest,
+                   context: grpc.ServicerContext) -> pb.Segment:
+        infos = self.shards.each("get_segment", request.name, convert.now())
+        return convert.segment_reply(_sized(infos))
+
+    @rpc
+    def ListSegments(self, request: pb.ListSegmentsRequest,
+                     context: grpc.ServicerContext) -> pb.ListSegmentsReply:
+        lists = self.shards.each("list_segments", convert.now(), request.tag or None)
+        return pb.ListSegmentsReply(segments=[convert.segment_reply(_sized(list(infos)))
+                                              for infos in zip(*lists, strict=True)])
+
+    @rpc
+    def RefreshSegment(self, request: pb.RefreshSegmentRequest,
+                       context: grpc.ServicerContext) -> pb.RefreshSegmentReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        changes = self.shards.each("refresh_segment", request.name, as_of)
+        return pb.RefreshSegmentReply(size=sum(c.size for c in changes),
+                                      entered=sum(c.entered for c in changes),
+                                      exited=sum(c.exited for c in changes),
+                                      eval_micros=_micros_since(start),
+                                      as_of=convert.to_timestamp(as_of))
+
+
+def _sized(infos: list[Any]) -> Any:
+    """Shard 0's segment info with the size summed over the shards (and any problem)."""
+    problem = next((i.problem for i in infos if i.problem), None)
+    return replace(infos[0], size=sum(i.size for i in infos), problem=problem)
+
+
+def _summed(made: list[tuple[Any, Change]]) -> tuple[Any, Change]:
+    info = _sized([i for i, _ in made])
+    changes = [c for _, c in made]
+    return info, replace(changes[0], size=sum(c.size for c in changes),
+                         entered=sum(c.entered for c in changes),
+                         exited=sum(c.exited for c in changes))
+
+
+def _refuse(name: str) -> Any:
+    def refused(self: ShardedServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        raise not_sharded(name)
+    refused.__name__ = name
+    return rpc(refused)
+
+
+for _method in pb.DESCRIPTOR.services_by_name["Segments"].methods:
+    if _method.name not in SHARDED:
+        setattr(ShardedServicer, _method.name, _refuse(_method.name))
+
+
+# ---------------------------------------------------------------------- serving
+def create_sharded_server(shards: ShardSet, address: str, options: Any = None
+                          ) -> tuple[grpc.Server, int]:
+    """A server (not started) for the shards on `address` ("host:0" picks a free port)."""
+    from bitseg.server import app
+
+    server, port, _, _ = app._build(
+        None, address, app.WORKERS, None, options or app.Options(),  # type: ignore[arg-type]
+        make_servicer=lambda _engine, _segments, templates: ShardedServicer(shards, templates))
+    return server, port
+
+
+def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
+                  shards_wanted: int | None = None, ray_address: str | None = None) -> int:
+    """`bitseg serve --db DB --shards N`: serve the sharded store until SIGINT/SIGTERM."""
+    import signal
+    import sys
+    import threading
+
+    from bitseg.server import app
+    from bitseg.server.gate import ConfigError
+    from bitseg.server.shards import open_shards
+
+    for flag, given in (("--metrics-port", options.metrics_port),
+                        ("--sources", options.sources), ("--traits-every", options.traits_every),
+                        ("--http", getattr(options, "http_port", None))):
+        if given is not None:
+            raise ConfigError(f"{flag} is not yet supported with --shards")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        shards = open_shards(db, ray_address, expect=shards_wanted)
+        try:
+            server, bound, health_servicer, gate = app._build(
+                None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
+                make_servicer=lambda _e, _s, templates: ShardedServicer(shards, templates))
+            server.start()
+            where = "in process" if shards.count == 1 and ray_address is None else "on Ray"
+            print(f"bitseg serving {db} ({shards.count} shard{'s' * (shards.count > 1)} "
+                  f"{where}) on {host}:{bound}", file=sys.stderr, flush=True)
+            stop.wait()
+            health_servicer.enter_graceful_shutdown()
+            server.stop(grace).wait(grace + app.EXIT_MARGIN)
+            gate.wait_idle(app.EXIT_MARGIN)
+        finally:
+            shards.close()
+        log.info("stopped; shards closed")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

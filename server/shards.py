@@ -1,0 +1,296 @@
+"""Shards of the profile space: one engine per shard, and the front that fans out to them.
+
+A `Shard` is one shard's engine and segments. It runs in this process (embedded: what
+`serve --shards 1` does, with no Ray import at all) or as a Ray actor (`serve --shards N`
+with N > 1; ray.init starts a local runtime, or joins --ray-address). Either way the
+front calls `Shard.call(method, *args)`, which answers `(True, value)` or, for bitseg's
+own errors, `(False, error)` as plain data: the same error is raised again in the front,
+so a shard's rule error is the client's rule error, word for word.
+
+A shard actor that dies (its process killed) fails the calls in flight with
+ShardUnavailable (gRPC UNAVAILABLE) naming the shard; Ray restarts it (max_restarts), it
+reopens its store, and the next call answers from it. Nothing is retried by the front, so
+a count is never summed from fewer shards than there are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bitseg.index.errors import BitsegError, SchemaError
+from bitseg.index.schema import Schema
+from bitseg.index.shard_key import shard_of
+from bitseg.server.service import ShardUnavailable
+
+RESTARTS = -1  # Ray restarts a dead shard actor without limit
+ACTOR_THREADS = 8  # calls a shard actor runs at once (the engine's readers never wait)
+
+
+
+
+class RayMissing(BitsegError):
+    """--shards N > 1 without Ray installed."""
+
+
+# ---------------------------------------------------------------------- one shard
+class Shard:
+    """One shard's store: its engine and segments, and the calls the front makes."""
+
+    def __init__(self, path: str, index: int) -> None:
+        from bitseg.index.engine import Engine
+        from bitseg.index.segments import open_segments
+
+        self.index = index
+        self.path = path
+        self.engine = Engine.open(path)
+        self.segments = open_segments(self.engine)
+
+    def call(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """Run one of this class's `do_` methods: (True, its value) or (False, the bitseg
+        error it raised, as data)."""
+        try:
+            return True, getattr(self, "do_" + method)(*args)
+        except BitsegError as exc:
+            return False, _error_data(exc)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # ---------------------------------------------------------------- reading
+    def do_pid(self) -> int:
+        return os.getpid()
+
+    def do_schema(self) -> dict[str, dict[str, str]]:
+        return self.engine.schema.to_json()
+
+    def do_declare(self, schema: dict[str, dict[str, str]]) -> None:
+        self.engine.declare_schema(schema, source="the other shards' schema")
+
+    def do_version(self) -> int:
+        return self.engine.snapshot.version
+
+    def do_count(self, rule: Any, as_of: datetime) -> int:
+        return self.engine.count(rule, as_of=as_of)
+
+    def do_page(self, rule: Any, as_of: datetime, after: int | None, limit: int
+                ) -> tuple[int, int, int, list[int], list[str]]:
+        """Up to `limit` of the rule's members after dense id `after` (from the first when
+        None), in dense id order: (store version, how many members, the position of the
+        first one given, their dense ids, their external ids)."""
+        from bitseg.index.fields import ids_of
+
+        version = self.engine.snapshot.version
+        found = self.engine.bitmap(rule, as_of=as_of)
+        start = found.rank(after) if after is not None else 0
+        dense = ids_of(found[start:start + limit])
+        return version, len(found), start, dense.tolist(), self.engine.ids.externals(dense)
+
+    def do_is_member(self, profile_id: str, rule: Any, as_of: datetime) -> bool:
+        return self.engine.is_member(profile_id, rule, as_of=as_of)
+
+    def do_is_member_many(self, profile_ids: list[str], rule: Any, as_of: datetime
+                          ) -> tuple[list[bool], list[str]]:
+        from bitseg.index.batch import is_member_many
+
+        found = is_member_many(self.engine, profile_ids, rule, as_of=as_of)
+        return list(found.member), list(found.unknown)
+
+    def do_segments_of(self, profile_id: str, as_of: datetime) -> list[str]:
+        return self.segments.segments_of(profile_id, as_of=as_of)
+
+    def do_get_segment(self, name: str, as_of: datetime) -> Any:
+        return self.segments.get(name, as_of=as_of)
+
+    def do_list_segments(self, as_of: datetime, tag: str | None) -> list[Any]:
+        return self.segments.list(as_of=as_of, tag=tag)
+
+    # ---------------------------------------------------------------- segments
+    def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
+                          as_of: datetime, tags: list[str]) -> tuple[Any, Any]:
+        return self.segments.create(name, kind, rule=rule, ids=ids, as_of=as_of, tags=tags)
+
+    def do_delete_segment(self, name: str) -> None:
+        self.segments.delete(name)
+
+    def do_refresh_segment(self, name: str, as_of: datetime) -> Any:
+        return self.segments.refresh(name, as_of=as_of)
+
+
+def _error_data(exc: BitsegError) -> tuple[str, str, str, dict[str, Any]]:
+    """A bitseg error as (module, class, message, attributes), which always pickles."""
+    try:
+        state = pickle.loads(pickle.dumps(dict(vars(exc))))
+    except Exception:  # an attribute that does not pickle: the message still says it
+        state = {}
+    kind = type(exc)
+    return kind.__module__, kind.__qualname__, str(exc), state
+
+
+def rebuilt_error(data: tuple[str, str, str, dict[str, Any]]) -> Exception:
+    """The error a shard raised, of the same class and message (see _error_data)."""
+    module, name, message, state = data
+    kind: Any = BitsegError
+    if module.startswith("bitseg."):
+        kind = getattr(importlib.import_module(module), name, BitsegError)
+    if not (isinstance(kind, type) and issubclass(kind, BitsegError)):
+        kind = BitsegError
+    made = kind.__new__(kind)  # not every error's __init__ takes the message alone
+    Exception.__init__(made, message)
+    made.__dict__.update(state)
+    return made
+
+
+# ---------------------------------------------------------------------- the set of shards
+class ShardSet:
+    """The shards of one store, in process or as Ray actors; `call` and `each` reach
+    them and raise what a shard raised."""
+
+    def __init__(self, paths: Sequence[str], submit: Callable[[int, str, tuple], Any],
+                 wait: Callable[[int, Any], tuple[bool, Any]],
+                 close: Callable[[], None]) -> None:
+        self.paths = list(paths)
+        self.count = len(self.paths)
+        self._submit, self._wait, self._close = submit, wait, close
+
+    @classmethod
+    def embedded(cls, paths: Sequence[str]) -> ShardSet:
+        """Every shard in this process (no Ray)."""
+        shards: list[Shard] = []
+        try:
+            for index, path in enumerate(paths):
+                shards.append(Shard(path, index))
+        except BaseException:
+            for shard in shards:
+                shard.close()
+            raise
+
+        def submit(index: int, method: str, args: tuple) -> Any:
+            return shards[index].call(method, *args)
+
+        def close() -> None:
+            for shard in shards:
+                shard.close()
+
+        return cls(paths, submit, lambda index, answer: answer, close)
+
+    @classmethod
+    def on_ray(cls, paths: Sequence[str], address: str | None = None,
+               init: dict[str, Any] | None = None) -> ShardSet:
+        """Every shard a Ray actor opening its own store; ray.init joins `address`, or
+        starts a local runtime when None (unless Ray already runs in this process)."""
+        ray = import_ray()
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False, **(init or {}))
+        actor = ray.remote(num_cpus=0, max_restarts=RESTARTS, max_task_retries=0,
+                           max_concurrency=ACTOR_THREADS, scheduling_strategy="SPREAD")(Shard)
+        actors = [actor.remote(str(path), index) for index, path in enumerate(paths)]
+        errors = ray.exceptions
+
+        def submit(index: int, method: str, args: tuple) -> Any:
+            return actors[index].call.remote(method, *args)
+
+        def wait(index: int, pending: Any) -> tuple[bool, Any]:
+            try:
+                return ray.get(pending)
+            except (errors.RayActorError, errors.ActorUnavailableError,
+                    errors.ActorDiedError) as exc:
+                raise ShardUnavailable(f"shard {index} ({paths[index]}) is unavailable: "
+                                       f"{_first_line(exc)}; Ray restarts it, try again"
+                                       ) from None
+            except errors.RayTaskError as exc:  # a bug in the shard, not the caller's fault
+                raise RuntimeError(f"shard {index}: {_first_line(exc)}") from exc
+
+        def close() -> None:
+            for handle in actors:
+                ray.kill(handle, no_restart=True)
+
+        made = cls(paths, submit, wait, close)
+        made.actors = actors  # the tests kill one
+        return made
+
+    def close(self) -> None:
+        self._close()
+
+    def call(self, index: int, method: str, *args: Any) -> Any:
+        """One shard's answer."""
+        return self._answer(index, self._wait(index, self._submit(index, method, args)))
+
+    def each(self, method: str, *args: Any, per_shard: Sequence[tuple] | None = None
+             ) -> list[Any]:
+        """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
+        argument = per_shard if per_shard is not None else [args] * self.count
+        pending = [self._submit(i, method, tuple(argument[i])) for i in range(self.count)]
+        answers = [self._wait(i, p) for i, p in enumerate(pending)]
+        return [self._answer(i, a) for i, a in enumerate(answers)]
+
+    @staticmethod
+    def _answer(index: int, answer: tuple[bool, Any]) -> Any:
+        ok, value = answer
+        if not ok:
+            raise rebuilt_error(value)
+        return value
+
+    def shard_of(self, profile_id: str) -> int:
+        return shard_of(profile_id, self.count)
+
+    def unify_schema(self) -> Schema:
+        """Declare on every shard the fields any shard has (a field inferred from one
+        shard's data is then known to all); SchemaError when two shards disagree."""
+        schemas = self.each("schema")
+        merged = Schema.from_json(schemas[0])
+        for index, found in enumerate(schemas[1:], 1):
+            try:
+                merged = merged.declare(found, source=f"shard {index}")
+            except SchemaError as exc:
+                raise SchemaError(f"the shards' schemas disagree ({exc}); declare the field "
+                                  "in schema.json and load again") from None
+        if any(Schema.from_json(s) != merged for s in schemas):
+            self.each("declare", merged.to_json())
+        return merged
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def import_ray() -> Any:
+    """The ray module, or RayMissing saying how to install it."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise RayMissing("--shards N > 1 runs the shards on Ray, which is not installed: "
+                         "pip install 'bitseg[shards]' (or pip install 'ray==2.*')") from None
+
+
+def open_shards(db: str | Path, ray_address: str | None = None,
+                ray_init: dict[str, Any] | None = None, expect: int | None = None) -> ShardSet:
+    """The shards of the sharded store at db: in process for one shard (unless an address
+    is given), Ray actors otherwise. `expect`: the number of shards the caller means."""
+    from bitseg.server.shard_store import read_manifest
+
+    manifest = read_manifest(db)
+    if manifest is None:
+        raise BitsegError(f"{db} is not a sharded store (no shards.json; load one with "
+                          "`bitseg load DATASET --db DB --shards N`)")
+    if expect is not None and expect != manifest.shards:
+        raise BitsegError(f"{db} holds {manifest.shards} shards, not {expect}: serve it "
+                          f"with --shards {manifest.shards}")
+    paths = [str(p.resolve()) for p in manifest.paths(db)]
+    if manifest.shards == 1 and ray_address is None:
+        shards = ShardSet.embedded(paths)
+    else:
+        shards = ShardSet.on_ray(paths, ray_address, ray_init)
+    try:
+        shards.unify_schema()
+    except BaseException:
+        shards.close()
+        raise
+    return shards
