@@ -4,7 +4,7 @@ A batch collects rows as columns (add: one record; add_block: a parsed block che
 column-wise by event_blocks), and every FLUSH_ROWS rows converts them with numpy and
 writes them as new raw block parts, grouping their rows' (stream, day or month,
 profile) into count runs held over the whole batch (event_group). Each bucket is
-written once, at finish (or at a spill, when the runs pass RUN_LIMIT), which also joins
+written once, at finish (or at a spill, when the runs pass RUN_BYTES), which also joins
 the parts it wrote for a day and rewrites the catalog entries it changed.
 """
 
@@ -52,8 +52,12 @@ from bitseg.index.timeline import month_of
 
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
-RUN_LIMIT = 32 << 20  # count runs held before the buckets are written (a spill): 16 B each
+# Bytes of count runs (16 a run) held before the buckets are written (a spill). Merging
+# the runs and writing the buckets need up to about twice that again, so the runs take
+# at most ~3 x RUN_BYTES whatever the file's size; a spill rereads the buckets it wrote.
+RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
+PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
 
 
 def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
@@ -437,9 +441,9 @@ class EventBatch:
                 insort(self.type_days.setdefault(event, []), day)
         self._count(names, codes, days, dense, props)
         self._clear()
-        if self.runs.size > RUN_LIMIT:
+        if self.runs.nbytes > RUN_BYTES:
             self.runs.compact()  # the same (bucket, profile) in several flushes: one run
-            if self.runs.size > RUN_LIMIT * 3 // 4:
+            if self.runs.nbytes > RUN_BYTES * 3 // 4:
                 self._write_buckets()
 
     def _count(self, names: list[str], codes: np.ndarray, days: np.ndarray,
@@ -500,7 +504,7 @@ class EventBatch:
     def _write_buckets(self) -> None:
         """Add the runs to the stored counts of their buckets and write those into the
         transaction, in key order; list the buckets new to their streams. Called at the
-        end of the batch, and when the runs outgrow RUN_LIMIT (then a bucket may be
+        end of the batch, and when the runs outgrow RUN_BYTES (then a bucket may be
         written again, its counts read back and added to)."""
         drained = self.runs.drain()
         if drained is None:
@@ -519,16 +523,18 @@ class EventBatch:
         written, version = self.written, self.version
         built = count_indexes(bounds, profiles, rows, order)
         items: list[tuple[bytes, bytes]] = []
+        size = 0
         for i, fresh in zip(order, built, strict=True):
             kind, stream, bucket = KIND_OF[kinds[i]], names[streams[i]], buckets[i]
             key = (kind, stream, bucket)
             current = self._stored(key)
             counts = add_counts(current, fresh) if current is not None else fresh
             items.append((count_key(kind, bucket, stream), encode_counts(counts)))
+            size += len(items[-1][1])
             written[key] = version
-            if len(items) == PUT_ITEMS:
+            if len(items) == PUT_ITEMS or size >= PUT_BYTES:
                 self.store.put_many(self.txn, "events", items, overwrite=True)
-                items = []
+                items, size = [], 0
         self.store.put_many(self.txn, "events", items, overwrite=True)
 
     def _list(self, codes: np.ndarray) -> None:

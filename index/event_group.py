@@ -5,7 +5,7 @@ calendar month (b"m"). A batch names each bucket by one int64, `bucket_code`, an
 flush hands `BucketRuns.add` one (bucket code, profile) pair per row and stream. The
 pairs are grouped at once into runs — (bucket, profile, rows) — kept as numpy arrays
 until the batch writes its buckets: at the end of the batch, or earlier when the runs
-outgrow a limit (a spill). No Python runs per row or per bucket here.
+outgrow a byte budget (a spill). No Python runs per row or per bucket here.
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ class BucketRuns:
         self.parts.append((runs, rows.astype(np.int64)))
         self.size += len(runs)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in runs (16 a run)."""
+        return sum(runs.nbytes + rows.nbytes for runs, rows in self.parts)
+
     def compact(self) -> None:
         """Merge the parts into one: runs of a (bucket, profile) in several flushes add up."""
         if len(self.parts) < 2:
@@ -96,15 +101,19 @@ class BucketRuns:
         row_bits = max(int(p[1].max()).bit_length() for p in self.parts)
         if run_bits + row_bits <= 63:
             # rows packed below their run into one array, sorted in place (timsort merges
-            # the sorted parts): no argsort and no gather of two arrays, one allocation
+            # the sorted parts): no argsort and no gather of two arrays, one allocation,
+            # each part let go once copied (the packed array's pages are only touched as
+            # it fills, so this holds about the parts' bytes, not half as much again)
             runs = np.empty(self.size, dtype=np.int64)
             at = 0
-            for part_runs, part_rows in self.parts:
+            parts, self.parts = self.parts[::-1], []
+            while parts:
+                part_runs, part_rows = parts.pop()
                 into = runs[at:at + len(part_runs)]
                 np.left_shift(part_runs, row_bits, out=into)
                 into |= part_rows
                 at += len(part_runs)
-            self.parts = []
+                del part_runs, part_rows, into
             runs.sort(kind="stable")
             rows = runs & ((1 << row_bits) - 1)
             runs >>= row_bits
@@ -132,5 +141,8 @@ class BucketRuns:
         self.size = 0
         gid = runs >> 32
         starts = np.flatnonzero(np.concatenate(([True], gid[1:] != gid[:-1])))
+        codes = self.code_of[gid[starts]]
+        del gid
         bounds = np.append(starts, len(runs))
-        return self.code_of[gid[starts]], bounds, (runs & 0xFFFFFFFF).astype(np.uint32), rows
+        runs &= 0xFFFFFFFF
+        return codes, bounds, runs.astype(np.uint32), rows

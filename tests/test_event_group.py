@@ -1,7 +1,7 @@
 """Event count buckets grouped over a whole batch (index/event_group.py), and the spill.
 
 A batch keeps the per-profile counts of its buckets as numpy runs and writes each bucket
-at the end of the batch, or earlier when the runs pass RUN_LIMIT (a spill: the bucket is
+at the end of the batch, or earlier when the runs pass RUN_BYTES (a spill: the bucket is
 read back and added to). These tests make the limit tiny so that a small file spills
 many times, and check that both paths still leave the same store, that a spilled load
 counts what an unspilled one counts, and that a bad last line still leaves nothing.
@@ -30,7 +30,7 @@ from bitseg.loaders.gen import generate
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(columnar, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(event_batch, "FLUSH_ROWS", 700)
-    monkeypatch.setattr(event_batch, "RUN_LIMIT", event_batch.RUN_LIMIT)
+    monkeypatch.setattr(event_batch, "RUN_BYTES", event_batch.RUN_BYTES)
 
 
 def _spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -66,7 +66,7 @@ def test_buckets_spilled_many_times_load_alike_and_count_the_same(
     assert len(calls) == 2  # one events batch per path, written once at its end
     whole = _counts(tmp_path / "whole" / "rows")
     calls.clear()
-    event_batch.RUN_LIMIT = 64  # a spill after nearly every flush
+    event_batch.RUN_BYTES = 64 * 16  # 64 runs: a spill after nearly every flush
     assert assert_same_load(tmp_path / "spilled", folder) is None
     assert len(calls) > 6
     assert _counts(tmp_path / "spilled" / "rows") == whole
@@ -87,7 +87,7 @@ def test_a_bad_last_line_after_spills_leaves_nothing_of_the_file(
     with events.open("ab") as out:
         out.write(b'{"profile":"u1","event":"page_view","ts":"2025-01-01T00:00:00Z","n":[1]}\n')
     calls = _spills(monkeypatch)
-    event_batch.RUN_LIMIT = 64
+    event_batch.RUN_BYTES = 64 * 16
     error = assert_same_load(tmp_path, folder)
     assert error is not None and f"events.jsonl, line {lines + 1}, field 'n'" in error
     assert len(calls) > 2  # buckets were written into the transaction before the bad line
