@@ -283,3 +283,30 @@ def test_invalid_json_rule_shows_its_error_at_its_node(page: Page) -> None:
     node.locator("textarea").fill('{"field": "country", "op": "eq", "value": "FR"}')
     expect(node.locator("> .node-error")).to_be_hidden()
     expect(page.get_by_test_id("count")).to_have_text("0")
+
+
+def test_template_save_tags_and_control_groups(page: Page, client: Client) -> None:
+    page.wait_for_selector("[data-testid=count][data-count]")
+    page.fill("#save-name", "abandoners")
+    page.select_option("#save-kind", "SEGMENT_KIND_STATIC")
+    page.select_option("#save-template", "cart_abandoners")
+    page.fill('.template-param[data-param="days"]', "400")
+    page.click("#save")
+    page.wait_for_url("**#/segment/abandoners")
+    saved = client.get_segment("abandoners")
+    expect(page.get_by_test_id("segment-size")).to_have_text(f"{saved.size:,}")
+    assert saved.kind == "static" and "template:cart_abandoners" in saved.tags
+    assert saved.rule["window"] == {"last_days": 400}
+
+    page.fill("#tag-input", "q4")
+    page.click("#tag-add")
+    expect(page.locator("#tag-editor .tag", has_text="q4")).to_have_count(1)
+    assert "q4" in client.get_segment("abandoners").tags
+
+    page.fill("#split-parts", "test 80, control 20")
+    page.click("#split")
+    expect(page.locator("#split-result")).to_contain_text("abandoners-control")
+    test, control = client.get_segment("abandoners-test"), client.get_segment("abandoners-control")
+    assert test.size + control.size == saved.size
+    expect(page.locator("#split-result")).to_have_text(
+        f"abandoners-test: {test.size:,}; abandoners-control: {control.size:,}")

@@ -215,8 +215,11 @@ function nodeOfPath(paths, path) {
 const builder = { root: newGroup("and"), timer: null, asked: 0, errors: new Map(),
                   counts: new Map() };
 
+let templates = [];
+
 async function pageBuilder(main) {
   await describe();
+  templates = (await api("ListTemplates", {})).templates;
   main.append(
     h("h1", {}, "Segment builder"),
     h("div", { class: "card" },
@@ -233,7 +236,11 @@ async function pageBuilder(main) {
         h("input", { id: "save-tags", placeholder: "tags, comma-separated",
                      "aria-label": "tags" }),
         h("button", { id: "save", onclick: saveSegment }, "Save"),
-        h("span", { id: "save-result", class: "muted" }))),
+        h("span", { id: "save-result", class: "muted" })),
+      h("div", { class: "row" }, "rule:", select({ id: "save-template", "aria-label":
+        "template", onchange: showTemplate }, [["", "the builder's rule"],
+        ...templates.map((t) => [t.name, "template " + t.name])])),
+      h("div", { id: "template-params", class: "row" })),
     h("div", { class: "card" },
       h("h2", {}, "The rule as JSON"),
       h("textarea", { id: "rule-json", "aria-label": "rule as JSON", rows: 6 }),
@@ -486,15 +493,32 @@ function loadJson() {
   renderTree();
 }
 
+// A template's parameters, each with its default, when "save" takes a template.
+function showTemplate() {
+  const chosen = templates.find((t) => t.name === document.getElementById("save-template").value);
+  const box = document.getElementById("template-params");
+  box.replaceChildren(...(chosen ? [h("span", { class: "muted" }, chosen.description),
+    ...chosen.params.map((p) => h("label", { title: p.description }, p.name, " ",
+      h("input", { class: "template-param", "data-param": p.name,
+                   value: valueText(JSON.parse(p.default_json || "null") ?? "") })))] : []));
+}
+
 async function saveSegment() {
   const result = document.getElementById("save-result");
   const name = document.getElementById("save-name").value.trim();
   const tags = document.getElementById("save-tags").value.split(",")
     .map((t) => t.trim()).filter(Boolean);
+  const template = document.getElementById("save-template").value;
   try {
-    const rule = builderRule(builder.root).rule;
-    const made = await api("CreateSegment", { name, rule_json: JSON.stringify(rule), tags,
-      kind: document.getElementById("save-kind").value });
+    const request = { name, tags, kind: document.getElementById("save-kind").value };
+    if (template) {
+      request.template = template;
+      request.params = Object.fromEntries([...document.querySelectorAll(".template-param")]
+        .filter((i) => i.value.trim() !== "").map((i) => [i.dataset.param, i.value.trim()]));
+    } else {
+      request.rule_json = JSON.stringify(builderRule(builder.root).rule);
+    }
+    const made = await api("CreateSegment", request);
     result.textContent = `saved ${made.name}: ${fmt(made.size)} profiles`;
     location.hash = "#/segment/" + encodeURIComponent(made.name);
   } catch (e) {
@@ -556,13 +580,19 @@ async function pageSegment(main, name) {
       lineChart(history.points.map((p) => ({ time: p.time, size: Number(p.size),
                                               cause: p.cause })))),
     h("div", { class: "card explain", id: "segment-explain" }, h("h2", {}, "Explain")),
+    h("div", { class: "card" }, h("h2", {}, "Tags"), tagEditor(segment)),
+    h("div", { class: "card" }, h("h2", {}, "Split into control groups"), splitter(segment)),
     h("div", { class: "card", id: "segment-metrics" }, h("h2", {}, "Metrics")),
     h("div", { class: "card", id: "segment-preview" }, h("h2", {}, "Preview")),
     h("div", { class: "card", id: "segment-insights" }, h("h2", {}, "Insights")));
   const later = [];
-  if (rule) later.push(api("Explain", { rule_json: rule }).then((found) => {
+  // a stored membership (static, materialized) is that of its last change: explain then
+  const stored = segment.kind !== "SEGMENT_KIND_DYNAMIC" && segment.refreshed_at;
+  if (rule) later.push(api("Explain", stored ? { rule_json: rule, as_of: segment.refreshed_at }
+    : { rule_json: rule }).then((found) => {
     document.getElementById("segment-summary").textContent = found.sentence;
-    document.getElementById("segment-explain").append(explainTree(found.root));
+    document.getElementById("segment-explain").append(
+      h("p", { class: "muted" }, "counted at ", found.as_of), explainTree(found.root));
   }));
   later.push(api("Metrics", { segment: name }).then((m) =>
     document.getElementById("segment-metrics").append(metricsTable(m))));
@@ -573,6 +603,36 @@ async function pageSegment(main, name) {
   if (failed) showProblem(failed.reason);
 }
 
+function tagEditor(segment) {
+  const input = h("input", { id: "tag-input", placeholder: "tag", "aria-label": "tag" });
+  const retag = async (method, tags) => {
+    try { await api(method, { name: segment.name, tags }); route(); } catch (e) { showProblem(e); }
+  };
+  return h("div", { class: "row", id: "tag-editor" },
+    (segment.tags || []).map((t) => h("span", { class: "tag" }, t, " ",
+      h("button", { class: "untag", title: "remove the tag " + t,
+                    onclick: () => retag("RemoveTags", [t]) }, "×"))),
+    input, h("button", { id: "tag-add", onclick: () => retag("AddTags", [input.value.trim()]) },
+      "Add tag"));
+}
+
+// Static segments of the members in sample buckets: "test 45, other 45, control 10".
+function splitter(segment) {
+  const salt = h("input", { id: "split-salt", value: segment.name, "aria-label": "salt" });
+  const parts = h("input", { id: "split-parts", class: "value", value: "test 90, control 10",
+                             "aria-label": "parts" });
+  const result = h("span", { class: "muted", id: "split-result" });
+  return h("div", { class: "row" }, "salt", salt, "parts (label percent, ...)", parts,
+    h("button", { id: "split", onclick: async () => {
+      try {
+        const into = parts.value.split(",").map((p) => p.trim().split(/\s+/))
+          .map(([label, percent]) => ({ label, percent: Number(percent) }));
+        const made = await api("SplitSegment", { name: segment.name, salt: salt.value, into });
+        result.textContent = made.segments.map((m) => `${m.name}: ${fmt(m.size)}`).join("; ");
+      } catch (e) { result.textContent = e.message; }
+    } }, "Split"), result);
+}
+
 function explainTree(node) {
   return h("ul", {}, h("li", { "data-path": node.path },
     h("span", { class: "count" }, fmt(node.count)), node.text,
@@ -580,10 +640,17 @@ function explainTree(node) {
     (node.children || []).length ? node.children.map(explainTree) : null));
 }
 
+const MONEY = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2,
+                                                maximumFractionDigits: 2 });
+// Decimal text as people read it ("" is undefined: a division by zero).
+const money = (text) => text === "" ? "" : MONEY.format(Number(text));
+const pct = (text) => text === "" ? "" : MONEY.format(Number(text)) + " %";
+
 function metricsTable(m) {
-  const rows = [["profiles", fmt(m.profiles)], ["% of base", m.share_of_profiles_pct],
-    ["orders", fmt(m.orders)], ["customers", fmt(m.customers)], ["revenue", m.revenue],
-    ["% of revenue", m.share_of_revenue_pct], ["average order value", m.average_order_value]];
+  const rows = [["profiles", fmt(m.profiles)], ["% of base", pct(m.share_of_profiles_pct)],
+    ["orders", fmt(m.orders)], ["customers", fmt(m.customers)], ["revenue", money(m.revenue)],
+    ["% of revenue", pct(m.share_of_revenue_pct)],
+    ["average order value", money(m.average_order_value)]];
   return h("table", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k),
     h("td", { class: "num" }, v === "" ? "—" : v))));
 }
