@@ -32,9 +32,8 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, NotFound
 from bitseg.index.event_index import EventIndex
-from bitseg.index.event_keys import stream_key
 from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
-from bitseg.index.keys import SEP_TEXT
+from bitseg.index.keys import SEP_TEXT, stream_key
 from bitseg.index.rules import And, Cond, EventCond, Not, Or, Rule
 from bitseg.index.snapshot import Snapshot
 

@@ -35,17 +35,10 @@ from bitseg.index.event_group import (
     distinct,
 )
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
-from bitseg.index.event_keys import (
-    ANY,
-    EVENT_KEYS,
-    STREAM_TYPES,
-    block_key,
-    count_key,
-    stream_key,
-)
+from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
 from bitseg.index.fields import RangeIndex
 from bitseg.index.ids import IdMap
-from bitseg.index.keys import SEP_TEXT
+from bitseg.index.keys import SEP_TEXT, block_key, count_key, stream_key
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader
 from bitseg.index.timeline import month_of

@@ -26,16 +26,9 @@ import orjson
 
 from bitseg.index.errors import StoreError
 from bitseg.index.event_counts import decode_counts
-from bitseg.index.event_keys import (
-    CATALOG_MARK,
-    block_key,
-    catalog_key,
-    count_key,
-    packed,
-    unpacked,
-)
+from bitseg.index.event_keys import packed, unpacked
 from bitseg.index.fields import RangeIndex
-from bitseg.index.keys import from_u32
+from bitseg.index.keys import CATALOG_MARK, block_key, catalog_key, count_key, from_u32
 from bitseg.index.store import Store, Txn
 
 

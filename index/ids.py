@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from bitseg.index.keys import from_u32, u32, u32_keys
+from bitseg.index.keys import MAX_KEY_BYTES, from_u32, u32, u32_keys
 from bitseg.index.store import Store, Txn
 
 ID_CHUNK_BITS = 16
 ID_CHUNK = 1 << ID_CHUNK_BITS
 MAX_IDS = 2**32 - 1
-MAX_KEY_BYTES = 511  # LMDB's key limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,9 +31,9 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.describe import QUANTILES, _order, _shown, kth_smallest
 from bitseg.index.errors import BitsegError
-from bitseg.index.event_keys import stream_key
 from bitseg.index.events import count_by_bitmaps
 from bitseg.index.fields import RangeIndex, ValueIndex
+from bitseg.index.keys import stream_key
 from bitseg.index.order_index import OrderIndex
 from bitseg.index.orders import order_totals
 from bitseg.index.rules import EventCond, Having, Window

@@ -18,7 +18,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
 from bitseg.index.fields import ValueIndex, ValueWriter, bitmap_of, ids_of
-from bitseg.index.keys import SEP, from_u32, u32
+from bitseg.index.keys import SEP, from_u32, order_exists_name, u32
 from bitseg.index.order_blocks import take_block
 from bitseg.index.order_index import (
     MAX_RUNS,
@@ -42,7 +42,6 @@ from bitseg.index.order_keys import (
     RESERVED,
     append_column,
     dirty_chunks,
-    exists_name,
     put_bitmap,
     put_column,
     value_name,
@@ -411,7 +410,7 @@ class OrderBatch:
             for value in writer.dirty:
                 put_bitmap(store, txn, value_name(store, txn, name, value), index.eq(value),
                             chunks)
-            put_bitmap(store, txn, exists_name(name), index.exists, chunks)
+            put_bitmap(store, txn, order_exists_name(name), index.exists, chunks)
         values = {k: v for k, v in values.items() if v.exists or v.values}
         item_values = dict(old.item_values)
         chunks = chunks_of(self.touched_item_values)
@@ -420,7 +419,8 @@ class OrderBatch:
             for value in writer.dirty:
                 put_bitmap(store, txn, value_name(store, txn, name, value, ITEM_KINDS[0]),
                             index.eq(value), chunks)
-            put_bitmap(store, txn, exists_name(name, ITEM_KINDS[1]), index.exists, chunks)
+            put_bitmap(store, txn, order_exists_name(name, ITEM_KINDS[1]), index.exists,
+                       chunks)
         item_values = {k: v for k, v in item_values.items() if v.exists or v.values}
         # order columns
         owner_buf = self._plain(b"owner", old.owner_buf, old.count, count,

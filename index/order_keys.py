@@ -1,38 +1,37 @@
-"""The names and LMDB keys of the "orders" database, and its columns and bitmaps stored
-in chunks.
+"""The order and item field names, and the columns and bitmaps of the "orders" database
+stored in chunks (its keys, with every other key layout, are in keys.py).
 
-Persistence: the LMDB db "orders" holds everything, written in the caller's write
-transaction (a failed batch leaves nothing):
-  b"meta"                         JSON {"count": orders, "items": item ids,
-                                  "item_values": true once the per-item bitmaps below
-                                  cover every item (index_items builds them at open
-                                  for a store written before they existed)}
-  b"i\\x1f" + external order id     u32 dense order id
-  b"r\\x1f" + u32(order id)         the order's current row (JSON, canonical values)
-  b"c\\x1f" + column + 0 + u32(k)   chunk k (2**16 ids) of a numpy column, raw bytes
-  b"b\\x1f" + bitmap + 0 + u32(k)   chunk k (2**18 ids) of a bitmap, portable roaring
-  b"n\\x1f" + digest               the value of a bitmap whose name would be too long
-so a batch rewrites only the chunks it touched, and load_orders rebuilds from LMDB alone.
+Everything is written in the caller's write transaction (a failed batch leaves nothing):
+"meta" {"count": orders, "items": item ids, "item_values": true once the per-item bitmaps
+cover every item (index_items builds them at open for a store written before they
+existed)}, each order's id and row, the columns in chunks of 2**16 ids and the bitmaps in
+chunks of 2**18, so a batch rewrites only the chunks it touched, and load_orders rebuilds
+from LMDB alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.keys import SEP, u32
-from bitseg.index.store import Store, Txn, chunk_mask
+from bitseg.index.keys import (
+    ORDER_NAME_BYTES,
+    order_bitmap_prefix,
+    order_column_prefix,
+    order_name_key,
+    order_short_name,
+    order_value_name,
+    u32,
+)
+from bitseg.index.store import Store, Txn
 
 COL_BITS = 16
 COL_CHUNK = 1 << COL_BITS
-MAX_ID_BYTES = 400
-MAX_NAME = 400  # longer bitmap names are stored under a digest
+MAX_ID_BYTES = T.MAX_ID_BYTES  # order ids, as profile ids
 
 QTY, QTY_SUM, QTY_EACH, DISTINCT, SKU = (
     "items.qty", "items.qty_sum", "items.qty_each", "items.distinct", "items.sku")
@@ -43,38 +42,25 @@ SCALE = {QTY_SUM: T.FLOAT_SCALE}  # column keys per unit of the rule's value
 ITEM_KINDS = (b"w", b"y")  # bitmap names of value-typed item keys per item: value, exists
 
 
-def bitmap_key(name: bytes, chunk: int) -> bytes:
-    return b"b" + SEP + name + b"\x00" + u32(chunk)
-
-
 def column_key(name: bytes, chunk: int) -> bytes:
-    return b"c" + SEP + name + b"\x00" + u32(chunk)
+    return order_column_prefix(name) + u32(chunk)
 
 
 def value_name(store: Store, txn: Txn, fname: str, value: Any, kind: bytes = b"v") -> bytes:
-    raw = orjson.dumps(value)
-    name = kind + SEP + fname.encode() + SEP + raw
-    if len(name) <= MAX_NAME:
+    """The name of a value's bitmap; past ORDER_NAME_BYTES its digest, with the full
+    name kept under order_name_key (names that fit are what they always were)."""
+    name = order_value_name(fname, value, kind)
+    if len(name) <= ORDER_NAME_BYTES:
         return name
-    digest = b"#" + hashlib.blake2b(name, digest_size=20).hexdigest().encode()
-    store.put(txn, "orders", b"n" + SEP + digest, name)
-    return digest
-
-
-def exists_name(fname: str, kind: bytes = b"x") -> bytes:
-    return kind + SEP + fname.encode()
+    short = order_short_name(name)
+    store.put(txn, "orders", order_name_key(short), name)
+    return short
 
 
 def put_bitmap(store: Store, txn: Txn, name: bytes, bitmap: BitMap,
-                chunks: Iterable[int]) -> None:
-    for chunk in chunks:
-        part = bitmap & chunk_mask(chunk)
-        key = bitmap_key(name, chunk)
-        if part:
-            part.run_optimize()
-            store.put(txn, "orders", key, part.serialize())
-        else:
-            store.delete(txn, "orders", key)
+               chunks: Iterable[int]) -> None:
+    """Store.put_chunks for the orders bitmap `name`."""
+    store.put_chunks(txn, "orders", order_bitmap_prefix(name), bitmap, chunks)
 
 
 def put_column(store: Store, txn: Txn, name: bytes, data: np.ndarray,

@@ -20,19 +20,16 @@ chain) must stay within MAX_CHAIN_DEPTH levels. Creates and updates that would m
 chain deeper are refused; a chain stored too deep by an older version is listed, but
 evaluating it is refused with the reason (as is a stored rule that no longer parses).
 
-Persistence, the LMDB db "segments":
-  b"d\\0" name                       the definition (JSON)
-  b"m\\0" name \\0 u32(chunk)          a chunk (2**18 ids) of the stored membership
-  b"h\\0" name \\0 u64(t) u32(seq)     a history point {"size": n, "cause": ...,
-                                     "recorded_at": µs}; t is its as_of, seq the order
-                                     it was recorded in (history is listed by seq)
+Persistence, the LMDB db "segments" (keys.py lays out its keys): each segment's
+definition (JSON), its stored membership in chunks of 2**18 ids, and its history points
+{"size": n, "cause": ..., "recorded_at": µs}, keyed by as_of and the order they were
+recorded in (history is listed by that order).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pyroaring import BitMap
 
+from bitseg.index import keys as K
 from bitseg.index import types as T
 from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import ids_of
-from bitseg.index.keys import u32
 from bitseg.index.rules import (
     And,
     EventCond,
@@ -64,7 +61,7 @@ from bitseg.index.rules import (
 )
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.sqlrule import with_fresh_sources
-from bitseg.index.store import Store, Txn, chunk_mask, chunks_of
+from bitseg.index.store import Store, Txn, chunks_of
 from bitseg.index.tags import check_tag, check_tags, retagged
 from bitseg.index.ticker import Ticker
 from bitseg.index.top import Top
@@ -81,7 +78,6 @@ NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DB = "segments"
 FORMAT = 1
 US = 1_000_000
-_POINT = struct.Struct(">QI")
 # Levels of a rule with the rules of the dynamic segments it uses written in place.
 # Each segment's rule travels and is stored on its own, so MAX_RULE_DEPTH's reasons (the
 # protobuf decoder, orjson's nesting) do not bound a chain; evaluation does, recursing
@@ -443,52 +439,19 @@ def check_chains(name: str, before: SegmentSet, after: SegmentSet) -> None:
 
 
 # ---------------------------------------------------------------------- persistence
-def _definition_key(name: str) -> bytes:
-    return b"d\0" + name.encode()
-
-
-def _members_prefix(name: str) -> bytes:
-    return b"m\0" + name.encode() + b"\0"
-
-
-def _history_prefix(name: str) -> bytes:
-    return b"h\0" + name.encode() + b"\0"
-
-
-def _delete_prefix(store: Store, txn: Txn, prefix: bytes) -> None:
-    for key in list(store.keys(txn, DB, prefix)):
-        store.delete(txn, DB, key)
-
-
-def _put_members(store: Store, txn: Txn, name: str, members: BitMap,
-                 chunks: Iterable[int] | None) -> None:
-    """Write the given chunks of a membership (None: all of it, replacing what was)."""
-    prefix = _members_prefix(name)
-    if chunks is None:
-        _delete_prefix(store, txn, prefix)
-        chunks = chunks_of(members)
-    for chunk in chunks:
-        part = members & chunk_mask(chunk)
-        if part:
-            part.run_optimize()
-            store.put(txn, DB, prefix + u32(chunk), part.serialize())
-        else:
-            store.delete(txn, DB, prefix + u32(chunk))
-
-
 def _put_point(store: Store, txn: Txn, segment: Segment, at: int, size: int,
                cause: str) -> Segment:
     """Record a history point; the segment with its point counter advanced."""
-    key = _history_prefix(segment.name) + _POINT.pack(at + 2**63, segment.points)
+    key = K.history_key(segment.name, at, segment.points)
     store.put(txn, DB, key, orjson.dumps({"size": size, "cause": cause,
                                           "recorded_at": _wall()}))
     return replace(segment, points=segment.points + 1)
 
 
 def _delete_segment(store: Store, txn: Txn, name: str) -> None:
-    store.delete(txn, DB, _definition_key(name))
-    _delete_prefix(store, txn, _members_prefix(name))
-    _delete_prefix(store, txn, _history_prefix(name))
+    store.delete(txn, DB, K.segment_key(name))
+    store.delete_prefix(txn, DB, K.members_prefix(name))
+    store.delete_prefix(txn, DB, K.history_prefix(name))
 
 
 def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
@@ -501,7 +464,7 @@ def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
         members = None
         if data["kind"] != DYNAMIC:
             parts = [BitMap.deserialize(bytes(v))
-                     for _, v in store.items(txn, DB, _members_prefix(name))]
+                     for _, v in store.items(txn, DB, K.members_prefix(name))]
             members = BitMap.union(*parts) if parts else BitMap()
         typed, problem = None, None
         if data["kind"] not in KINDS:
@@ -572,8 +535,8 @@ class _Plan:
         if new.members is not None:
             whole = self.old is None or self.old.members is None
             chunks = None if whole else chunks_of(self.entered | self.exited)
-            _put_members(store, txn, new.name, new.members, chunks)
-        store.put(txn, DB, _definition_key(new.name), orjson.dumps(new.definition()))
+            store.put_chunks(txn, DB, K.members_prefix(new.name), new.members, chunks)
+        store.put(txn, DB, K.segment_key(new.name), orjson.dumps(new.definition()))
 
 
 # ---------------------------------------------------------------------- the manager
@@ -637,14 +600,14 @@ class Segments:
     def history(self, name: str) -> list[Point]:
         """The segment's size history in the order it was recorded (not by as_of)."""
         self.current.get(name)
-        prefix = _history_prefix(name)
+        prefix = K.history_prefix(name)
         store = self.engine.store
         points = []
         with store.read() as txn:
             for key, raw in store.items(txn, DB, prefix):
-                at, seq = _POINT.unpack(bytes(key[len(prefix):]))
+                at, seq = K.history_point(bytes(key), prefix)
                 data = orjson.loads(raw)
-                points.append((seq, Point(at - 2**63, data["size"], data["cause"],
+                points.append((seq, Point(at, data["size"], data["cause"],
                                           data.get("recorded_at"))))
         points.sort(key=lambda found: found[0])  # stable: older stores' equal seqs by as_of
         return [point for _, point in points]
@@ -867,7 +830,7 @@ class Segments:
             store = self.engine.store
             with store.write() as txn:
                 segment = _put_point(store, txn, segment, as_of_us, size, "record")
-                store.put(txn, DB, _definition_key(name), orjson.dumps(segment.definition()))
+                store.put(txn, DB, K.segment_key(name), orjson.dumps(segment.definition()))
             self.engine.set_segments(self.current.with_segment(segment))
         return Point(as_of_us, size, "record")
 
@@ -898,7 +861,7 @@ class Segments:
     def _write_definition(self, segment: Segment) -> None:
         """Store and publish a definition change that moves no profile."""
         with self.engine.store.write() as txn:
-            self.engine.store.put(txn, DB, _definition_key(segment.name),
+            self.engine.store.put(txn, DB, K.segment_key(segment.name),
                                   orjson.dumps(segment.definition()))
         self.engine.set_segments(self.current.with_segment(segment))
 

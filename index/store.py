@@ -6,10 +6,12 @@ Named databases:
   rids     chunk number -> the external ids of that chunk of dense ids (see ids.py)
   rows     dense id -> the profile's current values (JSON, canonical form)
   bitmaps  name \\x00 chunk -> portable roaring bitmap of the ids of that chunk
+  segments, events, orders: see keys.py, which lays out every key of every database
 
 A bitmap is split into chunks of 2**CHUNK_BITS ids, so a batch that touches a few
-profiles rewrites a few small values, not whole bitmaps. Every write is one LMDB
-transaction: it commits whole or not at all, and is durable when write() returns.
+profiles rewrites a few small values, not whole bitmaps; put_chunks is the one writer
+of such chunks, in any database. Every write is one LMDB transaction: it commits whole
+or not at all, and is durable when write() returns.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index.errors import StoreError, StoreFull
-from bitseg.index.keys import u32
+from bitseg.index.keys import bitmap_prefix, u32
 
 FORMAT = 1
 CHUNK_BITS = 18
@@ -266,30 +268,41 @@ class Store:
         txn.put(key.encode(), orjson.dumps(value), db=self.db["meta"])
 
     # ---------------------------------------------------------------- bitmaps
-    def put_bitmap(self, txn: Txn, name: bytes, bitmap: BitMap,
+    def put_chunks(self, txn: Txn, db: str, prefix: bytes, bitmap: BitMap,
                    chunks: Iterable[int] | None) -> None:
-        """Persist the given chunks of a bitmap (None: all of it, replacing what was)."""
-        db = self.db["bitmaps"]
+        """Persist the given chunks of a bitmap in db, chunk k (ids k * 2**CHUNK_BITS and
+        on, portable roaring, run-optimized) under prefix + u32(k); a chunk without ids is
+        deleted. None: all of it, replacing whatever was under prefix."""
+        handle = self.db[db]
         if chunks is None:
-            self.delete_bitmaps(txn, name + b"\x00")
+            self.delete_prefix(txn, db, prefix)
             chunks = chunks_of(bitmap)
         for chunk in chunks:
             part = bitmap & chunk_mask(chunk)
-            key = name + b"\x00" + u32(chunk)
+            key = prefix + u32(chunk)
             if part:
                 part.run_optimize()
-                txn.put(key, part.serialize(), db=db)
+                txn.put(key, part.serialize(), db=handle)
             else:
-                txn.delete(key, db=db)
+                txn.delete(key, db=handle)
 
-    def delete_bitmaps(self, txn: Txn, prefix: bytes) -> None:
-        """Delete every stored chunk whose key starts with prefix."""
-        cursor = txn.cursor(db=self.db["bitmaps"])
+    def put_bitmap(self, txn: Txn, name: bytes, bitmap: BitMap,
+                   chunks: Iterable[int] | None) -> None:
+        """put_chunks for the profile bitmap `name` in "bitmaps"."""
+        self.put_chunks(txn, "bitmaps", bitmap_prefix(name), bitmap, chunks)
+
+    def delete_prefix(self, txn: Txn, db: str, prefix: bytes) -> None:
+        """Delete every entry of db whose key starts with prefix."""
+        cursor = txn.cursor(db=self.db[db])
         if not cursor.set_range(prefix):
             return
         while cursor.key().startswith(prefix):
             if not cursor.delete():
                 return
+
+    def delete_bitmaps(self, txn: Txn, prefix: bytes) -> None:
+        """Delete every chunk in "bitmaps" whose key starts with prefix."""
+        self.delete_prefix(txn, "bitmaps", prefix)
 
     def load_bitmaps(self, txn: Txn) -> dict[bytes, BitMap]:
         """Every stored bitmap by name, its chunks joined."""

@@ -374,7 +374,7 @@ def test_the_catalog_lists_what_the_keys_hold_also_for_stores_without_one(tmp_pa
     """Open reads the catalog; it must list exactly the buckets and block parts that a
     scan of the keys finds, and a store written before the catalog gets one at open."""
     from bitseg.index.event_index import load_events
-    from bitseg.index.event_keys import CATALOG_MARK
+    from bitseg.index.keys import CATALOG_MARK
 
     def listings(engine):
         store = engine.store
