@@ -8,7 +8,6 @@ commit, so a reader sees a batch entirely or not at all.
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 from pyroaring import BitMap
 
+from bitseg.index import keys as K
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, apply_block
 from bitseg.index.cache import LRU, CacheStats, ResultCache, canonical, parsed_weight
@@ -26,11 +26,24 @@ from bitseg.index.errors import BitsegError, DataError, NotFound, StoreError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.event_batch import EventBatch
 from bitseg.index.event_index import load_events, write_catalog
-from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ids_of
+from bitseg.index.fields import (
+    RangeIndex,
+    RangeWriter,
+    StoredFields,
+    ValueIndex,
+    fields_pinned,
+    ids_of,
+)
 from bitseg.index.ids import IdMap
 from bitseg.index.keys import SEP, u32
 from bitseg.index.order_batch import OrderBatch, index_items
-from bitseg.index.order_index import load_orders
+from bitseg.index.order_index import (
+    StoredOrders,
+    TxnView,
+    load_orders,
+    orders_meta,
+    orders_of,
+)
 from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.sample import Buckets
@@ -75,39 +88,16 @@ def as_of_micros(as_of: datetime | str | int | None) -> int:
 
 
 # ---------------------------------------------------------------------- bitmap names
-def _field_prefix(name: str) -> bytes:
-    return b"p" + SEP + name.encode() + SEP
-
-
-MAX_NAME_BYTES = 506  # a stored bitmap key is its name + 5 bytes; LMDB keys: 511
-
-
 def _value_name(store: Store, txn: Txn, field: str, value: Any) -> bytes:
     """The name of a value's bitmap; a name too long for an LMDB key names the value by
-    its digest instead (names that fit are what they always were)."""
+    its digest instead, the value kept in meta (names that fit are what they always were)."""
     text = orjson.dumps(value)
-    name = _field_prefix(field) + b"v" + SEP + text
-    if len(name) <= MAX_NAME_BYTES:
+    name = K.value_name(field, text)
+    if len(name) <= K.BITMAP_NAME_BYTES:
         return name
-    digest = hashlib.blake2b(text, digest_size=20).hexdigest()
-    store.put(txn, "meta", b"value:" + digest.encode(), text)
-    return _field_prefix(field) + b"h" + SEP + digest.encode()
-
-
-def _exists_name(field: str) -> bytes:
-    return _field_prefix(field) + b"x"
-
-
-def _slice_name(field: str, bit: int) -> bytes:
-    return _field_prefix(field) + b"s" + SEP + str(bit).encode()
-
-
-def _monthday_name(field: str, md: int) -> bytes:
-    return _field_prefix(field) + b"m" + SEP + str(md).encode()
-
-
-def _range_meta_key(field: str) -> str:
-    return f"range:{field}"
+    hashed = K.digest(text)
+    store.put(txn, "meta", K.long_value_key(hashed), text)
+    return K.long_value_name(field, hashed)
 
 
 def persist_fields(store: Store, txn: Txn, writers: FieldWriters,
@@ -119,56 +109,76 @@ def persist_fields(store: Store, txn: Txn, writers: FieldWriters,
             for value in writer.dirty:
                 store.put_bitmap(txn, _value_name(store, txn, name, value), index.eq(value),
                                  chunks)
-            store.put_bitmap(txn, _exists_name(name), index.exists, chunks)
+            store.put_bitmap(txn, K.exists_name(name), index.exists, chunks)
             continue
         assert isinstance(writer, RangeWriter) and isinstance(index, RangeIndex)
         scope: set[int] | None = chunks
         if writer.rebuilt:
-            store.delete_bitmaps(txn, _field_prefix(name))
+            store.delete_bitmaps(txn, K.field_prefix(name))
             scope = None
         for bit, bitmap in enumerate(index.slices):
-            store.put_bitmap(txn, _slice_name(name, bit), bitmap, scope)
-        store.put_bitmap(txn, _exists_name(name), index.exists, scope)
+            store.put_bitmap(txn, K.slice_name(name, bit), bitmap, scope)
+        store.put_bitmap(txn, K.exists_name(name), index.exists, scope)
         mds = index.monthdays.keys() if writer.rebuilt else writer.dirty_monthdays
         for md in mds:
-            store.put_bitmap(txn, _monthday_name(name, md), index.monthdays.get(md, BitMap()),
+            store.put_bitmap(txn, K.monthday_name(name, md), index.monthdays.get(md, BitMap()),
                              scope)
-        store.put_json(txn, _range_meta_key(name),
+        store.put_json(txn, K.range_meta_key(name),
                        {"base": index.base, "unit": index.unit, "depth": len(index.slices),
                         "digits": index.digits, "rounded": index.rounded})
 
 
-def load_fields(store: Store, txn: Txn, schema: Schema,
-                bitmaps: dict[bytes, BitMap]) -> dict[str, FieldIndex]:
-    """Rebuild every profile field index from the stored bitmaps."""
-    parts: dict[str, dict[str, Any]] = {}
-    for key, bitmap in bitmaps.items():
-        if not key.startswith(b"p" + SEP):
-            continue
-        _, field, kind, *rest = key.split(SEP, 3)
-        entry = parts.setdefault(field.decode(), {"values": {}, "slices": {}, "md": {}})
+def read_field(reader: Any, name: str, type_: str) -> FieldIndex:
+    """A profile field's index from its stored bitmaps, read through a snapshot's reader
+    (its chunks joined)."""
+    prefix = K.field_prefix(name)
+    chunks: dict[bytes, list[BitMap]] = {}
+    for key, raw in reader.items("bitmaps", prefix):
+        chunks.setdefault(key[len(prefix):-5], []).append(BitMap.deserialize(raw))
+    exists = BitMap()
+    values: dict[Any, BitMap] = {}
+    slices: dict[int, BitMap] = {}
+    monthdays: dict[int, BitMap] = {}
+    for part, found in chunks.items():
+        bitmap = BitMap.union(*found)
+        kind, _, rest = part.partition(SEP)
         if kind == b"x":
-            entry["exists"] = bitmap
+            exists = bitmap
         elif kind == b"v":
-            entry["values"][orjson.loads(rest[0])] = bitmap
+            values[orjson.loads(rest)] = bitmap
         elif kind == b"h":  # a long value, named by its digest
-            entry["values"][orjson.loads(store.get(txn, "meta", b"value:" + rest[0]))] = bitmap
+            values[orjson.loads(reader.get("meta", K.long_value_key(rest)))] = bitmap
         elif kind == b"s":
-            entry["slices"][int(rest[0])] = bitmap
+            slices[int(rest)] = bitmap
         elif kind == b"m":
-            entry["md"][int(rest[0])] = bitmap
-    fields: dict[str, FieldIndex] = {}
-    for name, entry in parts.items():
-        type_ = schema.profiles.get(name)
-        exists = entry.get("exists", BitMap())
-        if type_ in T.RANGE_TYPES:
-            meta = store.get_json(txn, _range_meta_key(name)) or {"base": 0, "unit": 1, "depth": 0}
-            slices = tuple(entry["slices"].get(i, BitMap()) for i in range(meta["depth"]))
-            fields[name] = RangeIndex(meta["base"], meta["unit"], slices, exists, entry["md"],
-                                      meta.get("digits"), meta.get("rounded", False))
-        elif type_ is not None:  # values are single keywords or bools, never lists
-            fields[name] = ValueIndex(entry["values"], exists)
-    return fields
+            monthdays[int(rest)] = bitmap
+    if type_ not in T.RANGE_TYPES:  # values are single keywords or bools, never lists
+        return ValueIndex(values, exists)
+    raw = reader.get("meta", K.range_meta_key(name).encode())
+    meta = orjson.loads(raw) if raw is not None else {"base": 0, "unit": 1, "depth": 0}
+    return RangeIndex(meta["base"], meta["unit"],
+                      tuple(slices.get(i, BitMap()) for i in range(meta["depth"])), exists,
+                      monthdays, meta.get("digits"), meta.get("rounded", False))
+
+
+def stored_fields(reader: Any, schema: Schema) -> StoredFields:
+    """The fields of the schema that have stored bitmaps, each read on first use."""
+    types = dict(schema.profiles)
+    present = []
+    for name in types:
+        prefix = K.field_prefix(name)
+        key = reader.key_at("bitmaps", prefix)
+        if key is not None and key.startswith(prefix):
+            present.append(name)
+    return StoredFields(lambda at, name: read_field(at, name, types[name]), reader,
+                        dict.fromkeys(present))
+
+
+def read_live(reader: Any) -> BitMap:
+    """The live profiles: the chunks of the LIVE bitmap joined."""
+    found = reader.items("bitmaps", K.bitmap_prefix(LIVE))
+    chunks = [BitMap.deserialize(raw) for _, raw in found]
+    return BitMap.union(*chunks) if chunks else BitMap()
 
 
 def _event_type(record: Any) -> str | None:
@@ -202,32 +212,31 @@ class Engine:
         with StoreError and changes nothing. It answers from what was committed when it
         opened."""
         store = Store(path, bulk=bulk, readonly=readonly)
-        try:
+        try:  # what every rule needs now; field bitmaps and orders when first used
             with store.read() as txn:
                 schema = Schema.from_json(store.get_json(txn, "schema") or {})
                 version = store.get_json(txn, "version") or 0
-                bitmaps = store.load_bitmaps(txn)
                 ids = IdMap.load(store, txn)
-                fields = load_fields(store, txn, schema, bitmaps)
                 events = load_events(store, txn, version)
-                orders = load_orders(store, txn, schema)
-            if readonly and not orders.items_indexed:
+                meta = orders_meta(TxnView(store, txn)) or {}
+            upgrade = bool(meta) and not meta.get("item_values")
+            if readonly and upgrade:
                 raise StoreError(f"{path}: this store needs a one-time upgrade (per-item "
                                  "values); open it once for writing first")
-            if not orders.items_indexed:  # once, for a store from before per-item values
+            if upgrade:  # once, for a store from before per-item values
                 with store.write() as txn:
-                    orders = index_items(store, txn, orders, schema)
+                    index_items(store, txn, load_orders(store, txn, schema), schema)
             if not events.catalogued and events.type_days and not readonly:  # once, from before
                 with store.write() as txn:
                     write_catalog(store, txn, events)
                 events = replace(events, catalogued=True)
             reader = store.reader()
+            live, fields = read_live(reader), stored_fields(reader, schema)
         except BaseException:
             store.close()
             raise
-        snapshot = Snapshot(version, bitmaps.get(LIVE, BitMap()), schema, fields,
-                            events=events.pinned(reader), orders=orders.pinned(reader),
-                            reader=reader)
+        snapshot = Snapshot(version, live, schema, fields, events=events.pinned(reader),
+                            orders=StoredOrders(reader), reader=reader)
         if segments is not None:
             snapshot = replace(snapshot, segments=segments)
         return cls(store, ids, snapshot)
@@ -406,7 +415,7 @@ class Engine:
                                        profiles.ensure_profile, version, ids.known,
                                        id_map=self._ids, live=snap.live)
                 elif child == "orders":
-                    batch = OrderBatch(self.store, txn, snap.orders,
+                    batch = OrderBatch(self.store, txn, orders_of(snap.orders),
                                        snap.schema, profiles.ensure_profile)
                 batch.refused = refused  # add_block leaves an event of these types to add
                 if callable(records):
@@ -457,7 +466,8 @@ class Engine:
                     changes[child_name] = changes[child_name].pinned(reader)
             self._ids = new_ids
             self._snapshot = replace(snap, version=version, live=live, schema=schema,
-                                     fields=fields, reader=reader, **changes)
+                                     fields=fields_pinned(fields, reader), reader=reader,
+                                     **changes)
             rows = batch.count if child is not None else 0
             return BatchReport(profiles.created, profiles.updated, version, rows)
 
@@ -486,8 +496,10 @@ class Engine:
                 if also is not None:
                     changes = also(txn, replace(snap, version=version, schema=schema,
                                                 fields=fields))
-            self._snapshot = replace(snap, version=version, schema=schema, fields=fields,
-                                     reader=self.store.reader(), **changes)
+            reader = self.store.reader()
+            self._snapshot = replace(snap, version=version, schema=schema,
+                                     fields=fields_pinned(fields, reader), reader=reader,
+                                     **changes)
             return version
 
     def delete_profiles(self, profile_ids: Iterable[str]) -> int:
@@ -513,6 +525,7 @@ class Engine:
                 self.store.put_bitmap(txn, LIVE, live, chunks)
                 version = snap.version + 1
                 self.store.put_json(txn, "version", version)
-            self._snapshot = replace(snap, version=version, live=live, fields=fields,
-                                     reader=self.store.reader())
+            reader = self.store.reader()
+            self._snapshot = replace(snap, version=version, live=live,
+                                     fields=fields_pinned(fields, reader), reader=reader)
             return len(gone)

@@ -7,6 +7,7 @@ change, so a reader holding the old index keeps a consistent view without locks.
 from __future__ import annotations
 
 import math
+import threading
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -435,3 +436,61 @@ class RangeWriter:
             into[md] = into.get(md, EMPTY) | bitmap_of(members)
             self.dirty_monthdays.add(md)
         return into
+
+
+# --------------------------------------------------------------------------- stored fields
+class StoredFields(Mapping[str, "ValueIndex | RangeIndex"]):
+    """The profile field indexes of a snapshot, each read from the store the first time
+    it is used (`read(reader, name)`) and then kept: a store opens without reading the
+    bitmaps of fields no rule asks for.
+
+    `entries` maps every field with stored bitmaps to its index, or None while unread.
+    A field's stored bitmaps change only when a batch changes that field, and then the
+    batch's index replaces the entry (`changed`), so an unread entry reads the same
+    bitmaps through any later version's reader (`pinned`)."""
+
+    def __init__(self, read: Any, reader: Any,
+                 entries: dict[str, ValueIndex | RangeIndex | None]) -> None:
+        self._read, self.reader, self._entries = read, reader, entries
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> ValueIndex | RangeIndex:
+        index = self._entries[name]
+        if index is None:
+            with self._lock:
+                index = self._entries[name]
+                if index is None:
+                    index = self._entries[name] = self._read(self.reader, name)
+        return index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def loaded(self, name: str) -> bool:
+        return self._entries.get(name) is not None
+
+    def changed(self, indexes: Mapping[str, ValueIndex | RangeIndex]) -> StoredFields:
+        """These fields with some replaced by a batch's indexes (the rest shared)."""
+        return StoredFields(self._read, self.reader, {**self._entries, **indexes})
+
+    def pinned(self, reader: Any) -> StoredFields:
+        """The same fields, the unread ones reading through a later version's reader."""
+        return StoredFields(self._read, reader, dict(self._entries))
+
+
+def with_changes(fields: Mapping[str, ValueIndex | RangeIndex],
+                 indexes: Mapping[str, ValueIndex | RangeIndex]
+                 ) -> Mapping[str, ValueIndex | RangeIndex]:
+    """A snapshot's fields with a batch's changed indexes in place of theirs."""
+    if isinstance(fields, StoredFields):
+        return fields.changed(indexes)
+    return {**fields, **indexes}
+
+
+def fields_pinned(fields: Mapping[str, ValueIndex | RangeIndex], reader: Any
+                  ) -> Mapping[str, ValueIndex | RangeIndex]:
+    """Fields to publish with a new version: unread ones read through its reader."""
+    return fields.pinned(reader) if isinstance(fields, StoredFields) else fields

@@ -167,18 +167,56 @@ def compute_runs(ts: np.ndarray) -> np.ndarray | None:
     return np.concatenate(([0], breaks)).astype(np.int64)
 
 
+class TxnView:
+    """A write or read transaction read the way a snapshot's reader is (load_orders)."""
+
+    def __init__(self, store: Store, txn: Txn) -> None:
+        self.store, self.txn = store, txn
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.store.get(self.txn, db, key)
+
+    def items(self, db: str, prefix: bytes) -> Any:
+        return self.store.items(self.txn, db, prefix)
+
+    def key_at(self, db: str, key: bytes) -> bytes | None:
+        cursor = self.txn.cursor(db=self.store.db[db])
+        return bytes(cursor.key()) if cursor.set_range(key) else None
+
+
 def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
+    """Rebuild the OrderIndex from the "orders" db alone, read in this transaction."""
+    return read_orders(TxnView(store, txn))
+
+
+def orders_meta(reader: Any) -> dict[str, Any] | None:
+    """The "orders" db's meta entry (None: no order was ever added)."""
+    raw = reader.get("orders", b"meta")
+    return None if raw is None else orjson.loads(raw)
+
+
+def _column_names(reader: Any) -> list[bytes]:
+    """The names of the stored columns, skipping from one name's chunks to the next."""
+    prefix, names = b"c" + SEP, []
+    key = reader.key_at("orders", prefix)
+    while key is not None and key.startswith(prefix):
+        name = bytes(key[2:-5])
+        names.append(name)
+        key = reader.key_at("orders", prefix + name + b"\x01")
+    return names
+
+
+def read_orders(reader: Any) -> OrderIndex:
     """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now,
     field columns when first used (through the reader the index is then pinned to)."""
-    meta_raw = store.get(txn, "orders", b"meta")
-    if meta_raw is None:
+    meta = orders_meta(reader)
+    if meta is None:
         return OrderIndex()
-    meta = orjson.loads(meta_raw)
     count, item_count = meta["count"], meta["items"]
-    names: set[bytes] = {bytes(key[2:-5]) for key in store.keys(txn, "orders", b"c" + SEP)}
+    names = _column_names(reader)
 
     def plain(name: bytes, n: int, dtype: Any) -> np.ndarray:
-        return assemble(lambda key: store.get(txn, "orders", key), name, n, dtype, False)[0]
+        return assemble(lambda key: reader.get("orders", key), name, n, dtype, False)[0]
 
     owner = plain(b"owner", count, np.uint32)
     ts = plain(b"ts", count, np.int64)
@@ -192,7 +230,7 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     item_columns = Columns(b"i", item_count, fields[b"i"])
     # bitmaps
     parts: dict[bytes, list[BitMap]] = {}
-    for key, value in store.items(txn, "orders", b"b" + SEP):
+    for key, value in reader.items("orders", b"b" + SEP):
         parts.setdefault(bytes(key[2:-5]), []).append(BitMap.deserialize(value))
     live = EMPTY
     values: dict[str, dict[Any, BitMap]] = {}
@@ -202,7 +240,7 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     for name, chunks in parts.items():
         bitmap = BitMap.union(*chunks)
         if name.startswith(b"#"):
-            name = bytes(store.get(txn, "orders", b"n" + SEP + name))
+            name = bytes(reader.get("orders", b"n" + SEP + name))
         kind, _, rest = name.partition(SEP)
         if name == b"live":
             live = bitmap
@@ -223,3 +261,32 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
     return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), value_indexes,
                       columns, item_owner, item_columns, item_values=item_indexes,
                       items_indexed=bool(meta.get("item_values")))
+
+
+class StoredOrders:
+    """A store's OrderIndex, read through `reader` the first time anything of it is
+    used, and then kept: a store opens without reading its orders, and a rule or batch
+    on orders reads them (every attribute is the read OrderIndex's)."""
+
+    def __init__(self, reader: Any, items_indexed: bool = True) -> None:
+        self._reader = reader
+        self._index: OrderIndex | None = None
+        self._lock = threading.Lock()
+        self.items_indexed = items_indexed
+
+    def loaded(self) -> OrderIndex:
+        index = self._index
+        if index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = read_orders(self._reader).pinned(self._reader)
+                index = self._index
+        return index
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loaded(), name)
+
+
+def orders_of(index: OrderIndex | StoredOrders) -> OrderIndex:
+    """The OrderIndex itself (read now if it was not yet), for a batch that builds on it."""
+    return index.loaded() if isinstance(index, StoredOrders) else index

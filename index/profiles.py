@@ -22,7 +22,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.cumulative import carry
 from bitseg.index.errors import DataError
-from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of, with_changes
 from bitseg.index.ids import IdWriter
 from bitseg.index.keys import u32
 from bitseg.index.profile_blocks import ensure_profiles, take_block
@@ -128,13 +128,15 @@ class FieldWriters:
             self.writers[name] = writer
         return writer
 
-    def finish(self) -> dict[str, FieldIndex]:
-        fields = dict(self.snap.fields)
+    def finish(self) -> Mapping[str, FieldIndex]:
+        """The snapshot's fields with the changed ones replaced (those not read yet stay
+        unread: see fields.StoredFields)."""
+        changed: dict[str, FieldIndex] = {}
         for name, writer in self.writers.items():
-            fields[name] = writer.finish()
+            changed[name] = writer.finish()
             if isinstance(writer, RangeWriter):  # the next index keeps the range layout
-                carry(writer.original, fields[name], writer.touched)  # called only if needed
-        return fields
+                carry(writer.original, changed[name], writer.touched)  # called only if needed
+        return with_changes(self.snap.fields, changed)
 
 
 class ProfileBatch:
@@ -292,7 +294,7 @@ class ProfileBatch:
         self.segment_start = self.ids.next
         self.touched_old = set()
 
-    def finish(self) -> tuple[dict[str, FieldIndex], BitMap, Schema]:
+    def finish(self) -> tuple[Mapping[str, FieldIndex], BitMap, Schema]:
         """The next field indexes, live bitmap and schema."""
         self.flush()
         added = bitmap_of(np.frombuffer(self.live_added, dtype=np.uint32))
@@ -301,7 +303,7 @@ class ProfileBatch:
 
 
 def delete_profiles(store: Store, txn: Txn, snapshot: Snapshot,
-                    gone: BitMap) -> tuple[FieldWriters, dict[str, FieldIndex]]:
+                    gone: BitMap) -> tuple[FieldWriters, Mapping[str, FieldIndex]]:
     """Remove these profiles from every field index and delete their rows."""
     writers = FieldWriters(snapshot, snapshot.schema)
     for name, index in snapshot.fields.items():

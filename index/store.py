@@ -351,6 +351,37 @@ class SnapshotReader:
                 raise StoreError(f"{self._store.path}: {exc}") from None
         return None if raw is None else bytes(raw)
 
+    def items(self, db: str, prefix: bytes, batch: int = 256
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every entry under prefix, in key order, as of this version.
+        The lock is held a batch at a time, so a long scan (a field read on first use)
+        does not hold up other readers' lookups."""
+        after: bytes | None = None
+        while True:
+            rows: list[tuple[bytes, bytes]] = []
+            with self._lock:
+                cursor = self._txn.cursor(db=self._store.db[db])
+                found = cursor.set_range(after if after is not None else prefix)
+                if found and after is not None and cursor.key() == after:
+                    found = cursor.next()
+                while found and len(rows) < batch:
+                    key = bytes(cursor.key())
+                    if not key.startswith(prefix):
+                        break
+                    rows.append((key, bytes(cursor.value())))
+                    found = cursor.next()
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = rows[-1][0]
+
+    def key_at(self, db: str, key: bytes) -> bytes | None:
+        """The first key at or after key (None past the last): names under a prefix are
+        found by skipping from one to the next without reading their values."""
+        with self._lock:
+            cursor = self._txn.cursor(db=self._store.db[db])
+            return bytes(cursor.key()) if cursor.set_range(key) else None
+
 
 def _disk_full(exc: Exception, free: int) -> bool:
     """Whether an lmdb error comes of a full disk. LMDB reports a short write, which is
