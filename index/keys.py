@@ -1,6 +1,6 @@
 """Every LMDB key layout of a bitseg store: the separator, the numbers, the digest that
 stands in for a name too long for a key, each layout's name limit, and the functions
-that build the keys (store.py opens the databases; nothing else writes a key by hand).
+and prefixes that build the keys (store.py opens the databases).
 
 Parts: SEP is U+001F, a control character no field, property or event type name may
 hold (types.name_problem), so a name's parts split apart unambiguously; names made as
@@ -173,23 +173,25 @@ def catalog_key(kind: bytes, name: str) -> bytes:
 
 # ---------------------------------------------------------------- "orders"
 ORDERS_META = b"meta"
+ORDER_IDS, ORDER_ROWS, ORDER_COLUMNS, ORDER_BITMAPS, ORDER_NAMES = (
+    b"i" + SEP, b"r" + SEP, b"c" + SEP, b"b" + SEP, b"n" + SEP)
 
 
 def order_id_key(external: str) -> bytes:
-    return b"i" + SEP + external.encode()
+    return ORDER_IDS + external.encode()
 
 
 def order_row_key(oid: int) -> bytes:
-    return b"r" + SEP + u32(oid)
+    return ORDER_ROWS + u32(oid)
 
 
 def order_bitmap_prefix(name: bytes) -> bytes:
     """Where the chunks of the orders bitmap `name` are: "b" SEP name 0."""
-    return b"b" + SEP + name + b"\x00"
+    return ORDER_BITMAPS + name + b"\x00"
 
 
 def order_column_prefix(name: bytes) -> bytes:
-    return b"c" + SEP + name + b"\x00"
+    return ORDER_COLUMNS + name + b"\x00"
 
 
 def order_value_name(field: str, value: Any, kind: bytes = b"v") -> bytes:
@@ -205,7 +207,7 @@ def order_short_name(name: bytes) -> bytes:
 
 def order_name_key(short: bytes) -> bytes:
     """The key keeping the full name of the bitmap named `short`."""
-    return b"n" + SEP + short
+    return ORDER_NAMES + short
 
 
 def order_exists_name(field: str, kind: bytes = b"x") -> bytes:

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 from pyroaring import BitMap
 
+from bitseg.index import keys as K
 from bitseg.index import store as store_module
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
@@ -148,7 +149,7 @@ class OrderBatch:
             row["it"], row["i0"] = old.get("it", []), old.get("i0", 0)
         else:
             row["it"], row["i0"] = items or [], self.next_item
-        self.store.put(self.txn, "orders", b"r" + SEP + u32(oid), _dump(row))
+        self.store.put(self.txn, "orders", K.order_row_key(oid), _dump(row))
         if fresh:
             self.created += 1
             self.live_added.append(oid)
@@ -177,14 +178,14 @@ class OrderBatch:
             row = self._row(oid)
             if row is None:
                 continue
-            self.store.delete(self.txn, "orders", b"r" + SEP + u32(oid))
-            self.store.delete(self.txn, "orders", b"i" + SEP + row["x"].encode())
+            self.store.delete(self.txn, "orders", K.order_row_key(oid))
+            self.store.delete(self.txn, "orders", K.order_id_key(row["x"]))
             self._queue(oid, row, None, True)
         self.live_removed |= found
         self.flush()
 
     def _resolve(self, external: str) -> tuple[int, bool]:
-        key = b"i" + SEP + external.encode()
+        key = K.order_id_key(external)
         got = self.store.get(self.txn, "orders", key)
         if got is not None:
             return from_u32(got), False
@@ -196,7 +197,7 @@ class OrderBatch:
         return oid, True
 
     def _row(self, oid: int) -> dict[str, Any] | None:
-        raw = self.store.get(self.txn, "orders", b"r" + SEP + u32(oid))
+        raw = self.store.get(self.txn, "orders", K.order_row_key(oid))
         if raw is None:
             return None
         row = orjson.loads(raw)
@@ -436,7 +437,7 @@ class OrderBatch:
         indexed = old.items_indexed or self.reindexing or not any(
             name.startswith("items.") and type_ in T.VALUE_TYPES
             for name, type_ in self.schema.orders.items())  # else: old items lack them
-        store.put(txn, "orders", b"meta", orjson.dumps({"count": count, "items": item_count,
+        store.put(txn, "orders", K.ORDERS_META, orjson.dumps({"count": count, "items": item_count,
                                                         "item_values": indexed}))
         runs = self._runs(ts_buf[:count])
         index = OrderIndex(count, item_count, live, owner_buf, ts_buf, runs, values, columns,
@@ -573,7 +574,7 @@ def index_items(store: Store, txn: Txn, index: OrderIndex, schema: Schema) -> Or
     rows (in the caller's write transaction) and mark the store as indexed."""
     batch = OrderBatch(store, txn, index, schema, lambda external: 0)
     batch.reindexing = True
-    for key, raw in store.items(txn, "orders", b"r" + SEP):
+    for key, raw in store.items(txn, "orders", K.ORDER_ROWS):
         oid = from_u32(bytes(key[2:]))
         row = orjson.loads(raw)
         if row.get("it") and index.item_owner[row["i0"]] == oid:

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.compare import I64_MIN
-from bitseg.index.keys import SEP
+from bitseg.index.keys import ORDER_IDS, ORDER_ROWS
 from bitseg.index.order_keys import ITEM_RESERVED, MAX_ID_BYTES, RESERVED
 from bitseg.index.order_queues import ValueQueue
 
@@ -513,7 +513,7 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
         return False
     # ids already in the store (or in this batch)
     key_arr = pc.binary_join_element_wise(
-        _s(b"i" + SEP, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
+        _s(ORDER_IDS, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
     sorted_keys = _bytes_list(key_arr.take(by_key))
     if batch.next > 0:
@@ -578,7 +578,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
     store.put_many(txn, "orders", list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
     # new order ids are past every stored one, and "r" is the last key prefix: append, or
     # (should a later prefix exist) put them where they go
-    pairs = list(zip(_u32_keys(b"r" + SEP, oids), _bytes_list(rows), strict=True))
+    pairs = list(zip(_u32_keys(ORDER_ROWS, oids), _bytes_list(rows), strict=True))
     if store.put_many(txn, "orders", pairs, append=True) < k:
         store.put_many(txn, "orders", pairs)
     batch.created += k
