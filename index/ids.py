@@ -8,6 +8,7 @@ persisted one LMDB value per chunk.  Dense ids are assigned in order and never r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,18 +55,51 @@ class IdChunk:
         return cls(np.frombuffer(raw[4:end], dtype="<u8").astype(np.uint64), bytes(raw[end:]))
 
 
+class IdChunks(Sequence[IdChunk]):
+    """The chunks of an IdMap, each decoded from the store the first time it is used.
+    Every chunk but the last holds ID_CHUNK ids and never changes once written (dense
+    ids are never reused), so an unread one reads the same through any transaction;
+    the last, which later batches rewrite, is always read (or made) already."""
+
+    def __init__(self, store: Store, entries: list[IdChunk | None]) -> None:
+        self.store, self._entries = store, entries
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, number: int) -> IdChunk:  # type: ignore[override]
+        chunk = self._entries[number]
+        if chunk is None:
+            with self._lock:
+                chunk = self._entries[number]
+                if chunk is None:
+                    with self.store.read() as txn:
+                        raw = self.store.get(txn, "rids", u32(number % len(self._entries)))
+                    chunk = self._entries[number] = IdChunk.decode(raw)
+        return chunk
+
+    def entries(self) -> list[IdChunk | None]:
+        """The chunks read so far (None: not yet), for the next IdMap to share."""
+        return list(self._entries)
+
+
 class IdMap:
     """Immutable once published; a batch's IdWriter makes the next one."""
 
-    def __init__(self, store: Store, chunks: tuple[IdChunk, ...] = ()) -> None:
+    def __init__(self, store: Store, chunks: Sequence[IdChunk] = ()) -> None:
         self.store = store
-        self.chunks = chunks
-        self.count = sum(c.size for c in chunks)
+        self.chunks = chunks if isinstance(chunks, IdChunks) else IdChunks(store, list(chunks))
+        last = self.chunks[-1] if len(self.chunks) else None  # the others are full
+        self.count = 0 if last is None else (len(self.chunks) - 1) * ID_CHUNK + last.size
 
     @classmethod
     def load(cls, store: Store, txn: Txn) -> IdMap:
-        chunks = [IdChunk.decode(raw) for _, raw in store.items(txn, "rids")]
-        return cls(store, tuple(chunks))
+        """The map of the store: its chunks are counted now and read when first used."""
+        entries: list[IdChunk | None] = [None] * sum(1 for _ in store.keys(txn, "rids"))
+        if entries:
+            entries[-1] = IdChunk.decode(store.get(txn, "rids", u32(len(entries) - 1)))
+        return cls(store, IdChunks(store, entries))
 
     def lookup(self, external: str, reader: Any = None) -> int | None:
         """The dense id of an external id, or None if it was never seen (read through a
@@ -174,14 +208,16 @@ class IdWriter:
         """Persist the new names' chunks; the IdMap to publish after commit."""
         if not self.new_names:
             return self.ids
-        chunks = list(self.ids.chunks)
+        chunks = self.ids.chunks.entries()  # the last is read; the others may not be
         pending = self.new_names
-        if chunks and chunks[-1].size < ID_CHUNK:
-            pending = chunks.pop().names() + pending
-        first_chunk = len(chunks)
-        for start in range(0, len(pending), ID_CHUNK):
-            chunks.append(IdChunk.of(pending[start:start + ID_CHUNK]))
-        for number in range(first_chunk, len(chunks)):
-            self.ids.store.put(self.txn, "rids", u32(number), chunks[number].encode())
-        return IdMap(self.ids.store, tuple(chunks))
+        last = chunks[-1] if chunks else None
+        if last is not None and last.size < ID_CHUNK:
+            chunks.pop()
+            pending = last.names() + pending
+        store = self.ids.store
+        fresh = [IdChunk.of(pending[start:start + ID_CHUNK])
+                 for start in range(0, len(pending), ID_CHUNK)]
+        for number, chunk in enumerate(fresh, len(chunks)):
+            store.put(self.txn, "rids", u32(number), chunk.encode())
+        return IdMap(store, IdChunks(store, [*chunks, *fresh]))
 

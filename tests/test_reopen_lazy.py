@@ -17,6 +17,7 @@ import orjson
 
 from bitseg.index.engine import Engine
 from bitseg.index.fields import RangeIndex, StoredFields
+from bitseg.index.ids import ID_CHUNK
 from bitseg.index.order_index import StoredOrders
 from bitseg.index.snapshot import Snapshot
 
@@ -230,3 +231,22 @@ def test_a_reader_beside_a_writer_reads_what_was_committed_when_it_opened(
         finally:
             reader.kill()
         assert out.split() == [str(before), str(buyers)]
+
+
+def test_id_chunks_are_read_when_first_used(tmp_path: Path) -> None:
+    """Past one chunk of 2**16 ids: a reopen reads the last chunk only; the others are
+    read on first use, also by a batch that fills the last chunk and starts another."""
+    path = tmp_path / "s"
+    first = [{"id": f"u{i}"} for i in range(ID_CHUNK + 100)]
+    with Engine.open(path) as engine:
+        engine.upsert_profiles(first)
+    with Engine.open(path) as engine:
+        assert engine.ids.chunks.entries()[0] is None and engine.ids.count == len(first)
+        engine.upsert_profiles([{"id": f"v{i}"} for i in range(ID_CHUNK)])  # 3 chunks now
+        assert engine.ids.chunks.entries()[0] is None  # the batch did not need it
+        everything = engine.ids.externals(np.arange(engine.ids.count, dtype=np.uint32))
+        assert engine.dense_id("u5") == 5 and engine.members({"all": True})[5] == "u5"
+    assert everything == [row["id"] for row in first] + [f"v{i}" for i in range(ID_CHUNK)]
+    with Engine.open(path) as engine:
+        assert engine.ids.count == len(everything)
+        assert engine.ids.externals(np.arange(engine.ids.count, dtype=np.uint32)) == everything
