@@ -3,6 +3,11 @@ page that uses it (static files in server/console_static/, shipped in the packag
 
     POST /api/v1/METHOD   body: the request message in protobuf's JSON form ({} or empty
                           for a request with no fields); answer: the reply in that form
+    POST /export          {"segment": S or "rule_json": R, "fields": [...], "require":
+                          [...], "format": "csv" | "jsonl"}: the members having every
+                          required field, as a file (what `bitseg export` writes), read
+                          through the Members stream; header X-Bitseg-Audience: all
+                          members, required fields or not
     GET  /                the console page; GET /static/NAME its files
 
 METHOD is any unary RPC of bitseg.v1.Segments (Count, Describe, Values, Explain, Preview,
@@ -16,10 +21,11 @@ apply (gate.admit), sent as `Authorization: Bearer TOKEN`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -28,8 +34,10 @@ from typing import Any, NoReturn
 import grpc
 import orjson
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from bitseg.index.errors import NotFound
+from bitseg.index.errors import BitsegError, NotFound
+from bitseg.index.exports import encode_rows
 from bitseg.server.gate import SERVICE_PREFIX, Tokens, admit
 from bitseg.server.service import BadRequest, SegmentsServicer, status_of
 from bitseg.v1 import bitseg_pb2 as pb
@@ -118,6 +126,55 @@ class Api:
         return getattr(self.servicer, name)(request, CallContext())
 
 
+    def export(self, body: bytes, authorization: str) -> tuple[int, Any, int]:
+        """(status, the file's chunks or an error body, audience size) for POST /export."""
+        try:
+            admit(self.tokens, SERVICE_PREFIX + "Members",
+                  [("authorization", authorization)] if authorization else [])
+            asked = _export_request(body)
+            as_of = Timestamp()
+            as_of.GetCurrentTime()
+            target = {"segment": asked["segment"]} if "segment" in asked \
+                else {"rule_json": asked["rule_json"]}
+            audience = orjson.loads(asked["rule_json"]) if "rule_json" in asked \
+                else {"segment": asked["segment"]}
+            kept = {"and": [audience, *({"field": f, "op": "exists"}
+                                        for f in asked["require"])]}
+            total = self.servicer.Count(pb.CountRequest(**target, as_of=as_of), CallContext())
+            pages = self.servicer.Members(
+                pb.MembersRequest(rule_json=orjson.dumps(kept).decode(),
+                                  fields=asked["fields"], as_of=as_of), CallContext())
+            first = next(pages)  # a bad field or segment fails here, before any byte
+        except Aborted as exc:
+            return (*_error(exc.code, str(exc)), 0)
+        except Exception as exc:
+            code, message = status_of(exc)
+            return (*_error(code, message), 0)
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for page in itertools.chain([first], pages):
+                for text in page.rows_json:
+                    yield orjson.loads(text)
+        return 200, encode_rows(rows(), asked["fields"], asked["format"]), int(total.count)
+
+
+def _export_request(body: bytes) -> dict[str, Any]:
+    try:
+        asked = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the export request is not JSON: {exc}") from None
+    if not isinstance(asked, dict) or ("segment" in asked) == ("rule_json" in asked):
+        raise BadRequest('export: give one of "segment" or "rule_json"')
+    asked.setdefault("format", "csv")
+    if asked["format"] not in ("csv", "jsonl"):
+        raise BitsegError(f"format: expected csv or jsonl, got {asked['format']!r}")
+    for key in ("fields", "require"):
+        value = asked.setdefault(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadRequest(f"{key}: expected a list of field names")
+    return asked
+
+
 def _error(code: grpc.StatusCode, message: str) -> tuple[int, bytes]:
     return HTTP_STATUS.get(code, 500), orjson.dumps({"code": code.name, "message": message})
 
@@ -156,6 +213,9 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(status, body, "application/json")
             return
         data = self.rfile.read(length) if length else b""
+        if path == "/export":
+            self._export(data)
+            return
         if not path.startswith(API_PREFIX):
             status, body = _error(grpc.StatusCode.NOT_FOUND, f"no API at {path}; "
                                   f"POST {API_PREFIX}METHOD")
@@ -165,6 +225,24 @@ class Handler(BaseHTTPRequestHandler):
         if status >= 400:
             log.info("console %s: %d %s", path, status, body[:300].decode(errors="replace"))
         self._answer(status, body, "application/json")
+
+    def _export(self, data: bytes) -> None:
+        status, body, total = self.server.api.export(data, self.headers.get("Authorization", ""))
+        if status != 200:
+            self._answer(status, body, "application/json")
+            return
+        fmt = orjson.loads(data).get("format", "csv")
+        self.close_connection = True  # the file's end is the connection's: no length known
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv; charset=utf-8" if fmt == "csv"
+                         else "application/x-ndjson")
+        self.send_header("Content-Disposition", f'attachment; filename="export.{fmt}"')
+        self.send_header("X-Bitseg-Audience", str(total))
+        self.send_header("Connection", "close")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        for chunk in body:
+            self.wfile.write(chunk)
 
     def _answer(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status, _reason(status))

@@ -30,7 +30,8 @@ WAIT_MS = 10_000  # the longest a page waits for an answer before the test fails
 YOUNG_GERMAN_CARTS = {"and": [
     {"field": "country", "op": "eq", "value": "DE"},
     {"field": "age", "op": "between", "value": [18, 40]},
-    {"event": "add_to_cart", "having": {"agg": "count", "op": "gte", "value": 1}}]}
+    {"event": "add_to_cart", "where": {"field": "category", "op": "eq", "value": "apparel"},
+     "having": {"agg": "count", "op": "gte", "value": 1}}]}
 
 
 def chromium() -> str:
@@ -78,8 +79,10 @@ def client(server: ServerProcess) -> Iterator[Client]:
 
 def post(url: str, method: str, body: object = None,
          token: str | None = None) -> tuple[int, dict]:
+    """POST /api/v1/METHOD (or /export for "/export"): (status, the JSON answer)."""
     request = urllib.request.Request(
-        url + "api/v1/" + method, data=json.dumps(body or {}).encode(), method="POST",
+        url + (method[1:] if method.startswith("/") else "api/v1/" + method),
+        data=json.dumps(body or {}).encode(), method="POST",
         headers={"Content-Type": "application/json",
                  **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
@@ -114,6 +117,10 @@ def test_api_errors_are_the_grpc_ones(server: ServerProcess) -> None:
     status, error = post(url, "Nope")
     assert status == 404 and error["code"] == "NOT_FOUND"
     assert post(url, "Members", {"rule_json": "{\"all\": true}"})[0] == 404  # a stream
+    status, error = post(url, "/export", {"segment": "no-such", "fields": ["age"]})
+    assert status == 404 and "no-such" in error["message"]
+    status, error = post(url, "/export", {"rule_json": "{\"all\": true}", "fields": ["agex"]})
+    assert status == 400 and "agex" in error["message"]
 
 
 def test_api_takes_the_grpc_tokens(tmp_path: Path) -> None:
@@ -167,7 +174,7 @@ def shot(page: Page, name: str) -> None:
 
 
 def build_by_clicking(page: Page) -> None:
-    """country is DE, age between 18 and 40, had an add_to_cart event."""
+    """country is DE, age between 18 and 40, added apparel to a cart."""
     page.wait_for_selector("[data-testid=count][data-count]")
     conditions = page.locator(".cond")
     add = page.locator(".group .add-cond").first
@@ -181,6 +188,8 @@ def build_by_clicking(page: Page) -> None:
     add.click()
     conditions.nth(2).locator("select.kind").select_option("event")
     conditions.nth(2).locator("select.event").select_option("add_to_cart")
+    conditions.nth(2).locator("select.where-field").select_option("category")
+    conditions.nth(2).locator("input.where-value").fill("apparel")
 
 
 def test_builder_count_is_the_grpc_count(page: Page, client: Client) -> None:
@@ -310,3 +319,13 @@ def test_template_save_tags_and_control_groups(page: Page, client: Client) -> No
     assert test.size + control.size == saved.size
     expect(page.locator("#split-result")).to_have_text(
         f"abandoners-test: {test.size:,}; abandoners-control: {control.size:,}")
+
+    page.fill("#export-fields", "city, age")
+    page.fill("#export-require", "age")
+    with page.expect_download() as downloading:
+        page.click("#export")
+    lines = Path(downloading.value.path()).read_text().splitlines()
+    kept = client.count({"and": [{"segment": "abandoners"}, {"field": "age", "op": "exists"}]})
+    assert lines[0] == "id,city,age" and len(lines) == 1 + kept > 1
+    expect(page.locator("#export-result")).to_contain_text(
+        f"{kept:,} of {saved.size:,} members exported")

@@ -126,7 +126,8 @@ let nextId = 1;
 const newGroup = (op) => ({ id: nextId++, type: "group", op: op || "and", not: false,
                             children: [] });
 const newCond = () => ({ id: nextId++, type: "cond", kind: "field", not: false, field: "",
-                         op: "", value: "", event: "", times: "1", compare: "gte",
+                         op: "", value: "", event: "", prop: "", propOp: "", propValue: "",
+                         times: "1", compare: "gte",
                          days: "", agg: "count", of: "" });
 const newJson = (text) => ({ id: nextId++, type: "json", not: false,
                              text: text || '{"field": "", "op": "eq", "value": ""}' });
@@ -175,6 +176,13 @@ function condRule(node) {
   if (node.kind === "event") {
     if (!node.event) throw new Error("pick an event type");
     rule.event = node.event;
+    const info = d.events.find((e) => e.name === node.event);
+    if (node.prop && info) {
+      const type = fieldType(node.prop, info.properties);
+      const op = node.propOp || OPS[type][0];
+      const value = parseValue(node.propValue, type, op);
+      rule.where = value === undefined ? { field: node.prop, op } : { field: node.prop, op, value };
+    }
   } else {
     const fields = [...d.order_fields, ...d.item_fields];
     if (!node.field) rule.orders = { all: true };
@@ -218,7 +226,9 @@ const builder = { root: newGroup("and"), timer: null, asked: 0, errors: new Map(
 let templates = [];
 
 async function pageBuilder(main) {
+  if (!described) main.append(h("p", { class: "muted" }, "Reading what the data holds…"));
   await describe();
+  main.replaceChildren();
   templates = (await api("ListTemplates", {})).templates;
   main.append(
     h("h1", {}, "Segment builder"),
@@ -318,10 +328,15 @@ function condControls(node) {
     "aria-label": "last days", oninput: (e) => { node.days = e.target.value; changed(); } });
   if (node.kind === "event") {
     const events = select({ class: "event", "aria-label": "event type", onchange: (e) => {
-      node.event = e.target.value; changed(); } },
+      node.event = e.target.value;
+      node.prop = node.propOp = node.propValue = "";
+      renderTree(); } },
     [["", "— event —"], ["*", "any event"], ...d.events.map((e) => [e.name, e.name])],
     node.event);
-    return [kind, events, compare, times, "times in the last", days, "days"];
+    const info = d.events.find((e) => e.name === node.event);
+    const where = info && info.properties.length ? ["where",
+      ...fieldControls(node, info.properties, "any", WHERE_KEYS)] : [];
+    return [kind, events, ...where, compare, times, "times in the last", days, "days"];
   }
   const numeric = d.order_fields.filter((f) => f.type === "int" || f.type === "float");
   const agg = select({ class: "agg", "aria-label": "aggregate", onchange: (e) => {
@@ -335,29 +350,35 @@ function condControls(node) {
           agg, of, compare, times, "in the last", days, "days"];
 }
 
-// field → op fitting its type → value with suggestions from its top values.
-function fieldControls(node, fields, optional) {
-  const type = fieldType(node.field, fields);
-  const field = select({ class: "field", "aria-label": "field", onchange: (e) => {
-    node.field = e.target.value;
-    node.op = node.field ? OPS[fieldType(node.field, fields)][0] : "";
-    node.value = "";
-    renderTree(); } },
-  [["", optional ? "— any order —" : "— field —"],
-   ...fields.map((f) => [f.name, `${f.name} (${f.type})`])], node.field);
-  if (!node.field) return [field];
-  const op = select({ class: "op", "aria-label": "op", onchange: (e) => {
-    node.op = e.target.value; renderTree(); } },
-  OPS[type].map((o) => [o, OP_WORDS[o]]), node.op || OPS[type][0]);
-  const info = fields.find((f) => f.name === node.field);
-  const listId = `values-${node.id}`;
+const FIELD_KEYS = { field: "field", op: "op", value: "value", css: "" };
+const WHERE_KEYS = { field: "prop", op: "propOp", value: "propValue", css: "where-" };
+
+// field → op fitting its type → value with suggestions from its top values. `keys`
+// names the node's properties they edit (an event's `where` has its own).
+function fieldControls(node, fields, optional, keys) {
+  const k = keys || FIELD_KEYS;
+  const type = fieldType(node[k.field], fields);
+  const field = select({ class: k.css + "field", "aria-label": k.css + "field",
+    onchange: (e) => {
+      node[k.field] = e.target.value;
+      node[k.op] = node[k.field] ? OPS[fieldType(node[k.field], fields)][0] : "";
+      node[k.value] = "";
+      renderTree(); } },
+  [["", optional === true ? "— any order —" : optional ? "— any —" : "— field —"],
+   ...fields.map((f) => [f.name, `${f.name} (${f.type})`])], node[k.field]);
+  if (!node[k.field]) return [field];
+  const op = select({ class: k.css + "op", "aria-label": k.css + "op", onchange: (e) => {
+    node[k.op] = e.target.value; renderTree(); } },
+  OPS[type].map((o) => [o, OP_WORDS[o]]), node[k.op] || OPS[type][0]);
+  const info = fields.find((f) => f.name === node[k.field]);
+  const listId = `${k.css}values-${node.id}`;
   const hint = info && info.min !== undefined ? `${info.min} … ${info.max}` :
-    LIST_OPS.has(node.op) ? "a, b, c" : "value";
-  const needsValue = node.op !== "exists" && node.op !== "not_exists";
-  const value = needsValue && h("input", { class: "value", value: node.value, list: listId,
-    placeholder: node.op === "between" ? "low, high" : hint, "aria-label": "value",
-    oninput: (e) => { node.value = e.target.value; changed(); },
-    onfocus: () => suggest(node.field, listId) });
+    LIST_OPS.has(node[k.op]) ? "a, b, c" : "value";
+  const needsValue = node[k.op] !== "exists" && node[k.op] !== "not_exists";
+  const value = needsValue && h("input", { class: k.css + "value", value: node[k.value],
+    list: listId, placeholder: node[k.op] === "between" ? "low, high" : hint,
+    "aria-label": k.css + "value", oninput: (e) => { node[k.value] = e.target.value; changed(); },
+    onfocus: () => k === FIELD_KEYS && suggest(node[k.field], listId) });
   const options = h("datalist", { id: listId },
     ((info && info.top) || []).map((v) => h("option", { value: v.value }, `${fmt(v.count)}`)));
   return [field, op, value, needsValue && options];
@@ -582,6 +603,7 @@ async function pageSegment(main, name) {
     h("div", { class: "card explain", id: "segment-explain" }, h("h2", {}, "Explain")),
     h("div", { class: "card" }, h("h2", {}, "Tags"), tagEditor(segment)),
     h("div", { class: "card" }, h("h2", {}, "Split into control groups"), splitter(segment)),
+    h("div", { class: "card" }, h("h2", {}, "Export"), exporter(segment, d)),
     h("div", { class: "card", id: "segment-metrics" }, h("h2", {}, "Metrics")),
     h("div", { class: "card", id: "segment-preview" }, h("h2", {}, "Preview")),
     h("div", { class: "card", id: "segment-insights" }, h("h2", {}, "Insights")));
@@ -631,6 +653,35 @@ function splitter(segment) {
         result.textContent = made.segments.map((m) => `${m.name}: ${fmt(m.size)}`).join("; ");
       } catch (e) { result.textContent = e.message; }
     } }, "Split"), result);
+}
+
+// The members having every required field, as a file (POST /export, the Members stream).
+function exporter(segment, d) {
+  const fields = h("input", { id: "export-fields", class: "value", "aria-label": "fields",
+    value: d.fields.slice(0, 3).map((f) => f.name).join(", ") });
+  const require = h("input", { id: "export-require", class: "value", placeholder: "none",
+                               "aria-label": "required fields" });
+  const format = select({ id: "export-format", "aria-label": "format" },
+    [["csv", "CSV"], ["jsonl", "JSON Lines"]], "csv");
+  const result = h("span", { class: "muted", id: "export-result" });
+  const names = (input) => input.value.split(",").map((f) => f.trim()).filter(Boolean);
+  return h("div", { class: "row" }, "fields", fields, "required", require, format,
+    h("button", { id: "export", onclick: async () => {
+      const headers = { "Content-Type": "application/json" };
+      const token = document.getElementById("token").value.trim();
+      if (token) headers.Authorization = "Bearer " + token;
+      const answer = await fetch("/export", { method: "POST", headers, body: JSON.stringify({
+        segment: segment.name, fields: names(fields), require: names(require),
+        format: format.value }) });
+      if (!answer.ok) { result.textContent = (await answer.json()).message; return; }
+      const text = await answer.text();
+      const rows = text.split("\n").filter(Boolean).length - (format.value === "csv" ? 1 : 0);
+      const link = h("a", { href: URL.createObjectURL(new Blob([text])), id: "export-file",
+                            download: `${segment.name}.${format.value}` }, "the file");
+      result.replaceChildren(`${fmt(rows)} of ${fmt(answer.headers.get("X-Bitseg-Audience"))}`
+        + " members exported: ", link);
+      link.click();
+    } }, "Export"), result);
 }
 
 function explainTree(node) {
