@@ -21,6 +21,7 @@ apply (gate.admit), sent as `Authorization: Bearer TOKEN`.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import ssl
@@ -39,7 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bitseg.index.errors import BitsegError, NotFound
 from bitseg.index.exports import encode_rows
 from bitseg.server.gate import SERVICE_PREFIX, Tokens, admit
-from bitseg.server.service import BadRequest, SegmentsServicer, status_of
+from bitseg.server.service import BadRequest, PermissionDenied, SegmentsServicer, status_of
 from bitseg.v1 import bitseg_pb2 as pb
 
 log = logging.getLogger("bitseg.console")
@@ -205,13 +206,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        refused = self._refused()
+        if refused is not None:
             self.close_connection = True
-            status, body = _error(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"invalid request: the body is over {MAX_BODY:,} bytes")
+            status, body = _error(*status_of(refused))
+            log.info("console %s: %d %s", path, status, refused)
             self._answer(status, body, "application/json")
             return
+        length = int(self.headers.get("Content-Length") or 0)
         data = self.rfile.read(length) if length else b""
         if path == "/export":
             self._export(data)
@@ -225,6 +227,27 @@ class Handler(BaseHTTPRequestHandler):
         if status >= 400:
             log.info("console %s: %d %s", path, status, body[:300].decode(errors="replace"))
         self._answer(status, body, "application/json")
+
+    def _refused(self) -> Exception | None:
+        """Why a POST is refused before it is read: a body too long or not JSON, or a
+        call from another site's page. Every call must say Content-Type:
+        application/json, which a page of another origin cannot send without the CORS
+        preflight this server never answers; and on a loopback address the Host must be
+        a loopback name, so a site's DNS name rebound to 127.0.0.1 gets nothing."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return BadRequest("Content-Length is not a number")
+        if length > MAX_BODY or length < 0:
+            return BadRequest(f"the body is over {MAX_BODY:,} bytes")
+        kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            return BadRequest("send the request as Content-Type: application/json")
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.server.loopback and not is_loopback_name(host):
+            return PermissionDenied(f"Host {host!r} refused: this console answers "
+                                    "127.0.0.1, localhost and ::1 only")
+        return None
 
     def _export(self, data: bytes) -> None:
         status, body, total = self.server.api.export(data, self.headers.get("Authorization", ""))
@@ -257,6 +280,16 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("console %s " + format, self.address_string(), *args)
 
 
+def is_loopback_name(host: str) -> bool:
+    """Whether a Host header's name is this machine's loopback (localhost, 127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -272,6 +305,7 @@ class ConsoleServer(ThreadingHTTPServer):
     def __init__(self, api: Api, host: str, port: int) -> None:
         self.api = api
         self.files = static_files()
+        self.loopback = is_loopback_name(host.strip("[]"))  # then check every Host header
         super().__init__((host.strip("[]"), port), Handler)
         self._thread: threading.Thread | None = None
 

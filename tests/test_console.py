@@ -77,14 +77,15 @@ def client(server: ServerProcess) -> Iterator[Client]:
         yield connected
 
 
-def post(url: str, method: str, body: object = None,
-         token: str | None = None) -> tuple[int, dict]:
+def post(url: str, method: str, body: object = None, token: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict]:
     """POST /api/v1/METHOD (or /export for "/export"): (status, the JSON answer)."""
     request = urllib.request.Request(
         url + (method[1:] if method.startswith("/") else "api/v1/" + method),
         data=json.dumps(body or {}).encode(), method="POST",
         headers={"Content-Type": "application/json",
-                 **({"Authorization": f"Bearer {token}"} if token else {})})
+                 **({"Authorization": f"Bearer {token}"} if token else {}),
+                 **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, json.loads(answer.read())
@@ -121,6 +122,22 @@ def test_api_errors_are_the_grpc_ones(server: ServerProcess) -> None:
     assert status == 404 and "no-such" in error["message"]
     status, error = post(url, "/export", {"rule_json": "{\"all\": true}", "fields": ["agex"]})
     assert status == 400 and "agex" in error["message"]
+
+
+def test_api_refuses_other_sites(server: ServerProcess, client: Client) -> None:
+    """A page of another site may POST a form or text/plain (no CORS preflight), or
+    rebind its DNS name to 127.0.0.1: neither reaches a method."""
+    url = console_url(server)
+    made = {"name": "csrf", "kind": "SEGMENT_KIND_DYNAMIC", "rule_json": "{\"all\": true}"}
+    for headers in ({"Content-Type": "text/plain"},
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                    {"Host": "evil.example:80"}):
+        status, error = post(url, "CreateSegment", made, headers=headers)
+        assert status in (400, 403), (headers, status, error)
+        assert error["code"] in ("INVALID_ARGUMENT", "PERMISSION_DENIED")
+    assert "csrf" not in {s.name for s in client.list_segments()}
+    assert post(url, "Count", {"rule_json": "{\"all\": true}"},
+                headers={"Host": "localhost"})[0] == 200
 
 
 def test_api_takes_the_grpc_tokens(tmp_path: Path) -> None:
