@@ -42,7 +42,14 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index.fields import EMPTY, ValueIndex
-from bitseg.index.keys import SEP
+from bitseg.index.keys import (
+    ORDER_BITMAPS,
+    ORDER_COLUMNS,
+    ORDER_NAMES,
+    ORDERS_META,
+    SEP,
+    order_bitmap_prefix,
+)
 from bitseg.index.order_keys import ITEM_KINDS, assemble
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn
@@ -129,7 +136,9 @@ class OrderIndex:
     def pinned(self, reader: Any) -> OrderIndex:
         """This index reading its columns through another reader (the committed one's)."""
         return replace(self, columns=self.columns.pinned(reader),
-                       item_columns=self.item_columns.pinned(reader))
+                       item_columns=self.item_columns.pinned(reader),
+                       values=_pinned(self.values, reader),
+                       item_values=_pinned(self.item_values, reader))
 
     @property
     def owner(self) -> np.ndarray:
@@ -151,6 +160,10 @@ class OrderIndex:
         col = self.item_columns.get(name)
         n = self.item_count
         return None if col is None else (col.keys[:n], col.valid[:n])
+
+
+def _pinned(values: Mapping[str, ValueIndex], reader: Any) -> Mapping[str, ValueIndex]:
+    return values.pinned(reader) if isinstance(values, OrderValues) else values
 
 
 def _column_of(keys: np.ndarray, valid: np.ndarray) -> Column:
@@ -191,13 +204,13 @@ def load_orders(store: Store, txn: Txn, schema: Schema) -> OrderIndex:
 
 def orders_meta(reader: Any) -> dict[str, Any] | None:
     """The "orders" db's meta entry (None: no order was ever added)."""
-    raw = reader.get("orders", b"meta")
+    raw = reader.get("orders", ORDERS_META)
     return None if raw is None else orjson.loads(raw)
 
 
 def _column_names(reader: Any) -> list[bytes]:
     """The names of the stored columns, skipping from one name's chunks to the next."""
-    prefix, names = b"c" + SEP, []
+    prefix, names = ORDER_COLUMNS, []
     key = reader.key_at("orders", prefix)
     while key is not None and key.startswith(prefix):
         name = bytes(key[2:-5])
@@ -228,39 +241,103 @@ def read_orders(reader: Any) -> OrderIndex:
             fields[kind][fname.decode()] = None
     columns = Columns(b"o", count, fields[b"o"])  # readable once pinned to a reader
     item_columns = Columns(b"i", item_count, fields[b"i"])
-    # bitmaps
-    parts: dict[bytes, list[BitMap]] = {}
-    for key, value in reader.items("orders", b"b" + SEP):
-        parts.setdefault(bytes(key[2:-5]), []).append(BitMap.deserialize(value))
-    live = EMPTY
-    values: dict[str, dict[Any, BitMap]] = {}
-    exists: dict[str, BitMap] = {}
-    item_values: dict[str, dict[Any, BitMap]] = {}  # kinds w / y: per item (ITEM_KINDS)
-    item_exists: dict[str, BitMap] = {}
-    for name, chunks in parts.items():
-        bitmap = BitMap.union(*chunks)
-        if name.startswith(b"#"):
-            name = bytes(reader.get("orders", b"n" + SEP + name))
-        kind, _, rest = name.partition(SEP)
-        if name == b"live":
-            live = bitmap
-        elif kind == b"x":
-            exists[rest.decode()] = bitmap
-        elif kind == b"v":
-            fname, _, raw = rest.partition(SEP)
-            values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
-        elif kind == ITEM_KINDS[1]:
-            item_exists[rest.decode()] = bitmap
-        elif kind == ITEM_KINDS[0]:
-            fname, _, raw = rest.partition(SEP)
-            item_values.setdefault(fname.decode(), {})[orjson.loads(raw)] = bitmap
-    value_indexes = {name: ValueIndex(values.get(name, {}), bitmap)
-                     for name, bitmap in exists.items()}
-    item_indexes = {name: ValueIndex(item_values.get(name, {}), bitmap)
-                    for name, bitmap in item_exists.items()}
-    return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), value_indexes,
-                      columns, item_owner, item_columns, item_values=item_indexes,
+    live = _read_bitmap(reader, order_bitmap_prefix(b"live"))
+    long_names = _LongNames(reader)
+    values = OrderValues(b"v", b"x", _exists_names(reader, b"x"), reader, long_names)
+    item_values = OrderValues(ITEM_KINDS[0], ITEM_KINDS[1],
+                              _exists_names(reader, ITEM_KINDS[1]), reader, long_names)
+    return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), values,
+                      columns, item_owner, item_columns, item_values=item_values,
                       items_indexed=bool(meta.get("item_values")))
+
+
+def _read_bitmap(reader: Any, prefix: bytes) -> BitMap:
+    """A bitmap of "orders" from its chunks under prefix (empty if none)."""
+    chunks = [BitMap.deserialize(raw) for _, raw in reader.items("orders", prefix)]
+    return BitMap.union(*chunks) if chunks else EMPTY
+
+
+def _exists_names(reader: Any, kind: bytes) -> list[str]:
+    """The fields having an exists bitmap of this kind ("x" orders, "y" items), found
+    by skipping from one bitmap's chunks to the next."""
+    prefix, names = ORDER_BITMAPS + kind + SEP, []
+    key = reader.key_at("orders", prefix)
+    while key is not None and key.startswith(prefix):
+        name = bytes(key[len(prefix):-5])
+        names.append(name.decode())
+        key = reader.key_at("orders", prefix + name + b"\x01")
+    return names
+
+
+class _LongNames:
+    """The full names of the bitmaps stored under a digest ("#"…), read once, when a
+    field's values are first read (few stores have any)."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+        self._names: list[tuple[bytes, bytes]] | None = None
+        self._lock = threading.Lock()
+
+    def under(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """(short name, full name) of the long names starting with prefix."""
+        with self._lock:
+            if self._names is None:
+                self._names = [(bytes(key[len(ORDER_NAMES):]), bytes(full)) for key, full
+                               in self._reader.items("orders", ORDER_NAMES)]
+        return [(short, full) for short, full in self._names if full.startswith(prefix)]
+
+
+class OrderValues(Mapping[str, ValueIndex]):
+    """The ValueIndex of each value-typed order field (kinds "v"/"x") or item key
+    ("w"/"y"), read from LMDB the first time the field is asked for, through `reader`,
+    and then kept (as Columns are)."""
+
+    def __init__(self, kind: bytes, exists_kind: bytes, names: list[str], reader: Any,
+                 long_names: _LongNames) -> None:
+        self.kind, self.exists_kind, self.reader = kind, exists_kind, reader
+        self._entries: dict[str, ValueIndex | None] = dict.fromkeys(names)
+        self._long = long_names
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> ValueIndex:
+        index = self._entries[name]
+        if index is None:
+            with self._lock:
+                index = self._entries[name]
+                if index is None:
+                    index = self._entries[name] = self._read(name)
+        return index
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def loaded(self, name: str) -> bool:
+        return self._entries.get(name) is not None
+
+    def pinned(self, reader: Any) -> OrderValues:
+        """The same fields (sharing those already read) reading through another reader."""
+        pinned = OrderValues(self.kind, self.exists_kind, [], reader, _LongNames(reader))
+        pinned._entries = dict(self._entries)
+        return pinned
+
+    def _read(self, name: str) -> ValueIndex:
+        field = name.encode()
+        exists = _read_bitmap(self.reader,
+                              order_bitmap_prefix(self.exists_kind + SEP + field))
+        prefix = self.kind + SEP + field + SEP
+        chunks: dict[bytes, list[BitMap]] = {}
+        for key, raw in self.reader.items("orders", ORDER_BITMAPS + prefix):
+            chunks.setdefault(key[len(ORDER_BITMAPS):-5], []).append(BitMap.deserialize(raw))
+        values = {orjson.loads(full[len(prefix):]): BitMap.union(*found)
+                  for full, found in chunks.items()}
+        for short, full in self._long.under(prefix):
+            bitmap = _read_bitmap(self.reader, order_bitmap_prefix(short))
+            if bitmap:  # a name outlives its bitmap's last chunk
+                values[orjson.loads(full[len(prefix):])] = bitmap
+        return ValueIndex(values, exists)
 
 
 class StoredOrders:

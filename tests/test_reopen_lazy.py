@@ -57,9 +57,9 @@ def orders(n: int, seed: int, people: int) -> list[dict[str, Any]]:
         line: dict[str, Any] = {
             "id": f"o{rng.randint(0, n)}", "profile": f"p{rng.randint(0, people - 1)}",
             "ts": f"2026-0{rng.randint(1, 5)}-{rng.randint(10, 28)}T12:00:00Z",
-            "status": rng.choice(["paid", "open"]), "amount": rng.choice([9.99, 20.0, 5.5])}
+            "status": rng.choice(["paid", "open", LONG]), "amount": rng.choice([9.99, 20.0, 5.5])}
         if rng.random() < 0.8:
-            line["items"] = [{"sku": rng.choice(["s1", "s2", "s3"]), "qty": rng.randint(1, 4),
+            line["items"] = [{"sku": rng.choice(["s1", "s2", LONG]), "qty": rng.randint(1, 4),
                               "price": rng.choice([1.25, 3.0])}
                              for _ in range(rng.randint(1, 3))]
         lines.append(line)
@@ -120,6 +120,8 @@ def state_of(engine: Engine) -> dict[str, Any]:
 
 
 RULES = [{"field": "c", "op": "eq", "value": LONG},
+         {"orders": {"field": "status", "op": "eq", "value": LONG}},
+         {"orders": {"field": "items.sku", "op": "eq", "value": LONG}},
          {"field": "n", "op": "between", "value": [10, 400]},
          {"field": "d", "op": "exists"},
          {"orders": {"field": "items.sku", "op": "eq", "value": "s2"},
@@ -155,6 +157,10 @@ def test_open_reads_no_field_bitmaps_orders_or_id_chunks(tmp_path: Path) -> None
         assert engine.count({"field": "c", "op": "eq", "value": "A"}) > 0
         assert [name for name in snap.fields if snap.fields.loaded(name)] == ["c"]
         assert snap.orders._index is None  # a profile rule reads no orders
+        assert engine.count({"orders": {"field": "status", "op": "eq", "value": "paid"}}) > 0
+        orders = snap.orders.loaded()
+        assert [name for name in orders.values if orders.values.loaded(name)] == ["status"]
+        assert not any(orders.item_values.loaded(name) for name in orders.item_values)
 
 
 def test_lazily_read_state_equals_the_writers(tmp_path: Path) -> None:
