@@ -33,7 +33,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import BitsegError, NotFound
 from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
-from bitseg.index.keys import SEP_TEXT, stream_key
+from bitseg.index.keys import SEP_TEXT, stream_digested, stream_key
 from bitseg.index.rules import And, Cond, EventCond, Not, Or, Rule
 from bitseg.index.snapshot import Snapshot
 
@@ -142,9 +142,9 @@ def event_info(snap: Snapshot, event: str, top: int = DEFAULT_TOP) -> EventTypeI
     for stream in events.stream_months:
         if not stream.startswith(prefix):
             continue
-        prop, _, text = stream[len(prefix):].partition(SEP_TEXT)
-        if text.startswith("#"):  # a value too long for a key, kept under its digest
+        if stream_digested(stream):  # a value too long for a key, kept under its digest
             continue
+        prop, _, text = stream[len(prefix):].partition(SEP_TEXT)
         n, _ = _stream_total(events, stream, live)
         if n:
             by_prop.setdefault(prop, {})[orjson.loads(text)] = n
@@ -254,7 +254,7 @@ def _event_note(node: EventCond, snap: Snapshot) -> str:
             continue
         for value in _named(cond):
             keys = [stream_key(t, cond.field, value) for t in types]
-            digested = any(SEP_TEXT + "#" in k for k in keys)
+            digested = any(stream_digested(k) for k in keys)
             if digested or any(k in events.stream_months for k in keys):
                 continue  # a digested name cannot be checked; a present one is fine
             what = "any event" if node.event == "*" else f"'{node.event}' event"

@@ -28,7 +28,18 @@ from bitseg.index.errors import StoreError
 from bitseg.index.event_counts import decode_counts
 from bitseg.index.event_keys import packed, unpacked
 from bitseg.index.fields import RangeIndex
-from bitseg.index.keys import CATALOG_MARK, block_key, catalog_key, count_key, from_u32
+from bitseg.index.keys import (
+    BLOCKS,
+    CATALOG,
+    CATALOG_MARK,
+    COUNTS,
+    block_key,
+    block_parts,
+    catalog_key,
+    catalog_parts,
+    count_key,
+    count_parts,
+)
 from bitseg.index.store import Store, Txn
 
 
@@ -282,8 +293,8 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
     parts: dict[tuple[str, int], int] = {}
     catalogued = store.get(txn, "events", CATALOG_MARK) is not None
     if catalogued:
-        for key, raw in store.items(txn, "events", b"k"):
-            kind, name = key[1:2], bytes(key[2:]).decode()
+        for key, raw in store.items(txn, "events", CATALOG):
+            kind, name = catalog_parts(bytes(key))
             values = unpacked(bytes(raw))
             if kind == b"t":
                 type_days[name] = values[0::2]
@@ -292,13 +303,13 @@ def load_events(store: Store, txn: Txn, version: int) -> EventIndex:
             else:
                 (stream_days if kind == b"d" else stream_months)[name] = values
     else:  # a store written before the catalog: list the keys themselves
-        for key in store.keys(txn, "events", b"c"):
-            kind, bucket, stream = key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
+        for key in store.keys(txn, "events", COUNTS):
+            kind, bucket, stream = count_parts(bytes(key))
             listing = stream_days if kind == b"d" else stream_months
             listing.setdefault(stream, []).append(bucket)
-        for key in store.keys(txn, "events", b"b"):
-            event, day = key[1:-9].decode(), from_u32(key[-8:-4]) - 2**31
-            parts[(event, day)] = max(parts.get((event, day), 0), from_u32(key[-4:]) + 1)
+        for key in store.keys(txn, "events", BLOCKS):
+            event, day, seq = block_parts(bytes(key))
+            parts[(event, day)] = max(parts.get((event, day), 0), seq + 1)
         for event, day in parts:
             type_days.setdefault(event, []).append(day)
         for listing in (*stream_days.values(), *stream_months.values(), *type_days.values()):

@@ -142,6 +142,7 @@ def range_meta_key(field: str) -> str:
 
 
 # ---------------------------------------------------------------- "events"
+COUNTS, BLOCKS, CATALOG = b"c", b"b", b"k"  # the prefixes of the three kinds of key
 CATALOG_MARK = b"v-catalog"  # present once the catalog lists everything
 
 
@@ -157,18 +158,39 @@ def stream_key(event: str, prop: str | None = None, value: Any = None) -> str:
     return f"{event}{SEP_TEXT}{prop}{SEP_TEXT}#{digest(text.encode()).decode()}"
 
 
+def stream_digested(stream: str) -> bool:
+    """Whether a stream's name holds its value's digest, not the value (no JSON text
+    starts with "#", and no name holds SEP)."""
+    return SEP_TEXT + "#" in stream
+
+
 def block_key(event: str, day: int, seq: int) -> bytes:
-    return b"b" + event.encode() + SEP + u32(day + 2**31) + u32(seq)
+    return BLOCKS + event.encode() + SEP + u32(day + 2**31) + u32(seq)
+
+
+def block_parts(key: bytes) -> tuple[str, int, int]:
+    """(event type, day, seq) of a block_key."""
+    return key[1:-9].decode(), from_u32(key[-8:-4]) - 2**31, from_u32(key[-4:])
 
 
 def count_key(kind: bytes, bucket: int, stream: str) -> bytes:
-    return b"c" + kind + u32(bucket + 2**31) + stream.encode()
+    return COUNTS + kind + u32(bucket + 2**31) + stream.encode()
+
+
+def count_parts(key: bytes) -> tuple[bytes, int, str]:
+    """(kind, bucket, stream) of a count_key."""
+    return key[1:2], from_u32(key[2:6]) - 2**31, key[6:].decode()
 
 
 def catalog_key(kind: bytes, name: str) -> bytes:
     """b"k" + b"d"/b"m" + stream: the stream's sorted buckets; b"k" + b"t" + event type:
     its (day, parts) pairs. Open reads these few values instead of every bucket's key."""
-    return b"k" + kind + name.encode()
+    return CATALOG + kind + name.encode()
+
+
+def catalog_parts(key: bytes) -> tuple[bytes, str]:
+    """(kind, name) of a catalog_key."""
+    return key[1:2], key[2:].decode()
 
 
 # ---------------------------------------------------------------- "orders"

@@ -458,8 +458,9 @@ def load_segments(store: Store, txn: Txn, snapshot: Snapshot) -> SegmentSet:
     """Every stored segment; rules are parsed against the snapshot's schema. A segment
     whose rule cannot be evaluated any more is kept, with the reason (logged once)."""
     found: dict[str, Segment] = {}
-    for key, raw in store.items(txn, DB, b"d\0"):
-        name = bytes(key[2:]).decode()
+    definitions = K.segment_key("")
+    for key, raw in store.items(txn, DB, definitions):
+        name = bytes(key[len(definitions):]).decode()
         data = orjson.loads(raw)
         members = None
         if data["kind"] != DYNAMIC:

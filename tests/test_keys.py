@@ -115,3 +115,15 @@ def test_put_chunks_writes_touched_chunks_and_replaces_the_whole(tmp_path):
         store.put_chunks(txn, "orders", prefix, BitMap([7 * step]), [0, 7])
     assert set(entries(store, "orders")) == {prefix + K.u32(2), prefix + K.u32(7)}
     store.close()
+
+
+def test_event_keys_split_back_into_their_parts():
+    stream = K.stream_key("view", "page", "/a")
+    assert stream == 'view\x1fpage\x1f"/a"' and not K.stream_digested(stream)
+    assert K.stream_digested(K.stream_key("view", "page", "x" * 600))
+    assert K.count_key(b"d", -3, stream) == b"cd" + struct.pack(">I", 2**31 - 3) + \
+        stream.encode()
+    assert K.count_parts(K.count_key(b"d", -3, stream)) == (b"d", -3, stream)
+    assert K.block_key("view", 20_000, 7) == b"bview\x1f" + struct.pack(">II", 2**31 + 20_000, 7)
+    assert K.block_parts(K.block_key("view", -1, 7)) == ("view", -1, 7)
+    assert K.catalog_parts(K.catalog_key(b"t", "view")) == (b"t", "view")
