@@ -220,8 +220,7 @@ function nodeOfPath(paths, path) {
 }
 
 // ------------------------------------------------------------------ the builder page
-const builder = { root: newGroup("and"), timer: null, asked: 0, errors: new Map(),
-                  counts: new Map() };
+const builder = { root: newGroup("and"), timer: null, asked: 0 };
 
 let templates = [];
 
