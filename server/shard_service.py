@@ -359,10 +359,11 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
         if given is not None:
             raise ConfigError(f"{flag} is not yet supported with --shards")
     stop = threading.Event()
+    shards = open_shards(db, ray_address, expect=shards_wanted)
+    # after ray.init, which installs a SIGTERM handler of its own (exit status 15)
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        shards = open_shards(db, ray_address, expect=shards_wanted)
         try:
             server, bound, health_servicer, gate = app._build(
                 None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
