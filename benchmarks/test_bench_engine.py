@@ -238,11 +238,16 @@ started = time.perf_counter()
 engine = Engine.open(sys.argv[1], readonly=True)  # the session's engine holds the lock
 opened = time.perf_counter() - started
 rss_open = peak_kib()
-counts = [engine.count(json.loads(rule), as_of=sys.argv[2]) for rule in sys.argv[3:]]
+counts, firsts = [], []  # a rule's first count reads the fields and orders it names
+for rule in sys.argv[3:]:
+    begun = time.perf_counter()
+    counts.append(engine.count(json.loads(rule), as_of=sys.argv[2]))
+    firsts.append(time.perf_counter() - begun)
 rss = peak_kib()
 anon = anon_kib()
 engine.close()
 print(json.dumps({"open_s": opened, "profiles": len(engine.snapshot.live), "counts": counts,
+                  "first_s": firsts,
                   "rss_open_kib": rss_open, "rss_kib": rss, "anon_kib": anon}))
 """
 
@@ -266,13 +271,16 @@ def test_reopen(benchmark, engine, store, bench_report):
     assert run["counts"] == [engine.count(r, as_of=AS_OF) for r in rules]
     rss_open, rss = run["rss_open_kib"] / 1024, run["rss_kib"] / 1024
     anon = run["anon_kib"] / 1024
-    benchmark.extra_info.update(open_s=run["open_s"], rss_open_mib=rss_open, rss_mib=rss,
-                                anon_mib=anon)
+    firsts = ", ".join(fmt_seconds(s) for s in run["first_s"])
+    benchmark.extra_info.update(open_s=run["open_s"], first_s=run["first_s"],
+                                rss_open_mib=rss_open, rss_mib=rss, anon_mib=anon)
     bench_report.add(TABLE, what="reopen (Engine.open, fresh process)",
                      median=fmt_seconds(run["open_s"]),
-                     result=f"peak RSS {rss_open:,.0f} MiB open, {rss:,.0f} MiB after 3 "
-                            f"target counts (own memory {anon:,.0f} MiB, the rest LMDB's "
-                            f"mapped file)", **{"target (10M)": "<= 10 s, RSS <= 4 GB"})
+                     result=f"first counts of the 5-leaf, popup and acme rules {firsts} "
+                            f"(each reads what it names); peak RSS {rss_open:,.0f} MiB open, "
+                            f"{rss:,.0f} MiB after them (own memory {anon:,.0f} MiB, the "
+                            f"rest LMDB's mapped file)",
+                     **{"target (10M)": "<= 10 s, RSS <= 4 GB"})
 
 
 # ------------------------------------------------------------------ bulk load
