@@ -3,11 +3,13 @@
 A layout cuts the field's sorted keys into bins at edges e_0 < … < e_{m-1} (bin j holds
 the keys in (e_{j-1}, e_j]) and keeps the cumulative bitmaps C[j] = profiles with key
 ≤ e_j.  A range of keys is then one difference, C[q] - C[p-1], over the bins it covers
-whole, plus at most two edge bins it cuts, answered by the bit-sliced index within that
-bin's profiles (C[j] - C[j-1]).  With one bin per distinct key (ages, scores, dates) no
-range cuts a bin; timestamps get a bin per day, so only a constant that is not at
-midnight cuts one; fields with more distinct keys than bins get bins of about equal
-counts.
+whole, plus at most two edge bins it cuts.  A cut bin is answered from its kept keys,
+cut into parts at key (or day) boundaries with a bitmap each, as a union of the parts
+inside the range (a day-aligned bound never compares a key); or, a bin too big to keep,
+by the bit-sliced index within that bin's profiles (C[j] - C[j-1]).  With one bin per
+distinct key (ages, scores, dates) no range cuts a bin; timestamps get a bin per day
+while they fit, so only a constant that is not at midnight cuts one; fields with more
+distinct keys (or days) than bins get bins of about equal counts.
 
 The RangeIndex stays the stored truth: a layout is built from it on first use (never at
 open), cached on that immutable index, and carried to the next index a batch publishes
@@ -34,6 +36,7 @@ MIN_SHARE = 1 << 16  # (or up to this many ids, on a small field)
 FEW_IDS = 4096  # a cut bin within fewer ids than this is answered by the slices
 MAX_BINS = 256  # bins per field: a batch updates up to this many bitmaps
 MIN_BINS = 8  # fewer would leave most of a range to the edge bins: keep the slices instead
+PARTS = 64  # a kept edge bin in parts: its cut is whole parts plus at most two cut ones
 
 SLICES = "slices"  # decided: this index answers from its slices (no layout fits)
 
@@ -101,10 +104,10 @@ class Layout:
         self.digits = digits  # the float scale the keys are in
         self.nbytes = sum(bitmap_bytes(c) for c in cum)
         self.line: _Lineage | None = None
-        # bin -> (its ids in id order, their keys, the keys sorted): a cut bin answered by
-        # one vectorised compare (its ids) or two binary searches (its count); filled by
-        # readers (one dict assignment each), emptied when full
-        self.edge_keys: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # bin -> its ids and keys in key order and its parts: a cut bin answered by a
+        # union of parts (its ids) or two binary searches (its count); filled by readers
+        # (one dict assignment each), emptied when full
+        self.edge_keys: dict[int, _Kept] = {}
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -126,10 +129,9 @@ class Layout:
         upto = self.cum[j] if within is None else within & self.cum[j]
         return upto - self.cum[j - 1] if j else upto
 
-    def _keyed_bin(self, j: int, index: RangeIndex
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Bin j's ids (sorted) and their keys, kept while the bins kept hold at most
-        1/EDGE_SHARE of the profiles; None for a bin bigger than that."""
+    def _kept(self, j: int, index: RangeIndex) -> _Kept | None:
+        """Bin j's ids and keys in key order, split into parts, kept while the bins kept
+        hold at most 1/EDGE_SHARE of the profiles; None for a bin bigger than that."""
         found = self.edge_keys.get(j)
         if found is not None:
             return found
@@ -137,54 +139,39 @@ class Layout:
         size = int(self.sizes[j] - (self.sizes[j - 1] if j else 0))
         if size > share:
             return None
-        if sum(len(kept[0]) for kept in self.edge_keys.values()) + size > share:
+        if sum(len(kept.keys) for kept in self.edge_keys.values()) + size > share:
             self.edge_keys = {}  # readers holding the old dict keep using it
         members = self._bin(j, None)
         ids = ids_of(members)
         keys = _keys_among(index, ids, members)
-        found = self.edge_keys[j] = (ids, keys, np.sort(keys))
+        found = self.edge_keys[j] = _Kept(ids, keys, members, self.grain)
         return found
 
     def _cut(self, j: int, a: int | None, b: int | None, index: RangeIndex,
              within: BitMap | None) -> BitMap:
-        """The ids of bin j with a <= key <= b, only among `within` if given: picked from
-        the bin's kept keys, or (a bin too big to keep, or few ids within) by the bit
-        slices run within the bin."""
-        hits = self._hits(j, a, b, index, within)
-        if hits is None:
+        """The ids of bin j with a <= key <= b, only among `within` if given: a union of
+        the bin's kept parts (or the bin less the others), or (a bin too big to keep, or
+        few ids within) the bit slices run within the bin."""
+        kept = None if within is not None and len(within) < FEW_IDS else self._kept(j, index)
+        if kept is None:  # a few slice operations on a handful of ids, or no keys kept
             inside = self._bin(j, within)
             return index.interval(a, b, inside) if inside else EMPTY
-        part = bitmap_of(hits) if len(hits) else EMPTY
+        part = kept.select(a, b)
         return part & within if within is not None and part else part
 
     def _cut_count(self, j: int, a: int | None, b: int | None, index: RangeIndex,
                    within: BitMap | None) -> int:
-        if within is None and (found := self._keyed_bin(j, index)) is not None:
-            ordered = found[2]
-            lo = 0 if a is None else int(np.searchsorted(ordered, a, "left"))
-            hi = len(ordered) if b is None else int(np.searchsorted(ordered, b, "right"))
-            return max(hi - lo, 0)
-        hits = self._hits(j, a, b, index, within)
-        if hits is None:
+        if within is not None and len(within) < FEW_IDS:
             inside = self._bin(j, within)
             return len(index.interval(a, b, inside)) if inside else 0
-        if within is None or not len(hits):
-            return len(hits)
-        return bitmap_of(hits).intersection_cardinality(within)
-
-    def _hits(self, j: int, a: int | None, b: int | None, index: RangeIndex,
-              within: BitMap | None) -> np.ndarray | None:
-        """The ids of bin j (sorted) with a <= key <= b; None when the slices should
-        answer instead."""
-        if within is not None and len(within) < FEW_IDS:
-            return None  # a few slice operations on a handful of ids
-        found = self._keyed_bin(j, index)
-        if found is None:
-            return None
-        ids, keys, _ = found
-        if a is not None and b is not None:
-            return ids[(keys >= a) & (keys <= b)]
-        return ids[keys >= a] if a is not None else ids[keys <= b] if b is not None else ids
+        kept = self._kept(j, index)
+        if kept is None:
+            inside = self._bin(j, within)
+            return len(index.interval(a, b, inside)) if inside else 0
+        if within is None:
+            lo, hi = kept.span(a, b)
+            return hi - lo
+        return kept.select(a, b).intersection_cardinality(within)
 
     def select(self, a: int | None, b: int | None, index: RangeIndex,
                within: BitMap | None = None) -> BitMap:
@@ -231,6 +218,67 @@ class Layout:
         for j in cut:
             total += int(self.sizes[j] - (self.sizes[j - 1] if j else 0))
         return total
+
+
+class _Kept:
+    """One bin's ids in key order, cut into at most PARTS parts at unit boundaries (a key,
+    or a timestamp's day), each part's ids a bitmap: the ids of the bin within [a, b]
+    are the parts inside it whole plus the ids of at most two parts it cuts (or the
+    whole bin less the others, when that is fewer ids), never a compare of every key."""
+
+    __slots__ = ("keys", "ids", "bounds", "parts", "whole")
+
+    def __init__(self, ids: np.ndarray, keys: np.ndarray, whole: BitMap, grain: int) -> None:
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]  # sorted
+        self.ids = ids[order]  # in key order (in id order within a key)
+        n = len(order)
+        units = self.keys if grain == 1 else np.floor_divide(self.keys, grain)
+        starts = np.flatnonzero(np.diff(units)) + 1  # where each unit starts
+        if len(starts) >= PARTS:  # about equal parts, each ending at a unit's end
+            targets = np.arange(1, PARTS, dtype=np.int64) * n // PARTS
+            starts = np.unique(starts[np.minimum(np.searchsorted(starts, targets, "left"),
+                                                 len(starts) - 1)])
+        self.bounds = np.concatenate(([0], starts, [n])).astype(np.int64)
+        self.parts = [bitmap_of(self.ids[s:e]) for s, e in
+                      zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(), strict=True)]
+        self.whole = whole  # every id of the bin
+
+    def span(self, a: int | None, b: int | None) -> tuple[int, int]:
+        """The positions [lo, hi) in key order of the keys within [a, b]."""
+        lo = 0 if a is None else int(np.searchsorted(self.keys, a, "left"))
+        hi = len(self.keys) if b is None else int(np.searchsorted(self.keys, b, "right"))
+        return lo, max(lo, hi)
+
+    def _pieces(self, lo: int, hi: int) -> list[BitMap]:
+        """Bitmaps whose union is the ids at positions [lo, hi): whole parts, and the
+        cut parts' ids made into bitmaps."""
+        if lo >= hi:
+            return []
+        bounds = self.bounds
+        f = int(np.searchsorted(bounds, lo, "left"))  # the first part starting at >= lo
+        last = int(np.searchsorted(bounds, hi, "right")) - 1  # the last ending at <= hi
+        if f > last:  # inside one part
+            return [bitmap_of(self.ids[lo:hi])]
+        out = self.parts[f:last]
+        if lo < bounds[f]:
+            out.append(bitmap_of(self.ids[lo:bounds[f]]))
+        if bounds[last] < hi:
+            out.append(bitmap_of(self.ids[bounds[last]:hi]))
+        return out
+
+    def select(self, a: int | None, b: int | None) -> BitMap:
+        """The bin's ids with a <= key <= b."""
+        lo, hi = self.span(a, b)
+        n = len(self.keys)
+        if 2 * (hi - lo) <= n:
+            inside = self._pieces(lo, hi)
+            return EMPTY if not inside else inside[0] if len(inside) == 1 else \
+                BitMap.union(*inside)
+        outside = self._pieces(0, lo) + self._pieces(hi, n)
+        if not outside:
+            return self.whole
+        return self.whole - (outside[0] if len(outside) == 1 else BitMap.union(*outside))
 
 
 # ---------------------------------------------------------------------- choosing bins

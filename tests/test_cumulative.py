@@ -30,7 +30,7 @@ from bitseg.index.cumulative import SLICES, Layout
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.evaluate import Evaluator
 
-MODES = ("exact", "few", "few-slices", "slices")
+MODES = ("exact", "few", "few-parts", "few-slices", "slices")
 SCHEMA = {"n0": "int", "x0": "float", "d0": "date", "ts0": "timestamp", "kw0": "keyword",
           "flag0": "bool"}
 RANGED = [name for name, type_ in SCHEMA.items() if type_ in ("int", "float", "date",
@@ -45,8 +45,10 @@ def force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     elif mode.startswith("few"):  # 3 bins: most ranges cut one, and new keys widen a bin
         monkeypatch.setattr(cumulative, "MAX_BINS", 3)
         monkeypatch.setattr(cumulative, "MIN_BINS", 1)
-        if mode == "few":  # a cut bin from its sorted keys, however few ids it runs within
-            monkeypatch.setattr(cumulative, "FEW_IDS", 0)
+        if mode.startswith("few-p"):  # a cut bin's kept parts span many keys: cut ones too
+            monkeypatch.setattr(cumulative, "PARTS", 2)
+        if mode in ("few", "few-parts"):  # a cut bin from its kept keys and parts, however
+            monkeypatch.setattr(cumulative, "FEW_IDS", 0)  # few ids it runs within
         else:  # a cut bin from the slices: no bin's keys are kept
             monkeypatch.setattr(cumulative, "MIN_SHARE", 0)
             monkeypatch.setattr(cumulative, "EDGE_SHARE", 10**9)
@@ -212,6 +214,29 @@ def test_timestamps_get_day_bins_and_a_mid_day_constant_cuts_one(tmp_path, monke
         assert isinstance(layout, Layout) and len(layout) == 20  # 24 hours × 20 days: days
         assert layout.grain == 86_400 * 10**6
         assert len(engine.members(rule, as_of=AS_OF)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(-50, 50), min_size=1, max_size=80),
+       grain=st.sampled_from([1, 7]), parts=st.integers(1, 6),
+       a=st.none() | st.integers(-60, 60), b=st.none() | st.integers(-60, 60))
+def test_a_kept_bin_selects_the_ids_within_bounds(keys, grain, parts, a, b):
+    """_Kept.select and span against a filter of every key, for any parts and grain."""
+    import numpy as np
+
+    ids = np.arange(3, 3 + 2 * len(keys), 2, dtype=np.uint32)
+    old = cumulative.PARTS
+    cumulative.PARTS = parts
+    try:
+        kept = cumulative._Kept(ids, np.array(keys, dtype=np.int64), BitMap(ids.tolist()), grain)
+    finally:
+        cumulative.PARTS = old
+    assert len(kept.parts) <= max(parts, 1)
+    expected = {int(i) for i, k in zip(ids, keys, strict=True)
+                if (a is None or k >= a) and (b is None or k <= b)}
+    assert set(kept.select(a, b)) == expected
+    lo, hi = kept.span(a, b)
+    assert hi - lo == len(expected)
 
 
 def test_a_field_over_the_budget_keeps_its_slices(tmp_path, monkeypatch):
