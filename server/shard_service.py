@@ -1,6 +1,7 @@
 """The gRPC servicer of a sharded store: the same bitseg.v1.Segments API, fanned out.
 
-- Count: the sum of the shards' counts.
+- Count: the sum of the shards' counts. Explain: shard 0's words, each node's count
+  summed over the shards; a node's note when every shard notes it (shard 0's words).
 - Members: shard by shard (shard 0 first), each shard's members in its dense id order
   (the order profiles were first seen on that shard). The cursor names the shard and the
   last id given, so the order is the same on every page of one stream and across
@@ -40,7 +41,7 @@ from bitseg.v1 import bitseg_pb2 as pb
 log = logging.getLogger("bitseg.server")
 
 SHARDED = frozenset({
-    "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf",
+    "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf", "Explain",
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
     "ListTemplates",
 })
@@ -181,6 +182,18 @@ class ShardedServicer(SegmentsServicer):
                     shard, "page", rule, as_of, dense[-1], page_size)
 
     @rpc
+    def Explain(self, request: pb.ExplainRequest,
+                context: grpc.ServicerContext) -> pb.ExplainReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        found = self.shards.each("explain", rule, as_of)
+        root = _summed_node([f.root for f in found])
+        return pb.ExplainReply(root=convert.explain_node(root), text=root.lines(),
+                               sentence=found[0].sentence, eval_micros=_micros_since(start),
+                               as_of=convert.to_timestamp(as_of))
+
+    @rpc
     def IsMember(self, request: pb.IsMemberRequest,
                  context: grpc.ServicerContext) -> pb.IsMemberReply:
         rule = self._rule(request)
@@ -302,6 +315,17 @@ class ShardedServicer(SegmentsServicer):
                                       exited=sum(c.exited for c in changes),
                                       eval_micros=_micros_since(start),
                                       as_of=convert.to_timestamp(as_of))
+
+
+def _summed_node(nodes: list[Any]) -> Any:
+    """The shards' explain trees (the same rule, so the same shape) as one: each node's
+    count summed; a note ("a value that never occurs") given when every shard has one,
+    with shard 0's words (its suggestions are from shard 0's values)."""
+    first = nodes[0]
+    note = first.note if all(n.note for n in nodes) else ""
+    children = tuple(_summed_node(list(group))
+                     for group in zip(*(n.children for n in nodes), strict=True))
+    return replace(first, count=sum(n.count for n in nodes), note=note, children=children)
 
 
 def _sized(infos: list[Any]) -> Any:

@@ -91,6 +91,13 @@ class Shard:
         dense = ids_of(found[start:start + limit])
         return version, len(found), start, dense.tolist(), self.engine.ids.externals(dense)
 
+    def do_explain(self, rule: Any, as_of: datetime) -> Any:
+        from bitseg.index.engine import as_of_micros
+        from bitseg.index.explain import explain
+
+        snap = self.engine.snapshot
+        return explain(snap, rule, self.engine.parse(rule, snap), as_of_micros(as_of))
+
     def do_is_member(self, profile_id: str, rule: Any, as_of: datetime) -> bool:
         return self.engine.is_member(profile_id, rule, as_of=as_of)
 

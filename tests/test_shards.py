@@ -300,6 +300,8 @@ def check_same(one: Front, other: Front, rule: dict, probe: list[str]) -> None:
         assert (caught.value.code, caught.value.message) == (exc.code, exc.message)
         return
     assert other.client.count(rule, as_of=AS_OF) == expected
+    assert nodes(other.client.explain(rule, as_of=AS_OF).root) == \
+        nodes(one.client.explain(rule, as_of=AS_OF).root)
     members = list(paged(other.client, rule))
     assert len(members) == len(set(members)) == expected
     assert set(members) == set(one.client.members(rule, as_of=AS_OF))
@@ -311,6 +313,13 @@ def check_same(one: Front, other: Front, rule: dict, probe: list[str]) -> None:
             continue
         assert other.client.is_member(profile_id, rule, as_of=AS_OF) == \
             one.client.is_member(profile_id, rule, as_of=AS_OF)
+
+
+def nodes(node: Any) -> list[tuple[str, str, int, bool]]:
+    """An explain tree, flat: (path, words, count, whether noted) of every node (a note's
+    suggestions are one shard's values)."""
+    return [(node.path, node.text, node.count, bool(node.note)),
+            *(n for child in node.children for n in nodes(child))]
 
 
 def paged(client: Client, rule: dict, page: int = 7) -> Iterator[str]:
