@@ -14,6 +14,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import keys as K
+from bitseg.index import order_keys
 from bitseg.index import store as store_module
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
@@ -30,6 +31,7 @@ from bitseg.index.order_index import (
     Column,
     Columns,
     OrderIndex,
+    _read_column,
     compute_runs,
 )
 from bitseg.index.order_keys import (
@@ -50,6 +52,13 @@ from bitseg.index.order_keys import (
 from bitseg.index.order_queues import SetQueue, ValueQueue
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, chunks_of
+
+# Bytes of queued column writes and value changes (13 a column write, 8 a value) held
+# before they are written (a spill): key columns in whole chunks into LMDB, owner / ts /
+# item_owner into the batch's buffers of them, value changes into their bitmap writers.
+# So what a batch holds does not grow with its file; it commits as one transaction still.
+QUEUE_BYTES = 256 << 20
+SPILL_CHECK = 1 << 16  # add() looks at the queues' size every this many lines
 
 
 def _grow(buf: np.ndarray, old: int, new: int, copy: bool, default: Any) -> np.ndarray:
@@ -102,6 +111,10 @@ class OrderBatch:
         self._item_sinks: dict[str, tuple[SetQueue, str] | None] = {}
         self._owner, self._ts = self._sets("owner"), self._sets("ts")
         self._item_owner = self._item_sets("item_owner")
+        self.spilled: set[str] = set()  # key column queues whose whole chunks are in LMDB
+        # owner / ts / item_owner spilled: (buffer, rows applied, dirty chunks, a write
+        # below the snapshot's rows made it the batch's own copy)
+        self.applied: dict[bytes, tuple[np.ndarray, int, set[int], bool]] = {}
 
     @property
     def count(self) -> int:
@@ -158,11 +171,15 @@ class OrderBatch:
         if oid < self.segment_start:
             self.touched_old.add(oid)
         self._queue(oid, old, row, items is not None or old is None)
+        if not self.count % SPILL_CHECK:
+            self._bound_queues()
 
     def add_block(self, block: RowBlock) -> Taken:
         """Order lines of a RowBlock, column-wise where they are the common case
         (index/order_blocks.py); the rows it leaves go through add()."""
-        return take_block(self, block)
+        taken = take_block(self, block)
+        self._bound_queues()
+        return taken
 
     def drop_profiles(self, gone: BitMap) -> None:
         """Delete every order of these profiles (when the profiles are deleted).  Orders
@@ -369,6 +386,55 @@ class OrderBatch:
             found = self.item_sets[name] = SetQueue()
         return found
 
+    # ------------------------------------------------------------------ spilling
+    def _bound_queues(self) -> None:
+        """Spill the queues when they hold more than QUEUE_BYTES."""
+        writes = sum(len(q) for q in self.sets.values()) + \
+            sum(len(q) for q in self.item_sets.values())
+        values = sum(len(q.adds) + len(q.removals) for q in self.pending.values()) + \
+            sum(len(q.adds) + len(q.removals) for q in self.item_pending.values())
+        if 13 * writes + 8 * values > QUEUE_BYTES:
+            self.spill()
+
+    def spill(self) -> None:
+        """Write what the queues hold into the transaction (or the batch's buffers), so
+        that finish() writes the same entries as if nothing had been spilled."""
+        self.flush()
+        old = self.index
+        self._spill_plain(b"owner", self._owner, old.owner_buf, old.count, self.next, 0)
+        self._spill_plain(b"ts", self._ts, old.ts_buf, old.count, self.next, 0)
+        self._spill_plain(b"item_owner", self._item_owner, old.item_owner_buf,
+                          old.item_count, self.next_item, NONE)
+        for kind, prefix, sets, rows in ((b"o", "f:", self.sets, self.next),
+                                         (b"i", "g:", self.item_sets, self.next_item)):
+            bits = order_keys.COL_BITS  # read when used, as the column writers do
+            whole = rows >> bits << bits  # ids below: in chunks no later id reaches
+            for name, queue in sets.items():
+                if not name.startswith(prefix) or not len(queue):
+                    continue
+                ids, keys, valid = queue.arrays()
+                cut = int(np.searchsorted(ids, whole))
+                if cut:
+                    append_column(self.store, self.txn, kind + SEP + name[2:].encode(),
+                                  whole, ids[:cut], keys[:cut], valid[:cut], NO_IDS)
+                    queue.keep(ids[cut:], keys[cut:], valid[cut:])
+                    self.spilled.add(name)
+
+    def _spill_plain(self, name: bytes, queue: SetQueue, buf: np.ndarray, old: int,
+                     new: int, default: Any) -> None:
+        """Apply an owner / ts / item_owner queue to the batch's buffer of that column."""
+        ids, keys, _ = queue.arrays()
+        start, dirty, below = old, set(), False
+        state = self.applied.get(name)
+        if state is not None:
+            buf, start, dirty, below = state
+        low = _below(ids, old)
+        buf = _grow(buf, start, new, low and not below, default)
+        buf[ids] = keys.astype(buf.dtype)
+        dirty.update(dirty_chunks(ids))
+        queue.keep(NO_IDS, NO_KEYS, NO_VALID)
+        self.applied[name] = (buf, new, dirty, below or low)
+
     # ------------------------------------------------------------------ flushing
     def flush(self) -> None:
         """Apply the queued value changes to the bitmap writers."""
@@ -454,6 +520,10 @@ class OrderBatch:
         kills_old = bool((kills < old_rows).any()) if len(kills) else False
         entries: dict[str, Column | None] = {}
         for name in names | set(old):
+            if prefix + name in self.spilled:
+                entries[name] = self._spilled(kind + SEP + name.encode(), rows,
+                                              sets[prefix + name], kills)
+                continue
             if not kills_old and not old.loaded(name) and old_rows:
                 if name in names:
                     written = sets[prefix + name].arrays()
@@ -470,11 +540,24 @@ class OrderBatch:
                                          old_rows, rows, sets.get(prefix + name), kills)
         return Columns(kind, rows, entries, TxnReader(self.store, self.txn))
 
+    def _spilled(self, name: bytes, rows: int, queue: SetQueue, kills: np.ndarray
+                 ) -> Column | None:
+        """A key column whose whole chunks a spill wrote: the rest of its writes appended
+        (the column left in LMDB, read when first used); when items were killed, read back
+        through the transaction and rebuilt, so every chunk holding one is rewritten."""
+        if not len(kills):
+            append_column(self.store, self.txn, name, rows, *queue.arrays(), NO_IDS)
+            return None
+        column = _read_column(TxnReader(self.store, self.txn), name, rows)
+        return self._column(name, column, rows, rows, queue, kills)
+
     def _runs(self, ts: np.ndarray) -> np.ndarray | None:
         """The runs of the new ts column; when only appended, from the old runs."""
         old = self.index
         ts_ids = self._ts.written()
-        if _below(ts_ids, old.count) or old.runs is None or not old.count:
+        spilled = self.applied.get(b"ts")
+        if _below(ts_ids, old.count) or (spilled is not None and spilled[3]) or \
+                old.runs is None or not old.count:
             return compute_runs(ts)
         if len(ts) == old.count:
             return old.runs
@@ -489,14 +572,18 @@ class OrderBatch:
         """owner / ts / item_owner: apply the queued writes (then the kills), persist."""
         ids, keys, _ = sets.arrays() if sets else (NO_IDS, NO_KEYS, None)
         kills = NO_IDS if kills is None else kills
-        if not len(ids) and not len(kills) and old == new:
+        start, spilled, own = old, set(), False  # a spill's buffer, dirty chunks, copy
+        state = self.applied.get(name)
+        if state is not None:
+            buf, start, spilled, own = state
+        elif not len(ids) and not len(kills) and old == new:
             return buf
-        copy = _below(ids, old) or _below(kills, old)
-        buf = _grow(buf, old, new, copy, default)
+        copy = not own and (_below(ids, old) or _below(kills, old))
+        buf = _grow(buf, start, new, copy, default)
         buf[ids] = keys.astype(buf.dtype)
         if len(kills):
             buf[kills] = NONE
-        dirty = sorted(set(dirty_chunks(ids)) | set(dirty_chunks(kills[kills < old])))
+        dirty = sorted(spilled | set(dirty_chunks(ids)) | set(dirty_chunks(kills[kills < old])))
         put_column(self.store, self.txn, name, buf, None, new, dirty)
         return buf
 

@@ -117,6 +117,11 @@ class SetQueue:
         """The ids written, in order, each as often as written."""
         return self.parts.arrays()[0]
 
+    def keep(self, ids: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> None:
+        """Hold only these writes (the rest written out by a spill, OrderBatch)."""
+        self.parts = _Parts("I", "q", "b")
+        self.parts.extend(ids, keys, valid.astype(np.int8))
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, keys, valid8 = self.parts.arrays()
         valid = valid8.astype(bool)
