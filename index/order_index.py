@@ -32,6 +32,7 @@ for, and an older snapshot still reads its own version.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -219,9 +220,10 @@ def _column_names(reader: Any) -> list[bytes]:
     return names
 
 
-def read_orders(reader: Any) -> OrderIndex:
-    """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now,
-    field columns when first used (through the reader the index is then pinned to)."""
+def read_orders(reader: Any, item_owners: bool = True) -> OrderIndex:
+    """Rebuild the OrderIndex from the "orders" db alone: owner, ts and item owners now
+    (item_owners=False: none, for StoredOrders to read when first used), field columns
+    and value bitmaps when first used (through the reader the index is then pinned to)."""
     meta = orders_meta(reader)
     if meta is None:
         return OrderIndex()
@@ -233,7 +235,7 @@ def read_orders(reader: Any) -> OrderIndex:
 
     owner = plain(b"owner", count, np.uint32)
     ts = plain(b"ts", count, np.int64)
-    item_owner = plain(b"item_owner", item_count, np.uint32)
+    item_owner = read_item_owner(reader, item_count) if item_owners else NO_IDS
     fields = {b"o": {}, b"i": {}}
     for name in names:
         kind, _, fname = name.partition(SEP)
@@ -249,6 +251,12 @@ def read_orders(reader: Any) -> OrderIndex:
     return OrderIndex(count, item_count, live, owner, ts, compute_runs(ts), values,
                       columns, item_owner, item_columns, item_values=item_values,
                       items_indexed=bool(meta.get("item_values")))
+
+
+def read_item_owner(reader: Any, item_count: int) -> np.ndarray:
+    """The item -> order id column (NONE for a replaced item)."""
+    get = functools.partial(reader.get, "orders")
+    return assemble(get, b"item_owner", item_count, np.uint32, False)[0]
 
 
 def _read_bitmap(reader: Any, prefix: bytes) -> BitMap:
@@ -340,28 +348,46 @@ class OrderValues(Mapping[str, ValueIndex]):
         return ValueIndex(values, exists)
 
 
+_WHOLE = frozenset({"item_owner_buf", "item_owner", "pinned"})  # what needs item owners
+
+
 class StoredOrders:
     """A store's OrderIndex, read through `reader` the first time anything of it is
     used, and then kept: a store opens without reading its orders, and a rule or batch
-    on orders reads them (every attribute is the read OrderIndex's)."""
+    on orders reads them (every attribute is the read OrderIndex's). The item owners
+    (an id per item, 4 bytes each) are read only once an items rule or a batch needs
+    them."""
 
     def __init__(self, reader: Any, items_indexed: bool = True) -> None:
         self._reader = reader
         self._index: OrderIndex | None = None
+        self._whole = False  # _index has its item owners
         self._lock = threading.Lock()
         self.items_indexed = items_indexed
 
-    def loaded(self) -> OrderIndex:
+    def _base(self) -> OrderIndex:
+        """The index, its item owners perhaps not read (never handed out as it is)."""
         index = self._index
         if index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = read_orders(self._reader).pinned(self._reader)
+                    self._index = read_orders(self._reader, False).pinned(self._reader)
                 index = self._index
         return index
 
+    def loaded(self) -> OrderIndex:
+        """The whole index, item owners read."""
+        index = self._base()
+        if not self._whole:
+            with self._lock:
+                if not self._whole:
+                    owners = read_item_owner(self._reader, index.item_count)
+                    self._index = replace(index, item_owner_buf=owners)
+                    self._whole = True
+        return self._base()
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.loaded(), name)
+        return getattr(self.loaded() if name in _WHOLE else self._base(), name)
 
 
 def orders_of(index: OrderIndex | StoredOrders) -> OrderIndex:

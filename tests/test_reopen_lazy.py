@@ -158,9 +158,11 @@ def test_open_reads_no_field_bitmaps_orders_or_id_chunks(tmp_path: Path) -> None
         assert [name for name in snap.fields if snap.fields.loaded(name)] == ["c"]
         assert snap.orders._index is None  # a profile rule reads no orders
         assert engine.count({"orders": {"field": "status", "op": "eq", "value": "paid"}}) > 0
+        assert not snap.orders._whole  # no items rule yet: no item owners read
         orders = snap.orders.loaded()
         assert [name for name in orders.values if orders.values.loaded(name)] == ["status"]
         assert not any(orders.item_values.loaded(name) for name in orders.item_values)
+        assert snap.orders._whole and len(orders.item_owner) == orders.item_count > 0
 
 
 def test_lazily_read_state_equals_the_writers(tmp_path: Path) -> None:
