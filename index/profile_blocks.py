@@ -51,6 +51,7 @@ _OTHER_CONTROL = r'[\x00-\x07\x0b\x0e-\x1f]'  # orjson writes these as \u00XX: n
 _ESCAPED = r'["\\\n\r\t\x08\x0c]'  # what orjson writes as a two-character escape
 _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"),
             ("\b", "\\b"), ("\f", "\\f"))
+QUEUE_BYTES = 256 << 20  # field changes queued before they are applied (bound_queues)
 _ORDER_SAMPLE = 64  # lines read with orjson to learn the order the block's keys come in
 _US_PER = {"s": 10**6, "ms": 10**3, "us": 1}
 
@@ -83,7 +84,18 @@ def take_block(batch: ProfileBatch, block: RowBlock) -> Taken:
     if first is None:
         return False
     _apply(batch, first, [c for c in columns if c.first < cut], cut, plain)
+    bound_queues(batch)
     return True if cut == rows else np.arange(cut, rows, dtype=np.int64)
+
+
+def bound_queues(batch: ProfileBatch) -> None:
+    """Apply the batch's queued field changes to its writers (the flush the row path does
+    before an update) once they hold more than QUEUE_BYTES: a batch then holds bitmaps
+    and at most that many bytes of values, not every value of its file."""
+    held = sum(len(a) * a.itemsize for field in batch.info.values()
+               for a in (field.add_ids, field.add_vals, field.rm_ids, field.rm_vals))
+    if held > QUEUE_BYTES:
+        batch.flush()
 
 
 # ----------------------------------------------------------------------------- reading

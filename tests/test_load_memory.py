@@ -20,9 +20,10 @@ import orjson
 import pytest
 from storecmp import differences, store_entries
 
-from bitseg.index import order_batch, order_keys
+from bitseg.index import order_batch, order_keys, profile_blocks
 from bitseg.index.engine import Engine
 from bitseg.index.errors import DataError
+from bitseg.index.profiles import ProfileBatch
 from bitseg.loaders import columnar
 from bitseg.loaders.dataset import load_dataset
 from bitseg.loaders.gen import generate
@@ -119,3 +120,31 @@ def test_a_bad_last_line_after_order_spills_leaves_nothing_of_the_file(
     assert len(calls) > 10
     assert store_entries(store) == before
     shutil.rmtree(store)
+
+
+def test_profiles_flushed_at_a_tiny_budget_leave_the_same_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=15, events_per_profile=0, orders_per_profile=0)
+    rules = [{"field": "age", "op": "between", "value": [30, 50]},
+             {"field": "country", "op": "eq", "value": "DE"},
+             {"field": "tags", "op": "in", "value": ["vip", "newsletter"]}]
+    flushes: list[int] = []
+    original = ProfileBatch.flush
+
+    def spy(self: Any) -> None:
+        flushes.append(self.created)
+        original(self)
+
+    monkeypatch.setattr(ProfileBatch, "flush", spy)
+    counts = {}
+    for way, budget in (("whole", profile_blocks.QUEUE_BYTES), ("flushed", 64)):
+        monkeypatch.setattr(profile_blocks, "QUEUE_BYTES", budget)
+        flushes.clear()
+        with Engine.open(tmp_path / way) as engine:
+            load_dataset(folder, engine)
+            counts[way] = [engine.count(rule) for rule in rules]
+        counts[way + " flushes"] = [len(flushes)]
+    assert counts.pop("flushed flushes")[0] > counts.pop("whole flushes")[0] + 10
+    assert differences(tmp_path / "whole", tmp_path / "flushed") == []
+    assert counts["flushed"] == counts["whole"] and min(counts["whole"]) > 0
