@@ -6,8 +6,9 @@
   (the order profiles were first seen on that shard). The cursor names the shard and the
   last id given, so the order is the same on every page of one stream and across
   cursors; the front holds one page, never a whole member list.
-- IsMember, SegmentsOf: the profile's shard alone. IsMemberBatch: each shard is asked
-  about its own ids, the answers are put back in the request's order.
+- IsMember, SegmentsOf, GetProfile: the profile's shard alone. IsMemberBatch,
+  SegmentsOfBatch: each shard is asked about its own ids, the answers are put back in
+  the request's order. Metrics and Overlap: the shards' numbers summed.
 - Segments: create (every shard or none), delete, get, list, refresh; sizes, entries
   and exits are summed over the shards.
 - Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
@@ -43,7 +44,7 @@ log = logging.getLogger("bitseg.server")
 SHARDED = frozenset({
     "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf", "Explain",
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
-    "ListTemplates",
+    "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -211,10 +212,7 @@ class ShardedServicer(SegmentsServicer):
         start = time.perf_counter_ns()
         profile_ids = list(request.profile_ids)
         check_size(profile_ids)
-        where = [self.shards.shard_of(p) if p else 0 for p in profile_ids]
-        mine: list[list[str]] = [[] for _ in range(self.shards.count)]
-        for profile_id, shard in zip(profile_ids, where, strict=True):
-            mine[shard].append(profile_id)
+        where, mine = self._by_shard(profile_ids)
         answers = self.shards.each("is_member_many",
                                    per_shard=[(ids, rule, as_of) for ids in mine])
         unknown = {p for _, gone in answers for p in gone}
@@ -233,6 +231,70 @@ class ShardedServicer(SegmentsServicer):
         names = self.shards.call(self.shards.shard_of(profile_id), "segments_of", profile_id,
                                  as_of)
         return pb.SegmentsOfReply(segments=names)
+
+    @rpc
+    def SegmentsOfBatch(self, request: pb.SegmentsOfBatchRequest,
+                        context: grpc.ServicerContext) -> pb.SegmentsOfBatchReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        profile_ids = list(request.profile_ids)
+        check_size(profile_ids)
+        where, mine = self._by_shard(profile_ids)
+        answers = self.shards.each("segments_of_many", per_shard=[(ids, as_of) for ids in mine])
+        unknown = {p for _, gone in answers for p in gone}
+        taken = [iter(found) for found, _ in answers]
+        names = [next(taken[shard]) for shard in where]
+        return pb.SegmentsOfBatchReply(
+            profiles=[pb.ProfileSegments(profile_id=p, segments=n, unknown=p in unknown)
+                      for p, n in zip(profile_ids, names, strict=True)],
+            unknown_ids=[p for p in profile_ids if p in unknown],
+            as_of=convert.to_timestamp(as_of))
+
+    def _by_shard(self, profile_ids: list[str]) -> tuple[list[int], list[list[str]]]:
+        """Each id's shard, and the ids of each shard in the request's order."""
+        where = [self.shards.shard_of(p) if p else 0 for p in profile_ids]
+        mine: list[list[str]] = [[] for _ in range(self.shards.count)]
+        for profile_id, shard in zip(profile_ids, where, strict=True):
+            mine[shard].append(profile_id)
+        return where, mine
+
+    @rpc
+    def GetProfile(self, request: pb.GetProfileRequest,
+                   context: grpc.ServicerContext) -> pb.Profile:
+        profile_id = _profile_id(request.profile_id)
+        return convert.profile_reply(
+            self.shards.call(self.shards.shard_of(profile_id), "profile", profile_id))
+
+    @rpc
+    def Metrics(self, request: pb.MetricsRequest,
+                context: grpc.ServicerContext) -> pb.MetricsReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        found = self.shards.each("metrics", rule, as_of, request.amount_field or "amount")
+        summed = replace(found[0], **{key: sum((getattr(m, key) for m in found[1:]),
+                                               getattr(found[0], key))
+                                      for key in ("profiles", "total_profiles", "orders",
+                                                  "customers", "revenue", "total_revenue")})
+        reply = convert.metrics_reply(summed)
+        reply.eval_micros = _micros_since(start)
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
+
+    @rpc
+    def Overlap(self, request: pb.OverlapRequest,
+                context: grpc.ServicerContext) -> pb.OverlapReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        found = self.shards.each("overlap", list(request.segments), as_of)
+        summed = replace(found[0],
+                         sizes=tuple(map(sum, zip(*(o.sizes for o in found), strict=True))),
+                         matrix=tuple(tuple(map(sum, zip(*cells, strict=True)))
+                                      for cells in zip(*(o.matrix for o in found),
+                                                       strict=True)))
+        reply = convert.overlap_reply(summed)
+        reply.eval_micros = _micros_since(start)
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
 
     # ---------------------------------------------------------------- segments
     @rpc

@@ -72,6 +72,10 @@ class Shard:
     def do_declare(self, schema: dict[str, dict[str, str]]) -> None:
         self.engine.declare_schema(schema, source="the other shards' schema")
 
+    def do_cache(self, on: bool) -> None:
+        """Turn the engine's result cache on or off (benchmarks measure evaluation)."""
+        self.engine.cache_results = on
+
     def do_version(self) -> int:
         return self.engine.snapshot.version
 
@@ -97,6 +101,22 @@ class Shard:
 
         snap = self.engine.snapshot
         return explain(snap, rule, self.engine.parse(rule, snap), as_of_micros(as_of))
+
+    def do_metrics(self, rule: Any, as_of: datetime, amount_field: str) -> Any:
+        return self.segments.metrics(rule, as_of=as_of, amount_field=amount_field)
+
+    def do_overlap(self, names: list[str], as_of: datetime) -> Any:
+        return self.segments.overlap(names, as_of=as_of)
+
+    def do_profile(self, profile_id: str) -> dict[str, Any]:
+        return self.engine.profile(profile_id)
+
+    def do_segments_of_many(self, profile_ids: list[str], as_of: datetime
+                            ) -> tuple[list[list[str]], list[str]]:
+        from bitseg.index.batch import segments_of_many
+
+        found = segments_of_many(self.engine, profile_ids, as_of=as_of)
+        return [list(names) for names in found.segments], list(found.unknown)
 
     def do_is_member(self, profile_id: str, rule: Any, as_of: datetime) -> bool:
         return self.engine.is_member(profile_id, rule, as_of=as_of)
@@ -160,10 +180,14 @@ class ShardSet:
 
     def __init__(self, paths: Sequence[str], submit: Callable[[int, str, tuple], Any],
                  wait: Callable[[int, Any], tuple[bool, Any]],
-                 close: Callable[[], None]) -> None:
+                 close: Callable[[], None],
+                 wait_all: Callable[[list[Any]], list[tuple[bool, Any]]] | None = None
+                 ) -> None:
         self.paths = list(paths)
         self.count = len(self.paths)
         self._submit, self._wait, self._close = submit, wait, close
+        self._wait_all = wait_all or (lambda pending: [self._wait(i, p)
+                                                       for i, p in enumerate(pending)])
 
     @classmethod
     def embedded(cls, paths: Sequence[str]) -> ShardSet:
@@ -214,11 +238,18 @@ class ShardSet:
             except errors.RayTaskError as exc:  # a bug in the shard, not the caller's fault
                 raise RuntimeError(f"shard {index}: {_first_line(exc)}") from exc
 
+        def wait_all(pending: list[Any]) -> list[tuple[bool, Any]]:
+            try:
+                return ray.get(pending)  # one wait for all: a Count's fan-out in one step
+            except (errors.RayActorError, errors.ActorUnavailableError,
+                    errors.ActorDiedError, errors.RayTaskError):
+                return [wait(i, p) for i, p in enumerate(pending)]  # names the shard
+
         def close() -> None:
             for handle in actors:
                 ray.kill(handle, no_restart=True)
 
-        made = cls(paths, submit, wait, close)
+        made = cls(paths, submit, wait, close, wait_all)
         made.actors = actors  # the tests kill one
         return made
 
@@ -234,7 +265,7 @@ class ShardSet:
         """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
         argument = per_shard if per_shard is not None else [args] * self.count
         pending = [self._submit(i, method, tuple(argument[i])) for i in range(self.count)]
-        answers = [self._wait(i, p) for i, p in enumerate(pending)]
+        answers = self._wait_all(pending)
         return [self._answer(i, a) for i, a in enumerate(answers)]
 
     @staticmethod

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,9 @@ def check_same(one: Front, other: Front, rule: dict, probe: list[str]) -> None:
     assert other.client.count(rule, as_of=AS_OF) == expected
     assert nodes(other.client.explain(rule, as_of=AS_OF).root) == \
         nodes(one.client.explain(rule, as_of=AS_OF).root)
+    metrics = other.client.metrics(rule, as_of=AS_OF)
+    assert replace(metrics, eval_micros=0) == \
+        replace(one.client.metrics(rule, as_of=AS_OF), eval_micros=0)
     members = list(paged(other.client, rule))
     assert len(members) == len(set(members)) == expected
     assert set(members) == set(one.client.members(rule, as_of=AS_OF))
@@ -349,6 +353,17 @@ def test_segments_of_and_segment_sizes_agree(pair: tuple[Front, Front, dict]) ->
     for profile_id in ids_of(records):
         assert three.client.segments_of(profile_id, as_of=AS_OF) == \
             one.client.segments_of(profile_id, as_of=AS_OF)
+    known = ids_of(records)[:25] + ["nobody", ""]
+    assert three.client.segments_of_many(known, as_of=AS_OF) == \
+        one.client.segments_of_many(known, as_of=AS_OF)
+    for profile_id in known[:10]:
+        assert three.client.profile(profile_id) == one.client.profile(profile_id)
+    with pytest.raises(ClientError) as caught:
+        three.client.profile("nobody")
+    assert caught.value.code == "NOT_FOUND"
+    overlap = three.client.overlap(SEGMENTS, as_of=AS_OF)
+    expected = one.client.overlap(SEGMENTS, as_of=AS_OF)
+    assert (overlap.sizes, overlap.matrix) == (expected.sizes, expected.matrix)
     for name in SEGMENTS:
         assert three.client.get_segment(name).size == one.client.get_segment(name).size
     assert [(s.name, s.size) for s in three.client.list_segments()] == \
