@@ -9,8 +9,8 @@
 - IsMember, SegmentsOf, GetProfile: the profile's shard alone. IsMemberBatch,
   SegmentsOfBatch: each shard is asked about its own ids, the answers are put back in
   the request's order. Metrics and Overlap: the shards' numbers summed.
-- Segments: create (every shard or none), delete, get, list, refresh; sizes, entries
-  and exits are summed over the shards.
+- Segments: create and split (every shard or none), delete, get, list, refresh; sizes,
+  entries and exits are summed over the shards.
 - Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
   never a wrong answer. So does a `top` rule with more than one shard (a top N over
   shards is not the sum of per-shard tops).
@@ -22,7 +22,7 @@ import base64
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -44,7 +44,7 @@ log = logging.getLogger("bitseg.server")
 SHARDED = frozenset({
     "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf", "Explain",
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
-    "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch",
+    "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -312,22 +312,25 @@ class ShardedServicer(SegmentsServicer):
         ids: list[list[str]] = [[] for _ in range(self.shards.count)]
         for profile_id in request.profile_ids:
             ids[self.shards.shard_of(profile_id) if profile_id else 0].append(profile_id)
-        made = self._create_everywhere(request.name, [
-            (request.name, kind, rule, ids[i], as_of, tags) for i in range(self.shards.count)])
+        made = self._create_everywhere("create_segment", [
+            (request.name, kind, rule, ids[i], as_of, tags) for i in range(self.shards.count)],
+            lambda made: [made[0].name])
         info, change = _summed(made)
         order = {p for _, c in made for p in c.unknown}
         change = replace(change, unknown=tuple(p for p in request.profile_ids if p in order))
         return convert.segment_reply(info, change)
 
-    def _create_everywhere(self, name: str, per_shard: list[tuple]) -> list[Any]:
+    def _create_everywhere(self, method: str, per_shard: list[tuple],
+                           names: Callable[[Any], list[str]]) -> list[Any]:
         """Create on shard 0 (where a bad rule or a taken name fails, nothing else
-        touched), then on the others at once; when one of those fails, delete it from the
-        shards that made it, so every shard has the segment or none does."""
-        made = [self.shards.call(0, "create_segment", *per_shard[0])]
+        touched), then on the others at once; when one of those fails, delete what it
+        made (`names` of a shard's answer) from the shards that made it, so every shard
+        has the segments or none does."""
+        made = [self.shards.call(0, method, *per_shard[0])]
         if self.shards.count == 1:
             return made
         rest = list(range(1, self.shards.count))
-        pending = [(i, self.shards._submit(i, "create_segment", per_shard[i])) for i in rest]
+        pending = [(i, self.shards._submit(i, method, per_shard[i])) for i in rest]
         failure: BaseException | None = None
         done = [0]
         for i, handle in pending:
@@ -339,12 +342,27 @@ class ShardedServicer(SegmentsServicer):
         if failure is None:
             return made
         for i in done:
-            try:
-                self.shards.call(i, "delete_segment", name)
-            except Exception:
-                log.exception("segment %r: rolling back its creation on shard %d failed",
-                              name, i)
+            for name in names(made[0]):
+                try:
+                    self.shards.call(i, "delete_segment", name)
+                except Exception:
+                    log.exception("segment %r: rolling back its creation on shard %d failed",
+                                  name, i)
         raise failure
+
+    @rpc
+    def SplitSegment(self, request: pb.SplitSegmentRequest,
+                     context: grpc.ServicerContext) -> pb.SplitSegmentReply:
+        as_of = convert.as_of_of(request) or convert.now()
+        rule = convert.source_of(request)
+        if self.shards.count > 1 and _has_top(rule):
+            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
+        parts = [(p.label, p.percent) for p in request.into]
+        made = self._create_everywhere("split_segment", [
+            (request.name, request.salt, parts, rule, request.prefix or None, as_of)
+        ] * self.shards.count, lambda pieces: [info.name for info, _ in pieces])
+        return pb.SplitSegmentReply(segments=[convert.segment_reply(*_summed(list(piece)))
+                                              for piece in zip(*made, strict=True)])
 
     @rpc
     def DeleteSegment(self, request: pb.DeleteSegmentRequest,

@@ -142,6 +142,13 @@ class Shard:
                           as_of: datetime, tags: list[str]) -> tuple[Any, Any]:
         return self.segments.create(name, kind, rule=rule, ids=ids, as_of=as_of, tags=tags)
 
+    def do_split_segment(self, name: str, salt: str, parts: list[tuple[str, Any]], rule: Any,
+                         prefix: str | None, as_of: datetime) -> list[tuple[Any, Any]]:
+        from bitseg.index.split import split_segment
+
+        return split_segment(self.segments, name, salt, parts, rule=rule, prefix=prefix,
+                             as_of=as_of)
+
     def do_delete_segment(self, name: str) -> None:
         self.segments.delete(name)
 

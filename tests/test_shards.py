@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest_grpc import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import FLOATS, INT_MAX, INT_MIN, KEYWORDS, conditions
@@ -477,7 +478,7 @@ def test_a_killed_shard_fails_the_call_then_comes_back(
 def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import conftest_grpc
-    from conftest_grpc import ServerProcess, run_cli
+    from conftest_grpc import ServerProcess
 
     make_dataset(tmp_path / "data", seed=9, profiles=50)
     done = run_cli("load", str(tmp_path / "data"), "--db", str(tmp_path / "db"),
@@ -489,6 +490,12 @@ def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
         rule = {"or": [{"field": "kw", "op": "eq", "value": KEYWORDS[0]},
                        {"event": "buy", "window": {"last_days": 20}}]}
         expected = set(engine.members(rule, as_of=AS_OF))
+        bought = {"event": "buy", "window": {"last_days": 10}}
+        later = (T0 + timedelta(days=5)).isoformat()
+        moved = (engine.count(bought, as_of=AS_OF), engine.count(bought, as_of=later))
+        halves = [engine.count({"and": [rule, {"sample": {"salt": "s", "from": f,
+                                                          "to": t}}]}, as_of=AS_OF)
+                  for f, t in ((0, 50), (50, 100))]
     monkeypatch.setattr(conftest_grpc, "START_SECONDS", 120.0)  # Ray starts in seconds
     server = ServerProcess(tmp_path / "db", ["--shards", "2"])
     try:
@@ -509,8 +516,51 @@ def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
         refused = run_cli("describe", *addr)
         assert refused.returncode == 6
         assert "Describe is not yet supported with --shards" in refused.stderr
+        # a materialized segment refreshed later: sizes, entries and exits over both shards
+        text = orjson.dumps(bought).decode()
+        made = run_cli("segment", "create", "bought", "--materialized", "--rule", text,
+                       "--as-of", AS_OF, "--json", *addr)
+        assert orjson.loads(made.stdout)["size"] == moved[0], made.stderr
+        again = run_cli("segment", "refresh", "bought", "--as-of", later, "--json", *addr)
+        refreshed = orjson.loads(again.stdout)
+        assert refreshed["size"] == moved[1], again.stderr
+        assert refreshed["size"] == moved[0] + refreshed["entered"] - refreshed["exited"]
+        split = run_cli("segment", "split", "kw0", "--salt", "s", "--into", "a:50,b:50",
+                        "--as-of", AS_OF, "--json", *addr)
+        assert [p["size"] for p in orjson.loads(split.stdout)] == halves, split.stderr
+        kill_a_shard_mid_call(server, addr, len(expected), text=orjson.dumps(rule).decode())
     finally:
         assert server.stop() == 0
+
+
+def kill_a_shard_mid_call(server: Any, addr: list[str], expected: int, text: str) -> None:
+    """Stop one shard actor of the server, ask it, kill the actor: the call fails naming
+    the shard (UNAVAILABLE, exit 4); once Ray has restarted it the count is right."""
+    import subprocess
+
+    import psutil  # a dependency of ray
+    from conftest_grpc import bitseg_command
+
+    shards = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+              if "ray::Shard" in " ".join(p.cmdline())]
+    assert len(shards) == 2, [p.cmdline() for p in shards]
+    shards[0].send_signal(signal.SIGSTOP)
+    asking = subprocess.Popen([*bitseg_command(), "count", "--rule", text, "--as-of", AS_OF,
+                               *addr], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    time.sleep(1.5)
+    shards[0].send_signal(signal.SIGKILL)
+    out, err = asking.communicate(timeout=60)
+    assert asking.returncode == 4, (out, err)
+    assert "shard" in err and "is unavailable" in err, err
+    deadline = time.monotonic() + 60
+    while True:
+        counted = run_cli("count", "--rule", text, "--as-of", AS_OF, "--json", *addr)
+        if counted.returncode == 0:
+            assert orjson.loads(counted.stdout)["count"] == expected
+            return
+        assert counted.returncode == 4 and time.monotonic() < deadline, counted.stderr
+        time.sleep(0.5)
 
 
 def test_one_shard_and_plain_serving_never_import_ray(tmp_path: Path) -> None:
