@@ -2,10 +2,11 @@
 
 - Count: the sum of the shards' counts. Explain: shard 0's words, each node's count
   summed over the shards; a node's note when every shard notes it (shard 0's words).
-- Members: shard by shard (shard 0 first), each shard's members in its dense id order
-  (the order profiles were first seen on that shard). The cursor names the shard and the
-  last id given, so the order is the same on every page of one stream and across
-  cursors; the front holds one page, never a whole member list.
+- Members (with fields too), Preview: shard by shard (shard 0 first), each shard's
+  members in its dense id order (the order profiles were first seen on that shard).
+  The cursor names the shard and the last id given, so the order is the same on every
+  page of one stream and across cursors; the front holds one page, never a whole
+  member list.
 - IsMember, SegmentsOf, GetProfile: the profile's shard alone. IsMemberBatch,
   SegmentsOfBatch: each shard is asked about its own ids, the answers are put back in
   the request's order. Metrics and Overlap: the shards' numbers summed.
@@ -35,7 +36,14 @@ from bitseg.index.batch import check_size
 from bitseg.index.segments import Change
 from bitseg.server import convert
 from bitseg.server.convert import CursorError
-from bitseg.server.service import SegmentsServicer, Unimplemented, _profile_id, rpc
+from bitseg.server.service import (
+    PREVIEW_DEFAULT,
+    PREVIEW_MAX,
+    SegmentsServicer,
+    Unimplemented,
+    _profile_id,
+    rpc,
+)
 from bitseg.server.shards import ShardSet
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -45,6 +53,7 @@ SHARDED = frozenset({
     "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf", "Explain",
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
     "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
+    "Preview",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -129,8 +138,7 @@ class ShardedServicer(SegmentsServicer):
     def Members(self, request: pb.MembersRequest,
                 context: grpc.ServicerContext) -> Iterator[pb.MembersPage]:
         rule = self._rule(request)
-        if request.fields:
-            raise Unimplemented("Members with fields is not yet supported with --shards")
+        fields = list(request.fields) or None
         cursor = ShardCursor.decode(request.cursor, self.shards.count) if request.cursor \
             else None
         as_of = convert.as_of_of(request) or (cursor.as_of if cursor else convert.now())
@@ -139,7 +147,7 @@ class ShardedServicer(SegmentsServicer):
         from_shard = cursor.shard if cursor else 0
         firsts = self.shards.each("page", per_shard=[
             (rule, as_of, cursor.last if cursor and i == from_shard else None,
-             page_size if i >= from_shard else 0) for i in range(self.shards.count)])
+             page_size if i >= from_shard else 0, fields) for i in range(self.shards.count)])
         eval_micros = _micros_since(start)
         version = sum(first[0] for first in firsts)
         totals = [first[1] for first in firsts]
@@ -147,20 +155,22 @@ class ShardedServicer(SegmentsServicer):
         position = sum(totals[:from_shard]) + firsts[from_shard][2] if cursor else 0
         end = total if not request.limit else min(total, position + request.limit)
         as_of_us, as_of_ts = convert.micros_of(as_of), convert.to_timestamp(as_of)
-        members = self._in_order(firsts, from_shard, rule, as_of, page_size)
+        members = self._in_order(firsts, from_shard, rule, as_of, page_size, fields)
         last = (cursor.shard, cursor.last) if cursor else None
         while True:
             stop = min(position + page_size, end)
-            ids = []
+            ids, rows = [], []
             for _ in range(stop - position):
                 found = next(members, None)
                 if found is None:  # a shard changed since the count: the page ends here
                     break
-                shard, dense, external = found
+                shard, dense, external, row = found
                 last = (shard, dense)
                 ids.append(external)
+                if row is not None:
+                    rows.append(orjson.dumps(row).decode())
             yield pb.MembersPage(
-                ids=ids,
+                ids=ids, rows_json=rows,
                 cursor="" if last is None
                 else ShardCursor(version, last[0], last[1], as_of_us).encode(),
                 done=stop >= total, total=total, eval_micros=eval_micros, as_of=as_of_ts)
@@ -169,18 +179,35 @@ class ShardedServicer(SegmentsServicer):
                 return
 
     def _in_order(self, firsts: list[Any], from_shard: int, rule: Any, as_of: datetime,
-                  page_size: int) -> Iterator[tuple[int, int, str]]:
-        """(shard, dense id, external id) of the members from `from_shard` on, fetching
-        a page at a time from each shard."""
+                  page_size: int, fields: list[str] | None
+                  ) -> Iterator[tuple[int, int, str, dict[str, Any] | None]]:
+        """(shard, dense id, external id, row or None) of the members from `from_shard`
+        on, fetching a page at a time from each shard."""
         for shard in range(from_shard, self.shards.count):
-            _, total, at, dense, external = firsts[shard]
+            _, total, at, dense, external, rows = firsts[shard]
             while dense:
-                yield from ((shard, d, e) for d, e in zip(dense, external, strict=True))
+                shown = rows if fields else [None] * len(dense)
+                yield from ((shard, d, e, r)
+                            for d, e, r in zip(dense, external, shown, strict=True))
                 at += len(dense)
                 if at >= total:
                     break
-                _, total, at, dense, external = self.shards.call(
-                    shard, "page", rule, as_of, dense[-1], page_size)
+                _, total, at, dense, external, rows = self.shards.call(
+                    shard, "page", rule, as_of, dense[-1], page_size, fields)
+
+    @rpc
+    def Preview(self, request: pb.PreviewRequest,
+                context: grpc.ServicerContext) -> pb.PreviewReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        limit = min(request.limit or PREVIEW_DEFAULT, PREVIEW_MAX)
+        start = time.perf_counter_ns()
+        found = self.shards.each("preview", rule, as_of, limit)
+        rows = [row for _, shard_rows in found for row in shard_rows][:limit]
+        return pb.PreviewReply(total=sum(total for total, _ in found),
+                               profiles=[convert.profile_reply(r) for r in rows],
+                               eval_micros=_micros_since(start),
+                               as_of=convert.to_timestamp(as_of))
 
     @rpc
     def Explain(self, request: pb.ExplainRequest,

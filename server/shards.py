@@ -82,18 +82,33 @@ class Shard:
     def do_count(self, rule: Any, as_of: datetime) -> int:
         return self.engine.count(rule, as_of=as_of)
 
-    def do_page(self, rule: Any, as_of: datetime, after: int | None, limit: int
-                ) -> tuple[int, int, int, list[int], list[str]]:
+    def do_page(self, rule: Any, as_of: datetime, after: int | None, limit: int,
+                fields: list[str] | None = None
+                ) -> tuple[int, int, int, list[int], list[str], list[dict[str, Any]]]:
         """Up to `limit` of the rule's members after dense id `after` (from the first when
         None), in dense id order: (store version, how many members, the position of the
-        first one given, their dense ids, their external ids)."""
+        first one given, their dense ids, their external ids, and with `fields` their
+        rows of those fields)."""
+        from bitseg.index.export import check_fields, profile_rows
         from bitseg.index.fields import ids_of
 
+        wanted = check_fields(self.engine, fields) if fields else None
         version = self.engine.snapshot.version
         found = self.engine.bitmap(rule, as_of=as_of)
         start = found.rank(after) if after is not None else 0
         dense = ids_of(found[start:start + limit])
-        return version, len(found), start, dense.tolist(), self.engine.ids.externals(dense)
+        rows = profile_rows(self.engine, dense, wanted) if wanted is not None else []
+        return (version, len(found), start, dense.tolist(), self.engine.ids.externals(dense),
+                rows)
+
+    def do_preview(self, rule: Any, as_of: datetime, limit: int
+                   ) -> tuple[int, list[dict[str, Any]]]:
+        """How many members, and the first `limit` with every field they have."""
+        from bitseg.index.export import profile_rows
+        from bitseg.index.fields import ids_of
+
+        found = self.engine.bitmap(rule, as_of=as_of)
+        return len(found), profile_rows(self.engine, ids_of(found[0:limit]))
 
     def do_explain(self, rule: Any, as_of: datetime) -> Any:
         from bitseg.index.engine import as_of_micros

@@ -310,6 +310,13 @@ def check_same(one: Front, other: Front, rule: dict, probe: list[str]) -> None:
     members = list(paged(other.client, rule))
     assert len(members) == len(set(members)) == expected
     assert set(members) == set(one.client.members(rule, as_of=AS_OF))
+    rows = {p.id: p.fields for p in other.client.rows(["kw", "n"], rule, as_of=AS_OF,
+                                                       page_size=5)}
+    assert rows == {p.id: p.fields for p in one.client.rows(["kw", "n"], rule, as_of=AS_OF)}
+    preview = other.client.preview(rule, as_of=AS_OF, limit=4)
+    assert preview.total == expected and len(preview.profiles) == min(4, expected)
+    assert all(rows[p.id] == {"kw": p.fields.get("kw"), "n": p.fields.get("n")}
+               for p in preview.profiles)
     batch = one.client.is_member_many(probe, rule, as_of=AS_OF)
     found = other.client.is_member_many(probe, rule, as_of=AS_OF)
     assert (found.answers, found.unknown) == (batch.answers, batch.unknown)
