@@ -362,6 +362,7 @@ class StoredOrders:
         self._reader = reader
         self._index: OrderIndex | None = None
         self._whole = False  # _index has its item owners
+        self._live: BitMap | None = None
         self._lock = threading.Lock()
         self.items_indexed = items_indexed
 
@@ -385,6 +386,18 @@ class StoredOrders:
                     self._index = replace(index, item_owner_buf=owners)
                     self._whole = True
         return self._base()
+
+    @property
+    def live(self) -> BitMap:
+        """The orders that exist; read alone (a few KB) while nothing else is (metrics
+        and Describe count orders without reading their columns)."""
+        index = self._index
+        if index is not None:
+            return index.live
+        with self._lock:
+            if self._live is None:
+                self._live = _read_bitmap(self._reader, order_bitmap_prefix(b"live"))
+            return self._live
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loaded() if name in _WHOLE else self._base(), name)

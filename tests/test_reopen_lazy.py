@@ -147,7 +147,7 @@ def build(path: Path) -> dict[str, Any]:
 
 
 def test_open_reads_no_field_bitmaps_orders_or_id_chunks(tmp_path: Path) -> None:
-    build(tmp_path / "s")
+    build_state = build(tmp_path / "s")
     with Engine.open(tmp_path / "s", readonly=True) as engine:
         snap = engine.snapshot
         assert isinstance(snap.fields, StoredFields)
@@ -157,6 +157,8 @@ def test_open_reads_no_field_bitmaps_orders_or_id_chunks(tmp_path: Path) -> None
         assert engine.count({"field": "c", "op": "eq", "value": "A"}) > 0
         assert [name for name in snap.fields if snap.fields.loaded(name)] == ["c"]
         assert snap.orders._index is None  # a profile rule reads no orders
+        assert len(snap.orders.live) == len(build_state["orders"]["live"])  # read alone
+        assert snap.orders._index is None
         assert engine.count({"orders": {"field": "status", "op": "eq", "value": "paid"}}) > 0
         assert not snap.orders._whole  # no items rule yet: no item owners read
         orders = snap.orders.loaded()
