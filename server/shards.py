@@ -18,12 +18,13 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bitseg.index.errors import BitsegError, SchemaError
+from bitseg.index.errors import BitsegError, SchemaError, StoreError
 from bitseg.index.schema import Schema
 from bitseg.index.shard_key import shard_of
 from bitseg.server.service import ShardUnavailable
@@ -317,8 +318,13 @@ class ShardSet:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """What Ray says happened, in one line: its first line, and the last (the cause,
+    e.g. the store a restarted actor could not open) when they differ."""
+    text = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+            if line.strip()]
+    if not text:
+        return type(exc).__name__
+    return text[0] if len(text) == 1 else f"{text[0]} ... {text[-1]}"
 
 
 def import_ray() -> Any:
@@ -344,12 +350,18 @@ def open_shards(db: str | Path, ray_address: str | None = None,
         raise BitsegError(f"{db} holds {manifest.shards} shards, not {expect}: serve it "
                           f"with --shards {manifest.shards}")
     paths = [str(p.resolve()) for p in manifest.paths(db)]
+    missing = [p for p in paths if not (Path(p) / "data.mdb").exists()]
+    if missing and ray_address is None:  # on a cluster a shard's store is on its node
+        raise StoreError(f"{db}: no shard store at {', '.join(missing)}")
     if manifest.shards == 1 and ray_address is None:
         shards = ShardSet.embedded(paths)
     else:
         shards = ShardSet.on_ray(paths, ray_address, ray_init)
     try:
         shards.unify_schema()
+    except ShardUnavailable as exc:  # an actor that cannot open its store never starts
+        shards.close()
+        raise StoreError(f"a shard did not start: {exc}") from None
     except BaseException:
         shards.close()
         raise

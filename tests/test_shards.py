@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from strategies import FLOATS, INT_MAX, INT_MIN, KEYWORDS, conditions
 
 from bitseg import Client, ClientError
 from bitseg.index.engine import Engine
-from bitseg.index.errors import DataError
+from bitseg.index.errors import DataError, StoreError
 from bitseg.index.shard_key import shard_of
 from bitseg.loaders.dataset import load_dataset
 from bitseg.loaders.split import original_line, shard_folder, split_dataset
@@ -602,3 +603,6 @@ def test_without_ray_more_shards_say_how_to_install_it(
         open_shards(tmp_path / "db")
     with pytest.raises(Exception, match="holds 2 shards, not 3"):
         open_shards(tmp_path / "db", expect=3)
+    shutil.rmtree(shard_folder(tmp_path / "db", 1))
+    with pytest.raises(StoreError, match="no shard store at .*shard-1"):
+        open_shards(tmp_path / "db")
