@@ -53,7 +53,7 @@ SHARDED = frozenset({
     "Count", "Members", "IsMember", "IsMemberBatch", "SegmentsOf", "Explain",
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
     "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
-    "Preview",
+    "Preview", "AddToSegment", "RemoveFromSegment",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -390,6 +390,36 @@ class ShardedServicer(SegmentsServicer):
         ] * self.shards.count, lambda pieces: [info.name for info, _ in pieces])
         return pb.SplitSegmentReply(segments=[convert.segment_reply(*_summed(list(piece)))
                                               for piece in zip(*made, strict=True)])
+
+    @rpc
+    def AddToSegment(self, request: pb.AddToSegmentRequest,
+                     context: grpc.ServicerContext) -> pb.SegmentMembershipReply:
+        change = self._edit(request.name, list(request.profile_ids), adding=True)
+        return pb.SegmentMembershipReply(changed=change.entered, size=change.size,
+                                         unknown_ids=change.unknown)
+
+    @rpc
+    def RemoveFromSegment(self, request: pb.RemoveFromSegmentRequest,
+                          context: grpc.ServicerContext) -> pb.SegmentMembershipReply:
+        change = self._edit(request.name, list(request.profile_ids), adding=False)
+        return pb.SegmentMembershipReply(changed=change.exited, size=change.size,
+                                         unknown_ids=change.unknown)
+
+    def _edit(self, name: str, profile_ids: list[str], adding: bool) -> Change:
+        """Add or remove each shard's ids, shard 0 first (an unknown or non-static
+        segment fails there, nothing changed). A shard that fails after it leaves the
+        others changed: adding and removing are idempotent, so the caller's retry
+        finishes the edit."""
+        _, mine = self._by_shard(profile_ids)
+        first = self.shards.call(0, "edit_segment", name, mine[0], adding)
+        others = range(1, self.shards.count)
+        changes = [first, *self.shards.these(others, "edit_segment",
+                                             [(name, mine[i], adding) for i in others])]
+        unknown = {p for c in changes for p in c.unknown}
+        return replace(first, size=sum(c.size for c in changes),
+                       entered=sum(c.entered for c in changes),
+                       exited=sum(c.exited for c in changes),
+                       unknown=tuple(p for p in profile_ids if p in unknown))
 
     @rpc
     def DeleteSegment(self, request: pb.DeleteSegmentRequest,

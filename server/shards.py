@@ -165,6 +165,9 @@ class Shard:
         return split_segment(self.segments, name, salt, parts, rule=rule, prefix=prefix,
                              as_of=as_of)
 
+    def do_edit_segment(self, name: str, ids: list[str], adding: bool) -> Any:
+        return (self.segments.add if adding else self.segments.remove)(name, ids)
+
     def do_delete_segment(self, name: str) -> None:
         self.segments.delete(name)
 
@@ -290,6 +293,14 @@ class ShardSet:
         pending = [self._submit(i, method, tuple(argument[i])) for i in range(self.count)]
         answers = self._wait_all(pending)
         return [self._answer(i, a) for i, a in enumerate(answers)]
+
+    def these(self, indices: Sequence[int], method: str, per_shard: Sequence[tuple]
+              ) -> list[Any]:
+        """The answers of the shards `indices`, asked at once, each with its args."""
+        pending = [self._submit(i, method, tuple(a))
+                   for i, a in zip(indices, per_shard, strict=True)]
+        answers = [self._wait(i, p) for i, p in zip(indices, pending, strict=True)]
+        return [self._answer(i, a) for i, a in zip(indices, answers, strict=True)]
 
     @staticmethod
     def _answer(index: int, answer: tuple[bool, Any]) -> Any:

@@ -370,6 +370,16 @@ def test_segments_of_and_segment_sizes_agree(pair: tuple[Front, Front, dict]) ->
     with pytest.raises(ClientError) as caught:
         three.client.profile("nobody")
     assert caught.value.code == "NOT_FOUND"
+    edit = known[:12] + ["nobody"]
+    for adding in (True, False, True):
+        edit_one = (one.client.add_to_segment if adding else one.client.remove_from_segment)
+        edit_three = (three.client.add_to_segment if adding
+                      else three.client.remove_from_segment)
+        assert edit_three("stat", edit[::2 if adding else 3]) == \
+            edit_one("stat", edit[::2 if adding else 3])
+    with pytest.raises(ClientError) as caught:
+        three.client.add_to_segment("dyn", ["u1"])
+    assert caught.value.code == "INVALID_ARGUMENT" and "static" in caught.value.message
     overlap = three.client.overlap(SEGMENTS, as_of=AS_OF)
     expected = one.client.overlap(SEGMENTS, as_of=AS_OF)
     assert (overlap.sizes, overlap.matrix) == (expected.sizes, expected.matrix)
