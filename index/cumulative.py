@@ -37,6 +37,7 @@ FEW_IDS = 4096  # a cut bin within fewer ids than this is answered by the slices
 MAX_BINS = 256  # bins per field: a batch updates up to this many bitmaps
 MIN_BINS = 8  # fewer would leave most of a range to the edge bins: keep the slices instead
 PARTS = 64  # a kept edge bin in parts: its cut is whole parts plus at most two cut ones
+HEADS = 8  # ... and as many running unions of its first parts (bitmaps of its ids ~4x)
 
 SLICES = "slices"  # decided: this index answers from its slices (no layout fits)
 
@@ -147,6 +148,14 @@ class Layout:
         found = self.edge_keys[j] = _Kept(ids, keys, members, self.grain)
         return found
 
+    def _kept_cuts(self, cut: list[int], index: RangeIndex, within: BitMap | None
+                   ) -> list[_Kept] | None:
+        """The cut bins' kept keys, or None when the slices should answer one of them."""
+        if within is not None and len(within) < FEW_IDS and cut:
+            return None
+        kept = [self._kept(j, index) for j in cut]
+        return None if None in kept else kept  # type: ignore[return-value]
+
     def _cut(self, j: int, a: int | None, b: int | None, index: RangeIndex,
              within: BitMap | None) -> BitMap:
         """The ids of bin j with a <= key <= b, only among `within` if given: a union of
@@ -179,6 +188,19 @@ class Layout:
         if a is not None and b is not None and a > b:
             return EMPTY
         p, q, cut = self._cover(a, b)
+        kept = self._kept_cuts(cut, index, within)
+        if kept is not None:  # the bins it touches, less the cut bins' ids outside [a, b]
+            top, bottom = max([q, *cut]), min([p, *cut])
+            if bottom > top:
+                return EMPTY
+            found = self.cum[top] if within is None else within & self.cum[top]
+            if bottom:
+                found = found - self.cum[bottom - 1]
+            for part in kept:
+                outside = part.outside(a, b)
+                if outside and found:
+                    found = found - outside
+            return found
         parts = []
         if p <= q:
             upto = self.cum[q] if within is None else within & self.cum[q]
@@ -226,7 +248,7 @@ class _Kept:
     are the parts inside it whole plus the ids of at most two parts it cuts (or the
     whole bin less the others, when that is fewer ids), never a compare of every key."""
 
-    __slots__ = ("keys", "ids", "bounds", "parts", "whole")
+    __slots__ = ("keys", "ids", "bounds", "parts", "whole", "step", "heads")
 
     def __init__(self, ids: np.ndarray, keys: np.ndarray, whole: BitMap, grain: int) -> None:
         order = np.argsort(keys, kind="stable")
@@ -243,6 +265,14 @@ class _Kept:
         self.parts = [bitmap_of(self.ids[s:e]) for s, e in
                       zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(), strict=True)]
         self.whole = whole  # every id of the bin
+        # heads[g]: the parts before (g + 1) * step as one bitmap, so the parts from the
+        # bin's start (or, less from the whole, to its end) are one bitmap and < step parts
+        k = len(self.parts)
+        self.step = step = max(1, -(-k // HEADS))
+        self.heads: list[BitMap] = []
+        for g in range(0, k - step + 1, step):
+            group = _union(self.parts[g:g + step])
+            self.heads.append(self.heads[-1] | group if self.heads else group)
 
     def span(self, a: int | None, b: int | None) -> tuple[int, int]:
         """The positions [lo, hi) in key order of the keys within [a, b]."""
@@ -260,25 +290,46 @@ class _Kept:
         last = int(np.searchsorted(bounds, hi, "right")) - 1  # the last ending at <= hi
         if f > last:  # inside one part
             return [bitmap_of(self.ids[lo:hi])]
-        out = self.parts[f:last]
+        step, heads = self.step, self.heads
+        if f == 0 and last >= step:  # from the start: a head and fewer than step parts
+            g = last // step
+            out = [heads[g - 1], *self.parts[g * step:last]]
+        elif last == len(self.parts) and f > 0 and f + step <= last:  # to the end
+            g = -(-f // step)  # the whole less the head before it, then parts f.. g*step
+            out = [*self.parts[f:g * step], self.whole - heads[g - 1]]
+        else:
+            out = self.parts[f:last]
         if lo < bounds[f]:
             out.append(bitmap_of(self.ids[lo:bounds[f]]))
         if bounds[last] < hi:
             out.append(bitmap_of(self.ids[bounds[last]:hi]))
         return out
 
+    def outside(self, a: int | None, b: int | None) -> BitMap:
+        """The bin's ids with a key below a or above b."""
+        lo, hi = self.span(a, b)
+        return self._select(lo, hi, inside=False)
+
     def select(self, a: int | None, b: int | None) -> BitMap:
         """The bin's ids with a <= key <= b."""
         lo, hi = self.span(a, b)
+        return self._select(lo, hi, inside=True)
+
+    def _select(self, lo: int, hi: int, inside: bool) -> BitMap:
+        """The ids at positions [lo, hi) (inside), or at the others: a union of the pieces
+        of the wanted positions, or the whole bin less the others' when they are fewer."""
         n = len(self.keys)
-        if 2 * (hi - lo) <= n:
-            inside = self._pieces(lo, hi)
-            return EMPTY if not inside else inside[0] if len(inside) == 1 else \
-                BitMap.union(*inside)
-        outside = self._pieces(0, lo) + self._pieces(hi, n)
-        if not outside:
-            return self.whole
-        return self.whole - (outside[0] if len(outside) == 1 else BitMap.union(*outside))
+        spans = {True: [(lo, hi)], False: [(0, lo), (hi, n)]}
+        size = hi - lo if inside else n - (hi - lo)
+        if 2 * size <= n:
+            return _union([p for s, e in spans[inside] for p in self._pieces(s, e)])
+        rest = [p for s, e in spans[not inside] for p in self._pieces(s, e)]
+        return self.whole - _union(rest) if rest else self.whole
+
+
+def _union(bitmaps: list[BitMap]) -> BitMap:
+    return EMPTY if not bitmaps else bitmaps[0] if len(bitmaps) == 1 else \
+        BitMap.union(*bitmaps)
 
 
 # ---------------------------------------------------------------------- choosing bins

@@ -19,7 +19,7 @@ from bitseg.index import types as T
 from bitseg.index.cumulative import Layout, layout_of
 from bitseg.index.errors import RuleError
 from bitseg.index.events import count_event, evaluate_event
-from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex, bitmap_of
 from bitseg.index.items import contains_items, evaluate_items
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
@@ -44,11 +44,17 @@ from bitseg.index.timeline import civil
 from bitseg.index.top import Top, evaluate_top
 
 FEW_VALUES = 8  # in-lists up to this long are looked up value by value
+NEGATED = 4  # an AND subtracts up to this many negated bitmaps one by one, more as a union
 LAYOUT_OPS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"})
 SINGLE_VALUED = frozenset({T.KEYWORD, T.BOOL})  # a profile has one value: `in` is disjoint
 _UNKNOWN = 1 << 62  # the estimate of a range leaf without a layout: after every other
 # One narrowing step of an AND: what it leaves of a bitmap, and how many that is.
 Step = tuple[Callable[[BitMap], BitMap], Callable[[BitMap], int]]
+
+
+def _minus(other: BitMap) -> Step:
+    """A step that takes `other` out of what is left."""
+    return (lambda within: within - other, lambda within: within.difference_cardinality(other))
 
 
 def _integer_keys(index: RangeIndex, constants: list[Fraction | int]) -> list[int]:
@@ -165,13 +171,23 @@ class Evaluator:
                 negatives.extend(c.child.children if isinstance(c.child, Or) else (c.child,))
         steps = [self._step(child) for _, _, child in ranked[1:]]
         steps += [self._minus_range(*r) for c in negatives if (r := self._ranged(c))]
-        plain = [self.bitmap(c) for c in negatives if not self._ranged(c)]
-        if plain:  # one difference with all of them
-            other = plain[0] if len(plain) == 1 else BitMap.union(*plain)
-            steps.append((lambda within: within - other, lambda within:
-                          within.difference_cardinality(other)))
+        plain = [b for c in negatives if not self._ranged(c) for b in self._values(c)]
+        if len(plain) > NEGATED:  # one difference with their union
+            plain = [BitMap.union(*plain)]
+        for other in plain:  # each subtracted within what is left (as the floor does)
+            steps.append(_minus(other))
         first = self.bitmap(ranked[0][2]) if ranked else self.snap.live
         return first, steps
+
+    def _values(self, rule: Rule) -> list[BitMap]:
+        """Bitmaps whose union is the rule's: a value field's `eq` or `in` as its values'
+        bitmaps (subtracted in turn, no union of whole-population bitmaps is built)."""
+        if isinstance(rule, Cond) and rule.op in ("eq", "in") and rule not in self._memo:
+            index = self.snap.field(rule.field)
+            if isinstance(index, ValueIndex):
+                values = (rule.value,) if rule.op == "eq" else tuple(dict.fromkeys(rule.value))
+                return [found for v in values if (found := index.eq(v))]
+        return [self.bitmap(rule)]
 
     def _estimate(self, rule: Rule) -> int:
         """A cheap upper bound of len(bitmap(rule)); _UNKNOWN when only evaluating tells."""

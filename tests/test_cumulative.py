@@ -46,7 +46,8 @@ def force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
         monkeypatch.setattr(cumulative, "MAX_BINS", 3)
         monkeypatch.setattr(cumulative, "MIN_BINS", 1)
         if mode.startswith("few-p"):  # a cut bin's kept parts span many keys: cut ones too
-            monkeypatch.setattr(cumulative, "PARTS", 2)
+            monkeypatch.setattr(cumulative, "PARTS", 3)  # (and a running head of each)
+            monkeypatch.setattr(cumulative, "HEADS", 3)
         if mode in ("few", "few-parts"):  # a cut bin from its kept keys and parts, however
             monkeypatch.setattr(cumulative, "FEW_IDS", 0)  # few ids it runs within
         else:  # a cut bin from the slices: no bin's keys are kept
@@ -217,24 +218,30 @@ def test_timestamps_get_day_bins_and_a_mid_day_constant_cuts_one(tmp_path, monke
 
 
 @settings(max_examples=200, deadline=None)
-@given(keys=st.lists(st.integers(-50, 50), min_size=1, max_size=80),
-       grain=st.sampled_from([1, 7]), parts=st.integers(1, 6),
+@given(keys=st.lists(st.integers(-50, 50), min_size=1, max_size=120),
+       grain=st.sampled_from([1, 7]), parts=st.integers(1, 12), heads=st.integers(1, 4),
        a=st.none() | st.integers(-60, 60), b=st.none() | st.integers(-60, 60))
-def test_a_kept_bin_selects_the_ids_within_bounds(keys, grain, parts, a, b):
-    """_Kept.select and span against a filter of every key, for any parts and grain."""
+def test_a_kept_bin_selects_the_ids_within_bounds(keys, grain, parts, heads, a, b):
+    """_Kept.select, outside and span against a filter of every key, for any parts,
+    running heads and grain."""
     import numpy as np
 
     ids = np.arange(3, 3 + 2 * len(keys), 2, dtype=np.uint32)
-    old = cumulative.PARTS
-    cumulative.PARTS = parts
+    old = cumulative.PARTS, cumulative.HEADS
+    cumulative.PARTS, cumulative.HEADS = parts, heads
     try:
         kept = cumulative._Kept(ids, np.array(keys, dtype=np.int64), BitMap(ids.tolist()), grain)
     finally:
-        cumulative.PARTS = old
+        cumulative.PARTS, cumulative.HEADS = old
     assert len(kept.parts) <= max(parts, 1)
     expected = {int(i) for i, k in zip(ids, keys, strict=True)
                 if (a is None or k >= a) and (b is None or k <= b)}
     assert set(kept.select(a, b)) == expected
+    assert set(kept.outside(a, b)) == set(ids.tolist()) - expected
+    n = len(keys)
+    for lo, hi in ((0, n * 3 // 4), (n // 5, n), (n // 4, n * 3 // 4), (0, n)):
+        assert set(BitMap.union(BitMap(), *kept._pieces(lo, hi))) == \
+            set(kept.ids[lo:hi].tolist())
     lo, hi = kept.span(a, b)
     assert hi - lo == len(expected)
 
@@ -306,6 +313,37 @@ def test_a_negated_or_inside_an_and_subtracts_each_child(tmp_path, mode, monkeyp
         assert engine.count(rule, as_of=AS_OF) == len(expected)
         assert set(engine.members(rule, as_of=AS_OF)) == expected
     assert "Or" not in built
+
+
+@pytest.mark.parametrize("negated", [4, 0])
+def test_a_negated_in_list_subtracts_each_value(tmp_path, monkeypatch, negated):
+    """AND(x, NOT(kw in [a, b]), NOT(kw eq c)): each value's bitmap taken out of what is
+    left, the in-list never made into a bitmap (NEGATED 0: one union of them instead);
+    members and counts match a plain reading, and a missing value takes nothing out."""
+    from bitseg.index import evaluate
+
+    monkeypatch.setattr(evaluate, "NEGATED", negated)
+    records = [{"id": f"p{i}", "n0": i % 11, **({"kw0": f"k{i % 5}"} if i % 7 else {}),
+                "flag0": i % 2 == 0} for i in range(300)]
+    rule = {"and": [{"field": "flag0", "op": "eq", "value": True},
+                    {"not": {"field": "kw0", "op": "in", "value": ["k1", "k2", "zz"]}},
+                    {"not": {"field": "kw0", "op": "eq", "value": "k4"}},
+                    {"field": "n0", "op": "gte", "value": 3}]}
+    expected = {f"p{i}" for i in range(300) if i % 2 == 0 and i % 11 >= 3
+                and not (i % 7 and i % 5 in (1, 2, 4))}
+    built: list = []
+    original = Evaluator._bitmap
+
+    def spy(self, r):
+        built.append(r)
+        return original(self, r)
+
+    monkeypatch.setattr(Evaluator, "_bitmap", spy)
+    with _engine(tmp_path / "x", records) as engine:
+        engine.cache_results = False
+        assert engine.count(rule, as_of=AS_OF) == len(expected)
+        assert set(engine.members(rule, as_of=AS_OF)) == expected
+    assert not [r for r in built if getattr(r, "field", None) == "kw0"]
 
 
 def test_a_count_never_waits_for_another_fields_build(tmp_path, monkeypatch):
