@@ -132,10 +132,19 @@ def leaf_rules() -> st.SearchStrategy[dict]:
 
     events = st.builds(event, st.sampled_from(["view", "buy", "*"]),
                        st.one_of(st.none(), st.sampled_from(KEYWORDS)), when, having)
-    orders = st.builds(lambda status, v: {
+    orders = st.builds(lambda status, agg, v: {
         "orders": {"field": "status", "op": "eq", "value": status},
-        "having": {"agg": "sum", "of": "amount", "op": "gt", "value": v}},
-        st.sampled_from(["paid", "returned"]), st.sampled_from([0, 1.25, 3.0, 10.01]))
+        "having": {"agg": agg, "of": "amount", "op": "gt", "value": v}},
+        st.sampled_from(["paid", "returned"]), st.sampled_from(["sum", "avg", "min", "max"]),
+        st.sampled_from([0, 1.25, 3.0, 10.01]))
+    absence = st.builds(lambda days: {"sequence": [{"event": "view"}],
+                                      "then_not": {"orders": {"all": True}},
+                                      "within_days": days, "window": {"last_days": 30}},
+                        st.integers(0, 5))
+    between = st.builds(lambda start, days: {
+        "event": "*", "window": {"from": iso(T0 - timedelta(days=start)),
+                                 "to": iso(T0 - timedelta(days=start - days))}},
+        st.integers(5, 40), st.integers(1, 5))
     items = st.builds(lambda brand, n: {
         "items": {"field": "brand", "op": "eq", "value": brand},
         "having": {"agg": "count", "op": "gte", "value": n}},
@@ -148,7 +157,8 @@ def leaf_rules() -> st.SearchStrategy[dict]:
                        st.sampled_from(["a", "spring"]), st.sampled_from([10, 50, 85.5]))
     segment = st.sampled_from(SEGMENTS).map(lambda name: {"segment": name})
     return st.one_of(conditions(FIELDS), conditions(FIELDS), events, orders, items,
-                     sequence, recency, sample, segment, st.just({"all": True}))
+                     sequence, absence, between, recency, sample, segment,
+                     st.just({"all": True}))
 
 
 def rules() -> st.SearchStrategy[dict]:
