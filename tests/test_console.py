@@ -267,6 +267,9 @@ def test_history_chart_has_the_api_points(page: Page, client: Client) -> None:
     labels = page.locator("svg.line-chart .axis.y text").all_text_contents()
     assert "profiles" in labels and "0" in labels
     expect(page.locator("#segment-explain li").first).to_be_visible()
+    expect(page.locator("#segment-insights svg").first).to_be_visible()
+    # the builder, asked for first, answered late: it must not land on this page
+    expect(page.locator("h1")).to_have_count(1)
     shot(page, "segment")
 
 

@@ -227,8 +227,9 @@ let templates = [];
 async function pageBuilder(main) {
   if (!described) main.append(h("p", { class: "muted" }, "Reading what the data holds…"));
   await describe();
-  main.replaceChildren();
   templates = (await api("ListTemplates", {})).templates;
+  if (!main.isConnected) return; // the address changed meanwhile
+  main.replaceChildren();
   main.append(
     h("h1", {}, "Segment builder"),
     h("div", { class: "card" },
@@ -609,17 +610,18 @@ async function pageSegment(main, name) {
   const later = [];
   // a stored membership (static, materialized) is that of its last change: explain then
   const stored = segment.kind !== "SEGMENT_KIND_DYNAMIC" && segment.refreshed_at;
+  const here = (fill) => (found) => { if (main.isConnected) fill(found); };
   if (rule) later.push(api("Explain", stored ? { rule_json: rule, as_of: segment.refreshed_at }
-    : { rule_json: rule }).then((found) => {
+    : { rule_json: rule }).then(here((found) => {
     document.getElementById("segment-summary").textContent = found.sentence;
     document.getElementById("segment-explain").append(
       h("p", { class: "muted" }, "counted at ", found.as_of), explainTree(found.root));
-  }));
-  later.push(api("Metrics", { segment: name }).then((m) =>
-    document.getElementById("segment-metrics").append(metricsTable(m))));
-  later.push(preview(name, d));
-  later.push(api("Insights", { segment: name, top: 8, buckets: 10 }).then((found) =>
-    document.getElementById("segment-insights").append(insightCharts(found))));
+  })));
+  later.push(api("Metrics", { segment: name }).then(here((m) =>
+    document.getElementById("segment-metrics").append(metricsTable(m)))));
+  later.push(preview(name, d, main));
+  later.push(api("Insights", { segment: name, top: 8, buckets: 10 }).then(here((found) =>
+    document.getElementById("segment-insights").append(insightCharts(found)))));
   const failed = (await Promise.allSettled(later)).find((r) => r.status === "rejected");
   if (failed) showProblem(failed.reason);
 }
@@ -705,8 +707,8 @@ function metricsTable(m) {
     h("td", { class: "num" }, v === "" ? "—" : v))));
 }
 
-async function preview(name, d) {
-  const box = document.getElementById("segment-preview");
+async function preview(name, d, main) {
+  const box = main.querySelector("#segment-preview");
   const chosen = new Set(d.fields.slice(0, 5).map((f) => f.name));
   const table = h("div");
   const draw = async () => {
@@ -864,6 +866,15 @@ function insightCharts(found) {
       charts.push(barChart(`${f.name}: profiles by value`, bars));
     }
   }
+  const audience = Number(found.profiles), everyone = Number(found.total_profiles);
+  const share = (n, of) => (of ? 100 * Number(n) / of : 0);
+  for (const e of found.events || []) {
+    const bars = e.windows.map((w) => ({ label: `last ${fmt(w.days)} days`,
+      value: share(w.profiles, audience), base: share(w.base_profiles, everyone),
+      text: `${fmt(w.profiles)} (${share(w.profiles, audience).toFixed(1)}%)` }));
+    bars.unit = "%";
+    charts.push(barChart(`${e.event}: % of the segment who had one (line: of everyone)`, bars));
+  }
   return h("div", { class: "charts" }, charts);
 }
 
@@ -871,8 +882,10 @@ function insightCharts(found) {
 async function route() {
   const [path, search] = (location.hash.slice(1) || "/builder").split("?");
   const query = new URLSearchParams(search || "");
-  const main = document.getElementById("page");
-  main.replaceChildren();
+  // Each visit renders into a container of its own: when the address changes before a
+  // page's answers are in, the old page's late answers land in a detached container.
+  const main = h("div");
+  document.getElementById("page").replaceChildren(main);
   showProblem(null);
   const parts = path.split("/").filter(Boolean);
   for (const a of document.querySelectorAll("[data-nav]")) {
@@ -887,7 +900,7 @@ async function route() {
   } catch (e) {
     showProblem(e);
   }
-  main.dataset.ready = location.hash || "#/builder";
+  if (main.isConnected) main.dataset.ready = location.hash || "#/builder";
 }
 
 window.addEventListener("hashchange", route);
