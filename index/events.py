@@ -111,7 +111,7 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
     dyadic and month blocks (event_windows), the partial days from their raw rows."""
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
-    plus, minus = window_counts(index, streams, *window.days)
+    first, end = window.days
     inside, outside = [], []  # rows counted, and rows to take from their day's bucket
     for edge_lo, edge_hi in window.edges:
         day = day_of(edge_lo)
@@ -119,12 +119,14 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
                                  (day + 1) * T.US_PER_DAY, as_of, TS)
         chosen = (stamps >= edge_lo) & (stamps < edge_hi)
         if 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of the day (a window
-            # from just after midnight): the day's bucket minus the few rows before
-            day_plus, _ = window_counts(index, streams, day, day + 1)
-            plus += day_plus
+            # from just after midnight): the whole days take it in (often fewer blocks:
+            # a block that ended before it no longer subtracts it), less the rows outside
+            first, end = (day, day + 1) if first == end else (min(first, day),
+                                                              max(end, day + 1))
             outside.append(profiles[~chosen])
         else:
             inside.append(profiles[chosen])
+    plus, minus = window_counts(index, streams, first, end)
     for rows, into in ((inside, plus), (outside, minus)):
         if sum(map(len, rows)):  # both partial days counted as one block
             into.append(counts_of(np.concatenate(rows)))

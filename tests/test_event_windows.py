@@ -203,6 +203,36 @@ def _rule(days: int, op: str = "gte", value: int = 1) -> dict:
             "having": {"agg": "count", "op": op, "value": value}}
 
 
+def test_a_mostly_inside_edge_day_joins_the_whole_days(tmp_path, monkeypatch):
+    """A 30-day window at a month start begins a microsecond after midnight: its first
+    day is whole days' work (one month block less the day before), not the month less two
+    days plus that day's bucket; the counts still match the raw rows."""
+    from bitseg.index import events
+
+    as_of = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[i % 5], "event": "open",  # Oct 2 at 0:00 is outside
+             "ts": as_of - timedelta(days=d) + timedelta(hours=h)}
+            for i, (d, h) in enumerate((d, h) for d in (0, 1, 2, 29, 30, 31) for h in (0, 6, 12))]
+    calls: list[tuple[int, int]] = []
+    original = events.window_counts
+
+    def spy(index, streams, first, end):
+        calls.append((first, end))
+        return original(index, streams, first, end)
+
+    monkeypatch.setattr(events, "window_counts", spy)
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        counts = reference_counts(rows, _rule(30), as_of)
+        for n in range(1, 5):
+            expected = {p for p in PROFILES if counts[p] >= n}
+            assert set(engine.members(_rule(30, "gte", n), as_of=as_of)) == expected, n
+    first = (as_of - timedelta(days=30)).timestamp() // 86_400  # Oct 2, the edge day
+    assert len(set(calls)) == 1 and calls[0][0] == first, calls
+
+
 def test_a_write_into_a_cached_block_is_counted_and_old_snapshots_keep_theirs(tmp_path):
     as_of = datetime(2026, 10, 17, 13, 45, tzinfo=timezone.utc)
     with Engine.open(tmp_path / "store") as engine:
