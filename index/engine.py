@@ -134,7 +134,8 @@ def read_field(reader: Any, name: str, type_: str) -> FieldIndex:
     prefix = K.field_prefix(name)
     chunks: dict[bytes, list[BitMap]] = {}
     for key, raw in reader.items("bitmaps", prefix):
-        chunks.setdefault(key[len(prefix):-5], []).append(BitMap.deserialize(raw))
+        part = key[len(prefix):-K.CHUNK_KEY_BYTES]  # the kind, and its value or number
+        chunks.setdefault(part, []).append(BitMap.deserialize(raw))
     exists = BitMap()
     values: dict[Any, BitMap] = {}
     slices: dict[int, BitMap] = {}
