@@ -169,6 +169,10 @@ class Evaluator:
         for c in children:  # result (a range leaf in two operations), no union built
             if isinstance(c, Not):
                 negatives.extend(c.child.children if isinstance(c.child, Or) else (c.child,))
+        if not ranked:  # only negations: live less one union of them (a range leaf built
+            # once over its bins), not a chain of differences of the whole population
+            others = [b for c in negatives for b in self._values(c)]
+            return self.snap.live, [_minus(BitMap.union(*others))] if others else []
         steps = [self._step(child) for _, _, child in ranked[1:]]
         steps += [self._minus_range(*r) for c in negatives if (r := self._ranged(c))]
         plain = [b for c in negatives if not self._ranged(c) for b in self._values(c)]
@@ -176,8 +180,7 @@ class Evaluator:
             plain = [BitMap.union(*plain)]
         for other in plain:  # each subtracted within what is left (as the floor does)
             steps.append(_minus(other))
-        first = self.bitmap(ranked[0][2]) if ranked else self.snap.live
-        return first, steps
+        return self.bitmap(ranked[0][2]), steps
 
     def _values(self, rule: Rule) -> list[BitMap]:
         """Bitmaps whose union is the rule's: a value field's `eq` or `in` as its values'

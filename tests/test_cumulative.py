@@ -346,6 +346,25 @@ def test_a_negated_in_list_subtracts_each_value(tmp_path, monkeypatch, negated):
     assert not [r for r in built if getattr(r, "field", None) == "kw0"]
 
 
+def test_an_and_of_negations_only_is_live_less_their_union(tmp_path, mode):
+    """AND(NOT kw in [..], NOT (n0 between OR flag0), NOT missing value): live less one
+    union (the range leaf built over its bins), in every layout mode, against a plain
+    reading; profiles without the fields are in."""
+    records = [{"id": f"p{i}", **({"n0": i % 11} if i % 4 else {}),
+                **({"kw0": f"k{i % 5}"} if i % 7 else {}), "flag0": i % 3 == 0}
+               for i in range(300)]
+    rule = {"and": [{"not": {"field": "kw0", "op": "in", "value": ["k1", "zz"]}},
+                    {"not": {"or": [{"field": "n0", "op": "between", "value": [2, 5]},
+                                    {"field": "flag0", "op": "eq", "value": True}]}},
+                    {"not": {"field": "kw0", "op": "eq", "value": "nothing"}}]}
+    expected = {f"p{i}" for i in range(300) if not (i % 7 and i % 5 == 1)
+                and not (i % 4 and 2 <= i % 11 <= 5) and i % 3 != 0}
+    with _engine(tmp_path / "x", records) as engine:
+        engine.cache_results = False
+        assert engine.count(rule, as_of=AS_OF) == len(expected)
+        assert set(engine.members(rule, as_of=AS_OF)) == expected
+
+
 def test_a_count_never_waits_for_another_fields_build(tmp_path, monkeypatch):
     """While a thread builds one field's layout, a first range leaf on another field is
     answered from its slices at once (and built on a later use), not queued behind it."""
