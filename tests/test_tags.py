@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bitseg.index import keys
 from bitseg.index import segments as segments_module
 from bitseg.index.engine import Engine
 from bitseg.index.errors import BitsegError, NotFound
@@ -94,7 +95,7 @@ def test_tags_survive_a_reopen_and_old_stores_have_none(tmp_path: Path) -> None:
         segs.create("old", "dynamic", rule=SMALL)
         segs.retag("a", remove=["x"])
         # write "old" as an older version did: a definition without the key
-        key = segments_module._definition_key("old")
+        key = keys.segment_key("old")
         with engine.store.write() as txn:
             data = orjson.loads(bytes(engine.store.get(txn, segments_module.DB, key)))
             del data["tags"]
