@@ -1,7 +1,7 @@
 """OrderBatch, the writer of orders: it applies order lines (one by one, or a block's
 columns through order_blocks.py) inside one write transaction and builds the next
 OrderIndex.  What a line may hold is in orders.py ("Choices where the contract is
-silent"); the keys it writes are in order_keys.py."""
+silent"); the keys it writes are laid out in keys.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Orders: a child collection of profiles, and the `orders` rule (CONTRACT §1, §2.4):
-its evaluation over an OrderIndex.  The keys of the "orders" database are in
-order_keys.py, the index in order_index.py, the writer in order_batch.py.
+its evaluation over an OrderIndex.  The keys of the "orders" database are in keys.py,
+its columns and bitmaps in chunks in order_keys.py, the index in order_index.py, the
+writer in order_batch.py.
 
 A query {"orders": R, "window": W, "having": H} runs as: R becomes a bitmap of order ids
 (bitmap algebra over the order field indexes; numeric conditions are numpy scans; item
