@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from bitseg.index import types as T
-from bitseg.index.keys import stream_key  # noqa: F401  (HEAD's events.py imports it here)
 
 EVENT_KEYS = ("profile", "event", "ts")  # a record's own keys; the rest are properties
 ANY = "*"  # the rule's "every type": no event type may be called this

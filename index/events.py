@@ -23,9 +23,10 @@ from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
 from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex
-from bitseg.index.event_keys import ANY, STREAM_TYPES, stream_key
+from bitseg.index.event_keys import ANY, STREAM_TYPES
 from bitseg.index.event_windows import window_counts, window_presence
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.keys import stream_key
 from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
 from bitseg.index.rules import All, And, Cond, DaysAgo, EventCond, Having, Not, Or, Rule
 from bitseg.index.schema import Schema
