@@ -22,7 +22,7 @@ from bitseg.index import idhash
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.evaluate import Evaluator
-from bitseg.index.fields import bitmap_of, ids_of
+from bitseg.index.fields import bitmap_of, ids_of, unique
 from bitseg.index.rules import SegmentRef
 from bitseg.index.segments import SegmentSet, SegmentUnusable
 from bitseg.index.snapshot import Snapshot
@@ -72,7 +72,7 @@ def within(bitmap: BitMap, ids: np.ndarray) -> np.ndarray:
     """Whether each id (int64; negative: none) is in the bitmap, without a Python test per
     id: the bitmap cut to the distinct ids, then one sorted search (10,000 ids in a 10M
     bitmap: ~0.5 ms against ~7 ms for `id in bitmap` one by one)."""
-    wanted = np.unique(ids[ids >= 0])
+    wanted = unique(ids[ids >= 0])
     if not len(wanted):
         return np.zeros(len(ids), dtype=bool)
     found = ids_of(bitmap & bitmap_of(wanted)).astype(np.int64)

@@ -28,6 +28,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.fields import EMPTY, UNBUILT, RangeIndex, bitmap_of, ids_of
+from bitseg.index.fields import unique as distinct
 
 BUDGET_BYTES = 320 << 20  # every layout of the process (10M profiles: ~250 dense bins)
 FIELD_BYTES = 64 << 20  # one field's layout (10M profiles: ~50 dense bins)
@@ -510,7 +511,7 @@ def _with_new_bins(old: Layout, keys: np.ndarray) -> tuple[np.ndarray, np.ndarra
     budget allow; otherwise, or when its day is already a bin, the nearest bin widens."""
     edges, lows = old.edges.copy(), old.lows.copy()
     bases = list(old.cum)
-    unique = np.unique(keys)
+    unique = distinct(keys)
     last = len(edges) - 1
     j = np.searchsorted(edges, unique, "left")
     fresh = unique[(j > last) | (unique < lows[np.minimum(j, last)])]
@@ -519,7 +520,7 @@ def _with_new_bins(old: Layout, keys: np.ndarray) -> tuple[np.ndarray, np.ndarra
     ends = _grain_end(fresh, old.grain)
     at = np.searchsorted(edges, ends, "left")
     own = (at > last) | (ends < lows[np.minimum(at, last)])  # its bin ends before the next
-    new_edges = np.unique(ends[own])
+    new_edges = distinct(ends[own])
     if len(new_edges) > _spare_bins(old):
         own[:] = False
         new_edges = new_edges[:0]

@@ -202,7 +202,7 @@ def _orders_with_item(snap: Snapshot, name: str, live: BitMap) -> int:
         return 0
     owners = orders.item_owner[column[1]]
     owners = owners[owners < orders.count]  # replaced items have no owner
-    return bitmap_of(np.unique(owners)).intersection_cardinality(live)
+    return bitmap_of(owners).intersection_cardinality(live)  # a bitmap drops repeats
 
 
 # ---------------------------------------------------------------------- values

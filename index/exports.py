@@ -42,7 +42,7 @@ from bitseg.index.export import (
     value_codes,
     value_sets,
 )
-from bitseg.index.fields import ids_of
+from bitseg.index.fields import ids_of, unique
 from bitseg.index.ids import ID_CHUNK, ID_CHUNK_BITS
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.ticker import Ticker
@@ -285,7 +285,7 @@ def _cells_from_rows(engine: Engine, ids: np.ndarray, fields: Sequence[str],
                      cells: list[_Cells], json: bool) -> None:
     """Fill the cells the indexes cannot give exactly from the stored rows."""
     unsure = {i: c.from_rows for i, c in enumerate(cells) if len(c.from_rows)}
-    wanted = np.unique(np.concatenate(list(unsure.values())))
+    wanted = unique(np.concatenate(list(unsure.values())))
     names = [fields[i - 1] for i in unsure]
     rows = profile_rows(engine, ids[wanted], names)
     at = {pos: row for pos, row in zip(wanted.tolist(), rows, strict=True)}

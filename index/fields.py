@@ -29,6 +29,18 @@ def bitmap_of(ids: np.ndarray | array) -> BitMap:
     return BitMap(ids)
 
 
+def unique(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) by a sort.  numpy 2.4's plain np.unique goes through a hash table,
+    ~15x slower than sorting at a million distinct values (3.3 s against 0.2 s)."""
+    if len(values) < 2:
+        return np.array(values, copy=True)
+    ordered = np.sort(values)
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 def ids_of(bitmap: BitMap) -> np.ndarray:
     """The sorted ids of a bitmap as a uint32 array."""
     return np.frombuffer(bitmap.to_array(), dtype=np.uint32)

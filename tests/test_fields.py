@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitseg.index import types as T
-from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, group_ids
+from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, group_ids, unique
 
 OPS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le,
        "eq": operator.eq}
@@ -116,3 +116,13 @@ def test_round_half_even():
 
     assert round_half_even(np.array([15, 25, -15, -25, 14, 16, -16]), 10).tolist() == [
         2, 2, -2, -2, 1, 2, -2]
+
+
+@given(st.lists(st.integers(-2**63, 2**63 - 1), max_size=200), st.sampled_from(["int64", "uint32"]))
+def test_unique_is_numpys_sorted_distinct_values(values, dtype):
+    if dtype == "uint32":
+        values = [v % 2**32 for v in values]
+    array = np.array(values, dtype=dtype)
+    found = unique(array)
+    assert found.dtype == array.dtype
+    assert found.tolist() == sorted(set(values))
