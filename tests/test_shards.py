@@ -162,13 +162,13 @@ def leaf_rules() -> st.SearchStrategy[dict]:
 
 
 def rules() -> st.SearchStrategy[dict]:
-    return st.recursive(
-        leaf_rules(),
-        lambda inner: st.one_of(
-            st.builds(lambda c: {"and": c}, st.lists(inner, min_size=1, max_size=3)),
-            st.builds(lambda c: {"or": c}, st.lists(inner, min_size=1, max_size=3)),
-            st.builds(lambda c: {"not": c}, inner)),
-        max_leaves=5)
+    def combined(inner: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+        children = st.lists(inner, min_size=1, max_size=3)
+        return st.one_of(children.map(lambda c: {"and": c}),
+                         children.map(lambda c: {"or": c}),
+                         inner.map(lambda c: {"not": c}))
+
+    return st.recursive(leaf_rules(), combined, max_leaves=5)
 
 
 # ---------------------------------------------------------------------- fronts
