@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 READY = re.compile(r"^bitseg serving .* on (\S+):(\d+)\s*$")
-START_SECONDS = 20.0
+START_SECONDS = 60.0  # a limit for a hung start; a busy 2-core machine has taken over 20 s
 
 
 def bitseg_command() -> list[str]:
@@ -26,7 +26,7 @@ def bitseg_command() -> list[str]:
 
 
 def run_cli(*args: str, stdin: str | None = None,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*bitseg_command(), *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout)
 
