@@ -6,13 +6,14 @@ change, so a reader holding the old index keeps a consistent view without locks.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from pyroaring import BitMap
@@ -450,30 +451,32 @@ class RangeWriter:
         return into
 
 
-# --------------------------------------------------------------------------- stored fields
-class StoredFields(Mapping[str, "ValueIndex | RangeIndex"]):
-    """The profile field indexes of a snapshot, each read from the store the first time
-    it is used (`read(reader, name)`) and then kept: a store opens without reading the
-    bitmaps of fields no rule asks for.
+# --------------------------------------------------------------------------- read on use
+V = TypeVar("V")
 
-    `entries` maps every field with stored bitmaps to its index, or None while unread.
-    A field's stored bitmaps change only when a batch changes that field, and then the
-    batch's index replaces the entry (`changed`), so an unread entry reads the same
-    bitmaps through any later version's reader (`pinned`)."""
 
-    def __init__(self, read: Any, reader: Any,
-                 entries: dict[str, ValueIndex | RangeIndex | None]) -> None:
-        self._read, self.reader, self._entries = read, reader, entries
+class ReadOnUse(Mapping[str, V], Generic[V]):
+    """Entries read from the store the first time each is asked for (`_read`), through
+    `reader`, and then kept: a store opens without reading what no rule asks for.
+
+    `entries` maps every name to its value, or None while unread.  `pinned` shares the
+    entries already read and reads the rest through another (a later version's) reader."""
+
+    def __init__(self, reader: Any, entries: dict[str, V | None]) -> None:
+        self.reader, self._entries = reader, entries
         self._lock = threading.Lock()
 
-    def __getitem__(self, name: str) -> ValueIndex | RangeIndex:
-        index = self._entries[name]
-        if index is None:
+    def _read(self, name: str) -> V:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> V:
+        value = self._entries[name]
+        if value is None:
             with self._lock:
-                index = self._entries[name]
-                if index is None:
-                    index = self._entries[name] = self._read(self.reader, name)
-        return index
+                value = self._entries[name]
+                if value is None:
+                    value = self._entries[name] = self._read(name)
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -484,13 +487,31 @@ class StoredFields(Mapping[str, "ValueIndex | RangeIndex"]):
     def loaded(self, name: str) -> bool:
         return self._entries.get(name) is not None
 
+    def pinned(self, reader: Any) -> ReadOnUse[V]:
+        twin = copy.copy(self)
+        twin.reader, twin._entries, twin._lock = reader, dict(self._entries), threading.Lock()
+        return twin
+
+
+class StoredFields(ReadOnUse["ValueIndex | RangeIndex"]):
+    """The profile field indexes of a snapshot, each read with `read(reader, name)` the
+    first time it is used.
+
+    A field's stored bitmaps change only when a batch changes that field, and then the
+    batch's index replaces the entry (`changed`), so an unread entry reads the same
+    bitmaps through any later version's reader (`pinned`)."""
+
+    def __init__(self, read: Any, reader: Any,
+                 entries: dict[str, ValueIndex | RangeIndex | None]) -> None:
+        super().__init__(reader, entries)
+        self._read_field = read
+
+    def _read(self, name: str) -> ValueIndex | RangeIndex:
+        return self._read_field(self.reader, name)
+
     def changed(self, indexes: Mapping[str, ValueIndex | RangeIndex]) -> StoredFields:
         """These fields with some replaced by a batch's indexes (the rest shared)."""
-        return StoredFields(self._read, self.reader, {**self._entries, **indexes})
-
-    def pinned(self, reader: Any) -> StoredFields:
-        """The same fields, the unread ones reading through a later version's reader."""
-        return StoredFields(self._read, reader, dict(self._entries))
+        return StoredFields(self._read_field, self.reader, {**self._entries, **indexes})
 
 
 def with_changes(fields: Mapping[str, ValueIndex | RangeIndex],

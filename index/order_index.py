@@ -42,7 +42,7 @@ import numpy as np
 import orjson
 from pyroaring import BitMap
 
-from bitseg.index.fields import EMPTY, ValueIndex
+from bitseg.index.fields import EMPTY, ReadOnUse, ValueIndex
 from bitseg.index.keys import (
     ORDER_BITMAPS,
     ORDER_COLUMNS,
@@ -76,38 +76,17 @@ def _empty(dtype: Any) -> np.ndarray:
 NO_IDS, NO_KEYS, NO_VALID = _empty(np.uint32), _empty(np.int64), _empty(bool)
 
 
-class Columns(Mapping[str, Column]):
+class Columns(ReadOnUse[Column]):
     """Key columns by field name (order or item fields), each read from LMDB the first
-    time it is asked for, through `reader`, and then kept."""
+    time it is asked for."""
 
     def __init__(self, kind: bytes = b"o", rows: int = 0,
                  entries: dict[str, Column | None] | None = None, reader: Any = None) -> None:
-        self.kind, self.rows, self.reader = kind, rows, reader
-        self._entries: dict[str, Column | None] = entries if entries is not None else {}
-        self._lock = threading.Lock()
+        super().__init__(reader, entries if entries is not None else {})
+        self.kind, self.rows = kind, rows
 
-    def __getitem__(self, name: str) -> Column:
-        col = self._entries[name]
-        if col is None:
-            with self._lock:
-                col = self._entries[name]
-                if col is None:
-                    col = self._entries[name] = _read_column(
-                        self.reader, self.kind + SEP + name.encode(), self.rows)
-        return col
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def loaded(self, name: str) -> bool:
-        return self._entries.get(name) is not None
-
-    def pinned(self, reader: Any) -> Columns:
-        """The same columns (sharing those already read) reading through another reader."""
-        return Columns(self.kind, self.rows, dict(self._entries), reader)
+    def _read(self, name: str) -> Column:
+        return _read_column(self.reader, self.kind + SEP + name.encode(), self.rows)
 
 
 def _read_column(reader: Any, name: bytes, rows: int) -> Column:
@@ -295,41 +274,20 @@ class _LongNames:
         return [(short, full) for short, full in self._names if full.startswith(prefix)]
 
 
-class OrderValues(Mapping[str, ValueIndex]):
+class OrderValues(ReadOnUse[ValueIndex]):
     """The ValueIndex of each value-typed order field (kinds "v"/"x") or item key
-    ("w"/"y"), read from LMDB the first time the field is asked for, through `reader`,
-    and then kept (as Columns are)."""
+    ("w"/"y"), read from LMDB the first time the field is asked for."""
 
     def __init__(self, kind: bytes, exists_kind: bytes, names: list[str], reader: Any,
                  long_names: _LongNames) -> None:
-        self.kind, self.exists_kind, self.reader = kind, exists_kind, reader
-        self._entries: dict[str, ValueIndex | None] = dict.fromkeys(names)
+        super().__init__(reader, dict.fromkeys(names))
+        self.kind, self.exists_kind = kind, exists_kind
         self._long = long_names
-        self._lock = threading.Lock()
-
-    def __getitem__(self, name: str) -> ValueIndex:
-        index = self._entries[name]
-        if index is None:
-            with self._lock:
-                index = self._entries[name]
-                if index is None:
-                    index = self._entries[name] = self._read(name)
-        return index
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def loaded(self, name: str) -> bool:
-        return self._entries.get(name) is not None
 
     def pinned(self, reader: Any) -> OrderValues:
-        """The same fields (sharing those already read) reading through another reader."""
-        pinned = OrderValues(self.kind, self.exists_kind, [], reader, _LongNames(reader))
-        pinned._entries = dict(self._entries)
-        return pinned
+        twin = super().pinned(reader)
+        twin._long = _LongNames(reader)
+        return twin
 
     def _read(self, name: str) -> ValueIndex:
         field = name.encode()
