@@ -94,7 +94,7 @@ class Layout:
     """Cumulative bitmaps over bins; immutable once published."""
 
     __slots__ = ("edges", "lows", "cum", "sizes", "grain", "digits", "line", "nbytes",
-                 "edge_keys")
+                 "edge_keys", "checked")
 
     def __init__(self, edges: np.ndarray, lows: np.ndarray, cum: list[BitMap], grain: int,
                  digits: int | None) -> None:
@@ -110,11 +110,34 @@ class Layout:
         # union of parts (its ids) or two binary searches (its count); filled by readers
         # (one dict assignment each), emptied when full
         self.edge_keys: dict[int, _Kept] = {}
+        # (a live population, whether every profile of it has a key): asked once per
+        # layout and live bitmap (one pass over both), replaced when another live comes
+        self.checked: tuple[BitMap, bool] | None = None
 
     def __len__(self) -> int:
         return len(self.edges)
 
     # ------------------------------------------------------------------ queries
+    def covers(self, live: BitMap) -> bool:
+        """Whether every profile of `live` has a key (live <= C[last]); then `within &
+        C[last]` is `within` itself for any within inside live."""
+        checked = self.checked
+        if checked is not None and checked[0] is live:
+            return checked[1]
+        last = self.cum[-1]
+        found = len(live) <= len(last) and live.intersection_cardinality(last) == len(live)
+        self.checked = (live, found)  # one tuple assignment: readers see old or new
+        return found
+
+    def _upto(self, q: int, within: BitMap | None, live: BitMap | None) -> BitMap:
+        """C[q] among `within` (inside `live` when live is given): within alone when q is
+        the last bin and every live profile has a key."""
+        if within is None:
+            return self.cum[q]
+        if live is not None and q == len(self.cum) - 1 and self.covers(live):
+            return within
+        return within & self.cum[q]
+
     def _cover(self, a: int | None, b: int | None) -> tuple[int, int, list[int]]:
         """(p, q, cut): bins p..q lie inside [a, b] whole; the bins in cut straddle it."""
         m = len(self.edges)
@@ -184,8 +207,11 @@ class Layout:
         return kept.select(a, b).intersection_cardinality(within)
 
     def select(self, a: int | None, b: int | None, index: RangeIndex,
-               within: BitMap | None = None) -> BitMap:
-        """The ids with a <= key <= b (None: unbounded), only among `within` if given."""
+               within: BitMap | None = None, live: BitMap | None = None) -> BitMap:
+        """The ids with a <= key <= b (None: unbounded), only among `within` if given.
+        live, if given, is a population `within` lies inside: when each of its profiles
+        has a key, a range open above is within less what is below, no `& C[last]`.
+        The result may be `within` itself (callers do not mutate it)."""
         if a is not None and b is not None and a > b:
             return EMPTY
         p, q, cut = self._cover(a, b)
@@ -194,7 +220,7 @@ class Layout:
             top, bottom = max([q, *cut]), min([p, *cut])
             if bottom > top:
                 return EMPTY
-            found = self.cum[top] if within is None else within & self.cum[top]
+            found = self._upto(top, within, live)
             if bottom:
                 found = found - self.cum[bottom - 1]
             for part in kept:
@@ -204,7 +230,7 @@ class Layout:
             return found
         parts = []
         if p <= q:
-            upto = self.cum[q] if within is None else within & self.cum[q]
+            upto = self._upto(q, within, live)
             parts.append(upto - self.cum[p - 1] if p else upto)
         for j in cut:
             part = self._cut(j, a, b, index, within)
@@ -215,7 +241,7 @@ class Layout:
         return parts[0] if len(parts) == 1 else BitMap.union(*parts)
 
     def count(self, a: int | None, b: int | None, index: RangeIndex,
-              within: BitMap | None = None) -> int:
+              within: BitMap | None = None, live: BitMap | None = None) -> int:
         """len(select(...)) without building the covered part."""
         if a is not None and b is not None and a > b:
             return 0
@@ -224,8 +250,9 @@ class Layout:
         if p <= q:
             if within is None:
                 total = int(self.sizes[q] - (self.sizes[p - 1] if p else 0))
-            else:
-                total = within.intersection_cardinality(self.cum[q])
+            else:  # within & C[q] less within & C[p-1] (within alone: see _upto)
+                whole = live is not None and q == len(self.cum) - 1 and self.covers(live)
+                total = len(within) if whole else within.intersection_cardinality(self.cum[q])
                 if p:
                     total -= within.intersection_cardinality(self.cum[p - 1])
         for j in cut:

@@ -359,7 +359,7 @@ class Evaluator:
         costs a layout lookup or a few slice operations per value; a long one one decode
         of the index and one vectorised lookup of every key at once."""
         if len(cond.value) <= FEW_VALUES and layout is not None:
-            found = [layout.select(*b, index, has) for v in cond.value
+            found = [layout.select(*b, index, has, self.snap.live) for v in cond.value
                      if (b := self._bounds(cond, index, v)) is not None]
             return BitMap.union(*found) if found else EMPTY
         if len(cond.value) <= FEW_VALUES:
@@ -421,7 +421,9 @@ class Evaluator:
         return int(t), int(t)
 
     def _range(self, cond: Cond, index: RangeIndex, within: BitMap | None = None) -> BitMap:
-        """A range condition; only among `within` when given (then a subset of it)."""
+        """A range condition; only among `within` when given (then a subset of it).
+        `within` is a result, so inside live: the layout may skip `& C[last]` (a range
+        open above) when every live profile has a key."""
         op, value = cond.op, cond.value
         if op == "anniversary_in":
             found = index.on_month_days(anniversary_month_days(self.as_of, value))
@@ -435,8 +437,9 @@ class Evaluator:
             bounds = self._bounds(cond, index)
             if op == "ne":
                 has = index.exists if within is None else index.exists & within
-                return has - layout.select(*bounds, index, has) if bounds else has
-            return layout.select(*bounds, index, within) if bounds else EMPTY
+                return has - layout.select(*bounds, index, has, self.snap.live) \
+                    if bounds else has
+            return layout.select(*bounds, index, within, self.snap.live) if bounds else EMPTY
         if op == "between":
             return index.between(self._key(cond, value[0]), self._key(cond, value[1]), within)
         has = index.exists if within is None else index.exists & within
@@ -456,5 +459,5 @@ class Evaluator:
         if cond.op == "ne":
             has = len(index.exists) if within is None else index.exists.intersection_cardinality(
                 within)
-            return has - (layout.count(*bounds, index, within) if bounds else 0)
-        return layout.count(*bounds, index, within) if bounds else 0
+            return has - (layout.count(*bounds, index, within, self.snap.live) if bounds else 0)
+        return layout.count(*bounds, index, within, self.snap.live) if bounds else 0

@@ -389,3 +389,68 @@ def test_a_count_never_waits_for_another_fields_build(tmp_path, monkeypatch):
         assert engine.count({"field": "n0", "op": "gte", "value": 3},
                             as_of=AS_OF) == sum(i % 7 >= 3 for i in range(200))
         assert isinstance(engine.snapshot.fields["n0"].cell.state, Layout)
+
+
+@pytest.mark.parametrize("layout_mode", ["exact", "few", "few-parts", "few-slices"])
+def test_a_range_open_above_skips_the_and_only_while_every_live_profile_has_a_key(
+        tmp_path, monkeypatch, layout_mode):
+    """A range open above within an AND's result is that result less what is below, with no
+    `& C[last]`, only while every live profile has a key (Layout.covers, asked per live
+    bitmap): a new profile without the field, or a value removed with null, turns it off
+    (those profiles must stay out), a delete of that profile turns it back on.  Members,
+    counts and the negated and `ne` forms match a plain reading after every step."""
+    force(monkeypatch, layout_mode)
+    state = {f"p{i}": {"n0": i % 9, "ts0": f"2024-01-{1 + i % 9:02d}T{i % 24:02d}:00:00Z",
+                       "flag0": i % 3 != 0} for i in range(240)}
+    rules = {  # rule -> whether a profile's values satisfy it (a missing key never does)
+        "n0 gte 3": ({"field": "n0", "op": "gte", "value": 3},
+                     lambda v: v.get("n0") is not None and v["n0"] >= 3),
+        "n0 gt 0": ({"field": "n0", "op": "gt", "value": 0},
+                    lambda v: v.get("n0") is not None and v["n0"] > 0),
+        "ts0 gte mid-day": ({"field": "ts0", "op": "gte", "value": "2024-01-05T12:00:00Z"},
+                            lambda v: v.get("ts0") is not None
+                            and v["ts0"] >= "2024-01-05T12:00:00Z"),
+        "n0 ne 4": ({"field": "n0", "op": "ne", "value": 4},
+                    lambda v: v.get("n0") is not None and v["n0"] != 4),
+    }
+
+    def agree(engine: Engine, covered: bool) -> None:
+        snap = engine.snapshot
+        for name, (leaf, test) in rules.items():
+            for negated in (False, True):
+                rule = {"and": [{"field": "flag0", "op": "eq", "value": True},
+                                {"not": leaf} if negated else leaf]}
+                expected = {pid for pid, v in state.items()
+                            if v.get("flag0") and test(v) != negated}
+                assert set(engine.members(rule, as_of=AS_OF)) == expected, (name, negated)
+                assert engine.count(rule, as_of=AS_OF) == len(expected), (name, negated)
+        for field in ("n0", "ts0"):
+            layout = snap.fields[field].cell.state
+            assert isinstance(layout, Layout), field
+            missing = any(v.get(field) is None for v in state.values())
+            assert layout.covers(snap.live) == (covered or not missing), field
+            within = snap.fields["flag0"].eq(True)  # every key: within itself, no AND
+            found = layout.select(None, None, snap.fields[field], within, snap.live)
+            assert (found is within) == covered
+            assert found == within & snap.fields[field].exists
+
+    with _engine(tmp_path / "x", [{"id": pid, **v} for pid, v in state.items()]) as engine:
+        engine.cache_results = False
+        agree(engine, covered=True)
+        # a new profile in the AND's first bitmap (flag0) without n0 or ts0
+        state["new"] = {"flag0": True}
+        engine.upsert_profiles([{"id": "new", "flag0": True}])
+        agree(engine, covered=False)
+        engine.delete_profiles(["new"])
+        del state["new"]
+        agree(engine, covered=True)
+        engine.delete_profiles(["p4", "p7"])  # profiles with keys: still every live one
+        del state["p4"], state["p7"]
+        agree(engine, covered=True)
+        # a value removed with null: the profile stays live, without the key
+        engine.upsert_profiles([{"id": "p5", "n0": None, "ts0": None}])
+        state["p5"] = {k: v for k, v in state["p5"].items() if k == "flag0"}
+        agree(engine, covered=False)
+        engine.upsert_profiles([{"id": "p5", "n0": 8, "ts0": "2024-01-09T01:00:00Z"}])
+        state["p5"].update(n0=8, ts0="2024-01-09T01:00:00Z")
+        agree(engine, covered=True)
