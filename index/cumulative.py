@@ -129,14 +129,16 @@ class Layout:
         self.checked = (live, found)  # one tuple assignment: readers see old or new
         return found
 
+    def _covered(self, q: int, live: BitMap | None) -> bool:
+        """Whether C[q] holds every profile of `live` (q is the last bin and each has a
+        key): then a bitmap inside live is inside C[q], no `& C[q]` needed."""
+        return live is not None and q == len(self.cum) - 1 and self.covers(live)
+
     def _upto(self, q: int, within: BitMap | None, live: BitMap | None) -> BitMap:
-        """C[q] among `within` (inside `live` when live is given): within alone when q is
-        the last bin and every live profile has a key."""
+        """C[q] among `within` (inside `live` when live is given)."""
         if within is None:
             return self.cum[q]
-        if live is not None and q == len(self.cum) - 1 and self.covers(live):
-            return within
-        return within & self.cum[q]
+        return within if self._covered(q, live) else within & self.cum[q]
 
     def _cover(self, a: int | None, b: int | None) -> tuple[int, int, list[int]]:
         """(p, q, cut): bins p..q lie inside [a, b] whole; the bins in cut straddle it."""
@@ -207,11 +209,13 @@ class Layout:
         return kept.select(a, b).intersection_cardinality(within)
 
     def select(self, a: int | None, b: int | None, index: RangeIndex,
-               within: BitMap | None = None, live: BitMap | None = None) -> BitMap:
+               within: BitMap | None = None, live: BitMap | None = None,
+               owned: bool = False) -> BitMap:
         """The ids with a <= key <= b (None: unbounded), only among `within` if given.
         live, if given, is a population `within` lies inside: when each of its profiles
         has a key, a range open above is within less what is below, no `& C[last]`.
-        The result may be `within` itself (callers do not mutate it)."""
+        owned: `within` is the caller's to change, and may be changed into the result.
+        With `within` given the result is `within` itself, EMPTY or a new bitmap."""
         if a is not None and b is not None and a > b:
             return EMPTY
         p, q, cut = self._cover(a, b)
@@ -220,13 +224,20 @@ class Layout:
             top, bottom = max([q, *cut]), min([p, *cut])
             if bottom > top:
                 return EMPTY
-            found = self._upto(top, within, live)
-            if bottom:
-                found = found - self.cum[bottom - 1]
-            for part in kept:
-                outside = part.outside(a, b)
-                if outside and found:
-                    found = found - outside
+            found = self.cum[top] if within is None else within
+            owned = owned and within is not None  # found is ours: change it in place
+            if within is not None and not self._covered(top, live):
+                if owned:
+                    found &= self.cum[top]
+                else:
+                    found, owned = found & self.cum[top], True
+            for other in ([self.cum[bottom - 1]] if bottom else []) + \
+                    [part.outside(a, b) for part in kept]:
+                if other and found:
+                    if owned:
+                        found -= other
+                    else:
+                        found, owned = found - other, True
             return found
         parts = []
         if p <= q:
@@ -251,8 +262,8 @@ class Layout:
             if within is None:
                 total = int(self.sizes[q] - (self.sizes[p - 1] if p else 0))
             else:  # within & C[q] less within & C[p-1] (within alone: see _upto)
-                whole = live is not None and q == len(self.cum) - 1 and self.covers(live)
-                total = len(within) if whole else within.intersection_cardinality(self.cum[q])
+                total = len(within) if self._covered(q, live) else \
+                    within.intersection_cardinality(self.cum[q])
                 if p:
                     total -= within.intersection_cardinality(self.cum[p - 1])
         for j in cut:

@@ -48,13 +48,33 @@ NEGATED = 4  # an AND subtracts up to this many negated bitmaps one by one, more
 LAYOUT_OPS = frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"})
 SINGLE_VALUED = frozenset({T.KEYWORD, T.BOOL})  # a profile has one value: `in` is disjoint
 _UNKNOWN = 1 << 62  # the estimate of a range leaf without a layout: after every other
-# One narrowing step of an AND: what it leaves of a bitmap, and how many that is.
-Step = tuple[Callable[[BitMap], BitMap], Callable[[BitMap], int]]
+# One narrowing step of an AND: what it leaves of a bitmap (given whether the AND owns
+# that bitmap, so may change it in place; with whether it owns the result), and how many
+# that is.  The AND's first bitmap may be the index's, the steps' results are its own.
+Apply = Callable[[BitMap, bool], tuple[BitMap, bool]]
+Step = tuple[Apply, Callable[[BitMap], int]]
 
 
 def _minus(other: BitMap) -> Step:
     """A step that takes `other` out of what is left."""
-    return (lambda within: within - other, lambda within: within.difference_cardinality(other))
+    def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
+        if owned:
+            within -= other
+            return within, True
+        return within - other, True
+
+    return apply, lambda within: within.difference_cardinality(other)
+
+
+def _and_with(other: BitMap) -> Step:
+    """A step that keeps only what is also in `other`."""
+    def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
+        if owned:
+            within &= other
+            return within, True
+        return within & other, True
+
+    return apply, other.intersection_cardinality
 
 
 def _integer_keys(index: RangeIndex, constants: list[Fraction | int]) -> list[int]:
@@ -144,12 +164,12 @@ class Evaluator:
 
     def _and(self, children: tuple[Rule, ...]) -> BitMap:
         """The first (smallest) positive child, then each further step within it."""
-        first, steps = self._plan(children)
-        result = first
+        result, steps = self._plan(children)
+        owned = False  # the first bitmap may be the index's or a memo: never changed
         for apply, _ in steps:
             if not result:
                 return EMPTY
-            result = apply(result)
+            result, owned = apply(result, owned)
         return result
 
     def _plan(self, children: tuple[Rule, ...]) -> tuple[BitMap, list[Step]]:
@@ -212,14 +232,33 @@ class Evaluator:
         ranged = self._ranged(rule)
         if ranged is not None:
             cond, index = ranged
-            return (lambda within: self._range(cond, index, within),
+            return (lambda within, owned: self._range_step(cond, index, within, owned),
                     lambda within: self._range_count(cond, index, within))
-        other = self.bitmap(rule)
-        return (lambda within: within & other, other.intersection_cardinality)
+        return _and_with(self.bitmap(rule))
 
     def _minus_range(self, cond: Cond, index: RangeIndex) -> Step:
-        return (lambda within: within - self._range(cond, index, within),
-                lambda within: len(within) - self._range_count(cond, index, within))
+        def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
+            found = self._range(cond, index, within)
+            if owned:
+                within -= found
+                return within, True
+            return within - found, True
+
+        return apply, lambda within: len(within) - self._range_count(cond, index, within)
+
+    def _range_step(self, cond: Cond, index: RangeIndex, within: BitMap, owned: bool
+                    ) -> tuple[BitMap, bool]:
+        """A range leaf within what an AND has left: through the layout, in place on a
+        bitmap the AND owns; (the result, whether the AND owns it)."""
+        layout = self._layout(cond, index)
+        if layout is None or cond.op in ("in", "not_in", "ne"):
+            return self._range(cond, index, within), False
+        bounds = self._bounds(cond, index)
+        if bounds is None:
+            return EMPTY, False
+        found = layout.select(*bounds, index, within, self.snap.live, owned)
+        # the layout's result is within itself (changed if owned), EMPTY or a new bitmap
+        return found, found is not EMPTY and (owned or found is not within)
 
     def _ranged(self, rule: Rule) -> tuple[Cond, RangeIndex] | None:
         """A condition on a range index that compares keys (worth running within fewer
@@ -267,10 +306,11 @@ class Evaluator:
             result, steps = self._plan(rule.children)
             if not steps:
                 return len(result)
+            owned = False
             for apply, _ in steps[:-1]:
                 if not result:
                     return 0
-                result = apply(result)
+                result, owned = apply(result, owned)
             return steps[-1][1](result) if result else 0
         if isinstance(rule, Or) and len(rule.children) > 1:
             *rest, last = (self.bitmap(c) for c in rule.children)

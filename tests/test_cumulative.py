@@ -454,3 +454,63 @@ def test_a_range_open_above_skips_the_and_only_while_every_live_profile_has_a_ke
         engine.upsert_profiles([{"id": "p5", "n0": 8, "ts0": "2024-01-09T01:00:00Z"}])
         state["p5"].update(n0=8, ts0="2024-01-09T01:00:00Z")
         agree(engine, covered=True)
+
+
+@pytest.mark.parametrize("layout_mode", ["exact", "few", "few-parts", "few-slices", "slices"])
+def test_an_and_changes_in_place_only_the_bitmaps_it_made(tmp_path, monkeypatch, layout_mode):
+    """An AND's steps work in place on the bitmaps its earlier steps made (as the floor
+    does), never on the index's: after counts and members of ANDs whose first bitmap is a
+    field value, live, a memoized child or a range leaf, every bitmap of the snapshot
+    (values, exists, live, the layouts' C[j]) is as before, and the answers match a plain
+    reading, repeated within one Evaluator (its memo) and across calls."""
+    force(monkeypatch, layout_mode)
+    records = [{"id": f"p{i}", **({"n0": i % 13} if i % 5 else {}),
+                "ts0": f"2024-02-{1 + i % 20:02d}T{i % 24:02d}:30:00Z",
+                "kw0": f"k{i % 4}", "flag0": i % 3 != 0} for i in range(400)]
+    values = {r["id"]: r for r in records}
+    n_ge_4 = {"field": "n0", "op": "gte", "value": 4}
+    ts_ge = {"field": "ts0", "op": "gte", "value": "2024-02-06T07:00:00Z"}
+    flag = {"field": "flag0", "op": "eq", "value": True}
+    kw1 = {"field": "kw0", "op": "eq", "value": "k1"}
+    inner = {"and": [flag, n_ge_4]}
+    rules = {
+        "flag, n, ts, not kw1": ({"and": [flag, n_ge_4, ts_ge, {"not": kw1}]},
+                                 lambda v: v["flag0"] and v.get("n0", -1) >= 4
+                                 and v["ts0"] >= ts_ge["value"] and v["kw0"] != "k1"),
+        "kw1, not n, not ts": ({"and": [kw1, {"not": n_ge_4}, {"not": ts_ge}]},
+                               lambda v: v["kw0"] == "k1" and not v.get("n0", -1) >= 4
+                               and v["ts0"] < ts_ge["value"]),
+        "or of an and and its child": ({"or": [{"and": [inner, ts_ge, {"not": kw1}]},
+                                               {"and": [inner, kw1]}]},
+                                       lambda v: v["flag0"] and v.get("n0", -1) >= 4
+                                       and (v["ts0"] >= ts_ge["value"] or v["kw0"] == "k1")),
+    }
+
+    def bitmaps(snap) -> list[BitMap]:
+        found = [BitMap(snap.live)]
+        for index in snap.fields.values():
+            found.append(BitMap(index.exists))
+            found += [BitMap(b) for b in getattr(index, "values", {}).values()]
+            state = index.cell.state if hasattr(index, "cell") else None
+            if isinstance(state, Layout):
+                found += [BitMap(c) for c in state.cum]
+        return found
+
+    with _engine(tmp_path / "x", records) as engine:
+        engine.cache_results = False
+        for rule, _ in rules.values():  # layouts built on first use, before the copies
+            engine.count(rule, as_of=AS_OF)
+        snap = engine.snapshot
+        before = bitmaps(snap)
+        for _ in range(2):
+            for name, (rule, test) in rules.items():
+                expected = {pid for pid, v in values.items() if test(v)}
+                assert set(engine.members(rule, as_of=AS_OF)) == expected, name
+                assert engine.count(rule, as_of=AS_OF) == len(expected), name
+                evaluator = Evaluator(snap, as_of_micros(AS_OF))
+                typed = engine.parse(rule, snap)
+                assert [len(evaluator.bitmap(typed)), evaluator.count(typed),
+                        len(evaluator.bitmap(typed))] == [len(expected)] * 3, name
+        assert bitmaps(snap) == before
+        if layout_mode != "slices":
+            assert isinstance(snap.fields["n0"].cell.state, Layout)
