@@ -71,6 +71,9 @@ def test_the_wheel_carries_the_generated_stubs_and_the_license(wheel: Path) -> N
         assert f"bitseg/v1/{stub}" in names
     for package in ("index", "server", "loaders"):
         assert f"bitseg/{package}/__init__.py" in names
+    shipped = sorted(p.name for p in (Path(__file__).parents[1] / "server" / "console_static")
+                     .iterdir())
+    assert shipped and all(f"bitseg/server/console_static/{name}" in names for name in shipped)
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
 
 
