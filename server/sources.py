@@ -286,7 +286,7 @@ class Sources:
         except PoolTimeout as exc:
             conn, waited = None, f"no connection within {source.connect_timeout:g} s ({exc})"
         if conn is None:
-            with closing(self._direct(source, waited)) as direct:
+            with closing(self._direct(source, pool, waited)) as direct:
                 yield direct
             return
         try:
@@ -294,7 +294,7 @@ class Sources:
         finally:
             pool.putconn(conn)
 
-    def _direct(self, source: Source, waited: str) -> Any:
+    def _direct(self, source: Source, pool: Any, waited: str) -> Any:
         import psycopg
 
         try:
@@ -303,10 +303,13 @@ class Sources:
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(source.name, f"{waited}; {_first_line(exc)}") from None
         # the source is back: a new pool connects now instead of at the old one's next try
+        # (only the pool that had no connection: another query may have replaced it already)
         with self._lock:
-            old = self._pools.pop(source.name, None)
-        if old is not None:
-            threading.Thread(target=old.close, name="bitseg-sources-close", daemon=True).start()
+            stale = self._pools.get(source.name) is pool
+            if stale:
+                del self._pools[source.name]
+        if stale:
+            threading.Thread(target=pool.close, name="bitseg-sources-close", daemon=True).start()
         return conn
 
     def _pool(self, source: Source) -> Any:
