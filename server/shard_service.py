@@ -41,6 +41,7 @@ from bitseg.server.service import (
     PREVIEW_MAX,
     SegmentsServicer,
     Unimplemented,
+    _micros_since,
     _profile_id,
     rpc,
 )
@@ -105,10 +106,6 @@ def _has_top(rule: Any) -> bool:
     if isinstance(rule, list):
         return any(_has_top(v) for v in rule)
     return False
-
-
-def _micros_since(start_ns: int) -> int:
-    return (time.perf_counter_ns() - start_ns) // 1000
 
 
 class ShardedServicer(SegmentsServicer):

@@ -289,6 +289,24 @@ def test_counts_do_not_build_the_range_they_count(tmp_path, monkeypatch):
         assert [engine.count(r, as_of=AS_OF) for r in (alone, inside)] == expected
 
 
+def _count_and_members(tmp_path, monkeypatch, records, rule, expected) -> list:
+    """Count and members of `rule` over `records` checked against `expected`; the rule
+    nodes the evaluator made into bitmaps on the way."""
+    built: list = []
+    original = Evaluator._bitmap
+
+    def spy(self, r):
+        built.append(r)
+        return original(self, r)
+
+    monkeypatch.setattr(Evaluator, "_bitmap", spy)
+    with _engine(tmp_path / "x", records) as engine:
+        engine.cache_results = False
+        assert engine.count(rule, as_of=AS_OF) == len(expected)
+        assert set(engine.members(rule, as_of=AS_OF)) == expected
+    return built
+
+
 def test_a_negated_or_inside_an_and_subtracts_each_child(tmp_path, mode, monkeypatch):
     """AND(x, NOT(a OR b)) is evaluated as x - a - b, each within what is left (De Morgan);
     the OR's union is never built, and members and counts match a plain reading."""
@@ -300,19 +318,8 @@ def test_a_negated_or_inside_an_and_subtracts_each_child(tmp_path, mode, monkeyp
                                     {"field": "x0", "op": "gt", "value": 2.5}]}}]}
     expected = {f"p{i}" for i in range(300) if i % 2 == 0
                 and not (2 <= i % 11 <= 5 or i % 3 == 1 or (i % 13) / 4 > 2.5)}
-    built: list = []  # the type of every rule node made into a bitmap
-    original = Evaluator._bitmap
-
-    def spy(self, r):
-        built.append(type(r).__name__)
-        return original(self, r)
-
-    monkeypatch.setattr(Evaluator, "_bitmap", spy)
-    with _engine(tmp_path / "x", records) as engine:
-        engine.cache_results = False
-        assert engine.count(rule, as_of=AS_OF) == len(expected)
-        assert set(engine.members(rule, as_of=AS_OF)) == expected
-    assert "Or" not in built
+    built = _count_and_members(tmp_path, monkeypatch, records, rule, expected)
+    assert "Or" not in [type(r).__name__ for r in built]
 
 
 @pytest.mark.parametrize("negated", [4, 0])
@@ -331,18 +338,7 @@ def test_a_negated_in_list_subtracts_each_value(tmp_path, monkeypatch, negated):
                     {"field": "n0", "op": "gte", "value": 3}]}
     expected = {f"p{i}" for i in range(300) if i % 2 == 0 and i % 11 >= 3
                 and not (i % 7 and i % 5 in (1, 2, 4))}
-    built: list = []
-    original = Evaluator._bitmap
-
-    def spy(self, r):
-        built.append(r)
-        return original(self, r)
-
-    monkeypatch.setattr(Evaluator, "_bitmap", spy)
-    with _engine(tmp_path / "x", records) as engine:
-        engine.cache_results = False
-        assert engine.count(rule, as_of=AS_OF) == len(expected)
-        assert set(engine.members(rule, as_of=AS_OF)) == expected
+    built = _count_and_members(tmp_path, monkeypatch, records, rule, expected)
     assert not [r for r in built if getattr(r, "field", None) == "kw0"]
 
 
