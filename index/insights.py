@@ -29,7 +29,7 @@ from typing import Any
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.describe import QUANTILES, _order, _shown, kth_smallest
+from bitseg.index.describe import QUANTILES, _order, _shown
 from bitseg.index.errors import BitsegError
 from bitseg.index.events import count_by_bitmaps
 from bitseg.index.fields import RangeIndex, ValueIndex
@@ -157,11 +157,12 @@ def field_insight(snap: Snapshot, name: str, audience: BitMap, top: int = DEFAUL
         return FieldInsight(name, type_, count, base_count, values, distinct)
     if not base_count:
         return FieldInsight(name, type_, 0, 0)
-    hist = _histogram(type_, name, index, audience, live, base_count, buckets)
+    in_audience = _Descent(index, index.exists & audience)
+    hist = _histogram(type_, name, index, in_audience, live, base_count, buckets)
     if not count:
         return FieldInsight(name, type_, 0, base_count, buckets=hist)
     ranks = [1, count] + [max(1, math.ceil(q * count)) for _, q in QUANTILES]
-    low, high, *marks = (_shown(type_, index, kth_smallest(index, k, audience))
+    low, high, *marks = (_shown(type_, index, _key(index, in_audience.kth(k)))
                          for k in ranks)
     return FieldInsight(name, type_, count, base_count, buckets=hist, min=low, max=high,
                         quantiles=tuple((label, v) for (label, _), v
@@ -207,26 +208,24 @@ def base_buckets(name: str, index: RangeIndex, live: BitMap, base_count: int, n:
         kept = _base_buckets.get((name, n))
     if kept is not None and kept.index is index and kept.live is live:
         return kept
-    lowest = _stored(index, kth_smallest(index, 1, live))
-    highest = _stored(index, kth_smallest(index, base_count, live))
+    in_base = _Descent(index, index.exists & live)
+    lowest, highest = in_base.kth(1), in_base.kth(base_count)
     width = max(1, -(-(highest - lowest + 1) // n))  # ceil: n buckets cover the span
     edges = (*range(lowest, highest + 1, width), highest + 1)
-    in_base = index.exists & live
-    below = [_count_below(index, e, in_base) for e in edges[1:-1]]
-    made = _BaseBuckets(index, live, highest, edges, (0, *below, len(in_base)))
+    below = [in_base.below(e) for e in edges[1:-1]]
+    made = _BaseBuckets(index, live, highest, edges, (0, *below, base_count))
     with _buckets_lock:
         _base_buckets[(name, n)] = made
     return made
 
 
-def _histogram(type_: str, name: str, index: RangeIndex, audience: BitMap, live: BitMap,
-               base_count: int, n: int) -> tuple[Bucket, ...]:
+def _histogram(type_: str, name: str, index: RangeIndex, in_audience: _Descent,
+               live: BitMap, base_count: int, n: int) -> tuple[Bucket, ...]:
     """The audience's counts in the base's buckets (base_buckets), next to the base's."""
     base = base_buckets(name, index, live, base_count, n)
     edges, highest, cum_b = base.edges, base.highest, base.cumulative
-    in_audience = index.exists & audience
-    below_a = [_count_below(index, e, in_audience) for e in edges[1:-1]]
-    cum_a = [0, *below_a, len(in_audience)]
+    below_a = [in_audience.below(e) for e in edges[1:-1]]
+    cum_a = [0, *below_a, in_audience.total]
     out = []
     for i in range(len(edges) - 1):
         high = edges[i + 1] if i + 2 < len(edges) else highest
@@ -244,25 +243,76 @@ def _key(index: RangeIndex, stored: int) -> int:
     return index.base + stored * index.unit
 
 
-def _count_below(index: RangeIndex, k: int, within: BitMap) -> int:
-    """|{ids of `within` whose stored value < k}|, from the top slice down: where k has
-    a 1 bit, the ids equal so far with a 0 there are below, counted and dropped."""
-    if k <= 0:
-        return 0
-    if k > index.top:
-        return len(within)
-    below, equal = 0, within
-    for i in range(len(index.slices) - 1, -1, -1):
-        s = index.slices[i]
-        if (k >> i) & 1:
-            ones = equal & s
-            below += len(equal) - len(ones)
-            equal = ones
-        else:
-            equal = equal - s
-        if not equal:
-            break
-    return below
+class _Descent:
+    """Bit-sliced "less than" counts and k-th smallest keys over one set of ids, asked
+    many times (a field's bucket edges and quantiles). The ids whose stored keys share
+    their top bits are one node, made once from its parent (`parent & slice` for a 1
+    bit, `parent - slice` for a 0) and shared by every question that passes through it:
+    the questions part ways only in the lower slices, where the nodes are small, so
+    the whole set costs about one walk instead of one each. A node's size is kept too;
+    its sibling's is then the parent's less it, with no bitmap operation."""
+
+    def __init__(self, index: RangeIndex, within: BitMap) -> None:
+        self.slices = index.slices
+        self.depth = len(index.slices)
+        self.total = len(within)
+        self.made: dict[tuple[int, int], BitMap] = {(self.depth, 0): within}
+        self.sizes: dict[tuple[int, int], int] = {(self.depth, 0): self.total}
+
+    def _node(self, j: int, prefix: int) -> BitMap:
+        """The ids whose stored key >> j is prefix (j = depth: all of them)."""
+        found = self.made.get((j, prefix))
+        if found is None:
+            parent = self._node(j + 1, prefix >> 1)
+            s = self.slices[j]
+            found = parent & s if prefix & 1 else parent - s
+            self.made[(j, prefix)] = found
+            self.sizes[(j, prefix)] = n = len(found)
+            self.sizes[(j, prefix ^ 1)] = self.sizes[(j + 1, prefix >> 1)] - n
+        return found
+
+    def _size(self, j: int, prefix: int, make: bool) -> int:
+        """The node's size; made as a bitmap if `make` (the walk goes on below it), else
+        only counted when not known."""
+        n = self.sizes.get((j, prefix))
+        if n is not None:
+            return n
+        if make:
+            return len(self._node(j, prefix))
+        parent = self._node(j + 1, prefix >> 1)
+        ones = parent.intersection_cardinality(self.slices[j])
+        self.sizes[(j, prefix | 1)] = ones
+        self.sizes[(j, prefix & ~1)] = len(parent) - ones
+        return self.sizes[(j, prefix)]
+
+    def below(self, k: int) -> int:
+        """|{ids whose stored key < k}|: where k has a 1 bit, the ids equal to k above it
+        and with a 0 there are below."""
+        if k <= 0:
+            return 0
+        if k >> self.depth:
+            return self.total
+        count = 0
+        for j in range(self.depth - 1, -1, -1):
+            prefix = k >> j
+            left = self._size(j, prefix, make=j > 0)
+            if prefix & 1:
+                count += self._size(j, prefix - 1, make=False)
+            if not left:
+                break
+        return count
+
+    def kth(self, k: int) -> int:
+        """The k-th smallest stored key (1 <= k <= the ids' count)."""
+        prefix = 0
+        for j in range(self.depth - 1, -1, -1):
+            zeros = self._size(j, 2 * prefix, make=False)
+            if k <= zeros:
+                prefix = 2 * prefix
+            else:
+                k -= zeros
+                prefix = 2 * prefix + 1
+        return prefix
 
 
 # ---------------------------------------------------------------------- events

@@ -293,14 +293,14 @@ def test_the_base_buckets_follow_each_snapshot(tmp_path, monkeypatch):
     and again after a change to either (same live profiles, new values; a deletion)."""
     from bitseg.index import insights as insights_module
 
-    walks: list = []
-    real = insights_module.kth_smallest
+    walks: list = []  # the sizes of the id sets walked
+    real = insights_module._Descent
 
-    def counting(index, k, within=None):
-        walks.append(k)
-        return real(index, k, within)
+    def counting(index, within):
+        walks.append(len(within))
+        return real(index, within)
 
-    monkeypatch.setattr(insights_module, "kth_smallest", counting)
+    monkeypatch.setattr(insights_module, "_Descent", counting)
     with Engine.open(tmp_path / "s") as engine:
         engine.declare_schema({"profiles": {"age": "int"}})
         engine.upsert_profiles([{"id": f"u{i}", "age": i} for i in range(40)])
@@ -316,10 +316,37 @@ def test_the_base_buckets_follow_each_snapshot(tmp_path, monkeypatch):
                                  [(10, 10), (10, 10), (0, 10), (0, 10)])
         walks.clear()
         age_buckets()
-        assert len(walks) == 7  # the audience's min, max and 5 quantiles; the base's kept
+        assert walks == [20]  # the audience's; the base's buckets were kept
         engine.upsert_profiles([{"id": f"u{i}", "age": 100 + i} for i in range(30, 40)])
         assert age_buckets() == ([(0, 35), (35, 70), (70, 105), (105, 139)],
                                  [(20, 30), (0, 0), (0, 0), (0, 10)])
         engine.delete_profiles([f"u{i}" for i in range(30, 40)])
         assert age_buckets() == ([(0, 8), (8, 16), (16, 24), (24, 29)],
                                  [(8, 8), (8, 8), (4, 8), (0, 6)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.dictionaries(st.integers(0, 300), st.integers(-50, 5000), max_size=80),
+       keep=st.sets(st.integers(0, 300)), asks=st.lists(st.integers(-3, 5100), max_size=30))
+def test_one_descent_answers_many_questions_as_a_naive_count(values, keep, asks):
+    """below(k) and kth(k) asked in any order of one shared walk equal a sort of the
+    stored keys of the ids kept (the nodes made by earlier questions are reused)."""
+    from pyroaring import BitMap
+
+    from bitseg.index.fields import RangeIndex
+    from bitseg.index.insights import _Descent
+
+    base = min(values.values(), default=0)
+    depth = max((v - base for v in values.values()), default=0).bit_length()
+    slices = tuple(BitMap(i for i, v in values.items() if (v - base) >> bit & 1)
+                   for bit in range(depth))
+    index = RangeIndex(base, 1, slices, BitMap(values))
+    within = index.exists & BitMap(keep)
+    stored = sorted(v - base for i, v in values.items() if i in keep)
+    walk = _Descent(index, within)
+    for a in asks:
+        k = (a - index.base) // index.unit
+        assert walk.below(k) == sum(1 for s in stored if s < k)
+        if stored:
+            rank = a % len(stored) + 1
+            assert walk.kth(rank) == stored[rank - 1]
