@@ -12,9 +12,11 @@
   the request's order. Metrics and Overlap: the shards' numbers summed.
 - Segments: create and split (every shard or none), delete, get, list, refresh; sizes,
   entries and exits are summed over the shards.
+- A rule with a `top` node over more than one shard: its top sets are chosen over all
+  shards first (shard_reads.resolve_tops), then every read above evaluates with them.
+  A segment with a `top` rule is refused (a refresh would take each shard's own top).
 - Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
-  never a wrong answer. So does a `top` rule with more than one shard (a top N over
-  shards is not the sum of per-shard tops).
+  never a wrong answer.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from bitseg.server.service import (
     _profile_id,
     rpc,
 )
+from bitseg.server.shard_reads import ResolvedShards, resolve_tops
 from bitseg.server.shards import ShardSet
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -116,10 +119,14 @@ class ShardedServicer(SegmentsServicer):
         self.shards = shards
 
     def _rule(self, request: Any) -> Any:
-        rule = convert.target_of(request)
+        return convert.target_of(request)
+
+    def _shards_for(self, rule: Any, as_of: datetime) -> Any:
+        """The shards to evaluate `rule` on: with a top node and more than one shard, the
+        shards with its top sets chosen over all of them first (shard_reads)."""
         if self.shards.count > 1 and _has_top(rule):
-            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
-        return rule
+            return ResolvedShards(self.shards, resolve_tops(self.shards, rule, as_of))
+        return self.shards
 
     # ---------------------------------------------------------------- evaluation
     @rpc
@@ -127,7 +134,7 @@ class ShardedServicer(SegmentsServicer):
         rule = self._rule(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        count = sum(self.shards.each("count", rule, as_of))
+        count = sum(self._shards_for(rule, as_of).each("count", rule, as_of))
         return pb.CountReply(count=count, eval_micros=_micros_since(start),
                              as_of=convert.to_timestamp(as_of))
 
@@ -142,7 +149,7 @@ class ShardedServicer(SegmentsServicer):
         page_size = convert.page_size_of(request)
         start = time.perf_counter_ns()
         from_shard = cursor.shard if cursor else 0
-        firsts = self.shards.each("page", per_shard=[
+        firsts = shards.each("page", per_shard=[
             (rule, as_of, cursor.last if cursor and i == from_shard else None,
              page_size if i >= from_shard else 0, fields) for i in range(self.shards.count)])
         eval_micros = _micros_since(start)
@@ -151,8 +158,9 @@ class ShardedServicer(SegmentsServicer):
         total = sum(totals)
         position = sum(totals[:from_shard]) + firsts[from_shard][2] if cursor else 0
         end = total if not request.limit else min(total, position + request.limit)
+        shards = self._shards_for(rule, as_of)
         as_of_us, as_of_ts = convert.micros_of(as_of), convert.to_timestamp(as_of)
-        members = self._in_order(firsts, from_shard, rule, as_of, page_size, fields)
+        members = self._in_order(shards, firsts, from_shard, rule, as_of, page_size, fields)
         last = (cursor.shard, cursor.last) if cursor else None
         while True:
             stop = min(position + page_size, end)
@@ -175,8 +183,8 @@ class ShardedServicer(SegmentsServicer):
             if position >= end or not context.is_active():
                 return
 
-    def _in_order(self, firsts: list[Any], from_shard: int, rule: Any, as_of: datetime,
-                  page_size: int, fields: list[str] | None
+    def _in_order(self, shards: Any, firsts: list[Any], from_shard: int, rule: Any,
+                  as_of: datetime, page_size: int, fields: list[str] | None
                   ) -> Iterator[tuple[int, int, str, dict[str, Any] | None]]:
         """(shard, dense id, external id, row or None) of the members from `from_shard`
         on, fetching a page at a time from each shard."""
@@ -189,7 +197,7 @@ class ShardedServicer(SegmentsServicer):
                 at += len(dense)
                 if at >= total:
                     break
-                _, total, at, dense, external, rows = self.shards.call(
+                _, total, at, dense, external, rows = shards.call(
                     shard, "page", rule, as_of, dense[-1], page_size, fields)
 
     @rpc
@@ -199,7 +207,7 @@ class ShardedServicer(SegmentsServicer):
         as_of = convert.as_of_of(request) or convert.now()
         limit = min(request.limit or PREVIEW_DEFAULT, PREVIEW_MAX)
         start = time.perf_counter_ns()
-        found = self.shards.each("preview", rule, as_of, limit)
+        found = self._shards_for(rule, as_of).each("preview", rule, as_of, limit)
         rows = [row for _, shard_rows in found for row in shard_rows][:limit]
         return pb.PreviewReply(total=sum(total for total, _ in found),
                                profiles=[convert.profile_reply(r) for r in rows],
@@ -212,7 +220,7 @@ class ShardedServicer(SegmentsServicer):
         rule = self._rule(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        found = self.shards.each("explain", rule, as_of)
+        found = self._shards_for(rule, as_of).each("explain", rule, as_of)
         root = _summed_node([f.root for f in found])
         return pb.ExplainReply(root=convert.explain_node(root), text=root.lines(),
                                sentence=found[0].sentence, eval_micros=_micros_since(start),
@@ -224,8 +232,8 @@ class ShardedServicer(SegmentsServicer):
         rule = self._rule(request)
         as_of = convert.as_of_of(request) or convert.now()
         profile_id = _profile_id(request.profile_id)
-        member = self.shards.call(self.shards.shard_of(profile_id), "is_member", profile_id,
-                                  rule, as_of)
+        member = self._shards_for(rule, as_of).call(self.shards.shard_of(profile_id),
+                                                    "is_member", profile_id, rule, as_of)
         return pb.IsMemberReply(member=member, as_of=convert.to_timestamp(as_of))
 
     @rpc
@@ -237,8 +245,8 @@ class ShardedServicer(SegmentsServicer):
         profile_ids = list(request.profile_ids)
         check_size(profile_ids)
         where, mine = self._by_shard(profile_ids)
-        answers = self.shards.each("is_member_many",
-                                   per_shard=[(ids, rule, as_of) for ids in mine])
+        answers = self._shards_for(rule, as_of).each(
+            "is_member_many", per_shard=[(ids, rule, as_of) for ids in mine])
         unknown = {p for _, gone in answers for p in gone}
         taken = [iter(found) for found, _ in answers]
         member = [next(taken[shard]) for shard in where]
@@ -294,7 +302,8 @@ class ShardedServicer(SegmentsServicer):
         rule = self._rule(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        found = self.shards.each("metrics", rule, as_of, request.amount_field or "amount")
+        found = self._shards_for(rule, as_of).each("metrics", rule, as_of,
+                                                   request.amount_field or "amount")
         summed = replace(found[0], **{key: sum((getattr(m, key) for m in found[1:]),
                                                getattr(found[0], key))
                                       for key in ("profiles", "total_profiles", "orders",

@@ -153,6 +153,21 @@ class Shard:
     def do_list_segments(self, as_of: datetime, tag: str | None) -> list[Any]:
         return self.segments.list(as_of=as_of, tag=tag)
 
+    # ---------------------------------------------------------------- top over shards
+    def do_top_candidates(self, rule: Any, as_of: datetime, chosen: list[list[int]]
+                          ) -> Any:
+        """This shard's top n for the rule's next top node (shard_reads.top_candidates)."""
+        from bitseg.server.shard_reads import top_candidates
+
+        return top_candidates(self.engine, rule, as_of, chosen)
+
+    def do_with_tops(self, chosen: list[list[int]], method: str, *args: Any) -> Any:
+        """A read (count, page, ...) with the rule's top sets those chosen over the shards
+        (this shard's dense ids of each)."""
+        from bitseg.server.shard_reads import shard_view
+
+        return getattr(shard_view(self, chosen, method, args), "do_" + method)(*args)
+
     # ---------------------------------------------------------------- segments
     def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
                           as_of: datetime, tags: list[str]) -> tuple[Any, Any]:

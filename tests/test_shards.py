@@ -158,7 +158,22 @@ def leaf_rules() -> st.SearchStrategy[dict]:
     segment = st.sampled_from(SEGMENTS).map(lambda name: {"segment": name})
     return st.one_of(conditions(FIELDS), conditions(FIELDS), events, orders, items,
                      sequence, absence, between, recency, sample, segment,
-                     st.just({"all": True}))
+                     st.just({"all": True}), tops())
+
+
+def tops(of: st.SearchStrategy[dict] | None = None) -> st.SearchStrategy[dict]:
+    """Top N rules (many ties: the fields take few distinct values), of all or of `of`."""
+    def top(n: int, by: str, order: str | None, rule: dict | None) -> dict:
+        params: dict[str, Any] = {"n": n, "by": by}
+        if order is not None:
+            params["order"] = order
+        if rule is not None:
+            params["of"] = rule
+        return {"top": params}
+
+    return st.builds(top, st.integers(1, 40), st.sampled_from(["n", "x", "d", "t"]),
+                     st.sampled_from([None, "desc", "asc"]),
+                     st.none() if of is None else of)
 
 
 def rules() -> st.SearchStrategy[dict]:
@@ -166,7 +181,7 @@ def rules() -> st.SearchStrategy[dict]:
         children = st.lists(inner, min_size=1, max_size=3)
         return st.one_of(children.map(lambda c: {"and": c}),
                          children.map(lambda c: {"or": c}),
-                         inner.map(lambda c: {"not": c}))
+                         inner.map(lambda c: {"not": c}), tops(inner))
 
     return st.recursive(leaf_rules(), combined, max_leaves=5)
 
@@ -425,9 +440,9 @@ def test_top_and_unsharded_rpcs_are_refused_never_wrong(
         pair: tuple[Front, Front, dict]) -> None:
     one, three, _ = pair
     top = {"top": {"n": 3, "by": "n"}}
-    assert one.client.count(top, as_of=AS_OF) == 3  # one shard: exact
-    with pytest.raises(ClientError) as caught:
-        three.client.count(top, as_of=AS_OF)
+    assert three.client.count(top, as_of=AS_OF) == one.client.count(top, as_of=AS_OF) == 3
+    with pytest.raises(ClientError) as caught:  # a segment would be refreshed per shard
+        three.client.create_segment("best", "dynamic", top)
     assert caught.value.code == "UNIMPLEMENTED" and "top" in caught.value.message
     with pytest.raises(ClientError) as caught:
         three.client.describe()
