@@ -3,8 +3,11 @@
 An action is planned column-wise on one snapshot: the members come from the rule, and
 the members it would change are found with bitmaps (members minus those already holding
 the value, members that have the field, ...), so a dry run reads no rows.  Applying it
-is one profile batch (engine.upsert_profiles) over the changed members only, and the
-audit entry is written in the same LMDB transaction: a crash leaves neither.
+is one write transaction (engine.write_columns) that changes the field's bitmaps from
+the changed set alone (the new value's bitmap gains it, the old values' bitmaps lose
+it), and the audit entry is written in the same transaction: a crash leaves neither.
+The rows are not rewritten: the field becomes held by its index (profiles.with_held),
+except a float field, whose rows are rewritten too (its index rounds to a scale).
 
 Why an audit entry rather than an event per changed profile: one small record explains
 the whole action (who was targeted, what changed, how many) and costs nothing per
@@ -27,7 +30,7 @@ from bitseg.index.errors import BitsegError, DataError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, ids_of
 from bitseg.index.keys import u32
-from bitseg.index.profiles import FieldWriters, check_field_name, decode_row
+from bitseg.index.profiles import HOLDABLE, FieldWriters, check_field_name, hold_fields
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
 from bitseg.index.store import Store, Txn
@@ -115,41 +118,36 @@ def _changed(engine: Engine, action: BulkAction, snap: Snapshot, members: BitMap
         return members - Evaluator(snap, as_of_us).bitmap(engine.parse(same, snap))
     if type_ != T.KEYWORDS:
         return members - index.eq(value)
-    holding = BitMap(members)  # keywords: those holding every value may hold exactly them
-    for word in value:
+    assert isinstance(index, ValueIndex)  # keywords: those holding exactly the values
+    return members - (_holding_all(index, members, value) - _others(index, value))
+
+
+def _holding_all(index: ValueIndex, members: BitMap, words: Any) -> BitMap:
+    holding = BitMap(members)
+    for word in words:
         holding &= index.eq(word)
-    exact = BitMap(d for d in holding if _row(snap, d).get(action.field) == value)
-    return members - exact
+    return holding
 
 
-def _row(snap: Snapshot, dense: int) -> dict[str, Any]:
-    raw = snap.reader.get("rows", u32(dense))
-    return {} if raw is None else decode_row(raw, snap.schema.profiles)
+def _others(index: ValueIndex, words: Any) -> BitMap:
+    """The profiles holding some keyword other than these."""
+    other = [bitmap for word, bitmap in index.values.items() if word not in words]
+    return BitMap.union(*other) if other else BitMap()
 
 
 def _rewrite_rows(store: Store, txn: Txn, changed: BitMap, action: BulkAction,
-                  stored: Any) -> BitMap:
-    """Rewrite the changed members' rows in one pass; the ids left without the field
-    (for `remove`: their last keyword went)."""
-    name, verb, emptied = action.field, action.action, BitMap()
+                  value: Any) -> None:
+    """Set or unset a float field in the changed members' rows, in one pass."""
+    name = action.field
     for dense in changed:
         key = u32(dense)
         raw = store.get(txn, "rows", key)
         row = orjson.loads(raw) if raw is not None else {}
-        if verb == "set":
-            row[name] = stored
-        elif verb == "unset":
-            row.pop(name, None)
+        if action.action == "set":
+            row[name] = value
         else:
-            words = set(row.get(name) or ())
-            (words.add if verb == "add" else words.discard)(stored)
-            if words:
-                row[name] = sorted(words)
-            else:
-                row.pop(name, None)
-                emptied.add(dense)
+            row.pop(name, None)
         store.put(txn, "rows", key, orjson.dumps(row))
-    return emptied
 
 
 def _update_index(writers: FieldWriters, snap: Snapshot, type_: str, action: BulkAction,
@@ -207,10 +205,14 @@ def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
             type_ = type_ or T.infer(action.value)  # a new field (add: keywords)
             schema = schema.with_fields("profiles", {action.field: type_})
         writers = FieldWriters(snap, schema)
-        if changed:
-            stored = list(value) if type_ == T.KEYWORDS and action.action == "set" else value
-            emptied = _rewrite_rows(engine.store, txn, changed, action, stored)
+        if changed and (type_ or T.KEYWORD) in HOLDABLE:  # the bitmaps only: see with_held
+            hold_fields(engine.store, txn, [action.field])
+            emptied = changed - _others(snap.fields[action.field], (value,)) \
+                if action.action == "remove" else BitMap()
             _update_index(writers, snap, type_ or T.KEYWORD, action, value, changed, emptied)
+        elif changed:  # a float field (set or unset): its rows hold its values too
+            _rewrite_rows(engine.store, txn, changed, action, value)
+            _update_index(writers, snap, T.FLOAT, action, value, changed, BitMap())
         return writers, schema, changed
 
     def audit(txn: Txn, snap: Snapshot) -> dict[str, Any]:

@@ -45,7 +45,15 @@ from bitseg.index.order_index import (
     orders_meta,
     orders_of,
 )
-from bitseg.index.profiles import FieldWriters, ProfileBatch, decode_row, delete_profiles
+from bitseg.index.profiles import (
+    HELD_KEY,
+    FieldWriters,
+    ProfileBatch,
+    decode_row,
+    delete_profiles,
+    held_fields,
+    with_held,
+)
 from bitseg.index.rules import RULE_TYPES, Rule, parse_rule
 from bitseg.index.sample import Buckets
 from bitseg.index.schema import Schema
@@ -346,6 +354,8 @@ class Engine:
         types = snap.schema.profiles
         raw = snap.reader.get("rows", u32(dense))
         row = decode_row(raw, types) if raw is not None else {}
+        held = held_fields(snap.reader.get("meta", HELD_KEY.encode()))
+        with_held(row, dense, held, snap.fields, types)
         return {"id": profile_id, **{k: T.display(types[k], v) for k, v in row.items()}}
 
     # ------------------------------------------------------------------ writing

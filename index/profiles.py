@@ -41,6 +41,57 @@ def decode_row(raw: bytes, types: Mapping[str, str]) -> dict[str, Any]:
     return row
 
 
+# ---------------------------------------------------------------------- index-held fields
+# A bulk action or a traits refresh writes a field column-wise: its bitmaps only, not
+# the rows of the profiles it changes (rewriting a million rows spread over the rows
+# database is most of such a write).  The field is then "held" by its index: the meta
+# key below lists it, and every reader of a row takes its value from the index, so the
+# copy in a row may be stale.  Only fields whose index gives the value back exactly can
+# be held: keyword, keywords, bool, int, date and timestamp (not float).  A held
+# keywords field reads as its values in sorted order; an empty list reads as no value,
+# as rules already see it.
+HELD_KEY = "held-fields"
+HOLDABLE = frozenset({T.KEYWORD, T.KEYWORDS, T.BOOL, T.INT, T.DATE, T.TIMESTAMP})
+
+
+def held_fields(raw: bytes | None) -> tuple[str, ...]:
+    """The held fields, from the stored value of the meta key HELD_KEY (None: none)."""
+    return tuple(orjson.loads(raw)) if raw else ()
+
+
+def hold_fields(store: Store, txn: Txn, names: Any) -> None:
+    """Mark these fields as held by their index from this transaction on."""
+    held = set(held_fields(store.get(txn, "meta", HELD_KEY.encode())))
+    if not held.issuperset(names):
+        store.put_json(txn, HELD_KEY, sorted(held.union(names)))
+
+
+def index_value(index: FieldIndex | None, type_: str, dense: int) -> Any:
+    """One profile's value of a held field as its index holds it (None: no value)."""
+    if index is None:
+        return None
+    if isinstance(index, RangeIndex):
+        return index.key_of(dense)
+    if type_ == T.KEYWORDS:
+        words = sorted(word for word, bitmap in index.values.items() if dense in bitmap)
+        return tuple(words) or None
+    if dense not in index.exists:
+        return None
+    return next((value for value, bitmap in index.values.items() if dense in bitmap), None)
+
+
+def with_held(row: dict[str, Any], dense: int, held: tuple[str, ...],
+              fields: Mapping[str, FieldIndex], types: Mapping[str, str]) -> dict[str, Any]:
+    """A decoded row with each held field's value replaced by the index's (in place)."""
+    for name in held:
+        value = index_value(fields.get(name), types[name], dense)
+        if value is None:
+            row.pop(name, None)
+        else:
+            row[name] = value
+    return row
+
+
 def check_field_name(name: str) -> None:
     problem = T.name_problem(name)
     if problem:
@@ -156,6 +207,11 @@ class ProfileBatch:
         self.touched_old: set[int] = set()  # pre-existing ids touched in the open segment
         self.touched = BitMap()
         self.live_added: array = array("I")
+        # held fields' values come from the snapshot's index for ids that existed before
+        # the batch, until the batch writes their row (see with_held)
+        self.held = held_fields(store.get(txn, "meta", HELD_KEY.encode()))
+        self.first_new = ids.next
+        self.rewritten = BitMap()
         self.created = 0
         self.updated = 0
 
@@ -217,7 +273,13 @@ class ProfileBatch:
 
     def _row(self, dense: int) -> dict[str, Any] | None:
         raw = self.store.get(self.txn, "rows", u32(dense))
-        return None if raw is None else decode_row(raw, self.types)
+        if raw is None:
+            return None
+        row = decode_row(raw, self.types)
+        if self.held and dense < self.first_new and dense not in self.rewritten:
+            self.rewritten.add(dense)  # the caller writes the row: from then on it is exact
+            with_held(row, dense, self.held, self.snap.fields, self.types)
+        return row
 
     def _merge(self, old: dict[str, Any] | None, record: dict) -> dict[str, Any]:
         new = dict(old) if old else {}
