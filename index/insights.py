@@ -9,10 +9,11 @@ Everything is a cardinality over one snapshot's indexes; no member row is read:
   counted in the audience and the base by a bit-sliced "less than" walk restricted to
   them; the audience's min, max and quantiles (nearest rank, as Describe) by the k-th
   smallest walk restricted to the audience;
-- events: per type and window of the last 7, 30 and 90 days, the per-profile count
-  index of the window (the bucket adder Count uses); the audience's events are
-  sum over slices of 2**i * |slice i ∩ audience|, its members with one or more
-  |exists ∩ audience|;
+- events: per type and window of the last 7, 30 and 90 days, the count blocks that
+  make up the window (EventWindow; no per-profile sum over the base): the audience's
+  events are the sum over blocks of ±2**i * |slice i ∩ audience|, its members with
+  one or more those in a plus block less the few a minus block takes to zero; the
+  base's are the same over the live profiles, kept per snapshot and as_of;
 - orders: orders, buyers, revenue and average order value, as Metrics computes them.
 """
 
@@ -26,20 +27,24 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.describe import QUANTILES, _order, _shown
 from bitseg.index.errors import BitsegError
-from bitseg.index.events import count_by_bitmaps
+from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
+from bitseg.index.event_index import EventIndex
+from bitseg.index.event_windows import window_counts
+from bitseg.index.events import blocks_in
 from bitseg.index.fields import RangeIndex, ValueIndex
 from bitseg.index.keys import stream_key
 from bitseg.index.order_index import OrderIndex
 from bitseg.index.orders import order_totals
-from bitseg.index.rules import EventCond, Having, Window
+from bitseg.index.rules import Window
 from bitseg.index.segments import Metrics
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.timeline import day_of
+from bitseg.index.timeline import day_of, plan
 
 DEFAULT_TOP = 10  # values shown per keyword field
 MAX_TOP = 1000
@@ -47,6 +52,7 @@ BUCKETS = 10  # histogram buckets per numeric or date field
 MAX_BUCKETS = 100
 WINDOWS = (7, 30, 90)  # days of event activity
 MAX_BASE_TOTALS = 64  # base order totals kept per snapshot (by as_of, amount field)
+MAX_KEPT_ACTIVITY = 1024  # base event activity kept per snapshot (by event, days, as_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,30 +330,136 @@ def event_insight(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
 
 def _activity(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
               days: int) -> Activity:
-    counts = window_counts(snap, event, days, as_of_us)
-    live = snap.live
-    return Activity(days, _events(counts, audience), counts.exists.intersection_cardinality(
-        audience), _events(counts, live), counts.exists.intersection_cardinality(live))
+    window = event_window(snap, event, days, as_of_us)
+    base_events, base_profiles = _base_activity(snap, event, days, as_of_us, window)
+    return Activity(days, window.events(audience), window.profiles(audience),
+                    base_events, base_profiles)
 
 
-def window_counts(snap: Snapshot, event: str, days: int, as_of_us: int) -> RangeIndex:
-    """Every profile's count of `event` events in the last `days` days up to as_of."""
+@dataclass(frozen=True, slots=True)
+class EventWindow:
+    """One event type's last `days` days up to as_of as the count blocks that make it up
+    (event_windows: dyadic and month blocks; the partial days from their raw rows), as
+    count_by_bitmaps splits a window: each profile's count there is its count in the
+    `plus` blocks less that in the `minus` ones (every row of a minus block is in a
+    plus one). No per-profile sum over the whole base is made:
+    - the events of a set of profiles are sum over blocks of ±2**i * |slice i ∩ set|;
+    - who has one is who is in a plus block, less those whose minus blocks take all of
+      their count: those are among the minus blocks' profiles, so only these are summed
+      (the adder over the blocks cut down to them)."""
+
+    plus: tuple[RangeIndex, ...] = ()
+    minus: tuple[RangeIndex, ...] = ()
+
+    def events(self, within: BitMap) -> int:
+        return sum(_events(b, within) for b in self.plus) - \
+            sum(_events(b, within) for b in self.minus)
+
+    def profiles(self, within: BitMap) -> int:
+        if not self.plus:
+            return 0
+        if len(self.plus) == 1:
+            inside = self.plus[0].exists.intersection_cardinality(within)
+        else:  # the ones in no plus block, whittled down block by block
+            rest = within
+            for b in self.plus:
+                rest = rest - b.exists
+            inside = len(within) - len(rest)
+        if not self.minus:
+            return inside
+        taken = BitMap.union(*(b.exists & within for b in self.minus))
+        left = sub_counts(sum_counts([_cut(b, taken) for b in self.plus]),
+                          sum_counts([_cut(b, taken) for b in self.minus]))
+        return inside - len(taken - left.exists)
+
+
+def _cut(counts: RangeIndex, ids: BitMap) -> RangeIndex:
+    """A count index kept only for these ids."""
+    exists = counts.exists & ids
+    if not exists:
+        return RangeIndex()
+    slices = [s & ids for s in counts.slices]
+    while slices and not slices[-1]:
+        slices.pop()
+    return RangeIndex(0, 1, tuple(slices), exists)
+
+
+def event_window(snap: Snapshot, event: str, days: int, as_of_us: int) -> EventWindow:
+    """The blocks of `event` in the last `days` days up to as_of: whole days from the
+    stored and derived blocks; a partial day that is most of its day as the whole day
+    less its rows outside the window, else its rows inside."""
     events = snap.events
     if event not in events.type_days:
-        return RangeIndex()
-    cond = EventCond(event, None, Window("last_days", days),
-                     Having("count", None, None, "gte", Fraction(1)))
-    lo, hi = cond.window.bounds(as_of_us)
+        return EventWindow()
+    lo, hi = Window("last_days", days).bounds(as_of_us)
     if lo is not None and day_of(lo) > events.type_days[event][-1]:
-        return RangeIndex()  # nothing that recent
-    return count_by_bitmaps(cond, events, snap.schema, [event], [stream_key(event)],
-                             lo, hi, as_of_us)
+        return EventWindow()  # nothing that recent
+    window = plan(lo, hi, events.type_days[event][0])
+    first, end = window.days
+    inside, outside = [], []
+    for edge_lo, edge_hi in window.edges:
+        day = day_of(edge_lo)
+        profiles, stamps = _day_rows(events, event, day)
+        chosen = (stamps >= edge_lo) & (stamps < edge_hi)
+        if 2 * int(np.count_nonzero(chosen)) > len(chosen):
+            first, end = (day, day + 1) if first == end else (min(first, day),
+                                                              max(end, day + 1))
+            outside.append(profiles[~chosen])
+        else:
+            inside.append(profiles[chosen])
+    plus, minus = window_counts(events, [stream_key(event)], first, end)
+    for rows, into in ((inside, plus), (outside, minus)):
+        if sum(map(len, rows)):
+            into.append(counts_of(np.concatenate(rows)))
+    return EventWindow(tuple(plus), tuple(minus))
+
+
+def _day_rows(events: EventIndex, event: str, day: int) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles, ts) of the raw rows of `event` on one day."""
+    found = [(b.profile[keep], b.ts[keep]) for b, keep in
+             blocks_in(events, [event], day * T.US_PER_DAY, (day + 1) * T.US_PER_DAY)]
+    if not found:
+        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p for p, _ in found]), np.concatenate([t for _, t in found])
 
 
 def _events(counts: RangeIndex, within: BitMap) -> int:
     if not counts.exists:
         return 0
     return sum(s.intersection_cardinality(within) << i for i, s in enumerate(counts.slices))
+
+
+@dataclass(slots=True)
+class _KeptActivity:
+    """The base's events and profiles per (event, days, as_of): the same for every
+    audience, so kept per events index and live profiles (per snapshot)."""
+
+    events: EventIndex  # held, so `is` cannot meet a new index at a reused address
+    live: BitMap
+    found: dict[tuple[str, int, int], tuple[int, int]]
+
+
+_kept_activity: list[_KeptActivity] = []  # the last snapshot's
+_activity_lock = threading.Lock()  # held only to read or store an entry
+
+
+def _base_activity(snap: Snapshot, event: str, days: int, as_of_us: int,
+                   window: EventWindow) -> tuple[int, int]:
+    with _activity_lock:
+        kept = _kept_activity[0] if _kept_activity else None
+    if kept is None or kept.events is not snap.events or kept.live is not snap.live:
+        kept = _KeptActivity(snap.events, snap.live, {})
+        with _activity_lock:
+            _kept_activity[:] = [kept]
+    key = (event, days, as_of_us)
+    found = kept.found.get(key)
+    if found is None:
+        found = (window.events(snap.live), window.profiles(snap.live))
+        with _activity_lock:
+            if len(kept.found) >= MAX_KEPT_ACTIVITY:  # as_of values come and go
+                kept.found.clear()
+            kept.found[key] = found
+    return found
 
 
 # ---------------------------------------------------------------------- orders
@@ -398,4 +510,4 @@ def base_total(snap: Snapshot, as_of_us: int, amount_field: str, kind: str) -> F
 
 
 __all__ = ["Activity", "Bucket", "EventInsight", "FieldInsight", "Insights",
-           "ValueShare", "insights", "window_counts"]
+           "ValueShare", "event_window", "insights"]
