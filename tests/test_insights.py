@@ -350,3 +350,40 @@ def test_one_descent_answers_many_questions_as_a_naive_count(values, keep, asks)
         if stored:
             rank = a % len(stored) + 1
             assert walk.kth(rank) == stored[rank - 1]
+
+
+def test_the_kept_base_activity_follows_each_snapshot(tmp_path):
+    """The base's events and members per window are kept per snapshot and as_of: new
+    events, a deleted profile and a new one each give counts equal to the rows again."""
+    profiles, events, orders = make_data(5)
+    engine = open_engine(tmp_path, profiles, events, orders)
+    rows = {p["id"]: p for p in profiles}
+    rule = RULES[1]
+    as_of = datetime(2025, 6, 1, tzinfo=timezone.utc)
+
+    def check() -> None:
+        members = set(engine.members(rule, as_of=AS_OF))
+        found = insights(engine.snapshot, engine.bitmap(rule, as_of=AS_OF),
+                         as_of_micros(AS_OF), ["age"])
+        _check_events(found, events, members, rows)
+
+    try:
+        check()
+        check()  # from the kept base
+        more = [{"profile": f"u{i % 7}", "event": "open",
+                 "ts": (as_of - timedelta(hours=3 * i + 1)).isoformat()} for i in range(30)]
+        engine.track_events(more)
+        events = events + more
+        check()
+        engine.delete_profiles(["u1", "u2"])
+        del rows["u1"], rows["u2"]
+        check()
+        engine.upsert_profiles([{"id": "new", "age": 50}])
+        rows["new"] = {"id": "new", "age": 50}
+        engine.track_events([{"profile": "new", "event": "click",
+                              "ts": (as_of - timedelta(days=2)).isoformat()}])
+        events = events + [{"profile": "new", "event": "click",
+                            "ts": (as_of - timedelta(days=2)).isoformat()}]
+        check()
+    finally:
+        engine.close()
