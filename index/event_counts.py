@@ -106,6 +106,15 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
 
 
+def restricted(counts: RangeIndex, within: BitMap) -> RangeIndex:
+    """The counts of the profiles in `within` only (one intersection a slice: cheap when
+    `within` is small, as the few profiles with rows on a window's partial days)."""
+    slices = [s & within for s in counts.slices]
+    while slices and not slices[-1]:
+        slices.pop()
+    return RangeIndex(0, 1, tuple(slices), counts.exists & within)
+
+
 def sum_counts(parts: list[RangeIndex]) -> RangeIndex:
     """Sum many count indexes pairwise, so carries stay short."""
     parts = [p for p in parts if p.exists]

@@ -131,16 +131,16 @@ DERIVED_BYTES = 256 << 20  # blocks made in memory (event_windows), by their bit
 
 
 class LruCache:
-    """Values under (key, version), least recently used first out, bounded by the sizes
-    they are put with."""
+    """Values (count indexes; a window's judged profiles) under (key, version), least
+    recently used first out, bounded by the sizes they are put with."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.size = 0
-        self._entries: OrderedDict[tuple[Any, int], tuple[RangeIndex, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, int], tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, int]) -> RangeIndex | None:
+    def get(self, key: tuple[Any, int]) -> Any:
         with self._lock:
             found = self._entries.get(key)
             if found is None:
@@ -153,7 +153,7 @@ class LruCache:
             self._entries.clear()
             self.size = 0
 
-    def put(self, key: tuple[Any, int], value: RangeIndex, size: int) -> None:
+    def put(self, key: tuple[Any, int], value: Any, size: int) -> None:
         with self._lock:
             if key in self._entries:
                 return
@@ -166,7 +166,7 @@ class LruCache:
 
 class BucketCache(LruCache):
     """Decoded count buckets, bounded by their stored bytes, and (`derived`) the dyadic
-    blocks summed from them, bounded apart.
+    blocks summed from them and windows' whole-day sums and tests, bounded apart.
 
     Shared by every EventIndex of one open engine. An entry is keyed by the bucket and the
     version that wrote it (a derived block: the last write of its days), so an index never

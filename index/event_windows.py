@@ -17,12 +17,18 @@ never below zero (every day subtracted is also counted by a positive block).
 A derived block is cached under its days' last writes (EventIndex.written; 0 for a day
 not written since open): a batch that writes one of its days gives it a new key, so an
 index never reads a block made from other days than its own.
+
+A window's whole-day sum is cached the same way (whole_days), and so is a comparison of
+it (judged_days): as_of "now" moves a window's whole days once a day, so a window asked
+again sums nothing; only its two partial days are counted from rows on each call. Both
+live in the same bounded `derived` part, under the window and its days' last writes.
 """
 
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
+from collections.abc import Callable, Hashable
 from functools import lru_cache
 
 from pyroaring import BitMap
@@ -37,6 +43,7 @@ USE_MONTHS = True  # month buckets are blocks too (tests turn them off to force 
 FROM_MONTHS = 6  # a block of 64 days or more is first made from months and ...
 PIECES = 4  # ... blocks of at most 16 days
 MONTH = -1  # a Term's level for a calendar month
+WINDOW_CACHE = True  # whole_days and judged_days keep what they made (tests turn it off)
 Term = tuple[int, int, int]  # (sign +1 / -1, level or MONTH, block number or month)
 
 
@@ -125,6 +132,50 @@ def window_counts(index: EventIndex, streams: list[str], first: int, end: int
     return plus, minus
 
 
+def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> RangeIndex:
+    """Each profile's count of the streams' events on days [first, end): window_counts'
+    blocks summed, kept in the derived cache under the window and its days' last writes."""
+    key = _window_key(index, streams, first, end, None)
+    found = index.cache.derived.get(key) if key is not None else None
+    if found is None:
+        plus, minus = window_counts(index, streams, first, end)
+        found = sub_counts(sum_counts(plus), sum_counts(minus))
+        if key is not None:
+            index.cache.derived.put(key, found, size_of(found))
+    return found
+
+
+def judged_days(index: EventIndex, streams: list[str], first: int, end: int,
+                whole: RangeIndex, test: Hashable, judge: Callable[[RangeIndex], BitMap]
+                ) -> BitMap:
+    """judge(whole), whole being whole_days(index, streams, first, end): the profiles
+    whose whole-day count passes `test` (which names what judge does), kept in the
+    derived cache beside the sum (never mutate it)."""
+    key = _window_key(index, streams, first, end, test)
+    found = index.cache.derived.get(key) if key is not None else None
+    if found is None:
+        found = judge(whole)
+        if key is not None:
+            index.cache.derived.put(key, found, _bytes(found))
+    return found
+
+
+def _window_key(index: EventIndex, streams: list[str], first: int, end: int,
+                test: Hashable) -> tuple | None:
+    """The cache key of a window's sum (test None) or of a test of it: the streams, the
+    days and the last write of any of those days; None when nothing may be cached (the
+    cache off, or an index inside a batch, as _cached)."""
+    if not WINDOW_CACHE or index.reader is None or not index.reader.committed:
+        return None
+    stamp, written = 0, index.written
+    if written:
+        for stream in streams:
+            present = index.stream_days.get(stream, [])
+            for day in present[bisect_left(present, first):bisect_left(present, end)]:
+                stamp = max(stamp, written.get((b"d", stream, day), 0))
+    return (b"w", tuple(streams), first, end, test), stamp
+
+
 def window_presence(index: EventIndex, streams: list[str], first: int, end: int
                     ) -> list[BitMap]:
     """Bitmaps whose union is who has any of the streams' events on days [first, end)."""
@@ -209,9 +260,10 @@ def _make(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex
 
 def size_of(counts: RangeIndex) -> int:
     """The bytes a count index's bitmaps hold (their containers, as roaring counts them)."""
-    total = 0
-    for bitmap in (counts.exists, *counts.slices):
-        stats = bitmap.get_statistics()
-        total += stats["n_bytes_array_containers"] + stats["n_bytes_run_containers"] + \
-            stats["n_bytes_bitset_containers"]
-    return total
+    return sum(_bytes(bitmap) for bitmap in (counts.exists, *counts.slices))
+
+
+def _bytes(bitmap: BitMap) -> int:
+    stats = bitmap.get_statistics()
+    return stats["n_bytes_array_containers"] + stats["n_bytes_run_containers"] + \
+        stats["n_bytes_bitset_containers"]

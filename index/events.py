@@ -2,8 +2,9 @@
 
 `count` over a window is answered in the bitmap domain: the window's whole days are a
 signed sum of a few dyadic day blocks and months (event_windows), added and subtracted
-with bitmap ripple-carry adders (event_counts); at most two partial days are counted
-from their raw rows, and the total is compared like any range index.
+with bitmap ripple-carry adders (event_counts), and compared like any range index; both
+the sum and the comparison are cached per window. At most two partial days are counted
+from their raw rows, and only the few profiles with such rows are summed again per call.
 
 The raw rows (event_index.Block) answer the window edges, `where` clauses that no
 stream covers, and sum/avg/min/max, grouped per profile and compared exactly (compare).
@@ -21,10 +22,10 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
-from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
+from bitseg.index.event_counts import add_counts, counts_of, restricted, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
-from bitseg.index.event_windows import window_counts, window_presence
+from bitseg.index.event_windows import judged_days, whole_days, window_counts, window_presence
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.keys import stream_key
 from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
@@ -72,11 +73,8 @@ def _judged(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap, as
             if events else EMPTY
         return (seen, None) if presence else (EMPTY, seen)
     if streams is not None:
-        per_profile = count_by_bitmaps(cond, index, schema, events, streams, lo, hi, as_of)
-        result = _compare_index(per_profile, having)
-        seen = per_profile.exists
-    else:
-        result, seen = _aggregate_rows(cond, index, schema, events, lo, hi, as_of)
+        return _count_judged(cond, index, schema, events, streams, lo, hi, as_of)
+    result, seen = _aggregate_rows(cond, index, schema, events, lo, hi, as_of)
     return result, (seen if having.holds_for_no_rows() else None)
 
 
@@ -110,6 +108,47 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
                       streams: list[str], lo: int | None, hi: int, as_of: int) -> RangeIndex:
     """Each profile's count of the selected events in [lo, hi): the whole days as a few
     dyadic and month blocks (event_windows), the partial days from their raw rows."""
+    first, end, inside, outside = _window_days(cond, index, schema, events, lo, hi, as_of)
+    plus, minus = window_counts(index, streams, first, end)
+    if len(inside):  # both partial days counted as one block
+        plus.append(counts_of(inside))
+    if len(outside):
+        minus.append(counts_of(outside))
+    return sub_counts(sum_counts(plus), sum_counts(minus))
+
+
+def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+                  streams: list[str], lo: int | None, hi: int, as_of: int
+                  ) -> tuple[BitMap, BitMap | None]:
+    """_judged of a count over streams, the edge days never summed into the whole days:
+    with S the whole days' counts (event_windows.whole_days, cached per window) and D the
+    few profiles with rows on a partial day, the answer is the profiles outside D that
+    S alone passes (judged_days, cached too) and those in D that S restricted to D, plus
+    and minus their partial days' rows, passes. Per call only D's small bitmaps are
+    summed: the whole days of a window asked again are not touched."""
+    having = cond.having
+    first, end, inside, outside = _window_days(cond, index, schema, events, lo, hi, as_of)
+    whole = whole_days(index, streams, first, end)
+    hit = judged_days(index, streams, first, end, whole, ("count", having.op, having.value),
+                      lambda counts: _compare_index(counts, having))
+    plus, minus = counts_of(inside), counts_of(outside)
+    edge = plus.exists | minus.exists
+    result, near = hit - edge, plus
+    if edge:  # the rows outside are within the whole days: never below zero
+        near = sub_counts(add_counts(restricted(whole, edge), plus), minus)
+        result |= _compare_index(near, having)
+    if not having.holds_for_no_rows():
+        return result, None
+    return result, (whole.exists - edge) | near.exists
+
+
+def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
+                 lo: int | None, hi: int, as_of: int
+                 ) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(first, end, inside, outside): the window [lo, hi) as its whole days [first, end)
+    plus the profiles of the partial days' rows inside, less those of rows outside (an
+    edge day that holds most of its rows inside is taken in whole, less its rows outside:
+    fewer blocks, a block that ended before it no longer subtracting it)."""
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
     first, end = window.days
@@ -119,19 +158,15 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
         profiles, stamps = _rows(cond, index, schema, events, day * T.US_PER_DAY,
                                  (day + 1) * T.US_PER_DAY, as_of, TS)
         chosen = (stamps >= edge_lo) & (stamps < edge_hi)
-        if 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of the day (a window
-            # from just after midnight): the whole days take it in (often fewer blocks:
-            # a block that ended before it no longer subtracts it), less the rows outside
+        if 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of the day
             first, end = (day, day + 1) if first == end else (min(first, day),
                                                               max(end, day + 1))
             outside.append(profiles[~chosen])
         else:
             inside.append(profiles[chosen])
-    plus, minus = window_counts(index, streams, first, end)
-    for rows, into in ((inside, plus), (outside, minus)):
-        if sum(map(len, rows)):  # both partial days counted as one block
-            into.append(counts_of(np.concatenate(rows)))
-    return sub_counts(sum_counts(plus), sum_counts(minus))
+    none = np.zeros(0, dtype=np.uint32)
+    return (first, end, np.concatenate(inside) if inside else none,
+            np.concatenate(outside) if outside else none)
 
 
 def _recency(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],

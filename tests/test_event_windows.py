@@ -157,16 +157,21 @@ steps = st.lists(st.one_of(rows_strategy.map(lambda rows: ("write", rows)),
                  min_size=1, max_size=8)
 
 
-@pytest.mark.parametrize("months, top, from_months", [(True, 8, 6), (False, 3, 6), (True, 8, 2)])
+@pytest.mark.parametrize("months, top, from_months, window_cache",
+                         [(True, 8, 6, True), (False, 3, 6, True), (True, 8, 2, True),
+                          (True, 8, 6, False)])
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=rows_strategy, steps=steps)
 def test_random_windows_match_the_raw_rows(tmp_path_factory, monkeypatch, months, top,
-                                           from_months, first, steps):
+                                           from_months, window_cache, first, steps):
     """Writes and counts interleaved: each count is compared with the raw rows; a write
     between two counts lands in days whose derived blocks the first count cached.
     Months on and off, blocks up to 256 or 8 days, and (from_months 2) every block of 4
-    days or more first made from months and 1-2 day blocks."""
+    days or more first made from months and 1-2 day blocks. Each rule is asked three
+    times: with the window cache on, the first sums its whole days and compares them, the
+    others take both from the cache; with it off, every ask sums."""
+    monkeypatch.setattr(event_windows, "WINDOW_CACHE", window_cache)
     monkeypatch.setattr(event_windows, "USE_MONTHS", months)
     monkeypatch.setattr(event_windows, "MAX_LEVEL", top)
     monkeypatch.setattr(event_windows, "FROM_MONTHS", from_months)
@@ -207,20 +212,18 @@ def test_a_mostly_inside_edge_day_joins_the_whole_days(tmp_path, monkeypatch):
     """A 30-day window at a month start begins a microsecond after midnight: its first
     day is whole days' work (one month block less the day before), not the month less two
     days plus that day's bucket; the counts still match the raw rows."""
-    from bitseg.index import events
-
     as_of = datetime(2026, 11, 1, tzinfo=timezone.utc)
     rows = [{"profile": PROFILES[i % 5], "event": "open",  # Oct 2 at 0:00 is outside
              "ts": as_of - timedelta(days=d) + timedelta(hours=h)}
             for i, (d, h) in enumerate((d, h) for d in (0, 1, 2, 29, 30, 31) for h in (0, 6, 12))]
     calls: list[tuple[int, int]] = []
-    original = events.window_counts
+    original = event_windows.window_counts
 
     def spy(index, streams, first, end):
         calls.append((first, end))
         return original(index, streams, first, end)
 
-    monkeypatch.setattr(events, "window_counts", spy)
+    monkeypatch.setattr(event_windows, "window_counts", spy)
     with Engine.open(tmp_path / "store") as engine:
         engine.upsert_profiles([{"id": p} for p in PROFILES])
         engine.cache_results = False
@@ -261,6 +264,50 @@ def test_a_write_into_a_cached_block_is_counted_and_old_snapshots_keep_theirs(tm
                   and day_number in range(key[0][2] << int(key[0][0][1:]),
                                           (key[0][2] + 1) << int(key[0][0][1:]))}
         assert len(stamps) >= 2, "a block holding the written day kept one key"
+
+
+def test_a_window_asked_again_through_the_day_sums_its_whole_days_once(tmp_path,
+                                                                       monkeypatch):
+    """as_of moving through one day keeps a 30-day window's whole days: they are summed
+    on the first ask only (the last day joins them or not as its rows fall, so at most
+    twice), the partial days counted per call; every op against the raw rows. A write
+    into one of those days is summed again; the snapshot before it keeps its answer."""
+    calls: list[tuple[int, int]] = []
+    original = event_windows.window_counts
+
+    def spy(index, streams, first, end):
+        calls.append((first, end))
+        return original(index, streams, first, end)
+
+    monkeypatch.setattr(event_windows, "window_counts", spy)
+    day = datetime(2026, 10, 17, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[(i * 7) % 6], "event": "open",
+             "ts": day - timedelta(days=i % 33, hours=(i * 5) % 24, minutes=i)}
+            for i in range(400)]
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        for hour in range(1, 24, 2):
+            as_of = day + timedelta(hours=hour, minutes=45)
+            counts = reference_counts(rows, _rule(30), as_of)
+            for op in ("gte", "lt", "eq"):
+                for n in (0, 15, 20, 25):
+                    expected = {p for p in PROFILES if holds(counts[p], op, n)}
+                    assert set(engine.members(_rule(30, op, n), as_of=as_of)) == expected, \
+                        (hour, op, n)
+                    assert engine.count(_rule(30, op, n), as_of=as_of) == len(expected)
+        assert 1 <= len(calls) <= 2 and len(set(calls)) == len(calls), calls
+        before, as_of = engine.snapshot, day + timedelta(hours=13, minutes=45)
+        counts = reference_counts(rows, _rule(30), as_of)
+        top = max(counts.values())
+        new = [{"profile": "p0", "event": "open", "ts": day - timedelta(days=3, hours=2)}] * 30
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in new])
+        summed = len(calls)
+        assert engine.count(_rule(30, "gt", top), as_of=as_of) == 1
+        assert len(calls) == summed + 1
+        assert Evaluator(before, parse_timestamp(ts(as_of))).count(
+            engine.parse(_rule(30, "gt", top))) == 0
 
 
 def test_derived_blocks_stay_within_their_bound(tmp_path, monkeypatch):
