@@ -37,7 +37,7 @@ from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import EventIndex
 from bitseg.index.event_windows import window_counts
 from bitseg.index.events import blocks_in
-from bitseg.index.fields import RangeIndex, ValueIndex
+from bitseg.index.fields import RangeIndex, ValueIndex, ids_of
 from bitseg.index.keys import stream_key
 from bitseg.index.order_index import OrderIndex
 from bitseg.index.orders import order_totals
@@ -471,9 +471,88 @@ def _orders(snap: Snapshot, audience: BitMap, as_of_us: int, amount_field: str) 
         raise BitsegError(f"amount_field: {amount_field!r} is a {amount_type} field, "
                           "not a number")
     kind = amount_type or T.FLOAT
-    orders, buyers, revenue = order_totals(snap.orders, audience, as_of_us, amount_field, kind)
-    total = base_total(snap, as_of_us, amount_field, kind)
+    total = base_total(snap, as_of_us, amount_field, kind)  # first: it keeps _latest
+    per = per_profile(snap.orders, amount_field) if as_of_us >= _latest(snap.orders) else None
+    if per is None:
+        orders, buyers, revenue = order_totals(snap.orders, audience, as_of_us,
+                                               amount_field, kind)
+    else:
+        orders, buyers, revenue = per.totals(audience, kind)
     return Metrics(len(audience), len(snap.live), orders, buyers, revenue, total)
+
+
+class PerProfile:
+    """Each profile's live orders and exact sum of an amount field's keys, over every
+    order (an as_of at or after the latest order): dense arrays by profile id, the same
+    for every audience, so made once per orders index and amount field (at 10M profiles
+    and 20M orders ~0.2 s and 80 MB + 1 byte a profile) and kept while the index lives.
+    An audience's orders, buyers and revenue are then a gather over its ids, not a pass
+    over every order's owner."""
+
+    def __init__(self, index: OrderIndex, amount_field: str) -> None:
+        owner = index.owner
+        live = None if len(index.live) == index.count else ids_of(index.live)
+        owners = owner if live is None else owner.take(live)
+        counts = np.bincount(owners, minlength=1)
+        self.counts = counts.astype(np.min_scalar_type(int(counts.max())))
+        self.sums: np.ndarray | None = np.zeros(len(counts), dtype=np.int64)
+        self.most = 0  # the largest |key|: a sum of n keys fits int64 while most * n < 2**63
+        col = index.columns.get(amount_field)
+        if col is None:
+            return
+        keys = col.keys[:index.count] if live is None else col.keys.take(live)
+        if not col.complete:
+            valid = col.valid[:index.count] if live is None else col.valid.take(live)
+            keys = np.where(valid, keys, 0)
+        self.most = max(-int(keys.min()), int(keys.max())) if len(keys) else 0
+        if self.most * int(counts.max()) < 2**53:  # each profile's float64 partial sums
+            # are whole numbers below 2**53, so exact
+            self.sums = np.bincount(owners, weights=keys, minlength=len(counts)
+                                    ).astype(np.int64)
+        else:
+            self.sums = None  # order_totals sums them exactly instead
+
+    def totals(self, profiles: BitMap, kind: str) -> tuple[int, int, Fraction]:
+        """(orders, buyers, total) of these profiles, as order_totals with as_of None."""
+        assert self.sums is not None
+        ids = ids_of(profiles)
+        ids = ids[ids < len(self.counts)]
+        counts = self.counts.take(ids)
+        orders = int(counts.sum(dtype=np.int64))
+        sums = self.sums.take(ids)
+        if self.most * orders < 2**63:  # no partial sum can overflow int64
+            total = int(sums.sum())
+        else:
+            total = int(sums.astype(object).sum())  # exact Python ints
+        scale = T.FLOAT_SCALE if kind == T.FLOAT else 1
+        return orders, int(np.count_nonzero(counts)), Fraction(total, scale)
+
+
+_per_profile: weakref.WeakKeyDictionary[OrderIndex, dict[str, PerProfile]] = \
+    weakref.WeakKeyDictionary()
+
+
+def per_profile(index: OrderIndex, amount_field: str) -> PerProfile | None:
+    """The index's PerProfile for this amount field (made on first use); None without
+    orders or where its sums could lose precision."""
+    if not index.count:
+        return None
+    with _base_lock:
+        found = _per_profile.get(index, {}).get(amount_field)
+    if found is None:
+        found = PerProfile(index, amount_field)
+        with _base_lock:
+            _per_profile.setdefault(index, {})[amount_field] = found
+    return found if found.sums is not None else None
+
+
+def _latest(index: OrderIndex) -> int:
+    """The latest order's ts (0 without orders), kept with the base totals."""
+    with _base_lock:
+        entry = _base_totals.get(index)
+    if entry is None:
+        return int(index.ts.max()) if index.count else 0
+    return entry.latest
 
 
 @dataclass(slots=True)

@@ -387,3 +387,36 @@ def test_the_kept_base_activity_follows_each_snapshot(tmp_path):
         check()
     finally:
         engine.close()
+
+
+def test_the_kept_per_profile_orders_follow_each_snapshot(tmp_path):
+    """The audience's orders come from per-profile totals kept per orders index: new
+    orders, a deleted profile, and an as_of before the latest order (summed from the
+    orders instead) each give what the rows give."""
+    profiles, events, orders = make_data(7)
+    engine = open_engine(tmp_path, profiles, events, orders)
+    rows = {p["id"]: p for p in profiles}
+    rule = RULES[3]
+
+    def check(as_of: str = AS_OF) -> None:
+        members = set(engine.members(rule, as_of=as_of))
+        found = insights(engine.snapshot, engine.bitmap(rule, as_of=as_of),
+                         as_of_micros(as_of), ["age"])
+        cut = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
+        _check_orders(found, [o for o in orders
+                              if datetime.fromisoformat(o["ts"]) <= cut], members, rows)
+
+    try:
+        check()
+        check()  # from the kept totals
+        more = [{"id": f"n{i}", "profile": f"u{i % 5}", "ts": "2025-05-30T00:00:00+00:00",
+                 "amount": 10 * i + 0.25} for i in range(12)]
+        engine.add_orders(more)
+        orders = orders + more
+        check()
+        engine.delete_profiles(["u0", "u3"])
+        del rows["u0"], rows["u3"]
+        check()
+        check("2025-05-29T12:00:00Z")  # before the new orders
+    finally:
+        engine.close()
