@@ -358,6 +358,15 @@ class Engine:
         with_held(row, dense, held, snap.fields, types)
         return {"id": profile_id, **{k: T.display(types[k], v) for k, v in row.items()}}
 
+    def reading(self, snapshot: Snapshot) -> Engine:
+        """A read-only view of this engine answering on `snapshot` (this engine's, with a
+        part replaced: a sharded store's top sets chosen over every shard), without the
+        result cache, whose answers are the current snapshot's. Never write through it."""
+        view = copy.copy(self)
+        view._snapshot = snapshot
+        view.cache_results = False
+        return view
+
     # ------------------------------------------------------------------ writing
     def set_segments(self, segments: SegmentLookup) -> None:
         """Plug in the segment lookup that {"segment": name} resolves through."""
@@ -368,15 +377,6 @@ class Engine:
         """Plug in the provider of {"sql": ...} rules' ids (index/sqlrule.ExternalIds)."""
         with self._write_lock:
             self._snapshot = replace(self._snapshot, external=external)
-    def reading(self, snapshot: Snapshot) -> Engine:
-        """A read-only view of this engine answering on `snapshot` (this engine's, with a
-        part replaced: a sharded store's top sets chosen over every shard), without the
-        result cache, whose answers are the current snapshot's. Never write through it."""
-        view = copy.copy(self)
-        view._snapshot = snapshot
-        view.cache_results = False
-        return view
-
 
     def declare_schema(self, declared: Any, *, source: str = "schema") -> Schema:
         with self._write_lock:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, bitmap_of, ids_of
 from bitseg.index.rules import And, Not, Or, Rule
@@ -188,3 +191,209 @@ class ResolvedShards:
     def shard_of(self, profile_id: str) -> int:
         return self.shards.shard_of(profile_id)
 
+
+
+# ---------------------------------------------------------------------- Describe, Values
+# A shard lists every value with its count (the store's top values can be any shard's
+# 21st), and for a number, date or timestamp profile field its count and smallest and
+# largest key; the front sums the counts, ranks the values again and finds the
+# quantiles by a binary search over the keys, asking every shard how many values are at
+# most a bound (one fan-out per halving: ~log2(max - min) of them, all fields at once).
+EVERY = 2**62  # "every value" as a top or limit
+
+
+def describe_part(snap: Any) -> tuple[Any, dict[str, tuple[int, int | None, int, int]]]:
+    """This shard's Description with every value listed, and per profile range field
+    with values (count, digits, smallest key, largest key)."""
+    from bitseg.index.describe import describe, kth_smallest
+
+    ranges = {}
+    for name in sorted(snap.schema.profiles):
+        index = snap.field(name)
+        if isinstance(index, RangeIndex):
+            count = index.exists.intersection_cardinality(snap.live)
+            if count:
+                ranges[name] = (count, index.digits, kth_smallest(index, 1),
+                                kth_smallest(index, count))
+    return describe(snap, EVERY), ranges
+
+
+def at_most(snap: Any, bounds: dict[str, list[Fraction]]) -> dict[str, list[int]]:
+    """Per field, how many of its values are at most each bound (an exact value)."""
+    found = {}
+    for name, wanted in bounds.items():
+        index = snap.field(name)
+        assert isinstance(index, RangeIndex)
+        scale = 10 ** (index.digits or 0)
+        found[name] = [len(index.interval(None, math.floor(b * scale), index.exists))
+                       for b in wanted]
+    return found
+
+
+def merge_description(shards: Any, parts: list[tuple[Any, dict]], top: int) -> Any:
+    """The shards' Describe parts as one store's Description, top values per field."""
+    from bitseg.index.describe import Description
+
+    descs = [d for d, _ in parts]
+    ranged = _ranged_fields(shards, [r for _, r in parts], descs[0].fields)
+    fields = tuple(ranged.get(group[0].name) or merge_field(group, top)
+                   for group in zip(*(d.fields for d in descs), strict=True))
+    return Description(sum(d.version for d in descs), sum(d.profiles for d in descs), fields,
+                       merge_events([d.events for d in descs], top),
+                       sum(d.orders for d in descs),
+                       tuple(merge_field(g, top)
+                             for g in zip(*(d.order_fields for d in descs), strict=True)),
+                       tuple(merge_field(g, top)
+                             for g in zip(*(d.item_fields for d in descs), strict=True)))
+
+
+def merge_field(infos: Sequence[Any], top: int) -> Any:
+    """One field's infos (the same field on every shard) as one: counts summed, values
+    counted over all and ranked again (highest count first, ties by value)."""
+    from bitseg.index.describe import FieldInfo
+
+    counts: dict[Any, int] = {}
+    for info in infos:
+        for value, n in info.top:
+            counts[value] = counts.get(value, 0) + n
+    ranked = sorted(counts.items(), key=lambda vn: (-vn[1], _value_order(vn[0])))
+    return FieldInfo(infos[0].name, infos[0].type, sum(i.count for i in infos), len(ranked),
+                     tuple(ranked[:top]))
+
+
+def merge_events(lists: Sequence[Sequence[Any]], top: int) -> tuple[Any, ...]:
+    """Event types over the shards, by name: counts and profiles summed, properties
+    merged as fields."""
+    from bitseg.index.describe import EventTypeInfo
+
+    by_type: dict[str, list[Any]] = {}
+    for events in lists:
+        for info in events:
+            by_type.setdefault(info.name, []).append(info)
+    merged = []
+    for name in sorted(by_type):
+        infos = by_type[name]
+        props: dict[str, list[Any]] = {}
+        for info in infos:
+            for prop in info.properties:
+                props.setdefault(prop.name, []).append(prop)
+        merged.append(EventTypeInfo(
+            name, sum(i.count for i in infos), sum(i.profiles for i in infos),
+            tuple(merge_field(props[p], top) for p in sorted(props))))
+    return tuple(merged)
+
+
+def _value_order(value: Any) -> tuple[int, Any]:
+    """Values of equal count: numbers and bools first (false before true), then text."""
+    return (0, value) if isinstance(value, (bool, int)) else (1, str(value))
+
+
+def _ranged_fields(shards: Any, ranges: list[dict], fields: Sequence[Any]) -> dict[str, Any]:
+    """The range fields' infos over all shards: count, min, max and the nearest-rank
+    quantiles (describe.QUANTILES) of the values of every shard together."""
+    from bitseg.index.describe import QUANTILES, FieldInfo
+
+    types = {f.name: f.type for f in fields}
+    wanted: dict[str, tuple[int, list[int], int, int]] = {}  # scale, ranks, lo, hi
+    for name in sorted({n for r in ranges for n in r}):
+        mine = [r[name] for r in ranges if name in r]
+        digits = max((d or 0) for _, d, _, _ in mine)
+        count = sum(c for c, _, _, _ in mine)
+        lo = min(k * 10 ** (digits - (d or 0)) for _, d, k, _ in mine)
+        hi = max(k * 10 ** (digits - (d or 0)) for _, d, _, k in mine)
+        ranks = [max(1, math.ceil(q * count)) for _, q in QUANTILES]
+        wanted[name] = (digits, ranks, lo, hi)
+    marks = _kth_keys(shards, wanted)
+    found = {}
+    for name, (digits, _, lo, hi) in wanted.items():
+        type_ = types[name]
+        count = sum(r[name][0] for r in ranges if name in r)
+        found[name] = FieldInfo(name, type_, count, min=_shown(type_, digits, lo),
+                                max=_shown(type_, digits, hi),
+                                quantiles=tuple((label, _shown(type_, digits, k))
+                                                for (label, _), k in zip(QUANTILES,
+                                                                         marks[name],
+                                                                         strict=True)))
+    return found
+
+
+def _kth_keys(shards: Any, wanted: dict[str, tuple[int, list[int], int, int]]
+              ) -> dict[str, list[int]]:
+    """Per field, for each rank k the smallest key (at the field's scale) with at least
+    k values at most it, over every shard: binary searches between the smallest and
+    largest key, all in step, one fan-out per step."""
+    low = {n: [lo] * len(ranks) for n, (_, ranks, lo, _) in wanted.items()}
+    high = {n: [hi] * len(ranks) for n, (_, ranks, _, hi) in wanted.items()}
+    while True:
+        asking = {n: [(a + b) // 2 for a, b in zip(low[n], high[n], strict=True)]
+                  for n in wanted}
+        open_ = {n: [i for i, (a, b) in enumerate(zip(low[n], high[n], strict=True)) if a < b]
+                 for n in wanted}
+        if not any(open_.values()):
+            return low
+        bounds = {n: [Fraction(asking[n][i], 10 ** wanted[n][0]) for i in open_[n]]
+                  for n in wanted if open_[n]}
+        counted = shards.each("at_most", bounds)
+        for n, which in open_.items():
+            for j, i in enumerate(which):
+                total = sum(c[n][j] for c in counted)
+                if total >= wanted[n][1][i]:
+                    high[n][i] = asking[n][i]
+                else:
+                    low[n][i] = asking[n][i] + 1
+
+
+def _shown(type_: str, digits: int, key: int) -> Any:
+    """A key at scale 10**digits as a user sees it (describe's way: floats as Decimal)."""
+    if type_ == T.FLOAT:
+        return Decimal(key).scaleb(-digits).normalize()
+    if type_ in T.TIME_TYPES:
+        return T.display(type_, key)
+    return key
+
+
+def merge_values(infos: Sequence[Any], limit: int) -> Any:
+    """Values of one keyword, keywords or bool field over the shards (every value each
+    shard has), the `limit` most common."""
+    return merge_field(infos, limit)
+
+
+# ---------------------------------------------------------------------- size history
+WALL_CAUSES = frozenset({"add", "remove"})  # points at each shard's own clock, and only
+# on the shards the edit changed; every other point is at the as_of the front gave all
+
+
+def merge_history(lists: Sequence[Sequence[Any]]) -> list[Any]:
+    """The shards' size histories of one segment as one: the points in the order they
+    were recorded, one point per change of every shard (the same cause, and the same
+    as_of unless an edit by id), its size the sum of every shard's latest size; an
+    edit's point is at the latest of its shards' times."""
+    from bitseg.index.segments import Point
+
+    stream = heapq.merge(*[[(p.recorded_at or p.at, shard, i, p) for i, p in enumerate(ps)]
+                           for shard, ps in enumerate(lists)])
+    sizes = [0] * len(lists)
+    merged: list[Any] = []
+    group: dict[int, Any] = {}
+
+    def close() -> None:
+        if not group:
+            return
+        points = list(group.values())
+        for shard, point in group.items():
+            sizes[shard] = point.size
+        first = points[0]
+        at = max(p.at for p in points) if first.cause in WALL_CAUSES else first.at
+        merged.append(Point(at, sum(sizes), first.cause,
+                            max((p.recorded_at or 0 for p in points), default=None) or None))
+        group.clear()
+
+    for _, shard, _, point in stream:
+        if group:
+            first = next(iter(group.values()))
+            if (point.cause != first.cause or shard in group
+                    or (point.cause not in WALL_CAUSES and point.at != first.at)):
+                close()
+        group[shard] = point
+    close()
+    return merged

@@ -12,6 +12,8 @@
   the request's order. Metrics and Overlap: the shards' numbers summed.
 - Segments: create and split (every shard or none), delete, get, list, refresh; sizes,
   entries and exits are summed over the shards.
+- Describe, Values (every shard's values summed and ranked again, quantiles by a search
+  over all shards' values) and SegmentHistory (the shards' points as one): shard_reads.
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
   A segment with a `top` rule is refused (a refresh would take each shard's own top).
@@ -33,6 +35,7 @@ from typing import Any
 import grpc
 import orjson
 
+from bitseg.index import describe
 from bitseg.index import types as T
 from bitseg.index.batch import check_size
 from bitseg.index.segments import Change
@@ -47,7 +50,14 @@ from bitseg.server.service import (
     _profile_id,
     rpc,
 )
-from bitseg.server.shard_reads import ResolvedShards, resolve_tops
+from bitseg.server.shard_reads import (
+    EVERY,
+    ResolvedShards,
+    merge_description,
+    merge_history,
+    merge_values,
+    resolve_tops,
+)
 from bitseg.server.shards import ShardSet
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -58,6 +68,8 @@ SHARDED = frozenset({
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
     "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
     "Preview", "AddToSegment", "RemoveFromSegment",
+    # reads merged beyond a sum: shard_reads.py
+    "Describe", "Values", "SegmentHistory",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -148,6 +160,7 @@ class ShardedServicer(SegmentsServicer):
         as_of = convert.as_of_of(request) or (cursor.as_of if cursor else convert.now())
         page_size = convert.page_size_of(request)
         start = time.perf_counter_ns()
+        shards = self._shards_for(rule, as_of)
         from_shard = cursor.shard if cursor else 0
         firsts = shards.each("page", per_shard=[
             (rule, as_of, cursor.last if cursor and i == from_shard else None,
@@ -158,7 +171,6 @@ class ShardedServicer(SegmentsServicer):
         total = sum(totals)
         position = sum(totals[:from_shard]) + firsts[from_shard][2] if cursor else 0
         end = total if not request.limit else min(total, position + request.limit)
-        shards = self._shards_for(rule, as_of)
         as_of_us, as_of_ts = convert.micros_of(as_of), convert.to_timestamp(as_of)
         members = self._in_order(shards, firsts, from_shard, rule, as_of, page_size, fields)
         last = (cursor.shard, cursor.last) if cursor else None
@@ -328,6 +340,29 @@ class ShardedServicer(SegmentsServicer):
         reply.eval_micros = _micros_since(start)
         reply.as_of.CopyFrom(convert.to_timestamp(as_of))
         return reply
+
+    # ---------------------------------------------------------------- merged reads
+    @rpc
+    def Describe(self, request: pb.DescribeRequest,
+                 context: grpc.ServicerContext) -> pb.DescribeReply:
+        top = min(request.top or describe.DEFAULT_TOP, describe.MAX_TOP)
+        start = time.perf_counter_ns()
+        found = merge_description(self.shards, self.shards.each("describe_part"), top)
+        return convert.describe_reply(found, _micros_since(start))
+
+    @rpc
+    def Values(self, request: pb.ValuesRequest,
+               context: grpc.ServicerContext) -> pb.ValuesReply:
+        limit = min(request.limit or describe.DEFAULT_TOP, describe.MAX_VALUES)
+        found = self.shards.each("values", request.field, EVERY)
+        return convert.values_reply(merge_values(found, limit))
+
+    @rpc
+    def SegmentHistory(self, request: pb.SegmentHistoryRequest,
+                       context: grpc.ServicerContext) -> pb.SegmentHistoryReply:
+        found = self.shards.each("history", request.name)
+        return pb.SegmentHistoryReply(points=[convert.point_reply(p)
+                                              for p in merge_history(found)])
 
     # ---------------------------------------------------------------- segments
     @rpc

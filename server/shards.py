@@ -168,6 +168,26 @@ class Shard:
 
         return getattr(shard_view(self, chosen, method, args), "do_" + method)(*args)
 
+    # ---------------------------------------------------------------- describe over shards
+    def do_describe_part(self) -> Any:
+        """Describe with every value listed, and the range fields' bounds (shard_reads)."""
+        from bitseg.server.shard_reads import describe_part
+
+        return describe_part(self.engine.snapshot)
+
+    def do_at_most(self, bounds: dict[str, list[Any]]) -> dict[str, list[int]]:
+        from bitseg.server.shard_reads import at_most
+
+        return at_most(self.engine.snapshot, bounds)
+
+    def do_values(self, name: str, limit: int) -> Any:
+        from bitseg.index.describe import values
+
+        return values(self.engine.snapshot, name, limit)
+
+    def do_history(self, name: str) -> list[Any]:
+        return self.segments.history(name)
+
     # ---------------------------------------------------------------- segments
     def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
                           as_of: datetime, tags: list[str]) -> tuple[Any, Any]:

@@ -4,11 +4,20 @@ The property test of every rule form, top included, is in test_shards.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from fractions import Fraction
 
+import pytest
+from test_shards import AS_OF, T0, Front, build_store, make_dataset
+
+from bitseg import ClientError
 from bitseg.index.rules import parse_rule
 from bitseg.index.schema import Schema
-from bitseg.server.shard_reads import merge_top, tops_of
+from bitseg.loaders.split import shard_folder
+from bitseg.server.shard_reads import merge_field, merge_top, tops_of
+from bitseg.server.shards import ShardSet
 
 SCHEMA = Schema.from_json({"profiles": {"n": "int", "x": "float"}})
 
@@ -35,3 +44,90 @@ def test_tops_of_lists_each_top_after_the_tops_inside_it() -> None:
     assert [(t.n, t.by) for t in found] == [(3, "x"), (2, "n"), (2, "n")]
     assert found[1].of != found[2].of  # the same n and by, another `of`: another top
     assert tops_of(parse_rule({"field": "n", "op": "gt", "value": 1}, SCHEMA)) == []
+
+
+# ---------------------------------------------------------------------- 3 shards against 1
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Front, Front]]:
+    """One shard and three, in process, over the same random dataset."""
+    root = tmp_path_factory.mktemp("reads")
+    make_dataset(root / "data", seed=21, profiles=120)
+    build_store(root / "data", root / "one", 1)
+    build_store(root / "data", root / "three", 3)
+    one = Front(ShardSet.embedded([str(shard_folder(root / "one", 0))]))
+    three = Front(ShardSet.embedded([str(shard_folder(root / "three", s)) for s in range(3)]))
+    for front in (one, three):
+        front.shards.unify_schema()
+    yield one, three
+    one.close()
+    three.close()
+
+
+def test_describe_of_three_shards_is_one_stores(fronts: tuple[Front, Front]) -> None:
+    one, three = fronts
+    for top in (1, 3, 20):
+        expected = replace(one.client.describe(top), version=0, eval_micros=0)
+        found = replace(three.client.describe(top), version=0, eval_micros=0)
+        assert found == expected
+    described = one.client.describe(2)
+    numbers = {f.name: f for f in described.fields}
+    assert numbers["x"].quantiles and numbers["t"].max  # the merges had work to do
+    assert any(len(f.top) == 2 and f.distinct > 2 for f in described.fields)
+    assert described.events and described.order_fields and described.item_fields
+
+
+def test_values_of_three_shards_are_one_stores(fronts: tuple[Front, Front]) -> None:
+    one, three = fronts
+    for name in ("kw", "tags", "ok"):
+        for limit in (1, 2, 100):
+            assert three.client.values(name, limit) == one.client.values(name, limit)
+    for bad in ("nope", "n"):  # unknown; a number field
+        with pytest.raises(ClientError) as caught:
+            one.client.values(bad)
+        with pytest.raises(ClientError) as again:
+            three.client.values(bad)
+        assert (again.value.code, again.value.message) == \
+            (caught.value.code, caught.value.message)
+
+
+def test_size_history_of_three_shards_is_one_stores(fronts: tuple[Front, Front]) -> None:
+    one, three = fronts
+    rule = {"event": "view", "window": {"last_days": 10}}
+    later = [(T0 + timedelta(days=d)).isoformat() for d in (2, 5, 9)]
+    ids = [f"u{i}" for i in range(1, 60)]
+    for front in (one, three):
+        client = front.client
+        client.create_segment("seen", "materialized", rule, as_of=AS_OF)
+        client.refresh_segment("seen", as_of=later[0])
+        client.refresh_segment("seen", as_of=later[1])
+        client.refresh_segment("seen", as_of=later[2])
+        client.refresh_segment("seen", as_of=later[2])  # the same as_of twice: two points
+        client.create_segment("picked", "static", profile_ids=ids[:20], as_of=AS_OF)
+        client.add_to_segment("picked", ids[10:40])
+        client.remove_from_segment("picked", ids[::3])
+        client.add_to_segment("picked", ids[:5])  # removed ones back, on several shards
+    expected = one.client.segment_history("seen")
+    assert len(expected) == 5
+    assert three.client.segment_history("seen") == expected
+    # an edit by id is at each store's own clock: the sizes and causes agree
+    found = [(p.size, p.cause) for p in three.client.segment_history("picked")]
+    assert found == [(p.size, p.cause) for p in one.client.segment_history("picked")]
+    assert [c for _, c in found] == ["create", "add", "remove", "add"]
+    with pytest.raises(ClientError) as caught:
+        three.client.segment_history("nope")
+    assert caught.value.code == "NOT_FOUND"
+
+
+def test_merge_field_ranks_the_summed_counts_again() -> None:
+    from bitseg.index.describe import FieldInfo
+
+    shards = [FieldInfo("kw", "keyword", 9, 3, (("a", 5), ("b", 3), ("c", 1))),
+              FieldInfo("kw", "keyword", 7, 3, (("e", 4), ("c", 2), ("a", 1))),
+              FieldInfo("kw", "keyword", 6, 2, (("e", 3), ("c", 3))),
+              FieldInfo("kw", "keyword", 0)]
+    # c is no shard's most common, yet ties a (6 each): ties by value
+    assert merge_field(shards, 3) == FieldInfo("kw", "keyword", 22, 4,
+                                               (("e", 7), ("a", 6), ("c", 6)))
+    assert merge_field(shards, 9).top[-1] == ("b", 3)
+    assert merge_field([FieldInfo("amount", "float", 4), FieldInfo("amount", "float", 3)],
+                       5) == FieldInfo("amount", "float", 7)

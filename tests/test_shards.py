@@ -444,10 +444,12 @@ def test_top_and_unsharded_rpcs_are_refused_never_wrong(
     with pytest.raises(ClientError) as caught:  # a segment would be refreshed per shard
         three.client.create_segment("best", "dynamic", top)
     assert caught.value.code == "UNIMPLEMENTED" and "top" in caught.value.message
+    assert replace(three.client.describe(3), version=0, eval_micros=0) == \
+        replace(one.client.describe(3), version=0, eval_micros=0)  # test_shard_reads.py
     with pytest.raises(ClientError) as caught:
-        three.client.describe()
+        three.client.actions()
     assert caught.value.code == "UNIMPLEMENTED"
-    assert caught.value.message == "Describe is not yet supported with --shards"
+    assert caught.value.message == "ListActions is not yet supported with --shards"
     with pytest.raises(ClientError) as caught:
         three.client.upsert_profiles([{"id": "new"}])
     assert caught.value.code == "UNIMPLEMENTED"
@@ -556,9 +558,11 @@ def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
         assert "kw0" in found.stdout, found.stderr
         checked = run_cli("check", some, "--segment", "kw0", "--as-of", AS_OF, *addr)
         assert checked.stdout.strip() == "true"
-        refused = run_cli("describe", *addr)
+        described = run_cli("describe", "--json", *addr)
+        assert described.returncode == 0, described.stderr
+        refused = run_cli("actions", *addr)
         assert refused.returncode == 6
-        assert "Describe is not yet supported with --shards" in refused.stderr
+        assert "ListActions is not yet supported with --shards" in refused.stderr
         # a materialized segment refreshed later: sizes, entries and exits over both shards
         text = orjson.dumps(bought).decode()
         made = run_cli("segment", "create", "bought", "--materialized", "--rule", text,
