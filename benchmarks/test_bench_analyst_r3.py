@@ -22,7 +22,7 @@ from bitseg.index import bulk, traits
 from bitseg.index.bulk import BulkAction
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.fields import bitmap_of
-from bitseg.index.profiles import FieldWriters
+from bitseg.index.profiles import FieldWriters, hold_fields
 
 MEMBERS = 1_000_000
 # the 10M store is written in place, own fields only (BITSEG_BENCH_IN_PLACE=1: any size)
@@ -67,8 +67,8 @@ def test_bulk_set_of_a_field_on_1m_members(writable):
 
 
 def _refresh(engine: Engine) -> traits.RefreshReport:
-    """traits.refresh at AS_OF; at 10M the same steps (compute, column-wise diff, rows
-    and indexes written in one write_columns) into `bench_<trait>` fields."""
+    """traits.refresh at AS_OF; at 10M the same steps (compute, column-wise diff, the
+    indexes written in one write_columns) into `bench_<trait>` fields."""
     if not PREFIX:
         return traits.refresh(engine, as_of=AS_OF)
     config = traits.parse_config(None)
@@ -85,11 +85,11 @@ def _refresh(engine: Engine) -> traits.RefreshReport:
             dense, per_trait = traits._changes(snap, computed)
             found.update(changed={n: len(c[0]) for n, c in per_trait.items()},
                          profiles=len(dense),
-                         holders={n: len(ids) for n, (ids, _) in computed.items()})
+                         holders={n: len(c[0]) for n, c in computed.items()})
             if not len(dense):
                 return None
             writers = FieldWriters(snap, snap.schema)
-            traits._rewrite_rows(engine.store, txn, dense, per_trait)
+            hold_fields(engine.store, txn, per_trait)
             traits._update_indexes(writers, snap, per_trait)
             return writers, snap.schema, bitmap_of(dense)
 

@@ -3,8 +3,9 @@ profile fields (so Describe lists them and every rule can use them).
 
 Every trait is computed over whole columns with numpy (grouping by sorting, never a
 Python loop per profile), compared column-wise with the values the fields hold now, and
-only the profiles whose values differ are written, as one profile batch (one LMDB
-transaction).  A profile for which a trait has no value loses the field.
+only the profiles whose values differ are written, column-wise in one LMDB transaction:
+the trait fields' bitmaps change, the rows do not (the fields are held by their index,
+see profiles.with_held).  A profile for which a trait has no value loses the field.
 
 Traits (names are the profile fields they fill):
 - best_send_hour: the UTC hour (0-23) with the most rows of the configured event types
@@ -22,7 +23,7 @@ Traits (names are the profile fields they fill):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,11 @@ from bitseg.index.compare import I64_MIN
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
-from bitseg.index.keys import u32
 from bitseg.index.order_index import NONE, OrderIndex
-from bitseg.index.profiles import FieldWriters
+from bitseg.index.profiles import FieldWriters, hold_fields
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.store import Store, Txn
+from bitseg.index.store import Txn
 from bitseg.index.timeline import day_of
 
 US_PER_HOUR = 3_600_000_000
@@ -106,17 +106,13 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 
 # ---------------------------------------------------------------------- grouping helpers
+MAX_GROUPS = 64  # favourite_category: more categories than this are grouped by sorting
+
+
 def _firsts(keys: np.ndarray) -> np.ndarray:
     """Positions where a sorted array starts a new run."""
     return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else \
         np.zeros(0, dtype=np.int64)
-
-
-def _best_per_profile(profile: np.ndarray, score: np.ndarray, label: np.ndarray) -> Values:
-    """Per profile, the label with the highest score (ties: the lowest label)."""
-    order = np.lexsort((label, -score, profile))
-    first = _firsts(profile[order])
-    return profile[order][first].astype(np.uint32), label[order][first]
 
 
 def _window(as_of: int, last_days: int) -> tuple[int, int]:
@@ -124,11 +120,60 @@ def _window(as_of: int, last_days: int) -> tuple[int, int]:
     return as_of - last_days * T.US_PER_DAY, as_of
 
 
+def _alive(snap: Snapshot, profiles: np.ndarray) -> np.ndarray:
+    """Which of these dense ids are live profiles (a lookup table, not a search)."""
+    live = ids_of(snap.live)
+    if not len(profiles) or not len(live):
+        return np.zeros(len(profiles), dtype=bool)
+    table = np.zeros(max(int(profiles.max()), int(live[-1])) + 1, dtype=bool)
+    table[live] = True
+    return table[profiles]
+
+
 def quintiles(metric: np.ndarray) -> np.ndarray:
     """1 + floor(5 r / n) with r the number of metrics strictly below each (ties share)."""
     n = len(metric)
-    below = np.searchsorted(np.sort(metric), metric, side="left")
-    return 1 + (5 * below.astype(np.int64)) // max(n, 1)
+    order = np.argsort(metric)
+    ordered = metric[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]] if n else np.zeros(0, dtype=bool)
+    below = np.empty(n, dtype=np.int64)  # r of the sorted: where its run of ties starts
+    below[order] = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    return 1 + (5 * below) // max(n, 1)
+
+
+def _groups(labels: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(label, positions holding it) for labels 0..count-1 present, in label order."""
+    small = labels.astype(np.uint8 if count <= 256 else np.uint16)  # radix-sorted
+    order = np.argsort(small, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(small, minlength=count))]
+    for label in range(count):
+        if bounds[label + 1] > bounds[label]:
+            yield label, order[bounds[label]:bounds[label + 1]]
+
+
+def _best_of_groups(size: int, groups: Iterator[tuple[int, np.ndarray, np.ndarray | None]]
+                    ) -> Values:
+    """Per profile, the label whose group sums the most for it (each row's weight, or 1
+    per row); ties: the label that came first. groups: (label, profiles, weights)."""
+    best = np.full(size, -1, dtype=np.int64)
+    top = np.zeros(size, dtype=np.int64)
+    for label, profiles, weights in groups:
+        total = np.zeros(size, dtype=np.int64)
+        np.add.at(total, profiles, 1 if weights is None else weights)  # exact, in C
+        there = np.zeros(size, dtype=bool)
+        there[profiles] = True
+        better = there & ((best < 0) | (total > top))
+        best[better] = label
+        top[better] = total[better]
+    ids = np.flatnonzero(best >= 0)
+    return ids.astype(np.uint32), best[ids]
+
+
+def _best_by_sorting(profile: np.ndarray, score: np.ndarray, label: np.ndarray) -> Values:
+    """Per profile, the label with the highest score (ties: the lowest label)."""
+    order = np.lexsort((label, -score, profile))
+    first = _firsts(profile[order])
+    return profile[order][first].astype(np.uint32), label[order][first]
 
 
 # ---------------------------------------------------------------------- the traits
@@ -149,58 +194,74 @@ def best_send_hour(snap: Snapshot, params: dict[str, Any], as_of: int) -> Values
     if not profiles:
         return _none(np.int64)
     profile = np.concatenate(profiles)
-    alive = np.isin(profile, ids_of(bitmap_of(profile) & snap.live))  # not deleted ones
-    profile = profile[alive].astype(np.int64)
-    hour = (np.concatenate(stamps)[alive] // US_PER_HOUR) % 24
-    keys, counts = np.unique(profile * 24 + hour, return_counts=True)
-    return _best_per_profile(keys // 24, counts, keys % 24)
-
-
-def _orders(snap: Snapshot, params: dict[str, Any], as_of: int) -> np.ndarray:
-    """Ids of the live orders of live profiles in the window with a listed status."""
-    index: OrderIndex = snap.orders
-    lo, hi = _window(as_of, params["last_days"])
-    chosen = index.live
-    if params.get("statuses") is not None:
-        status = index.values.get("status") or ValueIndex()
-        chosen = chosen & status.any_of(tuple(params["statuses"]))
-    oids = ids_of(chosen)
-    ts = index.ts_buf[oids]
-    oids = oids[(ts > lo) & (ts <= hi)]
-    owners = index.owner_buf[oids]
-    return oids[np.isin(owners, ids_of(bitmap_of(owners) & snap.live))]
-
-
-def rfm(snap: Snapshot, params: dict[str, Any], as_of: int, which: str) -> Values:
-    index: OrderIndex = snap.orders
-    oids = _orders(snap, params, as_of)
-    if not len(oids):
+    alive = _alive(snap, profile)  # not deleted ones
+    profile = profile[alive].astype(np.intp)
+    if not len(profile):
         return _none(np.int64)
-    owners = index.owner_buf[oids]
-    order = np.argsort(owners, kind="stable")
-    owners, oids = owners[order], oids[order]
-    starts = _firsts(owners)
+    hour = (np.concatenate(stamps)[alive] // US_PER_HOUR) % 24
+    return _best_of_groups(int(profile.max()) + 1,
+                           ((h, profile[at], None) for h, at in _groups(hour, 24)))
+
+
+class _Orders:
+    """The orders a set of params chooses, and per owner their count; shared by the
+    traits with the same window and statuses."""
+
+    def __init__(self, snap: Snapshot, params: dict[str, Any], as_of: int) -> None:
+        index: OrderIndex = snap.orders
+        lo, hi = _window(as_of, params["last_days"])
+        chosen = index.live
+        if params.get("statuses") is not None:
+            status = index.values.get("status") or ValueIndex()
+            chosen = chosen & status.any_of(tuple(params["statuses"]))
+        oids = ids_of(chosen)
+        ts = index.ts_buf[oids]
+        oids = oids[(ts > lo) & (ts <= hi)]
+        owners = index.owner_buf[oids]
+        alive = _alive(snap, owners)  # of live profiles
+        self.oids, self.owners = oids[alive], owners[alive].astype(np.intp)
+        self.size = int(self.owners.max()) + 1 if len(self.owners) else 0
+        self.count = np.bincount(self.owners, minlength=self.size)
+        self.buyers = np.flatnonzero(self.count)
+
+
+def _chosen(snap: Snapshot, params: dict[str, Any], as_of: int,
+            memo: dict[tuple, _Orders]) -> _Orders:
+    key = (params["last_days"], tuple(params.get("statuses") or ()) or None)
+    if key not in memo:
+        memo[key] = _Orders(snap, params, as_of)
+    return memo[key]
+
+
+def rfm(snap: Snapshot, params: dict[str, Any], as_of: int, which: str,
+        memo: dict[tuple, _Orders] | None = None) -> Values:
+    index: OrderIndex = snap.orders
+    chosen = _chosen(snap, params, as_of, {} if memo is None else memo)
+    buyers = chosen.buyers
+    if not len(buyers):
+        return _none(np.int64)
+    if which == "rfm_frequency":
+        return buyers.astype(np.uint32), quintiles(chosen.count[buyers])
+    by_owner = np.zeros(chosen.size, dtype=np.int64)
     if which == "rfm_recency":
-        metric = np.maximum.reduceat(index.ts_buf[oids], starts)
-    elif which == "rfm_frequency":
-        metric = np.diff(np.r_[starts, len(oids)])
+        by_owner[:] = I64_MIN
+        np.maximum.at(by_owner, chosen.owners, index.ts_buf[chosen.oids])
     else:
         column = index.columns.get(params["of"])
-        if column is None:
-            amounts = np.zeros(len(oids), dtype=np.int64)
-        else:
-            amounts = np.where(column.valid[oids], column.keys[oids], 0)
-        metric = np.add.reduceat(amounts, starts)
-    return owners[starts].astype(np.uint32), quintiles(metric)
+        if column is not None:
+            oids = chosen.oids
+            np.add.at(by_owner, chosen.owners, np.where(column.valid[oids], column.keys[oids], 0))
+    return buyers.astype(np.uint32), quintiles(by_owner[buyers])
 
 
-def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int
+def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int,
+                       memo: dict[tuple, _Orders] | None = None
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(ids, codes into the returned sorted category names)."""
     index: OrderIndex = snap.orders
     cats = index.item_values.get(params["category"])
     qty, price = index.item_columns.get("items.qty"), index.item_columns.get("items.price")
-    oids = _orders(snap, params, as_of)
+    oids = _chosen(snap, params, as_of, {} if memo is None else memo).oids
     if cats is None or qty is None or price is None or not len(oids):
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), []
     names = sorted(cats.values)
@@ -217,13 +278,17 @@ def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int
     if not len(iids):
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), names
     spend = qty.keys[iids] * price.keys[iids]
-    profile = index.owner_buf[owner[iids]].astype(np.int64)
-    keys = profile * len(names) + code[iids]
+    profile = index.owner_buf[owner[iids]].astype(np.intp)
+    if len(names) <= MAX_GROUPS:
+        groups = ((k, profile[at], spend[at]) for k, at in _groups(code[iids], len(names)))
+        ids, best = _best_of_groups(int(profile.max()) + 1, groups)
+        return ids, best, names
+    keys = profile.astype(np.int64) * len(names) + code[iids]
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     starts = _firsts(keys)
     totals = np.add.reduceat(spend[order], starts)
-    ids, best = _best_per_profile(keys[starts] // len(names), totals, keys[starts] % len(names))
+    ids, best = _best_by_sorting(keys[starts] // len(names), totals, keys[starts] % len(names))
     return ids, best, names
 
 
@@ -231,31 +296,42 @@ def _none(dtype: Any) -> Values:
     return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=dtype)
 
 
+Computed = tuple[np.ndarray, np.ndarray, list]  # sorted dense ids, values, keyword table
+
+
 def compute(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int
-            ) -> dict[str, tuple[np.ndarray, list]]:
-    """Each declared trait: (sorted dense ids, their values as Python objects)."""
-    out: dict[str, tuple[np.ndarray, list]] = {}
+            ) -> dict[str, Computed]:
+    """Each declared trait: (sorted dense ids, their values as an int64 array, and for a
+    keyword trait the table its values are codes into, else [])."""
+    out: dict[str, Computed] = {}
+    memo: dict[tuple, _Orders] = {}  # the orders chosen, shared by traits with equal params
     for name, params in config.items():
         if name == "best_send_hour":
             ids, values = best_send_hour(snap, params, as_of)
-            out[name] = ids, values.tolist()
+            out[name] = ids, values, []
         elif name in RFM:
-            ids, values = rfm(snap, params, as_of, name)
-            out[name] = ids, values.tolist()
+            ids, values = rfm(snap, params, as_of, name, memo)
+            out[name] = ids, values, []
         else:
-            ids, codes, names = favourite_category(snap, params, as_of)
-            out[name] = ids, [names[c] for c in codes.tolist()]
+            out[name] = favourite_category(snap, params, as_of, memo)
     return out
+
+
+def values_of(computed: Computed) -> list:
+    """A computed trait's values as Python objects (keywords as their names)."""
+    _, values, table = computed
+    return [table[c] for c in values.tolist()] if table else values.tolist()
 
 
 # ---------------------------------------------------------------------- writing
 MISSING = I64_MIN  # no value, in the code arrays below
 
 
-def _as_codes(snap: Snapshot, name: str, ids: np.ndarray, values: list, size: int
+def _as_codes(snap: Snapshot, name: str, computed: Computed, size: int
               ) -> tuple[np.ndarray, np.ndarray, list]:
     """(old, new) values of one field over dense ids 0..size-1 as int64 arrays (MISSING:
     no value; keywords as codes into the returned table), for a column-wise diff."""
+    ids, values, table = computed
     old = np.full(size, MISSING, dtype=np.int64)
     new = np.full(size, MISSING, dtype=np.int64)
     index = snap.fields.get(name)
@@ -263,56 +339,36 @@ def _as_codes(snap: Snapshot, name: str, ids: np.ndarray, values: list, size: in
         if isinstance(index, RangeIndex):
             have, keys = index.decode()
             old[have] = keys
-        new[ids] = np.asarray(values, dtype=np.int64)
+        new[ids] = values
         return old, new, []
-    table = sorted(set(values) | set(index.values if isinstance(index, ValueIndex) else ()))
-    code = {word: k for k, word in enumerate(table)}
+    merged = sorted(set(table) | set(index.values if isinstance(index, ValueIndex) else ()))
+    code = {word: k for k, word in enumerate(merged)}
     if isinstance(index, ValueIndex):
         for word, bitmap in index.values.items():
             old[ids_of(bitmap)] = code[word]
-    new[ids] = np.fromiter((code[v] for v in values), dtype=np.int64, count=len(values))
-    return old, new, table
+    if len(ids):
+        new[ids] = np.array([code[word] for word in table], dtype=np.int64)[values]
+    return old, new, merged
 
 
 Change = tuple[np.ndarray, np.ndarray, list]  # changed ids, their new codes, keyword table
 
 
-def _changes(snap: Snapshot, computed: dict[str, tuple[np.ndarray, list]]
+def _changes(snap: Snapshot, computed: dict[str, Computed]
              ) -> tuple[np.ndarray, dict[str, Change]]:
     """(dense ids of the profiles to write, per trait: the ids whose value differs, their
     new values as codes (MISSING: removed; keywords: into the table))."""
     size = int(snap.live.max()) + 1 if snap.live else 0
-    for ids, _ in computed.values():
+    for ids, _, _ in computed.values():
         size = max(size, int(ids.max()) + 1 if len(ids) else 0)
     per_trait: dict[str, Change] = {}
     touched = BitMap()
-    for name, (ids, values) in computed.items():
-        old, new, table = _as_codes(snap, name, ids, values, size)
+    for name, one in computed.items():
+        old, new, table = _as_codes(snap, name, one, size)
         where = np.flatnonzero(old != new).astype(np.uint32)
         per_trait[name] = where, new[where], table
         touched |= bitmap_of(where)
     return ids_of(touched), per_trait
-
-
-def _rewrite_rows(store: Store, txn: Txn, dense: np.ndarray,
-                  per_trait: dict[str, Change]) -> None:
-    """Each changed profile's row read, given its new trait values, written back once."""
-    updates: list[dict[str, Any]] = [{} for _ in range(len(dense))]
-    for name, (where, codes, table) in per_trait.items():
-        for position, code in zip(np.searchsorted(dense, where).tolist(), codes.tolist(),
-                                  strict=True):
-            updates[position][name] = None if code == MISSING else \
-                table[code] if table else code
-    for d, update in zip(dense.tolist(), updates, strict=True):
-        key = u32(d)
-        raw = store.get(txn, "rows", key)
-        row = orjson.loads(raw) if raw is not None else {}
-        for name, value in update.items():
-            if value is None:
-                row.pop(name, None)
-            else:
-                row[name] = value
-        store.put(txn, "rows", key, orjson.dumps(row))
 
 
 def _update_indexes(writers: FieldWriters, snap: Snapshot,
@@ -361,11 +417,11 @@ def refresh(engine: Engine, config: Any = None, *, as_of: Any = None) -> Refresh
         dense, per_trait = _changes(snap, computed)
         found.update(changed={name: len(c[0]) for name, c in per_trait.items()},
                      profiles=len(dense),
-                     holders={name: len(ids) for name, (ids, _) in computed.items()})
+                     holders={name: len(c[0]) for name, c in computed.items()})
         if not len(dense):
             return None  # nothing changed: no new version, so result caches stay valid
         writers = FieldWriters(snap, snap.schema)
-        _rewrite_rows(engine.store, txn, dense, per_trait)
+        hold_fields(engine.store, txn, per_trait)  # the rows are not rewritten
         _update_indexes(writers, snap, per_trait)
         return writers, snap.schema, bitmap_of(dense)
 

@@ -171,6 +171,9 @@ def test_traits_equal_naive(tmp_path: Path, seed: int, config: int) -> None:
         expected = {pid: row for pid, row in
                     naive(profiles, events, orders, live, declared, later).items() if row}
         assert stored(eng) == expected
+        # the trait fields are held by their index: an upsert of other fields keeps them
+        eng.upsert_profiles([{"id": pid, "age": 1} for pid in sorted(live)])
+        assert stored(eng) == expected
         check_rules(eng, expected, declared)
     with Engine.open(tmp_path / "db") as again:  # the bitmaps were stored, not only published
         check_rules(again, expected, declared)
@@ -232,3 +235,22 @@ def test_a_field_of_another_type_is_refused(tmp_path: Path) -> None:
         with pytest.raises(BitsegError, match="best_send_hour"):
             traits.refresh(eng, as_of=AS_OF)
         assert eng.profile("a")["best_send_hour"] == "noon"
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_many_categories_are_grouped_by_sorting(tmp_path: Path, seed: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """More categories than MAX_GROUPS take the sorting path: the same favourites."""
+    monkeypatch.setattr(traits, "MAX_GROUPS", 2)
+    profiles, events, orders = make_data(seed)
+    config = {"favourite_category": {}, "rfm_monetary": {"last_days": 200}}
+    with Engine.open(tmp_path / "db") as eng:
+        eng.declare_schema({"orders": {"amount": "float", "items.price": "float"}})
+        eng.upsert_profiles(profiles)
+        eng.add_orders(orders)
+        live = set(eng.members({"all": True}))
+        traits.refresh(eng, config, as_of=AS_OF)
+        expected = {pid: row for pid, row in naive(profiles, events, orders, live,
+                                                   traits.parse_config(config), AS_OF).items()
+                    if row}
+        assert stored(eng) == expected
