@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 from pyroaring import BitMap
 
-from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
+from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of, ids_of
 
 
 def count_index(ids: np.ndarray, counts: np.ndarray) -> RangeIndex:
@@ -106,13 +106,16 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
 
 
-def restricted(counts: RangeIndex, within: BitMap) -> RangeIndex:
-    """The counts of the profiles in `within` only (one intersection a slice: cheap when
-    `within` is small, as the few profiles with rows on a window's partial days)."""
-    slices = [s & within for s in counts.slices]
-    while slices and not slices[-1]:
-        slices.pop()
-    return RangeIndex(0, 1, tuple(slices), counts.exists & within)
+def counts_at(counts: RangeIndex, ids: np.ndarray, within: BitMap) -> np.ndarray:
+    """The counts of these profiles (sorted distinct ids, `within` their bitmap), 0 where
+    none: one intersection a slice, cheap when they are few, as the profiles with rows on
+    a window's partial days."""
+    out = np.zeros(len(ids), dtype=np.int64)
+    for i, bits in enumerate(counts.slices):
+        found = ids_of(bits & within)
+        if len(found):
+            out[np.searchsorted(ids, found)] += 1 << i
+    return out
 
 
 def sum_counts(parts: list[RangeIndex]) -> RangeIndex:

@@ -22,7 +22,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
-from bitseg.index.event_counts import add_counts, counts_of, restricted, sub_counts, sum_counts
+from bitseg.index.event_counts import counts_at, counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
 from bitseg.index.event_windows import judged_days, whole_days, window_counts, window_presence
@@ -131,15 +131,27 @@ def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: li
     whole = whole_days(index, streams, first, end)
     hit = judged_days(index, streams, first, end, whole, ("count", having.op, having.value),
                       lambda counts: _compare_index(counts, having))
-    plus, minus = counts_of(inside), counts_of(outside)
-    edge = plus.exists | minus.exists
-    result, near = hit - edge, plus
-    if edge:  # the rows outside are within the whole days: never below zero
-        near = sub_counts(add_counts(restricted(whole, edge), plus), minus)
-        result |= _compare_index(near, having)
+    ids, rows = _signed_counts(inside, outside)
+    edge = bitmap_of(ids)
+    totals = counts_at(whole, ids, edge) + rows  # rows outside are in whole: never < 0
+    result = (hit - edge) | bitmap_of(ids[compare(totals, having.op, having.value) &
+                                          (totals > 0)])
     if not having.holds_for_no_rows():
         return result, None
-    return result, (whole.exists - edge) | near.exists
+    return result, (whole.exists - edge) | bitmap_of(ids[totals > 0])
+
+
+def _signed_counts(plus: np.ndarray, minus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct profiles, each one's rows in plus less its rows in minus)."""
+    if len(plus) + len(minus) == 0:
+        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+    # one sort of profile * 2 + (1 for minus): a plain sort, several times an argsort's speed
+    keys = np.sort(np.concatenate([plus.astype(np.uint64) << np.uint64(1),
+                                   (minus.astype(np.uint64) << np.uint64(1)) | np.uint64(1)]))
+    profiles = (keys >> np.uint64(1)).astype(np.uint32)
+    starts = np.flatnonzero(np.r_[True, profiles[1:] != profiles[:-1]])
+    signs = 1 - 2 * (keys & np.uint64(1)).astype(np.int64)
+    return profiles[starts], np.add.reduceat(signs, starts)
 
 
 def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
