@@ -45,15 +45,11 @@ if TYPE_CHECKING:
 SCALE = T.FLOAT_SCALE
 MAX_INT_FLOAT = (T.MAX_KEY - 1) // SCALE  # an integer in a float field: key = x * SCALE
 FAST_FLOAT = 2.0**26  # below: one 8-decimal number per double, so rint(x * 1e8) is its key
-SMALL_FLOAT = 1e-5  # below: pyarrow writes exponents where orjson writes them differently
-# Months 01-12, days 01-31, hours 00-23, minutes and seconds 00-59; a day past its
-# month's end (02-30) is caught by comparing the day strptime gives back.
-_DAY = r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-_TIMESTAMP = _DAY + r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ$"
-_DATE = _DAY + "$"
+SMALL_FLOAT = 1e-5  # below: left to add() (orjson writes such floats with an exponent)
 _CONTROL = "[\x00-\x1f]"
 _INT_LITERAL = rb"\s*:\s*-?\d+\s*[,}\]]"  # after a key: an integer, not a float
 _STRING = (pa.string(), pa.large_string())
+_POOL_BYTES = 1 << 30  # _concat's pool and rows, in 32-bit offsets: within 2 GiB
 
 
 class _Coded:
@@ -93,14 +89,43 @@ def _valid(arr: pa.Array) -> np.ndarray:
 
 
 def _join(*parts: Any) -> pa.Array:
+    """The parts (strings, and string arrays of one length) joined row by row; null where
+    an array is null."""
     merged: list[Any] = []  # neighbouring strings as one scalar
     for part in parts:
         if isinstance(part, str) and merged and isinstance(merged[-1], str):
             merged[-1] += part
         else:
             merged.append(part)
+    arrays = [p for p in merged if not isinstance(p, str)]
+    if len(merged) > 2 and arrays and not any(a.null_count for a in arrays) and \
+            sum(a.nbytes for a in arrays) + len(arrays[0]) * len("".join(
+                p for p in merged if isinstance(p, str)).encode()) < _POOL_BYTES:
+        return _concat(merged)
     return pc.binary_join_element_wise(*(_s(p) if isinstance(p, str) else p for p in merged),
                                        _s(""))
+
+
+def _concat(parts: list[Any]) -> pa.Array:
+    """Strings and string arrays without nulls joined row by row in one take from a pool
+    of them all: a row is a run of slots, so the taken values' bytes are the rows, one
+    after another (binary_join_element_wise with a block's ~25 parts took ~2x as long)."""
+    arrays = [p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p
+              for p in parts if not isinstance(p, str)]
+    rows = len(arrays[0])
+    constants = [p for p in parts if isinstance(p, str)]
+    pool = pa.concat_arrays([pa.array(constants, pa.string()),
+                             *(a.cast(pa.string()) for a in arrays)])
+    first = np.empty(len(parts), dtype=np.int32)  # each slot's pool index in row 0
+    step = np.array([not isinstance(p, str) for p in parts], dtype=np.int32)
+    first[step == 0] = np.arange(len(constants))
+    first[step == 1] = len(constants) + rows * np.arange(len(arrays))
+    slots = first + step * np.arange(rows, dtype=np.int32)[:, None]  # row by row
+    taken = pool.take(pa.array(slots.ravel()))
+    offsets = np.frombuffer(taken.buffers()[1], dtype=np.int32)
+    bounds = np.ascontiguousarray(offsets[taken.offset:][::len(parts)][:rows + 1])
+    return pa.Array.from_buffers(pa.string(), rows, [None, pa.py_buffer(bounds),
+                                                     taken.buffers()[2] or pa.py_buffer(b"")])
 
 
 def _members(convs: dict[str, _Conv], upto: int) -> tuple:
@@ -177,6 +202,17 @@ def _codes(arr: pa.Array, rows: np.ndarray) -> _Coded:
 
 def _ints_json(keys: np.ndarray) -> pa.Array:
     return pc.cast(pa.array(keys, pa.int64()), pa.string())
+
+
+def _floats_json(numbers: np.ndarray) -> pa.Array:
+    """Floats (finite) as orjson writes them in a row, one string each: orjson formats
+    the whole array in C (~6x pyarrow's cast to string and its "1" -> "1.0" fix)."""
+    if len(numbers) == 0:
+        return pa.array([], pa.string())
+    written = orjson.dumps(np.ascontiguousarray(numbers, dtype=np.float64),
+                           option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+    texts = pc.list_flatten(pc.split_pattern(pa.array([written], pa.large_binary()), b","))
+    return texts.cast(pa.binary()).cast(pa.string())
 
 
 class _Converter:
@@ -303,39 +339,93 @@ class _Converter:
         if len(ints) and self.integer_literal(key, ints if owners is None else owners[ints]):
             fits &= ~whole
         bad = valid & ~fits
-        text = pc.cast(pa.array(v, pa.float64()), pa.string())
-        text = pc.if_else(pc.match_substring(text, "."), text, _join(text, ".0"))
-        return _Conv(valid, bad, (text,), keys=np.where(valid & fits, k, 0).astype(np.int64))
+        keys = np.where(valid & fits, k, 0).astype(np.int64)
+        return _Conv(valid, bad, (_floats_json(v),), keys=keys)
 
     @staticmethod
     def times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
         """Dates (days) or timestamps (µs) of strings in the plain forms: YYYY-MM-DD, and
         for timestamps also YYYY-MM-DDTHH:MM:SSZ; (keys, which ones were read)."""
-        m = len(arr)
-        keys, ok = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=bool)
-        forms = [(_DATE, "%Y-%m-%d")]
-        if type_ == T.TIMESTAMP:
-            forms.append((_TIMESTAMP, "%Y-%m-%dT%H:%M:%SZ"))
-        for pattern, fmt in forms:
-            hit = _np(pc.match_substring_regex(arr, pattern))
-            if not hit.any():
-                continue
-            secs = pc.strptime(arr, fmt, "s", error_is_null=True)
-            day = pc.utf8_slice_codeunits(
-                pc.if_else(pa.array(hit, pa.bool_()), arr, _s("0000-00-00")), 8, 10)
-            same = _np(pc.equal(pc.day(secs), pc.cast(day, pa.int64())))  # 02-30: 03-01
-            raw = pc.fill_null(pc.cast(secs, pa.int64()), _s(0, pa.int64())).to_numpy(
-                zero_copy_only=False)
-            hit &= same
-            keys = np.where(hit, raw, keys)
-            ok |= hit
-        if type_ == T.DATE:
-            keys = keys // 86_400
-            ok &= (keys >= T.MIN_DAY) & (keys <= T.MAX_DAY)
+        return fixed_times(arr, type_)
+
+
+# A fixed-width form's separators (position: byte); its other bytes are digits.
+_SEPARATORS = {10: {4: b"-", 7: b"-"},
+               20: {4: b"-", 7: b"-", 10: b"T", 13: b":", 16: b":", 19: b"Z"}}
+_MONTH_DAYS = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def fixed_times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
+    """Dates (days) or timestamps (µs) of strings in the plain forms: YYYY-MM-DD, and
+    for timestamps also YYYY-MM-DDTHH:MM:SSZ (months 01-12, days within their month,
+    hours 00-23, minutes and seconds 00-59, years 0001-9999); (keys, which ones were
+    read).  The forms have a fixed width, so each width's strings are read as a matrix
+    of bytes in numpy (pyarrow's regex and strptime took ~2-3x as long)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    m = len(arr)
+    keys, ok = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=bool)
+    if m == 0:
+        return keys, ok
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if large else np.int32)
+    offsets = offsets[arr.offset:arr.offset + m + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2] or b"", dtype=np.uint8)
+    size = np.diff(offsets)
+    present = _valid(arr)
+    for width in (10, 20) if type_ == T.TIMESTAMP else (10,):
+        fits = present & (size == width)
+        if fits.all():  # every string of this width: their bytes are the matrix
+            rows = slice(None)
+            chars = data[offsets[0]:offsets[-1]].reshape(m, width)
         else:
-            keys = keys * 1_000_000
-            ok &= (keys >= T.MIN_US) & (keys <= T.MAX_US)
-        return np.where(ok, keys, 0), ok
+            rows = np.flatnonzero(fits)
+            if len(rows) == 0:
+                continue
+            chars = data[offsets[rows][:, None] + np.arange(width)]
+        read, when = _fixed_time(chars, width)
+        keys[rows] = when
+        ok[rows] = read
+    if type_ == T.DATE:
+        keys = keys // 86_400
+        ok &= (keys >= T.MIN_DAY) & (keys <= T.MAX_DAY)
+    else:
+        keys = keys * 1_000_000
+        ok &= (keys >= T.MIN_US) & (keys <= T.MAX_US)
+    return np.where(ok, keys, 0), ok
+
+
+def _fixed_time(chars: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(read, seconds since the epoch, 0 where not read) of a matrix of `width` bytes a
+    row in a form of _SEPARATORS."""
+    separators = _SEPARATORS[width]
+    at = np.array(sorted(separators))
+    digits = np.delete(chars, at, axis=1) - np.uint8(ord("0"))  # a byte below "0" wraps
+    read = (digits <= 9).all(axis=1)
+    read &= (chars[:, at] == np.frombuffer(b"".join(separators[i] for i in at.tolist()),
+                                           dtype=np.uint8)).all(axis=1)
+    number = digits.astype(np.int64)  # year, month, day, [hour, minute, second]: 4,2,2,2,2,2
+    year = number[:, 0] * 1000 + number[:, 1] * 100 + number[:, 2] * 10 + number[:, 3]
+    month, day = number[:, 4] * 10 + number[:, 5], number[:, 6] * 10 + number[:, 7]
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    read &= (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1)
+    read &= day <= _MONTH_DAYS[np.where(read, month, 0)] + (leap & (month == 2))
+    seconds = _civil_days(year, month, day) * 86_400
+    if width == 20:
+        hour, minute = number[:, 8] * 10 + number[:, 9], number[:, 10] * 10 + number[:, 11]
+        second = number[:, 12] * 10 + number[:, 13]
+        read &= (hour <= 23) & (minute <= 59) & (second <= 59)
+        seconds += hour * 3600 + minute * 60 + second
+    return read, np.where(read, seconds, 0)
+
+
+def _civil_days(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of proleptic Gregorian dates (H. Hinnant's days_from_civil)."""
+    year = year - (month <= 2)
+    era = year // 400
+    of_era = year - era * 400
+    of_year = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    return era * 146_097 + of_era * 365 + of_era // 4 - of_era // 100 + of_year - 719_468
 
 
 def _external(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
