@@ -17,7 +17,7 @@ import struct
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -152,6 +152,12 @@ class LruCache:
         with self._lock:
             self._entries.clear()
             self.size = 0
+
+    def discard(self, test: Callable[[Any], bool]) -> None:
+        """Drop the entries whose key (without its version) passes test."""
+        with self._lock:
+            for key in [k for k in self._entries if test(k[0])]:
+                self.size -= self._entries.pop(key)[1]
 
     def put(self, key: tuple[Any, int], value: Any, size: int) -> None:
         with self._lock:

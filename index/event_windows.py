@@ -176,6 +176,12 @@ def _window_key(index: EventIndex, streams: list[str], first: int, end: int,
     return (b"w", tuple(streams), first, end, test), stamp
 
 
+def is_window(key: tuple) -> bool:
+    """Whether a derived cache key is a window's (whole_days, judged_days), not a block's
+    (a bench drops them to time a window's first ask)."""
+    return key[0] == b"w"
+
+
 def window_presence(index: EventIndex, streams: list[str], first: int, end: int
                     ) -> list[BitMap]:
     """Bitmaps whose union is who has any of the streams' events on days [first, end)."""
