@@ -123,9 +123,9 @@ def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: li
     """_judged of a count over streams, the edge days never summed into the whole days:
     with S the whole days' counts (event_windows.whole_days, cached per window) and D the
     few profiles with rows on a partial day, the answer is the profiles outside D that
-    S alone passes (judged_days, cached too) and those in D that S restricted to D, plus
-    and minus their partial days' rows, passes. Per call only D's small bitmaps are
-    summed: the whole days of a window asked again are not touched."""
+    S alone passes (judged_days, cached too) and those in D whose S, read off its slices,
+    plus and minus their partial days' rows passes, compared exactly in numpy. A window
+    asked again touches only D: its whole days are neither summed nor compared."""
     having = cond.having
     first, end, inside, outside = _window_days(cond, index, schema, events, lo, hi, as_of)
     whole = whole_days(index, streams, first, end)
