@@ -12,8 +12,9 @@ Everything is a cardinality over one snapshot's indexes; no member row is read:
 - events: per type and window of the last 7, 30 and 90 days, the count blocks that
   make up the window (EventWindow; no per-profile sum over the base): the audience's
   events are the sum over blocks of ±2**i * |slice i ∩ audience|, its members with
-  one or more those in a plus block less the few a minus block takes to zero; the
-  base's are the same over the live profiles, kept per snapshot and as_of;
+  one or more |present ∩ audience|; the window, who of the base is present (those in
+  a plus block less the few a minus block takes to zero) and the base's events are
+  the same for every audience, so kept per snapshot and as_of (at 10M ~40 MB);
 - orders: orders, buyers, revenue and average order value, as Metrics computes them.
 """
 
@@ -52,7 +53,8 @@ BUCKETS = 10  # histogram buckets per numeric or date field
 MAX_BUCKETS = 100
 WINDOWS = (7, 30, 90)  # days of event activity
 MAX_BASE_TOTALS = 64  # base order totals kept per snapshot (by as_of, amount field)
-MAX_KEPT_ACTIVITY = 1024  # base event activity kept per snapshot (by event, days, as_of)
+MAX_KEPT_ACTIVITY = 96  # event windows kept per snapshot (by event, days, as_of)
+NARROW = 3  # a count block of more slices is cut down to the audience's ids first
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,16 +326,35 @@ class _Descent:
 # ---------------------------------------------------------------------- events
 def event_insight(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
                   windows: Sequence[int] = WINDOWS) -> EventInsight:
-    return EventInsight(event, tuple(_activity(snap, event, audience, as_of_us, days)
+    within = _Within(audience)  # the windows share blocks: the 30 days' is in the 90's
+    return EventInsight(event, tuple(_activity(snap, event, within, as_of_us, days)
                                      for days in windows))
 
 
-def _activity(snap: Snapshot, event: str, audience: BitMap, as_of_us: int,
+def _activity(snap: Snapshot, event: str, audience: _Within, as_of_us: int,
               days: int) -> Activity:
-    window = event_window(snap, event, days, as_of_us)
-    base_events, base_profiles = _base_activity(snap, event, days, as_of_us, window)
-    return Activity(days, window.events(audience), window.profiles(audience),
-                    base_events, base_profiles)
+    window, present, base_events = _kept_window(snap, event, days, as_of_us)
+    return Activity(days, window.events(audience), present.intersection_cardinality(
+        audience.ids), base_events, len(present))
+
+
+class _Within:
+    """A set of profiles and their events per count block asked about (sum of
+    2**i * |slice i ∩ them|), so a block met again in another window is not counted
+    again. A block of several slices is first cut down to its profiles in the set:
+    fewer ids to test against each slice."""
+
+    def __init__(self, ids: BitMap) -> None:
+        self.ids = ids
+        self.seen: dict[int, tuple[RangeIndex, int]] = {}  # by id(block), the block held
+
+    def events(self, counts: RangeIndex) -> int:
+        found = self.seen.get(id(counts))
+        if found is None:
+            ids = counts.exists & self.ids if len(counts.slices) > NARROW else self.ids
+            found = self.seen[id(counts)] = (counts, sum(
+                s.intersection_cardinality(ids) << i for i, s in enumerate(counts.slices)))
+        return found[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,26 +372,21 @@ class EventWindow:
     plus: tuple[RangeIndex, ...] = ()
     minus: tuple[RangeIndex, ...] = ()
 
-    def events(self, within: BitMap) -> int:
-        return sum(_events(b, within) for b in self.plus) - \
-            sum(_events(b, within) for b in self.minus)
+    def events(self, within: _Within) -> int:
+        return sum(within.events(b) for b in self.plus) - \
+            sum(within.events(b) for b in self.minus)
 
-    def profiles(self, within: BitMap) -> int:
+    def present(self, live: BitMap) -> BitMap:
+        """The live profiles with at least one of the window's events."""
         if not self.plus:
-            return 0
-        if len(self.plus) == 1:
-            inside = self.plus[0].exists.intersection_cardinality(within)
-        else:  # the ones in no plus block, whittled down block by block
-            rest = within
-            for b in self.plus:
-                rest = rest - b.exists
-            inside = len(within) - len(rest)
+            return BitMap()
+        inside = BitMap.union(*(b.exists for b in self.plus)) & live
         if not self.minus:
             return inside
-        taken = BitMap.union(*(b.exists & within for b in self.minus))
+        taken = BitMap.union(*(b.exists for b in self.minus)) & live
         left = sub_counts(sum_counts([_cut(b, taken) for b in self.plus]),
                           sum_counts([_cut(b, taken) for b in self.minus]))
-        return inside - len(taken - left.exists)
+        return inside - (taken - left.exists)
 
 
 def _cut(counts: RangeIndex, ids: BitMap) -> RangeIndex:
@@ -423,28 +439,24 @@ def _day_rows(events: EventIndex, event: str, day: int) -> tuple[np.ndarray, np.
     return np.concatenate([p for p, _ in found]), np.concatenate([t for _, t in found])
 
 
-def _events(counts: RangeIndex, within: BitMap) -> int:
-    if not counts.exists:
-        return 0
-    return sum(s.intersection_cardinality(within) << i for i, s in enumerate(counts.slices))
-
-
 @dataclass(slots=True)
 class _KeptActivity:
-    """The base's events and profiles per (event, days, as_of): the same for every
-    audience, so kept per events index and live profiles (per snapshot)."""
+    """Per (event, days, as_of): the window's blocks, who of the base has one of its
+    events and the base's events there; the same for every audience, so kept per events
+    index and live profiles (per snapshot). A new as_of makes its windows anew."""
 
     events: EventIndex  # held, so `is` cannot meet a new index at a reused address
     live: BitMap
-    found: dict[tuple[str, int, int], tuple[int, int]]
+    found: dict[tuple[str, int, int], tuple[EventWindow, BitMap, int]]
 
 
 _kept_activity: list[_KeptActivity] = []  # the last snapshot's
 _activity_lock = threading.Lock()  # held only to read or store an entry
 
 
-def _base_activity(snap: Snapshot, event: str, days: int, as_of_us: int,
-                   window: EventWindow) -> tuple[int, int]:
+def _kept_window(snap: Snapshot, event: str, days: int, as_of_us: int
+                 ) -> tuple[EventWindow, BitMap, int]:
+    """(the window, the live profiles with one of its events, the base's events)."""
     with _activity_lock:
         kept = _kept_activity[0] if _kept_activity else None
     if kept is None or kept.events is not snap.events or kept.live is not snap.live:
@@ -454,7 +466,8 @@ def _base_activity(snap: Snapshot, event: str, days: int, as_of_us: int,
     key = (event, days, as_of_us)
     found = kept.found.get(key)
     if found is None:
-        found = (window.events(snap.live), window.profiles(snap.live))
+        window = event_window(snap, event, days, as_of_us)
+        found = (window, window.present(snap.live), window.events(_Within(snap.live)))
         with _activity_lock:
             if len(kept.found) >= MAX_KEPT_ACTIVITY:  # as_of values come and go
                 kept.found.clear()
