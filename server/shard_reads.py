@@ -37,7 +37,7 @@ from bitseg.index.top import Top, TopSets, top_members
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
 # what a shard may be asked with top sets in place: the reads that evaluate a rule
 READS = frozenset({"count", "page", "preview", "explain", "metrics", "is_member",
-                   "is_member_many"})
+                   "is_member_many", "insights_part"})
 
 
 # ---------------------------------------------------------------------- top, on a shard
@@ -397,3 +397,95 @@ def merge_history(lists: Sequence[Sequence[Any]]) -> list[Any]:
         group[shard] = point
     close()
     return merged
+
+
+# ---------------------------------------------------------------------- Insights
+# Exactly mergeable: the audience's and the base's sizes, a keyword, keywords or bool
+# field's counts per value (every shard lists every value it has, with its audience and
+# base counts; the front ranks the summed counts), event activity and orders (sums).
+# Not: a number, date or timestamp field's histogram. Its buckets are cut in the field
+# index's key units (the gcd of the keys it was built from since its last rebuild),
+# which depend on the values a store once held and on when it last rebuilt, so the
+# shards' units cannot be combined into the one a single store would have.
+RANGED_REFUSAL = ("Insights of number, date and timestamp fields ({}) is not yet "
+                  "supported with --shards: their histogram buckets are cut in each "
+                  "store's own key units; name keyword, keywords or bool fields in `fields`")
+
+
+def insights_part(engine: Any, rule: Any, as_of: datetime, fields: list[str], top: int,
+                  buckets: int, amount_field: str) -> tuple[Any, dict[str, list]]:
+    """This shard's Insights of the rule's profiles, and per keyword, keywords or bool
+    field every value with (audience count, base count)."""
+    from bitseg.index.engine import as_of_micros
+    from bitseg.index.evaluate import Evaluator
+    from bitseg.index.fields import ValueIndex
+    from bitseg.index.insights import insights
+
+    snap = engine.snapshot
+    as_of_us = as_of_micros(as_of)
+    audience = Evaluator(snap, as_of_us).bitmap(engine.parse(rule, snap))
+    found = insights(snap, audience, as_of_us, fields, top, buckets, amount_field)
+    audience = audience & snap.live
+    counted = {}
+    for info in found.fields:
+        index = snap.field(info.name)
+        if not isinstance(index, ValueIndex):  # with one shard only: its answer is whole
+            continue
+        counted[info.name] = [(v, b.intersection_cardinality(audience),
+                               b.intersection_cardinality(snap.live))
+                              for v, b in index.values.items()]
+    return found, counted
+
+
+def merge_insights(parts: Sequence[tuple[Any, dict[str, list]]], top: int) -> Any:
+    """The shards' Insights parts as one store's."""
+    from bitseg.index.insights import Activity, EventInsight, FieldInsight, Insights
+
+    found = [f for f, _ in parts]
+    if len(found) == 1:
+        return found[0]
+    size, total = sum(f.profiles for f in found), sum(f.total_profiles for f in found)
+    fields = []
+    for infos in zip(*(f.fields for f in found), strict=True):
+        name = infos[0].name
+        counts: dict[Any, list[int]] = {}
+        for _, counted in parts:
+            for value, n, base in counted[name]:
+                summed = counts.setdefault(value, [0, 0])
+                summed[0] += n
+                summed[1] += base
+        ranked = sorted(((v, n, b) for v, (n, b) in counts.items() if n),
+                        key=lambda vnb: (-vnb[1], _value_order(vnb[0])))
+        fields.append(FieldInsight(name, infos[0].type, sum(i.count for i in infos),
+                                   sum(i.base_count for i in infos),
+                                   tuple(_share(v, n, b, size, total)
+                                         for v, n, b in ranked[:top]), len(ranked)))
+    by_event: dict[str, list[Any]] = {}
+    for f in found:
+        for event in f.events:
+            by_event.setdefault(event.event, []).append(event)
+    events = tuple(EventInsight(name, tuple(
+        Activity(ws[0].days, *(sum(getattr(w, k) for w in ws)
+                               for k in ("events", "profiles", "base_events",
+                                         "base_profiles")))
+        for ws in zip(*(e.windows for e in by_event[name]), strict=True)))
+        for name in sorted(by_event))
+    return Insights(size, total, tuple(fields), events, summed_metrics([f.orders
+                                                                         for f in found]))
+
+
+def _share(value: Any, n: int, base: int, size: int, total: int) -> Any:
+    from bitseg.index.insights import ValueShare
+
+    share = Fraction(n, size) if size else None
+    base_share = Fraction(base, total) if total else None
+    lift = share / base_share if share is not None and base_share else None
+    return ValueShare(value, n, base, share, base_share, lift)
+
+
+def summed_metrics(found: Sequence[Any]) -> Any:
+    """The shards' Metrics summed (shares and averages follow from the sums)."""
+    return replace(found[0], **{key: sum((getattr(m, key) for m in found[1:]),
+                                         getattr(found[0], key))
+                                for key in ("profiles", "total_profiles", "orders",
+                                            "customers", "revenue", "total_revenue")})

@@ -13,7 +13,8 @@
 - Segments: create and split (every shard or none), delete, get, list, refresh; sizes,
   entries and exits are summed over the shards.
 - Describe, Values (every shard's values summed and ranked again, quantiles by a search
-  over all shards' values) and SegmentHistory (the shards' points as one): shard_reads.
+  over all shards' values), SegmentHistory (the shards' points as one) and Insights of
+  keyword, keywords and bool fields (a number field's histogram is refused): shard_reads.
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
   A segment with a `top` rule is refused (a refresh would take each shard's own top).
@@ -35,7 +36,7 @@ from typing import Any
 import grpc
 import orjson
 
-from bitseg.index import describe
+from bitseg.index import describe, insights
 from bitseg.index import types as T
 from bitseg.index.batch import check_size
 from bitseg.index.segments import Change
@@ -52,9 +53,11 @@ from bitseg.server.service import (
 )
 from bitseg.server.shard_reads import (
     EVERY,
+    RANGED_REFUSAL,
     ResolvedShards,
     merge_description,
     merge_history,
+    merge_insights,
     merge_values,
     resolve_tops,
 )
@@ -69,7 +72,7 @@ SHARDED = frozenset({
     "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
     "Preview", "AddToSegment", "RemoveFromSegment",
     # reads merged beyond a sum: shard_reads.py
-    "Describe", "Values", "SegmentHistory",
+    "Describe", "Values", "SegmentHistory", "Insights",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -363,6 +366,25 @@ class ShardedServicer(SegmentsServicer):
         found = self.shards.each("history", request.name)
         return pb.SegmentHistoryReply(points=[convert.point_reply(p)
                                               for p in merge_history(found)])
+
+    @rpc
+    def Insights(self, request: pb.InsightsRequest,
+                 context: grpc.ServicerContext) -> pb.InsightsReply:
+        rule = self._rule(request)
+        as_of = convert.as_of_of(request) or convert.now()
+        start = time.perf_counter_ns()
+        types = self.shards.call(0, "schema").get("profiles", {})
+        ranged = [n for n in dict.fromkeys(request.fields or sorted(types))
+                  if types.get(n) in T.RANGE_TYPES]
+        if ranged and self.shards.count > 1:
+            raise Unimplemented(RANGED_REFUSAL.format(", ".join(ranged)))
+        top = request.top or insights.DEFAULT_TOP
+        found = self._shards_for(rule, as_of).each(
+            "insights_part", rule, as_of, list(request.fields), top,
+            request.buckets or insights.BUCKETS, request.amount_field or "amount")
+        reply = convert.insights_reply(merge_insights(found, top), _micros_since(start))
+        reply.as_of.CopyFrom(convert.to_timestamp(as_of))
+        return reply
 
     # ---------------------------------------------------------------- segments
     @rpc

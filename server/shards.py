@@ -188,6 +188,12 @@ class Shard:
     def do_history(self, name: str) -> list[Any]:
         return self.segments.history(name)
 
+    def do_insights_part(self, rule: Any, as_of: datetime, fields: list[str], top: int,
+                         buckets: int, amount_field: str) -> Any:
+        from bitseg.server.shard_reads import insights_part
+
+        return insights_part(self.engine, rule, as_of, fields, top, buckets, amount_field)
+
     # ---------------------------------------------------------------- segments
     def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
                           as_of: datetime, tags: list[str]) -> tuple[Any, Any]:

@@ -131,3 +131,32 @@ def test_merge_field_ranks_the_summed_counts_again() -> None:
     assert merge_field(shards, 9).top[-1] == ("b", 3)
     assert merge_field([FieldInfo("amount", "float", 4), FieldInfo("amount", "float", 3)],
                        5) == FieldInfo("amount", "float", 7)
+
+
+def test_insights_of_three_shards_are_one_stores(fronts: tuple[Front, Front]) -> None:
+    one, three = fronts
+    rules = [{"all": True}, {"field": "kw", "op": "in", "value": ["red", "blue"]},
+             {"event": "buy", "window": {"last_days": 20}},
+             {"top": {"n": 15, "by": "x", "of": {"not": {"field": "ok", "op": "eq",
+                                                         "value": True}}}},
+             {"field": "kw", "op": "eq", "value": "nothing like it"}]
+    for rule in rules:
+        for top in (1, 3):
+            expected = one.client.insights(rule, fields=["tags", "kw", "ok"], as_of=AS_OF,
+                                           top=top)
+            found = three.client.insights(rule, fields=["tags", "kw", "ok"], as_of=AS_OF,
+                                          top=top)
+            expected.pop("eval_micros")
+            found.pop("eval_micros")
+            assert found == expected
+    assert expected["events"] and expected["orders"]
+    assert one.client.insights({"all": True}, as_of=AS_OF)["fields"]  # one shard: all
+    for fields in ([], ["kw", "n"]):  # number, date, timestamp fields: refused, never wrong
+        with pytest.raises(ClientError) as caught:
+            three.client.insights({"all": True}, fields=fields, as_of=AS_OF)
+        assert caught.value.code == "UNIMPLEMENTED" and "key units" in caught.value.message
+    with pytest.raises(ClientError) as caught:
+        three.client.insights({"all": True}, fields=["nope"], as_of=AS_OF)
+    with pytest.raises(ClientError) as expected_error:
+        one.client.insights({"all": True}, fields=["nope"], as_of=AS_OF)
+    assert caught.value.message == expected_error.value.message
