@@ -23,7 +23,7 @@ Traits (names are the profile fields they fill):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +106,7 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 
 # ---------------------------------------------------------------------- grouping helpers
-MAX_GROUPS = 64  # favourite_category: more categories than this are grouped by sorting
+MAX_SLOTS = 1 << 26  # cells of a profiles x labels table (512 MB of sums); more: sorting
 
 
 def _firsts(keys: np.ndarray) -> np.ndarray:
@@ -141,32 +141,33 @@ def quintiles(metric: np.ndarray) -> np.ndarray:
     return 1 + (5 * below) // max(n, 1)
 
 
-def _groups(labels: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(label, positions holding it) for labels 0..count-1 present, in label order."""
-    small = labels.astype(np.uint8 if count <= 256 else np.uint16)  # radix-sorted
-    order = np.argsort(small, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(small, minlength=count))]
-    for label in range(count):
-        if bounds[label + 1] > bounds[label]:
-            yield label, order[bounds[label]:bounds[label + 1]]
-
-
-def _best_of_groups(size: int, groups: Iterator[tuple[int, np.ndarray, np.ndarray | None]]
-                    ) -> Values:
-    """Per profile, the label whose group sums the most for it (each row's weight, or 1
-    per row); ties: the label that came first. groups: (label, profiles, weights)."""
-    best = np.full(size, -1, dtype=np.int64)
-    top = np.zeros(size, dtype=np.int64)
-    for label, profiles, weights in groups:
-        total = np.zeros(size, dtype=np.int64)
-        np.add.at(total, profiles, 1 if weights is None else weights)  # exact, in C
-        there = np.zeros(size, dtype=bool)
-        there[profiles] = True
-        better = there & ((best < 0) | (total > top))
-        best[better] = label
-        top[better] = total[better]
-    ids = np.flatnonzero(best >= 0)
-    return ids.astype(np.uint32), best[ids]
+def _best_label(profile: np.ndarray, label: np.ndarray, count: int,
+                weights: np.ndarray | None = None) -> Values:
+    """Per profile, the label (0..count-1) whose rows sum the most for it (their weights,
+    or 1 per row); ties: the lowest label. One table of profiles x labels, filled by
+    np.add.at; when that table would pass MAX_SLOTS, by sorting instead."""
+    there = np.zeros(int(profile.max()) + 1, dtype=bool)
+    there[profile] = True
+    ids = np.flatnonzero(there)
+    if len(ids) * count > MAX_SLOTS:
+        keys = profile.astype(np.int64) * count + label
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        starts = _firsts(keys)
+        totals = np.add.reduceat(np.ones(len(keys), dtype=np.int64) if weights is None
+                                 else weights[order], starts)
+        return _best_by_sorting(keys[starts] // count, totals, keys[starts] % count)
+    rank = np.zeros(len(there), dtype=np.intp)
+    rank[ids] = np.arange(len(ids))
+    slot = rank[profile] * count + label
+    totals = np.zeros(len(ids) * count, dtype=np.int64)
+    np.add.at(totals, slot, 1 if weights is None else weights)  # exact, in C
+    if weights is not None:  # a label with rows summing to 0 or less still competes
+        seen = np.zeros(len(totals), dtype=bool)
+        seen[slot] = True
+        totals[~seen] = I64_MIN
+    best = totals.reshape(len(ids), count).argmax(axis=1)  # the first of equal maxima
+    return ids.astype(np.uint32), best.astype(np.int64)
 
 
 def _best_by_sorting(profile: np.ndarray, score: np.ndarray, label: np.ndarray) -> Values:
@@ -199,8 +200,7 @@ def best_send_hour(snap: Snapshot, params: dict[str, Any], as_of: int) -> Values
     if not len(profile):
         return _none(np.int64)
     hour = (np.concatenate(stamps)[alive] // US_PER_HOUR) % 24
-    return _best_of_groups(int(profile.max()) + 1,
-                           ((h, profile[at], None) for h, at in _groups(hour, 24)))
+    return _best_label(profile, hour, 24)
 
 
 class _Orders:
@@ -265,7 +265,7 @@ def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int,
     if cats is None or qty is None or price is None or not len(oids):
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), []
     names = sorted(cats.values)
-    code = np.full(index.item_count, -1, dtype=np.int64)
+    code = np.full(index.item_count, -1, dtype=np.int16 if len(names) < 2**15 else np.int64)
     for k, name in enumerate(names):
         ids = ids_of(cats.values[name])
         code[ids[ids < index.item_count]] = k
@@ -279,16 +279,7 @@ def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int,
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), names
     spend = qty.keys[iids] * price.keys[iids]
     profile = index.owner_buf[owner[iids]].astype(np.intp)
-    if len(names) <= MAX_GROUPS:
-        groups = ((k, profile[at], spend[at]) for k, at in _groups(code[iids], len(names)))
-        ids, best = _best_of_groups(int(profile.max()) + 1, groups)
-        return ids, best, names
-    keys = profile.astype(np.int64) * len(names) + code[iids]
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    starts = _firsts(keys)
-    totals = np.add.reduceat(spend[order], starts)
-    ids, best = _best_by_sorting(keys[starts] // len(names), totals, keys[starts] % len(names))
+    ids, best = _best_label(profile, code[iids], len(names), spend)
     return ids, best, names
 
 

@@ -238,15 +238,16 @@ def test_a_field_of_another_type_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", [5, 8])
-def test_many_categories_are_grouped_by_sorting(tmp_path: Path, seed: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """More categories than MAX_GROUPS take the sorting path: the same favourites."""
-    monkeypatch.setattr(traits, "MAX_GROUPS", 2)
+def test_a_table_too_big_is_replaced_by_sorting(tmp_path: Path, seed: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Profiles x labels over MAX_SLOTS take the sorting path: the same values."""
+    monkeypatch.setattr(traits, "MAX_SLOTS", 2)
     profiles, events, orders = make_data(seed)
-    config = {"favourite_category": {}, "rfm_monetary": {"last_days": 200}}
+    config = {"favourite_category": {}, "best_send_hour": {}}
     with Engine.open(tmp_path / "db") as eng:
         eng.declare_schema({"orders": {"amount": "float", "items.price": "float"}})
         eng.upsert_profiles(profiles)
+        eng.track_events(events)
         eng.add_orders(orders)
         live = set(eng.members({"all": True}))
         traits.refresh(eng, config, as_of=AS_OF)
