@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -98,22 +99,28 @@ def first_seen(codes: np.ndarray) -> np.ndarray:
 
 def columns_of(block: RowBlock, type_of: Callable[[str], str | None],
                refused: Iterable[str]) -> EventColumns | None:
-    """The block's rows as checked columns, or None if the row path must take them."""
+    """The block's rows as checked columns, or None if the row path must take them.
+    What `prepare` worked out ahead for the block is taken as it is, the rest made now."""
     table = block.table
     if any(key not in table.column_names or table.column(key).null_count
            for key in EVENT_KEYS):
         return None  # a key missing or null: "... is required"
-    ts = iso_micros(_whole(table.column("ts")))
+    ready = block.prepared if block.prepared is not None else {}
+
+    def made(key: Any, make: Callable[[], Any]) -> Any:
+        return ready[key] if key in ready else make()
+
+    ts = made("ts", lambda: iso_micros(_whole(table.column("ts"))))
     if ts is None:
         return None
-    events = _encoded(table.column("event"))
+    events = made("event", lambda: _encoded(table.column("event")))
     if events is None:
         return None
     event_codes, event_names = events
     refused = set(refused)
     if any(e == ANY or SEP_TEXT in e or T.name_problem(e) or e in refused for e in event_names):
         return None
-    profiles = _profile_ids(table.column("profile"))
+    profiles = made("profile", lambda: _profile_ids(table.column("profile")))
     if profiles is None:
         return None
     props = {}
@@ -124,11 +131,44 @@ def columns_of(block: RowBlock, type_of: Callable[[str], str | None],
         type_ = type_of(name)
         if type_ is None:
             type_ = _inferred(block, name, column)
-        prop = _prop(type_, column) if type_ in PROP_TYPES else None
+        prop = made((name, type_), lambda: _prop(type_, column)) \
+            if type_ in PROP_TYPES else None
         if prop is None:
             return None
         props[name] = prop
     return EventColumns(ts, event_codes, event_names, *profiles, props, block, 0)
+
+
+_NATURAL = ((pa.types.is_string, T.KEYWORD), (pa.types.is_boolean, T.BOOL),
+            (pa.types.is_int64, T.INT), (pa.types.is_float64, T.FLOAT))
+
+
+def prepare(block: RowBlock) -> None:
+    """Work out ahead what columns_of makes from an event block's table alone — the
+    timestamps, the event types and profile ids encoded, each property's keys for the
+    type its JSON values suggest — and keep it on the block (`prepared`). Meant for the
+    file reader's thread: pyarrow and most of numpy run there without the interpreter
+    lock, beside the loading thread building the index from the block before. Pure
+    conversions only, so columns_of decides exactly as it would without; anything
+    that fails here is left for it to make (and fail) again."""
+    table = block.table
+    if table is None or any(key not in table.column_names for key in EVENT_KEYS):
+        return
+    ready: dict[Any, Any] = {}
+    try:
+        ready["ts"] = iso_micros(_whole(table.column("ts")))
+        ready["event"] = _encoded(table.column("event"))
+        ready["profile"] = _profile_ids(table.column("profile"))
+        for name in table.column_names:
+            column = table.column(name)
+            if name in EVENT_KEYS or column.null_count == len(column):
+                continue
+            type_ = next((t for test, t in _NATURAL if test(column.type)), None)
+            if type_ is not None:
+                ready[(name, type_)] = _prop(type_, column)
+    except (pa.ArrowException, ValueError, TypeError):
+        pass  # what is in `ready` is right; columns_of makes the rest
+    block.prepared = ready
 
 
 def _whole(column: pa.ChunkedArray) -> pa.Array:
