@@ -38,6 +38,9 @@ class RowBlock:
     _lines: Callable[[], np.ndarray] = field(repr=False, default=None)  # type: ignore[assignment]
     data: bytes = field(repr=False, default=b"")  # the block's raw lines, when read from a file
     _cached: np.ndarray | None = field(repr=False, default=None)
+    # conversions of the table a batch writer made ahead, on the reader's thread (what
+    # its add_block would make from the table alone; see event_blocks.prepare)
+    prepared: dict | None = field(repr=False, default=None)
 
     @property
     def rows(self) -> int:
