@@ -13,7 +13,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, ValueIndex, bitmap_of, ids_of
 from bitseg.index.keys import u32
-from bitseg.index.profiles import HELD_KEY, decode_row, held_fields, with_held
+from bitseg.index.profiles import HELD_KEY, decode_row, held_fields, held_values, with_held
 
 if TYPE_CHECKING:
     from bitseg.index.engine import Engine
@@ -43,10 +43,11 @@ def profile_rows(engine: Engine, dense: np.ndarray,
     index = engine.snapshot.fields
     with engine.store.read() as txn:
         held = held_fields(engine.store.get(txn, "meta", HELD_KEY.encode()))
+        values = held_values(dense, held, index, types)
         for external, pid in zip(names, dense.tolist(), strict=True):
             raw = engine.store.get(txn, "rows", u32(pid))
             row = decode_row(raw, types) if raw is not None else {}
-            with_held(row, pid, held, index, types)
+            with_held(row, pid, held, index, types, values)
             if fields is None:
                 shown = {k: T.display(types[k], v) for k, v in row.items()}
             else:

@@ -22,7 +22,14 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.cumulative import carry
 from bitseg.index.errors import DataError
-from bitseg.index.fields import RangeIndex, RangeWriter, ValueWriter, bitmap_of, with_changes
+from bitseg.index.fields import (
+    RangeIndex,
+    RangeWriter,
+    ValueIndex,
+    ValueWriter,
+    bitmap_of,
+    with_changes,
+)
 from bitseg.index.ids import IdWriter
 from bitseg.index.keys import u32
 from bitseg.index.profile_blocks import ensure_profiles, take_block
@@ -80,11 +87,36 @@ def index_value(index: FieldIndex | None, type_: str, dense: int) -> Any:
     return next((value for value, bitmap in index.values.items() if dense in bitmap), None)
 
 
-def with_held(row: dict[str, Any], dense: int, held: tuple[str, ...],
-              fields: Mapping[str, FieldIndex], types: Mapping[str, str]) -> dict[str, Any]:
-    """A decoded row with each held field's value replaced by the index's (in place)."""
+def held_values(dense: np.ndarray, held: tuple[str, ...], fields: Mapping[str, FieldIndex],
+                types: Mapping[str, str]) -> dict[str, dict[int, Any]]:
+    """Each held field's values of these profiles ({dense id: value}, no value left out),
+    one intersection per value bitmap rather than a lookup in each per profile."""
+    block = bitmap_of(dense)
+    out: dict[str, dict[int, Any]] = {}
     for name in held:
-        value = index_value(fields.get(name), types[name], dense)
+        index, found = fields.get(name), {}
+        if isinstance(index, RangeIndex):
+            found = {d: index.key_of(d) for d in index.exists & block}
+        elif isinstance(index, ValueIndex) and types[name] == T.KEYWORDS:
+            for word in sorted(index.values):
+                for d in index.values[word] & block:
+                    found.setdefault(d, []).append(word)
+            found = {d: tuple(words) for d, words in found.items()}
+        elif isinstance(index, ValueIndex):
+            for value, bitmap in index.values.items():
+                found.update(dict.fromkeys(bitmap & block, value))
+        out[name] = found
+    return out
+
+
+def with_held(row: dict[str, Any], dense: int, held: tuple[str, ...],
+              fields: Mapping[str, FieldIndex], types: Mapping[str, str],
+              values: dict[str, dict[int, Any]] | None = None) -> dict[str, Any]:
+    """A decoded row with each held field's value replaced by the index's (in place);
+    values: held_values of a block of profiles this one is in, if known."""
+    for name in held:
+        value = index_value(fields.get(name), types[name], dense) if values is None \
+            else values[name].get(dense)
         if value is None:
             row.pop(name, None)
         else:
