@@ -122,7 +122,9 @@ def insights(snap: Snapshot, audience: BitMap, as_of_us: int,
     names = _fields(snap, fields)
     top = _bounded("top", top, MAX_TOP)
     buckets = _bounded("buckets", buckets, MAX_BUCKETS)
-    found = tuple(field_insight(snap, name, audience, top, buckets) for name in names)
+    outside = live - audience  # shared by the fields counted from the complement
+    found = tuple(field_insight(snap, name, audience, top, buckets, outside)
+                  for name in names)
     events = tuple(event_insight(snap, event, audience, as_of_us) for event in snap.events.types)
     return Insights(len(audience), len(live), found, events,
                     _orders(snap, audience, as_of_us, amount_field))
@@ -154,14 +156,15 @@ def _ratio(a: int, b: int) -> Fraction | None:
 
 # ---------------------------------------------------------------------- fields
 def field_insight(snap: Snapshot, name: str, audience: BitMap, top: int = DEFAULT_TOP,
-                  buckets: int = BUCKETS) -> FieldInsight:
+                  buckets: int = BUCKETS, outside: BitMap | None = None) -> FieldInsight:
+    """One field's insight; `outside` is live - audience when the caller has it."""
     type_ = snap.schema.profiles[name]
     index = snap.field(name)
     live = snap.live
     count = index.exists.intersection_cardinality(audience)
     base_count = index.exists.intersection_cardinality(live)
     if isinstance(index, ValueIndex):
-        values, distinct = _value_shares(index, audience, live, top)
+        values, distinct = _value_shares(name, index, audience, live, top, outside)
         return FieldInsight(name, type_, count, base_count, values, distinct)
     if not base_count:
         return FieldInsight(name, type_, 0, 0)
@@ -177,19 +180,52 @@ def field_insight(snap: Snapshot, name: str, audience: BitMap, top: int = DEFAUL
                                         in zip(QUANTILES, marks, strict=True)))
 
 
-def _value_shares(index: ValueIndex, audience: BitMap, live: BitMap, top: int
-                  ) -> tuple[tuple[ValueShare, ...], int]:
+def _value_shares(name: str, index: ValueIndex, audience: BitMap, live: BitMap, top: int,
+                  outside: BitMap | None) -> tuple[tuple[ValueShare, ...], int]:
+    """Each value's |value ∩ audience|, the top ones with their base counts. With many
+    values and a large audience, as |value ∩ live| - |value ∩ (live - audience)|: the
+    base's counts are kept (base_values), and the complement is dense, so each value
+    costs a probe per id of the value instead of a pass over the audience's ids."""
     size, total = len(audience), len(live)
-    counted = [(v, b.intersection_cardinality(audience)) for v, b in index.values.items()]
+    base = base_values(name, index, live)
+    if len(index.values) * size > len(index.exists):
+        rest = live - audience if outside is None else outside
+        counted = [(v, base[v] - b.intersection_cardinality(rest))
+                   for v, b in index.values.items()]
+    else:
+        counted = [(v, b.intersection_cardinality(audience)) for v, b in index.values.items()]
     counted = [(v, n) for v, n in counted if n]
     counted.sort(key=lambda vn: (-vn[1], _order(vn[0])))
     shares = []
     for value, n in counted[:top]:
-        base = index.values[value].intersection_cardinality(live)
-        share, base_share = _ratio(n, size), _ratio(base, total)
+        share, base_share = _ratio(n, size), _ratio(base[value], total)
         lift = share / base_share if share is not None and base_share else None
-        shares.append(ValueShare(value, n, base, share, base_share, lift))
+        shares.append(ValueShare(value, n, base[value], share, base_share, lift))
     return tuple(shares), len(counted)
+
+
+@dataclass(frozen=True, slots=True)
+class _BaseValues:
+    """A keyword, keywords or bool field's |value ∩ live| per value: the same for every
+    audience, so kept per field index and live profiles (per snapshot)."""
+
+    index: ValueIndex  # held, so `is` cannot meet a new index at a reused address
+    live: BitMap
+    counts: dict[Any, int]
+
+
+_base_values: dict[str, _BaseValues] = {}  # by field
+
+
+def base_values(name: str, index: ValueIndex, live: BitMap) -> dict[Any, int]:
+    with _buckets_lock:
+        kept = _base_values.get(name)
+    if kept is not None and kept.index is index and kept.live is live:
+        return kept.counts
+    counts = {v: b.intersection_cardinality(live) for v, b in index.values.items()}
+    with _buckets_lock:
+        _base_values[name] = _BaseValues(index, live, counts)
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
