@@ -489,3 +489,85 @@ def summed_metrics(found: Sequence[Any]) -> Any:
                                          getattr(found[0], key))
                                 for key in ("profiles", "total_profiles", "orders",
                                             "customers", "revenue", "total_revenue")})
+
+
+# ---------------------------------------------------------------------- export schedules
+class ShardExports:
+    """Scheduled exports of a sharded store (index/exports.Exports' calls, which the
+    servicer and ExportScheduler use): the schedules are kept in shard 0's store; a run
+    writes one file, shard 0's members first, then shard 1's, … (each in its dense id
+    order, as Members), asking one shard at a time, so the front holds one shard's part."""
+
+    def __init__(self, shards: Any) -> None:
+        self.shards = shards
+
+    def create(self, segment: str, every: int, fields: Sequence[str], require: Sequence[str],
+               fmt: str, out: str, rotate: bool = False) -> Any:
+        return self.shards.call(0, "export_create", segment, every, list(fields),
+                                list(require), fmt, out, rotate)
+
+    def list(self) -> list[Any]:
+        return self.shards.call(0, "export_list")
+
+    def delete(self, schedule_id: int) -> None:
+        self.shards.call(0, "export_delete", schedule_id)
+
+    def run(self, schedule: Any, now_us: int) -> Any:
+        """Write the schedule's next file and record the run (or its failure)."""
+        from pathlib import Path
+
+        from bitseg.index.exports import write_atomically
+
+        path = schedule.file_for(schedule.runs + 1)
+        rows = [0]
+
+        def parts() -> Any:
+            for shard in range(self.shards.count):
+                data, kept = self.shards.call(shard, "export_part", schedule.segment,
+                                              list(schedule.fields), list(schedule.require),
+                                              schedule.format, shard == 0)
+                rows[0] += kept
+                yield data
+
+        try:
+            Path(schedule.out).mkdir(parents=True, exist_ok=True)
+            write_atomically(path, parts())
+            after = replace(schedule, runs=schedule.runs + 1, last_file=str(path),
+                            last_rows=rows[0], last_error="", last_run=now_us)
+        except (BitsegError, OSError) as exc:
+            after = replace(schedule, last_error=str(exc), last_run=now_us)
+        self.shards.call(0, "export_record", after)
+        return after
+
+
+def export_part(engine: Any, segment: str, fields: list[str], require: list[str], fmt: str,
+                header: bool) -> tuple[bytes, int]:
+    """This shard's members of the segment having every required field, encoded as the
+    export file's lines (with the CSV header when `header`), and how many."""
+    from bitseg.index.exports import encode_columns, with_required
+
+    snap = engine.snapshot
+    kept = with_required(snap, engine.bitmap({"segment": segment}), require)
+    chunks = list(encode_columns(engine, ids_of(kept), fields, fmt, snap))
+    if fmt == "csv" and not header:
+        chunks = chunks[1:]
+    return b"".join(chunks), len(kept)
+
+
+def export_scheduler(shards: Any, tick: float = 1.0) -> Any:
+    """The server's ExportScheduler over the shards (not started). A shard that does not
+    answer (its actor restarting) skips that tick, not every later one."""
+    import logging
+
+    from bitseg.index.exports import ExportScheduler
+    from bitseg.server.service import ShardUnavailable
+
+    class Scheduler(ExportScheduler):
+        def run_once(self, now_us: int | None = None) -> list[int]:
+            try:
+                return super().run_once(now_us)
+            except ShardUnavailable as exc:
+                logging.getLogger("bitseg.exports").warning("scheduled exports: %s", exc)
+                return []
+
+    return Scheduler(ShardExports(shards), tick)

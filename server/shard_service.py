@@ -15,6 +15,8 @@
 - Describe, Values (every shard's values summed and ranked again, quantiles by a search
   over all shards' values), SegmentHistory (the shards' points as one) and Insights of
   keyword, keywords and bool fields (a number field's histogram is refused): shard_reads.
+- Export schedules: kept in shard 0's store; a run writes one file, shard by shard (as
+  Members orders them), asking one shard at a time (shard_reads.ShardExports).
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
   A segment with a `top` rule is refused (a refresh would take each shard's own top).
@@ -55,6 +57,8 @@ from bitseg.server.shard_reads import (
     EVERY,
     RANGED_REFUSAL,
     ResolvedShards,
+    ShardExports,
+    export_scheduler,
     merge_description,
     merge_history,
     merge_insights,
@@ -73,6 +77,7 @@ SHARDED = frozenset({
     "Preview", "AddToSegment", "RemoveFromSegment",
     # reads merged beyond a sum: shard_reads.py
     "Describe", "Values", "SegmentHistory", "Insights",
+    "CreateExportSchedule", "ListExportSchedules", "DeleteExportSchedule",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -386,6 +391,10 @@ class ShardedServicer(SegmentsServicer):
         reply.as_of.CopyFrom(convert.to_timestamp(as_of))
         return reply
 
+    @property
+    def exports(self) -> Any:  # the Create/List/DeleteExportSchedule RPCs are the base's
+        return ShardExports(self.shards)
+
     # ---------------------------------------------------------------- segments
     @rpc
     def CreateSegment(self, request: pb.CreateSegmentRequest,
@@ -592,12 +601,14 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
             server, bound, health_servicer, gate = app._build(
                 None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
                 make_servicer=lambda _e, _s, templates: ShardedServicer(shards, templates))
+            exporter = export_scheduler(shards).start()
             server.start()
             where = "in process" if shards.count == 1 and ray_address is None else "on Ray"
             print(f"bitseg serving {db} ({shards.count} shard{'s' * (shards.count > 1)} "
                   f"{where}) on {host}:{bound}", file=sys.stderr, flush=True)
             stop.wait()
             health_servicer.enter_graceful_shutdown()
+            exporter.stop()
             server.stop(grace).wait(grace + app.EXIT_MARGIN)
             gate.wait_idle(app.EXIT_MARGIN)
         finally:

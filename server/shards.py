@@ -194,6 +194,34 @@ class Shard:
 
         return insights_part(self.engine, rule, as_of, fields, top, buckets, amount_field)
 
+    # ---------------------------------------------------------------- export schedules
+    def do_export_create(self, segment: str, every: int, fields: list[str],
+                         require: list[str], fmt: str, out: str, rotate: bool) -> Any:
+        from bitseg.index.exports import Exports
+
+        return Exports(self.engine).create(segment, every, fields, require, fmt, out, rotate)
+
+    def do_export_list(self) -> list[Any]:
+        from bitseg.index.exports import Exports
+
+        return Exports(self.engine).list()
+
+    def do_export_delete(self, schedule_id: int) -> None:
+        from bitseg.index.exports import Exports
+
+        Exports(self.engine).delete(schedule_id)
+
+    def do_export_record(self, schedule: Any) -> None:
+        from bitseg.index.exports import Exports
+
+        Exports(self.engine)._record(schedule)
+
+    def do_export_part(self, segment: str, fields: list[str], require: list[str], fmt: str,
+                       header: bool) -> tuple[bytes, int]:
+        from bitseg.server.shard_reads import export_part
+
+        return export_part(self.engine, segment, fields, require, fmt, header)
+
     # ---------------------------------------------------------------- segments
     def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
                           as_of: datetime, tags: list[str]) -> tuple[Any, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from test_shards import AS_OF, T0, Front, build_store, make_dataset
@@ -160,3 +161,55 @@ def test_insights_of_three_shards_are_one_stores(fronts: tuple[Front, Front]) ->
     with pytest.raises(ClientError) as expected_error:
         one.client.insights({"all": True}, fields=["nope"], as_of=AS_OF)
     assert caught.value.message == expected_error.value.message
+
+
+def test_scheduled_exports_of_three_shards_write_one_stores_rows(
+        fronts: tuple[Front, Front], tmp_path: Path) -> None:
+    from bitseg.index.exports import ExportScheduler
+    from bitseg.server.shard_reads import ShardExports
+
+    one, three = fronts
+    rule = {"or": [{"field": "kw", "op": "in", "value": ["red", "New York"]},
+                   {"event": "buy"}]}
+    fields = ["kw", "tags", "n", "x", "ok", "d", "t"]
+    files = {}
+    for name, front in (("one", one), ("three", three)):
+        front.client.create_segment("export-me", "dynamic", rule)
+        for fmt in ("csv", "jsonl"):
+            made = front.client.create_export_schedule(
+                "export-me", 3600, fields, str(tmp_path / name / fmt), require=["n"],
+                format=fmt)
+            assert made["segment"] == "export-me"
+        ran = ExportScheduler(ShardExports(front.shards)).run_once()
+        assert len(ran) == 2
+        files[name] = {fmt: (tmp_path / name / fmt / f"export-me-000001.{fmt}").read_text()
+                       .splitlines() for fmt in ("csv", "jsonl")}
+        listed = front.client.export_schedules()
+        assert [(s["runs"], s["last_error"]) for s in listed] == [("1", ""), ("1", "")]
+        files[name]["rows"] = [int(s["last_rows"]) for s in listed]
+    # the same rows; a sharded store writes shard 0's members first, then shard 1's, …
+    assert files["three"]["csv"][0] == files["one"]["csv"][0] == "id," + ",".join(fields)
+    for fmt in ("csv", "jsonl"):
+        assert sorted(files["three"][fmt]) == sorted(files["one"][fmt])
+    assert files["three"]["rows"] == files["one"]["rows"] == [len(files["one"]["jsonl"])] * 2
+    assert len(files["one"]["jsonl"]) > 10
+    for front in (one, three):
+        for schedule in front.client.export_schedules():
+            front.client.delete_export_schedule(int(schedule["id"]))
+        assert front.client.export_schedules() == []
+    with pytest.raises(ClientError) as caught:
+        three.client.create_export_schedule("nope", 60, ["kw"], str(tmp_path / "x"))
+    assert caught.value.code == "NOT_FOUND"
+
+
+def test_the_export_scheduler_skips_a_tick_when_a_shard_does_not_answer() -> None:
+    from bitseg.server.service import ShardUnavailable
+    from bitseg.server.shard_reads import export_scheduler
+
+    class Restarting:
+        count = 2
+
+        def call(self, index: int, method: str, *args: object) -> object:
+            raise ShardUnavailable(f"shard {index} is unavailable")
+
+    assert export_scheduler(Restarting()).run_once() == []  # and the thread ticks on
