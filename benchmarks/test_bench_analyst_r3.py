@@ -7,6 +7,11 @@ too large to copy (21 GB), so they write the cached store itself, but only field
 their own that no other benchmark reads: the bulk set writes `bench_bulk` (a new value
 each run, so every run changes all its members), and the traits are written to
 `bench_<trait>` fields instead of the traits' own names.
+
+The peer, in the same run: DuckDB updating one column of the same members' rows in a
+file of its own (a copy of the profiles table; the shared DuckDB file is only read), and
+DuckDB computing the same five traits with SQL over the shared file (the number of
+profiles holding each trait is asserted equal to bitseg's).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import shutil
 import time
 
 import pytest
-from conftest import AS_OF, PROFILES, fmt_seconds
+from conftest import AS_OF, PROFILES, ROOT, SEED, fmt_seconds
+from peers import open_duckdb
 
 from bitseg.index import bulk, traits
 from bitseg.index.bulk import BulkAction
@@ -44,7 +50,42 @@ def writable(store, tmp_path_factory, request):
         yield engine
 
 
-def test_bulk_set_of_a_field_on_1m_members(writable):
+@pytest.fixture(scope="module")
+def duck(dataset):
+    con = open_duckdb(dataset, ROOT / f"duck-{PROFILES}-{SEED}.duckdb")
+    yield con
+    con.close()
+
+
+def _duck_update(duck, members: list[str], folder) -> float:
+    """Seconds DuckDB takes to set `plan` on these profiles in a file of its own (the
+    profiles table copied there first, untimed; the file is removed after)."""
+    import duckdb
+    import pyarrow as pa
+
+    source = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = "
+                          "current_database()").fetchone()[0]
+    path = folder / "bulk-peer.duckdb"
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(f"ATTACH '{source}' AS src (READ_ONLY)")
+        con.execute("CREATE TABLE profiles AS SELECT * FROM src.profiles")
+        con.execute("DETACH src")
+        con.register("given", pa.table({"id": members}))
+        con.execute("CREATE TABLE members AS SELECT id FROM given")
+        con.execute("CHECKPOINT")
+        start = time.perf_counter()
+        con.execute("UPDATE profiles SET plan = ? WHERE id IN (SELECT id FROM members)",
+                    [f"bulk-bench-{time.time_ns()}"])
+        seconds = time.perf_counter() - start
+    finally:
+        con.close()
+        for leftover in (path, path.with_name(path.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    return seconds
+
+
+def test_bulk_set_of_a_field_on_1m_members(writable, duck, tmp_path):
     percent = min(100, round(100 * MEMBERS / PROFILES, 2))
     rule = {"sample": {"salt": "bulk-bench", "percent": percent}}
     members = writable.count(rule, as_of=AS_OF)
@@ -61,9 +102,11 @@ def test_bulk_set_of_a_field_on_1m_members(writable):
     seconds = time.perf_counter() - start
     assert dry.changed == done.changed and done.members == members
     assert writable.count({"field": name, "op": "eq", "value": value}) == members
+    peer = _duck_update(duck, writable.members(rule, as_of=AS_OF), tmp_path)
     print(f"\nbulk set {name} on {done.members:,} members ({done.changed:,} changed; "
           f"{had:,} profiles had the field before) of {PROFILES:,}: {fmt_seconds(seconds)}, "
-          f"dry run {fmt_seconds(dry_seconds)}")
+          f"dry run {fmt_seconds(dry_seconds)}; DuckDB UPDATE of the same rows "
+          f"{fmt_seconds(peer)} ({seconds / peer:.2f}x DuckDB)")
 
 
 def _refresh(engine: Engine) -> traits.RefreshReport:
@@ -100,7 +143,38 @@ def _refresh(engine: Engine) -> traits.RefreshReport:
     return traits.RefreshReport(AS_OF, found["profiles"], found["changed"], found["holders"])
 
 
-def test_traits_refresh(writable):
+# The five traits in SQL, as traits.py defines them (live profiles: every profile an
+# order or event names is one in bitseg, and the benchmark data deletes none).
+TRAITS_SQL = """
+WITH hours AS (
+  SELECT profile, hour(ts) AS h, count(*) AS n FROM events
+  WHERE event IN ('email_opened', 'email_clicked')
+    AND ts > $as_of::TIMESTAMP - INTERVAL 90 DAY AND ts <= $as_of::TIMESTAMP
+  GROUP BY ALL),
+best_hour AS (SELECT profile, arg_max(h, n * 24 + 23 - h) AS best_send_hour
+              FROM hours GROUP BY profile),
+chosen AS (SELECT * FROM orders
+           WHERE ts > $as_of::TIMESTAMP - INTERVAL 365 DAY AND ts <= $as_of::TIMESTAMP),
+metrics AS (SELECT profile, max(ts) AS r, count(*) AS f, sum(coalesce(amount, 0)) AS m
+            FROM chosen GROUP BY profile),
+rfm AS (SELECT profile,
+          1 + (5 * (rank() OVER (ORDER BY r) - 1)) // count(*) OVER () AS rfm_recency,
+          1 + (5 * (rank() OVER (ORDER BY f) - 1)) // count(*) OVER () AS rfm_frequency,
+          1 + (5 * (rank() OVER (ORDER BY m) - 1)) // count(*) OVER () AS rfm_monetary
+        FROM metrics),
+spend AS (SELECT c.profile, i.category, sum(i.price * i.qty) AS s
+          FROM order_items i JOIN chosen c ON c.id = i.order_id
+          WHERE i.category IS NOT NULL AND i.price IS NOT NULL AND i.qty IS NOT NULL
+          GROUP BY ALL),
+favourite AS (SELECT profile, arg_max(category, s) AS favourite_category
+              FROM spend GROUP BY profile)
+SELECT (SELECT count(*) FROM best_hour), (SELECT count(*) FROM rfm),
+       (SELECT sum(rfm_recency + rfm_frequency + rfm_monetary) FROM rfm),
+       (SELECT count(*) FROM favourite)
+"""
+
+
+def test_traits_refresh(writable, duck):
     start = time.perf_counter()
     first = _refresh(writable)
     seconds = time.perf_counter() - start
@@ -110,6 +184,15 @@ def test_traits_refresh(writable):
     recency = PREFIX + "rfm_recency"
     assert again.profiles == 0 and again.holders == first.holders
     assert writable.count({"field": recency, "op": "exists"}) == first.holders[recency]
+    start = time.perf_counter()
+    hours, buyers, _, favourites = duck.execute(
+        TRAITS_SQL, {"as_of": AS_OF.replace("T", " ").rstrip("Z")}).fetchone()
+    peer = time.perf_counter() - start
+    assert (hours, buyers, favourites) == tuple(
+        first.holders[PREFIX + name] for name in
+        ("best_send_hour", "rfm_recency", "favourite_category"))
     print(f"\ntraits refresh at {PROFILES:,} profiles into {PREFIX or ''}<trait> fields: "
           f"{fmt_seconds(seconds)} ({first.profiles:,} profiles written, holders "
-          f"{first.holders}); again with nothing changed: {fmt_seconds(again_seconds)}")
+          f"{first.holders}); again with nothing changed: {fmt_seconds(again_seconds)}; "
+          f"DuckDB computing the five traits {fmt_seconds(peer)} (refresh "
+          f"{seconds / peer:.2f}x, again {again_seconds / peer:.2f}x DuckDB)")
