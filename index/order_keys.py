@@ -81,7 +81,11 @@ def append_column(store: Store, txn: Txn, name: bytes, rows: int, ids: np.ndarra
     id killed, is new), without the column in memory: each chunk written is its stored
     part read back, then the batch's values.  `ids` are sorted; the bytes are
     put_column's."""
-    for chunk in dirty_chunks(ids):
+    ids = ids.astype(np.int64)  # uint32 ids: each searchsorted below would copy them whole
+    chunks = ids >> COL_BITS  # sorted, as the ids are: each chunk's first id starts a run
+    first = np.ones(len(chunks), dtype=bool)
+    first[1:] = chunks[1:] != chunks[:-1]
+    for chunk in chunks[first].tolist():
         a, b = chunk << COL_BITS, min(rows, (chunk + 1) << COL_BITS)
         data, ok = np.zeros(b - a, dtype=np.int64), np.zeros(b - a, dtype=bool)
         raw = store.get(txn, "orders", column_key(name, chunk))
@@ -90,7 +94,7 @@ def append_column(store: Store, txn: Txn, name: bytes, rows: int, ids: np.ndarra
             data[:size] = np.frombuffer(raw, dtype=np.int64, count=size)
             ok[:size] = np.frombuffer(raw, dtype=np.uint8, offset=size * 8, count=size)
         lo, hi = np.searchsorted(ids, [a, b])
-        at = ids[lo:hi].astype(np.int64) - a
+        at = ids[lo:hi] - a
         data[at] = np.where(valid[lo:hi], keys[lo:hi], 0)
         ok[at] = valid[lo:hi]
         gone = kills[(kills >= a) & (kills < b)].astype(np.int64) - a
@@ -100,7 +104,11 @@ def append_column(store: Store, txn: Txn, name: bytes, rows: int, ids: np.ndarra
 
 
 def dirty_chunks(ids: np.ndarray) -> list[int]:
-    return np.unique(ids.astype(np.int64) >> COL_BITS).tolist() if len(ids) else []
+    """The column chunks holding these ids (ids >= 0), ascending: counted per chunk, not
+    np.unique's hash of every id (~5x slower at a few million ids)."""
+    if not len(ids):
+        return []
+    return np.flatnonzero(np.bincount(ids.astype(np.int64) >> COL_BITS)).tolist()
 
 
 
