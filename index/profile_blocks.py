@@ -375,12 +375,12 @@ class _RowTexts:
         # "{}" for an empty row; any other starts with its first field's comma, which
         # becomes "{" below
         close = self._constant("}")
+        slots = self._merged([np.where(self.any, 0, 1), *self.slots,
+                              np.where(self.any, close, 0)])
         base, rows = len(self.constants), self.rows
-        columns = [np.where(self.any, 0, 1)]
-        for slot in self.slots:
-            columns.append(slot if isinstance(slot, np.ndarray) else
-                           base + slot * rows + np.arange(rows))
-        columns.append(np.where(self.any, close, 0))
+        columns = [slot.astype(np.int32) if isinstance(slot, np.ndarray) else
+                   np.arange(base + slot * rows, base + (slot + 1) * rows, dtype=np.int32)
+                   for slot in slots]
         pool = pa.concat_arrays([pa.array(self.constants, pa.string()), *self.fields])
         taken = pool.take(pa.array(np.stack(columns, axis=1).ravel()))
         offsets = np.frombuffer(taken.buffers()[1], dtype=np.int32)
@@ -389,6 +389,20 @@ class _RowTexts:
         data[bounds[:-1][self.any]] = ord("{")
         return pa.BinaryArray.from_buffers(pa.binary(), rows, [
             None, pa.py_buffer(bounds), pa.py_buffer(data)]).to_pylist()
+
+    def _merged(self, slots: list[np.ndarray | int]) -> list[np.ndarray | int]:
+        """The slots with neighbouring constants that are the same on every row (a field
+        every row has) made one: fewer slots to take (a pool of <= 2**31 - 1 strings)."""
+        merged: list[np.ndarray | int] = []
+        for slot in slots:
+            last = merged[-1] if merged else None
+            if isinstance(slot, np.ndarray) and isinstance(last, np.ndarray) and \
+                    len(slot) and (slot == slot[0]).all() and (last == last[0]).all():
+                text = self.constants[int(last[0])] + self.constants[int(slot[0])]
+                merged[-1] = np.full(self.rows, self._constant(text))
+            else:
+                merged.append(slot)
+        return merged
 
     def _constant(self, text: str) -> int:
         self.constants.append(text)
