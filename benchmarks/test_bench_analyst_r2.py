@@ -7,12 +7,26 @@ from __future__ import annotations
 import statistics
 import time
 
+import pytest
 from conftest import AS_OF, PROFILES, fmt_seconds
 from peers import ATTR_NOT
 
-from bitseg.index.engine import as_of_micros
+from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.exports import export
 from bitseg.index.insights import field_insight, insights
+
+
+@pytest.fixture(scope="module")
+def engine(store):
+    """The store opened read-only (these benches only read it), so they run beside a
+    writer of the cached store, such as test_bench_analyst_r3 at 10M."""
+    from bitseg.index import cumulative, orders
+
+    cumulative.BACKGROUND_IDS = 1 << 62  # as conftest's engine: layouts built by the
+    orders.LAYOUT_BACKGROUND = 1 << 62  # first call, not raced on a thread
+    with Engine.open(store, readonly=True) as opened:
+        opened.cache_results = False
+        yield opened
 
 
 def _fields(snap, n: int) -> list[str]:
