@@ -158,9 +158,13 @@ def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: lis
                  lo: int | None, hi: int, as_of: int
                  ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(first, end, inside, outside): the window [lo, hi) as its whole days [first, end)
-    plus the profiles of the partial days' rows inside, less those of rows outside (an
-    edge day that holds most of its rows inside is taken in whole, less its rows outside:
-    fewer blocks, a block that ended before it no longer subtracting it)."""
+    plus the profiles of the partial days' rows inside, less those of rows outside.
+
+    A first partial day that holds most of its rows inside (a window from just after
+    midnight) is taken in whole, less its rows outside: fewer blocks, a block that ended
+    before it no longer subtracting it. The last partial day is always counted from its
+    rows: with as_of "now" it is today, which takes writes all day, and a window whose
+    whole days held it would be summed again (and its cached sum dropped) after each."""
     earliest = min((index.type_days[e][0] for e in events), default=day_of(hi))
     window = plan(lo, hi, earliest)
     first, end = window.days
@@ -170,7 +174,7 @@ def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: lis
         profiles, stamps = _rows(cond, index, schema, events, day * T.US_PER_DAY,
                                  (day + 1) * T.US_PER_DAY, as_of, TS)
         chosen = (stamps >= edge_lo) & (stamps < edge_hi)
-        if 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of the day
+        if edge_lo == lo and 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of it
             first, end = (day, day + 1) if first == end else (min(first, day),
                                                               max(end, day + 1))
             outside.append(profiles[~chosen])

@@ -310,6 +310,37 @@ def test_a_window_asked_again_through_the_day_sums_its_whole_days_once(tmp_path,
             engine.parse(_rule(30, "gt", top))) == 0
 
 
+def test_writes_into_today_keep_a_windows_cached_whole_days(tmp_path, monkeypatch):
+    """as_of "now": the window's last partial day is today, which takes writes all day.
+    It is counted from its rows, never taken into the whole days (even when every row of
+    it is inside), so writes into today leave the window's cached sum as it is."""
+    calls: list[tuple[int, int]] = []
+    original = event_windows.window_counts
+
+    def spy(index, streams, first, end):
+        calls.append((first, end))
+        return original(index, streams, first, end)
+
+    monkeypatch.setattr(event_windows, "window_counts", spy)
+    now = datetime(2026, 10, 17, 13, 45, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[i % 6], "event": "open",
+             "ts": now - timedelta(days=1 + i % 31, hours=i % 7)} for i in range(120)]
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        for k in range(6):
+            today = [{"profile": PROFILES[(k + j) % 6], "event": "open",
+                      "ts": now - timedelta(minutes=5 + 30 * k + j)} for j in range(k + 1)]
+            engine.track_events([{**row, "ts": ts(row["ts"])} for row in today])
+            rows += today
+            counts = reference_counts(rows, _rule(30), now)
+            for n in (5, 6, 7):
+                expected = {p for p in PROFILES if counts[p] >= n}
+                assert set(engine.members(_rule(30, "gte", n), as_of=now)) == expected, (k, n)
+        assert len(calls) == 1, calls
+
+
 def test_derived_blocks_stay_within_their_bound(tmp_path, monkeypatch):
     """With room for almost nothing, the derived blocks are made again as needed: the
     answers stay the same and the cache keeps at most one (the least recent go first)."""
