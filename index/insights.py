@@ -14,7 +14,7 @@ Everything is a cardinality over one snapshot's indexes; no member row is read:
   events are the sum over blocks of ±2**i * |slice i ∩ audience|, its members with
   one or more |present ∩ audience|; the window, who of the base is present (those in
   a plus block less the few a minus block takes to zero) and the base's events are
-  the same for every audience, so kept per snapshot and as_of (at 10M ~40 MB);
+  the same for every audience, so kept per snapshot and as_of (at 10M ~25 MB);
 - orders: orders, buyers, revenue and average order value, as Metrics computes them.
 """
 
@@ -534,7 +534,7 @@ class PerProfile:
     """Each profile's live orders and exact sum of an amount field's keys, over every
     order (an as_of at or after the latest order): dense arrays by profile id, the same
     for every audience, so made once per orders index and amount field (at 10M profiles
-    and 20M orders ~0.2 s and 80 MB + 1 byte a profile) and kept while the index lives.
+    and 20M orders ~0.2 s and 95 MB) and kept while the index lives.
     An audience's orders, buyers and revenue are then a gather over its ids, not a pass
     over every order's owner."""
 
