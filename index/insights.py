@@ -534,7 +534,8 @@ class PerProfile:
     """Each profile's live orders and exact sum of an amount field's keys, over every
     order (an as_of at or after the latest order): dense arrays by profile id, the same
     for every audience, so made once per orders index and amount field (at 10M profiles
-    and 20M orders ~0.2 s and 95 MB) and kept while the index lives.
+    and 20M orders ~2 s at load ~9 on the shared 2-core machine, and 95 MB) and kept
+    while the index lives.
     An audience's orders, buyers and revenue are then a gather over its ids, not a pass
     over every order's owner."""
 
