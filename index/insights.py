@@ -308,8 +308,14 @@ class _Descent:
         found = self.made.get((j, prefix))
         if found is None:
             parent = self._node(j + 1, prefix >> 1)
-            s = self.slices[j]
-            found = parent & s if prefix & 1 else parent - s
+            known = self.sizes.get((j, prefix))
+            if known == len(parent):  # counted already: the slice splits none off, so
+                found = parent  # the same ids (a skewed field's long runs of 0 bits)
+            elif known == 0:
+                found = BitMap()
+            else:
+                s = self.slices[j]
+                found = parent & s if prefix & 1 else parent - s
             self.made[(j, prefix)] = found
             self.sizes[(j, prefix)] = n = len(found)
             self.sizes[(j, prefix ^ 1)] = self.sizes[(j + 1, prefix >> 1)] - n
