@@ -153,3 +153,55 @@ def test_compacting_parts_adds_their_rows_per_bucket_and_profile(
     assert got == expected
     assert all(np.all(np.diff(profiles[bounds[i]:bounds[i + 1]].astype(np.int64)) > 0)
                for i in range(len(codes)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2**32 - 1),
+                                   st.sampled_from([1, 1, 2, 3, 5000, 2**20, 2**40])),
+                         max_size=25), min_size=1, max_size=6),
+       st.integers(1, 30), st.integers(1, 3))
+def test_spilled_runs_come_back_in_chunks_that_add_up_like_one_drain(
+        tmp_path_factory: pytest.TempPathFactory, flushes: list[list[tuple[int, int, int]]],
+        limit: int, every: int) -> None:
+    """Runs moved to scratch files every few flushes (packed beside their rows where they
+    fit, runs then rows where not) come back in chunks of whole buckets, in gid order,
+    with the rows of a (bucket, profile) added up over every spill; no file is left."""
+    folder = tmp_path_factory.mktemp("spills")
+    runs = BucketRuns()
+    runs.code_of = np.arange(41, dtype=np.int64) * 7
+    expected: dict[tuple[int, int], int] = {}
+    for number, flush in enumerate(flushes, 1):
+        if flush:
+            gids = np.array([g for g, _, _ in flush], dtype=np.int64)
+            profiles = np.array([p for _, p, _ in flush], dtype=np.uint32)
+            weights = [r for _, _, r in flush]
+            for gid, profile, rows in flush:
+                expected[(gid * 7, profile)] = expected.get((gid * 7, profile), 0) + rows
+            # add() counts one row a pair: repeat each pair its rows' worth, up to 3, and
+            # put the larger counts in as a part of their own, as a compacted flush is
+            runs.add(np.repeat(gids, [min(w, 3) for w in weights]),
+                     np.repeat(profiles, [min(w, 3) for w in weights]))
+            big = [(g << 32 | p, w - 3) for g, p, w in flush if w > 3]
+            if big:
+                merged: dict[int, int] = {}
+                for run, w in big:
+                    merged[run] = merged.get(run, 0) + w
+                keys = sorted(merged)
+                runs.parts.append((np.array(keys, dtype=np.int64),
+                                   np.array([merged[k] for k in keys], dtype=np.int64)))
+                runs.size += len(keys)
+        if number % every == 0:
+            runs.spill(folder)
+    chunks = list(runs.chunks(limit, folder))
+    got: dict[tuple[int, int], int] = {}
+    last_code = -1
+    for codes, bounds, profiles, rows in chunks:
+        assert codes[0] > last_code and np.all(np.diff(codes) > 0)  # whole buckets, in order
+        last_code = int(codes[-1])
+        for i in range(len(codes)):
+            block = profiles[bounds[i]:bounds[i + 1]].astype(np.int64)
+            assert len(block) and np.all(np.diff(block) > 0)
+            for p, r in zip(block.tolist(), rows[bounds[i]:bounds[i + 1]].tolist(), strict=True):
+                got[(int(codes[i]), p)] = r
+    assert got == expected
+    assert not runs.spills and not runs.parts and list(folder.iterdir()) == []
