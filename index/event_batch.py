@@ -45,9 +45,10 @@ from bitseg.index.timeline import month_of
 
 DENSE_CACHE = 1 << 21  # profile ids a batch keeps looked up, at most
 FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a block part
-# Bytes of count runs (16 a run) held before the buckets are written (a spill). Merging
-# the runs and writing the buckets need up to about twice that again, so the runs take
-# at most ~3 x RUN_BYTES whatever the file's size; a spill rereads the buckets it wrote.
+# Bytes of count runs (16 a run) held before they are merged and moved to a scratch file
+# (a spill; the end of the batch merges the files again, RUN_BYTES of runs at a time, and
+# writes each bucket once). Merging the runs and writing the buckets need up to about
+# twice that again, so the runs take at most ~3 x RUN_BYTES whatever the file's size.
 RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
@@ -62,22 +63,36 @@ def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
 
 
 def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
-                 rows: np.ndarray) -> tuple[dict, dict]:
-    """The property columns of some rows, keyword codes renumbered to their own table."""
-    columns, words = {}, {}
+                 order: np.ndarray, starts: np.ndarray) -> list[tuple[dict, dict]]:
+    """The property columns of each block of rows — block k is order[starts[k]:
+    starts[k + 1]] — with keyword codes renumbered to the block's own table (its codes
+    ascending, as np.unique of the block's codes gives them); one pass per property
+    over all blocks, Python per block only to slice."""
+    count = len(starts) - 1
+    block_of = np.repeat(np.arange(count, dtype=np.int64), np.diff(starts))
+    out: list[tuple[dict, dict]] = [({}, {}) for _ in range(count)]
     for name, (keys, valid, table) in props.items():
-        ok = valid[rows]
-        if not ok.any():
-            continue
-        values = keys[rows]
+        ok = valid[order]
+        has = np.flatnonzero(np.logical_or.reduceat(ok, starts[:-1])).tolist()
+        values = keys[order]
+        block_words: list[str] = []
+        first = None
         if table is not None:
-            used, local = np.unique(values[ok], return_inverse=True)
-            values = np.zeros(len(rows), dtype=np.int64)
-            values[ok] = local
-            words[name] = [table[i] for i in used.tolist()]
-        columns[name] = (values, ok)
-    return columns, words
-
+            width = max(len(table), 1)
+            pairs, local = distinct(block_of[ok] * width + values[ok])
+            pair_block = pairs // width
+            first = np.searchsorted(pair_block, np.arange(count + 1, dtype=np.int64))
+            values = np.zeros(len(order), dtype=np.int64)
+            values[ok] = local - first[block_of[ok]]
+            block_words = [table[i] for i in (pairs % width).tolist()]
+            first = first.tolist()
+        cut = starts.tolist()
+        for k in has:
+            a, b = cut[k], cut[k + 1]
+            out[k][0][name] = (values[a:b], ok[a:b])
+            if first is not None:
+                out[k][1][name] = block_words[first[k]:first[k + 1]]
+    return out
 
 
 class EventBatch:
@@ -111,6 +126,8 @@ class EventBatch:
         self.count = 0
         self.reader = TxnReader(store, txn)
         self.runs = BucketRuns()  # per-profile row counts of the buckets, not written yet
+        self.scratch = store.path  # where spilled runs wait (unnamed files, on its disk)
+        self.finishing = False  # finish() has begun: the buckets are written
         self.stream_number: dict[str, int] = {}  # the streams of self.runs, numbered
         self.stream_names: list[str] = []
         self.written = dict(index.written)
@@ -333,7 +350,8 @@ class EventBatch:
                 prop = part.props.get(name)
                 if prop is not None:
                     valid[offset:offset + len(part)] = prop.valid
-                    keys[offset:offset + len(part)] = self._part_keys(prop, table)
+                    keys[offset:offset + len(part)] = self._part_keys(prop, table,
+                                                                      part.whole)
                 offset += len(part)
             words = list(table) if type_ == T.KEYWORD else None
             if name not in self.c_props:
@@ -359,14 +377,15 @@ class EventBatch:
         return out
 
     @staticmethod
-    def _part_keys(prop: Any, table: dict[str, int]) -> np.ndarray:
+    def _part_keys(prop: Any, table: dict[str, int], whole: bool) -> np.ndarray:
         """A held part's keys; keyword codes renumbered into the chunk's table in order
-        of first appearance, as add()'s rows number theirs."""
+        of first appearance, as add()'s rows number theirs. A `whole` block's codes are
+        its dictionary's, already numbered in order of first appearance."""
         if prop.words is None:
             return prop.keys
-        codes = prop.keys[prop.valid]
         remap = np.zeros(max(len(prop.words), 1), dtype=np.int64)
-        for code in first_seen(codes).tolist():
+        seen = range(len(prop.words)) if whole else first_seen(prop.keys[prop.valid]).tolist()
+        for code in seen:
             remap[code] = table.setdefault(prop.words[code], len(table))
         return np.where(prop.valid, remap[prop.keys], 0)
 
@@ -420,11 +439,16 @@ class EventBatch:
         key = codes[order] * (1 << 32) + (days[order] + 2**31)
         starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [n]))
         version = np.full(n, self.version, dtype=np.uint32)
-        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
-            rows = order[a:b]
-            event, day = names[int(codes[rows[0]])], int(days[rows[0]])
-            block = Block(dense[rows], ts[rows], version[:b - a],
-                          *_block_props(props, rows))
+        per_block = _block_props(props, order, starts)
+        dense_sorted, ts_sorted = dense[order], ts[order]
+        heads = order[starts[:-1]]  # each block's first row: its type and day
+        cut, event_codes, block_days = starts.tolist(), codes[heads].tolist(), \
+            days[heads].tolist()
+        for k, (block_props, block_words) in enumerate(per_block):
+            a, b = cut[k], cut[k + 1]
+            event, day = names[event_codes[k]], block_days[k]
+            block = Block(dense_sorted[a:b], ts_sorted[a:b], version[:b - a],
+                          block_props, block_words)
             seq = self.parts.get((event, day), 0)
             self.store.put(self.txn, "events", block_key(event, day, seq), block.encode())
             self.parts[(event, day)] = seq + 1
@@ -495,14 +519,19 @@ class EventBatch:
         return None
 
     def _write_buckets(self) -> None:
-        """Add the runs to the stored counts of their buckets and write those into the
-        transaction, in key order; list the buckets new to their streams. Called at the
-        end of the batch, and when the runs outgrow RUN_BYTES (then a bucket may be
-        written again, its counts read back and added to)."""
-        drained = self.runs.drain()
-        if drained is None:
+        """Called when the runs outgrow RUN_BYTES (a spill: they move to a scratch file)
+        and at the end of the batch (once `finishing`): add the runs to the stored counts
+        of their buckets and write those into the transaction, a chunk of RUN_BYTES of
+        runs at a time, each chunk in key order; list the buckets new to their streams."""
+        if not self.finishing:
+            self.runs.spill(self.scratch)
             return
-        codes, bounds, profiles, rows = drained
+        for chunk in self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch):
+            self._write_chunk(*chunk)
+
+    def _write_chunk(self, codes: np.ndarray, bounds: np.ndarray, profiles: np.ndarray,
+                     rows: np.ndarray) -> None:
+        """Write the buckets of drained runs (BucketRuns.drain), in key order."""
         kinds = (codes >> 62).tolist()
         streams = ((codes >> 32) & ((1 << 30) - 1))
         buckets = (codes & 0xFFFFFFFF) - BUCKET_OFFSET
@@ -552,6 +581,7 @@ class EventBatch:
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
         self._flush()
+        self.finishing = True
         self._write_buckets()
         self._compact()
         self._write_catalog()

@@ -54,6 +54,13 @@ class EventColumns:
     def __len__(self) -> int:
         return len(self.ts)
 
+    @property
+    def whole(self) -> bool:
+        """Whether this is the whole block, not a slice: its keyword and profile codes
+        are then their dictionaries' (pyarrow numbers values in order of first
+        appearance, nulls left out), every one used."""
+        return self.start == 0 and len(self) == self.block.rows
+
     def slice(self, a: int, b: int) -> EventColumns:
         props = {name: Prop(p.type_, p.keys[a:b], p.valid[a:b], p.words)
                  for name, p in self.props.items() if p.valid[a:b].any()}
@@ -64,6 +71,8 @@ class EventColumns:
     def profiles_used(self) -> np.ndarray:
         """The codes of the part's distinct profile ids, in order of first appearance (a
         whole block's are its dictionary's order; a slice's may use fewer, in another)."""
+        if self.whole:
+            return np.arange(len(self.profile_ids), dtype=np.int64)
         n = len(self.profile_codes)
         first = np.full(len(self.profile_ids), n, dtype=np.int64)
         np.minimum.at(first, self.profile_codes, np.arange(n, dtype=np.int64))
@@ -131,8 +140,9 @@ def columns_of(block: RowBlock, type_of: Callable[[str], str | None],
         type_ = type_of(name)
         if type_ is None:
             type_ = _inferred(block, name, column)
-        prop = made((name, type_), lambda: _prop(type_, column)) \
-            if type_ in PROP_TYPES else None
+        prop = None
+        if type_ in PROP_TYPES:
+            prop = ready[(name, type_)] if (name, type_) in ready else _prop(type_, column)
         if prop is None:
             return None
         props[name] = prop
