@@ -65,6 +65,13 @@ from bitseg.server.shard_reads import (
     merge_values,
     resolve_tops,
 )
+from bitseg.server.shard_writes import (
+    DELETE,
+    ShardWrites,
+    split_ids,
+    stream_batches,
+    writes_for,
+)
 from bitseg.server.shards import ShardSet
 from bitseg.v1 import bitseg_pb2 as pb
 
@@ -75,6 +82,9 @@ SHARDED = frozenset({
     "CreateSegment", "DeleteSegment", "GetSegment", "ListSegments", "RefreshSegment",
     "ListTemplates", "Metrics", "Overlap", "GetProfile", "SegmentsOfBatch", "SplitSegment",
     "Preview", "AddToSegment", "RemoveFromSegment",
+    # writes and definition changes: shard_writes.py
+    "UpsertProfiles", "TrackEvents", "AddOrders", "DeleteProfiles", "UpdateSegment",
+    "AddTags", "RemoveTags", "RecordSegmentSize",
     # reads merged beyond a sum: shard_reads.py
     "Describe", "Values", "SegmentHistory", "Insights",
     "CreateExportSchedule", "ListExportSchedules", "DeleteExportSchedule",
@@ -524,6 +534,109 @@ class ShardedServicer(SegmentsServicer):
                                       exited=sum(c.exited for c in changes),
                                       eval_micros=_micros_since(start),
                                       as_of=convert.to_timestamp(as_of))
+
+    # ---------------------------------------------------------------- writes (shard_writes.py)
+    @property
+    def writes(self) -> ShardWrites:
+        """The two-phase commit of this front's writes, made on first use."""
+        return writes_for(self.shards)
+
+    @rpc
+    def UpsertProfiles(self, request_iterator: Iterator[pb.ProfileBatch],
+                       context: grpc.ServicerContext) -> pb.UpsertProfilesReply:
+        reply = pb.UpsertProfilesReply()
+        for messages, results in stream_batches(self.writes, request_iterator,
+                                                "profiles_json", "profiles", context):
+            reply.batches += messages
+            reply.created += sum(r[0] for r in results)
+            reply.updated += sum(r[1] for r in results)
+            reply.version = sum(r[2] for r in results)  # summed, as a Members cursor's
+        return reply
+
+    @rpc
+    def TrackEvents(self, request_iterator: Iterator[pb.EventBatch],
+                    context: grpc.ServicerContext) -> pb.TrackEventsReply:
+        reply = pb.TrackEventsReply()
+        for messages, results in stream_batches(self.writes, request_iterator,
+                                                "events_json", "events", context):
+            reply.batches += messages
+            reply.events += sum(r[3] for r in results)
+        return reply
+
+    @rpc
+    def AddOrders(self, request_iterator: Iterator[pb.OrderBatch],
+                  context: grpc.ServicerContext) -> pb.AddOrdersReply:
+        reply = pb.AddOrdersReply()
+        for messages, results in stream_batches(self.writes, request_iterator,
+                                                "orders_json", "orders", context):
+            reply.batches += messages
+            reply.orders += sum(r[3] for r in results)
+        return reply
+
+    @rpc
+    def DeleteProfiles(self, request: pb.DeleteProfilesRequest,
+                       context: grpc.ServicerContext) -> pb.DeleteProfilesReply:
+        ids = [_profile_id(p) for p in request.profile_ids]
+        results = self.writes.write(DELETE, split_ids(ids, self.shards.count))
+        return pb.DeleteProfilesReply(deleted=sum(r[3] for r in results))
+
+    @rpc
+    def UpdateSegment(self, request: pb.UpdateSegmentRequest,
+                      context: grpc.ServicerContext) -> pb.Segment:
+        if request.HasField("refresh_every_seconds") and request.refresh_every_seconds:
+            raise Unimplemented("scheduled refresh (refresh_every) is not yet supported "
+                                "with --shards")
+        as_of = convert.as_of_of(request) or convert.now()
+        rule = convert.source_of(request)
+        if self.shards.count > 1 and rule is not None and _has_top(rule):
+            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
+        before = self.shards.call(0, "get_segment", request.name, as_of)  # NotFound first
+        made = self._change_everywhere(
+            "update_segment", (request.name, rule, as_of),
+            undo=None if rule is None else (request.name, before.rule, as_of))
+        return convert.segment_reply(*_summed(made))
+
+    @rpc
+    def AddTags(self, request: pb.SegmentTagsRequest,
+                context: grpc.ServicerContext) -> pb.Segment:
+        return convert.segment_reply(_sized(self._retag(request.name, list(request.tags), [])))
+
+    @rpc
+    def RemoveTags(self, request: pb.SegmentTagsRequest,
+                   context: grpc.ServicerContext) -> pb.Segment:
+        return convert.segment_reply(_sized(self._retag(request.name, [], list(request.tags))))
+
+    def _retag(self, name: str, add: list[str], remove: list[str]) -> list[Any]:
+        """Retag on every shard or none: a shard that fails has the others put back."""
+        before = set(self.shards.call(0, "get_segment", name, convert.now()).tags)
+        undo = (name, sorted(before & set(remove)), sorted(set(add) - before))
+        return self._change_everywhere("retag_segment", (name, add, remove), undo=undo)
+
+    @rpc
+    def RecordSegmentSize(self, request: pb.RecordSegmentSizeRequest,
+                          context: grpc.ServicerContext) -> pb.SizePoint:
+        as_of = convert.as_of_of(request) or convert.now()
+        self.shards.call(0, "get_segment", request.name, as_of)  # NotFound: nothing recorded
+        points = self._change_everywhere("record_size", (request.name, as_of), undo=None)
+        return convert.point_reply(replace(points[0], size=sum(p.size for p in points)))
+
+    def _change_everywhere(self, method: str, args: tuple, undo: tuple | None) -> list[Any]:
+        """A definition change on shard 0 (where a bad rule or an unknown segment fails,
+        nothing touched), then on the others at once; when one of those fails, the
+        shards that made it run `method` again with `undo` (None: nothing to undo)."""
+        first = self.shards.call(0, method, *args)
+        others = list(range(1, self.shards.count))
+        found = self.shards.outcomes(method, [args] * len(others), indices=others)
+        failed = [value for ok, value in found if not ok]
+        if not failed:
+            return [first, *(value for _, value in found)]
+        if undo is not None:
+            done = [0, *(i for i, (ok, _) in zip(others, found, strict=True) if ok)]
+            for i, (ok, value) in zip(done, self.shards.outcomes(method, [undo] * len(done),
+                                                                  indices=done), strict=True):
+                if not ok:
+                    log.error("shard %d: undoing %s failed: %s", i, method, value)
+        raise failed[0]
 
 
 def _summed_node(nodes: list[Any]) -> Any:

@@ -243,6 +243,31 @@ class Shard:
     def do_refresh_segment(self, name: str, as_of: datetime) -> Any:
         return self.segments.refresh(name, as_of=as_of)
 
+    def do_update_segment(self, name: str, rule: Any, as_of: datetime) -> tuple[Any, Any]:
+        return self.segments.update(name, rule=rule, as_of=as_of)
+
+    def do_retag_segment(self, name: str, add: list[str], remove: list[str]) -> Any:
+        return self.segments.retag(name, add=add, remove=remove)
+
+    def do_record_size(self, name: str, as_of: datetime) -> Any:
+        return self.segments.record_size(name, as_of=as_of)
+
+    # ---------------------------------------------------------------- writes (shard_writes)
+    def do_prepare(self, txid: str, kind: str, payload: Any) -> dict[str, dict[str, str]]:
+        from bitseg.server.shard_writes import prepare
+
+        return prepare(self.engine, txid, kind, payload)
+
+    def do_finish(self, txid: str, commit: bool, schema: Any) -> Any:
+        from bitseg.server.shard_writes import finish
+
+        return finish(self.engine, txid, commit, schema)
+
+    def do_staged(self) -> list[str]:
+        from bitseg.server.shard_writes import staged
+
+        return staged(self.engine)
+
 
 def _error_data(exc: BitsegError) -> tuple[str, str, str, dict[str, Any]]:
     """A bitseg error as (module, class, message, attributes), which always pickles."""
@@ -371,6 +396,22 @@ class ShardSet:
         answers = [self._wait(i, p) for i, p in zip(indices, pending, strict=True)]
         return [self._answer(i, a) for i, a in zip(indices, answers, strict=True)]
 
+    def outcomes(self, method: str, per_shard: Sequence[tuple],
+                 indices: Sequence[int] | None = None) -> list[tuple[bool, Any]]:
+        """Each shard's (True, answer) or (False, the error it raised or ShardUnavailable),
+        asked at once, never raising: a caller that must undo on some shards learns which
+        (the shards `indices`, each with its args; every shard when None)."""
+        which = list(range(self.count)) if indices is None else list(indices)
+        pending = [self._submit(i, method, tuple(a))
+                   for i, a in zip(which, per_shard, strict=True)]
+        found: list[tuple[bool, Any]] = []
+        for i, handle in zip(which, pending, strict=True):
+            try:
+                found.append((True, self._answer(i, self._wait(i, handle))))
+            except Exception as exc:  # noqa: BLE001 -- handed to the caller as data
+                found.append((False, exc))
+        return found
+
     @staticmethod
     def _answer(index: int, answer: tuple[bool, Any]) -> Any:
         ok, value = answer
@@ -438,6 +479,9 @@ def open_shards(db: str | Path, ray_address: str | None = None,
     else:
         shards = ShardSet.on_ray(paths, ray_address, ray_init)
     try:
+        from bitseg.server.shard_writes import recover
+
+        recover(shards, db)  # the batches a crash left half-written: finished first
         shards.unify_schema()
     except ShardUnavailable as exc:  # an actor that cannot open its store never starts
         shards.close()
