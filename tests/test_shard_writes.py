@@ -14,6 +14,7 @@ import os
 import random
 import signal
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -354,3 +355,35 @@ def test_definition_changes_reach_every_shard_or_none(three: Front) -> None:
     assert caught.value.code == "INVALID_ARGUMENT"
     assert all(i.rule == {"field": "n", "op": "gt", "value": 10}
                for i in shards.each("get_segment", "big", T0))
+
+
+# ---------------------------------------------------------------------- end to end
+def test_load_addr_through_serve_two_shards(tmp_path: Path, ray_runtime: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import conftest_grpc
+    from conftest_grpc import ServerProcess, run_cli
+
+    data = tmp_path / "data"
+    assert run_cli("gen", str(data), "--profiles", "300", "--quiet").returncode == 0
+    local = run_cli("load", str(data), "--db", str(tmp_path / "local"), "--quiet", "--json")
+    assert local.returncode == 0, local.stderr
+    new_sharded_store(tmp_path / "db", 2)
+    monkeypatch.setattr(conftest_grpc, "START_SECONDS", 120.0)  # Ray starts in seconds
+    sharded = ServerProcess(tmp_path / "db", ["--shards", "2"])
+    plain = ServerProcess(tmp_path / "local")
+    try:
+        remote = run_cli("load", str(data), "--addr", sharded.addr, "--batch-size", "120",
+                         "--quiet", "--json", timeout=120)
+        assert remote.returncode == 0, remote.stderr
+        got, want = orjson.loads(remote.stdout), orjson.loads(local.stdout)
+        for key in ("profiles_created", "profiles_updated", "events", "orders",
+                    "profiles_total"):
+            assert got[key] == want[key], key
+        with Client(sharded.addr, timeout=30) as one, Client(plain.addr, timeout=30) as two:
+            assert replace(one.describe(5), version=0, eval_micros=0) == \
+                replace(two.describe(5), version=0, eval_micros=0)
+            assert set(one.members({"all": True})) == set(two.members({"all": True}))
+    finally:
+        assert plain.stop() == 0
+        assert sharded.stop() == 0
+    assert not list((tmp_path / "db" / DECISIONS).glob("*"))
