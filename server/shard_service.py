@@ -20,6 +20,9 @@
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
   A segment with a `top` rule is refused (a refresh would take each shard's own top).
+- UpsertProfiles, TrackEvents, AddOrders, DeleteProfiles: each batch on every shard or
+  none, by a two-phase commit (shard_writes). UpdateSegment, AddTags, RemoveTags: shard
+  0 first, then the others, put back on a failure; RecordSegmentSize on every shard.
 - Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
   never a wrong answer.
 """
