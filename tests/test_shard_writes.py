@@ -135,8 +135,8 @@ def same_writes(client: Client, engine: Engine, batches: dict[str, list[list[dic
     assert_same(client, engine)
 
 
-def assert_same(client: Client, engine: Engine) -> None:
-    for rule in RULES:
+def assert_same(client: Client, engine: Engine, rules: list[dict] = RULES) -> None:
+    for rule in rules:
         assert client.count(rule, as_of=AS_OF) == engine.count(rule, as_of=AS_OF), rule
         assert set(client.members(rule, as_of=AS_OF)) == \
             set(engine.members(rule, as_of=AS_OF)), rule
@@ -212,6 +212,41 @@ def test_a_bad_line_in_the_last_shards_part_changes_nothing(three: Front) -> Non
     assert all("fresh" not in s["profiles"] for s in three.shards.each("schema"))
     assert three.client.count({"field": "kw", "op": "eq", "value": "a"}) == 30
     assert three.client.profile("q3").as_dict() == {"id": "q3", "kw": "a", "n": 3}
+
+
+def test_refused_events_and_orders_leave_the_shards_as_they_were(three: Front,
+                                                                 tmp_path: Path) -> None:
+    """The shards whose dry runs passed aborted them: their next batch is written as if
+    the refused one had never been sent (the same answers as one engine given only the
+    good batches)."""
+    ids = [f"v{i}" for i in range(24)]
+    last = max(i for i, p in enumerate(ids) if shard_of(p, 3) == 2)
+    events = [{"profile": p, "event": "view", "ts": AS_OF, "where_from": "mail"} for p in ids]
+    orders = [{"id": f"o{i}", "profile": p, "ts": AS_OF, "amount": 2.5 * i, "status": "paid"}
+              for i, p in enumerate(ids)]
+    bad_events = [dict(e) for e in events]
+    bad_events[last]["ts"] = "soon"
+    bad_orders = [dict(o, amount=o["amount"] + 1) for o in orders]
+    bad_orders[last]["amount"] = "lots"
+    batches = {"profiles": [[{"id": p, "n": i} for i, p in enumerate(ids)]],
+               "events": [events], "orders": [orders]}
+    with Engine.open(tmp_path / "one") as engine:
+        three.client.upsert_profiles(batches["profiles"])
+        for send, bad in ((three.client.track_events, bad_events),
+                          (three.client.add_orders, bad_orders)):
+            with pytest.raises(ClientError) as caught:
+                send([bad])
+            assert f"record {last + 1}" in caught.value.message, caught.value.message
+        assert [s for _, _, s in state(three.shards)] == [[], [], []]
+        three.client.track_events([events])
+        three.client.add_orders([orders])
+        write_engine(engine, batches)
+        assert_same(three.client, engine, [
+            {"all": True}, {"field": "n", "op": "gt", "value": 3},
+            {"event": "view", "where": {"field": "where_from", "op": "eq", "value": "mail"}},
+            {"orders": {"field": "amount", "op": "gt", "value": 20}},
+            {"orders": {"all": True}, "having": {"agg": "sum", "of": "amount", "op": "gt",
+                                                 "value": 30}}])
 
 
 def test_a_group_with_a_bad_batch_names_it_and_keeps_the_ones_before(three: Front) -> None:
