@@ -580,6 +580,8 @@ class ShardedServicer(SegmentsServicer):
     def DeleteProfiles(self, request: pb.DeleteProfilesRequest,
                        context: grpc.ServicerContext) -> pb.DeleteProfilesReply:
         ids = [_profile_id(p) for p in request.profile_ids]
+        if not ids:
+            return pb.DeleteProfilesReply(deleted=0)
         results = self.writes.write(DELETE, split_ids(ids, self.shards.count))
         return pb.DeleteProfilesReply(deleted=sum(r[3] for r in results))
 

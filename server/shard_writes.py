@@ -302,14 +302,14 @@ class ShardWrites:
                 elif isinstance(value, ShardUnavailable):
                     left.append((i, value))
                 else:  # not the batch's fault (its dry run passed): keep it to retry
-                    self._pending.append(txid)
+                    self._keep(txid)
                     raise Decided(f"shard {i} could not apply a batch decided to commit "
                                   f"({value}); it is applied before the next write or "
                                   "when the store opens; do not send it again") from value
             if not left:
                 break
             if time.monotonic() > deadline:
-                self._pending.append(txid)
+                self._keep(txid)
                 shard, why = left[0]
                 raise Decided(f"the batch is committed, shard {shard} has not applied it "
                               f"yet ({why}); it does when it is back, or when the store "
@@ -319,11 +319,22 @@ class ShardWrites:
         remove_decision(self.decisions, txid)
         return [r if r is not None else (0, 0, 0, 0) for r in results]
 
+    def _keep(self, txid: str) -> None:
+        if txid not in self._pending:
+            self._pending.append(txid)
+
     def _finish_pending(self) -> None:
+        """Apply the batches a shard was away for; ShardUnavailable (this batch not
+        written) while one still cannot be."""
         while self._pending:
-            txid = self._pending[0]
-            self._apply(txid, read_decision(self.decisions, txid))
-            self._pending.pop(0)
+            txid = self._pending[0]  # in order: a later batch may change the same profiles
+            try:
+                self._apply(txid, read_decision(self.decisions, txid))
+                self._pending.pop(0)
+            except Decided as exc:  # still first in _pending
+                raise ShardUnavailable(f"this batch was not written: an earlier one is "
+                                       f"committed and not yet applied everywhere ({exc}); "
+                                       "send this one again later") from None
 
 
 def _first(failures: dict[int, Exception], kind: str, split: Split) -> Exception:

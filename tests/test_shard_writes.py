@@ -358,6 +358,43 @@ def test_a_shard_killed_between_the_phases_applies_the_batch_when_back(
         front.close()
 
 
+def test_a_shard_away_after_the_decision_gets_the_batch_before_the_next_one(
+        three: Front, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitseg.server import shard_writes
+    from bitseg.server.service import ShardUnavailable
+
+    monkeypatch.setattr(shard_writes, "APPLY_PATIENCE", 0.3)
+    monkeypatch.setattr(shard_writes, "RETRY_SECONDS", 0.05)
+    shards, away = three.shards, {"on": False}
+    submit, wait = shards._submit, shards._wait
+
+    def maybe_away(index: int, method: str, args: tuple) -> Any:
+        return "away" if away["on"] and index == 1 else submit(index, method, args)
+
+    def answer(index: int, handle: Any) -> Any:
+        if handle == "away":
+            raise ShardUnavailable("shard 1 is away")
+        return wait(index, handle)
+
+    monkeypatch.setattr(shards, "_submit", maybe_away)
+    monkeypatch.setattr(shards, "_wait", answer)
+    three.writes.after_decision = lambda txid: away.update(on=True)
+    first = [{"id": f"w{i}", "n": 1} for i in range(12)]
+    with pytest.raises(ClientError) as caught:
+        three.client.upsert_profiles([first])
+    assert caught.value.code == "UNAVAILABLE" and "is committed" in caught.value.message
+    three.writes.after_decision = None
+    with pytest.raises(ClientError) as caught:  # shard 1 still away: nothing written
+        three.client.upsert_profiles([[{"id": f"w{i}", "n": 2} for i in range(12)]])
+    assert "this batch was not written" in caught.value.message
+    away["on"] = False
+    three.client.upsert_profiles([[{"id": f"w{i}", "n": 3} for i in range(6)]])
+    assert three.client.count({"all": True}) == 12  # the first batch, then this one
+    assert three.client.count({"field": "n", "op": "eq", "value": 3}) == 6
+    assert three.client.count({"field": "n", "op": "eq", "value": 1}) == 6
+    assert [s for _, _, s in state(shards)] == [[], [], []]
+
+
 # ---------------------------------------------------------------------- definitions
 def test_definition_changes_reach_every_shard_or_none(three: Front) -> None:
     client, shards = three.client, three.shards
