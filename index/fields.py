@@ -426,7 +426,7 @@ class RangeWriter:
         unit = int(np.gcd.reduce(keys - base)) or 1
         stored = (keys - base) // unit
         depth = int(stored.max()).bit_length()
-        slices = tuple(bitmap_of(ids[(stored >> i) & 1 == 1]) for i in range(depth))
+        slices = tuple(bitmap_of(ids[mask]) for mask in _bit_masks(stored, depth))
         return replace(self.index, base=base, unit=unit, slices=slices, exists=bitmap_of(ids),
                        monthdays=self._monthdays({}, ids, keys))
 
@@ -434,9 +434,9 @@ class RangeWriter:
         stored = (keys - old.base) // old.unit
         depth = max(len(old.slices), int(stored.max()).bit_length())
         slices = []
-        for i in range(depth):
+        for i, mask in enumerate(_bit_masks(stored, depth)):
             s = old.slices[i] if i < len(old.slices) else EMPTY
-            fresh = ids[(stored >> i) & 1 == 1]
+            fresh = ids[mask]
             slices.append(s | bitmap_of(fresh) if len(fresh) else s)
         monthdays = self._monthdays(dict(old.monthdays), ids, keys)
         return replace(old, slices=tuple(slices), exists=old.exists | bitmap_of(ids),
@@ -449,6 +449,19 @@ class RangeWriter:
             into[md] = into.get(md, EMPTY) | bitmap_of(members)
             self.dirty_monthdays.add(md)
         return into
+
+
+def _bit_masks(stored: np.ndarray, depth: int) -> Iterator[np.ndarray]:
+    """Which keys have bit i set, for i < depth: one mask, reused (read it before the
+    next), made in two buffers rather than three new arrays a bit (~2x less zeroing of
+    fresh pages, a million keys a slice)."""
+    bit = np.empty(len(stored), dtype=stored.dtype)
+    mask = np.empty(len(stored), dtype=bool)
+    for i in range(depth):
+        np.right_shift(stored, i, out=bit)
+        np.bitwise_and(bit, 1, out=bit)
+        np.not_equal(bit, 0, out=mask)
+        yield mask
 
 
 # --------------------------------------------------------------------------- read on use
