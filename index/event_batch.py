@@ -11,6 +11,7 @@ the parts it wrote for a day and rewrites the catalog entries it changed.
 from __future__ import annotations
 
 import warnings
+from array import array
 from bisect import insort
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -25,7 +26,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
-from bitseg.index.event_counts import add_counts, count_indexes, decode_counts, encode_counts
+from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
 from bitseg.index.event_group import (
     BUCKET_OFFSET,
     KIND_OF,
@@ -33,6 +34,7 @@ from bitseg.index.event_group import (
     bucket_code,
     bucket_parts,
     distinct,
+    encoded_counts,
 )
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
 from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
@@ -52,6 +54,7 @@ FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a
 RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
+ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy temporaries)
 
 
 def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
@@ -93,6 +96,27 @@ def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]]
             if first is not None:
                 out[k][1][name] = block_words[first[k]:first[k + 1]]
     return out
+
+
+def _encoded(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray) -> list[bytes]:
+    """The stored bytes of each group's count index (encoded_counts), ENCODE_RUNS runs
+    of groups at a time, so that its temporaries stay small whatever the chunk."""
+    out: list[bytes] = []
+    groups = len(bounds) - 1
+    first = 0
+    while first < groups:
+        last = int(np.searchsorted(bounds, bounds[first] + ENCODE_RUNS, side="right")) - 1
+        last = min(max(last, first + 1), groups)  # at least one group, however large
+        a, b = int(bounds[first]), int(bounds[last])
+        out += encoded_counts(bounds[first:last + 1] - a, profiles[a:b], rows[a:b],
+                              _roaring_bytes)
+        first = last
+    return out
+
+
+def _roaring_bytes(ids: np.ndarray) -> bytes:
+    """What pyroaring stores for a bitmap of these ids (ascending)."""
+    return BitMap(array("I", ids.astype(np.uint32).tobytes())).serialize()
 
 
 class EventBatch:
@@ -543,16 +567,21 @@ class EventBatch:
         order = np.lexsort((rank[streams], buckets, codes >> 62)).tolist()
         streams, buckets = streams.tolist(), buckets.tolist()
         written, version = self.written, self.version
-        built = count_indexes(bounds, profiles, rows, order)
+        encoded = _encoded(bounds, profiles, rows)
         items: list[tuple[bytes, bytes]] = []
         size = 0
-        for i, fresh in zip(order, built, strict=True):
+        for i in order:
             kind, stream, bucket = KIND_OF[kinds[i]], names[streams[i]], buckets[i]
             key = (kind, stream, bucket)
             current = self._stored(key)
-            counts = add_counts(current, fresh) if current is not None else fresh
-            items.append((count_key(kind, bucket, stream), encode_counts(counts)))
-            size += len(items[-1][1])
+            if current is not None:  # stored before: add to it (bitmaps, not bytes)
+                a, b = bounds[i], bounds[i + 1]
+                value = encode_counts(add_counts(current, count_index(profiles[a:b],
+                                                                      rows[a:b])))
+            else:
+                value = encoded[i]
+            items.append((count_key(kind, bucket, stream), value))
+            size += len(value)
             written[key] = version
             if len(items) == PUT_ITEMS or size >= PUT_BYTES:
                 self.store.put_many(self.txn, "events", items, overwrite=True)

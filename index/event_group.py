@@ -13,7 +13,7 @@ number of spills. No Python runs per row or per bucket here.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -261,3 +261,96 @@ class Spill:
     def close(self) -> None:
         self._map = None
         self.file.close()
+
+
+# ------------------------------------------------------------------ encoded buckets
+ARRAY_MAX = 4096  # the most ids a roaring array container holds (more: a bitset)
+_NO_RUNS = 12346  # the portable format's cookie of a bitmap without run containers
+
+
+def encoded_counts(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
+                   fallback: Callable[[np.ndarray], bytes]) -> list[bytes]:
+    """event_counts.encode_counts(count_index(group ids, counts)) of every group — group
+    k is ids[bounds[k]:bounds[k + 1]] (ascending, distinct, counts >= 1) — byte for
+    byte, written with numpy for all groups at once.
+
+    Each part is a roaring bitmap in the portable format. A bitmap whose containers are
+    all arrays that pyroaring keeps as arrays (≤ ARRAY_MAX ids, and no run container
+    smaller: 2 + 4 x runs >= 2 x ids) is the no-run layout: cookie, container count,
+    (key, ids - 1) per container, each container's offset, its ids as uint16. Any other
+    bitmap (a bitset or a run container) is `fallback(ids)`'s bytes (pyroaring's)."""
+    groups = len(bounds) - 1
+    if groups <= 0:
+        return []
+    ids = ids.astype(np.int64)
+    counts = counts.astype(np.int64)
+    group_of = np.repeat(np.arange(groups, dtype=np.int64), np.diff(bounds))
+    depth = np.frexp(np.maximum.reduceat(counts, bounds[:-1]).astype(np.float64))[1]
+    base = np.concatenate(([0], np.cumsum(depth + 1)))  # a group's first bitmap: exists
+    # every member of every bitmap, bitmap by bitmap, ascending within each
+    members, owner = [ids], [base[group_of]]
+    for bit in range(int(depth.max())):
+        at = np.flatnonzero((counts >> bit) & 1)
+        members.append(ids[at])
+        owner.append(base[group_of[at]] + 1 + bit)
+    bitmap = np.concatenate(owner)
+    value = np.concatenate(members)
+    del members, owner
+    order = np.argsort(bitmap, kind="stable")  # bitmaps in order; ids stay ascending
+    bitmap, value = bitmap[order], value[order]
+    del order
+    bitmaps = int(base[-1])
+    high = value >> 16
+    new = np.ones(len(value), dtype=bool)
+    new[1:] = (bitmap[1:] != bitmap[:-1]) | (high[1:] != high[:-1])
+    starts = np.flatnonzero(new)  # containers
+    cards = np.diff(np.append(starts, len(value)))
+    breaks = np.ones(len(value), dtype=bool)
+    breaks[1:] = new[1:] | (value[1:] != value[:-1] + 1)
+    runs = np.add.reduceat(breaks, starts) if len(starts) else starts
+    plain = (cards <= ARRAY_MAX) & (2 + 4 * runs >= 2 * cards)
+    container_bitmap = bitmap[starts]
+    per_bitmap = np.bincount(container_bitmap, minlength=bitmaps)
+    ok = np.bincount(container_bitmap, weights=plain, minlength=bitmaps) == per_bitmap
+    member_count = np.bincount(bitmap, minlength=bitmaps)
+    size = 8 + 8 * per_bitmap + 2 * member_count  # the no-run layout's bytes
+    first_member = np.concatenate(([0], np.cumsum(member_count)))
+    other: dict[int, bytes] = {}
+    for b in np.flatnonzero(~ok).tolist():
+        other[b] = fallback(value[first_member[b]:first_member[b + 1]])
+        size[b] = len(other[b])
+    start = np.concatenate(([0], np.cumsum(size + 4)))  # each bitmap after its length
+    out = np.zeros(int(start[-1]), dtype=np.uint8)
+    _put(out, start[:-1], size, 4, big=True)
+    head = start[:-1] + 4
+    fine = np.flatnonzero(ok)
+    _put(out, head[fine], np.full(len(fine), _NO_RUNS), 4)
+    _put(out, head[fine] + 4, per_bitmap[fine], 4)
+    keep = ok[container_bitmap]  # the containers written here, and their place
+    c_bitmap, c_start, c_card = container_bitmap[keep], starts[keep], cards[keep]
+    c_first = np.concatenate(([0], np.cumsum(per_bitmap)))[c_bitmap]
+    c_rank = np.flatnonzero(keep) - c_first  # the container's number in its bitmap
+    c_head = head[c_bitmap]
+    c_count = per_bitmap[c_bitmap]
+    _put(out, c_head + 8 + 4 * c_rank, high[c_start] & 0xFFFF, 2)
+    _put(out, c_head + 10 + 4 * c_rank, c_card - 1, 2)
+    c_data = 8 + 8 * c_count + 2 * (c_start - first_member[c_bitmap])  # from the bitmap
+    _put(out, c_head + 8 + 4 * c_count + 4 * c_rank, c_data, 4)
+    m_ok = ok[bitmap]
+    m_at = head[bitmap[m_ok]] + 8 + 8 * per_bitmap[bitmap[m_ok]] + 2 * (
+        np.flatnonzero(m_ok) - first_member[bitmap[m_ok]])
+    _put(out, m_at, value[m_ok] & 0xFFFF, 2)
+    for b, raw in other.items():
+        out[head[b]:head[b] + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    data = out.tobytes()
+    cut = start[base].tolist()
+    return [data[cut[k]:cut[k + 1]] for k in range(groups)]
+
+
+def _put(out: np.ndarray, at: np.ndarray, values: np.ndarray, width: int,
+         big: bool = False) -> None:
+    """Write each value as `width` bytes (little-endian, or big) at its offset."""
+    values = np.asarray(values, dtype=np.int64)
+    for byte in range(width):
+        shift = 8 * (width - 1 - byte if big else byte)
+        out[at + byte] = (values >> shift) & 0xFF

@@ -205,3 +205,45 @@ def test_spilled_runs_come_back_in_chunks_that_add_up_like_one_drain(
                 got[(int(codes[i]), p)] = r
     assert got == expected
     assert not runs.spills and not runs.parts and list(folder.iterdir()) == []
+
+
+def _roaring(ids: np.ndarray) -> bytes:
+    from array import array
+
+    from pyroaring import BitMap
+    return BitMap(array("I", ids.astype(np.uint32).tobytes())).serialize()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(["few", "consecutive", "dense", "wide", "mixed"]),
+    st.integers(0, 2**32 - 70_000), st.integers(1, 9_000), st.randoms(use_true_random=False)),
+    min_size=1, max_size=12))
+def test_buckets_encoded_at_once_are_the_bytes_of_one_count_index_each(
+        groups: list[tuple[str, int, int, Any]]) -> None:
+    """encoded_counts writes the no-run roaring layout itself and asks pyroaring only for
+    bitmaps holding a bitset (> 4,096 ids in a container) or a run container; every
+    bucket's bytes equal encode_counts(count_index(...)) of its own runs."""
+    from bitseg.index.event_counts import count_index, encode_counts
+    from bitseg.index.event_group import encoded_counts
+    bounds, ids, counts = [0], [], []
+    for shape, low, size, rng in groups:
+        if shape == "few":
+            chosen = {low + rng.randrange(200_000) for _ in range(min(size, 8))}
+        elif shape == "consecutive":
+            chosen = set(range(low, low + min(size, 40)))
+        elif shape == "dense":
+            chosen = {low + rng.randrange(70_000) for _ in range(size)}
+        elif shape == "wide":
+            chosen = {rng.randrange(2**32) for _ in range(min(size, 60))}
+        else:
+            chosen = set(range(low, low + 6)) | {low + rng.randrange(5_000) for _ in range(20)}
+        group = sorted(v for v in chosen if v < 2**32)
+        ids += group
+        counts += [rng.choice([1, 1, 1, 2, 3, 7, 300, 2**20]) for _ in group]
+        bounds.append(len(ids))
+    ids_array = np.array(ids, dtype=np.uint32)
+    counts_array = np.array(counts, dtype=np.int64)
+    got = encoded_counts(np.array(bounds), ids_array, counts_array, _roaring)
+    assert got == [encode_counts(count_index(ids_array[a:b], counts_array[a:b]))
+                   for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
