@@ -36,7 +36,7 @@ from bitseg.index.compare import I64_MIN
 from bitseg.index.engine import Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
-from bitseg.index.order_index import NONE, OrderIndex
+from bitseg.index.order_index import OrderIndex
 from bitseg.index.profiles import FieldWriters, hold_fields
 from bitseg.index.schema import Schema
 from bitseg.index.snapshot import Snapshot
@@ -269,12 +269,14 @@ def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int,
     for k, name in enumerate(names):
         ids = ids_of(cats.values[name])
         code[ids[ids < index.item_count]] = k
-    owner = index.item_owner
-    chosen = np.zeros(index.count, dtype=bool)
+    owner, n = index.item_owner, index.item_count
+    chosen = np.zeros(index.count + 1, dtype=bool)  # the last slot: a replaced item's
     chosen[oids] = True
-    iids = np.flatnonzero((owner != NONE) & (code >= 0))
-    iids = iids[chosen[owner[iids]]]
-    iids = iids[qty.valid[iids] & price.valid[iids]]
+    keep = chosen[np.minimum(owner, index.count)]  # whole-column passes, no gathers
+    keep &= code >= 0
+    keep &= qty.valid[:n]
+    keep &= price.valid[:n]
+    iids = np.flatnonzero(keep)
     if not len(iids):
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), names
     spend = qty.keys[iids] * price.keys[iids]
