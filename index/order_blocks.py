@@ -49,7 +49,6 @@ SMALL_FLOAT = 1e-5  # below: left to add() (orjson writes such floats with an ex
 _CONTROL = "[\x00-\x1f]"
 _INT_LITERAL = rb"\s*:\s*-?\d+\s*[,}\]]"  # after a key: an integer, not a float
 _STRING = (pa.string(), pa.large_string())
-_POOL_BYTES = 1 << 30  # _concat's pool and rows, in 32-bit offsets: within 2 GiB
 
 
 class _Coded:
@@ -89,43 +88,14 @@ def _valid(arr: pa.Array) -> np.ndarray:
 
 
 def _join(*parts: Any) -> pa.Array:
-    """The parts (strings, and string arrays of one length) joined row by row; null where
-    an array is null."""
     merged: list[Any] = []  # neighbouring strings as one scalar
     for part in parts:
         if isinstance(part, str) and merged and isinstance(merged[-1], str):
             merged[-1] += part
         else:
             merged.append(part)
-    arrays = [p for p in merged if not isinstance(p, str)]
-    if len(merged) > 2 and arrays and not any(a.null_count for a in arrays) and \
-            sum(a.nbytes for a in arrays) + len(arrays[0]) * len("".join(
-                p for p in merged if isinstance(p, str)).encode()) < _POOL_BYTES:
-        return _concat(merged)
     return pc.binary_join_element_wise(*(_s(p) if isinstance(p, str) else p for p in merged),
                                        _s(""))
-
-
-def _concat(parts: list[Any]) -> pa.Array:
-    """Strings and string arrays without nulls joined row by row in one take from a pool
-    of them all: a row is a run of slots, so the taken values' bytes are the rows, one
-    after another (binary_join_element_wise with a block's ~25 parts took ~2x as long)."""
-    arrays = [p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p
-              for p in parts if not isinstance(p, str)]
-    rows = len(arrays[0])
-    constants = [p for p in parts if isinstance(p, str)]
-    pool = pa.concat_arrays([pa.array(constants, pa.string()),
-                             *(a.cast(pa.string()) for a in arrays)])
-    first = np.empty(len(parts), dtype=np.int32)  # each slot's pool index in row 0
-    step = np.array([not isinstance(p, str) for p in parts], dtype=np.int32)
-    first[step == 0] = np.arange(len(constants))
-    first[step == 1] = len(constants) + rows * np.arange(len(arrays))
-    slots = first + step * np.arange(rows, dtype=np.int32)[:, None]  # row by row
-    taken = pool.take(pa.array(slots.ravel()))
-    offsets = np.frombuffer(taken.buffers()[1], dtype=np.int32)
-    bounds = np.ascontiguousarray(offsets[taken.offset:][::len(parts)][:rows + 1])
-    return pa.Array.from_buffers(pa.string(), rows, [None, pa.py_buffer(bounds),
-                                                     taken.buffers()[2] or pa.py_buffer(b"")])
 
 
 def _members(convs: dict[str, _Conv], upto: int) -> tuple:
@@ -206,7 +176,7 @@ def _ints_json(keys: np.ndarray) -> pa.Array:
 
 def _floats_json(numbers: np.ndarray) -> pa.Array:
     """Floats (finite) as orjson writes them in a row, one string each: orjson formats
-    the whole array in C (~6x pyarrow's cast to string and its "1" -> "1.0" fix)."""
+    the whole array in C (~2x faster than pyarrow's cast to string and its "1" -> "1.0" fix)."""
     if len(numbers) == 0:
         return pa.array([], pa.string())
     written = orjson.dumps(np.ascontiguousarray(numbers, dtype=np.float64),
@@ -360,7 +330,7 @@ def fixed_times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
     for timestamps also YYYY-MM-DDTHH:MM:SSZ (months 01-12, days within their month,
     hours 00-23, minutes and seconds 00-59, years 0001-9999); (keys, which ones were
     read).  The forms have a fixed width, so each width's strings are read as a matrix
-    of bytes in numpy (pyarrow's regex and strptime took ~2-3x as long)."""
+    of bytes in numpy (pyarrow's regex and strptime took ~2-8x as long)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     m = len(arr)
@@ -404,19 +374,28 @@ def _fixed_time(chars: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     read = (digits <= 9).all(axis=1)
     read &= (chars[:, at] == np.frombuffer(b"".join(separators[i] for i in at.tolist()),
                                            dtype=np.uint8)).all(axis=1)
-    number = digits.astype(np.int64)  # year, month, day, [hour, minute, second]: 4,2,2,2,2,2
-    year = number[:, 0] * 1000 + number[:, 1] * 100 + number[:, 2] * 10 + number[:, 3]
-    month, day = number[:, 4] * 10 + number[:, 5], number[:, 6] * 10 + number[:, 7]
+    # year, month, day, [hour, minute, second]: 4, 2, 2, [2, 2, 2] digits, a column at a
+    # time (a whole int64 matrix is a block of fresh pages under the load's mmap threshold)
+    year = _number(digits, 0, 4)
+    month, day = _number(digits, 4, 6), _number(digits, 6, 8)
     leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
     read &= (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1)
     read &= day <= _MONTH_DAYS[np.where(read, month, 0)] + (leap & (month == 2))
     seconds = _civil_days(year, month, day) * 86_400
     if width == 20:
-        hour, minute = number[:, 8] * 10 + number[:, 9], number[:, 10] * 10 + number[:, 11]
-        second = number[:, 12] * 10 + number[:, 13]
+        hour, minute, second = _number(digits, 8, 10), _number(digits, 10, 12), \
+            _number(digits, 12, 14)
         read &= (hour <= 23) & (minute <= 59) & (second <= 59)
         seconds += hour * 3600 + minute * 60 + second
     return read, np.where(read, seconds, 0)
+
+
+def _number(digits: np.ndarray, first: int, last: int) -> np.ndarray:
+    """The decimal number in columns first … last-1 of a matrix of digits (int64)."""
+    value = digits[:, first].astype(np.int64)
+    for at in range(first + 1, last):
+        value = value * 10 + digits[:, at]
+    return value
 
 
 def _civil_days(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:

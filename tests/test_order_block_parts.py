@@ -1,6 +1,6 @@
 """The orders bulk path's vectorised pieces (index/order_blocks.py) against plain Python:
-the fixed-width time reader against re + datetime, the row joiner against pyarrow's
-binary_join_element_wise, and the float texts against orjson's text of each float."""
+the fixed-width time reader against re + datetime, and the float texts against orjson's
+text of each float."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,38 +79,6 @@ valid_stamp = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999,
 def test_times_as_python_reads_them(texts: list[str | None]) -> None:
     for type_ in (T.DATE, T.TIMESTAMP):
         check_times(texts, type_, pa.string())
-
-
-def joined_by_pyarrow(parts: list) -> pa.Array:
-    return pc.binary_join_element_wise(
-        *(pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts),
-        pa.scalar("", pa.string()))
-
-
-words = st.text(st.characters(codec="utf-8"), max_size=6)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 30), st.lists(st.one_of(words, st.just(None)), min_size=1, max_size=7),
-       st.data())
-def test_join_as_pyarrow_joins(rows: int, plan: list[str | None], data: st.DataObject) -> None:
-    parts: list = []
-    for part in plan:
-        if part is not None:
-            parts.append(part)
-            continue
-        values = data.draw(st.lists(words, min_size=rows + 2, max_size=rows + 2))
-        parts.append(pa.array(values, pa.string()).slice(1, rows))  # at an offset, as cut
-    if all(isinstance(p, str) for p in parts):
-        parts.append(pa.array([""] * rows, pa.string()))
-    got = order_blocks._join(*parts)
-    assert got.cast(pa.string()).to_pylist() == joined_by_pyarrow(parts).to_pylist()
-
-
-def test_join_keeps_nulls() -> None:
-    column = pa.array(["a", None, "c"], pa.string())
-    assert order_blocks._join("{", column, ",", column, "}").to_pylist() == \
-        ["{a,a}", None, "{c,c}"]
 
 
 @settings(max_examples=60, deadline=None)
