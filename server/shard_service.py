@@ -726,7 +726,7 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                   f"{where}) on {host}:{bound}", file=sys.stderr, flush=True)
             stop.wait()
             health_servicer.enter_graceful_shutdown()
-            exporter.stop()
+            exporter.stop(app.EXIT_MARGIN)  # not forever on a call to a hung shard
             server.stop(grace).wait(grace + app.EXIT_MARGIN)
             gate.wait_idle(app.EXIT_MARGIN)
         finally:
