@@ -3,9 +3,9 @@
 A batch collects rows as columns (add: one record; add_block: a parsed block checked
 column-wise by event_blocks), and every FLUSH_ROWS rows converts them with numpy and
 writes them as new raw block parts, grouping their rows' (stream, day or month,
-profile) into count runs held over the whole batch (event_group). Each bucket is
-written once, at finish (or at a spill, when the runs pass RUN_BYTES), which also joins
-the parts it wrote for a day and rewrites the catalog entries it changed.
+profile) into count runs held over the whole batch (event_group; past RUN_BYTES they
+wait in a scratch file). Each bucket is written once, at finish, which also joins the
+parts it wrote for a day and rewrites the catalog entries it changed.
 """
 
 from __future__ import annotations
