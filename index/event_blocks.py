@@ -162,8 +162,9 @@ def prepare(block: RowBlock) -> None:
     conversions only, so columns_of decides exactly as it would without; anything
     that fails here is left for it to make (and fail) again."""
     table = block.table
-    if table is None or any(key not in table.column_names for key in EVENT_KEYS):
-        return
+    if table is None or any(key not in table.column_names or table.column(key).null_count
+                            for key in EVENT_KEYS):
+        return  # columns_of hands such a block to the row path without looking further
     ready: dict[Any, Any] = {}
     try:
         ready["ts"] = iso_micros(_whole(table.column("ts")))
