@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -37,7 +37,7 @@ from bitseg.index.top import Top, TopSets, top_members
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
 # what a shard may be asked with top sets in place: the reads that evaluate a rule
 READS = frozenset({"count", "page", "preview", "explain", "metrics", "is_member",
-                   "is_member_many", "insights_part"})
+                   "is_member_many", "insights_part", "insights_at_most"})
 
 
 # ---------------------------------------------------------------------- top, on a shard
@@ -303,7 +303,7 @@ def _ranged_fields(shards: Any, ranges: list[dict], fields: Sequence[Any]) -> di
         hi = max(k * 10 ** (digits - (d or 0)) for _, d, _, k in mine)
         ranks = [max(1, math.ceil(q * count)) for _, q in QUANTILES]
         wanted[name] = (digits, ranks, lo, hi)
-    marks = _kth_keys(shards, wanted)
+    marks = _kth_keys(lambda bounds: _summed(shards.each("at_most", bounds)), wanted)
     found = {}
     for name, (digits, _, lo, hi) in wanted.items():
         type_ = types[name]
@@ -317,11 +317,12 @@ def _ranged_fields(shards: Any, ranges: list[dict], fields: Sequence[Any]) -> di
     return found
 
 
-def _kth_keys(shards: Any, wanted: dict[str, tuple[int, list[int], int, int]]
-              ) -> dict[str, list[int]]:
+def _kth_keys(count: Callable[[dict[str, list[Fraction]]], dict[str, list[int]]],
+              wanted: dict[str, tuple[int, list[int], int, int]]) -> dict[str, list[int]]:
     """Per field, for each rank k the smallest key (at the field's scale) with at least
-    k values at most it, over every shard: binary searches between the smallest and
-    largest key, all in step, one fan-out per step."""
+    k values at most it, over every shard (`count`: per field, how many values of every
+    shard are at most each bound): binary searches between the smallest and largest key,
+    all in step, one fan-out per step."""
     low = {n: [lo] * len(ranks) for n, (_, ranks, lo, _) in wanted.items()}
     high = {n: [hi] * len(ranks) for n, (_, ranks, _, hi) in wanted.items()}
     while True:
@@ -333,10 +334,10 @@ def _kth_keys(shards: Any, wanted: dict[str, tuple[int, list[int], int, int]]
             return low
         bounds = {n: [Fraction(asking[n][i], 10 ** wanted[n][0]) for i in open_[n]]
                   for n in wanted if open_[n]}
-        counted = shards.each("at_most", bounds)
+        counted = count(bounds)
         for n, which in open_.items():
             for j, i in enumerate(which):
-                total = sum(c[n][j] for c in counted)
+                total = counted[n][j]
                 if total >= wanted[n][1][i]:
                     high[n][i] = asking[n][i]
                 else:
@@ -403,19 +404,27 @@ def merge_history(lists: Sequence[Sequence[Any]]) -> list[Any]:
 # Exactly mergeable: the audience's and the base's sizes, a keyword, keywords or bool
 # field's counts per value (every shard lists every value it has, with its audience and
 # base counts; the front ranks the summed counts), event activity and orders (sums).
-# Not: a number, date or timestamp field's histogram. Its buckets are cut in the field
-# index's key units (the gcd of the keys it was built from since its last rebuild),
-# which depend on the values a store once held and on when it last rebuilt, so the
-# shards' units cannot be combined into the one a single store would have.
-RANGED_REFUSAL = ("Insights of number, date and timestamp fields ({}) is not yet "
-                  "supported with --shards: their histogram buckets are cut in each "
-                  "store's own key units; name keyword, keywords or bool fields in `fields`")
+# A number, date or timestamp field's histogram is cut as one store cuts it (n buckets
+# of equal width between the base's smallest and largest key, the width a whole number
+# of the field index's key units: the gcd of the keys it was built from since its last
+# rebuild). Each shard says its index's key grid (base, unit, float digits) and its live
+# base's smallest and largest key; every shard's keys lie on the grid of the gcd of the
+# shards' units and of the differences of their bases, which is the one store's unit
+# when it holds the same keys. The front cuts the edges there and asks every shard how
+# many of its base and of its audience are below each edge (one fan-out); the
+# audience's min, max and quantiles are found as Describe's (a binary search, one
+# fan-out per step, each shard counting its audience's values at most a bound).
 
 
 def insights_part(engine: Any, rule: Any, as_of: datetime, fields: list[str], top: int,
-                  buckets: int, amount_field: str) -> tuple[Any, dict[str, list]]:
-    """This shard's Insights of the rule's profiles, and per keyword, keywords or bool
-    field every value with (audience count, base count)."""
+                  buckets: int, amount_field: str
+                  ) -> tuple[Any, dict[str, list], dict[str, tuple]]:
+    """This shard's Insights of the rule's profiles; per keyword, keywords or bool field
+    every value with (audience count, base count); per number, date or timestamp field
+    holding a key (digits, base, unit, live smallest key, live largest key), the last
+    two None when no live profile has one, the unit 0 when every key is the base (an
+    index built from one distinct key has unit 1, which says nothing of the grid)."""
+    from bitseg.index.describe import kth_smallest
     from bitseg.index.engine import as_of_micros
     from bitseg.index.evaluate import Evaluator
     from bitseg.index.fields import ValueIndex
@@ -426,30 +435,139 @@ def insights_part(engine: Any, rule: Any, as_of: datetime, fields: list[str], to
     audience = Evaluator(snap, as_of_us).bitmap(engine.parse(rule, snap))
     found = insights(snap, audience, as_of_us, fields, top, buckets, amount_field)
     audience = audience & snap.live
-    counted = {}
+    counted, ranges = {}, {}
     for info in found.fields:
         index = snap.field(info.name)
-        if not isinstance(index, ValueIndex):  # with one shard only: its answer is whole
+        if isinstance(index, RangeIndex):
+            if index.exists:
+                n = info.base_count
+                ranges[info.name] = (index.digits or 0, index.base,
+                                     index.unit if index.slices else 0,  # 0: one key
+                                     kth_smallest(index, 1, snap.live) if n else None,
+                                     kth_smallest(index, n, snap.live) if n else None)
+        elif isinstance(index, ValueIndex):
+            counted[info.name] = [(v, b.intersection_cardinality(audience),
+                                   b.intersection_cardinality(snap.live))
+                                  for v, b in index.values.items()]
+    return found, counted, ranges
+
+
+def insights_at_most(engine: Any, rule: Any, as_of: datetime,
+                     bounds: dict[str, tuple[list[Fraction], list[Fraction]]]
+                     ) -> dict[str, tuple[list[int], list[int]]]:
+    """Per range field, how many live profiles, and how many of the rule's, have a value
+    at most each bound (exact values): (base counts, audience counts). The rule's
+    members come from the engine's result cache after the first step of a search."""
+    snap = engine.snapshot
+    audience = None
+    if any(asked for _, asked in bounds.values()):
+        audience = engine.bitmap(rule, as_of=as_of) & snap.live
+    found = {}
+    for name, (in_base, in_audience) in bounds.items():
+        index = snap.field(name)
+        assert isinstance(index, RangeIndex)
+        scale = 10 ** (index.digits or 0)
+        found[name] = tuple([len(index.interval(None, math.floor(b * scale), within))
+                             for b in wanted]
+                            for wanted, within in ((in_base, snap.live),
+                                                   (in_audience, audience)))
+    return found
+
+
+def ranged_insights(shards: Any, rule: Any, as_of: datetime, parts: Sequence[tuple],
+                    buckets: int) -> dict[str, Any]:
+    """The number, date and timestamp fields' insights over every shard, as one store's
+    (insights.field_insight): buckets, and the audience's min, max and quantiles."""
+    from bitseg.index.describe import QUANTILES
+    from bitseg.index.insights import Bucket, FieldInsight
+
+    cuts: dict[str, tuple] = {}  # name: (type, digits, edges, highest, count, base count)
+    for infos in zip(*(f.fields for f, _, _ in parts), strict=True):
+        name, type_ = infos[0].name, infos[0].type
+        grids = [p[2][name] for p in parts if name in p[2]]
+        if type_ not in T.RANGE_TYPES:
             continue
-        counted[info.name] = [(v, b.intersection_cardinality(audience),
-                               b.intersection_cardinality(snap.live))
-                              for v, b in index.values.items()]
-    return found, counted
+        count, base_count = sum(i.count for i in infos), sum(i.base_count for i in infos)
+        if not base_count:
+            cuts[name] = (type_, 0, (), 0, 0, 0)
+            continue
+        digits = max(d for d, _, _, _, _ in grids)
+        scaled = [(base * 10 ** (digits - d), unit * 10 ** (digits - d),
+                   None if lo is None else lo * 10 ** (digits - d),
+                   None if hi is None else hi * 10 ** (digits - d))
+                  for d, base, unit, lo, hi in grids]
+        unit = 0
+        for base, step, _, _ in scaled:
+            unit = math.gcd(unit, step, base - scaled[0][0])
+        unit = unit or 1
+        lowest = min(lo for _, _, lo, _ in scaled if lo is not None)
+        highest = max(hi for _, _, _, hi in scaled if hi is not None)
+        width = max(1, -(-((highest - lowest) // unit + 1) // buckets)) * unit
+        edges = (*range(lowest, highest + 1, width), highest + unit)
+        cuts[name] = (type_, digits, edges, highest, count, base_count)
+    asked = {n: ([Fraction(e - 1, 10 ** c[1]) for e in c[2][1:-1]],) * 2
+             for n, c in cuts.items() if c[5]}
+    below = _summed(shards.each("insights_at_most", rule, as_of, asked)) if asked else {}
+    wanted = {n: (c[1], [1, c[4]] + [max(1, math.ceil(q * c[4])) for _, q in QUANTILES],
+                  c[2][0], c[3])
+              for n, c in cuts.items() if c[4]}
+    marks = _kth_keys(lambda bounds: {n: a for n, (_, a) in _summed(shards.each(
+        "insights_at_most", rule, as_of, {k: ([], b) for k, b in bounds.items()})).items()},
+        wanted)
+    found = {}
+    for name, (type_, digits, edges, highest, count, base_count) in cuts.items():
+        if not base_count:
+            found[name] = FieldInsight(name, type_, 0, 0)
+            continue
+        in_base, in_audience = below[name]
+        cum_b, cum_a = [0, *in_base, base_count], [0, *in_audience, count]
+        hist = tuple(Bucket(_shown(type_, digits, edges[i]),
+                            _shown(type_, digits, edges[i + 1] if i + 2 < len(edges)
+                                   else highest),
+                            cum_a[i + 1] - cum_a[i], cum_b[i + 1] - cum_b[i])
+                     for i in range(len(edges) - 1))
+        if not count:
+            found[name] = FieldInsight(name, type_, 0, base_count, buckets=hist)
+            continue
+        low, high, *rest = (_shown(type_, digits, k) for k in marks[name])
+        found[name] = FieldInsight(name, type_, count, base_count, buckets=hist, min=low,
+                                   max=high, quantiles=tuple(
+                                       (label, v) for (label, _), v
+                                       in zip(QUANTILES, rest, strict=True)))
+    return found
 
 
-def merge_insights(parts: Sequence[tuple[Any, dict[str, list]]], top: int) -> Any:
-    """The shards' Insights parts as one store's."""
+def _summed(counted: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' per-field count lists (or tuples of them) summed element by element."""
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, int):
+            return a + b
+        return type(a)(add(x, y) for x, y in zip(a, b, strict=True))
+
+    total = dict(counted[0])
+    for more in counted[1:]:
+        total = {n: add(total[n], more[n]) for n in total}
+    return total
+
+
+def merge_insights(parts: Sequence[tuple[Any, dict[str, list], dict[str, tuple]]], top: int,
+                   ranged: dict[str, Any] | None = None) -> Any:
+    """The shards' Insights parts as one store's; the range fields' are `ranged`
+    (ranged_insights)."""
     from bitseg.index.insights import Activity, EventInsight, FieldInsight, Insights
 
-    found = [f for f, _ in parts]
+    found = [f for f, _, _ in parts]
     if len(found) == 1:
         return found[0]
     size, total = sum(f.profiles for f in found), sum(f.total_profiles for f in found)
     fields = []
     for infos in zip(*(f.fields for f in found), strict=True):
         name = infos[0].name
+        if ranged is not None and name in ranged:
+            fields.append(ranged[name])
+            continue
         counts: dict[Any, list[int]] = {}
-        for _, counted in parts:
+        for _, counted, _ in parts:
             for value, n, base in counted[name]:
                 summed = counts.setdefault(value, [0, 0])
                 summed[0] += n

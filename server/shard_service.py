@@ -13,8 +13,9 @@
 - Segments: create and split (every shard or none), delete, get, list, refresh; sizes,
   entries and exits are summed over the shards.
 - Describe, Values (every shard's values summed and ranked again, quantiles by a search
-  over all shards' values), SegmentHistory (the shards' points as one) and Insights of
-  keyword, keywords and bool fields (a number field's histogram is refused): shard_reads.
+  over all shards' values), SegmentHistory (the shards' points as one) and Insights (a
+  number, date or timestamp field's buckets cut on the shards' common key grid, as one
+  store cuts them; its quantiles by Describe's search): shard_reads.
 - Export schedules: kept in shard 0's store; a run writes one file, shard by shard (as
   Members orders them), asking one shard at a time (shard_reads.ShardExports).
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
@@ -58,7 +59,6 @@ from bitseg.server.service import (
 )
 from bitseg.server.shard_reads import (
     EVERY,
-    RANGED_REFUSAL,
     ResolvedShards,
     ShardExports,
     export_scheduler,
@@ -66,6 +66,7 @@ from bitseg.server.shard_reads import (
     merge_history,
     merge_insights,
     merge_values,
+    ranged_insights,
     resolve_tops,
 )
 from bitseg.server.shard_writes import (
@@ -391,16 +392,15 @@ class ShardedServicer(SegmentsServicer):
         rule = self._rule(request)
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        types = self.shards.call(0, "schema").get("profiles", {})
-        ranged = [n for n in dict.fromkeys(request.fields or sorted(types))
-                  if types.get(n) in T.RANGE_TYPES]
-        if ranged and self.shards.count > 1:
-            raise Unimplemented(RANGED_REFUSAL.format(", ".join(ranged)))
         top = request.top or insights.DEFAULT_TOP
-        found = self._shards_for(rule, as_of).each(
-            "insights_part", rule, as_of, list(request.fields), top,
-            request.buckets or insights.BUCKETS, request.amount_field or "amount")
-        reply = convert.insights_reply(merge_insights(found, top), _micros_since(start))
+        buckets = request.buckets or insights.BUCKETS
+        shards = self._shards_for(rule, as_of)
+        found = shards.each("insights_part", rule, as_of, list(request.fields), top, buckets,
+                            request.amount_field or "amount")
+        ranged = ranged_insights(shards, rule, as_of, found, buckets) \
+            if len(found) > 1 else None
+        reply = convert.insights_reply(merge_insights(found, top, ranged),
+                                       _micros_since(start))
         reply.as_of.CopyFrom(convert.to_timestamp(as_of))
         return reply
 

@@ -194,6 +194,12 @@ class Shard:
 
         return insights_part(self.engine, rule, as_of, fields, top, buckets, amount_field)
 
+    def do_insights_at_most(self, rule: Any, as_of: datetime,
+                            bounds: dict[str, tuple[list[Any], list[Any]]]) -> Any:
+        from bitseg.server.shard_reads import insights_at_most
+
+        return insights_at_most(self.engine, rule, as_of, bounds)
+
     # ---------------------------------------------------------------- export schedules
     def do_export_create(self, segment: str, every: int, fields: list[str],
                          require: list[str], fmt: str, out: str, rotate: bool) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import date, datetime, timedelta, timezone
 from fractions import Fraction
 from pathlib import Path
 
@@ -151,16 +151,89 @@ def test_insights_of_three_shards_are_one_stores(fronts: tuple[Front, Front]) ->
             found.pop("eval_micros")
             assert found == expected
     assert expected["events"] and expected["orders"]
-    assert one.client.insights({"all": True}, as_of=AS_OF)["fields"]  # one shard: all
-    for fields in ([], ["kw", "n"]):  # number, date, timestamp fields: refused, never wrong
-        with pytest.raises(ClientError) as caught:
-            three.client.insights({"all": True}, fields=fields, as_of=AS_OF)
-        assert caught.value.code == "UNIMPLEMENTED" and "key units" in caught.value.message
     with pytest.raises(ClientError) as caught:
         three.client.insights({"all": True}, fields=["nope"], as_of=AS_OF)
     with pytest.raises(ClientError) as expected_error:
         one.client.insights({"all": True}, fields=["nope"], as_of=AS_OF)
     assert caught.value.message == expected_error.value.message
+
+
+def test_insights_of_number_date_and_timestamp_fields_over_three_shards_are_one_stores(
+        fronts: tuple[Front, Front]) -> None:
+    one, three = fronts
+    rules = [{"all": True}, {"field": "kw", "op": "in", "value": ["red", "blue"]},
+             {"top": {"n": 15, "by": "x"}}, {"field": "n", "op": "gt", "value": 14},
+             {"field": "kw", "op": "eq", "value": "nothing like it"}]
+    for rule in rules:
+        for fields, buckets in (([], 0), (["n", "x", "d", "t"], 1), (["t", "x"], 3),
+                                (["n", "d"], 100)):
+            expected = one.client.insights(rule, fields=fields, as_of=AS_OF,
+                                           buckets=buckets)
+            found = three.client.insights(rule, fields=fields, as_of=AS_OF, buckets=buckets)
+            expected.pop("eval_micros")
+            found.pop("eval_micros")
+            assert found == expected, (rule, fields, buckets)
+    shown = {f["name"]: f for f in one.client.insights({"all": True}, as_of=AS_OF)["fields"]}
+    assert all(len(shown[n]["buckets"]) >= 5 and shown[n]["quantiles"] for n in "nxdt")
+    with pytest.raises(ClientError) as caught:
+        three.client.insights({"all": True}, fields=["n"], buckets=101, as_of=AS_OF)
+    with pytest.raises(ClientError) as expected_error:
+        one.client.insights({"all": True}, fields=["n"], buckets=101, as_of=AS_OF)
+    assert caught.value.message == expected_error.value.message
+
+
+def grid_stores(root: Path, records: list[dict], shards: int) -> ShardSet:
+    """A store of `shards` shards with these profiles (each on its shard), as engines."""
+    from bitseg.index.engine import Engine
+    from bitseg.index.shard_key import shard_of
+    from bitseg.server.shard_store import Manifest, write_manifest
+
+    paths = [str(shard_folder(root, s)) for s in range(shards)]
+    for s, path in enumerate(paths):
+        with Engine.open(path) as engine:
+            engine.declare_schema({"profiles": {"n": "int", "x": "float", "d": "date",
+                                                "t": "timestamp"}})
+            mine = [r for r in records if shard_of(r["id"], shards) == s]
+            if mine:
+                engine.upsert_profiles(mine)
+            engine.delete_profiles([r["id"] for r in mine if r["id"] == "p0"])
+    write_manifest(root, Manifest(shards))
+    return ShardSet.embedded(paths)
+
+
+def test_insight_buckets_over_shards_with_other_key_units_are_one_stores(
+        tmp_path: Path) -> None:
+    """Each shard's keys have their own gcd and base (shard s: ints 300 + 7s + 21m,
+    floats s/4 + 1.5m, hours s + 3m, days s + 3m), so no shard's unit is the one store's:
+    the buckets are cut on the grid of all of them, as one store holding every key cuts
+    them; p0, deleted, held the smallest values (the buckets start at the live
+    profiles' smallest)."""
+    from bitseg.index.shard_key import shard_of
+
+    day, hour = date(2024, 1, 1), datetime(2025, 3, 1, tzinfo=timezone.utc)
+    records = []
+    for k in range(40):
+        pid, s = f"p{k}", shard_of(f"p{k}", 3)
+        m = -10 if k == 0 else k * k % 23
+        records.append({"id": pid, "n": 300 + 7 * s + 21 * m, "x": s / 4 + 1.5 * m,
+                        "d": (day + timedelta(days=s + 3 * m)).isoformat(),
+                        "t": (hour + timedelta(hours=s + 3 * m)).isoformat()})
+    fronts = [Front(grid_stores(tmp_path / str(n), records, n)) for n in (1, 3)]
+    try:
+        units = {fronts[1].shards.call(s, "insights_part", {"all": True}, T0, ["n"], 1, 1,
+                                       "amount")[2]["n"][2] for s in range(3)}
+        assert 7 not in units  # no shard's own unit is the one store's
+        for rule in ({"all": True}, {"field": "x", "op": "lt", "value": 20}):
+            for buckets in (1, 4, 7, 10, 100):
+                want, got = (f.client.insights(rule, as_of=AS_OF, buckets=buckets)
+                             for f in fronts)
+                want.pop("eval_micros")
+                got.pop("eval_micros")
+                assert got == want, (rule, buckets)
+        assert all(len(f["buckets"]) > 20 for f in want["fields"])  # up to 100: one a key
+    finally:
+        for front in fronts:
+            front.close()
 
 
 def test_scheduled_exports_of_three_shards_write_one_stores_rows(
