@@ -414,10 +414,12 @@ class Engine:
         return self._batch(records, file, "events", also,
                            frozenset() if server_events else SERVER_EVENTS)
 
-    def add_orders(self, records: Iterable[Any], *, file: str | None = None) -> BatchReport:
+    def add_orders(self, records: Iterable[Any], *, file: str | None = None,
+                   also: Also | None = None) -> BatchReport:
         """Apply a batch of order lines atomically; unknown profiles are created empty, and
-        a later line with the same order id updates that order."""
-        return self._batch(records, file, "orders")
+        a later line with the same order id updates that order. `also` as for
+        track_events (the sharded front stages a two-phase commit's batch with it)."""
+        return self._batch(records, file, "orders", also)
 
     def _batch(self, records: Iterable[Any], file: str | None, child: str | None,
                also: Also | None = None, refused: frozenset[str] = frozenset()

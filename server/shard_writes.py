@@ -155,8 +155,7 @@ def _apply(engine: Any, kind: str, messages: list[list[str]],
         return engine.upsert_profiles(items, also=also)
     if kind == "events":
         return engine.track_events(items, also=also)
-    # add_orders takes no `also`; its batch is the same one with child "orders"
-    return engine._batch(items, None, "orders", also)
+    return engine.add_orders(items, also=also)
 
 
 def _unstage(engine: Any, key: str) -> None:

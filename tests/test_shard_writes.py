@@ -466,3 +466,27 @@ def test_load_addr_through_serve_two_shards(tmp_path: Path, ray_runtime: Any,
         assert plain.stop() == 0
         assert sharded.stop() == 0
     assert not list((tmp_path / "db" / DECISIONS).glob("*"))
+
+
+def test_add_orders_runs_also_in_its_transaction(tmp_path: Path) -> None:
+    """Engine.add_orders takes `also` as the other writes do (the front stages an orders
+    part with it): it runs inside the batch's transaction, and its failure undoes it."""
+    seen = []
+
+    def also(txn: Any, snapshot: Any) -> dict[str, Any]:
+        seen.append(snapshot.orders.count)
+        return {}
+
+    def fails(txn: Any, snapshot: Any) -> dict[str, Any]:
+        raise Crash("after the orders")
+
+    line = {"id": "o1", "profile": "p1", "ts": AS_OF, "amount": 2.5}
+    with Engine.open(tmp_path / "e") as engine:
+        report = engine.add_orders([line], also=also)
+        assert seen == [1] and report.rows == 1
+        with pytest.raises(Crash):
+            engine.add_orders([{**line, "id": "o2"}], also=fails)
+        assert engine.count({"orders": {"all": True}}, as_of=AS_OF) == 1
+    with Engine.open(tmp_path / "e") as engine:  # and nothing of it was stored
+        assert engine.snapshot.orders.count == 1
+
