@@ -490,3 +490,93 @@ def test_add_orders_runs_also_in_its_transaction(tmp_path: Path) -> None:
     with Engine.open(tmp_path / "e") as engine:  # and nothing of it was stored
         assert engine.snapshot.orders.count == 1
 
+
+def read_cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def descendants(pid: int) -> dict[int, bytes]:
+    """The processes below `pid` (Linux /proc), with their command lines."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        cmdline = read_cmdline(child)
+        if cmdline is not None:
+            found[child] = cmdline
+        todo.extend(children.get(child, []))
+    return found
+
+
+def test_a_front_killed_mid_stream_keeps_every_acknowledged_batch_whole(
+        tmp_path: Path, ray_runtime: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of `bitseg serve --shards 2` while a client streams batches of profiles:
+    once served again, every acknowledged batch is there, and every batch is on both
+    shards or on neither (each shard holds all of its part of a batch, or none)."""
+    import threading
+
+    import conftest_grpc
+    from conftest_grpc import ServerProcess
+
+    size = 300  # profiles a batch, so a kill often lands inside one
+    db = tmp_path / "db"
+    paths = new_sharded_store(db, 2)
+    monkeypatch.setattr(conftest_grpc, "START_SECONDS", 120.0)
+    front = ServerProcess(db, ["--shards", "2"])
+    acked: list[int] = []
+    failed: list[BaseException] = []
+
+    def batch(k: int) -> list[dict[str, Any]]:
+        return [{"id": f"b{k}-{j}", "batch": k} for j in range(size)]
+
+    def stream() -> None:
+        with Client(front.addr, timeout=30) as client:
+            for k in range(10_000):
+                try:
+                    client.upsert_profiles([batch(k)])
+                except ClientError as exc:
+                    failed.append(exc)
+                    return
+                acked.append(k)
+
+    writer = threading.Thread(target=stream, daemon=True)
+    try:
+        writer.start()
+        for _ in range(600):  # until 6 batches are acknowledged (at most 60 s)
+            if len(acked) >= 6 or not writer.is_alive():
+                break
+            writer.join(0.1)
+        left = descendants(front.proc.pid)  # its Ray runtime, which it no longer stops
+        front.proc.send_signal(signal.SIGKILL)
+        front.proc.wait()
+        writer.join(30)
+        for pid, cmdline in left.items():  # Ray's agents outlive a killed driver
+            if read_cmdline(pid) == cmdline:
+                os.kill(pid, signal.SIGKILL)
+        assert not writer.is_alive() and failed and len(acked) >= 6
+        front = ServerProcess(db, ["--shards", "2"])
+        sent = len(acked) + 1  # the last one may have been cut short
+        with Client(front.addr, timeout=30) as client:
+            found = [client.count({"field": "batch", "op": "eq", "value": k})
+                     for k in range(sent + 1)]
+        assert found[:len(acked)] == [size] * len(acked)
+        assert found[len(acked)] in (0, size) and found[sent] == 0
+        assert front.stop() == 0
+    finally:
+        front.kill()
+    assert not list((db / DECISIONS).glob("*"))
+    for s, path in enumerate(paths):  # each shard: all of its part of a batch, or none
+        with Engine.open(path) as engine:
+            for k in range(sent):
+                mine = sum(shard_of(f"b{k}-{j}", 2) == s for j in range(size))
+                held = engine.count({"field": "batch", "op": "eq", "value": k})
+                assert held == (mine if found[k] else 0), (s, k)
