@@ -25,6 +25,7 @@ same order).
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,24 +59,32 @@ _US_PER = {"s": 10**6, "ms": 10**3, "us": 1}
 
 def take_block(batch: ProfileBatch, block: RowBlock) -> Taken:
     """Apply the block's rows up to the first one the row path must apply; True when
-    all were taken, False when none, else the positions left (all after the cut)."""
+    all were taken, False when none, else the positions left (all after the cut).
+    What `prepare` made ahead for the block is taken where the batch's field types
+    would make it the same, the rest made now."""
     table = block.table
     rows = table.num_rows
     if not block.data or rows == 0 or "id" not in table.column_names:
         return False
-    lines = _Lines(block)
-    order = _key_order(lines, table.column_names)
+    ready = block.prepared if block.prepared is not None else {}
+    lines = ready["lines"] if "lines" in ready else _Lines(block)
+    order = ready["order"] if "order" in ready else _key_order(lines, table.column_names)
     if order is None:
         return False
-    names, ok = profile_ids(table.column("id").combine_chunks())
+    names, ok = ready["ids"] if "ids" in ready else \
+        profile_ids(table.column("id").combine_chunks())
     if names is None:
         return False
+    ok = ok.copy()
     plain = b"\\" not in block.data  # no escapes: no string needs checking or escaping
-    columns = [_Column(batch, name, table.column(name).combine_chunks(), lines, plain)
+    made = ready.get("columns", {})
+    columns = [_known_column(batch.types.get(name), made.get(name), name, table, lines, plain)
                for name in order if name != "id"]
     for column in columns:
         ok &= ~column.bad
-    ok &= lines.match(_line_pattern(order, columns))
+    pattern = _line_pattern(order, columns)
+    matched = ready.get("match")  # (the pattern it was made for, which lines match)
+    ok &= matched[1] if matched is not None and matched[0] == pattern else lines.match(pattern)
     cut = _first_false(ok)
     first = batch.ids.assign(names.slice(0, cut).to_pylist()) if cut else None
     if first is None and cut:  # an id seen before: the rows up to the first such
@@ -83,9 +92,50 @@ def take_block(batch: ProfileBatch, block: RowBlock) -> Taken:
         first = batch.ids.assign(names.slice(0, cut).to_pylist()) if cut else None
     if first is None:
         return False
-    _apply(batch, first, [c for c in columns if c.first < cut], cut, plain)
+    whole = ready.get("whole") if cut == rows and all(
+        column.name in made and made[column.name].type == column.type
+        for column in columns) else None
+    _apply(batch, first, [c for c in columns if c.first < cut], cut, plain, whole)
     bound_queues(batch)
     return True if cut == rows else np.arange(cut, rows, dtype=np.int64)
+
+
+def prepare(block: RowBlock) -> None:
+    """Work out ahead what take_block makes from a profile block alone, and keep it on
+    the block (`prepared`): its lines, key order and ids, each column checked for the
+    type its first value suggests, the line check, and — when every row passes them —
+    the rows' JSON and their values made ready to queue. Meant for the file reader's
+    thread: pyarrow's kernels and its regular expressions run there without the
+    interpreter lock, beside the loading thread applying the block before. Pure
+    conversions only: take_block uses a column's only where the batch's type for the
+    field is the one assumed here (or it has none), so it decides exactly as it would
+    without; anything that fails here is left for it to make (and fail) again."""
+    table = block.table
+    if table is None or not block.data or table.num_rows == 0 or \
+            "id" not in table.column_names:
+        return
+    ready: dict[str, Any] = {}
+    try:
+        lines = ready["lines"] = _Lines(block)
+        order = ready["order"] = _key_order(lines, table.column_names)
+        if order is not None:
+            names, ok = ready["ids"] = profile_ids(table.column("id").combine_chunks())
+            plain = b"\\" not in block.data
+            columns = [_Column(None, name, table.column(name).combine_chunks(), lines, plain)
+                       for name in order if name != "id"]
+            ready["columns"] = {column.name: column for column in columns}
+            pattern = _line_pattern(order, columns)
+            match = lines.match(pattern)
+            ready["match"] = (pattern, match)
+            ok = ok & match
+            for column in columns:
+                ok &= ~column.bad
+            rows = table.num_rows
+            if names is not None and ok.all():
+                ready["whole"] = _made([c for c in columns if c.first < rows], rows, plain)
+    except (pa.ArrowException, ValueError, TypeError):
+        pass  # what is in `ready` is right; take_block makes the rest
+    block.prepared = ready
 
 
 def bound_queues(batch: ProfileBatch) -> None:
@@ -251,8 +301,9 @@ class _Column:
     """One field's column in a block: its type, the rows whose value this path refuses,
     and the raw form its values must have."""
 
-    def __init__(self, batch: ProfileBatch, name: str, values: pa.Array, lines: _Lines,
+    def __init__(self, known: str | None, name: str, values: pa.Array, lines: _Lines,
                  plain: bool) -> None:
+        """`known`: the batch's type for the field (None: inferred from the block)."""
         self.name = name
         self.values = values
         self.present = _valid(values)
@@ -261,7 +312,7 @@ class _Column:
         self.first = int(found[0]) if len(found) else rows  # first non-null value's row
         self.text = _ANY
         self.bad = np.zeros(rows, dtype=bool)
-        self.type = batch.types.get(name)
+        self.type = known
         self.inferred = False
         if self.first == rows:
             return
@@ -301,6 +352,19 @@ class _Column:
             self.bad = self.present.copy()  # refused by the row path, or not mirrored here
 
 
+def _known_column(known: str | None, ready: _Column | None, name: str, table: pa.Table,
+                  lines: _Lines, plain: bool) -> _Column:
+    """The field's column checked for the batch's type `known` (None: inferred): the one
+    made ahead (`ready`, inferred from the block) when that is the same, else made now."""
+    if ready is not None and known is None:
+        return ready
+    if ready is not None and known == ready.type:
+        column = copy.copy(ready)
+        column.inferred = False  # the same checks, for a field the batch has
+        return column
+    return _Column(known, name, table.column(name).combine_chunks(), lines, plain)
+
+
 def _infer(name: str, raw_line: bytes) -> str | None:
     """The type the row path infers from this line's value of the field, or None when
     it refuses the name or the value (or the line is not plain JSON to orjson)."""
@@ -331,23 +395,34 @@ def _filled(values: pa.Array, fill: Any) -> np.ndarray:
 
 
 def _apply(batch: ProfileBatch, first: int, columns: list[_Column], cut: int,
-           plain: bool) -> None:
+           plain: bool, whole: tuple[dict[str, _Parts], pa.Array] | None = None) -> None:
     """Create the first `cut` rows' profiles, whose ids got the dense ids from `first`
-    on: rows and queued field values."""
+    on: rows and queued field values. `whole`: what _made gives for these columns and
+    rows, made ahead."""
     dense = np.arange(first, first + cut, dtype=np.uint32)
     for column in sorted((c for c in columns if c.inferred), key=lambda c: c.first):
         batch.register(column.name, column.type)  # in the order the row path meets them
+    parts, texts = whole if whole is not None else _made(columns, cut, plain)
+    for column in columns:
+        _queue(batch.info[column.name], parts[column.name], dense)
+    batch.store.put_many(batch.txn, "rows",
+                         zip(u32_keys(first, cut), texts.to_pylist(), strict=True), append=True)
+    batch.created += cut
+    batch.live_added.frombytes(dense.tobytes())
+
+
+def _made(columns: list[_Column], cut: int, plain: bool
+          ) -> tuple[dict[str, _Parts], pa.Array]:
+    """The first `cut` rows' values of each column made ready to queue, and the rows'
+    JSON (binary): what depends on the block and the columns' types alone."""
+    parts = {}
     row = _RowTexts(cut)
     for column in columns:
         values = column.values.slice(0, cut)
-        present = _valid(values)
-        text, before, after = _queue(batch.info[column.name], column.type, values, present,
-                                     dense, plain)
-        row.add(orjson.dumps(column.name).decode() + ":" + before, text, after, present)
-    batch.store.put_many(batch.txn, "rows", zip(u32_keys(first, cut), row.texts(), strict=True),
-                         append=True)
-    batch.created += cut
-    batch.live_added.frombytes(dense.tobytes())
+        made = parts[column.name] = _parts(column.type, values, _valid(values), plain)
+        row.add(orjson.dumps(column.name).decode() + ":" + made.before, made.text, made.after,
+                made.present)
+    return parts, row.texts()
 
 
 class _RowTexts:
@@ -371,7 +446,7 @@ class _RowTexts:
             self.slots.append(np.where(present, self._constant(after), 0))
         self.any |= present
 
-    def texts(self) -> list[bytes]:
+    def texts(self) -> pa.Array:
         # "{}" for an empty row; any other starts with its first field's comma, which
         # becomes "{" below
         close = self._constant("}")
@@ -388,7 +463,7 @@ class _RowTexts:
         data = np.frombuffer(taken.buffers()[2], dtype=np.uint8)[:bounds[-1]].copy()
         data[bounds[:-1][self.any]] = ord("{")
         return pa.BinaryArray.from_buffers(pa.binary(), rows, [
-            None, pa.py_buffer(bounds), pa.py_buffer(data)]).to_pylist()
+            None, pa.py_buffer(bounds), pa.py_buffer(data)])
 
     def _merged(self, slots: list[np.ndarray | int]) -> list[np.ndarray | int]:
         """The slots with neighbouring constants that are the same on every row (a field
@@ -409,48 +484,76 @@ class _RowTexts:
         return len(self.constants) - 1
 
 
-def _queue(field: _Field, type_: str, values: pa.Array, present: np.ndarray,
-           dense: np.ndarray, plain: bool) -> tuple[pa.Array, str, str]:
-    """Queue a column's values on its field as the row path would (the same ids, values
-    and codes, in row order).  Returns each row's value as JSON, null where the row has
-    none, as (text, before, after): the JSON is before + text + after."""
-    ids = dense[present]
+class _Parts:
+    """A column's values as the row path queues them and writes them in a row, made from
+    the column and its type alone: `keys` (a range field's, in row order), `items` (a
+    keyword list's, sorted and distinct: their rows, word numbers and words) or
+    `encoded` (another field's values: word numbers and words, in order of first
+    appearance); and each row's value as JSON, before + text + after (text null where
+    the row has none)."""
+
+    __slots__ = ("present", "keys", "items", "encoded", "text", "before", "after")
+
+    def __init__(self, present: np.ndarray) -> None:
+        self.present = present
+        self.keys: np.ndarray | None = None
+        self.items: tuple[np.ndarray, np.ndarray, list[Any]] | None = None
+        self.encoded: tuple[np.ndarray, list[Any]] | None = None
+        self.text: pa.Array | None = None
+        self.before = self.after = ""
+
+
+def _parts(type_: str, values: pa.Array, present: np.ndarray, plain: bool) -> _Parts:
+    """What _queue queues of a column and what its rows' JSON holds (see _Parts)."""
+    made = _Parts(present)
     kind = values.type
-    before = after = ""
     if type_ in T.RANGE_TYPES:
         if pa.types.is_timestamp(kind):
             keys = pc.multiply(values.cast(pa.int64()), _US_PER[kind.unit])
             if type_ == T.DATE:
                 keys = pc.divide(keys, T.US_PER_DAY)  # whole days: the text was a date
-            text = pc.cast(keys, pa.string())
+            made.text = pc.cast(keys, pa.string())
         elif pa.types.is_float64(kind):
             keys = values
-            text = _float_texts(values, present)
+            made.text = _float_texts(values, present)
         else:
             keys = values
-            text = pc.cast(values, pa.string())
-        kept = pc.drop_null(keys).to_numpy()
-        field.add_ids.frombytes(ids.tobytes())
-        field.add_vals.frombytes(kept.astype(np.float64 if field.is_float else np.int64).tobytes())
+            made.text = pc.cast(values, pa.string())
+        made.keys = pc.drop_null(keys).to_numpy()
     elif pa.types.is_list(kind):
-        text, before, after = _queue_lists(field, values, present, dense), "[", "]"
+        made.items = _sorted_items(values)
+        made.text, made.before, made.after = _list_texts(values, present, made.items), "[", "]"
     else:
-        field.add_ids.frombytes(ids.tobytes())
-        field.add_vals.frombytes(_codes(field, values).tobytes())
+        made.encoded = _encoded(values)
         if pa.types.is_boolean(kind):
-            text = pc.cast(values, pa.string())
+            made.text = pc.cast(values, pa.string())
         else:
-            text, before, after = _json_strings(values, plain), '"', '"'
+            made.text, made.before, made.after = _json_strings(values, plain), '"', '"'
             if type_ == T.KEYWORDS:
-                before, after = '["', '"]'
-    return text, before, after
+                made.before, made.after = '["', '"]'
+    return made
 
 
-def _queue_lists(field: _Field, lists: pa.Array, present: np.ndarray, dense: np.ndarray
-                 ) -> pa.Array:
-    """Lists of keywords as the row path keeps them (sorted, distinct): queued item by
-    item, row by row; each list's items as JSON, joined by commas (null for no list).
-    Items are sorted and coded through the block's few distinct words."""
+def _queue(field: _Field, made: _Parts, dense: np.ndarray) -> None:
+    """Queue a column's values on its field as the row path would (the same ids, values
+    and codes, in row order)."""
+    if made.keys is not None:
+        field.add_ids.frombytes(dense[made.present].tobytes())
+        field.add_vals.frombytes(
+            made.keys.astype(np.float64 if field.is_float else np.int64).tobytes())
+    elif made.items is not None:
+        parents, which, words = made.items
+        field.add_ids.frombytes(dense[parents].tobytes())
+        field.add_vals.frombytes(_word_codes(field, words, which)[which].tobytes())
+    elif made.encoded is not None:
+        field.add_ids.frombytes(dense[made.present].tobytes())
+        field.add_vals.frombytes(_codes(field, *made.encoded).tobytes())
+
+
+def _sorted_items(lists: pa.Array) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Lists of keywords as the row path keeps them (sorted, distinct): the list (row)
+    and word number of each item, row by row, and the block's few distinct words the
+    items are sorted through."""
     items = pc.list_flatten(lists)
     if pa.types.is_null(items.type):  # only empty lists (a null item is refused)
         items = items.cast(pa.string())
@@ -464,9 +567,13 @@ def _queue_lists(field: _Field, lists: pa.Array, present: np.ndarray, dense: np.
     order = np.argsort(key, kind="stable")
     key = key[order]
     order = order[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else order
-    parents, which = parents[order], which[order]
-    field.add_ids.frombytes(dense[parents].tobytes())
-    field.add_vals.frombytes(_word_codes(field, words, which)[which].tobytes())
+    return parents[order], which[order], words
+
+
+def _list_texts(lists: pa.Array, present: np.ndarray,
+                items: tuple[np.ndarray, np.ndarray, list[Any]]) -> pa.Array:
+    """Each list's items (_sorted_items) as JSON, joined by commas (null for no list)."""
+    parents, which, words = items
     quoted = pa.array([orjson.dumps(word).decode() for word in words], pa.string())
     counts = np.bincount(parents, minlength=len(lists))
     offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
@@ -490,14 +597,20 @@ def _word_codes(field: _Field, words: list[Any], which: np.ndarray) -> np.ndarra
     return lookup
 
 
-def _codes(field: _Field, values: pa.Array) -> np.ndarray:
-    """The field's value code of each non-null value (uint32), new values coded in the
-    order they first appear, as the row path codes them."""
-    encoded = pc.dictionary_encode(values)  # its dictionary: in order of first appearance
-    which = pc.drop_null(encoded.indices).to_numpy()
+def _encoded(values: pa.Array) -> tuple[np.ndarray, list[Any]]:
+    """The number of each non-null value of the column among its distinct values, and
+    those values in the order they first appear."""
+    encoded = pc.dictionary_encode(values)
+    return pc.drop_null(encoded.indices).to_numpy(), encoded.dictionary.to_pylist()
+
+
+def _codes(field: _Field, which: np.ndarray, distinct: list[Any]) -> np.ndarray:
+    """The field's value code of each non-null value (uint32; `which` numbers them in
+    `distinct`), new values coded in the order they first appear, as the row path
+    codes them."""
     codes, known = field.codes, field.values
-    lookup = np.empty(len(encoded.dictionary), dtype=np.uint32)
-    for at, value in enumerate(encoded.dictionary.to_pylist()):
+    lookup = np.empty(len(distinct), dtype=np.uint32)
+    for at, value in enumerate(distinct):
         code = codes.get(value)
         if code is None:
             code = codes[value] = len(codes)

@@ -12,8 +12,11 @@ refused block keeps its bytes and goes through the row path (orjson per line), w
 names the offending line and field, or applies the rows if they were fine after all
 (say an int column given a float in a later block).
 
-An events file's blocks also get their columns converted on the reader thread
-(event_blocks.prepare): timestamps, encoded types and ids, property keys.
+Each block also gets the conversions its batch writer makes from the block alone made
+on the reader thread (PREPARE, by the kind of file: event_blocks, profile_blocks and
+order_blocks each have a `prepare`), so they overlap the loading thread's work too.  A
+prepared block holds those columns beside its table, a few times its text at most, so
+the PREFETCH blocks waiting stay bounded by BLOCK_BYTES as before.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.json as pj
 
+from bitseg.index import event_blocks, order_blocks, profile_blocks
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
-from bitseg.index.event_blocks import prepare
-from bitseg.index.event_keys import EVENT_KEYS
-from bitseg.loaders.dataset import _open_binary, _parse_line
+from bitseg.loaders.dataset import (EVENT_FILES, ORDER_FILES, PROFILE_FILES, _open_binary,
+                                    _parse_line)
 
 BLOCK_BYTES = 16 << 20  # 16 MiB parsed fastest in a 1M-profile events file (4, 16, 64 tried)
 PREFETCH = 2
@@ -61,19 +64,28 @@ _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=pa.schema([("ts", pa.string())]
                                  unexpected_field_behavior="infer")
 _TS_KEY = re.compile(rb'"ts"[ \t\r\n]*:')
 _DONE = object()
+# What the reader thread makes ahead of a block, by the kind of file it is from
+PREPARE: dict[str, Callable[[RowBlock], None]] = {
+    "profiles": profile_blocks.prepare, "events": event_blocks.prepare,
+    "orders": order_blocks.prepare}
+_KINDS = {**dict.fromkeys(PROFILE_FILES, "profiles"), **dict.fromkeys(EVENT_FILES, "events"),
+          **dict.fromkeys(ORDER_FILES, "orders")}
 
 
 def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = None,
-                block_bytes: int | None = None) -> Iterator[RowBlock]:
-    """The file's RowBlocks in order, parsed on a reader thread PREFETCH blocks ahead."""
+                block_bytes: int | None = None, kind: str | None = None) -> Iterator[RowBlock]:
+    """The file's RowBlocks in order, parsed on a reader thread PREFETCH blocks ahead.
+    `kind` ("profiles", "events" or "orders"; by default the one a dataset's file of
+    this name holds) says what PREPARE makes ahead of each block; nothing for another."""
     file = Path(path)
     block_bytes = block_bytes or BLOCK_BYTES
+    prepare = PREPARE.get(kind or _KINDS.get(file.name, ""))
     ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
     stop = threading.Event()
 
     def read() -> None:
         try:
-            for block in _blocks(file, on_bytes, block_bytes):
+            for block in _blocks(file, on_bytes, block_bytes, prepare):
                 while not stop.is_set():
                     try:
                         ready.put(block, timeout=0.1)
@@ -106,9 +118,9 @@ def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = 
         reader.join()
 
 
-def _blocks(file: Path, on_bytes: Callable[[int], object] | None,
-            block_bytes: int) -> Iterator[RowBlock]:
-    """RowBlocks of whole lines, read and parsed in this (the reader's) thread."""
+def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: int,
+            prepare: Callable[[RowBlock], None] | None) -> Iterator[RowBlock]:
+    """RowBlocks of whole lines, read, parsed and prepared in this (the reader's) thread."""
     line = 1
     rest = b""
     with _open_binary(file, on_bytes) as stream:
@@ -122,17 +134,16 @@ def _blocks(file: Path, on_bytes: Callable[[int], object] | None,
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            yield _prepared(parse_block(data, file.name, line))
+            yield _prepared(parse_block(data, file.name, line), prepare)
             line += data.count(b"\n")
     if rest:
-        yield _prepared(parse_block(rest, file.name, line))
+        yield _prepared(parse_block(rest, file.name, line), prepare)
 
 
-def _prepared(block: RowBlock) -> RowBlock:
-    """The block, with an event block's conversions made ahead here on the reader's
-    thread (event_blocks.prepare), so that they overlap the loading thread's work."""
-    if block.table is not None and all(key in block.table.column_names
-                                       for key in EVENT_KEYS):
+def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> RowBlock:
+    """The block, with what its batch writer makes from it alone made ahead here on the
+    reader's thread (`prepare`, of its file's kind), to overlap the loading thread's work."""
+    if block.table is not None and prepare is not None:
         prepare(block)
     return block
 
