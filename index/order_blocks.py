@@ -556,6 +556,31 @@ def _inferred(block: RowBlock, firsts: dict[str, int]) -> dict[str, str]:
     return inferred
 
 
+def _guessed(block: RowBlock, conv: _Converter, firsts: dict[str, int]) -> dict[str, str]:
+    """The type each field's first value suggests, read from its raw line with orjson: a
+    guess for `prepare`, which cannot split the whole block into lines (_inferred) for
+    each block (with the interpreter lock held); take_block infers the types it uses."""
+    lines, at = conv._lines(), block.lines() - block.first_line
+    values: dict[int, dict[str, Any]] = {}  # row -> its first value of each field
+    guessed: dict[str, str] = {}
+    for name, row in firsts.items():
+        if row not in values:
+            values[row] = {}
+            try:
+                record = orjson.loads(lines[int(at[row])].as_py())
+            except orjson.JSONDecodeError:
+                record = None
+            for field, value in _first_values(record):
+                values[row].setdefault(field, value)
+        try:
+            type_ = "" if T.name_problem(name) or name not in values[row] else \
+                T.infer(values[row][name])
+        except ValueError:
+            type_ = ""
+        guessed[name] = type_
+    return guessed
+
+
 def _convs(table: pa.Table, head: _Head, conv: _Converter, type_of: Any,
            made: dict[str, tuple[str, _Conv]]) -> tuple[dict[str, _Conv], dict[str, _Conv]]:
     """Each field's and item key's column converted for its type (none for a field
@@ -581,9 +606,8 @@ def _convs(table: pa.Table, head: _Head, conv: _Converter, type_of: Any,
 
 def prepare(block: RowBlock) -> None:
     """Work out ahead what take_block makes from an orders block alone, and keep it on
-    the block (`prepared`): the ids, timestamps and items, the types of the fields read
-    from their first values, each column converted for that type, and the whole block's
-    field and item texts. Meant for the file reader's thread, beside the loading thread
+    the block (`prepared`): the ids, timestamps and items, each column converted for
+    the type its first value suggests, and the whole block's field and item texts. Meant for the file reader's thread, beside the loading thread
     applying the block before. Pure conversions only: take_block uses a column's only
     where the batch's type for the field is the one assumed here, so it decides exactly
     as it would without; anything that fails here is left for it to make (and fail)."""
@@ -595,11 +619,10 @@ def prepare(block: RowBlock) -> None:
         conv = ready["conv"] = _Converter(block)
         head = ready["head"] = _head(block, conv)
         if head is not None:
-            firsts = _firsts(table, head, ())
-            inferred = ready["inferred"] = (firsts, _inferred(block, firsts))
-            field_convs, item_convs = _convs(table, head, conv, inferred[1].get, {})
-            made = {name: (inferred[1][name], c) for name, c in field_convs.items()}
-            made.update({"items." + key: (inferred[1]["items." + key], c)
+            guessed = _guessed(block, conv, _firsts(table, head, ()))
+            field_convs, item_convs = _convs(table, head, conv, guessed.get, {})
+            made = {name: (guessed[name], c) for name, c in field_convs.items()}
+            made.update({"items." + key: (guessed["items." + key], c)
                          for key, c in item_convs.items()})
             ready["convs"] = made
             n = table.num_rows
@@ -638,13 +661,8 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
         return False
     bad = head.bad.copy()
     # types: known, or inferred from the first non-null value (read from its line)
-    if "inferred" in ready:
-        firsts_all, inferred_all = ready["inferred"]
-        firsts = {name: row for name, row in firsts_all.items() if name not in batch.types}
-        inferred = {name: type_ for name, type_ in inferred_all.items() if name in firsts}
-    else:
-        firsts = _firsts(table, head, batch.types)
-        inferred = _inferred(block, firsts)
+    firsts = _firsts(table, head, batch.types)
+    inferred = _inferred(block, firsts)
     for name, type_ in inferred.items():
         if not type_:
             bad[firsts[name]] = True
