@@ -607,8 +607,9 @@ def _convs(table: pa.Table, head: _Head, conv: _Converter, type_of: Any,
 def prepare(block: RowBlock) -> None:
     """Work out ahead what take_block makes from an orders block alone, and keep it on
     the block (`prepared`): the ids, timestamps and items, each column converted for
-    the type its first value suggests, and the whole block's field and item texts. Meant for the file reader's thread, beside the loading thread
-    applying the block before. Pure conversions only: take_block uses a column's only
+    the type its first value suggests, and the whole block's field and item texts.
+    Meant for the file reader's thread, beside the loading thread applying the block
+    before. Pure conversions only: take_block uses a column's only
     where the batch's type for the field is the one assumed here, so it decides exactly
     as it would without; anything that fails here is left for it to make (and fail)."""
     table = block.table

@@ -37,8 +37,13 @@ import pyarrow.json as pj
 from bitseg.index import event_blocks, order_blocks, profile_blocks
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError
-from bitseg.loaders.dataset import (EVENT_FILES, ORDER_FILES, PROFILE_FILES, _open_binary,
-                                    _parse_line)
+from bitseg.loaders.dataset import (
+    EVENT_FILES,
+    ORDER_FILES,
+    PROFILE_FILES,
+    _open_binary,
+    _parse_line,
+)
 
 BLOCK_BYTES = 16 << 20  # 16 MiB parsed fastest in a 1M-profile events file (4, 16, 64 tried)
 PREFETCH = 2

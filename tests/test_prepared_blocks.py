@@ -87,7 +87,8 @@ def test_profile_types_changing_under_prepared_blocks(tmp_path: Path,
         _profile(0, score=1.5, born="2020-01-01", tags=["a"], plan="free")]})
     lines = []
     for i in range(1, 120):
-        row = _profile(i, score=i % 7, born=f"2020-01-{1 + i % 28:02d}", plan=["free", "pro"][i % 2])
+        row = _profile(i, score=i % 7, born=f"2020-01-{1 + i % 28:02d}",
+                       plan=["free", "pro"][i % 2])
         if i % 3 == 0:
             row["tags"] = ["b", "a", "b"][: 1 + i % 3]
         if i >= 20:  # first given in an early block, then known to the later ones
