@@ -186,10 +186,10 @@ def _floats_json(numbers: np.ndarray) -> pa.Array:
 
 
 class _Converter:
-    """Checks and converts the columns of one block for the fields' types."""
+    """Checks and converts the columns of one block against the batch's field types."""
 
-    def __init__(self, block: RowBlock) -> None:
-        self.block, self.data = block, block.data
+    def __init__(self, batch: OrderBatch, block: RowBlock) -> None:
+        self.batch, self.block, self.data = batch, block, block.data
         self.plain = bool(block.data) and b"\\" not in block.data
         self._line_array: pa.Array | None = None
 
@@ -443,48 +443,43 @@ def _bytes_list(arr: pa.Array) -> list[bytes]:
     return arr.to_pylist()
 
 
-class _Head:
-    """What take_block reads of a block before it looks at the batch: the order ids (as
-    text, and as JSON parts), profile ids, timestamps, the rows bad already, the field
-    names, and the item keys' columns over all items with each item's row."""
-
-    __slots__ = ("oid_text", "x_json", "pid_text", "ts", "bad", "fields", "item_arrays",
-                 "item_parent", "n_items")
-
-
-def _head(block: RowBlock, conv: _Converter) -> _Head | None:
-    """The block's _Head, or None when add() must take every row."""
+def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
+    """Apply the block's rows up to the first one add() must see (see the docstring)."""
     table = block.table
     n = table.num_rows
+    if n == 0:
+        return True
     names = table.column_names
     if any(name not in names for name in ("id", "profile", "ts")):
-        return None
+        return False
     if any(name.startswith("items.") for name in names):
-        return None  # add() refuses such a key, even with a null value
-    head = _Head()
-    head.oid_text, bad = _external(_column(table, "id"))
-    head.x_json, x_bad = _text_json(head.oid_text, conv.plain)
+        return False  # add() refuses such a key, even with a null value
+    conv = _Converter(batch, block)
+    oid_text, bad = _external(_column(table, "id"))
+    x_json, x_bad = _text_json(oid_text, conv.plain)
     bad |= x_bad
-    head.pid_text, pid_bad = _external(_column(table, "profile"))
+    pid_text, pid_bad = _external(_column(table, "profile"))
     bad |= pid_bad
     ts_col = _column(table, "ts")
     if ts_col.type not in _STRING:
-        return None
-    head.ts, ts_ok = conv.times(ts_col, T.TIMESTAMP)
+        return False
+    ts, ts_ok = conv.times(ts_col, T.TIMESTAMP)
     bad |= ~ts_ok
     # first appearance of an id in the block, and not in the store
-    enc = pc.dictionary_encode(head.oid_text)
+    enc = pc.dictionary_encode(oid_text)
     codes = enc.indices.to_numpy(zero_copy_only=False)
     if len(enc.dictionary) < n:  # some id given twice: its later lines go to add()
         _, first = np.unique(codes, return_index=True)
         is_first = np.zeros(n, dtype=bool)
         is_first[first] = True
         bad |= ~is_first
-    head.fields = [name for name in names if name not in RESERVED]
+    fields = [name for name in names if name not in RESERVED]
     items = _column(table, "items") if "items" in names else None
-    head.item_arrays = {}
-    head.item_parent = np.zeros(0, dtype=np.int64)
-    head.n_items = np.zeros(n, dtype=np.int64)
+    # types: known, or inferred from the first non-null value (read from its line)
+    firsts: dict[str, int] = {}  # new field -> row of its first value
+    item_arrays: dict[str, pa.Array] = {}
+    item_parent = np.zeros(0, dtype=np.int64)
+    n_items = np.zeros(n, dtype=np.int64)
     if items is not None:
         if pa.types.is_null(items.type):
             items = None
@@ -495,187 +490,69 @@ def _head(block: RowBlock, conv: _Converter) -> _Head | None:
             items = None
     if items is not None:
         lengths = pc.list_value_length(items)
-        head.n_items = pc.fill_null(lengths, _s(0, lengths.type)).to_numpy(
+        n_items = pc.fill_null(lengths, _s(0, lengths.type)).to_numpy(
             zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(items)
-        head.item_parent = pc.list_parent_indices(items).to_numpy(
+        item_parent = pc.list_parent_indices(items).to_numpy(
             zero_copy_only=False).astype(np.int64)
         if pa.types.is_struct(flat.type):
-            bad[head.item_parent[~_valid(flat)]] = True  # an item that is not an object
+            bad[item_parent[~_valid(flat)]] = True  # an item that is not an object
             for i, child in enumerate(flat.flatten()):  # children at the items' offset
                 key = flat.type.field(i).name
                 if key in ITEM_RESERVED:
-                    return None
-                head.item_arrays[key] = child
+                    return False
+                item_arrays[key] = child
         else:
-            bad[head.item_parent] = True  # [null, …]
-    head.bad = bad
-    return head
-
-
-def _firsts(table: pa.Table, head: _Head, typed: Any) -> dict[str, int]:
-    """Field (and "items." key) -> the row of its first value, for the fields not in
-    `typed`: fields first, then item keys."""
-    firsts: dict[str, int] = {}
-    for name in head.fields:
-        if name not in typed:
+            bad[item_parent] = True  # [null, …]
+    for name in fields:
+        if name not in batch.types:
             valid = _valid(_column(table, name))
             if valid.any():
                 firsts[name] = int(np.argmax(valid))
-    for key, arr in head.item_arrays.items():
-        if "items." + key not in typed:
+    for key, arr in item_arrays.items():
+        if "items." + key not in batch.types:
             valid = _valid(arr)
             if valid.any():
-                firsts["items." + key] = int(head.item_parent[int(np.argmax(valid))])
-    return firsts
-
-
-def _inferred(block: RowBlock, firsts: dict[str, int]) -> dict[str, str]:
-    """The type add() infers for each of these fields from its first value (read from
-    its line), "" where it refuses the name or value or the line is not read; in the
-    order add() meets them (by row, then key position), those not read last."""
+                firsts["items." + key] = int(item_parent[int(np.argmax(valid))])
     inferred: dict[str, str] = {}
-    if not firsts:
-        return inferred
-    rows = sorted(set(firsts.values()))
-    lines = block.lines()
-    wanted = {int(lines[r]): r for r in rows}
-    for line, record in block.readable(set(wanted)).items():
-        row = wanted[line]
-        for name, value in _first_values(record):
-            if firsts.get(name) != row or name in inferred:
-                continue
-            try:
-                problem = T.name_problem(name)
-                inferred[name] = "" if problem else T.infer(value)
-            except ValueError:
+    if firsts:
+        rows = sorted(set(firsts.values()))
+        lines = block.lines()
+        wanted = {int(lines[r]): r for r in rows}
+        for line, record in block.readable(set(wanted)).items():
+            row = wanted[line]
+            for name, value in _first_values(record):
+                if firsts.get(name) != row or name in inferred:
+                    continue
+                try:
+                    problem = T.name_problem(name)
+                    inferred[name] = "" if problem else T.infer(value)
+                except ValueError:
+                    inferred[name] = ""
+                if not inferred[name]:
+                    bad[row] = True
+        for name, row in firsts.items():
+            if name not in inferred:  # not found as parsed: leave it to add()
+                bad[row] = True
                 inferred[name] = ""
-    for name in firsts:
-        if name not in inferred:  # not found as parsed: leave it to add()
-            inferred[name] = ""
-    return inferred
-
-
-def _guessed(block: RowBlock, conv: _Converter, firsts: dict[str, int]) -> dict[str, str]:
-    """The type each field's first value suggests, read from its raw line with orjson: a
-    guess for `prepare`, which cannot split the whole block into lines (_inferred) for
-    each block (with the interpreter lock held); take_block infers the types it uses."""
-    lines, at = conv._lines(), block.lines() - block.first_line
-    values: dict[int, dict[str, Any]] = {}  # row -> its first value of each field
-    guessed: dict[str, str] = {}
-    for name, row in firsts.items():
-        if row not in values:
-            values[row] = {}
-            try:
-                record = orjson.loads(lines[int(at[row])].as_py())
-            except orjson.JSONDecodeError:
-                record = None
-            for field, value in _first_values(record):
-                values[row].setdefault(field, value)
-        try:
-            type_ = "" if T.name_problem(name) or name not in values[row] else \
-                T.infer(values[row][name])
-        except ValueError:
-            type_ = ""
-        guessed[name] = type_
-    return guessed
-
-
-def _convs(table: pa.Table, head: _Head, conv: _Converter, type_of: Any,
-           made: dict[str, tuple[str, _Conv]]) -> tuple[dict[str, _Conv], dict[str, _Conv]]:
-    """Each field's and item key's column converted for its type (none for a field
-    without one); `made`: conversions made ahead ("items." keys too), taken when made
-    for the same type."""
-    def converted(name: str, type_: str, arr: Any, key: str, owners: Any = None) -> _Conv:
-        ready = made.get(name)
-        return ready[1] if ready is not None and ready[0] == type_ else \
-            conv.convert(arr, type_, key, owners)
-
-    field_convs: dict[str, _Conv] = {}
-    for name in head.fields:
-        type_ = type_of(name)
-        if type_:  # else all null, or its first value is bad (that row is bad)
-            field_convs[name] = converted(name, type_, _column(table, name), name)
-    item_convs: dict[str, _Conv] = {}
-    for key, arr in head.item_arrays.items():
-        type_ = type_of("items." + key)
-        if type_:
-            item_convs[key] = converted("items." + key, type_, arr, key, head.item_parent)
-    return field_convs, item_convs
-
-
-def prepare(block: RowBlock) -> None:
-    """Work out ahead what take_block makes from an orders block alone, and keep it on
-    the block (`prepared`): the ids, timestamps and items, each column converted for
-    the type its first value suggests, and the whole block's field and item texts.
-    Meant for the file reader's thread, beside the loading thread applying the block
-    before. Pure conversions only: take_block uses a column's only
-    where the batch's type for the field is the one assumed here, so it decides exactly
-    as it would without; anything that fails here is left for it to make (and fail)."""
-    table = block.table
-    if table is None or table.num_rows == 0:
-        return
-    ready: dict[str, Any] = {}
-    try:
-        conv = ready["conv"] = _Converter(block)
-        head = ready["head"] = _head(block, conv)
-        if head is not None:
-            guessed = _guessed(block, conv, _firsts(table, head, ()))
-            field_convs, item_convs = _convs(table, head, conv, guessed.get, {})
-            made = {name: (guessed[name], c) for name, c in field_convs.items()}
-            made.update({"items." + key: (guessed["items." + key], c)
-                         for key, c in item_convs.items()})
-            ready["convs"] = made
-            n = table.num_rows
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(head.n_items, out=offsets[1:])
-            ready["texts"] = (field_convs, item_convs, _members(field_convs, n),
-                              _item_texts(item_convs, offsets, n))
-    except (pa.ArrowException, ValueError, TypeError):
-        pass  # what is in `ready` is right; take_block makes the rest
-    block.prepared = ready
-
-
-def _live(convs: dict[str, _Conv]) -> dict[str, _Conv]:
-    """The conversions that give a row some text."""
-    return {name: c for name, c in convs.items() if c.json is not None and c.valid.any()}
-
-
-def _same(convs: dict[str, _Conv], made: dict[str, _Conv]) -> bool:
-    """Whether the texts of `made` are those of `convs`: the same conversions."""
-    live, ready = _live(convs), _live(made)
-    return live.keys() == ready.keys() and all(live[name] is ready[name] for name in live)
-
-
-def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
-    """Apply the block's rows up to the first one add() must see (see the docstring).
-    What `prepare` made ahead for the block is taken where the batch's field types make
-    it the same, the rest made now."""
-    table = block.table
-    n = table.num_rows
-    if n == 0:
-        return True
-    ready = block.prepared if block.prepared is not None else {}
-    conv = ready["conv"] if "conv" in ready else _Converter(block)
-    head = ready["head"] if "head" in ready else _head(block, conv)
-    if head is None:
-        return False
-    bad = head.bad.copy()
-    # types: known, or inferred from the first non-null value (read from its line)
-    firsts = _firsts(table, head, batch.types)
-    inferred = _inferred(block, firsts)
-    for name, type_ in inferred.items():
-        if not type_:
-            bad[firsts[name]] = True
 
     def type_of(name: str) -> str:
         return batch.types.get(name) or inferred.get(name, "")
 
-    field_convs, item_convs = _convs(table, head, conv, type_of, ready.get("convs", {}))
-    for c in field_convs.values():
+    field_convs: dict[str, _Conv] = {}
+    for name in fields:
+        type_ = type_of(name)
+        arr = _column(table, name)
+        if not type_:
+            continue  # all null, or its first value is bad (that row is bad)
+        c = field_convs[name] = conv.convert(arr, type_, name)
         bad |= c.bad
-    item_parent, n_items = head.item_parent, head.n_items
-    for c in item_convs.values():
+    item_convs: dict[str, _Conv] = {}
+    for key, arr in item_arrays.items():
+        type_ = type_of("items." + key)
+        if not type_:
+            continue
+        c = item_convs[key] = conv.convert(arr, type_, key, item_parent)
         bad[item_parent[c.bad]] = True
     # derived: qty_sum, distinct
     qty = item_convs.get("qty")
@@ -704,7 +581,6 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     if p0 == 0:
         return False
     # ids already in the store (or in this batch)
-    oid_text = head.oid_text
     key_arr = pc.binary_join_element_wise(
         _s(ORDER_IDS, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
@@ -721,12 +597,9 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
             by_key = by_key[taken]
             sorted_keys = list(itertools.compress(sorted_keys, taken.tolist()))
     order_keys = (sorted_keys, by_key)
-    texts = ready.get("texts")
-    joined = texts[2:] if texts is not None and p0 == n and _same(field_convs, texts[0]) \
-        and _same(item_convs, texts[1]) else None
-    _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in head.x_json),
-           head.pid_text[:p0], head.ts[:p0], field_convs, item_convs, inferred,
-           firsts, head.fields, item_parent, offsets, qty_sum, has_sku, sku, joined)
+    _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
+           pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
+           firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
     return True if p0 == n else np.arange(p0, n, dtype=np.int64)
 
 
@@ -750,9 +623,8 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
            ts: np.ndarray, field_convs: dict[str, _Conv], item_convs: dict[str, _Conv],
            inferred: dict[str, str], firsts: dict[str, int], fields: list[str],
            item_parent: np.ndarray, offsets: np.ndarray, qty_sum: np.ndarray,
-           has_sku: np.ndarray, sku: _Conv | None, joined: tuple | None = None) -> None:
-    """Write rows 0 … k-1 of the block (all checked) into the batch. `joined`: the
-    fields' parts of the rows' JSON (_members) and the items' texts, made ahead."""
+           has_sku: np.ndarray, sku: _Conv | None) -> None:
+    """Write rows 0 … k-1 of the block (all checked) into the batch."""
     _register(batch, inferred, firsts, k)
     # profiles: known ones in one lookup, new ones created in order of appearance
     pids = _profiles(batch, pid_text)
@@ -764,9 +636,10 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
     iids = batch.next_item + np.arange(n_item, dtype=np.int64)
     batch.next_item += n_item
     # rows
-    members, it_text = joined if joined is not None else \
-        (_members(field_convs, k), _item_texts(item_convs, offsets, k))
-    rows = _join('{"f":{', *members, '},"i0":', _ints_json(i0), ',"it":[',
+    one = _join("{", *_members(item_convs, n_item), "}")
+    lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32), pa.int32()), one)
+    it_text = pc.binary_join(lists, _s(","))
+    rows = _join('{"f":{', *_members(field_convs, k), '},"i0":', _ints_json(i0), ',"it":[',
                  it_text, '],"p":', _ints_json(pids), ',"t":', _ints_json(ts), ',"x":', *x_text,
                  "}")
     store, txn = batch.store, batch.txn
@@ -822,13 +695,6 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
             distinct += np.bincount(pairs[first] // width, minlength=k)
         _set(batch._item_owner, iids, oids[item_parent])
     _set(batch._sets("f:items.distinct"), oids, distinct)
-
-
-def _item_texts(item_convs: dict[str, _Conv], offsets: np.ndarray, k: int) -> pa.Array:
-    """The items of rows 0 … k-1 as each row's JSON list's inside ("{…},{…}")."""
-    one = _join("{", *_members(item_convs, int(offsets[k])), "}")
-    lists = pa.ListArray.from_arrays(pa.array(offsets[:k + 1].astype(np.int32), pa.int32()), one)
-    return pc.binary_join(lists, _s(","))
 
 
 def _register(batch: OrderBatch, inferred: dict[str, str], firsts: dict[str, int],
