@@ -1,6 +1,6 @@
 """Reads over shards that are more than a sum: top rules, Describe, Values, size history.
 
-Top (CONTRACT §2.4e). A profile in the top N of the whole store is in the top N of its
+Top (docs/rules.md, "Top N"). A profile in the top N of the whole store is in the top N of its
 own shard (fewer than N profiles of the store rank above it, so fewer than N of its
 shard do), so the store's top N is the best N of the shards' top N. Each shard gives
 its candidates with their exact value and external id; the front ranks them by (value,
