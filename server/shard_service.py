@@ -559,22 +559,24 @@ class ShardedServicer(SegmentsServicer):
     @rpc
     def TrackEvents(self, request_iterator: Iterator[pb.EventBatch],
                     context: grpc.ServicerContext) -> pb.TrackEventsReply:
-        reply = pb.TrackEventsReply()
-        for messages, results in stream_batches(self.writes, request_iterator,
-                                                "events_json", "events", context):
-            reply.batches += messages
-            reply.events += sum(r[3] for r in results)
-        return reply
+        batches, events = self._rows_streamed(request_iterator, "events", context)
+        return pb.TrackEventsReply(batches=batches, events=events)
 
     @rpc
     def AddOrders(self, request_iterator: Iterator[pb.OrderBatch],
                   context: grpc.ServicerContext) -> pb.AddOrdersReply:
-        reply = pb.AddOrdersReply()
-        for messages, results in stream_batches(self.writes, request_iterator,
-                                                "orders_json", "orders", context):
-            reply.batches += messages
-            reply.orders += sum(r[3] for r in results)
-        return reply
+        batches, orders = self._rows_streamed(request_iterator, "orders", context)
+        return pb.AddOrdersReply(batches=batches, orders=orders)
+
+    def _rows_streamed(self, requests: Iterator[Any], kind: str,
+                       context: grpc.ServicerContext) -> tuple[int, int]:
+        """Write a stream of event or order batches: (messages, rows over every shard)."""
+        batches = rows = 0
+        for messages, results in stream_batches(self.writes, requests, f"{kind}_json", kind,
+                                                context):
+            batches += messages
+            rows += sum(r[3] for r in results)
+        return batches, rows
 
     @rpc
     def DeleteProfiles(self, request: pb.DeleteProfilesRequest,

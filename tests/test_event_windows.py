@@ -208,14 +208,8 @@ def _rule(days: int, op: str = "gte", value: int = 1) -> dict:
             "having": {"agg": "count", "op": op, "value": value}}
 
 
-def test_a_mostly_inside_edge_day_joins_the_whole_days(tmp_path, monkeypatch):
-    """A 30-day window at a month start begins a microsecond after midnight: its first
-    day is whole days' work (one month block less the day before), not the month less two
-    days plus that day's bucket; the counts still match the raw rows."""
-    as_of = datetime(2026, 11, 1, tzinfo=timezone.utc)
-    rows = [{"profile": PROFILES[i % 5], "event": "open",  # Oct 2 at 0:00 is outside
-             "ts": as_of - timedelta(days=d) + timedelta(hours=h)}
-            for i, (d, h) in enumerate((d, h) for d in (0, 1, 2, 29, 30, 31) for h in (0, 6, 12))]
+def _spy_window_sums(monkeypatch) -> list[tuple[int, int]]:
+    """The (first, end) days of every window whose whole days are summed from now on."""
     calls: list[tuple[int, int]] = []
     original = event_windows.window_counts
 
@@ -224,6 +218,18 @@ def test_a_mostly_inside_edge_day_joins_the_whole_days(tmp_path, monkeypatch):
         return original(index, streams, first, end)
 
     monkeypatch.setattr(event_windows, "window_counts", spy)
+    return calls
+
+
+def test_a_mostly_inside_edge_day_joins_the_whole_days(tmp_path, monkeypatch):
+    """A 30-day window at a month start begins a microsecond after midnight: its first
+    day is whole days' work (one month block less the day before), not the month less two
+    days plus that day's bucket; the counts still match the raw rows."""
+    as_of = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[i % 5], "event": "open",  # Oct 2 at 0:00 is outside
+             "ts": as_of - timedelta(days=d) + timedelta(hours=h)}
+            for i, (d, h) in enumerate((d, h) for d in (0, 1, 2, 29, 30, 31) for h in (0, 6, 12))]
+    calls = _spy_window_sums(monkeypatch)
     with Engine.open(tmp_path / "store") as engine:
         engine.upsert_profiles([{"id": p} for p in PROFILES])
         engine.cache_results = False
@@ -272,14 +278,7 @@ def test_a_window_asked_again_through_the_day_sums_its_whole_days_once(tmp_path,
     on the first ask only (the last day joins them or not as its rows fall, so at most
     twice), the partial days counted per call; every op against the raw rows. A write
     into one of those days is summed again; the snapshot before it keeps its answer."""
-    calls: list[tuple[int, int]] = []
-    original = event_windows.window_counts
-
-    def spy(index, streams, first, end):
-        calls.append((first, end))
-        return original(index, streams, first, end)
-
-    monkeypatch.setattr(event_windows, "window_counts", spy)
+    calls = _spy_window_sums(monkeypatch)
     day = datetime(2026, 10, 17, tzinfo=timezone.utc)
     rows = [{"profile": PROFILES[(i * 7) % 6], "event": "open",
              "ts": day - timedelta(days=i % 33, hours=(i * 5) % 24, minutes=i)}
@@ -314,14 +313,7 @@ def test_writes_into_today_keep_a_windows_cached_whole_days(tmp_path, monkeypatc
     """as_of "now": the window's last partial day is today, which takes writes all day.
     It is counted from its rows, never taken into the whole days (even when every row of
     it is inside), so writes into today leave the window's cached sum as it is."""
-    calls: list[tuple[int, int]] = []
-    original = event_windows.window_counts
-
-    def spy(index, streams, first, end):
-        calls.append((first, end))
-        return original(index, streams, first, end)
-
-    monkeypatch.setattr(event_windows, "window_counts", spy)
+    calls = _spy_window_sums(monkeypatch)
     now = datetime(2026, 10, 17, 13, 45, tzinfo=timezone.utc)
     rows = [{"profile": PROFILES[i % 6], "event": "open",
              "ts": now - timedelta(days=1 + i % 31, hours=i % 7)} for i in range(120)]

@@ -21,13 +21,13 @@ from typing import Any
 
 import orjson
 import pytest
+from test_shards import Front as ShardsFront
 
 from bitseg import Client, ClientError
 from bitseg.index.engine import Engine
 from bitseg.index.shard_key import shard_of
 from bitseg.loaders.columnar import texts_block
 from bitseg.loaders.split import shard_folder
-from bitseg.server.shard_service import create_sharded_server
 from bitseg.server.shard_store import Manifest, write_manifest
 from bitseg.server.shard_writes import DECISIONS, recover, split_records, writes_for
 from bitseg.server.shards import ShardSet
@@ -81,23 +81,12 @@ def new_sharded_store(db: Path, shards: int) -> list[str]:
     return [str(p.resolve()) for p in paths]
 
 
-class Front:
-    """A ShardSet behind a real gRPC server on port 0, and a client of it."""
-
-    def __init__(self, shards: ShardSet) -> None:
-        self.shards = shards
-        self.server, port = create_sharded_server(shards, "127.0.0.1:0")
-        self.server.start()
-        self.client = Client(f"127.0.0.1:{port}", timeout=60)
+class Front(ShardsFront):
+    """test_shards' front (a real gRPC server and a client), and its servicer's writes."""
 
     @property
     def writes(self) -> Any:
         return writes_for(self.shards)  # the servicer's own
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.stop(None)
-        self.shards.close()
 
 
 def in_process(paths: list[str]) -> ShardSet:
