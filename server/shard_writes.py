@@ -429,8 +429,8 @@ def recover(shards: Any, db: str | Path) -> int:
         applied += commit
         if commit:
             log.info("batch %s: applied on open (decided before the last stop)", txid)
-    if folder.is_dir():
-        for leftover in folder.glob("*.json"):
+    if folder.is_dir():  # applied decisions, and temporaries a crash cut short
+        for leftover in folder.glob("*"):  # (a half-written decision is no decision)
             leftover.unlink()
     return applied
 

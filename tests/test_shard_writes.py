@@ -313,8 +313,9 @@ def test_a_front_stopped_after_its_decision_has_the_batch_everywhere_on_open(
         again.close()
 
 
+@pytest.mark.parametrize("cut_short", [False, True])
 def test_a_front_stopped_before_its_decision_has_the_batch_nowhere_on_open(
-        tmp_path: Path) -> None:
+        tmp_path: Path, cut_short: bool) -> None:
     paths = new_sharded_store(tmp_path / "db", 3)
     front = Front(in_process(paths))
     front.client.upsert_profiles([{"id": f"a{i}"} for i in range(10)])
@@ -323,12 +324,18 @@ def test_a_front_stopped_before_its_decision_has_the_batch_nowhere_on_open(
               for i in range(10)]
     with pytest.raises(Crash):
         front.writes.write("events", split_records([events], "events", 3))
-    assert all(len(s) == 1 for _, _, s in state(front.shards))  # staged everywhere
+    staged = [s for _, _, s in state(front.shards)]
+    assert all(len(s) == 1 for s in staged)  # staged everywhere
     front.close()
+    decisions = tmp_path / "db" / DECISIONS
+    if cut_short:  # killed while writing its decision: the temporary, never renamed
+        decisions.mkdir(exist_ok=True)
+        (decisions / f".{staged[0][0]}.tmp").write_bytes(b'{"txid": "')
     again = Front(in_process(paths))
     try:
         assert again.client.count({"event": "view"}, as_of=AS_OF) == 0
         assert [s for _, _, s in state(again.shards)] == [[], [], []]
+        assert not decisions.is_dir() or not list(decisions.glob("*"))
         again.client.track_events([{"profile": "a1", "event": "view", "ts": AS_OF}])
         assert again.client.count({"event": "view"}, as_of=AS_OF) == 1
     finally:
