@@ -3,8 +3,10 @@
 Every profile, event and order goes to the shard of its profile id
 (index/shard_key.py): profiles by `id`, events and orders by `profile`. Each shard
 folder gets a copy of schema.json, so every shard declares the same schema. Lines are
-copied as they are (blank lines dropped), uncompressed; a .jsonl.gz input becomes a
-.jsonl per shard.
+copied as they are (blank lines dropped): uncompressed (a .jsonl.gz input becomes a
+.jsonl per shard), or with `compress` gzip'd at level 1 (a .jsonl.gz per shard, about a
+fifth of the size, for a disk that cannot hold a second copy of the dataset). A CSV
+profiles file is always copied as CSV.
 
 A line whose JSON or profile id is bad is a DataError naming the original file, line
 and field, found before anything is loaded. An error a shard's load finds later names
@@ -41,7 +43,8 @@ def shard_folder(root: str | Path, shard: int) -> Path:
     return Path(root) / f"shard-{shard}"
 
 
-def split_dataset(source: str | Path, shards: int, out: str | Path) -> dict[str, int]:
+def split_dataset(source: str | Path, shards: int, out: str | Path,
+                  compress: bool = False) -> dict[str, int]:
     """Write out/shard-0 .. out/shard-{shards-1}, each a dataset folder; the number of
     lines split from each input file, by file name."""
     folder = _dataset_folder(source)
@@ -61,13 +64,24 @@ def split_dataset(source: str | Path, shards: int, out: str | Path) -> dict[str,
         if file.name.endswith(".csv"):
             lines[file.name] = _split_csv(file, shards, targets)
         else:
-            lines[file.name] = _split_jsonl(file, key, shards, targets)
+            lines[file.name] = _split_jsonl(file, key, shards, targets, compress)
     return lines
 
 
-def copy_name(name: str) -> str:
-    """The name of a shard's copy of an input file (a .gz input is copied uncompressed)."""
-    return name[:-3] if name.endswith(".gz") else name
+def input_bytes(source: str | Path) -> int:
+    """About how many bytes the dataset's files hold uncompressed (a .gz file counted at
+    five times its size, what gzip makes of these files); what an uncompressed split
+    writes."""
+    folder = _dataset_folder(source)
+    found = [_profiles_file(folder)] + [f for names in (EVENT_FILES, ORDER_FILES)
+                                        if (f := _pick(folder, names)) is not None]
+    return sum(f.stat().st_size * (5 if f.name.endswith(".gz") else 1) for f in found)
+
+
+def copy_name(name: str, compress: bool = False) -> str:
+    """The name of a shard's copy of a JSON Lines input file."""
+    plain = name[:-3] if name.endswith(".gz") else name
+    return plain + ".gz" if compress else plain
 
 
 def _open(file: Path) -> BinaryIO:
@@ -75,9 +89,12 @@ def _open(file: Path) -> BinaryIO:
     return gzip.GzipFile(fileobj=raw) if file.name.endswith(".gz") else raw  # type: ignore[return-value]
 
 
-def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path]) -> int:
+def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path],
+                 compress: bool) -> int:
     """Copy each non-blank line to its profile's shard; the number of lines copied."""
-    outputs = [open(t / copy_name(file.name), "wb") for t in targets]  # noqa: SIM115
+    outputs: list[BinaryIO] = [
+        gzip.open(t / copy_name(file.name, True), "wb", compresslevel=1) if compress
+        else open(t / copy_name(file.name), "wb") for t in targets]  # noqa: SIM115
     buffers: list[list[bytes]] = [[] for _ in targets]
     sizes = [0] * shards
     copied = 0
@@ -156,7 +173,8 @@ def original_line(source: str | Path, shard: int, shards: int, name: str,
     for names, key in ((PROFILE_FILES, "id"), (EVENT_FILES, "profile"),
                        (ORDER_FILES, "profile")):
         found = _pick(folder, names)
-        if found is None or copy_name(found.name) != name or found.name.endswith(".csv"):
+        if (found is None or found.name.endswith(".csv")
+                or copy_name(found.name) != copy_name(name)):  # the copy, gzip'd or not
             continue
         seen = 0
         with _open(found) as stream:

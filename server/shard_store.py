@@ -13,10 +13,15 @@ are moved into place, with the manifest, only when every shard has loaded: a fai
 leaves no sharded store at DB. Into an existing sharded DB each shard loads as
 `bitseg load --db` does (each file one batch, all of it or nothing), so when one shard's
 file fails the other shards may have taken theirs; the error names the shard.
+
+The split's copies are plain JSON Lines when the disk under DB has room for them and the
+stores (twice the dataset's uncompressed size free), otherwise gzip'd at level 1 (a fifth
+of the size; the split then takes longer and each shard decompresses as it reads).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -31,7 +36,9 @@ import orjson
 from bitseg.index import errors
 from bitseg.index.errors import BitsegError, DataError, StoreError
 from bitseg.index.shard_key import HASH_NAME
-from bitseg.loaders.split import original_line, shard_folder, split_dataset
+from bitseg.loaders.split import input_bytes, original_line, shard_folder, split_dataset
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "shards.json"
 MANIFEST_FORMAT = 1
@@ -90,8 +97,10 @@ class ShardedLoad:
     per_shard: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_sharded(dataset: str | Path, db: str | Path, shards: int) -> ShardedLoad:
-    """Split the dataset and load it into the N shards of DB (see the module doc)."""
+def load_sharded(dataset: str | Path, db: str | Path, shards: int,
+                 compress: bool | None = None) -> ShardedLoad:
+    """Split the dataset and load it into the N shards of DB (see the module doc);
+    `compress` gzips the split's copies, None decides by the free disk."""
     started = time.perf_counter()
     db = Path(db)
     existing = read_manifest(db)
@@ -106,8 +115,10 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int) -> ShardedLoa
     if work.exists():
         shutil.rmtree(work)  # what a load that died left behind
     split_to = work / "split"
+    if compress is None:
+        compress = _short_of_disk(db, input_bytes(dataset))
     try:
-        split_dataset(dataset, shards, split_to)
+        split_dataset(dataset, shards, split_to, compress)
         split_seconds = time.perf_counter() - started
         stores = [shard_folder(work if fresh else db, s) for s in range(shards)]
         results = _load_all([shard_folder(split_to, s) for s in range(shards)], stores)
@@ -136,6 +147,18 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int) -> ShardedLoa
         report.per_shard.append({**shard_report, "profiles_total": result["total"]})
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _short_of_disk(db: Path, dataset_bytes: int) -> bool:
+    """Whether the disk under db lacks room for an uncompressed split and the stores
+    (about the dataset's size each)."""
+    existing = next(p for p in (db, *db.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free >= 2 * dataset_bytes:
+        return False
+    log.info("the split's copies are gzip'd: %.1f GB free under %s, the dataset is "
+             "about %.1f GB", free / 1e9, existing, dataset_bytes / 1e9)
+    return True
 
 
 def _load_all(parts: list[Path], stores: list[Path]) -> list[dict[str, Any]]:

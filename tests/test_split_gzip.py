@@ -1,0 +1,79 @@
+"""`load --shards` on a disk without room for a plain copy: the split's copies gzip'd.
+
+The copies must hold exactly the lines a plain split writes, the shards loaded from them
+must answer as the plain ones, and an error must still name the input's file and line.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import orjson
+import pytest
+from test_shards import AS_OF, make_dataset
+
+from bitseg.index.engine import Engine
+from bitseg.index.errors import DataError
+from bitseg.index.shard_key import shard_of
+from bitseg.loaders.split import input_bytes, shard_folder, split_dataset
+from bitseg.server.shard_store import _short_of_disk, load_sharded
+
+RULES = [{"all": True}, {"event": "view"}, {"field": "kw", "op": "exists"},
+         {"orders": {"field": "status", "op": "eq", "value": "paid"}}]
+
+
+def test_gzipped_copies_hold_the_plain_copies_lines(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data", seed=21)
+    split_dataset(tmp_path / "data", 3, tmp_path / "plain")
+    split_dataset(tmp_path / "data", 3, tmp_path / "gz", compress=True)
+    for s in range(3):
+        plain, packed = shard_folder(tmp_path / "plain", s), shard_folder(tmp_path / "gz", s)
+        assert sorted(p.name for p in packed.iterdir()) == [
+            "events.jsonl.gz", "orders.jsonl.gz", "profiles.jsonl.gz", "schema.json"]
+        for name in ("profiles", "events", "orders"):
+            copied = gzip.decompress((packed / f"{name}.jsonl.gz").read_bytes())
+            assert copied == (plain / f"{name}.jsonl").read_bytes()
+            assert copied  # every shard got lines of every file at this size
+
+
+def _answers(db: Path, shards: int) -> list[list[int]]:
+    found = []
+    for s in range(shards):
+        with Engine.open(shard_folder(db, s), readonly=True) as engine:
+            found.append([engine.count(rule, as_of=AS_OF) for rule in RULES])
+    return found
+
+
+def test_shards_loaded_from_gzipped_copies_answer_as_plain_ones(tmp_path: Path) -> None:
+    records = make_dataset(tmp_path / "data", seed=22)
+    load_sharded(tmp_path / "data", tmp_path / "plain", 2, compress=False)
+    load_sharded(tmp_path / "data", tmp_path / "gz", 2, compress=True)
+    packed = _answers(tmp_path / "gz", 2)
+    assert packed == _answers(tmp_path / "plain", 2)
+    assert sum(p[0] for p in packed) == len(records["profiles"]) + any(
+        e["profile"] == "ghost" for e in records["events"])
+
+
+def test_a_bad_value_in_a_gzipped_copy_names_the_inputs_line(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data", seed=23, profiles=30)
+    events = tmp_path / "data" / "events.jsonl"
+    lines = events.read_bytes().splitlines()
+    bad = orjson.loads(lines[4])
+    bad["ts"] = "not a time"
+    lines[4] = orjson.dumps(bad)
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as caught:
+        load_sharded(tmp_path / "data", tmp_path / "db", 2, compress=True)
+    assert (caught.value.file, caught.value.line, caught.value.field) == \
+        ("events.jsonl", 5, "ts")
+    assert f"shard {shard_of(bad['profile'], 2)}" in str(caught.value)
+    assert not (tmp_path / "db").exists()
+
+
+def test_the_split_is_gzipped_only_when_the_disk_is_short(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data", seed=24, profiles=10)
+    size = input_bytes(tmp_path / "data")
+    assert size == sum(f.stat().st_size for f in (tmp_path / "data").glob("*.jsonl"))
+    assert not _short_of_disk(tmp_path / "no" / "such" / "db", size)  # its parent's disk
+    assert _short_of_disk(tmp_path / "db", 10**18)  # no disk has half an exabyte free
