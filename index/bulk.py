@@ -25,7 +25,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.engine import Engine, as_of_micros
+from bitseg.index.engine import Also, Engine, as_of_micros
 from bitseg.index.errors import BitsegError, DataError
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, ids_of
@@ -183,9 +183,12 @@ def _update_index(writers: FieldWriters, snap: Snapshot, type_: str, action: Bul
 
 
 # ---------------------------------------------------------------------- running
-def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
-        dry_run: bool = False) -> BulkResult:
-    """Apply the action to every member in one transaction (or, dry, count the changes)."""
+def run(engine: Engine, action: BulkAction, *, as_of: Any = None, dry_run: bool = False,
+        stamp: dict[str, Any] | None = None, also: Also | None = None) -> BulkResult:
+    """Apply the action to every member in one transaction (or, dry, count the changes).
+    The sharded front gives every shard the entry's `stamp` (its id and time) and runs
+    `also` in the transaction after the entry (it unstages the action, or aborts a
+    check by raising)."""
     as_of_us = as_of_micros(as_of)
     if dry_run:
         snap = engine.snapshot
@@ -220,8 +223,9 @@ def run(engine: Engine, action: BulkAction, *, as_of: Any = None,
             "action": action.action, "field": action.field, "value": action.value,
             "rule": _as_json(action.rule), "segment": action.segment,
             "as_of": T.format_timestamp(as_of_us),
-            "members": found["members"], "changed": found["changed"], "version": snap.version})
-        return {}
+            "members": found["members"], "changed": found["changed"], "version": snap.version},
+            stamp)
+        return also(txn, snap) if also is not None else {}
 
     engine.write_columns(build, also=audit)
     return BulkResult(found["members"], found["changed"], False, found["entry"])
@@ -232,14 +236,31 @@ def _as_json(rule: Any) -> Any:
     return orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule
 
 
-def record_entry(store: Store, txn: Txn, entry: dict[str, Any]) -> dict[str, Any]:
-    """Store an audit entry under the next id, stamped with the time; returns it."""
-    number = (store.get_json(txn, NEXT_KEY) or 0) + 1
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    stored = {"id": number, "time": now.isoformat().replace("+00:00", "Z"), **entry}
-    store.put_json(txn, NEXT_KEY, number)
+def record_entry(store: Store, txn: Txn, entry: dict[str, Any],
+                 stamp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Store an audit entry under the next id, stamped with the time (or under the
+    stamp's id and time); returns it."""
+    last = store.get_json(txn, NEXT_KEY) or 0
+    if stamp is None:
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        stamp = {"id": last + 1, "time": now.isoformat().replace("+00:00", "Z")}
+    number = stamp["id"]
+    stored = {"id": number, "time": stamp["time"], **entry}
+    store.put_json(txn, NEXT_KEY, max(last, number))
     store.put_json(txn, f"{ENTRY_PREFIX}{number:012d}", stored)
     return stored
+
+
+def last_entry_id(engine: Engine) -> int:
+    """The id of the latest audit entry (0: none yet)."""
+    with engine.store.read() as txn:
+        return int(engine.store.get_json(txn, NEXT_KEY) or 0)
+
+
+def entry_of(engine: Engine, number: int) -> dict[str, Any] | None:
+    """The audit entry of that id, or None."""
+    with engine.store.read() as txn:
+        return engine.store.get_json(txn, f"{ENTRY_PREFIX}{number:012d}")
 
 
 def list_entries(engine: Engine, limit: int = 0) -> list[dict[str, Any]]:

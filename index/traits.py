@@ -233,15 +233,17 @@ def _chosen(snap: Snapshot, params: dict[str, Any], as_of: int,
     return memo[key]
 
 
-def rfm(snap: Snapshot, params: dict[str, Any], as_of: int, which: str,
-        memo: dict[tuple, _Orders] | None = None) -> Values:
+def rfm_metric(snap: Snapshot, params: dict[str, Any], as_of: int, which: str,
+               memo: dict[tuple, _Orders] | None = None) -> Values:
+    """(the buyers' sorted dense ids, their metric): the latest order's ts, the number
+    of orders or the sum of `of` over the orders the params choose."""
     index: OrderIndex = snap.orders
     chosen = _chosen(snap, params, as_of, {} if memo is None else memo)
     buyers = chosen.buyers
     if not len(buyers):
         return _none(np.int64)
     if which == "rfm_frequency":
-        return buyers.astype(np.uint32), quintiles(chosen.count[buyers])
+        return buyers.astype(np.uint32), chosen.count[buyers].astype(np.int64)
     by_owner = np.zeros(chosen.size, dtype=np.int64)
     if which == "rfm_recency":
         by_owner[:] = I64_MIN
@@ -251,7 +253,50 @@ def rfm(snap: Snapshot, params: dict[str, Any], as_of: int, which: str,
         if column is not None:
             oids = chosen.oids
             np.add.at(by_owner, chosen.owners, np.where(column.valid[oids], column.keys[oids], 0))
-    return buyers.astype(np.uint32), quintiles(by_owner[buyers])
+    return buyers.astype(np.uint32), by_owner[buyers]
+
+
+def rfm(snap: Snapshot, params: dict[str, Any], as_of: int, which: str,
+        memo: dict[tuple, _Orders] | None = None, cuts: list[int] | None = None) -> Values:
+    """The buyers' scores 1-5: their quintiles among themselves, or by `cuts` (the cut
+    points of a base larger than this store's, see quintile_cuts)."""
+    buyers, metric = rfm_metric(snap, params, as_of, which, memo)
+    if not len(buyers):
+        return buyers, metric
+    return buyers, quintiles(metric) if cuts is None else scored(metric, cuts)
+
+
+def quintile_cuts(values: np.ndarray, counts: np.ndarray) -> list[int]:
+    """The cut points of the quintile scores of a base given as its distinct metrics
+    (sorted) and how many hold each: with c the base's sorted metrics, n of them, a
+    metric x scores 1 + (how many cuts are below x), the same as quintiles() gives:
+    1 + floor(5 r / n) >= k exactly when r >= m = ceil((k - 1) n / 5), that is when
+    c[m - 1] < x; so the cut for k = 2..5 is c[m - 1]."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    n = int(ends[-1]) if len(ends) else 0
+    if not n:
+        return []
+    ranks = [-((1 - k) * n // 5) - 1 for k in range(2, 6)]  # m - 1, m = ceil((k-1) n / 5)
+    return [int(values[np.searchsorted(ends, rank, side="right")]) for rank in ranks]
+
+
+def scored(metric: np.ndarray, cuts: list[int]) -> np.ndarray:
+    """1 + how many cut points are strictly below each metric (see quintile_cuts)."""
+    return 1 + np.searchsorted(np.asarray(cuts, dtype=np.int64), metric, side="left")
+
+
+def metrics(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int
+            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each declared RFM trait's metrics as (distinct values sorted, how many buyers
+    hold each): what the sharded front sums over the shards to cut the quintiles."""
+    memo: dict[tuple, _Orders] = {}
+    out = {}
+    for name, params in config.items():
+        if name in RFM:
+            _, metric = rfm_metric(snap, params, as_of, name, memo)
+            values, counts = np.unique(metric, return_counts=True)
+            out[name] = values, counts.astype(np.int64)
+    return out
 
 
 def favourite_category(snap: Snapshot, params: dict[str, Any], as_of: int,
@@ -292,10 +337,11 @@ def _none(dtype: Any) -> Values:
 Computed = tuple[np.ndarray, np.ndarray, list]  # sorted dense ids, values, keyword table
 
 
-def compute(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int
-            ) -> dict[str, Computed]:
+def compute(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int,
+            cuts: Mapping[str, list[int]] | None = None) -> dict[str, Computed]:
     """Each declared trait: (sorted dense ids, their values as an int64 array, and for a
-    keyword trait the table its values are codes into, else [])."""
+    keyword trait the table its values are codes into, else []). `cuts`: an RFM trait's
+    quintile cut points over a larger base (the sharded front's), else its own."""
     out: dict[str, Computed] = {}
     memo: dict[tuple, _Orders] = {}  # the orders chosen, shared by traits with equal params
     for name, params in config.items():
@@ -303,7 +349,8 @@ def compute(snap: Snapshot, config: Mapping[str, dict[str, Any]], as_of: int
             ids, values = best_send_hour(snap, params, as_of)
             out[name] = ids, values, []
         elif name in RFM:
-            ids, values = rfm(snap, params, as_of, name, memo)
+            ids, values = rfm(snap, params, as_of, name, memo,
+                              None if cuts is None else cuts.get(name))
             out[name] = ids, values, []
         else:
             out[name] = favourite_category(snap, params, as_of, memo)
@@ -397,8 +444,10 @@ class RefreshReport:
     holders: dict[str, int]  # per trait: profiles with a value now
 
 
-def refresh(engine: Engine, config: Any = None, *, as_of: Any = None) -> RefreshReport:
-    """Recompute the declared traits and write the changed ones in one transaction."""
+def refresh(engine: Engine, config: Any = None, *, as_of: Any = None,
+            cuts: Mapping[str, list[int]] | None = None) -> RefreshReport:
+    """Recompute the declared traits and write the changed ones in one transaction
+    (`cuts`: the RFM quintiles' cut points over every shard, see compute)."""
     traits = parse_config(config)
     as_of_us = as_of_micros(as_of)
     engine.declare_schema({"profiles": {name: TYPES[name] for name in traits}},
@@ -406,7 +455,7 @@ def refresh(engine: Engine, config: Any = None, *, as_of: Any = None) -> Refresh
     found: dict[str, Any] = {}
 
     def build(txn: Txn, snap: Snapshot) -> tuple[FieldWriters, Schema, BitMap] | None:
-        computed = compute(snap, traits, as_of_us)
+        computed = compute(snap, traits, as_of_us, cuts)
         dense, per_trait = _changes(snap, computed)
         found.update(changed={name: len(c[0]) for name, c in per_trait.items()},
                      profiles=len(dense),

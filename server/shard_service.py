@@ -46,7 +46,7 @@ from bitseg.index import describe, insights
 from bitseg.index import types as T
 from bitseg.index.batch import check_size
 from bitseg.index.segments import Change
-from bitseg.server import convert
+from bitseg.server import convert, shard_actions
 from bitseg.server.convert import CursorError
 from bitseg.server.service import (
     PREVIEW_DEFAULT,
@@ -92,6 +92,8 @@ SHARDED = frozenset({
     # reads merged beyond a sum: shard_reads.py
     "Describe", "Values", "SegmentHistory", "Insights",
     "CreateExportSchedule", "ListExportSchedules", "DeleteExportSchedule",
+    # bulk actions and computed traits: shard_actions.py
+    "BulkAction", "ListActions", "RefreshTraits",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -646,6 +648,29 @@ class ShardedServicer(SegmentsServicer):
         raise failed[0]
 
 
+    # ---------------------------------------------------------------- actions, traits
+    @rpc
+    def BulkAction(self, request: pb.BulkActionRequest,
+                   context: grpc.ServicerContext) -> pb.BulkActionReply:
+        done = shard_actions.bulk_action(self.shards, convert.bulk_action_of(request),
+                                         convert.as_of_of(request) or convert.now(),
+                                         request.dry_run)
+        return convert.bulk_action_reply(done)
+
+    @rpc
+    def ListActions(self, request: pb.ListActionsRequest,
+                    context: grpc.ServicerContext) -> pb.ListActionsReply:
+        entries = shard_actions.list_actions(self.shards, request.limit)
+        return pb.ListActionsReply(entries_json=[orjson.dumps(e).decode() for e in entries])
+
+    @rpc
+    def RefreshTraits(self, request: pb.RefreshTraitsRequest,
+                      context: grpc.ServicerContext) -> pb.RefreshTraitsReply:
+        report = shard_actions.refresh_traits(self.shards, request.config_json or None,
+                                              convert.as_of_of(request) or convert.now())
+        return convert.refresh_traits_reply(report)
+
+
 def _summed_node(nodes: list[Any]) -> Any:
     """The shards' explain trees (the same rule, so the same shape) as one: each node's
     count summed; a note ("a value that never occurs") given when every shard has one,
@@ -707,7 +732,7 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
     from bitseg.server.shards import open_shards
 
     for flag, given in (("--metrics-port", options.metrics_port),
-                        ("--sources", options.sources), ("--traits-every", options.traits_every),
+                        ("--sources", options.sources),
                         ("--http", getattr(options, "http_port", None))):
         if given is not None:
             raise ConfigError(f"{flag} is not yet supported with --shards")
@@ -722,6 +747,9 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                 None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
                 make_servicer=lambda _e, _s, templates: ShardedServicer(shards, templates))
             exporter = export_scheduler(shards).start()
+            traits = shard_actions.ShardTraitsScheduler(
+                shards, options.traits, options.traits_every).start() \
+                if options.traits_every else None
             server.start()
             where = "in process" if shards.count == 1 and ray_address is None else "on Ray"
             print(f"bitseg serving {db} ({shards.count} shard{'s' * (shards.count > 1)} "
@@ -729,6 +757,8 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
             stop.wait()
             health_servicer.enter_graceful_shutdown()
             exporter.stop(app.EXIT_MARGIN)  # not forever on a call to a hung shard
+            if traits is not None:
+                traits.stop(app.EXIT_MARGIN)
             server.stop(grace).wait(grace + app.EXIT_MARGIN)
             gate.wait_idle(app.EXIT_MARGIN)
         finally:

@@ -82,7 +82,11 @@ class _DryRun(Exception):
 # ---------------------------------------------------------------------- a shard's side
 def prepare(engine: Any, txid: str, kind: str, payload: Any) -> dict[str, dict[str, str]]:
     """Check a shard's part (a dry run) and stage it durably; the schema it would give."""
-    if kind == DELETE:
+    from bitseg.server import shard_actions
+
+    if kind in shard_actions.KINDS:  # a bulk action or a traits refresh: the same payload
+        schema = shard_actions.check(engine, kind, payload)
+    elif kind == DELETE:
         for profile_id in payload:
             engine.dense_id(profile_id)  # NotFound names an unknown id
         schema = engine.schema.to_json()
@@ -111,6 +115,10 @@ def finish(engine: Any, txid: str, commit: bool, schema: dict[str, Any] | None
     if schema:
         engine.declare_schema(schema, source="the batch's schema on every shard")
     kind, payload = staged["kind"], staged["payload"]
+    from bitseg.server import shard_actions
+
+    if kind in shard_actions.KINDS:
+        return shard_actions.apply(engine, key, kind, payload)  # type: ignore[return-value]
     if kind == DELETE:  # applied again after a crash: only the ids still live go
         live = [p for p in dict.fromkeys(payload) if _is_live(engine, p)]
         deleted = engine.delete_profiles(live) if live else 0
@@ -241,7 +249,8 @@ class ShardWrites:
     def __init__(self, shards: Any, db: str | Path) -> None:
         self.shards = shards
         self.decisions = Path(db) / DECISIONS
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: shard_actions holds it (held()) from
+        # its reads of the shards through its write()
         self._pending: list[str] = []  # decided, not yet applied by every shard
         # test seams: called with the txid after every shard prepared / after the decision
         self.after_prepare: Callable[[str], None] | None = None
@@ -251,7 +260,7 @@ class ShardWrites:
         """Write one batch on every shard or none; each shard's (created, updated,
         version, rows)."""
         with self._lock:
-            self._finish_pending()
+            self.finish_pending()
             txid = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
             every = range(self.shards.count)
             found = self.shards.outcomes("prepare", [(txid, kind, split.parts[i])
@@ -322,7 +331,7 @@ class ShardWrites:
         if txid not in self._pending:
             self._pending.append(txid)
 
-    def _finish_pending(self) -> None:
+    def finish_pending(self) -> None:
         """Apply the batches a shard was away for; ShardUnavailable (this batch not
         written) while one still cannot be."""
         while self._pending:

@@ -274,6 +274,34 @@ class Shard:
 
         return staged(self.engine)
 
+    # ---------------------------------------------------------------- bulk actions, traits
+    def do_bulk_dry_run(self, payload: dict[str, Any]) -> tuple[int, int]:
+        """(members, would change) of a bulk action on this shard (shard_actions)."""
+        from bitseg.server.shard_actions import dry_run
+
+        return dry_run(self.engine, payload)
+
+    def do_last_action(self) -> int:
+        from bitseg.index.bulk import last_entry_id
+
+        return last_entry_id(self.engine)
+
+    def do_action_entry(self, number: int) -> dict[str, Any] | None:
+        from bitseg.index.bulk import entry_of
+
+        return entry_of(self.engine, number)
+
+    def do_actions(self, limit: int) -> list[dict[str, Any]]:
+        from bitseg.index.bulk import list_entries
+
+        return list_entries(self.engine, limit)
+
+    def do_traits_metrics(self, config: Any, as_of_us: int) -> Any:
+        """Each RFM trait's metrics on this shard, to cut the quintiles over all."""
+        from bitseg.server.shard_actions import rfm_metrics
+
+        return rfm_metrics(self.engine, config, as_of_us)
+
 
 def _error_data(exc: BitsegError) -> tuple[str, str, str, dict[str, Any]]:
     """A bitseg error as (module, class, message, attributes), which always pickles."""

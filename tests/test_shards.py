@@ -446,10 +446,10 @@ def test_top_and_unsharded_rpcs_are_refused_never_wrong(
     assert caught.value.code == "UNIMPLEMENTED" and "top" in caught.value.message
     assert replace(three.client.describe(3), version=0, eval_micros=0) == \
         replace(one.client.describe(3), version=0, eval_micros=0)  # test_shard_reads.py
-    with pytest.raises(ClientError) as caught:
-        three.client.actions()
+    with pytest.raises(ClientError) as caught:  # bulk actions: tests/test_shard_actions.py
+        three.client.sources()
     assert caught.value.code == "UNIMPLEMENTED"
-    assert caught.value.message == "ListActions is not yet supported with --shards"
+    assert caught.value.message == "ListSources is not yet supported with --shards"
     # writes through the front: tests/test_shard_writes.py
 
 
