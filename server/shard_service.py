@@ -24,6 +24,10 @@
 - UpsertProfiles, TrackEvents, AddOrders, DeleteProfiles: each batch on every shard or
   none, by a two-phase commit (shard_writes). UpdateSegment, AddTags, RemoveTags: shard
   0 first, then the others, put back on a failure; RecordSegmentSize on every shard.
+- BulkAction (every shard acts on its own members, counts summed), ListActions (the
+  shards' entries of one action id merged) and RefreshTraits (the RFM quintiles cut
+  over every shard's metrics), each on every shard or none by the same two-phase
+  commit: shard_actions.
 - Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
   never a wrong answer.
 """
