@@ -11,6 +11,7 @@ the store is open again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -324,3 +325,28 @@ def test_three_shards_on_ray_act_and_refresh_as_one_store(tmp_path: Path,
                 orjson.dumps([without_time(e) for e in bulk.list_entries(engine)])
     finally:
         front.close()
+
+
+def test_serve_shards_refreshes_traits_on_a_schedule(tmp_path: Path) -> None:
+    """`bitseg serve --shards 1 --traits-every S`: the front's scheduler writes the
+    traits (one shard is served in process: the same front, without Ray's start)."""
+    from conftest_grpc import ServerProcess, run_cli
+
+    paths = new_sharded_store(tmp_path / "db", 1)
+    front = Front(in_process(paths))
+    with Engine.open(tmp_path / "one") as engine:
+        write_both(front, engine, records(seed=2, n=30))
+        front.close()
+        server = ServerProcess(tmp_path / "db", ["--shards", "1", "--traits-every", "0.2"])
+        try:
+            deadline = time.monotonic() + 30
+            while not any("traits refreshed" in line for line in server.lines):
+                assert time.monotonic() < deadline, server.stderr()
+                time.sleep(0.05)
+            holders = traits.refresh(engine, None).holders["rfm_frequency"]
+            done = run_cli("count", "--rule", '{"field": "rfm_frequency", "op": "exists"}',
+                           "--addr", server.addr)
+            assert done.returncode == 0, done.stderr
+            assert int(done.stdout.strip().replace(",", "")) == holders > 0
+        finally:
+            assert server.stop() == 0
