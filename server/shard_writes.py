@@ -287,6 +287,11 @@ class ShardWrites:
                 self.after_decision(txid)
             return self._apply(txid, schema)
 
+    def held(self) -> Any:
+        """The lock a batch holds from prepare to apply: while it is held no batch is
+        written (a segment counted with top sets chosen over the shards holds it)."""
+        return self._lock
+
     def _abort(self, txid: str) -> None:
         """Every shard drops what it staged (presumed abort covers one that cannot)."""
         for i, (ok, value) in enumerate(self.shards.outcomes(
