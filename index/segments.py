@@ -28,6 +28,7 @@ recorded in (history is listed by that order).
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
@@ -64,7 +65,7 @@ from bitseg.index.sqlrule import with_fresh_sources
 from bitseg.index.store import Store, Txn, chunks_of
 from bitseg.index.tags import check_tag, check_tags, retagged
 from bitseg.index.ticker import Ticker
-from bitseg.index.top import Top
+from bitseg.index.top import Top, TopSets
 
 if TYPE_CHECKING:
     from bitseg.index.engine import Engine
@@ -550,6 +551,17 @@ class Segments:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._lock = threading.RLock()
+        self._tops: TopSets | None = None  # see with_tops
+
+    def with_tops(self, tops: TopSets) -> Segments:
+        """This manager (its lock too) computing its changes with these top sets in place
+        of the snapshot's own: a sharded store's, chosen over every shard."""
+        view = copy.copy(self)
+        view._tops = tops
+        return view
+
+    def _evaluated_on(self, snap: Snapshot) -> Snapshot:
+        return snap if self._tops is None else replace(snap, tops=self._tops)
 
     @property
     def current(self) -> SegmentSet:
@@ -873,7 +885,7 @@ class Segments:
         made: list[_Plan] = []
 
         def records(snap: Snapshot) -> Iterator[dict[str, Any]]:
-            made.append(plan(snap))  # snap: the snapshot the batch builds on, under its lock
+            made.append(plan(self._evaluated_on(snap)))  # the batch's base, under its lock
             return made[0].records(engine, snap.live)
 
         def also(txn: Txn, snap: Snapshot) -> dict[str, Any]:
@@ -931,7 +943,7 @@ class Segments:
         made: list[list[_Plan]] = []
 
         def records(snap: Snapshot) -> Iterator[dict[str, Any]]:
-            made.append(plan(snap))
+            made.append(plan(self._evaluated_on(snap)))
             for done in made[0]:
                 yield from done.records(engine, snap.live)
 

@@ -20,7 +20,9 @@
   Members orders them), asking one shard at a time (shard_reads.ShardExports).
 - A rule with a `top` node over more than one shard: its top sets are chosen over all
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
-  A segment with a `top` rule is refused (a refresh would take each shard's own top).
+  A static or materialized segment with a `top` rule is created, updated, split and
+  refreshed the same way, each shard counting its part with those sets
+  (shard_segments); a dynamic one is refused (every read naming it would need them).
 - UpsertProfiles, TrackEvents, AddOrders, DeleteProfiles: each batch on every shard or
   none, by a two-phase commit (shard_writes). UpdateSegment, AddTags, RemoveTags: shard
   0 first, then the others, put back on a failure; RecordSegmentSize on every shard.
@@ -73,6 +75,7 @@ from bitseg.server.shard_reads import (
     ranged_insights,
     resolve_tops,
 )
+from bitseg.server.shard_segments import SegmentChanges, changes_for, has_top
 from bitseg.server.shard_writes import (
     DELETE,
     ShardWrites,
@@ -137,20 +140,6 @@ class ShardCursor:
         return T.EPOCH + timedelta(microseconds=self.as_of_us)
 
 
-def _has_top(rule: Any) -> bool:
-    """Whether a rule (JSON text or value) has a `top` node anywhere."""
-    if isinstance(rule, (str, bytes)):
-        try:
-            rule = orjson.loads(rule)
-        except orjson.JSONDecodeError:
-            return False  # the shards say what is wrong with it
-    if isinstance(rule, dict):
-        return "top" in rule or any(_has_top(v) for v in rule.values())
-    if isinstance(rule, list):
-        return any(_has_top(v) for v in rule)
-    return False
-
-
 class ShardedServicer(SegmentsServicer):
     """bitseg.v1.Segments over a ShardSet."""
 
@@ -164,7 +153,7 @@ class ShardedServicer(SegmentsServicer):
     def _shards_for(self, rule: Any, as_of: datetime) -> Any:
         """The shards to evaluate `rule` on: with a top node and more than one shard, the
         shards with its top sets chosen over all of them first (shard_reads)."""
-        if self.shards.count > 1 and _has_top(rule):
+        if self.shards.count > 1 and has_top(rule):
             return ResolvedShards(self.shards, resolve_tops(self.shards, rule, as_of))
         return self.shards
 
@@ -418,21 +407,19 @@ class ShardedServicer(SegmentsServicer):
     @rpc
     def CreateSegment(self, request: pb.CreateSegmentRequest,
                       context: grpc.ServicerContext) -> pb.Segment:
-        if request.refresh_every_seconds:
-            raise Unimplemented("scheduled refresh (refresh_every) is not yet supported "
-                                "with --shards")
         as_of = convert.as_of_of(request) or convert.now()
         rule, tags = self.templates.source(request.template, dict(request.params),
                                            convert.source_of(request))
-        if self.shards.count > 1 and _has_top(rule):
-            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
         kind, tags = convert.kind_of(request.kind), [*request.tags, *tags]
         ids: list[list[str]] = [[] for _ in range(self.shards.count)]
         for profile_id in request.profile_ids:
             ids[self.shards.shard_of(profile_id) if profile_id else 0].append(profile_id)
-        made = self._create_everywhere("create_segment", [
-            (request.name, kind, rule, ids[i], as_of, tags) for i in range(self.shards.count)],
-            lambda made: [made[0].name])
+        asked = {"name": request.name, "kind": kind, "rule": rule, "as_of": as_of,
+                 "refresh_every": request.refresh_every_seconds or None, "tags": tags}
+        with self.segment_changes.changing([rule], as_of, kind) as (chosen,):
+            made = self._create_everywhere("segment_change", [
+                ("create", {**asked, "ids": ids[i]}, rule, chosen)
+                for i in range(self.shards.count)], lambda made: [made[0].name])
         info, change = _summed(made)
         order = {p for _, c in made for p in c.unknown}
         change = replace(change, unknown=tuple(p for p in request.profile_ids if p in order))
@@ -473,12 +460,16 @@ class ShardedServicer(SegmentsServicer):
                      context: grpc.ServicerContext) -> pb.SplitSegmentReply:
         as_of = convert.as_of_of(request) or convert.now()
         rule = convert.source_of(request)
-        if self.shards.count > 1 and _has_top(rule):
-            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
-        parts = [(p.label, p.percent) for p in request.into]
-        made = self._create_everywhere("split_segment", [
-            (request.name, request.salt, parts, rule, request.prefix or None, as_of)
-        ] * self.shards.count, lambda pieces: [info.name for info, _ in pieces])
+        asked = {"name": request.name, "salt": request.salt, "rule": rule, "as_of": as_of,
+                 "parts": [(p.label, p.percent) for p in request.into],
+                 "prefix": request.prefix or None}
+        # the pieces' rules hold the source at $.and[0]: its top nodes chosen there
+        placed = {"and": [orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule,
+                          {"all": True}]} if has_top(rule) else None
+        with self.segment_changes.changing([placed], as_of) as (chosen,):
+            made = self._create_everywhere("segment_change", [
+                ("split", asked, placed, chosen)] * self.shards.count,
+                lambda pieces: [info.name for info, _ in pieces])
         return pb.SplitSegmentReply(segments=[convert.segment_reply(*_summed(list(piece)))
                                               for piece in zip(*made, strict=True)])
 
@@ -537,12 +528,15 @@ class ShardedServicer(SegmentsServicer):
                        context: grpc.ServicerContext) -> pb.RefreshSegmentReply:
         as_of = convert.as_of_of(request) or convert.now()
         start = time.perf_counter_ns()
-        changes = self.shards.each("refresh_segment", request.name, as_of)
-        return pb.RefreshSegmentReply(size=sum(c.size for c in changes),
-                                      entered=sum(c.entered for c in changes),
-                                      exited=sum(c.exited for c in changes),
-                                      eval_micros=_micros_since(start),
+        change = self.segment_changes.refresh(request.name, as_of)
+        return pb.RefreshSegmentReply(size=change.size, entered=change.entered,
+                                      exited=change.exited, eval_micros=_micros_since(start),
                                       as_of=convert.to_timestamp(as_of))
+
+    @property
+    def segment_changes(self) -> SegmentChanges:
+        """This front's segment changes, one at a time (shard_segments)."""
+        return changes_for(self.shards)
 
     # ---------------------------------------------------------------- writes (shard_writes.py)
     @property
@@ -596,17 +590,23 @@ class ShardedServicer(SegmentsServicer):
     @rpc
     def UpdateSegment(self, request: pb.UpdateSegmentRequest,
                       context: grpc.ServicerContext) -> pb.Segment:
-        if request.HasField("refresh_every_seconds") and request.refresh_every_seconds:
-            raise Unimplemented("scheduled refresh (refresh_every) is not yet supported "
-                                "with --shards")
         as_of = convert.as_of_of(request) or convert.now()
         rule = convert.source_of(request)
-        if self.shards.count > 1 and rule is not None and _has_top(rule):
-            raise Unimplemented("a `top` rule is not yet supported with --shards N > 1")
-        before = self.shards.call(0, "get_segment", request.name, as_of)  # NotFound first
-        made = self._change_everywhere(
-            "update_segment", (request.name, rule, as_of),
-            undo=None if rule is None else (request.name, before.rule, as_of))
+        every = request.refresh_every_seconds if request.HasField("refresh_every_seconds") \
+            else None
+        asked = {"name": request.name, "rule": rule, "refresh_every": every or None,
+                 "clear_refresh_every": every == 0, "as_of": as_of}
+        changes = self.segment_changes
+        with changes.lock:
+            before = self.shards.call(0, "get_segment", request.name, as_of)  # NotFound first
+            old = before.rule if rule is not None else None
+            with changes.changing([rule, old], as_of, before.kind) as (chosen, chosen_old):
+                undo = ("update", {**asked, "rule": old, "refresh_every": before.refresh_every,
+                                   "clear_refresh_every": before.refresh_every is None},
+                        old, chosen_old)  # the rule and schedule put back where changed
+                made = self._change_everywhere(
+                    "segment_change", ("update", asked, rule, chosen),
+                    undo=undo if rule is not None or every is not None else None)
         return convert.segment_reply(*_summed(made))
 
     @rpc
@@ -650,7 +650,6 @@ class ShardedServicer(SegmentsServicer):
                 if not ok:
                     log.error("shard %d: undoing %s failed: %s", i, method, value)
         raise failed[0]
-
 
     # ---------------------------------------------------------------- actions, traits
     @rpc

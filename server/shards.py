@@ -258,6 +258,20 @@ class Shard:
     def do_record_size(self, name: str, as_of: datetime) -> Any:
         return self.segments.record_size(name, as_of=as_of)
 
+    def do_segment_change(self, change: str, kwargs: dict[str, Any], rule: Any = None,
+                          chosen: list[list[list[int]]] | None = None) -> Any:
+        """A segment create, update, split or refresh; with `chosen`, the rule's top sets
+        chosen over every shard (shard_segments)."""
+        from bitseg.server.shard_segments import change_on_shard
+
+        return change_on_shard(self, change, kwargs, rule, chosen)
+
+    def do_scheduled_segments(self, now_us: int) -> list[tuple[str, Any, bool]]:
+        """(name, rule, due now) of each materialized segment with a refresh_every."""
+        from bitseg.server.shard_segments import scheduled
+
+        return scheduled(self.segments, now_us)
+
     # ---------------------------------------------------------------- writes (shard_writes)
     def do_prepare(self, txid: str, kind: str, payload: Any) -> dict[str, dict[str, str]]:
         from bitseg.server.shard_writes import prepare

@@ -1,0 +1,163 @@
+"""Segment changes over shards: `top` rules materialized as one store would, and the
+schedule of materialized segments' refreshes, both run by the front.
+
+Top. A `top` node ranks the whole store (docs/rules.md, "Top N"), so no shard can
+materialize a segment with one by itself: its own top N is not the store's. The front
+first chooses the top sets over every shard (shard_reads.resolve_tops, as the reads do),
+then every shard counts its part of the segment with those sets in place of its own
+(Segments.with_tops), inside the write batch that records its entries and exits; the
+sizes, entries and exits are summed. Creates, updates, splits and refreshes of a rule
+with a top node take this way, whatever the segment's kind. While the shards count, the
+front's writes wait (ShardWrites' lock), so the top sets are those of the data counted;
+and the front's segment changes go one at a time, as one store's do, so a refresh never
+counts a rule other than the one whose top sets were chosen.
+
+A dynamic segment with a top rule is still refused with more than one shard: every read
+that names it (a rule with {"segment": S}, its size, SegmentsOf, Overlap, an export)
+would have to choose its top sets first, and they do not.
+
+The schedule. `ShardSchedule` answers what a RefreshScheduler asks of one store's
+Segments: which materialized segments are due (on any shard: a refresh that failed on
+one shard leaves it due there), and their refresh, through the front, so top rules are
+chosen over every shard at each tick too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from bitseg.index import types as T
+from bitseg.index.errors import BitsegError
+from bitseg.index.segments import DYNAMIC, MATERIALIZED, Change, Segment, Segments, SegmentSet
+from bitseg.index.split import split_segment
+from bitseg.server.service import Unimplemented
+from bitseg.server.shard_reads import resolve_tops, with_tops
+from bitseg.server.shard_writes import writes_for
+
+CHANGES = ("create", "update", "refresh", "refresh_scheduled")  # and "split"
+
+
+def has_top(rule: Any) -> bool:
+    """Whether a rule (JSON text or value) has a `top` node anywhere."""
+    if isinstance(rule, (str, bytes)):
+        try:
+            rule = orjson.loads(rule)
+        except orjson.JSONDecodeError:
+            return False  # the shards say what is wrong with it
+    if isinstance(rule, dict):
+        return "top" in rule or any(has_top(v) for v in rule.values())
+    if isinstance(rule, list):
+        return any(has_top(v) for v in rule)
+    return False
+
+
+# ---------------------------------------------------------------------- on a shard
+def change_on_shard(shard: Any, change: str, kwargs: dict[str, Any], rule: Any,
+                    chosen: list[list[list[int]]] | None) -> Any:
+    """Segments.<change>(**kwargs) (split: index.split.split_segment) on this shard;
+    with `chosen` (every shard's top sets of `rule`), counted with this shard's."""
+    segments: Segments = shard.segments
+    if chosen is not None:  # with_tops' view holds the rule's top sets, this shard's ids
+        segments = segments.with_tops(with_tops(shard.engine, rule,
+                                                chosen[shard.index]).snapshot.tops)
+    if change == "split":
+        return split_segment(segments, **kwargs)
+    if change not in CHANGES:
+        raise BitsegError(f"{change!r} is not a segment change")
+    return getattr(segments, change)(**kwargs)
+
+
+def scheduled(segments: Segments, now_us: int) -> list[tuple[str, Any, bool]]:
+    """(name, rule, due at now_us) of each materialized segment with a refresh_every."""
+    due = set(segments.due(now_us))
+    return [(s.name, s.rule, s.name in due) for s in segments.current
+            if s.kind == MATERIALIZED and s.refresh_every]
+
+
+# ---------------------------------------------------------------------- at the front
+class SegmentChanges:
+    """The front's segment changes, one at a time; those of a top rule with their top
+    sets chosen over every shard first."""
+
+    def __init__(self, shards: Any) -> None:
+        self.shards = shards
+        self.lock = threading.RLock()  # held from reading a segment to changing it
+
+    @contextmanager
+    def changing(self, rules: Sequence[Any], as_of: datetime, kind: str | None = None
+                 ) -> Iterator[list[list[list[list[int]]] | None]]:
+        """Hold the front's segment changes while one is made; yield each rule's top sets
+        over every shard (None for a rule without a top node, or with one shard). While
+        any has them, no batch is written (ShardWrites' lock)."""
+        with self.lock:
+            topped = [self.shards.count > 1 and r is not None and has_top(r) for r in rules]
+            if not any(topped):
+                yield [None] * len(rules)
+                return
+            if kind == DYNAMIC:
+                raise Unimplemented("a dynamic segment with a `top` rule is not yet "
+                                    "supported with --shards N > 1 (make it materialized)")
+            with writes_for(self.shards).held():
+                yield [resolve_tops(self.shards, r, as_of) if t else None
+                       for r, t in zip(rules, topped, strict=True)]
+
+    def refresh(self, name: str, as_of: datetime, wall_us: int | None = None) -> Change:
+        """Refresh a materialized segment on every shard (at wall_us by the schedule); the
+        change summed. The rule is read and counted in one hold of the changes."""
+        if wall_us is None:
+            change, kwargs = "refresh", {"name": name, "as_of": as_of}
+        else:
+            change, kwargs = "refresh_scheduled", {"name": name, "now_us": wall_us}
+        with self.lock:
+            info = self.shards.call(0, "get_segment", name, as_of)  # NotFound first
+            rule = info.rule if info.kind == MATERIALIZED else None  # others: shards refuse
+            with self.changing([rule], as_of) as (chosen,):
+                return summed(self.shards.each("segment_change", change, kwargs, rule,
+                                               chosen))
+
+
+def summed(changes: list[Change]) -> Change:
+    """The shards' changes of one segment as one store's (unknown ids: shard 0's)."""
+    return replace(changes[0], size=sum(c.size for c in changes),
+                   entered=sum(c.entered for c in changes),
+                   exited=sum(c.exited for c in changes))
+
+
+_MADE = threading.Lock()
+
+
+def changes_for(shards: Any) -> SegmentChanges:
+    """The one SegmentChanges of a ShardSet (the gRPC servicer, the console's and the
+    schedule share it, so their changes go one at a time)."""
+    with _MADE:
+        found = getattr(shards, "segment_changes", None)
+        if found is None:
+            found = shards.segment_changes = SegmentChanges(shards)
+        return found
+
+
+class ShardSchedule:
+    """What a RefreshScheduler asks of one store's Segments, answered over the shards:
+    `due`, `refresh_scheduled`, and `current` (the scheduled segments as last seen)."""
+
+    def __init__(self, shards: Any) -> None:
+        self.shards = shards
+        self.current = SegmentSet()
+
+    def due(self, now_us: int) -> list[str]:
+        found = self.shards.each("scheduled_segments", now_us)
+        self.current = SegmentSet(MappingProxyType({
+            name: Segment(name, MATERIALIZED, rule) for rows in found for name, rule, _ in rows}))
+        return sorted({name for rows in found for name, _, due in rows if due})
+
+    def refresh_scheduled(self, name: str, now_us: int) -> Change:
+        as_of = T.EPOCH + timedelta(microseconds=now_us)
+        return changes_for(self.shards).refresh(name, as_of, now_us)

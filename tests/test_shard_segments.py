@@ -1,0 +1,196 @@
+"""Segments over shards (server/shard_segments.py): segments with a `top` rule created,
+refreshed, updated and split over 2 and 3 shards as one plain store does them, and the
+scheduled refresh run by the front.
+
+The stores are in process (ShardSet.embedded): the front's logic is the same on Ray.
+The values of `n` are few, so every top cut falls among tied profiles and the tie-break
+(external id, ascending) decides across shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from test_shards import AS_OF, T0, Front, build_store, iso
+
+from bitseg import Client, ClientError
+from bitseg.index.engine import Engine
+from bitseg.index.segments import Segments, open_segments
+from bitseg.loaders.split import shard_folder
+from bitseg.server.app import create_server
+from bitseg.server.shards import ShardSet
+
+PROFILES = 48
+BEST = {"top": {"n": 5, "by": "n"}}
+# the 4 lowest `n` among viewers, then the best 3 of those by `x`, with others at the cut
+NESTED = {"top": {"n": 3, "by": "x", "of": {"top": {"n": 9, "by": "n", "order": "asc",
+                                                       "of": {"event": "view"}}}}}
+LATER = iso(T0 + timedelta(days=1))
+
+
+def records() -> list[dict[str, Any]]:
+    """Profiles whose `n` takes 4 values (ties at every cut), ids text and numbers."""
+    people = []
+    for i in range(PROFILES):
+        person: dict[str, Any] = {"id": i if i % 4 == 0 else f"p{i}"}
+        if i % 7:
+            person["n"] = (i * 5) % 4
+            person["x"] = round(((i * 7) % 5) / 2, 1)
+        people.append(person)
+    return people
+
+
+def events() -> list[dict[str, Any]]:
+    return [{"profile": p["id"], "event": "view", "ts": iso(T0 - timedelta(hours=i + 1))}
+            for i, p in enumerate(records()) if i % 3]
+
+
+class Plain:
+    """One plain store (no shards) served on port 0, for the expected answers."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = Engine.open(path)
+        self.engine.upsert_profiles(records())
+        self.engine.track_events(events())
+        self.segments: Segments = open_segments(self.engine)
+        self.server, port = create_server(self.engine, "127.0.0.1:0", segments=self.segments)
+        self.server.start()
+        self.client = Client(f"127.0.0.1:{port}", timeout=60)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop(None)
+        self.engine.close()
+
+
+def sharded(root: Path, shards: int) -> Front:
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    (data / "schema.json").write_bytes(orjson.dumps(
+        {"profiles": {"n": "int", "x": "float"}, "events": {}}))
+    for name, rows in (("profiles", records()), ("events", events())):
+        (data / f"{name}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    build_store(data, root / f"db{shards}", shards)
+    front = Front(ShardSet.embedded([str(shard_folder(root / f"db{shards}", s))
+                                     for s in range(shards)]))
+    front.shards.unify_schema()
+    return front
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[Plain]:
+    found = Plain(tmp_path / "plain")
+    yield found
+    found.close()
+
+
+@pytest.fixture(params=[2, 3])
+def front(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Front]:
+    found = sharded(tmp_path, request.param)
+    assert found.shards.count == request.param
+    yield found
+    found.close()
+
+
+def state(client: Client, names: list[str]) -> dict[str, Any]:
+    """Each segment's size and members, and the entries and exits recorded for it."""
+    found = {}
+    for name in names:
+        moved = {event: client.count({"event": event, "where": {
+            "field": "segment", "op": "eq", "value": name}}, as_of=LATER)
+            for event in ("segment_entered", "segment_exited")}
+        found[name] = (client.get_segment(name).size,
+                       sorted(client.members(segment=name, as_of=LATER)), moved)
+    return found
+
+
+def test_the_cuts_fall_among_ties(plain: Plain) -> None:
+    client = plain.client
+    at_most = client.count({"field": "n", "op": "gt", "value": 2})
+    assert client.count(BEST) == 5 < at_most  # the ids decide which 5 of the 3s
+    low = client.count({"and": [{"event": "view"}, {"field": "n", "op": "lt", "value": 1}]})
+    assert 4 < low < 9  # `low` cuts among the 0s, NESTED's inner top among the 1s
+
+
+def test_top_segments_over_shards_are_one_stores(plain: Plain, front: Front) -> None:
+    names = ["best", "low", "nested"]
+    for client in (plain.client, front.client):
+        made = client.create_segment("best", "materialized", BEST, as_of=AS_OF)
+        assert (made.size, made.entered) == (5, 5)
+        client.create_segment("low", "static", {"top": {"n": 4, "by": "n", "order": "asc",
+                                                        "of": {"event": "view"}}},
+                              profile_ids=["p1"], as_of=AS_OF)
+        client.create_segment("nested", "materialized", {"and": [NESTED, {"not": BEST}]},
+                              as_of=AS_OF)
+    assert state(front.client, names) == state(plain.client, names)
+    # writes that change who is in the top 5: raised, lowered, deleted
+    changed = [{"id": "p2", "n": 3}, {"id": "p5", "n": 9}, {"id": 8, "n": -1},
+               {"id": "p13", "n": 3}]
+    for client in (plain.client, front.client):
+        client.upsert_profiles(changed)
+        client.delete_profiles(["p3"])
+    found = {client: [client.refresh_segment(n, as_of=AS_OF) for n in ("best", "nested")]
+             for client in (plain.client, front.client)}
+    assert [(r.size, r.entered, r.exited) for r in found[front.client]] == \
+        [(r.size, r.entered, r.exited) for r in found[plain.client]]
+    assert found[plain.client][0].entered and found[plain.client][0].exited
+    assert state(front.client, names) == state(plain.client, names)
+    # an update to another top rule recounts at once; the summed change is one store's
+    for client in (plain.client, front.client):
+        client.update_segment("best", {"top": {"n": 7, "by": "x", "order": "asc"}},
+                              as_of=AS_OF)
+        client.update_segment("nested", NESTED, as_of=AS_OF)
+    assert state(front.client, names) == state(plain.client, names)
+    assert [p.size for p in front.client.segment_history("best")] == \
+        [p.size for p in plain.client.segment_history("best")]
+
+
+def test_a_split_of_a_top_rule_over_shards_is_one_stores(plain: Plain, front: Front
+                                                         ) -> None:
+    into = {"a": 50, "b": 30, "rest": 20}
+    made = {}
+    for client in (plain.client, front.client):
+        pieces = client.split_segment("cohort", "s1", into, rule=NESTED, as_of=AS_OF)
+        assert [p.name for p in pieces] == ["cohort-a", "cohort-b", "cohort-rest"]
+        made[client] = [(p.size, p.entered) for p in pieces]
+        client.create_segment("top12", "materialized", {"top": {"n": 12, "by": "n"}},
+                              as_of=AS_OF)
+        client.split_segment("top12", "s2", into, as_of=AS_OF)  # a top segment by name
+    assert made[front.client] == made[plain.client]
+    assert sum(size for size, _ in made[plain.client]) == 3
+    names = ["cohort-a", "cohort-b", "cohort-rest", "top12-a", "top12-b", "top12-rest"]
+    assert state(front.client, names) == state(plain.client, names)
+
+
+def test_a_dynamic_top_segment_is_still_refused(plain: Plain, front: Front) -> None:
+    for client in (plain.client, front.client):
+        client.create_segment("every", "dynamic", {"all": True})
+    plain.client.create_segment("dyn", "dynamic", BEST)  # one store does both
+    plain.client.update_segment("every", BEST)
+    for call in (lambda c: c.create_segment("dyn", "dynamic", BEST),
+                 lambda c: c.update_segment("every", BEST)):
+        with pytest.raises(ClientError) as caught:
+            call(front.client)
+        assert caught.value.code == "UNIMPLEMENTED"
+        assert "dynamic segment with a `top` rule" in caught.value.message
+    assert front.client.get_segment("every").rule == {"all": True}  # left unchanged
+    assert [s.name for s in front.client.list_segments()] == ["every"]
+
+
+def test_a_failed_top_update_puts_every_shard_back(front: Front) -> None:
+    client, shards = front.client, front.shards
+    client.create_segment("best", "materialized", BEST, as_of=AS_OF)
+    last = shards.count - 1
+    sizes = [shards.call(i, "get_segment", "best", T0).size for i in range(last)]
+    shards.call(last, "delete_segment", "best")  # as a crash could leave it: fails there
+    with pytest.raises(ClientError) as caught:
+        client.update_segment("best", {"top": {"n": 2, "by": "x"}}, as_of=AS_OF)
+    assert caught.value.code == "NOT_FOUND"
+    for i in range(last):  # updated, then put back with the old rule's top sets
+        info = shards.call(i, "get_segment", "best", T0)
+        assert (info.rule, info.size) == (BEST, sizes[i])
