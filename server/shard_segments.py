@@ -36,7 +36,15 @@ import orjson
 
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
-from bitseg.index.segments import DYNAMIC, MATERIALIZED, Change, Segment, Segments, SegmentSet
+from bitseg.index.segments import (
+    DYNAMIC,
+    MATERIALIZED,
+    Change,
+    RefreshScheduler,
+    Segment,
+    Segments,
+    SegmentSet,
+)
 from bitseg.index.split import split_segment
 from bitseg.server.service import Unimplemented
 from bitseg.server.shard_reads import resolve_tops, with_tops
@@ -161,3 +169,8 @@ class ShardSchedule:
     def refresh_scheduled(self, name: str, now_us: int) -> Change:
         as_of = T.EPOCH + timedelta(microseconds=now_us)
         return changes_for(self.shards).refresh(name, as_of, now_us)
+
+
+def refresh_scheduler(shards: Any, tick: float) -> RefreshScheduler:
+    """One store's RefreshScheduler (not started), over the shards through the front."""
+    return RefreshScheduler(ShardSchedule(shards), tick)  # type: ignore[arg-type]  # duck

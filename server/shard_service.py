@@ -23,6 +23,8 @@
   A static or materialized segment with a `top` rule is created, updated, split and
   refreshed the same way, each shard counting its part with those sets
   (shard_segments); a dynamic one is refused (every read naming it would need them).
+- Scheduled refresh (refresh_every): the front's RefreshScheduler asks every shard which
+  materialized segments are due and refreshes each through the front (shard_segments).
 - UpsertProfiles, TrackEvents, AddOrders, DeleteProfiles: each batch on every shard or
   none, by a two-phase commit (shard_writes). UpdateSegment, AddTags, RemoveTags: shard
   0 first, then the others, put back on a failure; RecordSegmentSize on every shard.
@@ -75,7 +77,12 @@ from bitseg.server.shard_reads import (
     ranged_insights,
     resolve_tops,
 )
-from bitseg.server.shard_segments import SegmentChanges, changes_for, has_top
+from bitseg.server.shard_segments import (
+    SegmentChanges,
+    changes_for,
+    has_top,
+    refresh_scheduler,
+)
 from bitseg.server.shard_writes import (
     DELETE,
     ShardWrites,
@@ -750,6 +757,7 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                 None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
                 make_servicer=lambda _e, _s, templates: ShardedServicer(shards, templates))
             exporter = export_scheduler(shards).start()
+            refresher = refresh_scheduler(shards, app.REFRESH_TICK).start()
             traits = shard_actions.ShardTraitsScheduler(
                 shards, options.traits, options.traits_every).start() \
                 if options.traits_every else None
@@ -760,6 +768,7 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
             stop.wait()
             health_servicer.enter_graceful_shutdown()
             exporter.stop(app.EXIT_MARGIN)  # not forever on a call to a hung shard
+            refresher.stop(app.EXIT_MARGIN)
             if traits is not None:
                 traits.stop(app.EXIT_MARGIN)
             server.stop(grace).wait(grace + app.EXIT_MARGIN)

@@ -9,6 +9,7 @@ The values of `n` are few, so every top cut falls among tied profiles and the ti
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,9 +21,10 @@ from test_shards import AS_OF, T0, Front, build_store, iso
 
 from bitseg import Client, ClientError
 from bitseg.index.engine import Engine
-from bitseg.index.segments import Segments, open_segments
+from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
+from bitseg.server.shard_segments import refresh_scheduler
 from bitseg.server.shards import ShardSet
 
 PROFILES = 48
@@ -194,3 +196,84 @@ def test_a_failed_top_update_puts_every_shard_back(front: Front) -> None:
     for i in range(last):  # updated, then put back with the old rule's top sets
         info = shards.call(i, "get_segment", "best", T0)
         assert (info.rule, info.size) == (BEST, sizes[i])
+
+
+# ---------------------------------------------------------------------- the schedule
+def wall_us() -> int:
+    return time.time_ns() // 1000
+
+
+def test_the_front_refreshes_due_segments_as_one_store(plain: Plain, front: Front) -> None:
+    schedules = {plain.client: RefreshScheduler(plain.segments),
+                 front.client: refresh_scheduler(front.shards, 1.0)}
+    for client in schedules:
+        client.create_segment("best", "materialized", BEST, refresh_every=5)
+        client.create_segment("hourly", "materialized", {"event": "view"}, refresh_every=3600)
+        client.create_segment("once", "materialized", {"event": "view"})
+    now = wall_us()
+    for client, scheduler in schedules.items():
+        assert scheduler.run_once(now) == []  # refreshed at creation: none due yet
+        client.upsert_profiles([{"id": "p2", "n": 9}, {"id": "p6", "n": 8}])
+    for client, scheduler in schedules.items():  # a top rule, chosen over every shard
+        assert scheduler.run_once(now + 6_000_000) == ["best"]
+        assert {"p2", "p6"} <= set(client.members(segment="best"))
+    names = ["best", "hourly", "once"]
+    assert state(front.client, names) == state(plain.client, names)
+    assert [(p.size, p.cause) for p in front.client.segment_history("best")] == \
+        [(p.size, p.cause) for p in plain.client.segment_history("best")]
+    # a schedule changed or removed by UpdateSegment, on every shard
+    front.client.update_segment("hourly", refresh_every=1)
+    front.client.update_segment("best", refresh_every=0)
+    later = now + 7_000_000
+    assert schedules[front.client].run_once(later) == ["hourly"]
+    assert [s.refresh_every for s in front.shards.each("get_segment", "best", T0)] == \
+        [None] * front.shards.count
+
+
+def test_a_segment_due_on_one_shard_only_is_refreshed_on_every_shard(front: Front) -> None:
+    client, shards = front.client, front.shards
+    client.create_segment("best", "materialized", BEST, refresh_every=5)
+    now = wall_us()
+    # the last shard's refresh is older (as when it failed there): due there alone
+    shards.call(shards.count - 1, "segment_change", "refresh_scheduled",
+                {"name": "best", "now_us": now - 10_000_000})
+    client.upsert_profiles([{"id": "p2", "n": 9}])
+    assert refresh_scheduler(shards, 1.0).run_once(now) == ["best"]
+    assert "p2" in set(client.members(segment="best"))
+    assert client.get_segment("best").size == 5
+
+
+def test_the_front_refreshes_on_its_own_clock(front: Front) -> None:
+    client = front.client
+    client.create_segment("best", "materialized", BEST, refresh_every=1)
+    client.upsert_profiles([{"id": "p2", "n": 9}])
+    scheduler = refresh_scheduler(front.shards, 0.05).start()
+    try:
+        deadline = time.monotonic() + 30
+        while "p2" not in set(client.members(segment="best")):
+            assert time.monotonic() < deadline, "no scheduled refresh in 30 s"
+            time.sleep(0.05)
+    finally:
+        scheduler.stop()
+    assert client.get_segment("best").size == 5
+
+
+def test_serve_shards_refreshes_materialized_segments_on_schedule(tmp_path: Path) -> None:
+    """`bitseg serve --shards 1` (in process: the same front, without Ray's start)."""
+    from conftest_grpc import ServerProcess, run_cli
+
+    sharded(tmp_path, 1).close()
+    server = ServerProcess(tmp_path / "db1", ["--shards", "1"])
+    try:
+        addr = ["--addr", server.addr]
+        made = run_cli("segment", "create", "best", "--materialized", "--refresh-every", "1",
+                       "--rule", orjson.dumps(BEST).decode(), *addr)
+        assert made.returncode == 0, made.stderr
+        with Client(server.addr, timeout=60) as client:
+            client.upsert_profiles([{"id": "p2", "n": 9}])
+            deadline = time.monotonic() + 30
+            while "p2" not in set(client.members(segment="best")):
+                assert time.monotonic() < deadline, server.stderr()
+                time.sleep(0.1)
+    finally:
+        assert server.stop() == 0
