@@ -2,7 +2,9 @@
 
 - `bitseg load --shards N` of the bench dataset, N = 1 and 2 (both split first);
 - Count through gRPC of the 5-leaf rule, the popup rule and {"all": true}, with every
-  call evaluating (result caches off): the unsharded server, 1 shard, 2 shards on Ray.
+  call evaluating (result caches off): the unsharded server, 1 shard, 2 shards on Ray
+  through Ray's compiled graph (shard_graph, built before the timed calls) and through
+  plain actor tasks (the graph switched off), in the same run.
 
 The sharded stores are built in a temporary folder and removed after the module.
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from bitseg.server.shard_store import load_sharded
 from bitseg.server.shards import ShardSet
 
 AS_OF = "2026-11-01T00:00:00Z"
-CALLS = 40
+CALLS = 100
 RULES = {"5 leaves": ATTR_NOT, "popup 3 in 30": POPUP_3_IN_30, "all": ALL}
 
 
@@ -45,14 +48,36 @@ def sharded(dataset: Path, tmp_path_factory: pytest.TempPathFactory
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _median_ms(client: Client, rule: dict) -> float:
-    client.count(rule, as_of=AS_OF)  # the first call builds what later ones reuse
-    times = []
+def _medians_ms(asks: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Each ask's median time, the asks taken in turn (a load that comes and goes on
+    the machine falls on every one alike)."""
+    times: dict[str, list[float]] = {name: [] for name in asks}
     for _ in range(CALLS):
-        started = time.perf_counter()
-        client.count(rule, as_of=AS_OF)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        for name, ask in asks.items():
+            started = time.perf_counter()
+            ask()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(found) * 1000 for name, found in times.items()}
+
+
+def _plainly(client: Client, shards: ShardSet, rule: dict) -> Callable[[], Any]:
+    """A Count through the same shards with every call a plain actor task (no graph)."""
+    def ask() -> Any:
+        graph, shards.graph = shards.graph, None
+        try:
+            return client.count(rule, as_of=AS_OF)
+        finally:
+            shards.graph = graph
+    return ask
+
+
+def _graph_built(client: Client, shards: ShardSet) -> None:
+    """Count until the compiled graph is built (on a second Count, in its own thread)."""
+    deadline = time.monotonic() + 60
+    while not shards.graph.ready:
+        assert time.monotonic() < deadline, "the compiled graph was not built in 60 s"
+        client.count(ALL, as_of=AS_OF)
+        time.sleep(0.05)
 
 
 def _serve(server: Any, port: int) -> Client:
@@ -79,15 +104,26 @@ def test_shards_load_and_count(sharded: tuple[Path, dict[int, float]], store: Pa
             shards.each("cache", False)
             server, port = create_sharded_server(shards, "127.0.0.1:0")
             fronts[name] = (server, _serve(server, port), shards)
+        _, two, two_shards = fronts["2 shards, Ray"]
         rows = []
         for rule_name, rule in RULES.items():
             counts = {name: f[1].count(rule, as_of=AS_OF) for name, f in fronts.items()}
             assert len(set(counts.values())) == 1, counts
-            ms = {name: _median_ms(f[1], rule) for name, f in fronts.items()}
+            asks: dict[str, Callable[[], Any]] = {
+                name: partial(f[1].count, rule, as_of=AS_OF) for name, f in fronts.items()}
+            asks["2 shards, Ray tasks"] = _plainly(two, two_shards, rule)
+            for ask in asks.values():
+                ask()  # the first call builds what later ones reuse
+            _graph_built(two, two_shards)
+            built = two_shards.graph.built
+            ms = _medians_ms(asks)
+            assert two_shards.graph.built == built, "the graph was torn down while timed"
             rows.append({"rule": rule_name, **{k: f"{v:.2f} ms" for k, v in ms.items()},
                          "2 shards / 1": f"{ms['2 shards, Ray'] / ms['1 shard']:.2f}x",
                          "2 shards - unsharded":
-                             f"{ms['2 shards, Ray'] - ms['unsharded']:+.2f} ms"})
+                             f"{ms['2 shards, Ray'] - ms['unsharded']:+.2f} ms",
+                         "Ray tasks - unsharded":
+                             f"{ms['2 shards, Ray tasks'] - ms['unsharded']:+.2f} ms"})
         rows.append({"rule": "load --shards N", "1 shard": f"{load_seconds[1]:.1f} s",
                      "2 shards, Ray": f"{load_seconds[2]:.1f} s",
                      "2 shards / 1": f"{load_seconds[2] / load_seconds[1]:.2f}x"})

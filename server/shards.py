@@ -11,6 +11,10 @@ A shard actor that dies (its process killed) fails the calls in flight with
 ShardUnavailable (gRPC UNAVAILABLE) naming the shard; Ray restarts it (max_restarts), it
 reopens its store, and the next call answers from it. Nothing is retried by the front, so
 a count is never summed from fewer shards than there are.
+
+On Ray, Count and IsMember take Ray's compiled graph (shard_graph: shared-memory channels
+to every actor, no task submission per call) while they are asked often; every other
+call, and these when the graph is busy, building or gone, take one actor task per shard.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from bitseg.server.service import ShardUnavailable
 
 RESTARTS = -1  # Ray restarts a dead shard actor without limit
 ACTOR_THREADS = 8  # calls a shard actor runs at once (the engine's readers never wait)
+GRAPH_READS = frozenset({"count", "is_member"})  # the calls shard_graph carries
 
 
 
@@ -62,6 +67,15 @@ class Shard:
 
     def close(self) -> None:
         self.engine.close()
+
+    def call_request(self, request: tuple) -> tuple[bool, Any]:
+        """`call` with its arguments in one tuple, as Ray's compiled graph passes them
+        (shard_graph): (shard, method, *args); every shard is in the graph, and one asked
+        for another shard's answer (IsMember) answers None without doing anything."""
+        shard, method, *args = request
+        if shard is not None and shard != self.index:
+            return True, None
+        return self.call(method, *args)
 
     # ---------------------------------------------------------------- reading
     def do_pid(self) -> int:
@@ -356,6 +370,7 @@ class ShardSet:
         self._submit, self._wait, self._close = submit, wait, close
         self._wait_all = wait_all or (lambda pending: [self._wait(i, p)
                                                        for i, p in enumerate(pending)])
+        self.graph: Any = None  # on Ray: the compiled graph of GRAPH_READS (shard_graph)
 
     @classmethod
     def embedded(cls, paths: Sequence[str]) -> ShardSet:
@@ -395,14 +410,16 @@ class ShardSet:
         def submit(index: int, method: str, args: tuple) -> Any:
             return actors[index].call.remote(method, *args)
 
+        def unavailable(index: int, exc: BaseException) -> ShardUnavailable:
+            return ShardUnavailable(f"shard {index} ({paths[index]}) is unavailable: "
+                                    f"{_first_line(exc)}; Ray restarts it, try again")
+
         def wait(index: int, pending: Any) -> tuple[bool, Any]:
             try:
                 return ray.get(pending)
             except (errors.RayActorError, errors.ActorUnavailableError,
                     errors.ActorDiedError) as exc:
-                raise ShardUnavailable(f"shard {index} ({paths[index]}) is unavailable: "
-                                       f"{_first_line(exc)}; Ray restarts it, try again"
-                                       ) from None
+                raise unavailable(index, exc) from None
             except errors.RayTaskError as exc:  # a bug in the shard, not the caller's fault
                 raise RuntimeError(f"shard {index}: {_first_line(exc)}") from exc
 
@@ -413,12 +430,18 @@ class ShardSet:
                     errors.ActorDiedError, errors.RayTaskError):
                 return [wait(i, p) for i, p in enumerate(pending)]  # names the shard
 
+        from bitseg.server.shard_graph import Graph
+
+        graph = Graph(ray, actors, unavailable)
+
         def close() -> None:
+            graph.close()  # its loops leave the actors first
             for handle in actors:
                 ray.kill(handle, no_restart=True)
 
         made = cls(paths, submit, wait, close, wait_all)
         made.actors = actors  # the tests kill one
+        made.graph = graph
         return made
 
     def close(self) -> None:
@@ -426,11 +449,19 @@ class ShardSet:
 
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One shard's answer."""
+        if self.graph is not None and method in GRAPH_READS:
+            answers = self.graph.ask((index, method, *args))
+            if answers is not None:
+                return self._answer(index, answers[index])
         return self._answer(index, self._wait(index, self._submit(index, method, args)))
 
     def each(self, method: str, *args: Any, per_shard: Sequence[tuple] | None = None
              ) -> list[Any]:
         """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
+        if per_shard is None and self.graph is not None and method in GRAPH_READS:
+            answers = self.graph.ask((None, method, *args))
+            if answers is not None:
+                return [self._answer(i, a) for i, a in enumerate(answers)]
         argument = per_shard if per_shard is not None else [args] * self.count
         pending = [self._submit(i, method, tuple(argument[i])) for i in range(self.count)]
         answers = self._wait_all(pending)

@@ -517,6 +517,105 @@ def test_a_killed_shard_fails_the_call_then_comes_back(
         set(one.client.members(rule, as_of=AS_OF))
 
 
+def warm_graph(front: Front, rule: dict) -> None:
+    """Count until the shards' compiled graph is built (shard_graph: on a second Count
+    within its idle time, in a thread of its own), at most 30 s."""
+    deadline = time.monotonic() + 30
+    while not front.shards.graph.ready:
+        assert time.monotonic() < deadline, "the compiled graph was not built in 30 s"
+        front.client.count(rule, as_of=AS_OF)
+        time.sleep(0.05)
+
+
+def plain_calls(shards: ShardSet, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods the shards are asked through plain actor tasks from now on."""
+    asked: list[str] = []
+    submit = shards._submit
+
+    def spy(index: int, method: str, args: tuple) -> Any:
+        asked.append(method)
+        return submit(index, method, args)
+
+    monkeypatch.setattr(shards, "_submit", spy)
+    return asked
+
+
+def test_counts_and_memberships_take_the_compiled_graph(
+        pair: tuple[Front, Front, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    one, three, records = pair
+    rules = [{"all": True}, {"field": "kw", "op": "in", "value": KEYWORDS[:2]},
+             {"event": "view", "having": {"agg": "count", "op": "gte", "value": 2}},
+             {"not": {"field": "n", "op": "gt", "value": 5}}]
+    warm_graph(three, rules[0])
+    plain = plain_calls(three.shards, monkeypatch)
+    probe = ids_of(records)[:12] + ["nobody"]
+    for rule in rules:
+        assert three.client.count(rule, as_of=AS_OF) == one.client.count(rule, as_of=AS_OF)
+        for profile_id in probe:
+            try:
+                expected: Any = one.client.is_member(profile_id, rule, as_of=AS_OF)
+            except ClientError as exc:
+                expected = (exc.code, exc.message)
+            try:
+                found: Any = three.client.is_member(profile_id, rule, as_of=AS_OF)
+            except ClientError as exc:
+                found = (exc.code, exc.message)
+            assert found == expected, (profile_id, rule)
+    bad = {"field": "nope", "op": "eq", "value": 1}  # a shard's rule error, word for word
+    with pytest.raises(ClientError) as caught:
+        one.client.count(bad, as_of=AS_OF)
+    with pytest.raises(ClientError) as through:
+        three.client.count(bad, as_of=AS_OF)
+    assert (through.value.code, through.value.message) == \
+        (caught.value.code, caught.value.message)
+    assert three.shards.graph.ready
+    assert not [m for m in plain if m in ("count", "is_member")], plain
+
+
+def test_a_shard_killed_under_the_compiled_graph_fails_the_call_then_it_is_built_again(
+        pair: tuple[Front, Front, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    one, three, records = pair
+    rule = {"event": "view"}
+    expected = one.client.count(rule, as_of=AS_OF)
+    warm_graph(three, rule)
+    built = three.shards.graph.built
+    pid = three.shards.call(2, "pid")
+    os.kill(pid, signal.SIGSTOP)  # the graph's request reaches a shard that cannot answer
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["count"] = three.client.count(rule, as_of=AS_OF)
+        except ClientError as exc:
+            answer["error"] = exc
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    asking.join(60)
+    error = answer.get("error")
+    assert error is not None, answer
+    assert error.code == "UNAVAILABLE" and "shard 2" in error.message, error
+    deadline = time.monotonic() + 60
+    while True:  # the plain path answers once Ray has restarted the actor
+        try:
+            assert three.client.count(rule, as_of=AS_OF) == expected
+            break
+        except ClientError as exc:
+            assert exc.code == "UNAVAILABLE", exc
+            assert time.monotonic() < deadline, "the shard did not come back in 60 s"
+            time.sleep(0.5)
+    warm_graph(three, rule)  # and later Counts build the graph again, with the new actor
+    assert three.shards.graph.built > built
+    plain = plain_calls(three.shards, monkeypatch)
+    assert three.client.count(rule, as_of=AS_OF) == expected
+    for profile_id in ids_of(records)[:6]:
+        assert three.client.is_member(profile_id, rule, as_of=AS_OF) == \
+            one.client.is_member(profile_id, rule, as_of=AS_OF)
+    assert "count" not in plain and "is_member" not in plain, plain
+
+
 # ---------------------------------------------------------------------- end to end
 def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
