@@ -177,11 +177,9 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             server, bound, health_servicer, gate = _build(
                 engine, _address(host, port), WORKERS, segments, options,
                 outer=[metrics.interceptor] if metrics else [])
-            if metrics is not None and options.metrics_port is not None:
-                scraped = metrics.start(host, options.metrics_port)
-                print(f"bitseg metrics on http://{_address(host, scraped)}/metrics",
-                      file=sys.stderr, flush=True)
-            console = _console(engine, segments, options)
+            start_metrics(metrics, host, options)
+            console = start_console(SegmentsServicer(engine, segments, _templates(options)),
+                                    options)
             scheduler = RefreshScheduler(segments, tick).start()
             exporter = ExportScheduler(Exports(engine), tick).start()
             traits = (TraitsScheduler(engine, options.traits, options.traits_every).start()
@@ -214,11 +212,19 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
             signal.signal(sig, handler)
 
 
-def _console(engine: Engine, segments: Segments, options: Options) -> ConsoleServer | None:
-    """The console's HTTP server (server/console.py), started, when --http asks for it."""
+def start_metrics(metrics: Metrics | None, host: str, options: Options) -> None:
+    """Serve the metrics page on --host at --metrics-port, when asked for."""
+    if metrics is not None and options.metrics_port is not None:
+        scraped = metrics.start(host, options.metrics_port)
+        print(f"bitseg metrics on http://{_address(host, scraped)}/metrics",
+              file=sys.stderr, flush=True)
+
+
+def start_console(servicer: SegmentsServicer, options: Options) -> ConsoleServer | None:
+    """The console's HTTP server (server/console.py) over `servicer`, started, when
+    --http asks for it."""
     if options.http_port is None:
         return None
-    servicer = SegmentsServicer(engine, segments, _templates(options))
     console = ConsoleServer(Api(servicer, options.tokens), options.http_host, options.http_port)
     scheme = "http"
     if options.tls_cert and options.tls_key:

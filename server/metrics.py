@@ -179,13 +179,16 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    """One server's metrics: the interceptor to install, and the page to serve."""
+    """One server's metrics: the interceptor to install, and the page to serve. Without
+    an engine (a sharded store's front: its shards' stores are in other processes),
+    the calls and the process alone."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None) -> None:
         disable_created_metrics()  # no `_created` series: one process, started once
         self.registry = CollectorRegistry()
         self.interceptor = CallMetrics(self.registry)
-        self.registry.register(EngineCollector(engine))
+        if engine is not None:
+            self.registry.register(EngineCollector(engine))
         ProcessCollector(registry=self.registry)  # process_*: memory, CPU, open files
         self._http: Any = None  # a wsgiref server
 

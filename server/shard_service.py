@@ -739,13 +739,11 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
 
     from bitseg.server import app
     from bitseg.server.gate import ConfigError
+    from bitseg.server.metrics import Metrics
     from bitseg.server.shards import open_shards
 
-    for flag, given in (("--metrics-port", options.metrics_port),
-                        ("--sources", options.sources),
-                        ("--http", getattr(options, "http_port", None))):
-        if given is not None:
-            raise ConfigError(f"{flag} is not yet supported with --shards")
+    if options.sources is not None:
+        raise ConfigError("--sources is not yet supported with --shards")
     stop = threading.Event()
     shards = open_shards(db, ray_address, expect=shards_wanted)
     # after ray.init, which installs a SIGTERM handler of its own (exit status 15)
@@ -753,9 +751,14 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
+            metrics = Metrics(None) if options.metrics_port is not None else None
             server, bound, health_servicer, gate = app._build(
                 None, app._address(host, port), app.WORKERS, None, options,  # type: ignore[arg-type]
+                outer=[metrics.interceptor] if metrics else [],
                 make_servicer=lambda _e, _s, templates: ShardedServicer(shards, templates))
+            app.start_metrics(metrics, host, options)  # the front's calls and process
+            console = app.start_console(ShardedServicer(shards, app._templates(options)),
+                                        options)
             exporter = export_scheduler(shards).start()
             refresher = refresh_scheduler(shards, app.REFRESH_TICK).start()
             traits = shard_actions.ShardTraitsScheduler(
@@ -773,6 +776,10 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                 traits.stop(app.EXIT_MARGIN)
             server.stop(grace).wait(grace + app.EXIT_MARGIN)
             gate.wait_idle(app.EXIT_MARGIN)
+            if console is not None:
+                console.stop()
+            if metrics is not None:
+                metrics.stop()
         finally:
             shards.close()
         log.info("stopped; shards closed")

@@ -9,7 +9,10 @@ The values of `n` are few, so every top cut falls among tied profiles and the ti
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,14 +20,19 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_shards import AS_OF, T0, Front, build_store, iso
 
 from bitseg import Client, ClientError
 from bitseg.index.engine import Engine
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
+from bitseg.index.templates import load_catalogue
 from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
+from bitseg.server.console import Api, ConsoleServer
+from bitseg.server.service import SegmentsServicer
 from bitseg.server.shard_segments import refresh_scheduler
+from bitseg.server.shard_service import ShardedServicer
 from bitseg.server.shards import ShardSet
 
 PROFILES = 48
@@ -275,5 +283,83 @@ def test_serve_shards_refreshes_materialized_segments_on_schedule(tmp_path: Path
             while "p2" not in set(client.members(segment="best")):
                 assert time.monotonic() < deadline, server.stderr()
                 time.sleep(0.1)
+    finally:
+        assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------- --http, --metrics-port
+def post(url: str, path: str, body: object) -> tuple[int, bytes]:
+    """POST url+path with a JSON body: (status, the answer's bytes)."""
+    request = urllib.request.Request(url + path, data=orjson.dumps(body), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def without_timing(answer: bytes) -> Any:
+    found = orjson.loads(answer)
+    found.pop("eval_micros", None)
+    return found
+
+
+def test_the_console_over_shards_answers_as_one_store(plain: Plain, front: Front) -> None:
+    catalogue = load_catalogue(None)
+    consoles = [ConsoleServer(Api(servicer), "127.0.0.1", 0).start() for servicer in (
+        SegmentsServicer(plain.engine, plain.segments, catalogue),
+        ShardedServicer(front.shards, catalogue))]
+    try:
+        one, many = (f"http://127.0.0.1:{c.port}/" for c in consoles)
+        for rule in (BEST, NESTED, {"event": "view"}, {"not": {"field": "n", "op": "eq",
+                                                              "value": 3}}):
+            asked = {"rule_json": orjson.dumps(rule).decode(), "as_of": AS_OF}
+            for method in ("Count", "Explain"):
+                expected = post(one, "api/v1/" + method, asked)
+                assert expected[0] == 200, expected
+                found = post(many, "api/v1/" + method, asked)
+                assert (found[0], without_timing(found[1])) == \
+                    (200, without_timing(expected[1])), method
+            members = [post(url, "export", {"rule_json": asked["rule_json"],
+                                            "fields": ["n"], "format": "jsonl"})
+                       for url in (one, many)]
+            assert members[0][0] == members[1][0] == 200
+            assert sorted(members[1][1].splitlines()) == sorted(members[0][1].splitlines())
+        status, made = post(many, "api/v1/CreateSegment", {
+            "name": "best", "kind": "SEGMENT_KIND_MATERIALIZED",
+            "rule_json": orjson.dumps(BEST).decode()})
+        assert status == 200 and int(orjson.loads(made)["size"]) == 5, made
+    finally:
+        for console in consoles:
+            console.stop()
+
+
+def test_serve_shards_with_the_console_and_metrics(tmp_path: Path) -> None:
+    """`bitseg serve --shards 1 --http 0 --metrics-port 0`: the console's API and the
+    front's call metrics (one shard is served in process: the same front)."""
+    from conftest_grpc import ServerProcess
+
+    sharded(tmp_path, 1).close()
+    server = ServerProcess(tmp_path / "db1", ["--shards", "1", "--http", "0",
+                                              "--metrics-port", "0"])
+    try:
+        console = re.search(r"bitseg console on (http://\S+/)", server.stderr())
+        scraped = re.search(r"bitseg metrics on (http://\S+/metrics)", server.stderr())
+        assert console and scraped, server.stderr()
+        status, counted = post(console.group(1), "api/v1/Count",
+                               {"rule_json": orjson.dumps(BEST).decode()})
+        assert (status, int(orjson.loads(counted)["count"])) == (200, 5)
+        with Client(server.addr, timeout=60) as client:
+            assert client.count({"event": "view"}) == 32
+        with urllib.request.urlopen(scraped.group(1), timeout=10) as page:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(page.read().decode())
+                       for s in family.samples}
+        count = ("bitseg_rpc_requests_total", (("code", "OK"), ("method", "Count"),
+                                               ("service", "bitseg.v1.Segments")))
+        assert samples[count] == 1  # the gRPC call; the console's calls are not gRPC's
+        assert ("bitseg_evaluation_seconds_count", (("method", "Count"),)) in samples
+        assert not any(name == "bitseg_profiles" for name, _ in samples)  # in the shards
     finally:
         assert server.stop() == 0
