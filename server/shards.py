@@ -450,21 +450,26 @@ class ShardSet:
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One shard's answer."""
         if self.graph is not None and method in GRAPH_READS:
-            answers = self.graph.ask((index, method, *args))
-            if answers is not None:
-                return self._answer(index, answers[index])
+            def plain() -> list[tuple[bool, Any]]:
+                answer = self._wait(index, self._submit(index, method, args))
+                return [answer if i == index else (True, None) for i in range(self.count)]
+
+            return self._answer(index, self.graph.ask((index, method, *args), plain)[index])
         return self._answer(index, self._wait(index, self._submit(index, method, args)))
 
     def each(self, method: str, *args: Any, per_shard: Sequence[tuple] | None = None
              ) -> list[Any]:
         """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
-        if per_shard is None and self.graph is not None and method in GRAPH_READS:
-            answers = self.graph.ask((None, method, *args))
-            if answers is not None:
-                return [self._answer(i, a) for i, a in enumerate(answers)]
         argument = per_shard if per_shard is not None else [args] * self.count
-        pending = [self._submit(i, method, tuple(argument[i])) for i in range(self.count)]
-        answers = self._wait_all(pending)
+
+        def plain() -> list[tuple[bool, Any]]:
+            return self._wait_all([self._submit(i, method, tuple(argument[i]))
+                                   for i in range(self.count)])
+
+        if per_shard is None and self.graph is not None and method in GRAPH_READS:
+            answers = self.graph.ask((None, method, *args), plain)
+        else:
+            answers = plain()
         return [self._answer(i, a) for i, a in enumerate(answers)]
 
     def these(self, indices: Sequence[int], method: str, per_shard: Sequence[tuple]

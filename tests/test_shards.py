@@ -616,6 +616,34 @@ def test_a_shard_killed_under_the_compiled_graph_fails_the_call_then_it_is_built
     assert "count" not in plain and "is_member" not in plain, plain
 
 
+def test_counts_asked_at_once_tear_the_compiled_graph_down(
+        pair: tuple[Front, Front, dict]) -> None:
+    """Concurrent callers are served by plain tasks (an idle graph loop spins, taking CPU
+    from the threads answering them); the graph is not built again for a while."""
+    one, three, _ = pair
+    rule = {"field": "kw", "op": "in", "value": KEYWORDS[:2]}
+    expected = one.client.count(rule, as_of=AS_OF)
+    warm_graph(three, rule)
+    built = three.shards.graph.built
+    found: list[int] = []
+    deadline = time.monotonic() + 30
+
+    def ask() -> None:
+        while three.shards.graph.ready and time.monotonic() < deadline:
+            found.append(three.client.count(rule, as_of=AS_OF))
+
+    asking = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in asking:
+        thread.start()
+    for thread in asking:
+        thread.join(60)
+    assert not three.shards.graph.ready, "the graph stayed with 3 callers at once"
+    assert found and set(found) == {expected}
+    for _ in range(4):  # a lone caller again, soon after: plain tasks still
+        assert three.client.count(rule, as_of=AS_OF) == expected
+    assert three.shards.graph.built == built and not three.shards.graph.ready
+
+
 # ---------------------------------------------------------------------- end to end
 def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
