@@ -363,3 +363,38 @@ def test_serve_shards_with_the_console_and_metrics(tmp_path: Path) -> None:
         assert not any(name == "bitseg_profiles" for name, _ in samples)  # in the shards
     finally:
         assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------- on Ray
+@pytest.mark.slow
+def test_top_segments_on_ray_are_one_stores(plain: Plain, tmp_path: Path) -> None:
+    """The same changes through 2 shard actors (what crosses to them is pickled)."""
+    ray = pytest.importorskip("ray")  # the dev extra installs it (pyproject: shards)
+    mine = not ray.is_initialized()  # another module's runtime may still be up
+    if mine:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+    try:
+        sharded(tmp_path, 2).close()
+        front = Front(ShardSet.on_ray([str(shard_folder(tmp_path / "db2", s))
+                                       for s in range(2)]))
+        try:
+            names = ["best", "nested", "cohort-a", "cohort-b"]
+            for client in (plain.client, front.client):
+                client.create_segment("best", "materialized", BEST, as_of=AS_OF,
+                                      refresh_every=60)
+                client.create_segment("nested", "static", NESTED, as_of=AS_OF)
+                client.split_segment("cohort", "s", {"a": 50, "b": 50}, rule=NESTED,
+                                     as_of=AS_OF)
+                client.upsert_profiles([{"id": "p2", "n": 9}])
+                client.update_segment("best", {"top": {"n": 3, "by": "x"}}, as_of=AS_OF)
+            assert state(front.client, names) == state(plain.client, names)
+            later = wall_us() + 61_000_000
+            assert refresh_scheduler(front.shards, 1.0).run_once(later) == ["best"]
+            assert RefreshScheduler(plain.segments).run_once(later) == ["best"]
+            assert state(front.client, names) == state(plain.client, names)
+        finally:
+            front.close()
+    finally:
+        if mine:
+            ray.shutdown()
