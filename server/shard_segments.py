@@ -24,6 +24,7 @@ chosen over every shard at each tick too.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,10 +47,11 @@ from bitseg.index.segments import (
     SegmentSet,
 )
 from bitseg.index.split import split_segment
-from bitseg.server.service import Unimplemented
+from bitseg.server.service import ShardUnavailable, Unimplemented
 from bitseg.server.shard_reads import resolve_tops, with_tops
 from bitseg.server.shard_writes import writes_for
 
+log = logging.getLogger("bitseg.segments")
 CHANGES = ("create", "update", "refresh", "refresh_scheduled")  # and "split"
 
 
@@ -161,7 +163,13 @@ class ShardSchedule:
         self.current = SegmentSet()
 
     def due(self, now_us: int) -> list[str]:
-        found = self.shards.each("scheduled_segments", now_us)
+        """The segments due on any shard; none at a tick when a shard does not answer
+        (its actor restarting), so the schedule goes on at the next tick."""
+        try:
+            found = self.shards.each("scheduled_segments", now_us)
+        except ShardUnavailable as exc:
+            log.warning("scheduled refreshes skip a tick: %s", exc)
+            return []
         self.current = SegmentSet(MappingProxyType({
             name: Segment(name, MATERIALIZED, rule) for rows in found for name, rule, _ in rows}))
         return sorted({name for rows in found for name, _, due in rows if due})

@@ -30,7 +30,7 @@ from bitseg.index.templates import load_catalogue
 from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
 from bitseg.server.console import Api, ConsoleServer
-from bitseg.server.service import SegmentsServicer
+from bitseg.server.service import SegmentsServicer, ShardUnavailable
 from bitseg.server.shard_segments import refresh_scheduler
 from bitseg.server.shard_service import ShardedServicer
 from bitseg.server.shards import ShardSet
@@ -398,3 +398,20 @@ def test_top_segments_on_ray_are_one_stores(plain: Plain, tmp_path: Path) -> Non
     finally:
         if mine:
             ray.shutdown()
+
+
+def test_a_shard_that_does_not_answer_skips_a_tick_of_the_schedule(front: Front) -> None:
+    front.client.create_segment("best", "materialized", BEST, refresh_every=1)
+    answering = front.shards
+
+    class Away:
+        count = answering.count
+
+        def each(self, method: str, *args: object) -> object:
+            raise ShardUnavailable("shard 1 (…/shard-1) is unavailable: restarting")
+
+    scheduler = refresh_scheduler(Away(), 1.0)
+    later = wall_us() + 2_000_000
+    assert scheduler.run_once(later) == []  # no raise: the ticker's thread goes on
+    scheduler.segments.shards = answering  # back
+    assert scheduler.run_once(later) == ["best"]
