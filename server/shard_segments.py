@@ -6,8 +6,8 @@ materialize a segment with one by itself: its own top N is not the store's. The 
 first chooses the top sets over every shard (shard_reads.resolve_tops, as the reads do),
 then every shard counts its part of the segment with those sets in place of its own
 (Segments.with_tops), inside the write batch that records its entries and exits; the
-sizes, entries and exits are summed. Creates, updates, splits and refreshes of a rule
-with a top node take this way, whatever the segment's kind. While the shards count, the
+sizes, entries and exits are summed. Creates, updates, splits and refreshes of a static
+or materialized segment with a top node take this way. While the shards count, the
 front's writes wait (ShardWrites' lock), so the top sets are those of the data counted;
 and the front's segment changes go one at a time, as one store's do, so a refresh never
 counts a rule other than the one whose top sets were chosen.
