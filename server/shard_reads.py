@@ -146,7 +146,11 @@ def merge_top(found: Sequence[Sequence[Candidate]], n: int, order: str) -> list[
     """The store's top n of the shards' candidates, as each shard's chosen dense ids:
     the highest (desc) or lowest values, ties by external id ascending."""
     sign = -1 if order == "desc" else 1
-    ranked = heapq.nsmallest(n, ((sign * value, external, shard, dense)
+    # compared as whole numbers at one scale: exact, and in C (Fractions compare in
+    # Python: ~1 s for 20,000 candidates of a float field, against ~10 ms so)
+    scale = math.lcm(*{value.denominator for rows in found for value, _, _ in rows})
+    ranked = heapq.nsmallest(n, ((sign * value.numerator * (scale // value.denominator),
+                                  external, shard, dense)
                                  for shard, rows in enumerate(found)
                                  for value, external, dense in rows))
     picks: list[list[int]] = [[] for _ in found]

@@ -9,12 +9,14 @@ The values of `n` are few, so every top cut falls among tied profiles and the ti
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
 from bitseg.server.console import Api, ConsoleServer
 from bitseg.server.service import SegmentsServicer, ShardUnavailable
+from bitseg.server.shard_reads import merge_top
 from bitseg.server.shard_segments import refresh_scheduler
 from bitseg.server.shard_service import ShardedServicer
 from bitseg.server.shards import ShardSet
@@ -415,3 +418,21 @@ def test_a_shard_that_does_not_answer_skips_a_tick_of_the_schedule(front: Front)
     assert scheduler.run_once(later) == []  # no raise: the ticker's thread goes on
     scheduler.segments.shards = answering  # back
     assert scheduler.run_once(later) == ["best"]
+
+
+def test_the_merge_of_top_candidates_is_exact_at_any_scale() -> None:
+    """shard_reads.merge_top compares values as whole numbers at one scale (fast): the
+    same ranking as the exact values, beyond a float's precision, ties by id."""
+    rng = random.Random(5)
+    big = 2**70
+    found = [[(rng.choice([big + rng.randint(0, 3),
+                           Fraction(big * 100 + rng.randint(0, 400), 100),
+                           Fraction(rng.randint(-5, 5), rng.choice([1, 10, 1000])),
+                           rng.randint(-5, 5)]), f"u{rng.randint(0, 9)}{i}", i)
+              for i in range(60)] for _ in range(3)]
+    every = [(value, external, shard, dense) for shard, rows in enumerate(found)
+             for value, external, dense in rows]
+    for order, n in (("desc", 1), ("desc", 25), ("asc", 40), ("asc", 500)):
+        kept = sorted(every, key=lambda c: (-c[0] if order == "desc" else c[0], c[1]))[:n]
+        expected = [sorted(d for _, _, s, d in kept if s == shard) for shard in range(3)]
+        assert merge_top(found, n, order) == expected, (order, n)
