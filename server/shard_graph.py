@@ -103,8 +103,9 @@ class Graph:
         finally:
             self._busy.release()
 
-    def close(self, wait: float = 30.0) -> None:
-        """Tear the graph down (before the actors are killed)."""
+    def close(self, wait: float = 5.0) -> None:
+        """Tear the graph down before the actors are killed (a keeper still compiling
+        against a restarting actor after `wait` seconds fails when they are)."""
         self._stop.set()
         keeper = self._keeper
         if keeper is not None:
