@@ -24,7 +24,7 @@ from pyroaring import BitMap
 from bitseg.index import idhash
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock
-from bitseg.index.errors import DataError
+from bitseg.index.errors import DataError, StoreError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
 from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
 from bitseg.index.event_group import (
@@ -38,7 +38,7 @@ from bitseg.index.event_group import (
 )
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
 from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
-from bitseg.index.fields import RangeIndex
+from bitseg.index.event_merge import merged, stored_runs
 from bitseg.index.ids import IdMap
 from bitseg.index.keys import SEP_TEXT, block_key, count_key, stream_key
 from bitseg.index.schema import Schema
@@ -55,6 +55,13 @@ RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
 ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy temporaries)
+# A stored bucket of up to this many bytes and no run container holds no bitset either
+# (one alone takes 8 KiB): at most a few thousand profiles, read back into runs and
+# merged in numpy (_summed). A larger one is
+# added to with bitmaps, whose cost goes by container where numpy's goes by profile.
+# The merge takes ENCODE_RUNS runs and stored profiles at a time.
+MERGE_BYTES = 8 << 10
+_NO_RUNS_COOKIE = (12346).to_bytes(4, "little")  # at bytes 4-8: the `exists` part's
 
 
 def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
@@ -112,6 +119,50 @@ def _encoded(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray) -> list
                               _roaring_bytes)
         first = last
     return out
+
+
+def _summed(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray,
+            stored: list[bytes | None]) -> list[bytes]:
+    """The bytes of each bucket's count index: its runs (profiles[bounds[i]:bounds[i +
+    1]] with their rows) plus its `stored` counts (encoded; None: none). Small stored
+    buckets are read back into runs and merged in numpy (MERGE_BYTES), so they are
+    written as one batch of all their rows would write them; a larger one is added to
+    with bitmaps."""
+    if all(raw is None for raw in stored):
+        return _encoded(bounds, profiles, rows)
+    out: list[bytes | None] = [None] * len(stored)
+    part: list[int] = []
+    held = 0  # runs and stored profiles (about 2 bytes each) in `part`
+    runs = np.diff(bounds).tolist()
+    for i, raw in enumerate(stored):
+        if raw is not None and (len(raw) > MERGE_BYTES or raw[4:8] != _NO_RUNS_COOKIE):
+            a, b = bounds[i], bounds[i + 1]
+            out[i] = encode_counts(add_counts(decode_counts(raw),
+                                              count_index(profiles[a:b], rows[a:b])))
+            continue
+        part.append(i)
+        held += runs[i] + (len(raw) // 2 if raw is not None else 0)
+        if held >= ENCODE_RUNS:
+            _merge_into(out, part, bounds, profiles, rows, stored)
+            part, held = [], 0
+    if part:
+        _merge_into(out, part, bounds, profiles, rows, stored)
+    return out  # type: ignore[return-value]  # every bucket was given its bytes
+
+
+def _merge_into(out: list[bytes | None], part: list[int], bounds: np.ndarray,
+                profiles: np.ndarray, rows: np.ndarray, stored: list[bytes | None]) -> None:
+    """out[i] for the buckets i in `part` (ascending): their runs merged with their
+    stored ones."""
+    which = np.array(part, dtype=np.int64)
+    sizes = bounds[which + 1] - bounds[which]
+    new_bounds = np.concatenate(([0], np.cumsum(sizes)))
+    at = np.repeat(bounds[which] - new_bounds[:-1], sizes) + \
+        np.arange(int(new_bounds[-1]), dtype=np.int64)
+    old = stored_runs([stored[i] or b"" for i in part])
+    summed = merged(*old, new_bounds, profiles[at], rows[at])
+    for i, value in zip(part, _encoded(*summed), strict=True):
+        out[i] = value
 
 
 def _roaring_bytes(ids: np.ndarray) -> bytes:
@@ -530,17 +581,19 @@ class EventBatch:
             self.stream_names.append(stream)
         return found
 
-    def _stored(self, key: BucketKey) -> RangeIndex | None:
-        """The bucket's counts as stored now (None if it has none yet)."""
+    def _stored(self, key: BucketKey) -> bytes | None:
+        """The bucket's counts as stored now, encoded (None if it has none yet): written
+        by an earlier eviction of this batch, or committed before it."""
         kind, stream, bucket = key
-        written = self.written.get(key)
-        if written == self.version:  # written by an earlier eviction of this batch
-            return decode_counts(self.reader.get("events", count_key(kind, bucket, stream)))
-        listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
-                   ).get(stream, [])
-        if listed(listing, bucket):  # committed before this batch
-            return self.index.bucket(*key)
-        return None
+        if self.written.get(key) != self.version:
+            listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
+                       ).get(stream, [])
+            if not listed(listing, bucket):
+                return None
+        raw = self.reader.get("events", count_key(kind, bucket, stream))
+        if raw is None:
+            raise StoreError(f"event count bucket {key!r} is missing from the store")
+        return raw
 
     def _write_buckets(self) -> None:
         """Called when the runs outgrow RUN_BYTES (a spill: they move to a scratch file)
@@ -555,7 +608,8 @@ class EventBatch:
 
     def _write_chunk(self, codes: np.ndarray, bounds: np.ndarray, profiles: np.ndarray,
                      rows: np.ndarray) -> None:
-        """Write the buckets of drained runs (BucketRuns.drain), in key order."""
+        """Write the buckets of drained runs (BucketRuns.drain), in key order, each one's
+        runs added to what it has stored."""
         kinds = (codes >> 62).tolist()
         streams = ((codes >> 32) & ((1 << 30) - 1))
         buckets = (codes & 0xFFFFFFFF) - BUCKET_OFFSET
@@ -565,21 +619,15 @@ class EventBatch:
         rank[sorted(range(len(names)), key=lambda i: names[i].encode())] = \
             np.arange(len(names))
         order = np.lexsort((rank[streams], buckets, codes >> 62)).tolist()
-        streams, buckets = streams.tolist(), buckets.tolist()
+        keys = [(KIND_OF[k], names[s], b)
+                for k, s, b in zip(kinds, streams.tolist(), buckets.tolist(), strict=True)]
+        values = _summed(bounds, profiles, rows, [self._stored(key) for key in keys])
         written, version = self.written, self.version
-        encoded = _encoded(bounds, profiles, rows)
         items: list[tuple[bytes, bytes]] = []
         size = 0
         for i in order:
-            kind, stream, bucket = KIND_OF[kinds[i]], names[streams[i]], buckets[i]
-            key = (kind, stream, bucket)
-            current = self._stored(key)
-            if current is not None:  # stored before: add to it (bitmaps, not bytes)
-                a, b = bounds[i], bounds[i + 1]
-                value = encode_counts(add_counts(current, count_index(profiles[a:b],
-                                                                      rows[a:b])))
-            else:
-                value = encoded[i]
+            kind, stream, bucket = key = keys[i]
+            value = values[i]
             items.append((count_key(kind, bucket, stream), value))
             size += len(value)
             written[key] = version
