@@ -96,16 +96,20 @@ class LoadReport:
 # --- the folder ---------------------------------------------------------------------
 
 
+RESERVE_PER_BYTE = 4  # bytes of store reserved per byte of input (JSON Lines or CSV)
+
+
 def bulk_reserve(path: str | Path) -> int:
     """Bytes to reserve in the store for loading this dataset: a generous multiple of its
-    files' sizes (a stored event or order takes well under its JSON line's size)."""
+    files' sizes (a stored event or order takes well under its JSON line's size); a .gz
+    file is taken to hold ten times its size."""
     folder = _dataset_folder(path)
     total = 0
     for file in folder.iterdir():
         if file.suffix in (".jsonl", ".csv"):
-            total += 4 * file.stat().st_size
+            total += RESERVE_PER_BYTE * file.stat().st_size
         elif file.name.endswith(".gz"):
-            total += 40 * file.stat().st_size
+            total += 10 * RESERVE_PER_BYTE * file.stat().st_size
     return total
 
 

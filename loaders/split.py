@@ -19,6 +19,7 @@ import csv
 import gzip
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -43,10 +44,18 @@ def shard_folder(root: str | Path, shard: int) -> Path:
     return Path(root) / f"shard-{shard}"
 
 
+@dataclass
+class Split:
+    """What a split wrote: the lines taken from each input file (by name), and the bytes
+    each shard's copies hold uncompressed (what its load is sized by)."""
+
+    lines: dict[str, int]
+    shard_bytes: list[int]
+
+
 def split_dataset(source: str | Path, shards: int, out: str | Path,
-                  compress: bool = False) -> dict[str, int]:
-    """Write out/shard-0 .. out/shard-{shards-1}, each a dataset folder; the number of
-    lines split from each input file, by file name."""
+                  compress: bool = False) -> Split:
+    """Write out/shard-0 .. out/shard-{shards-1}, each a dataset folder."""
     folder = _dataset_folder(source)
     profiles = _profiles_file(folder)
     inputs = [(profiles, "id")]
@@ -59,13 +68,16 @@ def split_dataset(source: str | Path, shards: int, out: str | Path,
         target.mkdir(parents=True, exist_ok=True)
         if (folder / SCHEMA_FILE).is_file():
             shutil.copyfile(folder / SCHEMA_FILE, target / SCHEMA_FILE)
-    lines: dict[str, int] = {}
+    split = Split({}, [0] * shards)
     for file, key in inputs:
         if file.name.endswith(".csv"):
-            lines[file.name] = _split_csv(file, shards, targets)
+            split.lines[file.name] = _split_csv(file, shards, targets)
+            for s, target in enumerate(targets):
+                split.shard_bytes[s] += (target / file.name).stat().st_size
         else:
-            lines[file.name] = _split_jsonl(file, key, shards, targets, compress)
-    return lines
+            split.lines[file.name] = _split_jsonl(file, key, shards, targets, compress,
+                                                  split.shard_bytes)
+    return split
 
 
 def input_bytes(source: str | Path) -> int:
@@ -90,8 +102,9 @@ def _open(file: Path) -> BinaryIO:
 
 
 def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path],
-                 compress: bool) -> int:
-    """Copy each non-blank line to its profile's shard; the number of lines copied."""
+                 compress: bool, written: list[int]) -> int:
+    """Copy each non-blank line to its profile's shard, adding the bytes each shard got
+    to `written`; the number of lines copied."""
     outputs: list[BinaryIO] = [
         gzip.open(t / copy_name(file.name, True), "wb", compresslevel=1) if compress
         else open(t / copy_name(file.name), "wb") for t in targets]  # noqa: SIM115
@@ -103,6 +116,7 @@ def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path],
             for _, shard, line in _keyed_lines(stream, file.name, key, shards):
                 buffers[shard].append(line)
                 sizes[shard] += len(line)
+                written[shard] += len(line)
                 copied += 1
                 if sizes[shard] >= FLUSH_BYTES:
                     outputs[shard].writelines(buffers[shard])

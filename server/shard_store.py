@@ -36,6 +36,7 @@ import orjson
 from bitseg.index import errors
 from bitseg.index.errors import BitsegError, DataError, StoreError
 from bitseg.index.shard_key import HASH_NAME
+from bitseg.loaders.dataset import RESERVE_PER_BYTE
 from bitseg.loaders.split import input_bytes, original_line, shard_folder, split_dataset
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,12 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int,
     if compress is None:
         compress = _short_of_disk(db, input_bytes(dataset))
     try:
-        split_dataset(dataset, shards, split_to, compress)
+        split = split_dataset(dataset, shards, split_to, compress)
         split_seconds = time.perf_counter() - started
         stores = [shard_folder(work if fresh else db, s) for s in range(shards)]
-        results = _load_all([shard_folder(split_to, s) for s in range(shards)], stores)
+        reserves = [RESERVE_PER_BYTE * n for n in split.shard_bytes]  # not from .gz sizes
+        results = _load_all([shard_folder(split_to, s) for s in range(shards)], stores,
+                            reserves)
         failed = [(s, r) for s, r in enumerate(results) if r["ok"] is False]
         if failed:
             shard, result = failed[0]
@@ -161,24 +164,26 @@ def _short_of_disk(db: Path, dataset_bytes: int) -> bool:
     return True
 
 
-def _load_all(parts: list[Path], stores: list[Path]) -> list[dict[str, Any]]:
+def _load_all(parts: list[Path], stores: list[Path], reserves: list[int]
+              ) -> list[dict[str, Any]]:
     """Load every part into its store, each in its own (spawned) process, at once."""
     if len(parts) == 1:  # no process to start for one shard
-        return [load_part(str(parts[0]), str(stores[0]))]
+        return [load_part(str(parts[0]), str(stores[0]), reserves[0])]
     with ProcessPoolExecutor(max_workers=len(parts), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(load_part, str(p), str(s))
-                   for p, s in zip(parts, stores, strict=True)]
+        futures = [pool.submit(load_part, str(p), str(s), r)
+                   for p, s, r in zip(parts, stores, reserves, strict=True)]
         return [f.result() for f in futures]
 
 
-def load_part(part: str, store: str) -> dict[str, Any]:
+def load_part(part: str, store: str, reserve: int | None = None) -> dict[str, Any]:
     """One shard's load (run in a worker process): its report, or its error as data
-    (bitseg's errors do not all survive pickling with their fields)."""
+    (bitseg's errors do not all survive pickling with their fields). `reserve`: the
+    bytes to reserve for it, by default estimated from its files' sizes."""
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
     try:
-        with Engine.open(store, bulk=bulk_reserve(part)) as engine:
+        with Engine.open(store, bulk=reserve or bulk_reserve(part)) as engine:
             report = load_dataset(part, engine)
             total = engine.total()
     except BitsegError as exc:

@@ -25,8 +25,12 @@ RULES = [{"all": True}, {"event": "view"}, {"field": "kw", "op": "exists"},
 
 def test_gzipped_copies_hold_the_plain_copies_lines(tmp_path: Path) -> None:
     make_dataset(tmp_path / "data", seed=21)
-    split_dataset(tmp_path / "data", 3, tmp_path / "plain")
-    split_dataset(tmp_path / "data", 3, tmp_path / "gz", compress=True)
+    plain_split = split_dataset(tmp_path / "data", 3, tmp_path / "plain")
+    packed_split = split_dataset(tmp_path / "data", 3, tmp_path / "gz", compress=True)
+    assert packed_split == plain_split  # the same lines, and bytes counted uncompressed
+    assert plain_split.shard_bytes == [
+        sum(f.stat().st_size for f in shard_folder(tmp_path / "plain", s).glob("*.jsonl"))
+        for s in range(3)]
     for s in range(3):
         plain, packed = shard_folder(tmp_path / "plain", s), shard_folder(tmp_path / "gz", s)
         assert sorted(p.name for p in packed.iterdir()) == [
