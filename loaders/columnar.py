@@ -241,6 +241,48 @@ def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
     return [RowBlock(block.table, 1, records, data=data)]
 
 
+def decoded(texts: Sequence[str], kind: str) -> list[Any]:
+    """texts_block(texts), each block also prepared as the file reader prepares one of
+    this kind (PREPARE): what a stream's reading thread makes of a message ahead of
+    its turn. Bad JSON raises as texts_block does."""
+    items = texts_block(texts)
+    prepare = PREPARE.get(kind)
+    for item in items:
+        if isinstance(item, RowBlock):
+            _prepared(item, prepare)
+    return items
+
+
+def numbered_on(batches: Sequence[tuple[int, list[Any]]]) -> list[Any]:
+    """Several batches' texts_block (or decoded) items, each given with its number of
+    records, as the items of one engine batch whose records are numbered from 1 across
+    them all, as group_block numbers them: a block of a later batch reads its records
+    and names its lines past those of the batches before it."""
+    out: list[Any] = []
+    before = 0
+    for records, items in batches:
+        out += [_shifted(item, before) for item in items]
+        before += records
+    return out
+
+
+def _shifted(item: Any, by: int) -> Any:
+    """A texts_block item with its record numbers `by` higher."""
+    if by == 0:
+        return item
+    if not isinstance(item, RowBlock):
+        line, record = item
+        return line + by, record
+
+    def records(wanted: set[int] | None) -> Iterator[tuple[int, Any]]:
+        inner = None if wanted is None else {number - by for number in wanted}
+        return ((number + by, record) for number, record in item.records(inner))
+
+    lines = None if item._lines is None else (lambda: item.lines() + by)
+    return RowBlock(item.table, item.first_line + by, records, lines, data=item.data,
+                    prepared=item.prepared)
+
+
 def _lines_of(texts: Sequence[str]) -> bytes | None:
     """The texts as the lines of one block, or None when they cannot be: a text with a
     line break inside, or a blank one. A line break ending a text (a file's line sent as

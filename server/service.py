@@ -40,7 +40,7 @@ from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.index.split import split_segment
 from bitseg.index.templates import Catalogue, load_catalogue
-from bitseg.loaders.columnar import group_block, texts_block
+from bitseg.loaders.columnar import decoded, numbered_on, texts_block
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -54,6 +54,9 @@ COMMITTED_KEY = "bitseg-committed-batches"
 # together in the next one, up to this many records (see _batches).
 GROUP_RECORDS = 100_000
 INBOX_MESSAGES = 64  # messages read ahead of the one being applied, at most
+# The kind of records a stream's messages carry, by their field: what the thread reading
+# the stream prepares of each message ahead of its turn (loaders/columnar.decoded).
+KINDS = {"profiles_json": "profiles", "events_json": "events", "orders_json": "orders"}
 
 
 class Unimplemented(Exception):
@@ -547,22 +550,25 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
     transaction (group commit), so a batch's fixed cost is paid once for them all. When
     that transaction fails they are applied one by one: a bad batch fails the call naming
     it, the batches before it stay committed, and their number goes in the trailing
-    metadata, as without grouping.
+    metadata, as without grouping. The thread reading the stream parses each message
+    (and prepares its columns) while the batches before it are applied.
     """
     committed = 0
-    for group in _arrived(requests, field):
-        if len(group) > 1:
-            try:
-                report = apply(group_block(group))  # one block: its fixed cost paid once
+    decode = functools.partial(_decoded, KINDS[field])
+    for group in _arrived(requests, field, decode):
+        if len(group) > 1 and not any(isinstance(items, Exception) for _, items in group):
+            try:  # one engine batch: its fixed cost paid once
+                report = apply(numbered_on([(len(texts), items) for texts, items in group]))
             except Exception:  # the batch at fault fails again below, alone, and is named
                 report = None
             if report is not None:
                 committed += len(group)
                 yield len(group), report
                 continue
-        for texts in group:
-            try:
-                report = apply(texts_block(texts))
+        for texts, items in group:
+            try:  # parsed again after a failed group or parse: its error names the record
+                fresh = len(group) > 1 or isinstance(items, Exception)
+                report = apply(texts_block(texts) if fresh else items)
             except DataError as exc:
                 context.set_trailing_metadata(((COMMITTED_KEY, str(committed)),))
                 raise DataError(f"batch {committed + 1} ({committed} before it committed): "
@@ -571,19 +577,30 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
             yield 1, report
 
 
-def _arrived(requests: Iterator[Any], field: str) -> Iterator[list[Any]]:
+def _decoded(kind: str, texts: Any) -> Any:
+    """A message's engine items made ahead (columnar.decoded), or what parsing it raised:
+    raised again, in its turn, where the batch can be named."""
+    try:
+        return decoded(texts, kind)
+    except Exception as exc:  # raised again by texts_block when the batch is applied
+        return exc
+
+
+def _arrived(requests: Iterator[Any], field: str,
+             decode: Callable[[Any], Any] | None = None) -> Iterator[list[Any]]:
     """The messages' record texts in groups: the next message, with those that arrived
     behind it (read by a helper thread), up to GROUP_RECORDS records. An error reading
     the stream (the client cancelled, the stream idled) is raised after the messages
-    before it were handed out.
+    before it were handed out. With `decode`, each message is handed out as (texts,
+    decode(texts)), decoded on the helper thread as it arrives.
 
     The helper reads at most INBOX_MESSAGES ahead: a client sending faster than the
     store applies is held back by gRPC's flow control, not buffered in the server's
     memory. It stops when the call ends, however it ends."""
-    inbox: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=INBOX_MESSAGES)
+    inbox: queue.Queue[tuple[bool, Any, int]] = queue.Queue(maxsize=INBOX_MESSAGES)
     done = threading.Event()
 
-    def put(item: tuple[bool, Any]) -> bool:
+    def put(item: tuple[bool, Any, int]) -> bool:
         while not done.is_set():
             try:
                 inbox.put(item, timeout=0.1)
@@ -595,11 +612,13 @@ def _arrived(requests: Iterator[Any], field: str) -> Iterator[list[Any]]:
     def pump() -> None:
         try:
             for message in requests:
-                if not put((True, getattr(message, field))):
+                texts = getattr(message, field)
+                item = texts if decode is None else (texts, decode(texts))
+                if not put((True, item, len(texts))):
                     return
-            put((False, None))
+            put((False, None, 0))
         except Exception as exc:  # raised by the handler, after the batches before it
-            put((False, exc))
+            put((False, exc, 0))
 
     threading.Thread(target=pump, name=f"bitseg-group-{field}", daemon=True).start()
     try:
@@ -608,16 +627,16 @@ def _arrived(requests: Iterator[Any], field: str) -> Iterator[list[Any]]:
         done.set()
 
 
-def _groups(inbox: queue.Queue[tuple[bool, Any]]) -> Iterator[list[Any]]:
-    waiting: tuple[bool, Any] | None = None  # taken from the inbox, not yet handed out
+def _groups(inbox: queue.Queue[tuple[bool, Any, int]]) -> Iterator[list[Any]]:
+    waiting: tuple[bool, Any, int] | None = None  # taken from the inbox, not handed out
     while True:
-        more, texts = waiting or inbox.get()
+        more, item, records = waiting or inbox.get()
         waiting = None
         if not more:
-            if texts is not None:
-                raise texts
+            if item is not None:
+                raise item
             return
-        group, size = [texts], len(texts)
+        group, size = [item], records
         while size < GROUP_RECORDS:
             try:
                 waiting = inbox.get_nowait()
@@ -626,7 +645,7 @@ def _groups(inbox: queue.Queue[tuple[bool, Any]]) -> Iterator[list[Any]]:
             if not waiting[0]:  # the end of the stream, or an error: after this group
                 break
             group.append(waiting[1])
-            size += len(waiting[1])
+            size += waiting[2]
             waiting = None
         yield group
 

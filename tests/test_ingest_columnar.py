@@ -21,7 +21,7 @@ from storecmp import store_entries
 
 from bitseg.index import event_batch
 from bitseg.index.engine import Engine
-from bitseg.index.errors import StoreError
+from bitseg.index.errors import DataError, StoreError
 from bitseg.index.event_counts import add_counts, count_index, decode_counts, encode_counts
 from bitseg.index.event_merge import merged, stored_runs
 from bitseg.loaders.columnar import texts_block
@@ -122,3 +122,78 @@ def test_events_streamed_in_many_batches_store_the_counts_of_one_batch(
     assert decoded == {key: (list(index.exists), [list(s) for s in index.slices])
                        for key, index in ((k, decode_counts(v)) for k, v in one.items())}
     assert (sum(read_back) > 100) == (merge_bytes > 0)  # the path this case is about
+
+
+# ------------------------------------------------------------------ streams
+def _event_batch(first: int, count: int) -> Any:
+    from bitseg.v1 import bitseg_pb2 as pb
+    return pb.EventBatch(events_json=[
+        orjson.dumps({"profile": f"u{i}", "event": "view", "ts": "2026-10-01T10:00:00Z",
+                      "page": "/"}).decode() for i in range(first, first + count)])
+
+
+def test_a_streamed_message_is_parsed_and_prepared_on_the_thread_reading_the_stream(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the file loader's reader thread does for a block, the stream's reading
+    thread does for a message while the one before is applied; the engine gets the
+    prepared blocks, a group's records numbered on across its messages."""
+    import threading
+
+    from test_group_commit import Context, stream
+
+    from bitseg.loaders import columnar
+    from bitseg.server import service
+
+    threads: list[str] = []
+    original = columnar.decoded
+
+    def spy(texts: Any, kind: str) -> list[Any]:
+        threads.append(threading.current_thread().name)
+        return original(texts, kind)
+
+    monkeypatch.setattr(service, "decoded", spy)
+    started, sent = threading.Event(), threading.Event()
+    applied: list[list[Any]] = []
+    with Engine.open(tmp_path / "store") as engine:
+        def apply(items: list[Any]) -> Any:
+            if not applied:
+                started.set()
+                assert sent.wait(10)
+            applied.append(items)
+            return engine.track_events(items)
+
+        messages = [_event_batch(first, 3) for first in range(0, 12, 3)]
+        results = list(service._batches(stream(messages, started, sent), "events_json",
+                                        apply, Context()))
+        assert [count for count, _ in results] == [1, 3]
+        assert engine.count({"event": "view"}) == 12
+    assert threads == ["bitseg-group-events_json"] * 4
+    assert all(block.prepared for items in applied for block in items)
+    assert [block.first_line for block in applied[1]] == [1, 4, 7]
+    assert [n for n, _ in applied[1][2].records(None)] == [7, 8, 9]
+
+
+def test_a_message_that_is_not_json_is_named_after_the_batches_before_it(
+        tmp_path: Path) -> None:
+    import threading
+
+    from test_group_commit import Context, stream
+
+    from bitseg.server import service
+
+    bad = _event_batch(6, 3)
+    bad.events_json[1] = '{"profile": "u7", "event": '
+    messages = [_event_batch(0, 3), _event_batch(3, 3), bad, _event_batch(9, 3)]
+    context = Context()
+    started, sent = threading.Event(), threading.Event()
+    with Engine.open(tmp_path / "store") as engine:
+        def apply(items: list[Any]) -> Any:
+            started.set()
+            return engine.track_events(items)
+
+        with pytest.raises(DataError) as failed:
+            list(service._batches(stream(messages, started, sent), "events_json", apply,
+                                  context))
+        assert str(failed.value).startswith("batch 3 (2 before it committed): record 2")
+        assert context.trailing == ((service.COMMITTED_KEY, "2"),)
+        assert engine.count({"event": "view"}) == 6
