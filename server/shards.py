@@ -15,6 +15,8 @@ a count is never summed from fewer shards than there are.
 On Ray, Count and IsMember take Ray's compiled graph (shard_graph: shared-memory channels
 to every actor, no task submission per call) while they are asked often; every other
 call, and these when the graph is busy, building or gone, take one actor task per shard.
+A call the graph fails without Ray naming a dead shard (its channels closed) is asked
+again that way, of every shard: the answer is still every shard's, or ShardUnavailable.
 """
 
 from __future__ import annotations
