@@ -685,9 +685,9 @@ def test_serve_two_shards_from_the_cli(tmp_path: Path, ray_runtime: Any,
         assert checked.stdout.strip() == "true"
         described = run_cli("describe", "--json", *addr)
         assert described.returncode == 0, described.stderr
-        refused = run_cli("actions", *addr)
+        refused = run_cli("sources", *addr)  # (bulk actions: tests/test_shard_actions.py)
         assert refused.returncode == 6
-        assert "ListActions is not yet supported with --shards" in refused.stderr
+        assert "ListSources is not yet supported with --shards" in refused.stderr
         # a materialized segment refreshed later: sizes, entries and exits over both shards
         text = orjson.dumps(bought).decode()
         made = run_cli("segment", "create", "bought", "--materialized", "--rule", text,
