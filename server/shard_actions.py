@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import orjson
 
 from bitseg.index import bulk, traits
 from bitseg.index import types as T
@@ -47,6 +46,7 @@ from bitseg.index.errors import StoreError
 from bitseg.index.traits import RFM, RefreshReport
 from bitseg.index.traits_schedule import TraitsScheduler
 from bitseg.server.service import Unimplemented
+from bitseg.server.shard_segments import has_top
 from bitseg.server.shard_writes import Split, writes_for
 
 BULK = "bulk"  # staged kinds of shard_writes
@@ -121,7 +121,7 @@ def _action(payload: dict[str, Any]) -> BulkAction:
 def bulk_action(shards: Any, action: BulkAction, as_of: datetime, dry_run: bool
                 ) -> BulkResult:
     """An action on every member over every shard (or none), or its dry run."""
-    if shards.count > 1 and _has_top(action.target()):
+    if shards.count > 1 and has_top(action.target()):
         raise Unimplemented("a bulk action on a `top` rule is not yet supported with "
                             "--shards N > 1")
     payload: dict[str, Any] = {"action": dataclasses.asdict(action),
@@ -199,18 +199,6 @@ def rfm_cuts(parts: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]]
 def _sum_counts(counts: Sequence[Mapping[str, int]], names: Mapping[str, Any]
                 ) -> dict[str, int]:
     return {name: sum(c.get(name, 0) for c in counts) for name in names}
-
-
-def _has_top(rule: Any) -> bool:
-    """Whether a rule (JSON text or value) has a `top` node anywhere."""
-    if isinstance(rule, (str, bytes)):
-        try:
-            rule = orjson.loads(rule)
-        except orjson.JSONDecodeError:
-            return False  # the shards say what is wrong with it
-    if isinstance(rule, dict):
-        return "top" in rule or any(_has_top(v) for v in rule.values())
-    return isinstance(rule, list) and any(_has_top(v) for v in rule)
 
 
 def _everywhere(payload: dict[str, Any], shards: int) -> Split:
