@@ -40,7 +40,7 @@ from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write
 from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
 from bitseg.index.event_merge import merged, stored_runs
 from bitseg.index.ids import IdMap
-from bitseg.index.keys import SEP_TEXT, block_key, count_key, stream_key
+from bitseg.index.keys import COUNTS, SEP_TEXT, block_key, stream_key
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader
 from bitseg.index.timeline import month_of
@@ -55,12 +55,12 @@ RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
 ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy temporaries)
-# A stored bucket of up to this many bytes and no run container holds no bitset either
-# (one alone takes 8 KiB): at most a few thousand profiles, read back into runs and
-# merged in numpy (_summed). A larger one is
-# added to with bitmaps, whose cost goes by container where numpy's goes by profile.
-# The merge takes ENCODE_RUNS runs and stored profiles at a time.
-MERGE_BYTES = 8 << 10
+# A stored bucket of up to this many bytes without a run container (up to ~200
+# profiles) is read back into runs and merged in numpy (_summed), ENCODE_RUNS runs and
+# stored profiles at a time; a larger one is added to with bitmaps, whose cost goes by
+# container where numpy's goes by profile. (At 1M, 1M events streamed into a store of
+# 2.7M: 8 KiB took 5.1 s of CPU, 0.5-2 KiB 4.2-4.5 s, every bucket by bitmaps 6.1 s.)
+MERGE_BYTES = 1 << 10
 _NO_RUNS_COOKIE = (12346).to_bytes(4, "little")  # at bytes 4-8: the `exists` part's
 
 
@@ -163,6 +163,15 @@ def _merge_into(out: list[bytes | None], part: list[int], bounds: np.ndarray,
     summed = merged(*old, new_bounds, profiles[at], rows[at])
     for i, value in zip(part, _encoded(*summed), strict=True):
         out[i] = value
+
+
+def _count_heads(kinds: np.ndarray, buckets: np.ndarray) -> list[bytes]:
+    """The first six bytes of each bucket's count_key (all but the stream's name)."""
+    heads = np.empty((len(kinds), 6), dtype=np.uint8)
+    heads[:, 0] = COUNTS[0]
+    heads[:, 1] = np.where(kinds == 0, KIND_OF[0][0], KIND_OF[1][0])
+    heads[:, 2:] = (buckets + BUCKET_OFFSET).astype(">u4").view(np.uint8).reshape(-1, 4)
+    return heads.view("V6").ravel().tolist()
 
 
 def _roaring_bytes(ids: np.ndarray) -> bytes:
@@ -581,16 +590,17 @@ class EventBatch:
             self.stream_names.append(stream)
         return found
 
-    def _stored(self, key: BucketKey) -> bytes | None:
+    def _stored(self, key: BucketKey, raw_key: bytes) -> bytes | None:
         """The bucket's counts as stored now, encoded (None if it has none yet): written
-        by an earlier eviction of this batch, or committed before it."""
+        by an earlier eviction of this batch, or committed before it. `raw_key` is its
+        count_key."""
         kind, stream, bucket = key
         if self.written.get(key) != self.version:
             listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
                        ).get(stream, [])
             if not listed(listing, bucket):
                 return None
-        raw = self.reader.get("events", count_key(kind, bucket, stream))
+        raw = self.reader.get("events", raw_key)
         if raw is None:
             raise StoreError(f"event count bucket {key!r} is missing from the store")
         return raw
@@ -619,16 +629,21 @@ class EventBatch:
         rank[sorted(range(len(names)), key=lambda i: names[i].encode())] = \
             np.arange(len(names))
         order = np.lexsort((rank[streams], buckets, codes >> 62)).tolist()
+        stream_list = streams.tolist()
         keys = [(KIND_OF[k], names[s], b)
-                for k, s, b in zip(kinds, streams.tolist(), buckets.tolist(), strict=True)]
-        values = _summed(bounds, profiles, rows, [self._stored(key) for key in keys])
+                for k, s, b in zip(kinds, stream_list, buckets.tolist(), strict=True)]
+        texts = [name.encode() for name in names]
+        raw_keys = [head + texts[s] for head, s in
+                    zip(_count_heads(codes >> 62, buckets), stream_list, strict=True)]
+        values = _summed(bounds, profiles, rows,
+                         [self._stored(k, raw) for k, raw in zip(keys, raw_keys, strict=True)])
         written, version = self.written, self.version
         items: list[tuple[bytes, bytes]] = []
         size = 0
         for i in order:
-            kind, stream, bucket = key = keys[i]
+            key = keys[i]
             value = values[i]
-            items.append((count_key(kind, bucket, stream), value))
+            items.append((raw_keys[i], value))
             size += len(value)
             written[key] = version
             if len(items) == PUT_ITEMS or size >= PUT_BYTES:
