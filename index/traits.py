@@ -33,7 +33,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MIN
-from bitseg.index.engine import Engine, as_of_micros
+from bitseg.index.engine import Also, Engine, as_of_micros
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, bitmap_of, ids_of
 from bitseg.index.order_index import OrderIndex
@@ -445,9 +445,11 @@ class RefreshReport:
 
 
 def refresh(engine: Engine, config: Any = None, *, as_of: Any = None,
-            cuts: Mapping[str, list[int]] | None = None) -> RefreshReport:
+            cuts: Mapping[str, list[int]] | None = None, also: Also | None = None
+            ) -> RefreshReport:
     """Recompute the declared traits and write the changed ones in one transaction
-    (`cuts`: the RFM quintiles' cut points over every shard, see compute)."""
+    (`cuts`: the RFM quintiles' cut points over every shard, see compute; `also`: run
+    in that transaction when there is one, as the sharded front unstages a refresh)."""
     traits = parse_config(config)
     as_of_us = as_of_micros(as_of)
     engine.declare_schema({"profiles": {name: TYPES[name] for name in traits}},
@@ -467,7 +469,7 @@ def refresh(engine: Engine, config: Any = None, *, as_of: Any = None,
         _update_indexes(writers, snap, per_trait)
         return writers, snap.schema, bitmap_of(dense)
 
-    engine.write_columns(build)
+    engine.write_columns(build, also=also)
     return RefreshReport(T.format_timestamp(as_of_us), found["profiles"], found["changed"],
                          found["holders"])
 

@@ -19,8 +19,9 @@
   one store cuts them (traits.quintile_cuts); each shard then scores its buyers by those
   cut points. The refresh is a staged kind too: to prepare, a shard checks the config
   and that the trait fields' types fit its schema (the only refusals a refresh has);
-  after the decision it computes and writes its traits. A refresh changes nothing but
-  the trait fields, so when one is applied again after a crash it writes nothing new.
+  after the decision it computes and writes its traits, removing the staged copy in
+  the same transaction (on its own when nothing changed). A refresh changes nothing
+  but the trait fields, so one applied again after a crash writes nothing new.
 - `serve --shards N --traits-every S`: ShardTraitsScheduler, the one store's scheduler
   refreshing through the front.
 
@@ -85,17 +86,20 @@ def check(engine: Any, kind: str, payload: dict[str, Any]) -> dict[str, dict[str
 def apply(engine: Any, key: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """A shard's apply of a staged action or refresh (decided to commit), the staged key
     removed with it; its numbers as a dict."""
-    if kind == TRAITS:
-        report = traits.refresh(engine, payload["config"], as_of=payload["as_of"],
-                                cuts=payload["cuts"])
-        with engine.store.write() as txn:  # after: a refresh applied twice writes nothing
-            engine.store.delete(txn, "meta", key.encode())
-        return dataclasses.asdict(report)
+    unstaged: list[bool] = []
 
     def unstage(txn: Any, snapshot: Any) -> dict[str, Any]:
-        engine.store.delete(txn, "meta", key.encode())  # with the action, atomically
+        engine.store.delete(txn, "meta", key.encode())  # with the change, atomically
+        unstaged.append(True)
         return {}
 
+    if kind == TRAITS:
+        report = traits.refresh(engine, payload["config"], as_of=payload["as_of"],
+                                cuts=payload["cuts"], also=unstage)
+        if not unstaged:  # nothing changed, so no transaction: unstaged on its own
+            with engine.store.write() as txn:  # (a refresh applied twice writes nothing)
+                engine.store.delete(txn, "meta", key.encode())
+        return dataclasses.asdict(report)
     done = bulk.run(engine, _action(payload), as_of=payload["as_of"], stamp=payload["stamp"],
                     also=unstage)
     return {"members": done.members, "changed": done.changed, "entry": done.entry}
