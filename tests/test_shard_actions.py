@@ -11,6 +11,8 @@ the store is open again.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -350,3 +352,23 @@ def test_serve_shards_refreshes_traits_on_a_schedule(tmp_path: Path) -> None:
             assert int(done.stdout.strip().replace(",", "")) == holders > 0
         finally:
             assert server.stop() == 0
+
+
+@pytest.mark.parametrize("when", ["after_prepare", "after_decision"])
+def test_a_shard_killed_between_the_phases_applies_the_action_when_back(
+        tmp_path: Path, ray_runtime: Any, when: str) -> None:  # noqa: F811
+    front = Front(ShardSet.on_ray(new_sharded_store(tmp_path / "db", 3)))
+    try:
+        front.client.upsert_profiles([[{"id": f"k{i}", "plan": "free"} for i in range(20)]])
+        pid = front.shards.call(1, "pid")
+        setattr(front.writes, when, lambda txid: os.kill(pid, signal.SIGKILL))
+        done = front.client.bulk_action("set", "plan", "gold", rule={"all": True})
+        setattr(front.writes, when, None)
+        assert (done["members"], done["changed"]) == (20, 20)  # acknowledged: every shard
+        assert front.shards.call(1, "pid") != pid  # Ray restarted it, it applied the action
+        assert front.client.count({"field": "plan", "op": "eq", "value": "gold"}) == 20
+        assert [(e["id"], e["members"], e["changed"]) for e in front.client.actions()] == \
+            [(1, 20, 20)]
+        assert [s for _, _, s in state(front.shards)] == [[], [], []]
+    finally:
+        front.close()
