@@ -197,3 +197,19 @@ def test_a_message_that_is_not_json_is_named_after_the_batches_before_it(
         assert str(failed.value).startswith("batch 3 (2 before it committed): record 2")
         assert context.trailing == ((service.COMMITTED_KEY, "2"),)
         assert engine.count({"event": "view"}) == 6
+
+
+def test_a_files_lines_sent_as_read_are_one_block_as_they_are() -> None:
+    """Lines read from a file keep their line break; joined as they are they are the
+    block (the usual stream), and its records are the texts as sent."""
+    from bitseg.loaders.columnar import _lines_of, _read_lines
+
+    texts = ['{"id": "a", "n": 1}\n', '{"id": "b", "n": 2.5}\n', '{"id": "é"}\n']
+    assert _lines_of(texts[:2]) == "".join(texts[:2]).encode()
+    assert _lines_of(texts) == '{"id": "a", "n": 1}\n{"id": "b", "n": 2.5}\n{"id": "é"}'.encode()
+    [block] = texts_block(texts[:2])
+    assert block.rows == 2 and [r for _, r in block.records(None)] == [
+        {"id": "a", "n": 1}, {"id": "b", "n": 2.5}]
+    for odd in (['{"id": "a"}\n', ' \n'], ['{"id": "a"}\n', '{"id":\n"b"}\n'],
+                ['{"id": "a"}\n', '{"id": "b"}'], ['{"id": "a"}\n', '\n']):
+        assert _read_lines(odd) is None  # the general way decides
