@@ -4,11 +4,11 @@ A plain actor call submits a task per shard and waits on Ray's object store: ~1.
 for two actors on a 2-core machine, whatever the shards do. A compiled graph
 (`ray.dag`, `experimental_compile`) starts one loop in each actor (in Ray's system
 concurrency group, so the actor's own threads still take every other call) and passes
-the request and the answers through shared-memory channels: ~0.2-0.3 ms for two actors.
+the request and the answers through shared-memory channels: ~0.2-0.5 ms for two actors.
 
 Its costs, and what this module does about them:
-- an actor's graph loop spins while it waits (measured: about a core per actor when
-  idle, and with 4 clients counting at once 5-20% fewer Counts a second than plain
+- an actor's graph loop spins while it waits (measured: 0.4-0.9 of a core per idle
+  actor, and with 4 clients counting at once 5-20% fewer Counts a second than plain
   tasks, whose threads it takes CPU from). So the graph serves a lone caller: it is
   built when a second fast call comes within GRAPH_IDLE_SECONDS of the one before, in a
   thread of its own (the calls meanwhile take the plain path), torn down after
