@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from array import array
 from bisect import insort
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
@@ -121,48 +121,47 @@ def _encoded(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray) -> list
     return out
 
 
-def _summed(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray,
-            stored: list[bytes | None]) -> list[bytes]:
-    """The bytes of each bucket's count index: its runs (profiles[bounds[i]:bounds[i +
-    1]] with their rows) plus its `stored` counts (encoded; None: none). Small stored
+def _summed(bounds: np.ndarray, cut: list[int], profiles: np.ndarray, rows: np.ndarray,
+            which: list[int], stored: list[bytes | None]) -> list[bytes]:
+    """The bytes of the count index of each bucket i in `which`: its runs
+    (profiles[bounds[i]:bounds[i + 1]] with their rows; `cut` is bounds as a list) plus
+    its stored counts (`stored`, encoded, in the same order; None: none). Small stored
     buckets are read back into runs and merged in numpy (MERGE_BYTES), so they are
     written as one batch of all their rows would write them; a larger one is added to
     with bitmaps."""
-    if all(raw is None for raw in stored):
-        return _encoded(bounds, profiles, rows)
-    out: list[bytes | None] = [None] * len(stored)
-    part: list[int] = []
-    held = 0  # runs and stored profiles (about 2 bytes each) in `part`
-    runs = np.diff(bounds).tolist()
-    for i, raw in enumerate(stored):
+    out: list[bytes | None] = [None] * len(which)
+    part: list[int] = []  # positions in `which` to merge in numpy
+    held = 0  # their runs and stored profiles (about 2 bytes each)
+    for n, (i, raw) in enumerate(zip(which, stored, strict=True)):
+        a, b = cut[i], cut[i + 1]
         if raw is not None and (len(raw) > MERGE_BYTES or raw[4:8] != _NO_RUNS_COOKIE):
-            a, b = bounds[i], bounds[i + 1]
-            out[i] = encode_counts(add_counts(decode_counts(raw),
+            out[n] = encode_counts(add_counts(decode_counts(raw),
                                               count_index(profiles[a:b], rows[a:b])))
             continue
-        part.append(i)
-        held += runs[i] + (len(raw) // 2 if raw is not None else 0)
+        part.append(n)
+        held += b - a + (len(raw) // 2 if raw is not None else 0)
         if held >= ENCODE_RUNS:
-            _merge_into(out, part, bounds, profiles, rows, stored)
+            _merge_into(out, part, which, bounds, profiles, rows, stored)
             part, held = [], 0
     if part:
-        _merge_into(out, part, bounds, profiles, rows, stored)
+        _merge_into(out, part, which, bounds, profiles, rows, stored)
     return out  # type: ignore[return-value]  # every bucket was given its bytes
 
 
-def _merge_into(out: list[bytes | None], part: list[int], bounds: np.ndarray,
-                profiles: np.ndarray, rows: np.ndarray, stored: list[bytes | None]) -> None:
-    """out[i] for the buckets i in `part` (ascending): their runs merged with their
-    stored ones."""
-    which = np.array(part, dtype=np.int64)
-    sizes = bounds[which + 1] - bounds[which]
+def _merge_into(out: list[bytes | None], part: list[int], which: list[int],
+                bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray,
+                stored: list[bytes | None]) -> None:
+    """out[n] for the positions n in `part`: the runs of bucket which[n] merged with
+    its stored ones."""
+    chosen = np.array([which[n] for n in part], dtype=np.int64)
+    sizes = bounds[chosen + 1] - bounds[chosen]
     new_bounds = np.concatenate(([0], np.cumsum(sizes)))
-    at = np.repeat(bounds[which] - new_bounds[:-1], sizes) + \
+    at = np.repeat(bounds[chosen] - new_bounds[:-1], sizes) + \
         np.arange(int(new_bounds[-1]), dtype=np.int64)
-    old = stored_runs([stored[i] or b"" for i in part])
+    old = stored_runs([stored[n] or b"" for n in part])
     summed = merged(*old, new_bounds, profiles[at], rows[at])
-    for i, value in zip(part, _encoded(*summed), strict=True):
-        out[i] = value
+    for n, value in zip(part, _encoded(*summed), strict=True):
+        out[n] = value
 
 
 def _count_heads(kinds: np.ndarray, buckets: np.ndarray) -> list[bytes]:
@@ -590,16 +589,17 @@ class EventBatch:
             self.stream_names.append(stream)
         return found
 
-    def _stored(self, key: BucketKey, raw_key: bytes) -> bytes | None:
-        """The bucket's counts as stored now, encoded (None if it has none yet): written
-        by an earlier eviction of this batch, or committed before it. `raw_key` is its
-        count_key."""
+    def _is_stored(self, key: BucketKey) -> bool:
+        """Whether the bucket has counts stored already: written by an earlier eviction
+        of this batch, or committed before it."""
         kind, stream, bucket = key
-        if self.written.get(key) != self.version:
-            listing = (self.index.stream_days if kind == b"d" else self.index.stream_months
-                       ).get(stream, [])
-            if not listed(listing, bucket):
-                return None
+        if self.written.get(key) == self.version:
+            return True
+        return listed((self.index.stream_days if kind == b"d" else self.index.stream_months
+                       ).get(stream, []), bucket)
+
+    def _stored(self, key: BucketKey, raw_key: bytes) -> bytes:
+        """The stored counts of a bucket that has them (its count_key: `raw_key`)."""
         raw = self.reader.get("events", raw_key)
         if raw is None:
             raise StoreError(f"event count bucket {key!r} is missing from the store")
@@ -635,21 +635,42 @@ class EventBatch:
         texts = [name.encode() for name in names]
         raw_keys = [head + texts[s] for head, s in
                     zip(_count_heads(codes >> 62, buckets), stream_list, strict=True)]
-        values = _summed(bounds, profiles, rows,
-                         [self._stored(k, raw) for k, raw in zip(keys, raw_keys, strict=True)])
         written, version = self.written, self.version
         items: list[tuple[bytes, bytes]] = []
         size = 0
-        for i in order:
-            key = keys[i]
-            value = values[i]
+        for i, value in self._values(order, keys, raw_keys, bounds, profiles, rows):
             items.append((raw_keys[i], value))
             size += len(value)
-            written[key] = version
+            written[keys[i]] = version
             if len(items) == PUT_ITEMS or size >= PUT_BYTES:
                 self.store.put_many(self.txn, "events", items, overwrite=True)
                 items, size = [], 0
         self.store.put_many(self.txn, "events", items, overwrite=True)
+
+    def _values(self, order: list[int], keys: list[BucketKey], raw_keys: list[bytes],
+                bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray
+                ) -> Iterator[tuple[int, bytes]]:
+        """(bucket, its bytes) in `order`: its runs added to its stored counts. The
+        stored ones are read and summed PUT_ITEMS buckets or PUT_BYTES of them at a time,
+        so that a chunk's stored buckets are never all held at once."""
+        stored = [self._is_stored(key) for key in keys]
+        if not any(stored):  # (a load into a store without events: every bucket new)
+            encoded = _encoded(bounds, profiles, rows)
+            yield from ((i, encoded[i]) for i in order)
+            return
+        cut = bounds.tolist()
+        which: list[int] = []
+        raws: list[bytes | None] = []
+        size = 0
+        for position, i in enumerate(order, 1):
+            raw = self._stored(keys[i], raw_keys[i]) if stored[i] else None
+            which.append(i)
+            raws.append(raw)
+            size += len(raw) if raw is not None else 0
+            if len(which) == PUT_ITEMS or size >= PUT_BYTES or position == len(order):
+                yield from zip(which, _summed(bounds, cut, profiles, rows, which, raws),
+                               strict=True)
+                which, raws, size = [], [], 0
 
     def _list(self, codes: np.ndarray) -> None:
         """Add the buckets to their streams' sorted listings (and mark those to rewrite)."""

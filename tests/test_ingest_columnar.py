@@ -98,14 +98,19 @@ def _counts(store: Path) -> dict[bytes, bytes]:
             if key.startswith(b"c")}
 
 
-@pytest.mark.parametrize("merge_bytes", [event_batch.MERGE_BYTES, 0])
+@pytest.mark.parametrize(("merge_bytes", "put_items"), [
+    (event_batch.MERGE_BYTES, event_batch.PUT_ITEMS), (0, event_batch.PUT_ITEMS),
+    (event_batch.MERGE_BYTES, 7)])
 def test_events_streamed_in_many_batches_store_the_counts_of_one_batch(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge_bytes: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge_bytes: int,
+        put_items: int) -> None:
     """Each batch adds to the buckets the ones before it stored: in the end every
     count bucket holds what one batch of all the events writes, merged in numpy or
-    (merge_bytes 0) every one with bitmaps. (Not always the same bytes: a bucket whose
-    stored bitmap has a run container is added to with bitmaps, which keep it.)"""
+    (merge_bytes 0) every one with bitmaps, the stored ones read PUT_ITEMS at a time.
+    (Not always the same bytes: a bucket whose stored bitmap has a run container is
+    added to with bitmaps, which keep it.)"""
     monkeypatch.setattr(event_batch, "MERGE_BYTES", merge_bytes)
+    monkeypatch.setattr(event_batch, "PUT_ITEMS", put_items)
     read_back: list[int] = []
     monkeypatch.setattr(event_batch, "stored_runs",
                         lambda raws: read_back.append(sum(map(bool, raws))) or stored_runs(raws))
