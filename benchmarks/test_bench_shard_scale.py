@@ -80,7 +80,7 @@ def servers(store: Path, two_shards: tuple[Path, float]) -> Iterator[dict[str, A
         # A range field's layout (index/cumulative.py) is built on a thread at this size,
         # its leaves answering from the bit slices meanwhile: every rule asked once on
         # both starts those builds, and the medians are taken once they are done.
-        for name, rule, as_of in ROWS:
+        for _, rule, as_of in ROWS:
             for _, client, _ in made:
                 client.count(rule, as_of=as_of)
         time.sleep(SETTLE_SECONDS)
