@@ -285,7 +285,8 @@ def test_a_bad_line_names_the_input_file_and_line(tmp_path: Path) -> None:
         ("events.jsonl", 6, "profile")
 
 
-def test_a_failed_new_sharded_load_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compress", [False, True])  # the split's copies gzip'd or not
+def test_a_failed_new_sharded_load_leaves_nothing(tmp_path: Path, compress: bool) -> None:
     records = make_dataset(tmp_path / "data", seed=5, profiles=30)
     events = tmp_path / "data" / "events.jsonl"
     lines = events.read_bytes().splitlines()
@@ -294,8 +295,9 @@ def test_a_failed_new_sharded_load_leaves_nothing(tmp_path: Path) -> None:
     lines[7] = orjson.dumps(bad)
     events.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DataError) as caught:
-        load_sharded(tmp_path / "data", tmp_path / "db", 2)
-    assert (caught.value.file, caught.value.line) == ("events.jsonl", 8)
+        load_sharded(tmp_path / "data", tmp_path / "db", 2, compress=compress)
+    assert (caught.value.file, caught.value.line, caught.value.field) == \
+        ("events.jsonl", 8, "ts")
     assert f"shard {shard_of(bad['profile'], 2)}" in str(caught.value)
     assert not (tmp_path / "db").exists()
     # the line map agrees with a direct look
