@@ -293,9 +293,8 @@ def test_counts_do_not_build_the_range_they_count(tmp_path, monkeypatch):
         assert [engine.count(r, as_of=AS_OF) for r in (alone, inside)] == expected
 
 
-def _count_and_members(tmp_path, monkeypatch, records, rule, expected) -> list:
-    """Count and members of `rule` over `records` checked against `expected`; the rule
-    nodes the evaluator made into bitmaps on the way."""
+def _spy_bitmaps(monkeypatch) -> list:
+    """The rule nodes the evaluator makes into bitmaps from now on, in order."""
     built: list = []
     original = Evaluator._bitmap
 
@@ -304,6 +303,13 @@ def _count_and_members(tmp_path, monkeypatch, records, rule, expected) -> list:
         return original(self, r)
 
     monkeypatch.setattr(Evaluator, "_bitmap", spy)
+    return built
+
+
+def _count_and_members(tmp_path, monkeypatch, records, rule, expected) -> list:
+    """Count and members of `rule` over `records` checked against `expected`; the rule
+    nodes the evaluator made into bitmaps on the way."""
+    built = _spy_bitmaps(monkeypatch)
     with _engine(tmp_path / "x", records) as engine:
         engine.cache_results = False
         assert engine.count(rule, as_of=AS_OF) == len(expected)
@@ -372,14 +378,7 @@ def test_a_count_of_negations_only_builds_no_whole_bin_range(tmp_path, monkeypat
     last, in between; with 0, 1 or 3 other negated values (A); with profiles that have
     no key, after updates and deletes.  Counts and members match a plain reading."""
     force(monkeypatch, "exact")
-    built: list = []
-    original = Evaluator._bitmap
-
-    def spy(self, r):
-        built.append(r)
-        return original(self, r)
-
-    monkeypatch.setattr(Evaluator, "_bitmap", spy)
+    built = _spy_bitmaps(monkeypatch)
     state = {f"p{i}": {**({"n0": i % 11} if i % 5 else {}), "kw0": f"k{i % 4}",
                        "flag0": i % 3 == 0} for i in range(300)}
     values = [("kw0", "k1"), ("flag0", True), ("kw0", "k3")][:others]
