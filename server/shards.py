@@ -22,6 +22,7 @@ again that way, of every shard: the answer is still every shard's, or ShardUnava
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 import re
@@ -34,6 +35,8 @@ from bitseg.index.errors import BitsegError, SchemaError, StoreError
 from bitseg.index.schema import Schema
 from bitseg.index.shard_key import shard_of
 from bitseg.server.service import ShardUnavailable
+
+log = logging.getLogger(__name__)
 
 RESTARTS = -1  # Ray restarts a dead shard actor without limit
 ACTOR_THREADS = 8  # calls a shard actor runs at once (the engine's readers never wait)
@@ -358,6 +361,26 @@ def rebuilt_error(data: tuple[str, str, str, dict[str, Any]]) -> Exception:
 
 
 # ---------------------------------------------------------------------- the set of shards
+RAY_STARTS = 3  # tries at a local runtime whose processes start too slowly
+
+
+def start_ray(ray: Any, **init: Any) -> None:
+    """ray.init, quietly (no dashboard, no log forwarding); a local runtime whose GCS or
+    raylet did not start within Ray's own timeout (a busy machine: it waits ~30 s for
+    their files) is shut down and started again, up to RAY_STARTS times."""
+    for attempt in range(1, RAY_STARTS + 1):
+        try:
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
+                     **init)
+            return
+        except Exception as exc:  # Ray raises RuntimeError or its own for these
+            ray.shutdown()
+            if attempt == RAY_STARTS or init.get("address") is not None \
+                    or "timed out" not in str(exc).lower():
+                raise
+            log.warning("Ray's local runtime did not start in time (%s); again", exc)
+
+
 class ShardSet:
     """The shards of one store, in process or as Ray actors; `call` and `each` reach
     them and raise what a shard raised."""
@@ -402,8 +425,7 @@ class ShardSet:
         starts a local runtime when None (unless Ray already runs in this process)."""
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False, **(init or {}))
+            start_ray(ray, address=address, **(init or {}))
         actor = ray.remote(num_cpus=0, max_restarts=RESTARTS, max_task_retries=0,
                            max_concurrency=ACTOR_THREADS, scheduling_strategy="SPREAD")(Shard)
         actors = [actor.remote(str(path), index) for index, path in enumerate(paths)]

@@ -36,7 +36,7 @@ from bitseg.server.service import SegmentsServicer, ShardUnavailable
 from bitseg.server.shard_reads import merge_top
 from bitseg.server.shard_segments import refresh_scheduler
 from bitseg.server.shard_service import ShardedServicer
-from bitseg.server.shards import ShardSet
+from bitseg.server.shards import ShardSet, start_ray
 
 PROFILES = 48
 BEST = {"top": {"n": 5, "by": "n"}}
@@ -375,8 +375,7 @@ def test_top_segments_on_ray_are_one_stores(plain: Plain, tmp_path: Path) -> Non
     ray = pytest.importorskip("ray")  # the dev extra installs it (pyproject: shards)
     mine = not ray.is_initialized()  # another module's runtime may still be up
     if mine:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        start_ray(ray, num_cpus=2)
     try:
         sharded(tmp_path, 2).close()
         front = Front(ShardSet.on_ray([str(shard_folder(tmp_path / "db2", s))

@@ -30,7 +30,7 @@ from bitseg.loaders.columnar import texts_block
 from bitseg.loaders.split import shard_folder
 from bitseg.server.shard_store import Manifest, write_manifest
 from bitseg.server.shard_writes import DECISIONS, recover, split_records, writes_for
-from bitseg.server.shards import ShardSet
+from bitseg.server.shards import ShardSet, start_ray
 
 UTC = timezone.utc
 AS_OF = "2026-11-01T00:00:00Z"
@@ -143,15 +143,7 @@ def state(shards: ShardSet) -> list[tuple[int, int, list[str]]]:
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[Any]:
     ray = pytest.importorskip("ray")  # the dev extra installs it (pyproject: shards)
-    for attempt in (1, 2):  # a raylet that took over Ray's 30 s to start on a busy machine
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
-            break
-        except Exception as exc:
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
-            ray.shutdown()
+    start_ray(ray, num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -43,7 +43,7 @@ from bitseg.server.shard_store import (
     read_manifest,
     write_manifest,
 )
-from bitseg.server.shards import ShardSet
+from bitseg.server.shards import RAY_STARTS, ShardSet, start_ray
 
 UTC = timezone.utc
 AS_OF = "2026-11-01T00:00:00Z"
@@ -213,8 +213,7 @@ def make_segments(client: Client) -> None:
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[Any]:
     ray = pytest.importorskip("ray")  # the dev extra installs it (pyproject: shards)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    start_ray(ray, num_cpus=2)
     yield ray
     ray.shutdown()
 
@@ -754,3 +753,38 @@ def test_without_ray_more_shards_say_how_to_install_it(
     shutil.rmtree(shard_folder(tmp_path / "db", 1))
     with pytest.raises(StoreError, match="no shard store at .*shard-1"):
         open_shards(tmp_path / "db")
+
+
+class SlowRay:
+    """A stand-in for the ray module's init/shutdown whose local runtime fails to start
+    `failures` times with `error` (start_ray's policy, not Ray, is what is checked)."""
+
+    def __init__(self, failures: int, error: str) -> None:
+        self.failures, self.error = failures, error
+        self.inits: list[dict] = []
+        self.shutdowns = 0
+
+    def init(self, **kwargs: Any) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.failures:
+            raise RuntimeError(self.error)
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_local_ray_runtime_that_starts_too_slowly_is_started_again() -> None:
+    slow = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y"
+    ray = SlowRay(RAY_STARTS - 1, slow)
+    start_ray(ray, num_cpus=2)
+    assert len(ray.inits) == RAY_STARTS and ray.shutdowns == RAY_STARTS - 1
+    assert ray.inits[-1]["num_cpus"] == 2 and ray.inits[-1]["log_to_driver"] is False
+    never = SlowRay(RAY_STARTS, slow)
+    with pytest.raises(RuntimeError, match="Timed out"):
+        start_ray(never)
+    assert len(never.inits) == RAY_STARTS
+    for failing, kwargs in ((SlowRay(1, "no such file"), {}),  # not a timeout
+                            (SlowRay(1, slow), {"address": "10.0.0.1:6379"})):  # a cluster
+        with pytest.raises(RuntimeError):
+            start_ray(failing, **kwargs)
+        assert len(failing.inits) == 1
