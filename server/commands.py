@@ -1136,7 +1136,8 @@ def _register_segment(subparsers: Any, remote_opts: argparse.ArgumentParser,
         "split", parents=[remote_opts, as_of],
         help="split a segment (or --rule) into disjoint static segments by sample buckets")
     split.add_argument("name", help="the segment to split (with --rule: the base name)")
-    split.add_argument("--salt", required=True, help="the sample salt (docs/rules.md, Random samples)")
+    split.add_argument("--salt", required=True,
+                       help="the sample salt (docs/rules.md, Random samples)")
     split.add_argument("--into", required=True, metavar="LABEL:PCT,...",
                        help="e.g. a:45,b:45,control:10: NAME-a = buckets 0-45 %%, "
                        "NAME-b = 45-90 %%, NAME-control = 90-100 %%")
