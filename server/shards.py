@@ -248,28 +248,11 @@ class Shard:
         return export_part(self.engine, segment, fields, require, fmt, header)
 
     # ---------------------------------------------------------------- segments
-    def do_create_segment(self, name: str, kind: str, rule: Any, ids: list[str],
-                          as_of: datetime, tags: list[str]) -> tuple[Any, Any]:
-        return self.segments.create(name, kind, rule=rule, ids=ids, as_of=as_of, tags=tags)
-
-    def do_split_segment(self, name: str, salt: str, parts: list[tuple[str, Any]], rule: Any,
-                         prefix: str | None, as_of: datetime) -> list[tuple[Any, Any]]:
-        from bitseg.index.split import split_segment
-
-        return split_segment(self.segments, name, salt, parts, rule=rule, prefix=prefix,
-                             as_of=as_of)
-
     def do_edit_segment(self, name: str, ids: list[str], adding: bool) -> Any:
         return (self.segments.add if adding else self.segments.remove)(name, ids)
 
     def do_delete_segment(self, name: str) -> None:
         self.segments.delete(name)
-
-    def do_refresh_segment(self, name: str, as_of: datetime) -> Any:
-        return self.segments.refresh(name, as_of=as_of)
-
-    def do_update_segment(self, name: str, rule: Any, as_of: datetime) -> tuple[Any, Any]:
-        return self.segments.update(name, rule=rule, as_of=as_of)
 
     def do_retag_segment(self, name: str, add: list[str], remove: list[str]) -> Any:
         return self.segments.retag(name, add=add, remove=remove)

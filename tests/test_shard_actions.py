@@ -228,8 +228,9 @@ def test_a_refused_action_changes_no_shard(tmp_path: Path) -> None:
             client.bulk_action("set", "plan", "gold", segment="ghost")
         assert caught.value.code == "NOT_FOUND"
         # a segment only shards 0 and 1 have: shard 2 refuses, 0 and 1 change nothing
-        shards.these([0, 1], "create_segment",
-                     [("half", "dynamic", {"all": True}, [], T0, [])] * 2)
+        shards.these([0, 1], "segment_change", [
+            ("create", {"name": "half", "kind": "dynamic", "rule": {"all": True}, "as_of": T0})
+        ] * 2)
         before = state(shards)
         with pytest.raises(ClientError) as caught:
             client.bulk_action("set", "plan", "gold", segment="half")

@@ -407,7 +407,8 @@ def test_definition_changes_reach_every_shard_or_none(three: Front) -> None:
     assert point.size == 19 and point.cause == "record"
     # a segment shard 2 lacks (as a crash between create and its rollback could leave):
     # the change reaches shards 0 and 1, fails on 2, and 0 and 1 are put back
-    shards.these([0, 1], "create_segment", [("half", "dynamic", {"all": True}, [], T0, [])] * 2)
+    shards.these([0, 1], "segment_change", [
+        ("create", {"name": "half", "kind": "dynamic", "rule": {"all": True}, "as_of": T0})] * 2)
     with pytest.raises(ClientError) as caught:
         client.update_segment("half", {"field": "n", "op": "lt", "value": 15})
     assert caught.value.code == "NOT_FOUND"

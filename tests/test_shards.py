@@ -460,8 +460,8 @@ def test_a_segment_create_that_fails_on_one_shard_leaves_it_on_none(
     shards = three.shards
     # a shard that already has the name (as a crash between create and rollback would
     # leave it): shard 0 creates, shard 2 refuses, shard 0 and 1 are rolled back
-    shards.call(2, "create_segment", "clash", "dynamic", {"all": True}, [],
-                datetime.now(UTC), [])
+    shards.call(2, "segment_change", "create", {"name": "clash", "kind": "dynamic",
+                                                "rule": {"all": True}, "as_of": datetime.now(UTC)})
     with pytest.raises(ClientError) as caught:
         three.client.create_segment("clash", "dynamic", {"all": True})
     assert caught.value.code == "ALREADY_EXISTS"
