@@ -43,25 +43,16 @@ from bitseg.index import bulk, traits
 from bitseg.index import types as T
 from bitseg.index.bulk import BulkAction, BulkResult
 from bitseg.index.engine import as_of_micros
-from bitseg.index.errors import StoreError
 from bitseg.index.traits import RFM, RefreshReport
 from bitseg.index.traits_schedule import TraitsScheduler
 from bitseg.server.service import Unimplemented
 from bitseg.server.shard_segments import has_top
-from bitseg.server.shard_writes import Split, writes_for
+from bitseg.server.shard_writes import Split, schema_after, writes_for
 
 BULK = "bulk"  # staged kinds of shard_writes
 TRAITS = "traits"
 KINDS = frozenset({BULK, TRAITS})
 SUMMED = ("members", "changed", "version")  # an audit entry's numbers, over the shards
-
-
-class _Checked(Exception):
-    """Ends a shard's check of an action after every check passed, aborting its write."""
-
-    def __init__(self, schema: dict[str, dict[str, str]]) -> None:
-        super().__init__("checked")
-        self.schema = schema
 
 
 # ---------------------------------------------------------------------- a shard's side
@@ -72,15 +63,9 @@ def check(engine: Any, kind: str, payload: dict[str, Any]) -> dict[str, dict[str
         declared = {name: traits.TYPES[name] for name in traits.parse_config(payload["config"])}
         return engine.schema.declare({"profiles": declared}, source="traits").to_json()
 
-    def stop(txn: Any, snapshot: Any) -> dict[str, Any]:
-        raise _Checked(snapshot.schema.to_json())
-
-    try:
-        bulk.run(engine, _action(payload), as_of=payload["as_of"], stamp=payload["stamp"],
-                 also=stop)
-    except _Checked as done:
-        return done.schema
-    raise StoreError("a bulk action's check was committed")  # never: stop raises
+    return schema_after(lambda also: bulk.run(engine, _action(payload), as_of=payload["as_of"],
+                                              stamp=payload["stamp"], also=also),
+                        "a bulk action's check")
 
 
 def apply(engine: Any, key: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -145,14 +145,22 @@ def staged(engine: Any) -> list[str]:
 
 
 def _dry_run(engine: Any, kind: str, messages: list[list[str]]) -> dict[str, dict[str, str]]:
+    return schema_after(lambda also: _apply(engine, kind, messages, also),
+                        f"{kind}: the dry run of a batch")
+
+
+def schema_after(write: Callable[[Callable[[Any, Any], Any]], Any], what: str
+                 ) -> dict[str, dict[str, str]]:
+    """Run `write(also)`, a write whose transaction calls `also(txn, snapshot)` once
+    every check passed, and abort it there: the schema the shard would have after it."""
     def stop(txn: Any, snapshot: Any) -> dict[str, Any]:
         raise _DryRun(snapshot.schema.to_json())  # every check passed: abort, say the schema
 
     try:
-        _apply(engine, kind, messages, stop)
+        write(stop)
     except _DryRun as done:
         return done.schema
-    raise StoreError(f"{kind}: the dry run of a batch was committed")  # never: stop raises
+    raise StoreError(f"{what} was committed")  # never: stop raises
 
 
 def _apply(engine: Any, kind: str, messages: list[list[str]],
