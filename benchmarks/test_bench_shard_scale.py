@@ -59,7 +59,8 @@ def two_shards(dataset: Path) -> tuple[Path, float]:
 
 @pytest.fixture(scope="module")
 def servers(store: Path, two_shards: tuple[Path, float]) -> Iterator[dict[str, Any]]:
-    """name -> (address, client) of the unsharded server and the 2-shard front."""
+    """name -> (address, client, shards) of the unsharded server (shards None) and the
+    2-shard front."""
     import ray  # `make bench` installs it (the dev extra); a missing Ray fails loudly
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
@@ -84,8 +85,8 @@ def servers(store: Path, two_shards: tuple[Path, float]) -> Iterator[dict[str, A
             for _, client, _ in made:
                 client.count(rule, as_of=as_of)
         time.sleep(SETTLE_SECONDS)
-        yield {name: (address, client) for (name, address), (_, client, _) in
-               zip(found.items(), made, strict=True)}
+        yield {name: (address, client, shards) for (name, address), (_, client, shards)
+               in zip(found.items(), made, strict=True)}
     finally:
         for server, client, shards in made:
             client.close()
@@ -114,9 +115,10 @@ def test_counts_one_store_against_two_shards(servers: dict[str, Any],
                                              two_shards: tuple[Path, float],
                                              bench_report: Any) -> None:
     for name, rule, as_of in ROWS:
-        answers = {k: client.count(rule, as_of=as_of) for k, (_, client) in servers.items()}
+        answers = {k: client.count(rule, as_of=as_of)
+                   for k, (_, client, _) in servers.items()}
         assert len(set(answers.values())) == 1, answers  # the same count, or no timing
-        ms = {k: _median_ms(client, rule, as_of) for k, (_, client) in servers.items()}
+        ms = {k: _median_ms(client, rule, as_of) for k, (_, client, _) in servers.items()}
         target = "<= +1 ms over 1 store" if rule is ALL else "<= 0.6x of 1 store at 10M"
         bench_report.add(TABLE, what=f"Count {name} (median of {CALLS})",
                          one_store=f"{ms['1 store']:.2f} ms", two_shards=f"{ms['2 shards']:.2f} ms",
@@ -128,17 +130,30 @@ def test_counts_one_store_against_two_shards(servers: dict[str, Any],
 
 def test_grpc_throughput_one_store_against_two_shards(servers: dict[str, Any],
                                                       bench_report: Any) -> None:
+    """Concurrent Counts over 2 shards go out in batches (shard_graph.FastReads), through
+    the compiled graph; the same with the graph switched off (batches by actor tasks)."""
     rates = {}
-    for name, (address, client) in servers.items():
+    runs: list[tuple[str, str, Any]] = [(name, name, None) for name in servers]
+    runs.append(("2 shards, batches by tasks", "2 shards", servers["2 shards"][2]))
+    for label, name, switch_off in runs:
+        address, client, _ = servers[name]
         expected = client.count(ATTR_NOT, as_of=AS_OF)
-        wall, latencies = run_clients(address, CLIENTS, REQUESTS, ATTR_NOT, AS_OF, expected,
-                                      timeout=900)
+        graph = switch_off.fast.graph if switch_off is not None else None
+        if switch_off is not None:
+            switch_off.fast.graph = None
+        try:
+            wall, latencies = run_clients(address, CLIENTS, REQUESTS, ATTR_NOT, AS_OF,
+                                          expected, timeout=900)
+        finally:
+            if switch_off is not None:
+                switch_off.fast.graph = graph
         assert len(latencies) == CLIENTS * REQUESTS
-        rates[name] = len(latencies) / wall
+        rates[label] = len(latencies) / wall
         p99 = statistics.quantiles(latencies, n=100)[98]
         bench_report.add(TABLE, what=f"gRPC Count 5 leaves, {CLIENTS} clients x {REQUESTS}, "
-                                     f"{name}", result=f"{rates[name]:,.0f} req/s, "
-                                                       f"p99 {p99 * 1000:.1f} ms")
-    bench_report.add(TABLE, what="gRPC req/s, 2 shards / 1 store",
-                     ratio=f"{rates['2 shards'] / rates['1 store']:.2f}x",
-                     target=">= 1.7x at 10M")
+                                     f"{label}", result=f"{rates[label]:,.0f} req/s, "
+                                                        f"p99 {p99 * 1000:.1f} ms")
+    for label in ("2 shards", "2 shards, batches by tasks"):
+        bench_report.add(TABLE, what=f"gRPC req/s, {label} / 1 store",
+                         ratio=f"{rates[label] / rates['1 store']:.2f}x",
+                         target=">= 1.7x at 10M")

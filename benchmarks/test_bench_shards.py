@@ -63,11 +63,11 @@ def _medians_ms(asks: dict[str, Callable[[], Any]]) -> dict[str, float]:
 def _plainly(client: Client, shards: ShardSet, rule: dict) -> Callable[[], Any]:
     """A Count through the same shards with every call a plain actor task (no graph)."""
     def ask() -> Any:
-        graph, shards.graph = shards.graph, None
+        graph, shards.fast.graph = shards.fast.graph, None
         try:
             return client.count(rule, as_of=AS_OF)
         finally:
-            shards.graph = graph
+            shards.fast.graph = graph
     return ask
 
 

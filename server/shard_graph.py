@@ -1,25 +1,32 @@
-"""Ray's compiled graph over the shard actors: the fast path of the hot fan-out reads.
+"""The fast path of the hot fan-out reads (Count, IsMember) over shard actors on Ray:
+concurrent callers' requests sent together, through Ray's compiled graph when it is up.
 
-A plain actor call submits a task per shard and waits on Ray's object store: ~1.1-1.8 ms
-for two actors on a 2-core machine, whatever the shards do. A compiled graph
-(`ray.dag`, `experimental_compile`) starts one loop in each actor (in Ray's system
-concurrency group, so the actor's own threads still take every other call) and passes
-the request and the answers through shared-memory channels: ~0.2-0.5 ms for two actors.
+Batches (`FastReads`). A plain actor call costs the actor ~1-3 ms of CPU beyond the work
+it carries and the front a task submission per shard, whatever the shards do; with 8
+clients counting at once on a 2-core machine that overhead, not the evaluations, was
+most of the CPU (RESULTS.md, issue 16 at 10M). So one request at a time is out to the
+shards: whoever asks while none is out sends it at once (a lone caller waits for
+nothing), and the requests that come while one is out wait for it and then go out
+together, as one batch: one task (or one graph run) per shard for all of them. Each
+shard answers every request of the batch that is for it, in order, each with its own
+answer or its own error (a bad rule fails its caller alone).
 
-Its costs, and what this module does about them:
-- an actor's graph loop spins while it waits (measured: 0.4-0.9 of a core per idle
-  actor, and with 4 clients counting at once 5-20% fewer Counts a second than plain
-  tasks, whose threads it takes CPU from). So the graph serves a lone caller: it is
-  built when a second fast call comes within GRAPH_IDLE_SECONDS of the one before, in a
-  thread of its own (the calls meanwhile take the plain path), torn down after
-  GRAPH_IDLE_SECONDS without one, and torn down, and not built for CROWD_SECONDS, when
-  two fast calls overlap (concurrent callers are served by plain tasks);
-- `execute` is not thread-safe: one request at a time is in the graph, and a call that
-  finds it busy takes the plain path, never waits;
-- a dead actor closes the graph's channels: the call in flight fails with the shard
-  named when Ray says which actor it was (ShardUnavailable, as the plain path), else it
-  is asked again on the plain path, which names the shard or, once Ray has restarted
-  it, answers; the graph is dropped and built again by later calls.
+The graph (`Graph`). A compiled graph (`ray.dag`, `experimental_compile`) starts one
+loop in each actor (in Ray's system concurrency group, so the actor's own threads still
+take every other call) and passes a batch and the answers through shared-memory
+channels: ~0.2-0.5 ms for two actors, against ~1.1-1.8 ms by tasks. An actor's loop spins
+while it waits (0.4-0.9 of a core per idle actor, measured), so the graph is built when a
+second batch comes within GRAPH_IDLE_SECONDS of the one before, in a thread of its own
+(the batches meanwhile take plain tasks), and torn down after GRAPH_IDLE_SECONDS without
+one. `execute` is not thread-safe: FastReads never has two batches out, and a batch that
+finds the graph being torn down takes plain tasks.
+
+Failures. A dead actor closes the graph's channels. When Ray names it, the requests of
+the batch that needed that shard fail with ShardUnavailable naming it, and the others are
+asked again by plain tasks; a graph failure that names no shard asks the whole batch
+again by plain tasks, which name the shard or, once Ray has restarted it, answer. The
+graph is then dropped and built again by later batches. A shard's answer is never taken
+from a run that failed, so no count is summed from fewer shards than there are.
 """
 
 from __future__ import annotations
@@ -30,57 +37,154 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 GRAPH_IDLE_SECONDS = 2.0
-CROWD_SECONDS = 10.0
+
+Answer = tuple[bool, Any]  # a shard's (True, value) or (False, its error as data)
+Request = tuple  # (shard index or None for every shard, method, *args)
+
+
+class ShardDied(Exception):
+    """Ray named the actor of shard `index` as dead under a graph run."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index)
+        self.index, self.cause = index, cause
+
+
+def wants(request: Request, shard: int) -> bool:
+    """Whether the request needs that shard's answer."""
+    return request[0] is None or request[0] == shard
+
+
+class _Waiter:
+    __slots__ = ("request", "outcome")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.outcome: list[Answer] | BaseException | None = None
+
+
+class FastReads:
+    """Count and IsMember requests, sent to the shards one batch at a time.
+
+    `submit(i, requests)` starts shard i's answers to a batch (a pending handle) and
+    `wait(i, pending)` returns them, or raises ShardUnavailable naming shard i."""
+
+    def __init__(self, count: int, graph: Graph | None,
+                 submit: Callable[[int, list[Request]], Any],
+                 wait: Callable[[int, Any], list[Answer]],
+                 unavailable: Callable[[int, BaseException], Exception]) -> None:
+        self.count = count
+        self.graph = graph
+        self._submit, self._wait, self._unavailable = submit, wait, unavailable
+        self._lock = threading.Condition()
+        self._queue: list[_Waiter] = []
+        self._out = False  # a batch is out to the shards
+        self.batches = 0  # how many were sent (tests and benchmarks read it)
+
+    def ask(self, request: Request) -> list[Answer]:
+        """Every shard's answer to the request ((True, None) from a shard it is not
+        for); raises ShardUnavailable when a shard it needs died under it."""
+        mine = _Waiter(request)
+        with self._lock:
+            self._queue.append(mine)
+            while mine.outcome is None and self._out:
+                self._lock.wait()
+            batch = None
+            if mine.outcome is None:  # nothing out: this caller sends what waits
+                batch, self._queue, self._out = self._queue, [], True
+        if batch is not None:
+            self._send(batch)
+        outcome = mine.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def _send(self, batch: list[_Waiter]) -> None:
+        outcomes: list[list[Answer] | BaseException]
+        try:
+            outcomes = self.answers([w.request for w in batch])
+        except BaseException as exc:  # every waiter learns it, none waits forever
+            outcomes = [exc] * len(batch)
+        with self._lock:
+            for waiter, outcome in zip(batch, outcomes, strict=True):
+                waiter.outcome = outcome
+            self._out = False
+            self.batches += 1
+            self._lock.notify_all()
+
+    def answers(self, requests: list[Request]) -> list[list[Answer] | BaseException]:
+        """Per request, every shard's answer, or the error that failed it."""
+        graph = self.graph
+        if graph is not None:
+            try:
+                ran = graph.run(requests)
+            except ShardDied as died:
+                lost = self._unavailable(died.index, died.cause)
+                rest = [k for k, r in enumerate(requests) if not wants(r, died.index)]
+                again = self._plain([requests[k] for k in rest])
+                outcomes: list[list[Answer] | BaseException] = [lost] * len(requests)
+                for k, outcome in zip(rest, again, strict=True):
+                    outcomes[k] = outcome
+                return outcomes
+            if ran is not None:
+                return [[ran[i][k] for i in range(self.count)]
+                        for k in range(len(requests))]
+        return self._plain(requests)
+
+    def _plain(self, requests: list[Request]) -> list[list[Answer] | BaseException]:
+        """The batch by one actor task per shard it needs (each given its requests)."""
+        if not requests:
+            return []
+        asked = {i: [k for k, r in enumerate(requests) if wants(r, i)]
+                 for i in range(self.count)}
+        pending = {i: self._submit(i, [requests[k] for k in ks])
+                   for i, ks in asked.items() if ks}
+        found: list[list[Answer]] = [[(True, None)] * self.count for _ in requests]
+        failed: list[BaseException | None] = [None] * len(requests)
+        for i, handle in pending.items():
+            try:
+                answered = self._wait(i, handle)
+            except Exception as exc:  # noqa: BLE001 -- the requests that needed shard i fail
+                for k in asked[i]:
+                    failed[k] = failed[k] or exc
+                continue
+            for k, answer in zip(asked[i], answered, strict=True):
+                found[k][i] = answer
+        return [failed[k] or found[k] for k in range(len(requests))]
 
 
 class Graph:
-    """One compiled graph over every shard actor, built and torn down as calls come."""
+    """One compiled graph over every shard actor, built and torn down as batches come."""
 
-    def __init__(self, ray: Any, actors: Sequence[Any],
-                 unavailable: Callable[[int, BaseException], Exception],
-                 idle: float = GRAPH_IDLE_SECONDS, crowd: float = CROWD_SECONDS) -> None:
+    def __init__(self, ray: Any, actors: Sequence[Any], idle: float = GRAPH_IDLE_SECONDS
+                 ) -> None:
         self._ray = ray
         self._actors = list(actors)
         self._ids = {handle._actor_id.hex(): index for index, handle in enumerate(actors)}
-        self._unavailable = unavailable  # the plain path's error for shard i
-        self._idle, self._crowd = idle, crowd
-        self._busy = threading.Lock()  # held while a request is in the graph
+        self._idle = idle
+        self._busy = threading.Lock()  # held while a batch is in the graph
         self._state = threading.Lock()  # held to start the keeper
         self._graph: Any = None  # the compiled graph, when built
         self._keeper: threading.Thread | None = None  # builds, keeps, tears down
         self._stop = threading.Event()
-        self._last = float("-inf")  # when the last fast call came (time.monotonic)
-        self._crowded = float("-inf")  # when two last overlapped
-        self._callers = 0  # fast calls under way
+        self._last = float("-inf")  # when the last batch came (time.monotonic)
         self.built = 0  # how many graphs were built (tests and benchmarks read it)
+        self.runs = 0  # how many batches it carried
 
     @property
     def ready(self) -> bool:
         return self._graph is not None
 
-    def ask(self, request: tuple, plain: Callable[[], list[tuple[bool, Any]]]
-            ) -> list[tuple[bool, Any]]:
-        """Every shard's `call_request(request)` answer: through the graph, or from
-        `plain` (no graph, busy, crowded, or it failed without naming a shard);
-        ShardUnavailable when a shard died under the call in the graph."""
-        with self._state:
-            self._callers += 1
-            crowded = self._callers > 1
-        try:
-            now = time.monotonic()
-            if crowded:
-                self._crowded = now
-            answers = None if crowded else self._through_graph(request, now)
-            return plain() if answers is None else answers
-        finally:
-            with self._state:
-                self._callers -= 1
-
-    def _through_graph(self, request: tuple, now: float) -> list[tuple[bool, Any]] | None:
+    def run(self, requests: list[Request]) -> list[list[Answer]] | None:
+        """Per shard, its answers to every request of the batch ((True, None) to those
+        not for it); None when the batch must take plain tasks (no graph yet, being torn
+        down, or it failed naming no shard); ShardDied when Ray named a dead shard."""
+        now = time.monotonic()
         recent, self._last = now - self._last < self._idle, now
         graph = self._graph
         if graph is None:
-            if recent and now - self._crowded > self._crowd:
+            if recent:
                 self._start()
             return None
         if not self._busy.acquire(blocking=False):
@@ -88,7 +192,9 @@ class Graph:
         try:
             if graph is not self._graph:  # torn down since
                 return None
-            return list(self._ray.get(graph.execute(request), timeout=-1))
+            answers = list(self._ray.get(graph.execute(requests), timeout=-1))
+            self.runs += 1
+            return answers
         except self._ray.exceptions.RayTaskError:
             return None  # a shard's bug: asked again plainly, the error names the shard
         except self._ray.exceptions.RayActorError as exc:
@@ -96,8 +202,8 @@ class Graph:
             index = self._ids.get(exc.actor_id or "")
             if index is None:
                 return None
-            raise self._unavailable(index, exc) from None
-        except Exception:  # noqa: BLE001 -- channels closed: the plain path answers
+            raise ShardDied(index, exc) from None
+        except Exception:  # noqa: BLE001 -- channels closed: plain tasks answer
             self._graph = None
             return None
         finally:
@@ -127,12 +233,12 @@ class Graph:
             self.built += 1
             while not self._stop.wait(self._idle / 8) and self._graph is graph:
                 now = time.monotonic()
-                if now - self._last >= self._idle or now - self._crowded < self._crowd:
+                if now - self._last >= self._idle:
                     break
         except Exception:  # noqa: BLE001 -- an actor not up: the plain path answers
             pass
         finally:
-            with self._busy:  # no request in the graph from here on
+            with self._busy:  # no batch in the graph from here on
                 self._graph = None
             if graph is not None:
                 try:
@@ -145,6 +251,6 @@ class Graph:
     def _compile(self) -> Any:
         from ray.dag import InputNode, MultiOutputNode
 
-        with InputNode() as request:
-            dag = MultiOutputNode([a.call_request.bind(request) for a in self._actors])
+        with InputNode() as requests:
+            dag = MultiOutputNode([a.call_batch.bind(requests) for a in self._actors])
         return dag.experimental_compile()

@@ -12,11 +12,12 @@ ShardUnavailable (gRPC UNAVAILABLE) naming the shard; Ray restarts it (max_resta
 reopens its store, and the next call answers from it. Nothing is retried by the front, so
 a count is never summed from fewer shards than there are.
 
-On Ray, Count and IsMember take Ray's compiled graph (shard_graph: shared-memory channels
-to every actor, no task submission per call) while they are asked often; every other
-call, and these when the graph is busy, building or gone, take one actor task per shard.
-A call the graph fails without Ray naming a dead shard (its channels closed) is asked
-again that way, of every shard: the answer is still every shard's, or ShardUnavailable.
+On Ray, Count and IsMember take the fast path (shard_graph): concurrent callers' requests
+go out together, one batch at a time, through Ray's compiled graph (shared-memory channels
+to every actor, no task submission per call) while batches come often, and by one actor
+task per shard otherwise; every other call takes one actor task per shard. A batch the
+graph fails without Ray naming a dead shard is asked again by tasks, of every shard it
+needs: the answer is still every shard's, or ShardUnavailable.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 RESTARTS = -1  # Ray restarts a dead shard actor without limit
 ACTOR_THREADS = 8  # calls a shard actor runs at once (the engine's readers never wait)
-GRAPH_READS = frozenset({"count", "is_member"})  # the calls shard_graph carries
+FAST_READS = frozenset({"count", "is_member"})  # the calls shard_graph carries
 
 
 
@@ -73,14 +74,12 @@ class Shard:
     def close(self) -> None:
         self.engine.close()
 
-    def call_request(self, request: tuple) -> tuple[bool, Any]:
-        """`call` with its arguments in one tuple, as Ray's compiled graph passes them
-        (shard_graph): (shard, method, *args); every shard is in the graph, and one asked
-        for another shard's answer (IsMember) answers None without doing anything."""
-        shard, method, *args = request
-        if shard is not None and shard != self.index:
-            return True, None
-        return self.call(method, *args)
+    def call_batch(self, requests: list[tuple]) -> list[tuple[bool, Any]]:
+        """`call` of each request of a batch (shard_graph.FastReads), in order: a request
+        is (shard, method, *args), and one for another shard is answered (True, None)
+        without doing anything (every shard is in a compiled graph's run)."""
+        return [self.call(method, *args) if shard is None or shard == self.index
+                else (True, None) for shard, method, *args in requests]
 
     # ---------------------------------------------------------------- reading
     def do_pid(self) -> int:
@@ -378,7 +377,8 @@ class ShardSet:
         self._submit, self._wait, self._close = submit, wait, close
         self._wait_all = wait_all or (lambda pending: [self._wait(i, p)
                                                        for i, p in enumerate(pending)])
-        self.graph: Any = None  # on Ray: the compiled graph of GRAPH_READS (shard_graph)
+        self.fast: Any = None  # on Ray: FAST_READS' batches (shard_graph.FastReads)
+        self.graph: Any = None  # and its compiled graph (shard_graph.Graph)
 
     @classmethod
     def embedded(cls, paths: Sequence[str]) -> ShardSet:
@@ -437,9 +437,9 @@ class ShardSet:
                     errors.ActorDiedError, errors.RayTaskError):
                 return [wait(i, p) for i, p in enumerate(pending)]  # names the shard
 
-        from bitseg.server.shard_graph import Graph
+        from bitseg.server.shard_graph import FastReads, Graph
 
-        graph = Graph(ray, actors, unavailable)
+        graph = Graph(ray, actors)
 
         def close() -> None:
             graph.close()  # its loops leave the actors first
@@ -449,6 +449,9 @@ class ShardSet:
         made = cls(paths, submit, wait, close, wait_all)
         made.actors = actors  # the tests kill one
         made.graph = graph
+        made.fast = FastReads(len(actors), graph,
+                              lambda i, requests: actors[i].call_batch.remote(requests),
+                              wait, unavailable)
         return made
 
     def close(self) -> None:
@@ -456,27 +459,19 @@ class ShardSet:
 
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One shard's answer."""
-        if self.graph is not None and method in GRAPH_READS:
-            def plain() -> list[tuple[bool, Any]]:
-                answer = self._wait(index, self._submit(index, method, args))
-                return [answer if i == index else (True, None) for i in range(self.count)]
-
-            return self._answer(index, self.graph.ask((index, method, *args), plain)[index])
+        if self.fast is not None and method in FAST_READS:
+            return self._answer(index, self.fast.ask((index, method, *args))[index])
         return self._answer(index, self._wait(index, self._submit(index, method, args)))
 
     def each(self, method: str, *args: Any, per_shard: Sequence[tuple] | None = None
              ) -> list[Any]:
         """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
-        argument = per_shard if per_shard is not None else [args] * self.count
-
-        def plain() -> list[tuple[bool, Any]]:
-            return self._wait_all([self._submit(i, method, tuple(argument[i]))
-                                   for i in range(self.count)])
-
-        if per_shard is None and self.graph is not None and method in GRAPH_READS:
-            answers = self.graph.ask((None, method, *args), plain)
+        if per_shard is None and self.fast is not None and method in FAST_READS:
+            answers = self.fast.ask((None, method, *args))
         else:
-            answers = plain()
+            argument = per_shard if per_shard is not None else [args] * self.count
+            answers = self._wait_all([self._submit(i, method, tuple(argument[i]))
+                                      for i in range(self.count)])
         return [self._answer(i, a) for i, a in enumerate(answers)]
 
     def these(self, indices: Sequence[int], method: str, per_shard: Sequence[tuple]

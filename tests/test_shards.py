@@ -537,15 +537,21 @@ def warm_graph(front: Front, rule: dict) -> None:
 
 
 def plain_calls(shards: ShardSet, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The methods the shards are asked through plain actor tasks from now on."""
+    """The methods the shards are asked through plain actor tasks from now on (a batch of
+    Counts and IsMembers by tasks is recorded as its requests' methods)."""
     asked: list[str] = []
-    submit = shards._submit
+    submit, fast = shards._submit, shards.fast._submit
 
     def spy(index: int, method: str, args: tuple) -> Any:
         asked.append(method)
         return submit(index, method, args)
 
+    def spy_batch(index: int, requests: list[tuple]) -> Any:
+        asked.extend(method for _, method, *_ in requests)
+        return fast(index, requests)
+
     monkeypatch.setattr(shards, "_submit", spy)
+    monkeypatch.setattr(shards.fast, "_submit", spy_batch)
     return asked
 
 
@@ -599,32 +605,48 @@ def test_a_shard_killed_under_the_compiled_graph_fails_the_call_then_it_is_built
     assert "count" not in plain and "is_member" not in plain, plain
 
 
-def test_counts_asked_at_once_tear_the_compiled_graph_down(
-        pair: tuple[Front, Front, dict]) -> None:
-    """Concurrent callers are served by plain tasks (an idle graph loop spins, taking CPU
-    from the threads answering them); the graph is not built again for a while."""
-    one, three, _ = pair
-    rule = {"field": "kw", "op": "in", "value": KEYWORDS[:2]}
-    expected = one.client.count(rule, as_of=AS_OF)
-    warm_graph(three, rule)
-    built = three.shards.graph.built
-    found: list[int] = []
-    deadline = time.monotonic() + 30
+def test_counts_asked_at_once_go_out_together_through_the_compiled_graph(
+        pair: tuple[Front, Front, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent callers' Counts and IsMembers are sent in batches, one batch at a time
+    in the graph (shard_graph.FastReads): each caller gets its own answer, and fewer
+    batches go out than calls come."""
+    one, three, records = pair
+    rules = [{"field": "kw", "op": "in", "value": KEYWORDS[:2]},
+             {"event": "view", "having": {"agg": "count", "op": "gte", "value": 2}}]
+    expected = [one.client.count(rule, as_of=AS_OF) for rule in rules]
+    probe = ids_of(records)[:10]
+    members = {(p, k): one.client.is_member(p, rule, as_of=AS_OF)
+               for p in probe for k, rule in enumerate(rules)}
+    warm_graph(three, rules[0])
+    plain = plain_calls(three.shards, monkeypatch)
+    batches, runs = three.shards.fast.batches, three.shards.graph.runs
+    wrong: list[Any] = []
+    calls = [0]
 
-    def ask() -> None:
-        while three.shards.graph.ready and time.monotonic() < deadline:
-            found.append(three.client.count(rule, as_of=AS_OF))
+    def ask(seed: int) -> None:
+        for step in range(30):
+            k = (seed + step) % 2
+            if step % 3:
+                found: Any = three.client.count(rules[k], as_of=AS_OF)
+                want: Any = expected[k]
+            else:
+                profile_id = probe[(seed * 7 + step) % len(probe)]
+                found = three.client.is_member(profile_id, rules[k], as_of=AS_OF)
+                want = members[(profile_id, k)]
+            calls[0] += 1
+            if found != want:
+                wrong.append((seed, step, found, want))
 
-    asking = [threading.Thread(target=ask) for _ in range(3)]
+    asking = [threading.Thread(target=ask, args=(seed,)) for seed in range(4)]
     for thread in asking:
         thread.start()
     for thread in asking:
-        thread.join(60)
-    assert not three.shards.graph.ready, "the graph stayed with 3 callers at once"
-    assert found and set(found) == {expected}
-    for _ in range(4):  # a lone caller again, soon after: plain tasks still
-        assert three.client.count(rule, as_of=AS_OF) == expected
-    assert three.shards.graph.built == built and not three.shards.graph.ready
+        thread.join(120)
+    assert calls[0] == 120 and not wrong, wrong
+    assert three.shards.graph.ready and not plain, plain
+    sent = three.shards.fast.batches - batches
+    assert three.shards.graph.runs - runs == sent
+    assert sent < calls[0], "no two callers' requests went out together"
 
 
 # ---------------------------------------------------------------------- end to end
