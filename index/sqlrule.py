@@ -10,13 +10,16 @@ error naming its path.
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.errors import RuleError
+from bitseg.index.errors import BitsegError, RuleError
 from bitseg.index.ids import MAX_KEY_BYTES
 from bitseg.index.keys import from_u32
 
@@ -298,3 +301,100 @@ def sql_note(rule: SqlRule, snapshot: Any) -> str:
     unknown = unknown_ids(answer, snapshot.live)
     return (f"the query returned {answer.distinct:,} distinct ids, {unknown:,} of them not "
             f"live profiles (ignored); answer {answer.age:.1f} s old")
+
+
+# ---------------------------------------------------------------------- on a shard
+# A sharded store's front runs the queries (server/shard_sources.py); a shard is handed
+# its part of each answer with the call that needs it, and asks for one it lacks.
+Key = tuple[str, str, tuple[Any, ...]]  # (source, query, params)
+Given = dict[Key, tuple[list[str], int, float, bool]]  # ids, distinct, age, fetched fresh
+
+
+class SqlNeeded(BitsegError):
+    """A shard evaluated an sql rule whose answer its call did not carry: the front runs
+    the query and asks again (never seen by a client).  `needed` is plain data:
+    [(source, query, params, path, fresh)]."""
+
+    def __init__(self, needed: list[tuple[str, str, tuple[Any, ...], str, bool]]) -> None:
+        super().__init__("an sql rule reached a shard without its answer (the front of a "
+                         "sharded store runs the queries)")
+        self.needed = needed
+
+
+def key_of(rule: SqlRule) -> Key:
+    return (rule.source, rule.query, rule.params)
+
+
+class GivenIds:
+    """The answers one call to a shard carries: this shard's ids of each query's answer.
+    Mapped to dense ids on first use; `fresh` asks for answers the front re-ran."""
+
+    def __init__(self, given: Given, ids: Any, fresh: bool = False,
+                 mapped: dict[Key, SqlAnswer] | None = None) -> None:
+        self.given = given
+        self._ids = ids
+        self._fresh = fresh
+        self._mapped = {} if mapped is None else mapped
+
+    def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
+        key = key_of(rule)
+        found = self.given.get(key)
+        if found is None or (self._fresh and not found[3]):
+            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
+        answer = self._mapped.get(key)
+        if answer is None:
+            members, unknown = resolve_ids(found[0], self._ids)
+            answer = self._mapped[key] = SqlAnswer(members, unknown, found[1], found[2])
+        return answer
+
+    def fresh(self) -> GivenIds:
+        return GivenIds(self.given, self._ids, True, self._mapped)
+
+
+class CallIds:
+    """A shard engine's provider: the answers of the call this thread runs (set by
+    `carrying`), or SqlNeeded when it carries none."""
+
+    def __init__(self, ids: Any, fresh: bool = False) -> None:
+        self._ids = ids
+        self._fresh = fresh
+
+    def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
+        given = getattr(_CALL, "given", None)
+        if given is None:
+            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
+        return (given.fresh() if self._fresh else given).answer(rule, snapshot)
+
+    def fresh(self) -> CallIds:
+        return CallIds(self._ids, True)
+
+
+_CALL = threading.local()
+
+
+@contextmanager
+def carrying(given: GivenIds) -> Iterator[None]:
+    """This thread's shard call answers sql rules with `given` (see CallIds)."""
+    before = getattr(_CALL, "given", None)
+    _CALL.given = given
+    try:
+        yield
+    finally:
+        _CALL.given = before
+
+
+_NOTE = re.compile(r"the query returned ([\d,]+) distinct ids, ([\d,]+) of them not live "
+                   r"profiles \(ignored\); answer ([\d.]+) s old")
+
+
+def summed_note(notes: list[str]) -> str | None:
+    """The shards' sql_notes of one node as one store's: each shard was given its own
+    part of the answer, so the distinct and unknown ids add up; None if not sql notes."""
+    found = [_NOTE.fullmatch(n) for n in notes]
+    if not found or not all(found):
+        return None
+    distinct = sum(int(m.group(1).replace(",", "")) for m in found if m)
+    unknown = sum(int(m.group(2).replace(",", "")) for m in found if m)
+    age = found[0].group(3) if found[0] else "0.0"
+    return (f"the query returned {distinct:,} distinct ids, {unknown:,} of them not "
+            f"live profiles (ignored); answer {age} s old")

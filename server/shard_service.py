@@ -32,13 +32,18 @@
   shards' entries of one action id merged) and RefreshTraits (the RFM quintiles cut
   over every shard's metrics), each on every shard or none by the same two-phase
   commit: shard_actions.
-- Every other RPC answers UNIMPLEMENTED "<RPC> is not yet supported with --shards",
-  never a wrong answer.
+- {"sql": ...} rules (serve --shards N --sources F) and ListSources: the front holds the
+  sources and runs each query once per RPC, every shard evaluating with its part of the
+  ids (shard_sources); every RPC holds that pin of answers for all its shard calls.
+- An RPC not in SHARDED (none today) answers UNIMPLEMENTED "<RPC> is not yet supported
+  with --shards", never a wrong answer.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import logging
 import struct
 import time
@@ -54,6 +59,7 @@ from bitseg.index import describe, insights
 from bitseg.index import types as T
 from bitseg.index.batch import check_size
 from bitseg.index.segments import Change
+from bitseg.index.sqlrule import summed_note
 from bitseg.server import convert, shard_actions
 from bitseg.server.convert import CursorError
 from bitseg.server.service import (
@@ -83,6 +89,7 @@ from bitseg.server.shard_segments import (
     has_top,
     refresh_scheduler,
 )
+from bitseg.server.shard_sources import install, pinned_calls
 from bitseg.server.shard_writes import (
     DELETE,
     ShardWrites,
@@ -108,6 +115,8 @@ SHARDED = frozenset({
     "CreateExportSchedule", "ListExportSchedules", "DeleteExportSchedule",
     # bulk actions and computed traits: shard_actions.py
     "BulkAction", "ListActions", "RefreshTraits",
+    # {"sql": ...} rules' sources, held by the front: shard_sources.py
+    "ListSources",
 })
 CURSOR_FORMAT = 2  # a sharded store's Members cursor (1 is an unsharded store's)
 _CURSOR = struct.Struct(">BQHIq")  # format, versions summed, shard, last dense id, as_of µs
@@ -153,6 +162,7 @@ class ShardedServicer(SegmentsServicer):
     def __init__(self, shards: ShardSet, templates: Any = None) -> None:
         super().__init__(None, None, templates)  # type: ignore[arg-type]
         self.shards = shards
+        self.sql = install(shards, None)  # the sources serve_sharded gave it, if any
 
     def _rule(self, request: Any) -> Any:
         return convert.target_of(request)
@@ -364,6 +374,13 @@ class ShardedServicer(SegmentsServicer):
         reply.eval_micros = _micros_since(start)
         reply.as_of.CopyFrom(convert.to_timestamp(as_of))
         return reply
+
+    @rpc
+    def ListSources(self, request: pb.ListSourcesRequest,
+                    context: grpc.ServicerContext) -> pb.ListSourcesReply:
+        if self.sql.sources is None:  # served without --sources
+            return pb.ListSourcesReply()
+        return convert.sources_reply(self.sql.status(), self.sql.sources.sources)
 
     # ---------------------------------------------------------------- merged reads
     @rpc
@@ -687,6 +704,8 @@ def _summed_node(nodes: list[Any]) -> Any:
     with shard 0's words (its suggestions are from shard 0's values)."""
     first = nodes[0]
     note = first.note if all(n.note for n in nodes) else ""
+    if note:  # an sql node's: each shard counted its own part of the query's ids
+        note = summed_note([n.note for n in nodes]) or note
     children = tuple(_summed_node(list(group))
                      for group in zip(*(n.children for n in nodes), strict=True))
     return replace(first, count=sum(n.count for n in nodes), note=note, children=children)
@@ -713,9 +732,27 @@ def _refuse(name: str) -> Any:
     return rpc(refused)
 
 
+def _pinned(method: Any) -> Any:
+    """The RPC with one pin of sql answers for all its shard calls (shard_sources)."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def streaming(self: ShardedServicer, request: Any, context: Any) -> Iterator[Any]:
+            with self.sql.pinned():
+                yield from method(self, request, context)
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self: ShardedServicer, request: Any, context: Any) -> Any:
+        with self.sql.pinned():
+            return method(self, request, context)
+    return unary
+
+
 for _method in pb.DESCRIPTOR.services_by_name["Segments"].methods:
     if _method.name not in SHARDED:
         setattr(ShardedServicer, _method.name, _refuse(_method.name))
+    else:
+        setattr(ShardedServicer, _method.name, _pinned(getattr(ShardedServicer, _method.name)))
 
 
 # ---------------------------------------------------------------------- serving
@@ -738,14 +775,16 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
     import threading
 
     from bitseg.server import app
-    from bitseg.server.gate import ConfigError
     from bitseg.server.metrics import Metrics
     from bitseg.server.shards import open_shards
 
-    if options.sources is not None:
-        raise ConfigError("--sources is not yet supported with --shards")
     stop = threading.Event()
     shards = open_shards(db, ray_address, expect=shards_wanted)
+    sql = install(shards, None)
+    if options.sources:  # {"sql": ...} rules' databases: the front runs every query
+        from bitseg.server.sources import Sources
+
+        sql.sources = Sources(options.sources, lambda: None).start()
     # after ray.init, which installs a SIGTERM handler of its own (exit status 15)
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -759,11 +798,14 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
             app.start_metrics(metrics, host, options)  # the front's calls and process
             console = app.start_console(ShardedServicer(shards, app._templates(options)),
                                         options)
-            exporter = export_scheduler(shards).start()
-            refresher = refresh_scheduler(shards, app.REFRESH_TICK).start()
+            exporter = export_scheduler(shards)
+            refresher = refresh_scheduler(shards, app.REFRESH_TICK)
             traits = shard_actions.ShardTraitsScheduler(
-                shards, options.traits, options.traits_every).start() \
-                if options.traits_every else None
+                shards, options.traits, options.traits_every) if options.traits_every else None
+            for ticker in (exporter, refresher, traits):  # a tick's sql answers: one pin
+                if ticker is not None:
+                    ticker.run_once = pinned_calls(sql, ticker.run_once)  # type: ignore
+                    ticker.start()
             server.start()
             where = "in process" if shards.count == 1 and ray_address is None else "on Ray"
             print(f"bitseg serving {db} ({shards.count} shard{'s' * (shards.count > 1)} "
@@ -782,6 +824,7 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
                 metrics.stop()
         finally:
             shards.close()
+            sql.close()
         log.info("stopped; shards closed")
         return 0
     finally:

@@ -226,6 +226,16 @@ class Sources:
 
     # -------------------------------------------------------------- ExternalIds
     def answer(self, rule: SqlRule, snapshot: Any = None, *, fresh: bool = False) -> SqlAnswer:
+        entry, now = self._entry(rule, fresh)
+        return self._mapped(entry, now)
+
+    def external_ids(self, rule: SqlRule, *, fresh: bool = False) -> tuple[list[str], float]:
+        """The query's distinct ids as it returned them (cached as for `answer`), and the
+        age of that answer in seconds: what a sharded front splits over its shards."""
+        entry, now = self._entry(rule, fresh)
+        return entry.ids, max(0.0, now - entry.fetched)
+
+    def _entry(self, rule: SqlRule, fresh: bool) -> tuple[_Entry, float]:
         source = self._source(rule)
         key = (rule.source, rule.query, rule.params)
         now = self._clock()
@@ -234,7 +244,7 @@ class Sources:
         if fresh or entry is None or now - entry.fetched >= source.ttl:
             entry = self._fetch(rule, source, now)
         entry.asked = now
-        return self._mapped(entry, now)
+        return entry, now
 
     def fresh(self) -> _Fresh:
         return _Fresh(self)
