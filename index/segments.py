@@ -570,12 +570,12 @@ class Segments:
 
     # ------------------------------------------------------------------ reading
     def get(self, name: str, as_of: Any = None) -> SegmentInfo:
-        snap = self.engine.snapshot
+        snap = self._evaluated_on(self.engine.snapshot)
         return self._info(snap, _segments_of(snap).get(name), as_of)
 
     def list(self, as_of: Any = None, tag: str | None = None) -> list[SegmentInfo]:
         """Every segment by name; with `tag`, only those carrying it."""
-        snap = self.engine.snapshot
+        snap = self._evaluated_on(self.engine.snapshot)
         if tag is not None:
             check_tag(tag)
         return [self._info(snap, s, as_of) for s in _segments_of(snap)
@@ -735,8 +735,8 @@ class Segments:
                 segment = replace(segment, refresh_every=refresh_every)
             if rule is None:
                 self._write_definition(segment)
-                return self.get(name, as_of_us), Change(_size(snap, segment, as_of_us), 0, 0,
-                                                        as_of_us)
+                return self.get(name, as_of_us), Change(
+                    _size(self._evaluated_on(snap), segment, as_of_us), 0, 0, as_of_us)
             typed = self.engine.parse(rule, snap)
             current = _segments_of(snap)
             check_references(name, typed, current)
@@ -839,7 +839,7 @@ class Segments:
         with self._lock:
             snap = self.engine.snapshot
             segment = _segments_of(snap).get(name)
-            size = _size(snap, segment, as_of_us)
+            size = _size(self._evaluated_on(snap), segment, as_of_us)
             store = self.engine.store
             with store.write() as txn:
                 segment = _put_point(store, txn, segment, as_of_us, size, "record")

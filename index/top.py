@@ -20,7 +20,8 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,11 @@ TOP_TYPES = (T.INT, T.FLOAT, T.DATE, T.TIMESTAMP)
 ORDERS = ("desc", "asc")
 CACHED_TOPS = 64  # top sets kept for the current snapshot
 _SHAPE = '{"n": N, "by": FIELD, "order": "desc" | "asc", "of": RULE}'
+
+
+class TopsUnresolved(BitsegError):
+    """A shard of several met a top node whose set was not chosen over every shard (its
+    own top N is not the store's): the front chooses them and asks again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,24 @@ class TopSets:
         self._lock = threading.Lock()
         self._snapshot: Any = None
         self._sets: OrderedDict[tuple, BitMap] = OrderedDict()
+        self._own = True  # whether a top set may be this store's own (see refuse_own)
+        self._chosen = threading.local()  # .sets: those in force on this thread
+
+    def refuse_own(self) -> None:
+        """One shard of several: a top set is never computed here, only taken from those
+        chosen over every shard (`chosen`); without them, TopsUnresolved."""
+        self._own = False
+
+    @contextmanager
+    def chosen(self, sets: Mapping[Top, BitMap]) -> Iterator[None]:
+        """These top sets in force on this thread (a shard's write that evaluates a rule:
+        a segment change, a bulk action), each in place of its node's own."""
+        before = getattr(self._chosen, "sets", None)
+        self._chosen.sets = sets
+        try:
+            yield
+        finally:
+            self._chosen.sets = before
 
     def externals(self, dense: np.ndarray) -> list[str]:
         if self._names is None:
@@ -143,6 +167,14 @@ class TopSets:
         return self._names().externals(dense)
 
     def get(self, snapshot: Any, key: tuple) -> BitMap | None:
+        sets = getattr(self._chosen, "sets", None)
+        if sets is not None or not self._own:
+            found = None if sets is None else sets.get(key[0])
+            if found is None:
+                raise TopsUnresolved(f"the top set of {key[0].n} by {key[0].by!r} was not "
+                                     "chosen over the shards (a segment changed meanwhile?); "
+                                     "try again")
+            return found
         with self._lock:
             if self._snapshot is not snapshot:
                 return None

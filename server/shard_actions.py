@@ -12,6 +12,11 @@
   its own members and changed. ListActions merges the shards' entries by id, newest
   first, with members, changed and version summed: the entries one store would list.
 - A dry run is each shard's dry run (bitmaps alone, nothing staged), the counts summed.
+- A target that meets a top node (its own, or a dynamic segment's it names): the front
+  chooses its top sets over every shard first (shard_reads.resolve_tops) while writes
+  and segment changes wait, and each shard's payload carries its part of them, in
+  force while it checks, runs or dry-runs the action (TopSets.chosen): the members
+  acted on are the store's top N of the data counted. A staged action keeps them.
 - RefreshTraits: best_send_hour and favourite_category need only a profile's own events
   and orders, all on its shard. The RFM quintiles rank a profile among every buyer of
   the base, so the front first asks every shard for its metrics (each RFM trait's
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,8 +51,8 @@ from bitseg.index.bulk import BulkAction, BulkResult
 from bitseg.index.engine import as_of_micros
 from bitseg.index.traits import RFM, RefreshReport
 from bitseg.index.traits_schedule import TraitsScheduler
-from bitseg.server.service import Unimplemented
-from bitseg.server.shard_segments import has_top
+from bitseg.server.shard_reads import chosen_tops, resolve_tops
+from bitseg.server.shard_segments import changes_for, may_meet_top
 from bitseg.server.shard_writes import Split, schema_after, writes_for
 
 BULK = "bulk"  # staged kinds of shard_writes
@@ -63,9 +69,11 @@ def check(engine: Any, kind: str, payload: dict[str, Any]) -> dict[str, dict[str
         declared = {name: traits.TYPES[name] for name in traits.parse_config(payload["config"])}
         return engine.schema.declare({"profiles": declared}, source="traits").to_json()
 
-    return schema_after(lambda also: bulk.run(engine, _action(payload), as_of=payload["as_of"],
-                                              stamp=payload["stamp"], also=also),
-                        "a bulk action's check")
+    with _tops(engine, payload):
+        return schema_after(lambda also: bulk.run(engine, _action(payload),
+                                                  as_of=payload["as_of"],
+                                                  stamp=payload["stamp"], also=also),
+                            "a bulk action's check")
 
 
 def apply(engine: Any, key: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -85,15 +93,27 @@ def apply(engine: Any, key: str, kind: str, payload: dict[str, Any]) -> dict[str
             with engine.store.write() as txn:  # (a refresh applied twice writes nothing)
                 engine.store.delete(txn, "meta", key.encode())
         return dataclasses.asdict(report)
-    done = bulk.run(engine, _action(payload), as_of=payload["as_of"], stamp=payload["stamp"],
-                    also=unstage)
+    with _tops(engine, payload):
+        done = bulk.run(engine, _action(payload), as_of=payload["as_of"],
+                        stamp=payload["stamp"], also=unstage)
     return {"members": done.members, "changed": done.changed, "entry": done.entry}
 
 
 def dry_run(engine: Any, payload: dict[str, Any]) -> tuple[int, int]:
     """(members, would change) of an action on this shard."""
-    done = bulk.run(engine, _action(payload), as_of=payload["as_of"], dry_run=True)
+    with _tops(engine, payload):
+        done = bulk.run(engine, _action(payload), as_of=payload["as_of"], dry_run=True)
     return done.members, done.changed
+
+
+def _tops(engine: Any, payload: dict[str, Any]) -> AbstractContextManager[None]:
+    """The top sets chosen over every shard for the action's target in force on this
+    thread (this shard's dense ids of each, in the payload), if it has any."""
+    chosen = payload.get("tops")
+    if chosen is None:
+        return nullcontext()
+    sets = chosen_tops(engine, _action(payload).target(), chosen)
+    return engine.snapshot.tops.chosen(sets.sets)
 
 
 def rfm_metrics(engine: Any, config: Any, as_of_us: int
@@ -110,20 +130,23 @@ def _action(payload: dict[str, Any]) -> BulkAction:
 def bulk_action(shards: Any, action: BulkAction, as_of: datetime, dry_run: bool
                 ) -> BulkResult:
     """An action on every member over every shard (or none), or its dry run."""
-    if shards.count > 1 and has_top(action.target()):
-        raise Unimplemented("a bulk action on a `top` rule is not yet supported with "
-                            "--shards N > 1")
     payload: dict[str, Any] = {"action": dataclasses.asdict(action),
                                "as_of": as_of_micros(as_of)}
-    if dry_run:
-        found = shards.each("bulk_dry_run", payload)
-        return BulkResult(sum(m for m, _ in found), sum(c for _, c in found), True, None)
     writes = writes_for(shards)
-    with writes.held():  # no action or batch between reading the ids and this action
+    # no segment change, action or batch between reading the shards and this action
+    with changes_for(shards).lock, writes.held():
+        chosen: list[Any] = [None] * shards.count
+        if shards.count > 1 and may_meet_top(action.target()):
+            chosen = resolve_tops(shards, action.target(), as_of)
+        if dry_run:
+            found = shards.each("bulk_dry_run", per_shard=[
+                ({**payload, "tops": tops},) for tops in chosen])
+            return BulkResult(sum(m for m, _ in found), sum(c for _, c in found), True, None)
         writes.finish_pending()
         number = max(shards.each("last_action")) + 1
         payload["stamp"] = {"id": number, "time": _now()}
-        results = writes.write(BULK, _everywhere(payload, shards.count))
+        results = writes.write(BULK, Split([{**payload, "tops": tops} for tops in chosen],
+                                           [[] for _ in chosen]))
     entries = [r["entry"] if isinstance(r, dict) else shards.call(i, "action_entry", number)
                for i, r in enumerate(results)]  # not a dict: applied before, answer lost
     entry = merge_entries([[e] for e in entries if e is not None])[0]

@@ -16,11 +16,12 @@ this, every shard answers its own profiles as one engine would.
 from __future__ import annotations
 
 import copy
+import functools
 import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -31,19 +32,26 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, bitmap_of, ids_of
-from bitseg.index.rules import And, Not, Or, Rule
-from bitseg.index.top import Top, TopSets, top_members
+from bitseg.index.rules import And, Not, Or, Rule, SegmentRef
+from bitseg.index.top import Top, TopSets, TopsUnresolved, top_members
 
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
-# what a shard may be asked with top sets in place: the reads that evaluate a rule
-READS = frozenset({"count", "page", "preview", "explain", "metrics", "is_member",
-                   "is_member_many", "insights_part", "insights_at_most"})
+# the reads that evaluate a rule: the rule is their first argument, then as_of
+RULE_READS = frozenset({"count", "page", "preview", "explain", "metrics", "insights_part",
+                        "insights_at_most"})
+# what a shard may be asked with top sets in place (do_with_tops): see read_target
+READS = RULE_READS | {"is_member", "is_member_many", "get_segment", "list_segments",
+                      "segments_of", "segments_of_many", "overlap", "export_part"}
+WRITES = frozenset({"record_size", "retag_segment"})  # which also count a segment
 
 
 # ---------------------------------------------------------------------- top, on a shard
-def tops_of(rule: Rule) -> list[Top]:
-    """The distinct top nodes of a typed rule, each after the tops inside its `of`."""
+def tops_of(rule: Rule, segments: Any = None) -> list[Top]:
+    """The distinct top nodes of a typed rule, each after the tops inside its `of`; with
+    `segments` (a SegmentSet), also those of the dynamic segments it names, through the
+    segments those name, each where it is named (stored members need none)."""
     found: list[Top] = []
+    seen: set[str] = set()
 
     def walk(node: Rule) -> None:
         if isinstance(node, (And, Or)):
@@ -55,9 +63,49 @@ def tops_of(rule: Rule) -> list[Top]:
             walk(node.of)
             if node not in found:
                 found.append(node)
+        elif isinstance(node, SegmentRef) and segments is not None and node.name not in seen:
+            seen.add(node.name)
+            try:
+                inside = segments.resolve(node.name)
+            except BitsegError:  # unknown or unusable: the evaluation says so
+                return
+            if not isinstance(inside, BitMap):
+                walk(inside)
 
     walk(rule)
     return found
+
+
+def read_target(method: str, args: Sequence[Any]) -> tuple[Any, Any]:
+    """What one of the READS or WRITES evaluates, for its top sets: (a rule, or None for
+    every segment; its as_of, None for now)."""
+    if method in RULE_READS:
+        return args[0], args[1]
+    if method in ("is_member", "is_member_many"):
+        return args[1], args[2]
+    if method in ("get_segment", "record_size"):
+        return {"segment": args[0]}, args[1]
+    if method == "overlap":
+        return ({"or": [{"segment": name} for name in args[0]]} if args[0] else None), args[1]
+    if method == "list_segments":
+        return None, args[0]
+    if method in ("segments_of", "segments_of_many"):
+        return None, args[1]
+    if method in ("retag_segment", "export_part"):
+        return {"segment": args[0]}, None
+    raise BitsegError(f"{method} does not take top sets chosen over the shards")
+
+
+def target_tops(engine: Any, snap: Any, target: Any) -> list[Top]:
+    """The top nodes an evaluation of `target` meets (read_target), in tops_of order."""
+    from bitseg.index.segments import SegmentSet
+
+    segments = snap.segments if isinstance(snap.segments, SegmentSet) else None
+    if target is not None:
+        return tops_of(engine.parse(target, snap), segments)
+    if segments is None or not segments.segments:
+        return []
+    return tops_of(Or(tuple(SegmentRef(s.name, "$") for s in segments)), segments)
 
 
 class ChosenTops(TopSets):
@@ -66,39 +114,54 @@ class ChosenTops(TopSets):
 
     def __init__(self, sets: dict[Top, BitMap]) -> None:
         super().__init__()
-        self._chosen = sets
+        self.sets = sets
 
     def get(self, snapshot: Any, key: tuple) -> BitMap | None:
-        found = self._chosen.get(key[0])
+        found = self.sets.get(key[0])
         if found is None:  # a top the front did not see (never a shard's own top N)
-            raise BitsegError("a top rule reached a shard unresolved; it is not "
-                              "supported there with --shards N > 1")
+            raise TopsUnresolved(f"the top set of {key[0].n} by {key[0].by!r} was not "
+                                 "chosen over the shards (a segment changed meanwhile?); "
+                                 "try again")
         return found
 
     def put(self, snapshot: Any, key: tuple, members: BitMap) -> None:
         """Nothing is kept: the sets are this evaluation's."""
 
 
-def with_tops(engine: Any, rule: Any, chosen: Sequence[Sequence[int]]) -> Any:
-    """A read-only view of `engine` whose evaluations take the rule's first len(chosen)
-    top nodes (tops_of order) as these dense ids of this shard."""
+def chosen_tops(engine: Any, target: Any, chosen: Sequence[Sequence[int]],
+                partial: bool = False) -> ChosenTops:
+    """The target's top nodes (target_tops order) as these dense ids of this shard;
+    TopsUnresolved when the target has other tops than were chosen (a segment changed
+    since), unless `partial` (the first len(chosen) of them)."""
     snap = engine.snapshot
-    tops = tops_of(engine.parse(rule, snap))
-    sets = {top: bitmap_of(np.asarray(ids, dtype=np.uint32))
-            for top, ids in zip(tops, chosen, strict=False)}
-    return engine.reading(replace(snap, tops=ChosenTops(sets)))
+    tops = target_tops(engine, snap, target)
+    if len(tops) < len(chosen) or (len(tops) > len(chosen) and not partial):
+        raise TopsUnresolved(f"{len(chosen)} top sets were chosen over the shards for a "
+                             f"rule with {len(tops)} top nodes (a segment changed "
+                             "meanwhile?); try again")
+    return ChosenTops({top: bitmap_of(np.asarray(ids, dtype=np.uint32))
+                       for top, ids in zip(tops, chosen, strict=False)})
 
 
-def top_candidates(engine: Any, rule: Any, as_of: datetime,
+def with_tops(engine: Any, target: Any, chosen: Sequence[Sequence[int]],
+              partial: bool = False) -> Any:
+    """A read-only view of `engine` whose evaluations take the target's top nodes as
+    these dense ids of this shard (chosen_tops)."""
+    tops = chosen_tops(engine, target, chosen, partial)
+    return engine.reading(replace(engine.snapshot, tops=tops))
+
+
+def top_candidates(engine: Any, target: Any, as_of: datetime,
                    chosen: Sequence[Sequence[int]]) -> tuple[int, str, list[Candidate]] | None:
-    """The next unresolved top node of the rule (the tops before it chosen): its n and
-    order, and this shard's top n by it with their values; None when all are chosen."""
+    """The next unresolved top node of the target (read_target; the tops before it
+    chosen): its n and order, and this shard's top n by it with their values; None when
+    all are chosen."""
     from bitseg.index.engine import as_of_micros
     from bitseg.index.evaluate import Evaluator
 
-    view = with_tops(engine, rule, chosen)
+    view = with_tops(engine, target, chosen, partial=True)
     snap = view.snapshot
-    tops = tops_of(view.parse(rule, snap))
+    tops = target_tops(view, snap, target)
     if len(chosen) >= len(tops):
         return None
     top = tops[len(chosen)]
@@ -129,14 +192,18 @@ def exact_values(index: RangeIndex, dense: np.ndarray) -> list[int | Fraction]:
 def shard_view(shard: Any, chosen: Sequence[Sequence[int]], method: str,
                args: Sequence[Any]) -> Any:
     """A copy of the Shard whose engine and segments evaluate with the chosen top sets,
-    for one of the READS with these args."""
+    for one of the READS or WRITES with these args (a write through the shard's own
+    engine, its segments counting with the sets)."""
     from bitseg.index.segments import Segments
 
-    if method not in READS:
+    if method not in READS | WRITES:
         raise BitsegError(f"{method} does not take top sets chosen over the shards")
-    rule = args[1] if method.startswith("is_member") else args[0]  # after the id(s)
+    target, _ = read_target(method, args)
     view = copy.copy(shard)
-    view.engine = with_tops(shard.engine, rule, chosen)
+    if method in WRITES:
+        view.segments = shard.segments.with_tops(chosen_tops(shard.engine, target, chosen))
+        return view
+    view.engine = with_tops(shard.engine, target, chosen)
     view.segments = Segments(view.engine)
     return view
 
@@ -172,6 +239,95 @@ def resolve_tops(shards: Any, rule: Any, as_of: datetime) -> list[list[list[int]
         for mine, picked in zip(chosen, merge_top([f[2] for f in found], n, order),
                                 strict=True):
             mine.append(picked)
+
+
+# A shard of several refuses to evaluate a top node whose set the front did not choose
+# (TopsUnresolved): a rule naming a dynamic segment with a top rule, or a read of such a
+# segment (its size, SegmentsOf, Overlap, an export). ShardSet's call, each and outcomes
+# then choose the sets the read needs (read_target) over every shard and ask again with
+# them, once: reads that meet no such segment cost nothing more.
+def asked_again(shards: Any, indices: Sequence[int], method: str,
+                per_shard: Sequence[Sequence[Any]]) -> list[Any]:
+    """The answers of the shards `indices` to a read refused for want of top sets, asked
+    again with those sets chosen over every shard."""
+    method, per_shard = _unwrapped(method, per_shard)
+    chosen = resolve_tops(shards, *_target_now(method, per_shard[0]))
+    return shards.these(indices, "with_tops", [(chosen[i], method, *args)
+                                               for i, args in zip(indices, per_shard,
+                                                                  strict=True)])
+
+
+def call_on_refusal(call: Callable[..., Any]) -> Callable[..., Any]:
+    """ShardSet.call(index, method, *args), asked again with top sets when refused."""
+    @functools.wraps(call)
+    def asking(shards: Any, index: int, method: str, *args: Any) -> Any:
+        try:
+            return call(shards, index, method, *args)
+        except TopsUnresolved:
+            if not _retried(method):
+                raise
+            return asked_again(shards, [index], method, [args])[0]
+    return asking
+
+
+def each_on_refusal(each: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+    """ShardSet.each(method, *args, per_shard=None), asked again with top sets when a
+    shard refused."""
+    @functools.wraps(each)
+    def asking(shards: Any, method: str, *args: Any,
+               per_shard: Sequence[tuple] | None = None) -> list[Any]:
+        try:
+            return each(shards, method, *args, per_shard=per_shard)
+        except TopsUnresolved:
+            if not _retried(method):
+                raise
+            return asked_again(shards, range(shards.count), method,
+                               per_shard if per_shard is not None else [args] * shards.count)
+    return asking
+
+
+def outcomes_on_refusal(outcomes: Callable[..., list[tuple[bool, Any]]]
+                        ) -> Callable[..., list[tuple[bool, Any]]]:
+    """ShardSet.outcomes(method, per_shard, indices=None): the shards that refused for
+    want of top sets asked again with them, each outcome in its place."""
+    @functools.wraps(outcomes)
+    def asking(shards: Any, method: str, per_shard: Sequence[tuple],
+               indices: Sequence[int] | None = None) -> list[tuple[bool, Any]]:
+        found = outcomes(shards, method, per_shard, indices)
+        refused = [k for k, (ok, value) in enumerate(found)
+                   if not ok and isinstance(value, TopsUnresolved)]
+        if not refused or not _retried(method):
+            return found
+        which = list(range(shards.count)) if indices is None else list(indices)
+        plain, args = _unwrapped(method, [per_shard[k] for k in refused])
+        try:
+            chosen = resolve_tops(shards, *_target_now(plain, args[0]))
+        except Exception as exc:  # noqa: BLE001 -- the refused shards' outcome, as data
+            return [(False, exc) if k in refused else o for k, o in enumerate(found)]
+        again = outcomes(shards, "with_tops", [(chosen[which[k]], plain, *a)
+                                               for k, a in zip(refused, args, strict=True)],
+                         [which[k] for k in refused])
+        for k, outcome in zip(refused, again, strict=True):
+            found[k] = outcome
+        return found
+    return asking
+
+
+def _retried(method: str) -> bool:
+    return method in READS or method in WRITES or method == "with_tops"
+
+
+def _unwrapped(method: str, per_shard: Sequence[Sequence[Any]]
+               ) -> tuple[str, list[Sequence[Any]]]:
+    """A read and its args; with_tops' (chosen before a segment changed): its read's."""
+    if method == "with_tops":
+        return per_shard[0][1], [args[2:] for args in per_shard]
+    return method, list(per_shard)
+
+
+def _target_now(method: str, args: Sequence[Any]) -> tuple[Any, datetime]:
+    target, as_of = read_target(method, args)
+    return target, as_of or datetime.now(timezone.utc)
 
 
 class ResolvedShards:
@@ -644,10 +800,15 @@ class ShardExports:
         rows = [0]
 
         def parts() -> Any:
+            # a dynamic segment's top sets, chosen once for every shard's part
+            chosen = resolve_tops(self.shards, {"segment": schedule.segment},
+                                  datetime.now(timezone.utc)) if self.shards.count > 1 \
+                else None
             for shard in range(self.shards.count):
-                data, kept = self.shards.call(shard, "export_part", schedule.segment,
-                                              list(schedule.fields), list(schedule.require),
-                                              schedule.format, shard == 0)
+                asked = ("export_part", schedule.segment, list(schedule.fields),
+                         list(schedule.require), schedule.format, shard == 0)
+                data, kept = self.shards.call(shard, *asked) if chosen is None \
+                    else self.shards.call(shard, "with_tops", chosen[shard], *asked)
                 rows[0] += kept
                 yield data
 

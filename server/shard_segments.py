@@ -12,9 +12,12 @@ front's writes wait (ShardWrites' lock), so the top sets are those of the data c
 and the front's segment changes go one at a time, as one store's do, so a refresh never
 counts a rule other than the one whose top sets were chosen.
 
-A dynamic segment with a top rule is still refused with more than one shard: every read
-that names it (a rule with {"segment": S}, its size, SegmentsOf, Overlap, an export)
-would have to choose its top sets first, and they do not.
+A dynamic segment's top nodes are chosen where it is evaluated: a shard of several never
+takes its own top N (index/top.TopsUnresolved), so a read that meets one, through a rule
+naming the segment or a read of the segment itself (its size, SegmentsOf, Overlap, an
+export), has its top sets chosen over every shard and is asked again (shard_reads,
+"asked again"). A change whose rule names a segment, which may be such a dynamic one
+or name one, chooses the top sets it meets first, as for a top node of its own.
 
 The schedule. `ShardSchedule` answers what a RefreshScheduler asks of one store's
 Segments: which materialized segments are due (on any shard: a refresh that failed on
@@ -38,7 +41,6 @@ import orjson
 from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.segments import (
-    DYNAMIC,
     MATERIALIZED,
     Change,
     RefreshScheduler,
@@ -47,26 +49,33 @@ from bitseg.index.segments import (
     SegmentSet,
 )
 from bitseg.index.split import split_segment
-from bitseg.server.service import ShardUnavailable, Unimplemented
-from bitseg.server.shard_reads import resolve_tops, with_tops
+from bitseg.server.service import ShardUnavailable
+from bitseg.server.shard_reads import chosen_tops, resolve_tops
 from bitseg.server.shard_writes import writes_for
 
 log = logging.getLogger("bitseg.segments")
 CHANGES = ("create", "update", "refresh", "refresh_scheduled")  # and "split"
 
 
-def has_top(rule: Any) -> bool:
-    """Whether a rule (JSON text or value) has a `top` node anywhere."""
+def has_top(rule: Any, keys: tuple[str, ...] = ("top",)) -> bool:
+    """Whether a rule (JSON text or value) has a `top` node (a node of one of `keys`)
+    anywhere."""
     if isinstance(rule, (str, bytes)):
         try:
             rule = orjson.loads(rule)
         except orjson.JSONDecodeError:
             return False  # the shards say what is wrong with it
     if isinstance(rule, dict):
-        return "top" in rule or any(has_top(v) for v in rule.values())
+        return any(k in rule for k in keys) or any(has_top(v, keys) for v in rule.values())
     if isinstance(rule, list):
-        return any(has_top(v) for v in rule)
+        return any(has_top(v, keys) for v in rule)
     return False
+
+
+def may_meet_top(rule: Any) -> bool:
+    """Whether evaluating a rule may meet a top node: its own, or a dynamic segment's
+    that it names (which only the shards know)."""
+    return has_top(rule, ("top", "segment"))
 
 
 # ---------------------------------------------------------------------- on a shard
@@ -75,9 +84,8 @@ def change_on_shard(shard: Any, change: str, kwargs: dict[str, Any], rule: Any,
     """Segments.<change>(**kwargs) (split: index.split.split_segment) on this shard;
     with `chosen` (every shard's top sets of `rule`), counted with this shard's."""
     segments: Segments = shard.segments
-    if chosen is not None:  # with_tops' view holds the rule's top sets, this shard's ids
-        segments = segments.with_tops(with_tops(shard.engine, rule,
-                                                chosen[shard.index]).snapshot.tops)
+    if chosen is not None:  # the rule's top sets, this shard's ids
+        segments = segments.with_tops(chosen_tops(shard.engine, rule, chosen[shard.index]))
     if change == "split":
         return split_segment(segments, **kwargs)
     if change not in CHANGES:
@@ -105,16 +113,15 @@ class SegmentChanges:
     def changing(self, rules: Sequence[Any], as_of: datetime, kind: str | None = None
                  ) -> Iterator[list[list[list[list[int]]] | None]]:
         """Hold the front's segment changes while one is made; yield each rule's top sets
-        over every shard (None for a rule without a top node, or with one shard). While
-        any has them, no batch is written (ShardWrites' lock)."""
+        over every shard (None for a rule that meets no top node, or with one shard).
+        While any has them, no batch is written (ShardWrites' lock). A dynamic segment
+        (`kind`) stores no members: its sets serve the size the change answers."""
         with self.lock:
-            topped = [self.shards.count > 1 and r is not None and has_top(r) for r in rules]
+            topped = [self.shards.count > 1 and r is not None and may_meet_top(r)
+                      for r in rules]
             if not any(topped):
                 yield [None] * len(rules)
                 return
-            if kind == DYNAMIC:
-                raise Unimplemented("a dynamic segment with a `top` rule is not yet "
-                                    "supported with --shards N > 1 (make it materialized)")
             with writes_for(self.shards).held():
                 yield [resolve_tops(self.shards, r, as_of) if t else None
                        for r, t in zip(rules, topped, strict=True)]

@@ -36,6 +36,7 @@ from bitseg.index.errors import BitsegError, SchemaError, StoreError
 from bitseg.index.schema import Schema
 from bitseg.index.shard_key import shard_of
 from bitseg.server.service import ShardUnavailable
+from bitseg.server.shard_reads import call_on_refusal, each_on_refusal, outcomes_on_refusal
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class RayMissing(BitsegError):
 class Shard:
     """One shard's store: its engine and segments, and the calls the front makes."""
 
-    def __init__(self, path: str, index: int) -> None:
+    def __init__(self, path: str, index: int, count: int = 1) -> None:
         from bitseg.index.engine import Engine
         from bitseg.index.segments import open_segments
 
@@ -62,6 +63,8 @@ class Shard:
         self.path = path
         self.engine = Engine.open(path)
         self.segments = open_segments(self.engine)
+        if count > 1:  # one of several shards: top sets are chosen by the front
+            self.engine.snapshot.tops.refuse_own()
 
     def call(self, method: str, *args: Any) -> tuple[bool, Any]:
         """Run one of this class's `do_` methods: (True, its value) or (False, the bitseg
@@ -386,7 +389,7 @@ class ShardSet:
         shards: list[Shard] = []
         try:
             for index, path in enumerate(paths):
-                shards.append(Shard(path, index))
+                shards.append(Shard(path, index, len(paths)))
         except BaseException:
             for shard in shards:
                 shard.close()
@@ -411,7 +414,8 @@ class ShardSet:
             start_ray(ray, address=address, **(init or {}))
         actor = ray.remote(num_cpus=0, max_restarts=RESTARTS, max_task_retries=0,
                            max_concurrency=ACTOR_THREADS, scheduling_strategy="SPREAD")(Shard)
-        actors = [actor.remote(str(path), index) for index, path in enumerate(paths)]
+        actors = [actor.remote(str(path), index, len(paths))
+                  for index, path in enumerate(paths)]
         errors = ray.exceptions
 
         def submit(index: int, method: str, args: tuple) -> Any:
@@ -457,12 +461,14 @@ class ShardSet:
     def close(self) -> None:
         self._close()
 
+    @call_on_refusal
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One shard's answer."""
         if self.fast is not None and method in FAST_READS:
             return self._answer(index, self.fast.ask((index, method, *args))[index])
         return self._answer(index, self._wait(index, self._submit(index, method, args)))
 
+    @each_on_refusal
     def each(self, method: str, *args: Any, per_shard: Sequence[tuple] | None = None
              ) -> list[Any]:
         """Every shard's answer, asked of all at once (the same args, or per_shard's)."""
@@ -482,6 +488,7 @@ class ShardSet:
         answers = [self._wait(i, p) for i, p in zip(indices, pending, strict=True)]
         return [self._answer(i, a) for i, a in zip(indices, answers, strict=True)]
 
+    @outcomes_on_refusal
     def outcomes(self, method: str, per_shard: Sequence[tuple],
                  indices: Sequence[int] | None = None) -> list[tuple[bool, Any]]:
         """Each shard's (True, answer) or (False, the error it raised or ShardUnavailable),

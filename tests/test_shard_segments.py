@@ -33,7 +33,7 @@ from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
 from bitseg.server.console import Api, ConsoleServer
 from bitseg.server.service import SegmentsServicer, ShardUnavailable
-from bitseg.server.shard_reads import merge_top
+from bitseg.server.shard_reads import merge_top, resolve_tops
 from bitseg.server.shard_segments import refresh_scheduler
 from bitseg.server.shard_service import ShardedServicer
 from bitseg.server.shards import ShardSet, start_ray
@@ -180,19 +180,18 @@ def test_a_split_of_a_top_rule_over_shards_is_one_stores(plain: Plain, front: Fr
     assert state(front.client, names) == state(plain.client, names)
 
 
-def test_a_dynamic_top_segment_is_still_refused(plain: Plain, front: Front) -> None:
+def test_a_dynamic_top_segment_is_one_stores(plain: Plain, front: Front) -> None:
+    """Created, and updated to a top rule (its reads: test_shard_tops.py)."""
     for client in (plain.client, front.client):
         client.create_segment("every", "dynamic", {"all": True})
-    plain.client.create_segment("dyn", "dynamic", BEST)  # one store does both
-    plain.client.update_segment("every", BEST)
-    for call in (lambda c: c.create_segment("dyn", "dynamic", BEST),
-                 lambda c: c.update_segment("every", BEST)):
-        with pytest.raises(ClientError) as caught:
-            call(front.client)
-        assert caught.value.code == "UNIMPLEMENTED"
-        assert "dynamic segment with a `top` rule" in caught.value.message
-    assert front.client.get_segment("every").rule == {"all": True}  # left unchanged
-    assert [s.name for s in front.client.list_segments()] == ["every"]
+        client.create_segment("dyn", "dynamic", BEST)
+        client.update_segment("every", NESTED)
+    for name in ("dyn", "every"):
+        found, expected = (c.get_segment(name) for c in (front.client, plain.client))
+        assert (found.kind, found.rule, found.size) == (expected.kind, expected.rule,
+                                                        expected.size)
+        assert sorted(front.client.members(segment=name)) == \
+            sorted(plain.client.members(segment=name))
 
 
 def test_a_failed_top_update_puts_every_shard_back(front: Front) -> None:
@@ -247,7 +246,8 @@ def test_a_segment_due_on_one_shard_only_is_refreshed_on_every_shard(front: Fron
     now = wall_us()
     # the last shard's refresh is older (as when it failed there): due there alone
     shards.call(shards.count - 1, "segment_change", "refresh_scheduled",
-                {"name": "best", "now_us": now - 10_000_000})
+                {"name": "best", "now_us": now - 10_000_000}, BEST,
+                resolve_tops(shards, BEST, AS_OF))  # (a shard never takes its own top)
     client.upsert_profiles([{"id": "p2", "n": 9}])
     assert refresh_scheduler(shards, 1.0).run_once(now) == ["best"]
     assert "p2" in set(client.members(segment="best"))
