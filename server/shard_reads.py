@@ -34,6 +34,7 @@ from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, bitmap_of, ids_of
 from bitseg.index.rules import And, Not, Or, Rule, SegmentRef
 from bitseg.index.top import Top, TopSets, TopsUnresolved, top_members
+from bitseg.server.service import Unimplemented
 
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
 # the reads that evaluate a rule: the rule is their first argument, then as_of
@@ -246,6 +247,10 @@ def resolve_tops(shards: Any, rule: Any, as_of: datetime) -> list[list[list[int]
 # segment (its size, SegmentsOf, Overlap, an export). ShardSet's call, each and outcomes
 # then choose the sets the read needs (read_target) over every shard and ask again with
 # them, once: reads that meet no such segment cost nothing more.
+SPLIT_UNCHOSEN = ("a split whose source is or names a dynamic segment with a `top` rule (and "
+                  "has no `top` of its own) is not yet supported with --shards N > 1")
+
+
 def asked_again(shards: Any, indices: Sequence[int], method: str,
                 per_shard: Sequence[Sequence[Any]]) -> list[Any]:
     """The answers of the shards `indices` to a read refused for want of top sets, asked
@@ -264,6 +269,8 @@ def call_on_refusal(call: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return call(shards, index, method, *args)
         except TopsUnresolved:
+            if method == "segment_change":  # the front chooses a change's sets first,
+                raise Unimplemented(SPLIT_UNCHOSEN) from None  # but not yet a split's
             if not _retried(method):
                 raise
             return asked_again(shards, [index], method, [args])[0]

@@ -16,7 +16,7 @@ import pytest
 from test_shard_segments import BEST, NESTED, Plain, records, sharded
 from test_shards import AS_OF, Front, nodes
 
-from bitseg import Client
+from bitseg import Client, ClientError
 
 IDS = [str(p["id"]) for p in records()] + ["nobody"]
 KEPT = [p for p in IDS[:-1] if p != "p3"]  # (deleted below)
@@ -160,7 +160,7 @@ def test_bulk_actions_on_top_rules_are_one_stores(plain: Plain, front: Front) ->
 
 def test_an_export_of_a_dynamic_top_segment_is_one_stores(plain: Plain, front: Front,
                                                           tmp_path: Path) -> None:
-    from bitseg.index.exports import ExportScheduler, Exports
+    from bitseg.index.exports import Exports, ExportScheduler
     from bitseg.server.shard_reads import ShardExports
 
     written = {}
@@ -177,3 +177,19 @@ def test_an_export_of_a_dynamic_top_segment_is_one_stores(plain: Plain, front: F
                                    .splitlines()) for s in ("best", "inner")}
     assert written["front"] == written["plain"]
     assert len(written["plain"]["best"]) == 5 and len(written["plain"]["inner"]) == 2
+
+
+def test_a_shard_of_several_never_answers_its_own_top(front: Front) -> None:
+    """Asked directly, without the front's sets, it refuses; through the front the
+    sets are chosen first. A split of such a segment is refused, not yet chosen."""
+    shards = front.shards
+    front.client.create_segment("best", "dynamic", BEST)
+    ok, answer = shards._wait(0, shards._submit(0, "count", ({"segment": "best"}, AS_OF)))
+    if shards.count == 1:  # one shard's top N is the store's
+        assert (ok, answer) == (True, front.client.count(segment="best", as_of=AS_OF))
+        return
+    assert not ok and answer[1] == "TopsUnresolved"
+    with pytest.raises(ClientError) as caught:
+        front.client.split_segment("best", "s1", {"a": 50, "rest": 50})
+    assert caught.value.code == "UNIMPLEMENTED" and "split" in caught.value.message
+    assert [s.name for s in front.client.list_segments()] == ["best"]
