@@ -74,6 +74,10 @@ def reads(client: Client) -> dict[str, Any]:
     found["of_many"] = (many.segments, many.unknown)
     overlap = client.overlap(list(DYNAMIC), as_of=AS_OF)
     found["overlap"] = (overlap.sizes, overlap.matrix)
+    for name in ("best", "chain"):  # number fields: a search over the shards' values
+        found[f"insights {name}"] = client.insights(segment=name, fields=["n", "x"],
+                                                    as_of=AS_OF)
+        found[f"insights {name}"].pop("eval_micros")
     return found
 
 
