@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pyroaring import BitMap
@@ -73,7 +73,6 @@ class NoSources:
 
 def with_fresh_sources(snapshot: Any) -> Any:
     """The snapshot with a provider that re-runs its queries instead of using a cache."""
-    from dataclasses import replace
     return replace(snapshot, external=snapshot.external.fresh())
 
 
@@ -307,13 +306,16 @@ def sql_note(rule: SqlRule, snapshot: Any) -> str:
 # A sharded store's front runs the queries (server/shard_sources.py); a shard is handed
 # its part of each answer with the call that needs it, and asks for one it lacks.
 Key = tuple[str, str, tuple[Any, ...]]  # (source, query, params)
-Given = dict[Key, tuple[list[str], int, float, bool]]  # ids, distinct, age, fetched fresh
+# per query: (the front's number for this answer, this shard's ids of it or None when
+# the front sent them before, how many they are, the answer's age, whether run afresh)
+Given = dict[Key, tuple[int, list[str] | None, int, float, bool]]
+KEPT_ANSWERS = 64  # answers a shard keeps mapped, by the front's number
 
 
 class SqlNeeded(BitsegError):
-    """A shard evaluated an sql rule whose answer its call did not carry: the front runs
-    the query and asks again (never seen by a client).  `needed` is plain data:
-    [(source, query, params, path, fresh)]."""
+    """A shard evaluated an sql rule whose answer its call did not carry (or carried by
+    a number it no longer holds): the front runs the query and asks again (never seen
+    by a client).  `needed` is plain data: [(source, query, params, path, fresh)]."""
 
     def __init__(self, needed: list[tuple[str, str, tuple[Any, ...], str, bool]]) -> None:
         super().__init__("an sql rule reached a shard without its answer (the front of a "
@@ -325,30 +327,73 @@ def key_of(rule: SqlRule) -> Key:
     return (rule.source, rule.query, rule.params)
 
 
-class GivenIds:
-    """The answers one call to a shard carries: this shard's ids of each query's answer.
-    Mapped to dense ids on first use; `fresh` asks for answers the front re-ran."""
+class KeptAnswers:
+    """A shard's answers mapped to dense ids, by the front's number for each, so a call
+    naming one the shard was sent before maps nothing (as one store's cache); mapped
+    again, for the unknown ids only, when profiles were added since."""
 
-    def __init__(self, given: Given, ids: Any, fresh: bool = False,
-                 mapped: dict[Key, SqlAnswer] | None = None) -> None:
-        self.given = given
-        self._ids = ids
-        self._fresh = fresh
-        self._mapped = {} if mapped is None else mapped
+    def __init__(self) -> None:
+        self._kept: dict[int, tuple[SqlAnswer, int]] = {}
+        self._lock = threading.Lock()
 
-    def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
-        key = key_of(rule)
-        found = self.given.get(key)
-        if found is None or (self._fresh and not found[3]):
-            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
-        answer = self._mapped.get(key)
-        if answer is None:
-            members, unknown = resolve_ids(found[0], self._ids)
-            answer = self._mapped[key] = SqlAnswer(members, unknown, found[1], found[2])
+    def get(self, number: int, ids: Any) -> SqlAnswer | None:
+        with self._lock:
+            found = self._kept.get(number)
+        if found is None:
+            return None
+        answer, count = found
+        if count != ids.count:  # ids are never reused: only unknown ones can be known now
+            known, unknown = resolve_ids(list(answer.unknown), ids)
+            answer = SqlAnswer(answer.members | known, unknown, answer.distinct, 0.0)
+            self.put(number, answer, ids)
         return answer
 
+    def put(self, number: int, answer: SqlAnswer, ids: Any) -> None:
+        with self._lock:
+            self._kept.pop(number, None)
+            self._kept[number] = (answer, ids.count)
+            while len(self._kept) > KEPT_ANSWERS:
+                self._kept.pop(next(iter(self._kept)))
+
+
+class GivenIds:
+    """The answers one call to a shard carries: this shard's ids of each query's answer,
+    or the number of one it was sent before (in `kept`). `fresh` asks for answers the
+    front ran again."""
+
+    def __init__(self, given: Given, ids: Any, kept: KeptAnswers, fresh: bool = False
+                 ) -> None:
+        self.given = given
+        self._ids = ids
+        self._kept = kept
+        self._fresh = fresh
+
+    def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
+        found = self.given.get(key_of(rule))
+        if found is None or (self._fresh and not found[4]):
+            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
+        number, externals, distinct, age, _ = found
+        answer = self._kept.get(number, self._ids)
+        if answer is None:
+            if externals is None:  # sent before, but not kept here (a restarted shard)
+                raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path,
+                                  self._fresh)])
+            members, unknown = resolve_ids(externals, self._ids)
+            answer = SqlAnswer(members, unknown, distinct, 0.0)
+            self._kept.put(number, answer, self._ids)
+        return replace(answer, age=age)
+
     def fresh(self) -> GivenIds:
-        return GivenIds(self.given, self._ids, True, self._mapped)
+        return GivenIds(self.given, self._ids, self._kept, True)
+
+    def keep(self) -> GivenIds:
+        """Map and keep every answer given in full now: a call stops at the first answer
+        it lacks, and those it was given must be here when it is asked again."""
+        for number, externals, distinct, _, _ in self.given.values():
+            if externals is not None and self._kept.get(number, self._ids) is None:
+                members, unknown = resolve_ids(externals, self._ids)
+                self._kept.put(number, SqlAnswer(members, unknown, distinct, 0.0), self._ids)
+        return self
 
 
 class CallIds:

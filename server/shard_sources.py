@@ -21,6 +21,8 @@ sharded front holds those same Sources; its shards never connect to a database.
 from __future__ import annotations
 
 import copy
+import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,9 +33,11 @@ import orjson
 
 from bitseg.index.errors import BitsegError
 from bitseg.index.sqlrule import (
+    KEPT_ANSWERS,
     CallIds,
     Given,
     GivenIds,
+    KeptAnswers,
     Key,
     NoSources,
     SqlRule,
@@ -57,7 +61,8 @@ MAX_RULE_BYTES = 1 << 20  # JSON text looked into for sql nodes before a call
 # ---------------------------------------------------------------------- on a shard
 def call_with_sql(shard: Any, given: Given, method: str, args: tuple) -> Any:
     """shard.do_<method>(*args) with sql rules answered from `given` (this shard's ids)."""
-    ids = GivenIds(given, shard.engine.ids)
+    kept = shard.__dict__.setdefault("sql_kept", KeptAnswers())
+    ids = GivenIds(given, shard.engine.ids, kept).keep()
     target = shard
     if method in VIEWED:
         from bitseg.index.segments import Segments
@@ -71,10 +76,11 @@ def call_with_sql(shard: Any, given: Given, method: str, args: tuple) -> Any:
 
 # ---------------------------------------------------------------------- at the front
 class _Pin:
-    """The answers one front operation took: per query, each shard's ids."""
+    """The answers one front operation took: per query, each shard's ids, the answer's
+    age, whether it was run afresh, and the front's number for it."""
 
     def __init__(self) -> None:
-        self.answers: dict[Key, tuple[list[list[str]], float, bool]] = {}
+        self.answers: dict[Key, tuple[list[list[str]], float, bool, int]] = {}
         self.failed: dict[Key, BitsegError] = {}  # seen before a call: raised when needed
 
 
@@ -87,7 +93,9 @@ class FrontSql:
         self.count = count
         self._shard_of = shard_of
         self._local = threading.local()
-        self._splits: dict[Key, tuple[list[str], list[list[str]]]] = {}
+        self._splits: dict[Key, tuple[list[str], list[list[str]], int]] = {}
+        self._numbers = itertools.count(int.from_bytes(os.urandom(6), "big"))
+        self._sent: list[set[int]] = [set() for _ in range(count)]  # numbers each holds
         self._lock = threading.Lock()
 
     @contextmanager
@@ -108,22 +116,34 @@ class FrontSql:
         pin = getattr(self._local, "pin", None)
         if pin is None:
             return {}
-        return {key: (parts[shard], len(parts[shard]), age, fresh)
-                for key, (parts, age, fresh) in pin.answers.items()}
+        given: Given = {}
+        with self._lock:
+            sent = self._sent[shard]
+            for key, (parts, age, fresh, number) in pin.answers.items():
+                mine = parts[shard]
+                given[key] = (number, None if number in sent else mine, len(mine), age, fresh)
+                if len(sent) > 4 * KEPT_ANSWERS:  # more than a shard keeps: forget the rest
+                    sent.clear()
+                sent.add(number)
+        return given
 
     def holds(self) -> bool:
         """Whether the current pin holds answers (calls then carry them)."""
         pin = getattr(self._local, "pin", None)
         return pin is not None and bool(pin.answers)
 
-    def resolve(self, needed: list[tuple[str, str, tuple[Any, ...], str, bool]]) -> None:
-        """Run (or take from the cache) the queries named, into the current pin."""
+    def resolve(self, needed: list[tuple[str, str, tuple[Any, ...], str, bool]],
+                shard: int) -> None:
+        """Run (or take from the cache) the queries `shard` named, into the current pin;
+        one the pin holds already, the shard did not keep: it is sent again in full."""
         pin = getattr(self._local, "pin", None)
         assert pin is not None, "resolve() runs under pinned()"
         for source, query, params, path, fresh in needed:
             key = (source, query, tuple(params))
             held = pin.answers.get(key)
             if held is not None and (held[2] or not fresh):
+                with self._lock:
+                    self._sent[shard].discard(held[3])
                 continue
             if key in pin.failed:
                 raise pin.failed[key]
@@ -133,24 +153,25 @@ class FrontSql:
         if self.sources is None:
             NoSources().answer(rule, None)  # raises: no SQL sources are configured
         ids, age = self.sources.external_ids(rule, fresh=fresh)
-        pin.answers[(rule.source, rule.query, rule.params)] = (self._split(rule, ids), age,
-                                                               fresh)
+        parts, number = self._split(rule, ids)
+        pin.answers[(rule.source, rule.query, rule.params)] = (parts, age, fresh, number)
 
-    def _split(self, rule: SqlRule, ids: list[str]) -> list[list[str]]:
-        """The ids by shard (kept while the cache keeps that answer)."""
+    def _split(self, rule: SqlRule, ids: list[str]) -> tuple[list[list[str]], int]:
+        """The ids by shard, and the front's number for this answer (both kept while
+        the sources' cache keeps it)."""
         key = (rule.source, rule.query, rule.params)
         with self._lock:
             kept = self._splits.get(key)
         if kept is not None and kept[0] is ids:
-            return kept[1]
+            return kept[1], kept[2]
         parts: list[list[str]] = [[] for _ in range(self.count)]
         for external in ids:
             parts[self._shard_of(external)].append(external)
         with self._lock:
-            self._splits[key] = (ids, parts)
+            self._splits[key] = (ids, parts, next(self._numbers))
             if len(self._splits) > 2 * 256:  # the sources cache's bound, twice over
                 self._splits.pop(next(iter(self._splits)))
-        return parts
+            return parts, self._splits[key][2]
 
     def prepare(self, args: tuple) -> bool:
         """Run the sql leaves written in a call's rule (JSON) before it is sent, under the
@@ -291,7 +312,8 @@ def install(shards: Any, sources: Any) -> FrontSql:
             if not needing:
                 return answers
             try:
-                front.resolve([n for k in needing for n in _needs(answers[k]) or []])
+                for k in needing:
+                    front.resolve(_needs(answers[k]) or [], asked[k].index)
             except BitsegError as exc:
                 for k in needing:
                     answers[k] = (False, _error_data(exc))

@@ -166,6 +166,33 @@ def test_one_query_answers_every_shard_of_one_call(front: Front, table: str,
         assert sorted(ran) == sorted(set(ran)), (asks.index(ask), ran)  # once, every shard
 
 
+def test_a_shard_maps_an_answer_once_and_asks_again_for_one_it_lost(
+        plain: Plain, front: Front, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitseg.index.sqlrule as sqlrule
+
+    mapped: list[int] = []
+    resolve = sqlrule.resolve_ids
+    monkeypatch.setattr(sqlrule, "resolve_ids",
+                        lambda ids, idmap: mapped.append(len(ids)) or resolve(ids, idmap))
+    rule = {"or": [sql(table), {"field": "n", "op": "eq", "value": 3}]}
+    expected = plain.client.count(rule, as_of=AS_OF)
+    mapped.clear()
+    assert front.client.count(rule, as_of=AS_OF) == expected
+    assert len(mapped) == front.shards.count  # each shard mapped its part
+    mapped.clear()
+    assert front.client.count(rule, as_of=AS_OF) == expected  # a new RPC, the same answer
+    assert mapped == []  # sent by its number: nothing sent or mapped again
+    for client in (plain.client, front.client):  # a new profile the table names
+        client.upsert_profiles([{"id": "ghost", "n": 1}])
+    expected = plain.client.count(rule, as_of=AS_OF)
+    mapped.clear()
+    assert front.client.count(rule, as_of=AS_OF) == expected
+    assert sum(mapped) <= 1 + front.shards.count  # only the ids unknown before
+    with monkeypatch.context() as lost:  # a shard that lost its answers (restarted)
+        lost.setattr(sqlrule.KeptAnswers, "get", lambda self, number, ids: None)
+        assert front.client.count(rule, as_of=AS_OF) == expected
+
+
 def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, front: Front,
                                                               table: str, postgres: Any,
                                                               clock: Clock) -> None:
