@@ -127,6 +127,20 @@ class FrontSql:
                 sent.add(number)
         return given
 
+    def numbered(self) -> Given | None:
+        """The current pin's answers by their numbers alone, the same for every shard,
+        when every shard holds every one of them (None otherwise): what the fast path
+        of Count and IsMember can carry."""
+        pin = getattr(self._local, "pin", None)
+        if pin is None:
+            return None
+        with self._lock:
+            if not all(number in sent for _, _, _, number in pin.answers.values()
+                       for sent in self._sent):
+                return None
+        return {key: (number, None, 0, age, fresh)
+                for key, (_, age, fresh, number) in pin.answers.items()}
+
     def holds(self) -> bool:
         """Whether the current pin holds answers (calls then carry them)."""
         pin = getattr(self._local, "pin", None)
@@ -352,21 +366,26 @@ def install(shards: Any, sources: Any) -> FrontSql:
 
 
 class _Fast:
-    """The fast path of Count and IsMember (shard_graph) for rules without sql answers;
-    a rule that needs some is asked by tasks, with them."""
+    """The fast path of Count and IsMember (shard_graph): a rule without sql nodes as it
+    is, one whose answers every shard holds with their numbers; any other (the first
+    call of an answer, an sql node met through a segment) by tasks, each shard given
+    its part."""
 
     def __init__(self, real: Any, shards: Any, front: FrontSql) -> None:
         self.real, self.shards, self.front = real, shards, front
 
     def ask(self, request: tuple) -> list[Any]:
         shard, method, *args = request
-        answers = None
-        if not self.front.prepare(tuple(args)) and not self.front.holds():
-            answers = self.real.ask(request)
-            if not any(_needs(a) is not None for a in answers):
-                return answers
-        which = list(range(self.shards.count)) if shard is None else [shard]
         with self.front.pinned():
+            if self.front.prepare(tuple(args)) or self.front.holds():
+                numbered = self.front.numbered()  # answers every shard holds: by number
+                request = None if numbered is None \
+                    else (shard, "with_sql", numbered, method, *args)
+            if request is not None:
+                answers = self.real.ask(request)
+                if not any(_needs(a) is not None for a in answers):
+                    return answers
+            which = list(range(self.shards.count)) if shard is None else [shard]
             asked = [self.shards._submit(i, method, tuple(args)) for i in which]
             got = {i: self.shards._wait(i, a) for i, a in zip(which, asked, strict=True)}
         return [got.get(i, (True, None)) for i in range(self.shards.count)]

@@ -27,7 +27,9 @@ from bitseg import Client, ClientError
 from bitseg.index.engine import Engine
 from bitseg.index.segments import open_segments
 from bitseg.index.sqlrule import NoSources
+from bitseg.loaders.split import shard_folder
 from bitseg.server.app import create_server
+from bitseg.server.shards import ShardSet, start_ray
 from bitseg.server.sources import Source, Sources
 
 IDS = [str(r["id"]) for r in records()]
@@ -277,6 +279,35 @@ def test_a_source_down_is_unavailable_naming_it_and_changes_nothing(
     finally:
         postgres.start()
     assert answers(front.client, sql(table)) == answers(plain.client, sql(table))
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[Any]:
+    import ray
+
+    start_ray(ray, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def test_on_ray_as_one_store_and_by_the_fast_path_once_every_shard_holds_the_answer(
+        tmp_path: Path, plain: Plain, table: str, postgres: Any, clock: Clock,
+        ray_runtime: Any) -> None:
+    sharded(tmp_path, 2).close()
+    shards = ShardSet.on_ray([str(shard_folder(tmp_path / "db2", s)) for s in range(2)])
+    front = Front(shards)
+    shards.sql.sources = Sources(source(postgres), lambda: None, clock)
+    try:
+        rule = {"and": [sql(table), {"field": "n", "op": "gte", "value": 1}]}
+        assert answers(front.client, rule) == answers(plain.client, rule)
+        expected = plain.client.count(rule, as_of=AS_OF)
+        sent = shards.fast.real.batches
+        for _ in range(3):
+            assert front.client.count(rule, as_of=AS_OF) == expected
+        assert shards.fast.real.batches == sent + 3  # each by the fast path, by number
+    finally:
+        front.close()
+        shards.sql.close()
 
 
 def test_serve_shards_with_sources_answers_the_cli(tmp_path: Path, postgres: Any,
