@@ -58,6 +58,7 @@ class Shard:
     def __init__(self, path: str, index: int, count: int = 1) -> None:
         from bitseg.index.engine import Engine
         from bitseg.index.segments import open_segments
+        from bitseg.index.sqlrule import CallIds
 
         self.index = index
         self.path = path
@@ -65,6 +66,7 @@ class Shard:
         self.segments = open_segments(self.engine)
         if count > 1:  # one of several shards: top sets are chosen by the front
             self.engine.snapshot.tops.refuse_own()
+        self.engine.set_external(CallIds(self.engine.ids))  # sql answers: from the front
 
     def call(self, method: str, *args: Any) -> tuple[bool, Any]:
         """Run one of this class's `do_` methods: (True, its value) or (False, the bitseg
@@ -188,6 +190,13 @@ class Shard:
         from bitseg.server.shard_reads import shard_view
 
         return getattr(shard_view(self, chosen, method, args), "do_" + method)(*args)
+
+    def do_with_sql(self, given: Any, method: str, *args: Any) -> Any:
+        """Any call with this shard's part of the sql answers the front ran for it
+        (shard_sources)."""
+        from bitseg.server.shard_sources import call_with_sql
+
+        return call_with_sql(self, given, method, args)
 
     # ---------------------------------------------------------------- describe over shards
     def do_describe_part(self) -> Any:
