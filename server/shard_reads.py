@@ -37,6 +37,9 @@ from bitseg.index.top import Top, TopSets, TopsUnresolved, top_members
 from bitseg.server.service import Unimplemented
 
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
+# a top node's set chosen over the shards, for one shard: [top_key of the node, its dense
+# ids on that shard]; a shard's chosen sets are a list of these, in target_tops order
+Chosen = list[list[Any]]
 # the reads that evaluate a rule: the rule is their first argument, then as_of
 RULE_READS = frozenset({"count", "page", "preview", "explain", "metrics", "insights_part",
                         "insights_at_most"})
@@ -129,34 +132,40 @@ class ChosenTops(TopSets):
         """Nothing is kept: the sets are this evaluation's."""
 
 
-def chosen_tops(engine: Any, target: Any, chosen: Sequence[Sequence[int]],
-                partial: bool = False) -> ChosenTops:
+def top_key(top: Top) -> str:
+    """What a shard checks of each top set it is given against the node it takes it
+    for, so that a segment changed since the choice is refused, not answered wrongly."""
+    return f"{top.n} {top.order} {top.by}"
+
+
+def chosen_tops(engine: Any, target: Any, chosen: Chosen, partial: bool = False
+                ) -> ChosenTops:
     """The target's top nodes (target_tops order) as these dense ids of this shard;
     TopsUnresolved when the target has other tops than were chosen (a segment changed
     since), unless `partial` (the first len(chosen) of them)."""
     snap = engine.snapshot
     tops = target_tops(engine, snap, target)
-    if len(tops) < len(chosen) or (len(tops) > len(chosen) and not partial):
-        raise TopsUnresolved(f"{len(chosen)} top sets were chosen over the shards for a "
-                             f"rule with {len(tops)} top nodes (a segment changed "
+    if len(tops) < len(chosen) or (len(tops) > len(chosen) and not partial) \
+            or any(key != top_key(top) for top, (key, _) in zip(tops, chosen, strict=False)):
+        raise TopsUnresolved(f"the {len(chosen)} top sets chosen over the shards are not "
+                             f"those of the rule's {len(tops)} top nodes (a segment changed "
                              "meanwhile?); try again")
     return ChosenTops({top: bitmap_of(np.asarray(ids, dtype=np.uint32))
-                       for top, ids in zip(tops, chosen, strict=False)})
+                       for top, (_, ids) in zip(tops, chosen, strict=False)})
 
 
-def with_tops(engine: Any, target: Any, chosen: Sequence[Sequence[int]],
-              partial: bool = False) -> Any:
+def with_tops(engine: Any, target: Any, chosen: Chosen, partial: bool = False) -> Any:
     """A read-only view of `engine` whose evaluations take the target's top nodes as
     these dense ids of this shard (chosen_tops)."""
     tops = chosen_tops(engine, target, chosen, partial)
     return engine.reading(replace(engine.snapshot, tops=tops))
 
 
-def top_candidates(engine: Any, target: Any, as_of: datetime,
-                   chosen: Sequence[Sequence[int]]) -> tuple[int, str, list[Candidate]] | None:
+def top_candidates(engine: Any, target: Any, as_of: datetime, chosen: Chosen
+                   ) -> tuple[int, str, list[Candidate], str] | None:
     """The next unresolved top node of the target (read_target; the tops before it
-    chosen): its n and order, and this shard's top n by it with their values; None when
-    all are chosen."""
+    chosen): its n and order, this shard's top n by it with their values, and its
+    top_key; None when all are chosen."""
     from bitseg.index.engine import as_of_micros
     from bitseg.index.evaluate import Evaluator
 
@@ -172,7 +181,7 @@ def top_candidates(engine: Any, target: Any, as_of: datetime,
     mine = ids_of(top_members(top, index, pool, engine.ids.externals))
     values = exact_values(index, mine)
     return top.n, top.order, list(zip(values, engine.ids.externals(mine), mine.tolist(),
-                                      strict=True))
+                                      strict=True)), top_key(top)
 
 
 def exact_values(index: RangeIndex, dense: np.ndarray) -> list[int | Fraction]:
@@ -190,7 +199,7 @@ def exact_values(index: RangeIndex, dense: np.ndarray) -> list[int | Fraction]:
     return [Fraction(k, scale) for k in keys]
 
 
-def shard_view(shard: Any, chosen: Sequence[Sequence[int]], method: str,
+def shard_view(shard: Any, chosen: Chosen, method: str,
                args: Sequence[Any]) -> Any:
     """A copy of the Shard whose engine and segments evaluate with the chosen top sets,
     for one of the READS or WRITES with these args (a write through the shard's own
@@ -227,19 +236,23 @@ def merge_top(found: Sequence[Sequence[Candidate]], n: int, order: str) -> list[
     return [sorted(p) for p in picks]
 
 
-def resolve_tops(shards: Any, rule: Any, as_of: datetime) -> list[list[list[int]]]:
-    """Every top node of the rule chosen over the shards: per shard, per top node (in
-    tops_of order), the dense ids of that shard in the store's top set."""
-    chosen: list[list[list[int]]] = [[] for _ in range(shards.count)]
+def resolve_tops(shards: Any, rule: Any, as_of: datetime) -> list[Chosen]:
+    """Every top node of the rule (a read_target) chosen over the shards: per shard, per
+    top node (in target_tops order), [its top_key, the dense ids of that shard in the
+    store's top set]."""
+    chosen: list[Chosen] = [[] for _ in range(shards.count)]
     while True:
         found = shards.each("top_candidates",
                             per_shard=[(rule, as_of, chosen[i]) for i in range(shards.count)])
-        if found[0] is None:
+        if found[0] is None and not any(found):
             return chosen
-        n, order = found[0][0], found[0][1]
+        if found[0] is None or any(f is None or f[3] != found[0][3] for f in found):
+            raise TopsUnresolved("the shards name other top nodes for the same rule (a "
+                                 "segment changed meanwhile?); try again")
+        n, order, key = found[0][0], found[0][1], found[0][3]
         for mine, picked in zip(chosen, merge_top([f[2] for f in found], n, order),
                                 strict=True):
-            mine.append(picked)
+            mine.append([key, picked])
 
 
 # A shard of several refuses to evaluate a top node whose set the front did not choose
@@ -341,7 +354,7 @@ class ResolvedShards:
     """The shards as the evaluation RPCs use them, each read carrying the top sets chosen
     over all of them (the same calls as a ShardSet's)."""
 
-    def __init__(self, shards: Any, chosen: list[list[list[int]]]) -> None:
+    def __init__(self, shards: Any, chosen: list[Chosen]) -> None:
         self.shards = shards
         self.count = shards.count
         self.chosen = chosen

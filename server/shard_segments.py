@@ -50,7 +50,7 @@ from bitseg.index.segments import (
 )
 from bitseg.index.split import split_segment
 from bitseg.server.service import ShardUnavailable
-from bitseg.server.shard_reads import chosen_tops, resolve_tops
+from bitseg.server.shard_reads import Chosen, chosen_tops, resolve_tops
 from bitseg.server.shard_writes import writes_for
 
 log = logging.getLogger("bitseg.segments")
@@ -80,7 +80,7 @@ def may_meet_top(rule: Any) -> bool:
 
 # ---------------------------------------------------------------------- on a shard
 def change_on_shard(shard: Any, change: str, kwargs: dict[str, Any], rule: Any,
-                    chosen: list[list[list[int]]] | None) -> Any:
+                    chosen: list[Chosen] | None) -> Any:
     """Segments.<change>(**kwargs) (split: index.split.split_segment) on this shard;
     with `chosen` (every shard's top sets of `rule`), counted with this shard's."""
     segments: Segments = shard.segments
@@ -111,7 +111,7 @@ class SegmentChanges:
 
     @contextmanager
     def changing(self, rules: Sequence[Any], as_of: datetime, kind: str | None = None
-                 ) -> Iterator[list[list[list[list[int]]] | None]]:
+                 ) -> Iterator[list[list[Chosen] | None]]:
         """Hold the front's segment changes while one is made; yield each rule's top sets
         over every shard (None for a rule that meets no top node, or with one shard).
         While any has them, no batch is written (ShardWrites' lock). A dynamic segment

@@ -17,6 +17,7 @@ from test_shard_segments import BEST, NESTED, Plain, records, sharded
 from test_shards import AS_OF, Front, nodes
 
 from bitseg import Client, ClientError
+from bitseg.server.shard_reads import resolve_tops
 
 IDS = [str(p["id"]) for p in records()] + ["nobody"]
 KEPT = [p for p in IDS[:-1] if p != "p3"]  # (deleted below)
@@ -197,3 +198,18 @@ def test_a_shard_of_several_never_answers_its_own_top(front: Front) -> None:
         front.client.split_segment("best", "s1", {"a": 50, "rest": 50})
     assert caught.value.code == "UNIMPLEMENTED" and "split" in caught.value.message
     assert [s.name for s in front.client.list_segments()] == ["best"]
+
+
+def test_top_sets_chosen_before_a_segment_changed_are_chosen_again(plain: Plain,
+                                                                   front: Front) -> None:
+    shards = front.shards
+    for client in (plain.client, front.client):
+        client.create_segment("best", "dynamic", BEST)
+    stale = resolve_tops(shards, {"segment": "best"}, AS_OF)
+    for client in (plain.client, front.client):
+        client.update_segment("best", {"top": {"n": 5, "by": "x"}})
+    expected = sorted(plain.client.members(segment="best", as_of=AS_OF))
+    asked = ("page", {"segment": "best"}, AS_OF, None, 10)  # (.., ids, external ids, ..)
+    found = shards.each("with_tops", per_shard=[(mine, *asked) for mine in stale])
+    assert sorted(e for page in found for e in page[4]) == expected
+    assert shards.call(0, "with_tops", stale[0], *asked)[4] == found[0][4]
