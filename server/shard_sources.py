@@ -5,17 +5,29 @@ ONLY transactions, statement_timeout, row_limit, the ttl cache and its refresher
 sharded front holds those same Sources; its shards never connect to a database.
 
 - A shard's engine answers sql rules with `CallIds` (index/sqlrule.py): the answers the
-  call it runs carries, or `SqlNeeded` naming the queries it lacks (a rule's own leaves,
-  or those of the dynamic segments it refers to).
+  call it runs carries, or `SqlNeeded` naming the queries it lacks (a rule's own nodes,
+  or those of the dynamic segments it names).
 - The front sends its calls through `install`'s wrappers of the ShardSet: a call that
   comes back SqlNeeded has its queries run (or taken from the ttl cache), the ids split by
-  `shard_of`, and is asked again with each shard's part (`Shard.do_with_sql`). A rule's
-  own sql leaves are seen in its JSON before the first call, so most calls go once.
+  `shard_of`, and is asked again with each shard's part (`Shard.do_with_sql`). The sql
+  nodes written in a read's rule are seen in its JSON before the first call, so most
+  calls go once.
 - Every RPC of the front (and every scheduler tick) holds a *pin*: the answers it has
   taken, so each query is answered once for all shards and every call of that RPC, as one
   store's one evaluation. A materialized refresh asks for answers run again, once.
+- A shard is sent its part of an answer once: it keeps it mapped (KeptAnswers, by the
+  front's number for that answer), later calls carry the number alone, and a shard that
+  lost it asks again. Count and IsMember take the fast path (shard_graph) when every
+  shard holds the answers they need.
+- A write must not come back for an answer after it wrote: a dynamic segment's
+  definition is written before its size is counted, so a segment change has its rule's
+  answers sent with it (those met through named segments found by counting the rule
+  first); a refresh asks before it writes anything.
 - Errors are one store's: SourceUnavailable naming the source, a failed query's
   RuleError at the path of its node, "no SQL sources are configured" without --sources.
+
+Choice: the front resolves (not each shard with pools of its own), so N shards cost one
+query, and a count is never made of two states of a table.
 """
 
 from __future__ import annotations
