@@ -196,7 +196,7 @@ class TopSets:
 def evaluate_top(top: Top, snapshot: Any, as_of_us: int,
                  matching: Callable[[Any], BitMap]) -> BitMap:
     """The top set on a snapshot (cached per snapshot); `matching` evaluates `of`."""
-    from bitseg.index.cache import depends_on_time  # cache imports the snapshot
+    from bitseg.index.cache import depends_on_time, uses_sources  # cache imports snapshot
 
     key = (top, as_of_us if depends_on_time(top.of, snapshot) else None)
     tops: TopSets = snapshot.tops
@@ -205,5 +205,6 @@ def evaluate_top(top: Top, snapshot: Any, as_of_us: int,
         index = snapshot.field(top.by)
         candidates = matching(top.of) & snapshot.live
         found = top_members(top, index, candidates, tops.externals)
-        tops.put(snapshot, key, found)
+        if not uses_sources(top.of, snapshot):  # an sql answer changes without a write
+            tops.put(snapshot, key, found)
     return found

@@ -323,9 +323,11 @@ def install(shards: Any, sources: Any) -> FrontSql:
             # this call must not come back for an answer: its rule's are sent with it, and
             # those of the segments it names are found by counting it first.  A refresh
             # asks for its answers (run again) before it writes anything.
-            rule = args[1].get("rule")
+            rule, as_of = args[1].get("rule"), args[1].get("as_of")
             if front.prepare((rule,)) or _names_segments(rule):
-                ok, value = ask(index, "count", (rule, args[1].get("as_of")))
+                chosen = args[3] if len(args) > 3 else None  # top sets of args[2]
+                ok, value = ask(index, "count", (rule, as_of)) if chosen is None else \
+                    ask(index, "with_tops", (chosen[index], "count", args[2], as_of))
                 if not ok and tuple(value[:2]) in _FAILED_QUERY:
                     return _Asked(index, method, args, _Refused((False, value)))
         return _Asked(index, method, args, send(index, method, args))

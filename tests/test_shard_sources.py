@@ -203,6 +203,7 @@ def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, fron
 
     def state(client: Client) -> dict[str, Any]:
         return {"dyn": answers(client, segment="dyn"), "mat": answers(client, segment="mat"),
+                "best": answers(client, segment="best"),
                 "using": answers(client, using),
                 "sizes": {s.name: s.size for s in client.list_segments()},
                 "of": client.segments_of_many(IDS, as_of=AS_OF).segments,
@@ -213,6 +214,8 @@ def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, fron
         made = client.create_segment("mat", "materialized", sql(table, "silver"), as_of=AS_OF)
         assert made.size > 0
         client.create_segment("uses", "dynamic", using)  # its answers through "dyn"
+        client.create_segment("best", "dynamic", {"top": {"n": 3, "by": "n", "of": {
+            "segment": "dyn"}}})  # top sets chosen over the shards, of an sql segment
     assert state(front.client) == state(plain.client)
     postgres.sql(f"UPDATE {table} SET tier = 'silver' WHERE tier = 'gold' AND id LIKE '%1%'")
     postgres.sql(f"INSERT INTO {table} (id, tier) VALUES ('p2', 'silver'), ('p4', 'gold')")
@@ -221,6 +224,9 @@ def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, fron
     clock.now += 61  # past the ttl: the cached answers lapse on both
     after = state(plain.client)
     assert after["dyn"]["count"] != before["dyn"]["count"]
+    n = {str(r["id"]): r.get("n") for r in records()}  # the top 3 by n of dyn, naively
+    naive = sorted(after["dyn"]["members"], key=lambda p: (-n[p], p.encode()))[:3]
+    assert after["best"]["members"] == sorted(naive), "one store's top of an sql segment"
     assert state(front.client) == after
     refreshed = [c.refresh_segment("mat", as_of=AS_OF) for c in (plain.client, front.client)]
     assert (refreshed[0].entered, refreshed[0].exited) != (0, 0)
