@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from bitseg.index.errors import BitsegError
+from bitseg.index.errors import BitsegError, RuleError
 from bitseg.index.sqlrule import (
     KEPT_ANSWERS,
     CallIds,
@@ -54,6 +54,7 @@ from bitseg.index.sqlrule import (
     NoSources,
     SqlRule,
     carrying,
+    parse_sql,
 )
 
 # the shard calls that only read: they answer on a view of the snapshot with the given
@@ -239,12 +240,11 @@ def _leaves(value: Any, path: str) -> Iterator[SqlRule]:
         except orjson.JSONDecodeError:
             return
     if isinstance(value, dict):
-        body = value.get("sql")
-        if isinstance(body, dict) and isinstance(body.get("source"), str) \
-                and isinstance(body.get("query"), str):
-            params = body.get("params", [])
-            if isinstance(params, list):
-                yield SqlRule(body["source"], body["query"], tuple(params), f"{path}.sql")
+        if "sql" in value:
+            try:  # the parser's checks first: a query it refuses is never sent
+                yield parse_sql(value, path)
+            except RuleError:
+                pass  # the shard's parse says so, at the rule's path
             return
         for name in ("and", "or"):
             if isinstance(value.get(name), list):

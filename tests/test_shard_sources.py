@@ -254,6 +254,14 @@ def test_errors_are_one_stores_words(plain: Plain, front: Front, table: str) -> 
     for rule in bad:
         said = [failure(lambda c=c, r=rule: c.count(r)) for c in clients]
         assert said[0][0] == "INVALID_ARGUMENT" and said[1] == said[0], said
+    sources, ran = front.shards.sql.sources, []
+    fetch = sources._fetch
+    sources._fetch = lambda rule, *rest: ran.append(rule.query) or fetch(rule, *rest)
+    refused = {"not": {"sql": {"source": "crm", "query": f"SELECT id FROM {table}; "
+                                                          f"DELETE FROM {table}"}}}
+    said = [failure(lambda c=c: c.count(refused)) for c in clients]
+    assert said[0][0] == "INVALID_ARGUMENT" and said[1] == said[0], said
+    assert ran == []  # refused by the parser's check: never sent to the database
     said = [failure(lambda c=c: c.create_segment("bad", "dynamic", bad[0])) for c in clients]
     assert said[0][0] == "INVALID_ARGUMENT" and said[1] == said[0], said
     # without --sources: the same words as a plain store without them
