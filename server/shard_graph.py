@@ -7,19 +7,23 @@ clients counting at once on a 2-core machine that overhead, not the evaluations,
 most of the CPU (RESULTS.md, issue 16 at 10M). So one request at a time is out to the
 shards: whoever asks while none is out sends it at once (a lone caller waits for
 nothing), and the requests that come while one is out wait for it and then go out
-together, as one batch: one task (or one graph run) per shard for all of them. Each
+together, as one batch: one actor task per shard for all of them. Each
 shard answers every request of the batch that is for it, in order, each with its own
 answer or its own error (a bad rule fails its caller alone).
 
-The graph (`Graph`). A compiled graph (`ray.dag`, `experimental_compile`) starts one
-loop in each actor (in Ray's system concurrency group, so the actor's own threads still
-take every other call) and passes a batch and the answers through shared-memory
-channels: ~0.2-0.5 ms for two actors, against ~1.1-1.8 ms by tasks. An actor's loop spins
-while it waits (0.4-0.9 of a core per idle actor, measured), so the graph is built when a
-second batch comes within GRAPH_IDLE_SECONDS of the one before, in a thread of its own
-(the batches meanwhile take plain tasks), and torn down after GRAPH_IDLE_SECONDS without
-one. `execute` is not thread-safe: FastReads never has two batches out, and a batch that
-finds the graph being torn down takes plain tasks.
+The graph (`Graph`) serves a lone caller. A compiled graph (`ray.dag`,
+`experimental_compile`) starts one loop in each actor (in Ray's system concurrency group,
+so the actor's own threads still take every other call) and passes a request and the
+answers through shared-memory channels: ~0.2-0.5 ms for two actors, against ~1.1-1.8 ms
+by tasks. But its loops spin while they wait, in the actors (0.4-0.9 of a core per idle
+actor) and in the front reading the answers (at 10M with 8 clients the front spent
+2.0 ms of CPU a request with the graph and 1.1 ms with tasks, and served 275 against 423
+Counts a second). So the graph is built when a second lone request comes within
+GRAPH_IDLE_SECONDS of the one before, in a thread of its own (requests meanwhile take
+tasks), and torn down after GRAPH_IDLE_SECONDS without one; a batch of more than one
+request goes by tasks, tears the graph down, and keeps it down for CROWD_SECONDS.
+`execute` is not thread-safe: FastReads never has two batches out, and a request that
+finds the graph being torn down takes tasks.
 
 Failures. A dead actor closes the graph's channels. When Ray names it, the requests of
 the batch that needed that shard fail with ShardUnavailable naming it, and the others are
@@ -37,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 GRAPH_IDLE_SECONDS = 2.0
+CROWD_SECONDS = 10.0
 
 Answer = tuple[bool, Any]  # a shard's (True, value) or (False, its error as data)
 Request = tuple  # (shard index or None for every shard, method, *args)
@@ -157,18 +162,19 @@ class FastReads:
 class Graph:
     """One compiled graph over every shard actor, built and torn down as batches come."""
 
-    def __init__(self, ray: Any, actors: Sequence[Any], idle: float = GRAPH_IDLE_SECONDS
-                 ) -> None:
+    def __init__(self, ray: Any, actors: Sequence[Any], idle: float = GRAPH_IDLE_SECONDS,
+                 crowd: float = CROWD_SECONDS) -> None:
         self._ray = ray
         self._actors = list(actors)
         self._ids = {handle._actor_id.hex(): index for index, handle in enumerate(actors)}
-        self._idle = idle
+        self._idle, self._crowd = idle, crowd
         self._busy = threading.Lock()  # held while a batch is in the graph
         self._state = threading.Lock()  # held to start the keeper
         self._graph: Any = None  # the compiled graph, when built
         self._keeper: threading.Thread | None = None  # builds, keeps, tears down
         self._stop = threading.Event()
-        self._last = float("-inf")  # when the last batch came (time.monotonic)
+        self._last = float("-inf")  # when the last lone request came (time.monotonic)
+        self._crowded = float("-inf")  # when the last batch of several came
         self.built = 0  # how many graphs were built (tests and benchmarks read it)
         self.runs = 0  # how many batches it carried
 
@@ -178,13 +184,17 @@ class Graph:
 
     def run(self, requests: list[Request]) -> list[list[Answer]] | None:
         """Per shard, its answers to every request of the batch ((True, None) to those
-        not for it); None when the batch must take plain tasks (no graph yet, being torn
-        down, or it failed naming no shard); ShardDied when Ray named a dead shard."""
+        not for it); None when the batch must take tasks (several requests, no graph
+        yet, being torn down, or it failed naming no shard); ShardDied when Ray named a
+        dead shard."""
         now = time.monotonic()
+        if len(requests) > 1:
+            self._crowded = now  # the keeper tears the graph down
+            return None
         recent, self._last = now - self._last < self._idle, now
         graph = self._graph
         if graph is None:
-            if recent:
+            if recent and now - self._crowded > self._crowd:
                 self._start()
             return None
         if not self._busy.acquire(blocking=False):
@@ -233,7 +243,7 @@ class Graph:
             self.built += 1
             while not self._stop.wait(self._idle / 8) and self._graph is graph:
                 now = time.monotonic()
-                if now - self._last >= self._idle:
+                if now - self._last >= self._idle or now - self._crowded < self._crowd:
                     break
         except Exception:  # noqa: BLE001 -- an actor not up: the plain path answers
             pass

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bitseg.server.shard_graph import FastReads, ShardDied
+from bitseg.server.shard_graph import FastReads, Graph, ShardDied
 
 
 class Unavailable(Exception):
@@ -165,3 +165,14 @@ def test_a_batch_that_raises_fails_every_waiter_and_the_next_batch_goes_out() ->
         reads.ask((None, "count", 1))
     del reads.answers
     assert reads.ask((None, "count", 1)) == [(True, 1)]
+
+
+def test_a_batch_of_several_takes_tasks_and_keeps_the_graph_from_being_built() -> None:
+    """The graph serves a lone caller: a batch of several requests is sent by tasks, and
+    lone requests right after it do not start building the graph (its loops would spin
+    beside the crowd's tasks)."""
+    graph = Graph(ray=None, actors=[], idle=60.0, crowd=60.0)
+    assert graph.run([(None, "count", 1), (None, "count", 2)]) is None
+    for _ in range(3):
+        assert graph.run([(None, "count", 1)]) is None
+    assert graph._keeper is None and not graph.ready
