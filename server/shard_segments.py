@@ -65,10 +65,16 @@ def has_top(rule: Any, keys: tuple[str, ...] = ("top",)) -> bool:
             rule = orjson.loads(rule)
         except orjson.JSONDecodeError:
             return False  # the shards say what is wrong with it
-    if isinstance(rule, dict):
-        return any(k in rule for k in keys) or any(has_top(v, keys) for v in rule.values())
-    if isinstance(rule, list):
-        return any(has_top(v, keys) for v in rule)
+    return _names(rule, keys)
+
+
+def _names(value: Any, keys: tuple[str, ...]) -> bool:
+    """Whether a parsed rule has a node of one of `keys` anywhere (its strings are
+    values, never rules: parsing each as JSON cost a Count ~0.1 ms of errors)."""
+    if isinstance(value, dict):
+        return any(k in value for k in keys) or any(_names(v, keys) for v in value.values())
+    if isinstance(value, list):
+        return any(_names(v, keys) for v in value)
     return False
 
 
