@@ -34,7 +34,6 @@ from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, bitmap_of, ids_of
 from bitseg.index.rules import And, Not, Or, Rule, SegmentRef
 from bitseg.index.top import Top, TopSets, TopsUnresolved, top_members
-from bitseg.server.service import Unimplemented
 
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
 # a top node's set chosen over the shards, for one shard: [top_key of the node, its dense
@@ -260,8 +259,8 @@ def resolve_tops(shards: Any, rule: Any, as_of: datetime) -> list[Chosen]:
 # segment (its size, SegmentsOf, Overlap, an export). ShardSet's call, each and outcomes
 # then choose the sets the read needs (read_target) over every shard and ask again with
 # them, once: reads that meet no such segment cost nothing more.
-SPLIT_UNCHOSEN = ("a split whose source is or names a dynamic segment with a `top` rule (and "
-                  "has no `top` of its own) is not yet supported with --shards N > 1")
+CHANGE_UNCHOSEN = ("a segment the change names got a `top` rule after its top sets were "
+                   "chosen (a segment changed meanwhile?); try again")
 
 
 def asked_again(shards: Any, indices: Sequence[int], method: str,
@@ -282,8 +281,8 @@ def call_on_refusal(call: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return call(shards, index, method, *args)
         except TopsUnresolved:
-            if method == "segment_change":  # the front chooses a change's sets first,
-                raise Unimplemented(SPLIT_UNCHOSEN) from None  # but not yet a split's
+            if method == "segment_change":  # the front chose the change's sets first:
+                raise TopsUnresolved(CHANGE_UNCHOSEN) from None  # what it names changed
             if not _retried(method):
                 raise
             return asked_again(shards, [index], method, [args])[0]

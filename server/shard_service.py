@@ -22,7 +22,8 @@
   shards first (shard_reads.resolve_tops), then every read above evaluates with them.
   A static or materialized segment with a `top` rule is created, updated, split and
   refreshed the same way, each shard counting its part with those sets
-  (shard_segments); a dynamic one is refused (every read naming it would need them).
+  (shard_segments); a read that meets a dynamic one's top node is refused by the
+  shards and asked again with its sets chosen (shard_reads, "asked again").
 - Scheduled refresh (refresh_every): the front's RefreshScheduler asks every shard which
   materialized segments are due and refreshes each through the front (shard_segments).
 - UpsertProfiles, TrackEvents, AddOrders, DeleteProfiles: each batch on every shard or
@@ -87,6 +88,7 @@ from bitseg.server.shard_segments import (
     SegmentChanges,
     changes_for,
     has_top,
+    may_meet_top,
     refresh_scheduler,
 )
 from bitseg.server.shard_sources import install, pinned_calls
@@ -487,9 +489,11 @@ class ShardedServicer(SegmentsServicer):
         asked = {"name": request.name, "salt": request.salt, "rule": rule, "as_of": as_of,
                  "parts": [(p.label, p.percent) for p in request.into],
                  "prefix": request.prefix or None}
-        # the pieces' rules hold the source at $.and[0]: its top nodes chosen there
-        placed = {"and": [orjson.loads(rule) if isinstance(rule, (str, bytes)) else rule,
-                          {"all": True}]} if has_top(rule) else None
+        # the pieces' rules hold the source at $.and[0]: its top nodes chosen there (a
+        # segment by name: its own, and those of the dynamic segments it names)
+        source = rule if rule is not None else {"segment": request.name}
+        placed = {"and": [orjson.loads(source) if isinstance(source, (str, bytes))
+                          else source, {"all": True}]} if may_meet_top(source) else None
         with self.segment_changes.changing([placed], as_of) as (chosen,):
             made = self._create_everywhere("segment_change", [
                 ("split", asked, placed, chosen)] * self.shards.count,
