@@ -370,11 +370,8 @@ def install(shards: Any, sources: Any) -> FrontSql:
             return settled(pending, wait_all([p.handle for p in pending]))
 
     shards._submit, shards._wait, shards._wait_all = my_submit, my_wait, my_wait_all
-    if hasattr(shards, "fast"):  # Count and IsMember's fast path (shard_graph)
-        if shards.fast is not None:
-            shards.fast = _Fast(shards.fast, shards, front)
-    elif getattr(shards, "graph", None) is not None:  # the graph asked with a fallback
-        shards.graph = _Graph(shards.graph, front)
+    if getattr(shards, "fast", None) is not None:  # Count and IsMember's (shard_graph)
+        shards.fast = _Fast(shards.fast, shards, front)
     shards.sql = front
     return front
 
@@ -404,24 +401,13 @@ class _Fast:
             got = {i: self.shards._wait(i, a) for i, a in zip(which, asked, strict=True)}
         return [got.get(i, (True, None)) for i in range(self.shards.count)]
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+    @property
+    def graph(self) -> Any:  # the real path's graph (a benchmark switches it off)
+        return self.real.graph
 
-
-class _Graph:
-    """Ray's compiled graph, asked with a fallback by tasks (`plain`): rules needing sql
-    answers take the fallback, whose calls carry them."""
-
-    def __init__(self, real: Any, front: FrontSql) -> None:
-        self.real, self.front = real, front
-
-    def ask(self, request: tuple, plain: Callable[[], list[Any]]) -> list[Any]:
-        if self.front.prepare(tuple(request[2:])) or self.front.holds():
-            return plain()
-        answers = self.real.ask(request, plain)
-        if any(_needs(a) is not None for a in answers):
-            return plain()
-        return answers
+    @graph.setter
+    def graph(self, graph: Any) -> None:
+        self.real.graph = graph
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)

@@ -205,6 +205,9 @@ def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, fron
         return {"dyn": answers(client, segment="dyn"), "mat": answers(client, segment="mat"),
                 "best": answers(client, segment="best"),
                 "using": answers(client, using),
+                # an sql leaf beside dynamic top segments: one of an sql segment, one not
+                "mixed": answers(client, {"and": [sql(table, "silver"), {"segment": "best"}]}),
+                "beside": answers(client, {"or": [sql(table), {"segment": "topn"}]}),
                 "sizes": {s.name: s.size for s in client.list_segments()},
                 "of": client.segments_of_many(IDS, as_of=AS_OF).segments,
                 "one": [client.segments_of(p, as_of=AS_OF) for p in IDS[:6]]}
@@ -216,6 +219,7 @@ def test_sql_segments_created_read_and_refreshed_as_one_store(plain: Plain, fron
         client.create_segment("uses", "dynamic", using)  # its answers through "dyn"
         client.create_segment("best", "dynamic", {"top": {"n": 3, "by": "n", "of": {
             "segment": "dyn"}}})  # top sets chosen over the shards, of an sql segment
+        client.create_segment("topn", "dynamic", {"top": {"n": 4, "by": "n"}})
     assert state(front.client) == state(plain.client)
     postgres.sql(f"UPDATE {table} SET tier = 'silver' WHERE tier = 'gold' AND id LIKE '%1%'")
     postgres.sql(f"INSERT INTO {table} (id, tier) VALUES ('p2', 'silver'), ('p4', 'gold')")
@@ -319,6 +323,10 @@ def test_on_ray_as_one_store_and_by_the_fast_path_once_every_shard_holds_the_ans
         for _ in range(3):
             assert front.client.count(rule, as_of=AS_OF) == expected
         assert shards.fast.real.batches == sent + 3  # each by the fast path, by number
+        for client in (plain.client, front.client):  # sql beside a dynamic top segment
+            client.create_segment("topn", "dynamic", {"top": {"n": 4, "by": "n"}})
+        mixed = {"or": [sql(table), {"segment": "topn"}]}
+        assert answers(front.client, mixed) == answers(plain.client, mixed)
     finally:
         front.close()
         shards.sql.close()
