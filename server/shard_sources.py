@@ -69,6 +69,7 @@ _NEEDED = ("bitseg.index.sqlrule", "SqlNeeded")
 _FAILED_QUERY = {("bitseg.index.errors", "SourceUnavailable"),
                  ("bitseg.index.errors", "RuleError")}
 MAX_RULE_BYTES = 1 << 20  # JSON text looked into for sql nodes before a call
+ASK_ROUNDS = 8  # a call asked again with the answers it names, at most (one is usual)
 
 
 # ---------------------------------------------------------------------- on a shard
@@ -335,7 +336,7 @@ def install(shards: Any, sources: Any) -> FrontSql:
     def settled(asked: list[_Asked], answers: list[Any]) -> list[Any]:
         """The answers, each SqlNeeded one asked again with the queries it named."""
         answers = list(answers)
-        while True:
+        for _ in range(ASK_ROUNDS):
             needing = [k for k, a in enumerate(answers) if _needs(a) is not None]
             if not needing:
                 return answers
@@ -350,6 +351,8 @@ def install(shards: Any, sources: Any) -> FrontSql:
                      for k in needing]
             for k, handle in again:
                 answers[k] = wait(asked[k].index, handle)
+        raise RuntimeError(f"a shard still asked for sql answers after {ASK_ROUNDS} "
+                           "rounds of them")  # a bug, never a wait forever
 
     def waited(index: int, handle: Any) -> Any:
         return handle.answer if isinstance(handle, _Refused) else wait(index, handle)

@@ -356,3 +356,17 @@ def test_serve_shards_with_sources_answers_the_cli(tmp_path: Path, postgres: Any
         assert listed.stdout == f"crm  127.0.0.1:{postgres.port}/postgres  answers\n"
     finally:
         server.stop()
+
+
+def test_a_shard_that_keeps_asking_for_answers_fails_the_call_never_hangs_it(
+        front: Front, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitseg.server.shard_sources as shard_sources
+
+    asked: list[int] = []
+    monkeypatch.setattr(shard_sources.FrontSql, "resolve",
+                        lambda self, needed, shard: asked.append(shard))
+    monkeypatch.setattr(shard_sources, "_needs",
+                        lambda answer: [("crm", "SELECT 1", (), "$", False)])
+    with pytest.raises(RuntimeError, match="still asked for sql answers"):
+        front.shards.each("count", sql(table), AS_OF)
+    assert len(asked) == shard_sources.ASK_ROUNDS * front.shards.count
