@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import csv
 import gzip
+import multiprocessing
+import os
 import shutil
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from hashlib import blake2b
 from pathlib import Path
 from typing import IO, BinaryIO
+
+import orjson
 
 from bitseg.index.errors import DataError
 from bitseg.index.shard_key import shard_of
@@ -36,7 +44,9 @@ from bitseg.loaders.dataset import (
     _profiles_file,
 )
 
-FLUSH_BYTES = 1 << 20  # bytes a shard's output buffer holds before it is written
+BLOCK_BYTES = 8 << 20  # bytes of input split at a time (whole lines)
+PARALLEL_BYTES = 64 << 20  # a file this large is split by worker processes
+WORKERS = 4  # at most this many worker processes (and at most one per core)
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -104,29 +114,148 @@ def _open(file: Path) -> BinaryIO:
 def _split_jsonl(file: Path, key: str, shards: int, targets: list[Path],
                  compress: bool, written: list[int]) -> int:
     """Copy each non-blank line to its profile's shard, adding the bytes each shard got
-    to `written`; the number of lines copied."""
+    to `written`; the number of lines copied.
+
+    The input is read in blocks of whole lines; each block is split (by `_split_block`,
+    in worker processes for a large file) into one piece per shard, and the pieces are
+    written in the input's order, so every copy holds its lines in the input's order.
+    """
     outputs: list[BinaryIO] = [
         gzip.open(t / copy_name(file.name, True), "wb", compresslevel=1) if compress
         else open(t / copy_name(file.name), "wb") for t in targets]  # noqa: SIM115
-    buffers: list[list[bytes]] = [[] for _ in targets]
-    sizes = [0] * shards
     copied = 0
     try:
-        with _open(file) as stream:
-            for _, shard, line in _keyed_lines(stream, file.name, key, shards):
-                buffers[shard].append(line)
-                sizes[shard] += len(line)
-                written[shard] += len(line)
-                copied += 1
-                if sizes[shard] >= FLUSH_BYTES:
-                    outputs[shard].writelines(buffers[shard])
-                    buffers[shard], sizes[shard] = [], 0
-        for output, buffer in zip(outputs, buffers, strict=True):
-            output.writelines(buffer)
+        with _open(file) as stream, _block_splitter(file, key, shards) as split_blocks:
+            for block, first, (pieces, count, bad) in split_blocks(_blocks(stream)):
+                if bad is not None:
+                    _raise_at(block, first, bad, file.name, key, shards)
+                copied += count
+                for shard, piece in enumerate(pieces):
+                    if piece:
+                        outputs[shard].write(piece)
+                        written[shard] += len(piece)
     finally:
         for output in outputs:
             output.close()
     return copied
+
+
+Pieces = tuple[list[bytes], int, "int | None"]  # per shard bytes, lines copied, bad line
+
+
+def _blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(block of whole lines, the number of its first line), BLOCK_BYTES at a time."""
+    first, rest = 1, b""
+    while True:
+        chunk = stream.read(BLOCK_BYTES)
+        if not chunk:
+            break
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            rest += chunk
+            continue
+        block, rest = rest + chunk[:end + 1], chunk[end + 1:]
+        yield block, first
+        first += block.count(b"\n")
+    if rest:
+        yield rest, first
+
+
+def _split_block(block: bytes, first: int, key: str, shards: int) -> Pieces:
+    """A block of lines (numbered from `first`) split by shard: each shard's lines
+    joined, each ending in a newline; how many were copied; and the number of the first
+    line the split refuses, if any (its error is told again by `_raise_at`, in the
+    caller, by the line-at-a-time logic of `_keyed_line`)."""
+    lines: list[list[bytes]] = [[] for _ in range(shards)]
+    loads, hashed, digest_size = orjson.loads, blake2b, 8
+    last, last_shard = "", 0
+    number = first - 1
+    for line in block.split(b"\n"):
+        number += 1
+        if not line or line.isspace():
+            continue
+        if number == 1:  # a byte order mark: the line-at-a-time path says what it is
+            try:
+                shard, line = _keyed_line(line + b"\n", "", key, shards)
+            except Exception:  # noqa: BLE001 -- told again, with its words, by _raise_at
+                return [], 0, number
+            lines[shard].append(line[:-1])
+            continue
+        try:
+            record = loads(line)
+        except orjson.JSONDecodeError:
+            return [], 0, number
+        if type(record) is not dict:
+            return [], 0, number
+        if shards == 1:
+            lines[0].append(line)
+            continue
+        ident = record.get(key)
+        kind = type(ident)
+        if kind is str and ident:
+            if ident != last:
+                try:
+                    raw = ident.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate
+                    return [], 0, number
+                last = ident
+                last_shard = int.from_bytes(hashed(raw, digest_size=digest_size).digest(),
+                                            "big") % shards
+            lines[last_shard].append(line)
+        elif kind is int:  # an integer id is its decimal string (not a bool: type, not isinstance)
+            raw = str(ident).encode()
+            lines[int.from_bytes(hashed(raw, digest_size=digest_size).digest(), "big")
+                  % shards].append(line)
+        else:
+            return [], 0, number
+    pieces = [b"\n".join(shard_lines) + b"\n" if shard_lines else b""
+              for shard_lines in lines]
+    return pieces, sum(map(len, lines)), None
+
+
+def _raise_at(block: bytes, first: int, bad: int, name: str, key: str,
+              shards: int) -> None:
+    """Raise the error of line `bad` of the block, as the line-at-a-time path tells it."""
+    lines = block.split(b"\n")
+    at = bad - first  # the block's last line has no newline only at the end of the file
+    _keyed_line(lines[at] + (b"\n" if at < len(lines) - 1 else b""), name, key, shards, bad)
+    raise AssertionError(f"{name}, line {bad}: refused by the block split only")
+
+
+@contextmanager
+def _block_splitter(file: Path, key: str, shards: int
+                    ) -> Iterator[Callable[[Iterable[tuple[bytes, int]]],
+                                           Iterator[tuple[bytes, int, Pieces]]]]:
+    """A function from blocks to (block, first line, its pieces), in the blocks' order:
+    in this process for a small file, else in worker processes (one per core, at most
+    WORKERS), a few blocks ahead of the writes so memory stays a few blocks."""
+    workers = min(WORKERS, len(os.sched_getaffinity(0)))
+    if (workers < 2 or file.stat().st_size < PARALLEL_BYTES
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        yield lambda blocks: ((block, first, _split_block(block, first, key, shards))
+                              for block, first in blocks)
+        return
+    # forked: a worker runs only _split_block (no locks, no threads of the parent's) and
+    # needs no `if __name__ == "__main__"` in the caller's script, as spawn would
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+    def split_blocks(blocks: Iterable[tuple[bytes, int]]
+                     ) -> Iterator[tuple[bytes, int, Pieces]]:
+        ahead: deque[tuple[bytes, int, Future[Pieces]]] = deque()
+        for block, first in blocks:
+            ahead.append((block, first, pool.submit(_split_block, block, first, key,
+                                                    shards)))
+            if len(ahead) > 2 * workers:
+                block, first, future = ahead.popleft()
+                yield block, first, future.result()
+        while ahead:
+            block, first, future = ahead.popleft()
+            yield block, first, future.result()
+
+    try:
+        yield split_blocks
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _keyed_lines(stream: BinaryIO, name: str, key: str, shards: int
@@ -135,14 +264,22 @@ def _keyed_lines(stream: BinaryIO, name: str, key: str, shards: int
     for number, line in enumerate(stream, 1):
         if line.isspace() or not line:
             continue
-        if number == 1 and line.startswith(_BOM):
-            line = line[len(_BOM):]
-        record = _parse_line(line, name, number)
-        try:
-            shard = shard_of(record.get(key), shards)
-        except DataError as exc:
-            raise DataError(exc.reason, field=key, file=name, line=number) from None
-        yield number, shard, line if line.endswith(b"\n") else line + b"\n"
+        shard, line = _keyed_line(line, name, key, shards, number)
+        yield number, shard, line
+
+
+def _keyed_line(line: bytes, name: str, key: str, shards: int, number: int = 1
+                ) -> tuple[int, bytes]:
+    """The shard of one non-blank line and the line as copied (ending in a newline); a
+    DataError naming file, line and field if the split refuses it."""
+    if number == 1 and line.startswith(_BOM):
+        line = line[len(_BOM):]
+    record = _parse_line(line, name, number)
+    try:
+        shard = shard_of(record.get(key), shards)
+    except DataError as exc:
+        raise DataError(exc.reason, field=key, file=name, line=number) from None
+    return shard, line if line.endswith(b"\n") else line + b"\n"
 
 
 def _split_csv(file: Path, shards: int, targets: list[Path]) -> int:
