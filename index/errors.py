@@ -75,6 +75,12 @@ class StoreFull(StoreError):
     it was applied."""
 
 
+class PartUnavailable(Exception):
+    """A part of a sharded store did not answer (a shard's process died): neither the
+    caller's fault nor a bug, and asked again later it may answer. Not a BitsegError:
+    nothing about the request is wrong."""
+
+
 class SourceUnavailable(BitsegError):
     """An external SQL source (a {"sql": ...} rule's) does not answer; names the source."""
 

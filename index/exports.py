@@ -32,7 +32,7 @@ import orjson
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.errors import BitsegError, NotFound
+from bitseg.index.errors import BitsegError, NotFound, PartUnavailable
 from bitseg.index.export import (
     Block,
     check_fields,
@@ -467,6 +467,7 @@ class ExportScheduler(Ticker):
     def __init__(self, exports: Exports, tick: float = 1.0) -> None:
         super().__init__(tick, "bitseg-exports")
         self.exports = exports
+        self._unreached: set[int] = set()  # schedules failing for a part not answering
 
     def run_once(self, now_us: int | None = None) -> list[int]:
         """Run every due schedule; the ids that wrote a file. One failure (logged once
@@ -478,6 +479,12 @@ class ExportScheduler(Ticker):
                 continue
             try:
                 after = self.exports.run(schedule, now_us)
+            except PartUnavailable as exc:  # a shard's process died: tried next tick
+                if schedule.id not in self._unreached:
+                    self._unreached.add(schedule.id)
+                    log.warning("scheduled export %d of segment %r failed: %s; trying "
+                                "again", schedule.id, schedule.segment, exc)
+                continue
             except Exception:  # one schedule must not stop the others
                 log.exception("scheduled export %d of segment %r failed unexpectedly",
                               schedule.id, schedule.segment)
@@ -488,4 +495,5 @@ class ExportScheduler(Ticker):
                                 schedule.segment, after.last_error)
             else:
                 done.append(schedule.id)
+            self._unreached.discard(schedule.id)
         return done

@@ -45,7 +45,14 @@ from pyroaring import BitMap
 
 from bitseg.index import keys as K
 from bitseg.index import types as T
-from bitseg.index.errors import AlreadyExists, BitsegError, NotFound, RuleError, StoreError
+from bitseg.index.errors import (
+    AlreadyExists,
+    BitsegError,
+    NotFound,
+    PartUnavailable,
+    RuleError,
+    StoreError,
+)
 from bitseg.index.evaluate import Evaluator
 from bitseg.index.fields import ids_of
 from bitseg.index.rules import (
@@ -1080,7 +1087,7 @@ class RefreshScheduler(Ticker):
                                        now_us + int(pause * US))
         if failing is not None:
             return  # said once already
-        if isinstance(exc, BitsegError):
+        if isinstance(exc, (BitsegError, PartUnavailable)):
             log.warning("scheduled refresh of segment %r failed: %s; trying again after "
                         "growing pauses (at most %.0f s), and saying so when it works",
                         name, exc, self.max_pause)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bitseg.index.engine import Engine
-from bitseg.index.errors import BitsegError
+from bitseg.index.errors import BitsegError, PartUnavailable
 from bitseg.index.ticker import Ticker
 from bitseg.index.traits import RefreshReport, parse_config, refresh
 
@@ -84,7 +84,7 @@ class TraitsScheduler(Ticker):
         self._retry_at = now_us + int(pause * US)
         if self.attempts > 1:
             return  # said once already
-        if isinstance(exc, BitsegError):
+        if isinstance(exc, (BitsegError, PartUnavailable)):
             log.warning("scheduled traits refresh failed: %s; trying again after growing "
                         "pauses (at most %.0f s), and saying so when it works",
                         exc, self.max_pause)

@@ -27,6 +27,7 @@ from bitseg.index.errors import (
     BitsegError,
     DataError,
     NotFound,
+    PartUnavailable,
     RuleError,
     SchemaError,
     SourceUnavailable,
@@ -87,7 +88,7 @@ class Cancelled(Exception):
     """The client went away in the middle of a stream."""
 
 
-class ShardUnavailable(Exception):
+class ShardUnavailable(PartUnavailable):
     """A shard of a sharded store did not answer (its actor died); names the shard."""
 
 

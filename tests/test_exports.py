@@ -130,3 +130,37 @@ def test_schedules_survive_a_restart_and_write_numbered_or_rotating_files(tmp_pa
             ex.delete(numbered.id)
     with Engine.open(path) as engine:
         assert [s.id for s in Exports(engine).list()] == [rotating.id]
+
+
+def test_a_scheduled_export_a_shard_does_not_answer_is_said_once_and_run_when_it_does(
+        engine, tmp_path, monkeypatch, caplog):
+    """Under `serve --shards` an export fails while a shard's process is down (Ray
+    restarts it): one warning without a traceback, the schedule stays due and runs on the
+    first tick the shard answers again."""
+    import logging
+
+    from bitseg.server.service import ShardUnavailable
+
+    engine.upsert_profiles(profiles(5, 20))
+    open_segments(engine).create("fr", "dynamic",
+                                 rule={"field": "country", "op": "eq", "value": "FR"})
+    ex = Exports(engine)
+    made = ex.create("fr", 60, ["email"], [], "jsonl", str(tmp_path / "out"))
+    run = ex.run
+    down = [True]
+
+    def maybe(schedule, now_us):
+        if down[0]:
+            raise ShardUnavailable("shard 1 (/db/shard-1) is unavailable: actor died")
+        return run(schedule, now_us)
+
+    monkeypatch.setattr(ex, "run", maybe)
+    scheduler = ExportScheduler(ex)
+    t0 = 10**15
+    with caplog.at_level(logging.INFO, logger="bitseg.exports"):
+        assert [scheduler.run_once(t0 + k * 10**6) for k in range(3)] == [[], [], []]
+        down[0] = False
+        assert scheduler.run_once(t0 + 3 * 10**6) == [made.id]
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].exc_info is None and "shard 1" in said[0].getMessage()
+    assert ex.get(made.id).runs == 1

@@ -277,6 +277,29 @@ def test_an_unexpected_failure_logs_one_traceback(
     assert "boom" in records[0].getMessage() or "boom" in str(records[0].exc_info[1])
 
 
+def test_a_shard_that_does_not_answer_logs_a_warning_without_a_traceback(
+        engine: Engine, segs: Segments, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `serve --shards` a refresh fails when a shard's process died (Ray restarts
+    it): an operational failure, said in one line, not a bug's traceback."""
+    from bitseg.server.service import ShardUnavailable
+
+    segs.create("m", "materialized", rule=LEAF, refresh_every=1)
+
+    def gone(name: str, now_us: int) -> Any:
+        raise ShardUnavailable("shard 1 (/db/shard-1) is unavailable: actor died")
+
+    monkeypatch.setattr(segs, "refresh_scheduled", gone)
+    scheduler = RefreshScheduler(segs, tick=1.0)
+    start = time.time_ns() // 1000 + 2 * US
+    with caplog.at_level(logging.INFO, logger="bitseg.segments"):
+        for second in range(10):
+            scheduler.run_once(start + second * US)
+    records = [r for r in caplog.records if r.name == "bitseg.segments"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].exc_info is None and "shard 1" in records[0].getMessage()
+
+
 # ---------------------------------------------------------------------- as_of refreshes
 def joined_by_as_of() -> dict[str, Any]:
     return {"field": "since", "op": "lte", "value": {"days_ago": 0}}
