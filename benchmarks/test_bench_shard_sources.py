@@ -79,11 +79,18 @@ def _medians_ms(client: Client) -> dict[str, float]:
     return {name: statistics.median(found) * 1000 for name, found in times.items()}
 
 
-def _serve_shards(shards: ShardSet, source: dict[str, Source]) -> tuple[Any, Client]:
+def _sharded_medians(shards: ShardSet, source: dict[str, Source]) -> dict[str, float]:
+    """The medians through a sharded front over `shards` (closed after)."""
     server, port = create_sharded_server(shards, "127.0.0.1:0")
     shards.sql.sources = Sources(source, lambda: None)
     server.start()
-    return server, Client(f"127.0.0.1:{port}", timeout=120)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as sharded:
+            return _medians_ms(sharded)
+    finally:
+        server.stop(None)
+        shards.sql.close()
+        shards.close()
 
 
 def test_sql_rule_count_one_store_against_two_shards(stores: Path, postgres: Any) -> None:
@@ -96,26 +103,14 @@ def test_sql_rule_count_one_store_against_two_shards(stores: Path, postgres: Any
         server.start()
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             paths = [str(shard_folder(stores / "s2", s)) for s in range(2)]
-            shards = ShardSet.embedded(paths)
-            front, sharded = _serve_shards(shards, source)
             found["one store"] = _medians_ms(client)
-            found["2 shards in process"] = _medians_ms(sharded)
-            sharded.close()
-            front.stop(None)
-            shards.sql.close()
-            shards.close()
+            found["2 shards in process"] = _sharded_medians(ShardSet.embedded(paths), source)
             import ray
 
             start_ray(ray, num_cpus=2)
             try:
-                shards = ShardSet.on_ray(paths)
-                front, sharded = _serve_shards(shards, source)
-                found["2 shards on Ray"] = _medians_ms(sharded)
+                found["2 shards on Ray"] = _sharded_medians(ShardSet.on_ray(paths), source)
                 found["one store, again"] = _medians_ms(client)
-                sharded.close()
-                front.stop(None)
-                shards.sql.close()
-                shards.close()
             finally:
                 ray.shutdown()
         server.stop(None)
