@@ -47,6 +47,8 @@ from bitseg.loaders.dataset import (
 BLOCK_BYTES = 8 << 20  # bytes of input split at a time (whole lines)
 PARALLEL_BYTES = 64 << 20  # a file this large is split by worker processes
 WORKERS = 4  # at most this many worker processes (and at most one per core)
+KNOWN_IDS = 1 << 20  # ids whose shard a worker remembers (about 100 MB)
+_KNOWN: dict[str, int] = {}  # a worker's: id -> shard (a worker splits one file)
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -161,11 +163,15 @@ def _blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:
         yield rest, first
 
 
-def _split_block(block: bytes, first: int, key: str, shards: int) -> Pieces:
+def _split_block(block: bytes, first: int, key: str, shards: int,
+                 known: dict[str, int] | None = None) -> Pieces:
     """A block of lines (numbered from `first`) split by shard: each shard's lines
     joined, each ending in a newline; how many were copied; and the number of the first
     line the split refuses, if any (its error is told again by `_raise_at`, in the
-    caller, by the line-at-a-time logic of `_keyed_line`)."""
+    caller, by the line-at-a-time logic of `_keyed_line`). `known` holds the shards of
+    string ids already hashed (a worker's own by default): the hash costs twice the
+    parse, and every id comes back with its events and orders."""
+    known = _KNOWN if known is None else known
     lines: list[list[bytes]] = [[] for _ in range(shards)]
     loads, hashed, digest_size = orjson.loads, blake2b, 8
     last, last_shard = "", 0
@@ -194,13 +200,18 @@ def _split_block(block: bytes, first: int, key: str, shards: int) -> Pieces:
         kind = type(ident)
         if kind is str and ident:
             if ident != last:
-                try:
-                    raw = ident.encode("utf-8")
-                except UnicodeEncodeError:  # a lone surrogate
-                    return [], 0, number
+                last_shard = known.get(ident, -1)
+                if last_shard < 0:
+                    try:
+                        raw = ident.encode("utf-8")
+                    except UnicodeEncodeError:  # a lone surrogate
+                        return [], 0, number
+                    last_shard = int.from_bytes(
+                        hashed(raw, digest_size=digest_size).digest(), "big") % shards
+                    if len(known) >= KNOWN_IDS:
+                        known.clear()
+                    known[ident] = last_shard
                 last = ident
-                last_shard = int.from_bytes(hashed(raw, digest_size=digest_size).digest(),
-                                            "big") % shards
             lines[last_shard].append(line)
         elif kind is int:  # an integer id is its decimal string (not a bool: type, not isinstance)
             raw = str(ident).encode()
@@ -232,7 +243,8 @@ def _block_splitter(file: Path, key: str, shards: int
     workers = min(WORKERS, len(os.sched_getaffinity(0)))
     if (workers < 2 or file.stat().st_size < PARALLEL_BYTES
             or "fork" not in multiprocessing.get_all_start_methods()):
-        yield lambda blocks: ((block, first, _split_block(block, first, key, shards))
+        known: dict[str, int] = {}
+        yield lambda blocks: ((block, first, _split_block(block, first, key, shards, known))
                               for block, first in blocks)
         return
     # forked: a worker runs only _split_block (no locks, no threads of the parent's) and

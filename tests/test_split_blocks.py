@@ -117,8 +117,10 @@ def _outcome(call: Any) -> tuple[str, Any]:
 
 
 def _small_blocks(stack: ExitStack, workers: bool) -> None:
-    """Blocks of 97 bytes (lines cut anywhere); worker processes even for a tiny file."""
+    """Blocks of 97 bytes (lines cut anywhere); worker processes even for a tiny file;
+    ids whose shard is remembered forgotten after 3."""
     stack.enter_context(mock.patch.object(block_split, "BLOCK_BYTES", 97))
+    stack.enter_context(mock.patch.object(block_split, "KNOWN_IDS", 3))
     stack.enter_context(mock.patch.object(block_split, "PARALLEL_BYTES",
                                           0 if workers else 1 << 60))
 
