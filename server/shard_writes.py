@@ -60,6 +60,8 @@ log = logging.getLogger("bitseg.server")
 
 DECISIONS = "decisions"  # DB/decisions/<txid>.json: the batches decided to commit
 STAGED = "staged/"  # a shard's meta key prefix for its staged parts
+APPLIED = "applied/"  # and for the answers of the last parts it applied (by txid)
+KEPT_APPLIED = 64  # answers kept: a front asks again only for the batch under way
 DELETE = "delete"
 KEYS = {"profiles": "id", "events": "profile", "orders": "profile"}  # the profile id's key
 APPLY_PATIENCE = 60.0  # seconds the front asks a dead shard again to apply a batch
@@ -99,26 +101,33 @@ def prepare(engine: Any, txid: str, kind: str, payload: Any) -> dict[str, dict[s
     return schema
 
 
-def finish(engine: Any, txid: str, commit: bool, schema: dict[str, Any] | None
-           ) -> tuple[int, int, int, int] | None:
+def finish(engine: Any, txid: str, commit: bool, schema: dict[str, Any] | None) -> Any:
     """Apply (commit) or drop a staged part; (created, updated, version, rows: events,
-    orders or profiles deleted), or None when nothing was staged under txid (it was
-    finished before)."""
+    orders or profiles deleted), or an action's dict (shard_actions.apply). A part
+    applied before answers as it did then when its answer is kept (APPLIED), else None;
+    a part dropped, None."""
     key = STAGED + txid
     with engine.store.read() as txn:
         staged = engine.store.get_json(txn, key)
-    if staged is None:
-        return None
+        answered = engine.store.get_json(txn, APPLIED + txid) if commit else None
+    if staged is None:  # finished before: the answer it gave then, when it is kept
+        return _answer(answered)
     if not commit:
         _unstage(engine, key)
         return None
     if schema:
         engine.declare_schema(schema, source="the batch's schema on every shard")
-    kind, payload = staged["kind"], staged["payload"]
+    answer = _finish(engine, key, staged["kind"], staged["payload"])
+    _remember(engine, txid, answer)
+    return answer
+
+
+def _finish(engine: Any, key: str, kind: str, payload: Any) -> Any:
+    """Apply a staged part, the staged key removed with it; its answer."""
     from bitseg.server import shard_actions
 
     if kind in shard_actions.KINDS:
-        return shard_actions.apply(engine, key, kind, payload)  # type: ignore[return-value]
+        return shard_actions.apply(engine, key, kind, payload)
     if kind == DELETE:  # applied again after a crash: only the ids still live go
         live = [p for p in dict.fromkeys(payload) if _is_live(engine, p)]
         deleted = engine.delete_profiles(live) if live else 0
@@ -134,6 +143,23 @@ def finish(engine: Any, txid: str, commit: bool, schema: dict[str, Any] | None
 
     report = _apply(engine, kind, payload, unstage)
     return report.created, report.updated, report.version, report.rows
+
+
+def _remember(engine: Any, txid: str, answer: Any) -> None:
+    """Keep a part's answer (the last KEPT_APPLIED), so a front asking again after this
+    shard died before it answered learns the numbers, not nothing. In its own
+    transaction just after the part's: a death between the two loses only the numbers."""
+    prefix = APPLIED.encode()
+    with engine.store.write() as txn:
+        engine.store.put_json(txn, APPLIED + txid, answer)
+        kept = list(engine.store.keys(txn, "meta", prefix))  # txids sort by time
+        for old in kept[:max(0, len(kept) - KEPT_APPLIED)]:
+            engine.store.delete(txn, "meta", bytes(old))
+
+
+def _answer(kept: Any) -> Any:
+    """A kept answer as finish gives it: a batch's numbers as a tuple, an action's dict."""
+    return tuple(kept) if isinstance(kept, list) else kept
 
 
 def staged(engine: Any) -> list[str]:

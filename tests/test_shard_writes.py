@@ -569,3 +569,48 @@ def test_a_front_killed_mid_stream_keeps_every_acknowledged_batch_whole(
                 mine = sum(shard_of(f"b{k}-{j}", 2) == s for j in range(size))
                 held = engine.count({"field": "batch", "op": "eq", "value": k})
                 assert held == (mine if found[k] else 0), (s, k)
+
+
+# ---------------------------------------------------------------------- answers kept
+def test_a_part_applied_before_answers_again_as_it_did(tmp_path: Path) -> None:
+    """A shard that applied its part and died before answering is asked again: it gives
+    the numbers it gave then (the last KEPT_APPLIED parts' answers), not nothing."""
+    from bitseg.server import shard_writes
+
+    with Engine.open(tmp_path / "s") as engine:
+        answers = []
+        for k in range(shard_writes.KEPT_APPLIED + 3):
+            txid = f"{k:020d}-t"
+            payload = [[orjson.dumps({"id": f"p{k}-{i}"}).decode() for i in range(3)]]
+            shard_writes.prepare(engine, txid, "profiles", payload)
+            answers.append(shard_writes.finish(engine, txid, True, None))
+            assert answers[-1][:2] == (3, 0)
+            assert shard_writes.finish(engine, txid, True, None) == answers[-1]
+        first, last = f"{0:020d}-t", f"{shard_writes.KEPT_APPLIED + 2:020d}-t"
+        assert shard_writes.finish(engine, first, True, None) is None  # no longer kept
+        assert shard_writes.finish(engine, last, True, None) == answers[-1]
+        assert shard_writes.finish(engine, last, False, None) is None  # a drop: nothing
+        with engine.store.read() as txn:
+            kept = list(engine.store.keys(txn, "meta", shard_writes.APPLIED.encode()))
+        assert len(kept) == shard_writes.KEPT_APPLIED
+
+
+def test_a_shard_that_died_after_applying_still_counts_in_the_reply(
+        three: Front, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitseg.server.service import ShardUnavailable
+
+    shards, lost = three.shards, {"left": 1}
+    wait = shards._wait
+
+    def answer_lost(index: int, handle: Any) -> Any:
+        found = wait(index, handle)  # shard 1 applied its part ...
+        if index == 1 and lost["left"] and getattr(handle, "method", None) == "finish":
+            lost["left"] -= 1
+            raise ShardUnavailable("shard 1 died before it answered")  # ... then died
+        return found
+
+    monkeypatch.setattr(shards, "_wait", answer_lost)
+    done = three.client.upsert_profiles([[{"id": f"a{i}"} for i in range(30)]])
+    assert lost["left"] == 0, "the finish of shard 1 was never cut"
+    assert (done.created, done.updated) == (30, 0)
+    assert three.client.count({"all": True}) == 30
