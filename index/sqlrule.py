@@ -297,9 +297,12 @@ def sql_note(rule: SqlRule, snapshot: Any) -> str:
     """How many ids the query returned, how many of them are not live profiles, and
     the age of the answer (a cached one is reused until the source's ttl)."""
     answer = snapshot.external.answer(rule, snapshot)
-    unknown = unknown_ids(answer, snapshot.live)
-    return (f"the query returned {answer.distinct:,} distinct ids, {unknown:,} of them not "
-            f"live profiles (ignored); answer {answer.age:.1f} s old")
+    return _note(answer.distinct, unknown_ids(answer, snapshot.live), f"{answer.age:.1f}")
+
+
+def _note(distinct: int, unknown: int, age: str) -> str:
+    return (f"the query returned {distinct:,} distinct ids, {unknown:,} of them not "
+            f"live profiles (ignored); answer {age} s old")
 
 
 # ---------------------------------------------------------------------- on a shard
@@ -325,6 +328,11 @@ class SqlNeeded(BitsegError):
 
 def key_of(rule: SqlRule) -> Key:
     return (rule.source, rule.query, rule.params)
+
+
+def needed(rule: SqlRule, fresh: bool) -> SqlNeeded:
+    """The refusal a shard answers for a query whose answer it lacks."""
+    return SqlNeeded([(rule.source, rule.query, rule.params, rule.path, fresh)])
 
 
 class KeptAnswers:
@@ -371,17 +379,21 @@ class GivenIds:
     def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
         found = self.given.get(key_of(rule))
         if found is None or (self._fresh and not found[4]):
-            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
+            raise needed(rule, self._fresh)
         number, externals, distinct, age, _ = found
         answer = self._kept.get(number, self._ids)
         if answer is None:
             if externals is None:  # sent before, but not kept here (a restarted shard)
-                raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path,
-                                  self._fresh)])
-            members, unknown = resolve_ids(externals, self._ids)
-            answer = SqlAnswer(members, unknown, distinct, 0.0)
-            self._kept.put(number, answer, self._ids)
+                raise needed(rule, self._fresh)
+            answer = self._map(number, externals, distinct)
         return replace(answer, age=age)
+
+    def _map(self, number: int, externals: list[str], distinct: int) -> SqlAnswer:
+        """An answer's ids given in full, mapped to this shard's dense ids and kept."""
+        members, unknown = resolve_ids(externals, self._ids)
+        answer = SqlAnswer(members, unknown, distinct, 0.0)
+        self._kept.put(number, answer, self._ids)
+        return answer
 
     def fresh(self) -> GivenIds:
         return GivenIds(self.given, self._ids, self._kept, True)
@@ -391,8 +403,7 @@ class GivenIds:
         it lacks, and those it was given must be here when it is asked again."""
         for number, externals, distinct, _, _ in self.given.values():
             if externals is not None and self._kept.get(number, self._ids) is None:
-                members, unknown = resolve_ids(externals, self._ids)
-                self._kept.put(number, SqlAnswer(members, unknown, distinct, 0.0), self._ids)
+                self._map(number, externals, distinct)
         return self
 
 
@@ -407,7 +418,7 @@ class CallIds:
     def answer(self, rule: SqlRule, snapshot: Any = None) -> SqlAnswer:
         given = getattr(_CALL, "given", None)
         if given is None:
-            raise SqlNeeded([(rule.source, rule.query, rule.params, rule.path, self._fresh)])
+            raise needed(rule, self._fresh)
         return (given.fresh() if self._fresh else given).answer(rule, snapshot)
 
     def fresh(self) -> CallIds:
@@ -440,6 +451,4 @@ def summed_note(notes: list[str]) -> str | None:
         return None
     distinct = sum(int(m.group(1).replace(",", "")) for m in found if m)
     unknown = sum(int(m.group(2).replace(",", "")) for m in found if m)
-    age = found[0].group(3) if found[0] else "0.0"
-    return (f"the query returned {distinct:,} distinct ids, {unknown:,} of them not "
-            f"live profiles (ignored); answer {age} s old")
+    return _note(distinct, unknown, found[0].group(3) if found[0] else "0.0")

@@ -54,6 +54,7 @@ from bitseg.index.sqlrule import (
     NoSources,
     SqlRule,
     carrying,
+    key_of,
     parse_sql,
 )
 
@@ -182,12 +183,12 @@ class FrontSql:
             NoSources().answer(rule, None)  # raises: no SQL sources are configured
         ids, age = self.sources.external_ids(rule, fresh=fresh)
         parts, number = self._split(rule, ids)
-        pin.answers[(rule.source, rule.query, rule.params)] = (parts, age, fresh, number)
+        pin.answers[key_of(rule)] = (parts, age, fresh, number)
 
     def _split(self, rule: SqlRule, ids: list[str]) -> tuple[list[list[str]], int]:
         """The ids by shard, and the front's number for this answer (both kept while
         the sources' cache keeps it)."""
-        key = (rule.source, rule.query, rule.params)
+        key = key_of(rule)
         with self._lock:
             kept = self._splits.get(key)
         if kept is not None and kept[0] is ids:
@@ -210,7 +211,7 @@ class FrontSql:
         if pin is None or not found:
             return bool(found)
         for rule in found:
-            key = (rule.source, rule.query, rule.params)
+            key = key_of(rule)
             if key in pin.answers or key in pin.failed:
                 continue
             try:
