@@ -35,5 +35,10 @@ def shard_of(external: Any, shards: int) -> int:
         raise ValueError(f"shards: expected at least 1, got {shards}")
     if shards == 1:
         return 0
-    digest = blake2b(canonical_id(external).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    return shard_of_bytes(canonical_id(external).encode("utf-8"), shards)
+
+
+def shard_of_bytes(raw: bytes, shards: int) -> int:
+    """The shard of the id whose canonical form, UTF-8 encoded, is `raw` (the hash
+    itself, for a caller that has checked and encoded the id already)."""
+    return int.from_bytes(blake2b(raw, digest_size=8).digest(), "big") % shards

@@ -25,14 +25,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from hashlib import blake2b
 from pathlib import Path
 from typing import IO, BinaryIO
 
 import orjson
 
 from bitseg.index.errors import DataError
-from bitseg.index.shard_key import shard_of
+from bitseg.index.shard_key import shard_of, shard_of_bytes
 from bitseg.loaders.dataset import (
     EVENT_FILES,
     ORDER_FILES,
@@ -173,7 +172,7 @@ def _split_block(block: bytes, first: int, key: str, shards: int,
     parse, and every id comes back with its events and orders."""
     known = _KNOWN if known is None else known
     lines: list[list[bytes]] = [[] for _ in range(shards)]
-    loads, hashed, digest_size = orjson.loads, blake2b, 8
+    loads = orjson.loads
     last, last_shard = "", 0
     number = first - 1
     for line in block.split(b"\n"):
@@ -206,17 +205,14 @@ def _split_block(block: bytes, first: int, key: str, shards: int,
                         raw = ident.encode("utf-8")
                     except UnicodeEncodeError:  # a lone surrogate
                         return [], 0, number
-                    last_shard = int.from_bytes(
-                        hashed(raw, digest_size=digest_size).digest(), "big") % shards
+                    last_shard = shard_of_bytes(raw, shards)
                     if len(known) >= KNOWN_IDS:
                         known.clear()
                     known[ident] = last_shard
                 last = ident
             lines[last_shard].append(line)
         elif kind is int:  # an integer id is its decimal string (not a bool: type, not isinstance)
-            raw = str(ident).encode()
-            lines[int.from_bytes(hashed(raw, digest_size=digest_size).digest(), "big")
-                  % shards].append(line)
+            lines[shard_of_bytes(str(ident).encode(), shards)].append(line)
         else:
             return [], 0, number
     pieces = [b"\n".join(shard_lines) + b"\n" if shard_lines else b""
