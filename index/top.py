@@ -169,12 +169,7 @@ class TopSets:
     def get(self, snapshot: Any, key: tuple) -> BitMap | None:
         sets = getattr(self._chosen, "sets", None)
         if sets is not None or not self._own:
-            found = None if sets is None else sets.get(key[0])
-            if found is None:
-                raise TopsUnresolved(f"the top set of {key[0].n} by {key[0].by!r} was not "
-                                     "chosen over the shards (a segment changed meanwhile?); "
-                                     "try again")
-            return found
+            return chosen_set(sets or {}, key[0])
         with self._lock:
             if self._snapshot is not snapshot:
                 return None
@@ -191,6 +186,16 @@ class TopSets:
             self._sets[key] = members
             while len(self._sets) > CACHED_TOPS:
                 self._sets.popitem(last=False)
+
+
+def chosen_set(sets: Mapping[Top, BitMap], top: Top) -> BitMap:
+    """The set chosen over every shard for this top node; TopsUnresolved when there is
+    none (a shard never takes its own top N for the store's)."""
+    found = sets.get(top)
+    if found is None:
+        raise TopsUnresolved(f"the top set of {top.n} by {top.by!r} was not chosen over "
+                             "the shards (a segment changed meanwhile?); try again")
+    return found
 
 
 def evaluate_top(top: Top, snapshot: Any, as_of_us: int,

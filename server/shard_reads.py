@@ -33,7 +33,7 @@ from bitseg.index import types as T
 from bitseg.index.errors import BitsegError
 from bitseg.index.fields import RangeIndex, bitmap_of, ids_of
 from bitseg.index.rules import And, Not, Or, Rule, SegmentRef
-from bitseg.index.top import Top, TopSets, TopsUnresolved, top_members
+from bitseg.index.top import Top, TopSets, TopsUnresolved, chosen_set, top_members
 
 Candidate = tuple[int | Fraction, str, int]  # (exact value, external id, dense id)
 # a top node's set chosen over the shards, for one shard: [top_key of the node, its dense
@@ -120,12 +120,7 @@ class ChosenTops(TopSets):
         self.sets = sets
 
     def get(self, snapshot: Any, key: tuple) -> BitMap | None:
-        found = self.sets.get(key[0])
-        if found is None:  # a top the front did not see (never a shard's own top N)
-            raise TopsUnresolved(f"the top set of {key[0].n} by {key[0].by!r} was not "
-                                 "chosen over the shards (a segment changed meanwhile?); "
-                                 "try again")
-        return found
+        return chosen_set(self.sets, key[0])  # never a shard's own top N
 
     def put(self, snapshot: Any, key: tuple, members: BitMap) -> None:
         """Nothing is kept: the sets are this evaluation's."""
