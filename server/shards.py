@@ -390,7 +390,6 @@ class ShardSet:
         self._wait_all = wait_all or (lambda pending: [self._wait(i, p)
                                                        for i, p in enumerate(pending)])
         self.fast: Any = None  # on Ray: FAST_READS' batches (shard_graph.FastReads)
-        self.graph: Any = None  # and its compiled graph (shard_graph.Graph)
 
     @classmethod
     def embedded(cls, paths: Sequence[str]) -> ShardSet:
@@ -461,11 +460,15 @@ class ShardSet:
 
         made = cls(paths, submit, wait, close, wait_all)
         made.actors = actors  # the tests kill one
-        made.graph = graph
         made.fast = FastReads(len(actors), graph,
                               lambda i, requests: actors[i].call_batch.remote(requests),
                               wait, unavailable)
         return made
+
+    @property
+    def graph(self) -> Any:
+        """The fast path's compiled graph (shard_graph.Graph); None in process."""
+        return None if self.fast is None else self.fast.graph
 
     def close(self) -> None:
         self._close()
