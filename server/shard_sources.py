@@ -57,6 +57,7 @@ from bitseg.index.sqlrule import (
     key_of,
     parse_sql,
 )
+from bitseg.server.shard_segments import has_top
 
 # the shard calls that only read: they answer on a view of the snapshot with the given
 # answers (its worker threads see them too); any other call answers through this thread
@@ -259,15 +260,6 @@ def _leaves(value: Any, path: str) -> Iterator[SqlRule]:
             yield from _leaves(top["of"], f"{path}.top.of")
 
 
-def _names_segments(rule: Any) -> bool:
-    """Whether a rule (JSON text or dicts) may name a segment."""
-    if rule is None:
-        return False
-    raw = rule if isinstance(rule, bytes) else rule.encode() if isinstance(rule, str) \
-        else orjson.dumps(rule, default=str)
-    return b'"segment"' in raw
-
-
 def _needs(answer: Any) -> list[tuple[str, str, tuple[Any, ...], str, bool]] | None:
     """The queries a shard's (ok, value) answer asks for, or None."""
     ok, value = answer
@@ -326,7 +318,7 @@ def install(shards: Any, sources: Any) -> FrontSql:
             # those of the segments it names are found by counting it first.  A refresh
             # asks for its answers (run again) before it writes anything.
             rule, as_of = args[1].get("rule"), args[1].get("as_of")
-            if front.prepare((rule,)) or _names_segments(rule):
+            if front.prepare((rule,)) or has_top(rule, ("segment",)):
                 chosen = args[3] if len(args) > 3 else None  # top sets of args[2]
                 ok, value = ask(index, "count", (rule, as_of)) if chosen is None else \
                     ask(index, "with_tops", (chosen[index], "count", args[2], as_of))
