@@ -14,6 +14,7 @@ import warnings
 from array import array
 from bisect import insort
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import numpy as np
@@ -55,6 +56,10 @@ RUN_BYTES = 256 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
 ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy temporaries)
+# Groups of ENCODE_RUNS encoded at once, by threads: numpy lets go of the interpreter
+# lock in its sorts and gathers, so a second core takes half (the 1M events file:
+# 27.6 -> 24.9 s, RESULTS.md session 10).
+ENCODE_THREADS = 2
 # A stored bucket of up to this many bytes without a run container (up to ~200
 # profiles) is read back into runs and merged in numpy (_summed), ENCODE_RUNS runs and
 # stored profiles at a time; a larger one is added to with bitmaps, whose cost goes by
@@ -107,17 +112,29 @@ def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]]
 
 def _encoded(bounds: np.ndarray, profiles: np.ndarray, rows: np.ndarray) -> list[bytes]:
     """The stored bytes of each group's count index (encoded_counts), ENCODE_RUNS runs
-    of groups at a time, so that its temporaries stay small whatever the chunk."""
-    out: list[bytes] = []
+    of groups at a time, so that its temporaries stay small whatever the chunk, and
+    ENCODE_THREADS of those at once."""
+    spans: list[tuple[int, int]] = []
     groups = len(bounds) - 1
     first = 0
     while first < groups:
         last = int(np.searchsorted(bounds, bounds[first] + ENCODE_RUNS, side="right")) - 1
         last = min(max(last, first + 1), groups)  # at least one group, however large
-        a, b = int(bounds[first]), int(bounds[last])
-        out += encoded_counts(bounds[first:last + 1] - a, profiles[a:b], rows[a:b],
-                              _roaring_bytes)
+        spans.append((first, last))
         first = last
+
+    def encoded(span: tuple[int, int]) -> list[bytes]:
+        first, last = span
+        a, b = int(bounds[first]), int(bounds[last])
+        return encoded_counts(bounds[first:last + 1] - a, profiles[a:b], rows[a:b],
+                              _roaring_bytes)
+
+    if len(spans) < 2:
+        return encoded(spans[0]) if spans else []
+    out: list[bytes] = []
+    with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="bitseg-encode") as pool:
+        for part in pool.map(encoded, spans):
+            out += part
     return out
 
 

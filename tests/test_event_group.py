@@ -9,6 +9,7 @@ counts what an unspilled one counts, and that a bad last line still leaves nothi
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,25 @@ def test_a_bad_last_line_after_spills_leaves_nothing_of_the_file(
     events.unlink()
     _load(tmp_path / "profiles-only", folder, columnar=False)
     assert store_entries(tmp_path / "columnar") == store_entries(tmp_path / "profiles-only")
+
+
+def test_buckets_encoded_in_many_groups_on_threads_are_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=6)
+    assert _load(tmp_path / "whole", folder, columnar=True) is None
+    threads: set[str] = set()
+    original = event_batch.encoded_counts
+
+    def spy(*args: Any) -> list[bytes]:
+        threads.add(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(event_batch, "encoded_counts", spy)
+    monkeypatch.setattr(event_batch, "ENCODE_RUNS", 16)  # groups of a few buckets
+    assert _load(tmp_path / "groups", folder, columnar=True) is None
+    assert {name.split("_")[0] for name in threads} == {"bitseg-encode"}
+    assert store_entries(tmp_path / "groups") == store_entries(tmp_path / "whole")
 
 
 def test_runs_add_up_across_parts_and_keep_their_buckets() -> None:
