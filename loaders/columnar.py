@@ -69,10 +69,6 @@ _READ_OPTIONS = pj.ReadOptions(use_threads=True, block_size=1 << 20)
 _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=pa.schema([("ts", pa.string())]),
                                  unexpected_field_behavior="infer")
 _TS_KEY = re.compile(rb'"ts"[ \t\r\n]*:')
-# The keys each kind of file gives as text (ids, event names). Told they are strings,
-# pyarrow does not try each value as a timestamp: the 1M events file parsed in 9.2 s of
-# CPU instead of 11.2, the orders file in 4.7 instead of 7.3 (RESULTS.md, session 10).
-TEXT_KEYS = {"profiles": ("id",), "events": ("profile", "event"), "orders": ("id", "profile")}
 _DONE = object()
 # What the reader thread makes ahead of a block, by the kind of file it is from
 # (not orders: made ahead, a 1M orders file took 13.3 s instead of 11.8 s, the process
@@ -90,15 +86,13 @@ def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = 
     this name holds) says what PREPARE makes ahead of each block; nothing for another."""
     file = Path(path)
     block_bytes = block_bytes or BLOCK_BYTES
-    kind = kind or _KINDS.get(file.name, "")
-    prepare = PREPARE.get(kind)
-    parse = TableParser(kind)
+    prepare = PREPARE.get(kind or _KINDS.get(file.name, ""))
     ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
     stop = threading.Event()
 
     def read() -> None:
         try:
-            for block in _blocks(file, on_bytes, block_bytes, prepare, parse):
+            for block in _blocks(file, on_bytes, block_bytes, prepare):
                 while not stop.is_set():
                     try:
                         ready.put(block, timeout=0.1)
@@ -132,8 +126,7 @@ def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = 
 
 
 def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: int,
-            prepare: Callable[[RowBlock], None] | None, parse: TableParser
-            ) -> Iterator[RowBlock]:
+            prepare: Callable[[RowBlock], None] | None) -> Iterator[RowBlock]:
     """RowBlocks of whole lines, read, parsed and prepared in this (the reader's) thread."""
     line = 1
     rest = b""
@@ -148,10 +141,10 @@ def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: i
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            yield _prepared(parse_block(data, file.name, line, parse), prepare)
+            yield _prepared(parse_block(data, file.name, line), prepare)
             line += data.count(b"\n")
     if rest:
-        yield _prepared(parse_block(rest, file.name, line, parse), prepare)
+        yield _prepared(parse_block(rest, file.name, line), prepare)
 
 
 def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> RowBlock:
@@ -162,46 +155,16 @@ def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> Ro
     return block
 
 
-class TableParser:
-    """pyarrow's parse of the blocks of one file (or the messages of one stream) of a
-    kind: the keys that kind gives as text (TEXT_KEYS) read as strings, until a block
-    will not parse so or lacks one of them on every line (integer ids, say). That block
-    and every later one are parsed with every key inferred, as any block of unknown kind
-    is, so no block parses other than it would have without the hint. One thread's."""
-
-    def __init__(self, kind: str | None = None) -> None:
-        self.keys = TEXT_KEYS.get(kind or "", ())
-        self.hinted: pj.ParseOptions | None = pj.ParseOptions(
-            explicit_schema=pa.schema([("ts", pa.string())] +
-                                      [(key, pa.string()) for key in self.keys]),
-            unexpected_field_behavior="infer") if self.keys else None
-
-    def __call__(self, data: bytes) -> pa.Table:
-        """The block's table; pyarrow's error when it refuses the block."""
-        if self.hinted is not None:
-            try:
-                table = pj.read_json(io.BytesIO(data), read_options=_READ_OPTIONS,
-                                     parse_options=self.hinted)
-                if all(table.column(key).null_count < table.num_rows for key in self.keys):
-                    return table
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-            self.hinted = None  # this file does not give them as text: infer from here on
-        return pj.read_json(io.BytesIO(data), read_options=_READ_OPTIONS,
-                            parse_options=_PARSE_OPTIONS)
-
-
-def parse_block(data: bytes, name: str, first_line: int,
-                parse: Callable[[bytes], pa.Table] | None = None) -> RowBlock:
+def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
     """One block of whole lines as a RowBlock; its table is None when pyarrow refuses
-    it or when its rows would not be its non-blank lines one to one. `parse` is the
-    file's TableParser (one that knows no kind by default)."""
+    it or when its rows would not be its non-blank lines one to one."""
     table = None
     plain = _plain_lines(data)
     null_row = not plain and (_NULL_FIRST.match(data) or _NULL_ROW.search(data))
     if not _SURROGATE.search(data) and not null_row:
         try:
-            table = (parse or TableParser())(data)
+            table = pj.read_json(io.BytesIO(data), read_options=_READ_OPTIONS,
+                                 parse_options=_PARSE_OPTIONS)
             if table.column("ts").null_count == table.num_rows and \
                     not _TS_KEY.search(data) and b"\\u" not in data:
                 table = table.drop_columns(["ts"])  # no line has it: the schema added it
@@ -227,12 +190,11 @@ def parse_block(data: bytes, name: str, first_line: int,
     return RowBlock(table, first_line, records, None if not blanks else line_numbers, data=data)
 
 
-def texts_block(texts: Sequence[str], parse: TableParser | None = None) -> list[Any]:
+def texts_block(texts: Sequence[str]) -> list[Any]:
     """A streamed batch's JSON texts (records numbered from 1) as the items of one engine
     batch: one RowBlock, or the parsed (record, object) pairs when the texts cannot be
     lines of one block (a text holding a line break, or a blank one). Bad JSON is a
-    DataError naming the record; the first one is found before anything is applied.
-    `parse`: the stream's TableParser, when it knows the kind of its records."""
+    DataError naming the record; the first one is found before anything is applied."""
     if not texts:
         return []
     data = _lines_of(texts)
@@ -246,22 +208,21 @@ def texts_block(texts: Sequence[str], parse: TableParser | None = None) -> list[
             parsed.extend(parse_texts(texts))
         return iter(parsed if wanted is None else [p for p in parsed if p[0] in wanted])
 
-    block = parse_block(data, "", 1, parse)
+    block = parse_block(data, "", 1)
     return [RowBlock(block.table, 1, records, data=data)]  # data: what add_block may check
 
 
-def group_block(batches: Sequence[Sequence[str]], parse: TableParser | None = None
-                ) -> list[Any]:
+def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
     """Several streamed batches' texts as the items of one engine batch, one RowBlock
     whose records are numbered from 1 across them all (for a group commit, which on any
     error applies the batches one by one to name it). A record asked for parses its whole
     batch, as texts_block does, so the group fails wherever one of its batches would.
     The texts_block items of each batch, one after another, when the texts cannot be
-    lines of one block. `parse` as for texts_block."""
+    lines of one block."""
     texts = [text for batch in batches for text in batch]
     data = _lines_of(texts) if texts else None
     if data is None:
-        return [item for batch in batches for item in texts_block(batch, parse)]
+        return [item for batch in batches for item in texts_block(batch)]
     ends = np.cumsum([len(batch) for batch in batches])  # last record number of each batch
     parsed: dict[int, Any] = {}  # record number -> object, batch by batch
 
@@ -276,16 +237,15 @@ def group_block(batches: Sequence[Sequence[str]], parse: TableParser | None = No
                     parsed[first + offset - 1] = item
             yield number, parsed[number]
 
-    block = parse_block(data, "", 1, parse)
+    block = parse_block(data, "", 1)
     return [RowBlock(block.table, 1, records, data=data)]
 
 
-def decoded(texts: Sequence[str], kind: str, parse: TableParser | None = None) -> list[Any]:
+def decoded(texts: Sequence[str], kind: str) -> list[Any]:
     """texts_block(texts), each block also prepared as the file reader prepares one of
     this kind (PREPARE): what a stream's reading thread makes of a message ahead of
-    its turn. Bad JSON raises as texts_block does. `parse`: the stream's TableParser
-    (a new one of this kind by default)."""
-    items = texts_block(texts, parse or TableParser(kind))
+    its turn. Bad JSON raises as texts_block does."""
+    items = texts_block(texts)
     prepare = PREPARE.get(kind)
     for item in items:
         if isinstance(item, RowBlock):

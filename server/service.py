@@ -41,7 +41,7 @@ from bitseg.index.fields import ids_of
 from bitseg.index.segments import SegmentInUse, Segments
 from bitseg.index.split import split_segment
 from bitseg.index.templates import Catalogue, load_catalogue
-from bitseg.loaders.columnar import TableParser, decoded, numbered_on, texts_block
+from bitseg.loaders.columnar import decoded, numbered_on, texts_block
 from bitseg.server import convert
 from bitseg.v1 import bitseg_pb2 as pb
 from bitseg.v1 import bitseg_pb2_grpc as pb_grpc
@@ -555,7 +555,7 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
     (and prepares its columns) while the batches before it are applied.
     """
     committed = 0
-    decode = functools.partial(_decoded, KINDS[field], TableParser(KINDS[field]))
+    decode = functools.partial(_decoded, KINDS[field])
     for group in _arrived(requests, field, decode):
         if len(group) > 1 and not any(isinstance(items, Exception) for _, items in group):
             try:  # one engine batch: its fixed cost paid once
@@ -578,11 +578,11 @@ def _batches(requests: Iterator[Any], field: str, apply: Callable[[Any], Any],
             yield 1, report
 
 
-def _decoded(kind: str, parse: TableParser, texts: Any) -> Any:
-    """A message's engine items made ahead (columnar.decoded, by the stream's parser),
-    or what parsing it raised: raised again, in its turn, where the batch can be named."""
+def _decoded(kind: str, texts: Any) -> Any:
+    """A message's engine items made ahead (columnar.decoded), or what parsing it raised:
+    raised again, in its turn, where the batch can be named."""
     try:
-        return decoded(texts, kind, parse)
+        return decoded(texts, kind)
     except Exception as exc:  # raised again by texts_block when the batch is applied
         return exc
 

@@ -53,7 +53,7 @@ from bitseg.index.errors import (
     StoreError,
 )
 from bitseg.index.schema import SECTIONS
-from bitseg.loaders.columnar import TableParser, group_block, texts_block
+from bitseg.loaders.columnar import group_block, texts_block
 from bitseg.server.service import COMMITTED_KEY, ShardUnavailable, _arrived
 
 log = logging.getLogger("bitseg.server")
@@ -192,9 +192,7 @@ def schema_after(write: Callable[[Callable[[Any, Any], Any]], Any], what: str
 def _apply(engine: Any, kind: str, messages: list[list[str]],
            also: Callable[[Any, Any], dict[str, Any]]) -> Any:
     """One engine batch of the messages' records, `also` run in its transaction."""
-    parse = TableParser(kind)
-    items = texts_block(messages[0], parse) if len(messages) == 1 else \
-        group_block(messages, parse)
+    items = texts_block(messages[0]) if len(messages) == 1 else group_block(messages)
     if kind == "profiles":
         return engine.upsert_profiles(items, also=also)
     if kind == "events":

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +22,7 @@ from storecmp import differences
 from bitseg.index.engine import Engine
 from bitseg.index.errors import BitsegError, DataError
 from bitseg.loaders import columnar
-from bitseg.loaders.columnar import TableParser, iter_blocks, parse_block, texts_block
+from bitseg.loaders.columnar import iter_blocks, parse_block, texts_block
 from bitseg.loaders.dataset import load_dataset
 from bitseg.loaders.gen import generate
 
@@ -94,35 +93,6 @@ def test_blocks_the_parser_refuses_go_to_the_row_path(data: bytes) -> None:
 def test_a_byte_order_mark_is_only_skipped_on_line_one() -> None:
     assert parse_block(b'\xef\xbb\xbf{"a":1}\n', "f", 1).table is not None
     assert parse_block(b'\xef\xbb\xbf{"a":1}\n', "f", 9).table is None
-
-
-def test_the_keys_a_kind_gives_as_text_are_read_as_strings_until_a_block_differs() -> None:
-    """pyarrow is told that events' profile and event are strings (it would otherwise try
-    every value as a timestamp); a block that gives them otherwise, and every block
-    after it, is parsed as a parser of no kind parses it."""
-    parse, plain = TableParser("events"), TableParser()
-    texts = b'{"profile":"2025-01-01","event":"view","ts":"2025-01-01T10:00:00Z"}\n'
-    assert plain(texts).schema.field("profile").type == pa.timestamp("s")
-    assert parse(texts).schema.field("profile").type == pa.string()
-    assert parse.hinted is not None
-    no_event = b'{"profile":"u1","ts":"2025-01-01T10:00:00Z"}\n'
-    assert parse(no_event).equals(plain(no_event))  # no key on every line: as before
-    assert parse.hinted is None
-    assert parse(texts).equals(plain(texts))  # ... from then on
-
-
-@pytest.mark.parametrize("odd", [{"profile": 7}, {"profile": None}, {"event": 3}])
-def test_a_later_block_giving_a_text_key_otherwise_loads_as_the_row_path_loads(
-        tmp_path: Path, odd: dict[str, Any]) -> None:
-    people = [{"id": f"u{i}"} for i in range(8)] + [{"id": 7}]
-    lines = [{"profile": f"u{i % 8}", "event": "view", "ts": "2025-01-01T10:00:00Z"}
-             for i in range(30)]
-    lines += [lines[0] | odd] * 3 + lines[:5]
-    base = write(tmp_path / "base", {"profiles.jsonl": people})
-    folder = write(tmp_path / "data", {"profiles.jsonl": [], "events.jsonl": lines})
-    columnar.BLOCK_BYTES = 400
-    error = assert_same_load(tmp_path, folder, base=base)
-    assert (error is None) == (odd == {"profile": 7}), error  # an id given as an integer
 
 
 # ----------------------------------------------------------------------------- generator data
