@@ -312,8 +312,9 @@ def _read_lines(texts: Sequence[str]) -> bytes | None:
     if not texts or len(data) != len(joined):  # not ASCII: a length is not its bytes'
         return None
     chars = np.frombuffer(data, dtype=np.uint8)
-    ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
-    starts = ends - np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     if not (ends - starts >= 2).all() or not (chars[ends - 1] == 10).all() or \
             not (chars[starts] == 123).all() or np.count_nonzero(chars == 10) != len(texts):
         return None  # a text with no line break at its end or one inside, or no "{" first

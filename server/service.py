@@ -52,8 +52,11 @@ NO_SEGMENTS = "this server runs without segments"
 PREVIEW_DEFAULT, PREVIEW_MAX = 10, 1000
 COMMITTED_KEY = "bitseg-committed-batches"
 # Group commit: the messages of a stream that arrived while a transaction ran are applied
-# together in the next one, up to this many records (see _batches).
-GROUP_RECORDS = 100_000
+# together in the next one, up to this many records (see _batches). Each transaction
+# rewrites every count bucket its events touch, so fewer, larger ones cost less: 3M
+# events in 10k messages took the handler 7.15-7.45 s of CPU at 300k, 7.42-7.69 s at
+# 100k (RESULTS.md, session 10).
+GROUP_RECORDS = 300_000
 INBOX_MESSAGES = 64  # messages read ahead of the one being applied, at most
 # The kind of records a stream's messages carry, by their field: what the thread reading
 # the stream prepares of each message ahead of its turn (loaders/columnar.decoded).
