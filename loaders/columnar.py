@@ -81,32 +81,49 @@ _KINDS = {**dict.fromkeys(PROFILE_FILES, "profiles"), **dict.fromkeys(EVENT_FILE
 
 def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = None,
                 block_bytes: int | None = None, kind: str | None = None) -> Iterator[RowBlock]:
-    """The file's RowBlocks in order, parsed on a reader thread PREFETCH blocks ahead.
+    """The file's RowBlocks in order, parsed on a reader thread ahead of their use.
     `kind` ("profiles", "events" or "orders"; by default the one a dataset's file of
-    this name holds) says what PREPARE makes ahead of each block; nothing for another."""
+    this name holds) says what PREPARE makes ahead of each block, on a thread of its
+    own, so that one block is prepared while the next is parsed; nothing for another.
+    At most PREFETCH blocks wait for the loading thread, and one for the preparing."""
     file = Path(path)
     block_bytes = block_bytes or BLOCK_BYTES
     prepare = PREPARE.get(kind or _KINDS.get(file.name, ""))
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    blocks = _blocks(file, on_bytes, block_bytes)
+    if prepare is None:
+        return _ahead(blocks, PREFETCH, f"read {file.name}")
+    parsed = _ahead(blocks, 1, f"read {file.name}")
+    return _ahead(_each_prepared(parsed, prepare), PREFETCH, f"prepare {file.name}")
+
+
+def _ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
+    """The items, made on a thread of this name at most `depth` ahead of their use.
+    What making one raises is raised here, in its turn. Closing this stops the thread
+    and closes `items` there."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def read() -> None:
+    def make() -> None:
         try:
-            for block in _blocks(file, on_bytes, block_bytes, prepare):
+            for item in items:
                 while not stop.is_set():
                     try:
-                        ready.put(block, timeout=0.1)
+                        ready.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 if stop.is_set():
                     return
             ready.put(_DONE)
-        except BaseException as exc:  # handed to the loading thread, which raises it
+        except BaseException as exc:  # handed to the thread using the items, which raises it
             ready.put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    reader = threading.Thread(target=read, name=f"read {file.name}", daemon=True)
-    reader.start()
+    maker = threading.Thread(target=make, name=name, daemon=True)
+    maker.start()
     try:
         while True:
             item = ready.get()
@@ -117,17 +134,17 @@ def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = 
             yield item
     finally:
         stop.set()
-        while reader.is_alive():  # drain, so a reader blocked on put() can see stop
+        while maker.is_alive():  # drain, so a maker blocked on put() can see stop
             try:
                 ready.get(timeout=0.1)
             except queue.Empty:
                 pass
-        reader.join()
+        maker.join()
 
 
-def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: int,
-            prepare: Callable[[RowBlock], None] | None) -> Iterator[RowBlock]:
-    """RowBlocks of whole lines, read, parsed and prepared in this (the reader's) thread."""
+def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: int
+            ) -> Iterator[RowBlock]:
+    """RowBlocks of whole lines, read and parsed in this (the reader's) thread."""
     line = 1
     rest = b""
     with _open_binary(file, on_bytes) as stream:
@@ -141,15 +158,27 @@ def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: i
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            yield _prepared(parse_block(data, file.name, line), prepare)
+            yield parse_block(data, file.name, line)
             line += data.count(b"\n")
     if rest:
-        yield _prepared(parse_block(rest, file.name, line), prepare)
+        yield parse_block(rest, file.name, line)
+
+
+def _each_prepared(blocks: Iterator[RowBlock], prepare: Callable[[RowBlock], None]
+                   ) -> Iterator[RowBlock]:
+    """Each block with `prepare` run on it (closing this closes `blocks`)."""
+    try:
+        for block in blocks:
+            yield _prepared(block, prepare)
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> RowBlock:
-    """The block, with what its batch writer makes from it alone made ahead here on the
-    reader's thread (`prepare`, of its file's kind), to overlap the loading thread's work."""
+    """The block, with what its batch writer makes from it alone made ahead (`prepare`,
+    of its file's kind), to overlap the loading thread's work."""
     if block.table is not None and prepare is not None:
         prepare(block)
     return block

@@ -12,6 +12,7 @@ given in an earlier block of the same file.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,32 @@ def test_the_reader_prepares_profile_and_event_blocks_only(tmp_path: Path,
     (folder / "profiles.jsonl").rename(renamed)  # no kind: nothing made ahead
     assert all(block.prepared is None for block in iter_blocks(renamed))
     assert all("whole" in block.prepared for block in iter_blocks(renamed, kind="profiles"))
+
+
+def test_blocks_are_parsed_and_prepared_on_two_threads_that_stop_when_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=200, seed=8)
+    monkeypatch.setattr(columnar, "BLOCK_BYTES", 4096)
+    made: dict[str, set[str]] = {"parse": set(), "prepare": set()}
+    parse, prepare = columnar.parse_block, columnar.PREPARE["events"]
+
+    def parsed(*args: Any) -> Any:
+        made["parse"].add(threading.current_thread().name)
+        return parse(*args)
+
+    def prepared(block: Any) -> None:
+        made["prepare"].add(threading.current_thread().name)
+        prepare(block)
+
+    monkeypatch.setattr(columnar, "parse_block", parsed)
+    monkeypatch.setitem(columnar.PREPARE, "events", prepared)
+    blocks = iter_blocks(folder / "events.jsonl")
+    first = next(blocks)
+    assert first.first_line == 1 and "ts" in first.prepared
+    blocks.close()  # a load that stops at a bad line: both threads end, nothing left behind
+    assert made == {"parse": {"read events.jsonl"}, "prepare": {"prepare events.jsonl"}}
+    assert not [t for t in threading.enumerate() if t.name.endswith("events.jsonl")]
 
 
 def _profile(i: int, **fields: Any) -> dict[str, Any]:
