@@ -13,11 +13,11 @@ names the offending line and field, or applies the rows if they were fine after 
 (say an int column given a float in a later block).
 
 Each block also gets the conversions its batch writer makes from the block alone made
-on the reader thread (PREPARE, by the kind of file: event_blocks and profile_blocks
-each have a `prepare`; orders measured slower so), so they overlap the loading thread's
-work too.  A
-prepared block holds those columns beside its table, a few times its text at most, so
-the PREFETCH blocks waiting stay bounded by BLOCK_BYTES as before.
+ahead, on a third thread while the reader parses the next block (PREPARE, by the kind
+of file: event_blocks and profile_blocks each have a `prepare`; orders measured slower
+so), so they overlap the loading thread's work too.  A prepared block holds those
+columns beside its table, a few times its text at most, so the blocks waiting (PREFETCH,
+one more between the two stages) stay bounded by BLOCK_BYTES as before.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def _read_lines(texts: Sequence[str]) -> bytes | None:
     sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    if not (ends - starts >= 2).all() or not (chars[ends - 1] == 10).all() or \
+    if not (sizes >= 2).all() or not (chars[ends - 1] == 10).all() or \
             not (chars[starts] == 123).all() or np.count_nonzero(chars == 10) != len(texts):
         return None  # a text with no line break at its end or one inside, or no "{" first
     return data
