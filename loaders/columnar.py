@@ -26,7 +26,8 @@ import io
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ def iter_blocks(path: str | Path, *, on_bytes: Callable[[int], object] | None = 
     return _ahead(_each_prepared(parsed, prepare), PREFETCH, f"prepare {file.name}")
 
 
-def _ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
+def _ahead(items: Generator[Any, None, None], depth: int, name: str
+           ) -> Generator[Any, None, None]:
     """The items, made on a thread of this name at most `depth` ahead of their use.
     What making one raises is raised here, in its turn. Closing this stops the thread
     and closes `items` there."""
@@ -104,23 +106,20 @@ def _ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
     stop = threading.Event()
 
     def make() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put(_DONE)
-        except BaseException as exc:  # handed to the thread using the items, which raises it
-            ready.put(exc)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+        with closing(items):
+            try:
+                for item in items:
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ready.put(_DONE)
+            except BaseException as exc:  # handed to the thread using the items, which raises it
+                ready.put(exc)
 
     maker = threading.Thread(target=make, name=name, daemon=True)
     maker.start()
@@ -143,7 +142,7 @@ def _ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
 
 
 def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: int
-            ) -> Iterator[RowBlock]:
+            ) -> Generator[RowBlock, None, None]:
     """RowBlocks of whole lines, read and parsed in this (the reader's) thread."""
     line = 1
     rest = b""
@@ -164,16 +163,12 @@ def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: i
         yield parse_block(rest, file.name, line)
 
 
-def _each_prepared(blocks: Iterator[RowBlock], prepare: Callable[[RowBlock], None]
-                   ) -> Iterator[RowBlock]:
+def _each_prepared(blocks: Generator[RowBlock, None, None],
+                   prepare: Callable[[RowBlock], None]) -> Generator[RowBlock, None, None]:
     """Each block with `prepare` run on it (closing this closes `blocks`)."""
-    try:
+    with closing(blocks):
         for block in blocks:
             yield _prepared(block, prepare)
-    finally:
-        close = getattr(blocks, "close", None)
-        if close is not None:
-            close()
 
 
 def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> RowBlock:
