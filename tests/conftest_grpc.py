@@ -5,6 +5,7 @@ Imported explicitly (not a conftest.py): `from conftest_grpc import ServerProces
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -47,7 +48,7 @@ class ServerProcess:
             [*bitseg_command(), "serve", "--db", self.db, "--create", "--host", "127.0.0.1",
              "--port", "0", *extra_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+            text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # see stop()
         self.lines: list[str] = []
         ready: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
@@ -78,10 +79,22 @@ class ServerProcess:
         return "".join(self.lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the server and wait for it to exit; its exit status."""
+        """Signal the server and wait for it to exit; its exit status. A server still
+        running after `timeout` fails the test with what it wrote, ending in every
+        thread's stack (SIGABRT, which Python's fault handler answers with them)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            time.sleep(0.5)  # the stderr reader takes the last lines
+            raise AssertionError(f"the server did not exit within {timeout} s of signal "
+                                 f"{sig}; its stderr:\n{self.stderr()[-20000:]}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
