@@ -227,7 +227,6 @@ class EventBatch:
         self.reader = TxnReader(store, txn)
         self.runs = BucketRuns()  # per-profile row counts of the buckets, not written yet
         self.scratch = store.path  # where spilled runs wait (unnamed files, on its disk)
-        self.finishing = False  # finish() has begun: the buckets are written
         self.stream_number: dict[str, int] = {}  # the streams of self.runs, numbered
         self.stream_names: list[str] = []
         self.written = dict(index.written)
@@ -558,10 +557,7 @@ class EventBatch:
                 insort(self.type_days.setdefault(event, []), day)
         self._count(names, codes, days, dense, props)
         self._clear()
-        if self.runs.nbytes > RUN_BYTES:
-            self.runs.compact()  # the same (bucket, profile) in several flushes: one run
-            if self.runs.nbytes > RUN_BYTES * 3 // 4:
-                self._write_buckets()
+        self.runs.tend(RUN_BYTES, self.scratch)  # merged, spilled when still too many
 
     def _count(self, names: list[str], codes: np.ndarray, days: np.ndarray,
                dense: np.ndarray, props: Mapping[str, tuple[np.ndarray, np.ndarray, Any]]
@@ -623,13 +619,10 @@ class EventBatch:
         return raw
 
     def _write_buckets(self) -> None:
-        """Called when the runs outgrow RUN_BYTES (a spill: they move to a scratch file)
-        and at the end of the batch (once `finishing`): add the runs to the stored counts
-        of their buckets and write those into the transaction, a chunk of RUN_BYTES of
-        runs at a time, each chunk in key order; list the buckets new to their streams."""
-        if not self.finishing:
-            self.runs.spill(self.scratch)
-            return
+        """At the end of the batch: add the runs (held, and spilled by BucketRuns.tend) to
+        the stored counts of their buckets and write those into the transaction, a chunk
+        of RUN_BYTES of runs at a time, each chunk in key order; list the buckets new to
+        their streams."""
         for chunk in self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch):
             self._write_chunk(*chunk)
 
@@ -711,7 +704,6 @@ class EventBatch:
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
         self._flush()
-        self.finishing = True
         self._write_buckets()
         self._compact()
         self._write_catalog()

@@ -8,12 +8,18 @@ until the batch writes its buckets at its end. When the runs outgrow a byte budg
 are merged and moved to a scratch file (a spill), and the end merges the files again a
 range of buckets at a time, so each bucket is built and written once whatever the
 number of spills. No Python runs per row or per bucket here.
+
+A flush's pairs are grouped on a thread of their own (numpy's sort lets go of the
+interpreter lock) while the loading thread goes on with the next rows; whatever reads
+the runs waits for them first.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -22,6 +28,9 @@ import numpy as np
 KIND_BITS = {b"d": 0, b"m": 1}  # b"d" sorts before b"m", as in the count keys
 KIND_OF = {0: b"d", 1: b"m"}
 BUCKET_OFFSET = 2**31  # days and months offset so they are >= 0, as in the count keys
+GROUP_ASIDE = True  # a flush's pairs are grouped on the grouping thread (tests turn it off)
+_grouping: ThreadPoolExecutor | None = None  # that thread, started on first use
+_grouping_lock = threading.Lock()
 
 
 def bucket_code(kind: int, streams: np.ndarray, buckets: np.ndarray) -> np.ndarray:
@@ -66,6 +75,8 @@ class BucketRuns:
         self.known_gid = np.empty(0, dtype=np.int64)  # the gid of each
         self.code_of = np.empty(0, dtype=np.int64)  # gid -> bucket code
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # (runs, rows), each sorted
+        self.pending: list[tuple[Future, int]] = []  # parts being grouped, and their pairs
+        self.merge: Future | None = None  # the runs held before, being merged (tend)
         self.size = 0  # runs held, over all parts
         self.spills: list[Spill] = []  # runs moved to scratch files, each merged
 
@@ -89,20 +100,70 @@ class BucketRuns:
         return out
 
     def add(self, gids: np.ndarray, profiles: np.ndarray) -> None:
-        """Count one row per (gid, profile) pair."""
+        """Count one row per (gid, profile) pair (the arrays are the runs' from now on:
+        they may still be read on the grouping thread)."""
         if not len(gids):
             return
-        runs, rows = np.unique(gids << 32 | profiles.astype(np.int64), return_counts=True)
-        self.parts.append((runs, rows.astype(np.int64)))
-        self.size += len(runs)
+        if GROUP_ASIDE:
+            self.pending.append((_grouper().submit(_grouped, gids, profiles), len(gids)))
+        else:
+            self._held(_grouped(gids, profiles))
+
+    def _held(self, part: tuple[np.ndarray, np.ndarray]) -> None:
+        self.parts.append(part)
+        self.size += len(part[0])
+
+    def _settle(self) -> None:
+        """Wait for what the grouping thread is making and hold it."""
+        self._settle_merge()
+        pending, self.pending = self.pending, []
+        for future, _ in pending:
+            self._held(future.result())
+
+    def _settle_merge(self) -> None:
+        """Wait for the merge under way, if any, and hold what it left (runs or a spill)."""
+        merge, self.merge = self.merge, None
+        if merge is not None:
+            made = merge.result()
+            if isinstance(made, Spill):
+                self.spills.append(made)
+            else:
+                self._held(made)
+
+    def tend(self, limit: int, folder: str | Path | None = None) -> None:
+        """Keep the runs within about `limit` bytes; called after each flush.
+
+        Runs that may hold more (a run is at most a pair's 16 bytes) are merged — the
+        same (bucket, profile) in several flushes becomes one run — and if the merge
+        still holds over 3/4 of the limit it is spilled to a scratch file in `folder`.
+        Both on the grouping thread, while the loading thread goes on (GROUP_ASIDE off:
+        here). Merges and spills only move runs, so when they happen never changes
+        what is written."""
+        held = sum(runs.nbytes + rows.nbytes for runs, rows in self.parts)
+        if held + 16 * sum(pairs for _, pairs in self.pending) <= limit:
+            return
+        self._settle_merge()
+        parts, self.parts = self.parts, []
+        pending, self.pending = self.pending, []
+        self.size = 0
+        if GROUP_ASIDE:
+            self.merge = _grouper().submit(_merged_aside, parts, [f for f, _ in pending],
+                                           limit * 3 // 4, folder)
+        else:
+            self.merge = Future()
+            self.merge.set_result(_merged_aside(parts, [f for f, _ in pending],
+                                                limit * 3 // 4, folder))
+            self._settle()
 
     @property
     def nbytes(self) -> int:
         """Bytes held in runs (16 a run)."""
+        self._settle()
         return sum(runs.nbytes + rows.nbytes for runs, rows in self.parts)
 
     def compact(self) -> None:
         """Merge the parts into one: runs of a (bucket, profile) in several flushes add up."""
+        self._settle()
         if len(self.parts) < 2:
             return
         parts, self.parts = self.parts, []
@@ -158,6 +219,33 @@ class BucketRuns:
         self.parts = []
         self.size = 0
         return _drained(runs, rows, self.code_of)
+
+
+def _grouped(gids: np.ndarray, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(runs, rows): the distinct (gid, profile) pairs as gid << 32 | profile, ascending,
+    and how many times each was given."""
+    runs, rows = np.unique(gids << 32 | profiles.astype(np.int64), return_counts=True)
+    return runs, rows.astype(np.int64)
+
+
+def _merged_aside(parts: list[tuple[np.ndarray, np.ndarray]], pending: list[Future],
+                  most: int, folder: str | Path | None
+                  ) -> tuple[np.ndarray, np.ndarray] | Spill:
+    """The parts and the pending ones' runs merged; spilled to a scratch file in `folder`
+    when they hold over `most` bytes. (Run on the grouping thread, which has made the
+    pending runs already: it takes its work in turn.)"""
+    runs, rows = _merged([*parts, *(future.result() for future in pending)])
+    if runs.nbytes + rows.nbytes > most:
+        return Spill(runs, rows, folder)
+    return runs, rows
+
+
+def _grouper() -> ThreadPoolExecutor:
+    global _grouping
+    with _grouping_lock:
+        if _grouping is None:
+            _grouping = ThreadPoolExecutor(1, thread_name_prefix="bitseg-group")
+        return _grouping
 
 
 def _drained(runs: np.ndarray, rows: np.ndarray, code_of: np.ndarray

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from storecmp import store_entries
 from test_columnar import _load, assert_same_load
 
-from bitseg.index import event_batch
+from bitseg.index import event_batch, event_group
 from bitseg.index.event_counts import decode_counts
 from bitseg.index.event_group import BucketRuns, bucket_code, bucket_parts
 from bitseg.loaders import columnar
@@ -35,15 +35,15 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts how often a batch writes its buckets (once at its end, plus each spill)."""
+    """Records the runs of each spill (a scratch file of runs made while loading)."""
     calls: list[int] = []
-    original = event_batch.EventBatch._write_buckets
+    original = event_group.Spill.__init__
 
-    def spy(self: Any) -> None:
-        calls.append(self.runs.size)
-        original(self)
+    def spy(self: Any, runs: np.ndarray, *args: Any) -> None:
+        calls.append(len(runs))
+        original(self, runs, *args)
 
-    monkeypatch.setattr(event_batch.EventBatch, "_write_buckets", spy)
+    monkeypatch.setattr(event_group.Spill, "__init__", spy)
     return calls
 
 
@@ -64,12 +64,13 @@ def test_buckets_spilled_many_times_load_alike_and_count_the_same(
     generate(folder, profiles=300, seed=6)
     calls = _spills(monkeypatch)
     assert assert_same_load(tmp_path / "whole", folder) is None
-    assert len(calls) == 2  # one events batch per path, written once at its end
+    assert calls == []  # each path's events batch writes its buckets once, at its end
     whole = _counts(tmp_path / "whole" / "rows")
     calls.clear()
-    event_batch.RUN_BYTES = 64 * 16  # 64 runs: a spill after nearly every flush
+    # 64 runs: a spill after every other flush (a merge of the runs is judged at the next)
+    event_batch.RUN_BYTES = 64 * 16
     assert assert_same_load(tmp_path / "spilled", folder) is None
-    assert len(calls) > 6
+    assert len(calls) > 4  # two or more in each path's load
     assert _counts(tmp_path / "spilled" / "rows") == whole
     rest = {name: entries for name, entries in store_entries(tmp_path / "whole" / "rows").items()}
     spilled = store_entries(tmp_path / "spilled" / "rows")
@@ -89,9 +90,10 @@ def test_a_bad_last_line_after_spills_leaves_nothing_of_the_file(
         out.write(b'{"profile":"u1","event":"page_view","ts":"2025-01-01T00:00:00Z","n":[1]}\n')
     calls = _spills(monkeypatch)
     event_batch.RUN_BYTES = 64 * 16
+    event_batch.FLUSH_ROWS = 350
     error = assert_same_load(tmp_path, folder)
     assert error is not None and f"events.jsonl, line {lines + 1}, field 'n'" in error
-    assert len(calls) > 2  # buckets were written into the transaction before the bad line
+    assert len(calls) > 2  # runs were spilled before the bad line was met
     events.unlink()
     _load(tmp_path / "profiles-only", folder, columnar=False)
     assert store_entries(tmp_path / "columnar") == store_entries(tmp_path / "profiles-only")
@@ -114,6 +116,29 @@ def test_buckets_encoded_in_many_groups_on_threads_are_the_same_bytes(
     assert _load(tmp_path / "groups", folder, columnar=True) is None
     assert {name.split("_")[0] for name in threads} == {"bitseg-encode"}
     assert store_entries(tmp_path / "groups") == store_entries(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("run_bytes", [64 * 16, None], ids=["spilled", "whole"])
+def test_pairs_grouped_on_their_thread_are_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bytes: int | None) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=8)
+    if run_bytes is not None:
+        event_batch.RUN_BYTES = run_bytes  # spills read runs still being grouped
+    monkeypatch.setattr(event_group, "GROUP_ASIDE", False)
+    assert _load(tmp_path / "inline", folder, columnar=True) is None
+    threads: set[str] = set()
+    original = event_group._grouped
+
+    def spy(*args: Any) -> tuple[np.ndarray, np.ndarray]:
+        threads.add(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(event_group, "_grouped", spy)
+    monkeypatch.setattr(event_group, "GROUP_ASIDE", True)
+    assert _load(tmp_path / "aside", folder, columnar=True) is None
+    assert {name.split("_")[0] for name in threads} == {"bitseg-group"}
+    assert store_entries(tmp_path / "aside") == store_entries(tmp_path / "inline")
 
 
 def test_runs_add_up_across_parts_and_keep_their_buckets() -> None:
