@@ -52,7 +52,10 @@ FLUSH_ROWS = 1 << 20  # rows held in Python objects before they are written as a
 # (a spill; the end of the batch merges the files again, RUN_BYTES of runs at a time, and
 # writes each bucket once). Merging the runs and writing the buckets need up to about
 # twice that again, so the runs take at most ~3 x RUN_BYTES whatever the file's size.
-RUN_BYTES = 256 << 20
+# Since the merges run beside the next flush (BucketRuns.tend), 256 MiB let a 10M events
+# file peak at 2.64 GiB; 96 and 160 MiB loaded the 1M file as fast as 256 (more spills,
+# smaller merges), 0.3-0.5 GiB lower.
+RUN_BYTES = 128 << 20
 PUT_ITEMS = 4096  # count buckets encoded before they are put into LMDB in one call
 PUT_BYTES = 32 << 20  # or fewer, when their encoded bytes reach this
 ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy temporaries)

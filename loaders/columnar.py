@@ -50,10 +50,10 @@ from bitseg.loaders.dataset import (
 BLOCK_BYTES = 16 << 20  # 16 MiB parsed fastest in a 1M-profile events file (4, 16, 64 tried)
 # Blocks ready ahead of the loading thread: it takes them in bursts (a flush of its
 # batch holds it ~1 s, then it eats blocks faster than they are parsed), so a queue of
-# 2 left the reader idle through each flush and the loader waiting after it. 6 made a
-# 1M events file 7-10% faster (alternated runs); ~6 x 16 MiB of text, a few times that
+# 2 left the reader idle through each flush and the loader waiting after it. 4 and 6 made
+# a 1M events file 7-10% faster (alternated runs); ~4 x 16 MiB of text, a few times that
 # parsed, stays bounded whatever the file's size.
-PREFETCH = 6
+PREFETCH = 4
 
 # A blank line after a newline, or as the first line. Patterns that start with a literal
 # newline are searched line to line; "^" under re.M tried every byte (30x slower).
