@@ -121,14 +121,17 @@ class BucketRuns:
             self._held(future.result())
 
     def _settle_merge(self) -> None:
-        """Wait for the merge under way, if any, and hold what it left (runs or a spill)."""
+        """Wait for the merge under way, if any, and keep what it left."""
         merge, self.merge = self.merge, None
         if merge is not None:
-            made = merge.result()
-            if isinstance(made, Spill):
-                self.spills.append(made)
-            else:
-                self._held(made)
+            self._keep(merge.result())
+
+    def _keep(self, made: tuple[np.ndarray, np.ndarray] | Spill) -> None:
+        """Hold merged runs, or list their spill."""
+        if isinstance(made, Spill):
+            self.spills.append(made)
+        else:
+            self._held(made)
 
     def tend(self, limit: int, folder: str | Path | None = None) -> None:
         """Keep the runs within about `limit` bytes; called after each flush.
@@ -146,14 +149,12 @@ class BucketRuns:
         parts, self.parts = self.parts, []
         pending, self.pending = self.pending, []
         self.size = 0
+        grouped = [future for future, _ in pending]
         if GROUP_ASIDE:
-            self.merge = _grouper().submit(_merged_aside, parts, [f for f, _ in pending],
+            self.merge = _grouper().submit(_merged_or_spilled, parts, grouped,
                                            limit * 3 // 4, folder)
         else:
-            self.merge = Future()
-            self.merge.set_result(_merged_aside(parts, [f for f, _ in pending],
-                                                limit * 3 // 4, folder))
-            self._settle()
+            self._keep(_merged_or_spilled(parts, grouped, limit * 3 // 4, folder))
 
     @property
     def nbytes(self) -> int:
@@ -228,11 +229,11 @@ def _grouped(gids: np.ndarray, profiles: np.ndarray) -> tuple[np.ndarray, np.nda
     return runs, rows.astype(np.int64)
 
 
-def _merged_aside(parts: list[tuple[np.ndarray, np.ndarray]], pending: list[Future],
-                  most: int, folder: str | Path | None
-                  ) -> tuple[np.ndarray, np.ndarray] | Spill:
+def _merged_or_spilled(parts: list[tuple[np.ndarray, np.ndarray]], pending: list[Future],
+                       most: int, folder: str | Path | None
+                       ) -> tuple[np.ndarray, np.ndarray] | Spill:
     """The parts and the pending ones' runs merged; spilled to a scratch file in `folder`
-    when they hold over `most` bytes. (Run on the grouping thread, which has made the
+    when they hold over `most` bytes. (On the grouping thread, that thread has made the
     pending runs already: it takes its work in turn.)"""
     runs, rows = _merged([*parts, *(future.result() for future in pending)])
     if runs.nbytes + rows.nbytes > most:
