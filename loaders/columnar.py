@@ -150,20 +150,22 @@ def _blocks(file: Path, on_bytes: Callable[[int], object] | None, block_bytes: i
             ) -> Generator[RowBlock, None, None]:
     """RowBlocks of whole lines, read and parsed in this (the reader's) thread."""
     line = 1
-    rest = b""
+    rest = b""  # the text after the last line end read (never holds one)
     with _open_binary(file, on_bytes) as stream:
         while True:
             chunk = stream.read(block_bytes)
             if not chunk:
                 break
-            data = rest + chunk
-            cut = data.rfind(b"\n") + 1
+            cut = chunk.rfind(b"\n") + 1
             if cut == 0:  # one line longer than a block: keep reading it
-                rest = data
+                rest += chunk
                 continue
-            data, rest = data[:cut], data[cut:]
-            yield parse_block(data, file.name, line)
-            line += data.count(b"\n")
+            # the block's whole lines copied once (a join of a view, not slice then add)
+            data = b"".join((rest, memoryview(chunk)[:cut]))
+            rest = chunk[cut:]
+            newlines = data.count(b"\n")
+            yield parse_block(data, file.name, line, newlines)
+            line += newlines
     if rest:
         yield parse_block(rest, file.name, line)
 
@@ -184,9 +186,11 @@ def _prepared(block: RowBlock, prepare: Callable[[RowBlock], None] | None) -> Ro
     return block
 
 
-def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
+def parse_block(data: bytes, name: str, first_line: int, newlines: int | None = None
+                ) -> RowBlock:
     """One block of whole lines as a RowBlock; its table is None when pyarrow refuses
-    it or when its rows would not be its non-blank lines one to one."""
+    it or when its rows would not be its non-blank lines one to one. `newlines`: the
+    data's count of line ends, when the caller has it."""
     table = None
     plain = _plain_lines(data)
     null_row = not plain and (_NULL_FIRST.match(data) or _NULL_ROW.search(data))
@@ -201,7 +205,9 @@ def parse_block(data: bytes, name: str, first_line: int) -> RowBlock:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             table = None
     blanks = [] if plain else _blank_lines(data)
-    lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    if newlines is None:
+        newlines = data.count(b"\n")
+    lines = newlines + (0 if data.endswith(b"\n") else 1)
     if table is not None and table.num_rows != lines - len(blanks):
         table = None  # e.g. two objects on one line: the row path says what is wrong
     if first_line != 1 and data.startswith(b"\xef\xbb\xbf"):

@@ -282,3 +282,28 @@ def test_a_line_only_pyarrow_reads_does_not_jump_ahead_of_an_earlier_error(
     folder = write(tmp_path / "data", {"profiles.jsonl": ['{"id":"u1"}'], name: lines})
     found = assert_same_load(tmp_path, folder)
     assert found is not None and found.startswith(error)
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from([b'{"a":1}', b"", b"  ", b'{"id":"' + b"x" * 90 + b'"}',
+                                       b'{"b":[1,2]}', b"null"]), max_size=40),
+       final_newline=st.booleans(), block=st.integers(1, 130), gz=st.booleans())
+def test_blocks_are_the_files_whole_lines_in_order(tmp_path: Path, lines: list[bytes],
+                                                   final_newline: bool, block: int,
+                                                   gz: bool) -> None:
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path / ("f.jsonl.gz" if gz else "f.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    blocks = list(columnar._blocks(path, None, block))
+    assert b"".join(b.data for b in blocks) == data
+    assert all(b.data.endswith(b"\n") for b in blocks[:-1])  # whole lines, cut at line ends
+    assert all(b.data for b in blocks)
+    # each block's first line number is the count of line ends before it, plus one
+    assert [b.first_line for b in blocks] == \
+        [1 + sum(x.data.count(b"\n") for x in blocks[:k]) for k in range(len(blocks))]
+    # each cut is at the last line end of what was read by then (reads of `block` bytes)
+    seen = 0
+    for b in blocks[:-1]:
+        seen += len(b.data)
+        assert b"\n" not in data[seen:-(-seen // block) * block]
