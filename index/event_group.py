@@ -142,8 +142,7 @@ class BucketRuns:
         Both on the grouping thread, while the loading thread goes on (GROUP_ASIDE off:
         here). Merges and spills only move runs, so when they happen never changes
         what is written."""
-        held = sum(runs.nbytes + rows.nbytes for runs, rows in self.parts)
-        if held + 16 * sum(pairs for _, pairs in self.pending) <= limit:
+        if self._held_bytes() + 16 * sum(pairs for _, pairs in self.pending) <= limit:
             return
         self._settle_merge()
         parts, self.parts = self.parts, []
@@ -158,8 +157,11 @@ class BucketRuns:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in runs (16 a run)."""
+        """Bytes held in runs (16 a run), once the grouping thread's are in."""
         self._settle()
+        return self._held_bytes()
+
+    def _held_bytes(self) -> int:
         return sum(runs.nbytes + rows.nbytes for runs, rows in self.parts)
 
     def compact(self) -> None:
