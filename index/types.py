@@ -110,12 +110,17 @@ def float_key(value: float | int) -> int:
     return key
 
 
+MORE_DIGITS = 18  # float_digits of a value 17 decimal places do not hold
+
+
 def float_digits(values: np.ndarray) -> int:
-    """The fewest decimal places that represent every float exactly (at most 17)."""
-    for digits in range(18):
+    """The fewest decimal places that represent every float exactly; MORE_DIGITS when 17
+    are not enough (2.49e-293, or 1.2345678901234567e-05 with its 21 places): no scale a
+    field can keep holds such a value exactly, so the field is rounded."""
+    for digits in range(MORE_DIGITS):
         if np.array_equal(np.round(values, digits), values):
             return digits
-    return 17
+    return MORE_DIGITS
 
 
 def float_keys(values: np.ndarray, digits: int) -> np.ndarray:

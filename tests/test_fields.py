@@ -111,6 +111,39 @@ def test_float_precision_refines_across_batches_without_touching_slices():
         1: 25_000_000, 2: 152_050_000_000, 3: 12_345_678, 4: 1_234_567_890_112_345_500}
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e12, 1e12), st.floats(-1e-3, 1e-3),
+                          st.sampled_from([2.49e-293, 1.2345678901234567e-05, 0.0, 5e-324])),
+                min_size=1, max_size=12))
+def test_every_loaded_float_equals_itself_and_keeps_its_order(values):
+    """Whatever decimals a value needs (past 17 places the field is marked rounded and
+    constants round alike): a loaded value equals itself, and no comparison inverts two
+    values' order."""
+    scale = Fraction(T.FLOAT_SCALE)
+    writer = RangeWriter(RangeIndex(), T.FLOAT)
+    ids = np.arange(len(values), dtype=np.uint32)
+    writer.add_floats(ids, np.array(values, dtype=np.float64))
+    index = writer.finish()
+    if any(T.float_digits(np.array([v])) == T.MORE_DIGITS for v in values):
+        assert index.rounded
+    for i, v in enumerate(values):
+        constant = T.exact(v) * scale
+        assert i in set(index.compare("eq", constant))
+        assert set(index.compare("lt", constant)) <= {j for j, w in enumerate(values) if w < v}
+        assert set(index.compare("gt", constant)) <= {j for j, w in enumerate(values) if w > v}
+
+
+def test_a_float_past_17_decimals_rounds_the_field_instead_of_missing_itself():
+    scale = Fraction(T.FLOAT_SCALE)
+    writer = RangeWriter(RangeIndex(), T.FLOAT)
+    writer.add_floats(np.array([1, 2, 3], dtype=np.uint32), np.array([1.5, 2.49e-293, 0.0]))
+    index = writer.finish()
+    assert index.rounded and index.digits == 17
+    assert set(index.compare("eq", T.exact(2.49e-293) * scale)) == {2, 3}  # 0 at 17 places
+    assert set(index.compare("eq", Fraction(3, 2) * scale)) == {1}
+    assert set(index.compare("gt", Fraction(1, 10**17) * scale)) == {1}
+
+
 def test_round_half_even():
     from bitseg.index.fields import round_half_even
 
