@@ -26,6 +26,14 @@ def _clamp(t: int) -> int:
     return min(max(t, I64_MIN), I64_MAX)
 
 
+def summable(values: np.ndarray, bound: int, most: int) -> np.ndarray:
+    """values to sum per group, as they are, or as Python ints when `most` of them, each
+    at most `bound` in magnitude, could sum past int64 (numpy's int64 sums wrap)."""
+    if values.dtype != object and bound * max(most, 1) >= 2**63:
+        return values.astype(object)
+    return values
+
+
 def compare(arr: np.ndarray, op: str, c: Any) -> np.ndarray:
     """arr (int64, or object for big integers) OP c exactly, c an int or Fraction
     (a (lo, hi) pair for between, a tuple for in / not_in)."""

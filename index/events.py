@@ -21,7 +21,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
+from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg, summable
 from bitseg.index.event_counts import counts_at, counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
@@ -275,12 +275,15 @@ def _judge(groups: Groups, values: np.ndarray, having: Having) -> np.ndarray:
     op, value = having.op, having.value
     if having.agg == "count":
         return compare(groups.counts, op, value)
-    if having.agg == "sum":
-        return compare(groups.reduce(np.add, values, 0), op, value)
     if having.agg == "min":
         return compare(groups.reduce(np.minimum, values, I64_MAX), op, value)
     if having.agg == "max":
         return compare(groups.reduce(np.maximum, values, I64_MIN), op, value)
+    # values are keys below 2**62 in magnitude: a few of them can pass int64
+    values = summable(values, int(np.abs(values).max(initial=0)),
+                      int(groups.counts.max(initial=0)))
+    if having.agg == "sum":
+        return compare(groups.reduce(np.add, values, 0), op, value)
     return compare_avg(groups.reduce(np.add, values, 0), groups.counts, op, value)
 
 

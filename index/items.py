@@ -41,7 +41,15 @@ from pyroaring import BitMap
 
 from bitseg.index import orders as orders_module
 from bitseg.index import types as T
-from bitseg.index.compare import DENSE_RATIO, I64_MAX, I64_MIN, Groups, compare, compare_avg
+from bitseg.index.compare import (
+    DENSE_RATIO,
+    I64_MAX,
+    I64_MIN,
+    Groups,
+    compare,
+    compare_avg,
+    summable,
+)
 from bitseg.index.errors import RuleError
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of
 from bitseg.index.order_index import NO_IDS, NONE, OrderIndex
@@ -343,9 +351,8 @@ def _judge(cond: ItemsCond, index: OrderIndex, iids: np.ndarray, oids: np.ndarra
         return compare(groups.reduce(ufunc, ts, fill), op, _moment(having.value, as_of_us))
     values, valid, bound, factor = _line_values(index, having.of, iids, cond.spend_scale)
     value = _scaled(having.value, factor)
-    if agg in ("sum", "avg") and values.dtype != object and \
-            bound * max(int(groups.counts.max(initial=0)), 1) >= 2**63:
-        values = values.astype(object)  # a sum could overflow int64
+    if agg in ("sum", "avg"):
+        values = summable(values, bound, int(groups.counts.max(initial=0)))
     if agg == "sum":
         return compare(groups.reduce(np.add, values, 0), op, value)
     n = groups.reduce(np.add, valid.astype(np.int64), 0)

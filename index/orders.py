@@ -54,7 +54,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg
+from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg, summable
 from bitseg.index.fields import EMPTY, ValueIndex, bitmap_of, ids_of, month_days
 from bitseg.index.order_index import NONE, OrderIndex
 from bitseg.index.order_keys import DERIVED, QTY, QTY_EACH, SCALE
@@ -507,15 +507,12 @@ def _aggregate(having: Any, rows: _Rows, groups: Groups | _Runs) -> np.ndarray:
     keys, valid, bound = found
     complete = valid is None or bool(valid.all())
     if agg == "sum":
-        if bound * len(keys) >= 2**63 and \
-                bound * int(groups.counts.max(initial=0)) >= 2**63:  # could overflow
-            keys = keys.astype(object)  # exact Python ints
+        keys = summable(keys, bound, int(groups.counts.max(initial=0)))
         return compare(groups.reduce(np.add, keys if complete else np.where(valid, keys, 0),
                                       0), op, value)
     n = groups.counts if complete else groups.reduce(np.add, valid.astype(np.int64), 0)
     if agg == "avg":
-        if bound * int(n.max(initial=0)) >= 2**63:  # could overflow: exact Python ints
-            keys = keys.astype(object)
+        keys = summable(keys, bound, int(n.max(initial=0)))
         sums = groups.reduce(np.add, keys if complete else np.where(valid, keys, 0), 0)
         return (n > 0) & compare_avg(sums, n, op, value)
     fill = I64_MAX if agg == "min" else I64_MIN

@@ -95,6 +95,27 @@ def test_zero_rows_count_zero_and_sum_zero_but_not_avg(engine):
     assert members({"agg": "max", "of": "n", "op": "ne", "value": 4}) == ["busy"]
 
 
+def test_sums_and_averages_of_huge_amounts_are_exact_past_int64(engine):
+    """Amounts are kept as 10**-8 units below 2**62: three of 4e10 sum to 1.2e19 units,
+    past int64, which numpy's sums would wrap to a negative total."""
+    engine.track_events([{"profile": "whale", "event": "buy", "ts": ago(d), "amount": 4e10}
+                         for d in (1, 2, 3)] +
+                        [{"profile": "minnow", "event": "buy", "ts": ago(1), "amount": 1.5},
+                         {"profile": "debtor", "event": "buy", "ts": ago(1), "amount": -4e10},
+                         {"profile": "debtor", "event": "buy", "ts": ago(2), "amount": -4e10},
+                         {"profile": "debtor", "event": "buy", "ts": ago(3), "amount": -4e10}])
+
+    def members(agg, op, value):
+        rule = {"event": "buy", "having": {"agg": agg, "of": "amount", "op": op, "value": value}}
+        return sorted(engine.members(rule, as_of=AS_OF))
+    assert members("sum", "eq", 120_000_000_000) == ["whale"]
+    assert members("sum", "gt", 100_000_000_000) == ["whale"]
+    assert members("sum", "lt", -100_000_000_000) == ["debtor"]
+    assert members("sum", "between", [0, 2]) == ["minnow"]
+    assert members("avg", "eq", 40_000_000_000) == ["whale"]
+    assert members("avg", "gt", 1.5) == ["whale"]
+
+
 def test_counts_add_across_batches_months_and_reopen(tmp_path):
     path = tmp_path / "store"
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
