@@ -9,7 +9,6 @@ rule's JSON.  Its choices are those of index/items.py's docstring: a line withou
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -18,6 +17,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scratch import scratch_folder
 
 from bitseg.index import compare as compare_module
 from bitseg.index import items as items_module
@@ -37,7 +37,7 @@ TAGS = ["sale", "new", "gift"]
 
 
 def _engine(orders: list[dict]) -> Engine:
-    engine = Engine.open(tempfile.mkdtemp())
+    engine = Engine.open(scratch_folder())
     engine.declare_schema(SCHEMA)
     engine.upsert_profiles([{"id": p} for p in PROFILES])
     if orders:
@@ -433,7 +433,7 @@ def test_count_is_lines_not_units_and_avg_is_per_line() -> None:
 
 def test_replaced_items_and_reopen() -> None:
     """An order's items replaced by a later line no longer count, also after reopening."""
-    path = tempfile.mkdtemp()
+    path = scratch_folder()
     engine = Engine.open(path)
     engine.declare_schema(SCHEMA)
     engine.add_orders([_order("a", "p0", 1, "paid", {"brand": "acme", "tags": ["sale"]})])
@@ -521,7 +521,7 @@ def test_a_store_from_before_gets_its_item_bitmaps_at_open() -> None:
     from bitseg.index.keys import SEP
     from bitseg.index.order_keys import ITEM_KINDS
 
-    path = tempfile.mkdtemp()
+    path = scratch_folder()
     engine = Engine.open(path)
     engine.declare_schema(SCHEMA)
     engine.add_orders([_order("a", "p0", 1, "paid", {"brand": "acme", "qty": 2}),
@@ -588,7 +588,7 @@ def test_invalid_forms_name_their_path(rule: dict, path: str, words: str) -> Non
 
 
 def test_spend_needs_numeric_price_and_qty() -> None:
-    engine = Engine.open(tempfile.mkdtemp())
+    engine = Engine.open(scratch_folder())
     engine.declare_schema({"orders": {"items.brand": "keyword", "items.price": "float"}})
     try:
         with pytest.raises(RuleError) as caught:
@@ -601,7 +601,7 @@ def test_spend_needs_numeric_price_and_qty() -> None:
 
 
 def test_float_qty_spend_exact() -> None:
-    engine = Engine.open(tempfile.mkdtemp())
+    engine = Engine.open(scratch_folder())
     engine.declare_schema({"orders": {"items.qty": "float", "items.price": "float"}})
     try:
         engine.add_orders([_order("a", "p0", 1, "paid", *[{"qty": 0.5, "price": 19.99}] * 7)])

@@ -4,7 +4,6 @@ orders, each published index with its own layout."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pyroaring import BitMap
+from scratch import scratch_folder
 from test_orders import AS_OF, AS_OF_US, DAY, Orders, iso, merge, reference
 from test_top_recency import AS_OF as RECENCY_AS_OF
 from test_top_recency import SETTINGS, WINDOWS, histories, naive_recency, recency_havings
@@ -128,7 +128,7 @@ def test_first_and_last_of_a_rules_orders_by_the_layout(history, window, data) -
     rule: dict[str, Any] = {"orders": PAID[1], "having": having}
     if window is not None:
         rule["window"] = window
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-layout-"))
+    engine = Engine.open(scratch_folder("bitseg-layout-"))
     try:
         engine.cache_results = False
         engine.declare_schema({"orders": {"status": "keyword"}})

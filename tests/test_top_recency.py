@@ -4,7 +4,6 @@ raw rows, the contract's examples, every invalid form with its path, and end to 
 from __future__ import annotations
 
 import json
-import tempfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from conftest_grpc import ServerProcess, run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from scratch import scratch_folder
 
 from bitseg.client import Client
 from bitseg.index.engine import Engine, as_of_micros
@@ -108,7 +108,7 @@ def naive_top(rows: list[dict[str, Any]], n: int, by: str, order: str, of: Any) 
 
 
 def _engine(rows: list[dict[str, Any]]) -> Engine:
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-top-"))
+    engine = Engine.open(scratch_folder("bitseg-top-"))
     engine.declare_schema(SCHEMA)
     engine.upsert_profiles(rows)
     return engine
@@ -314,7 +314,7 @@ def naive_recency(pids, events, orders, selection, window, having) -> set[str]:
 def test_first_and_last_match_the_rows(history, selection, window, data, negate) -> None:
     pids, events, orders = history
     having = data.draw(recency_havings([r["ts"] for r in events + orders]), label="having")
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    engine = Engine.open(scratch_folder("bitseg-recency-"))
     try:
         engine.declare_schema({"profiles": {"score": "int"}, "events": {"k": "keyword"},
                                "orders": {"status": "keyword"}})
@@ -343,7 +343,7 @@ def test_first_and_last_match_the_rows(history, selection, window, data, negate)
 
 
 def test_last_order_more_than_90_days_ago() -> None:
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    engine = Engine.open(scratch_folder("bitseg-recency-"))
     try:
         engine.upsert_profiles([{"id": p} for p in ("old", "recent", "edge", "none")])
         engine.add_orders([
@@ -383,7 +383,7 @@ def test_first_and_last_of_all_orders_from_each_profiles_extremes(history, windo
     pids, _, orders = history
     having = data.draw(recency_havings([o["ts"] for o in orders]), label="having")
     gone = set(pids[:deleted])
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    engine = Engine.open(scratch_folder("bitseg-recency-"))
     try:
         engine.declare_schema({"orders": {"status": "keyword"}})
         engine.upsert_profiles([{"id": p} for p in pids])
@@ -460,7 +460,7 @@ def test_the_time_ordered_rows_and_the_extremes_match_a_scan(rows, agg, op, valu
 
 
 def test_last_order_is_recomputed_after_a_new_order() -> None:
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    engine = Engine.open(scratch_folder("bitseg-recency-"))
     engine.cache_results = False  # each members call evaluates
     try:
         engine.add_orders([{"id": "1", "profile": "u", "ts": _iso(AS_OF - timedelta(days=200))},
@@ -510,7 +510,7 @@ def test_last_order_is_recomputed_after_a_new_order() -> None:
 ])
 @pytest.mark.parametrize("kind", ["event", "orders"])
 def test_invalid_first_last_forms_name_their_path(kind, having, path, words) -> None:
-    engine = Engine.open(tempfile.mkdtemp(prefix="bitseg-recency-"))
+    engine = Engine.open(scratch_folder("bitseg-recency-"))
     try:
         engine.add_orders([{"id": "1", "profile": "u", "ts": "2026-01-01T00:00:00Z",
                             "amount": 1.5}])
