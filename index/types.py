@@ -115,8 +115,8 @@ MORE_DIGITS = 18  # float_digits of a value 17 decimal places do not hold
 
 def float_digits(values: np.ndarray) -> int:
     """The fewest decimal places that represent every float exactly; MORE_DIGITS when 17
-    are not enough (2.49e-293, or 1.2345678901234567e-05 with its 21 places): no scale a
-    field can keep holds such a value exactly, so the field is rounded."""
+    are not enough (2.49e-293, or 1.2345678901234567e-05 with its 21 places): a field
+    keeps at most 17, so such a value marks it rounded (RangeWriter.add_floats)."""
     for digits in range(MORE_DIGITS):
         if np.array_equal(np.round(values, digits), values):
             return digits
