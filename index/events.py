@@ -145,12 +145,16 @@ def _signed_counts(plus: np.ndarray, minus: np.ndarray) -> tuple[np.ndarray, np.
     """(distinct profiles, each one's rows in plus less its rows in minus)."""
     if len(plus) + len(minus) == 0:
         return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
-    # one sort of profile * 2 + (1 for minus): a plain sort, several times an argsort's speed
-    keys = np.sort(np.concatenate([plus.astype(np.uint64) << np.uint64(1),
-                                   (minus.astype(np.uint64) << np.uint64(1)) | np.uint64(1)]))
-    profiles = (keys >> np.uint64(1)).astype(np.uint32)
+    # one sort of profile * 2 + (1 for minus): a plain sort, several times an argsort's
+    # speed; in 32 bits while the ids allow (1.7x faster than 64 on 70k keys)
+    top = max(int(plus.max(initial=0)), int(minus.max(initial=0)))
+    kind = np.uint32 if top < 2**31 else np.uint64
+    one = kind(1)
+    keys = np.sort(np.concatenate([plus.astype(kind) << one,
+                                   (minus.astype(kind) << one) | one]))
+    profiles = (keys >> one).astype(np.uint32)
     starts = np.flatnonzero(np.r_[True, profiles[1:] != profiles[:-1]])
-    signs = 1 - 2 * (keys & np.uint64(1)).astype(np.int64)
+    signs = 1 - 2 * (keys & one).astype(np.int64)
     return profiles[starts], np.add.reduceat(signs, starts)
 
 

@@ -116,6 +116,25 @@ def test_sums_and_averages_of_huge_amounts_are_exact_past_int64(engine):
     assert members("avg", "gt", 1.5) == ["whale"]
 
 
+@given(st.lists(st.integers(0, 2**32 - 2), max_size=60), st.lists(st.integers(0, 2**32 - 2),
+                                                                   max_size=60),
+       st.booleans())
+def test_signed_counts_are_rows_in_less_rows_out_per_profile(plus, minus, small):
+    """The partial days' signed counts, in 32-bit keys while ids are below 2**31 and in
+    64-bit ones past it."""
+    from collections import Counter
+
+    from bitseg.index.events import _signed_counts
+
+    if small:
+        plus, minus = [p % 2**31 for p in plus], [m % 2**31 for m in minus]
+    ids, rows = _signed_counts(np.array(plus, dtype=np.uint32), np.array(minus, dtype=np.uint32))
+    expected = Counter(plus)
+    expected.subtract(Counter(minus))
+    assert ids.tolist() == sorted(set(plus) | set(minus))
+    assert rows.tolist() == [expected[i] for i in ids.tolist()]
+
+
 def test_counts_add_across_batches_months_and_reopen(tmp_path):
     path = tmp_path / "store"
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
