@@ -106,6 +106,34 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
 
 
+def at_least(counts: RangeIndex, n: int) -> BitMap:
+    """The profiles whose count is n or more (a new bitmap).
+
+    A count index's slices shrink fast (slice i holds counts of 2**i or more), and every
+    profile of `exists` counts at least 1. So the slices above n - 1's top bit are
+    unioned whole (each of their counts passes), and only the profiles with that top bit
+    and none higher are compared bit by bit. RangeIndex.compare walks down from `exists`
+    instead, subtracting each high slice from it: a copy of every profile with a count
+    per slice (~2 ms of a 10M-profile window's `count >= 3`, against ~0.2 ms here)."""
+    if n <= 1:
+        return BitMap(counts.exists)
+    slices, k = counts.slices, n - 1  # count > k
+    top = k.bit_length()  # slices top, top + 1, ... are bits k has not: set, count > k
+    if top > len(slices):
+        return BitMap()
+    gt = BitMap.union(*slices[top:]) if top < len(slices) else BitMap()
+    eq = slices[top - 1] - gt  # k's bits from its top one up, no more
+    for i in range(top - 2, -1, -1):
+        if not eq:
+            break
+        if (k >> i) & 1:
+            eq &= slices[i]
+        else:
+            gt |= eq & slices[i]
+            eq -= slices[i]
+    return gt
+
+
 def counts_at(counts: RangeIndex, ids: np.ndarray, within: BitMap) -> np.ndarray:
     """The counts of these profiles (sorted distinct ids, `within` their bitmap), 0 where
     none: one intersection a slice, cheap when they are few, as the profiles with rows on

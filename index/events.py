@@ -12,6 +12,7 @@ stream covers, and sum/avg/min/max, grouped per profile and compared exactly (co
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
@@ -22,7 +23,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg, summable
-from bitseg.index.event_counts import counts_at, counts_of, sub_counts, sum_counts
+from bitseg.index.event_counts import at_least, counts_at, counts_of, sub_counts, sum_counts
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
 from bitseg.index.event_windows import judged_days, whole_days, window_counts, window_presence
@@ -292,14 +293,20 @@ def _judge(groups: Groups, values: np.ndarray, having: Having) -> np.ndarray:
 
 
 def _compare_index(index: RangeIndex, having: Having) -> BitMap:
-    if having.op in ("in", "not_in"):
-        hit = BitMap.union(*(index.compare("eq", v) for v in having.value))
-        return hit if having.op == "in" else index.exists - hit
-    if having.op == "between":
-        return index.between(*having.value)
-    if having.op == "ne":
-        return index.exists - index.compare("eq", having.value)
-    return index.compare(having.op, having.value)
+    """The profiles of a count index (event_counts) whose count passes `having`."""
+    op, value = having.op, having.value
+    if op in ("in", "not_in"):
+        hit = BitMap.union(*(index.compare("eq", v) for v in value))
+        return hit if op == "in" else index.exists - hit
+    if op == "between":
+        return at_least(index, math.ceil(value[0])) - at_least(index, math.floor(value[1]) + 1)
+    if op == "ne":
+        return index.exists - index.compare("eq", value)
+    if op in ("gte", "gt", "lt", "lte"):
+        # counts are whole: >= v is >= ceil(v), > v is >= floor(v) + 1; < and <= the rest
+        n = math.ceil(value) if op in ("gte", "lt") else math.floor(value) + 1
+        return at_least(index, n) if op in ("gte", "gt") else index.exists - at_least(index, n)
+    return index.compare(op, value)
 
 
 # ------------------------------------------------------------------------ where on rows

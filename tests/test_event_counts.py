@@ -64,3 +64,36 @@ def test_large_buckets_are_byte_for_byte_one_count_index_each() -> None:
     counts = np.concatenate([g[1] for g in groups])
     for index, (gids, gcounts) in zip(count_indexes(bounds, ids, counts), groups, strict=True):
         assert encode_counts(index) == encode_counts(count_index(gids, gcounts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(0, 5000), st.one_of(st.integers(1, 6), st.integers(1, 70)),
+                       max_size=60),
+       st.sampled_from(["gte", "gt", "lt", "lte", "eq", "ne", "between", "in", "not_in"]),
+       st.integers(-12, 40), st.integers(-12, 320))
+def test_count_comparisons_match_the_counts(counts, op, a4, b4) -> None:
+    """at_least, and the window comparisons made with it, against each profile's count
+    (whole and fractional constants; a count index holds only counts of 1 or more)."""
+    from fractions import Fraction
+
+    from bitseg.index.event_counts import at_least
+    from bitseg.index.events import _compare_index
+    from bitseg.index.rules import Having
+
+    ids = np.array(sorted(counts), dtype=np.uint32)
+    index = count_index(ids, np.array([counts[i] for i in sorted(counts)], dtype=np.int64))
+    for n in range(-1, 72):
+        assert set(at_least(index, n)) == {p for p, c in counts.items() if c >= n}
+    a, b = Fraction(a4, 4), Fraction(b4, 4)  # quarters: whole and fractional constants
+    value: object = a
+    if op == "between":
+        value = (min(a, b), max(a, b))
+    elif op in ("in", "not_in"):
+        value = (a, b, Fraction(int(a)))
+    passes = {"gte": lambda c: c >= value, "gt": lambda c: c > value,
+              "lt": lambda c: c < value, "lte": lambda c: c <= value,
+              "eq": lambda c: c == value, "ne": lambda c: c != value,
+              "between": lambda c: value[0] <= c <= value[1],
+              "in": lambda c: c in value, "not_in": lambda c: c not in value}[op]
+    having = Having("count", None, None, op, value)
+    assert set(_compare_index(index, having)) == {p for p, c in counts.items() if passes(c)}
