@@ -19,7 +19,7 @@ from bitseg.index import types as T
 from bitseg.index.cumulative import Layout, layout_of
 from bitseg.index.errors import RuleError
 from bitseg.index.events import count_event, evaluate_event
-from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex, bitmap_of
+from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex, bitmap_of, in_place
 from bitseg.index.items import contains_items, evaluate_items
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
@@ -56,9 +56,9 @@ Step = tuple[Apply, Callable[[BitMap], int]]
 
 
 def _minus(other: BitMap) -> Step:
-    """A step that takes `other` out of what is left."""
+    """A step that takes `other` out of what is left (in place where it pays: in_place)."""
     def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
-        if owned:
+        if owned and in_place(within):
             within -= other
             return within, True
         return within - other, True
@@ -283,7 +283,7 @@ class Evaluator:
     def _minus_range(self, cond: Cond, index: RangeIndex) -> Step:
         def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
             found = self._range(cond, index, within)
-            if owned:
+            if owned and in_place(within):
                 within -= found
                 return within, True
             return within - found, True

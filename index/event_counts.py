@@ -123,14 +123,16 @@ def at_least(counts: RangeIndex, n: int) -> BitMap:
         return BitMap()
     gt = BitMap.union(*slices[top:]) if top < len(slices) else BitMap()
     eq = slices[top - 1] - gt  # k's bits from its top one up, no more
+    # (not in place: pyroaring's -= took 1.3 ms where - took 0.2, at 10M)
     for i in range(top - 2, -1, -1):
         if not eq:
             break
         if (k >> i) & 1:
-            eq &= slices[i]
+            eq = eq & slices[i]
         else:
-            gt |= eq & slices[i]
-            eq -= slices[i]
+            gt = gt | (eq & slices[i])
+            if i:
+                eq = eq - slices[i]
     return gt
 
 

@@ -42,6 +42,17 @@ def unique(values: np.ndarray) -> np.ndarray:
     return ordered[keep]
 
 
+def in_place(bitmap: BitMap) -> bool:
+    """Whether `bitmap -= other` beats `bitmap - other`: only where most of its 65,536-id
+    containers hold 4,096 ids or more (bitsets). pyroaring 1.2's in-place difference on
+    array containers took ~10x the new bitmap's time (4.3 ms against 0.42 for 600k ids
+    spread over 10M), while on bitsets it saves the copy (0.03 ms against 0.08 for 5M)."""
+    if not bitmap:
+        return False
+    span = (bitmap.max() >> 16) - (bitmap.min() >> 16) + 1
+    return len(bitmap) >= 4096 * span
+
+
 def ids_of(bitmap: BitMap) -> np.ndarray:
     """The sorted ids of a bitmap as a uint32 array."""
     return np.frombuffer(bitmap.to_array(), dtype=np.uint32)
@@ -124,10 +135,23 @@ class ValueWriter:
         self.dirty.add(value)
         return self.values[value]
 
+    def _take(self, value: Any, ids: BitMap) -> None:
+        """Take ids off a value's bitmap: a new one (no copy first), or in place on this
+        writer's own copy where that pays (in_place)."""
+        bitmap = self.values.get(value)
+        if bitmap is None:
+            return
+        if value in self.owned and in_place(bitmap):
+            bitmap.difference_update(ids)
+        else:
+            self.values[value] = bitmap - ids
+            self.owned.add(value)
+        self.dirty.add(value)
+
     def remove(self, ids: np.ndarray, codes: np.ndarray, values: list) -> None:
         """Take each id off the value its code names."""
         for code, members in group_ids(ids, codes):
-            self._own(values[code]).difference_update(bitmap_of(members))
+            self._take(values[code], bitmap_of(members))
         self.exists = self.exists - bitmap_of(ids)
 
     def add(self, ids: np.ndarray, codes: np.ndarray, values: list) -> None:
@@ -139,7 +163,7 @@ class ValueWriter:
         """Remove these ids from every value (profile deletion)."""
         for value, bitmap in list(self.values.items()):
             if bitmap.intersect(ids):
-                self._own(value).difference_update(ids)
+                self._take(value, ids)
         self.exists = self.exists - ids
 
     def finish(self) -> ValueIndex:

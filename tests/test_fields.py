@@ -6,8 +6,10 @@ import operator
 from fractions import Fraction
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.fields import RangeIndex, RangeWriter, ValueIndex, ValueWriter, group_ids, unique
@@ -69,16 +71,23 @@ def test_month_days_of_dates_and_timestamps():
     assert month_days(T.TIMESTAMP, stamps).tolist() == [301]
 
 
-def test_value_writer_never_mutates_the_published_index():
+@pytest.mark.parametrize("dense", [True, False], ids=["in place", "new bitmaps"])
+def test_value_writer_never_mutates_the_published_index(monkeypatch, dense):
+    from bitseg.index import fields
+
+    monkeypatch.setattr(fields, "in_place", lambda bitmap: dense)  # either way of taking
     writer = ValueWriter(ValueIndex())
     writer.add(np.array([1, 2, 3], dtype=np.uint32), np.array([0, 0, 1], dtype=np.uint32),
                ["a", "b"])
     first = writer.finish()
     second_writer = ValueWriter(first)
     second_writer.remove(np.array([1], dtype=np.uint32), np.array([0], dtype=np.uint32), ["a"])
+    second_writer.remove(np.array([2], dtype=np.uint32), np.array([0], dtype=np.uint32), ["a"])
+    second_writer.drop(BitMap([3]))
     second = second_writer.finish()
-    assert set(first.eq("a")) == {1, 2} and set(second.eq("a")) == {2}
-    assert set(first.exists) == {1, 2, 3} and set(second.exists) == {2, 3}
+    assert set(first.eq("a")) == {1, 2} and set(first.eq("b")) == {3}
+    assert set(first.exists) == {1, 2, 3}
+    assert "a" not in second.values and "b" not in second.values and not second.exists
 
 
 def test_group_ids_groups_by_code():

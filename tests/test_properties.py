@@ -421,3 +421,37 @@ def test_multi_keyword_negations(edge):
     assert _same(edge, {"field": "tags", "op": "has_all", "value": ["x", "y"]}) == {"a"}
     assert _same(edge, {"not": {"field": "tags", "op": "eq", "value": "x"}}) == {"b", "c", "d", "e"}
     assert _same(edge, {"field": "tags", "op": "not_exists"}) == {"c", "e"}
+
+
+@pytest.mark.parametrize("always", [True, False], ids=["in place", "new bitmaps"])
+@pytest.mark.parametrize(("test", "examples"), [
+    (test_engine_matches_reference, 15), (test_not_partitions_the_live_profiles, 10)],
+    ids=lambda v: getattr(v, "__name__", v))
+def test_properties_with_differences_in_place_or_not(tmp_path, monkeypatch, always, test,
+                                                     examples):
+    """fields.in_place picks in-place or new-bitmap differences by a bitmap's density
+    (which these small stores never reach): both ways give the same answers, updates
+    (ValueWriter) included."""
+    from bitseg.index import cumulative, evaluate, fields
+
+    for module in (cumulative, evaluate, fields):
+        monkeypatch.setattr(module, "in_place", lambda bitmap: always)
+    inner = test.hypothesis.inner_test
+
+    def again(tmp_path, data):  # a fresh function: hypothesis settings mark what they wrap
+        inner(tmp_path, data)
+
+    given(data=st.data())(settings(PROPERTY, max_examples=examples)(again))(tmp_path=tmp_path)
+
+
+def test_in_place_only_for_bitmaps_dense_enough_for_bitsets():
+    from pyroaring import BitMap
+
+    from bitseg.index.fields import in_place
+
+    assert not in_place(BitMap())
+    assert in_place(BitMap(range(0, 65_536, 2)))  # 32,768 ids in one container
+    assert in_place(BitMap(range(10_000_000, 10_000_000 + 4096 * 3)))
+    assert not in_place(BitMap(range(0, 10_000_000, 100)))  # ~655 ids a container
+    assert not in_place(BitMap([1, 5_000_000]))
+
