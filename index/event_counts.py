@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from pyroaring import BitMap
@@ -70,20 +71,7 @@ def add_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
         return b
     if not b.exists:
         return a
-    if len(a.slices) < len(b.slices):
-        a, b = b, a
-    out, carry = [], BitMap()
-    for i, x in enumerate(a.slices):
-        if i >= len(b.slices) and not carry:  # nothing left to add: a's slices as they are
-            out += a.slices[i:]
-            break
-        y = b.slices[i] if i < len(b.slices) else EMPTY
-        xy = x ^ y
-        out.append(xy ^ carry if carry else xy)
-        carry = (x & y) | (carry & xy) if carry else x & y
-    if carry:
-        out.append(carry)
-    return RangeIndex(0, 1, tuple(out), a.exists | b.exists)
+    return RangeIndex(0, 1, _added(a.slices, b.slices), a.exists | b.exists)
 
 
 def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
@@ -91,19 +79,65 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     at most a's (b counts a subset of a's rows): a ripple-borrow subtractor."""
     if not b.exists:
         return a
-    out, borrow = [], BitMap()
-    for i in range(max(len(a.slices), len(b.slices))):
-        x = a.slices[i] if i < len(a.slices) else EMPTY
-        if i >= len(b.slices) and not borrow:  # nothing left to take: a's slices as they are
-            out += a.slices[i:]
+    return _of_slices(_taken(a.slices, b.slices))
+
+
+def signed_sum(plus: list[RangeIndex], minus: list[RangeIndex]) -> RangeIndex:
+    """sub_counts(sum_counts(plus), sum_counts(minus)) (the minus blocks count a subset
+    of the plus blocks' rows, as a window's signed blocks do) without the `exists` of
+    either sum, which only the result needs: at 10M, 7.6 ms against 8.9 for a mid-month
+    window's five blocks."""
+    taken = _summed([m.slices for m in minus if m.exists])
+    if not taken:
+        return sum_counts(plus)
+    return _of_slices(_taken(_summed([p.slices for p in plus if p.exists]), taken))
+
+
+def _of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
+    """The count index of these slices (its `exists`: their union)."""
+    return RangeIndex(0, 1, slices, BitMap.union(*slices) if slices else BitMap())
+
+
+def _added(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
+    """The slices of the sum of two counts' slices (either may be empty)."""
+    if not x or not y:
+        return x or y
+    if len(x) < len(y):
+        x, y = y, x
+    out, carry = [], BitMap()
+    for i, a in enumerate(x):
+        if i >= len(y) and not carry:  # nothing left to add: x's slices as they are
+            out += x[i:]
             break
-        y = b.slices[i] if i < len(b.slices) else EMPTY
-        xy = x ^ y
-        out.append(xy ^ borrow if borrow else xy)
-        borrow = (y - x) | (borrow - xy) if borrow else y - x
+        b = y[i] if i < len(y) else EMPTY
+        ab = a ^ b
+        out.append(ab ^ carry if carry else ab)
+        carry = (a & b) | (carry & ab) if carry else a & b
+    if carry:
+        out.append(carry)
+    return tuple(out)
+
+
+def _taken(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
+    """The slices of x - y, every count of y at most x's; empty top slices dropped."""
+    out, borrow = [], BitMap()
+    for i in range(max(len(x), len(y))):
+        a = x[i] if i < len(x) else EMPTY
+        if i >= len(y) and not borrow:  # nothing left to take: x's slices as they are
+            out += x[i:]
+            break
+        b = y[i] if i < len(y) else EMPTY
+        ab = a ^ b
+        out.append(ab ^ borrow if borrow else ab)
+        borrow = (b - a) | (borrow - ab) if borrow else b - a
     while out and not out[-1]:
         out.pop()
-    return RangeIndex(0, 1, tuple(out), BitMap.union(*out) if out else BitMap())
+    return tuple(out)
+
+
+def _summed(parts: list[tuple[BitMap, ...]]) -> tuple[BitMap, ...]:
+    """The slices of many counts' sum, added pairwise so carries stay short."""
+    return _pairwise(parts, _added) if parts else ()
 
 
 def at_least(counts: RangeIndex, n: int) -> BitMap:
@@ -151,10 +185,13 @@ def counts_at(counts: RangeIndex, ids: np.ndarray, within: BitMap) -> np.ndarray
 def sum_counts(parts: list[RangeIndex]) -> RangeIndex:
     """Sum many count indexes pairwise, so carries stay short."""
     parts = [p for p in parts if p.exists]
-    if not parts:
-        return RangeIndex()
+    return _pairwise(parts, add_counts) if parts else RangeIndex()
+
+
+def _pairwise(parts: list[Any], add: Callable[[Any, Any], Any]) -> Any:
+    """add over the parts (at least one), in pairs, then pairs of those, and so on."""
     while len(parts) > 1:
-        paired = [add_counts(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        paired = [add(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
         if len(parts) % 2:
             paired.append(parts[-1])
         parts = paired

@@ -33,7 +33,7 @@ from functools import lru_cache
 
 from pyroaring import BitMap
 
-from bitseg.index.event_counts import add_counts, sub_counts, sum_counts
+from bitseg.index.event_counts import add_counts, signed_sum, sum_counts
 from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import RangeIndex
 from bitseg.index.timeline import first_day, month_of
@@ -139,7 +139,7 @@ def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> R
     found = index.cache.derived.get(key) if key is not None else None
     if found is None:
         plus, minus = window_counts(index, streams, first, end)
-        found = sub_counts(sum_counts(plus), sum_counts(minus))
+        found = signed_sum(plus, minus)
         if key is not None:
             index.cache.derived.put(key, found, size_of(found))
     return found
@@ -261,7 +261,7 @@ def _make(index: EventIndex, stream: str, level: int, number: int) -> RangeIndex
         block = _block(index, stream, j, n)
         if block.exists:
             (plus if sign > 0 else minus).append(block)
-    return sub_counts(sum_counts(plus), sum_counts(minus))
+    return signed_sum(plus, minus)
 
 
 def size_of(counts: RangeIndex) -> int:

@@ -23,7 +23,7 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg, summable
-from bitseg.index.event_counts import at_least, counts_at, counts_of, sub_counts, sum_counts
+from bitseg.index.event_counts import at_least, counts_at, counts_of, signed_sum
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
 from bitseg.index.event_windows import judged_days, whole_days, window_counts, window_presence
@@ -115,7 +115,7 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
         plus.append(counts_of(inside))
     if len(outside):
         minus.append(counts_of(outside))
-    return sub_counts(sum_counts(plus), sum_counts(minus))
+    return signed_sum(plus, minus)
 
 
 def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],

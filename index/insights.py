@@ -34,7 +34,7 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.describe import QUANTILES, _order, _shown
 from bitseg.index.errors import BitsegError
-from bitseg.index.event_counts import counts_of, sub_counts, sum_counts
+from bitseg.index.event_counts import counts_of, signed_sum
 from bitseg.index.event_index import EventIndex
 from bitseg.index.event_windows import window_counts
 from bitseg.index.events import blocks_in
@@ -426,8 +426,8 @@ class EventWindow:
         if not self.minus:
             return inside
         taken = BitMap.union(*(b.exists for b in self.minus)) & live
-        left = sub_counts(sum_counts([_cut(b, taken) for b in self.plus]),
-                          sum_counts([_cut(b, taken) for b in self.minus]))
+        left = signed_sum([_cut(b, taken) for b in self.plus],
+                          [_cut(b, taken) for b in self.minus])
         return inside - (taken - left.exists)
 
 

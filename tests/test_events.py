@@ -389,6 +389,38 @@ def test_subtracting_count_indexes_is_integer_subtraction(rows):
         {p: a[p] - b[p] for p in a if a[p] - b[p]}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.integers(0, 300), st.integers(1, 40), max_size=30),
+                max_size=5),
+       st.lists(st.integers(0, 4), max_size=4), st.data())
+def test_a_signed_sum_of_count_indexes_is_the_counts_added_and_taken(plus, picks, data):
+    """signed_sum(plus, minus), minus counting a subset of plus's rows (each a part of
+    one plus block, as a window's subtracted blocks lie inside its added ones), is the
+    per-profile sum of plus less that of minus, with `exists` those left above 0."""
+    from collections import Counter
+
+    from bitseg.index.event_counts import count_index, signed_sum
+
+    def index(counts):
+        ids = np.array(sorted(p for p, c in counts.items() if c), dtype=np.uint32)
+        return count_index(ids, np.array([counts[p] for p in ids.tolist()], dtype=np.int64))
+
+    minus, left = [], [dict(counts) for counts in plus]
+    for k in picks:
+        if k < len(plus) and plus[k]:  # a part of what block k has not given yet
+            part = {p: data.draw(st.integers(0, c)) for p, c in left[k].items()}
+            minus.append(part)
+            left[k] = {p: c - part[p] for p, c in left[k].items()}
+    total = Counter()
+    for counts in left:
+        total.update(counts)
+    got = signed_sum([index(c) for c in plus], [index(c) for c in minus])
+    ids, keys = got.decode()
+    assert dict(zip(ids.tolist(), keys.tolist(), strict=True)) == \
+        {p: v for p, v in total.items() if v}
+    assert set(got.exists) == {p for p, v in total.items() if v}
+
+
 def test_a_window_over_most_of_a_month_counts_exactly(engine):
     """30 days ending at midnight take October's bucket minus the days outside it (here
     Oct 1, and events after the window); the counts must be those of the rows."""
