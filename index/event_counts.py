@@ -99,40 +99,45 @@ def _of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
 
 
 def _added(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
-    """The slices of the sum of two counts' slices (either may be empty)."""
+    """The slices of the sum of two counts' slices (either may be empty): a ripple-carry
+    adder, the carry out of bit i (a & b) | (carry & (a ^ b))."""
     if not x or not y:
         return x or y
     if len(x) < len(y):
         x, y = y, x
-    out, carry = [], BitMap()
-    for i, a in enumerate(x):
-        if i >= len(y) and not carry:  # nothing left to add: x's slices as they are
-            out += x[i:]
-            break
-        b = y[i] if i < len(y) else EMPTY
-        ab = a ^ b
-        out.append(ab ^ carry if carry else ab)
-        carry = (a & b) | (carry & ab) if carry else a & b
+    out, carry = _ripple(x, y, lambda a, b, ab, carry: (a & b) | (carry & ab) if carry
+                         else a & b)
     if carry:
         out.append(carry)
     return tuple(out)
 
 
 def _taken(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
-    """The slices of x - y, every count of y at most x's; empty top slices dropped."""
-    out, borrow = [], BitMap()
+    """The slices of x - y, every count of y at most x's, empty top slices dropped: a
+    ripple-borrow subtractor, the borrow out of bit i (b - a) | (borrow - (a ^ b))."""
+    out, _ = _ripple(x, y, lambda a, b, ab, borrow: (b - a) | (borrow - ab) if borrow
+                     else b - a)
+    while out and not out[-1]:
+        out.pop()
+    return tuple(out)
+
+
+def _ripple(x: tuple[BitMap, ...], y: tuple[BitMap, ...],
+            carry_out: Callable[[BitMap, BitMap, BitMap, BitMap], BitMap]
+            ) -> tuple[list[BitMap], BitMap]:
+    """Bit i of x ± y is a ^ b ^ carry (a, b: bit i of x and y); carry_out gives the next
+    carry (or borrow) from a, b, a ^ b and the carry in. (The slices, the last carry.)"""
+    out, carry = [], BitMap()
     for i in range(max(len(x), len(y))):
         a = x[i] if i < len(x) else EMPTY
-        if i >= len(y) and not borrow:  # nothing left to take: x's slices as they are
+        if i >= len(y) and not carry:  # nothing left to add or take: x's slices as they are
             out += x[i:]
             break
         b = y[i] if i < len(y) else EMPTY
         ab = a ^ b
-        out.append(ab ^ borrow if borrow else ab)
-        borrow = (b - a) | (borrow - ab) if borrow else b - a
-    while out and not out[-1]:
-        out.pop()
-    return tuple(out)
+        out.append(ab ^ carry if carry else ab)
+        carry = carry_out(a, b, ab, carry)
+    return out, carry
 
 
 def _summed(parts: list[tuple[BitMap, ...]]) -> tuple[BitMap, ...]:
