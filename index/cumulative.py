@@ -28,7 +28,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index import types as T
-from bitseg.index.fields import EMPTY, UNBUILT, RangeIndex, bitmap_of, ids_of, in_place
+from bitseg.index.fields import EMPTY, UNBUILT, RangeIndex, bitmap_of, ids_of, without
 from bitseg.index.fields import unique as distinct
 
 BUDGET_BYTES = 320 << 20  # every layout of the process (10M profiles: ~250 dense bins)
@@ -250,10 +250,7 @@ class Layout:
             for other in ([self.cum[bottom - 1]] if bottom else []) + \
                     [part.outside(a, b) for part in kept]:
                 if other and found:
-                    if owned and in_place(found):
-                        found -= other
-                    else:
-                        found, owned = found - other, True
+                    found, owned = without(found, other, owned), True
             return found
         parts = []
         if p <= q:

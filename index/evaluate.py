@@ -19,7 +19,7 @@ from bitseg.index import types as T
 from bitseg.index.cumulative import Layout, layout_of
 from bitseg.index.errors import RuleError
 from bitseg.index.events import count_event, evaluate_event
-from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex, bitmap_of, in_place
+from bitseg.index.fields import EMPTY, RangeIndex, ValueIndex, bitmap_of, without
 from bitseg.index.items import contains_items, evaluate_items
 from bitseg.index.orders import evaluate_orders
 from bitseg.index.rules import (
@@ -56,12 +56,9 @@ Step = tuple[Apply, Callable[[BitMap], int]]
 
 
 def _minus(other: BitMap) -> Step:
-    """A step that takes `other` out of what is left (in place where it pays: in_place)."""
+    """A step that takes `other` out of what is left (in place where it pays: without)."""
     def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
-        if owned and in_place(within):
-            within -= other
-            return within, True
-        return within - other, True
+        return without(within, other, owned), True
 
     return apply, lambda within: within.difference_cardinality(other)
 
@@ -282,11 +279,7 @@ class Evaluator:
 
     def _minus_range(self, cond: Cond, index: RangeIndex) -> Step:
         def apply(within: BitMap, owned: bool) -> tuple[BitMap, bool]:
-            found = self._range(cond, index, within)
-            if owned and in_place(within):
-                within -= found
-                return within, True
-            return within - found, True
+            return without(within, self._range(cond, index, within), owned), True
 
         return apply, lambda within: len(within) - self._range_count(cond, index, within)
 

@@ -53,6 +53,15 @@ def in_place(bitmap: BitMap) -> bool:
     return len(bitmap) >= 4096 * span
 
 
+def without(bitmap: BitMap, other: BitMap, owned: bool) -> BitMap:
+    """bitmap - other: in place when the caller owns `bitmap` (nothing else holds it) and
+    that pays (in_place), else a new bitmap."""
+    if owned and in_place(bitmap):
+        bitmap -= other
+        return bitmap
+    return bitmap - other
+
+
 def ids_of(bitmap: BitMap) -> np.ndarray:
     """The sorted ids of a bitmap as a uint32 array."""
     return np.frombuffer(bitmap.to_array(), dtype=np.uint32)
@@ -141,11 +150,8 @@ class ValueWriter:
         bitmap = self.values.get(value)
         if bitmap is None:
             return
-        if value in self.owned and in_place(bitmap):
-            bitmap.difference_update(ids)
-        else:
-            self.values[value] = bitmap - ids
-            self.owned.add(value)
+        self.values[value] = without(bitmap, ids, value in self.owned)
+        self.owned.add(value)
         self.dirty.add(value)
 
     def remove(self, ids: np.ndarray, codes: np.ndarray, values: list) -> None:

@@ -432,10 +432,9 @@ def test_properties_with_differences_in_place_or_not(tmp_path, monkeypatch, alwa
     """fields.in_place picks in-place or new-bitmap differences by a bitmap's density
     (which these small stores never reach): both ways give the same answers, updates
     (ValueWriter) included."""
-    from bitseg.index import cumulative, evaluate, fields
+    from bitseg.index import fields
 
-    for module in (cumulative, evaluate, fields):
-        monkeypatch.setattr(module, "in_place", lambda bitmap: always)
+    monkeypatch.setattr(fields, "in_place", lambda bitmap: always)
     inner = test.hypothesis.inner_test
 
     def again(tmp_path, data):  # a fresh function: hypothesis settings mark what they wrap
