@@ -10,12 +10,15 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyroaring import BitMap
 
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of, ids_of
+
+if TYPE_CHECKING:
+    from bitseg.index.event_windows import WindowSum
 
 
 def count_index(ids: np.ndarray, counts: np.ndarray) -> RangeIndex:
@@ -87,10 +90,17 @@ def signed_sum(plus: list[RangeIndex], minus: list[RangeIndex]) -> RangeIndex:
     of the plus blocks' rows, as a window's signed blocks do) without the `exists` of
     either sum, which only the result needs: at 10M, 7.6 ms against 8.9 for a mid-month
     window's five blocks."""
-    taken = _summed([m.slices for m in minus if m.exists])
-    if not taken:
+    if not any(m.exists for m in minus):
         return sum_counts(plus)
-    return _of_slices(_taken(_summed([p.slices for p in plus if p.exists]), taken))
+    return _of_slices(signed_slices(plus, minus))
+
+
+def signed_slices(plus: list[RangeIndex], minus: list[RangeIndex]) -> tuple[BitMap, ...]:
+    """The slices of signed_sum(plus, minus), and no `exists` at all: a `count >= n`
+    reads only the slices (at_least), and the union of a 10M window's slices is ~0.7 ms."""
+    total = _summed([p.slices for p in plus if p.exists])
+    taken = _summed([m.slices for m in minus if m.exists])
+    return _taken(total, taken) if taken else total
 
 
 def _of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
@@ -141,11 +151,20 @@ def _ripple(x: tuple[BitMap, ...], y: tuple[BitMap, ...],
 
 
 def _summed(parts: list[tuple[BitMap, ...]]) -> tuple[BitMap, ...]:
-    """The slices of many counts' sum, added pairwise so carries stay short."""
-    return _pairwise(parts, _added) if parts else ()
+    """The slices of many counts' sum, smallest first, each added to the sum of those
+    before it: the large ones meet once, at the end. (Pairs, then pairs of pairs, added
+    two large blocks early and their sum again later: at 10M, summing a 30-day window's
+    six blocks took 5.0 ms in pairs and 4.7 this way, its five signed ones 5.8 and 5.6.)"""
+    if not parts:
+        return ()
+    parts = sorted(parts, key=lambda slices: len(slices[0]))
+    total = parts[0]
+    for part in parts[1:]:
+        total = _added(total, part)
+    return total
 
 
-def at_least(counts: RangeIndex, n: int) -> BitMap:
+def at_least(counts: RangeIndex | WindowSum, n: int) -> BitMap:
     """The profiles whose count is n or more (a new bitmap).
 
     A count index's slices shrink fast (slice i holds counts of 2**i or more), and every
@@ -175,7 +194,8 @@ def at_least(counts: RangeIndex, n: int) -> BitMap:
     return gt
 
 
-def counts_at(counts: RangeIndex, ids: np.ndarray, within: BitMap) -> np.ndarray:
+def counts_at(counts: RangeIndex | WindowSum, ids: np.ndarray, within: BitMap
+              ) -> np.ndarray:
     """The counts of these profiles (sorted distinct ids, `within` their bitmap), 0 where
     none: one intersection a slice, cheap when they are few, as the profiles with rows on
     a window's partial days."""

@@ -26,7 +26,13 @@ from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg,
 from bitseg.index.event_counts import at_least, counts_at, counts_of, signed_sum
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
-from bitseg.index.event_windows import judged_days, whole_days, window_counts, window_presence
+from bitseg.index.event_windows import (
+    WindowSum,
+    judged_days,
+    whole_days,
+    window_counts,
+    window_presence,
+)
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of
 from bitseg.index.keys import stream_key
 from bitseg.index.recency import RECENCY_AGGS, recency_by_presence, recency_profiles
@@ -292,7 +298,7 @@ def _judge(groups: Groups, values: np.ndarray, having: Having) -> np.ndarray:
     return compare_avg(groups.reduce(np.add, values, 0), groups.counts, op, value)
 
 
-def _compare_index(index: RangeIndex, having: Having) -> BitMap:
+def _compare_index(index: RangeIndex | WindowSum, having: Having) -> BitMap:
     """The profiles of a count index (event_counts) whose count passes `having`."""
     op, value = having.op, having.value
     if op in ("in", "not_in"):
