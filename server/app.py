@@ -32,6 +32,7 @@ from bitseg.index.exports import Exports, ExportScheduler
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
 from bitseg.index.traits_schedule import TraitsScheduler
+from bitseg.server.allocator import keep_freed_memory
 from bitseg.server.console import Api, ConsoleServer
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics
@@ -161,6 +162,7 @@ def serve(db_path: str, host: str = "127.0.0.1", port: int = 50051,
     cannot interrupt an evaluation) do not keep the process alive: once no write is in
     progress, it exits without waiting for them.
     """
+    keep_freed_memory()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

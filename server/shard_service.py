@@ -779,9 +779,11 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
     import threading
 
     from bitseg.server import app
+    from bitseg.server.allocator import keep_freed_memory
     from bitseg.server.metrics import Metrics
     from bitseg.server.shards import open_shards
 
+    keep_freed_memory()
     stop = threading.Event()
     shards = open_shards(db, ray_address, expect=shards_wanted)
     sql = install(shards, None)

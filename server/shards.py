@@ -59,7 +59,9 @@ class Shard:
         from bitseg.index.engine import Engine
         from bitseg.index.segments import open_segments
         from bitseg.index.sqlrule import CallIds
+        from bitseg.server.allocator import keep_freed_memory
 
+        keep_freed_memory()  # an actor's process serves; so does one shard in process
         self.index = index
         self.path = path
         self.engine = Engine.open(path)

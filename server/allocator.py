@@ -1,0 +1,44 @@
+"""A serving process asks glibc's malloc to keep the memory a query frees for the next.
+
+Each query makes numpy arrays and bytes of about a megabyte and frees them before the
+next: a day's raw event rows read from LMDB, their profiles and stamps, a window's edge
+counts. By default glibc gives the free top of its heap back to the system as soon as
+128 KiB of it is free (that threshold only rises after a large mmapped chunk is freed),
+so whether the next query's buffers land on pages already in the process or on new ones,
+each faulted in, depends on what the process did before. Measured at 10M on a warm
+30-day event count: 1.9 ms in one process and 2.8 ms in another that had summed other
+blocks first, the difference all in page faults (LMDB reads 10x slower, numpy steps 1.5x).
+
+keep_freed_memory fixes both thresholds, as MALLOC_TRIM_THRESHOLD_ and
+MALLOC_MMAP_THRESHOLD_ in the environment would (and those, when set, win): up to
+TRIM_BYTES freed stays in the process, and a block of MMAP_BYTES or more is mapped on
+its own and returned whole when freed. Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+TRIM_BYTES = 128 << 20
+MMAP_BYTES = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's trim and mmap thresholds for a long-running server (once per process;
+    calling it again changes nothing); whether they were set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # this process's own C library
+    except (OSError, AttributeError):
+        return False
+    done = True
+    for name, param, value in (("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_BYTES),
+                               ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_BYTES)):
+        if name not in os.environ:
+            done = mallopt(param, value) == 1 and done
+    return done
