@@ -103,6 +103,19 @@ def signed_slices(plus: list[RangeIndex], minus: list[RangeIndex]) -> tuple[BitM
     return _taken(total, taken) if taken else total
 
 
+def moved(slices: tuple[BitMap, ...], gone: list[RangeIndex], new: list[RangeIndex]
+          ) -> tuple[BitMap, ...]:
+    """The slices of a count less the `gone` counts (each at most the count's own: rows it
+    counted) plus the `new` ones: a window's sum from one whose ends were a day off."""
+    for counts in gone:
+        if counts.exists:
+            slices = _taken(slices, counts.slices)
+    for counts in new:
+        if counts.exists:
+            slices = _added(slices, counts.slices)
+    return slices
+
+
 def _of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
     """The count index of these slices (its `exists`: their union)."""
     return RangeIndex(0, 1, slices, BitMap.union(*slices) if slices else BitMap())

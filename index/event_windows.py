@@ -22,6 +22,8 @@ A window's whole-day sum is cached the same way (whole_days), and so is a compar
 it (judged_days): as_of "now" moves a window's whole days once a day, so a window asked
 again sums nothing; only its two partial days are counted from rows on each call. Both
 live in the same bounded `derived` part, under the window and its days' last writes.
+When the day rolls over, the new window's sum is the day before's, cached, less its
+first day plus the new last one (_rolled), not its blocks summed again.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from functools import lru_cache
 
 from pyroaring import BitMap
 
-from bitseg.index.event_counts import add_counts, signed_slices, signed_sum, sum_counts
+from bitseg.index.event_counts import add_counts, moved, signed_slices, signed_sum, sum_counts
 from bitseg.index.event_index import EventIndex
 from bitseg.index.fields import RangeIndex
 from bitseg.index.timeline import first_day, month_of
@@ -212,13 +214,54 @@ def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> W
     key = _window_key(index, streams, first, end, None)
     found = index.cache.derived.get(key) if key is not None else None
     if found is None:
-        plus, minus = window_counts(index, streams, first, end)
-        found = WindowSum(signed_slices(plus, minus))
+        found = _rolled(index, streams, first, end) if key is not None else None
+        if found is None:
+            plus, minus = window_counts(index, streams, first, end)
+            found = WindowSum(signed_slices(plus, minus))
         if key is not None:
             size = sum(_bytes(bitmap) for bitmap in found.slices)
             index.cache.derived.put(key, found, size + (_bytes(found.slices[0])
                                                         if found.slices else 0))
     return found
+
+
+# Where a window's cached neighbour may start and end, from its own first and end day:
+# a day earlier, and a first partial day that joined the whole days or not, either day.
+NEIGHBOURS = ((-1, -1), (-1, 0), (1, 0), (0, -1), (-2, -1), (1, -1))
+
+
+def _rolled(index: EventIndex, streams: list[str], first: int, end: int
+            ) -> WindowSum | None:
+    """This window's sum from a cached one (under its days' last writes, so as this index
+    holds them) whose ends are at most a day off, its extra days taken off and the missing
+    ones added; None when there is none. as_of "now" moves a window's whole days on by a
+    day at midnight (and a first partial day holding most of its rows joins them, which
+    moves the start alone), and the day before's sum then makes today's in a step or two
+    of one day, ~1 ms each at 10M, where summing the blocks of a 30-day window mid-month
+    is ~4-5 ms; where _cost says the blocks are cheaper, None as well."""
+    if first >= end:
+        return None
+    cache = index.cache.derived
+    for a, b in NEIGHBOURS:
+        a, b = first + a, end + b
+        earlier = cache.get(_window_key(index, streams, a, b, None)) if a < b else None
+        if earlier is not None:
+            break
+    else:
+        return None
+    gone = range(a, first)  # days of [a, b) not in [first, end) (b is never past end)
+    new = [*range(first, a), *range(b, end)]
+    # a one-day step is an add over the whole window: cheaper than its blocks mid-month
+    # (at 10M, 5.4 against 7.8 ms for the first ask), not at a month start (2.8 against
+    # 1.6: a month less a day is one step already)
+    step = SUM_STEP + (end - first) ** DAY_SPREAD + 1
+    if (len(gone) + len(new)) * step >= _cost(terms(first, end)):
+        return None
+    slices = earlier.slices
+    for stream in streams:
+        slices = moved(slices, [_block(index, stream, 0, d) for d in gone],
+                       [_block(index, stream, 0, d) for d in new])
+    return WindowSum(slices)
 
 
 def judged_days(index: EventIndex, streams: list[str], first: int, end: int,
