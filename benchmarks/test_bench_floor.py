@@ -315,8 +315,10 @@ SERVE = """
 import json, sys
 from bitseg.index import cumulative, orders
 from bitseg.index.engine import Engine
+from bitseg.server.allocator import keep_freed_memory
 from bitseg.server.app import create_server
 
+keep_freed_memory()  # as bitseg serve does
 cumulative.BACKGROUND_IDS = orders.LAYOUT_BACKGROUND = 1 << 62  # built by the first run
 engine = Engine.open(sys.argv[1], readonly=True)
 engine.cache_results = False
