@@ -1,4 +1,4 @@
-"""A serving process asks glibc's malloc to keep the memory a query frees for the next.
+"""How a serving process and a bulk load ask glibc's malloc to keep the memory they free.
 
 Each query makes numpy arrays and bytes of about a megabyte and frees them before the
 next: a day's raw event rows read from LMDB, their profiles and stamps, a window's edge
@@ -12,7 +12,17 @@ blocks first, the difference all in page faults (LMDB reads 10x slower, numpy st
 keep_freed_memory fixes both thresholds, as MALLOC_TRIM_THRESHOLD_ and
 MALLOC_MMAP_THRESHOLD_ in the environment would (and those, when set, win): up to
 TRIM_BYTES freed stays in the process, and a block of MMAP_BYTES or more is mapped on
-its own and returned whole when freed. Elsewhere than glibc it does nothing.
+its own and returned whole when freed.
+
+A load is different: its reader, grouping and encoding threads allocate in arenas of
+their own, whose heaps glibc unmaps or shrinks as soon as they empty, whatever the trim
+threshold, unless M_TOP_PAD says to keep that much beyond their top. The 1M load faulted
+in ~4 million pages (16 GB of zeroed memory, 14 s of system time in a 30 s load).
+pad_heaps keeps LOAD_PAD_BYTES beyond each heap's top (MALLOC_TOP_PAD_ wins): ~1.3
+million faults, 25.5 s instead of 29, peak own memory 1.73 GiB instead of 1.45. A
+server is not padded: its gRPC Counts at 10M ran 471 req/s padded against 561 without.
+
+Elsewhere than glibc both do nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +32,28 @@ import os
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 TRIM_BYTES = 128 << 20
 MMAP_BYTES = 32 << 20
+LOAD_PAD_BYTES = 64 << 20
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's trim and mmap thresholds for a long-running server (once per process;
     calling it again changes nothing); whether they were set."""
+    return _mallopt(("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_BYTES),
+                    ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_BYTES))
+
+
+def pad_heaps() -> bool:
+    """Keep LOAD_PAD_BYTES beyond each heap's top, for a bulk load; whether it was set."""
+    return _mallopt(("MALLOC_TOP_PAD_", M_TOP_PAD, LOAD_PAD_BYTES))
+
+
+def _mallopt(*settings: tuple[str, int, int]) -> bool:
+    """mallopt(param, value) for each (environment name, param, value) the environment
+    does not set; whether every call that was made succeeded (False off glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -37,8 +61,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     done = True
-    for name, param, value in (("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_BYTES),
-                               ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_BYTES)):
+    for name, param, value in settings:
         if name not in os.environ:
             done = mallopt(param, value) == 1 and done
     return done

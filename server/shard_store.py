@@ -181,7 +181,9 @@ def load_part(part: str, store: str, reserve: int | None = None) -> dict[str, An
     bytes to reserve for it, by default estimated from its files' sizes."""
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
+    from bitseg.server.allocator import pad_heaps
 
+    pad_heaps()  # as `bitseg load` does
     try:
         with Engine.open(store, bulk=reserve or bulk_reserve(part)) as engine:
             report = load_dataset(part, engine)
