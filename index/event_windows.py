@@ -225,9 +225,10 @@ def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> W
     return found
 
 
-# Where a window's cached neighbour may start and end, from its own first and end day:
-# a day earlier, and a first partial day that joined the whole days or not, either day.
-NEIGHBOURS = ((-1, -1), (-1, 0), (1, 0), (0, -1), (-2, -1), (1, -1))
+# Where a window's cached neighbour may start and end, from its own first and end day,
+# fewest one-day steps first: a day earlier (the rollover at midnight), and a first
+# partial day that joined the whole days or not, that day or the day before.
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (-1, -1), (1, -1), (-2, -1))
 
 
 def _rolled(index: EventIndex, streams: list[str], first: int, end: int
