@@ -8,6 +8,7 @@ bitmap domain (a ripple-carry adder); no profile's count is ever read one by one
 from __future__ import annotations
 
 import struct
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -213,11 +214,44 @@ def counts_at(counts: RangeIndex | WindowSum, ids: np.ndarray, within: BitMap
     none: one intersection a slice, cheap when they are few, as the profiles with rows on
     a window's partial days."""
     out = np.zeros(len(ids), dtype=np.int64)
-    for i, bits in enumerate(counts.slices):
-        found = ids_of(bits & within)
-        if len(found):
-            out[np.searchsorted(ids, found)] += 1 << i
+    if len(ids) < max(POSITIONS_FROM, 1):
+        for i, bits in enumerate(counts.slices):
+            found = ids_of(bits & within)
+            if len(found):
+                out[np.searchsorted(ids, found)] += 1 << i
+        return out
+    with _POSITIONS.lock:
+        table = _POSITIONS.at_least(int(ids[-1]) + 1)
+        table[ids] = np.arange(len(ids), dtype=np.int32)
+        for i, bits in enumerate(counts.slices):
+            found = ids_of(bits & within)
+            if len(found):
+                out[table[found]] += 1 << i
     return out
+
+
+POSITIONS_FROM = 4096  # counts_at of this many ids or more looks positions up in a table
+
+
+class _Positions:
+    """counts_at's table from a profile id to its position among the call's ids: each
+    call writes its own ids' positions, then a slice's ids are one gather, where a
+    binary search of each was ~3x slower (10M, the 196k profiles of a 7-day window's
+    partial days: 3.2 ms against 10.9 for all slices). One table for the process, grown
+    to the largest id asked (4 bytes an id: 40 MB at 10M), used under a lock (numpy lets
+    go of the interpreter lock while it indexes)."""
+
+    def __init__(self) -> None:
+        self.table = np.empty(0, dtype=np.int32)
+        self.lock = threading.Lock()
+
+    def at_least(self, size: int) -> np.ndarray:
+        if len(self.table) < size:
+            self.table = np.empty(max(size, 2 * len(self.table)), dtype=np.int32)
+        return self.table
+
+
+_POSITIONS = _Positions()
 
 
 def sum_counts(parts: list[RangeIndex]) -> RangeIndex:

@@ -4,8 +4,9 @@ be, bitmap for bitmap and byte for byte, one count_index per bucket."""
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyroaring import BitMap
 
 from bitseg.index.event_counts import count_index, count_indexes, encode_counts
 
@@ -97,3 +98,26 @@ def test_count_comparisons_match_the_counts(counts, op, a4, b4) -> None:
               "in": lambda c: c in value, "not_in": lambda c: c not in value}[op]
     having = Having("count", None, None, op, value)
     assert set(_compare_index(index, having)) == {p for p, c in counts.items() if passes(c)}
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(counts=st.dictionaries(st.integers(0, 200_000), st.integers(1, 40), max_size=300),
+       asks=st.lists(st.sets(st.integers(0, 200_000), max_size=200), min_size=1,
+                     max_size=4),
+       table=st.booleans())
+def test_counts_at_reads_each_profiles_count(monkeypatch, counts, asks, table) -> None:
+    """counts_at against the counts themselves, by binary search and by the process's
+    position table (forced here; it serves 4,096 ids or more), several calls in a row so
+    the table holds an earlier call's positions when it is read (0 for a profile without
+    a count)."""
+    from bitseg.index import event_counts
+
+    monkeypatch.setattr(event_counts, "POSITIONS_FROM", 0 if table else 1 << 30)
+    ids = np.array(sorted(counts), dtype=np.uint32)
+    index = count_index(ids, np.array([counts[i] for i in sorted(counts)], dtype=np.int64))
+    for ask in asks:
+        # half of the asked profiles have counts, as the partial days' mostly do
+        wanted = np.array(sorted(set(ask) | set(sorted(counts)[::2])), dtype=np.uint32)
+        got = event_counts.counts_at(index, wanted, BitMap(wanted))
+        assert got.tolist() == [counts.get(int(i), 0) for i in wanted]
