@@ -103,6 +103,12 @@ def check_space(path: Path, needed: int) -> None:
                         "nothing was written")
 
 
+def bulk_space(bulk: int) -> int:
+    """The free bytes a bulk load that reserves `bulk` bytes of map checks for: half the
+    reserve (a load writes about 1.25x its JSON, the reserve is 4x) and BULK_HEADROOM."""
+    return bulk // 2 + BULK_HEADROOM
+
+
 def _size(n: int) -> str:
     return f"{n / MIB:,.1f} MiB"
 
@@ -151,7 +157,7 @@ class Store:
             # The map reserves four times the input as address space; what a load really
             # writes is measured at about 1.25x its JSON (the 1M bench store), so half the
             # reserve must be free. Asking for all of it refused a 10M load (68 GB of 52 free).
-            check_space(self.path, bulk // 2 + BULK_HEADROOM)
+            check_space(self.path, bulk_space(bulk))
         self.bulk = writemap
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DATABASES),

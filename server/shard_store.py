@@ -36,6 +36,7 @@ import orjson
 from bitseg.index import errors
 from bitseg.index.errors import BitsegError, DataError, StoreError
 from bitseg.index.shard_key import HASH_NAME
+from bitseg.index.store import BULK_HEADROOM, bulk_space, check_space
 from bitseg.loaders.dataset import RESERVE_PER_BYTE
 from bitseg.loaders.split import input_bytes, original_line, shard_folder, split_dataset
 
@@ -117,12 +118,15 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int,
         shutil.rmtree(work)  # what a load that died left behind
     split_to = work / "split"
     if compress is None:
-        compress = _short_of_disk(db, input_bytes(dataset))
+        compress = _short_of_disk(db, input_bytes(dataset), shards)
     try:
         split = split_dataset(dataset, shards, split_to, compress)
         split_seconds = time.perf_counter() - started
         stores = [shard_folder(work if fresh else db, s) for s in range(shards)]
         reserves = [RESERVE_PER_BYTE * n for n in split.shard_bytes]  # not from .gz sizes
+        # each shard's load checks the space it needs (store.check_space), but they run
+        # at once: each alone would find room that the other takes
+        check_space(db, sum(bulk_space(r) for r in reserves))
         results = _load_all([shard_folder(split_to, s) for s in range(shards)], stores,
                             reserves)
         failed = [(s, r) for s, r in enumerate(results) if r["ok"] is False]
@@ -152,12 +156,13 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int,
     return report
 
 
-def _short_of_disk(db: Path, dataset_bytes: int) -> bool:
-    """Whether the disk under db lacks room for an uncompressed split and the stores
-    (about the dataset's size each)."""
+def _short_of_disk(db: Path, dataset_bytes: int, shards: int) -> bool:
+    """Whether the disk under db lacks room for an uncompressed split (the dataset's size)
+    and the space the shards' loads check for together (twice that and each one's
+    headroom, see load_sharded)."""
     existing = next(p for p in (db, *db.resolve().parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if free >= 2 * dataset_bytes:
+    if free >= 3 * dataset_bytes + shards * BULK_HEADROOM:
         return False
     log.info("the split's copies are gzip'd: %.1f GB free under %s, the dataset is "
              "about %.1f GB", free / 1e9, existing, dataset_bytes / 1e9)

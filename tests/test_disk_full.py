@@ -89,3 +89,20 @@ def test_server_answers_resource_exhausted_and_keeps_reading(tmp_path: Path) -> 
                 assert client.health() == "SERVING"
         finally:
             assert server.stop() == 0, server.stderr()
+
+
+def test_a_sharded_load_checks_the_space_its_shards_take_together(tmp_path: Path,
+                                                                  data: Path) -> None:
+    """`load --shards 2` loads its shards at once, each in its own process, and each
+    checks for its own space (twice its part and 64 MiB): on 100 MiB, each alone fits and
+    both do not. Before they start, the load checks for both: it fails whole with one
+    line, exit status 2, and leaves no store (the split it made is gone too)."""
+    for fs in small_fs(tmp_path / "fs", "100m"):
+        db = fs / "sharded"
+        done = run_cli("load", str(data), "--db", str(db), "--shards", "2", "--quiet")
+        assert done.returncode == 2, (done.returncode, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert "not enough disk space" in lines[0] and str(db) in lines[0] \
+            and "MiB free" in lines[0], lines[0]
+        assert not db.exists() and list(fs.iterdir()) == []

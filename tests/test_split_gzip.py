@@ -60,5 +60,5 @@ def test_the_split_is_gzipped_only_when_the_disk_is_short(tmp_path: Path) -> Non
     make_dataset(tmp_path / "data", seed=24, profiles=10)
     size = input_bytes(tmp_path / "data")
     assert size == sum(f.stat().st_size for f in (tmp_path / "data").glob("*.jsonl"))
-    assert not _short_of_disk(tmp_path / "no" / "such" / "db", size)  # its parent's disk
-    assert _short_of_disk(tmp_path / "db", 10**18)  # no disk has half an exabyte free
+    assert not _short_of_disk(tmp_path / "no" / "such" / "db", size, 2)  # its parent's disk
+    assert _short_of_disk(tmp_path / "db", 10**18, 2)  # no disk has half an exabyte free
