@@ -60,7 +60,7 @@ def engine(store: Path):
     """The loaded store, with the result cache off: benchmarks measure evaluation.
     (A test that wants the cache turns it on for itself and off again.)"""
     from bitseg.index import cumulative, orders
-    from bitseg.server.allocator import keep_freed_memory
+    from bitseg.index.allocator import keep_freed_memory
 
     keep_freed_memory()  # as `bitseg serve` does: evaluation measured as a server runs it
     # Layouts a server builds on a thread at 10M (its rules answering the old way

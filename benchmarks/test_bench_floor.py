@@ -315,7 +315,7 @@ SERVE = """
 import json, sys
 from bitseg.index import cumulative, orders
 from bitseg.index.engine import Engine
-from bitseg.server.allocator import keep_freed_memory
+from bitseg.index.allocator import keep_freed_memory
 from bitseg.server.app import create_server
 
 keep_freed_memory()  # as bitseg serve does

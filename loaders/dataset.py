@@ -45,7 +45,6 @@ profiles.csv rules
 from __future__ import annotations
 
 import csv
-import ctypes
 import gzip
 import io
 import re
@@ -61,6 +60,7 @@ from typing import Any, BinaryIO
 import orjson
 from tqdm import tqdm
 
+from bitseg.index.allocator import bound_load_memory, trim_heap
 from bitseg.index.errors import BitsegError, DataError, SchemaError
 from bitseg.index.schema import Schema
 from bitseg.index.types import BOOL, DATE, FLOAT, INT, KEYWORD, KEYWORDS, TIMESTAMP, infer
@@ -120,7 +120,7 @@ def load_dataset(path: str | Path, engine: Any, *, progress: bool = False,
     JSON Lines files go through the columnar bulk path (loaders/columnar.py) unless
     `columnar` is False, which reads them line by line; both leave identical stores."""
     started = time.perf_counter()
-    _return_freed_memory()
+    bound_load_memory()
     folder = _dataset_folder(path)
     profiles = _profiles_file(folder)
     events = _pick(folder, EVENT_FILES)
@@ -153,43 +153,8 @@ def _timed(into: dict[str, float], file: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        _trim_heap()
+        trim_heap()
     into[file.name] = round(time.perf_counter() - started, 3)
-
-
-# glibc's malloc raises its mmap threshold (to 32 MiB) each time a large block is freed,
-# so a load's numpy temporaries of a few MiB land in the heap, and the heap's freed
-# holes stay the process's memory: 1 GiB of the 2.4 GiB peak loading a 1M-profile
-# events file, and the snapshot after it counted 1.3 GiB where 0.3 were in use. A fixed
-# threshold maps every block above it on its own and unmaps it when freed.
-_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
-MMAP_BYTES = 1 << 20
-
-
-def _glibc() -> Any:
-    """The C library when it is glibc's (mallopt and malloc_trim), else None."""
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Have malloc map large blocks on their own (returned when freed) and trim the
-    heap's free top past MMAP_BYTES; nothing where the C library is not glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES)
-        libc.mallopt(_M_TRIM_THRESHOLD, MMAP_BYTES)
-
-
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc only)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _dataset_folder(path: str | Path) -> Path:

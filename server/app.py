@@ -27,12 +27,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bitseg.index.allocator import keep_freed_memory
 from bitseg.index.engine import Engine
 from bitseg.index.exports import Exports, ExportScheduler
 from bitseg.index.segments import RefreshScheduler, Segments, open_segments
 from bitseg.index.templates import Catalogue, TemplateError, load_catalogue
 from bitseg.index.traits_schedule import TraitsScheduler
-from bitseg.server.allocator import keep_freed_memory
 from bitseg.server.console import Api, ConsoleServer
 from bitseg.server.gate import ConfigError, Gate, Tokens
 from bitseg.server.metrics import Metrics

@@ -778,8 +778,8 @@ def serve_sharded(db: str, host: str, port: int, grace: float, options: Any,
     import sys
     import threading
 
+    from bitseg.index.allocator import keep_freed_memory
     from bitseg.server import app
-    from bitseg.server.allocator import keep_freed_memory
     from bitseg.server.metrics import Metrics
     from bitseg.server.shards import open_shards
 

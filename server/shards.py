@@ -56,10 +56,10 @@ class Shard:
     """One shard's store: its engine and segments, and the calls the front makes."""
 
     def __init__(self, path: str, index: int, count: int = 1) -> None:
+        from bitseg.index.allocator import keep_freed_memory
         from bitseg.index.engine import Engine
         from bitseg.index.segments import open_segments
         from bitseg.index.sqlrule import CallIds
-        from bitseg.server.allocator import keep_freed_memory
 
         keep_freed_memory()  # an actor's process serves; so does one shard in process
         self.index = index

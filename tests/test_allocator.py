@@ -1,4 +1,5 @@
-"""server/allocator.py: a serving process keeps what it frees for the next query."""
+"""index/allocator.py: a serving process keeps what it frees for the next query, and a
+load's threads keep their heaps."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 # In a fresh interpreter: RSS (KiB) before a 16 MiB string, with it, and after it is freed.
 PROBE = """
 import json, sys
-from bitseg.server.allocator import keep_freed_memory
+from bitseg.index.allocator import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else None
 def rss():
     with open("/proc/self/statm") as f:
@@ -46,7 +47,7 @@ def test_freed_memory_stays_in_a_tuned_process_and_leaves_an_untuned_one():
 # times (a load's reader and encoding threads do that with their blocks).
 THREAD_PROBE = """
 import json, resource, sys, threading
-from bitseg.server.allocator import pad_heaps
+from bitseg.index.allocator import pad_heaps
 padded = pad_heaps() if sys.argv[1] == "padded" else None
 faults = []
 def work():
@@ -81,8 +82,8 @@ def test_a_padded_threads_heap_keeps_its_pages_for_the_next_block():
 
 def test_the_environment_wins(monkeypatch):
     """MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set by whoever starts the server are
-    left as they are: with both set, nothing is changed (and the call says so)."""
-    from bitseg.server import allocator
+    left as they are: with the trim threshold set there, only the mmap one is changed."""
+    from bitseg.index import allocator
 
     calls: list[tuple[int, int]] = []
 

@@ -1,4 +1,4 @@
-"""How a serving process and a bulk load ask glibc's malloc to keep the memory they free.
+"""How a serving process and a bulk load ask glibc's malloc to keep, or give back, what they free.
 
 Each query makes numpy arrays and bytes of about a megabyte and frees them before the
 next: a day's raw event rows read from LMDB, their profiles and stamps, a window's edge
@@ -15,14 +15,21 @@ TRIM_BYTES freed stays in the process, and a block of MMAP_BYTES or more is mapp
 its own and returned whole when freed.
 
 A load is different: its reader, grouping and encoding threads allocate in arenas of
-their own, whose heaps glibc unmaps or shrinks as soon as they empty, whatever the trim
-threshold, unless M_TOP_PAD says to keep that much beyond their top. The 1M load faulted
+their own, whose heaps glibc shrinks or unmaps as soon as they empty, unless M_TOP_PAD
+says to keep that much beyond their top. The 1M load faulted
 in ~4 million pages (16 GB of zeroed memory, 14 s of system time in a 30 s load).
 pad_heaps keeps LOAD_PAD_BYTES beyond each heap's top (MALLOC_TOP_PAD_ wins): ~1.3
 million faults, 25.5 s instead of 29, peak own memory 1.73 GiB instead of 1.45. A
 server is not padded: its gRPC Counts at 10M ran 471 req/s padded against 561 without.
 
-Elsewhere than glibc both do nothing.
+A load also bounds what its heap keeps (bound_load_memory, then trim_heap after each
+file): glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
+so a load's numpy temporaries of a few MiB landed in the heap and its freed holes stayed
+the process's memory, 1 GiB of a 2.4 GiB peak loading a 1M-profile events file. A fixed
+threshold of LOAD_MMAP_BYTES maps every larger block on its own and unmaps it when
+freed. (The padding above is of the heaps' tops, not their holes.)
+
+Elsewhere than glibc all of these do nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_TOP_PAD = -2
@@ -37,6 +45,7 @@ M_MMAP_THRESHOLD = -3
 TRIM_BYTES = 128 << 20
 MMAP_BYTES = 32 << 20
 LOAD_PAD_BYTES = 64 << 20
+LOAD_MMAP_BYTES = 1 << 20
 
 
 def keep_freed_memory() -> bool:
@@ -51,17 +60,40 @@ def pad_heaps() -> bool:
     return _mallopt(("MALLOC_TOP_PAD_", M_TOP_PAD, LOAD_PAD_BYTES))
 
 
+def bound_load_memory() -> bool:
+    """Fix the mmap and trim thresholds at LOAD_MMAP_BYTES for a load (load_dataset sets
+    it: a load in any process); whether they were set."""
+    return _mallopt(("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, LOAD_MMAP_BYTES),
+                    ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, LOAD_MMAP_BYTES))
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc only): after each file a
+    load reads."""
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _mallopt(*settings: tuple[str, int, int]) -> bool:
     """mallopt(param, value) for each (environment name, param, value) the environment
     does not set; whether every call that was made succeeded (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # this process's own C library
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
     done = True
     for name, param, value in settings:
         if name not in os.environ:
-            done = mallopt(param, value) == 1 and done
+            done = libc.mallopt(param, value) == 1 and done
     return done
+
+
+def _glibc() -> Any:
+    """This process's C library when it has glibc's mallopt, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
