@@ -45,18 +45,22 @@ M_MMAP_THRESHOLD = -3
 TRIM_BYTES = 128 << 20
 MMAP_BYTES = 32 << 20
 LOAD_PAD_BYTES = 64 << 20
+GLIBC_TOP_PAD = 128 << 10  # glibc's DEFAULT_TOP_PAD
 LOAD_MMAP_BYTES = 1 << 20
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's trim and mmap thresholds for a long-running server (once per process;
-    calling it again changes nothing); whether they were set."""
+    """Set glibc's trim and mmap thresholds for a long-running server, and its top pad
+    back to glibc's own (a process that loaded first is not served padded); calling it
+    again changes nothing. Whether they were set."""
     return _mallopt(("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_BYTES),
-                    ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_BYTES))
+                    ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_BYTES),
+                    ("MALLOC_TOP_PAD_", M_TOP_PAD, GLIBC_TOP_PAD))
 
 
 def pad_heaps() -> bool:
-    """Keep LOAD_PAD_BYTES beyond each heap's top, for a bulk load; whether it was set."""
+    """Keep LOAD_PAD_BYTES beyond each heap's top, for a bulk load (load_dataset sets it,
+    beside bound_load_memory); whether it was set."""
     return _mallopt(("MALLOC_TOP_PAD_", M_TOP_PAD, LOAD_PAD_BYTES))
 
 

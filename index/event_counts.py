@@ -11,6 +11,7 @@ import struct
 import threading
 from array import array
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -214,19 +215,15 @@ def counts_at(counts: RangeIndex | WindowSum, ids: np.ndarray, within: BitMap
     none: one intersection a slice, cheap when they are few, as the profiles with rows on
     a window's partial days."""
     out = np.zeros(len(ids), dtype=np.int64)
-    if len(ids) < max(POSITIONS_FROM, 1):
+    table = len(ids) >= max(POSITIONS_FROM, 1)
+    with _POSITIONS.lock if table else nullcontext():
+        if table:
+            positions = _POSITIONS.at_least(int(ids[-1]) + 1)
+            positions[ids] = np.arange(len(ids), dtype=np.int32)
         for i, bits in enumerate(counts.slices):
             found = ids_of(bits & within)
             if len(found):
-                out[np.searchsorted(ids, found)] += 1 << i
-        return out
-    with _POSITIONS.lock:
-        table = _POSITIONS.at_least(int(ids[-1]) + 1)
-        table[ids] = np.arange(len(ids), dtype=np.int32)
-        for i, bits in enumerate(counts.slices):
-            found = ids_of(bits & within)
-            if len(found):
-                out[table[found]] += 1 << i
+                out[positions[found] if table else np.searchsorted(ids, found)] += 1 << i
     return out
 
 

@@ -243,8 +243,8 @@ def _rolled(index: EventIndex, streams: list[str], first: int, end: int
     if first >= end:
         return None
     cache = index.cache.derived
-    for a, b in NEIGHBOURS:
-        a, b = first + a, end + b
+    for start, stop in NEIGHBOURS:
+        a, b = first + start, end + stop
         earlier = cache.get(_window_key(index, streams, a, b, None)) if a < b else None
         if earlier is not None:
             break

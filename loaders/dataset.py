@@ -60,7 +60,7 @@ from typing import Any, BinaryIO
 import orjson
 from tqdm import tqdm
 
-from bitseg.index.allocator import bound_load_memory, trim_heap
+from bitseg.index.allocator import bound_load_memory, pad_heaps, trim_heap
 from bitseg.index.errors import BitsegError, DataError, SchemaError
 from bitseg.index.schema import Schema
 from bitseg.index.types import BOOL, DATE, FLOAT, INT, KEYWORD, KEYWORDS, TIMESTAMP, infer
@@ -121,6 +121,7 @@ def load_dataset(path: str | Path, engine: Any, *, progress: bool = False,
     `columnar` is False, which reads them line by line; both leave identical stores."""
     started = time.perf_counter()
     bound_load_memory()
+    pad_heaps()
     folder = _dataset_folder(path)
     profiles = _profiles_file(folder)
     events = _pick(folder, EVENT_FILES)

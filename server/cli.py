@@ -23,11 +23,9 @@ def cmd_load(args: argparse.Namespace) -> int:
         from bitseg.server.shard_store import load_sharded_command
 
         return load_sharded_command(args)
-    from bitseg.index.allocator import pad_heaps
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
-    pad_heaps()  # a load's threads' heaps kept, not refaulted (index/allocator.py)
     with Engine.open(args.db, bulk=bulk_reserve(args.dataset)) as engine:
         report = load_dataset(args.dataset, engine, progress=not args.quiet)
         total = engine.total()

@@ -184,11 +184,9 @@ def load_part(part: str, store: str, reserve: int | None = None) -> dict[str, An
     """One shard's load (run in a worker process): its report, or its error as data
     (bitseg's errors do not all survive pickling with their fields). `reserve`: the
     bytes to reserve for it, by default estimated from its files' sizes."""
-    from bitseg.index.allocator import pad_heaps
     from bitseg.index.engine import Engine
     from bitseg.loaders.dataset import bulk_reserve, load_dataset
 
-    pad_heaps()  # as `bitseg load` does
     try:
         with Engine.open(store, bulk=reserve or bulk_reserve(part)) as engine:
             report = load_dataset(part, engine)

@@ -82,7 +82,8 @@ def test_a_padded_threads_heap_keeps_its_pages_for_the_next_block():
 
 def test_the_environment_wins(monkeypatch):
     """MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set by whoever starts the server are
-    left as they are: with the trim threshold set there, only the mmap one is changed."""
+    left as they are: with the trim threshold set there, only the mmap threshold and the
+    top pad (back to glibc's own) are set."""
     from bitseg.index import allocator
 
     calls: list[tuple[int, int]] = []
@@ -96,4 +97,5 @@ def test_the_environment_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert allocator.keep_freed_memory()
-    assert calls == [(allocator.M_MMAP_THRESHOLD, allocator.MMAP_BYTES)]
+    assert calls == [(allocator.M_MMAP_THRESHOLD, allocator.MMAP_BYTES),
+                     (allocator.M_TOP_PAD, allocator.GLIBC_TOP_PAD)]
