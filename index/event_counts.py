@@ -230,6 +230,27 @@ def counts_at(counts: RangeIndex | WindowSum, ids: np.ndarray, within: BitMap
 POSITIONS_FROM = 4096  # counts_at of this many ids or more looks positions up in a table
 
 
+def count_table(slices: tuple[BitMap, ...]) -> np.ndarray:
+    """Every profile's count, indexed by id up to the largest one counted: a byte each
+    while the counts fit in 8 bits (slices), 2 or 4 or 8 bytes past that."""
+    top = max((bits.max() for bits in slices if bits), default=-1)
+    kind = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
+                if len(slices) <= 8 * np.dtype(t).itemsize)
+    table = np.zeros(top + 1, dtype=kind)
+    for i, bits in enumerate(slices):
+        table[ids_of(bits)] |= kind(1 << i)  # a slice's ids are distinct: no add.at
+    return table
+
+
+def counts_in(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """counts_at, read off a count_table: these profiles' counts (sorted ids; 0 past
+    the table's end)."""
+    out = np.zeros(len(ids), dtype=np.int64)
+    within = int(np.searchsorted(ids, len(table)))
+    out[:within] = table[ids[:within]]
+    return out
+
+
 class _Positions:
     """counts_at's table from a profile id to its position among the call's ids: each
     call writes its own ids' positions, then a slice's ids are one gather, where a

@@ -23,11 +23,12 @@ from pyroaring import BitMap
 
 from bitseg.index import types as T
 from bitseg.index.compare import I64_MAX, I64_MIN, Groups, compare, compare_avg, summable
-from bitseg.index.event_counts import at_least, counts_at, counts_of, signed_sum
+from bitseg.index.event_counts import at_least, counts_of, signed_sum
 from bitseg.index.event_index import Block, EventIndex
 from bitseg.index.event_keys import ANY, STREAM_TYPES
 from bitseg.index.event_windows import (
     WindowSum,
+    counts_at_days,
     judged_days,
     whole_days,
     window_counts,
@@ -140,7 +141,8 @@ def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: li
                       lambda counts: _compare_index(counts, having))
     ids, rows = _signed_counts(inside, outside)
     edge = bitmap_of(ids)
-    totals = counts_at(whole, ids, edge) + rows  # rows outside are in whole: never < 0
+    totals = counts_at_days(index, streams, first, end, whole, ids, edge) + rows
+    # (rows outside are in whole: never < 0)
     result = (hit - edge) | bitmap_of(ids[compare(totals, having.op, having.value) &
                                           (totals > 0)])
     if not having.holds_for_no_rows():

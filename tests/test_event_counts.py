@@ -121,3 +121,24 @@ def test_counts_at_reads_each_profiles_count(monkeypatch, counts, asks, table) -
         wanted = np.array(sorted(set(ask) | set(sorted(counts)[::2])), dtype=np.uint32)
         got = event_counts.counts_at(index, wanted, BitMap(wanted))
         assert got.tolist() == [counts.get(int(i), 0) for i in wanted]
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=st.dictionaries(st.integers(0, 200_000),
+                              st.one_of(st.integers(1, 40), st.sampled_from([255, 256, 70_000]),
+                                        st.integers(1, 2**40)), max_size=300),
+       ask=st.sets(st.integers(0, 250_000), max_size=200))
+def test_a_count_table_holds_every_profiles_count(counts, ask) -> None:
+    """count_table and counts_in against the counts themselves: a profile without a
+    count reads 0, inside the table or past its end (an id above every counted one); the
+    table is a byte an id while counts fit in 8 bits, and wider past that."""
+    from bitseg.index.event_counts import count_table, counts_in
+
+    ids = np.array(sorted(counts), dtype=np.uint32)
+    index = count_index(ids, np.array([counts[i] for i in sorted(counts)], dtype=np.int64))
+    table = count_table(index.slices)
+    assert len(table) == (int(ids[-1]) + 1 if len(ids) else 0)
+    bits = max(counts.values(), default=0).bit_length()
+    assert table.itemsize == next(size for size in (1, 2, 4, 8) if 8 * size >= bits)
+    wanted = np.array(sorted(ask | set(sorted(counts)[::2])), dtype=np.uint32)
+    assert counts_in(table, wanted).tolist() == [counts.get(int(i), 0) for i in wanted]

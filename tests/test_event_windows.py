@@ -192,9 +192,12 @@ def test_random_windows_match_the_raw_rows(tmp_path_factory, monkeypatch, months
     the cheaper of the two paths (event_windows._cheaper), or always the fewest (with
     subtractions), or always only added ones; with those two, the partial days' profiles
     find their whole-day counts through counts_at's position table (at 4,096 or more
-    otherwise)."""
+    otherwise). With those and with from_months 2, a window asked again reads them
+    from its table of every profile's count (counts_at_days; also at 4,096 or more)."""
     if path != "cheaper":
         monkeypatch.setattr(event_counts, "POSITIONS_FROM", 0)
+    if path != "cheaper" or from_months == 2:
+        monkeypatch.setattr(event_windows, "TABLE_FROM", 0)
         monkeypatch.setattr(event_windows, "_cheaper", lambda first, end, top, months:
                             event_windows._shortest(first, end, path == "fewest", top, months))
     monkeypatch.setattr(event_windows, "WINDOW_CACHE", window_cache)
@@ -296,6 +299,48 @@ def test_a_write_into_a_cached_block_is_counted_and_old_snapshots_keep_theirs(tm
                   and day_number in range(key[0][2] << int(key[0][0][1:]),
                                           (key[0][2] + 1) << int(key[0][0][1:]))}
         assert len(stamps) >= 2, "a block holding the written day kept one key"
+
+
+def test_a_window_asked_again_reads_its_partial_days_profiles_from_a_table(
+        tmp_path, monkeypatch):
+    """The profiles with rows on a window's partial days find their whole-day counts by
+    slice intersections on the first ask, from a table of every profile's count made on
+    the second and kept for the asks after it; a write into the window's days is read
+    through a new table, never the old one. Every answer against the raw rows."""
+    monkeypatch.setattr(event_windows, "TABLE_FROM", 0)
+    made: list[int] = []
+    original = event_windows.count_table
+    monkeypatch.setattr(event_windows, "count_table",
+                        lambda slices: made.append(1) or original(slices))
+    day = datetime(2026, 10, 17, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[(i * 5) % 6], "event": "open",
+             "ts": day - timedelta(days=i % 31, hours=(i * 7) % 24, minutes=i)}
+            for i in range(90)]
+
+    def check(engine, as_of: datetime) -> None:
+        counts = reference_counts(rows, _rule(30), as_of)
+        for n in sorted(set(counts.values())):  # each profile's own count: any off by one
+            for op in ("gte", "lt", "eq"):  # changes an answer
+                expected = {p for p in PROFILES if holds(counts[p], op, n)}
+                assert set(engine.members(_rule(30, op, n), as_of=as_of)) == expected, \
+                    (op, n)
+
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        as_of = day + timedelta(hours=13, minutes=45)
+        engine.count(_rule(30, "gte", 8), as_of=as_of)
+        assert made == []  # the first ask reads the slices
+        check(engine, as_of)
+        assert made == [1]  # made on the second, read after it
+        check(engine, as_of + timedelta(hours=3))  # the partial days moved, the whole not
+        assert made == [1]
+        extra = {"profile": PROFILES[0], "event": "open", "ts": day - timedelta(days=3)}
+        engine.track_events([{**extra, "ts": ts(extra["ts"])}] * 4)
+        rows.extend([extra] * 4)
+        check(engine, as_of)
+        assert len(made) == 2
 
 
 def test_a_window_asked_again_through_the_day_sums_its_whole_days_once(tmp_path,
