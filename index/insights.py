@@ -37,7 +37,7 @@ from bitseg.index.errors import BitsegError
 from bitseg.index.event_counts import counts_of, signed_sum
 from bitseg.index.event_index import EventIndex
 from bitseg.index.event_windows import window_counts
-from bitseg.index.events import blocks_in
+from bitseg.index.events import day_rows
 from bitseg.index.fields import RangeIndex, ValueIndex, ids_of
 from bitseg.index.keys import stream_key
 from bitseg.index.order_index import OrderIndex
@@ -457,7 +457,7 @@ def event_window(snap: Snapshot, event: str, days: int, as_of_us: int) -> EventW
     inside, outside = [], []
     for edge_lo, edge_hi in window.edges:
         day = day_of(edge_lo)
-        profiles, stamps = _day_rows(events, event, day)
+        profiles, stamps = day_rows(events, [event], day)
         chosen = (stamps >= edge_lo) & (stamps < edge_hi)
         if 2 * int(np.count_nonzero(chosen)) > len(chosen):
             first, end = (day, day + 1) if first == end else (min(first, day),
@@ -470,15 +470,6 @@ def event_window(snap: Snapshot, event: str, days: int, as_of_us: int) -> EventW
         if sum(map(len, rows)):
             into.append(counts_of(np.concatenate(rows)))
     return EventWindow(tuple(plus), tuple(minus))
-
-
-def _day_rows(events: EventIndex, event: str, day: int) -> tuple[np.ndarray, np.ndarray]:
-    """(profiles, ts) of the raw rows of `event` on one day."""
-    found = [(b.profile[keep], b.ts[keep]) for b, keep in
-             blocks_in(events, [event], day * T.US_PER_DAY, (day + 1) * T.US_PER_DAY)]
-    if not found:
-        return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
-    return np.concatenate([p for p, _ in found]), np.concatenate([t for _, t in found])
 
 
 @dataclass(slots=True)
