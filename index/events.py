@@ -66,23 +66,33 @@ def count_event(cond: EventCond, index: EventIndex, schema: Schema, live: BitMap
 
 
 class Patched(NamedTuple):
-    """(base - edge) | extra, extra within edge: a window's answer for its whole days with
-    the profiles of its partial days judged again, kept in parts so that a count copies
-    no bitmap as large as the window's (at 10M, a warm 7-day page-view count built four)."""
+    """(base - edge) | extra, extra the `keep` ones of edge's ids: a window's answer for
+    its whole days with the profiles of its partial days judged again, kept in parts so
+    that a count builds no bitmap as large as the window's, nor one of extra while every
+    edge profile is live (at 10M, a warm 7-day page-view count built four of the first
+    and two of the second, ~5 ms)."""
 
     base: BitMap
     edge: BitMap
-    extra: BitMap
+    ids: np.ndarray  # edge's ids, ascending
+    keep: np.ndarray  # bool, one per id
+
+    def extra(self) -> BitMap:
+        return self.edge if self.keep.all() else bitmap_of(self.ids[self.keep])
 
     def bitmap(self) -> BitMap:
-        return (self.base - self.edge) | self.extra
+        return (self.base - self.edge) | self.extra()
 
     def count_in(self, live: BitMap) -> int:
         """len(self.bitmap() & live), by cardinalities: (base - edge) and extra are
-        disjoint, and base - edge has base's profiles less those it shares with edge."""
-        return (self.base.intersection_cardinality(live)
-                - (self.base & self.edge).intersection_cardinality(live)
-                + self.extra.intersection_cardinality(live))
+        disjoint, and base - edge has base's profiles less those it shares with edge.
+        With every edge profile live (the usual case) extra's are its kept ids."""
+        base = self.base.intersection_cardinality(live)
+        if self.edge.intersection_cardinality(live) == len(self.edge):
+            return (base - self.base.intersection_cardinality(self.edge)
+                    + int(np.count_nonzero(self.keep)))
+        return (base - (self.base & self.edge).intersection_cardinality(live)
+                + self.extra().intersection_cardinality(live))
 
 
 def _bitmap(judged: BitMap | Patched) -> BitMap:
@@ -175,12 +185,10 @@ def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: li
     edge = bitmap_of(ids)
     totals = counts_at_days(index, streams, first, end, whole, ids, edge) + rows
     present = totals > 0  # (rows outside are in whole: never < 0)
-    result = Patched(hit, edge, bitmap_of(ids[compare(totals, having.op, having.value) &
-                                               present]))
+    result = Patched(hit, edge, ids, compare(totals, having.op, having.value) & present)
     if not having.holds_for_no_rows():
         return result, None
-    return result, Patched(whole.exists, edge,
-                           edge if present.all() else bitmap_of(ids[present]))
+    return result, Patched(whole.exists, edge, ids, present)
 
 
 def _signed_counts(plus: np.ndarray, minus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

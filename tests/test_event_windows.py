@@ -343,6 +343,31 @@ def test_a_window_asked_again_reads_its_partial_days_profiles_from_a_table(
         assert len(made) == 2
 
 
+def test_a_deleted_profile_with_rows_on_a_partial_day_is_not_counted(tmp_path):
+    """A count of a window reads its partial days' profiles by cardinalities, and takes
+    their kept ones by number while all of them are live: a deleted profile whose rows
+    stay on a partial day is counted as members leaves it out, for every op."""
+    day = datetime(2026, 10, 17, tzinfo=timezone.utc)
+    rows = [{"profile": PROFILES[i % 6], "event": "open",
+             "ts": day - timedelta(days=i % 31, hours=(i * 7) % 24, minutes=i)}
+            for i in range(120)]
+    rows += [{"profile": PROFILES[0], "event": "open", "ts": day + timedelta(hours=h)}
+             for h in (1, 2, 3)]  # today's rows: the last partial day
+    as_of = day + timedelta(hours=13, minutes=45)
+    counts = reference_counts(rows, _rule(30), as_of)
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in PROFILES])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        assert engine.delete_profiles([PROFILES[0]]) == 1
+        live = [p for p in PROFILES if p != PROFILES[0]]
+        for n in sorted({*counts.values(), 0, 1}):
+            for op in ("gte", "lt", "eq", "ne"):
+                expected = {p for p in live if holds(counts[p], op, n)}
+                assert set(engine.members(_rule(30, op, n), as_of=as_of)) == expected, (op, n)
+                assert engine.count(_rule(30, op, n), as_of=as_of) == len(expected), (op, n)
+
+
 def test_a_window_asked_again_through_the_day_sums_its_whole_days_once(tmp_path,
                                                                        monkeypatch):
     """as_of moving through one day keeps a 30-day window's whole days: they are summed
