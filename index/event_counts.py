@@ -230,12 +230,15 @@ def counts_at(counts: RangeIndex | WindowSum, ids: np.ndarray, within: BitMap
 POSITIONS_FROM = 4096  # counts_at of this many ids or more looks positions up in a table
 
 
-def count_table(slices: tuple[BitMap, ...]) -> np.ndarray:
+def count_table(slices: tuple[BitMap, ...], limit: int | None = None) -> np.ndarray | None:
     """Every profile's count, indexed by id up to the largest one counted: a byte each
-    while the counts fit in 8 bits (slices), 2 or 4 or 8 bytes past that."""
+    while the counts fit in 8 bits (slices), 2 or 4 or 8 bytes past that. None, making
+    nothing, when that would take more than `limit` bytes."""
     top = max((bits.max() for bits in slices if bits), default=-1)
     kind = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
                 if len(slices) <= 8 * np.dtype(t).itemsize)
+    if limit is not None and (top + 1) * np.dtype(kind).itemsize > limit:
+        return None
     table = np.zeros(top + 1, dtype=kind)
     for i, bits in enumerate(slices):
         table[ids_of(bits)] |= kind(1 << i)  # a slice's ids are distinct: no add.at

@@ -315,10 +315,10 @@ def counts_at_days(index: EventIndex, streams: list[str], first: int, end: int,
     cache = index.cache.derived
     table = cache.get(key)
     if table is None:
-        top = max((bits.max() for bits in whole.slices if bits), default=-1)
-        if whole.asked < 2 or (top + 1) * TABLE_SHARE > cache.limit:
+        if whole.asked > 1:
+            table = count_table(whole.slices, cache.limit // TABLE_SHARE)
+        if table is None:  # the first ask, or a table too large for the cache
             return counts_at(whole, ids, edge)
-        table = count_table(whole.slices)
         cache.put(key, table, table.nbytes)
     return counts_in(table, ids)
 

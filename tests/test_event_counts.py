@@ -142,3 +142,5 @@ def test_a_count_table_holds_every_profiles_count(counts, ask) -> None:
     assert table.itemsize == next(size for size in (1, 2, 4, 8) if 8 * size >= bits)
     wanted = np.array(sorted(ask | set(sorted(counts)[::2])), dtype=np.uint32)
     assert counts_in(table, wanted).tolist() == [counts.get(int(i), 0) for i in wanted]
+    assert count_table(index.slices, table.nbytes - 1 if table.nbytes else 0) is None \
+        or not table.nbytes

@@ -311,7 +311,7 @@ def test_a_window_asked_again_reads_its_partial_days_profiles_from_a_table(
     made: list[int] = []
     original = event_windows.count_table
     monkeypatch.setattr(event_windows, "count_table",
-                        lambda slices: made.append(1) or original(slices))
+                        lambda slices, limit: made.append(1) or original(slices, limit))
     day = datetime(2026, 10, 17, tzinfo=timezone.utc)
     rows = [{"profile": PROFILES[(i * 5) % 6], "event": "open",
              "ts": day - timedelta(days=i % 31, hours=(i * 7) % 24, minutes=i)}
@@ -341,6 +341,15 @@ def test_a_window_asked_again_reads_its_partial_days_profiles_from_a_table(
         rows.extend([extra] * 4)
         check(engine, as_of)
         assert len(made) == 2
+
+        def tables() -> int:
+            return sum(key[0][0] == b"w" and key[0][4] == event_windows.TABLE
+                       for key in engine.snapshot.events.cache.derived._entries)
+
+        kept = tables()
+        monkeypatch.setattr(event_windows, "TABLE_SHARE", 1 << 40)  # no table fits now
+        check(engine, as_of - timedelta(days=2))  # another window: read off its slices
+        assert tables() == kept and len(made) > 2
 
 
 def test_a_deleted_profile_with_rows_on_a_partial_day_is_not_counted(tmp_path):
