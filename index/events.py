@@ -157,13 +157,23 @@ def count_by_bitmaps(cond: EventCond, index: EventIndex, schema: Schema, events:
                       streams: list[str], lo: int | None, hi: int, as_of: int) -> RangeIndex:
     """Each profile's count of the selected events in [lo, hi): the whole days as a few
     dyadic and month blocks (event_windows), the partial days from their raw rows."""
-    first, end, inside, outside = _window_days(cond, index, schema, events, lo, hi, as_of)
+    return signed_sum(*window_blocks(index, events, streams, lo, hi, cond.where,
+                                     schema.events, as_of))
+
+
+def window_blocks(index: EventIndex, events: list[str], streams: list[str], lo: int | None,
+                  hi: int, where: Rule | None = None, types: Mapping[str, str] | None = None,
+                  as_of: int = 0) -> tuple[list[RangeIndex], list[RangeIndex]]:
+    """(count blocks to add, count blocks to subtract) whose signed sum is each profile's
+    count of the selected events in [lo, hi): the whole days' blocks (event_windows), and
+    both partial days' rows counted as one block."""
+    first, end, inside, outside = window_days(index, events, lo, hi, where, types, as_of)
     plus, minus = window_counts(index, streams, first, end)
-    if len(inside):  # both partial days counted as one block
+    if len(inside):
         plus.append(counts_of(inside))
     if len(outside):
         minus.append(counts_of(outside))
-    return signed_sum(plus, minus)
+    return plus, minus
 
 
 def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
@@ -177,7 +187,8 @@ def _count_judged(cond: EventCond, index: EventIndex, schema: Schema, events: li
     compared exactly in numpy. A window asked again touches only D: its whole days are
     neither summed nor compared, and a count of it builds no bitmap of their size."""
     having = cond.having
-    first, end, inside, outside = _window_days(cond, index, schema, events, lo, hi, as_of)
+    first, end, inside, outside = window_days(index, events, lo, hi, cond.where,
+                                              schema.events, as_of)
     whole = whole_days(index, streams, first, end)
     hit = judged_days(index, streams, first, end, whole, ("count", having.op, having.value),
                       lambda counts: _compare_index(counts, having))
@@ -208,11 +219,12 @@ def _signed_counts(plus: np.ndarray, minus: np.ndarray) -> tuple[np.ndarray, np.
     return profiles[starts], np.add.reduceat(signs, starts)
 
 
-def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: list[str],
-                 lo: int | None, hi: int, as_of: int
-                 ) -> tuple[int, int, np.ndarray, np.ndarray]:
+def window_days(index: EventIndex, events: list[str], lo: int | None, hi: int,
+                where: Rule | None = None, types: Mapping[str, str] | None = None,
+                as_of: int = 0) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(first, end, inside, outside): the window [lo, hi) as its whole days [first, end)
-    plus the profiles of the partial days' rows inside, less those of rows outside.
+    plus the profiles of the partial days' rows inside, less those of rows outside (the
+    rows `where` selects, over these types' properties).
 
     A first partial day that holds most of its rows inside (a window from just after
     midnight) is taken in whole, less its rows outside: fewer blocks, a block that ended
@@ -225,7 +237,7 @@ def _window_days(cond: EventCond, index: EventIndex, schema: Schema, events: lis
     inside, outside = [], []  # rows counted, and rows to take from their day's bucket
     for edge_lo, edge_hi in window.edges:
         day = day_of(edge_lo)
-        profiles, stamps = day_rows(index, events, day, cond.where, schema.events, as_of)
+        profiles, stamps = day_rows(index, events, day, where, types, as_of)
         chosen = (stamps >= edge_lo) & (stamps < edge_hi)
         if edge_lo == lo and 2 * int(np.count_nonzero(chosen)) > len(chosen):  # most of it
             first, end = (day, day + 1) if first == end else (min(first, day),

@@ -34,10 +34,9 @@ from pyroaring import BitMap
 from bitseg.index import types as T
 from bitseg.index.describe import QUANTILES, _order, _shown
 from bitseg.index.errors import BitsegError
-from bitseg.index.event_counts import counts_of, signed_sum
+from bitseg.index.event_counts import signed_sum
 from bitseg.index.event_index import EventIndex
-from bitseg.index.event_windows import window_counts
-from bitseg.index.events import day_rows
+from bitseg.index.events import window_blocks
 from bitseg.index.fields import RangeIndex, ValueIndex, ids_of
 from bitseg.index.keys import stream_key
 from bitseg.index.order_index import OrderIndex
@@ -45,7 +44,7 @@ from bitseg.index.orders import order_totals
 from bitseg.index.rules import Window
 from bitseg.index.segments import Metrics
 from bitseg.index.snapshot import Snapshot
-from bitseg.index.timeline import day_of, plan
+from bitseg.index.timeline import day_of
 
 DEFAULT_TOP = 10  # values shown per keyword field
 MAX_TOP = 1000
@@ -443,32 +442,16 @@ def _cut(counts: RangeIndex, ids: BitMap) -> RangeIndex:
 
 
 def event_window(snap: Snapshot, event: str, days: int, as_of_us: int) -> EventWindow:
-    """The blocks of `event` in the last `days` days up to as_of: whole days from the
-    stored and derived blocks; a partial day that is most of its day as the whole day
-    less its rows outside the window, else its rows inside."""
+    """The blocks of `event` in the last `days` days up to as_of, as a rule's count reads
+    them (events.window_blocks): whole days from the stored and derived blocks, the
+    partial days from their rows."""
     events = snap.events
     if event not in events.type_days:
         return EventWindow()
     lo, hi = Window("last_days", days).bounds(as_of_us)
     if lo is not None and day_of(lo) > events.type_days[event][-1]:
         return EventWindow()  # nothing that recent
-    window = plan(lo, hi, events.type_days[event][0])
-    first, end = window.days
-    inside, outside = [], []
-    for edge_lo, edge_hi in window.edges:
-        day = day_of(edge_lo)
-        profiles, stamps = day_rows(events, [event], day)
-        chosen = (stamps >= edge_lo) & (stamps < edge_hi)
-        if 2 * int(np.count_nonzero(chosen)) > len(chosen):
-            first, end = (day, day + 1) if first == end else (min(first, day),
-                                                              max(end, day + 1))
-            outside.append(profiles[~chosen])
-        else:
-            inside.append(profiles[chosen])
-    plus, minus = window_counts(events, [stream_key(event)], first, end)
-    for rows, into in ((inside, plus), (outside, minus)):
-        if sum(map(len, rows)):
-            into.append(counts_of(np.concatenate(rows)))
+    plus, minus = window_blocks(events, [event], [stream_key(event)], lo, hi)
     return EventWindow(tuple(plus), tuple(minus))
 
 
