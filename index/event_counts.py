@@ -84,7 +84,7 @@ def sub_counts(a: RangeIndex, b: RangeIndex) -> RangeIndex:
     at most a's (b counts a subset of a's rows): a ripple-borrow subtractor."""
     if not b.exists:
         return a
-    return _of_slices(_taken(a.slices, b.slices))
+    return of_slices(_taken(a.slices, b.slices))
 
 
 def signed_sum(plus: list[RangeIndex], minus: list[RangeIndex]) -> RangeIndex:
@@ -94,7 +94,7 @@ def signed_sum(plus: list[RangeIndex], minus: list[RangeIndex]) -> RangeIndex:
     window's five blocks."""
     if not any(m.exists for m in minus):
         return sum_counts(plus)
-    return _of_slices(signed_slices(plus, minus))
+    return of_slices(signed_slices(plus, minus))
 
 
 def signed_slices(plus: list[RangeIndex], minus: list[RangeIndex]) -> tuple[BitMap, ...]:
@@ -118,7 +118,7 @@ def moved(slices: tuple[BitMap, ...], gone: list[RangeIndex], new: list[RangeInd
     return slices
 
 
-def _of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
+def of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
     """The count index of these slices (its `exists`: their union)."""
     return RangeIndex(0, 1, slices, BitMap.union(*slices) if slices else BitMap())
 

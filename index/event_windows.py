@@ -43,6 +43,7 @@ from bitseg.index.event_counts import (
     counts_at,
     counts_in,
     moved,
+    of_slices,
     signed_slices,
     signed_sum,
     sum_counts,
@@ -206,8 +207,7 @@ class WindowSum:
     @property
     def index(self) -> RangeIndex:
         if self._index is None:
-            self._index = RangeIndex(0, 1, self.slices,
-                                     BitMap.union(*self.slices) if self.slices else BitMap())
+            self._index = of_slices(self.slices)
         return self._index
 
     @property

@@ -36,7 +36,7 @@ import orjson
 from bitseg.index import errors
 from bitseg.index.errors import BitsegError, DataError, StoreError
 from bitseg.index.shard_key import HASH_NAME
-from bitseg.index.store import BULK_HEADROOM, bulk_space, check_space
+from bitseg.index.store import bulk_space, check_space
 from bitseg.loaders.dataset import RESERVE_PER_BYTE
 from bitseg.loaders.split import input_bytes, original_line, shard_folder, split_dataset
 
@@ -158,11 +158,12 @@ def load_sharded(dataset: str | Path, db: str | Path, shards: int,
 
 def _short_of_disk(db: Path, dataset_bytes: int, shards: int) -> bool:
     """Whether the disk under db lacks room for an uncompressed split (the dataset's size)
-    and the space the shards' loads check for together (twice that and each one's
-    headroom, see load_sharded)."""
+    and the space the shards' loads check for together (store.bulk_space of each one's
+    reserve, see load_sharded), the dataset taken as split evenly."""
     existing = next(p for p in (db, *db.resolve().parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if free >= 3 * dataset_bytes + shards * BULK_HEADROOM:
+    loads = shards * bulk_space(RESERVE_PER_BYTE * dataset_bytes // shards)
+    if free >= dataset_bytes + loads:
         return False
     log.info("the split's copies are gzip'd: %.1f GB free under %s, the dataset is "
              "about %.1f GB", free / 1e9, existing, dataset_bytes / 1e9)
