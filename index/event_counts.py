@@ -7,16 +7,19 @@ bitmap domain (a ripple-carry adder); no profile's count is ever read one by one
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from array import array
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index import native_roaring
 from bitseg.index.fields import EMPTY, RangeIndex, bitmap_of, ids_of
 
 if TYPE_CHECKING:
@@ -100,9 +103,54 @@ def signed_sum(plus: list[RangeIndex], minus: list[RangeIndex]) -> RangeIndex:
 def signed_slices(plus: list[RangeIndex], minus: list[RangeIndex]) -> tuple[BitMap, ...]:
     """The slices of signed_sum(plus, minus), and no `exists` at all: a `count >= n`
     reads only the slices (at_least), and the union of a 10M window's slices is ~0.7 ms."""
-    total = _summed([p.slices for p in plus if p.exists])
-    taken = _summed([m.slices for m in minus if m.exists])
-    return _taken(total, taken) if taken else total
+    return _signed([p.slices for p in plus if p.exists], [m.slices for m in minus if m.exists])
+
+
+def _signed(plus: list[tuple[Any, ...]], minus: list[tuple[Any, ...]], empty: Any = EMPTY
+            ) -> tuple[Any, ...]:
+    """The slices of the plus counts' sum less the minus counts' sum (slices of BitMaps,
+    or of native_roaring.Natives with `empty` one of them)."""
+    total = _summed(plus, empty)
+    taken = _summed(minus, empty)
+    return _taken(total, taken, empty) if taken else total
+
+
+def split_signed_slices(plus: list[tuple[tuple[BitMap, ...], tuple[BitMap, ...]]],
+                        minus: list[tuple[tuple[BitMap, ...], tuple[BitMap, ...]]]
+                        ) -> tuple[BitMap, ...]:
+    """signed_slices of counts given as (slices of the ids below a split, slices of those
+    above): each range summed on a thread of its own, without the interpreter lock
+    (native_roaring), then each slice's two halves joined."""
+    empty = native_roaring.borrow(EMPTY)
+
+    def summed(half: int) -> tuple[Any, ...]:
+        return _signed([[native_roaring.borrow(b) for b in block[half]] for block in plus],
+                       [[native_roaring.borrow(b) for b in block[half]] for block in minus],
+                       empty)
+
+    future = _helper().submit(summed, 1)
+    low = summed(0)
+    high = future.result()
+    out = [native_roaring.joined(low[i] if i < len(low) else empty,
+                                 high[i] if i < len(high) else empty)
+           for i in range(max(len(low), len(high)))]
+    while out and not out[-1]:
+        out.pop()
+    return tuple(out)
+
+
+_HELPER: list[ThreadPoolExecutor] = []  # the one thread split_signed_slices hands a half
+_HELPER_LOCK = threading.Lock()
+# a forked child has the list but not the thread: it makes its own (submit would wait
+# forever for a thread that is not there)
+os.register_at_fork(after_in_child=_HELPER.clear)
+
+
+def _helper() -> ThreadPoolExecutor:
+    with _HELPER_LOCK:
+        if not _HELPER:
+            _HELPER.append(ThreadPoolExecutor(1, thread_name_prefix="bitseg-sum"))
+        return _HELPER[0]
 
 
 def moved(slices: tuple[BitMap, ...], gone: list[RangeIndex], new: list[RangeIndex]
@@ -123,7 +171,8 @@ def of_slices(slices: tuple[BitMap, ...]) -> RangeIndex:
     return RangeIndex(0, 1, slices, BitMap.union(*slices) if slices else BitMap())
 
 
-def _added(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
+def _added(x: tuple[BitMap, ...], y: tuple[BitMap, ...], empty: Any = EMPTY
+           ) -> tuple[BitMap, ...]:
     """The slices of the sum of two counts' slices (either may be empty): a ripple-carry
     adder, the carry out of bit i (a & b) | (carry & (a ^ b))."""
     if not x or not y:
@@ -131,41 +180,42 @@ def _added(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
     if len(x) < len(y):
         x, y = y, x
     out, carry = _ripple(x, y, lambda a, b, ab, carry: (a & b) | (carry & ab) if carry
-                         else a & b)
+                         else a & b, empty)
     if carry:
         out.append(carry)
     return tuple(out)
 
 
-def _taken(x: tuple[BitMap, ...], y: tuple[BitMap, ...]) -> tuple[BitMap, ...]:
+def _taken(x: tuple[BitMap, ...], y: tuple[BitMap, ...], empty: Any = EMPTY
+           ) -> tuple[BitMap, ...]:
     """The slices of x - y, every count of y at most x's, empty top slices dropped: a
     ripple-borrow subtractor, the borrow out of bit i (b - a) | (borrow - (a ^ b))."""
     out, _ = _ripple(x, y, lambda a, b, ab, borrow: (b - a) | (borrow - ab) if borrow
-                     else b - a)
+                     else b - a, empty)
     while out and not out[-1]:
         out.pop()
     return tuple(out)
 
 
 def _ripple(x: tuple[BitMap, ...], y: tuple[BitMap, ...],
-            carry_out: Callable[[BitMap, BitMap, BitMap, BitMap], BitMap]
+            carry_out: Callable[[BitMap, BitMap, BitMap, BitMap], BitMap], empty: Any
             ) -> tuple[list[BitMap], BitMap]:
     """Bit i of x ± y is a ^ b ^ carry (a, b: bit i of x and y); carry_out gives the next
     carry (or borrow) from a, b, a ^ b and the carry in. (The slices, the last carry.)"""
-    out, carry = [], BitMap()
+    out, carry = [], empty
     for i in range(max(len(x), len(y))):
-        a = x[i] if i < len(x) else EMPTY
+        a = x[i] if i < len(x) else empty
         if i >= len(y) and not carry:  # nothing left to add or take: x's slices as they are
             out += x[i:]
             break
-        b = y[i] if i < len(y) else EMPTY
+        b = y[i] if i < len(y) else empty
         ab = a ^ b
         out.append(ab ^ carry if carry else ab)
         carry = carry_out(a, b, ab, carry)
     return out, carry
 
 
-def _summed(parts: list[tuple[BitMap, ...]]) -> tuple[BitMap, ...]:
+def _summed(parts: list[tuple[BitMap, ...]], empty: Any = EMPTY) -> tuple[BitMap, ...]:
     """The slices of many counts' sum, smallest first, each added to the sum of those
     before it: the large ones meet once, at the end. (Pairs, then pairs of pairs, added
     two large blocks early and their sum again later: at 10M, summing a 30-day window's
@@ -175,7 +225,7 @@ def _summed(parts: list[tuple[BitMap, ...]]) -> tuple[BitMap, ...]:
     parts = sorted(parts, key=lambda slices: len(slices[0]))
     total = parts[0]
     for part in parts[1:]:
-        total = _added(total, part)
+        total = _added(total, part, empty)
     return total
 
 

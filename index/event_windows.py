@@ -37,6 +37,7 @@ from functools import lru_cache
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index import native_roaring
 from bitseg.index.event_counts import (
     add_counts,
     count_table,
@@ -46,6 +47,7 @@ from bitseg.index.event_counts import (
     of_slices,
     signed_slices,
     signed_sum,
+    split_signed_slices,
     sum_counts,
 )
 from bitseg.index.event_index import EventIndex
@@ -227,13 +229,49 @@ def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> W
     if found is None:
         found = _rolled(index, streams, first, end) if key is not None else None
         if found is None:
-            plus, minus = window_counts(index, streams, first, end)
-            found = WindowSum(signed_slices(plus, minus))
+            found = WindowSum(_summed(index, *window_counts(index, streams, first, end)))
         if key is not None:
             size = sum(_bytes(bitmap) for bitmap in found.slices)
             index.cache.derived.put(key, found, size + (_bytes(found.slices[0])
                                                         if found.slices else 0))
     return found
+
+
+SPLIT_FROM = 200_000  # blocks to add holding this many profiles (slice 0s) are summed ...
+SPLIT_STEP = 1 << 20  # ... in two id ranges at once, split at a multiple of this
+
+
+def _summed(index: EventIndex, plus: list[RangeIndex], minus: list[RangeIndex]
+            ) -> tuple[BitMap, ...]:
+    """signed_slices(plus, minus); when the blocks are large (and their halves may be
+    cached: as derived blocks, not inside a batch), the ids below and above a split summed
+    on the two cores at once (split_signed_slices; at 10M a mid-month 30-day popup
+    window's seven blocks: 3.1 ms against 5.2)."""
+    added = [block for block in plus if block.exists]
+    cached = index.reader is not None and index.reader.committed
+    if not cached or not added or not native_roaring.AVAILABLE or \
+            sum(len(block.slices[0]) for block in added) < SPLIT_FROM:
+        return signed_slices(plus, minus)
+    top = max(block.exists.max() for block in added)
+    split = max(1, round(top / (2 * SPLIT_STEP))) * SPLIT_STEP
+    return split_signed_slices([_halves(index, block, split) for block in added],
+                               [_halves(index, block, split) for block in minus if block.exists])
+
+
+def _halves(index: EventIndex, block: RangeIndex, split: int
+            ) -> tuple[tuple[BitMap, ...], tuple[BitMap, ...]]:
+    """The block's slices of the ids below `split` and of those above, kept in the derived
+    cache beside it (splitting a window's blocks on every ask would cost what it saves).
+    The entry holds the block itself, so no other object can take its id while it lives."""
+    key = ((b"h", id(block), split), 0)
+    cache = index.cache.derived
+    found = cache.get(key)
+    if found is None:
+        below = BitMap(range(split))
+        found = (block, tuple(bits & below for bits in block.slices),
+                 tuple(bits - below for bits in block.slices))
+        cache.put(key, found, 2 * size_of(block))
+    return found[1], found[2]
 
 
 # Where a window's cached neighbour may start and end, from its own first and end day,

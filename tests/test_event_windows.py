@@ -177,7 +177,8 @@ steps = st.lists(st.one_of(rows_strategy.map(lambda rows: ("write", rows)),
 @pytest.mark.parametrize("months, top, from_months, window_cache, path",
                          [(True, 8, 6, True, "cheaper"), (False, 3, 6, True, "cheaper"),
                           (True, 8, 2, True, "cheaper"), (True, 8, 6, False, "cheaper"),
-                          (True, 8, 6, True, "fewest"), (False, 3, 6, False, "added")])
+                          (True, 8, 6, True, "fewest"), (False, 3, 6, False, "added"),
+                          (True, 8, 6, True, "halves")])
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=rows_strategy, steps=steps)
@@ -193,13 +194,18 @@ def test_random_windows_match_the_raw_rows(tmp_path_factory, monkeypatch, months
     subtractions), or always only added ones; with those two, the partial days' profiles
     find their whole-day counts through counts_at's position table (at 4,096 or more
     otherwise). With those and with from_months 2, a window asked again reads them
-    from its table of every profile's count (counts_at_days; also at 4,096 or more)."""
+    from its table of every profile's count (counts_at_days; also at 4,096 or more).
+    "halves": the fewest blocks, each window's summed in two id ranges on two threads
+    (event_windows._summed; at 200,000 profiles or more otherwise)."""
+    if path == "halves":
+        monkeypatch.setattr(event_windows, "SPLIT_FROM", 0)
+        monkeypatch.setattr(event_windows, "SPLIT_STEP", 1)
     if path != "cheaper":
         monkeypatch.setattr(event_counts, "POSITIONS_FROM", 0)
     if path != "cheaper" or from_months == 2:
         monkeypatch.setattr(event_windows, "TABLE_FROM", 0)
         monkeypatch.setattr(event_windows, "_cheaper", lambda first, end, top, months:
-                            event_windows._shortest(first, end, path == "fewest", top, months))
+                            event_windows._shortest(first, end, path != "added", top, months))
     monkeypatch.setattr(event_windows, "WINDOW_CACHE", window_cache)
     monkeypatch.setattr(event_windows, "USE_MONTHS", months)
     monkeypatch.setattr(event_windows, "MAX_LEVEL", top)
@@ -568,3 +574,54 @@ def test_a_window_whose_day_before_is_not_cached_sums_its_blocks(tmp_path, monke
         assert engine.count(_rule(30, "gte", 7), as_of=as_of) == \
             sum(counts[p] >= 7 for p in PROFILES)
         assert len(calls) == 4
+
+
+def test_a_large_window_is_summed_in_two_id_ranges_with_its_blocks_halves_kept(
+        tmp_path, monkeypatch):
+    """Past SPLIT_FROM profiles, a window's blocks are split at an id (kept in the derived
+    cache beside them) and the two ranges summed at once; the answers are the raw rows',
+    a second window over the same blocks splits nothing again, and below SPLIT_FROM, or
+    without the native path, nothing is split."""
+    split_calls: list[int] = []
+    original = event_windows.split_signed_slices
+
+    def spy(plus, minus):
+        split_calls.append(len(plus) + len(minus))
+        return original(plus, minus)
+
+    monkeypatch.setattr(event_windows, "split_signed_slices", spy)
+    monkeypatch.setattr(event_windows, "SPLIT_STEP", 1)
+    as_of = datetime(2026, 10, 17, 13, 45, tzinfo=timezone.utc)
+    profiles = [f"q{i}" for i in range(40)]
+    rows = [{"profile": profiles[(i * 7) % 40], "event": "open",
+             "ts": as_of - timedelta(days=i % 45, hours=i % 7)} for i in range(900)]
+    with Engine.open(tmp_path / "store") as engine:
+        engine.upsert_profiles([{"id": p} for p in profiles])
+        engine.cache_results = False
+        engine.track_events([{**row, "ts": ts(row["ts"])} for row in rows])
+        derived = engine.snapshot.events.cache.derived
+
+        def halves() -> int:
+            return sum(1 for key in derived._entries if key[0][0] == b"h")
+
+        def check(days: int) -> None:
+            counts = reference_counts(rows, _rule(days), as_of)
+            for n in (1, 9, 20):
+                expected = {p for p in profiles if counts[p] >= n}
+                assert set(engine.members(_rule(days, "gte", n), as_of=as_of)) == expected
+
+        monkeypatch.setattr(event_windows, "SPLIT_FROM", 10**9)
+        check(30)
+        assert not split_calls and halves() == 0
+        derived.discard(event_windows.is_window)
+        monkeypatch.setattr(event_windows, "SPLIT_FROM", 0)
+        check(30)
+        assert len(split_calls) == 1 and halves() == split_calls[0]
+        kept = halves()
+        derived.discard(event_windows.is_window)
+        check(30)  # the same blocks: their halves come from the cache
+        assert len(split_calls) == 2 and halves() == kept
+        monkeypatch.setattr(event_windows.native_roaring, "AVAILABLE", False)
+        derived.discard(event_windows.is_window)
+        check(20)
+        assert len(split_calls) == 2
