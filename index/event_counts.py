@@ -128,9 +128,12 @@ def split_signed_slices(plus: list[tuple[tuple[BitMap, ...], tuple[BitMap, ...]]
                        [[native_roaring.borrow(b) for b in block[half]] for block in minus],
                        empty)
 
-    future = _helper().submit(summed, 1)
+    try:
+        future = _helper().submit(summed, 1)
+    except RuntimeError:  # the interpreter is shutting down: no new thread, sum it here
+        future = None
     low = summed(0)
-    high = future.result()
+    high = future.result() if future is not None else summed(1)
     out = [native_roaring.joined(low[i] if i < len(low) else empty,
                                  high[i] if i < len(high) else empty)
            for i in range(max(len(low), len(high)))]

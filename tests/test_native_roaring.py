@@ -145,3 +145,15 @@ def test_a_forked_child_makes_its_own_helper_thread():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_without_a_helper_thread_both_halves_are_summed_here(monkeypatch):
+    """At interpreter shutdown the pool takes no more work: the sum is still made."""
+    class Closed:
+        def submit(self, *args):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    block = _index({1: 3, 70_000: 1})
+    monkeypatch.setattr(event_counts, "_helper", Closed)
+    assert split_signed_slices([_halves(block, 65_536)] * 2, []) == \
+        signed_slices([block, block], [])
