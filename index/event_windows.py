@@ -229,7 +229,7 @@ def whole_days(index: EventIndex, streams: list[str], first: int, end: int) -> W
     if found is None:
         found = _rolled(index, streams, first, end) if key is not None else None
         if found is None:
-            found = WindowSum(_summed(index, *window_counts(index, streams, first, end)))
+            found = WindowSum(_window_slices(index, *window_counts(index, streams, first, end)))
         if key is not None:
             size = sum(_bytes(bitmap) for bitmap in found.slices)
             index.cache.derived.put(key, found, size + (_bytes(found.slices[0])
@@ -241,15 +241,14 @@ SPLIT_FROM = 200_000  # blocks to add holding this many profiles (slice 0s) are 
 SPLIT_STEP = 1 << 20  # ... in two id ranges at once, split at a multiple of this
 
 
-def _summed(index: EventIndex, plus: list[RangeIndex], minus: list[RangeIndex]
-            ) -> tuple[BitMap, ...]:
+def _window_slices(index: EventIndex, plus: list[RangeIndex], minus: list[RangeIndex]
+                   ) -> tuple[BitMap, ...]:
     """signed_slices(plus, minus); when the blocks are large (and their halves may be
     cached: as derived blocks, not inside a batch), the ids below and above a split summed
     on the two cores at once (split_signed_slices; at 10M a mid-month 30-day popup
     window's seven blocks: 3.1 ms against 5.2)."""
     added = [block for block in plus if block.exists]
-    cached = index.reader is not None and index.reader.committed
-    if not cached or not added or not native_roaring.AVAILABLE or \
+    if not _committed(index) or not added or not native_roaring.AVAILABLE or \
             sum(len(block.slices[0]) for block in added) < SPLIT_FROM:
         return signed_slices(plus, minus)
     top = max(block.exists.max() for block in added)
@@ -366,7 +365,7 @@ def _window_key(index: EventIndex, streams: list[str], first: int, end: int,
     """The cache key of a window's sum (test None) or of a test of it: the streams, the
     days and the last write of any of those days; None when nothing may be cached (the
     cache off, or an index inside a batch, as _cached)."""
-    if not WINDOW_CACHE or index.reader is None or not index.reader.committed:
+    if not WINDOW_CACHE or not _committed(index):
         return None
     stamp, written = 0, index.written
     if written:
@@ -375,6 +374,12 @@ def _window_key(index: EventIndex, streams: list[str], first: int, end: int,
             for day in present[bisect_left(present, first):bisect_left(present, end)]:
                 stamp = max(stamp, written.get((b"d", stream, day), 0))
     return (b"w", tuple(streams), first, end, test), stamp
+
+
+def _committed(index: EventIndex) -> bool:
+    """Whether what is made from this index's days may be cached: it reads a committed
+    snapshot (inside a batch, a version number may be reused by one that aborts)."""
+    return index.reader is not None and index.reader.committed
 
 
 def is_window(key: tuple) -> bool:

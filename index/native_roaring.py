@@ -93,12 +93,7 @@ class Native:
 
     def bitmap(self) -> BitMap:
         """As a pyroaring BitMap: the one borrowed, or a copy of this one."""
-        if self.owner is not None:
-            return self.owner
-        out = BitMap()
-        if not _lib.roaring_bitmap_overwrite(out.raw_pointer, self.pointer):
-            raise MemoryError("CRoaring could not copy a bitmap")
-        return out
+        return self.owner if self.owner is not None else _copy(self.pointer)
 
 
 def borrow(bitmap: BitMap) -> Native:
@@ -114,10 +109,16 @@ def joined(low: Native, high: Native) -> BitMap:
         return low.bitmap()
     if not low:
         return high.bitmap()
-    out = BitMap()
-    if not _lib.roaring_bitmap_overwrite(out.raw_pointer, low.pointer):
-        raise MemoryError("CRoaring could not copy a bitmap")
+    out = _copy(low.pointer)
     _lib.roaring_bitmap_or_inplace(out.raw_pointer, high.pointer)
+    return out
+
+
+def _copy(pointer: int) -> BitMap:
+    """A new pyroaring BitMap holding a copy of the CRoaring bitmap at `pointer`."""
+    out = BitMap()
+    if not _lib.roaring_bitmap_overwrite(out.raw_pointer, pointer):
+        raise MemoryError("CRoaring could not copy a bitmap")
     return out
 
 

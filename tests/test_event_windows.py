@@ -196,7 +196,7 @@ def test_random_windows_match_the_raw_rows(tmp_path_factory, monkeypatch, months
     otherwise). With those and with from_months 2, a window asked again reads them
     from its table of every profile's count (counts_at_days; also at 4,096 or more).
     "halves": the fewest blocks, each window's summed in two id ranges on two threads
-    (event_windows._summed; at 200,000 profiles or more otherwise)."""
+    (event_windows._window_slices; at 200,000 profiles or more otherwise)."""
     if path == "halves":
         monkeypatch.setattr(event_windows, "SPLIT_FROM", 0)
         monkeypatch.setattr(event_windows, "SPLIT_STEP", 1)
