@@ -34,7 +34,9 @@ events     "c" kind u32(bucket + 2**31) stream     a stream's count index in a d
            name is too long
 orders     "meta"                                  JSON {"count", "items", "item_values"}
            "i" SEP external order id               u32 dense order id
-           "r" SEP u32(order id)                   the order's row (JSON)
+           "r" SEP u32(order id)                   the order's row (JSON) written alone;
+                                                   empty: deleted (wins over a run's copy)
+           "s" SEP u32(first order id)             a load's run of rows, zstd (order_rows.py)
            "c" SEP column 0 u32(k)                 chunk k (2**16 ids) of a numpy column
            "b" SEP name 0 u32(k)                   chunk k (2**18 ids) of an orders bitmap
            "n" SEP "#" digest(name)                the full name of a digested bitmap name
@@ -197,14 +199,13 @@ def catalog_parts(key: bytes) -> tuple[bytes, str]:
 ORDERS_META = b"meta"
 ORDER_IDS, ORDER_ROWS, ORDER_COLUMNS, ORDER_BITMAPS, ORDER_NAMES = (
     b"i" + SEP, b"r" + SEP, b"c" + SEP, b"b" + SEP, b"n" + SEP)
+# runs of rows packed and compressed by a load (order_rows.py): the last prefix, so a
+# load's new runs are appended
+ORDER_RUNS = b"s" + SEP
 
 
 def order_id_key(external: str) -> bytes:
     return ORDER_IDS + external.encode()
-
-
-def order_row_key(oid: int) -> bytes:
-    return ORDER_ROWS + u32(oid)
 
 
 def order_bitmap_prefix(name: bytes) -> bytes:

@@ -50,6 +50,7 @@ from bitseg.index.order_keys import (
     value_name,
 )
 from bitseg.index.order_queues import SetQueue, ValueQueue
+from bitseg.index.order_rows import OrderRows
 from bitseg.index.schema import Schema
 from bitseg.index.store import Store, Txn, TxnReader, chunks_of
 
@@ -84,6 +85,7 @@ class OrderBatch:
                  ensure_profile: Callable[[str], int]) -> None:
         self.store = store
         self.txn = txn
+        self.rows = OrderRows(store, txn)
         self.index = index
         self.schema = schema
         self.ensure_profile = ensure_profile
@@ -162,7 +164,7 @@ class OrderBatch:
             row["it"], row["i0"] = old.get("it", []), old.get("i0", 0)
         else:
             row["it"], row["i0"] = items or [], self.next_item
-        self.store.put(self.txn, "orders", K.order_row_key(oid), _dump(row))
+        self.rows.put(oid, _dump(row))
         if fresh:
             self.created += 1
             self.live_added.append(oid)
@@ -195,7 +197,7 @@ class OrderBatch:
             row = self._row(oid)
             if row is None:
                 continue
-            self.store.delete(self.txn, "orders", K.order_row_key(oid))
+            self.rows.delete(oid)
             self.store.delete(self.txn, "orders", K.order_id_key(row["x"]))
             self._queue(oid, row, None, True)
         self.live_removed |= found
@@ -214,7 +216,7 @@ class OrderBatch:
         return oid, True
 
     def _row(self, oid: int) -> dict[str, Any] | None:
-        raw = self.store.get(self.txn, "orders", K.order_row_key(oid))
+        raw = self.rows.get(oid)
         if raw is None:
             return None
         row = orjson.loads(raw)
@@ -459,6 +461,7 @@ class OrderBatch:
 
     def finish(self) -> tuple[OrderIndex, Schema]:
         """Write every change into the transaction; the next index and schema."""
+        self.rows.close()
         self.flush()
         store, txn, old = self.store, self.txn, self.index
         schema = self.schema
@@ -661,8 +664,7 @@ def index_items(store: Store, txn: Txn, index: OrderIndex, schema: Schema) -> Or
     rows (in the caller's write transaction) and mark the store as indexed."""
     batch = OrderBatch(store, txn, index, schema, lambda external: 0)
     batch.reindexing = True
-    for key, raw in store.items(txn, "orders", K.ORDER_ROWS):
-        oid = from_u32(bytes(key[2:]))
+    for oid, raw in batch.rows.items():
         row = orjson.loads(raw)
         if row.get("it") and index.item_owner[row["i0"]] == oid:
             batch.queue_item_values(row["i0"], row["it"], removing=False)

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.compare import I64_MIN
-from bitseg.index.keys import ORDER_IDS, ORDER_ROWS
+from bitseg.index.keys import ORDER_IDS
 from bitseg.index.order_keys import ITEM_RESERVED, MAX_ID_BYTES, RESERVED
 from bitseg.index.order_queues import ValueQueue
 
@@ -645,11 +645,7 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
     store, txn = batch.store, batch.txn
     keys, by_key = order_keys  # the order id keys sorted, and their rows
     store.put_many(txn, "orders", list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
-    # new order ids are past every stored one, and "r" is the last key prefix: append, or
-    # (should a later prefix exist) put them where they go
-    pairs = list(zip(_u32_keys(ORDER_ROWS, oids), _bytes_list(rows), strict=True))
-    if store.put_many(txn, "orders", pairs, append=True) < k:
-        store.put_many(txn, "orders", pairs)
+    batch.rows.append(int(oids[0]), rows)
     batch.created += k
     batch.live_added.frombytes(oids.astype(np.uint32).tobytes())
     # queues: owner, ts, fields, derived, items

@@ -34,7 +34,11 @@ from pyroaring import BitMap
 from bitseg.index.errors import StoreError, StoreFull
 from bitseg.index.keys import bitmap_prefix, u32
 
-FORMAT = 1
+# 2: a load packs order rows in compressed runs (order_rows.py), which a bitseg reading
+# format 1 would not find. A format 1 store is read as it is (its rows are all keys of
+# their own) and marked 2 when opened to write.
+FORMAT = 2
+READS = (1, 2)
 CHUNK_BITS = 18
 DATABASES = ("meta", "ids", "rids", "rows", "bitmaps", "segments", "events", "orders")
 MAP_SIZE = 1 << 40  # address space only; the file grows as data does
@@ -176,11 +180,12 @@ class Store:
     def _check_format(self) -> None:
         with self.read() as txn:
             fmt = self.get_json(txn, "format")
-        if fmt is None and not self.readonly:
+        if fmt not in (None, *READS):
+            raise StoreError(f"{self.path}: store format {fmt}, this bitseg reads "
+                             f"{' and '.join(map(str, READS))}")
+        if fmt != FORMAT and not self.readonly:
             with self.write() as txn:
                 self.put_json(txn, "format", FORMAT)
-        elif fmt != FORMAT:
-            raise StoreError(f"{self.path}: store format {fmt}, this bitseg reads {FORMAT}")
 
     def close(self) -> None:
         self.env.close()

@@ -3,6 +3,10 @@
 The columnar bulk path must leave exactly the store the row path leaves.  Comparing the
 LMDB databases key by key and byte by byte checks all of it at once, bitmaps, rows,
 order columns, event blocks and counts, the schema and the id map, not only counts.
+
+Order rows are compared as rows: the block path packs them in compressed runs where the
+row path gives each a key of its own (index/order_rows.py), so both are read back as
+one key per live row first.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import lmdb
 
+from bitseg.index.keys import ORDER_ROWS, ORDER_RUNS, from_u32, u32
+from bitseg.index.order_rows import GONE, unpack
 from bitseg.index.store import DATABASES
 
 
@@ -27,9 +33,22 @@ def store_entries(path: Path) -> dict[str, dict[bytes, bytes]]:
                     entries[name] = {}
                     continue
                 entries[name] = {bytes(k): bytes(v) for k, v in txn.cursor(db)}
+        entries["orders"] = _rows_as_keys(entries["orders"])
         return entries
     finally:
         env.close()
+
+
+def _rows_as_keys(orders: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The orders database with each live row under a key of its own, whether a run or
+    its own key holds it (its own key wins; GONE there: no row)."""
+    out = {k: v for k, v in orders.items() if not k.startswith(ORDER_RUNS)}
+    for key, value in orders.items():
+        if key.startswith(ORDER_RUNS):
+            first = from_u32(key[len(ORDER_RUNS):])
+            for i, row in enumerate(unpack(value)):
+                out.setdefault(ORDER_ROWS + u32(first + i), row)
+    return {k: v for k, v in out.items() if not (k.startswith(ORDER_ROWS) and v == GONE)}
 
 
 def differences(a: Path, b: Path, limit: int = 10) -> list[str]:

@@ -14,6 +14,7 @@ from bitseg.index import keys as K
 from bitseg.index.engine import Engine
 from bitseg.index.segments import open_segments
 from bitseg.index.store import CHUNK_BITS, Store
+from bitseg.loaders.dataset import load_dataset
 
 TS = "2026-10-30T00:00:00Z"
 CHUNK0 = b"\x00" + b"\x00\x00\x00\x00"  # 0 u32(0): chunk 0 of a bitmap
@@ -127,3 +128,18 @@ def test_event_keys_split_back_into_their_parts():
     assert K.block_key("view", 20_000, 7) == b"bview\x1f" + struct.pack(">II", 2**31 + 20_000, 7)
     assert K.block_parts(K.block_key("view", -1, 7)) == ("view", -1, 7)
     assert K.catalog_parts(K.catalog_key(b"t", "view")) == (b"t", "view")
+
+
+def test_order_rows_of_a_load_are_runs_after_every_other_key(tmp_path):
+    """A load's rows: "s" SEP u32(first id), the last prefix of "orders" (appended)."""
+    lines = b"".join(b'{"id":"o%d","profile":"a","ts":"%s","amount":%d}\n' % (i, TS.encode(), i)
+                     for i in range(3))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "orders.jsonl").write_bytes(lines)
+    (tmp_path / "d" / "profiles.jsonl").write_bytes(b'{"id":"a"}\n')
+    with Engine.open(tmp_path / "s") as engine:
+        load_dataset(tmp_path / "d", engine)
+        orders = entries(engine.store, "orders")
+    assert [k for k in orders if k.startswith((b"r\x1f", b"s\x1f"))] == [
+        b"s\x1f" + struct.pack(">I", 0)]
+    assert max(orders) == b"s\x1f" + struct.pack(">I", 0)
