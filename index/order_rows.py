@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -150,9 +150,10 @@ class OrderRows:
         return run.row(oid - first) if oid - first < len(run) else None
 
     # ---------------------------------------------------------------- runs
-    def append(self, first: int, rows: pa.Array) -> None:
-        """The rows of new orders first, first + 1, … (past every stored id), packed
-        RUN_ROWS at a time on the helper thread; put by a later call."""
+    def append(self, first: int, rows: Callable[[], pa.Array]) -> None:
+        """The rows of new orders first, first + 1, … (past every stored id), made by
+        `rows` and packed RUN_ROWS at a time on the helper thread; put by a later call.
+        `rows` runs there, so what it reads must not change until then."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="bitseg-order-rows")
         self._put_done(wait=len(self._pending) >= PENDING)
@@ -206,7 +207,8 @@ class OrderRows:
                 yield first + i, row
 
 
-def _packed(first: int, rows: pa.Array) -> list[tuple[bytes, bytes]]:
-    """The (key, value) of each run of these rows, RUN_ROWS at a time."""
+def _packed(first: int, make: Callable[[], pa.Array]) -> list[tuple[bytes, bytes]]:
+    """The (key, value) of each run of the rows `make` gives, RUN_ROWS at a time."""
+    rows = make()
     return [(ORDER_RUNS + u32(first + at), pack(rows.slice(at, RUN_ROWS)))
             for at in range(0, len(rows), RUN_ROWS)]

@@ -144,3 +144,30 @@ def test_fields_some_rows_lack_leave_those_rows_without_them(tmp_path: Path,
     rows = store_entries(tmp_path / "columnar")["orders"]
     assert rows[b"r\x1f\x00\x00\x00\x01"] == \
         b'{"f":{},"i0":2,"it":[],"p":1,"t":1735689600000000,"x":"o2"}'
+
+
+@given(lines=st.lists(st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=8),
+                      min_size=1, max_size=12), last=st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_a_blocks_line_array_cuts_its_bytes_at_each_newline(lines: list[str],
+                                                            last: bool) -> None:
+    data = ("\n".join(lines) + ("\n" if last else "")).encode()
+    assert order_blocks.line_array(data).to_pylist() == _cut(data)
+
+
+def _cut(data: bytes) -> list[bytes]:
+    """data's lines, each with its newline, cut at b"\n" only (a last one without)."""
+    *whole, rest = data.split(b"\n")
+    return [line + b"\n" for line in whole] + ([rest] if rest or not whole else [])
+
+
+def test_an_orders_files_blocks_come_with_their_lines_made_ahead(tmp_path: Path) -> None:
+    """iter_blocks runs order_blocks.prepare on each orders block: the line array
+    integer_literal searches is made off the loading thread."""
+    lines = [{"id": f"o{i}", "profile": "u1", "ts": "2025-01-01", "amount": 2.0 + i}
+             for i in range(40)]
+    folder = write(tmp_path / "data", {"orders.jsonl": lines})
+    blocks = list(columnar.iter_blocks(folder / "orders.jsonl"))
+    assert len(blocks) > 3
+    for block in blocks:
+        assert block.prepared["lines"].to_pylist() == _cut(block.data)

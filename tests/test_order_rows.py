@@ -64,7 +64,7 @@ def test_rows_read_back_as_a_dict_holds_them(tmp_path_factory: pytest.TempPathFa
         rows = OrderRows(store, txn)
         for op in ops:
             if op[0] == "append":
-                rows.append(next_id, pa.array(op[1], pa.binary()))
+                rows.append(next_id, lambda texts=op[1]: pa.array(texts, pa.binary()))
                 model.update((next_id + i, row) for i, row in enumerate(op[1]))
                 next_id += len(op[1])
             elif op[0] == "put":
