@@ -439,7 +439,8 @@ class Engine:
                                        id_map=self._ids, live=snap.live)
                 elif child == "orders":
                     batch = OrderBatch(self.store, txn, orders_of(snap.orders),
-                                       snap.schema, profiles.ensure_profile)
+                                       snap.schema, profiles.ensure_profile,
+                                       id_map=self._ids, live=snap.live)
                 batch.refused = refused  # add_block leaves an event of these types to add
                 if callable(records):
                     records = records(snap)

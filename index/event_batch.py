@@ -72,14 +72,6 @@ MERGE_BYTES = 1 << 10
 _NO_RUNS_COOKIE = (12346).to_bytes(4, "little")  # at bytes 4-8: the `exists` part's
 
 
-def _packed(names: pa.Array) -> tuple[Any, np.ndarray]:
-    """A string array's data buffer and each value's offsets into it."""
-    offsets = np.frombuffer(names.buffers()[1], dtype=np.int32, count=len(names) + 1,
-                            offset=names.offset * 4)
-    data = names.buffers()[2]
-    return (data if data is not None else b""), offsets
-
-
 def _block_props(props: Mapping[str, tuple[np.ndarray, np.ndarray, list | None]],
                  order: np.ndarray, starts: np.ndarray) -> list[tuple[dict, dict]]:
     """The property columns of each block of rows — block k is order[starts[k]:
@@ -398,16 +390,11 @@ class EventBatch:
 
     def _resolve(self, names: pa.Array) -> np.ndarray:
         """The dense id (uint32) of each distinct profile id (utf-8, each valid), those
-        never seen made in order. The hash table is made here when this asks for 1/8 of
-        its ids or more (one LMDB lookup costs more than the table's share of an id)."""
-        found = np.full(len(names), -1, dtype=np.int64)
-        ids = self.id_map
-        if ids is not None and self.live is not None and ids.count:
-            table = idhash.table(ids, wait=len(names) * 8 >= ids.count)
-            if table is not None:
-                data, offsets = _packed(names)
-                found = table.find_packed(data, offsets)
-                found[~idhash.live_mask(self.live, found)] = -1
+        never seen made in order: found in the id map's table (idhash.found_live) where
+        it can, else in LMDB."""
+        found = idhash.found_live(self.id_map, self.live, names)
+        if found is None:
+            found = np.full(len(names), -1, dtype=np.int64)
         misses = np.flatnonzero(found < 0)
         if len(misses):  # made earlier in this batch, or by it now, or a table miss
             texts = names.take(pa.array(misses, pa.int64())).to_pylist()

@@ -155,6 +155,30 @@ def _build(ref: weakref.ref) -> None:
             _BUILDING.discard(ids)
 
 
+def packed(names: Any) -> tuple[Any, np.ndarray]:
+    """A string or binary Arrow array's data buffer and each value's offsets into it,
+    as find_packed takes them."""
+    offsets = np.frombuffer(names.buffers()[1], dtype=np.int32, count=len(names) + 1,
+                            offset=names.offset * 4)
+    data = names.buffers()[2]
+    return (data if data is not None else b""), offsets
+
+
+def found_live(ids: IdMap | None, live: BitMap | None, names: Any) -> np.ndarray | None:
+    """The dense id of each of these distinct names (a string or binary Arrow array)
+    found in ids' table and live (int64), -1 for the rest, which the caller looks up in
+    LMDB; None when there is no table to ask. The table is made here when the names
+    are 1/8 of its ids or more (one LMDB lookup costs more than its share of an id)."""
+    if ids is None or live is None or not ids.count:
+        return None
+    found_table = table(ids, wait=len(names) * 8 >= ids.count)
+    if found_table is None:
+        return None
+    found = found_table.find_packed(*packed(names))
+    found[~live_mask(live, found)] = -1
+    return found
+
+
 def live_mask(live: BitMap, dense: np.ndarray) -> np.ndarray:
     """Whether each dense id (int64; negative: none) is in `live`: the bitmap cut to the
     ids asked, one sorted search only when some of them are not live."""

@@ -20,6 +20,7 @@ from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.errors import DataError
 from bitseg.index.fields import ValueIndex, ValueWriter, bitmap_of, ids_of
+from bitseg.index.ids import IdMap
 from bitseg.index.keys import SEP, from_u32, order_exists_name, u32
 from bitseg.index.order_blocks import take_block
 from bitseg.index.order_index import (
@@ -82,8 +83,11 @@ class OrderBatch:
     """Applies order lines inside one write transaction (see the module docstring)."""
 
     def __init__(self, store: Store, txn: Txn, index: OrderIndex, schema: Schema,
-                 ensure_profile: Callable[[str], int]) -> None:
+                 ensure_profile: Callable[[str], int], *, id_map: IdMap | None = None,
+                 live: BitMap | None = None) -> None:
         self.store = store
+        self.id_map = id_map  # the committed ids, looked up in memory by the block path
+        self.live = live  # (idhash), with the live profiles they are current for
         self.txn = txn
         self.rows = OrderRows(store, txn)
         self.index = index

@@ -32,6 +32,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bitseg.index import idhash
 from bitseg.index import types as T
 from bitseg.index.blocks import RowBlock, Taken
 from bitseg.index.compare import I64_MIN
@@ -721,21 +722,29 @@ def _register(batch: OrderBatch, inferred: dict[str, str], firsts: dict[str, int
 
 
 def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
-    """Dense profile ids; profiles new to the store are created in order of appearance."""
+    """Dense profile ids; profiles new to the store are created in order of appearance.
+    Found in the id map's table in memory where it can (idhash.found_live: at 1M, 0.84 s
+    of LMDB lookups in an orders file), the rest in LMDB."""
     enc = pc.dictionary_encode(text)
     codes = enc.indices.to_numpy(zero_copy_only=False)
     names = pc.cast(enc.dictionary, pa.binary())
-    by_key = pc.sort_indices(names).to_numpy(zero_copy_only=False)
-    ordered = names.take(by_key)
-    found = batch.store.present_items(batch.txn, "ids", _bytes_list(ordered))  # key order
-    dense = np.full(len(names), -1, dtype=np.int64)
-    values = np.frombuffer(b"".join(map(operator.itemgetter(1), found)), dtype=">u4")
-    if len(found) == len(names):
-        dense[by_key] = values
-    elif found:
-        at = pc.index_in(ordered, value_set=pa.array([key for key, _ in found], pa.binary()))
-        hit = _valid(at)
-        dense[by_key[hit]] = values
+    dense = idhash.found_live(batch.id_map, batch.live, names)
+    if dense is None:
+        dense = np.full(len(names), -1, dtype=np.int64)
+    ask = np.flatnonzero(dense < 0)
+    if len(ask):  # made earlier in this batch, new, or not in the table
+        asked = names.take(pa.array(ask, pa.int64()))
+        by_key = pc.sort_indices(asked).to_numpy(zero_copy_only=False)
+        ordered = asked.take(by_key)
+        found = batch.store.present_items(batch.txn, "ids", _bytes_list(ordered))  # key order
+        values = np.frombuffer(b"".join(map(operator.itemgetter(1), found)), dtype=">u4")
+        if len(found) == len(ask):
+            dense[ask[by_key]] = values
+        elif found:
+            at = pc.index_in(ordered, value_set=pa.array([key for key, _ in found],
+                                                         pa.binary()))
+            hit = _valid(at)
+            dense[ask[by_key[hit]]] = values
     for code in np.flatnonzero(dense < 0).tolist():  # dictionary order: first appearance
         dense[code] = batch.ensure_profile(enc.dictionary[code].as_py())
     return dense[codes]

@@ -18,7 +18,9 @@ from storecmp import differences, store_entries
 from test_columnar import assert_same_load, write
 
 from bitseg.index import order_blocks
+from bitseg.index.engine import Engine
 from bitseg.loaders import columnar
+from bitseg.loaders.dataset import load_dataset
 from bitseg.loaders.gen import generate
 
 
@@ -171,3 +173,26 @@ def test_an_orders_files_blocks_come_with_their_lines_made_ahead(tmp_path: Path)
     assert len(blocks) > 3
     for block in blocks:
         assert block.prepared["lines"].to_pylist() == _cut(block.data)
+
+
+def test_profiles_are_found_in_the_id_table_and_a_deleted_one_is_made_anew(
+        tmp_path: Path, taken: list[Any]) -> None:
+    """The block path finds known profiles in the id map's table (idhash); a deleted
+    profile's id is in the map but not live, so it is a new profile, as on the row path,
+    and new ones are made in order of first appearance."""
+    base = write(tmp_path / "base", {"profiles.jsonl": [{"id": f"u{i}"} for i in range(1, 6)]})
+    lines = [{"id": f"o{i}", "profile": p, "ts": "2025-01-01T10:00:00Z", "amount": 1.5}
+             for i, p in enumerate(["u9", "u1", "u2", "u9", "u3", "u10", "u2", 7])]
+    folder = write(tmp_path / "data", {"profiles.jsonl": [], "orders.jsonl": lines})
+    for name, fast in (("columnar", True), ("rows", False)):
+        with Engine.open(tmp_path / name) as engine:
+            load_dataset(base, engine, columnar=False)
+            assert engine.delete_profiles(["u2"]) == 1
+            load_dataset(folder, engine, columnar=fast)
+            members = engine.members({"orders": {"all": True}})
+            ids = {p: engine.dense_id(p) for p in ("u1", "u2", "u3", "u9", "u10", "7")}
+        assert sorted(members) == ["7", "u1", "u10", "u2", "u3", "u9"]
+        assert ids["u1"] == 0 and ids["u3"] == 2
+        assert [ids["u9"], ids["u2"], ids["u10"], ids["7"]] == [5, 6, 7, 8]
+    assert taken and all(got is True for got in taken)
+    assert differences(tmp_path / "columnar", tmp_path / "rows") == []
