@@ -421,6 +421,10 @@ class RangeWriter:
         self._materialise()
         return self.index
 
+    def pending(self) -> int:
+        """Values added and not yet built into the index (finish builds them)."""
+        return sum(len(ids) for ids in self.add_ids)
+
     def _materialise(self) -> None:
         if not self.add_ids:
             return

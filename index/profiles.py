@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,10 @@ def decode_row(raw: bytes, types: Mapping[str, str]) -> dict[str, Any]:
 # keywords field reads as its values in sorted order; an empty list reads as no value,
 # as rules already see it.
 HELD_KEY = "held-fields"
+# Range fields with at least this many values to build are built on two threads at a
+# batch's finish (their bit slices and month-day groups: numpy sorts and masks). The 1M
+# profiles load: 3.19-3.36 s -> 2.85-3.15 s. Below it a pool costs more than it saves.
+PARALLEL_FROM = 1 << 16
 HOLDABLE = frozenset({T.KEYWORD, T.KEYWORDS, T.BOOL, T.INT, T.DATE, T.TIMESTAMP})
 
 
@@ -214,9 +219,16 @@ class FieldWriters:
     def finish(self) -> Mapping[str, FieldIndex]:
         """The snapshot's fields with the changed ones replaced (those not read yet stay
         unread: see fields.StoredFields)."""
+        large = [name for name, writer in self.writers.items()
+                 if isinstance(writer, RangeWriter) and writer.pending() >= PARALLEL_FROM]
         changed: dict[str, FieldIndex] = {}
+        if len(large) > 1:  # each writer's own state only; numpy lets go of the lock
+            with ThreadPoolExecutor(2, thread_name_prefix="bitseg-fields") as pool:
+                built = pool.map(lambda name: self.writers[name].finish(), large)
+                changed.update(zip(large, built, strict=True))
         for name, writer in self.writers.items():
-            changed[name] = writer.finish()
+            if name not in changed:
+                changed[name] = writer.finish()
             if isinstance(writer, RangeWriter):  # the next index keeps the range layout
                 carry(writer.original, changed[name], writer.touched)  # called only if needed
         return with_changes(self.snap.fields, changed)

@@ -237,3 +237,36 @@ def test_a_streamed_profiles_batch_is_taken_column_wise(tmp_path: Path, taken: l
         engine.upsert_profiles([orjson.loads(text) for text in texts])
     assert taken == [(5, [3, 4])]
     assert differences(tmp_path / "blocks", tmp_path / "rows") == []
+
+
+def test_range_fields_built_on_two_threads_give_the_same_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's large range fields are built on a pool (profiles.PARALLEL_FROM): the
+    store is byte for byte the one built one field after another, before and after a
+    second file changes them."""
+    import threading
+
+    from bitseg.index import fields, profiles
+    folder = write(tmp_path / "data", {"profiles.jsonl": [
+        {"id": f"u{i}", "age": 18 + i % 70, "points": i * 13 % 1000, "ltv": i * 1.25,
+         "birthday": f"19{50 + i % 50}-{1 + i % 12:02d}-{1 + i % 28:02d}",
+         "seen": f"2026-0{1 + i % 9}-1{i % 10}T0{i % 10}:00:00Z"} for i in range(400)]})
+    more = write(tmp_path / "more", {"profiles.jsonl": [
+        {"id": f"u{i}", "age": 17 + i % 60, "points": i * 7 - 300, "ltv": i / 8}
+        for i in range(0, 500, 3)]})
+    threads: list[str] = []
+    real = fields.RangeWriter.finish
+
+    def spy(self: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(fields.RangeWriter, "finish", spy)
+    for name, start in (("pool", 1), ("serial", 1 << 60)):
+        monkeypatch.setattr(profiles, "PARALLEL_FROM", start)
+        with Engine.open(tmp_path / name) as engine:
+            load_dataset(folder, engine)
+            load_dataset(more, engine)
+        if name == "pool":
+            assert sum(t.startswith("bitseg-fields") for t in threads) >= 4
+    assert differences(tmp_path / "pool", tmp_path / "serial") == []
