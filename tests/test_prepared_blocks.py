@@ -61,17 +61,19 @@ def test_generator_data_loads_alike_prepared_or_not(tmp_path: Path,
     _assert_prepared_alike(tmp_path, folder, monkeypatch)
 
 
-def test_the_reader_prepares_profile_and_event_blocks_only(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+def test_the_reader_prepares_each_kind_of_block_and_no_other(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
     folder = tmp_path / "data"
     generate(folder, profiles=200, seed=8)
     monkeypatch.setattr(columnar, "BLOCK_BYTES", 4096)
-    for name, made in (("profiles.jsonl", "whole"), ("events.jsonl", "ts")):
+    for name, made in (("profiles.jsonl", "whole"), ("events.jsonl", "ts"),
+                       ("orders.jsonl", "lines")):
         blocks = list(iter_blocks(folder / name))
         assert len(blocks) > 2
         assert all(made in block.prepared for block in blocks), name
-    assert all(block.prepared is None for block in iter_blocks(folder / "orders.jsonl"))
+    orders = list(iter_blocks(folder / "orders.jsonl"))
+    assert all(set(block.prepared) == {"lines"} for block in orders)  # their lines only
     renamed = folder / "other.jsonl"
     (folder / "profiles.jsonl").rename(renamed)  # no kind: nothing made ahead
     assert all(block.prepared is None for block in iter_blocks(renamed))
