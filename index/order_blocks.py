@@ -236,8 +236,8 @@ class _Converter:
     def _lines(self) -> pa.Array:
         """The block's lines (each with its newline) as a binary array over its bytes."""
         if self._line_array is None:
-            ready = self.block.prepared or {}
-            self._line_array = ready.get("lines") or line_array(self.data)
+            made = (self.block.prepared or {}).get("lines")
+            self._line_array = made if made is not None else line_array(self.data)
         return self._line_array
 
     def convert(self, arr: pa.Array, type_: str, key: str,
