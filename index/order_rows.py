@@ -156,12 +156,12 @@ class OrderRows:
         `rows` runs there, so what it reads must not change until then."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="bitseg-order-rows")
-        self._put_done(wait=len(self._pending) >= PENDING)
+        self._put_done(wait=len(self._pending) - PENDING + 1)
         self._pending.append(self._pool.submit(_packed, first, rows))
 
     def settle(self) -> None:
         """Put every run given to append (waiting for its compression)."""
-        self._put_done(wait=True)
+        self._put_done(wait=len(self._pending))
 
     def close(self) -> None:
         """Settle, and let the helper thread go."""
@@ -170,14 +170,16 @@ class OrderRows:
             self._pool.shutdown()
             self._pool = None
 
-    def _put_done(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0].done()):
+    def _put_done(self, wait: int) -> None:
+        """Put the oldest `wait` blocks' runs, waiting for them, then any others whose
+        compression is done, in order."""
+        while self._pending and (wait > 0 or self._pending[0].done()):
             pairs = self._pending.pop(0).result()
             store, txn = self.store, self.txn
             # new ids are past every stored one, and runs are the last key prefix
             if store.put_many(txn, "orders", pairs, append=True) < len(pairs):
                 store.put_many(txn, "orders", pairs)
-            wait = wait and bool(self._pending)
+            wait -= 1
 
     # ---------------------------------------------------------------- every row
     def items(self) -> Iterator[tuple[int, bytes]]:
