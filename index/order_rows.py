@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from bitseg.index.errors import StoreError
 from bitseg.index.keys import ORDER_ROWS, ORDER_RUNS, from_u32, u32
 from bitseg.index.store import Store, Txn
 
@@ -52,7 +53,11 @@ _codecs: dict[int, pa.Codec] = {}
 
 
 def codec(number: int) -> pa.Codec:
+    """The codec a run's first byte names (a StoreError for one this bitseg lacks)."""
     if number not in _codecs:
+        if number not in CODECS:
+            raise StoreError(f"an order run is packed with codec {number}, which this "
+                             f"bitseg does not read (it reads {sorted(CODECS)})")
         name, level = CODECS[number]
         _codecs[number] = pa.Codec(name, compression_level=level)
     return _codecs[number]
@@ -85,8 +90,8 @@ class _Run:
 
     def __init__(self, value: bytes) -> None:
         number, n, size = _HEAD.unpack_from(value)
-        self.raw = codec(number).decompress(memoryview(value)[_HEAD.size:], decompressed_size=size,
-                                      asbytes=True)
+        self.raw = codec(number).decompress(memoryview(value)[_HEAD.size:],
+                                            decompressed_size=size, asbytes=True)
         self.ends = np.frombuffer(self.raw, dtype="<u4", count=n)
         self.base = 4 * n
 

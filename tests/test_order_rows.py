@@ -37,6 +37,14 @@ def test_a_run_unpacks_to_its_rows(rows: list[bytes], cut: int, large: bool) -> 
     assert unpack(pack(texts.slice(cut))) == rows
 
 
+def test_a_run_of_a_codec_this_bitseg_lacks_is_a_store_error() -> None:
+    value = bytearray(pack(pa.array([b'{"x":"o1"}'], pa.binary())))
+    assert unpack(bytes(value)) == [b'{"x":"o1"}']
+    value[0] = 9
+    with pytest.raises(StoreError, match="codec 9, which this bitseg does not read"):
+        unpack(bytes(value))
+
+
 # an operation: ("append", rows) new ids in one run; ("put", at, row) on an id at
 # (mod the ids so far; or a new id past them); ("delete", at); ("commit",)
 OPS = st.lists(st.one_of(
