@@ -18,8 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from bitseg.index.errors import DataError
+
+
+def texts_of(arr: pa.Array) -> tuple[Any, np.ndarray]:
+    """A string or binary Arrow array's data buffer (b"" when it has none) and its
+    len + 1 value offsets into it (int64), large types too, read where they are."""
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if large else np.int32,
+                            count=len(arr) + 1, offset=arr.offset * (8 if large else 4))
+    data = arr.buffers()[2]
+    return (data if data is not None else b""), offsets.astype(np.int64)
+
 
 # What add_block returns: True when it applied every row, False when it applied none
 # (the caller applies them all through add), or the sorted positions of the rows it

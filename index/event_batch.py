@@ -393,8 +393,6 @@ class EventBatch:
         never seen made in order: found in the id map's table (idhash.found_live) where
         it can, else in LMDB."""
         found = idhash.found_live(self.id_map, self.live, names)
-        if found is None:
-            found = np.full(len(names), -1, dtype=np.int64)
         misses = np.flatnonzero(found < 0)
         if len(misses):  # made earlier in this batch, or by it now, or a table miss
             texts = names.take(pa.array(misses, pa.int64())).to_pylist()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
+from bitseg.index.blocks import texts_of
 from bitseg.index.fields import bitmap_of, ids_of
 from bitseg.index.ids import MAX_KEY_BYTES, IdMap
 
@@ -155,26 +156,18 @@ def _build(ref: weakref.ref) -> None:
             _BUILDING.discard(ids)
 
 
-def packed(names: Any) -> tuple[Any, np.ndarray]:
-    """A string or binary Arrow array's data buffer and each value's offsets into it,
-    as find_packed takes them."""
-    offsets = np.frombuffer(names.buffers()[1], dtype=np.int32, count=len(names) + 1,
-                            offset=names.offset * 4)
-    data = names.buffers()[2]
-    return (data if data is not None else b""), offsets
-
-
-def found_live(ids: IdMap | None, live: BitMap | None, names: Any) -> np.ndarray | None:
+def found_live(ids: IdMap | None, live: BitMap | None, names: Any) -> np.ndarray:
     """The dense id of each of these distinct names (a string or binary Arrow array)
     found in ids' table and live (int64), -1 for the rest, which the caller looks up in
-    LMDB; None when there is no table to ask. The table is made here when the names
-    are 1/8 of its ids or more (one LMDB lookup costs more than its share of an id)."""
-    if ids is None or live is None or not ids.count:
-        return None
-    found_table = table(ids, wait=len(names) * 8 >= ids.count)
+    LMDB (all of them while there is no table to ask). The table is made here when the
+    names are 1/8 of its ids or more (one LMDB lookup costs more than its share of an
+    id)."""
+    found_table = None
+    if ids is not None and live is not None and ids.count:
+        found_table = table(ids, wait=len(names) * 8 >= ids.count)
     if found_table is None:
-        return None
-    found = found_table.find_packed(*packed(names))
+        return np.full(len(names), -1, dtype=np.int64)
+    found = found_table.find_packed(*texts_of(names))
     found[~live_mask(live, found)] = -1
     return found
 

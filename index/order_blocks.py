@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from bitseg.index import idhash
 from bitseg.index import types as T
-from bitseg.index.blocks import RowBlock, Taken
+from bitseg.index.blocks import RowBlock, Taken, texts_of
 from bitseg.index.compare import I64_MIN
 from bitseg.index.keys import ORDER_IDS
 from bitseg.index.order_keys import ITEM_RESERVED, MAX_ID_BYTES, RESERVED
@@ -353,10 +353,8 @@ def fixed_times(arr: pa.Array, type_: str) -> tuple[np.ndarray, np.ndarray]:
     keys, ok = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=bool)
     if m == 0:
         return keys, ok
-    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if large else np.int32)
-    offsets = offsets[arr.offset:arr.offset + m + 1].astype(np.int64)
-    data = np.frombuffer(arr.buffers()[2] or b"", dtype=np.uint8)
+    buffer, offsets = texts_of(arr)
+    data = np.frombuffer(buffer, dtype=np.uint8)
     size = np.diff(offsets)
     present = _valid(arr)
     for width in (10, 20) if type_ == T.TIMESTAMP else (10,):
@@ -729,8 +727,6 @@ def _profiles(batch: OrderBatch, text: pa.Array) -> np.ndarray:
     codes = enc.indices.to_numpy(zero_copy_only=False)
     names = pc.cast(enc.dictionary, pa.binary())
     dense = idhash.found_live(batch.id_map, batch.live, names)
-    if dense is None:
-        dense = np.full(len(names), -1, dtype=np.int64)
     ask = np.flatnonzero(dense < 0)
     if len(ask):  # made earlier in this batch, new, or not in the table
         asked = names.take(pa.array(ask, pa.int64()))

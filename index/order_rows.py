@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from bitseg.index.blocks import texts_of
 from bitseg.index.errors import StoreError
 from bitseg.index.keys import ORDER_ROWS, ORDER_RUNS, from_u32, u32
 from bitseg.index.store import Store, Txn
@@ -65,16 +66,11 @@ def codec(number: int) -> pa.Codec:
 
 def pack(texts: pa.Array) -> bytes:
     """One run's value from a string or binary array of its rows (no nulls)."""
-    n = len(texts)
-    wide = pa.types.is_large_string(texts.type) or pa.types.is_large_binary(texts.type)
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64 if wide else np.int32,
-                            count=n + 1, offset=texts.offset * (8 if wide else 4))
+    data, offsets = texts_of(texts)
     start, stop = int(offsets[0]), int(offsets[-1])
-    data = texts.buffers()[2]
-    body = memoryview(data)[start:stop] if data is not None else b""
     ends = (offsets[1:] - start).astype("<u4").tobytes()
-    raw = ends + bytes(body)
-    return _HEAD.pack(CODEC, n, len(raw)) + codec(CODEC).compress(raw, asbytes=True)
+    raw = ends + bytes(memoryview(data)[start:stop])
+    return _HEAD.pack(CODEC, len(texts), len(raw)) + codec(CODEC).compress(raw, asbytes=True)
 
 
 def unpack(value: bytes) -> list[bytes]:
