@@ -13,8 +13,9 @@ from __future__ import annotations
 import warnings
 from array import array
 from bisect import insort
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import Any, NoReturn
 
 import numpy as np
@@ -24,6 +25,7 @@ from pyroaring import BitMap
 
 from bitseg.index import idhash
 from bitseg.index import types as T
+from bitseg.index.ahead import Ahead
 from bitseg.index.blocks import RowBlock
 from bitseg.index.errors import DataError, StoreError
 from bitseg.index.event_blocks import EventColumns, columns_of, first_seen
@@ -63,6 +65,12 @@ ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy te
 # lock in its sorts and gathers, so a second core takes half (the 1M events file:
 # 27.6 -> 24.9 s, RESULTS.md session 10).
 ENCODE_THREADS = 2
+# A batch of more rows than this merges each chunk of its count runs at its end on a
+# thread of its own (an Ahead), beside the writing of the chunk before and, for the
+# first, beside the joining of its block parts (_compact). The 1M events file: 13.0-13.6
+# -> 11.6-12.2 s (RESULTS.md, session 17). A smaller batch's one merge is not worth a
+# thread's start.
+AHEAD_FROM = FLUSH_ROWS
 # A stored bucket of up to this many bytes without a run container (up to ~200
 # profiles) is read back into runs and merged in numpy (_summed), ENCODE_RUNS runs and
 # stored profiles at a time; a larger one is added to with bitmaps, whose cost goes by
@@ -606,12 +614,14 @@ class EventBatch:
             raise StoreError(f"event count bucket {key!r} is missing from the store")
         return raw
 
-    def _write_buckets(self) -> None:
+    def _write_buckets(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                    np.ndarray]]) -> None:
         """At the end of the batch: add the runs (held, and spilled by BucketRuns.tend) to
         the stored counts of their buckets and write those into the transaction, a chunk
-        of RUN_BYTES of runs at a time, each chunk in key order; list the buckets new to
-        their streams."""
-        for chunk in self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch):
+        of RUN_BYTES of runs at a time (BucketRuns.chunks, each merged on a thread of its
+        own while the one before is written), each chunk in key order; list the buckets
+        new to their streams."""
+        for chunk in chunks:
             self._write_chunk(*chunk)
 
     def _write_chunk(self, codes: np.ndarray, bounds: np.ndarray, profiles: np.ndarray,
@@ -692,8 +702,13 @@ class EventBatch:
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
         self._flush()
-        self._write_buckets()
-        self._compact()
+        chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = \
+            self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch)
+        if self.count > AHEAD_FROM:
+            chunks = Ahead(chunks, 1, "bitseg-chunks")
+        with closing(chunks):  # a generator or an Ahead: both close
+            self._compact()  # while the first chunk of runs is merged, ahead
+            self._write_buckets(chunks)
         self._write_catalog()
         schema = self.schema
         added = {k: v for k, v in self.types.items() if k not in schema.events}

@@ -21,6 +21,7 @@ from storecmp import store_entries
 from test_columnar import _load, assert_same_load
 
 from bitseg.index import event_batch, event_group
+from bitseg.index.engine import Engine
 from bitseg.index.event_counts import decode_counts
 from bitseg.index.event_group import BucketRuns, bucket_code, bucket_parts
 from bitseg.loaders import columnar
@@ -116,6 +117,72 @@ def test_buckets_encoded_in_many_groups_on_threads_are_the_same_bytes(
     assert _load(tmp_path / "groups", folder, columnar=True) is None
     assert {name.split("_")[0] for name in threads} == {"bitseg-encode"}
     assert store_entries(tmp_path / "groups") == store_entries(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("run_bytes", [64 * 16, None], ids=["spilled", "whole"])
+def test_chunks_merged_ahead_at_a_large_batchs_end_are_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bytes: int | None) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=9)
+    if run_bytes is not None:
+        event_batch.RUN_BYTES = run_bytes  # many chunks: each merged while one is written
+    monkeypatch.setattr(event_batch, "AHEAD_FROM", 1 << 62)
+    assert _load(tmp_path / "inline", folder, columnar=True) is None
+    threads: list[str] = []
+    original = event_group._merged
+
+    def spy(parts: Any) -> tuple[np.ndarray, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        return original(parts)
+
+    monkeypatch.setattr(event_group, "_merged", spy)
+    monkeypatch.setattr(event_batch, "AHEAD_FROM", 0)
+    assert _load(tmp_path / "ahead", folder, columnar=True) is None
+    assert "bitseg-chunks" in threads
+    assert store_entries(tmp_path / "ahead") == store_entries(tmp_path / "inline")
+    assert not any(t.name == "bitseg-chunks" for t in threading.enumerate())
+
+
+def test_a_failed_write_of_a_chunk_stops_the_merging_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=9)
+    (folder / "orders.jsonl").unlink()
+    events = tmp_path / "events.jsonl"
+    (folder / "events.jsonl").rename(events)
+    assert _load(tmp_path / "store", folder, columnar=True) is None  # profiles only
+    before = store_entries(tmp_path / "store")
+    event_batch.RUN_BYTES = 64 * 16
+    monkeypatch.setattr(event_batch, "AHEAD_FROM", 0)
+    closed: list[int] = []
+    spills: list[int] = []
+    original_close, original_init = event_group.Spill.close, event_group.Spill.__init__
+
+    def init(self: Any, *args: Any) -> None:
+        spills.append(id(self))
+        original_init(self, *args)
+
+    def close(self: Any) -> None:
+        closed.append(id(self))
+        original_close(self)
+
+    written: list[int] = []
+
+    def write_chunk(self: Any, *chunk: Any) -> None:
+        written.append(len(chunk[0]))
+        if len(written) == 2:
+            raise OSError("the disk went away")
+
+    monkeypatch.setattr(event_group.Spill, "__init__", init)
+    monkeypatch.setattr(event_group.Spill, "close", close)
+    monkeypatch.setattr(event_batch.EventBatch, "_write_chunk", write_chunk)
+    with pytest.raises(OSError, match="the disk went away"), \
+            Engine.open(tmp_path / "store") as engine:
+        engine.track_events(columnar.iter_blocks(events), file=events.name)
+    assert len(written) == 2
+    assert spills and set(spills) <= set(closed)  # every scratch file of runs let go
+    assert not any(t.name == "bitseg-chunks" for t in threading.enumerate())
+    assert store_entries(tmp_path / "store") == before
 
 
 @pytest.mark.parametrize("run_bytes", [64 * 16, None], ids=["spilled", "whole"])
