@@ -42,6 +42,7 @@ from bitseg.index.event_group import (
 from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
 from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
 from bitseg.index.event_merge import merged, stored_runs
+from bitseg.index.event_parts import PartStash
 from bitseg.index.ids import IdMap
 from bitseg.index.keys import COUNTS, SEP_TEXT, block_key, stream_key
 from bitseg.index.schema import Schema
@@ -67,9 +68,9 @@ ENCODE_RUNS = 1 << 20  # count runs whose buckets are encoded together (numpy te
 ENCODE_THREADS = 2
 # A batch of more rows than this merges each chunk of its count runs at its end on a
 # thread of its own (an Ahead), beside the writing of the chunk before and, for the
-# first, beside the joining of its block parts (_compact). The 1M events file: 13.0-13.6
-# -> 11.6-12.2 s (RESULTS.md, session 17). A smaller batch's one merge is not worth a
-# thread's start.
+# first, beside the writing of its block parts (_write_parts). The events file alone,
+# alternated: 1M 12.0 -> 11.6 s (medians of 5), 10M 145.5 -> 141.5 s (RESULTS.md,
+# session 17). A smaller batch's one merge is not worth a thread's start.
 AHEAD_FROM = FLUSH_ROWS
 # A stored bucket of up to this many bytes without a run container (up to ~200
 # profiles) is read back into runs and merged in numpy (_summed), ENCODE_RUNS runs and
@@ -238,7 +239,8 @@ class EventBatch:
         self.type_days = {k: list(v) for k, v in index.type_days.items()}
         self.parts = dict(index.parts)
         self.relisted: set[tuple[bytes, str]] = set()  # catalog entries to rewrite
-        self.first_part: dict[tuple[str, int], int] = {}  # the first part this batch wrote
+        self.first_part: dict[tuple[str, int], int] = {}  # the part this batch writes
+        self.stash = PartStash(self.scratch)  # parts of flushes before the last (event_parts)
         self.refused: frozenset[str] = frozenset()  # event types add_block leaves to add
         self._clear()
 
@@ -519,9 +521,10 @@ class EventBatch:
         return np.array([int(v) for v in out], dtype=np.int64)
 
     # ------------------------------------------------------------------ writing
-    def _flush(self) -> None:
-        """Check and convert the queued columns; write them as new block parts and add
-        their counts to the buckets (in memory)."""
+    def _flush(self, last: bool = False) -> None:
+        """Check and convert the queued columns; stash them as block parts (the `last`
+        flush writes a part that has none stashed) and add their counts to the buckets
+        (in memory)."""
         n = self.held + len(self.c_ts)
         if not n:
             return
@@ -542,15 +545,19 @@ class EventBatch:
         for k, (block_props, block_words) in enumerate(per_block):
             a, b = cut[k], cut[k + 1]
             event, day = names[event_codes[k]], block_days[k]
-            block = Block(dense_sorted[a:b], ts_sorted[a:b], version[:b - a],
-                          block_props, block_words)
-            seq = self.parts.get((event, day), 0)
-            self.store.put(self.txn, "events", block_key(event, day, seq), block.encode())
-            self.parts[(event, day)] = seq + 1
-            self.first_part.setdefault((event, day), seq)
-            self.relisted.add((b"t", event))
-            if seq == 0:
-                insort(self.type_days.setdefault(event, []), day)
+            raw = Block(dense_sorted[a:b], ts_sorted[a:b], version[:b - a],
+                        block_props, block_words).encode()
+            seq = self.first_part.get((event, day))
+            if seq is None:  # the batch's first rows of this type and day
+                seq = self.first_part[(event, day)] = self.parts.get((event, day), 0)
+                self.relisted.add((b"t", event))
+                if seq == 0:
+                    insort(self.type_days.setdefault(event, []), day)
+            if last and (event, day) not in self.stash:
+                self.store.put(self.txn, "events", block_key(event, day, seq), raw)
+                self.parts[(event, day)] = seq + 1
+            else:
+                self.stash.add((event, day), raw)
         self._count(names, codes, days, dense, props)
         self._clear()
         self.runs.tend(RUN_BYTES, self.scratch)  # merged, spilled when still too many
@@ -701,13 +708,13 @@ class EventBatch:
         """Write the rest of the rows and every changed count bucket into the transaction;
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
-        self._flush()
+        self._flush(last=True)
         chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = \
             self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch)
         if self.count > AHEAD_FROM:
             chunks = Ahead(chunks, 1, "bitseg-chunks")
         with closing(chunks):  # a generator or an Ahead: both close
-            self._compact()  # while the first chunk of runs is merged, ahead
+            self._write_parts()  # while the first chunk of runs is merged, ahead
             self._write_buckets(chunks)
         self._write_catalog()
         schema = self.schema
@@ -718,21 +725,21 @@ class EventBatch:
                            self.stream_months, self.type_days, self.parts, self.index.cache)
         return index, schema
 
-    def _compact(self) -> None:
-        """Join the parts this batch wrote for a day into one: input that is not in one
-        time order (several sorted runs) would otherwise leave a part per flush, and
-        every read of that day would decode them all. Older parts stay as they are, so
-        a snapshot from before this batch reads what it always read."""
-        for (event, day), first in self.first_part.items():
-            end = self.parts[(event, day)]
-            if end - first < 2:
-                continue
-            keys = [block_key(event, day, seq) for seq in range(first, end)]
-            joined = Block.join([Block.decode(self.reader.get("events", key)) for key in keys])
-            self.store.put(self.txn, "events", keys[0], joined.encode())
-            for key in keys[1:]:
-                self.store.delete(self.txn, "events", key)
-            self.parts[(event, day)] = first + 1
+    def _write_parts(self) -> None:
+        """Write the parts the batch's flushes stashed: one part a (type, day), after
+        those committed before (a snapshot from before this batch reads what it always
+        read); its parts joined when it has several (input that is not in one time order
+        has a part per flush, and every read of that day would otherwise decode them
+        all)."""
+        try:
+            for (event, day), raws in self.stash.items():
+                value = raws[0] if len(raws) == 1 else \
+                    Block.join([Block.decode(raw) for raw in raws]).encode()
+                seq = self.first_part[(event, day)]
+                self.store.put(self.txn, "events", block_key(event, day, seq), value)
+                self.parts[(event, day)] = seq + 1
+        finally:
+            self.stash.close()
 
     def _write_catalog(self) -> None:
         """Rewrite the catalog entries of the streams and types this batch listed anew

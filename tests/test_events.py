@@ -369,6 +369,59 @@ def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
     assert all(answers[0])
 
 
+def _stored_parts(path):
+    """Every stored block part of a store as (type, day, seq) -> its rows, each keyword
+    value given as its word (codes number words per part, in an order of their own)."""
+    from bitseg.index.event_index import Block
+    from bitseg.index.keys import BLOCKS, block_parts
+    from bitseg.index.store import Store
+
+    store = Store(path, readonly=True)
+    try:
+        with store.read() as txn:
+            out = {}
+            for key, raw in txn.cursor(db=store.db["events"]):
+                if not bytes(key).startswith(BLOCKS):
+                    continue
+                block = Block.decode(bytes(raw))
+                props = {}
+                for name, (values, valid) in block.props.items():
+                    words = block.words.get(name)
+                    props[name] = [(words[v] if words is not None else int(v)) if ok else None
+                                   for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
+                out[block_parts(bytes(key))] = (block.profile.tolist(), block.ts.tolist(),
+                                                block.version.tolist(), props)
+            return out
+    finally:
+        store.close()
+
+
+def test_a_days_parts_from_many_flushes_are_stored_as_one_with_every_row_in_order(
+        tmp_path, monkeypatch):
+    """Rows of a day spread over many flushes (a file not in time order) are stashed and
+    written as one part a batch: the same rows, in line order, as a batch of one flush
+    writes, after the part an earlier batch committed."""
+    from bitseg.index import event_batch
+
+    lines = [{"profile": f"p{i % 11}", "event": ["open", "buy", "view"][i % 3],
+              "ts": ago((i * 7) % 30, hours=i % 24),
+              "channel": ["web", "app", "shop", "mail"][(i * i) % 4], "n": i % 6}
+             for i in range(600)]
+    stores = []
+    for flush_rows in (1 << 20, 5):
+        monkeypatch.setattr(event_batch, "FLUSH_ROWS", flush_rows)
+        path = tmp_path / f"store-{flush_rows}"
+        with Engine.open(path) as engine:
+            engine.track_events(lines[:250])
+            engine.track_events(lines[250:])
+        stores.append(_stored_parts(path))
+    one_flush, many = stores
+    assert many == one_flush
+    assert {seq for _, _, seq in many} == {0, 1}  # one part a batch, the second after the first
+    assert sum(len(rows[0]) for rows in many.values()) == len(lines)
+    assert not [p for p in tmp_path.rglob("*") if "bitseg-parts" in p.name]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 40)),
                 max_size=60))
