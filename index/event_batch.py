@@ -709,9 +709,13 @@ class EventBatch:
         the next index (reading through the transaction until the engine pins it to the
         committed snapshot) and schema."""
         self._flush(last=True)
+        ahead = self.count > AHEAD_FROM
+        # runs of RUN_BYTES a chunk (16 bytes a run), each half that when one is merged
+        # while the one before is written: two held at once, as many bytes as one before
+        limit = RUN_BYTES // 32 if ahead else RUN_BYTES // 16
         chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = \
-            self.runs.chunks(max(RUN_BYTES // 16, 1), self.scratch)
-        if self.count > AHEAD_FROM:
+            self.runs.chunks(max(limit, 1), self.scratch)
+        if ahead:
             chunks = Ahead(chunks, 1, "bitseg-chunks")
         with closing(chunks):  # a generator or an Ahead: both close
             self._write_parts()  # while the first chunk of runs is merged, ahead
