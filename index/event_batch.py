@@ -625,9 +625,8 @@ class EventBatch:
                                                     np.ndarray]]) -> None:
         """At the end of the batch: add the runs (held, and spilled by BucketRuns.tend) to
         the stored counts of their buckets and write those into the transaction, a chunk
-        of RUN_BYTES of runs at a time (BucketRuns.chunks, each merged on a thread of its
-        own while the one before is written), each chunk in key order; list the buckets
-        new to their streams."""
+        of runs at a time (BucketRuns.chunks, merged ahead for a large batch: see
+        finish), each chunk in key order; list the buckets new to their streams."""
         for chunk in chunks:
             self._write_chunk(*chunk)
 

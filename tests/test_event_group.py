@@ -119,27 +119,41 @@ def test_buckets_encoded_in_many_groups_on_threads_are_the_same_bytes(
     assert store_entries(tmp_path / "groups") == store_entries(tmp_path / "whole")
 
 
+def _threads_of_a_load_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             run_bytes: int | None, switch: tuple[Any, str, Any, Any],
+                             spied: tuple[Any, str]) -> set[str]:
+    """Load a generated dataset with `switch` (module, name, off, on) off, then on with
+    `spied` (module, function) noting the threads it runs on; both loads leave the same
+    bytes. The threads' names, their numbers cut off."""
+    folder = tmp_path / "data"
+    generate(folder, profiles=300, seed=8)
+    if run_bytes is not None:
+        event_batch.RUN_BYTES = run_bytes  # spills: many chunks, runs still being grouped
+    module, name, off, on = switch
+    monkeypatch.setattr(module, name, off)
+    assert _load(tmp_path / "off", folder, columnar=True) is None
+    threads: set[str] = set()
+    where, function = spied
+    original = getattr(where, function)
+
+    def spy(*args: Any) -> Any:
+        threads.add(threading.current_thread().name.split("_")[0])
+        return original(*args)
+
+    monkeypatch.setattr(where, function, spy)
+    monkeypatch.setattr(module, name, on)
+    assert _load(tmp_path / "on", folder, columnar=True) is None
+    assert store_entries(tmp_path / "on") == store_entries(tmp_path / "off")
+    return threads
+
+
 @pytest.mark.parametrize("run_bytes", [64 * 16, None], ids=["spilled", "whole"])
 def test_chunks_merged_ahead_at_a_large_batchs_end_are_the_same_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bytes: int | None) -> None:
-    folder = tmp_path / "data"
-    generate(folder, profiles=300, seed=9)
-    if run_bytes is not None:
-        event_batch.RUN_BYTES = run_bytes  # many chunks: each merged while one is written
-    monkeypatch.setattr(event_batch, "AHEAD_FROM", 1 << 62)
-    assert _load(tmp_path / "inline", folder, columnar=True) is None
-    threads: list[str] = []
-    original = event_group._merged
-
-    def spy(parts: Any) -> tuple[np.ndarray, np.ndarray]:
-        threads.append(threading.current_thread().name)
-        return original(parts)
-
-    monkeypatch.setattr(event_group, "_merged", spy)
-    monkeypatch.setattr(event_batch, "AHEAD_FROM", 0)
-    assert _load(tmp_path / "ahead", folder, columnar=True) is None
+    threads = _threads_of_a_load_alike(tmp_path, monkeypatch, run_bytes,
+                                       (event_batch, "AHEAD_FROM", 1 << 62, 0),
+                                       (event_group, "_merged"))
     assert "bitseg-chunks" in threads
-    assert store_entries(tmp_path / "ahead") == store_entries(tmp_path / "inline")
     assert not any(t.name == "bitseg-chunks" for t in threading.enumerate())
 
 
@@ -188,24 +202,10 @@ def test_a_failed_write_of_a_chunk_stops_the_merging_and_leaves_nothing(
 @pytest.mark.parametrize("run_bytes", [64 * 16, None], ids=["spilled", "whole"])
 def test_pairs_grouped_on_their_thread_are_the_same_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bytes: int | None) -> None:
-    folder = tmp_path / "data"
-    generate(folder, profiles=300, seed=8)
-    if run_bytes is not None:
-        event_batch.RUN_BYTES = run_bytes  # spills read runs still being grouped
-    monkeypatch.setattr(event_group, "GROUP_ASIDE", False)
-    assert _load(tmp_path / "inline", folder, columnar=True) is None
-    threads: set[str] = set()
-    original = event_group._grouped
-
-    def spy(*args: Any) -> tuple[np.ndarray, np.ndarray]:
-        threads.add(threading.current_thread().name)
-        return original(*args)
-
-    monkeypatch.setattr(event_group, "_grouped", spy)
-    monkeypatch.setattr(event_group, "GROUP_ASIDE", True)
-    assert _load(tmp_path / "aside", folder, columnar=True) is None
-    assert {name.split("_")[0] for name in threads} == {"bitseg-group"}
-    assert store_entries(tmp_path / "aside") == store_entries(tmp_path / "inline")
+    threads = _threads_of_a_load_alike(tmp_path, monkeypatch, run_bytes,
+                                       (event_group, "GROUP_ASIDE", False, True),
+                                       (event_group, "_grouped"))
+    assert threads == {"bitseg-group"}
 
 
 def test_runs_add_up_across_parts_and_keep_their_buckets() -> None:
