@@ -73,10 +73,16 @@ class Ahead(Generic[T]):
         return item
 
     def close(self) -> None:
-        """Stop the thread (after the item it is making) and close the generator there."""
+        """Stop the thread (after the item it is making), close the generator there, and
+        let go of the items made and not taken (a parsed block, a chunk of runs)."""
         self._stop.set()
         self._maker.join()
         self._ended = True
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                break
 
     def __enter__(self) -> Ahead[T]:
         return self
