@@ -342,28 +342,24 @@ def test_event_rules_match_brute_force(tmp_path_factory, batches, rules):
 def _stored_parts(path):
     """Every stored block part of a store as (type, day, seq) -> its rows, each keyword
     value given as its word (codes number words per part, in an order of their own)."""
+    from storecmp import store_entries
+
     from bitseg.index.event_index import Block
     from bitseg.index.keys import BLOCKS, block_parts
-    from bitseg.index.store import Store
 
-    store = Store(path, readonly=True)
-    try:
-        with store.read() as txn:
-            out = {}
-            for key, raw in txn.cursor(db=store.db["events"]):
-                if not bytes(key).startswith(BLOCKS):
-                    continue
-                block = Block.decode(bytes(raw))
-                props = {}
-                for name, (values, valid) in block.props.items():
-                    words = block.words.get(name)
-                    props[name] = [(words[v] if words is not None else int(v)) if ok else None
-                                   for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
-                out[block_parts(bytes(key))] = (block.profile.tolist(), block.ts.tolist(),
-                                                block.version.tolist(), props)
-            return out
-    finally:
-        store.close()
+    out = {}
+    for key, raw in store_entries(path)["events"].items():
+        if not key.startswith(BLOCKS):
+            continue
+        block = Block.decode(raw)
+        props = {}
+        for name, (values, valid) in block.props.items():
+            words = block.words.get(name)
+            props[name] = [(words[v] if words is not None else int(v)) if ok else None
+                           for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
+        out[block_parts(key)] = (block.profile.tolist(), block.ts.tolist(),
+                                 block.version.tolist(), props)
+    return out
 
 
 def test_many_block_parts_give_the_same_answers(tmp_path, monkeypatch):
