@@ -39,7 +39,14 @@ from bitseg.index.event_group import (
     distinct,
     encoded_counts,
 )
-from bitseg.index.event_index import Block, BucketKey, EventIndex, listed, write_catalog
+from bitseg.index.event_index import (
+    Block,
+    BucketKey,
+    EventIndex,
+    join_encoded,
+    listed,
+    write_catalog,
+)
 from bitseg.index.event_keys import ANY, EVENT_KEYS, STREAM_TYPES
 from bitseg.index.event_merge import merged, stored_runs
 from bitseg.index.event_parts import PartStash
@@ -736,8 +743,7 @@ class EventBatch:
         all)."""
         try:
             for (event, day), raws in self.stash.items():
-                value = raws[0] if len(raws) == 1 else \
-                    Block.join([Block.decode(raw) for raw in raws]).encode()
+                value = join_encoded(raws)
                 seq = self.first_part[(event, day)]
                 self.store.put(self.txn, "events", block_key(event, day, seq), value)
                 self.parts[(event, day)] = seq + 1

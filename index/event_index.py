@@ -19,6 +19,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,81 @@ class Block:
         if col is not None:
             return col
         return np.zeros(len(self), dtype=np.int64), np.zeros(len(self), dtype=bool)
+
+
+def join_encoded(raws: list[bytes]) -> bytes:
+    """What Block.join of these encoded blocks encodes to, made from their bytes: each
+    column's bytes concatenated as they are stored, and keyword codes renumbered into
+    the joint tables in one numpy pass a property, with no Block made of any part. An
+    events batch joins up to a part per flush for every day it touched (383,797 parts
+    for the 10M events file's 4,017 days), where decoding each part and joining its
+    columns one by one cost more than all the rest of writing them."""
+    if len(raws) == 1:
+        return raws[0]
+    heads: list[tuple[dict[str, Any], int]] = []
+    for raw in raws:
+        (size,) = struct.unpack_from(">I", raw, 0)
+        heads.append((orjson.loads(memoryview(raw)[4:4 + size]), 4 + size))
+    counts = [header["n"] for header, _ in heads]
+    names = sorted({name for header, _ in heads for name in header["props"]})
+    fixed: list[list[Any]] = [[], [], []]  # profile (4 bytes a row), ts (8), version (4)
+    columns: dict[str, tuple[list[Any], list[Any]]] = {name: ([], []) for name in names}
+    for raw, (header, pos), n in zip(raws, heads, counts, strict=True):
+        view = memoryview(raw)
+        for out, width in zip(fixed, (4, 8, 4), strict=True):
+            out.append(view[pos:pos + width * n])
+            pos += width * n
+        present = set(header["props"])
+        for name in names:  # sorted, as stored
+            values, valid = columns[name]
+            if name in present:
+                values.append(view[pos:pos + 8 * n])
+                valid.append(view[pos + 8 * n:pos + 9 * n])
+                pos += 9 * n
+            else:
+                values.append(bytes(8 * n))
+                valid.append(bytes(n))
+    words: dict[str, list[str]] = {}
+    parts = [b"".join(out) for out in fixed]
+    for name in names:
+        values, valid = columns[name]
+        worded = [(k, header["words"][name]) for k, (header, _) in enumerate(heads)
+                  if name in header["words"]]
+        joined = b"".join(values)
+        if worded:
+            joined, words[name] = _recoded(joined, b"".join(valid), counts, worded)
+        parts += [joined, b"".join(valid)]
+    header = orjson.dumps({"n": sum(counts), "props": names, "words": words})
+    return struct.pack(">I", len(header)) + header + b"".join(parts)
+
+
+def _recoded(values: bytes, valid: bytes, counts: list[int],
+             worded: list[tuple[int, list[str]]]) -> tuple[bytes, list[str]]:
+    """A keyword column of joined parts renumbered into one table, as Block.join does:
+    the words in the order the parts first give them (looked up in C: a day's parts
+    repeat most of their words). `worded`: (part, its table) of the parts that have
+    one; the other parts' codes stay as they are."""
+    tables = [table for _, table in worded]
+    given = list(chain.from_iterable(tables))
+    joint = list(dict.fromkeys(given))
+    index = {word: code for code, word in enumerate(joint)}
+    remaps = np.fromiter(map(index.__getitem__, given), dtype=np.int64, count=len(given))
+    lengths = np.array([len(table) for table in tables], dtype=np.int64)
+    base = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    if not lengths.all():  # an empty table reads every code as 0, as Block.join's [0]
+        remaps = np.insert(remaps, base[lengths == 0], 0)
+        lengths = np.maximum(lengths, 1)
+        base = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    which = np.array([k for k, _ in worded], dtype=np.int64)
+    sizes = np.array(counts, dtype=np.int64)[which]
+    rows = np.repeat(starts[which] - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes) + \
+        np.arange(int(sizes.sum()), dtype=np.int64)
+    keys = np.frombuffer(values, dtype="<i8").copy()
+    ok = np.frombuffer(valid, dtype=np.uint8)[rows] != 0
+    at = np.clip(keys[rows], 0, np.repeat(lengths - 1, sizes)) + np.repeat(base, sizes)
+    keys[rows] = np.where(ok, remaps[at], 0)
+    return keys.tobytes(), joint
 
 
 # ------------------------------------------------------------------------ the index
