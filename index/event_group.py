@@ -378,19 +378,33 @@ def encoded_counts(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
     group_of = np.repeat(np.arange(groups, dtype=np.int64), np.diff(bounds))
     depth = np.frexp(np.maximum.reduceat(counts, bounds[:-1]).astype(np.float64))[1]
     base = np.concatenate(([0], np.cumsum(depth + 1)))  # a group's first bitmap: exists
-    # every member of every bitmap, bitmap by bitmap, ascending within each
-    members, owner = [ids], [base[group_of]]
-    for bit in range(int(depth.max())):
-        at = np.flatnonzero((counts >> bit) & 1)
-        members.append(ids[at])
-        owner.append(base[group_of[at]] + 1 + bit)
-    bitmap = np.concatenate(owner)
-    value = np.concatenate(members)
-    del members, owner
-    order = np.argsort(bitmap, kind="stable")  # bitmaps in order; ids stay ascending
-    bitmap, value = bitmap[order], value[order]
-    del order
     bitmaps = int(base[-1])
+    # every member of every bitmap, bitmap by bitmap, ascending within each: a group's
+    # ids (its "exists" bitmap), then those whose count has bit 0 set, bit 1, …
+    layers = [(ids, group_of, 0)]  # (members, their groups, bitmap within the group)
+    at = np.flatnonzero(counts & 1)
+    layers.append((ids[at], group_of[at], 1))
+    several = np.flatnonzero(counts > 1)  # only these have a higher bit (most are 1)
+    counts, ids, group_of = counts[several], ids[several], group_of[several]
+    for bit in range(1, int(depth.max())):
+        at = np.flatnonzero((counts >> bit) & 1)
+        layers.append((ids[at], group_of[at], 1 + bit))
+    del ids, group_of, counts, several, at
+    # each layer is in group order, so a member's place is its bitmap's first place
+    # plus its rank in the layer past the group's first (no sort)
+    member_count = np.zeros(bitmaps, dtype=np.int64)
+    in_layer = []
+    for _, owners, level in layers:
+        sizes = np.bincount(owners, minlength=groups)
+        member_count[(base[:-1] + level)[sizes > 0]] = sizes[sizes > 0]
+        in_layer.append(np.concatenate(([0], np.cumsum(sizes)[:-1])))
+    first_member = np.concatenate(([0], np.cumsum(member_count)))
+    value = np.empty(int(first_member[-1]), dtype=np.int64)
+    for (members, owners, level), before in zip(layers, in_layer, strict=True):
+        first = first_member[np.minimum(base[:-1] + level, bitmaps - 1)] - before
+        value[first[owners] + np.arange(len(members), dtype=np.int64)] = members
+    del layers, in_layer
+    bitmap = np.repeat(np.arange(bitmaps, dtype=np.int64), member_count)
     high = value >> 16
     new = np.ones(len(value), dtype=bool)
     new[1:] = (bitmap[1:] != bitmap[:-1]) | (high[1:] != high[:-1])
@@ -403,9 +417,7 @@ def encoded_counts(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
     container_bitmap = bitmap[starts]
     per_bitmap = np.bincount(container_bitmap, minlength=bitmaps)
     ok = np.bincount(container_bitmap, weights=plain, minlength=bitmaps) == per_bitmap
-    member_count = np.bincount(bitmap, minlength=bitmaps)
     size = 8 + 8 * per_bitmap + 2 * member_count  # the no-run layout's bytes
-    first_member = np.concatenate(([0], np.cumsum(member_count)))
     other: dict[int, bytes] = {}
     for b in np.flatnonzero(~ok).tolist():
         other[b] = fallback(value[first_member[b]:first_member[b + 1]])
@@ -427,10 +439,18 @@ def encoded_counts(bounds: np.ndarray, ids: np.ndarray, counts: np.ndarray,
     _put(out, c_head + 10 + 4 * c_rank, c_card - 1, 2)
     c_data = 8 + 8 * c_count + 2 * (c_start - first_member[c_bitmap])  # from the bitmap
     _put(out, c_head + 8 + 4 * c_count + 4 * c_rank, c_data, 4)
-    m_ok = ok[bitmap]
-    m_at = head[bitmap[m_ok]] + 8 + 8 * per_bitmap[bitmap[m_ok]] + 2 * (
-        np.flatnonzero(m_ok) - first_member[bitmap[m_ok]])
-    _put(out, m_at, value[m_ok] & 0xFFFF, 2)
+    # member i of bitmap b at data_at[b] + 2 i (first_member[b] ≤ i): its low 16 bits
+    data_at = head + 8 + 8 * per_bitmap - 2 * first_member[:-1]
+    if ok.all():
+        low = value.astype("<u2")
+        m_at = data_at[bitmap] + 2 * np.arange(len(value), dtype=np.int64)
+    else:
+        place = np.flatnonzero(ok[bitmap])
+        low = value[place].astype("<u2")
+        m_at = data_at[bitmap[place]] + 2 * place
+    pairs = low.view(np.uint8)
+    out[m_at] = pairs[0::2]
+    out[m_at + 1] = pairs[1::2]
     for b, raw in other.items():
         out[head[b]:head[b] + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     data = out.tobytes()
