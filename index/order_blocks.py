@@ -22,7 +22,6 @@ error of a bad row with its line and field.
 from __future__ import annotations
 
 import functools
-import itertools
 import operator
 import re
 from typing import TYPE_CHECKING, Any
@@ -598,23 +597,33 @@ def take_block(batch: OrderBatch, block: RowBlock) -> Taken:
     key_arr = pc.binary_join_element_wise(
         _s(ORDER_IDS, pa.binary()), pc.cast(oid_text[:p0], pa.binary()), _s(b"", pa.binary()))
     by_key = pc.sort_indices(key_arr).to_numpy(zero_copy_only=False)  # LMDB likes key order
-    sorted_keys = _bytes_list(key_arr.take(by_key))
-    if batch.next > 0:
-        found = set(batch.store.present(batch.txn, "orders", sorted_keys))
-        if found:
-            known = np.fromiter((key in found for key in key_arr.to_pylist()), dtype=bool,
-                                count=p0)
-            p0 = int(np.argmax(known)) if known.any() else p0
-            if p0 == 0:
-                return False
-            taken = by_key < p0
-            by_key = by_key[taken]
-            sorted_keys = list(itertools.compress(sorted_keys, taken.tolist()))
-    order_keys = (sorted_keys, by_key)
-    _apply(batch, p0, order_keys, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
+    p0 = _claim_ids(batch, _bytes_list(key_arr.take(by_key)), by_key, p0)
+    if p0 == 0:
+        return False
+    _apply(batch, p0, tuple(p if isinstance(p, str) else p[:p0] for p in x_json),
            pid_text[:p0], ts[:p0], field_convs, item_convs, inferred,
            firsts, fields, item_parent, offsets, qty_sum, has_sku, sku)
     return True if p0 == n else np.arange(p0, n, dtype=np.int64)
+
+
+def _claim_ids(batch: OrderBatch, keys: list[bytes], by_key: np.ndarray, rows: int) -> int:
+    """Put the id map's entries of the block's first `rows` rows (their id keys sorted,
+    `keys`, of rows `by_key`), each row's order the next id in turn; how many rows, from
+    the first, were taken: all of them, or up to the first whose id the store holds
+    already (a later line of an order: the row path takes it). The entries of rows past
+    that are taken back. Tried before it is known, as new ids are the common case: the
+    store is then asked nothing more (one lookup of every id a block, 5 s at 10M)."""
+    pairs = list(zip(keys, _u32_keys(b"", batch.next + by_key), strict=True))
+    if batch.store.put_many(batch.txn, "orders", pairs) == len(pairs):
+        return rows
+    stored = dict(batch.store.present_items(batch.txn, "orders", keys))
+    known = np.zeros(rows, dtype=bool)
+    known[by_key] = [stored[key] != mine for key, mine in pairs]
+    taken = int(np.argmax(known))
+    for (key, mine), row in zip(pairs, by_key.tolist(), strict=True):
+        if row >= taken and stored[key] == mine:
+            batch.store.delete(batch.txn, "orders", key)
+    return taken
 
 
 def _first_values(record: Any) -> list[tuple[str, Any]]:
@@ -631,7 +640,7 @@ def _first_values(record: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray],
+def _apply(batch: OrderBatch, k: int,
            x_text: tuple,
            pid_text: pa.Array,
            ts: np.ndarray, field_convs: dict[str, _Conv], item_convs: dict[str, _Conv],
@@ -659,9 +668,6 @@ def _apply(batch: OrderBatch, k: int, order_keys: tuple[list[bytes], np.ndarray]
                      ',"it":[', it_text, '],"p":', _ints_json(pids), ',"t":', _ints_json(ts),
                      ',"x":', *x_text, "}")
 
-    store, txn = batch.store, batch.txn
-    keys, by_key = order_keys  # the order id keys sorted, and their rows
-    store.put_many(txn, "orders", list(zip(keys, _u32_keys(b"", oids[by_key]), strict=True)))
     batch.rows.append(int(oids[0]), rows)
     batch.created += k
     batch.live_added.frombytes(oids.astype(np.uint32).tobytes())
