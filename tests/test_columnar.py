@@ -179,7 +179,7 @@ def _lines(record: st.SearchStrategy[Any], *, clean: bool) -> st.SearchStrategy[
     return st.lists(line, min_size=1, max_size=40)
 
 
-PROFILE_FIELDS = ["age", "ltv", "vip", "city", "tags", "born", "seen", "misc"]
+PROFILE_FIELDS = ["age", "ltv", "vip", "city", "tags", "born", "seen", "misc", "ts"]
 profiles = st.builds(lambda i, f: {"id": i, **f}, st.sampled_from(IDS), _fields(PROFILE_FIELDS))
 clean_profiles = st.builds(lambda i, f: {"id": i, **f}, st.sampled_from(IDS[:-1]),
                            _fields(PROFILE_FIELDS, clean=True))
@@ -212,6 +212,24 @@ def test_profiles_files_load_alike(tmp_path_factory: Any, base: list, lines: lis
     base_folder = write(tmp / "base", {"profiles.jsonl": base})
     folder = write(tmp / "data", {"profiles.jsonl.gz" if gz else "profiles.jsonl": lines})
     assert_same_load(tmp, folder, base=base_folder)
+
+
+@pytest.mark.parametrize(("lines", "with_ts"), [
+    ([{"id": "u1", "ts": None}, {"id": "u2", "ts": None}], []),  # every line's "ts" null
+    ([{"id": "u1", "ts": "2025-01-01T10:00:00Z"}, {"id": "u2", "age": 3}], ["u1"]),
+    (['{"id":"u2","\\u0074s":"x"}', {"id": "u3", "age": 2}], ["u1", "u2"]),  # an escape
+    ([{"id": "u1", "age": 4}, {"id": "u3"}], ["u1"]),  # no line has it
+])
+def test_a_profile_field_named_ts_loads_as_the_row_path_loads_it(
+        tmp_path: Path, lines: list, with_ts: list[str]) -> None:
+    """A profile file is parsed without the schema that keeps an event's or order's "ts"
+    a text: "ts" is a profile field like any other, and null removes it."""
+    columnar.BLOCK_BYTES = 1 << 20
+    base = write(tmp_path / "base", {"profiles.jsonl": [{"id": "u1", "ts": "kept"}]})
+    folder = write(tmp_path / "data", {"profiles.jsonl": lines})
+    assert assert_same_load(tmp_path, folder, base=base) is None
+    with Engine.open(tmp_path / "columnar") as engine:
+        assert sorted(engine.members({"field": "ts", "op": "exists"})) == with_ts
 
 
 @SETTINGS
