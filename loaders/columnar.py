@@ -197,11 +197,12 @@ def parse_block(data: bytes, name: str, first_line: int, newlines: int | None = 
     return RowBlock(table, first_line, records, None if not blanks else line_numbers, data=data)
 
 
-def texts_block(texts: Sequence[str]) -> list[Any]:
+def texts_block(texts: Sequence[str], kind: str = "") -> list[Any]:
     """A streamed batch's JSON texts (records numbered from 1) as the items of one engine
     batch: one RowBlock, or the parsed (record, object) pairs when the texts cannot be
     lines of one block (a text holding a line break, or a blank one). Bad JSON is a
-    DataError naming the record; the first one is found before anything is applied."""
+    DataError naming the record; the first one is found before anything is applied.
+    `kind`: of the records, as parse_block takes it."""
     if not texts:
         return []
     data = _lines_of(texts)
@@ -215,7 +216,7 @@ def texts_block(texts: Sequence[str]) -> list[Any]:
             parsed.extend(parse_texts(texts))
         return iter(parsed if wanted is None else [p for p in parsed if p[0] in wanted])
 
-    block = parse_block(data, "", 1)
+    block = parse_block(data, "", 1, kind=kind)
     return [RowBlock(block.table, 1, records, data=data)]  # data: what add_block may check
 
 
@@ -251,8 +252,9 @@ def group_block(batches: Sequence[Sequence[str]]) -> list[Any]:
 def decoded(texts: Sequence[str], kind: str) -> list[Any]:
     """texts_block(texts), each block also prepared as the file reader prepares one of
     this kind (PREPARE): what a stream's reading thread makes of a message ahead of
-    its turn. Bad JSON raises as texts_block does."""
-    items = texts_block(texts)
+    its turn (a profile batch parsed as a profile file's block is). Bad JSON raises as
+    texts_block does."""
+    items = texts_block(texts, kind)
     prepare = PREPARE.get(kind)
     for item in items:
         if isinstance(item, RowBlock):

@@ -218,3 +218,22 @@ def test_a_files_lines_sent_as_read_are_one_block_as_they_are() -> None:
     for odd in (['{"id": "a"}\n', ' \n'], ['{"id": "a"}\n', '{"id":\n"b"}\n'],
                 ['{"id": "a"}\n', '{"id": "b"}'], ['{"id": "a"}\n', '\n']):
         assert _read_lines(odd) is None  # the general way decides
+
+
+def test_a_streamed_profile_batch_with_a_ts_field_stores_what_its_records_store(
+        tmp_path: Path) -> None:
+    """A stream's profile batch is parsed as a profile file's block is (no "ts" column
+    of the events' schema): given, null, spelt with an escape or absent, "ts" is a field
+    like any other, as one record at a time stores it."""
+    from bitseg.loaders.columnar import decoded
+
+    batches = [['{"id":"u1","ts":"a","age":1}', '{"id":"u2","age":2}'],
+               ['{"id":"u1","ts":null}', '{"id":"u3","\\u0074s":"b"}'],
+               ['{"id":"u2","age":5}', '{"id":"u3","ts":null}', '{"id":"u4","ts":"c"}']]
+    for name, items_of in (("blocks", lambda texts: decoded(texts, "profiles")),
+                           ("records", lambda texts: [orjson.loads(t) for t in texts])):
+        with Engine.open(tmp_path / name) as engine:
+            for texts in batches:
+                engine.upsert_profiles(items_of(texts))
+            assert engine.members({"field": "ts", "op": "exists"}) == ["u4"]
+    assert store_entries(tmp_path / "blocks") == store_entries(tmp_path / "records")
