@@ -73,9 +73,8 @@ class Block:
 
     @classmethod
     def decode(cls, raw: bytes) -> Block:
-        (size,) = struct.unpack_from(">I", raw, 0)
-        header = orjson.loads(raw[4:4 + size])
-        n, pos, buf = header["n"], 4 + size, memoryview(raw)
+        header, pos = block_header(raw)
+        n, buf = header["n"], memoryview(raw)
 
         def take(dtype: str, width: int) -> np.ndarray:
             nonlocal pos
@@ -125,6 +124,13 @@ class Block:
         return np.zeros(len(self), dtype=np.int64), np.zeros(len(self), dtype=bool)
 
 
+def block_header(raw: bytes) -> tuple[dict[str, Any], int]:
+    """An encoded block's header (its rows, property names and keyword tables) and where
+    its columns start."""
+    (size,) = struct.unpack_from(">I", raw, 0)
+    return orjson.loads(memoryview(raw)[4:4 + size]), 4 + size
+
+
 def join_encoded(raws: list[bytes]) -> bytes:
     """What Block.join of these encoded blocks encodes to, made from their bytes: each
     column's bytes concatenated as they are stored, and keyword codes renumbered into
@@ -134,10 +140,7 @@ def join_encoded(raws: list[bytes]) -> bytes:
     columns one by one cost more than all the rest of writing them."""
     if len(raws) == 1:
         return raws[0]
-    heads: list[tuple[dict[str, Any], int]] = []
-    for raw in raws:
-        (size,) = struct.unpack_from(">I", raw, 0)
-        heads.append((orjson.loads(memoryview(raw)[4:4 + size]), 4 + size))
+    heads = [block_header(raw) for raw in raws]
     counts = [header["n"] for header, _ in heads]
     names = sorted({name for header, _ in heads for name in header["props"]})
     fixed: list[list[Any]] = [[], [], []]  # profile (4 bytes a row), ts (8), version (4)
@@ -339,8 +342,7 @@ class EventIndex:
             for seq in range(self.parts.get((event, day), 0)):
                 raw = self.reader.get("events", block_key(event, day, seq))
                 if raw is not None:
-                    (size,) = struct.unpack_from(">I", raw, 0)
-                    names.update(orjson.loads(bytes(raw[4:4 + size]))["props"])
+                    names.update(block_header(raw)[0]["props"])
         return names
 
 
